@@ -1,0 +1,299 @@
+"""A real single-node Apache Kafka broker (KRaft) for development, tests and the demo.
+
+No Docker engine and no OS package is assumed: the broker jars pinned in
+`data/kafka-pom.xml` are fetched from Maven Central with Maven once, cached under
+`STREAM_CACHE_DIR` (default `~/.cache/prediction-stream`), and run with the local Java.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stream.errors import BrokerError
+
+__all__ = ["KAFKA_VERSION", "LocalBroker", "cache_dir", "fetch_jars", "free_port"]
+
+POM = Path(__file__).resolve().parent / "data" / "kafka-pom.xml"
+KAFKA_VERSION = re.search(r"<kafka.version>([^<]+)<", POM.read_text()).group(1)  # type: ignore[union-attr]
+
+_LOG4J = """\
+status = error
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = {level}
+rootLogger.appenderRef.file.ref = file
+"""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("STREAM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "prediction-stream"
+    )
+    return Path(base)
+
+
+def _require(tool: str, why: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise BrokerError(
+            f"{tool} is not installed, and it is needed {why}: install it "
+            "(Debian: apt-get install openjdk-17-jre-headless maven) or point "
+            "KAFKA_BOOTSTRAP_SERVERS at a running Kafka cluster"
+        )
+    return path
+
+
+def fetch_jars(*, quiet: bool = False) -> Path:
+    """Return the folder of the pinned broker's jars, fetching them with Maven the first time."""
+    libs = cache_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
+    if (libs / ".complete").exists():
+        return libs
+    mvn = _require("mvn", "once, to fetch the Kafka broker jars")
+    if not quiet:
+        print(f"fetching Apache Kafka {KAFKA_VERSION} jars with Maven (once)…", flush=True)  # noqa: T201
+    staging = libs.with_name(f"libs.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    command = [
+        mvn,
+        "-q",
+        "-B",
+        "-f",
+        str(POM),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={staging}",
+        "-DincludeScope=runtime",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+        raise BrokerError(
+            f"Maven could not fetch the Kafka {KAFKA_VERSION} jars (exit {done.returncode}): "
+            + " | ".join(tail)
+        )
+    (staging / ".complete").write_text(KAFKA_VERSION)
+    shutil.rmtree(libs, ignore_errors=True)
+    staging.rename(libs)  # atomic: a half-fetched folder is never taken for a whole one
+    return libs
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class LocalBroker:
+    """One KRaft node (broker + controller) on loopback, its state in `home`."""
+
+    home: Path
+    port: int = 9092
+    controller_port: int | None = None
+    heap_mb: int = 512
+    extra_properties: dict[str, str] | None = None
+    # Kept so the child is reaped by us (and Popen does not warn that it still runs).
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / "broker.log"
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.home / "broker.pid"
+
+    def pid(self) -> int | None:
+        """The broker's pid if it is running, else None."""
+        try:
+            pid = int(self._pid_file.read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def start(self, *, timeout_s: float = 90.0) -> None:
+        """Start the broker in the background and wait until it answers Kafka requests."""
+        if self.pid() is not None:
+            return
+        if _port_open(self.port):
+            raise BrokerError(
+                f"port {self.port} is already in use by another program: stop it, or start "
+                "the broker on another port (stream kafka start --port N)"
+            )
+        java = _require("java", "to run the local Kafka broker")
+        libs = fetch_jars()
+        self.home.mkdir(parents=True, exist_ok=True)
+        properties = self._write_config()
+        self._format(java, libs, properties)
+        command = [
+            java,
+            f"-Xms{min(256, self.heap_mb)}m",
+            f"-Xmx{self.heap_mb}m",
+            "-XX:+UseSerialGC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+            "-cp",
+            f"{libs}/*",
+            "kafka.Kafka",
+            str(properties),
+        ]
+        with open(self.home / "broker.out", "ab") as out:
+            process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self._process = process
+        self._pid_file.write_text(str(process.pid))
+        self._wait_ready(process, timeout_s)
+
+    def stop(self, *, timeout_s: float = 30.0) -> bool:
+        """Stop the broker: SIGTERM, SIGKILL after `timeout_s`. False if it was not running."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        if not self._wait_gone(pid, timeout_s):
+            os.kill(pid, signal.SIGKILL)
+            self._wait_gone(pid, 10.0)
+        self._pid_file.unlink(missing_ok=True)
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would (chaos tests)."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            self._wait_gone(pid, 10.0)
+            self._pid_file.unlink(missing_ok=True)
+
+    def _wait_gone(self, pid: int, timeout_s: float) -> bool:
+        if self._process is not None and self._process.pid == pid:
+            try:
+                self._process.wait(timeout_s)  # our child: wait also reaps it
+            except subprocess.TimeoutExpired:
+                return False
+            self._process = None
+            return True
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def _write_config(self) -> Path:
+        if self.controller_port is None:
+            saved = self.home / "controller.port"
+            self.controller_port = int(saved.read_text()) if saved.exists() else free_port()
+            saved.write_text(str(self.controller_port))
+        values = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},"
+            f"CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self.home / "data"),
+            "num.partitions": "1",
+            "auto.create.topics.enable": "false",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            **(self.extra_properties or {}),
+        }
+        properties = self.home / "server.properties"
+        properties.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
+        (self.home / "log4j2.properties").write_text(_LOG4J.format(log=self.log_file, level="INFO"))
+        return properties
+
+    def _format(self, java: str, libs: Path, properties: Path) -> None:
+        if (self.home / "data" / "meta.properties").exists():
+            return
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        done = subprocess.run(
+            [
+                java,
+                "-cp",
+                f"{libs}/*",
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(properties),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise BrokerError(f"formatting the broker's data folder failed: {done.stdout[-300:]}")
+
+    def _wait_ready(self, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                self._pid_file.unlink(missing_ok=True)
+                raise BrokerError(
+                    f"the Kafka broker exited with code {process.returncode} while starting; "
+                    f"see {self.log_file} and {self.home / 'broker.out'}"
+                )
+            if _port_open(self.port) and _answers_metadata(self.bootstrap_servers):
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise BrokerError(
+            f"the Kafka broker did not become ready in {timeout_s:.0f} s; see {self.log_file}"
+        )
+
+
+def _answers_metadata(bootstrap: str) -> bool:
+    """True once the broker serves metadata (the port opens a little before that)."""
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def probe() -> bool:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+        try:
+            await admin.start()
+            await admin.list_topics()
+            return True
+        except Exception:  # any failure here only means "not ready yet"
+            return False
+        finally:
+            await admin.close()
+
+    return asyncio.run(probe())

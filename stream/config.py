@@ -1,0 +1,348 @@
+"""Settings, read once at start from the environment (and an optional TOML file).
+
+Names people look for keep their usual spelling (`KAFKA_BOOTSTRAP_SERVERS`,
+`SYNTHETIC_API_KEY`, `TOGETHER_BASE_URL` …); everything else is prefixed `STREAM_`.
+A secret may also come from a file named by `<NAME>_FILE` (Docker and Kubernetes secrets).
+Every check lives in `Settings.from_env`, and every failure is one `ConfigError` whose
+message names the variable and says what a valid value looks like.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from stream.errors import ConfigError
+
+__all__ = ["EngineSettings", "KafkaSettings", "ProviderSettings", "Secret", "Settings"]
+
+T = TypeVar("T")
+Guarantee = Literal["at-least-once", "exactly-once"]
+Ordering = Literal["unordered", "key"]
+
+SYNTHETIC_BASE_URL = "https://api.synthetic.new/openai/v1"
+TOGETHER_BASE_URL = "https://api.together.xyz/v1"
+
+
+class Secret:
+    """A string that never shows itself in `repr`, `str`, logs or exceptions."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, kw_only=True)
+class KafkaSettings:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret = field(default_factory=lambda: Secret(""))
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    client_id: str = "prediction-stream"
+    request_timeout_ms: int = 30_000
+
+    def client_options(self) -> dict[str, object]:
+        """Keyword arguments shared by every aiokafka client this process makes."""
+        options: dict[str, object] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+            "client_id": self.client_id,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = self.sasl_password.reveal()
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            options["ssl_context"] = create_ssl_context(
+                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
+            )
+        return options
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProviderSettings:
+    name: str
+    base_url: str
+    api_key: Secret
+    timeout_s: float = 120.0
+    connect_timeout_s: float = 10.0
+    max_connections: int = 1000
+    max_retries: int = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSettings:
+    guarantee: Guarantee = "at-least-once"
+    max_in_flight: int = 1000
+    max_in_flight_per_partition: int = 500
+    ordering: Ordering = "unordered"
+    commit_interval_s: float = 1.0
+    shutdown_grace_s: float = 30.0
+    revoke_grace_s: float = 10.0
+    # LLM calls take minutes: a consumer must not be kicked out of its group for that.
+    max_poll_interval_ms: int = 600_000
+    rebalance_timeout_ms: int = 120_000
+    session_timeout_ms: int = 45_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    synthetic: ProviderSettings = field(
+        default_factory=lambda: ProviderSettings(
+            name="synthetic", base_url=SYNTHETIC_BASE_URL, api_key=Secret("")
+        )
+    )
+    together: ProviderSettings = field(
+        default_factory=lambda: ProviderSettings(
+            name="together", base_url=TOGETHER_BASE_URL, api_key=Secret("")
+        )
+    )
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    topic_prefix: str = ""
+    topics_dir: Path = field(default_factory=lambda: default_topics_dir())
+    catalog_file: Path | None = None
+    metrics_port: int = 9400
+    metrics_host: str = "0.0.0.0"
+    log_level: str = "INFO"
+    log_content: bool = False
+    max_request_bytes: int = 256 * 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from `env` (default: the process environment) and validate them."""
+        source = _Source(dict(os.environ if env is None else env))
+        engine = EngineSettings(
+            guarantee=source.choice(
+                "STREAM_GUARANTEE", ("at-least-once", "exactly-once"), "at-least-once"
+            ),  # type: ignore[arg-type]
+            max_in_flight=source.integer("STREAM_MAX_IN_FLIGHT", 1000, low=1),
+            max_in_flight_per_partition=source.integer(
+                "STREAM_MAX_IN_FLIGHT_PER_PARTITION", 500, low=1
+            ),
+            ordering=source.choice("STREAM_ORDERING", ("unordered", "key"), "unordered"),  # type: ignore[arg-type]
+            commit_interval_s=source.number("STREAM_COMMIT_INTERVAL_S", 1.0, low=0.01),
+            shutdown_grace_s=source.number("STREAM_SHUTDOWN_GRACE_S", 30.0, low=0.0),
+            revoke_grace_s=source.number("STREAM_REVOKE_GRACE_S", 10.0, low=0.0),
+            max_poll_interval_ms=source.integer("STREAM_MAX_POLL_INTERVAL_MS", 600_000, low=1),
+            rebalance_timeout_ms=source.integer("STREAM_REBALANCE_TIMEOUT_MS", 120_000, low=1),
+            session_timeout_ms=source.integer("STREAM_SESSION_TIMEOUT_MS", 45_000, low=1),
+        )
+        settings = cls(
+            kafka=_kafka_settings(source),
+            synthetic=_provider_settings(source, "synthetic", SYNTHETIC_BASE_URL),
+            together=_provider_settings(source, "together", TOGETHER_BASE_URL),
+            engine=engine,
+            topic_prefix=source.text("STREAM_TOPIC_PREFIX", ""),
+            topics_dir=Path(source.text("STREAM_TOPICS_DIR", str(default_topics_dir()))),
+            catalog_file=source.path("STREAM_CATALOG_FILE"),
+            metrics_port=source.integer("STREAM_METRICS_PORT", 9400, low=0, high=65535),
+            metrics_host=source.text("STREAM_METRICS_HOST", "0.0.0.0"),
+            log_level=source.choice(
+                "STREAM_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True
+            ),
+            log_content=source.boolean("STREAM_LOG_CONTENT", False),
+            max_request_bytes=source.integer("STREAM_MAX_REQUEST_BYTES", 256 * 1024, low=1024),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Cross-field checks: one place, one `ConfigError` with an actionable sentence."""
+        engine = self.engine
+        if engine.max_in_flight_per_partition > engine.max_in_flight:
+            raise ConfigError(
+                "STREAM_MAX_IN_FLIGHT_PER_PARTITION "
+                f"({engine.max_in_flight_per_partition}) exceeds STREAM_MAX_IN_FLIGHT "
+                f"({engine.max_in_flight}); lower it or raise STREAM_MAX_IN_FLIGHT"
+            )
+        if engine.session_timeout_ms >= engine.rebalance_timeout_ms:
+            raise ConfigError("STREAM_SESSION_TIMEOUT_MS must be below STREAM_REBALANCE_TIMEOUT_MS")
+        kafka = self.kafka
+        if kafka.security_protocol.startswith("SASL_") and not (
+            kafka.sasl_mechanism and kafka.sasl_username and kafka.sasl_password
+        ):
+            raise ConfigError(
+                f"STREAM_KAFKA_SECURITY_PROTOCOL={kafka.security_protocol} needs "
+                "STREAM_KAFKA_SASL_MECHANISM, STREAM_KAFKA_SASL_USERNAME and "
+                "STREAM_KAFKA_SASL_PASSWORD (or STREAM_KAFKA_SASL_PASSWORD_FILE)"
+            )
+
+    def topic(self, name: str) -> str:
+        """The real topic name for a declared one (`predictions.requests` → prefixed)."""
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, name: str) -> str:
+        """The real consumer group name for a declared one."""
+        return f"{self.topic_prefix}{name}"
+
+
+def default_topics_dir() -> Path:
+    """`topics/` beside the package in a checkout; the packaged copy otherwise."""
+    checkout = Path(__file__).resolve().parent.parent / "topics"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "data" / "topics"
+
+
+def _kafka_settings(source: _Source) -> KafkaSettings:
+    return KafkaSettings(
+        bootstrap_servers=source.text("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        security_protocol=source.choice(
+            "STREAM_KAFKA_SECURITY_PROTOCOL",
+            ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+            "PLAINTEXT",
+            upper=True,
+        ),
+        sasl_mechanism=source.optional_choice(
+            "STREAM_KAFKA_SASL_MECHANISM", ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+        ),
+        sasl_username=source.text("STREAM_KAFKA_SASL_USERNAME", "") or None,
+        sasl_password=source.secret("STREAM_KAFKA_SASL_PASSWORD"),
+        ssl_cafile=source.text("STREAM_KAFKA_SSL_CAFILE", "") or None,
+        ssl_certfile=source.text("STREAM_KAFKA_SSL_CERTFILE", "") or None,
+        ssl_keyfile=source.text("STREAM_KAFKA_SSL_KEYFILE", "") or None,
+        client_id=source.text("STREAM_KAFKA_CLIENT_ID", "prediction-stream"),
+    )
+
+
+def _provider_settings(source: _Source, name: str, base_url: str) -> ProviderSettings:
+    upper = name.upper()
+    url = source.text(f"{upper}_BASE_URL", base_url).rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{upper}_BASE_URL must start with http:// or https:// (got {url!r})")
+    return ProviderSettings(
+        name=name,
+        base_url=url,
+        api_key=source.secret(f"{upper}_API_KEY"),
+        timeout_s=source.number(f"STREAM_{upper}_TIMEOUT_S", 120.0, low=0.1),
+        connect_timeout_s=source.number(f"STREAM_{upper}_CONNECT_TIMEOUT_S", 10.0, low=0.1),
+        max_connections=source.integer(f"STREAM_{upper}_MAX_CONNECTIONS", 1000, low=1),
+        max_retries=source.integer(f"STREAM_{upper}_MAX_RETRIES", 4, low=0, high=20),
+    )
+
+
+class _Source:
+    """Typed look-ups over the environment, merged over `STREAM_CONFIG_FILE` if set."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = {**self._file_values(env.get("STREAM_CONFIG_FILE")), **env}
+
+    @staticmethod
+    def _file_values(path: str | None) -> dict[str, str]:
+        if not path:
+            return {}
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(
+                f"STREAM_CONFIG_FILE {path!r} cannot be read: {exc.strerror}"
+            ) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"STREAM_CONFIG_FILE {path!r} is not valid TOML: {exc}") from exc
+        return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in data.items()}
+
+    def text(self, name: str, default: str) -> str:
+        return self.env.get(name, default).strip()
+
+    def path(self, name: str) -> Path | None:
+        value = self.text(name, "")
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{name} points at {value!r}, which is not a readable file")
+        return Path(value) if value else None
+
+    def secret(self, name: str) -> Secret:
+        """`NAME`, or the contents of the file named by `NAME_FILE` (trailing newline cut)."""
+        file_name = self.env.get(f"{name}_FILE", "").strip()
+        if name in self.env and file_name:
+            raise ConfigError(f"set {name} or {name}_FILE, not both")
+        if file_name:
+            try:
+                return Secret(Path(file_name).read_text().strip())
+            except OSError as exc:
+                raise ConfigError(
+                    f"{name}_FILE points at {file_name!r}, which cannot be read: {exc.strerror}"
+                ) from exc
+        return Secret(self.env.get(name, "").strip())
+
+    def _parse(self, name: str, default: T, convert: Callable[[str], T], kind: str) -> T:
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            return convert(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be {kind} (got {raw!r})") from None
+
+    def integer(self, name: str, default: int, *, low: int, high: int | None = None) -> int:
+        value = self._parse(name, default, int, "a whole number")
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"{name} must be {bound} (got {value})")
+        return value
+
+    def number(self, name: str, default: float, *, low: float) -> float:
+        value = self._parse(name, default, float, "a number")
+        if not value >= low:
+            raise ConfigError(f"{name} must be at least {low} (got {value})")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        truth = {
+            "1": True,
+            "true": True,
+            "yes": True,
+            "on": True,
+            "0": False,
+            "false": False,
+            "no": False,
+            "off": False,
+        }
+
+        def convert(raw: str) -> bool:
+            return truth[raw.lower()] if raw.lower() in truth else _raise_value()
+
+        return self._parse(name, default, convert, "true or false")
+
+    def choice(
+        self, name: str, options: tuple[str, ...], default: str, *, upper: bool = False
+    ) -> str:
+        value = self.text(name, default)
+        value = value.upper() if upper else value
+        if value not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)} (got {value!r})")
+        return value
+
+    def optional_choice(self, name: str, options: tuple[str, ...]) -> str | None:
+        return self.choice(name, ("", *options), "", upper=True) or None
+
+
+def _raise_value() -> bool:
+    raise ValueError

@@ -1,0 +1,103 @@
+"""The exceptions this package raises, one tree under `StreamError`.
+
+    StreamError
+    ├── ConfigError              settings, catalog or topic files a person must fix
+    │   └── TopicSpecError       a file in topics/ is malformed
+    ├── KafkaError               the cluster refused or could not be reached
+    │   └── BrokerError          the local broker could not be fetched or started
+    ├── ProviderError            an LLM provider call failed (status, error_type, attempts)
+    │   ├── RetryableProviderError   may succeed if tried again (429, 5xx, timeouts …)
+    │   ├── FatalProviderError       will not succeed as sent (400, 401, 404 …)
+    │   └── CircuitOpenError         not called: the breaker for that model is open
+    └── InvalidRecordError       an input record cannot become a request (→ dead letter)
+
+Foreign exceptions (aiokafka, httpx, OSError) are translated where they are caught,
+with `raise Ours(...) from exc`, so retry and fallback code only ever catch our types.
+The CLI prints a `StreamError` as one line and exits non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerError",
+    "CircuitOpenError",
+    "ConfigError",
+    "FatalProviderError",
+    "InvalidRecordError",
+    "KafkaError",
+    "ProviderError",
+    "RetryableProviderError",
+    "StreamError",
+    "TopicSpecError",
+]
+
+
+class StreamError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(StreamError):
+    """A setting, catalog or file is wrong; the message says which and what to do."""
+
+
+class TopicSpecError(ConfigError):
+    """A topic declaration in topics/ is malformed."""
+
+
+class KafkaError(StreamError):
+    """Kafka could not be reached or refused a request."""
+
+
+class BrokerError(KafkaError):
+    """The local development broker could not be fetched, started or stopped."""
+
+
+class ProviderError(StreamError):
+    """An LLM provider call failed.
+
+    `status` is the HTTP status (None for transport errors), `error_type` a short stable
+    word (`rate_limited`, `timeout`, `server_error`, `empty_content` …) that records carry.
+    """
+
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        model: str,
+        status: int | None = None,
+        error_type: str = "error",
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider = provider
+        self.model = model
+        self.status = status
+        self.error_type = error_type
+        self.attempts = attempts
+
+
+class RetryableProviderError(ProviderError):
+    """The call may succeed if tried again."""
+
+    retryable = True
+
+
+class FatalProviderError(ProviderError):
+    """The call will not succeed as sent."""
+
+
+class CircuitOpenError(ProviderError):
+    """The breaker for this provider and model is open: the call was not made."""
+
+
+class InvalidRecordError(StreamError):
+    """An input record cannot become a request; `reason` is the dead-letter reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message

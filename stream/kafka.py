@@ -1,0 +1,54 @@
+"""Kafka client construction and error translation, shared by every command.
+
+aiokafka raises its own exception types, and a cluster that is down shows up as a
+`KafkaConnectionError` deep inside a start-up call; this module turns those into our
+`KafkaError` with a sentence that says what to check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaError as AIOKafkaError
+
+from stream.config import KafkaSettings
+from stream.errors import KafkaError
+
+__all__ = ["admin_client", "translate"]
+
+
+def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaError:
+    """Our `KafkaError` for a foreign one, saying what we were doing and where."""
+    where = settings.bootstrap_servers
+    if isinstance(exc, KafkaConnectionError):
+        return KafkaError(
+            f"cannot reach Kafka at {where} while {doing}: is it running? "
+            "(start a local one with `stream kafka start`, or set KAFKA_BOOTSTRAP_SERVERS)"
+        )
+    name = type(exc).__name__
+    detail = str(exc) or name
+    if "SASL" in name or "Authentication" in name or "Authorization" in name:
+        return KafkaError(
+            f"Kafka at {where} refused us while {doing} ({name}): check "
+            "STREAM_KAFKA_SASL_USERNAME / STREAM_KAFKA_SASL_PASSWORD and the ACLs"
+        )
+    return KafkaError(f"Kafka at {where} failed while {doing}: {detail}")
+
+
+@asynccontextmanager
+async def admin_client(settings: KafkaSettings, *, doing: str) -> AsyncIterator[Any]:
+    """A started `AIOKafkaAdminClient`; failures to connect become our `KafkaError`."""
+    admin = AIOKafkaAdminClient(**settings.client_options())
+    try:
+        await admin.start()
+    except (AIOKafkaError, OSError) as exc:
+        await admin.close()
+        raise translate(exc, settings, doing) from exc
+    try:
+        yield admin
+    finally:
+        await admin.close()

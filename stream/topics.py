@@ -1,0 +1,265 @@
+"""Topics as code: the declarations in topics/, and making a cluster match them.
+
+Each `topics/*.toml` declares one topic (name, partitions, replication factor, configs)
+and names the JSON Schema of its values. `apply` creates what is missing, sets declared
+configs that differ, and reports the drift it will not fix: it never deletes anything,
+never lowers a partition count, and adds partitions only when asked (adding partitions
+moves keys to other partitions, which breaks per-key ordering for in-flight work).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from aiokafka.admin import NewPartitions, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError as AIOKafkaError
+
+from stream.config import Settings
+from stream.errors import TopicSpecError
+from stream.kafka import admin_client, translate
+
+__all__ = ["Change", "TopicSpec", "apply", "load_schema", "load_specs", "plan"]
+
+_DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication_factor: int
+    configs: dict[str, str]
+    schema_file: Path
+    source: Path
+
+
+@dataclass(kw_only=True)
+class Change:
+    """What `apply` does (or would do) to one topic, and what it leaves for a person."""
+
+    topic: str
+    action: Literal["create", "update", "ok", "drift"]
+    details: list[str] = field(default_factory=list)
+    configs: dict[str, str] = field(default_factory=dict)
+    partitions: int = 0
+    replication_factor: int = 0
+    add_partitions: int = 0
+
+    @property
+    def fixable(self) -> bool:
+        return self.action != "drift"
+
+
+def load_specs(directory: Path, *, prefix: str = "") -> list[TopicSpec]:
+    """Every topic declared in `directory`, sorted by name; malformed files raise."""
+    if not directory.is_dir():
+        raise TopicSpecError(f"topics folder {directory} does not exist; set STREAM_TOPICS_DIR")
+    specs = [_load_spec(path, prefix) for path in sorted(directory.glob("*.toml"))]
+    if not specs:
+        raise TopicSpecError(f"no topic declarations (*.toml) in {directory}")
+    names = [spec.name for spec in specs]
+    for name in names:
+        if names.count(name) > 1:
+            raise TopicSpecError(f"topic {name} is declared twice in {directory}")
+    return sorted(specs, key=lambda spec: spec.name)
+
+
+def _load_spec(path: Path, prefix: str) -> TopicSpec:
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise TopicSpecError(f"{path}: not valid TOML ({exc})") from exc
+    unknown = set(data) - {"name", "partitions", "replication_factor", "schema", "configs"}
+    if unknown:
+        raise TopicSpecError(f"{path}: unknown field {sorted(unknown)[0]!r}")
+    name = _field(path, data, "name", str)
+    if not name or len(name) > 200 or not all(c.isalnum() or c in "._-" for c in name):
+        raise TopicSpecError(f"{path}: field 'name' must use only letters, digits, '.', '_', '-'")
+    partitions = _field(path, data, "partitions", int)
+    replication = _field(path, data, "replication_factor", int)
+    for key, value in (("partitions", partitions), ("replication_factor", replication)):
+        if isinstance(value, bool) or value < 1:
+            raise TopicSpecError(f"{path}: field {key!r} must be a whole number of at least 1")
+    configs = data.get("configs", {})
+    if not isinstance(configs, dict) or not all(isinstance(v, str) for v in configs.values()):
+        raise TopicSpecError(f"{path}: field 'configs' must be a table of string values")
+    schema_file = path.parent / _field(path, data, "schema", str)
+    if not schema_file.is_file():
+        raise TopicSpecError(f"{path}: field 'schema' names {schema_file.name}, which is missing")
+    return TopicSpec(
+        name=prefix + name,
+        partitions=partitions,
+        replication_factor=replication,
+        configs=dict(configs),
+        schema_file=schema_file,
+        source=path,
+    )
+
+
+def _field(path: Path, data: dict[str, Any], key: str, kind: type) -> Any:
+    if key not in data:
+        raise TopicSpecError(f"{path}: required field {key!r} is missing")
+    if not isinstance(data[key], kind) or isinstance(data[key], bool):
+        raise TopicSpecError(f"{path}: field {key!r} must be a {kind.__name__}")
+    return data[key]
+
+
+def load_schema(spec: TopicSpec) -> dict[str, Any]:
+    """The JSON Schema of the topic's values."""
+    try:
+        schema: dict[str, Any] = orjson.loads(spec.schema_file.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise TopicSpecError(f"{spec.schema_file}: not valid JSON ({exc})") from exc
+    return schema
+
+
+def _effective(spec: TopicSpec, brokers: int) -> tuple[int, dict[str, str], list[str]]:
+    """Replication and configs fitted to a cluster smaller than the declaration."""
+    replication = min(spec.replication_factor, brokers)
+    configs = dict(spec.configs)
+    notes = []
+    if replication < spec.replication_factor:
+        notes.append(
+            f"replication {replication} (declared {spec.replication_factor}; "
+            f"the cluster has {brokers} broker{'s' if brokers != 1 else ''})"
+        )
+    isr = configs.get("min.insync.replicas")
+    if isr is not None and int(isr) > replication:
+        configs["min.insync.replicas"] = str(replication)
+    return replication, configs, notes
+
+
+def _compare(
+    spec: TopicSpec,
+    brokers: int,
+    partitions: int,
+    replication: int,
+    current: dict[str, str],
+    add_partitions: bool,
+) -> Change:
+    want_replication, want_configs, _ = _effective(spec, brokers)
+    change = Change(topic=spec.name, action="ok")
+    for key, value in sorted(want_configs.items()):
+        if current.get(key) != value:
+            change.configs[key] = value
+            change.details.append(f"{key} {current.get(key)} → {value}")
+    if partitions < spec.partitions and add_partitions:
+        change.add_partitions = spec.partitions
+        change.details.append(f"partitions {partitions} → {spec.partitions}")
+    if change.details:
+        change.action = "update"
+    drift = []
+    if partitions < spec.partitions and not add_partitions:
+        drift.append(
+            f"{partitions} partitions, declared {spec.partitions} (adding moves keys "
+            "between partitions; run with --add-partitions to do it)"
+        )
+    if partitions > spec.partitions:
+        drift.append(
+            f"{partitions} partitions, declared {spec.partitions} "
+            "(Kafka cannot remove partitions: update the declaration)"
+        )
+    if replication < want_replication:
+        drift.append(
+            f"replication {replication}, declared {want_replication} "
+            "(reassign partitions with kafka-reassign-partitions)"
+        )
+    if drift:
+        change.action = "drift"
+        change.details.extend(drift)
+    return change
+
+
+async def plan(settings: Settings, *, add_partitions: bool = False) -> list[Change]:
+    """What `apply` would do to make the cluster match the declarations."""
+    specs = load_specs(settings.topics_dir, prefix=settings.topic_prefix)
+    async with admin_client(settings.kafka, doing="reading topics") as admin:
+        try:
+            brokers = len((await admin.describe_cluster())["brokers"])
+            existing = set(await admin.list_topics())
+            changes = []
+            for spec in specs:
+                if spec.name not in existing:
+                    changes.append(_creation(spec, brokers))
+                    continue
+                partitions, replication = await _describe(admin, spec.name)
+                current = await _configs(admin, spec.name)
+                changes.append(
+                    _compare(spec, brokers, partitions, replication, current, add_partitions)
+                )
+        except AIOKafkaError as exc:
+            raise translate(exc, settings.kafka, "reading topics") from exc
+    return changes
+
+
+def _creation(spec: TopicSpec, brokers: int) -> Change:
+    replication, configs, notes = _effective(spec, brokers)
+    details = [f"{spec.partitions} partitions", *notes] + [f"{k}={v}" for k, v in configs.items()]
+    return Change(
+        topic=spec.name,
+        action="create",
+        details=details,
+        configs=configs,
+        partitions=spec.partitions,
+        replication_factor=replication,
+    )
+
+
+async def _describe(admin: Any, topic: str) -> tuple[int, int]:
+    (description,) = await admin.describe_topics([topic])
+    partitions = description["partitions"]
+    return len(partitions), min(len(p["replicas"]) for p in partitions)
+
+
+async def _configs(admin: Any, topic: str) -> dict[str, str]:
+    """The topic's configs as the cluster sees them (defaults included)."""
+    (response,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    (resource,) = response.resources
+    return {entry[0]: entry[1] for entry in resource[4]}
+
+
+async def _overrides(admin: Any, topic: str) -> dict[str, str]:
+    (response,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    (resource,) = response.resources
+    return {entry[0]: entry[1] for entry in resource[4] if entry[3] == _DYNAMIC_TOPIC_CONFIG}
+
+
+async def apply(settings: Settings, changes: list[Change]) -> None:
+    """Carry out the fixable changes of a plan."""
+    async with admin_client(settings.kafka, doing="applying topics") as admin:
+        try:
+            for change in changes:
+                await _apply_one(admin, change)
+        except AIOKafkaError as exc:
+            raise translate(exc, settings.kafka, "applying topics") from exc
+
+
+async def _apply_one(admin: Any, change: Change) -> None:
+    if change.action == "create":
+        topic = NewTopic(
+            change.topic, change.partitions, change.replication_factor, topic_configs=change.configs
+        )
+        response = await admin.create_topics([topic])
+        _raise_for(response.topic_errors if hasattr(response, "topic_errors") else [])
+        return
+    if change.configs:
+        # AlterConfigs replaces the topic's whole set of overrides: keep the ones we do
+        # not declare, so apply never undoes what someone else set on purpose.
+        merged = {**await _overrides(admin, change.topic), **change.configs}
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, change.topic, configs=merged)]
+        )
+    if change.add_partitions:
+        await admin.create_partitions({change.topic: NewPartitions(change.add_partitions)})
+
+
+def _raise_for(errors: list[Any]) -> None:
+    for error in errors:
+        name, code = error[0], error[1]
+        if code:
+            raise TopicSpecError(f"creating topic {name} failed with Kafka error code {code}")

@@ -1,0 +1,71 @@
+"""Shared fixtures: one real Kafka broker per test session, and isolated settings per test.
+
+Set KAFKA_BOOTSTRAP_SERVERS to run the suite against an existing cluster instead; every
+test then works under its own topic prefix, so nothing it creates collides with anything.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from stream.broker import LocalBroker, free_port
+from stream.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    broker = LocalBroker(home=tmp_path_factory.mktemp("kafka"), port=free_port())
+    broker.start()
+    try:
+        yield broker.bootstrap_servers
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic and group prefix no other test uses."""
+    return f"t{uuid.uuid4().hex[:10]}."
+
+
+@pytest.fixture
+def env(kafka_bootstrap: str, prefix: str) -> dict[str, str]:
+    """The environment a `stream` process under test gets: this test's broker and prefix."""
+    keep = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("STREAM_", "SYNTHETIC_", "TOGETHER_"))
+    }
+    return {**keep, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "STREAM_TOPIC_PREFIX": prefix}
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> Settings:
+    return Settings.from_env(env)
+
+
+async def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m stream ARGS` as a user would, and return what it printed."""
+    done = await anyio.run_process([sys.executable, "-m", "stream", *args], env=env, check=False)
+    return subprocess.CompletedProcess(
+        done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
+    )

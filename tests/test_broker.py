@@ -1,0 +1,101 @@
+"""The pinned broker does what the engine relies on, through aiokafka."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import NewTopic
+
+from stream.broker import LocalBroker
+from stream.config import Settings
+from stream.errors import BrokerError, KafkaError
+from stream.kafka import admin_client
+
+pytestmark = pytest.mark.anyio
+
+
+async def _topic(settings: Settings, partitions: int = 1) -> str:
+    name = settings.topic(f"roundtrip-{uuid.uuid4().hex[:6]}")
+    async with admin_client(settings.kafka, doing="test") as admin:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    return name
+
+
+async def _read_all(settings: Settings, topic: str, expect: int, isolation: str) -> list[bytes]:
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level=isolation,
+    )
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        for _ in range(50):
+            batch = await consumer.getmany(timeout_ms=200)
+            values += [r.value for records in batch.values() for r in records]
+            if len(values) >= expect and not batch:
+                break
+    finally:
+        await consumer.stop()
+    return values
+
+
+async def test_idempotent_producer_round_trip(settings: Settings) -> None:
+    topic = await _topic(settings)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap_servers, enable_idempotence=True, acks="all"
+    )
+    await producer.start()
+    try:
+        for i in range(100):
+            await producer.send(topic, f"v{i}".encode(), key=b"k")
+        await producer.flush()
+    finally:
+        await producer.stop()
+    assert await _read_all(settings, topic, 100, "read_uncommitted") == [
+        f"v{i}".encode() for i in range(100)
+    ]
+
+
+async def test_transactions_commit_outputs_and_offsets_together(settings: Settings) -> None:
+    topic = await _topic(settings)
+    group = settings.group("tx-group")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        transactional_id=f"tx-{uuid.uuid4().hex}",
+    )
+    await producer.start()
+    try:
+        async with producer.transaction():
+            await producer.send(topic, b"committed")
+            await producer.send_offsets_to_transaction({TopicPartition(topic, 0): 7}, group)
+        await producer.begin_transaction()
+        await producer.send(topic, b"aborted")
+        await producer.abort_transaction()
+    finally:
+        await producer.stop()
+
+    assert await _read_all(settings, topic, 1, "read_committed") == [b"committed"]
+    async with admin_client(settings.kafka, doing="test") as admin:
+        offsets = await admin.list_consumer_group_offsets(group)
+    assert offsets[TopicPartition(topic, 0)].offset == 7
+
+
+async def test_unreachable_cluster_is_one_clear_error() -> None:
+    settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
+    with pytest.raises(KafkaError, match="cannot reach Kafka at 127.0.0.1:1"):
+        async with admin_client(settings.kafka, doing="testing"):
+            pass
+
+
+def test_missing_java_is_a_clear_error(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(BrokerError, match="java is not installed"):
+        LocalBroker(home=tmp_path, port=1).start()  # type: ignore[arg-type]

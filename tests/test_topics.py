@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aiokafka.admin import NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from stream import topics
+from stream.config import Settings
+from stream.errors import TopicSpecError
+from stream.kafka import admin_client
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.anyio
+
+DECLARED = {
+    "predictions.requests",
+    "predictions.backfill",
+    "predictions.fallback",
+    "predictions.results",
+    "predictions.dead-letter",
+}
+
+
+async def _described(settings: Settings, name: str) -> tuple[int, dict[str, str]]:
+    async with admin_client(settings.kafka, doing="test") as admin:
+        (description,) = await admin.describe_topics([name])
+        (response,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
+    configs = {entry[0]: entry[1] for entry in response.resources[0][4]}
+    return len(description["partitions"]), configs
+
+
+async def test_apply_creates_every_declared_topic_with_its_configs(settings: Settings) -> None:
+    changes = await topics.plan(settings)
+    assert {c.topic for c in changes} == {settings.topic(name) for name in DECLARED}
+    assert all(c.action == "create" for c in changes)
+    await topics.apply(settings, changes)
+
+    for spec in topics.load_specs(settings.topics_dir, prefix=settings.topic_prefix):
+        partitions, configs = await _described(settings, spec.name)
+        assert partitions == spec.partitions
+        assert configs["retention.ms"] == spec.configs["retention.ms"]
+        assert configs["cleanup.policy"] == spec.configs["cleanup.policy"]
+        # one broker: min.insync.replicas is fitted to the replication it can have
+        assert configs["min.insync.replicas"] == "1"
+
+
+async def test_second_apply_is_a_no_op(settings: Settings) -> None:
+    await topics.apply(settings, await topics.plan(settings))
+    again = await topics.plan(settings)
+    assert [c.action for c in again] == ["ok"] * len(DECLARED)
+
+
+async def test_config_drift_is_set_back_and_other_overrides_are_kept(settings: Settings) -> None:
+    await topics.apply(settings, await topics.plan(settings))
+    name = settings.topic("predictions.results")
+    async with admin_client(settings.kafka, doing="test") as admin:
+        await admin.alter_configs(
+            [
+                ConfigResource(
+                    ConfigResourceType.TOPIC,
+                    name,
+                    configs={
+                        "retention.ms": "1000",
+                        "segment.ms": "3600000",
+                        "min.insync.replicas": "1",
+                        "cleanup.policy": "delete",
+                        "max.message.bytes": "1048588",
+                    },
+                )
+            ]
+        )
+    (change,) = [c for c in await topics.plan(settings) if c.topic == name]
+    assert change.action == "update"
+    assert change.configs == {"retention.ms": "604800000"}
+    await topics.apply(settings, [change])
+    _, configs = await _described(settings, name)
+    assert configs["retention.ms"] == "604800000"
+    assert configs["segment.ms"] == "3600000"
+
+
+async def test_fewer_partitions_made_out_of_band_is_drift(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    name = settings.topic("predictions.requests")
+    async with admin_client(settings.kafka, doing="test") as admin:
+        await admin.create_topics([NewTopic(name, 2, 1)])
+
+    done = await run_cli(env, "topics", "apply")
+    assert done.returncode == 3, done.stderr
+    assert "drift" in done.stdout and "2 partitions, declared 6" in done.stdout
+    assert name in done.stderr
+    assert (await _described(settings, name))[0] == 2  # nothing destroyed or changed
+
+    fixed = await run_cli(env, "topics", "apply", "--add-partitions")
+    assert fixed.returncode == 0, fixed.stderr
+    assert (await _described(settings, name))[0] == 6
+
+
+async def test_dry_run_changes_nothing(settings: Settings, env: dict[str, str]) -> None:
+    done = await run_cli(env, "topics", "apply", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "create" in done.stdout and "dry run" in done.stdout
+    assert all(c.action == "create" for c in await topics.plan(settings))
+
+
+GOOD = 'name = "x.topic"\npartitions = 3\nreplication_factor = 1\nschema = "s.json"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('name = "x"\npartitions = 3\nreplication_factor = 1\n', "'schema'"),
+        (GOOD.replace("partitions = 3", "partitions = 0"), "'partitions'"),
+        (GOOD.replace("partitions = 3", 'partitions = "3"'), "'partitions'"),
+        (GOOD.replace('"x.topic"', '"bad topic!"'), "'name'"),
+        (GOOD + "colour = 1\n", "'colour'"),
+        (GOOD + '[configs]\n"retention.ms" = 5\n', "'configs'"),
+        (GOOD.replace('"s.json"', '"missing.json"'), "'schema'"),
+        ("name = [", "not valid TOML"),
+    ],
+)
+def test_malformed_topic_file_names_the_file_and_field(
+    tmp_path: Path, text: str, field: str
+) -> None:
+    (tmp_path / "s.json").write_text("{}")
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(TopicSpecError) as caught:
+        topics.load_specs(tmp_path)
+    assert "bad.toml" in str(caught.value)
+    assert field in str(caught.value)
+
+
+def test_malformed_topic_file_is_one_line_without_traceback(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    (tmp_path / "bad.toml").write_text("partitions = 3\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "stream", "topics", "apply"],
+        env={**env, "STREAM_TOPICS_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1
+    assert "bad.toml" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_every_declared_topic_has_a_valid_json_schema() -> None:
+    import jsonschema
+
+    for spec in topics.load_specs(Settings().topics_dir):
+        jsonschema.Draft7Validator.check_schema(topics.load_schema(spec))
