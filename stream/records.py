@@ -1,0 +1,248 @@
+"""The records the pipeline reads and writes, and the one way each is made.
+
+Decoding is where hostile input meets the system, so it never raises anything but
+`InvalidRecordError`, whose `reason` is a dead-letter reason: a record that cannot become
+a request becomes a dead letter carrying its original bytes, never a crash or a loss.
+Every record written is built here, so it validates against its schema in topics/.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import fastjsonschema
+import orjson
+
+from stream.errors import InvalidRecordError, ProviderError
+
+__all__ = [
+    "HEADER_ATTEMPT",
+    "HEADER_REQUEST_ID",
+    "HEADER_TRACEPARENT",
+    "Decoder",
+    "Request",
+    "SourceRecord",
+    "dead_letter",
+    "failure_of",
+    "fallback_record",
+    "now_rfc3339",
+    "output_headers",
+    "result_record",
+]
+
+HEADER_REQUEST_ID = "request-id"
+HEADER_ATTEMPT = "attempt"
+HEADER_TRACEPARENT = "traceparent"
+_CARRIED = (HEADER_TRACEPARENT,)
+
+Validator = Callable[[Any], Any]
+
+
+class SourceRecord(Protocol):
+    """What we need of an input record (aiokafka's ConsumerRecord has it)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A request that passed validation; `body` is the parsed JSON, echoed on as it came."""
+
+    request_id: str
+    model: str
+    messages: list[dict[str, Any]]
+    params: dict[str, Any]
+    metadata: dict[str, Any] | None
+    deadline: float | None  # epoch seconds
+    body: dict[str, Any]
+
+
+def now_rfc3339(at: float | None = None) -> str:
+    moment = datetime.now(UTC) if at is None else datetime.fromtimestamp(at, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def load_validator(path: Path) -> Validator:
+    """Compile a JSON Schema from topics/ once; validation then costs microseconds."""
+    validator: Validator = fastjsonschema.compile(orjson.loads(path.read_bytes()))
+    return validator
+
+
+class Decoder:
+    """Bytes → `Request`, or `InvalidRecordError` with the dead-letter reason."""
+
+    def __init__(self, schema: Path, *, max_bytes: int, known_models: Callable[[str], bool]):
+        self._validate = load_validator(schema)
+        self._max_bytes = max_bytes
+        self._known = known_models
+
+    def decode(self, value: bytes | None, *, now: float) -> Request:
+        body = self.parse(value)
+        request = _request_of(body)
+        if not self._known(request.model):
+            raise InvalidRecordError(
+                "unknown_model", f"model {request.model!r} is not in the catalog"
+            )
+        if request.deadline is not None and request.deadline <= now:
+            raise InvalidRecordError("expired", f"deadline {body['deadline']} has passed")
+        return request
+
+    def parse(self, value: bytes | None) -> dict[str, Any]:
+        """Bytes → schema-valid JSON object (no catalog or deadline checks)."""
+        if not value:
+            raise InvalidRecordError("invalid_request", "the record has no value")
+        if len(value) > self._max_bytes:
+            raise InvalidRecordError(
+                "too_large", f"{len(value)} bytes is over the {self._max_bytes}-byte limit"
+            )
+        try:
+            body = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise _undecodable(value, exc) from None
+        try:
+            self._validate(body)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            # The message names the field and the rule, never the value (it may be a prompt).
+            raise InvalidRecordError("invalid_request", exc.message) from None
+        return body  # type: ignore[no-any-return]
+
+
+def _undecodable(value: bytes, exc: orjson.JSONDecodeError) -> InvalidRecordError:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return InvalidRecordError("invalid_encoding", f"not UTF-8 (byte {bad.start})")
+    return InvalidRecordError("invalid_json", f"not JSON ({exc.msg} at char {exc.pos})")
+
+
+def _request_of(body: dict[str, Any]) -> Request:
+    deadline = body.get("deadline")
+    when = None
+    if deadline is not None:
+        try:
+            parsed = datetime.fromisoformat(deadline)
+        except ValueError:
+            raise InvalidRecordError("invalid_request", "deadline is not RFC 3339") from None
+        when = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    return Request(
+        request_id=body["request_id"],
+        model=body["model"],
+        messages=body["messages"],
+        params=body.get("params") or {},
+        metadata=body.get("metadata"),
+        deadline=when,
+        body=body,
+    )
+
+
+def output_headers(record: SourceRecord, request_id: str | None) -> tuple[tuple[str, bytes], ...]:
+    """Headers carried through every hop: request-id, attempt, traceparent (when present)."""
+    incoming = {key: value for key, value in record.headers or ()}
+    headers = [(HEADER_ATTEMPT, incoming.get(HEADER_ATTEMPT, b"1"))]
+    rid = incoming.get(HEADER_REQUEST_ID) or (request_id.encode() if request_id else None)
+    if rid is not None:
+        headers.insert(0, (HEADER_REQUEST_ID, rid))
+    headers += [(key, incoming[key]) for key in _CARRIED if key in incoming]
+    return tuple(headers)
+
+
+def result_record(
+    request: Request,
+    *,
+    provider: str,
+    provider_model: str,
+    content: str,
+    reasoning: str | None,
+    usage: Mapping[str, int | None] | None,
+    attempts: int,
+    latency_ms: float,
+    fallback: bool,
+) -> bytes:
+    return orjson.dumps(
+        {
+            "request_id": request.request_id,
+            "model": request.model,
+            "provider": provider,
+            "provider_model": provider_model,
+            "fallback": fallback,
+            "content": content,
+            "reasoning": reasoning,
+            "usage": dict(usage) if usage is not None else None,
+            "attempts": attempts,
+            "latency_ms": round(latency_ms, 3),
+            "completed_at": now_rfc3339(),
+            "metadata": request.metadata,
+        }
+    )
+
+
+def failure_of(exc: ProviderError, *, attempts: int | None = None) -> dict[str, Any]:
+    """The `failure` object records carry for a provider error."""
+    return {
+        "provider": exc.provider,
+        "model": exc.model,
+        "status": exc.status,
+        "error_type": exc.error_type,
+        "message": exc.message[:500],
+        "attempts": exc.attempts if attempts is None else attempts,
+        "failed_at": now_rfc3339(),
+    }
+
+
+def fallback_record(request: Request, failure: dict[str, Any]) -> bytes:
+    return orjson.dumps({**request.body, "failure": failure})
+
+
+def dead_letter(
+    record: SourceRecord,
+    *,
+    reason: str,
+    error: str,
+    stage: str,
+    request: dict[str, Any] | None = None,
+    failures: Sequence[dict[str, Any]] = (),
+) -> bytes:
+    """A dead letter: the request when it parsed, else the original bytes (base64)."""
+    raw = None
+    if request is None and record.value is not None:
+        raw = base64.b64encode(record.value).decode("ascii")
+    return orjson.dumps(
+        {
+            "reason": reason,
+            "error": error[:1000],
+            "stage": stage,
+            "request_id": _request_id(request, record),
+            "request": request,
+            "raw": raw,
+            "source": {
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "timestamp": record.timestamp
+                if record.timestamp is not None and record.timestamp >= 0
+                else None,
+            },
+            "failures": list(failures),
+            "dead_at": now_rfc3339(),
+        }
+    )
+
+
+def _request_id(request: dict[str, Any] | None, record: SourceRecord) -> str | None:
+    if request is not None and isinstance(request.get("request_id"), str):
+        return str(request["request_id"])
+    for key, value in record.headers or ():
+        if key == HEADER_REQUEST_ID:
+            return value.decode("utf-8", "replace")[:128]
+    return None

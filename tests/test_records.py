@@ -1,0 +1,208 @@
+"""Decoding never crashes and every record written validates against its schema."""
+
+from __future__ import annotations
+
+import base64
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream import records
+from stream.config import default_topics_dir
+from stream.errors import InvalidRecordError, RetryableProviderError
+
+TOPICS = default_topics_dir()
+DECODER = records.Decoder(
+    TOPICS / "request.schema.json", max_bytes=4096, known_models=lambda m: m == "known-model"
+)
+GOOD = {
+    "request_id": "r-1",
+    "model": "known-model",
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+def _schema(name: str) -> jsonschema.Draft7Validator:
+    schema = orjson.loads((TOPICS / f"{name}.schema.json").read_bytes())
+    return jsonschema.Draft7Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+def _record(value: bytes | None, headers: tuple[tuple[str, bytes], ...] = ()) -> Any:
+    return SimpleNamespace(
+        topic="predictions.requests",
+        partition=2,
+        offset=41,
+        timestamp=1_700_000_000_000,
+        key=None,
+        value=value,
+        headers=headers,
+    )
+
+
+def _reason(value: bytes | None) -> str:
+    with pytest.raises(InvalidRecordError) as caught:
+        DECODER.decode(value, now=time.time())
+    return caught.value.reason
+
+
+def test_a_good_request_decodes() -> None:
+    request = DECODER.decode(orjson.dumps({**GOOD, "params": {"temperature": 0.2}}), now=0)
+    assert request.request_id == "r-1" and request.params == {"temperature": 0.2}
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (None, "invalid_request"),
+        (b"", "invalid_request"),
+        (b"\xff\xfe{", "invalid_encoding"),
+        (b'{"request_id": ', "invalid_json"),
+        (b"[1, 2]", "invalid_request"),
+        (orjson.dumps({**GOOD, "request_id": 7}), "invalid_request"),
+        (orjson.dumps({**GOOD, "request_id": "x" * 129}), "invalid_request"),
+        (orjson.dumps({**GOOD, "messages": []}), "invalid_request"),
+        (orjson.dumps({**GOOD, "deadline": "tomorrow"}), "invalid_request"),
+        (orjson.dumps({**GOOD, "model": "nope"}), "unknown_model"),
+        (orjson.dumps({**GOOD, "deadline": "2001-01-01T00:00:00Z"}), "expired"),
+        (
+            orjson.dumps({**GOOD, "messages": [{"role": "user", "content": "x" * 5000}]}),
+            "too_large",
+        ),
+    ],
+)
+def test_bad_input_gets_the_right_reason(value: bytes | None, reason: str) -> None:
+    assert _reason(value) == reason
+
+
+def test_schema_errors_never_echo_the_prompt() -> None:
+    secret = "my private prompt"
+    value = orjson.dumps({**GOOD, "messages": [{"role": "boss", "content": secret}]})
+    with pytest.raises(InvalidRecordError) as caught:
+        DECODER.decode(value, now=0)
+    assert secret not in caught.value.message and "role" in caught.value.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_arbitrary_bytes_become_a_request_or_a_reason(value: bytes) -> None:
+    try:
+        DECODER.decode(value, now=0)
+    except InvalidRecordError as exc:
+        assert exc.reason in _schema("dead-letter").schema["properties"]["reason"]["enum"]
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["request_id", "model", "messages", "params", "metadata", "deadline", "extra"]
+        ),
+        json_values,
+    )
+)
+def test_arbitrary_json_objects_become_a_request_or_a_reason(body: dict[str, Any]) -> None:
+    try:
+        DECODER.decode(orjson.dumps(body), now=0)
+    except InvalidRecordError as exc:
+        assert exc.reason in {"invalid_request", "unknown_model", "expired", "too_large"}
+
+
+def test_dead_letter_of_undecodable_input_keeps_the_original_bytes() -> None:
+    original = b"\xff not json"
+    letter = orjson.loads(
+        records.dead_letter(
+            _record(original), reason="invalid_encoding", error="not UTF-8", stage="primary"
+        )
+    )
+    _schema("dead-letter").validate(letter)
+    assert base64.b64decode(letter["raw"]) == original
+    assert letter["request"] is None
+    assert letter["source"] == {
+        "topic": "predictions.requests",
+        "partition": 2,
+        "offset": 41,
+        "timestamp": 1_700_000_000_000,
+    }
+
+
+def test_dead_letter_of_a_parsed_request_keeps_the_request_and_failures() -> None:
+    failure = records.failure_of(
+        RetryableProviderError(
+            "503 from provider",
+            provider="together",
+            model="m",
+            status=503,
+            error_type="server_error",
+            attempts=3,
+        )
+    )
+    letter = orjson.loads(
+        records.dead_letter(
+            _record(b"{}"),
+            reason="fallback_failed",
+            error="both failed",
+            stage="fallback",
+            request=GOOD,
+            failures=[failure, failure],
+        )
+    )
+    _schema("dead-letter").validate(letter)
+    assert letter["request"] == GOOD and letter["raw"] is None
+    assert letter["request_id"] == "r-1" and len(letter["failures"]) == 2
+
+
+def test_result_and_fallback_records_validate() -> None:
+    request = DECODER.decode(orjson.dumps({**GOOD, "metadata": {"team": "a"}}), now=0)
+    result = orjson.loads(
+        records.result_record(
+            request,
+            provider="synthetic",
+            provider_model="hf:x/y",
+            content="hello",
+            reasoning=None,
+            usage={"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+            attempts=1,
+            latency_ms=12.5,
+            fallback=False,
+        )
+    )
+    _schema("result").validate(result)
+    assert result["metadata"] == {"team": "a"}
+    failure = records.failure_of(
+        RetryableProviderError(
+            "timeout", provider="synthetic", model="hf:x/y", error_type="timeout", attempts=4
+        )
+    )
+    forwarded = orjson.loads(records.fallback_record(request, failure))
+    _schema("fallback").validate(forwarded)
+    _schema("request").validate(forwarded)  # a fallback record is still a request
+
+
+def test_headers_carry_request_id_attempt_and_traceparent() -> None:
+    trace = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    record = _record(b"{}", headers=(("traceparent", trace), ("attempt", b"2"), ("other", b"x")))
+    assert dict(records.output_headers(record, "r-9")) == {
+        "request-id": b"r-9",
+        "attempt": b"2",
+        "traceparent": trace,
+    }
+    assert dict(records.output_headers(_record(b"{}"), None)) == {"attempt": b"1"}
