@@ -18,6 +18,8 @@ The CLI prints a `StreamError` as one line and exits non-zero, without a traceba
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BrokerError",
     "CircuitOpenError",
@@ -95,9 +97,14 @@ class CircuitOpenError(ProviderError):
 
 
 class InvalidRecordError(StreamError):
-    """An input record cannot become a request; `reason` is the dead-letter reason."""
+    """An input record cannot become a request; `reason` is the dead-letter reason.
 
-    def __init__(self, reason: str, message: str) -> None:
+    `request` is the parsed request when there was one (an unknown model, a past
+    deadline), so the dead letter can carry it for a later re-drive.
+    """
+
+    def __init__(self, reason: str, message: str, *, request: dict[str, Any] | None = None):
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.request = request

@@ -27,11 +27,13 @@ __all__ = [
     "Decoder",
     "Request",
     "SourceRecord",
+    "check_deadline",
     "dead_letter",
     "failure_of",
     "fallback_record",
     "now_rfc3339",
     "output_headers",
+    "request_of",
     "result_record",
 ]
 
@@ -89,13 +91,12 @@ class Decoder:
 
     def decode(self, value: bytes | None, *, now: float) -> Request:
         body = self.parse(value)
-        request = _request_of(body)
+        request = request_of(body)
         if not self._known(request.model):
             raise InvalidRecordError(
-                "unknown_model", f"model {request.model!r} is not in the catalog"
+                "unknown_model", f"model {request.model!r} is not in the catalog", request=body
             )
-        if request.deadline is not None and request.deadline <= now:
-            raise InvalidRecordError("expired", f"deadline {body['deadline']} has passed")
+        check_deadline(request, now)
         return request
 
     def parse(self, value: bytes | None) -> dict[str, Any]:
@@ -126,7 +127,15 @@ def _undecodable(value: bytes, exc: orjson.JSONDecodeError) -> InvalidRecordErro
     return InvalidRecordError("invalid_json", f"not JSON ({exc.msg} at char {exc.pos})")
 
 
-def _request_of(body: dict[str, Any]) -> Request:
+def check_deadline(request: Request, now: float) -> None:
+    if request.deadline is not None and request.deadline <= now:
+        raise InvalidRecordError(
+            "expired", f"deadline {request.body['deadline']} has passed", request=request.body
+        )
+
+
+def request_of(body: dict[str, Any]) -> Request:
+    """A `Request` from a schema-valid body."""
     deadline = body.get("deadline")
     when = None
     if deadline is not None:

@@ -206,3 +206,13 @@ def test_headers_carry_request_id_attempt_and_traceparent() -> None:
         "traceparent": trace,
     }
     assert dict(records.output_headers(_record(b"{}"), None)) == {"attempt": b"1"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{**GOOD, "model": "nope"}, {**GOOD, "deadline": "2001-01-01T00:00:00+00:00"}],
+)
+def test_requests_that_parsed_travel_with_their_rejection(body: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRecordError) as caught:
+        DECODER.decode(orjson.dumps(body), now=time.time())
+    assert caught.value.request == body
