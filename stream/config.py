@@ -140,14 +140,26 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read settings from `env` (default: the process environment) and validate them."""
-        source = _Source(dict(os.environ if env is None else env))
+        return cls._from_source(_Source(dict(os.environ if env is None else env)))
+
+    @classmethod
+    def variables(cls) -> frozenset[str]:
+        """Every environment variable the settings read (for docs and deployment checks)."""
+        source = _Source({})
+        cls._from_source(source)
+        return frozenset(source.asked)
+
+    @classmethod
+    def _from_source(cls, source: _Source) -> Settings:
+        max_in_flight = source.integer("STREAM_MAX_IN_FLIGHT", 1000, low=1)
         engine = EngineSettings(
             guarantee=source.choice(
                 "STREAM_GUARANTEE", ("at-least-once", "exactly-once"), "at-least-once"
             ),  # type: ignore[arg-type]
-            max_in_flight=source.integer("STREAM_MAX_IN_FLIGHT", 1000, low=1),
+            max_in_flight=max_in_flight,
+            # unset, it follows the total down: setting only the total must just work
             max_in_flight_per_partition=source.integer(
-                "STREAM_MAX_IN_FLIGHT_PER_PARTITION", 500, low=1
+                "STREAM_MAX_IN_FLIGHT_PER_PARTITION", min(500, max_in_flight), low=1
             ),
             ordering=source.choice("STREAM_ORDERING", ("unordered", "key"), "unordered"),  # type: ignore[arg-type]
             commit_interval_s=source.number("STREAM_COMMIT_INTERVAL_S", 1.0, low=0.01),
@@ -254,6 +266,7 @@ class _Source:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = {**self._file_values(env.get("STREAM_CONFIG_FILE")), **env}
+        self.asked: set[str] = {"STREAM_CONFIG_FILE"}
 
     @staticmethod
     def _file_values(path: str | None) -> dict[str, str]:
@@ -270,6 +283,7 @@ class _Source:
         return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in data.items()}
 
     def text(self, name: str, default: str) -> str:
+        self.asked.add(name)
         return self.env.get(name, default).strip()
 
     def path(self, name: str) -> Path | None:
@@ -280,6 +294,7 @@ class _Source:
 
     def secret(self, name: str) -> Secret:
         """`NAME`, or the contents of the file named by `NAME_FILE` (trailing newline cut)."""
+        self.asked.update((name, f"{name}_FILE"))
         file_name = self.env.get(f"{name}_FILE", "").strip()
         if name in self.env and file_name:
             raise ConfigError(f"set {name} or {name}_FILE, not both")
@@ -293,6 +308,7 @@ class _Source:
         return Secret(self.env.get(name, "").strip())
 
     def _parse(self, name: str, default: T, convert: Callable[[str], T], kind: str) -> T:
+        self.asked.add(name)
         raw = self.env.get(name, "").strip()
         if not raw:
             return default
