@@ -26,6 +26,7 @@ __all__ = ["KAFKA_VERSION", "LocalBroker", "cache_dir", "fetch_jars", "free_port
 POM = Path(__file__).resolve().parent / "data" / "kafka-pom.xml"
 KAFKA_VERSION = re.search(r"<kafka.version>([^<]+)<", POM.read_text()).group(1)  # type: ignore[union-attr]
 
+_SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
 _LOG4J = """\
 status = error
 appender.file.type = File
@@ -110,6 +111,11 @@ class LocalBroker:
     controller_port: int | None = None
     heap_mb: int = 512
     extra_properties: dict[str, str] | None = None
+    # SCRAM users (name → password): adds a SASL_PLAINTEXT listener on `sasl_port` and turns
+    # on ACLs. The PLAINTEXT listener stays for the broker itself (its principal, ANONYMOUS,
+    # is a super user), so only clients on the SASL port are held to the ACLs.
+    scram_users: dict[str, str] | None = None
+    sasl_port: int | None = None
     # Kept so the child is reaped by us (and Popen does not warn that it still runs).
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -231,6 +237,7 @@ class LocalBroker:
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
+            **self._sasl_properties(),
             **(self.extra_properties or {}),
         }
         properties = self.home / "server.properties"
@@ -238,28 +245,85 @@ class LocalBroker:
         (self.home / "log4j2.properties").write_text(_LOG4J.format(log=self.log_file, level="INFO"))
         return properties
 
-    def _format(self, java: str, libs: Path, properties: Path) -> None:
-        if (self.home / "data" / "meta.properties").exists():
-            return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    def _sasl_properties(self) -> dict[str, str]:
+        if not self.scram_users:
+            return {}
+        if self.sasl_port is None:
+            self.sasl_port = free_port()
+        plain = f"PLAINTEXT://127.0.0.1:{self.port}"
+        sasl = f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+        return {
+            "listeners": f"{plain},{sasl},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"{plain},{sasl}",
+            "listener.security.protocol.map": (
+                "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT"
+            ),
+            "sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512",
+            **{
+                f"listener.name.sasl_plaintext.{mechanism}.sasl.jaas.config": _SCRAM_LOGIN
+                for mechanism in ("scram-sha-256", "scram-sha-512")
+            },
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "allow.everyone.if.no.acl.found": "false",
+            "super.users": "User:ANONYMOUS",
+        }
+
+    def run_tool(self, main_class: str, *args: str, timeout_s: float = 120.0) -> str:
+        """Run one of Kafka's own command-line tools (from the pinned jars) on this broker."""
+        java = _require("java", "to run Kafka's tools")
         done = subprocess.run(
             [
                 java,
+                "-Xmx256m",
+                f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
                 "-cp",
-                f"{libs}/*",
-                "kafka.tools.StorageTool",
-                "format",
-                "-t",
-                cluster_id,
-                "-c",
-                str(properties),
+                f"{fetch_jars()}/*",
+                main_class,
+                "--bootstrap-server",
+                self.bootstrap_servers,
+                *args,
             ],
             capture_output=True,
             text=True,
             check=False,
+            timeout=timeout_s,
         )
         if done.returncode != 0:
+            raise BrokerError(f"{main_class.rsplit('.', 1)[-1]} failed: {done.stderr[-500:]}")
+        return done.stdout
+
+    def _format(self, java: str, libs: Path, properties: Path) -> None:
+        if (self.home / "data" / "meta.properties").exists():
+            return
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        command = [
+            java,
+            "-cp",
+            f"{libs}/*",
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(properties),
+        ]
+        for name, password in (self.scram_users or {}).items():
+            for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                command += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
             raise BrokerError(f"formatting the broker's data folder failed: {done.stdout[-300:]}")
+
+    def _first_error(self) -> str:
+        """The cause the broker logged, so the one-line error can say it."""
+        try:
+            lines = self.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        for line in lines:
+            if line.startswith(("java.", "org.apache.kafka.")) and ("Exception" in line):
+                return f" ({line[:300]})"
+        return ""
 
     def _wait_ready(self, process: subprocess.Popen[bytes], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -267,8 +331,8 @@ class LocalBroker:
             if process.poll() is not None:
                 self._pid_file.unlink(missing_ok=True)
                 raise BrokerError(
-                    f"the Kafka broker exited with code {process.returncode} while starting; "
-                    f"see {self.log_file} and {self.home / 'broker.out'}"
+                    f"the Kafka broker exited with code {process.returncode} while starting"
+                    f"{self._first_error()}; see {self.log_file}"
                 )
             if _port_open(self.port) and _answers_metadata(self.bootstrap_servers):
                 return

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from stream import __version__
+from stream import __version__, logs
 from stream.config import Settings
 from stream.errors import StreamError
 
@@ -119,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        logs.configure(settings.log_level, json=False)
         handler: Handler = args.handler
         return handler(args, settings)
     except StreamError as exc:

@@ -20,12 +20,14 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import Settings
-from stream.errors import TopicSpecError
+from stream.errors import KafkaError, TopicSpecError
 from stream.kafka import admin_client, translate
 
 __all__ = ["Change", "TopicSpec", "apply", "load_schema", "load_specs", "plan"]
 
 _DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
+_TOPIC_ALREADY_EXISTS = 36  # another apply won the race: the topic is there, as wanted
+_TOPIC_AUTHORIZATION_FAILED = 29
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,7 +247,7 @@ async def _apply_one(admin: Any, change: Change) -> None:
             change.topic, change.partitions, change.replication_factor, topic_configs=change.configs
         )
         response = await admin.create_topics([topic])
-        _raise_for(response.topic_errors if hasattr(response, "topic_errors") else [])
+        _raise_for(response.topic_errors)
         return
     if change.configs:
         # AlterConfigs replaces the topic's whole set of overrides: keep the ones we do
@@ -260,6 +262,11 @@ async def _apply_one(admin: Any, change: Change) -> None:
 
 def _raise_for(errors: list[Any]) -> None:
     for error in errors:
-        name, code = error[0], error[1]
-        if code:
-            raise TopicSpecError(f"creating topic {name} failed with Kafka error code {code}")
+        name, code, message = error[0], error[1], error[2] if len(error) > 2 else None
+        if code == _TOPIC_AUTHORIZATION_FAILED:
+            raise KafkaError(
+                f"creating topic {name} was not allowed: grant this user the "
+                "CREATE permission on it (kafka-acls), or create it as an admin"
+            )
+        if code and code != _TOPIC_ALREADY_EXISTS:
+            raise KafkaError(f"creating topic {name} failed: {message or f'Kafka error {code}'}")
