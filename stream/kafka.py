@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.errors import KafkaError as AIOKafkaError
@@ -18,7 +19,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from stream.config import KafkaSettings
 from stream.errors import KafkaError
 
-__all__ = ["admin_client", "translate"]
+__all__ = ["admin_client", "consumer_client", "producer_client", "translate"]
 
 
 def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaError:
@@ -52,3 +53,34 @@ async def admin_client(settings: KafkaSettings, *, doing: str) -> AsyncIterator[
         yield admin
     finally:
         await admin.close()
+
+
+@asynccontextmanager
+async def consumer_client(
+    settings: KafkaSettings, *, doing: str, **options: Any
+) -> AsyncIterator[Any]:
+    """A started `AIOKafkaConsumer` that never commits on its own (callers decide when)."""
+    consumer = AIOKafkaConsumer(**settings.client_options(), enable_auto_commit=False, **options)
+    async with _started(consumer, settings, doing):
+        yield consumer
+
+
+@asynccontextmanager
+async def producer_client(settings: KafkaSettings, *, doing: str) -> AsyncIterator[Any]:
+    """A started idempotent producer (`acks=all`): a retried send is never written twice."""
+    producer = AIOKafkaProducer(**settings.client_options(), enable_idempotence=True, acks="all")
+    async with _started(producer, settings, doing):
+        yield producer
+
+
+@asynccontextmanager
+async def _started(client: Any, settings: KafkaSettings, doing: str) -> AsyncIterator[None]:
+    try:
+        await client.start()
+    except (AIOKafkaError, OSError) as exc:
+        await client.stop()
+        raise translate(exc, settings, doing) from exc
+    try:
+        yield
+    finally:
+        await client.stop()
