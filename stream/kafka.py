@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError
@@ -19,7 +20,9 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from stream.config import KafkaSettings
 from stream.errors import KafkaError
 
-__all__ = ["admin_client", "consumer_client", "producer_client", "translate"]
+__all__ = ["admin_client", "consumer_client", "group_offsets", "producer_client", "translate"]
+
+_COORDINATOR_TRIES = 12  # about 15 s of back-off in all
 
 
 def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaError:
@@ -84,3 +87,17 @@ async def _started(client: Any, settings: KafkaSettings, doing: str) -> AsyncIte
         yield
     finally:
         await client.stop()
+
+
+async def group_offsets(admin: Any, group: str, tps: list[Any]) -> dict[Any, Any]:
+    """The group's committed offsets. On a young cluster the offsets topic is created by the
+    first coordinator look-up, which fails until it exists: retry that, for a bounded time."""
+    for attempt in range(_COORDINATOR_TRIES):
+        try:
+            offsets: dict[Any, Any] = await admin.list_consumer_group_offsets(group, partitions=tps)
+            return offsets
+        except AIOKafkaError as exc:
+            if not exc.retriable or attempt == _COORDINATOR_TRIES - 1:
+                raise
+            await anyio.sleep(0.1 * 2 ** min(attempt, 4))
+    raise AssertionError("unreachable")

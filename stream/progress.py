@@ -14,7 +14,9 @@ from typing import TextIO
 
 import anyio
 
-__all__ = ["Pacer", "Progress"]
+from stream.errors import ConfigError
+
+__all__ = ["Pacer", "Progress", "parse_rate"]
 
 Clock = Callable[[], float]
 
@@ -97,6 +99,21 @@ class Pacer:
         self._sent += 1
         if due > now:
             await anyio.sleep(due - now)
+
+
+def parse_rate(text: str | None) -> float | None:
+    """`--rate 200` or `--rate 200/s` as records per second."""
+    if text is None:
+        return None
+    try:
+        rate = float(text.strip().removesuffix("/s"))
+    except ValueError:
+        raise ConfigError(
+            f"--rate {text!r} is not a rate: use records per second, e.g. 200/s"
+        ) from None
+    if not rate > 0:
+        raise ConfigError(f"--rate must be above 0 (got {text})")
+    return rate
 
 
 def _duration(seconds: float) -> str:

@@ -23,14 +23,13 @@ from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import orjson
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.structs import TopicPartition
 
 from stream.config import Settings
 from stream.errors import ConfigError
-from stream.kafka import admin_client, consumer_client, producer_client, translate
+from stream.kafka import admin_client, consumer_client, group_offsets, producer_client, translate
 from stream.progress import Progress
 from stream.window import Span, batches, parse_time, spans, topic_partitions
 
@@ -56,7 +55,6 @@ REASONS = (
 HOPELESS = frozenset(
     {"invalid_encoding", "invalid_json", "invalid_request", "too_large", "unknown_model"}
 )
-_COORDINATOR_TRIES = 12  # about 15 s of back-off in all
 OUTCOMES = ("redriven", "already redriven", "cannot succeed", "no request", "not selected")
 
 
@@ -125,7 +123,7 @@ class Redrive:
 
     async def _committed(self, tps: list[TopicPartition]) -> dict[int, dict[str, int]]:
         async with admin_client(self.settings.kafka, doing="reading redrive progress") as admin:
-            offsets = await _group_offsets(admin, self.options.group, tps)
+            offsets = await group_offsets(admin, self.options.group, tps)
         return {
             tp.partition: _positions(meta.offset, meta.metadata)
             for tp, meta in offsets.items()
@@ -185,20 +183,6 @@ class Redrive:
             mine[reason] = max(mine[reason], position)
         tp = TopicPartition(last.topic, last.partition)
         await consumer.commit({tp: (position, orjson.dumps(mine).decode())})
-
-
-async def _group_offsets(admin: Any, group: str, tps: list[TopicPartition]) -> dict[Any, Any]:
-    """The group's committed offsets. On a young cluster the offsets topic is created by the
-    first coordinator look-up, which fails until it exists: retry that, for a bounded time."""
-    for attempt in range(_COORDINATOR_TRIES):
-        try:
-            offsets: dict[Any, Any] = await admin.list_consumer_group_offsets(group, partitions=tps)
-            return offsets
-        except AIOKafkaError as exc:
-            if not exc.retriable or attempt == _COORDINATOR_TRIES - 1:
-                raise
-            await anyio.sleep(0.1 * 2 ** min(attempt, 4))
-    raise AssertionError("unreachable")
 
 
 def _positions(offset: int, metadata: str) -> dict[str, int]:

@@ -28,7 +28,7 @@ from aiokafka.structs import TopicPartition
 from stream.config import Settings
 from stream.errors import ConfigError
 from stream.kafka import consumer_client, producer_client, translate
-from stream.progress import Pacer, Progress
+from stream.progress import Pacer, Progress, parse_rate
 from stream.window import Span, batches, parse_time, spans, topic_partitions
 
 __all__ = ["REPLAYED_FROM", "PartitionReplay", "Replay", "ReplayOptions", "register"]
@@ -289,21 +289,6 @@ def _options(args: argparse.Namespace, settings: Settings) -> ReplayOptions:
         limit=args.limit,
         dry_run=args.dry_run,
     )
-
-
-def parse_rate(text: str | None) -> float | None:
-    """`--rate 200` or `--rate 200/s` as records per second."""
-    if text is None:
-        return None
-    try:
-        rate = float(text.strip().removesuffix("/s"))
-    except ValueError:
-        raise ConfigError(
-            f"--rate {text!r} is not a rate: use records per second, e.g. 200/s"
-        ) from None
-    if not rate > 0:
-        raise ConfigError(f"--rate must be above 0 (got {text})")
-    return rate
 
 
 def _summary(run: Replay, outcome: str) -> str:

@@ -12,7 +12,8 @@ import pytest
 
 from stream.config import Settings
 from stream.errors import ConfigError
-from stream.replay import PartitionReplay, Replay, ReplayOptions, parse_rate
+from stream.progress import parse_rate
+from stream.replay import PartitionReplay, Replay, ReplayOptions
 from stream.window import Span, parse_time
 from tests.conftest import run_cli
 from tests.records import Record, create_topics, produce, read_all
