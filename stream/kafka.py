@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.errors import KafkaError as AIOKafkaError
@@ -19,7 +21,9 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from stream.config import KafkaSettings
 from stream.errors import KafkaError
 
-__all__ = ["admin_client", "translate"]
+__all__ = ["admin_client", "consumer_client", "group_offsets", "producer_client", "translate"]
+
+_COORDINATOR_TRIES = 12  # about 15 s of back-off in all
 
 
 def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaError:
@@ -76,3 +80,48 @@ async def admin_client(settings: KafkaSettings, *, doing: str) -> AsyncIterator[
         yield admin
     finally:
         await admin.close()
+
+
+@asynccontextmanager
+async def consumer_client(
+    settings: KafkaSettings, *, doing: str, **options: Any
+) -> AsyncIterator[Any]:
+    """A started `AIOKafkaConsumer` that never commits on its own (callers decide when)."""
+    consumer = AIOKafkaConsumer(**settings.client_options(), enable_auto_commit=False, **options)
+    async with _started(consumer, settings, doing):
+        yield consumer
+
+
+@asynccontextmanager
+async def producer_client(settings: KafkaSettings, *, doing: str) -> AsyncIterator[Any]:
+    """A started idempotent producer (`acks=all`): a retried send is never written twice."""
+    producer = AIOKafkaProducer(**settings.client_options(), enable_idempotence=True, acks="all")
+    async with _started(producer, settings, doing):
+        yield producer
+
+
+@asynccontextmanager
+async def _started(client: Any, settings: KafkaSettings, doing: str) -> AsyncIterator[None]:
+    try:
+        await client.start()
+    except (AIOKafkaError, OSError) as exc:
+        await client.stop()
+        raise translate(exc, settings, doing) from exc
+    try:
+        yield
+    finally:
+        await client.stop()
+
+
+async def group_offsets(admin: Any, group: str, tps: list[Any]) -> dict[Any, Any]:
+    """The group's committed offsets. On a young cluster the offsets topic is created by the
+    first coordinator look-up, which fails until it exists: retry that, for a bounded time."""
+    for attempt in range(_COORDINATOR_TRIES):
+        try:
+            offsets: dict[Any, Any] = await admin.list_consumer_group_offsets(group, partitions=tps)
+            return offsets
+        except AIOKafkaError as exc:
+            if not exc.retriable or attempt == _COORDINATOR_TRIES - 1:
+                raise
+            await anyio.sleep(0.1 * 2 ** min(attempt, 4))
+    raise AssertionError("unreachable")

@@ -1,0 +1,125 @@
+"""Progress a person can watch on stderr, and a pacer for `--rate`.
+
+On a terminal the progress line is rewritten in place a few times a second; anywhere else
+(a CI log, `2> file`) it is a plain line every few seconds, because carriage returns
+turn a log file into one unreadable line.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+import anyio
+
+from stream.errors import ConfigError
+
+__all__ = ["Pacer", "Progress", "parse_rate"]
+
+Clock = Callable[[], float]
+
+
+class Progress:
+    """Records done out of a total, with the rate so far and the time left at that rate."""
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        *,
+        out: TextIO | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.label = label
+        self.total = total
+        self.done = 0
+        self._out = out or sys.stderr
+        self._clock = clock
+        self._started = clock()
+        self._tty = self._out.isatty()
+        # in place: often enough to look alive; as lines: rarely enough to stay readable
+        self._every = 0.2 if self._tty else 5.0
+        self._shown = self._started
+
+    def __repr__(self) -> str:
+        return f"<Progress {self.label} {self.done}/{self.total}>"
+
+    @property
+    def rate(self) -> float:
+        elapsed = self._clock() - self._started
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        rate = self.rate
+        percent = f" ({100 * self.done // self.total}%)" if self.total else ""
+        left = max(0, self.total - self.done)
+        eta = f", ETA {_duration(left / rate)}" if rate > 0 and left else ""
+        return f"{self.label}: {self.done}/{self.total} records{percent}, {rate:,.0f}/s{eta}"
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        now = self._clock()
+        if now - self._shown >= self._every:
+            self._shown = now
+            self._show()
+
+    def finish(self) -> None:
+        self._show()
+        if self._tty:
+            self._out.write("\n")
+        self._out.flush()
+
+    def _show(self) -> None:
+        if self._tty:
+            self._out.write(f"\r\x1b[K{self.line()}")
+        else:
+            self._out.write(f"{self.line()}\n")
+        self._out.flush()
+
+
+class Pacer:
+    """At most `rate` records per second: record n goes no earlier than start + n / rate."""
+
+    def __init__(self, rate: float | None, *, clock: Clock = time.monotonic) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._start: float | None = None
+        self._sent = 0
+
+    async def wait(self) -> None:
+        """Return when the next record may go (at once when there is no limit)."""
+        if self.rate is None:
+            return
+        now = self._clock()
+        if self._start is None:
+            self._start = now
+        due = self._start + self._sent / self.rate
+        self._sent += 1
+        if due > now:
+            await anyio.sleep(due - now)
+
+
+def parse_rate(text: str | None) -> float | None:
+    """`--rate 200` or `--rate 200/s` as records per second."""
+    if text is None:
+        return None
+    try:
+        rate = float(text.strip().removesuffix("/s"))
+    except ValueError:
+        raise ConfigError(
+            f"--rate {text!r} is not a rate: use records per second, e.g. 200/s"
+        ) from None
+    if not rate > 0:
+        raise ConfigError(f"--rate must be above 0 (got {text})")
+    return rate
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

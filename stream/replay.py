@@ -1,0 +1,306 @@
+"""`stream replay`: copy a time window of requests to the backfill topic, once.
+
+Each source record keeps its key, value and headers, gains a `replayed-from` header
+(`topic/partition/offset`), and goes to the same partition number of the target (modulo
+the target's partition count, so keys stay together when the counts differ). The copy
+gets the time of copying as its timestamp, not the original one: the backfill topic's
+retention (3 days) and its lag in seconds are about when work was queued, and a copy of
+a week-old request stamped a week ago would be deleted by retention before it ran.
+
+Resuming needs no state store: the `replayed-from` headers already in the target say
+which source offsets were copied. Only target records written since the window began
+can be copies of it (a copy is younger than its original), so the scan is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import sys
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka.errors import KafkaError as AIOKafkaError
+from aiokafka.structs import TopicPartition
+
+from stream.config import Settings
+from stream.errors import ConfigError
+from stream.kafka import consumer_client, producer_client, translate
+from stream.progress import Pacer, Progress, parse_rate
+from stream.window import Span, batches, parse_time, spans, topic_partitions
+
+__all__ = ["REPLAYED_FROM", "PartitionReplay", "Replay", "ReplayOptions", "register"]
+
+REPLAYED_FROM = "replayed-from"
+# A copy is stamped by this machine's clock, the original by the upstream's: allow for skew.
+_CLOCK_SKEW_MS = 15 * 60_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplayOptions:
+    source: str
+    target: str
+    since_ms: int
+    until_ms: int | None = None
+    rate: float | None = None
+    limit: int | None = None
+    dry_run: bool = False
+
+
+@dataclass(kw_only=True)
+class PartitionReplay:
+    """One source partition: its window, what the target already holds of it, what we did."""
+
+    partition: int
+    window: Span
+    done: list[Span]  # source offsets already copied (merged, sorted)
+    copied: int = 0
+
+    @property
+    def missing(self) -> int:
+        return self.window.size - self.already
+
+    @property
+    def already(self) -> int:
+        return sum(
+            max(0, min(s.end, self.window.end) - max(s.start, self.window.start)) for s in self.done
+        )
+
+    def first_missing(self) -> int:
+        """Where copying starts: the first window offset not in a copied range."""
+        at = self.window.start
+        for span in self.done:
+            if span.start <= at < span.end:
+                at = span.end
+        return min(at, self.window.end)
+
+    def copied_before(self, offset: int) -> bool:
+        index = bisect.bisect_right([s.start for s in self.done], offset) - 1
+        return index >= 0 and offset < self.done[index].end
+
+
+@dataclass(kw_only=True)
+class Replay:
+    """One replay run; its counters stay readable after an interruption."""
+
+    settings: Settings
+    options: ReplayOptions
+    partitions: list[PartitionReplay] = field(default_factory=list)
+    target_partitions: int = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Replay {self.options.source}→{self.options.target} copied={self.copied} "
+            f"already={sum(p.already for p in self.partitions)}>"
+        )
+
+    @property
+    def copied(self) -> int:
+        return sum(p.copied for p in self.partitions)
+
+    async def run(self) -> None:
+        options = self.options
+        kafka = self.settings.kafka
+        async with consumer_client(
+            kafka,
+            doing=f"reading {options.source}",
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+        ) as consumer:
+            try:
+                await self._plan(consumer)
+                if not options.dry_run:
+                    await self._copy(consumer)
+            except AIOKafkaError as exc:
+                raise translate(exc, kafka, f"replaying {options.source}") from exc
+
+    async def _plan(self, consumer: Any) -> None:
+        source, target = self.options.source, self.options.target
+        found = await topic_partitions(self.settings.kafka, [source, target])
+        sources, targets = found[source], found[target]
+        self.target_partitions = len(targets)
+        window = await spans(consumer, sources, self.options.since_ms, self.options.until_ms)
+        done = await self._copied(consumer, targets)
+        self.partitions = [
+            PartitionReplay(
+                partition=tp.partition, window=window[tp], done=done.get(tp.partition, [])
+            )
+            for tp in sources
+        ]
+
+    async def _copied(self, consumer: Any, targets: list[TopicPartition]) -> dict[int, list[Span]]:
+        """Source offsets already in the target, per source partition, from its headers."""
+        since = max(0, self.options.since_ms - _CLOCK_SKEW_MS)
+        bounds = await spans(consumer, targets, since, None)
+        found: dict[int, list[Span]] = {}
+        async with aclosing(batches(consumer, bounds)) as stream:
+            async for batch in stream:
+                for record in batch:
+                    origin = _origin(record.headers)
+                    if origin is not None and origin[0] == self.options.source:
+                        _extend(found.setdefault(origin[1], []), origin[2])
+        return {partition: _merged(ranges) for partition, ranges in found.items()}
+
+    async def _copy(self, consumer: Any) -> None:
+        todo = {
+            TopicPartition(self.options.source, p.partition): Span(p.first_missing(), p.window.end)
+            for p in self.partitions
+        }
+        total = sum(p.missing for p in self.partitions)
+        progress = Progress("replay", min(total, self.options.limit or total))
+        pacer = Pacer(self.options.rate)
+        kafka = self.settings.kafka
+        async with producer_client(kafka, doing=f"writing {self.options.target}") as producer:
+            async with aclosing(batches(consumer, todo)) as stream:
+                async for batch in stream:
+                    if not await self._send(producer, batch, pacer, progress):
+                        break
+        progress.finish()
+
+    async def _send(
+        self, producer: Any, batch: list[Any], pacer: Pacer, progress: Progress
+    ) -> bool:
+        """Copy one fetched batch and wait for Kafka to acknowledge it; False at the limit."""
+        part = next(p for p in self.partitions if p.partition == batch[0].partition)
+        fresh = [record for record in batch if not part.copied_before(record.offset)]
+        if self.options.limit is not None:
+            fresh = fresh[: self.options.limit - self.copied]
+        pending = []
+        for record in fresh:
+            await pacer.wait()
+            pending.append(
+                await producer.send(
+                    self.options.target,
+                    record.value,
+                    key=record.key,
+                    partition=record.partition % self.target_partitions,
+                    headers=_headers(record),
+                )
+            )
+        for future in pending:
+            await future
+        part.copied += len(fresh)
+        progress.advance(len(fresh))
+        return self.options.limit is None or self.copied < self.options.limit
+
+
+def _headers(record: Any) -> list[tuple[str, bytes]]:
+    # a replay of a replay names its immediate source only: that is what resuming reads
+    kept = [(key, value) for key, value in record.headers if key != REPLAYED_FROM]
+    origin = f"{record.topic}/{record.partition}/{record.offset}".encode()
+    return [*kept, (REPLAYED_FROM, origin)]
+
+
+def _origin(headers: Any) -> tuple[str, int, int] | None:
+    """(topic, partition, offset) of a `replayed-from` header, if there is a readable one."""
+    for key, value in headers:
+        if key == REPLAYED_FROM:
+            parts = value.decode(errors="replace").rsplit("/", 2)
+            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                return parts[0], int(parts[1]), int(parts[2])
+    return None
+
+
+def _extend(ranges: list[Span], offset: int) -> None:
+    # one run copies consecutive offsets in order: a run of them collapses to one range
+    if ranges and ranges[-1].end == offset:
+        ranges[-1] = Span(ranges[-1].start, offset + 1)
+    else:
+        ranges.append(Span(offset, offset + 1))
+
+
+def _merged(ranges: list[Span]) -> list[Span]:
+    merged: list[Span] = []
+    for span in sorted(ranges):
+        if merged and span.start <= merged[-1].end:
+            merged[-1] = Span(merged[-1].start, max(merged[-1].end, span.end))
+        else:
+            merged.append(span)
+    return merged
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "replay",
+        help="copy a time window of requests to the backfill topic (resumable)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Copy the records of SOURCE written in [--since, --until) to TARGET, "
+        "partition p to partition p,\nwith a replayed-from header. Run it again with the same "
+        "arguments after an interruption:\nit continues where it stopped and never copies a "
+        "record twice.",
+        epilog="examples:\n"
+        "  stream replay --since 2h --dry-run\n"
+        "  stream replay --since 2025-06-01T00:00:00Z --until 2025-06-01T06:00:00Z --rate 200\n"
+        "  stream replay --since 1d --source predictions.requests --to predictions.backfill\n"
+        "times: RFC 3339 with a zone (Z or +02:00), `now`, or an age: 30m, 2h, 1d, 1h30m",
+    )
+    parser.add_argument("--since", required=True, metavar="T", help="start of the window")
+    parser.add_argument("--until", metavar="T", help="end of the window (default: now)")
+    parser.add_argument(
+        "--source",
+        default="predictions.requests",
+        metavar="TOPIC",
+        help="declared topic to read (default predictions.requests; STREAM_TOPIC_PREFIX applies)",
+    )
+    parser.add_argument(
+        "--to",
+        default="predictions.backfill",
+        metavar="TOPIC",
+        dest="target",
+        help="declared topic to write (default predictions.backfill)",
+    )
+    parser.add_argument("--rate", metavar="N/s", help="copy at most N records a second")
+    parser.add_argument("--limit", type=int, metavar="N", help="stop after copying N records")
+    parser.add_argument("--dry-run", action="store_true", help="count per partition, copy nothing")
+    parser.set_defaults(handler=_handle)
+
+
+def _handle(args: argparse.Namespace, settings: Settings) -> int:
+    run = Replay(settings=settings, options=_options(args, settings))
+    try:
+        asyncio.run(run.run())
+    except KeyboardInterrupt:
+        print(_summary(run, "interrupted"))
+        print("stream: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    print(_summary(run, "dry run: nothing copied" if args.dry_run else "done"))
+    return 0
+
+
+def _options(args: argparse.Namespace, settings: Settings) -> ReplayOptions:
+    since = parse_time(args.since, option="--since")
+    until = parse_time(args.until, option="--until") if args.until else None
+    if until is not None and until <= since:
+        raise ConfigError(f"--until {args.until} is not after --since {args.since}")
+    if args.source == args.target:
+        raise ConfigError(
+            f"--source and --to are both {args.source}: a topic cannot replay into itself"
+        )
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    return ReplayOptions(
+        source=settings.topic(args.source),
+        target=settings.topic(args.target),
+        since_ms=since,
+        until_ms=until,
+        rate=parse_rate(args.rate),
+        limit=args.limit,
+        dry_run=args.dry_run,
+    )
+
+
+def _summary(run: Replay, outcome: str) -> str:
+    last = "to copy" if run.options.dry_run else "copied"
+    rows = [f"{'partition':>9}  {'window':>19}  {'records':>9}  {'already':>9}  {last:>9}"]
+    for p in run.partitions:
+        count = p.missing if run.options.dry_run else p.copied
+        span = f"{p.window.start}..{p.window.end}"
+        rows.append(f"{p.partition:>9}  {span:>19}  {p.window.size:>9}  {p.already:>9}  {count:>9}")
+    window = sum(p.window.size for p in run.partitions)
+    already = sum(p.already for p in run.partitions)
+    count = sum(p.missing for p in run.partitions) if run.options.dry_run else run.copied
+    rows.append(f"{'total':>9}  {'':>19}  {window:>9}  {already:>9}  {count:>9}")
+    rows.append(f"{run.options.source} → {run.options.target}: {outcome}")
+    return "\n".join(rows)

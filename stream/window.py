@@ -1,0 +1,135 @@
+"""Time windows over a topic: operator times, and the offsets they cover per partition.
+
+Operators think in times (`--since 2h`, `--until 2025-06-01T12:00:00Z`); Kafka stores
+offsets. `spans` turns a time window into one half-open offset range per partition with
+`offsets_for_times`, which answers "the first offset whose timestamp is at or after T".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncGenerator
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
+
+from aiokafka.errors import KafkaError as AIOKafkaError
+from aiokafka.structs import TopicPartition
+
+from stream.config import KafkaSettings
+from stream.errors import ConfigError
+from stream.kafka import admin_client, translate
+
+__all__ = ["Span", "batches", "parse_time", "spans", "topic_partitions"]
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_RELATIVE = re.compile(r"(?:\d+[smhdw])+")
+
+
+class Span(NamedTuple):
+    """Offsets `start` (included) to `end` (excluded) of one partition."""
+
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return max(0, self.end - self.start)
+
+
+def parse_time(text: str, *, option: str, now: datetime | None = None) -> int:
+    """Milliseconds since the epoch for RFC 3339 (`2025-06-01T12:00:00Z`), `now`, or an
+    age such as `30m`, `2h`, `1d`, `1h30m` (that long before `now`)."""
+    now = now or datetime.now(UTC)
+    value = text.strip().lower()
+    if value == "now":
+        return _millis(now)
+    if _RELATIVE.fullmatch(value):
+        seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", value))
+        return _millis(now - timedelta(seconds=seconds))
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"{option} {text!r} is not a time: use RFC 3339 (2025-06-01T12:00:00Z) "
+            "or an age such as 30m, 2h, 1d"
+        ) from None
+    if moment.tzinfo is None:
+        raise ConfigError(f"{option} {text!r} has no time zone: add Z (UTC) or an offset")
+    return _millis(moment)
+
+
+def _millis(moment: datetime) -> int:
+    return max(0, int(moment.timestamp() * 1000))
+
+
+async def topic_partitions(
+    kafka: KafkaSettings, topics: list[str]
+) -> dict[str, list[TopicPartition]]:
+    """Every partition of each topic, or a `ConfigError` that says how to create a missing
+    one. Asked of the admin API: a consumer only knows topics it has already fetched."""
+    async with admin_client(kafka, doing="reading topics") as admin:
+        try:
+            existing = set(await admin.list_topics())
+            for topic in topics:
+                if topic not in existing:
+                    raise ConfigError(
+                        f"topic {topic} does not exist: create the declared topics with "
+                        "`stream topics apply` (and check STREAM_TOPIC_PREFIX)"
+                    )
+            described = await admin.describe_topics(topics)
+        except AIOKafkaError as exc:
+            raise translate(exc, kafka, "reading topics") from exc
+    return {
+        d["topic"]: sorted(TopicPartition(d["topic"], p["partition"]) for p in d["partitions"])
+        for d in described
+    }
+
+
+async def spans(
+    consumer: Any, partitions: list[TopicPartition], since_ms: int | None, until_ms: int | None
+) -> dict[TopicPartition, Span]:
+    """The offsets of each partition with a timestamp in [since, until); `None` means from
+    the oldest retained record, and up to the end as it is now."""
+    ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
+    starts = await _at(consumer, partitions, since_ms, ends)
+    if since_ms is None:
+        starts = await consumer.beginning_offsets(partitions)
+    stops = await _at(consumer, partitions, until_ms, ends)
+    return {tp: Span(starts[tp], max(starts[tp], stops[tp])) for tp in partitions}
+
+
+async def _at(
+    consumer: Any, partitions: list[TopicPartition], ms: int | None, ends: dict[TopicPartition, int]
+) -> dict[TopicPartition, int]:
+    """The first offset at or after `ms` per partition; the end when no record is that late.
+    Capped at `ends`, so records arriving while we ask do not stretch the window."""
+    if ms is None:
+        return dict(ends)
+    found = await consumer.offsets_for_times(dict.fromkeys(partitions, ms))
+    return {
+        tp: ends[tp] if found.get(tp) is None else min(found[tp].offset, ends[tp])
+        for tp in partitions
+    }
+
+
+async def batches(
+    consumer: Any, bounds: dict[TopicPartition, Span], *, max_records: int = 500
+) -> AsyncGenerator[list[Any], None]:
+    """The records of each span, one partition's fetch at a time, in offset order within a
+    partition; it stops at the ends (it never waits for records written later)."""
+    todo = {tp: span for tp, span in bounds.items() if span.size}
+    consumer.assign(list(todo))
+    for tp, span in todo.items():
+        consumer.seek(tp, span.start)
+    while todo:
+        fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=max_records)
+        for tp, records in fetched.items():
+            inside = [record for record in records if record.offset < todo[tp].end]
+            if inside:
+                yield inside
+        for tp in list(todo):
+            # by position, not by the last record: the span may end on offsets that hold
+            # no record (transaction markers, aborted writes)
+            if await consumer.position(tp) >= todo[tp].end:
+                consumer.pause(tp)
+                del todo[tp]

@@ -1,0 +1,203 @@
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+
+from stream import topics
+from stream.config import Settings
+from stream.redrive import GROUP, REASONS, Redrive, RedriveOptions
+from tests.conftest import run_cli
+from tests.records import Record, create_topics, produce, read_all
+
+pytestmark = pytest.mark.anyio
+
+DEAD, REQUESTS, BACKFILL = "predictions.dead-letter", "predictions.requests", "predictions.backfill"
+BASE = (int(time.time()) - 3600) * 1000
+# (reason, has a parsed request, attempt header): letter i gets LETTERS[i % len]
+LETTERS = [
+    ("fallback_failed", True, b"1"),
+    ("expired", True, None),
+    ("unknown_model", True, b"3"),
+    ("invalid_json", False, None),
+    ("handler_error", False, b"1"),
+    ("no_fallback", True, b"2"),
+]
+COUNT = 24  # four of each
+
+
+def _schema(name: str) -> dict[str, Any]:
+    (spec,) = [s for s in topics.load_specs(Settings().topics_dir) if s.name == name]
+    return topics.load_schema(spec)
+
+
+def _letter(i: int) -> Record:
+    reason, parsed, attempt = LETTERS[i % len(LETTERS)]
+    request = {
+        "request_id": f"r{i}",
+        "model": "deepseek-r1-0528-syn",
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    value = {
+        "reason": reason,
+        "error": "it failed",
+        "stage": "fallback",
+        "request_id": f"r{i}" if parsed else None,
+        "request": request if parsed else None,
+        "raw": None if parsed else base64.b64encode(b"{not json").decode(),
+        "source": {"topic": REQUESTS, "partition": 0, "offset": i, "timestamp": BASE},
+        "failures": [],
+        "dead_at": "2025-06-01T12:00:00Z",
+    }
+    headers = [
+        ("request-id", f"r{i}".encode()),
+        ("traceparent", f"00-{i:032x}-{i:016x}-01".encode()),
+    ]
+    if attempt is not None:
+        headers.append(("attempt", attempt))
+    key = f"k{i}".encode() if i % 2 else None  # some keyless: the request_id stands in
+    return (i % 3, key, orjson.dumps(value), BASE + i * 1000, headers)
+
+
+async def _dead_letters(settings: Settings) -> list[Record]:
+    await create_topics(settings, {DEAD: 3, REQUESTS: 3, BACKFILL: 3})
+    letters = [_letter(i) for i in range(COUNT)]
+    validate = jsonschema.Draft7Validator(_schema(DEAD)).validate
+    for letter in letters:
+        validate(orjson.loads(letter[2]))  # the test input honours the contract
+    await produce(settings, settings.topic(DEAD), letters)
+    return letters
+
+
+def _eligible(reasons: set[str], *, force: bool = False) -> list[int]:
+    return [
+        i
+        for i in range(COUNT)
+        if LETTERS[i % len(LETTERS)][0] in reasons
+        and LETTERS[i % len(LETTERS)][1]
+        and (force or LETTERS[i % len(LETTERS)][0] != "unknown_model")
+    ]
+
+
+def _ids(records: list[Any]) -> list[int]:
+    return sorted(int(orjson.loads(r.value)["request_id"][1:]) for r in records)
+
+
+def _options(settings: Settings, **changes: Any) -> RedriveOptions:
+    base = {
+        "source": settings.topic(DEAD),
+        "target": settings.topic(REQUESTS),
+        "group": settings.group(GROUP),
+    }
+    return RedriveOptions(**{**base, **changes})
+
+
+async def test_redrive_sends_eligible_letters_once_with_attempt_incremented(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    letters = await _dead_letters(settings)
+    done = await run_cli(env, "redrive")
+    assert done.returncode == 0, done.stderr
+    sent = await read_all(settings, settings.topic(REQUESTS))
+    assert _ids(sent) == _eligible({"fallback_failed", "expired", "no_fallback"})
+
+    validate = jsonschema.Draft7Validator(_schema(REQUESTS)).validate
+    for record in sent:
+        headers = dict(record.headers)
+        topic, partition, offset = headers["redriven-from"].decode().rsplit("/", 2)
+        assert topic == settings.topic(DEAD)
+        i = int(orjson.loads(record.value)["request_id"][1:])
+        _, key, value, _, old = letters[i]
+        assert int(partition) == i % 3
+        assert orjson.loads(record.value) == orjson.loads(value)["request"]
+        validate(orjson.loads(record.value))
+        assert record.key == (key or f"r{i}".encode())
+        assert headers["attempt"] == str(int(dict(old).get("attempt", b"1")) + 1).encode()
+        assert headers["traceparent"] == dict(old)["traceparent"]
+        assert headers["request-id"] == f"r{i}".encode()
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
+    # redriven, already, cannot succeed, no request, not selected
+    assert rows["unknown_model"] == ["0", "0", "4", "0", "0"]
+    assert rows["invalid_json"] == ["0", "0", "4", "0", "0"]
+    assert rows["handler_error"] == ["0", "0", "0", "4", "0"]
+    assert rows["total"][0] == "12"
+
+    again = await run_cli(env, "redrive")
+    assert again.returncode == 0, again.stderr
+    assert len(await read_all(settings, settings.topic(REQUESTS))) == len(sent)
+    assert {line.split()[0]: line.split()[1] for line in again.stdout.splitlines()}["total"] == "0"
+
+
+async def test_skipped_reasons_can_be_forced_later_and_only_once(settings: Settings) -> None:
+    await _dead_letters(settings)
+    first = Redrive(settings=settings, options=_options(settings))
+    await first.run()
+    assert first.counts[("unknown_model", "cannot succeed")] == 4
+
+    forced = Redrive(
+        settings=settings,
+        options=_options(
+            settings, reasons=frozenset({"unknown_model", "invalid_json"}), force=True
+        ),
+    )
+    await forced.run()
+    assert forced.counts[("unknown_model", "redriven")] == 4
+    assert forced.counts[("invalid_json", "no request")] == 4  # nothing parsed to send
+
+    everything = Redrive(settings=settings, options=_options(settings, force=True))
+    await everything.run()
+    assert everything.total("redriven") == 0
+    sent = await read_all(settings, settings.topic(REQUESTS))
+    expected = _eligible({"fallback_failed", "expired", "no_fallback", "unknown_model"}, force=True)
+    assert _ids(sent) == expected
+
+
+async def test_reasons_advance_independently(settings: Settings) -> None:
+    await _dead_letters(settings)
+    only = Redrive(settings=settings, options=_options(settings, reasons=frozenset({"expired"})))
+    await only.run()
+    assert _ids(await read_all(settings, settings.topic(REQUESTS))) == _eligible({"expired"})
+    assert only.counts[("fallback_failed", "not selected")] == 4
+
+    rest = Redrive(settings=settings, options=_options(settings))
+    await rest.run()
+    assert rest.counts[("expired", "already redriven")] == 4
+    assert rest.counts[("fallback_failed", "redriven")] == 4
+    sent = await read_all(settings, settings.topic(REQUESTS))
+    assert _ids(sent) == _eligible({"fallback_failed", "expired", "no_fallback"})
+
+
+async def test_dry_run_sends_and_commits_nothing(settings: Settings) -> None:
+    await _dead_letters(settings)
+    dry = Redrive(settings=settings, options=_options(settings, dry_run=True))
+    await dry.run()
+    assert dry.total("redriven") == 12
+    assert await read_all(settings, settings.topic(REQUESTS)) == []
+
+    real = Redrive(settings=settings, options=_options(settings))
+    await real.run()
+    assert real.total("redriven") == 12
+
+
+async def test_since_picks_the_start_and_to_backfill(settings: Settings) -> None:
+    await _dead_letters(settings)
+    options = _options(settings, since_ms=BASE + 12_000, target=settings.topic(BACKFILL))
+    await Redrive(settings=settings, options=options).run()
+    assert await read_all(settings, settings.topic(REQUESTS)) == []
+    sent = await read_all(settings, settings.topic(BACKFILL))
+    assert _ids(sent) == [i for i in _eligible(set(REASONS)) if i >= 12]
+
+
+async def test_unknown_reason_is_one_line(env: dict[str, str]) -> None:
+    done = await run_cli(env, "redrive", "--reason", "timeout")
+    assert done.returncode == 1
+    assert "--reason timeout is not a dead-letter reason" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_reasons_match_the_dead_letter_schema() -> None:
+    assert set(REASONS) == set(_schema(DEAD)["properties"]["reason"]["enum"])

@@ -1,0 +1,211 @@
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from datetime import UTC, datetime
+
+import anyio
+import orjson
+import pytest
+
+from stream.config import Settings
+from stream.errors import ConfigError
+from stream.progress import parse_rate
+from stream.replay import PartitionReplay, Replay, ReplayOptions
+from stream.window import Span, parse_time
+from tests.conftest import run_cli
+from tests.records import Record, create_topics, produce, read_all
+
+pytestmark = pytest.mark.anyio
+
+SOURCE, TARGET = "predictions.requests", "predictions.backfill"
+BASE = (int(time.time()) - 3600) * 1000  # an hour ago, on a whole second
+COUNT = 60  # record i: partition i % 3, timestamp BASE + i seconds
+SINCE, UNTIL = BASE + 10_000, BASE + 40_000  # the window holds records 10..39
+
+
+def _rfc3339(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _request(i: int) -> Record:
+    value = orjson.dumps({"request_id": f"r{i}", "model": "m", "messages": [{"role": "user"}]})
+    headers = [("request-id", f"r{i}".encode()), ("attempt", b"1")]
+    return (i % 3, f"k{i}".encode(), value, BASE + i * 1000, headers)
+
+
+async def _source(settings: Settings, *, target_partitions: int = 3) -> None:
+    await create_topics(settings, {SOURCE: 3, TARGET: target_partitions})
+    await produce(settings, settings.topic(SOURCE), [_request(i) for i in range(COUNT)])
+
+
+def _options(settings: Settings, **changes: object) -> ReplayOptions:
+    base: dict[str, object] = {
+        "source": settings.topic(SOURCE),
+        "target": settings.topic(TARGET),
+        "since_ms": SINCE,
+        "until_ms": UNTIL,
+    }
+    return ReplayOptions(**{**base, **changes})  # type: ignore[arg-type]
+
+
+def _index(record: object) -> int:
+    return int(orjson.loads(record.value)["request_id"][1:])  # type: ignore[attr-defined]
+
+
+async def test_replay_copies_exactly_the_window_with_headers(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    await _source(settings)
+    done = await run_cli(
+        env, "replay", "--since", _rfc3339(SINCE), "--until", _rfc3339(UNTIL), "--source", SOURCE
+    )
+    assert done.returncode == 0, done.stderr
+    assert "total" in done.stdout and "done" in done.stdout
+
+    copies = await read_all(settings, settings.topic(TARGET))
+    assert sorted(_index(r) for r in copies) == list(range(10, 40))
+    originals = {
+        (r.partition, r.offset): r for r in await read_all(settings, settings.topic(SOURCE))
+    }
+    for copy in copies:
+        headers = dict(copy.headers)
+        topic, partition, offset = headers["replayed-from"].decode().rsplit("/", 2)
+        original = originals[(int(partition), int(offset))]
+        assert topic == settings.topic(SOURCE)
+        assert copy.partition == original.partition
+        assert (copy.key, copy.value) == (original.key, original.value)
+        assert headers["request-id"] == dict(original.headers)["request-id"]
+        # stamped when copied, so retention and lag count from the copy
+        assert copy.timestamp > original.timestamp
+
+
+async def test_interrupted_replay_resumes_and_copies_each_record_once(settings: Settings) -> None:
+    await _source(settings)
+    first = Replay(settings=settings, options=_options(settings, limit=7))
+    await first.run()
+    assert first.copied == 7
+    assert len(await read_all(settings, settings.topic(TARGET))) == 7
+
+    second = Replay(settings=settings, options=_options(settings))
+    await second.run()
+    assert second.copied == 23
+    assert sum(p.already for p in second.partitions) == 7
+
+    third = Replay(settings=settings, options=_options(settings))
+    await third.run()
+    assert third.copied == 0
+    copies = await read_all(settings, settings.topic(TARGET))
+    assert sorted(_index(r) for r in copies) == list(range(10, 40))
+
+
+async def test_killed_replay_resumes_and_copies_each_record_once(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    await _source(settings)
+    window = ["--since", _rfc3339(SINCE), "--until", _rfc3339(UNTIL)]
+    command = [sys.executable, "-m", "stream", "replay", *window]
+    async with await anyio.open_process([*command, "--rate", "5"], env=env) as process:
+        # wait for copies to land (a causal condition, not a sleep), then kill it mid-run
+        while len(await read_all(settings, settings.topic(TARGET))) < 5:
+            assert process.returncode is None
+        os.kill(process.pid, signal.SIGKILL)
+        await process.wait()
+    landed = len(await read_all(settings, settings.topic(TARGET)))
+    assert 5 <= landed < 30
+
+    done = await run_cli(env, "replay", *window)
+    assert done.returncode == 0, done.stderr
+    copies = await read_all(settings, settings.topic(TARGET))
+    assert sorted(_index(r) for r in copies) == list(range(10, 40))
+
+
+async def test_dry_run_counts_per_partition_and_copies_nothing(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    await _source(settings)
+    done = await run_cli(
+        env, "replay", "--since", _rfc3339(SINCE), "--until", _rfc3339(UNTIL), "--dry-run"
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()}
+    # records 10..39 round-robin over 3 partitions: 10 each
+    for partition in ("0", "1", "2"):
+        assert rows[partition][2:] == ["10", "0", "10"]
+    assert rows["total"][1:] == ["30", "0", "30"]
+    assert "nothing copied" in done.stdout
+    assert await read_all(settings, settings.topic(TARGET)) == []
+
+
+async def test_rate_limits_records_per_second(settings: Settings) -> None:
+    await _source(settings)
+    run = Replay(settings=settings, options=_options(settings, rate=20.0))
+    started = time.monotonic()
+    await run.run()
+    # 30 records at 20/s: the last may go no sooner than 29/20 s after the first
+    assert time.monotonic() - started >= 29 / 20
+    assert run.copied == 30
+
+
+async def test_fewer_target_partitions_wrap_and_still_resume(settings: Settings) -> None:
+    await _source(settings, target_partitions=2)
+    await Replay(settings=settings, options=_options(settings, limit=13)).run()
+    again = Replay(settings=settings, options=_options(settings))
+    await again.run()
+    assert again.copied == 17
+    copies = await read_all(settings, settings.topic(TARGET))
+    assert sorted(_index(r) for r in copies) == list(range(10, 40))
+    assert {r.partition for r in copies} == {0, 1}
+    for copy in copies:
+        source_partition = int(dict(copy.headers)["replayed-from"].decode().split("/")[-2])
+        assert copy.partition == source_partition % 2
+
+
+async def test_missing_topic_says_how_to_create_it(env: dict[str, str]) -> None:
+    done = await run_cli(env, "replay", "--since", "1h")
+    assert done.returncode == 1
+    assert "does not exist" in done.stderr and "stream topics apply" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+async def test_until_before_since_is_one_line(env: dict[str, str]) -> None:
+    done = await run_cli(env, "replay", "--since", "1h", "--until", "2h")
+    assert done.returncode == 1
+    assert "--until 2h is not after --since 1h" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def test_parse_time_reads_rfc3339_and_ages() -> None:
+    now = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+    noon = int(now.timestamp() * 1000)
+    assert parse_time("2025-06-01T12:00:00Z", option="--since") == noon
+    assert parse_time("2025-06-01T14:00:00+02:00", option="--since") == noon
+    assert parse_time("now", option="--since", now=now) == noon
+    assert parse_time("90m", option="--since", now=now) == noon - 90 * 60_000
+    assert parse_time("1h30m", option="--since", now=now) == noon - 90 * 60_000
+    assert parse_time("1d", option="--since", now=now) == noon - 86_400_000
+    for bad in ("yesterday", "2h ago", "2025-06-01T12:00:00", "-1h"):
+        with pytest.raises(ConfigError):
+            parse_time(bad, option="--since", now=now)
+
+
+def test_parse_rate() -> None:
+    assert parse_rate("200/s") == 200.0 and parse_rate("2.5") == 2.5 and parse_rate(None) is None
+    for bad in ("0", "-3/s", "fast"):
+        with pytest.raises(ConfigError):
+            parse_rate(bad)
+
+
+def test_copied_ranges_decide_where_to_start_and_what_to_skip() -> None:
+    part = PartitionReplay(
+        partition=0, window=Span(10, 50), done=[Span(0, 15), Span(20, 30), Span(60, 70)]
+    )
+    assert part.already == 15  # 10..14 and 20..29
+    assert part.missing == 25
+    assert part.first_missing() == 15
+    assert [o for o in range(10, 50) if not part.copied_before(o)] == [
+        *range(15, 20),
+        *range(30, 50),
+    ]
