@@ -232,16 +232,18 @@ class _Stats:
         self.in_flight = 0
         self.peak_in_flight = 0
 
-    def start(self, model: str) -> None:
+    def start(self, model: str, outcome: str) -> None:
+        # Counted when decided, not when done: a hang the client gave up on is still a hang,
+        # and a test reading the stats right after its call sees every request it made.
         self.requests += 1
         self.by_model[model] += 1
+        self.by_outcome[outcome] += 1
+        self.by_model_outcome[model][outcome] += 1
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
 
-    def finish(self, model: str, outcome: str) -> None:
+    def finish(self) -> None:
         self.in_flight -= 1
-        self.by_outcome[outcome] += 1
-        self.by_model_outcome[model][outcome] += 1
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -340,19 +342,18 @@ class Simulator:
         except (ValueError, KeyError, TypeError) as exc:
             return _error(400, "invalid_request_error", f"bad request: {exc}")
         if not self._authorized(request):
-            self._stats.start(model)
-            self._stats.finish(model, "401")
+            self._stats.start(model, "401")
+            self._stats.finish()
             return _error(401, "invalid_api_key", "invalid API key")
         kind, delay = self._decide(request, model, messages)
-        # Counted as decided, so a hang the client gives up on still counts as a hang.
-        self._stats.start(model)
+        self._stats.start(model, (kind or "ok").partition("/")[0])
         try:
             if kind is not None and kind not in ("malformed", "empty", "notjson"):
                 return await _fault(request, kind)
             await asyncio.sleep(delay)
             return self._completion(body, model, messages, kind)
         finally:
-            self._stats.finish(model, (kind or "ok").partition("/")[0])
+            self._stats.finish()
 
     def _decide(
         self, request: web.Request, model: str, messages: list[Any]

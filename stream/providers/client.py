@@ -85,6 +85,7 @@ class ProviderClient:
         self._backoff = backoff or Backoff()
         self._rng = rng or random.Random()
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._reported: dict[str, str] = {}
         self.limiter = AdaptiveLimiter(settings.max_connections)
         self._http = self._http_client(settings, transport)
 
@@ -123,7 +124,9 @@ class ProviderClient:
         return f"ProviderClient({self.provider} {self.settings.base_url}, {self.limiter!r})"
 
     def breaker_state(self, model: Model) -> str:
-        return self._breaker(model).state(time.monotonic())
+        state = self._breaker(model).state(time.monotonic())
+        self._observe(model, state)
+        return state
 
     async def complete(
         self,
@@ -214,10 +217,8 @@ class ProviderClient:
 
     def _gate(self, model: Model, now: float) -> bool:
         breaker = self._breaker(model)
-        before = breaker.state(now)
-        allowed = breaker.allow(now)
-        self._report_breaker(model, before, breaker.state(now))
-        return allowed
+        self._observe(model, breaker.state(now))  # open → half_open happens on reading
+        return breaker.allow(now)
 
     def _breaker(self, model: Model) -> CircuitBreaker:
         breaker = self._breakers.get(model.id)
@@ -225,12 +226,15 @@ class ProviderClient:
             breaker = self._breakers[model.id] = CircuitBreaker(self._breaker_config)
         return breaker
 
-    def _report_breaker(self, model: Model, before: str, after: str) -> None:
-        if before == after:
+    def _observe(self, model: Model, state: str) -> None:
+        """Report each breaker state change once, whoever noticed it first."""
+        before = self._reported.get(model.id, "closed")
+        if before == state:
             return
-        logger.warning("circuit %s → %s for %s %s", before, after, self.provider, model.api_model)
+        self._reported[model.id] = state
+        logger.warning("circuit %s → %s for %s %s", before, state, self.provider, model.api_model)
         if self._observer:
-            self._observer.on_breaker(self.provider, model.id, after)
+            self._observer.on_breaker(self.provider, model.id, state)
 
     async def _attempt(
         self,
@@ -332,10 +336,7 @@ class ProviderClient:
     ) -> None:
         if permit is not None:
             self.limiter.release(permit, throttled=throttled, success=outcome == "success")
-        now = time.monotonic()
-        breaker = self._breaker(model)
-        before = breaker.state(now)
-        self._report_breaker(model, before, breaker.record(outcome, now))
+        self._observe(model, self._breaker(model).record(outcome, time.monotonic()))
 
     def _note_attempt(
         self,
