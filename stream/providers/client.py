@@ -88,6 +88,8 @@ class ProviderClient:
         self._reported: dict[str, str] = {}
         self.limiter = AdaptiveLimiter(settings.max_connections)
         self._http = self._http_client(settings, transport)
+        # Parsed once: merging a relative path into base_url re-parses a URL per request.
+        self._url = httpx.URL(settings.base_url.rstrip("/") + "/chat/completions")
 
     @staticmethod
     def _http_client(
@@ -100,7 +102,6 @@ class ProviderClient:
             headers["Authorization"] = f"Bearer {settings.api_key.reveal()}"
         return httpx.AsyncClient(
             transport=transport or AiohttpTransport(limits=limits),
-            base_url=settings.base_url.rstrip("/") + "/",
             headers=headers,
             timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
             follow_redirects=False,
@@ -276,7 +277,7 @@ class ProviderClient:
         start = time.monotonic()
         try:
             with anyio.fail_after(min(self.settings.timeout_s, end - start)):
-                response = await self._http.post("chat/completions", content=body)
+                response = await self._http.post(self._url, content=body)
         except TimeoutError:
             failure = _Failure(retryable=True, error_type="timeout", message="no answer in time")
             return failure, "timeout", time.monotonic() - start
