@@ -114,6 +114,7 @@ async def test_429_is_retried_and_insufficient_quota_is_not(
     with pytest.raises(RetryableProviderError) as limited:
         await client.complete(GLM, _ask("[[sim:429/0.01]]"))
     assert limited.value.error_type == "rate_limited" and limited.value.attempts == 3
+    assert client.limiter.limit < client.settings.max_connections  # it backed off
     with pytest.raises(FatalProviderError) as quota:
         await client.complete(GLM, _ask("[[sim:quota]]"))
     assert quota.value.error_type == "insufficient_quota" and quota.value.attempts == 1
@@ -190,6 +191,23 @@ async def test_retry_after_seconds_is_waited_out() -> None:
     async with _mocked(answer) as client:
         done = await client.complete(GLM, _ask())
     assert done.attempts == 2 and calls[1] - calls[0] >= 1.0
+
+
+async def test_an_exhausted_quota_header_pauses_new_calls() -> None:
+    calls: list[float] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(time.monotonic())
+        response = _ok(request)
+        if len(calls) == 1:
+            response.headers["x-ratelimit-remaining-requests"] = "0"
+            response.headers["x-ratelimit-reset-requests"] = "400ms"
+        return response
+
+    async with _mocked(answer) as client:
+        await client.complete(GLM, _ask())
+        await client.complete(GLM, _ask())
+    assert calls[1] - calls[0] >= 0.4
 
 
 async def test_x_should_retry_overrides_the_status() -> None:

@@ -292,6 +292,10 @@ class ProviderClient:
         )
 
     def _read(self, response: httpx.Response, json_output: bool) -> Parsed | _Failure:
+        # Quota headers ride on successes too: the last call before the wall is a 200.
+        pause = ratelimit_pause(response.headers)
+        if pause:
+            self.limiter.pause(pause)
         if response.status_code == 200:
             try:
                 return parse_completion(response.content, json_output=json_output)
@@ -306,9 +310,6 @@ class ProviderClient:
                 message="no completion in the answer",
                 status=response.status_code,
             )
-        pause = ratelimit_pause(response.headers)
-        if pause:
-            self.limiter.pause(pause)
         code, message = _error_detail(response.content)
         verdict = classify(response.status_code, response.headers, code)
         return _Failure(
