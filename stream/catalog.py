@@ -1,0 +1,199 @@
+"""The model catalog: catalog id → provider, API model string and per-model timeout.
+
+Requests name a catalog id (`deepseek-r1-0528-syn`); the provider client needs the API
+string (`hf:deepseek-ai/DeepSeek-R1-0528`) and how long the model may take. `MODEL_FALLBACKS`
+maps a Synthetic model to its Together AI equivalent, one level deep.
+
+A catalog file (`STREAM_CATALOG_FILE`, TOML or JSON) overrides the defaults:
+
+    [models.my-model-syn]              # added, or replaces a default with the same id
+    provider = "synthetic"             # "synthetic" | "together"
+    api_model = "hf:org/My-Model"
+    timeout_s = 90
+
+    [fallbacks]                        # when present, replaces the default mapping whole
+    "my-model-syn" = "deepseek-r1"
+
+Everything is checked at load, and a bad entry is one `ConfigError` naming it and the file,
+so a worker with a broken catalog refuses to start instead of dead-lettering at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from stream.config import Settings
+from stream.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "MODEL_FALLBACKS",
+    "Catalog",
+    "Model",
+    "get_fallback_provider",
+    "load_catalog",
+]
+
+ProviderName = Literal["synthetic", "together"]
+PROVIDERS: tuple[ProviderName, ...] = ("synthetic", "together")
+_BUILT_IN = "<built-in defaults>"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Model:
+    id: str
+    provider: ProviderName
+    api_model: str
+    timeout_s: float
+
+
+def _m(id: str, provider: ProviderName, api_model: str, timeout_s: float) -> Model:
+    return Model(id=id, provider=provider, api_model=api_model, timeout_s=timeout_s)
+
+
+# Reasoning models think for minutes before the first token: they get the long budgets.
+DEFAULT_MODELS: tuple[Model, ...] = (
+    _m("deepseek-r1-0528-syn", "synthetic", "hf:deepseek-ai/DeepSeek-R1-0528", 120.0),
+    _m("kimi-k2-thinking-syn", "synthetic", "hf:moonshotai/Kimi-K2-Thinking", 120.0),
+    _m("deepseek-v3-0324-syn", "synthetic", "hf:deepseek-ai/DeepSeek-V3-0324", 60.0),
+    _m("deepseek-v3.1-terminus-syn", "synthetic", "hf:deepseek-ai/DeepSeek-V3.1-Terminus", 60.0),
+    _m("minimax-m2-syn", "synthetic", "hf:MiniMaxAI/MiniMax-M2", 90.0),
+    _m("glm-4.6-syn", "synthetic", "hf:zai-org/GLM-4.6", 90.0),
+    _m("qwen3-coder-480b-syn", "synthetic", "hf:Qwen/Qwen3-Coder-480B-A35B-Instruct", 60.0),
+    _m("deepseek-r1", "together", "deepseek-ai/DeepSeek-R1", 120.0),
+    _m("kimi-k2-instruct", "together", "moonshotai/Kimi-K2-Instruct", 60.0),
+)
+
+# DeepSeek V3, MiniMax, GLM and Qwen Coder have no Together equivalent on purpose.
+MODEL_FALLBACKS: Mapping[str, str] = {
+    "deepseek-r1-0528-syn": "deepseek-r1",
+    "kimi-k2-thinking-syn": "kimi-k2-instruct",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Catalog:
+    models: Mapping[str, Model]
+    fallbacks: Mapping[str, str] = field(default_factory=dict)
+    source: str = _BUILT_IN
+
+    def get(self, model_id: str) -> Model | None:
+        return self.models.get(model_id)
+
+    def fallback_for(self, model_id: str) -> Model | None:
+        """The mapped fallback model, whether or not its provider is configured."""
+        target = self.fallbacks.get(model_id)
+        return None if target is None else self.models.get(target)
+
+    def __repr__(self) -> str:
+        return f"Catalog({len(self.models)} models, {len(self.fallbacks)} fallbacks, {self.source})"
+
+
+def get_fallback_provider(model_id: str, catalog: Catalog, settings: Settings) -> Model | None:
+    """The fallback to run `model_id` on: only when it is mapped AND Together has a key."""
+    target = catalog.fallback_for(model_id)
+    if target is None or not settings.together.api_key:
+        return None
+    return target
+
+
+def load_catalog(settings: Settings) -> Catalog:
+    """The default catalog, overridden by `settings.catalog_file` when set; validated."""
+    models = {m.id: m for m in DEFAULT_MODELS}
+    fallbacks: Mapping[str, str] = dict(MODEL_FALLBACKS)
+    source = _BUILT_IN
+    if settings.catalog_file is not None:
+        source = str(settings.catalog_file)
+        data = _read(settings.catalog_file)
+        models.update(_parse_models(data.get("models", {}), source))
+        if "fallbacks" in data:
+            fallbacks = _parse_fallbacks(data["fallbacks"], source)
+        unknown = set(data) - {"models", "fallbacks"}
+        if unknown:
+            raise ConfigError(f"catalog {source}: unknown top-level keys {sorted(unknown)}")
+    return build_catalog(models, fallbacks, source=source)
+
+
+def build_catalog(
+    models: Mapping[str, Model], fallbacks: Mapping[str, str], *, source: str = _BUILT_IN
+) -> Catalog:
+    """A validated catalog; raises `ConfigError` naming the bad entry and `source`."""
+    for source_id, target_id in fallbacks.items():
+        _check_fallback(models, fallbacks, source_id, target_id, source)
+    return Catalog(models=dict(models), fallbacks=dict(fallbacks), source=source)
+
+
+def _check_fallback(
+    models: Mapping[str, Model], fallbacks: Mapping[str, str], src: str, dst: str, where: str
+) -> None:
+    entry = f"catalog {where}: fallback {src!r} → {dst!r}"
+    if src == dst:
+        raise ConfigError(f"{entry} maps a model to itself; remove it")
+    if fallbacks.get(dst) == src:
+        raise ConfigError(f"{entry} forms a cycle with {dst!r} → {src!r}; fallbacks go one way")
+    if dst in fallbacks:
+        raise ConfigError(f"{entry} chains on to {fallbacks[dst]!r}; fallbacks are one level deep")
+    if src not in models:
+        raise ConfigError(f"{entry}: {src!r} is not a model in the catalog")
+    if dst not in models:
+        raise ConfigError(f"{entry}: {dst!r} is not a model in the catalog")
+    if models[src].provider != "synthetic":
+        raise ConfigError(f"{entry}: the source must be a synthetic model")
+    if models[dst].provider != "together":
+        raise ConfigError(f"{entry}: the target must be a together model")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"catalog {path} cannot be read: {exc.strerror}") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise ConfigError(f"catalog {path} is not valid {kind}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"catalog {path} must hold a table/object at the top")
+    return cast(dict[str, Any], data)
+
+
+def _parse_models(raw: object, where: str) -> dict[str, Model]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"catalog {where}: 'models' must be a table of model ids")
+    return {str(key): _parse_model(str(key), value, where) for key, value in raw.items()}
+
+
+def _parse_model(model_id: str, raw: object, where: str) -> Model:
+    entry = f"catalog {where}: model {model_id!r}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{entry} must be a table with provider, api_model, timeout_s")
+    unknown = set(raw) - {"provider", "api_model", "timeout_s"}
+    if unknown:
+        raise ConfigError(f"{entry} has unknown keys {sorted(unknown)}")
+    provider = raw.get("provider")
+    if provider not in PROVIDERS:
+        raise ConfigError(f"{entry}: provider must be one of {PROVIDERS} (got {provider!r})")
+    api_model = raw.get("api_model")
+    if not isinstance(api_model, str) or not api_model.strip():
+        raise ConfigError(f"{entry}: api_model must be a non-empty string (got {api_model!r})")
+    timeout = raw.get("timeout_s", 60.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ConfigError(f"{entry}: timeout_s must be a positive number (got {timeout!r})")
+    return Model(id=model_id, provider=provider, api_model=api_model, timeout_s=float(timeout))
+
+
+def _parse_fallbacks(raw: object, where: str) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"catalog {where}: 'fallbacks' must be a table of id = id")
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"catalog {where}: fallback {key!r} must name a model id (got {value!r})"
+            )
+    return {str(k): str(v) for k, v in raw.items()}

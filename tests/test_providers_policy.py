@@ -1,0 +1,285 @@
+"""The pure pieces of the provider client: classifier, backoff, Retry-After, breaker, limiter."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+import anyio
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stream.providers.breaker import BreakerConfig, CircuitBreaker
+from stream.providers.completion import split_reasoning
+from stream.providers.limiter import AdaptiveLimiter, ratelimit_pause
+from stream.providers.retry import (
+    FATAL_STATUSES,
+    MAX_RETRY_AFTER_S,
+    RETRYABLE_STATUSES,
+    Backoff,
+    classify,
+    retry_after,
+)
+
+RETRYABLE = [408, 409, 425, 429, 500, 502, 503, 504, 524, 529]
+FATAL = [400, 401, 402, 403, 404, 413, 422]
+
+
+@pytest.mark.parametrize("status", RETRYABLE)
+def test_retryable_statuses(status: int) -> None:
+    assert classify(status).retryable
+
+
+@pytest.mark.parametrize("status", FATAL)
+def test_fatal_statuses(status: int) -> None:
+    assert not classify(status).retryable
+
+
+def test_insufficient_quota_is_fatal_even_as_429() -> None:
+    verdict = classify(429, {}, "insufficient_quota")
+    assert not verdict.retryable and verdict.error_type == "insufficient_quota"
+    assert classify(429, {}, "rate_limit_exceeded").retryable
+
+
+@given(status=st.integers(100, 599), code=st.none() | st.text(max_size=20))
+def test_classifier_is_total_and_follows_the_tables(status: int, code: str | None) -> None:
+    verdict = classify(status, {}, code)
+    assert verdict.error_type
+    if status in FATAL_STATUSES:
+        assert not verdict.retryable
+    elif status == 429 and code == "insufficient_quota":
+        assert not verdict.retryable
+    elif status in RETRYABLE_STATUSES or status >= 500:
+        assert verdict.retryable
+    else:
+        assert not verdict.retryable
+    # Only server-side trouble may count against the provider's health.
+    assert not (verdict.provider_fault and 400 <= status < 500 and status != 408)
+
+
+@given(
+    status=st.integers(100, 599),
+    flag=st.sampled_from(["true", "false", "TRUE", " false "]),
+)
+def test_x_should_retry_overrides_the_table(status: int, flag: str) -> None:
+    verdict = classify(status, {"x-should-retry": flag}, None)
+    assert verdict.retryable is (flag.strip().lower() == "true")
+
+
+@given(attempt=st.integers(1, 10_000), seed=st.integers(0, 2**32))
+def test_backoff_is_full_jitter_under_an_exponential_ceiling(attempt: int, seed: int) -> None:
+    backoff = Backoff(base_s=0.25, cap_s=8.0)
+    delay = backoff.delay(attempt, random.Random(seed))
+    assert 0.0 <= delay <= min(8.0, 0.25 * 2 ** min(attempt - 1, 60))
+    assert backoff.ceiling(attempt) <= backoff.ceiling(attempt + 1)
+
+
+def test_backoff_ceiling_doubles_until_the_cap() -> None:
+    backoff = Backoff(base_s=0.5, cap_s=8.0)
+    assert [backoff.ceiling(n) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+
+
+@given(seconds=st.floats(0, 10_000, allow_nan=False))
+def test_retry_after_seconds_and_ms_are_read_and_capped(seconds: float) -> None:
+    expected = min(seconds, MAX_RETRY_AFTER_S)
+    assert retry_after({"retry-after": repr(seconds)}, 0.0) == pytest.approx(expected)
+    ms = {"retry-after-ms": repr(seconds * 1000), "retry-after": "999"}
+    assert retry_after(ms, 0.0) == pytest.approx(expected)
+
+
+def test_retry_after_http_date() -> None:
+    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+    later = format_datetime(datetime(2025, 1, 1, 12, 0, 7, tzinfo=UTC), usegmt=True)
+    assert retry_after({"retry-after": later}, now.timestamp()) == pytest.approx(7.0)
+    earlier = format_datetime(datetime(2025, 1, 1, 11, 0, 0, tzinfo=UTC), usegmt=True)
+    assert retry_after({"retry-after": earlier}, now.timestamp()) == 0.0
+
+
+@pytest.mark.parametrize("raw", ["", "soon", "-1", "nan", "inf"])
+def test_retry_after_ignores_junk(raw: str) -> None:
+    assert retry_after({"retry-after": raw}, 0.0) is None
+
+
+def test_ratelimit_headers() -> None:
+    assert ratelimit_pause({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "2"}) == 2.0
+    assert ratelimit_pause(
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m0.5s"}
+    ) == pytest.approx(60.0)
+    assert ratelimit_pause(
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "250ms"}
+    ) == pytest.approx(0.25)
+    assert ratelimit_pause({"x-ratelimit-remaining": "5", "x-ratelimit-reset": "2"}) is None
+    assert ratelimit_pause({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "x1"}) is None
+
+
+# --- breaker ------------------------------------------------------------------------------
+
+
+def _breaker() -> CircuitBreaker:
+    return CircuitBreaker(
+        BreakerConfig(window_s=10, min_calls=4, failure_rate=0.5, cooldown_s=5, probes=1)
+    )
+
+
+def test_breaker_opens_probes_and_closes() -> None:
+    breaker = _breaker()
+    for t in range(3):
+        assert breaker.allow(t) and breaker.record("failure", t) == "closed"
+    assert breaker.record("failure", 3) == "open"  # 4 calls, 100% failing
+    assert not breaker.allow(4)
+    assert breaker.state(8.0) == "half_open"
+    assert breaker.allow(8.0) and not breaker.allow(8.0)  # one probe at a time
+    assert breaker.record("failure", 8.5) == "open"
+    assert breaker.allow(13.5) and breaker.record("success", 14) == "closed"
+    assert breaker.snapshot(14).calls == 0
+
+
+def test_breaker_needs_min_calls_and_ignores_neutral_outcomes() -> None:
+    breaker = _breaker()
+    for t in range(3):
+        breaker.record("failure", t)
+    for t in range(10):
+        breaker.record("neutral", 3 + t * 0.01)
+    assert breaker.state(4) == "closed"
+
+
+def test_breaker_forgets_failures_outside_its_window() -> None:
+    breaker = _breaker()
+    for t in range(3):
+        breaker.record("failure", t)
+    assert breaker.record("failure", 20) == "closed"  # the first three aged out
+
+
+def test_a_neutral_probe_frees_the_probe_slot() -> None:
+    breaker = _breaker()
+    for t in range(4):
+        breaker.record("failure", t)
+    assert breaker.allow(10) and not breaker.allow(10)
+    assert breaker.record("neutral", 10) == "half_open"
+    assert breaker.allow(10)
+
+
+@given(
+    events=st.lists(
+        st.tuples(st.sampled_from(["success", "failure", "neutral"]), st.floats(0, 5)),
+        max_size=60,
+    )
+)
+def test_breaker_invariants(events: list[tuple[str, float]]) -> None:
+    breaker = _breaker()
+    now = 0.0
+    for outcome, step in events:
+        now += step
+        state_before = breaker.state(now)
+        allowed = breaker.allow(now)
+        assert allowed == (state_before == "closed" or state_before == "half_open")
+        if allowed:
+            after = breaker.record(outcome, now)  # type: ignore[arg-type]
+            if state_before == "half_open" and outcome == "success":
+                assert after == "closed"
+            if state_before == "half_open" and outcome == "failure":
+                assert after == "open"
+        snap = breaker.snapshot(now)
+        assert 0 <= snap.failures <= snap.calls
+        assert snap.probes_in_flight <= 1
+
+
+# --- limiter ------------------------------------------------------------------------------
+
+
+@given(
+    steps=st.lists(st.sampled_from(["ok", "throttle", "plain"]), max_size=200),
+    ceiling=st.integers(1, 64),
+)
+def test_limiter_limit_stays_in_bounds(steps: list[str], ceiling: int) -> None:
+    clock = iter(range(1_000_000))
+    limiter = AdaptiveLimiter(ceiling, clock=lambda: float(next(clock)))
+    for step in steps:
+        permit = limiter.try_acquire()
+        assert permit is not None
+        limiter.release(permit, throttled=step == "throttle", success=step == "ok")
+        assert 1.0 <= limiter.limit <= ceiling
+    assert limiter.snapshot().in_flight == 0
+
+
+def test_limiter_cuts_once_per_round_of_calls() -> None:
+    ticks = iter(range(1_000))
+    limiter = AdaptiveLimiter(100, clock=lambda: float(next(ticks)))
+    burst = [limiter.try_acquire() for _ in range(50)]
+    for permit in burst:
+        assert permit is not None
+        limiter.release(permit, throttled=True)
+    assert limiter.limit == 50.0  # fifty 429s from one round: one halving
+    later = limiter.try_acquire()
+    assert later is not None
+    limiter.release(later, throttled=True)
+    assert limiter.limit == 25.0
+    ok = limiter.try_acquire()
+    assert ok is not None
+    limiter.release(ok, success=True)
+    assert limiter.limit == 26.0
+
+
+@pytest.mark.anyio
+async def test_limiter_serves_a_thousand_callers_without_losing_a_slot() -> None:
+    limiter = AdaptiveLimiter(10)
+    peak = 0
+    done = 0
+
+    async def caller(index: int) -> None:
+        nonlocal peak, done
+        permit = await limiter.acquire()
+        peak = max(peak, limiter.snapshot().in_flight)
+        await anyio.lowlevel.checkpoint()
+        limiter.release(permit, throttled=index % 7 == 0, success=index % 7 != 0)
+        done += 1
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for index in range(1000):
+                tg.start_soon(caller, index)
+    assert done == 1000 and 1 <= peak <= 10
+    assert limiter.snapshot().in_flight == 0 and limiter.snapshot().waiting == 0
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_does_not_leak_its_slot() -> None:
+    limiter = AdaptiveLimiter(1)
+    held = limiter.try_acquire()
+    assert held is not None
+    queued = anyio.Event()
+
+    async def waiter(scope: anyio.CancelScope) -> None:
+        with scope:
+            queued.set()
+            await limiter.acquire()
+
+    scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter, scope)
+        await queued.wait()
+        await anyio.wait_all_tasks_blocked()
+        scope.cancel()
+    limiter.release(held)
+    assert limiter.try_acquire() is not None
+
+
+# --- reasoning ----------------------------------------------------------------------------
+
+
+def test_think_blocks_move_to_reasoning() -> None:
+    assert split_reasoning("<think>\nhmm\n</think>\n\nYes.") == ("Yes.", "hmm")
+    assert split_reasoning("plan</think>Done") == ("Done", "plan")
+    assert split_reasoning("<think>a</think>x<think>b</think>y") == ("xy", "a\n\nb")
+    assert split_reasoning("Just an answer") == ("Just an answer", None)
+
+
+@given(answer=st.text().filter(lambda t: "think>" not in t), thought=st.text())
+def test_split_reasoning_never_leaves_a_tag(answer: str, thought: str) -> None:
+    thought = thought.replace("think>", "")
+    content, reasoning = split_reasoning(f"<think>{thought}</think>{answer}")
+    assert "<think>" not in content and "</think>" not in content
+    assert content == answer.strip()
+    assert reasoning == (thought.strip() or None)
