@@ -26,7 +26,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 # Modules that add their own sub-commands: each has `register(commands)`, which adds a
 # parser to the `argparse` sub-parsers and sets `handler` (a `Handler`) as its default.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("stream.lag",)
 
 
 def _kafka(args: argparse.Namespace, settings: Settings) -> int:
