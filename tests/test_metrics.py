@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,6 +12,7 @@ import anyio
 import httpx
 import orjson
 import pytest
+import yaml
 from aiokafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,6 +21,7 @@ from stream.health import Health, serve
 from stream.lag import LagMonitor
 from stream.logs import JsonFormatter
 from stream.metrics import MAX_LABEL_VALUES, Metrics
+from tests.conftest import ROOT
 from tests.fakes import FakeEngine, PartitionSnapshot
 from tests.test_lag import commit, create_topic, live_member, produce
 
@@ -258,3 +261,35 @@ def test_log_lines_are_json_with_request_id_and_stage_from_extra() -> None:
     assert entry["msg"] == "done in 12 ms"
     assert (entry["request_id"], entry["stage"], entry["level"]) == ("req-1", "primary", "info")
     assert entry["logger"] == "stream.test_metrics"
+
+
+def exposed_names() -> set[str]:
+    """Every sample name the registry can expose, including families that are empty now."""
+    metrics = Metrics()
+    metrics.watch_engine(FakeEngine("primary", "g"))
+    names = set()
+    for family in metrics.registry.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
+        names |= {family.name + s for s in suffixes.get(family.type, [""])}
+    return names
+
+
+def test_dashboard_queries_only_metrics_that_exist() -> None:
+    dashboard = orjson.loads((ROOT / "deploy" / "grafana" / "prediction-stream.json").read_bytes())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\bstream_[a-z_]+", expr)}
+    exposed = exposed_names()
+    assert len(used) >= 15
+    assert used <= exposed, used - exposed
+
+
+def test_prometheus_scrapes_both_workers() -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    targets = {t for group in job["static_configs"] for t in group["targets"]}
+    assert targets == {"primary:9400", "fallback:9400"}
+    # a target label named like a metric label would rename the metric's own label
+    metric_labels = {"stage", "outcome", "reason", "engine", "group", "topic", "partition"}
+    assert (
+        not {k for group in job["static_configs"] for k in group.get("labels", {})} & metric_labels
+    )
