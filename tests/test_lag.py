@@ -14,7 +14,8 @@ from aiokafka.structs import OffsetAndMetadata
 from stream.broker import fetch_jars
 from stream.config import Settings
 from stream.kafka import admin_client
-from stream.lag import GroupReading, LagMonitor, LagReader, LagRow, LagTracker, Status, render
+from stream.lag import GroupReading, LagMonitor, LagReader, LagRow, LagTracker, Status
+from stream.lagcli import render
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.anyio
