@@ -28,6 +28,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 # parser to the `argparse` sub-parsers and sets `handler` (a `Handler`) as its default.
 COMMAND_MODULES: tuple[str, ...] = (
     "stream.simulator",
+    "stream.lag",
     "stream.replay",
     "stream.redrive",
 )

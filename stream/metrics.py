@@ -1,0 +1,353 @@
+"""Prometheus metrics for a worker, in their own registry (never the global one).
+
+Three ways in, all cheap:
+- the stages and the engine call methods: `record_outcome`, `record_fallback`,
+  `observe_commit`;
+- the provider client calls the observer protocol (`ProviderObserver`): `on_attempt`,
+  `on_retry`, `on_breaker`;
+- at scrape time a collector copies what is already in memory: each watched engine's
+  `snapshot()` and each `LagMonitor`'s cached rows. A scrape never talks to Kafka.
+
+Names are `stream_…` in base units (seconds), counters end in `_total`, and labels are
+bounded: label values are cleaned and, past `MAX_LABEL_VALUES` distinct values for one
+label, folded into "other" — a request id can never become a time series. Unknown lag is
+NaN, never 0.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Enum, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from stream.lag import LagMonitor, nan_if_none
+from stream.lagstatus import Status
+
+__all__ = [
+    "BREAKER_STATES",
+    "LLM_BUCKETS",
+    "MAX_LABEL_VALUES",
+    "EngineView",
+    "Metrics",
+    "PartitionView",
+    "ProviderObserver",
+    "SnapshotSource",
+]
+
+# LLM calls run from tens of milliseconds (a cached or rejected call) to minutes (reasoning).
+LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 90, 120, 180, 240, 300)
+COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BREAKER_STATES = ("closed", "open", "half_open")
+STATUS_CLASSES = frozenset({"1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "connect"})
+OUTCOMES = frozenset({"result", "fallback", "dead_letter"})
+MAX_LABEL_VALUES = 200
+
+_CLEAN = re.compile(r"[^A-Za-z0-9_.:/\-]")
+
+
+class ProviderObserver(Protocol):
+    """What the provider client calls; `Metrics` implements it."""
+
+    def on_attempt(self, provider: str, model: str, status_class: str, seconds: float) -> None: ...
+    def on_retry(self, provider: str, model: str, error_type: str) -> None: ...
+    def on_breaker(self, provider: str, model: str, state: str) -> None: ...
+
+
+class PartitionView(Protocol):
+    """The shape of the engine's `PartitionSnapshot` (a NamedTuple in stream/engine.py)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def next_offset(self) -> int: ...
+    @property
+    def finished_uncommitted(self) -> int: ...
+    @property
+    def paused(self) -> bool: ...
+    @property
+    def oldest_in_flight_timestamp_ms(self) -> int | None: ...
+
+
+class EngineView(Protocol):
+    """The shape of the engine's `EngineSnapshot`."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def group_id(self) -> str: ...
+    @property
+    def guarantee(self) -> str: ...
+    @property
+    def assigned(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def records_in(self) -> int: ...
+    @property
+    def records_done(self) -> int: ...
+    @property
+    def handler_errors(self) -> int: ...
+    @property
+    def commits(self) -> int: ...
+    @property
+    def last_commit_seconds(self) -> float: ...
+    @property
+    def partitions(self) -> Sequence[PartitionView]: ...
+
+
+class SnapshotSource(Protocol):
+    def snapshot(self) -> EngineView: ...
+
+
+class _Labels:
+    """Keeps label values clean and bounded in number."""
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+        self._limit = limit
+        self._seen: dict[str, set[str]] = {}
+
+    def __call__(self, label: str, value: str) -> str:
+        value = _CLEAN.sub("_", value)[:100] or "none"
+        seen = self._seen.setdefault(label, set())
+        if value not in seen:
+            if len(seen) >= self._limit:
+                return "other"
+            seen.add(value)
+        return value
+
+
+class Metrics:
+    """A worker's metrics: the observer the provider client calls, and what stages call."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._label = _Labels()
+        self._engines: list[SnapshotSource] = []
+        self._monitors: list[LagMonitor] = []
+        registry = self.registry
+        self.records = Counter(
+            "stream_records",
+            "Records a stage finished with, by outcome (and dead-letter reason).",
+            ["stage", "outcome", "reason"],
+            registry=registry,
+        )
+        self.attempts = Histogram(
+            "stream_provider_request_duration_seconds",
+            "Duration of one provider call attempt, by HTTP status class.",
+            ["provider", "model", "status_class"],
+            buckets=LLM_BUCKETS,
+            registry=registry,
+        )
+        self.retries = Counter(
+            "stream_provider_retries",
+            "Provider call attempts that were retried, by error type.",
+            ["provider", "model", "error_type"],
+            registry=registry,
+        )
+        self.breaker = Enum(
+            "stream_breaker_state",
+            "Circuit breaker state per provider and model.",
+            ["provider", "model"],
+            states=list(BREAKER_STATES),
+            registry=registry,
+        )
+        self.breaker_changes = Counter(
+            "stream_breaker_transitions",
+            "Circuit breaker transitions, by the state entered.",
+            ["provider", "model", "state"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "stream_fallbacks",
+            "Requests handed from a primary model to its fallback model.",
+            ["from_model", "to_model"],
+            registry=registry,
+        )
+        self.commit_duration = Histogram(
+            "stream_commit_duration_seconds",
+            "Duration of one offset commit (or transaction commit).",
+            ["group"],
+            buckets=COMMIT_BUCKETS,
+            registry=registry,
+        )
+        registry.register(_SnapshotCollector(self._engines, self._monitors))
+
+    # --- the provider client (ProviderObserver) --------------------------------------------
+
+    def on_attempt(self, provider: str, model: str, status_class: str, seconds: float) -> None:
+        status_class = status_class if status_class in STATUS_CLASSES else "other"
+        self.attempts.labels(*self._pm(provider, model), status_class).observe(seconds)
+
+    def on_retry(self, provider: str, model: str, error_type: str) -> None:
+        self.retries.labels(*self._pm(provider, model), self._label("error_type", error_type)).inc()
+
+    def on_breaker(self, provider: str, model: str, state: str) -> None:
+        if state not in BREAKER_STATES:
+            raise ValueError(f"breaker state must be one of {BREAKER_STATES}, not {state!r}")
+        labels = self._pm(provider, model)
+        self.breaker.labels(*labels).state(state)
+        self.breaker_changes.labels(*labels, state).inc()
+
+    # --- stages and engine -----------------------------------------------------------------
+
+    def record_outcome(self, stage: str, outcome: str, reason: str | None = None) -> None:
+        """A record left `stage` as a result, a fallback or a dead letter (with its reason)."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, not {outcome!r}")
+        reason_label = self._label("reason", reason) if reason else ""
+        self.records.labels(self._label("stage", stage), outcome, reason_label).inc()
+
+    def record_fallback(self, from_model: str, to_model: str) -> None:
+        self.fallbacks.labels(
+            self._label("from_model", from_model), self._label("to_model", to_model)
+        ).inc()
+
+    def observe_commit(self, group: str, seconds: float) -> None:
+        self.commit_duration.labels(self._label("group", group)).observe(seconds)
+
+    def watch_engine(self, engine: SnapshotSource) -> None:
+        """Read `engine.snapshot()` at every scrape."""
+        self._engines.append(engine)
+
+    def watch_lag(self, monitor: LagMonitor) -> None:
+        """Publish `monitor`'s cached lag rows at every scrape."""
+        self._monitors.append(monitor)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of everything in this registry."""
+        return generate_latest(self.registry)
+
+    def _pm(self, provider: str, model: str) -> tuple[str, str]:
+        return self._label("provider", provider), self._label("model", model)
+
+
+class _SnapshotCollector:
+    """Reads in-memory state at scrape time: engine snapshots and cached lag rows."""
+
+    def __init__(self, engines: list[SnapshotSource], monitors: list[LagMonitor]) -> None:
+        self._engines = engines
+        self._monitors = monitors
+
+    def collect(self) -> Iterable[Metric]:
+        yield from _engine_metrics([engine.snapshot() for engine in self._engines])
+        yield from _lag_metrics(self._monitors)
+
+
+def _engine_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
+    labels = ["engine", "group"]
+    gauges: dict[str, tuple[str, Callable[[EngineView], float]]] = {
+        "stream_engine_assigned_partitions": ("Partitions assigned.", lambda s: s.assigned),
+        "stream_in_flight": ("Records being processed now.", lambda s: s.in_flight),
+        "stream_engine_last_commit_duration_seconds": (
+            "Duration of the engine's last commit.",
+            lambda s: s.last_commit_seconds,
+        ),
+    }
+    counters: dict[str, tuple[str, Callable[[EngineView], float]]] = {
+        "stream_engine_records_in": ("Records taken from Kafka.", lambda s: s.records_in),
+        "stream_engine_records_done": ("Records finished.", lambda s: s.records_done),
+        "stream_engine_handler_errors": ("Handler errors.", lambda s: s.handler_errors),
+        "stream_engine_commits": ("Offset commits.", lambda s: s.commits),
+    }
+    for kind, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+        for name, (doc, value) in table.items():
+            family = kind(name, doc, labels=labels)
+            for snap in snapshots:
+                family.add_metric([snap.name, snap.group_id], value(snap))
+            yield family
+    info = GaugeMetricFamily(
+        "stream_engine_info", "Engine settings.", labels=[*labels, "guarantee"]
+    )
+    for snap in snapshots:
+        info.add_metric([snap.name, snap.group_id, snap.guarantee], 1)
+    yield info
+    yield from _partition_metrics(snapshots)
+
+
+def _partition_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
+    now_ms = time.time() * 1000
+    labels = ["engine", "topic", "partition"]
+    values: dict[str, tuple[str, Callable[[PartitionView], float]]] = {
+        "stream_partition_in_flight": ("Records in flight.", lambda p: p.in_flight),
+        "stream_partition_finished_uncommitted": (
+            "Records finished above the committed watermark (not yet committed).",
+            lambda p: p.finished_uncommitted,
+        ),
+        "stream_partition_paused": ("1 while the partition's window is full.", lambda p: p.paused),
+        "stream_partition_next_offset": ("Next offset to fetch.", lambda p: p.next_offset),
+        "stream_partition_oldest_in_flight_age_seconds": (
+            "Age of the oldest record in flight (NaN when none).",
+            lambda p: _age_s(p.oldest_in_flight_timestamp_ms, now_ms),
+        ),
+    }
+    for name, (doc, value) in values.items():
+        family = GaugeMetricFamily(name, doc, labels=labels)
+        for snap in snapshots:
+            for part in snap.partitions:
+                family.add_metric([snap.name, part.topic, str(part.partition)], value(part))
+        yield family
+
+
+def _age_s(timestamp_ms: int | None, now_ms: float) -> float:
+    return math.nan if timestamp_ms is None else max(0.0, (now_ms - timestamp_ms) / 1000)
+
+
+def _lag_metrics(monitors: Sequence[LagMonitor]) -> Iterable[Metric]:
+    labels = ["group", "topic", "partition"]
+    lag = GaugeMetricFamily(
+        "stream_consumer_lag_records",
+        "Log end minus committed offset (NaN: unknown).",
+        labels=labels,
+    )
+    seconds = GaugeMetricFamily(
+        "stream_consumer_lag_seconds",
+        "Age of the oldest unprocessed record (NaN: unknown).",
+        labels=labels,
+    )
+    committed = GaugeMetricFamily(
+        "stream_consumer_committed_offset", "Committed offset (NaN: none).", labels=labels
+    )
+    end = GaugeMetricFamily(
+        "stream_log_end_offset", "Log end offset (high watermark).", labels=labels
+    )
+    status = GaugeMetricFamily(
+        "stream_consumer_lag_status",
+        "1 for the partition's window status.",
+        labels=[*labels, "status"],
+    )
+    for monitor in monitors:
+        for row in monitor.rows():
+            key = [row.group, row.topic, str(row.partition)]
+            lag.add_metric(key, nan_if_none(row.lag))
+            seconds.add_metric(key, nan_if_none(row.lag_seconds))
+            committed.add_metric(key, nan_if_none(row.committed))
+            end.add_metric(key, nan_if_none(row.end))
+            for each in Status:
+                status.add_metric([*key, each.value], float(row.status is each))
+    yield from (lag, seconds, committed, end, status)
+    yield from _monitor_metrics(monitors)
+
+
+def _monitor_metrics(monitors: Sequence[LagMonitor]) -> Iterable[Metric]:
+    rounds = CounterMetricFamily("stream_lag_rounds", "Lag readings taken.", labels=[])
+    errors = CounterMetricFamily("stream_lag_errors", "Lag readings that failed.", labels=[])
+    last = GaugeMetricFamily(
+        "stream_lag_last_success_timestamp_seconds",
+        "When lag was last read successfully (NaN: never).",
+        labels=[],
+    )
+    if monitors:
+        rounds.add_metric([], sum(m.rounds for m in monitors))
+        errors.add_metric([], sum(m.errors for m in monitors))
+        successes = [m.last_success for m in monitors if m.last_success is not None]
+        last.add_metric([], min(successes) if len(successes) == len(monitors) else math.nan)
+    yield from (rounds, errors, last)

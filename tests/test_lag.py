@@ -1,0 +1,333 @@
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import anyio
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import NewTopic
+from aiokafka.structs import OffsetAndMetadata
+
+from stream.broker import fetch_jars
+from stream.config import Settings
+from stream.kafka import admin_client
+from stream.lag import GroupReading, LagMonitor, LagReader, LagRow, LagTracker, Status
+from stream.lagcli import render
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.anyio
+
+HOUR_MS = 3_600_000
+
+
+async def create_topic(settings: Settings, name: str, partitions: int) -> str:
+    topic = settings.topic(name)
+    async with admin_client(settings.kafka, doing="test") as admin:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    return topic
+
+
+async def produce(
+    settings: Settings, topic: str, partition: int, timestamps: Sequence[int]
+) -> None:
+    producer = AIOKafkaProducer(**settings.kafka.client_options())
+    await producer.start()
+    try:
+        for ts in timestamps:
+            await producer.send_and_wait(topic, b"{}", partition=partition, timestamp_ms=ts)
+    finally:
+        await producer.stop()
+
+
+async def commit(
+    settings: Settings, group: str, offsets: dict[TopicPartition, int], metadata: str = ""
+) -> None:
+    """Commit offsets as a group with no live member (as a stopped worker leaves them)."""
+    consumer = AIOKafkaConsumer(group_id=group, **settings.kafka.client_options())
+    await consumer.start()
+    try:
+        consumer.assign(list(offsets))
+        await consumer.commit({tp: OffsetAndMetadata(o, metadata) for tp, o in offsets.items()})
+    finally:
+        await consumer.stop()
+
+
+@asynccontextmanager
+async def live_member(settings: Settings, group: str, topic: str) -> AsyncIterator[None]:
+    """A member of `group` that owns `topic`'s partitions and never commits."""
+    consumer = AIOKafkaConsumer(
+        topic, group_id=group, enable_auto_commit=False, **settings.kafka.client_options()
+    )
+    await consumer.start()
+    try:
+        with anyio.fail_after(30):
+            while not consumer.assignment():
+                await consumer.getmany(timeout_ms=100, max_records=1)
+        yield
+    finally:
+        await consumer.stop()
+
+
+def by_partition(rows: Sequence[LagRow]) -> dict[int, LagRow]:
+    return {row.partition: row for row in rows}
+
+
+# --- against Kafka's own tool ------------------------------------------------------------
+
+
+def parse_kafka_tool(text: str, group: str) -> dict[tuple[str, int], tuple[int, int, int]]:
+    """GROUP TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG … lines of `--describe`."""
+    found = {}
+    for line in text.splitlines():
+        cells = line.split()
+        if len(cells) >= 6 and cells[0] == group and cells[2].isdigit():
+            found[(cells[1], int(cells[2]))] = (int(cells[3]), int(cells[4]), int(cells[5]))
+    return found
+
+
+async def test_lag_json_equals_kafka_consumer_groups_tool(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    topic = await create_topic(settings, "lag.tool", 3)
+    now = int(time.time() * 1000)
+    await produce(settings, topic, 0, [now] * 7)
+    await produce(settings, topic, 1, [now] * 4)
+    group = settings.group("tool")
+    await commit(settings, group, {TopicPartition(topic, 0): 2, TopicPartition(topic, 1): 4})
+    await commit(settings, group, {TopicPartition(topic, 2): 0})
+
+    ours = await run_cli(
+        env, "lag", "--group", group, "--json", "--samples", "2", "--interval", "0.1"
+    )
+    tool = await anyio.run_process(
+        [
+            "java",
+            "-Xmx256m",
+            "-cp",
+            f"{fetch_jars(quiet=True)}/*",
+            "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+            "--bootstrap-server",
+            settings.kafka.bootstrap_servers,
+            "--describe",
+            "--group",
+            group,
+        ],
+        check=True,
+    )
+
+    assert ours.returncode == 0, ours.stderr
+    rows = orjson.loads(ours.stdout)
+    mine = {(r["topic"], r["partition"]): (r["committed"], r["end"], r["lag"]) for r in rows}
+    theirs = parse_kafka_tool(tool.stdout.decode(), group)
+    assert theirs == {(topic, 0): (2, 7, 5), (topic, 1): (4, 4, 0), (topic, 2): (0, 0, 0)}
+    assert mine == theirs
+    for row in rows:
+        assert {"group", "lag_seconds", "status", "members"} <= set(row)
+        assert row["group"] == group
+
+
+# --- lag in seconds ----------------------------------------------------------------------
+
+
+async def test_lag_seconds_is_the_age_of_the_record_at_the_committed_offset(
+    settings: Settings,
+) -> None:
+    topic = await create_topic(settings, "lag.seconds", 2)
+    now = int(time.time() * 1000)
+    stamps = [now - 900_000 + i * 100_000 for i in range(6)]  # 100 s apart, the newest 400 s old
+    await produce(settings, topic, 0, stamps)
+    await produce(settings, topic, 1, [now - 50_000])
+    group = settings.group("seconds")
+    await commit(settings, group, {TopicPartition(topic, 0): 2, TopicPartition(topic, 1): 1})
+
+    async with LagReader(settings.kafka) as reader:
+        (reading,) = await reader.read([group])
+        again = await reader.read([group])  # the stuck offset's timestamp comes from the cache
+    rows = by_partition(LagTracker().update([reading]))
+
+    oldest_unprocessed = stamps[2] / 1000
+    assert rows[0].lag == 4
+    assert rows[0].lag_seconds == pytest.approx(reading.at - oldest_unprocessed, abs=1.0)
+    assert rows[0].lag_seconds == pytest.approx(time.time() - oldest_unprocessed, abs=1.0)
+    assert rows[1].lag == 0 and rows[1].lag_seconds == 0.0  # caught up: zero, known
+    assert again[0].partitions[0].oldest_timestamp_ms == stamps[2]
+
+
+async def test_unknown_lag_is_none_not_zero_and_members_are_reported(settings: Settings) -> None:
+    topic = await create_topic(settings, "lag.unknown", 2)
+    await produce(settings, topic, 0, [int(time.time() * 1000)] * 3)
+    await produce(settings, topic, 1, [int(time.time() * 1000)] * 2)
+    group = settings.group("unknown")
+    await commit(settings, group, {TopicPartition(topic, 0): 1})
+    async with live_member(settings, group, topic), LagReader(settings.kafka) as reader:
+        (reading,) = await reader.read([group])
+    rows = by_partition(LagTracker().update([reading]))
+
+    assert reading.members == 1
+    assert rows[0].committed == 1 and rows[0].lag == 2 and rows[0].owner is not None
+    # partition 1 is owned but was never committed: its lag is unknown, not 0
+    assert rows[1].committed is None and rows[1].lag is None and rows[1].lag_seconds is None
+    assert rows[1].status is Status.UNKNOWN and rows[1].owner == rows[0].owner
+
+
+# --- window statuses on a real broker ----------------------------------------------------
+
+
+async def read_rows(reader: LagReader, tracker: LagTracker, group: str) -> dict[int, LagRow]:
+    return by_partition(tracker.update(await reader.read([group])))
+
+
+async def test_stopped_group_with_old_unprocessed_records_is_stop_and_exits_3(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    topic = await create_topic(settings, "lag.stop", 1)
+    await produce(settings, topic, 0, [int(time.time() * 1000) - HOUR_MS] * 3)
+    group = settings.group("stop")
+    await commit(settings, group, {TopicPartition(topic, 0): 1})
+
+    done = await run_cli(env, "lag", "--group", group, "--json", "--interval", "0.1")
+
+    assert done.returncode == 3, done.stderr
+    (row,) = orjson.loads(done.stdout)
+    assert (row["status"], row["lag"], row["members"]) == ("STOP", 2, 0)
+    assert row["lag_seconds"] >= 3600
+
+
+async def test_member_that_holds_a_partition_without_progress_is_stall(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    topic = await create_topic(settings, "lag.stall", 1)
+    await produce(settings, topic, 0, [int(time.time() * 1000) - HOUR_MS] * 3)
+    group = settings.group("stall")
+    await commit(settings, group, {TopicPartition(topic, 0): 1})
+    async with live_member(settings, group, topic):
+        done = await run_cli(env, "lag", "--group", group, "--json", "--interval", "0.1")
+        table = await run_cli(env, "lag", "--group", group, "--interval", "0.1")
+
+    assert done.returncode == 3, done.stderr
+    (row,) = orjson.loads(done.stdout)
+    assert (row["status"], row["members"]) == ("STALL", 1)
+    assert table.returncode == 3
+    assert f"group {group}: STALL, 1 member(s)" in table.stdout
+
+
+async def test_idle_topic_with_zero_lag_is_ok_and_exits_0(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    topic = await create_topic(settings, "lag.idle", 1)
+    await produce(settings, topic, 0, [int(time.time() * 1000) - HOUR_MS] * 3)
+    group = settings.group("idle")
+    await commit(settings, group, {TopicPartition(topic, 0): 3})
+
+    done = await run_cli(env, "lag", "--group", group, "--json", "--interval", "0.1")
+
+    assert done.returncode == 0, done.stderr
+    (row,) = orjson.loads(done.stdout)
+    assert (row["status"], row["lag"], row["lag_seconds"]) == ("OK", 0, 0.0)
+
+
+async def test_falling_behind_is_warn_and_going_back_is_rewind(settings: Settings) -> None:
+    topic = await create_topic(settings, "lag.warn", 1)
+    tp = TopicPartition(topic, 0)
+    group = settings.group("warn")
+    now = int(time.time() * 1000)
+    tracker = LagTracker(window=3)
+    async with LagReader(settings.kafka) as reader:
+        statuses = []
+        for step in range(3):  # each step: 10 new records, the consumer finishes only 2
+            await produce(settings, topic, 0, [now] * 10)
+            await commit(settings, group, {tp: 2 * (step + 1)})
+            statuses.append((await read_rows(reader, tracker, group))[0].status)
+        await commit(settings, group, {tp: 1})  # someone reset the group
+        rewound = (await read_rows(reader, tracker, group))[0]
+
+    assert statuses[-1] is Status.WARN
+    assert rewound.status is Status.REWIND
+
+
+async def test_progress_above_a_stuck_watermark_is_not_a_stall(settings: Settings) -> None:
+    topic = await create_topic(settings, "lag.busy", 1)
+    tp = TopicPartition(topic, 0)
+    await produce(settings, topic, 0, [int(time.time() * 1000) - HOUR_MS] * 10)
+    group = settings.group("busy")
+    tracker = LagTracker(window=3)
+    async with LagReader(settings.kafka) as reader:
+        # a slow record holds the watermark at 2 while the engine finishes 3, 4, then 7
+        for finished in ("3", "3,4", "3,4,7"):
+            await commit(settings, group, {tp: 2}, metadata=finished)
+            busy = (await read_rows(reader, tracker, group))[0]
+        for _ in range(3):  # then nothing moves at all, and nobody owns the partition
+            stopped = (await read_rows(reader, tracker, group))[0]
+
+    assert busy.status is Status.OK
+    assert stopped.status is Status.STOP
+
+
+async def test_missing_group_says_so_in_one_line(settings: Settings, env: dict[str, str]) -> None:
+    group = settings.group("never-used")
+    done = await run_cli(env, "lag", "--group", group, "--interval", "0.1")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"stream lag: consumer group '{group}' does not exist on "
+        f"{settings.kafka.bootstrap_servers} (no members, no committed offsets)"
+    ]
+
+
+async def test_default_groups_carry_the_topic_prefix(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    done = await run_cli(env, "lag", "--interval", "0.1")
+    assert done.returncode == 1
+    assert settings.group("predictions-primary") in done.stderr
+    assert settings.group("predictions-fallback") in done.stderr
+
+
+# --- the background monitor --------------------------------------------------------------
+
+
+async def test_monitor_caches_rows_and_reports_health(settings: Settings) -> None:
+    topic = await create_topic(settings, "lag.monitor", 1)
+    await produce(settings, topic, 0, [int(time.time() * 1000)] * 5)
+    group = settings.group("monitor")
+    await commit(settings, group, {TopicPartition(topic, 0): 3})
+    monitor = LagMonitor(settings.kafka, [group], interval_s=0.05, window=3)
+    assert monitor.rows() == () and not monitor.healthy
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(monitor.run)
+        with anyio.fail_after(30):
+            await monitor.next_round()
+            await commit(settings, group, {TopicPartition(topic, 0): 4})
+            while monitor.rows()[0].committed != 4:
+                await monitor.next_round()
+        tg.cancel_scope.cancel()
+
+    (row,) = monitor.rows()
+    assert (row.committed, row.end, row.lag) == (4, 5, 1)
+    assert monitor.healthy and monitor.rounds >= 2 and "rounds=" in repr(monitor)
+
+
+async def test_monitor_survives_an_unreachable_cluster() -> None:
+    from stream.broker import free_port
+    from stream.config import KafkaSettings
+
+    kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", request_timeout_ms=1000)
+    monitor = LagMonitor(kafka, ["g"], interval_s=0.05)
+    async with anyio.create_task_group() as tg:
+        await tg.start(monitor.run)
+        with anyio.fail_after(30):
+            await monitor.next_round()
+        tg.cancel_scope.cancel()
+    assert not monitor.healthy and monitor.errors >= 1
+    assert monitor.last_error is not None and "cannot reach Kafka" in monitor.last_error
+
+
+def test_table_shows_unknown_as_a_dash() -> None:
+    row = LagRow("g", "t", 0, None, 5, None, None, Status.UNKNOWN, 1, "m")
+    reading = GroupReading("g", True, "Stable", 1, (), 0.0)
+    text = render([row], [reading])
+    assert text.splitlines()[1].split() == ["g", "t", "0", "-", "5", "-", "-", "UNKNOWN"]
+    assert text.splitlines()[-1] == "group g: UNKNOWN, 1 member(s), state Stable"

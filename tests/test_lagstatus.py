@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stream.lagstatus import Sample, Status, Windows, evaluate, worst
+
+OLD = 3600.0  # an unprocessed record older than any stall threshold
+
+
+def window(
+    offsets: list[int],
+    ends: list[int],
+    *,
+    metadata: list[str] | None = None,
+    owned: bool | None = True,
+    age: float | None = OLD,
+) -> list[Sample]:
+    return [
+        Sample(
+            at=10.0 * i,
+            committed=offset,
+            end=end,
+            metadata=metadata[i] if metadata else "",
+            owned=owned,
+            lag_seconds=age,
+        )
+        for i, (offset, end) in enumerate(zip(offsets, ends, strict=True))
+    ]
+
+
+# --- one scenario per status -------------------------------------------------------------
+
+
+def test_idle_topic_with_zero_lag_is_ok_with_or_without_a_consumer() -> None:
+    for owned in (True, False, None):
+        assert evaluate(window([50, 50, 50], [50, 50, 50], owned=owned, age=0.0)) is Status.OK
+
+
+def test_offset_going_backwards_is_rewind() -> None:
+    assert evaluate(window([100, 120, 40], [130, 140, 150])) is Status.REWIND
+
+
+def test_stuck_offset_with_an_owner_and_no_finished_work_is_stall() -> None:
+    assert evaluate(window([10, 10, 10], [30, 35, 40])) is Status.STALL
+
+
+def test_stuck_offset_without_an_owner_is_stop() -> None:
+    assert evaluate(window([10, 10, 10], [30, 30, 30], owned=False)) is Status.STOP
+
+
+def test_lag_growing_while_the_consumer_moves_is_warn() -> None:
+    assert evaluate(window([10, 20, 30], [30, 45, 60])) is Status.WARN
+
+
+def test_consumer_keeping_pace_is_ok() -> None:
+    assert evaluate(window([10, 20, 30], [30, 40, 50])) is Status.OK
+
+
+def test_stuck_watermark_with_work_finishing_above_it_is_not_a_stall() -> None:
+    # one slow call holds the watermark; the metadata shows later records finishing
+    assert evaluate(window([10, 10, 10], [40, 40, 40], metadata=["a", "b", "c"])) is Status.OK
+    growing = window([10, 10, 10], [40, 50, 60], metadata=["a", "b", "c"])
+    assert evaluate(growing) is Status.WARN
+
+
+def test_young_oldest_record_rules_out_stall_and_stop() -> None:
+    assert evaluate(window([10, 10, 10], [12, 12, 12], age=5.0)) is Status.OK
+    assert evaluate(window([10, 10, 10], [12, 12, 12], age=5.0, owned=False)) is Status.OK
+    assert evaluate(window([10, 10], [12, 12], age=5.0), stall_after_s=1.0) is Status.STALL
+
+
+def test_unknown_offsets_and_single_samples_are_unknown_not_ok() -> None:
+    assert evaluate([]) is Status.UNKNOWN
+    assert evaluate([Sample(at=0.0, committed=None, end=10)]) is Status.UNKNOWN
+    assert evaluate([Sample(at=0.0, committed=3, end=None)]) is Status.UNKNOWN
+    assert evaluate([Sample(at=0.0, committed=3, end=10)]) is Status.UNKNOWN
+    assert evaluate([Sample(at=0.0, committed=10, end=10)]) is Status.OK
+
+
+def test_worst_orders_by_alarm() -> None:
+    assert worst([]) is Status.OK
+    assert worst([Status.OK, Status.WARN, Status.REWIND]) is Status.REWIND
+    assert worst([Status.STALL, Status.STOP, Status.OK]) is Status.STOP
+
+
+def test_windows_keep_the_last_samples_per_key() -> None:
+    windows: Windows[str] = Windows(size=2)
+    for i in range(5):
+        kept = windows.add("a", Sample(at=float(i), committed=i, end=i))
+    assert [s.committed for s in kept] == [3, 4]
+    windows.add("b", Sample(at=0.0, committed=0, end=0))
+    windows.retain({"b"})
+    assert len(windows) == 1
+    with pytest.raises(ValueError):
+        Windows(size=0)
+
+
+# --- properties --------------------------------------------------------------------------
+
+
+@st.composite
+def windows_of_samples(draw: st.DrawFn) -> list[Sample]:
+    """Random but well-formed windows: end offsets never go backwards."""
+    size = draw(st.integers(1, 8))
+    ends = sorted(draw(st.lists(st.integers(0, 1000), min_size=size, max_size=size)))
+    offsets = [draw(st.integers(0, end)) for end in ends]
+    metadata = draw(st.lists(st.sampled_from(["", "x", "y"]), min_size=size, max_size=size))
+    owned = draw(st.sampled_from([True, False, None]))
+    age = draw(st.one_of(st.none(), st.floats(0, 10_000)))
+    return [
+        Sample(at=float(i), committed=o, end=e, metadata=m, owned=owned, lag_seconds=age)
+        for i, (o, e, m) in enumerate(zip(offsets, ends, metadata, strict=True))
+    ]
+
+
+@given(windows_of_samples())
+def test_rewind_exactly_when_an_offset_goes_backwards(samples: list[Sample]) -> None:
+    backwards = any(b.committed < a.committed for a, b in pairwise(samples))  # type: ignore[operator]
+    assert (evaluate(samples) is Status.REWIND) == backwards
+
+
+@given(windows_of_samples())
+def test_caught_up_at_any_point_is_ok_unless_rewound(samples: list[Sample]) -> None:
+    status = evaluate(samples)
+    if any(s.lag == 0 for s in samples) and status is not Status.REWIND:
+        assert status is Status.OK
+
+
+@given(st.integers(0, 10**9), st.integers(1, 10), st.sampled_from([True, False, None]))
+def test_idle_zero_lag_is_always_ok(offset: int, size: int, owned: bool | None) -> None:
+    samples = window([offset] * size, [offset] * size, owned=owned, age=None)
+    assert evaluate(samples) is Status.OK
+
+
+@given(windows_of_samples())
+def test_stall_and_stop_need_a_stuck_offset_lag_and_an_old_record(samples: list[Sample]) -> None:
+    if evaluate(samples, stall_after_s=60.0) in (Status.STALL, Status.STOP):
+        assert len({s.committed for s in samples}) == 1
+        assert all(s.lag is not None and s.lag > 0 for s in samples)
+        assert len({s.metadata for s in samples}) == 1
+        age = samples[-1].lag_seconds
+        assert age is None or age >= 60.0
+
+
+@given(windows_of_samples())
+def test_stop_only_without_an_owner_and_stall_only_without_a_known_absence(
+    samples: list[Sample],
+) -> None:
+    status = evaluate(samples)
+    if status is Status.STOP:
+        assert samples[-1].owned is False
+    if status is Status.STALL:
+        assert samples[-1].owned is not False
+
+
+@given(windows_of_samples())
+def test_warn_needs_lag_that_never_fell_and_grew(samples: list[Sample]) -> None:
+    if evaluate(samples) is Status.WARN:
+        lags = [s.lag for s in samples]
+        assert all(b >= a for a, b in pairwise(lags))  # type: ignore[operator]
+        assert lags[-1] > lags[0]  # type: ignore[operator]
+
+
+@given(windows_of_samples(), st.floats(-1e6, 1e6))
+def test_status_does_not_depend_on_the_clock_origin(samples: list[Sample], shift: float) -> None:
+    shifted = [s._replace(at=s.at + shift) for s in samples]
+    assert evaluate(shifted) is evaluate(samples)
