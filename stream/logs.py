@@ -47,3 +47,5 @@ def configure(level: str = "INFO", *, json: bool = True) -> None:
     root.setLevel(level)
     # aiokafka reports every reconnect attempt at ERROR; our own code says what matters.
     logging.getLogger("aiokafka").setLevel("DEBUG" if level == "DEBUG" else "CRITICAL")
+    # httpx logs every request at INFO: a thousand lines a second at full speed.
+    logging.getLogger("httpx").setLevel("DEBUG" if level == "DEBUG" else "WARNING")
