@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio
 import orjson
 from aiokafka.admin import NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -237,8 +238,32 @@ async def apply(settings: Settings, changes: list[Change]) -> None:
         try:
             for change in changes:
                 await _apply_one(admin, change)
+            await _settle(admin, [c for c in changes if c.action in ("create", "update")])
         except AIOKafkaError as exc:
             raise translate(exc, settings.kafka, "applying topics") from exc
+
+
+async def _settle(admin: Any, changes: list[Change], timeout_s: float = 30.0) -> None:
+    """Wait until the brokers serve what was applied.
+
+    The controller acknowledges a change before every broker's metadata has it, so without
+    this wait a `stream run` (or a second plan) right after `apply` may not see it yet.
+    """
+    with anyio.move_on_after(timeout_s):
+        for change in changes:
+            for _poll in range(int(timeout_s * 10)):  # polling Kafka: nothing to wait on
+                if await _serves(admin, change):
+                    break
+                await anyio.sleep(0.1)
+
+
+async def _serves(admin: Any, change: Change) -> bool:
+    if change.topic not in set(await admin.list_topics()):
+        return False
+    partitions, _ = await _describe(admin, change.topic)
+    configs = await _configs(admin, change.topic)
+    wanted = change.add_partitions or change.partitions
+    return partitions >= wanted and all(configs.get(k) == v for k, v in change.configs.items())
 
 
 async def _apply_one(admin: Any, change: Change) -> None:

@@ -6,11 +6,12 @@ test then works under its own topic prefix, so nothing it creates collides with 
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -69,3 +70,15 @@ async def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(
         done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
     )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 30.0) -> None:
+    """Poll an outside system (Kafka metadata, a process) until `check` holds.
+
+    For state we cannot subscribe to; in-process coordination uses events instead.
+    """
+    with anyio.fail_after(timeout_s):
+        for _poll in itertools.count():
+            if await check():
+                return
+            await anyio.sleep(min(0.02 * 2**_poll, 0.5))

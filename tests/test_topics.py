@@ -12,7 +12,7 @@ from stream import topics
 from stream.config import Settings
 from stream.errors import TopicSpecError
 from stream.kafka import admin_client
-from tests.conftest import run_cli
+from tests.conftest import eventually, run_cli
 
 pytestmark = pytest.mark.anyio
 
@@ -73,6 +73,12 @@ async def test_config_drift_is_set_back_and_other_overrides_are_kept(settings: S
                 )
             ]
         )
+
+    # the out-of-band change reaches the broker's metadata a moment after it is acknowledged
+    async def altered() -> bool:
+        return (await _described(settings, name))[1]["retention.ms"] == "1000"
+
+    await eventually(altered)
     (change,) = [c for c in await topics.plan(settings) if c.topic == name]
     assert change.action == "update"
     assert change.configs == {"retention.ms": "604800000"}
