@@ -137,7 +137,7 @@ class Engine:
             max_poll_interval_ms=config.max_poll_interval_ms,
             rebalance_timeout_ms=config.rebalance_timeout_ms,
             session_timeout_ms=config.session_timeout_ms,
-            heartbeat_interval_ms=max(1000, config.session_timeout_ms // 10),
+            heartbeat_interval_ms=max(100, min(3000, config.session_timeout_ms // 3)),
             # Memory: aiokafka buffers at most one fetch per partition, bounded by these.
             max_partition_fetch_bytes=1024 * 1024,
             fetch_max_bytes=16 * 1024 * 1024,
