@@ -304,6 +304,8 @@ class Engine:
         scope = anyio.CancelScope()
         partition.scopes.add(scope)
         try:
+            if partition.revoked:
+                return  # abandoned before it began: left unfinished for the next owner
             with scope:
                 outputs = await self._call_handler(record)
                 await self._sink.write(partition, record.offset, outputs)

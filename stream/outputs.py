@@ -205,7 +205,9 @@ class ExactlyOnceSink:
                     await txn.producer.stop()  # an open transaction is aborted by the broker
 
     async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> None:
-        txn = self._producers[partition.tp]
+        txn = self._producers.get(partition.tp)
+        if txn is None:
+            return  # the partition left (its transaction is settled): abandoned, re-run later
         # Shielded: the outputs and the "finished" mark go into the transaction together,
         # or neither does (an abandoned record must not leave orphan outputs behind).
         with anyio.CancelScope(shield=True):
