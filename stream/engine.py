@@ -1,0 +1,475 @@
+"""The stream-processing engine: a stage is an async handler `record → outputs`.
+
+    run ─┬─ _fetch ── _dispatch ── _start_ready ── _process ── sink.write
+         └─ _commit_loop ── _commit ── sink.commit
+
+Hundreds of records of the same partitions run at once, bounded in total
+(`max_in_flight`) and per partition (`max_in_flight_per_partition`). A partition whose queue
+is full is paused (`consumer.pause`) and resumed when it drains, so memory is bounded by
+configuration whatever the backlog. Offsets: `stream.offsets`; outputs and commits:
+`stream.outputs`; per-partition state: `stream.partitions`.
+
+Live-first lane: partitions of `low_priority_topics` only get work from spare capacity.
+They are paused while a live partition has records waiting or while in-flight is near the
+limit, and their queued records are started only under the same condition.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import anyio
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError as AIOKafkaError
+from anyio.abc import TaskGroup
+
+from stream.config import Settings
+from stream.errors import KafkaError
+from stream.kafka import translate
+from stream.offsets import PartitionOffsets, decode_metadata
+from stream.outputs import AtLeastOnceSink, ExactlyOnceSink, Output, Sink
+from stream.partitions import Partition, Record
+
+__all__ = [
+    "Engine",
+    "EngineSnapshot",
+    "ErrorHandler",
+    "Handler",
+    "Output",
+    "PartitionSnapshot",
+    "run_until_signal",
+]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Record], Awaitable[Sequence[Output]]]
+ErrorHandler = Callable[[Record, BaseException], Sequence[Output]]
+
+_POLL_TIMEOUT_MS = 100
+_CLOSE_TIMEOUT_S = 10.0
+# Memory bound for the offsets tracked behind one slow record (ints, not record values).
+_MAX_SPAN_FACTOR = 20
+
+
+class PartitionSnapshot(NamedTuple):
+    topic: str
+    partition: int
+    in_flight: int
+    next_offset: int  # the committable watermark
+    finished_uncommitted: int
+    paused: bool
+    oldest_in_flight_timestamp_ms: int | None
+
+
+class EngineSnapshot(NamedTuple):
+    name: str
+    group_id: str
+    guarantee: str
+    assigned: int
+    in_flight: int
+    records_in: int
+    records_done: int
+    handler_errors: int
+    commits: int
+    last_commit_seconds: float  # Unix time of the last successful commit, 0.0 before
+    partitions: tuple[PartitionSnapshot, ...]
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """aiokafka awaits these in its coordinator task, between leaving and rejoining."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._engine._revoke(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._engine._assign(assigned)
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        name: str,
+        group_id: str,
+        topics: Sequence[str],
+        handler: Handler,
+        on_error: ErrorHandler,
+        low_priority_topics: Sequence[str] = (),
+    ) -> None:
+        self._settings = settings
+        self._config = settings.engine
+        self.name = name
+        self.group_id = group_id
+        self._topics = list(dict.fromkeys([*topics, *low_priority_topics]))
+        self._low_priority = frozenset(low_priority_topics)
+        self._handler = handler
+        self._on_error = on_error
+        self.ready = anyio.Event()
+        self._stopping = anyio.Event()
+        self._partitions: dict[TopicPartition, Partition] = {}
+        self._in_flight = 0
+        self._commit_lock = anyio.Lock()
+        self._task_group: TaskGroup | None = None
+        # aiokafka clients need a running event loop: they are made in `run`.
+        self._clients: tuple[AIOKafkaConsumer, Sink] | None = None
+        self.records_in = self.records_done = self.handler_errors = self.commits = 0
+        self.last_commit_seconds = 0.0
+
+    # -- construction -------------------------------------------------------------------
+
+    def _make_consumer(self) -> AIOKafkaConsumer:
+        config = self._config
+        exactly_once = config.guarantee == "exactly-once"
+        return AIOKafkaConsumer(
+            **self._settings.kafka.client_options(),
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",  # a new group must not skip what is already there
+            isolation_level="read_committed" if exactly_once else "read_uncommitted",
+            max_poll_interval_ms=config.max_poll_interval_ms,
+            rebalance_timeout_ms=config.rebalance_timeout_ms,
+            session_timeout_ms=config.session_timeout_ms,
+            heartbeat_interval_ms=max(100, min(3000, config.session_timeout_ms // 3)),
+            # Memory: aiokafka buffers at most one fetch per partition, bounded by these.
+            max_partition_fetch_bytes=1024 * 1024,
+            fetch_max_bytes=16 * 1024 * 1024,
+            max_poll_records=min(config.max_in_flight, 500),
+        )
+
+    def _make_sink(self, consumer: AIOKafkaConsumer) -> Sink:
+        options: dict[str, Any] = {"linger_ms": 5}
+        if self._config.guarantee == "exactly-once":
+            return ExactlyOnceSink(self._settings.kafka, self.group_id, options)
+        return AtLeastOnceSink(self._settings.kafka, consumer, options)
+
+    @property
+    def _consumer(self) -> AIOKafkaConsumer:
+        assert self._clients is not None, "the engine is not running"
+        return self._clients[0]
+
+    @property
+    def _sink(self) -> Sink:
+        assert self._clients is not None, "the engine is not running"
+        return self._clients[1]
+
+    # -- public surface -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Process until `stop()` (or cancellation); drain, commit and close on the way out."""
+        await self._start()
+        try:
+            async with anyio.create_task_group() as group:
+                self._task_group = group
+                group.start_soon(self._commit_loop)
+                await self._fetch()
+                await self._drain(self._config.shutdown_grace_s)
+                group.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await self._commit()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close()
+
+    def stop(self) -> None:
+        """Graceful stop: no new work, drain up to `shutdown_grace_s`, commit, close."""
+        self._stopping.set()
+
+    def snapshot(self) -> EngineSnapshot:
+        return EngineSnapshot(
+            name=self.name,
+            group_id=self.group_id,
+            guarantee=self._config.guarantee,
+            assigned=len(self._partitions),
+            in_flight=self._in_flight,
+            records_in=self.records_in,
+            records_done=self.records_done,
+            handler_errors=self.handler_errors,
+            commits=self.commits,
+            last_commit_seconds=self.last_commit_seconds,
+            partitions=tuple(_partition_snapshot(p) for p in self._partitions.values()),
+        )
+
+    def __repr__(self) -> str:
+        s = self.snapshot()
+        return (
+            f"<Engine {s.name} group={s.group_id} {s.guarantee} assigned={s.assigned} "
+            f"in_flight={s.in_flight} in={s.records_in} done={s.records_done} "
+            f"errors={s.handler_errors} commits={s.commits}>"
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        consumer = self._make_consumer()
+        self._clients = (consumer, self._make_sink(consumer))
+        await self._sink.start()
+        self._consumer.subscribe(self._topics, listener=_Listener(self))
+        try:
+            await self._consumer.start()
+        except (AIOKafkaError, OSError) as exc:
+            await self._sink.stop()
+            raise translate(exc, self._settings.kafka, "starting the consumer") from exc
+
+    async def _close(self) -> None:
+        with anyio.move_on_after(_CLOSE_TIMEOUT_S):
+            # Leaving the group triggers no revoke callback: forget partitions first.
+            tps = list(self._partitions)
+            self._partitions.clear()
+            await self._sink.revoked(tps)
+            await self._sink.stop()
+            await self._consumer.stop()
+        log.info("engine %s closed: %r", self.name, self)
+
+    async def _drain(self, grace_s: float) -> None:
+        for partition in self._partitions.values():
+            partition.drop_queued()
+        with anyio.move_on_after(grace_s):
+            for partition in list(self._partitions.values()):
+                await partition.idle.wait()
+        abandoned = sum(p.abandon() for p in self._partitions.values())
+        if abandoned:
+            log.warning("shutdown grace over: abandoned %d running records", abandoned)
+
+    # -- fetch → dispatch → process -----------------------------------------------------
+
+    async def _fetch(self) -> None:
+        while not self._stopping.is_set():
+            batch: dict[TopicPartition, list[Record]] = {}
+            # getmany also waits, without a deadline, for a rebalance to finish.
+            with anyio.move_on_after(1.0):
+                try:
+                    batch = await self._consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS)
+                except AIOKafkaError as exc:
+                    raise translate(exc, self._settings.kafka, "fetching records") from exc
+            for tp, records in batch.items():
+                self._dispatch(tp, records)
+            self._start_ready()
+            self._update_flow()
+
+    def _dispatch(self, tp: TopicPartition, records: list[Record]) -> None:
+        partition = self._partitions.get(tp)
+        if partition is None or partition.revoked:
+            # Fetched before our assignment callback set the partition up (or after revoke):
+            # put the position back so nothing is skipped.
+            self._seek(tp, records[0].offset)
+            return
+        for record in records:
+            self.records_in += 1
+            if partition.offsets.accept(record.offset):
+                partition.enqueue(record)
+            else:
+                self.records_done += 1  # finished before (per the committed metadata)
+
+    def _start_ready(self) -> None:
+        """Start queued records while there is capacity: live partitions first, in turns."""
+        limit, per_partition = self._config.max_in_flight, self._config.max_in_flight_per_partition
+        live = [p for p in self._partitions.values() if not p.low_priority]
+        low = [p for p in self._partitions.values() if p.low_priority]
+        for lane in (live, low):
+            progress = True
+            while progress and self._in_flight < limit:
+                progress = False
+                for partition in lane:
+                    if self._in_flight >= limit or not partition.has_ready():
+                        continue
+                    if partition.in_flight >= per_partition:
+                        continue
+                    if partition.low_priority and not self._spare_capacity():
+                        return
+                    self._launch(partition)
+                    progress = True
+
+    def _spare_capacity(self) -> bool:
+        """Room for low-priority work: no live record waits and in-flight is below 90 %."""
+        limit = self._config.max_in_flight
+        if self._in_flight >= limit - max(1, limit // 10):
+            return False
+        return not any(p.queued for p in self._partitions.values() if not p.low_priority)
+
+    def _launch(self, partition: Partition) -> None:
+        assert self._task_group is not None
+        record = partition.start_next()
+        self._in_flight += 1
+        self._task_group.start_soon(self._process, partition, record)
+
+    async def _process(self, partition: Partition, record: Record) -> None:
+        scope = anyio.CancelScope()
+        partition.scopes.add(scope)
+        try:
+            if partition.revoked:
+                return  # abandoned before it began: left unfinished for the next owner
+            with scope:
+                outputs = await self._call_handler(record)
+                await self._sink.write(partition, record.offset, outputs)
+                self.records_done += 1
+        finally:
+            partition.scopes.discard(scope)
+            partition.done(record)
+            self._in_flight -= 1
+        if not self._stopping.is_set():
+            self._start_ready()
+            self._update_flow()
+
+    async def _call_handler(self, record: Record) -> Sequence[Output]:
+        try:
+            return await self._handler(record)
+        except Exception as exc:
+            # The stage turns it into a dead letter; the worker carries on.
+            self.handler_errors += 1
+            log.warning(
+                "handler failed on %s[%d]@%d: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                type(exc).__name__,
+                exc_info=exc,
+            )
+            return self._on_error(record, exc)
+
+    # -- flow control -------------------------------------------------------------------
+
+    def _update_flow(self) -> None:
+        """Pause partitions whose queue is full (or low-priority ones without spare room)."""
+        config = self._config
+        total_queued = sum(p.queued for p in self._partitions.values())
+        spare = self._spare_capacity()
+        for partition in self._partitions.values():
+            pause = (
+                partition.revoked
+                or _full(partition.queued, config.max_in_flight_per_partition, partition.paused)
+                or _full(total_queued, config.max_in_flight, partition.paused)
+                or partition.offsets.span >= _MAX_SPAN_FACTOR * config.max_in_flight_per_partition
+                or (partition.low_priority and not spare)
+            )
+            if pause != partition.paused:
+                self._set_paused(partition, pause)
+
+    def _set_paused(self, partition: Partition, pause: bool) -> None:
+        try:
+            if pause:
+                self._consumer.pause(partition.tp)
+            else:
+                self._consumer.resume(partition.tp)
+        except Exception:
+            return
+        partition.paused = pause
+
+    def _seek(self, tp: TopicPartition, offset: int) -> None:
+        try:
+            self._consumer.seek(tp, offset)
+        except Exception as exc:
+            log.debug("not seeking %s to %d: %s", tp, offset, exc)
+
+    # -- commit -------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await anyio.sleep(self._config.commit_interval_s)
+            try:
+                await self._commit()
+            except KafkaError as exc:
+                if self._config.guarantee == "exactly-once":
+                    raise
+                # A rebalance or a Kafka hiccup: the next interval (or the revoke) commits.
+                log.warning("commit failed, retrying next interval: %s", exc)
+
+    async def _commit(self, partitions: Iterable[Partition] | None = None) -> None:
+        async with self._commit_lock:
+            chosen = list(self._partitions.values() if partitions is None else partitions)
+            if chosen and await self._sink.commit(chosen):
+                self.commits += 1
+                self.last_commit_seconds = time.time()
+
+    # -- rebalance ----------------------------------------------------------------------
+
+    async def _revoke(self, tps: set[TopicPartition]) -> None:
+        leaving = [self._partitions[tp] for tp in tps if tp in self._partitions]
+        for partition in leaving:
+            partition.revoked = True
+            partition.drop_queued()
+        with anyio.move_on_after(self._config.revoke_grace_s):
+            for partition in leaving:
+                await partition.idle.wait()
+        abandoned = sum(p.abandon() for p in leaving)
+        try:
+            await self._commit(leaving)
+        except KafkaError as exc:
+            log.warning("commit on revoke failed; the new owner re-runs from the last: %s", exc)
+        for partition in leaving:
+            self._partitions.pop(partition.tp, None)
+        await self._sink.revoked([p.tp for p in leaving])
+        log.info("revoked %d partitions (%d running records abandoned)", len(leaving), abandoned)
+
+    async def _assign(self, tps: set[TopicPartition]) -> None:
+        # Exactly-once: start the partition producers first; that fences the previous owner
+        # and settles its open transaction, so the committed offsets read next are final.
+        await self._sink.assigned(tps)
+        committed = await self._committed(tps)
+        key_ordering = self._config.ordering == "key"
+        for tp in tps:
+            offset, metadata = committed.get(tp, (None, ""))
+            if offset is None:
+                offsets = PartitionOffsets(-1)  # position unknown: accept from wherever
+            else:
+                offsets = PartitionOffsets(offset, decode_metadata(metadata, offset))
+                self._seek(tp, offset)
+            self._partitions[tp] = Partition(
+                tp, offsets, low_priority=tp.topic in self._low_priority, key_ordering=key_ordering
+            )
+        log.info("assigned %d partitions", len(tps))
+        self._update_flow()
+        self.ready.set()
+
+    async def _committed(self, tps: set[TopicPartition]) -> dict[TopicPartition, tuple[int, str]]:
+        """Committed offset and metadata per partition (the consumer's API drops metadata)."""
+        try:
+            # aiokafka 0.14 (pinned): the coordinator's fetch keeps the metadata.
+            found = await self._consumer._coordinator.fetch_committed_offsets(list(tps))
+        except AIOKafkaError as exc:
+            raise translate(exc, self._settings.kafka, "reading committed offsets") from exc
+        return {tp: (om.offset, om.metadata or "") for tp, om in found.items()}
+
+
+def _full(queued: int, window: int, paused: bool) -> bool:
+    """Hysteresis: pause at a full window, resume at half, so a resumed partition's next
+    fetch lands while its queue still feeds the running records."""
+    return queued > window // 2 if paused else queued >= window
+
+
+def _partition_snapshot(partition: Partition) -> PartitionSnapshot:
+    return PartitionSnapshot(
+        topic=partition.tp.topic,
+        partition=partition.tp.partition,
+        in_flight=partition.in_flight,
+        next_offset=partition.offsets.watermark,
+        finished_uncommitted=partition.offsets.finished_uncommitted,
+        paused=partition.paused,
+        oldest_in_flight_timestamp_ms=partition.oldest_running_timestamp(),
+    )
+
+
+async def run_until_signal(engine: Engine) -> None:
+    """Run `engine`; SIGTERM/SIGINT stops it gracefully, a second one cancels it at once."""
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    if engine._stopping.is_set():
+                        log.warning("second signal %d: stopping now", signum)
+                        group.cancel_scope.cancel()
+                        return
+                    log.info("signal %d: draining (up to the shutdown grace)", signum)
+                    engine.stop()
+
+        group.start_soon(watch)
+        await engine.run()
+        group.cancel_scope.cancel()

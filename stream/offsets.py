@@ -1,0 +1,206 @@
+"""Which offsets of one partition are finished, and what may be committed.
+
+Records of a partition finish out of order, but Kafka stores one committed offset per
+partition. `PartitionOffsets` commits the *watermark* (every record below it is finished)
+and carries the finished offsets above it in the commit metadata, so whoever reads the
+partition next (a restart, or the new owner after a rebalance) skips them and re-runs only
+what was really unfinished.
+
+Offsets are not assumed contiguous: transaction markers and compaction leave gaps, so the
+tracker only ever reasons about offsets it has *seen*. Between the watermark and the highest
+offset seen, every offset is either seen-and-tracked or a gap nobody will deliver.
+
+Metadata format (`encode_metadata`): base64url (no padding) of
+`version byte, varint(watermark), then pairs varint(gap), varint(run length)` describing
+runs of finished offsets above the watermark. It must fit Kafka's default
+`offset.metadata.max.bytes` (4096); when it would not, only a prefix of the runs is written:
+that re-runs some finished records later, and never claims an unfinished one finished.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "METADATA_MAX_CHARS",
+    "PartitionOffsets",
+    "decode_metadata",
+    "encode_metadata",
+]
+
+_VERSION = 1
+# Kafka's offset.metadata.max.bytes defaults to 4096; stay a little below it.
+METADATA_MAX_CHARS = 4000
+
+
+def _varint(value: int, out: bytearray) -> None:
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _runs(watermark: int, finished: Iterable[int]) -> list[tuple[int, int]]:
+    """(gap from the end of the previous run, length) for each run of sorted offsets."""
+    runs: list[tuple[int, int]] = []
+    cursor = watermark  # first offset not yet described
+    start = previous = None
+    for offset in finished:
+        if previous is not None and offset == previous + 1:
+            previous = offset
+            continue
+        if start is not None and previous is not None:
+            runs.append((start - cursor, previous - start + 1))
+            cursor = previous + 1
+        start = previous = offset
+    if start is not None and previous is not None:
+        runs.append((start - cursor, previous - start + 1))
+    return runs
+
+
+def encode_metadata(
+    watermark: int, finished: Iterable[int], max_chars: int = METADATA_MAX_CHARS
+) -> str:
+    """Commit metadata for sorted finished offsets above `watermark` (prefix if too long)."""
+    out = bytearray([_VERSION])
+    _varint(watermark, out)
+    max_bytes = max_chars * 3 // 4  # base64 turns 3 bytes into 4 characters
+    if len(out) > max_bytes:
+        return ""
+    for gap, length in _runs(watermark, finished):
+        pair = bytearray()
+        _varint(gap, pair)
+        _varint(length, pair)
+        if len(out) + len(pair) > max_bytes:
+            break  # a prefix: later finished records will merely be re-run
+        out += pair
+    return base64.urlsafe_b64encode(bytes(out)).decode().rstrip("=")
+
+
+def decode_metadata(metadata: str | None, committed: int) -> list[int]:
+    """Finished offsets above `committed` from commit metadata; [] for anything unexpected.
+
+    Metadata written for another watermark (an operator reset the offset, another tool
+    committed) or that is not ours is ignored: re-running is safe, skipping is not.
+    """
+    if not metadata:
+        return []
+    try:
+        data = base64.urlsafe_b64decode(metadata + "=" * (-len(metadata) % 4))
+        if not data or data[0] != _VERSION:
+            return []
+        watermark, pos = _read_varint(data, 1)
+        if watermark != committed:
+            return []
+        finished: list[int] = []
+        cursor = watermark
+        while pos < len(data):
+            gap, pos = _read_varint(data, pos)
+            length, pos = _read_varint(data, pos)
+            if length < 1 or length > 1_000_000:
+                return []
+            start = cursor + gap
+            finished.extend(range(start, start + length))
+            cursor = start + length
+        return finished
+    except (ValueError, binascii.Error):
+        return []
+
+
+class PartitionOffsets:
+    """Offsets of one partition from the moment a record is accepted until it is finished.
+
+    `accept` every fetched record in offset order; it answers False for a record already
+    finished (below the watermark or named in the metadata read at assignment), which
+    must then be skipped. `finish` it once its outputs are safely written. `watermark`
+    and `metadata()` are what to commit.
+    """
+
+    __slots__ = ("_done", "_high", "_restored", "_seen", "_watermark")
+
+    def __init__(self, committed: int, finished_above: Sequence[int] = ()) -> None:
+        self._watermark = committed
+        self._high = committed  # one past the highest offset seen
+        self._seen: deque[int] = deque()  # accepted offsets above the watermark, in order
+        self._done: set[int] = set()  # the finished ones among `_seen`
+        # finished per the metadata, not delivered again yet; always above `_high`
+        self._restored: deque[int] = deque(sorted(o for o in set(finished_above) if o >= committed))
+
+    @property
+    def watermark(self) -> int:
+        """Every record below this offset is finished: the offset to commit."""
+        return self._watermark
+
+    @property
+    def pending(self) -> int:
+        """Accepted records not finished yet (in flight or waiting to start)."""
+        return len(self._seen) - len(self._done)
+
+    @property
+    def finished_uncommitted(self) -> int:
+        """Finished records above the watermark (carried in the metadata)."""
+        return len(self._done) + len(self._restored)
+
+    @property
+    def span(self) -> int:
+        """Tracked offsets above the watermark: what this tracker holds in memory."""
+        return len(self._seen)
+
+    def accept(self, offset: int) -> bool:
+        """Track a fetched record; False if it is already finished and must be skipped."""
+        if offset < self._high:
+            return False  # re-delivered (a seek back): already tracked or finished
+        self._high = offset + 1
+        while self._restored and self._restored[0] < offset:
+            self._restored.popleft()  # a gap: that offset will never be delivered
+        if self._restored and self._restored[0] == offset:
+            self._restored.popleft()
+            self._seen.append(offset)
+            self._done.add(offset)
+            self._advance()
+            return False
+        self._seen.append(offset)
+        self._advance()
+        return True
+
+    def finish(self, offset: int) -> None:
+        """Mark an accepted record finished."""
+        if offset < self._watermark or offset >= self._high or offset in self._done:
+            return  # never accepted, or finished already: nothing to change
+        self._done.add(offset)
+        self._advance()
+
+    def finished_above(self) -> list[int]:
+        """Sorted finished offsets above the watermark."""
+        return sorted(self._done) + list(self._restored)
+
+    def metadata(self, max_chars: int = METADATA_MAX_CHARS) -> str:
+        return encode_metadata(self._watermark, self.finished_above(), max_chars)
+
+    def _advance(self) -> None:
+        seen, done = self._seen, self._done
+        while seen and seen[0] in done:
+            done.discard(seen.popleft())
+        # With nothing pending the watermark is one past the highest offset seen, which may
+        # be a gap (a transaction marker): committing it is what Kafka itself would do.
+        self._watermark = seen[0] if seen else max(self._high, self._watermark)

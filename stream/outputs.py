@@ -1,0 +1,256 @@
+"""Where a stage's outputs go, and how finished offsets are committed with them.
+
+Two sinks, one per delivery guarantee:
+
+- `AtLeastOnceSink`: one idempotent producer (`acks=all`). A record counts as finished
+  only once Kafka acknowledged every one of its outputs; offsets are committed by the
+  consumer. A crash re-runs what was not committed, so an output may appear twice.
+- `ExactlyOnceSink`: one transactional producer per input partition, its
+  `transactional_id` derived from group, topic and partition, so whoever owns the
+  partition next fences the previous owner (aiokafka has no group-generation fencing).
+  Outputs and the partition's offsets (watermark + metadata) commit in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError as AIOKafkaError
+
+from stream.config import KafkaSettings
+from stream.kafka import translate
+from stream.partitions import Partition
+
+__all__ = ["AtLeastOnceSink", "ExactlyOnceSink", "Output", "Sink"]
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_MAX_S = 5.0
+_CLOSE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One record a handler wants written."""
+
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+class Sink(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def assigned(self, tps: Iterable[TopicPartition]) -> None: ...
+    async def revoked(self, tps: Iterable[TopicPartition]) -> None: ...
+    async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> None:
+        """Write the outputs of the record at `offset`, then mark it finished."""
+
+    async def commit(self, partitions: Sequence[Partition]) -> int:
+        """Commit the partitions' watermarks; return how many changed."""
+
+
+def _changes(partitions: Iterable[Partition]) -> dict[Partition, tuple[int, str]]:
+    changed = {}
+    for partition in partitions:
+        offsets = partition.offsets
+        if offsets.watermark < 0:
+            continue  # nothing fetched yet on a partition without a committed offset
+        position = (offsets.watermark, offsets.metadata())
+        if position != partition.committed:
+            changed[partition] = position
+    return changed
+
+
+async def _send(producer: AIOKafkaProducer, outputs: Sequence[Output]) -> list[Any]:
+    """Hand the outputs to the producer; the futures resolve when Kafka acknowledges."""
+    return [
+        await producer.send(o.topic, o.value, key=o.key, headers=list(o.headers)) for o in outputs
+    ]
+
+
+class AtLeastOnceSink:
+    def __init__(
+        self, settings: KafkaSettings, consumer: AIOKafkaConsumer, producer_options: dict[str, Any]
+    ) -> None:
+        self._settings = settings
+        self._consumer = consumer
+        self._producer = AIOKafkaProducer(
+            **settings.client_options(), enable_idempotence=True, acks="all", **producer_options
+        )
+
+    async def start(self) -> None:
+        try:
+            await self._producer.start()
+        except (AIOKafkaError, OSError) as exc:
+            await self._producer.stop()
+            raise translate(exc, self._settings, "starting the producer") from exc
+
+    async def stop(self) -> None:
+        with anyio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+            await self._producer.stop()
+
+    async def assigned(self, tps: Iterable[TopicPartition]) -> None:
+        pass  # one producer serves every partition
+
+    async def revoked(self, tps: Iterable[TopicPartition]) -> None:
+        pass
+
+    async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> None:
+        attempt = 0
+        while True:
+            try:
+                for future in await _send(self._producer, outputs):
+                    await future
+                break
+            except AIOKafkaError as exc:
+                # Kafka is down or slow: keep the record unfinished and try again, so its
+                # offset is never committed without its outputs.
+                attempt += 1
+                delay = min(_BACKOFF_MAX_S, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
+                log.warning(
+                    "producing outputs of %s offset %d failed (%s), retry %d in %.1f s",
+                    partition.tp,
+                    offset,
+                    type(exc).__name__,
+                    attempt,
+                    delay,
+                )
+                await anyio.sleep(delay)
+        partition.offsets.finish(offset)
+
+    async def commit(self, partitions: Sequence[Partition]) -> int:
+        changed = _changes(partitions)
+        if not changed:
+            return 0
+        offsets = {partition.tp: position for partition, position in changed.items()}
+        try:
+            with anyio.fail_after(self._settings.request_timeout_ms / 1000):
+                await self._consumer.commit(offsets)
+        except (AIOKafkaError, TimeoutError) as exc:
+            raise translate(exc, self._settings, "committing offsets") from exc
+        for partition, position in changed.items():
+            partition.committed = position
+        return len(changed)
+
+
+class _Transactional:
+    """The producer of one input partition, and whether its transaction is open."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+        self.lock = anyio.Lock()
+        self.open = False
+
+    async def begin(self) -> None:
+        if not self.open:
+            await self.producer.begin_transaction()
+            self.open = True
+
+
+class ExactlyOnceSink:
+    def __init__(
+        self, settings: KafkaSettings, group_id: str, producer_options: dict[str, Any]
+    ) -> None:
+        self._settings = settings
+        self._group_id = group_id
+        self._options = producer_options
+        self._producers: dict[TopicPartition, _Transactional] = {}
+
+    def transactional_id(self, tp: TopicPartition) -> str:
+        return f"{self._group_id}.{tp.topic}.{tp.partition}"
+
+    async def start(self) -> None:
+        pass  # producers come with partitions
+
+    async def stop(self) -> None:
+        await self.revoked(list(self._producers))
+
+    async def assigned(self, tps: Iterable[TopicPartition]) -> None:
+        """Start (and so fence any previous owner of) each partition's producer."""
+        async with anyio.create_task_group() as group:
+            for tp in tps:
+                if tp not in self._producers:
+                    group.start_soon(self._start_producer, tp)
+
+    async def _start_producer(self, tp: TopicPartition) -> None:
+        producer = AIOKafkaProducer(
+            **self._settings.client_options(),
+            transactional_id=self.transactional_id(tp),
+            **self._options,
+        )
+        started = time.monotonic()
+        try:
+            # init_transactions: bumps the epoch, aborts the old owner's open transaction
+            await producer.start()
+        except (AIOKafkaError, OSError) as exc:
+            await producer.stop()
+            raise translate(exc, self._settings, f"starting the producer for {tp}") from exc
+        log.debug("transactional producer for %s ready in %.3f s", tp, time.monotonic() - started)
+        self._producers[tp] = _Transactional(producer)
+
+    async def revoked(self, tps: Iterable[TopicPartition]) -> None:
+        for tp in list(tps):
+            txn = self._producers.pop(tp, None)
+            if txn is not None:
+                with anyio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+                    await txn.producer.stop()  # an open transaction is aborted by the broker
+
+    async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> None:
+        txn = self._producers.get(partition.tp)
+        if txn is None:
+            return  # the partition left (its transaction is settled): abandoned, re-run later
+        # Shielded: the outputs and the "finished" mark go into the transaction together,
+        # or neither does (an abandoned record must not leave orphan outputs behind).
+        with anyio.CancelScope(shield=True):
+            async with txn.lock:
+                try:
+                    await txn.begin()
+                    await _send(txn.producer, outputs)
+                except AIOKafkaError as exc:
+                    raise translate(exc, self._settings, "producing outputs") from exc
+                partition.offsets.finish(offset)
+
+    async def commit(self, partitions: Sequence[Partition]) -> int:
+        changed = _changes(partitions)
+        todo = [p for p in partitions if p in changed or self._is_open(p)]
+        async with anyio.create_task_group() as group:
+            for partition in todo:
+                group.start_soon(self._commit_one, partition)
+        return len(todo)
+
+    def _is_open(self, partition: Partition) -> bool:
+        txn = self._producers.get(partition.tp)
+        return txn is not None and txn.open
+
+    async def _commit_one(self, partition: Partition) -> None:
+        txn = self._producers.get(partition.tp)
+        if txn is None:
+            return
+        async with txn.lock:
+            # Read under the lock: no record can finish between this and the commit.
+            position = (partition.offsets.watermark, partition.offsets.metadata())
+            try:
+                with anyio.fail_after(self._settings.request_timeout_ms / 1000):
+                    await txn.begin()
+                    await txn.producer.send_offsets_to_transaction(
+                        {partition.tp: position}, self._group_id
+                    )
+                    await txn.producer.commit_transaction()
+            except (AIOKafkaError, TimeoutError) as exc:
+                # A fenced or failed transaction cannot be repaired here: its outputs are
+                # aborted, so the records must be re-run from the last commit. Crash to let
+                # a restart (or the partition's new owner) do that from committed state.
+                raise translate(
+                    exc, self._settings, f"committing the transaction of {partition.tp}"
+                ) from exc
+            txn.open = False
+            partition.committed = position

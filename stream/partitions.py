@@ -1,0 +1,108 @@
+"""The engine's state for one assigned partition: what waits, what runs, what is finished.
+
+A `Partition` holds the records fetched but not started (`queued`), counts those running,
+and owns the `PartitionOffsets` tracker that says what may be committed. With per-key
+ordering, a record whose key is busy waits in that key's own line and joins the queue
+when the record before it finishes, so one slow key never blocks the others.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, TypeAlias
+
+import anyio
+from aiokafka import ConsumerRecord, TopicPartition
+
+from stream.offsets import PartitionOffsets
+
+__all__ = ["Partition"]
+
+Record: TypeAlias = "ConsumerRecord[Any, Any]"
+
+
+class Partition:
+    """One assigned partition: its queue, its running records and its offsets."""
+
+    def __init__(
+        self,
+        tp: TopicPartition,
+        offsets: PartitionOffsets,
+        *,
+        low_priority: bool,
+        key_ordering: bool,
+    ) -> None:
+        self.tp = tp
+        self.offsets = offsets
+        self.low_priority = low_priority
+        self.key_ordering = key_ordering
+        self.paused = False
+        self.revoked = False  # no new work: the partition is leaving this worker
+        self.committed: tuple[int, str] | None = None  # last (offset, metadata) committed
+        self.running: dict[int, int] = {}  # offset → record timestamp, for the snapshot
+        self.scopes: set[anyio.CancelScope] = set()  # to abandon running records on revoke
+        self.idle = anyio.Event()  # set whenever nothing of this partition is running
+        self.idle.set()
+        self._ready: deque[Record] = deque()
+        self._blocked: dict[bytes, deque[Record]] = {}  # busy key → records behind it
+        self._blocked_count = 0
+
+    @property
+    def queued(self) -> int:
+        """Records fetched and accepted but not started."""
+        return len(self._ready) + self._blocked_count
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.running)
+
+    def has_ready(self) -> bool:
+        return bool(self._ready) and not self.revoked
+
+    def enqueue(self, record: Record) -> None:
+        key = record.key if self.key_ordering else None
+        if key is not None and key in self._blocked:
+            self._blocked[key].append(record)
+            self._blocked_count += 1
+        else:
+            if key is not None:
+                self._blocked[key] = deque()  # the key is now busy until this one finishes
+            self._ready.append(record)
+
+    def start_next(self) -> Record:
+        record = self._ready.popleft()
+        self.running[record.offset] = record.timestamp
+        self.idle = anyio.Event() if self.idle.is_set() else self.idle
+        return record
+
+    def done(self, record: Record) -> None:
+        """The record stopped running (finished or abandoned): release its key and slot."""
+        self.running.pop(record.offset, None)
+        key = record.key if self.key_ordering else None
+        if key is not None and key in self._blocked:
+            behind = self._blocked[key]
+            if behind:
+                self._blocked_count -= 1
+                # Older than anything fetched since, so it goes to the front of the line.
+                self._ready.appendleft(behind.popleft())
+            else:
+                del self._blocked[key]
+        if not self.running:
+            self.idle.set()
+
+    def drop_queued(self) -> int:
+        """Forget records not started (the partition is leaving); they stay uncommitted."""
+        dropped = self.queued
+        self._ready.clear()
+        self._blocked.clear()
+        self._blocked_count = 0
+        return dropped
+
+    def oldest_running_timestamp(self) -> int | None:
+        return min(self.running.values(), default=None)
+
+    def abandon(self) -> int:
+        """Cancel whatever still runs; those records stay unfinished and will be re-run."""
+        for scope in self.scopes:
+            scope.cancel()
+        return len(self.scopes)
