@@ -27,6 +27,8 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 # Modules that add their own sub-commands: each has `register(commands)`, which adds a
 # parser to the `argparse` sub-parsers and sets `handler` (a `Handler`) as its default.
 COMMAND_MODULES: tuple[str, ...] = (
+    "stream.worker",
+    "stream.demo",
     "stream.simulator",
     "stream.lag",
     "stream.replay",
@@ -120,6 +122,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_stream_error(group: BaseExceptionGroup[BaseException]) -> StreamError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, StreamError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_stream_error(exc)
+            if found is not None:
+                return found
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -129,6 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, settings)
     except StreamError as exc:
         print(f"stream: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except BaseExceptionGroup as group:
+        # Task groups wrap what their tasks raise; a person still gets one line.
+        error = _first_stream_error(group)
+        if error is None:
+            raise
+        print(f"stream: error: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("stream: interrupted", file=sys.stderr)

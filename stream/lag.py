@@ -360,11 +360,19 @@ class LagMonitor:
             try:
                 async with LagReader(self._settings, fetch_timeout_s=self._fetch_timeout_s) as r:
                     while True:
-                        await self._round(r)
+                        await self._bounded_round(r)
                         await anyio.sleep(self.interval_s)
             except KafkaError as exc:
                 self._failed(exc)
                 await anyio.sleep(self.interval_s)
+
+    async def _bounded_round(self, reader: LagReader) -> None:
+        """A round that hangs (a broker that accepts but never answers) is a failed round."""
+        limit = 2 * self._fetch_timeout_s + 10.0
+        with anyio.move_on_after(limit) as scope:
+            await self._round(reader)
+        if scope.cancelled_caught:
+            self._failed(KafkaError(f"reading lag took over {limit:.0f} s; will try again"))
 
     async def _round(self, reader: LagReader) -> None:
         readings = await reader.read(self.groups)

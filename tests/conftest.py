@@ -56,7 +56,12 @@ def env(kafka_bootstrap: str, prefix: str) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(("STREAM_", "SYNTHETIC_", "TOGETHER_"))
     }
-    return {**keep, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "STREAM_TOPIC_PREFIX": prefix}
+    return {
+        **keep,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "STREAM_TOPIC_PREFIX": prefix,
+        "STREAM_METRICS_PORT": "0",  # tests run workers side by side
+    }
 
 
 @pytest.fixture

@@ -114,7 +114,8 @@ async def test_429_is_retried_and_insufficient_quota_is_not(
     with pytest.raises(RetryableProviderError) as limited:
         await client.complete(GLM, _ask("[[sim:429/0.01]]"))
     assert limited.value.error_type == "rate_limited" and limited.value.attempts == 3
-    assert client.limiter.limit < client.settings.max_connections  # it backed off
+    assert client.limiter(GLM).limit < client.settings.max_connections  # it backed off
+    assert client.limiter(R1).limit == client.settings.max_connections  # others did not
     with pytest.raises(FatalProviderError) as quota:
         await client.complete(GLM, _ask("[[sim:quota]]"))
     assert quota.value.error_type == "insufficient_quota" and quota.value.attempts == 1

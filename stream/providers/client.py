@@ -86,7 +86,9 @@ class ProviderClient:
         self._rng = rng or random.Random()
         self._breakers: dict[str, CircuitBreaker] = {}
         self._reported: dict[str, str] = {}
-        self.limiter = AdaptiveLimiter(settings.max_connections)
+        # One limiter per model, not per provider: a model that is down answers 503 for
+        # itself, and must not shrink the concurrency of the provider's healthy models.
+        self._limiters: dict[str, AdaptiveLimiter] = {}
         self._http = self._http_client(settings, transport)
         # Parsed once: merging a relative path into base_url re-parses a URL per request.
         self._url = httpx.URL(settings.base_url.rstrip("/") + "/chat/completions")
@@ -122,7 +124,15 @@ class ProviderClient:
         await self._http.aclose()
 
     def __repr__(self) -> str:
-        return f"ProviderClient({self.provider} {self.settings.base_url}, {self.limiter!r})"
+        limits = {model: round(limiter.limit) for model, limiter in self._limiters.items()}
+        return f"ProviderClient({self.provider} {self.settings.base_url}, limits={limits})"
+
+    def limiter(self, model: Model) -> AdaptiveLimiter:
+        """The adaptive concurrency limit of one model at this provider."""
+        limiter = self._limiters.get(model.id)
+        if limiter is None:
+            limiter = self._limiters[model.id] = AdaptiveLimiter(self.settings.max_connections)
+        return limiter
 
     def breaker_state(self, model: Model) -> str:
         state = self._breaker(model).state(time.monotonic())
@@ -251,28 +261,29 @@ class ProviderClient:
         outcome: Outcome = "neutral"
         throttled = False
         try:
-            permit = await self._acquire(end)
+            permit = await self._acquire(self.limiter(model), end)
             if permit is None:
                 return _Failure(retryable=True, error_type="deadline", message="no slot in time")
-            result, label, seconds = await self._timed_send(body, json_output, end)
+            result, label, seconds = await self._timed_send(model, body, json_output, end)
             outcome, throttled = self._judge(result)
         finally:
             self._settle(model, permit, outcome, throttled)
         self._note_attempt(model, result, label, seconds, request_id, attempt)
         return result
 
-    async def _acquire(self, end: float) -> Permit | None:
-        permit = self.limiter.try_acquire()
+    @staticmethod
+    async def _acquire(limiter: AdaptiveLimiter, end: float) -> Permit | None:
+        permit = limiter.try_acquire()
         if permit is not None:
             return permit
         try:
             with anyio.fail_after(end - time.monotonic()):
-                return await self.limiter.acquire()
+                return await limiter.acquire()
         except TimeoutError:
             return None
 
     async def _timed_send(
-        self, body: bytes, json_output: bool, end: float
+        self, model: Model, body: bytes, json_output: bool, end: float
     ) -> tuple[Parsed | _Failure, str, float]:
         start = time.monotonic()
         try:
@@ -286,16 +297,16 @@ class ProviderClient:
             failure = _Failure(retryable=True, error_type=f"{label}_error", message=_describe(exc))
             return failure, label, time.monotonic() - start
         return (
-            self._read(response, json_output),
+            self._read(model, response, json_output),
             status_class(response.status_code),
             (time.monotonic() - start),
         )
 
-    def _read(self, response: httpx.Response, json_output: bool) -> Parsed | _Failure:
+    def _read(self, model: Model, response: httpx.Response, json_output: bool) -> Parsed | _Failure:
         # Quota headers ride on successes too: the last call before the wall is a 200.
         pause = ratelimit_pause(response.headers)
         if pause:
-            self.limiter.pause(pause)
+            self.limiter(model).pause(pause)
         if response.status_code == 200:
             try:
                 return parse_completion(response.content, json_output=json_output)
@@ -337,7 +348,7 @@ class ProviderClient:
         self, model: Model, permit: Permit | None, outcome: Outcome, throttled: bool
     ) -> None:
         if permit is not None:
-            self.limiter.release(permit, throttled=throttled, success=outcome == "success")
+            self.limiter(model).release(permit, throttled=throttled, success=outcome == "success")
         self._observe(model, self._breaker(model).record(outcome, time.monotonic()))
 
     def _note_attempt(

@@ -1,0 +1,262 @@
+"""The two stages of the pipeline, each a handler `record → outputs` for the engine.
+
+primary:  request → Synthetic → result, or → the fallback topic with the failure attached
+fallback: fallback record → MODEL_FALLBACKS → Together → result, or → a dead letter
+
+Every input ends in exactly one output record, chosen here; the engine decides when it
+counts as done. Bad input is a dead letter with its original bytes, never an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from stream import records
+from stream.catalog import Catalog, Model, get_fallback_provider
+from stream.config import Settings
+from stream.engine import Output
+from stream.errors import InvalidRecordError, ProviderError
+from stream.providers import Completion, ProviderClient
+from stream.records import Decoder, Request, SourceRecord
+
+__all__ = ["FallbackStage", "PrimaryStage", "StageObserver", "Topics"]
+
+log = logging.getLogger(__name__)
+
+
+class StageObserver(Protocol):
+    """Where outcomes are counted (the metrics module implements it)."""
+
+    def record_outcome(self, stage: str, outcome: str, reason: str | None = None) -> None: ...
+
+    def record_fallback(self, from_model: str, to_model: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The real names of the pipeline's topics (the prefix applied)."""
+
+    requests: str
+    backfill: str
+    fallback: str
+    results: str
+    dead_letter: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> Topics:
+        return cls(
+            requests=settings.topic("predictions.requests"),
+            backfill=settings.topic("predictions.backfill"),
+            fallback=settings.topic("predictions.fallback"),
+            results=settings.topic("predictions.results"),
+            dead_letter=settings.topic("predictions.dead-letter"),
+        )
+
+
+class _Stage:
+    name = "stage"
+
+    def __init__(self, settings: Settings, catalog: Catalog, observer: StageObserver | None):
+        self.topics = Topics.of(settings)
+        self._catalog = catalog
+        self._observer = observer
+
+    def on_error(self, record: SourceRecord, exc: BaseException) -> Sequence[Output]:
+        """A bug in a handler: the record becomes a dead letter and the worker goes on."""
+        log.error(
+            "handler failed on %s[%d]@%d: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            type(exc).__name__,
+            extra={"stage": self.name},
+            exc_info=exc,
+        )
+        return [self._dead(record, "handler_error", f"{type(exc).__name__}: {exc}")]
+
+    def _dead(
+        self,
+        record: SourceRecord,
+        reason: str,
+        error: str,
+        *,
+        request: dict[str, Any] | None = None,
+        failures: Sequence[dict[str, Any]] = (),
+    ) -> Output:
+        self._count("dead_letter", reason)
+        value = records.dead_letter(
+            record, reason=reason, error=error, stage=self.name, request=request, failures=failures
+        )
+        request_id = request.get("request_id") if request else None
+        return self._output(record, self.topics.dead_letter, value, request_id)
+
+    def _result(
+        self,
+        record: SourceRecord,
+        request: Request,
+        done: Completion,
+        *,
+        attempts: int,
+        fallback: bool,
+    ) -> Output:
+        self._count("result", "fallback" if fallback else None)
+        value = records.result_record(
+            request,
+            provider=done.provider,
+            provider_model=done.provider_model,
+            content=done.content,
+            reasoning=done.reasoning,
+            usage=done.usage,
+            attempts=attempts,
+            latency_ms=done.latency_ms,
+            fallback=fallback,
+        )
+        return self._output(record, self.topics.results, value, request.request_id)
+
+    @staticmethod
+    def _output(record: SourceRecord, topic: str, value: bytes, request_id: Any) -> Output:
+        rid = request_id if isinstance(request_id, str) else None
+        key = record.key if record.key is not None else (rid.encode() if rid else None)
+        return Output(
+            topic=topic, value=value, key=key, headers=records.output_headers(record, rid)
+        )
+
+    def _count(self, outcome: str, reason: str | None = None) -> None:
+        if self._observer is not None:
+            self._observer.record_outcome(self.name, outcome, reason)
+
+
+class PrimaryStage(_Stage):
+    """Runs a request on the provider its model lives on (Synthetic, by the catalog)."""
+
+    name = "primary"
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        clients: Mapping[str, ProviderClient],
+        observer: StageObserver | None = None,
+    ):
+        super().__init__(settings, catalog, observer)
+        self._clients = clients
+        self._decoder = Decoder(
+            settings.topics_dir / "request.schema.json",
+            max_bytes=settings.max_request_bytes,
+            known_models=lambda model: catalog.get(model) is not None,
+        )
+
+    async def handle(self, record: SourceRecord) -> Sequence[Output]:
+        try:
+            request = self._decoder.decode(record.value, now=time.time())
+        except InvalidRecordError as exc:
+            return [self._dead(record, exc.reason, exc.message, request=exc.request)]
+        model = self._catalog.get(request.model)
+        assert model is not None  # the decoder checked the catalog
+        try:
+            done = await self._call(model, request)
+        except ProviderError as exc:
+            self._count("fallback", exc.error_type)
+            failure = records.failure_of(exc)
+            value = records.fallback_record(request, failure)
+            return [self._output(record, self.topics.fallback, value, request.request_id)]
+        return [self._result(record, request, done, attempts=done.attempts, fallback=False)]
+
+    async def _call(self, model: Model, request: Request) -> Completion:
+        client = self._clients[model.provider]
+        return await client.complete(
+            model,
+            request.messages,
+            request.params,
+            deadline=request.deadline,
+            request_id=request.request_id,
+        )
+
+
+class FallbackStage(_Stage):
+    """Runs a failed request on its MODEL_FALLBACKS target at Together, or dead-letters it."""
+
+    name = "fallback"
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        together: ProviderClient,
+        observer: StageObserver | None = None,
+    ):
+        super().__init__(settings, catalog, observer)
+        self._together = together
+        self._settings = settings
+        self._decoder = Decoder(
+            settings.topics_dir / "fallback.schema.json",
+            max_bytes=settings.max_request_bytes + 8192,  # room for the failure
+            known_models=lambda model: catalog.get(model) is not None,
+        )
+
+    async def handle(self, record: SourceRecord) -> Sequence[Output]:
+        try:
+            body = self._decoder.parse(record.value)
+        except InvalidRecordError as exc:
+            return [self._dead(record, exc.reason, exc.message)]
+        failure = body.pop("failure")
+        try:
+            request = records.request_of(body)
+            records.check_deadline(request, time.time())
+        except InvalidRecordError as exc:
+            return [self._dead(record, exc.reason, exc.message, request=body, failures=[failure])]
+        return [await self._fall_back(record, request, failure)]
+
+    async def _fall_back(
+        self, record: SourceRecord, request: Request, failure: dict[str, Any]
+    ) -> Output:
+        target = get_fallback_provider(request.model, self._catalog, self._settings)
+        if target is not None:
+            return await self._run_fallback(record, request, failure, target)
+        mapped = self._catalog.fallback_for(request.model)
+        if mapped is None:
+            return self._dead(
+                record,
+                "no_fallback",
+                f"{request.model} has no fallback model",
+                request=request.body,
+                failures=[failure],
+            )
+        return self._dead(
+            record,
+            "fallback_unconfigured",
+            f"{request.model} falls back to {mapped.id} at Together, but "
+            "TOGETHER_API_KEY is not set",
+            request=request.body,
+            failures=[failure],
+        )
+
+    async def _run_fallback(
+        self, record: SourceRecord, request: Request, failure: dict[str, Any], target: Model
+    ) -> Output:
+        try:
+            done = await self._together.complete(
+                target,
+                request.messages,
+                request.params,
+                deadline=request.deadline,
+                request_id=request.request_id,
+            )
+        except ProviderError as exc:
+            return self._dead(
+                record,
+                "fallback_failed",
+                f"{request.model} failed on {failure['provider']} and "
+                f"{target.id} failed on together: {exc.message[:200]}",
+                request=request.body,
+                failures=[failure, records.failure_of(exc)],
+            )
+        if self._observer is not None:
+            self._observer.record_fallback(request.model, target.id)
+        return self._result(
+            record, request, done, attempts=failure["attempts"] + done.attempts, fallback=True
+        )

@@ -1,0 +1,181 @@
+"""`stream run primary|fallback|all`: a worker process, its engines, clients and signals.
+
+One process can run either stage or both (`all`, for small deployments). Scaling out is
+more processes with the same command: Kafka's consumer groups share the partitions.
+SIGTERM/SIGINT stop fetching and drain in-flight work for `STREAM_SHUTDOWN_GRACE_S`, then
+commit and exit; a second signal exits at once (what is not committed runs again later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from stream import logs
+from stream.catalog import Catalog, load_catalog
+from stream.config import Settings
+from stream.engine import Engine
+from stream.errors import KafkaError
+from stream.health import Health, serve
+from stream.kafka import admin_client
+from stream.lag import LagMonitor
+from stream.metrics import Metrics
+from stream.providers import ProviderClient
+from stream.stages import FallbackStage, PrimaryStage, StageObserver, Topics
+
+__all__ = ["Worker", "register"]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("primary", "fallback")
+PRIMARY_GROUP = "predictions-primary"
+FALLBACK_GROUP = "predictions-fallback"
+GROUPS = {"primary": PRIMARY_GROUP, "fallback": FALLBACK_GROUP}
+
+
+class Worker:
+    """The engines of one process, sharing provider clients (and connection pools), with
+    `/metrics`, `/healthz`, `/readyz` and a background lag monitor beside them."""
+
+    def __init__(
+        self, settings: Settings, stages: Sequence[str], *, catalog: Catalog | None = None
+    ) -> None:
+        self.settings = settings
+        self.stages = tuple(stages)
+        self.catalog = catalog or load_catalog(settings)
+        self.metrics = Metrics()
+        self.health = Health()
+        self.engines: list[Engine] = []
+        self.started = anyio.Event()  # set once `engines` is filled and `port` bound
+        self.port: int | None = None
+
+    def __repr__(self) -> str:
+        return f"Worker(stages={self.stages}, port={self.port}, engines={self.engines!r})"
+
+    async def run(self) -> None:
+        """Run until `stop()` (or cancellation); drain and commit on the way out."""
+        await check_topics(self.settings)
+        async with AsyncExitStack() as stack:
+            clients = {
+                name: await stack.enter_async_context(
+                    ProviderClient(getattr(self.settings, name), observer=self.metrics)
+                )
+                for name in ("synthetic", "together")
+            }
+            self.engines = [self._engine(stage, clients) for stage in self.stages]
+            async with anyio.create_task_group() as group:
+                await self._observe(group)
+                async with anyio.create_task_group() as engines:
+                    for engine in self.engines:
+                        engines.start_soon(engine.run)
+                group.cancel_scope.cancel()  # engines done: stop the monitor and the server
+
+    async def _observe(self, group: anyio.abc.TaskGroup) -> None:
+        """Start the lag monitor and the HTTP server; readiness follows the engines."""
+        groups = [self.settings.group(GROUPS[stage]) for stage in self.stages]
+        monitor = LagMonitor(self.settings.kafka, groups)
+        self.metrics.watch_lag(monitor)
+        self.health.require_kafka(monitor)
+        for engine in self.engines:
+            self.metrics.watch_engine(engine)
+            self.health.require_engine(engine)
+        await group.start(monitor.run)
+        self.port = await group.start(
+            serve, self.metrics, self.health, self.settings.metrics_host, self.settings.metrics_port
+        )
+        log.info("serving /metrics, /healthz and /readyz on port %s", self.port)
+        self.started.set()
+
+    def stop(self) -> None:
+        for engine in self.engines:
+            engine.stop()
+
+    def _engine(self, stage: str, clients: dict[str, ProviderClient]) -> Engine:
+        topics = Topics.of(self.settings)
+        observer: StageObserver = self.metrics
+        if stage == "primary":
+            primary = PrimaryStage(self.settings, self.catalog, clients, observer)
+            return Engine(
+                settings=self.settings,
+                name="primary",
+                group_id=self.settings.group(PRIMARY_GROUP),
+                topics=[topics.requests, topics.backfill],
+                handler=primary.handle,
+                on_error=primary.on_error,
+                low_priority_topics=[topics.backfill],
+            )
+        fallback = FallbackStage(self.settings, self.catalog, clients["together"], observer)
+        return Engine(
+            settings=self.settings,
+            name="fallback",
+            group_id=self.settings.group(FALLBACK_GROUP),
+            topics=[topics.fallback],
+            handler=fallback.handle,
+            on_error=fallback.on_error,
+        )
+
+
+async def check_topics(settings: Settings) -> None:
+    """Fail at start, in one line, when the pipeline's topics are missing."""
+    wanted = set(vars(Topics.of(settings)).values())
+    async with admin_client(settings.kafka, doing="checking topics") as admin:
+        missing = wanted - set(await admin.list_topics())
+    if missing:
+        raise KafkaError(
+            f"topics missing on {settings.kafka.bootstrap_servers}: {', '.join(sorted(missing))}"
+            "; create them with `stream topics apply`"
+        )
+
+
+async def run_until_signal(worker: Worker) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Second: exit now."""
+    async with anyio.create_task_group() as group:
+        group.start_soon(_watch_signals, worker, group.cancel_scope)
+        await worker.run()
+        group.cancel_scope.cancel()
+
+
+async def _watch_signals(worker: Worker, scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        received = 0
+        async for signum in signals:
+            received += 1
+            if received == 1:
+                log.info("%s: draining in-flight work, then exiting", signal.Signals(signum).name)
+                worker.stop()
+            else:
+                log.warning("second signal: exiting without draining")
+                scope.cancel()
+                return
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    logs.configure(settings.log_level, json=True)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    if args.guarantee:
+        from dataclasses import replace
+
+        settings = replace(settings, engine=replace(settings.engine, guarantee=args.guarantee))
+    anyio.run(run_until_signal, Worker(settings, stages))
+    return 0
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "run",
+        help="run the primary stage, the fallback stage, or both",
+        description="Consume, call the provider, produce one terminal record per request. "
+        "Scale out by running more processes with the same command.",
+    )
+    parser.add_argument("stage", choices=[*STAGES, "all"])
+    parser.add_argument(
+        "--guarantee", choices=["at-least-once", "exactly-once"], help="overrides STREAM_GUARANTEE"
+    )
+    parser.set_defaults(handler=_run)

@@ -1,0 +1,309 @@
+"""The pipeline end to end: real broker, both stages, the simulator over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import jsonschema
+import orjson
+import pytest
+
+from stream import topics
+from stream.config import Secret, Settings
+from stream.simulator import SimConfig, Simulator, parse_faults
+from stream.stages import Topics
+from stream.worker import Worker
+from tests.conftest import eventually, run_cli
+from tests.records import produce, read_all
+
+pytestmark = pytest.mark.anyio
+
+# Synthetic's Kimi-K2-Thinking and GLM-4.6 are down; Together's models are up.
+FAULTS = "hf:moonshotai/Kimi-K2-Thinking=rate:1:503;hf:zai-org/GLM-4.6=rate:1:500"
+TRACE = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+SCHEMAS = {
+    name: jsonschema.Draft7Validator(
+        orjson.loads((Settings().topics_dir / f"{name}.schema.json").read_bytes()),
+        format_checker=jsonschema.FormatChecker(),
+    )
+    for name in ("result", "dead-letter", "fallback")
+}
+
+
+def request(rid: str, model: str, text: str = "Say hello.", **extra: Any) -> bytes:
+    return orjson.dumps(
+        {
+            "request_id": rid,
+            "model": model,
+            "messages": [{"role": "user", "content": text}],
+            **extra,
+        }
+    )
+
+
+def simulated(settings: Settings, sim: Simulator, *, together_key: str = "sim") -> Settings:
+    return replace(
+        settings,
+        synthetic=replace(
+            settings.synthetic,
+            base_url=f"{sim.base}/openai/v1",
+            api_key=Secret("sim"),
+            max_retries=1,
+        ),
+        together=replace(
+            settings.together, base_url=sim.url, api_key=Secret(together_key), max_retries=1
+        ),
+    )
+
+
+@asynccontextmanager
+async def running(settings: Settings, faults: str = FAULTS) -> AsyncIterator[Settings]:
+    """Topics applied, the simulator up, and both stages running in this process."""
+    await topics.apply(settings, await topics.plan(settings))
+    async with Simulator(SimConfig(faults=parse_faults(faults))) as sim:
+        live = simulated(settings, sim)
+        worker = Worker(live, ("primary", "fallback"))
+        async with anyio.create_task_group() as group:
+            group.start_soon(worker.run)
+            await worker.started.wait()
+            for engine in worker.engines:
+                await engine.ready.wait()
+            yield live
+            worker.stop()
+
+
+async def terminal(
+    settings: Settings, count: int
+) -> dict[str, tuple[str, dict[str, Any], dict[str, bytes]]]:
+    """request id → (topic, record, headers) of every terminal record, once `count` exist."""
+    names = Topics.of(settings)
+    found: dict[str, Any] = {}
+
+    async def enough() -> bool:
+        found.clear()
+        for topic in (names.results, names.dead_letter):
+            for record in await read_all(settings, topic):
+                value = orjson.loads(record.value)
+                rid = value["request_id"] or dict(record.headers)["request-id"].decode()
+                assert rid not in found, f"two terminal records for {rid}"
+                found[rid] = (topic, value, dict(record.headers))
+        return len(found) >= count
+
+    await eventually(enough, timeout_s=60)
+    return found
+
+
+async def send(
+    settings: Settings,
+    items: list[tuple[str, bytes]],
+    headers: Callable[[str], list[tuple[str, bytes]]] | None = None,
+) -> None:
+    topic = settings.topic("predictions.requests")
+    await produce(
+        settings,
+        topic,
+        [
+            (
+                None,
+                rid.encode(),
+                value,
+                None,
+                headers(rid) if headers else [("request-id", rid.encode())],
+            )
+            for rid, value in items
+        ],
+    )
+
+
+async def test_every_request_ends_as_exactly_one_right_terminal_record(settings: Settings) -> None:
+    cases = {
+        "ok-r1": (request("ok-r1", "deepseek-r1-0528-syn"), "synthetic"),
+        "ok-v3": (
+            request("ok-v3", "deepseek-v3-0324-syn", metadata={"team": "search"}),
+            "synthetic",
+        ),
+        "fb-kimi": (request("fb-kimi", "kimi-k2-thinking-syn"), "together"),
+        "nofb-glm": (request("nofb-glm", "glm-4.6-syn"), "no_fallback"),
+        "both-fail": (
+            request("both-fail", "deepseek-r1-0528-syn", "[[sim:500]] hi"),
+            "fallback_failed",
+        ),
+        "unknown": (request("unknown", "gpt-17-syn"), "unknown_model"),
+        "expired": (
+            request("expired", "deepseek-r1-0528-syn", deadline="2020-01-01T00:00:00Z"),
+            "expired",
+        ),
+        "garbage": (b"\xff\xfenot json at all", "invalid_encoding"),
+        "wrong-types": (
+            orjson.dumps({"request_id": "wrong-types", "model": 5, "messages": "hi"}),
+            "invalid_request",
+        ),
+    }
+    async with running(settings) as live:
+        await send(
+            live,
+            [(rid, value) for rid, (value, _) in cases.items()],
+            headers=lambda rid: [("request-id", rid.encode()), ("traceparent", TRACE)],
+        )
+        found = await terminal(live, len(cases))
+
+    assert set(found) == set(cases)
+    for rid, (value, expected) in cases.items():
+        topic, record, headers = found[rid]
+        outcome = record.get("provider") or record.get("reason")
+        assert outcome == expected, (rid, record)
+        SCHEMAS["result" if "provider" in record else "dead-letter"].validate(record)
+        assert headers["request-id"] == rid.encode() and headers["traceparent"] == TRACE
+        if "reason" in record and record["request"] is None:
+            assert base64.b64decode(record["raw"]) == value  # the original bytes
+    assert found["ok-v3"][1]["metadata"] == {"team": "search"}
+    kimi = found["fb-kimi"][1]
+    assert kimi["fallback"] is True and kimi["provider_model"] == "moonshotai/Kimi-K2-Instruct"
+    assert kimi["attempts"] >= 2  # the failed Synthetic attempts count too
+    both = found["both-fail"][1]
+    assert [f["provider"] for f in both["failures"]] == ["synthetic", "together"]
+    assert both["request"]["request_id"] == "both-fail"  # kept for a re-drive
+    assert found["nofb-glm"][1]["failures"][0]["status"] == 500
+
+
+async def test_fallback_records_carry_the_failure_and_validate(settings: Settings) -> None:
+    async with running(settings) as live:
+        await send(live, [("fb-1", request("fb-1", "kimi-k2-thinking-syn"))])
+        await terminal(live, 1)
+        (hop,) = await read_all(live, live.topic("predictions.fallback"))
+    record = orjson.loads(hop.value)
+    SCHEMAS["fallback"].validate(record)
+    assert record["failure"]["provider"] == "synthetic"
+    assert record["failure"]["error_type"] in {"unavailable", "circuit_open"}
+    assert record["failure"]["status"] in {503, None}
+    assert dict(hop.headers)["request-id"] == b"fb-1"
+
+
+async def test_no_together_key_dead_letters_as_unconfigured(settings: Settings) -> None:
+    await topics.apply(settings, await topics.plan(settings))
+    async with Simulator(SimConfig(faults=parse_faults(FAULTS))) as sim:
+        live = simulated(settings, sim, together_key="")
+        worker = Worker(live, ("primary", "fallback"))
+        async with anyio.create_task_group() as group:
+            group.start_soon(worker.run)
+            await send(live, [("k-1", request("k-1", "kimi-k2-thinking-syn"))])
+            found = await terminal(live, 1)
+            worker.stop()
+    assert found["k-1"][1]["reason"] == "fallback_unconfigured"
+    assert "TOGETHER_API_KEY" in found["k-1"][1]["error"]
+
+
+async def test_a_malformed_record_between_two_good_ones(settings: Settings) -> None:
+    bad = b'{"request_id": "bad", "model": "deepseek-r1-0528-syn", "messages": [{"role"'
+    async with running(settings) as live:
+        topic = live.topic("predictions.requests")
+        await produce(
+            live,
+            topic,
+            [
+                (0, b"k", request("good-1", "deepseek-v3-0324-syn"), None, []),
+                (0, b"k", bad, None, [("request-id", b"bad")]),
+                (0, b"k", request("good-2", "deepseek-v3-0324-syn"), None, []),
+            ],
+        )
+        found = await terminal(live, 3)
+    assert found["good-1"][1]["provider"] == found["good-2"][1]["provider"] == "synthetic"
+    letter = found["bad"][1]
+    assert letter["reason"] == "invalid_json"
+    assert base64.b64decode(letter["raw"]) == bad
+    assert letter["source"]["topic"] == topic
+    assert (letter["source"]["partition"], letter["source"]["offset"]) == (0, 1)
+
+
+async def _kcat(*args: str, data: bytes | None = None) -> bytes:
+    done = await anyio.run_process(["kcat", *args], input=data, check=True)
+    return done.stdout
+
+
+@pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat is not installed")
+async def test_a_non_python_upstream_can_produce_and_read_with_kcat(settings: Settings) -> None:
+    async with running(settings) as live:
+        brokers = live.kafka.bootstrap_servers
+        await _kcat(
+            "-b",
+            brokers,
+            "-P",
+            "-t",
+            live.topic("predictions.requests"),
+            "-k",
+            "kcat-1",
+            "-H",
+            "request-id=kcat-1",
+            data=request("kcat-1", "deepseek-r1-0528-syn"),
+        )
+        await terminal(live, 1)
+        out = await _kcat(
+            "-b",
+            brokers,
+            "-C",
+            "-t",
+            live.topic("predictions.results"),
+            "-o",
+            "beginning",
+            "-e",
+            "-c",
+            "1",
+            "-f",
+            "%k\t%s\n",
+        )
+    key, value = out.decode().strip().split("\t", 1)
+    assert key == "kcat-1"
+    result = orjson.loads(value)
+    assert result["request_id"] == "kcat-1" and result["content"]
+
+
+async def test_stream_run_all_as_a_process_drains_on_sigterm(
+    settings: Settings, env: dict[str, str], tmp_path: Path
+) -> None:
+    await topics.apply(settings, await topics.plan(settings))
+    log = tmp_path / "worker.log"
+    async with Simulator(SimConfig()) as sim:
+        worker_env = {
+            **env,
+            "SYNTHETIC_BASE_URL": f"{sim.base}/openai/v1",
+            "SYNTHETIC_API_KEY": "sim",
+            "TOGETHER_BASE_URL": sim.url,
+            "TOGETHER_API_KEY": "sim",
+            "STREAM_METRICS_PORT": "0",
+        }
+        with log.open("wb") as stderr:
+            process = await anyio.open_process(
+                [sys.executable, "-m", "stream", "run", "all"], env=worker_env, stderr=stderr
+            )
+            try:
+                await send(
+                    settings,
+                    [(f"p-{i}", request(f"p-{i}", "deepseek-v3-0324-syn")) for i in range(20)],
+                )
+                await terminal(settings, 20)
+                process.send_signal(signal.SIGTERM)
+                with anyio.fail_after(60):
+                    code = await process.wait()
+            finally:
+                if process.returncode is None:
+                    process.kill()
+    output = log.read_text()
+    assert code == 0, output[-2000:]
+    assert "Traceback" not in output
+    for line in output.splitlines():
+        orjson.loads(line)  # every log line is a JSON object
+
+
+async def test_stream_run_without_topics_is_one_clear_line(env: dict[str, str]) -> None:
+    done = await run_cli(env, "run", "primary")
+    assert done.returncode == 1
+    assert "stream topics apply" in done.stderr and done.stderr.count("\n") == 1
