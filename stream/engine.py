@@ -103,8 +103,10 @@ class Engine:
         handler: Handler,
         on_error: ErrorHandler,
         low_priority_topics: Sequence[str] = (),
+        on_commit: Callable[[float], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_commit = on_commit  # hears each successful commit's duration in seconds
         self._config = settings.engine
         self.name = name
         self.group_id = group_id
@@ -384,9 +386,12 @@ class Engine:
     async def _commit(self, partitions: Iterable[Partition] | None = None) -> None:
         async with self._commit_lock:
             chosen = list(self._partitions.values() if partitions is None else partitions)
+            started = time.monotonic()
             if chosen and await self._sink.commit(chosen):
                 self.commits += 1
                 self.last_commit_seconds = time.time()
+                if self._on_commit is not None:
+                    self._on_commit(time.monotonic() - started)
 
     # -- rebalance ----------------------------------------------------------------------
 

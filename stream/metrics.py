@@ -247,8 +247,8 @@ def _engine_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
     gauges: dict[str, tuple[str, Callable[[EngineView], float]]] = {
         "stream_engine_assigned_partitions": ("Partitions assigned.", lambda s: s.assigned),
         "stream_in_flight": ("Records being processed now.", lambda s: s.in_flight),
-        "stream_engine_last_commit_duration_seconds": (
-            "Duration of the engine's last commit.",
+        "stream_engine_last_commit_timestamp_seconds": (
+            "Unix time of the engine's last successful commit (0 before the first).",
             lambda s: s.last_commit_seconds,
         ),
     }

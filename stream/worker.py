@@ -28,7 +28,7 @@ from stream.kafka import admin_client
 from stream.lag import LagMonitor
 from stream.metrics import Metrics
 from stream.providers import ProviderClient
-from stream.stages import FallbackStage, PrimaryStage, StageObserver, Topics
+from stream.stages import FallbackStage, PrimaryStage, Topics
 
 __all__ = ["Worker", "register"]
 
@@ -99,26 +99,27 @@ class Worker:
 
     def _engine(self, stage: str, clients: dict[str, ProviderClient]) -> Engine:
         topics = Topics.of(self.settings)
-        observer: StageObserver = self.metrics
+        group = self.settings.group(GROUPS[stage])
+        stage_: PrimaryStage | FallbackStage
         if stage == "primary":
-            primary = PrimaryStage(self.settings, self.catalog, clients, observer)
-            return Engine(
-                settings=self.settings,
-                name="primary",
-                group_id=self.settings.group(PRIMARY_GROUP),
-                topics=[topics.requests, topics.backfill],
-                handler=primary.handle,
-                on_error=primary.on_error,
-                low_priority_topics=[topics.backfill],
-            )
-        fallback = FallbackStage(self.settings, self.catalog, clients["together"], observer)
+            stage_ = PrimaryStage(self.settings, self.catalog, clients, self.metrics)
+            inputs, backfill = [topics.requests, topics.backfill], [topics.backfill]
+        else:
+            stage_ = FallbackStage(self.settings, self.catalog, clients["together"], self.metrics)
+            inputs, backfill = [topics.fallback], []
+
+        def on_commit(seconds: float) -> None:
+            self.metrics.observe_commit(group, seconds)
+
         return Engine(
             settings=self.settings,
-            name="fallback",
-            group_id=self.settings.group(FALLBACK_GROUP),
-            topics=[topics.fallback],
-            handler=fallback.handle,
-            on_error=fallback.on_error,
+            name=stage,
+            group_id=group,
+            topics=inputs,
+            handler=stage_.handle,
+            on_error=stage_.on_error,
+            low_priority_topics=backfill,
+            on_commit=on_commit,
         )
 
 

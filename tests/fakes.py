@@ -1,34 +1,12 @@
-"""Stand-ins with the exact shapes the engine (built elsewhere) exposes to metrics and health."""
+"""A stand-in engine for metrics and health tests: a snapshot the test sets, a ready event."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import anyio
 
+from stream.engine import EngineSnapshot, PartitionSnapshot
 
-class PartitionSnapshot(NamedTuple):
-    topic: str
-    partition: int
-    in_flight: int
-    next_offset: int
-    finished_uncommitted: int
-    paused: bool
-    oldest_in_flight_timestamp_ms: int | None
-
-
-class EngineSnapshot(NamedTuple):
-    name: str
-    group_id: str
-    guarantee: str
-    assigned: int
-    in_flight: int
-    records_in: int
-    records_done: int
-    handler_errors: int
-    commits: int
-    last_commit_seconds: float
-    partitions: tuple[PartitionSnapshot, ...]
+__all__ = ["EngineSnapshot", "FakeEngine", "PartitionSnapshot"]
 
 
 class FakeEngine:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import jsonschema
 import orjson
 import pytest
@@ -307,3 +308,49 @@ async def test_stream_run_without_topics_is_one_clear_line(env: dict[str, str]) 
     done = await run_cli(env, "run", "primary")
     assert done.returncode == 1
     assert "stream topics apply" in done.stderr and done.stderr.count("\n") == 1
+
+
+async def test_a_running_worker_serves_metrics_that_move_and_is_ready(
+    settings: Settings,
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await topics.apply(settings, await topics.plan(settings))
+    async with Simulator(SimConfig(faults=parse_faults(FAULTS))) as sim:
+        worker = Worker(simulated(settings, sim), ("primary", "fallback"))
+        async with anyio.create_task_group() as group, httpx.AsyncClient() as http:
+            group.start_soon(worker.run)
+            await worker.started.wait()
+            base = f"http://127.0.0.1:{worker.port}"
+            assert (await http.get(f"{base}/healthz")).status_code == 200
+            await send(
+                worker.settings,
+                [
+                    ("m-ok", request("m-ok", "deepseek-v3-0324-syn")),
+                    ("m-fb", request("m-fb", "kimi-k2-thinking-syn")),
+                    ("m-bad", b"{not json"),
+                ],
+            )
+            await terminal(worker.settings, 3)
+
+            async def ready() -> bool:
+                return (await http.get(f"{base}/readyz")).status_code == 200
+
+            await eventually(ready)
+            text = (await http.get(f"{base}/metrics")).text
+            worker.stop()
+    samples = [
+        (s.name, s.labels, s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
+
+    def total(name: str, **labels: str) -> float:
+        return sum(v for n, got, v in samples if n == name and labels.items() <= got.items())
+
+    assert total("stream_records_total", stage="primary", outcome="result") == 1
+    assert total("stream_records_total", stage="primary", outcome="fallback") == 1
+    assert total("stream_records_total", outcome="dead_letter", reason="invalid_json") == 1
+    assert total("stream_records_total", stage="fallback", outcome="result") == 1
+    assert total("stream_provider_request_duration_seconds_count", provider="synthetic") >= 2
+    assert total("stream_engine_records_done_total") >= 4
