@@ -24,6 +24,7 @@ import anyio
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from stream import logs
 from stream import topics as topics_module
 from stream.broker import LocalBroker, cache_dir
 from stream.config import Secret, Settings
@@ -211,11 +212,14 @@ def _progress_line(tally: Tally, worker: Worker, started: float) -> str:
     results = outcomes["synthetic"] + outcomes["together"]
     dead = sum(n for k, n in outcomes.items() if k not in ("synthetic", "together"))
     flying = sum(engine.snapshot().in_flight for engine in worker.engines)
+    lag: dict[str, int] = defaultdict(int)
+    for row in worker.monitor.rows():
+        lag[row.group.rsplit("-", 1)[-1]] += row.lag or 0
     return (
         f"{time.monotonic() - started:6.1f}s  published {len(tally.published):4d}  "
         f"results {results:4d} (via Together {outcomes['together']:3d})  "
         f"dead letters {dead:3d}  in flight {flying:4d}  "
-        f"waiting {len(tally.published) - len(tally.outcome):4d}"
+        f"lag primary {lag['primary']:4d} fallback {lag['fallback']:3d}"
     )
 
 
@@ -369,7 +373,7 @@ async def _drive(
 ) -> bool:
     names = Topics.of(settings)
     start = await _end_offsets(settings, [names.results, names.dead_letter])
-    worker = Worker(_metrics_port(settings), ("primary", "fallback"))
+    worker = Worker(_metrics_port(settings), ("primary", "fallback"), lag_interval_s=0.5)
     async with anyio.create_task_group() as outer:
         outer.start_soon(_collect, settings, start, tally)
         async with anyio.create_task_group() as inner:
@@ -387,6 +391,9 @@ async def _drive(
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    # The demo talks to a person: its own progress lines, plus warnings worth seeing
+    # (a circuit opening), not every worker's INFO line.
+    logs.configure(os.environ.get("STREAM_LOG_LEVEL", "WARNING"), json=False)
     ok = anyio.run(
         lambda: run_demo(
             settings,

@@ -385,7 +385,10 @@ class LagMonitor:
     def _failed(self, exc: KafkaError) -> None:
         self.errors += 1
         self.last_error = str(exc)
-        log.warning("lag round failed: %s", exc)
+        # A new cluster or group has no coordinator for a moment: worth a warning only if
+        # it lasts (the next round reports it again; /readyz shows it meanwhile).
+        transient = "CoordinatorNotAvailable" in str(exc) and self.last_success is None
+        log.log(logging.INFO if transient else logging.WARNING, "lag round failed: %s", exc)
         self._finish_round()
 
     def _finish_round(self) -> None:

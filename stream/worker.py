@@ -45,7 +45,12 @@ class Worker:
     `/metrics`, `/healthz`, `/readyz` and a background lag monitor beside them."""
 
     def __init__(
-        self, settings: Settings, stages: Sequence[str], *, catalog: Catalog | None = None
+        self,
+        settings: Settings,
+        stages: Sequence[str],
+        *,
+        catalog: Catalog | None = None,
+        lag_interval_s: float = 15.0,
     ) -> None:
         self.settings = settings
         self.stages = tuple(stages)
@@ -55,6 +60,8 @@ class Worker:
         self.engines: list[Engine] = []
         self.started = anyio.Event()  # set once `engines` is filled and `port` bound
         self.port: int | None = None
+        groups = [settings.group(GROUPS[stage]) for stage in self.stages]
+        self.monitor = LagMonitor(settings.kafka, groups, interval_s=lag_interval_s)
 
     def __repr__(self) -> str:
         return f"Worker(stages={self.stages}, port={self.port}, engines={self.engines!r})"
@@ -79,8 +86,7 @@ class Worker:
 
     async def _observe(self, group: anyio.abc.TaskGroup) -> None:
         """Start the lag monitor and the HTTP server; readiness follows the engines."""
-        groups = [self.settings.group(GROUPS[stage]) for stage in self.stages]
-        monitor = LagMonitor(self.settings.kafka, groups)
+        monitor = self.monitor
         self.metrics.watch_lag(monitor)
         self.health.require_kafka(monitor)
         for engine in self.engines:
