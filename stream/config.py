@@ -97,6 +97,7 @@ class ProviderSettings:
     connect_timeout_s: float = 10.0
     max_connections: int = 1000
     max_retries: int = 4
+    breaker_cooldown_s: float = 15.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -258,6 +259,7 @@ def _provider_settings(source: _Source, name: str, base_url: str) -> ProviderSet
         connect_timeout_s=source.number(f"STREAM_{upper}_CONNECT_TIMEOUT_S", 10.0, low=0.1),
         max_connections=source.integer(f"STREAM_{upper}_MAX_CONNECTIONS", 1000, low=1),
         max_retries=source.integer(f"STREAM_{upper}_MAX_RETRIES", 4, low=0, high=20),
+        breaker_cooldown_s=source.number(f"STREAM_{upper}_BREAKER_COOLDOWN_S", 15.0, low=0.1),
     )
 
 

@@ -59,9 +59,14 @@ def simulated(settings: Settings, sim: Simulator, *, together_key: str = "sim") 
             base_url=f"{sim.base}/openai/v1",
             api_key=Secret("sim"),
             max_retries=1,
+            breaker_cooldown_s=1.0,
         ),
         together=replace(
-            settings.together, base_url=sim.url, api_key=Secret(together_key), max_retries=1
+            settings.together,
+            base_url=sim.url,
+            api_key=Secret(together_key),
+            max_retries=1,
+            breaker_cooldown_s=1.0,
         ),
     )
 
@@ -354,3 +359,32 @@ async def test_a_running_worker_serves_metrics_that_move_and_is_ready(
     assert total("stream_records_total", stage="fallback", outcome="result") == 1
     assert total("stream_provider_request_duration_seconds_count", provider="synthetic") >= 2
     assert total("stream_engine_records_done_total") >= 4
+
+
+async def test_redrive_after_an_outage_turns_fallback_failed_into_results(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    # Each request fails its first four calls, whichever provider gets them: with one retry
+    # per provider, that is an outage of both for the first run, and over for the re-drive.
+    items = [
+        (f"o-{i}", request(f"o-{i}", "deepseek-r1-0528-syn", f"[[sim:503x4]] q{i}"))
+        for i in range(5)
+    ]
+    async with running(settings) as live:
+        await send(live, items)
+        first = await terminal(live, len(items))
+        assert {record["reason"] for _, record, _ in first.values()} == {"fallback_failed"}
+
+        done = await run_cli(env, "redrive", "--reason", "fallback_failed")
+        assert done.returncode == 0, done.stderr
+        results: dict[str, Any] = {}
+
+        async def all_answered() -> bool:
+            for record in await read_all(live, live.topic("predictions.results")):
+                results[orjson.loads(record.value)["request_id"]] = record
+            return len(results) == len(items)
+
+        await eventually(all_answered, timeout_s=60)
+    assert set(results) == {rid for rid, _ in items}
+    for record in results.values():
+        assert dict(record.headers)["attempt"] == b"2"  # the re-drive is the second attempt

@@ -81,10 +81,11 @@ class ProviderClient:
         self.settings = settings
         self.provider = settings.name
         self._observer = observer
-        self._breaker_config = breaker or BreakerConfig()
+        self._breaker_config = breaker or BreakerConfig(cooldown_s=settings.breaker_cooldown_s)
         self._backoff = backoff or Backoff()
         self._rng = rng or random.Random()
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._verdicts: dict[str, anyio.Event] = {}  # set when a half-open probe decides
         self._reported: dict[str, str] = {}
         # One limiter per model, not per provider: a model that is down answers 503 for
         # itself, and must not shrink the concurrency of the provider's healthy models.
@@ -191,6 +192,8 @@ class ProviderClient:
         last: _Failure | None = None
         while True:
             if not self._gate(model, time.monotonic()):
+                if await self._probe_passed(model, end):
+                    continue
                 raise self._circuit_open(model, last, attempt)
             attempt += 1
             result = await self._attempt(model, body, json_output, end, request_id, attempt)
@@ -225,6 +228,20 @@ class ProviderClient:
             wait = self._backoff.delay(attempt, self._rng)
         # Sleeping into the deadline would only buy an attempt with no time to run.
         return wait if time.monotonic() + wait < end else None
+
+    async def _probe_passed(self, model: Model, end: float) -> bool:
+        """Half-open: wait (within the budget) for the probe's verdict instead of failing.
+
+        After an outage the first call is a probe and the rest would fail at once; a burst
+        (a re-drive, a backlog) would then dead-letter wholesale just as the provider came
+        back. Open (still cooling down) still fails fast, which is what the fallback needs.
+        """
+        if self._breaker(model).state(time.monotonic()) != "half_open":
+            return False
+        verdict = self._verdicts.setdefault(model.id, anyio.Event())
+        with anyio.move_on_after(end - time.monotonic()):
+            await verdict.wait()
+        return verdict.is_set()
 
     def _gate(self, model: Model, now: float) -> bool:
         breaker = self._breaker(model)
@@ -349,7 +366,13 @@ class ProviderClient:
     ) -> None:
         if permit is not None:
             self.limiter(model).release(permit, throttled=throttled, success=outcome == "success")
-        self._observe(model, self._breaker(model).record(outcome, time.monotonic()))
+        breaker, now = self._breaker(model), time.monotonic()
+        probing = breaker.state(now) == "half_open"
+        self._observe(model, breaker.record(outcome, now))
+        if probing:
+            # A probe finished: wake the calls waiting on it; they gate again (closed: go,
+            # open: fail fast, still half-open: one of them probes next).
+            self._verdicts.pop(model.id, anyio.Event()).set()
 
     def _note_attempt(
         self,
