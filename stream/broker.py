@@ -295,7 +295,11 @@ class LocalBroker:
     def _format(self, java: str, libs: Path, properties: Path) -> None:
         if (self.home / "data" / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # A Kafka cluster id is 16 bytes in URL-safe base64; one starting with '-' would be
+        # read as an option by the formatter, so draw again (1 time in 64).
+        cluster_id = "-"
+        while cluster_id.startswith("-"):
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         command = [
             java,
             "-cp",
@@ -312,7 +316,8 @@ class LocalBroker:
                 command += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise BrokerError(f"formatting the broker's data folder failed: {done.stdout[-300:]}")
+            output = (done.stdout + done.stderr).strip()[-300:]
+            raise BrokerError(f"formatting the broker's data folder failed: {output}")
 
     def _first_error(self) -> str:
         """The cause the broker logged, so the one-line error can say it."""

@@ -89,7 +89,12 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._engine._revoke(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._engine._assign(assigned)
+        # aiokafka logs and swallows what a listener raises: the partitions would stay
+        # assigned to us and never be processed. Keep the error; the fetch loop raises it.
+        try:
+            await self._engine._assign(assigned)
+        except Exception as exc:
+            self._engine._listener_error = exc
 
 
 class Engine:
@@ -122,6 +127,7 @@ class Engine:
         self._task_group: TaskGroup | None = None
         # aiokafka clients need a running event loop: they are made in `run`.
         self._clients: tuple[AIOKafkaConsumer, Sink] | None = None
+        self._listener_error: Exception | None = None
         self.records_in = self.records_done = self.handler_errors = self.commits = 0
         self.last_commit_seconds = 0.0
 
@@ -174,11 +180,18 @@ class Engine:
                 await self._fetch()
                 await self._drain(self._config.shutdown_grace_s)
                 group.cancel_scope.cancel()
-            with anyio.CancelScope(shield=True):
-                await self._commit()
         finally:
             with anyio.CancelScope(shield=True):
+                await self._final_commit()
                 await self._close()
+
+    async def _final_commit(self) -> None:
+        """Commit what finished, also when the engine is failing: never pay twice for it."""
+        try:
+            with anyio.move_on_after(_CLOSE_TIMEOUT_S):
+                await self._commit()
+        except KafkaError as exc:
+            log.warning("final commit failed; unfinished work re-runs from the last: %s", exc)
 
     def stop(self) -> None:
         """Graceful stop: no new work, drain up to `shutdown_grace_s`, commit, close."""
@@ -244,6 +257,10 @@ class Engine:
 
     async def _fetch(self) -> None:
         while not self._stopping.is_set():
+            if self._listener_error is not None:
+                raise KafkaError(
+                    f"setting up assigned partitions failed: {self._listener_error}"
+                ) from self._listener_error
             batch: dict[TopicPartition, list[Record]] = {}
             # getmany also waits, without a deadline, for a rebalance to finish.
             with anyio.move_on_after(1.0):
@@ -436,9 +453,11 @@ class Engine:
     async def _committed(self, tps: set[TopicPartition]) -> dict[TopicPartition, tuple[int, str]]:
         """Committed offset and metadata per partition (the consumer's API drops metadata)."""
         try:
-            # aiokafka 0.14 (pinned): the coordinator's fetch keeps the metadata.
-            found = await self._consumer._coordinator.fetch_committed_offsets(list(tps))
-        except AIOKafkaError as exc:
+            # aiokafka 0.14 (pinned): the coordinator's fetch keeps the metadata. It retries
+            # retriable errors for ever: bound it, a rebalance callback must end.
+            with anyio.fail_after(self._settings.kafka.request_timeout_ms / 1000):
+                found = await self._consumer._coordinator.fetch_committed_offsets(list(tps))
+        except (AIOKafkaError, TimeoutError) as exc:
             raise translate(exc, self._settings.kafka, "reading committed offsets") from exc
         return {tp: (om.offset, om.metadata or "") for tp, om in found.items()}
 

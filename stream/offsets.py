@@ -97,6 +97,11 @@ def encode_metadata(
     return base64.urlsafe_b64encode(bytes(out)).decode().rstrip("=")
 
 
+# Far above what a partition's window can have finished beyond its watermark; bounds the
+# memory a crafted metadata string can make us allocate.
+_MAX_DECODED = 1_000_000
+
+
 def decode_metadata(metadata: str | None, committed: int) -> list[int]:
     """Finished offsets above `committed` from commit metadata; [] for anything unexpected.
 
@@ -117,8 +122,8 @@ def decode_metadata(metadata: str | None, committed: int) -> list[int]:
         while pos < len(data):
             gap, pos = _read_varint(data, pos)
             length, pos = _read_varint(data, pos)
-            if length < 1 or length > 1_000_000:
-                return []
+            if length < 1 or len(finished) + length > _MAX_DECODED:
+                return []  # not something we wrote: a window never holds that many
             start = cursor + gap
             finished.extend(range(start, start + length))
             cursor = start + length

@@ -149,11 +149,27 @@ class _Transactional:
         self.producer = producer
         self.lock = anyio.Lock()
         self.open = False
+        # Delivery futures of the open transaction: a batch the broker rejects for good
+        # (too large, not authorised) fails only its future, and the transaction would
+        # still commit the offsets of records whose outputs never landed.
+        self.pending: list[Any] = []
 
     async def begin(self) -> None:
         if not self.open:
             await self.producer.begin_transaction()
             self.open = True
+
+
+async def _delivered(txn: _Transactional) -> None:
+    """Every output of the open transaction acknowledged, or the transaction aborted."""
+    pending, txn.pending = txn.pending, []
+    for future in pending:
+        try:
+            await future
+        except AIOKafkaError:
+            await txn.producer.abort_transaction()
+            txn.open = False
+            raise
 
 
 class ExactlyOnceSink:
@@ -214,7 +230,7 @@ class ExactlyOnceSink:
             async with txn.lock:
                 try:
                     await txn.begin()
-                    await _send(txn.producer, outputs)
+                    txn.pending += await _send(txn.producer, outputs)
                 except AIOKafkaError as exc:
                     raise translate(exc, self._settings, "producing outputs") from exc
                 partition.offsets.finish(offset)
@@ -241,14 +257,18 @@ class ExactlyOnceSink:
             try:
                 with anyio.fail_after(self._settings.request_timeout_ms / 1000):
                     await txn.begin()
+                    await _delivered(txn)
                     await txn.producer.send_offsets_to_transaction(
                         {partition.tp: position}, self._group_id
                     )
                     await txn.producer.commit_transaction()
             except (AIOKafkaError, TimeoutError) as exc:
                 # A fenced or failed transaction cannot be repaired here: its outputs are
-                # aborted, so the records must be re-run from the last commit. Crash to let
-                # a restart (or the partition's new owner) do that from committed state.
+                # aborted, so the records must be re-run from the last commit. The records
+                # marked finished in memory are void: drop the partition's producer so
+                # nothing more is committed for it, and crash to let a restart (or the
+                # partition's new owner) re-run them from committed state.
+                await self.revoked([partition.tp])
                 raise translate(
                     exc, self._settings, f"committing the transaction of {partition.tp}"
                 ) from exc

@@ -58,6 +58,7 @@ class Worker:
         self.metrics = Metrics()
         self.health = Health()
         self.engines: list[Engine] = []
+        self._stopping = False
         self.started = anyio.Event()  # set once `engines` is filled and `port` bound
         self.port: int | None = None
         groups = [settings.group(GROUPS[stage]) for stage in self.stages]
@@ -77,6 +78,8 @@ class Worker:
                 for name in ("synthetic", "together")
             }
             self.engines = [self._engine(stage, clients) for stage in self.stages]
+            if self._stopping:
+                self.stop()
             async with anyio.create_task_group() as group:
                 await self._observe(group)
                 async with anyio.create_task_group() as engines:
@@ -100,6 +103,7 @@ class Worker:
         self.started.set()
 
     def stop(self) -> None:
+        self._stopping = True  # a signal during start-up stops the engines once made
         for engine in self.engines:
             engine.stop()
 

@@ -280,3 +280,68 @@ async def test_live_records_complete_before_backfill(settings: Settings) -> None
     # Only spare capacity goes to the backfill: a few slip in while live fetches are in
     # transit, a fair scheduler would have interleaved about half (~300).
     assert backfill_before <= 60, backfill_before
+
+
+async def test_exactly_once_never_commits_offsets_of_outputs_the_broker_rejected(
+    settings: Settings,
+) -> None:
+    from aiokafka.admin import NewTopic
+
+    from stream.errors import KafkaError
+    from stream.kafka import admin_client
+
+    live = _with(settings, guarantee="exactly-once")
+    source = await create_topic(live, "eos-in", 1)
+    sink = live.topic(f"eos-small-{random.randrange(10**9)}")
+    async with admin_client(live.kafka, doing="test") as admin:
+        # the client accepts 5 kB; this topic's broker-side limit refuses it
+        await admin.create_topics(
+            [NewTopic(sink, 1, 1, topic_configs={"max.message.bytes": "2000"})]
+        )
+    await produce(live, source, [b"a", b"b", b"c"])
+
+    async def handler(record: Any) -> Sequence[Output]:
+        return [Output(topic=sink, value=b"x" * 5000)]
+
+    engine = Engine(
+        settings=live,
+        name="eos",
+        group_id=live.group("eos-rejected"),
+        topics=[source],
+        handler=handler,
+        on_error=lambda record, exc: [],
+    )
+    with anyio.fail_after(60), pytest.raises(BaseExceptionGroup) as failed:
+        await engine.run()
+    assert failed.group_contains(KafkaError)
+    assert await committed(live, live.group("eos-rejected"), source) == {}
+    assert await read_all(live, sink, isolation="read_committed") == []
+
+
+async def test_a_failure_while_setting_up_assigned_partitions_stops_the_engine(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stream.errors import KafkaError
+
+    topic = await create_topic(settings, "assign-fail", 1)
+    engine = Engine(
+        settings=settings,
+        name="af",
+        group_id=settings.group("assign-fail"),
+        topics=[topic],
+        handler=lambda record: _none(),
+        on_error=lambda r, e: [],
+    )
+
+    async def broken(tps: Any) -> Any:
+        raise KafkaError("the coordinator went away")
+
+    # aiokafka swallows listener errors; the engine must not sit on partitions it never set up
+    monkeypatch.setattr(engine, "_committed", broken)
+    with anyio.fail_after(60), pytest.raises(BaseExceptionGroup) as failed:
+        await engine.run()
+    assert failed.group_contains(KafkaError, match="setting up assigned partitions")
+
+
+async def _none() -> Sequence[Output]:
+    return []

@@ -126,3 +126,15 @@ def test_redelivered_records_are_skipped() -> None:
     assert not tracker.accept(4)
     tracker.finish(6)
     assert (tracker.watermark, tracker.finished_above(), tracker.pending) == (5, [6], 1)
+
+
+def test_crafted_metadata_cannot_make_us_allocate_without_bound() -> None:
+    from stream.offsets import _varint
+
+    data = bytearray([1])
+    _varint(100, data)  # the committed watermark
+    for _ in range(2000):  # each run claims 999,999 finished offsets: ~2e9 in all
+        _varint(1, data)
+        _varint(999_999, data)
+    crafted = base64.urlsafe_b64encode(bytes(data)).decode()
+    assert decode_metadata(crafted, 100) == []

@@ -396,3 +396,31 @@ def _echo_key(request: httpx.Request) -> httpx.Response:
 def _mocked(handler: Callable[[httpx.Request], httpx.Response]) -> ProviderClient:
     transport = httpx.MockTransport(handler)
     return ProviderClient(_settings("http://provider.test/v1"), transport=transport, backoff=FAST)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n",  # a header aiohttp cannot parse
+        b"HTTP/1.1 2x0 OK\r\n\r\n",  # a broken status line
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 5\r\n\r\nnot z",
+    ],
+)
+async def test_a_garbled_http_answer_is_a_retryable_provider_error(answer: bytes) -> None:
+    # Not a crash that skips the fallback: the stage only hands on our provider errors.
+    async def serve(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await stream.receive()
+            await stream.send(answer)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, serve)
+        async with ProviderClient(
+            _settings(f"http://127.0.0.1:{port}/v1", retries=1), backoff=FAST
+        ) as provider:
+            with pytest.raises(RetryableProviderError) as caught:
+                await provider.complete(GLM, _ask())
+        group.cancel_scope.cancel()
+    assert caught.value.attempts == 2

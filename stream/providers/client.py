@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
+import aiohttp
 import anyio
 import httpx
 import orjson
@@ -309,7 +310,9 @@ class ProviderClient:
         except TimeoutError:
             failure = _Failure(retryable=True, error_type="timeout", message="no answer in time")
             return failure, "timeout", time.monotonic() - start
-        except (httpx.TransportError, OSError) as exc:
+        except (httpx.RequestError, aiohttp.ClientError, OSError) as exc:
+            # httpx-aiohttp translates only some aiohttp errors: a bad status line or
+            # header (ClientResponseError) or an undecodable body arrive as they are.
             label = "timeout" if isinstance(exc, httpx.ReadTimeout) else "connect"
             failure = _Failure(retryable=True, error_type=f"{label}_error", message=_describe(exc))
             return failure, label, time.monotonic() - start
