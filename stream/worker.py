@@ -58,6 +58,7 @@ class Worker:
         self.metrics = Metrics()
         self.health = Health()
         self.engines: list[Engine] = []
+        self.clients: dict[str, ProviderClient] = {}
         self._stopping = False
         self.started = anyio.Event()  # set once `engines` is filled and `port` bound
         self.port: int | None = None
@@ -71,7 +72,7 @@ class Worker:
         """Run until `stop()` (or cancellation); drain and commit on the way out."""
         await check_topics(self.settings)
         async with AsyncExitStack() as stack:
-            clients = {
+            self.clients = clients = {
                 name: await stack.enter_async_context(
                     ProviderClient(getattr(self.settings, name), observer=self.metrics)
                 )

@@ -72,7 +72,7 @@ def simulated(settings: Settings, sim: Simulator, *, together_key: str = "sim") 
 
 
 @asynccontextmanager
-async def running(settings: Settings, faults: str = FAULTS) -> AsyncIterator[Settings]:
+async def running(settings: Settings, faults: str = FAULTS) -> AsyncIterator[Worker]:
     """Topics applied, the simulator up, and both stages running in this process."""
     await topics.apply(settings, await topics.plan(settings))
     async with Simulator(SimConfig(faults=parse_faults(faults))) as sim:
@@ -83,7 +83,7 @@ async def running(settings: Settings, faults: str = FAULTS) -> AsyncIterator[Set
             await worker.started.wait()
             for engine in worker.engines:
                 await engine.ready.wait()
-            yield live
+            yield worker
             worker.stop()
 
 
@@ -154,7 +154,8 @@ async def test_every_request_ends_as_exactly_one_right_terminal_record(settings:
             "invalid_request",
         ),
     }
-    async with running(settings) as live:
+    async with running(settings) as worker:
+        live = worker.settings
         await send(
             live,
             [(rid, value) for rid, (value, _) in cases.items()],
@@ -182,7 +183,8 @@ async def test_every_request_ends_as_exactly_one_right_terminal_record(settings:
 
 
 async def test_fallback_records_carry_the_failure_and_validate(settings: Settings) -> None:
-    async with running(settings) as live:
+    async with running(settings) as worker:
+        live = worker.settings
         await send(live, [("fb-1", request("fb-1", "kimi-k2-thinking-syn"))])
         await terminal(live, 1)
         (hop,) = await read_all(live, live.topic("predictions.fallback"))
@@ -210,7 +212,8 @@ async def test_no_together_key_dead_letters_as_unconfigured(settings: Settings) 
 
 async def test_a_malformed_record_between_two_good_ones(settings: Settings) -> None:
     bad = b'{"request_id": "bad", "model": "deepseek-r1-0528-syn", "messages": [{"role"'
-    async with running(settings) as live:
+    async with running(settings) as worker:
+        live = worker.settings
         topic = live.topic("predictions.requests")
         await produce(
             live,
@@ -237,7 +240,8 @@ async def _kcat(*args: str, data: bytes | None = None) -> bytes:
 
 @pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat is not installed")
 async def test_a_non_python_upstream_can_produce_and_read_with_kcat(settings: Settings) -> None:
-    async with running(settings) as live:
+    async with running(settings) as worker:
+        live = worker.settings
         brokers = live.kafka.bootstrap_servers
         await _kcat(
             "-b",
@@ -370,10 +374,21 @@ async def test_redrive_after_an_outage_turns_fallback_failed_into_results(
         (f"o-{i}", request(f"o-{i}", "deepseek-r1-0528-syn", f"[[sim:503x4]] q{i}"))
         for i in range(5)
     ]
-    async with running(settings) as live:
+    async with running(settings) as worker:
+        live = worker.settings
         await send(live, items)
         first = await terminal(live, len(items))
         assert {record["reason"] for _, record, _ in first.values()} == {"fallback_failed"}
+        catalog = worker.catalog
+        models = [
+            (worker.clients["synthetic"], catalog.get("deepseek-r1-0528-syn")),
+            (worker.clients["together"], catalog.get("deepseek-r1")),
+        ]
+
+        async def outage_over() -> bool:  # the breakers cooled down: calls get through again
+            return all(client.breaker_state(m) != "open" for client, m in models if m)
+
+        await eventually(outage_over)
 
         done = await run_cli(env, "redrive", "--reason", "fallback_failed")
         assert done.returncode == 0, done.stderr
