@@ -108,7 +108,9 @@ class EngineSettings:
     ordering: Ordering = "unordered"
     commit_interval_s: float = 1.0
     shutdown_grace_s: float = 30.0
-    revoke_grace_s: float = 10.0
+    # On a rebalance, in-flight calls get this long to finish before they are abandoned
+    # (and paid for again by the partition's next owner): long, for reasoning models.
+    revoke_grace_s: float = 60.0
     # LLM calls take minutes: a consumer must not be kicked out of its group for that.
     max_poll_interval_ms: int = 600_000
     rebalance_timeout_ms: int = 120_000
@@ -165,7 +167,7 @@ class Settings:
             ordering=source.choice("STREAM_ORDERING", ("unordered", "key"), "unordered"),  # type: ignore[arg-type]
             commit_interval_s=source.number("STREAM_COMMIT_INTERVAL_S", 1.0, low=0.01),
             shutdown_grace_s=source.number("STREAM_SHUTDOWN_GRACE_S", 30.0, low=0.0),
-            revoke_grace_s=source.number("STREAM_REVOKE_GRACE_S", 10.0, low=0.0),
+            revoke_grace_s=source.number("STREAM_REVOKE_GRACE_S", 60.0, low=0.0),
             max_poll_interval_ms=source.integer("STREAM_MAX_POLL_INTERVAL_MS", 600_000, low=1),
             rebalance_timeout_ms=source.integer("STREAM_REBALANCE_TIMEOUT_MS", 120_000, low=1),
             session_timeout_ms=source.integer("STREAM_SESSION_TIMEOUT_MS", 45_000, low=1),
@@ -200,6 +202,12 @@ class Settings:
             )
         if engine.session_timeout_ms >= engine.rebalance_timeout_ms:
             raise ConfigError("STREAM_SESSION_TIMEOUT_MS must be below STREAM_REBALANCE_TIMEOUT_MS")
+        if engine.revoke_grace_s * 1000 >= engine.rebalance_timeout_ms:
+            raise ConfigError(
+                f"STREAM_REVOKE_GRACE_S ({engine.revoke_grace_s:g} s) must be shorter than "
+                f"STREAM_REBALANCE_TIMEOUT_MS ({engine.rebalance_timeout_ms} ms), or the group "
+                "gives up on this worker while it drains"
+            )
         kafka = self.kafka
         if kafka.security_protocol.startswith("SASL_") and not (
             kafka.sasl_mechanism and kafka.sasl_username and kafka.sasl_password

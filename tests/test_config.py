@@ -30,6 +30,7 @@ def test_defaults_are_sane() -> None:
             "STREAM_MAX_IN_FLIGHT_PER_PARTITION",
         ),
         ({"STREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "STREAM_KAFKA_SASL_MECHANISM"),
+        ({"STREAM_REVOKE_GRACE_S": "300"}, "STREAM_REBALANCE_TIMEOUT_MS"),
         ({"TOGETHER_API_KEY": "a", "TOGETHER_API_KEY_FILE": "/x"}, "TOGETHER_API_KEY_FILE"),
         ({"TOGETHER_API_KEY_FILE": "/nonexistent/key"}, "TOGETHER_API_KEY_FILE"),
         ({"STREAM_CATALOG_FILE": "/nonexistent.toml"}, "STREAM_CATALOG_FILE"),
