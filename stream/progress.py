@@ -7,16 +7,17 @@ turn a log file into one unreadable line.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
-from collections.abc import Callable
-from typing import TextIO
+from collections.abc import Callable, Coroutine
+from typing import Any, TextIO
 
 import anyio
 
 from stream.errors import ConfigError
 
-__all__ = ["Pacer", "Progress", "parse_rate"]
+__all__ = ["Pacer", "Progress", "parse_rate", "run_resumable"]
 
 Clock = Callable[[], float]
 
@@ -123,3 +124,19 @@ def _duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def run_resumable(
+    job: Callable[[], Coroutine[Any, Any, None]], summary: Callable[[str], str], finished: str
+) -> int:
+    """Run a resumable copy (replay, redrive) for the CLI: a summary either way, and on
+    Ctrl-C the hint that running the same command again carries on where it stopped."""
+    try:
+        asyncio.run(job())  # the CLI edge owns the event loop
+    except KeyboardInterrupt:
+        print(summary("interrupted"))  # noqa: T201
+        hint = "stream: interrupted; run the same command again to continue"
+        print(hint, file=sys.stderr)  # noqa: T201
+        return 130
+    print(summary(finished))  # noqa: T201
+    return 0

@@ -16,8 +16,6 @@ that acts on it. Nothing is passed over silently, and nothing is re-driven twice
 from __future__ import annotations
 
 import argparse
-import asyncio
-import sys
 from collections import Counter
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
@@ -30,7 +28,7 @@ from aiokafka.structs import TopicPartition
 from stream.config import Settings
 from stream.errors import ConfigError
 from stream.kafka import admin_client, consumer_client, group_offsets, producer_client, translate
-from stream.progress import Progress
+from stream.progress import Progress, run_resumable
 from stream.window import Span, batches, parse_time, spans, topic_partitions
 
 __all__ = ["GROUP", "HOPELESS", "REASONS", "REDRIVEN_FROM", "Redrive", "RedriveOptions", "register"]
@@ -268,14 +266,8 @@ def register(commands: Any) -> None:
 
 def _handle(args: argparse.Namespace, settings: Settings) -> int:
     run = Redrive(settings=settings, options=_options(args, settings))
-    try:
-        asyncio.run(run.run())
-    except KeyboardInterrupt:
-        print(_summary(run, "interrupted"))
-        print("stream: interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
-    print(_summary(run, "dry run: nothing sent" if args.dry_run else "done"))
-    return 0
+    finished = "dry run: nothing sent" if args.dry_run else "done"
+    return run_resumable(run.run, lambda outcome: _summary(run, outcome), finished)
 
 
 def _options(args: argparse.Namespace, settings: Settings) -> RedriveOptions:

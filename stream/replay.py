@@ -15,9 +15,7 @@ can be copies of it (a copy is younger than its original), so the scan is bounde
 from __future__ import annotations
 
 import argparse
-import asyncio
 import bisect
-import sys
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +26,7 @@ from aiokafka.structs import TopicPartition
 from stream.config import Settings
 from stream.errors import ConfigError
 from stream.kafka import consumer_client, producer_client, translate
-from stream.progress import Pacer, Progress, parse_rate
+from stream.progress import Pacer, Progress, parse_rate, run_resumable
 from stream.window import Span, batches, parse_time, spans, topic_partitions
 
 __all__ = ["REPLAYED_FROM", "PartitionReplay", "Replay", "ReplayOptions", "register"]
@@ -259,14 +257,8 @@ def register(commands: Any) -> None:
 
 def _handle(args: argparse.Namespace, settings: Settings) -> int:
     run = Replay(settings=settings, options=_options(args, settings))
-    try:
-        asyncio.run(run.run())
-    except KeyboardInterrupt:
-        print(_summary(run, "interrupted"))
-        print("stream: interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
-    print(_summary(run, "dry run: nothing copied" if args.dry_run else "done"))
-    return 0
+    finished = "dry run: nothing copied" if args.dry_run else "done"
+    return run_resumable(run.run, lambda outcome: _summary(run, outcome), finished)
 
 
 def _options(args: argparse.Namespace, settings: Settings) -> ReplayOptions:
