@@ -216,7 +216,8 @@ class SimConfig:
     latency: Latency = field(default_factory=Latency)
     seed: int = 0
     faults: FaultPlan = field(default_factory=FaultPlan)
-    # When set, requests must carry `Authorization: Bearer <api_key>` (else 401).
+    # When set, requests must carry `Authorization: Bearer <api_key>` (else a 401 that
+    # echoes the key presented, as some providers do).
     api_key: str | None = None
 
 
@@ -344,7 +345,10 @@ class Simulator:
         if not self._authorized(request):
             self._stats.start(model, "401")
             self._stats.finish()
-            return _error(401, "invalid_api_key", "invalid API key")
+            # Like some real providers, echo the key that was presented: the worst case for
+            # a client that must keep keys out of its errors, logs and dead letters.
+            presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            return _error(401, "invalid_api_key", f"Incorrect API key provided: {presented}")
         kind, delay = self._decide(request, model, messages)
         self._stats.start(model, (kind or "ok").partition("/")[0])
         try:
