@@ -26,6 +26,9 @@ Ordering = Literal["unordered", "key"]
 
 SYNTHETIC_BASE_URL = "https://api.synthetic.new/openai/v1"
 TOGETHER_BASE_URL = "https://api.together.xyz/v1"
+# The fallback topic takes 1,048,588-byte records; its records are a request plus a failure
+# of at most a few KiB. Bigger requests are dead letters (`too_large`), bytes and all.
+MAX_REQUEST_BYTES = 1_048_588 - 16 * 1024
 
 
 class Secret:
@@ -199,6 +202,12 @@ class Settings:
             )
         if engine.session_timeout_ms >= engine.rebalance_timeout_ms:
             raise ConfigError("STREAM_SESSION_TIMEOUT_MS must be below STREAM_REBALANCE_TIMEOUT_MS")
+        if self.max_request_bytes > MAX_REQUEST_BYTES:
+            raise ConfigError(
+                f"STREAM_MAX_REQUEST_BYTES ({self.max_request_bytes}) is over "
+                f"{MAX_REQUEST_BYTES}: a request that big would not fit in the fallback "
+                "topic (1 MiB) with its failure attached"
+            )
         kafka = self.kafka
         if kafka.security_protocol.startswith("SASL_") and not (
             kafka.sasl_mechanism and kafka.sasl_username and kafka.sasl_password
