@@ -20,6 +20,11 @@ from tests.test_pipeline import request, send, terminal
 pytestmark = pytest.mark.anyio
 
 PASSWORD = "s3cret-scram-password"
+WORKER_ACLS = {
+    "--topic": ("Describe", "Read", "Write"),
+    "--group": ("Describe", "Read"),
+    "--transactional-id": ("Describe", "Write"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +32,24 @@ def scram_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBrok
     broker = LocalBroker(
         home=Path(tmp_path_factory.mktemp("scram")),
         port=free_port(),
-        scram_users={"stream": PASSWORD, "stranger": "stranger-password"},
+        scram_users={"stream": PASSWORD, "stranger": "stranger-password", "worker": PASSWORD},
     )
     broker.start()
     acl = "org.apache.kafka.tools.AclCommand"
+    # The least a worker needs (README): its topics, groups and transactional ids, by prefix.
+    for resource, operations in WORKER_ACLS.items():
+        granted = [arg for operation in operations for arg in ("--operation", operation)]
+        broker.run_tool(
+            acl,
+            "--add",
+            "--allow-principal",
+            "User:worker",
+            *granted,
+            resource,
+            "sec.least.",
+            "--resource-pattern-type",
+            "prefixed",
+        )
     for resource in ("--topic", "--group", "--transactional-id"):
         broker.run_tool(
             acl,
@@ -136,16 +155,40 @@ async def test_the_worker_runs_end_to_end_over_sasl_scram(
 ) -> None:
     # Under "sec.": the ACLs (topics, groups, transactional ids) are prefixed grants.
     prefix = f"sec.w{guarantee[:5]}."
+    await _run_worker_end_to_end(scram_broker, env, tmp_path, guarantee, prefix, "stream")
+
+
+@pytest.mark.timeout(180)
+async def test_the_worker_needs_only_the_documented_acls(
+    scram_broker: LocalBroker, env: dict[str, str], tmp_path: Path
+) -> None:
+    """User `worker` holds only WORKER_ACLS (no Create, no cluster rights), exactly-once."""
+    await _run_worker_end_to_end(
+        scram_broker, env, tmp_path, "exactly-once", "sec.least.", "worker"
+    )
+
+
+async def _run_worker_end_to_end(
+    broker: LocalBroker,
+    env: dict[str, str],
+    tmp_path: Path,
+    guarantee: str,
+    prefix: str,
+    user: str,
+) -> None:
+    scram_broker = broker
     down = parse_faults("hf:moonshotai/Kimi-K2-Thinking=rate:1:503")
     async with Simulator(SimConfig(faults=down)) as sim:
+        admin = _worker_env(scram_broker, env, sim, PASSWORD, prefix)
+        done = await run_cli(admin, "topics", "apply")  # as `stream`, who may create
+        assert done.returncode == 0, done.stderr
         secure = {
-            **_worker_env(scram_broker, env, sim, PASSWORD, prefix),
+            **admin,
+            "STREAM_KAFKA_SASL_USERNAME": user,
             "STREAM_GUARANTEE": guarantee,
             "STREAM_SYNTHETIC_MAX_RETRIES": "1",
             "STREAM_LOG_LEVEL": "DEBUG",  # the password must not show even there
         }
-        done = await run_cli(secure, "topics", "apply")
-        assert done.returncode == 0, done.stderr
         settings = Settings.from_env(secure)
         log = tmp_path / "worker.log"
         with log.open("wb") as stderr:
