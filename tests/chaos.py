@@ -247,10 +247,12 @@ class Checker:
     providers: collections.Counter[str] = field(default_factory=collections.Counter)
     reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     inputs: int = 0
+    kinds: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def add_input(self, record: Any) -> None:
         item = self.plan.get(record.value)
         self.inputs += 1
+        self.kinds[item.kind if item else "unplanned"] += 1
         if item is None:
             self.errors.append(f"unplanned input at {record.partition}@{record.offset}")
         elif item.kind in ("valid", "duplicate_id"):
@@ -320,7 +322,8 @@ class Checker:
         return {
             "inputs": self.inputs,
             "valid_inputs": sum(self.expected_by_seq.values()),
-            "poison_inputs": len(self.poison_at),
+            "poison_inputs": len(self.poison_at),  # duplicate ids are valid inputs
+            "inputs_by_kind": dict(self.kinds),
             "terminal_records": sum(self.got_by_seq.values()) + sum(self.got_at.values()),
             "missing": missing,
             "duplicates": duplicates,
