@@ -193,6 +193,12 @@ class Settings:
 
     def check(self) -> None:
         """Cross-field checks: one place, one `ConfigError` with an actionable sentence."""
+        if self.max_request_bytes > MAX_REQUEST_BYTES:
+            raise ConfigError(
+                f"STREAM_MAX_REQUEST_BYTES ({self.max_request_bytes}) is over "
+                f"{MAX_REQUEST_BYTES}: a request that big would not fit in the fallback "
+                "topic (1 MiB) with its failure attached"
+            )
         engine = self.engine
         if engine.max_in_flight_per_partition > engine.max_in_flight:
             raise ConfigError(
@@ -202,12 +208,6 @@ class Settings:
             )
         if engine.session_timeout_ms >= engine.rebalance_timeout_ms:
             raise ConfigError("STREAM_SESSION_TIMEOUT_MS must be below STREAM_REBALANCE_TIMEOUT_MS")
-        if self.max_request_bytes > MAX_REQUEST_BYTES:
-            raise ConfigError(
-                f"STREAM_MAX_REQUEST_BYTES ({self.max_request_bytes}) is over "
-                f"{MAX_REQUEST_BYTES}: a request that big would not fit in the fallback "
-                "topic (1 MiB) with its failure attached"
-            )
         kafka = self.kafka
         if kafka.security_protocol.startswith("SASL_") and not (
             kafka.sasl_mechanism and kafka.sasl_username and kafka.sasl_password
