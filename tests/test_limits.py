@@ -16,8 +16,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from stream.config import Settings
-from tests.test_pipeline import request, running, terminal
+from stream.simulator import Simulator
+from tests.test_pipeline import request, terminal
+from tests.workerkit import Peaks, running_worker, simulated_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -26,26 +27,31 @@ BATCH_OVERHEAD = 100  # record batch header and record framing: the value gets t
 
 
 async def test_a_record_at_the_topic_maximum_becomes_a_dead_letter_with_all_its_bytes(
-    settings: Settings,
+    env: dict[str, str],
 ) -> None:
     filler = "x" * (TOPIC_MAX - BATCH_OVERHEAD - 200)
     huge = request("huge", "deepseek-v3-0324-syn", filler)
     huge += b" " * (TOPIC_MAX - BATCH_OVERHEAD - len(huge))  # JSON allows trailing spaces
-    async with running(settings) as live:
-        producer = AIOKafkaProducer(
-            **live.kafka.client_options(), acks="all", max_request_size=2 * TOPIC_MAX
-        )
-        await producer.start()
-        try:
-            topic = live.topic("predictions.requests")
-            for rid, value in (("huge", huge), ("after", request("after", "deepseek-v3-0324-syn"))):
-                # One partition: the good request behind the huge one must not be stuck.
-                await producer.send_and_wait(
-                    topic, value, partition=0, headers=[("request-id", rid.encode())]
-                )
-        finally:
-            await producer.stop()
-        found = await terminal(live, 2)
+    async with Simulator() as sim:
+        live = simulated_settings(env, sim, max_in_flight=8)
+        async with running_worker(live, Peaks()):
+            producer = AIOKafkaProducer(
+                **live.kafka.client_options(), acks="all", max_request_size=2 * TOPIC_MAX
+            )
+            await producer.start()
+            try:
+                topic = live.topic("predictions.requests")
+                for rid, value in (
+                    ("huge", huge),
+                    ("after", request("after", "deepseek-v3-0324-syn")),
+                ):
+                    # One partition: the good request behind the huge one must not be stuck.
+                    await producer.send_and_wait(
+                        topic, value, partition=0, headers=[("request-id", rid.encode())]
+                    )
+            finally:
+                await producer.stop()
+            found = await terminal(live, 2)
     letter = found["huge"][1]
     assert letter["reason"] == "too_large"
     assert base64.b64decode(letter["raw"]) == huge

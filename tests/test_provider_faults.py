@@ -11,76 +11,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
-import anyio
 import pytest
 
-from stream import records, topics
-from stream.config import Settings
+from stream import records
 from stream.simulator import SimConfig, Simulator, parse_faults
-from stream.worker import Worker
 from tests.conftest import eventually
 from tests.test_pipeline import request, send, terminal
+from tests.workerkit import Peaks, running_worker, simulated_settings
 
 pytestmark = pytest.mark.anyio
 
 MAX_IN_FLIGHT = 8
 MODELS = ("deepseek-r1-0528-syn", "kimi-k2-thinking-syn", "deepseek-v3-0324-syn")
 MAPPED = {"deepseek-r1-0528-syn", "kimi-k2-thinking-syn"}
-
-
-@dataclass
-class Peaks:
-    engine: dict[str, int] = field(default_factory=dict)
-
-
-def _settings(env: dict[str, str], sim: Simulator) -> Settings:
-    return Settings.from_env(
-        {
-            **env,
-            "SYNTHETIC_BASE_URL": sim.url,
-            "SYNTHETIC_API_KEY": "sim",
-            "TOGETHER_BASE_URL": sim.url,
-            "TOGETHER_API_KEY": "sim",
-            "STREAM_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
-            "STREAM_SYNTHETIC_TIMEOUT_S": "1",  # per attempt: a hang costs one second
-            "STREAM_SYNTHETIC_MAX_RETRIES": "2",
-            "STREAM_TOGETHER_MAX_RETRIES": "2",
-        }
-    )
-
-
-@asynccontextmanager
-async def _worker(settings: Settings, peaks: Peaks) -> AsyncIterator[Worker]:
-    """Both stages in this process, their in-flight sampled the whole time."""
-    await topics.apply(settings, await topics.plan(settings))
-    worker = Worker(settings, ("primary", "fallback"))
-    async with anyio.create_task_group() as group:
-        group.start_soon(worker.run)
-        await worker.started.wait()
-
-        async def sample() -> None:
-            while True:
-                for engine in worker.engines:
-                    now = engine.snapshot().in_flight
-                    peaks.engine[engine.name] = max(peaks.engine.get(engine.name, 0), now)
-                await anyio.sleep(0.002)
-
-        group.start_soon(sample)
-        yield worker
-        worker.stop()
-        await eventually(_stopped(worker))
-        group.cancel_scope.cancel()
-
-
-def _stopped(worker: Worker) -> object:
-    async def check() -> bool:
-        return all(engine.snapshot().assigned == 0 for engine in worker.engines)
-
-    return check
 
 
 def _batch(tag: str, count: int, deadline_s: float) -> list[tuple[str, bytes]]:
@@ -109,8 +53,8 @@ async def test_a_faulty_provider_still_gives_one_terminal_record_each(
 ) -> None:
     peaks = Peaks()
     async with Simulator(SimConfig(faults=parse_faults(faults), seed=7)) as sim:
-        settings = _settings(env, sim)
-        async with _worker(settings, peaks) as worker:
+        settings = simulated_settings(env, sim, max_in_flight=MAX_IN_FLIGHT)
+        async with running_worker(settings, peaks) as worker:
             batch = _batch("f", 48, deadline_s=20)
             await send(settings, batch)
             found = await terminal(settings, len(batch))
@@ -151,8 +95,8 @@ async def test_memory_stays_bounded_over_a_long_faulty_run(env: dict[str, str]) 
     faults = "hf:*=rate:0.1:reset,rate:0.1:malformed,rate:0.05:500,rate:0.05:resetbody"
     peaks = Peaks()
     async with Simulator(SimConfig(faults=parse_faults(faults), seed=3)) as sim:
-        settings = _settings(env, sim)
-        async with _worker(settings, peaks):
+        settings = simulated_settings(env, sim, max_in_flight=MAX_IN_FLIGHT)
+        async with running_worker(settings, peaks):
             sizes = []
             total = 0
             for round_ in range(3):
