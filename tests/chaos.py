@@ -53,6 +53,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from stream import topics
 from stream.broker import LocalBroker, free_port
 from stream.config import Settings
+from stream.errors import BrokerError
 from stream.kafka import admin_client
 from stream.stages import Topics
 
@@ -218,10 +219,12 @@ def _simulator(port: int, config: ChaosConfig, outage: tuple[float, float], log:
         )
 
 
-async def _wait_http(url: str, timeout_s: float = 30.0) -> None:
+async def _wait_http(url: str, process: Any, timeout_s: float = 30.0) -> None:
     with anyio.fail_after(timeout_s):
         async with httpx.AsyncClient() as http:
             while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the simulator exited with {process.returncode}")
                 try:
                     if (await http.get(url)).status_code == 200:
                         return
@@ -364,11 +367,38 @@ class Run:
 
 async def run(config: ChaosConfig, home: Path) -> dict[str, Any]:
     chaos = Run(config, home)
-    await anyio.to_thread.run_sync(chaos.broker.start)
+    await _start_broker(chaos)
     try:
         return await _run(chaos)
     finally:
         await anyio.to_thread.run_sync(chaos.broker.stop)
+
+
+async def _start_broker(chaos: Run, tries: int = 3) -> None:
+    """Start the broker; on a free port taken in between (a race), try other ports."""
+    for attempt in range(tries):
+        try:
+            await anyio.to_thread.run_sync(chaos.broker.start)
+            return
+        except BrokerError as exc:
+            chaos.log(f"broker did not start ({exc}); other ports")
+            if attempt == tries - 1:
+                raise
+            home = chaos.home / f"kafka{attempt + 1}"
+            chaos.broker = LocalBroker(home=home, port=free_port())
+
+
+async def _start_simulator(chaos: Run, outage: tuple[float, float]) -> tuple[Any, int]:
+    """The simulator subprocess and its port, retried on a port taken in between."""
+    for _attempt in range(3):
+        port = free_port()
+        sim = _simulator(port, chaos.config, outage, chaos.home / "simulator.log")
+        try:
+            await _wait_http(f"http://127.0.0.1:{port}/sim/stats", sim)
+            return sim, port
+        except RuntimeError as exc:
+            chaos.log(str(exc))
+    raise RuntimeError(f"the simulator did not start; see {chaos.home / 'simulator.log'}")
 
 
 async def _run(chaos: Run) -> dict[str, Any]:
@@ -376,18 +406,11 @@ async def _run(chaos: Run) -> dict[str, Any]:
     prefix = f"chaos{uuid.uuid4().hex[:8]}."
     settings = chaos.settings(prefix)
     await topics.apply(settings, await topics.plan(settings))
-    sim_port = free_port()
     # The outage opens a fifth of the way in, so it overlaps kills and live traffic.
     outage_start = config.duration_s * 0.2
+    sim, sim_port = await _start_simulator(chaos, (outage_start, outage_start + config.outage_s))
     supervisor = Supervisor(_worker_env(chaos, prefix, sim_port), chaos.home)
-    sim = _simulator(
-        sim_port,
-        config,
-        (outage_start, outage_start + config.outage_s),
-        chaos.home / "simulator.log",
-    )
     try:
-        await _wait_http(f"http://127.0.0.1:{sim_port}/sim/stats")
         chaos.log(f"simulator up; outage from {outage_start:.0f}s for {config.outage_s:.0f}s")
         for name in ("primary1", "primary2", "fallback1", "fallback2"):
             supervisor.start(name)

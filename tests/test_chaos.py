@@ -36,8 +36,10 @@ async def test_chaos_run_ci_sized() -> None:
         cwd=ROOT,
         check=False,
     )
-    figures = json.loads(done.stdout.decode().strip().splitlines()[-1])
     tail = done.stderr.decode()[-3000:]
+    lines = done.stdout.decode().strip().splitlines()
+    assert lines, f"the chaos run printed no figures (exit {done.returncode}):\n{tail}"
+    figures = json.loads(lines[-1])
     assert figures["ok"], (figures["errors"], tail)
     assert done.returncode == 0
     assert figures["inputs"] >= 1000 and figures["missing"] == figures["duplicates"] == 0
