@@ -26,6 +26,9 @@ Ordering = Literal["unordered", "key"]
 
 SYNTHETIC_BASE_URL = "https://api.synthetic.new/openai/v1"
 TOGETHER_BASE_URL = "https://api.together.xyz/v1"
+# The fallback topic takes 1,048,588-byte records; its records are a request plus a failure
+# of at most a few KiB. Bigger requests are dead letters (`too_large`), bytes and all.
+MAX_REQUEST_BYTES = 1_048_588 - 16 * 1024
 
 
 class Secret:
@@ -193,6 +196,12 @@ class Settings:
 
     def check(self) -> None:
         """Cross-field checks: one place, one `ConfigError` with an actionable sentence."""
+        if self.max_request_bytes > MAX_REQUEST_BYTES:
+            raise ConfigError(
+                f"STREAM_MAX_REQUEST_BYTES ({self.max_request_bytes}) is over "
+                f"{MAX_REQUEST_BYTES}: a request that big would not fit in the fallback "
+                "topic (1 MiB) with its failure attached"
+            )
         engine = self.engine
         if engine.max_in_flight_per_partition > engine.max_in_flight:
             raise ConfigError(

@@ -50,6 +50,8 @@ Handler = Callable[[Record], Awaitable[Sequence[Output]]]
 ErrorHandler = Callable[[Record, BaseException], Sequence[Output]]
 
 _POLL_TIMEOUT_MS = 100
+# The largest record the engine writes: topics/dead-letter.toml's max.message.bytes.
+MAX_OUTPUT_BYTES = 2 * 1024 * 1024
 _CLOSE_TIMEOUT_S = 10.0
 # Memory bound for the offsets tracked behind one slow record (ints, not record values).
 _MAX_SPAN_FACTOR = 20
@@ -153,7 +155,10 @@ class Engine:
         )
 
     def _make_sink(self, consumer: AIOKafkaConsumer) -> Sink:
-        options: dict[str, Any] = {"linger_ms": 5}
+        # A dead letter carries its input base64-encoded: 1.4 MiB for the largest request
+        # the topics take. Under aiokafka's 1 MiB default it could never be sent, and the
+        # sink would retry it forever, stalling its partition.
+        options: dict[str, Any] = {"linger_ms": 5, "max_request_size": MAX_OUTPUT_BYTES}
         if self._config.guarantee == "exactly-once":
             return ExactlyOnceSink(self._settings.kafka, self.group_id, options)
         return AtLeastOnceSink(self._settings.kafka, consumer, options)

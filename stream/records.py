@@ -116,7 +116,20 @@ class Decoder:
         except fastjsonschema.JsonSchemaValueException as exc:
             # The message names the field and the rule, never the value (it may be a prompt).
             raise InvalidRecordError("invalid_request", exc.message) from None
+        _check_writable(body)
         return body  # type: ignore[no-any-return]
+
+
+def _check_writable(body: Any) -> None:
+    """orjson reads 1024 levels of nesting but writes only 254: a request deeper than that
+    would pass, be paid for at the provider, and then fail to become a result or a dead
+    letter. Dumped one level down, as a dead letter holds it under `request`."""
+    try:
+        orjson.dumps({"request": body})
+    except orjson.JSONEncodeError as exc:
+        raise InvalidRecordError(
+            "invalid_request", f"the request cannot be written back ({exc}: nested too deep)"
+        ) from None
 
 
 def _undecodable(value: bytes, exc: orjson.JSONDecodeError) -> InvalidRecordError:

@@ -62,6 +62,7 @@ KIND:
   NNN          any HTTP status (500, 503, 529, 400, 401 ...) with an OpenAI error body
   hang[/S]     answer only after S seconds (default 600): past any client timeout
   reset        close the connection with a TCP reset, no answer
+  resetbody    200 headers and half a body, then a TCP reset (a crash mid-answer)
   malformed    200 with a truncated JSON body
   empty        200 with empty content
   notjson      200 with prose even when JSON output was asked for
@@ -74,7 +75,9 @@ carrying that exact marker and messages fail, later ones succeed (retries then s
 Header 'x-sim-latency: SECONDS' overrides the latency of one request.
 Errors answer at once; answers (and bad 200s) after the latency."""
 
-_KIND = re.compile(r"^(?:(\d{3})|429/[\d.]+|quota|hang(?:/[\d.]+)?|reset|malformed|empty|notjson)$")
+_KIND = re.compile(
+    r"^(?:(\d{3})|429/[\d.]+|quota|hang(?:/[\d.]+)?|reset|resetbody|malformed|empty|notjson)$"
+)
 _MARKER = re.compile(r"\[\[sim:([^\]]+)\]\]")
 _REPEAT = re.compile(r"^(.*?)x(\d+)$")
 _WORDS = (
@@ -216,7 +219,8 @@ class SimConfig:
     latency: Latency = field(default_factory=Latency)
     seed: int = 0
     faults: FaultPlan = field(default_factory=FaultPlan)
-    # When set, requests must carry `Authorization: Bearer <api_key>` (else 401).
+    # When set, requests must carry `Authorization: Bearer <api_key>` (else a 401 that
+    # echoes the key presented, as some providers do).
     api_key: str | None = None
 
 
@@ -344,7 +348,10 @@ class Simulator:
         if not self._authorized(request):
             self._stats.start(model, "401")
             self._stats.finish()
-            return _error(401, "invalid_api_key", "invalid API key")
+            # Like some real providers, echo the key that was presented: the worst case for
+            # a client that must keep keys out of its errors, logs and dead letters.
+            presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            return _error(401, "invalid_api_key", f"Incorrect API key provided: {presented}")
         kind, delay = self._decide(request, model, messages)
         self._stats.start(model, (kind or "ok").partition("/")[0])
         try:
@@ -487,6 +494,8 @@ async def _fault(request: web.Request, kind: str) -> web.StreamResponse:
         return _error(504, "timeout", "the simulator hung and then gave up")
     if name == "reset":
         return _reset(request)
+    if name == "resetbody":
+        return await _reset_mid_body(request)
     status = int(name)
     return _error(status, _ERROR_CODES.get(status, "server_error"), f"simulated HTTP {status}")
 
@@ -503,6 +512,18 @@ def _reset(request: web.Request) -> web.StreamResponse:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()
     raise asyncio.CancelledError
+
+
+async def _reset_mid_body(request: web.Request) -> web.StreamResponse:
+    """A 200 whose body stops halfway, then an RST: the client has begun reading."""
+    body = b'{"id": "chatcmpl-x", "choices": [{"message": {"content": "half an answer, then'
+    response = web.StreamResponse(
+        status=200, headers={"Content-Type": "application/json", "Content-Length": "4096"}
+    )
+    await response.prepare(request)
+    await response.write(body)
+    await asyncio.sleep(0.01)  # let the headers and the first bytes reach the client
+    return _reset(request)
 
 
 def register(commands: Any) -> None:

@@ -140,9 +140,17 @@ async def check_topics(settings: Settings) -> None:
     async with admin_client(settings.kafka, doing="checking topics") as admin:
         missing = wanted - set(await admin.list_topics())
     if missing:
+        user = settings.kafka.sasl_username
+        # Kafka hides the topics a user may not describe: to it, they look missing.
+        hint = (
+            f", or grant Kafka user {user!r} ACLs on them (topics, groups and transactional "
+            "ids under the prefix)"
+            if user
+            else ""
+        )
         raise KafkaError(
             f"topics missing on {settings.kafka.bootstrap_servers}: {', '.join(sorted(missing))}"
-            "; create them with `stream topics apply`"
+            f"; create them with `stream topics apply`{hint}"
         )
 
 

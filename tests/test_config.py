@@ -87,3 +87,9 @@ def test_variables_lists_what_users_look_for() -> None:
         n.startswith("STREAM_") or n.split("_")[0] in {"KAFKA", "SYNTHETIC", "TOGETHER"}
         for n in names
     )
+
+
+def test_a_max_request_size_the_fallback_topic_cannot_hold_is_refused() -> None:
+    with pytest.raises(ConfigError, match="STREAM_MAX_REQUEST_BYTES"):
+        Settings.from_env({"STREAM_MAX_REQUEST_BYTES": "1048588"})
+    assert Settings.from_env({"STREAM_MAX_REQUEST_BYTES": "1000000"}).max_request_bytes == 1_000_000

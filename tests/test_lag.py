@@ -46,7 +46,10 @@ async def commit(
     settings: Settings, group: str, offsets: dict[TopicPartition, int], metadata: str = ""
 ) -> None:
     """Commit offsets as a group with no live member (as a stopped worker leaves them)."""
-    consumer = AIOKafkaConsumer(group_id=group, **settings.kafka.client_options())
+    # No auto-commit: it would commit the background fetch position on stop, over ours.
+    consumer = AIOKafkaConsumer(
+        group_id=group, enable_auto_commit=False, **settings.kafka.client_options()
+    )
     await consumer.start()
     try:
         consumer.assign(list(offsets))

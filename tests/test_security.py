@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from stream.broker import LocalBroker, free_port
 from stream.config import Settings
+from stream.simulator import SimConfig, Simulator, parse_faults
 from tests.conftest import run_cli
+from tests.test_pipeline import request, send, terminal
 
 pytestmark = pytest.mark.anyio
 
 PASSWORD = "s3cret-scram-password"
+WORKER_ACLS = {
+    "--topic": ("Describe", "Read", "Write"),
+    "--group": ("Describe", "Read"),
+    "--transactional-id": ("Describe", "Write"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +32,24 @@ def scram_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBrok
     broker = LocalBroker(
         home=Path(tmp_path_factory.mktemp("scram")),
         port=free_port(),
-        scram_users={"stream": PASSWORD, "stranger": "stranger-password"},
+        scram_users={"stream": PASSWORD, "stranger": "stranger-password", "worker": PASSWORD},
     )
     broker.start()
     acl = "org.apache.kafka.tools.AclCommand"
+    # The least a worker needs (README): its topics, groups and transactional ids, by prefix.
+    for resource, operations in WORKER_ACLS.items():
+        granted = [arg for operation in operations for arg in ("--operation", operation)]
+        broker.run_tool(
+            acl,
+            "--add",
+            "--allow-principal",
+            "User:worker",
+            *granted,
+            resource,
+            "sec.least.",
+            "--resource-pattern-type",
+            "prefixed",
+        )
     for resource in ("--topic", "--group", "--transactional-id"):
         broker.run_tool(
             acl,
@@ -108,3 +132,118 @@ async def test_a_user_without_acls_is_told_so(
     assert done.returncode == 1
     assert "not allowed" in done.stderr and "kafka-acls" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def _worker_env(
+    broker: LocalBroker, base: dict[str, str], sim: Simulator, password: str, prefix: str
+) -> dict[str, str]:
+    return {
+        **_env(broker, base, "stream", password),
+        "STREAM_TOPIC_PREFIX": prefix,
+        "SYNTHETIC_BASE_URL": sim.url,
+        "SYNTHETIC_API_KEY": "sim",
+        "TOGETHER_BASE_URL": sim.url,
+        "TOGETHER_API_KEY": "sim",
+        "STREAM_METRICS_PORT": "0",
+    }
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+async def test_the_worker_runs_end_to_end_over_sasl_scram(
+    scram_broker: LocalBroker, env: dict[str, str], tmp_path: Path, guarantee: str
+) -> None:
+    # Under "sec.": the ACLs (topics, groups, transactional ids) are prefixed grants.
+    prefix = f"sec.w{guarantee[:5]}."
+    await _run_worker_end_to_end(scram_broker, env, tmp_path, guarantee, prefix, "stream")
+
+
+@pytest.mark.timeout(180)
+async def test_the_worker_needs_only_the_documented_acls(
+    scram_broker: LocalBroker, env: dict[str, str], tmp_path: Path
+) -> None:
+    """User `worker` holds only WORKER_ACLS (no Create, no cluster rights), exactly-once."""
+    await _run_worker_end_to_end(
+        scram_broker, env, tmp_path, "exactly-once", "sec.least.", "worker"
+    )
+
+
+async def _run_worker_end_to_end(
+    broker: LocalBroker,
+    env: dict[str, str],
+    tmp_path: Path,
+    guarantee: str,
+    prefix: str,
+    user: str,
+) -> None:
+    scram_broker = broker
+    down = parse_faults("hf:moonshotai/Kimi-K2-Thinking=rate:1:503")
+    async with Simulator(SimConfig(faults=down)) as sim:
+        admin = _worker_env(scram_broker, env, sim, PASSWORD, prefix)
+        done = await run_cli(admin, "topics", "apply")  # as `stream`, who may create
+        assert done.returncode == 0, done.stderr
+        secure = {
+            **admin,
+            "STREAM_KAFKA_SASL_USERNAME": user,
+            "STREAM_GUARANTEE": guarantee,
+            "STREAM_SYNTHETIC_MAX_RETRIES": "1",
+            "STREAM_LOG_LEVEL": "DEBUG",  # the password must not show even there
+        }
+        settings = Settings.from_env(secure)
+        log = tmp_path / "worker.log"
+        with log.open("wb") as stderr:
+            process = await anyio.open_process(
+                [sys.executable, "-m", "stream", "run", "all"], env=secure, stderr=stderr
+            )
+            try:
+                await send(
+                    settings,
+                    [
+                        ("sasl-ok", request("sasl-ok", "deepseek-v3-0324-syn")),
+                        ("sasl-fb", request("sasl-fb", "kimi-k2-thinking-syn")),
+                        ("sasl-bad", b"{not json"),
+                    ],
+                )
+                found = await terminal(settings, 3)
+                process.send_signal(signal.SIGTERM)
+                with anyio.fail_after(60):
+                    code = await process.wait()
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+    output = log.read_text()
+    assert code == 0, output[-2000:]
+    assert found["sasl-ok"][1]["provider"] == "synthetic"
+    assert found["sasl-fb"][1]["provider"] == "together"  # went through the fallback topic
+    assert found["sasl-bad"][1]["reason"] == "invalid_json"
+    assert "sasl" in output.lower() and PASSWORD not in output
+
+
+@pytest.mark.timeout(60)
+async def test_the_worker_with_a_wrong_password_exits_with_one_line(
+    scram_broker: LocalBroker, env: dict[str, str]
+) -> None:
+    async with Simulator(SimConfig()) as sim:
+        wrong = _worker_env(scram_broker, env, sim, "wrong-password", "sec.wrong.")
+        done = await run_cli(wrong, "run", "all")
+    assert done.returncode == 1
+    assert "rejected our credentials" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "wrong-password" not in done.stderr
+
+
+@pytest.mark.timeout(60)
+async def test_the_worker_as_a_user_without_acls_says_so(
+    scram_broker: LocalBroker, env: dict[str, str]
+) -> None:
+    async with Simulator(SimConfig()) as sim:
+        stranger = {
+            **_worker_env(scram_broker, env, sim, "stranger-password", "sec."),
+            "STREAM_KAFKA_SASL_USERNAME": "stranger",
+        }
+        done = await run_cli(stranger, "run", "all")
+    assert done.returncode == 1
+    # The topics exist (an earlier test applied them): the user just cannot see them.
+    assert "stranger" in done.stderr and "ACL" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

@@ -341,7 +341,8 @@ class ProviderClient:
                 message="no completion in the answer",
                 status=response.status_code,
             )
-        code, message = _error_detail(response.content)
+        # Scrubbed before any cut: a long key cut in half by truncation would not match later.
+        code, message = _error_detail(self._scrub(response.content.decode("utf-8", "replace")))
         verdict = classify(response.status_code, response.headers, code)
         return _Failure(
             retryable=verdict.retryable,
@@ -429,12 +430,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {detail}"[:_MAX_MESSAGE]
 
 
-def _error_detail(body: bytes) -> tuple[str | None, str]:
+def _error_detail(body: str) -> tuple[str | None, str]:
     """(error code or type, message) from an OpenAI-style error body, tolerant of junk."""
     try:
         error = orjson.loads(body).get("error")
     except (orjson.JSONDecodeError, AttributeError):
-        return None, body[:_MAX_MESSAGE].decode("utf-8", "replace").strip()
+        return None, body[:_MAX_MESSAGE].strip()
     if not isinstance(error, dict):
         return None, str(error)[:_MAX_MESSAGE] if error else ""
     kinds = (error.get("code"), error.get("type"))

@@ -1,0 +1,115 @@
+"""The chaos run, CI-sized: 1,000 requests with 2 worker kills, a broker restart and a
+15-second Synthetic outage (see tests/chaos.py; `./dev chaos` runs the full 10,000). And
+the checker itself, on hand-made outputs: it must see what is missing, doubled or stray."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from types import SimpleNamespace
+
+import anyio
+import orjson
+import pytest
+
+from tests.chaos import ChaosConfig, Checker, Input, plan
+from tests.conftest import ROOT
+
+REQUESTS = "t.predictions.requests"
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(300)
+async def test_chaos_run_ci_sized() -> None:
+    done = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "tests.chaos",
+            "--requests=1000",
+            "--duration=30",
+            "--kills=2",
+            "--outage=15",
+            "--json",
+        ],
+        cwd=ROOT,
+        check=False,
+    )
+    tail = done.stderr.decode()[-3000:]
+    lines = done.stdout.decode().strip().splitlines()
+    assert lines, f"the chaos run printed no figures (exit {done.returncode}):\n{tail}"
+    figures = json.loads(lines[-1])
+    assert figures["ok"], (figures["errors"], tail)
+    assert done.returncode == 0
+    assert figures["inputs"] >= 1000 and figures["missing"] == figures["duplicates"] == 0
+    assert figures["kills"] == 2 and figures["broker_restarts"] == 1
+    kinds = figures["inputs_by_kind"]
+    assert sum(n for kind, n in kinds.items() if kind != "valid") == 50  # 5 % poison
+    assert kinds["duplicate_id"] > 0 and kinds["too_large"] > 0
+    # The outage did send mapped models to Together and unmapped ones to dead letters.
+    assert figures["results_by_provider"].get("together", 0) > 0
+    assert figures["dead_letters_by_reason"].get("no_fallback", 0) > 0
+
+
+def _letter(item_value: bytes, reason: str, partition: int, offset: int) -> bytes:
+    return orjson.dumps(
+        {
+            "reason": reason,
+            "error": "",
+            "request": None,
+            "raw": base64.b64encode(item_value).decode(),
+            "source": {"topic": REQUESTS, "partition": partition, "offset": offset},
+        }
+    )
+
+
+def _result(seq: int) -> bytes:
+    return orjson.dumps({"provider": "synthetic", "metadata": {"chaos": seq}})
+
+
+def _checker() -> tuple[Checker, list[Input]]:
+    inputs = plan(ChaosConfig(requests=40, max_too_large=1))
+    checker = Checker(REQUESTS, {i.value: i for i in inputs})
+    for offset, item in enumerate(inputs):
+        checker.add_input(SimpleNamespace(value=item.value, partition=0, offset=offset))
+    return checker, list(inputs)
+
+
+def _answer_all(checker: Checker, inputs: list[Input]) -> None:
+    for offset, item in enumerate(inputs):
+        if item.kind in ("valid", "duplicate_id"):
+            checker.add_output("result", _result(item.seq))
+        else:
+            reason = {
+                "bad_json": "invalid_json",
+                "bad_utf8": "invalid_encoding",
+                "wrong_types": "invalid_request",
+                "unknown_model": "unknown_model",
+                "too_large": "too_large",
+            }[item.kind]
+            checker.add_output("dead-letter", _letter(item.value, reason, 0, offset))
+
+
+def test_the_checker_passes_a_complete_run() -> None:
+    checker, inputs = _checker()
+    _answer_all(checker, inputs)
+    assert checker.complete()
+    assert checker.verdict(exactly_once=True)["ok"]
+
+
+def test_the_checker_sees_missing_doubled_stray_and_lost_bytes() -> None:
+    checker, inputs = _checker()
+    _answer_all(checker, inputs)
+    checker.add_output("result", _result(0))  # a duplicate
+    assert not checker.verdict(exactly_once=True)["ok"]
+    assert checker.verdict(exactly_once=False)["duplicates"] == 1
+    checker.add_output("result", _result(999))  # stray
+    assert checker.verdict(exactly_once=False)["stray"] == 1
+
+    checker, inputs = _checker()
+    poison = next(i for i, item in enumerate(inputs) if item.kind == "bad_json")
+    checker.add_output("dead-letter", _letter(b"other bytes", "invalid_json", 0, poison))
+    assert not checker.complete() or checker.errors
+    assert any("lost the original" in e for e in checker.verdict(exactly_once=True)["errors"])
+    assert checker.verdict(exactly_once=True)["missing"] > 0

@@ -1,0 +1,59 @@
+"""Size limits, end to end: the biggest record the requests topic accepts becomes a dead
+letter that carries all of its bytes, and the partition goes on.
+
+The limits, chosen together: the requests topic takes records up to 1,048,588 bytes
+(`max.message.bytes`, Kafka's default); requests over STREAM_MAX_REQUEST_BYTES (256 KiB by
+default) are dead letters (`too_large`) carrying their bytes base64-encoded, up to about
+1.4 MiB, which the dead-letter topic (2 MiB) and the engine's producer
+(`max_request_size`, 2 MiB) both take.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from stream.simulator import Simulator
+from tests.test_pipeline import request, terminal
+from tests.workerkit import Peaks, running_worker, simulated_settings
+
+pytestmark = pytest.mark.anyio
+
+TOPIC_MAX = 1_048_588  # topics/requests.toml max.message.bytes
+BATCH_OVERHEAD = 100  # record batch header and record framing: the value gets the rest
+
+
+async def test_a_record_at_the_topic_maximum_becomes_a_dead_letter_with_all_its_bytes(
+    env: dict[str, str],
+) -> None:
+    filler = "x" * (TOPIC_MAX - BATCH_OVERHEAD - 200)
+    huge = request("huge", "deepseek-v3-0324-syn", filler)
+    huge += b" " * (TOPIC_MAX - BATCH_OVERHEAD - len(huge))  # JSON allows trailing spaces
+    async with Simulator() as sim:
+        live = simulated_settings(env, sim, max_in_flight=8)
+        async with running_worker(live, Peaks()):
+            producer = AIOKafkaProducer(
+                **live.kafka.client_options(), acks="all", max_request_size=2 * TOPIC_MAX
+            )
+            await producer.start()
+            try:
+                topic = live.topic("predictions.requests")
+                for rid, value in (
+                    ("huge", huge),
+                    ("after", request("after", "deepseek-v3-0324-syn")),
+                ):
+                    # One partition: the good request behind the huge one must not be stuck.
+                    await producer.send_and_wait(
+                        topic, value, partition=0, headers=[("request-id", rid.encode())]
+                    )
+            finally:
+                await producer.stop()
+            found = await terminal(live, 2)
+    letter = found["huge"][1]
+    assert letter["reason"] == "too_large"
+    assert base64.b64decode(letter["raw"]) == huge
+    assert len(orjson.dumps(letter)) > 1024 * 1024  # bigger than aiokafka's default limit
+    assert found["after"][1]["provider"] == "synthetic"

@@ -1,0 +1,256 @@
+"""Hostile input through the real stages: every record becomes exactly one output that
+validates against its topic's schema, and no exception escapes (the engine's `on_error`
+is for bugs, never for bad input).
+
+The provider is a fake that answers at once (or fails, by the prompt), so thousands of
+examples run in seconds; what is under test is decoding, validation and record building.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+from typing import Any
+
+import anyio
+import jsonschema
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stream.catalog import Model, load_catalog
+from stream.config import Secret, Settings
+from stream.engine import Output
+from stream.errors import RetryableProviderError
+from stream.providers import Completion
+from stream.stages import FallbackStage, PrimaryStage
+
+_BASE = Settings(max_request_bytes=64 * 1024)
+# A Together key, so mapped models really fall back (else they dead-letter as unconfigured).
+SETTINGS = replace(_BASE, together=replace(_BASE.together, api_key=Secret("k")))
+CATALOG = load_catalog(SETTINGS)
+MODELS = ["deepseek-r1-0528-syn", "kimi-k2-thinking-syn", "glm-4.6-syn", "deepseek-r1", "nope"]
+SCHEMAS = {
+    name: jsonschema.Draft7Validator(
+        orjson.loads((SETTINGS.topics_dir / f"{name}.schema.json").read_bytes()),
+        format_checker=jsonschema.FormatChecker(),
+    )
+    for name in ("result", "dead-letter", "fallback")
+}
+
+
+class FakeClient:
+    """Answers every call, echoing nothing of the request; a prompt with 'fail' fails."""
+
+    calls = 0
+
+    async def complete(
+        self, model: Model, messages: list[dict[str, Any]], params: Any = None, **_: Any
+    ) -> Completion:
+        FakeClient.calls += 1
+        if "fail" in repr(messages):
+            raise RetryableProviderError(
+                "HTTP 503: down", provider=model.provider, model=model.api_model, status=503
+            )
+        return Completion(
+            content="ok",
+            reasoning=None,
+            usage=None,
+            provider=model.provider,
+            provider_model=model.api_model,
+            attempts=1,
+            latency_ms=1.0,
+        )
+
+
+PRIMARY = PrimaryStage(SETTINGS, CATALOG, {"synthetic": FakeClient(), "together": FakeClient()})  # type: ignore[dict-item]
+FALLBACK = FallbackStage(SETTINGS, CATALOG, FakeClient())  # type: ignore[arg-type]
+
+
+def _record(value: bytes | None, topic: str) -> Any:
+    return SimpleNamespace(
+        topic=topic, partition=0, offset=7, timestamp=1, key=None, value=value, headers=()
+    )
+
+
+def _kind(output: Output) -> str:
+    return output.topic.rpartition(".")[2].replace("results", "result")
+
+
+def _run(stage: PrimaryStage | FallbackStage, value: bytes | None, topic: str) -> dict[str, Any]:
+    outputs = anyio.run(stage.handle, _record(value, topic))
+    assert len(outputs) == 1
+    (output,) = outputs
+    body = orjson.loads(output.value)
+    SCHEMAS[_kind(output)].validate(body)
+    if _kind(output) == "dead-letter" and body["request"] is None and value is not None:
+        assert body["raw"] is not None  # what did not parse travels as its bytes
+    return body
+
+
+json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_leaf,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "system", "assistant", "tool", "boss"]),
+            "content": st.text(max_size=30) | st.sampled_from(["fail", "hi"]) | json_values,
+        },
+    )
+    | json_values,
+    max_size=3,
+)
+near_valid = st.fixed_dictionaries(
+    {
+        "request_id": st.text(max_size=140) | json_values,
+        "model": st.sampled_from(MODELS) | json_values,
+        "messages": messages,
+    },
+    optional={
+        "params": st.dictionaries(
+            st.sampled_from(
+                ["temperature", "max_tokens", "stream", "model", "response_format", "x"]
+            ),
+            json_values,
+        )
+        | json_values,
+        "metadata": st.dictionaries(st.text(max_size=6), json_values) | json_values,
+        "deadline": st.sampled_from(
+            [
+                "2099-01-01T00:00:00Z",
+                "2001-01-01T00:00:00Z",
+                "0001-01-01T00:00:00+01:00",
+                "9999-12-31T23:59:59-23:59",
+                "2099-02-30T00:00:00Z",
+                "tomorrow",
+                "2099-01-01",
+            ]
+        )
+        | json_values,
+        "extra": json_values,
+    },
+)
+
+
+def _deep(depth: int) -> Any:
+    value: Any = "bottom"
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+GOOD = {
+    "request_id": "r-1",
+    "model": "glm-4.6-syn",
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        b"",
+        b"\xff\xfe",
+        b"[" * 5000 + b"]" * 5000,  # past the parser's depth limit
+        orjson.dumps({**GOOD, "metadata": _deep(200)}),  # parses, and can be written back
+        b'{"request_id": "r", "model": "glm-4.6-syn", "metadata": '
+        + b'{"a":' * 300
+        + b"1"
+        + b"}" * 300
+        + b', "messages": [{"role": "user", "content": "x"}]}',
+        b'{"request_id": "r", "model": "glm-4.6-syn", "messages": [{"role": "user", '
+        b'"content": "\\ud800"}]}',  # a lone surrogate escape
+        b'{"request_id": "r", "model": "glm-4.6-syn", "metadata": {"n": NaN}, "messages": []}',
+        b'{"request_id": "r", "model": "glm-4.6-syn", "metadata": {"n": 1e999}, "messages": []}',
+        b'{"request_id": "\\u0000\\n", "model": "glm-4.6-syn", '
+        b'"messages": [{"role": "user", "content": "x"}]}',
+        b'{"request_id": "r", "request_id": 5, "model": "glm-4.6-syn", '
+        b'"messages": [{"role": "user", "content": "x"}]}',  # duplicate keys: the last wins
+        b'{"request_id": "r", "model": "glm-4.6-syn", "metadata": {"big": 18446744073709551616}, '
+        b'"messages": [{"role": "user", "content": "x"}]}',  # parsed as a float
+        orjson.dumps({**GOOD, "messages": [{"role": "user", "content": "x" * 70_000}]}),
+    ],
+)
+@pytest.mark.parametrize("stage", ["primary", "fallback"])
+def test_hostile_records_become_one_valid_output(value: bytes | None, stage: str) -> None:
+    if stage == "primary":
+        _run(PRIMARY, value, "predictions.requests")
+    else:
+        _run(FALLBACK, value, "predictions.fallback")
+
+
+def test_a_request_too_deep_to_write_back_is_rejected_before_the_provider_is_paid() -> None:
+    value = orjson.dumps({**GOOD, "request_id": "deep"})[:-1] + b', "metadata": '
+    value += b'{"a":' * 300 + b"1" + b"}" * 300 + b"}"
+    before = FakeClient.calls
+    letter = _run(PRIMARY, value, "predictions.requests")
+    assert letter["reason"] == "invalid_request" and "nest" in letter["error"]
+    assert FakeClient.calls == before  # no call paid for a result that could not be written
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_valid)
+def test_near_valid_requests_through_the_primary_stage(body: dict[str, Any]) -> None:
+    _run(PRIMARY, orjson.dumps(body), "predictions.requests")
+
+
+failures = (
+    st.fixed_dictionaries(
+        {
+            "provider": st.sampled_from(["synthetic", "together"]) | json_values,
+            "model": st.text(max_size=10),
+            "status": st.none() | st.integers(100, 599),
+            "error_type": st.text(max_size=10),
+            "message": st.text(max_size=30),
+            "attempts": st.integers(0, 10) | json_values,
+            "failed_at": st.just("2026-01-01T00:00:00Z"),
+        }
+    )
+    | json_values
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_valid, failures)
+def test_near_valid_fallback_records_through_the_fallback_stage(
+    body: dict[str, Any], failure: Any
+) -> None:
+    _run(FALLBACK, orjson.dumps({**body, "failure": failure}), "predictions.fallback")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_through_both_stages(value: bytes) -> None:
+    _run(PRIMARY, value, "predictions.requests")
+    _run(FALLBACK, value, "predictions.fallback")
+
+
+def test_the_fuzz_reaches_the_provider_and_the_fallback() -> None:
+    """Guard against a generator that only ever makes dead letters."""
+    body = {**GOOD, "model": "deepseek-r1-0528-syn"}
+    assert "provider" in _run(PRIMARY, orjson.dumps(body), "predictions.requests")
+    failing = {**body, "messages": [{"role": "user", "content": "fail"}]}
+    forwarded = _run(PRIMARY, orjson.dumps(failing), "predictions.requests")
+    assert forwarded["failure"]["status"] == 503
+    assert (
+        _run(
+            FALLBACK,
+            orjson.dumps({**body, "failure": forwarded["failure"]}),
+            "predictions.fallback",
+        )["fallback"]
+        is True
+    )

@@ -1,0 +1,69 @@
+"""A worker running in this process against the simulator, with its in-flight sampled."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+
+from stream import topics
+from stream.config import Settings
+from stream.simulator import Simulator
+from stream.worker import Worker
+from tests.conftest import eventually
+
+
+@dataclass
+class Peaks:
+    """The highest in-flight count each engine was seen at."""
+
+    engine: dict[str, int] = field(default_factory=dict)
+
+
+def simulated_settings(env: dict[str, str], sim: Simulator, *, max_in_flight: int) -> Settings:
+    """Both providers on the simulator, short per-attempt timeouts, few retries."""
+    return Settings.from_env(
+        {
+            **env,
+            "SYNTHETIC_BASE_URL": sim.url,
+            "SYNTHETIC_API_KEY": "sim",
+            "TOGETHER_BASE_URL": sim.url,
+            "TOGETHER_API_KEY": "sim",
+            "STREAM_MAX_IN_FLIGHT": str(max_in_flight),
+            "STREAM_SYNTHETIC_TIMEOUT_S": "1",  # per attempt: a hang costs one second
+            "STREAM_SYNTHETIC_MAX_RETRIES": "2",
+            "STREAM_TOGETHER_MAX_RETRIES": "2",
+        }
+    )
+
+
+@asynccontextmanager
+async def running_worker(settings: Settings, peaks: Peaks) -> AsyncIterator[Worker]:
+    """Both stages in this process, their in-flight sampled the whole time."""
+    await topics.apply(settings, await topics.plan(settings))
+    worker = Worker(settings, ("primary", "fallback"))
+    async with anyio.create_task_group() as group:
+        group.start_soon(worker.run)
+        await worker.started.wait()
+
+        async def sample() -> None:
+            while True:
+                for engine in worker.engines:
+                    now = engine.snapshot().in_flight
+                    peaks.engine[engine.name] = max(peaks.engine.get(engine.name, 0), now)
+                await anyio.sleep(0.002)
+
+        group.start_soon(sample)
+        yield worker
+        worker.stop()
+        await eventually(_stopped(worker))
+        group.cancel_scope.cancel()
+
+
+def _stopped(worker: Worker) -> object:
+    async def check() -> bool:
+        return all(engine.snapshot().assigned == 0 for engine in worker.engines)
+
+    return check
