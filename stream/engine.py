@@ -147,7 +147,10 @@ class Engine:
         )
 
     def _make_sink(self, consumer: AIOKafkaConsumer) -> Sink:
-        options: dict[str, Any] = {"linger_ms": 5}
+        # Outputs finish in bursts (a wave of calls answers together): with the default
+        # 16 KB batch, a partition's batch fills while the previous one awaits its ack and
+        # every writer then waits for the drain. 256 KB absorbs a burst.
+        options: dict[str, Any] = {"linger_ms": 5, "max_batch_size": 256 * 1024}
         if self._config.guarantee == "exactly-once":
             return ExactlyOnceSink(self._settings.kafka, self.group_id, options)
         return AtLeastOnceSink(self._settings.kafka, consumer, options)
