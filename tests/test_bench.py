@@ -29,7 +29,7 @@ async def test_bench_json_has_every_run_with_sane_figures(env: dict[str, str]) -
         assert all(key in figures for key in CONTRACT), name
         assert figures["requests"] == 200, name
         assert figures["throughput"] > 0, name
-        assert 0 < figures["p50_ms"] <= figures["p99_ms"], name
+        assert 0 <= figures["p50_ms"] <= figures["p99_ms"], name
         assert figures["peak_rss_mb"] > 0, name
     # Every request reached the provider once (no faults), except in the run without HTTP.
     assert results["stream"]["calls_per_request"] == 1.0
