@@ -33,6 +33,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "stream.lag",
     "stream.replay",
     "stream.redrive",
+    "stream.bench",
 )
 
 

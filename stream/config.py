@@ -158,6 +158,7 @@ class Settings:
     @classmethod
     def _from_source(cls, source: _Source) -> Settings:
         max_in_flight = source.integer("STREAM_MAX_IN_FLIGHT", 1000, low=1)
+        rebalance_timeout_ms = source.integer("STREAM_REBALANCE_TIMEOUT_MS", 120_000, low=1)
         engine = EngineSettings(
             guarantee=source.choice(
                 "STREAM_GUARANTEE", ("at-least-once", "exactly-once"), "at-least-once"
@@ -170,9 +171,13 @@ class Settings:
             ordering=source.choice("STREAM_ORDERING", ("unordered", "key"), "unordered"),  # type: ignore[arg-type]
             commit_interval_s=source.number("STREAM_COMMIT_INTERVAL_S", 1.0, low=0.01),
             shutdown_grace_s=source.number("STREAM_SHUTDOWN_GRACE_S", 30.0, low=0.0),
-            revoke_grace_s=source.number("STREAM_REVOKE_GRACE_S", 60.0, low=0.0),
+            # unset, it follows the rebalance timeout down (half of it, at most 60 s), so
+            # lowering only the timeout keeps a valid pair
+            revoke_grace_s=source.number(
+                "STREAM_REVOKE_GRACE_S", min(60.0, rebalance_timeout_ms / 2000), low=0.0
+            ),
             max_poll_interval_ms=source.integer("STREAM_MAX_POLL_INTERVAL_MS", 600_000, low=1),
-            rebalance_timeout_ms=source.integer("STREAM_REBALANCE_TIMEOUT_MS", 120_000, low=1),
+            rebalance_timeout_ms=rebalance_timeout_ms,
             session_timeout_ms=source.integer("STREAM_SESSION_TIMEOUT_MS", 45_000, low=1),
         )
         settings = cls(

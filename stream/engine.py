@@ -158,7 +158,14 @@ class Engine:
         # A dead letter carries its input base64-encoded: 1.4 MiB for the largest request
         # the topics take. Under aiokafka's 1 MiB default it could never be sent, and the
         # sink would retry it forever, stalling its partition.
-        options: dict[str, Any] = {"linger_ms": 5, "max_request_size": MAX_OUTPUT_BYTES}
+        # Outputs finish in bursts (a wave of calls answers together): with the default
+        # 16 KB batch, a partition's batch fills while the previous one awaits its ack and
+        # every writer then waits for the drain. 256 KB absorbs a burst.
+        options: dict[str, Any] = {
+            "linger_ms": 5,
+            "max_request_size": MAX_OUTPUT_BYTES,
+            "max_batch_size": 256 * 1024,
+        }
         if self._config.guarantee == "exactly-once":
             return ExactlyOnceSink(self._settings.kafka, self.group_id, options)
         return AtLeastOnceSink(self._settings.kafka, consumer, options)

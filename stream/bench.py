@@ -1,0 +1,410 @@
+"""`stream bench`: how close the pipeline gets to the bound Little's law sets, C / L.
+
+LLM calls are slow, so throughput is concurrency over provider latency; what the product
+adds is Kafka and Python. The bench measures that on the real broker (a local one on a free
+port unless KAFKA_BOOTSTRAP_SERVERS is set) and the provider simulator (its own process),
+one run per process (`python -m stream.bench _run MODE`, see `stream.benchruns`):
+
+    stream        the real worker          naive        one record at a time per partition
+    bare_http     ProviderClient, no Kafka bare_aiohttp bare aiohttp, no Kafka
+    passthrough   the engine, no HTTP
+
+Kafka runs get their N requests published before their process starts (a backlog), so the
+clock runs from the moment the consumer has its partitions to the last result's record
+timestamp. Latency: from that moment (or the request's timestamp, if later) to the result's
+timestamp, the same "all N submitted at once" as the HTTP runs, whose clock is their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import NewTopic
+
+from stream import benchruns
+from stream.broker import LocalBroker, free_port
+from stream.config import Settings
+from stream.errors import StreamError
+from stream.kafka import admin_client
+from stream.stages import Topics
+
+__all__ = ["main", "register"]
+
+_KEY = "sk-bench"
+_NAIVE_BUDGET_S = 10.0  # the naive loop is slow: give it about this long, not all N
+
+Figures = dict[str, Any]
+
+
+class BenchError(StreamError):
+    """A run failed or did not deliver every result."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    requests: int
+    latency: float
+    concurrency: int
+    partitions: int
+    runs: tuple[str, ...]
+    guarantee: str
+    naive_requests: int
+    json: bool
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Options:
+        options = cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        if min(options.requests, options.concurrency, options.partitions) < 1:
+            raise BenchError("--requests, --concurrency and --partitions must be at least 1")
+        if options.latency < 0:
+            raise BenchError("--latency must not be negative")
+        return options
+
+
+# -- infrastructure: broker and simulator --------------------------------------------------
+
+
+@contextlib.contextmanager
+def _broker() -> Iterator[str]:
+    """The cluster to use: KAFKA_BOOTSTRAP_SERVERS, or a fresh local broker stopped after."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    with tempfile.TemporaryDirectory(prefix="stream-bench-") as home:
+        broker = LocalBroker(home=Path(home), port=free_port())
+        print(f"starting a local Kafka broker on {broker.bootstrap_servers}…", file=sys.stderr)
+        broker.start()
+        try:
+            yield broker.bootstrap_servers
+        finally:
+            broker.stop()
+
+
+@contextlib.contextmanager
+def _simulator(latency: float) -> Iterator[str]:
+    """The simulator in its own process, so it never shares a measured event loop."""
+    port = free_port()
+    command = [sys.executable, "-m", "stream", "simulate", "--port", str(port)]
+    command += ["--latency", str(latency), "--api-key", _KEY]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert process.stdout is not None
+        if not process.stdout.readline():  # "simulator listening on …": it is ready
+            raise BenchError("the provider simulator did not start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _sim_calls(base: str) -> int:
+    return int(httpx.get(f"{base}/sim/stats", timeout=10).json()["requests"])
+
+
+# -- Kafka side: topics, the backlog, the results ------------------------------------------
+
+
+async def _create_topics(settings: Settings, partitions: int) -> list[str]:
+    names = list(vars(Topics.of(settings)).values())
+    async with admin_client(settings.kafka, doing="creating bench topics") as admin:
+        await admin.create_topics([NewTopic(name, partitions, 1) for name in names])
+    return names
+
+
+async def _delete_topics(settings: Settings, names: list[str]) -> None:
+    with contextlib.suppress(Exception):  # tidying up only: a leftover topic harms nothing
+        async with admin_client(settings.kafka, doing="deleting bench topics") as admin:
+            await admin.delete_topics(names)
+
+
+def request_value(request_id: str, index: int) -> bytes:
+    return orjson.dumps(
+        {
+            "request_id": request_id,
+            "model": benchruns.BENCH_MODEL,
+            "messages": benchruns.messages(index),
+            "metadata": {"bench": True},
+        }
+    )
+
+
+async def _publish(settings: Settings, requests: int, run: str) -> None:
+    producer = AIOKafkaProducer(
+        **settings.kafka.client_options(), acks="all", linger_ms=20, max_batch_size=256 * 1024
+    )
+    await producer.start()
+    try:
+        topic = Topics.of(settings).requests
+        futures = []
+        for index in range(requests):
+            rid = f"{run}-{index:07d}"
+            key = rid.encode()
+            value = request_value(rid, index)
+            headers = [("request-id", key)]
+            futures.append(await producer.send(topic, value, key=key, headers=headers))
+        for future in futures:
+            await future
+    finally:
+        await producer.stop()
+
+
+async def _result_times(settings: Settings) -> dict[bytes, int]:
+    """Request key → its result's record timestamp (ms), for every result written."""
+    topic = Topics.of(settings).results
+    consumer = AIOKafkaConsumer(
+        **settings.kafka.client_options(),
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        times: dict[bytes, int] = {}
+        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                times.update((r.key, r.timestamp) for r in records)
+        return times
+    finally:
+        await consumer.stop()
+
+
+# -- one run -------------------------------------------------------------------------------
+
+
+def _child_env(options: Options, bootstrap: str, sim: str, prefix: str) -> dict[str, str]:
+    concurrency = str(options.concurrency)
+    return {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "STREAM_TOPIC_PREFIX": prefix,
+        "STREAM_MAX_IN_FLIGHT": concurrency,
+        "STREAM_MAX_IN_FLIGHT_PER_PARTITION": os.environ.get(
+            "STREAM_MAX_IN_FLIGHT_PER_PARTITION", concurrency
+        ),
+        "STREAM_SYNTHETIC_MAX_CONNECTIONS": concurrency,
+        "STREAM_GUARANTEE": options.guarantee,
+        "SYNTHETIC_BASE_URL": f"{sim}/v1",
+        "SYNTHETIC_API_KEY": _KEY,
+        "STREAM_METRICS_PORT": "0",
+        "STREAM_METRICS_HOST": "127.0.0.1",
+        "STREAM_LOG_LEVEL": os.environ.get("STREAM_LOG_LEVEL", "WARNING"),
+    }
+
+
+def _timeout_s(mode: str, requests: int, options: Options) -> float:
+    """Generous: a run that takes this long is broken, not slow."""
+    width = options.partitions if mode == "naive" else options.concurrency
+    return 120.0 + 3 * requests * (options.latency + 0.005) / width + requests / 200
+
+
+async def _child(mode: str, requests: int, env: dict[str, str], timeout_s: float) -> Figures:
+    command = [sys.executable, "-m", "stream.bench", "_run", mode, "--requests", str(requests)]
+    try:
+        with anyio.fail_after(timeout_s):
+            done = await anyio.run_process(command, env=env, check=False, stderr=sys.stderr)
+    except TimeoutError:
+        raise BenchError(f"the {mode} run did not finish in {timeout_s:.0f} s") from None
+    lines = done.stdout.decode().strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise BenchError(f"the {mode} run failed (exit {done.returncode})")
+    figures: Figures = json.loads(lines[-1])
+    return figures
+
+
+def _latency_figures(requests: int, seconds: Sequence[float]) -> Figures:
+    ordered = sorted(seconds)
+    if len(ordered) < requests:
+        raise BenchError(f"only {len(ordered)} of {requests} requests finished")
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+
+    elapsed = max(ordered[-1], 1e-6)
+    return {"throughput": round(requests / elapsed, 1), "p50_ms": at(0.5), "p99_ms": at(0.99)}
+
+
+async def _kafka_run(mode: str, requests: int, options: Options, infra: Any) -> Figures:
+    bootstrap, sim = infra
+    prefix = f"bench{uuid.uuid4().hex[:8]}.{mode}."
+    env = _child_env(options, bootstrap, sim, prefix)
+    settings = Settings.from_env(env)
+    names = await _create_topics(settings, options.partitions)
+    try:
+        await _publish(settings, requests, prefix)
+        calls = _sim_calls(sim)
+        figures = await _child(mode, requests, env, _timeout_s(mode, requests, options))
+        figures["calls_per_request"] = round((_sim_calls(sim) - calls) / requests, 3)
+        times = await _result_times(settings)
+    finally:
+        await _delete_topics(settings, names)
+    ready_ms = figures["ready_at"] * 1000
+    seconds = [max(0.0, (ts - ready_ms) / 1000) for ts in times.values()]
+    return {**_latency_figures(requests, seconds), **figures}
+
+
+async def _http_run(mode: str, requests: int, options: Options, infra: Any) -> Figures:
+    bootstrap, sim = infra
+    env = _child_env(options, bootstrap, sim, "")
+    calls = _sim_calls(sim)
+    figures = await _child(mode, requests, env, _timeout_s(mode, requests, options))
+    figures["calls_per_request"] = round((_sim_calls(sim) - calls) / requests, 3)
+    latencies = figures.pop("latencies_s")
+    return {**_latency_figures(requests, latencies), **figures}
+
+
+def _requests_for(mode: str, options: Options) -> int:
+    if mode != "naive":
+        return options.requests
+    if options.naive_requests:
+        return options.naive_requests
+    # One call per partition at a time: about P / L per second. Enough for ~10 s, not N.
+    rate = options.partitions / (options.latency + 0.01)
+    return min(options.requests, max(2 * options.partitions, int(rate * _NAIVE_BUDGET_S)))
+
+
+async def _bench(options: Options, infra: tuple[str, str]) -> dict[str, Figures]:
+    results: dict[str, Figures] = {}
+    for mode in options.runs:
+        requests = _requests_for(mode, options)
+        if not options.json:
+            print(f"running {mode} ({requests} requests)…", file=sys.stderr, flush=True)
+        run = _kafka_run if mode in benchruns.KAFKA_RUNS else _http_run
+        results[mode] = await run(mode, requests, options, infra)
+    return _with_ratios(results, options)
+
+
+def _with_ratios(results: dict[str, Figures], options: Options) -> dict[str, Figures]:
+    bound = options.concurrency / options.latency if options.latency > 0 else None
+    for figures in results.values():
+        figures["latency_s"] = options.latency
+        figures["concurrency"] = options.concurrency
+        figures["partitions"] = options.partitions
+        if bound:
+            figures["ratio_bound"] = round(figures["throughput"] / bound, 3)
+    stream = results.get("stream")
+    if stream is not None:
+        for name, figures in results.items():
+            if name != "stream":
+                stream[f"ratio_{name}"] = round(stream["throughput"] / figures["throughput"], 3)
+    return results
+
+
+# -- presentation --------------------------------------------------------------------------
+
+
+def _table(results: dict[str, Figures], options: Options) -> list[str]:
+    bound = f"{options.concurrency / options.latency:.0f}/s" if options.latency else "none"
+    lines = [
+        f"stream bench: latency {options.latency} s, concurrency {options.concurrency}, "
+        f"{options.partitions} partitions, {options.guarantee}; bound C/L = {bound}",
+        f"{'run':<13} {'requests':>8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'calls/req':>9} {'CPU s':>7} {'CPU ms/req':>10} {'peak RSS MB':>11}",
+    ]
+    for name, f in results.items():
+        lines.append(
+            f"{name:<13} {f['requests']:>8} {f['throughput']:>9.1f} {f['p50_ms']:>8.0f} "
+            f"{f['p99_ms']:>8.0f} {f['calls_per_request']:>9.2f} {f['cpu_s']:>7.2f} "
+            f"{f['cpu_s'] / f['requests'] * 1000:>10.3f} {f['peak_rss_mb']:>11.0f}"
+        )
+    stream = results.get("stream", {})
+    ratios = [f"{k[6:]} {v:.2f}×" for k, v in stream.items() if k.startswith("ratio_")]
+    if ratios:
+        lines.append("stream throughput vs " + ", ".join(ratios))
+    return lines
+
+
+def _parse_runs(text: str) -> tuple[str, ...]:
+    runs = tuple(run.strip() for run in text.split(",") if run.strip())
+    unknown = [run for run in runs if run not in benchruns.RUNS]
+    if unknown or not runs:
+        raise argparse.ArgumentTypeError(f"runs are a comma list of {', '.join(benchruns.RUNS)}")
+    return runs
+
+
+def _command(args: argparse.Namespace, settings: Settings) -> int:
+    options = Options.of(args)
+    started = time.monotonic()
+    with _broker() as bootstrap, _simulator(options.latency) as sim:
+        results = anyio.run(_bench, options, (bootstrap, sim))
+    if options.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n".join(_table(results, options)))
+        print(f"(bench took {time.monotonic() - started:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "bench",
+        help="measure throughput and latency against the naive, HTTP and Kafka baselines",
+        description="Runs N requests through the real worker, a naive one-at-a-time loop, a "
+        "bare HTTP loop (no Kafka) and an engine pass-through (no HTTP), each in its own "
+        "process, on a real broker and the provider simulator; prints requests/s, end-to-end "
+        "p50/p99, provider calls per request, CPU and peak RSS, and the ratios between them.",
+    )
+    parser.add_argument("--requests", type=int, default=5000, help="N (default 5000)")
+    parser.add_argument(
+        "--latency", type=float, default=1.0, help="simulated provider latency, s (default 1)"
+    )
+    parser.add_argument("--concurrency", type=int, default=1000, help="C (default 1000)")
+    parser.add_argument("--partitions", type=int, default=6, help="P (default 6)")
+    parser.add_argument(
+        "--runs",
+        type=_parse_runs,
+        default=benchruns.RUNS,
+        help=f"comma list of runs (default all: {','.join(benchruns.RUNS)})",
+    )
+    parser.add_argument(
+        "--guarantee", choices=["at-least-once", "exactly-once"], default="at-least-once"
+    )
+    parser.add_argument(
+        "--naive-requests",
+        type=int,
+        default=0,
+        help=f"requests for the naive run (default: about {_NAIVE_BUDGET_S:.0f} s of its work)",
+    )
+    parser.add_argument("--json", action="store_true", help="figures keyed by run, as JSON")
+    parser.set_defaults(handler=_command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m stream.bench _run MODE --requests N`: one run, its figures as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m stream.bench")
+    parser.add_argument("action", choices=["_run"])
+    parser.add_argument("mode", choices=benchruns.RUNS)
+    parser.add_argument("--requests", type=int, required=True)
+    args = parser.parse_args(argv)
+    from stream import logs
+
+    settings = Settings.from_env()
+    logs.configure(settings.log_level, json=False)
+    figures = anyio.run(benchruns.run, args.mode, settings, args.requests)
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

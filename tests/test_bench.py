@@ -1,0 +1,53 @@
+"""`stream bench` end to end on the session's broker: every run present, figures sane.
+
+Not a timed test: it checks the contract people script against, never a speed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stream.bench import Options, _requests_for
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.anyio
+
+CONTRACT = ("throughput", "p50_ms", "p99_ms", "peak_rss_mb")
+
+
+@pytest.mark.timeout(120)
+async def test_bench_json_has_every_run_with_sane_figures(env: dict[str, str]) -> None:
+    done = await run_cli(
+        env, "bench", "--requests", "200", "--latency", "0.05", "--concurrency", "50", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert {"stream", "naive", "bare_http", "passthrough"} <= set(results)
+    for name, figures in results.items():
+        assert all(key in figures for key in CONTRACT), name
+        assert figures["requests"] == 200, name
+        assert figures["throughput"] > 0, name
+        assert 0 <= figures["p50_ms"] <= figures["p99_ms"], name
+        assert figures["peak_rss_mb"] > 0, name
+    # Every request reached the provider once (no faults), except in the run without HTTP.
+    assert results["stream"]["calls_per_request"] == 1.0
+    assert results["naive"]["calls_per_request"] == 1.0
+    assert results["passthrough"]["calls_per_request"] == 0.0
+    assert results["stream"]["ratio_naive"] > 0
+
+
+def test_naive_run_is_sized_to_a_budget_not_to_n() -> None:
+    options = Options(
+        requests=100_000,
+        latency=1.0,
+        concurrency=1000,
+        partitions=6,
+        runs=("naive",),
+        guarantee="at-least-once",
+        naive_requests=0,
+        json=True,
+    )
+    assert _requests_for("naive", options) < 100
+    assert _requests_for("stream", options) == 100_000
