@@ -53,7 +53,8 @@ def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaE
     if "Authorization" in name:
         return KafkaError(
             f"Kafka at {where} did not allow {doing} ({name}): grant this user ACLs on the "
-            "topics and consumer groups (kafka-acls), or use another user"
+            "topics, groups and transactional ids (kafka-acls; the README's 'On a secured "
+            "cluster' lists them), or use another user"
         )
     return KafkaError(f"Kafka at {where} failed while {doing}: {detail}")
 
