@@ -30,7 +30,7 @@ from stream.engine import Engine, Output
 from stream.partitions import Record
 from stream.providers import ProviderClient
 from stream.stages import PrimaryStage, Topics
-from stream.worker import PRIMARY_GROUP, Worker
+from stream.worker import PRIMARY_GROUP, Worker, tune_gc
 
 __all__ = ["BENCH_MODEL", "KAFKA_RUNS", "RUNS", "messages", "run"]
 
@@ -82,6 +82,7 @@ async def _until(done: Callable[[], bool]) -> None:
 
 
 async def _stream(settings: Settings, requests: int) -> Figures:
+    tune_gc()  # as `stream run` does
     worker, clock = Worker(settings, ("primary",)), _Clock()
     async with anyio.create_task_group() as group:
         group.start_soon(worker.run)
@@ -99,6 +100,7 @@ async def _stream(settings: Settings, requests: int) -> Figures:
 
 
 async def _passthrough(settings: Settings, requests: int) -> Figures:
+    tune_gc()
     topics = Topics.of(settings)
 
     async def handler(record: Record) -> Sequence[Output]:

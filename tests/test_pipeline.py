@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -403,3 +404,25 @@ async def test_redrive_after_an_outage_turns_fallback_failed_into_results(
     assert set(results) == {rid for rid, _ in items}
     for record in results.values():
         assert dict(record.headers)["attempt"] == b"2"  # the re-drive is the second attempt
+
+
+def test_tuned_gc_still_reclaims_cycles_made_after_start_up() -> None:
+    """`stream run` freezes start-up objects and collects less often; garbage cycles made
+    while it runs (a failed call's traceback, say) must still be freed."""
+    code = """
+import gc, weakref
+from stream.worker import tune_gc
+tune_gc()
+class Node: pass
+alive = []
+for _ in range(50_000):
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    alive.append(weakref.ref(a)) if len(alive) < 100 else None
+gc.collect()
+print(gc.get_freeze_count() > 0, sum(ref() is not None for ref in alive))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split() == ["True", "0"]
