@@ -138,15 +138,19 @@ def main() -> int:
     simulator_cpu_ms = (usage.ru_utime + usage.ru_stime) / served * 1000
     best = {name: max(r["throughput"] for r in results) for name, results in runs.items()}
     ratio = best["provider_client"] / best["bare_aiohttp"]
-    ceiling = args.concurrency / args.latency
+    ceiling = args.concurrency / args.latency if args.latency > 0 else None  # none at L = 0
     if args.json:
         figures = {"runs": runs, "best": best, "ratio": ratio, "ceiling": ceiling}
         print(json.dumps({**figures, "simulator_cpu_ms_per_request": simulator_cpu_ms}))
     else:
         print(
             f"best: client {best['provider_client']:.1f} req/s, bare aiohttp "
-            f"{best['bare_aiohttp']:.1f} req/s → {ratio:.1%} of bare "
-            f"(ceiling {ceiling:.0f} req/s at {args.concurrency} in flight, {args.latency} s)"
+            f"{best['bare_aiohttp']:.1f} req/s → {ratio:.1%} of bare"
+            + (
+                f" (ceiling {ceiling:.0f} req/s at {args.concurrency} in flight, {args.latency} s)"
+                if ceiling
+                else " (no latency: no Little's-law ceiling)"
+            )
         )
         print(f"simulator process: {simulator_cpu_ms:.3f} ms CPU/request served")
     return 0

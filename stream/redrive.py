@@ -48,10 +48,18 @@ REASONS = (
     "fallback_unconfigured",
     "fallback_failed",
     "handler_error",
+    "result_too_large",
 )
 # the same bytes would fail the same way: sent again only with --force
 HOPELESS = frozenset(
-    {"invalid_encoding", "invalid_json", "invalid_request", "too_large", "unknown_model"}
+    {
+        "invalid_encoding",
+        "invalid_json",
+        "invalid_request",
+        "too_large",
+        "unknown_model",
+        "result_too_large",
+    }
 )
 OUTCOMES = ("redriven", "already redriven", "cannot succeed", "no request", "not selected")
 

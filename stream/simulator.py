@@ -66,6 +66,7 @@ KIND:
   malformed    200 with a truncated JSON body
   empty        200 with empty content
   notjson      200 with prose even when JSON output was asked for
+  huge         200 with a 1.5 MiB answer (a long thinking model's output)
 When several rules match a model, their probabilities stack in the order given.
 example: 'hf:deepseek-ai/DeepSeek-R1-0528=rate:0.2:429;*=rate:0.01:500;outage=10-70:hf:*'
 
@@ -76,7 +77,7 @@ Header 'x-sim-latency: SECONDS' overrides the latency of one request.
 Errors answer at once; answers (and bad 200s) after the latency."""
 
 _KIND = re.compile(
-    r"^(?:(\d{3})|429/[\d.]+|quota|hang(?:/[\d.]+)?|reset|resetbody|malformed|empty|notjson)$"
+    r"^(?:(\d{3})|429/[\d.]+|quota|hang(?:/[\d.]+)?|reset|resetbody|malformed|empty|notjson|huge)$"
 )
 _MARKER = re.compile(r"\[\[sim:([^\]]+)\]\]")
 _REPEAT = re.compile(r"^(.*?)x(\d+)$")
@@ -355,7 +356,7 @@ class Simulator:
         kind, delay = self._decide(request, model, messages)
         self._stats.start(model, (kind or "ok").partition("/")[0])
         try:
-            if kind is not None and kind not in ("malformed", "empty", "notjson"):
+            if kind is not None and kind not in ("malformed", "empty", "notjson", "huge"):
                 return await _fault(request, kind)
             await asyncio.sleep(delay)
             return self._completion(body, model, messages, kind)
@@ -407,6 +408,8 @@ class Simulator:
                 content_type="application/json",
             )
         answer = _answer_text(self.config.seed, model, messages)
+        if kind == "huge":
+            answer = " ".join([answer] * (1536 * 1024 // (len(answer) + 1) + 1))
         form = body.get("response_format")
         wants_json = isinstance(form, dict) and form.get("type") in ("json_object", "json_schema")
         content = json.dumps({"answer": answer}) if wants_json and kind != "notjson" else answer

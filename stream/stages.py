@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from stream import records
+from stream import records, topics
 from stream.catalog import Catalog, Model, get_fallback_provider
 from stream.config import Settings
 from stream.engine import Output
@@ -26,6 +26,12 @@ from stream.records import Decoder, Request, SourceRecord
 __all__ = ["FallbackStage", "PrimaryStage", "StageObserver", "Topics"]
 
 log = logging.getLogger(__name__)
+
+# Kafka's default max.message.bytes, for a topic that declares none.
+_KAFKA_MAX_MESSAGE_BYTES = 1_048_588
+# Room, within a topic's max.message.bytes, for what rides beside the value: the key
+# (a request id, <= 128 chars), the headers and the batch's framing.
+_FRAMING_BYTES = 4096
 
 
 class StageObserver(Protocol):
@@ -64,6 +70,14 @@ class _Stage:
         self.topics = Topics.of(settings)
         self._catalog = catalog
         self._observer = observer
+        # The largest value each topic takes, as declared in topics/: a result over it
+        # would be refused by the broker on every try (stalling at-least-once, failing
+        # exactly-once's transaction on every restart) after it has been paid for.
+        self._max_value = {
+            spec.name: int(spec.configs.get("max.message.bytes", _KAFKA_MAX_MESSAGE_BYTES))
+            - _FRAMING_BYTES
+            for spec in topics.load_specs(settings.topics_dir, prefix=settings.topic_prefix)
+        }
 
     def on_error(self, record: SourceRecord, exc: BaseException) -> Sequence[Output]:
         """A bug in a handler: the record becomes a dead letter and the worker goes on."""
@@ -102,8 +116,8 @@ class _Stage:
         *,
         attempts: int,
         fallback: bool,
+        failures: Sequence[dict[str, Any]] = (),
     ) -> Output:
-        self._count("result", "fallback" if fallback else None)
         value = records.result_record(
             request,
             provider=done.provider,
@@ -115,6 +129,18 @@ class _Stage:
             latency_ms=done.latency_ms,
             fallback=fallback,
         )
+        limit = self._max_value.get(self.topics.results, _KAFKA_MAX_MESSAGE_BYTES)
+        if len(value) > limit:
+            return self._dead(
+                record,
+                "result_too_large",
+                f"the result of {done.provider} {done.provider_model} is {len(value)} bytes, "
+                f"over the {limit} bytes {self.topics.results} takes: raise its "
+                "max.message.bytes (topics/results.toml) or ask for fewer tokens",
+                request=request.body,
+                failures=failures,
+            )
+        self._count("result", "fallback" if fallback else None)
         return self._output(record, self.topics.results, value, request.request_id)
 
     @staticmethod
@@ -258,5 +284,10 @@ class FallbackStage(_Stage):
         if self._observer is not None:
             self._observer.record_fallback(request.model, target.id)
         return self._result(
-            record, request, done, attempts=failure["attempts"] + done.attempts, fallback=True
+            record,
+            request,
+            done,
+            attempts=failure["attempts"] + done.attempts,
+            fallback=True,
+            failures=[failure],
         )

@@ -57,3 +57,30 @@ async def test_a_record_at_the_topic_maximum_becomes_a_dead_letter_with_all_its_
     assert base64.b64decode(letter["raw"]) == huge
     assert len(orjson.dumps(letter)) > 1024 * 1024  # bigger than aiokafka's default limit
     assert found["after"][1]["provider"] == "synthetic"
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+async def test_an_answer_too_large_for_the_results_topic_is_a_dead_letter_not_a_stall(
+    env: dict[str, str], guarantee: str
+) -> None:
+    """A 1.5 MiB answer cannot go to the 1 MiB results topic: the broker would refuse it on
+    every try. It is a dead letter that keeps the request, and the partition goes on."""
+    async with Simulator() as sim:
+        live = simulated_settings({**env, "STREAM_GUARANTEE": guarantee}, sim, max_in_flight=8)
+        async with running_worker(live, Peaks()):
+            producer = AIOKafkaProducer(**live.kafka.client_options(), acks="all")
+            await producer.start()
+            try:
+                topic = live.topic("predictions.requests")
+                for rid, text in (("long", "Think hard. [[sim:huge]]"), ("after", "Hi.")):
+                    value = request(rid, "deepseek-v3-0324-syn", text)
+                    await producer.send_and_wait(topic, value, partition=0)
+            finally:
+                await producer.stop()
+            found = await terminal(live, 2)
+    topic_name, letter, _ = found["long"]
+    assert topic_name == live.topic("predictions.dead-letter")
+    assert letter["reason"] == "result_too_large"
+    assert letter["request"]["request_id"] == "long"
+    assert "max.message.bytes" in letter["error"]
+    assert found["after"][0] == live.topic("predictions.results")
