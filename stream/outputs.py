@@ -222,12 +222,16 @@ class ExactlyOnceSink:
 
     async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> None:
         txn = self._producers.get(partition.tp)
-        if txn is None:
-            return  # the partition left (its transaction is settled): abandoned, re-run later
+        if txn is None or partition.abandoned:
+            # The partition left (its transaction is settled): abandoned, re-run later. If
+            # it came back, `txn` is its new owner's and must not take this run's outputs.
+            return
         # Shielded: the outputs and the "finished" mark go into the transaction together,
         # or neither does (an abandoned record must not leave orphan outputs behind).
         with anyio.CancelScope(shield=True):
             async with txn.lock:
+                if partition.abandoned or self._producers.get(partition.tp) is not txn:
+                    return  # the partition left while this waited for the lock
                 try:
                     await txn.begin()
                     txn.pending += await _send(txn.producer, outputs)

@@ -38,6 +38,7 @@ class Partition:
         self.key_ordering = key_ordering
         self.paused = False
         self.revoked = False  # no new work: the partition is leaving this worker
+        self.abandoned = False  # past the revoke grace: runs still going write nothing
         self.committed: tuple[int, str] | None = None  # last (offset, metadata) committed
         self.running: dict[int, int] = {}  # offset → record timestamp, for the snapshot
         self.scopes: set[anyio.CancelScope] = set()  # to abandon running records on revoke
@@ -103,6 +104,7 @@ class Partition:
 
     def abandon(self) -> int:
         """Cancel whatever still runs; those records stay unfinished and will be re-run."""
+        self.abandoned = True  # a run that ignores its cancellation must not write now
         for scope in self.scopes:
             scope.cancel()
         return len(self.scopes)

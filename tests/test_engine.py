@@ -11,9 +11,13 @@ from typing import Any
 
 import anyio
 import pytest
+from aiokafka import TopicPartition
 
 from stream.config import EngineSettings, Settings
 from stream.engine import Engine, Output
+from stream.offsets import PartitionOffsets
+from stream.outputs import ExactlyOnceSink
+from stream.partitions import Partition
 from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -345,3 +349,29 @@ async def test_a_failure_while_setting_up_assigned_partitions_stops_the_engine(
 
 async def _none() -> Sequence[Output]:
     return []
+
+
+async def test_exactly_once_a_run_that_outlived_its_partition_writes_nothing(
+    settings: Settings,
+) -> None:
+    """A handler that shields itself from cancellation can finish after its partition was
+    revoked and came back to this worker: its outputs must not ride in the new owner's
+    transaction (which never counts that record as finished, so it would run twice)."""
+    source = await create_topic(settings, "eos.abandon.in", 1)
+    sink_topic = await create_topic(settings, "eos.abandon.out", 1)
+    tp = TopicPartition(source, 0)
+    sink = ExactlyOnceSink(settings.kafka, settings.group("eos-abandon"), {"linger_ms": 5})
+    await sink.assigned([tp])
+    try:
+        old = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
+        old.abandon()  # its revoke grace ran out with this record still running
+        new = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
+        assert old.offsets.accept(0) and new.offsets.accept(0)  # fetched by each owner
+        await sink.write(old, 0, [Output(sink_topic, b"late")])  # the run that outlived it
+        await sink.write(new, 0, [Output(sink_topic, b"again")])  # the new owner's re-run
+        assert old.offsets.watermark == 0 and new.offsets.watermark == 1
+        await sink.commit([new])
+    finally:
+        await sink.stop()
+    values = [r.value for r in await read_all(settings, sink_topic, isolation="read_committed")]
+    assert values == [b"again"]
