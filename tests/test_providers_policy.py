@@ -123,64 +123,108 @@ def _breaker() -> CircuitBreaker:
     )
 
 
+def _call(breaker: CircuitBreaker, outcome: str, at: float) -> str:
+    """One call let through at `at` that finishes at once with `outcome`."""
+    ticket = breaker.allow(at)
+    assert ticket is not None
+    return breaker.record(outcome, at, ticket)  # type: ignore[arg-type]
+
+
 def test_breaker_opens_probes_and_closes() -> None:
     breaker = _breaker()
     for t in range(3):
-        assert breaker.allow(t) and breaker.record("failure", t) == "closed"
-    assert breaker.record("failure", 3) == "open"  # 4 calls, 100% failing
-    assert not breaker.allow(4)
+        assert _call(breaker, "failure", t) == "closed"
+    assert _call(breaker, "failure", 3) == "open"  # 4 calls, 100% failing
+    assert breaker.allow(4) is None
     assert breaker.state(8.0) == "half_open"
-    assert breaker.allow(8.0) and not breaker.allow(8.0)  # one probe at a time
-    assert breaker.record("failure", 8.5) == "open"
-    assert breaker.allow(13.5) and breaker.record("success", 14) == "closed"
+    probe = breaker.allow(8.0)
+    assert probe is not None and probe.probe and breaker.allow(8.0) is None  # one at a time
+    assert breaker.record("failure", 8.5, probe) == "open"
+    assert _call(breaker, "success", 13.5) == "closed"
     assert breaker.snapshot(14).calls == 0
 
 
 def test_breaker_needs_min_calls_and_ignores_neutral_outcomes() -> None:
     breaker = _breaker()
     for t in range(3):
-        breaker.record("failure", t)
+        _call(breaker, "failure", t)
     for t in range(10):
-        breaker.record("neutral", 3 + t * 0.01)
+        _call(breaker, "neutral", 3 + t * 0.01)
     assert breaker.state(4) == "closed"
 
 
 def test_breaker_forgets_failures_outside_its_window() -> None:
     breaker = _breaker()
     for t in range(3):
-        breaker.record("failure", t)
-    assert breaker.record("failure", 20) == "closed"  # the first three aged out
+        _call(breaker, "failure", t)
+    assert _call(breaker, "failure", 20) == "closed"  # the first three aged out
 
 
 def test_a_neutral_probe_frees_the_probe_slot() -> None:
     breaker = _breaker()
     for t in range(4):
-        breaker.record("failure", t)
-    assert breaker.allow(10) and not breaker.allow(10)
-    assert breaker.record("neutral", 10) == "half_open"
-    assert breaker.allow(10)
+        _call(breaker, "failure", t)
+    probe = breaker.allow(10)
+    assert probe is not None and breaker.allow(10) is None
+    assert breaker.record("neutral", 10, probe) == "half_open"
+    assert breaker.allow(10) is not None
+
+
+def test_a_call_sent_before_the_breaker_opened_is_not_the_probes_verdict() -> None:
+    breaker = _breaker()
+    slow = breaker.allow(0)  # a long call, sent while all was well
+    assert slow is not None
+    for t in range(4):
+        _call(breaker, "failure", 1 + t)
+    probe = breaker.allow(10)  # half-open: the probe is out
+    assert probe is not None and probe.probe
+    # The slow call answers now: neither its success nor its failure decides.
+    assert breaker.record("success", 10.5, slow) == "half_open"
+    assert breaker.record("failure", 10.6, slow) == "half_open"
+    assert breaker.allow(10.7) is None  # the probe slot is still the probe's
+    assert breaker.record("success", 11, probe) == "closed"
+    # ... nor does a stale failure count in the fresh window after the close.
+    stale = [breaker.record("failure", 11 + t, slow) for t in range(10)]
+    assert stale == ["closed"] * 10 and breaker.snapshot(20).calls == 0
 
 
 @given(
     events=st.lists(
-        st.tuples(st.sampled_from(["success", "failure", "neutral"]), st.floats(0, 5)),
+        st.tuples(
+            st.sampled_from(["success", "failure", "neutral"]),
+            st.floats(0, 5),
+            st.booleans(),  # let through now, or hold it and finish it later
+        ),
         max_size=60,
     )
 )
-def test_breaker_invariants(events: list[tuple[str, float]]) -> None:
+def test_breaker_invariants(events: list[tuple[str, float, bool]]) -> None:
     breaker = _breaker()
     now = 0.0
-    for outcome, step in events:
+    held = []
+    for outcome, step, finish_now in events:
         now += step
         state_before = breaker.state(now)
-        allowed = breaker.allow(now)
-        assert allowed == (state_before == "closed" or state_before == "half_open")
-        if allowed:
-            after = breaker.record(outcome, now)  # type: ignore[arg-type]
+        ticket = breaker.allow(now)
+        if state_before == "closed":
+            assert ticket is not None and not ticket.probe
+        elif state_before == "open":
+            assert ticket is None
+        # half-open: a probe, unless one is out (held below)
+        if ticket is not None and finish_now:
+            after = breaker.record(outcome, now, ticket)  # type: ignore[arg-type]
             if state_before == "half_open" and outcome == "success":
                 assert after == "closed"
             if state_before == "half_open" and outcome == "failure":
                 assert after == "open"
+        elif ticket is not None:
+            held.append((outcome, ticket))
+        elif state_before == "open":
+            # A held call finishes now. It was let through before the breaker opened, so it
+            # reports on the past and leaves the breaker open.
+            if held:
+                late_outcome, late_ticket = held.pop(0)
+                assert breaker.record(late_outcome, now, late_ticket) == "open"  # type: ignore[arg-type]
         snap = breaker.snapshot(now)
         assert 0 <= snap.failures <= snap.calls
         assert snap.probes_in_flight <= 1

@@ -6,6 +6,11 @@
 
 A pure state machine: the caller passes the time in, so it is tested without sleeping.
 Only provider-side failures count; a 400 caused by our request is `neutral`.
+
+Each call `allow` lets through carries a `Ticket` naming the state it was let through in.
+A call from an older state reports on the past: a slow call sent before the breaker opened
+that fails (or succeeds) after the cool-down is not the probe's verdict, and one finishing
+after a re-close does not count in the fresh window. Only current tickets count.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-__all__ = ["BreakerConfig", "BreakerSnapshot", "CircuitBreaker", "Outcome", "State"]
+__all__ = ["BreakerConfig", "BreakerSnapshot", "CircuitBreaker", "Outcome", "State", "Ticket"]
 
 State = Literal["closed", "open", "half_open"]
 Outcome = Literal["success", "failure", "neutral"]
@@ -27,6 +32,13 @@ class BreakerConfig:
     failure_rate: float = 0.5
     cooldown_s: float = 15.0
     probes: int = 1
+
+
+class Ticket(NamedTuple):
+    """A call `allow` let through: the state's epoch then, and whether it is a probe."""
+
+    epoch: int
+    probe: bool
 
 
 class BreakerSnapshot(NamedTuple):
@@ -44,26 +56,31 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probes = 0
+        self._epoch = 0  # bumped on every state change
 
     def state(self, now: float) -> State:
         if self._state == "open" and now - self._opened_at >= self.config.cooldown_s:
             self._state = "half_open"
             self._probes = 0
+            self._epoch += 1
         return self._state
 
-    def allow(self, now: float) -> bool:
-        """May a call go out now? In half-open, each `True` is a probe and must be recorded."""
+    def allow(self, now: float) -> Ticket | None:
+        """May a call go out now? A ticket (each one in half-open is a probe) that the call
+        must hand back to `record`, or None."""
         state = self.state(now)
         if state == "closed":
-            return True
+            return Ticket(self._epoch, probe=False)
         if state == "half_open" and self._probes < self.config.probes:
             self._probes += 1
-            return True
-        return False
+            return Ticket(self._epoch, probe=True)
+        return None
 
-    def record(self, outcome: Outcome, now: float) -> State:
+    def record(self, outcome: Outcome, now: float, ticket: Ticket) -> State:
         """Account one finished call that `allow` let through; returns the new state."""
         state = self.state(now)
+        if ticket.epoch != self._epoch:
+            return state  # let through in an earlier state: it says nothing about this one
         if state == "half_open":
             self._probes = max(0, self._probes - 1)
             if outcome == "success":
@@ -104,6 +121,7 @@ class CircuitBreaker:
         self._state = "open"
         self._opened_at = now
         self._probes = 0
+        self._epoch += 1
 
     def _close(self) -> None:
         # A fresh window: the failures that opened the breaker are history once a probe passed.
@@ -111,3 +129,4 @@ class CircuitBreaker:
         self._window.clear()
         self._failures = 0
         self._probes = 0
+        self._epoch += 1

@@ -33,7 +33,7 @@ from stream.errors import (
     ProviderError,
     RetryableProviderError,
 )
-from stream.providers.breaker import BreakerConfig, CircuitBreaker, Outcome
+from stream.providers.breaker import BreakerConfig, CircuitBreaker, Outcome, Ticket
 from stream.providers.completion import BadOutput, Completion, Parsed, parse_completion, wants_json
 from stream.providers.limiter import AdaptiveLimiter, Permit, ratelimit_pause
 from stream.providers.retry import Backoff, classify, retry_after, status_class
@@ -202,12 +202,13 @@ class ProviderClient:
         attempt = 0
         last: _Failure | None = None
         while True:
-            if not self._gate(model, time.monotonic()):
+            ticket = self._gate(model, time.monotonic())
+            if ticket is None:
                 if await self._probe_passed(model, end):
                     continue
                 raise self._circuit_open(model, last, attempt)
             attempt += 1
-            result = await self._attempt(model, body, json_output, end, request_id, attempt)
+            result = await self._attempt(model, ticket, body, json_output, end, request_id, attempt)
             if isinstance(result, Parsed):
                 return result, attempt
             last = result
@@ -254,7 +255,7 @@ class ProviderClient:
             await verdict.wait()
         return verdict.is_set()
 
-    def _gate(self, model: Model, now: float) -> bool:
+    def _gate(self, model: Model, now: float) -> Ticket | None:
         breaker = self._breaker(model)
         self._observe(model, breaker.state(now))  # open → half_open happens on reading
         return breaker.allow(now)
@@ -278,6 +279,7 @@ class ProviderClient:
     async def _attempt(
         self,
         model: Model,
+        ticket: Ticket,
         body: bytes,
         json_output: bool,
         end: float,
@@ -295,7 +297,7 @@ class ProviderClient:
             result, label, seconds = await self._timed_send(model, body, json_output, end)
             outcome, throttled = self._judge(result)
         finally:
-            self._settle(model, permit, outcome, throttled)
+            self._settle(model, ticket, permit, outcome, throttled)
         self._note_attempt(model, result, label, seconds, request_id, attempt)
         return result
 
@@ -398,14 +400,18 @@ class ProviderClient:
         return ("failure" if verdict.provider_fault else "neutral"), throttled
 
     def _settle(
-        self, model: Model, permit: Permit | None, outcome: Outcome, throttled: bool
+        self,
+        model: Model,
+        ticket: Ticket,
+        permit: Permit | None,
+        outcome: Outcome,
+        throttled: bool,
     ) -> None:
         if permit is not None:
             self.limiter(model).release(permit, throttled=throttled, success=outcome == "success")
-        breaker, now = self._breaker(model), time.monotonic()
-        probing = breaker.state(now) == "half_open"
-        self._observe(model, breaker.record(outcome, now))
-        if probing:
+        breaker = self._breaker(model)
+        self._observe(model, breaker.record(outcome, time.monotonic(), ticket))
+        if ticket.probe:
             # A probe finished: wake the calls waiting on it; they gate again (closed: go,
             # open: fail fast, still half-open: one of them probes next).
             self._verdicts.pop(model.id, anyio.Event()).set()
