@@ -339,8 +339,8 @@ class Engine:
                 return  # abandoned before it began: left unfinished for the next owner
             with scope:
                 outputs = await self._call_handler(record)
-                await self._sink.write(partition, record.offset, outputs)
-                self.records_done += 1
+                if await self._sink.write(partition, record.offset, outputs):
+                    self.records_done += 1
         finally:
             partition.scopes.discard(scope)
             partition.done(record)

@@ -51,8 +51,9 @@ class Sink(Protocol):
     async def stop(self) -> None: ...
     async def assigned(self, tps: Iterable[TopicPartition]) -> None: ...
     async def revoked(self, tps: Iterable[TopicPartition]) -> None: ...
-    async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> None:
-        """Write the outputs of the record at `offset`, then mark it finished."""
+    async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> bool:
+        """Write the outputs of the record at `offset`, then mark it finished; False when
+        the partition left first (the record stays unfinished, for its next owner)."""
 
     async def commit(self, partitions: Sequence[Partition]) -> int:
         """Commit the partitions' watermarks; return how many changed."""
@@ -104,7 +105,7 @@ class AtLeastOnceSink:
     async def revoked(self, tps: Iterable[TopicPartition]) -> None:
         pass
 
-    async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> None:
+    async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> bool:
         attempt = 0
         while True:
             try:
@@ -126,6 +127,7 @@ class AtLeastOnceSink:
                 )
                 await anyio.sleep(delay)
         partition.offsets.finish(offset)
+        return True
 
     async def commit(self, partitions: Sequence[Partition]) -> int:
         changed = _changes(partitions)
@@ -220,24 +222,27 @@ class ExactlyOnceSink:
                 with anyio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
                     await txn.producer.stop()  # an open transaction is aborted by the broker
 
-    async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> None:
+    async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> bool:
         txn = self._producers.get(partition.tp)
         if txn is None or partition.abandoned:
             # The partition left (its transaction is settled): abandoned, re-run later. If
             # it came back, `txn` is its new owner's and must not take this run's outputs.
-            return
+            return False
         # Shielded: the outputs and the "finished" mark go into the transaction together,
         # or neither does (an abandoned record must not leave orphan outputs behind).
+        finished = False
         with anyio.CancelScope(shield=True):
             async with txn.lock:
-                if partition.abandoned or self._producers.get(partition.tp) is not txn:
-                    return  # the partition left while this waited for the lock
-                try:
-                    await txn.begin()
-                    txn.pending += await _send(txn.producer, outputs)
-                except AIOKafkaError as exc:
-                    raise translate(exc, self._settings, "producing outputs") from exc
-                partition.offsets.finish(offset)
+                # The partition may have left while this waited for the lock.
+                if not partition.abandoned and self._producers.get(partition.tp) is txn:
+                    try:
+                        await txn.begin()
+                        txn.pending += await _send(txn.producer, outputs)
+                    except AIOKafkaError as exc:
+                        raise translate(exc, self._settings, "producing outputs") from exc
+                    partition.offsets.finish(offset)
+                    finished = True
+        return finished
 
     async def commit(self, partitions: Sequence[Partition]) -> int:
         changed = _changes(partitions)

@@ -367,8 +367,8 @@ async def test_exactly_once_a_run_that_outlived_its_partition_writes_nothing(
         old.abandon()  # its revoke grace ran out with this record still running
         new = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
         assert old.offsets.accept(0) and new.offsets.accept(0)  # fetched by each owner
-        await sink.write(old, 0, [Output(sink_topic, b"late")])  # the run that outlived it
-        await sink.write(new, 0, [Output(sink_topic, b"again")])  # the new owner's re-run
+        assert not await sink.write(old, 0, [Output(sink_topic, b"late")])  # outlived it
+        assert await sink.write(new, 0, [Output(sink_topic, b"again")])  # the new owner's run
         assert old.offsets.watermark == 0 and new.offsets.watermark == 1
         await sink.commit([new])
     finally:
