@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import aiohttp
@@ -83,16 +83,31 @@ async def _until(done: Callable[[], bool]) -> None:
 
 async def _stream(settings: Settings, requests: int) -> Figures:
     tune_gc()  # as `stream run` does
-    worker, clock = Worker(settings, ("primary",)), _Clock()
-    async with anyio.create_task_group() as group:
-        group.start_soon(worker.run)
+    worker = Worker(settings, ("primary",))
+
+    async def engine() -> Engine:
         await worker.started.wait()
-        engine = worker.engines[0]
+        return worker.engines[0]
+
+    return await _timed(worker.run, engine, worker.stop, requests)
+
+
+async def _timed(
+    run: Callable[[], Coroutine[Any, Any, None]],
+    engine_of: Callable[[], Awaitable[Engine]],
+    stop: Callable[[], None],
+    requests: int,
+) -> Figures:
+    """Figures from the engine's first assignment until it has finished `requests`."""
+    clock = _Clock()
+    async with anyio.create_task_group() as group:
+        group.start_soon(run)
+        engine = await engine_of()
         await engine.ready.wait()
         clock.start()
         await _until(lambda: engine.records_done >= requests)
         clock.stop()
-        worker.stop()
+        stop()
     return clock.figures(requests)
 
 
@@ -114,15 +129,11 @@ async def _passthrough(settings: Settings, requests: int) -> Figures:
         handler=handler,
         on_error=lambda record, exc: [],
     )
-    clock = _Clock()
-    async with anyio.create_task_group() as group:
-        group.start_soon(engine.run)
-        await engine.ready.wait()
-        clock.start()
-        await _until(lambda: engine.records_done >= requests)
-        clock.stop()
-        engine.stop()
-    return clock.figures(requests)
+
+    async def itself() -> Engine:
+        return engine
+
+    return await _timed(engine.run, itself, engine.stop, requests)
 
 
 # -- naive: what most people write first ---------------------------------------------------
