@@ -1,17 +1,12 @@
 """The stream-processing engine: a stage is an async handler `record → outputs`.
 
-    run ─┬─ _fetch ── _dispatch ── _start_ready ── _process ── sink.write
+    run ─┬─ _fetch ── _dispatch ── flow.start_ready ── _process ── sink.write
          └─ _commit_loop ── _commit ── sink.commit
 
-Hundreds of records of the same partitions run at once, bounded in total
-(`max_in_flight`) and per partition (`max_in_flight_per_partition`). A partition whose queue
-is full is paused (`consumer.pause`) and resumed when it drains, so memory is bounded by
-configuration whatever the backlog. Offsets: `stream.offsets`; outputs and commits:
-`stream.outputs`; per-partition state: `stream.partitions`.
-
-Live-first lane: partitions of `low_priority_topics` only get work from spare capacity.
-They are paused while a live partition has records waiting or while in-flight is near the
-limit, and their queued records are started only under the same condition.
+Hundreds of records of the same partitions run at once. What starts when, and which
+partitions pause (bounded memory, live before backfill): `stream.flow`. Offsets:
+`stream.offsets`; outputs and commits: `stream.outputs`; per-partition state:
+`stream.partitions`.
 """
 
 from __future__ import annotations
@@ -29,10 +24,11 @@ from anyio.abc import TaskGroup
 
 from stream.config import Settings
 from stream.errors import KafkaError
+from stream.flow import Flow
 from stream.kafka import translate
 from stream.offsets import PartitionOffsets, decode_metadata
 from stream.outputs import AtLeastOnceSink, ExactlyOnceSink, Output, Sink
-from stream.partitions import Partition, Record
+from stream.partitions import Partition, PartitionSnapshot, Record
 
 __all__ = [
     "Engine",
@@ -53,18 +49,6 @@ _POLL_TIMEOUT_MS = 100
 # The largest record the engine writes: topics/dead-letter.toml's max.message.bytes.
 MAX_OUTPUT_BYTES = 2 * 1024 * 1024
 _CLOSE_TIMEOUT_S = 10.0
-# Memory bound for the offsets tracked behind one slow record (ints, not record values).
-_MAX_SPAN_FACTOR = 20
-
-
-class PartitionSnapshot(NamedTuple):
-    topic: str
-    partition: int
-    in_flight: int
-    next_offset: int  # the committable watermark
-    finished_uncommitted: int
-    paused: bool
-    oldest_in_flight_timestamp_ms: int | None
 
 
 class EngineSnapshot(NamedTuple):
@@ -124,7 +108,7 @@ class Engine:
         self.ready = anyio.Event()
         self._stopping = anyio.Event()
         self._partitions: dict[TopicPartition, Partition] = {}
-        self._in_flight = 0
+        self._flow = Flow(self._config, self._partitions, self._spawn)
         self._commit_lock = anyio.Lock()
         self._task_group: TaskGroup | None = None
         # aiokafka clients need a running event loop: they are made in `run`.
@@ -215,13 +199,13 @@ class Engine:
             group_id=self.group_id,
             guarantee=self._config.guarantee,
             assigned=len(self._partitions),
-            in_flight=self._in_flight,
+            in_flight=self._flow.in_flight,
             records_in=self.records_in,
             records_done=self.records_done,
             handler_errors=self.handler_errors,
             commits=self.commits,
             last_commit_seconds=self.last_commit_seconds,
-            partitions=tuple(_partition_snapshot(p) for p in self._partitions.values()),
+            partitions=tuple(p.snapshot() for p in self._partitions.values()),
         )
 
     def __repr__(self) -> str:
@@ -282,8 +266,8 @@ class Engine:
                     raise translate(exc, self._settings.kafka, "fetching records") from exc
             for tp, records in batch.items():
                 self._dispatch(tp, records)
-            self._start_ready()
-            self._update_flow()
+            self._flow.start_ready()
+            self._flow.update(self._consumer)
 
     def _dispatch(self, tp: TopicPartition, records: list[Record]) -> None:
         partition = self._partitions.get(tp)
@@ -299,36 +283,8 @@ class Engine:
             else:
                 self.records_done += 1  # finished before (per the committed metadata)
 
-    def _start_ready(self) -> None:
-        """Start queued records while there is capacity: live partitions first, in turns."""
-        limit, per_partition = self._config.max_in_flight, self._config.max_in_flight_per_partition
-        live = [p for p in self._partitions.values() if not p.low_priority]
-        low = [p for p in self._partitions.values() if p.low_priority]
-        for lane in (live, low):
-            progress = True
-            while progress and self._in_flight < limit:
-                progress = False
-                for partition in lane:
-                    if self._in_flight >= limit or not partition.has_ready():
-                        continue
-                    if partition.in_flight >= per_partition:
-                        continue
-                    if partition.low_priority and not self._spare_capacity():
-                        return
-                    self._launch(partition)
-                    progress = True
-
-    def _spare_capacity(self) -> bool:
-        """Room for low-priority work: no live record waits and in-flight is below 90 %."""
-        limit = self._config.max_in_flight
-        if self._in_flight >= limit - max(1, limit // 10):
-            return False
-        return not any(p.queued for p in self._partitions.values() if not p.low_priority)
-
-    def _launch(self, partition: Partition) -> None:
+    def _spawn(self, partition: Partition, record: Record) -> None:
         assert self._task_group is not None
-        record = partition.start_next()
-        self._in_flight += 1
         self._task_group.start_soon(self._process, partition, record)
 
     async def _process(self, partition: Partition, record: Record) -> None:
@@ -344,10 +300,10 @@ class Engine:
         finally:
             partition.scopes.discard(scope)
             partition.done(record)
-            self._in_flight -= 1
+            self._flow.finished()
         if not self._stopping.is_set():
-            self._start_ready()
-            self._update_flow()
+            self._flow.start_ready()
+            self._flow.update(self._consumer)
 
     async def _call_handler(self, record: Record) -> Sequence[Output]:
         try:
@@ -366,32 +322,6 @@ class Engine:
             return self._on_error(record, exc)
 
     # -- flow control -------------------------------------------------------------------
-
-    def _update_flow(self) -> None:
-        """Pause partitions whose queue is full (or low-priority ones without spare room)."""
-        config = self._config
-        total_queued = sum(p.queued for p in self._partitions.values())
-        spare = self._spare_capacity()
-        for partition in self._partitions.values():
-            pause = (
-                partition.revoked
-                or _full(partition.queued, config.max_in_flight_per_partition, partition.paused)
-                or _full(total_queued, config.max_in_flight, partition.paused)
-                or partition.offsets.span >= _MAX_SPAN_FACTOR * config.max_in_flight_per_partition
-                or (partition.low_priority and not spare)
-            )
-            if pause != partition.paused:
-                self._set_paused(partition, pause)
-
-    def _set_paused(self, partition: Partition, pause: bool) -> None:
-        try:
-            if pause:
-                self._consumer.pause(partition.tp)
-            else:
-                self._consumer.resume(partition.tp)
-        except Exception:
-            return
-        partition.paused = pause
 
     def _seek(self, tp: TopicPartition, offset: int) -> None:
         try:
@@ -459,7 +389,7 @@ class Engine:
                 tp, offsets, low_priority=tp.topic in self._low_priority, key_ordering=key_ordering
             )
         log.info("assigned %d partitions", len(tps))
-        self._update_flow()
+        self._flow.update(self._consumer)
         self.ready.set()
 
     async def _committed(self, tps: set[TopicPartition]) -> dict[TopicPartition, tuple[int, str]]:
@@ -472,24 +402,6 @@ class Engine:
         except (AIOKafkaError, TimeoutError) as exc:
             raise translate(exc, self._settings.kafka, "reading committed offsets") from exc
         return {tp: (om.offset, om.metadata or "") for tp, om in found.items()}
-
-
-def _full(queued: int, window: int, paused: bool) -> bool:
-    """Hysteresis: pause at a full window, resume at half, so a resumed partition's next
-    fetch lands while its queue still feeds the running records."""
-    return queued > window // 2 if paused else queued >= window
-
-
-def _partition_snapshot(partition: Partition) -> PartitionSnapshot:
-    return PartitionSnapshot(
-        topic=partition.tp.topic,
-        partition=partition.tp.partition,
-        in_flight=partition.in_flight,
-        next_offset=partition.offsets.watermark,
-        finished_uncommitted=partition.offsets.finished_uncommitted,
-        paused=partition.paused,
-        oldest_in_flight_timestamp_ms=partition.oldest_running_timestamp(),
-    )
 
 
 async def run_until_signal(engine: Engine) -> None:

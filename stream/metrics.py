@@ -59,7 +59,7 @@ class ProviderObserver(Protocol):
 
 
 class PartitionView(Protocol):
-    """The shape of the engine's `PartitionSnapshot` (a NamedTuple in stream/engine.py)."""
+    """The shape of the engine's `PartitionSnapshot` (a NamedTuple in stream/partitions.py)."""
 
     @property
     def topic(self) -> str: ...

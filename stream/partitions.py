@@ -9,16 +9,26 @@ when the record before it finishes, so one slow key never blocks the others.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import anyio
 from aiokafka import ConsumerRecord, TopicPartition
 
 from stream.offsets import PartitionOffsets
 
-__all__ = ["Partition"]
+__all__ = ["Partition", "PartitionSnapshot", "Record"]
 
 Record: TypeAlias = "ConsumerRecord[Any, Any]"
+
+
+class PartitionSnapshot(NamedTuple):
+    topic: str
+    partition: int
+    in_flight: int
+    next_offset: int  # the committable watermark
+    finished_uncommitted: int
+    paused: bool
+    oldest_in_flight_timestamp_ms: int | None
 
 
 class Partition:
@@ -108,3 +118,14 @@ class Partition:
         for scope in self.scopes:
             scope.cancel()
         return len(self.scopes)
+
+    def snapshot(self) -> PartitionSnapshot:
+        return PartitionSnapshot(
+            topic=self.tp.topic,
+            partition=self.tp.partition,
+            in_flight=self.in_flight,
+            next_offset=self.offsets.watermark,
+            finished_uncommitted=self.offsets.finished_uncommitted,
+            paused=self.paused,
+            oldest_in_flight_timestamp_ms=self.oldest_running_timestamp(),
+        )

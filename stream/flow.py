@@ -1,0 +1,105 @@
+"""Flow control: which queued record starts next, and which partitions keep fetching.
+
+Capacity is bounded in total (`max_in_flight`) and per partition
+(`max_in_flight_per_partition`). A partition whose queue is full is paused
+(`consumer.pause`) and resumed when it drains, so memory is bounded by configuration
+whatever the backlog; one slow record cannot hold more than `_MAX_SPAN_FACTOR` windows of
+finished offsets behind it either.
+
+Live first: partitions of low-priority (backfill) topics only get work from spare
+capacity. They are paused while a live partition has records waiting or while in-flight is
+near the limit, and their queued records are started only under the same condition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from stream.config import EngineSettings
+from stream.partitions import Partition, Record
+
+__all__ = ["Flow"]
+
+# Memory bound for the offsets tracked behind one slow record (ints, not record values).
+_MAX_SPAN_FACTOR = 20
+
+
+class Flow:
+    """Starts records while there is room, and pauses or resumes partitions to match."""
+
+    def __init__(
+        self,
+        config: EngineSettings,
+        partitions: dict[TopicPartition, Partition],
+        launch: Callable[[Partition, Record], None],
+    ) -> None:
+        self._config = config
+        self._partitions = partitions  # the engine's, shared: assignment changes it
+        self._launch = launch  # runs one started record (the engine spawns its task)
+        self.in_flight = 0
+
+    def start_ready(self) -> None:
+        """Start queued records while there is capacity: live partitions first, in turns."""
+        limit, per_partition = self._config.max_in_flight, self._config.max_in_flight_per_partition
+        live = [p for p in self._partitions.values() if not p.low_priority]
+        low = [p for p in self._partitions.values() if p.low_priority]
+        for lane in (live, low):
+            progress = True
+            while progress and self.in_flight < limit:
+                progress = False
+                for partition in lane:
+                    if self.in_flight >= limit or not partition.has_ready():
+                        continue
+                    if partition.in_flight >= per_partition:
+                        continue
+                    if partition.low_priority and not self.spare_capacity():
+                        return
+                    self.in_flight += 1
+                    self._launch(partition, partition.start_next())
+                    progress = True
+
+    def finished(self) -> None:
+        """One started record stopped running (done or abandoned)."""
+        self.in_flight -= 1
+
+    def spare_capacity(self) -> bool:
+        """Room for low-priority work: no live record waits and in-flight is below 90 %."""
+        limit = self._config.max_in_flight
+        if self.in_flight >= limit - max(1, limit // 10):
+            return False
+        return not any(p.queued for p in self._partitions.values() if not p.low_priority)
+
+    def update(self, consumer: AIOKafkaConsumer) -> None:
+        """Pause partitions whose queue is full (or low-priority ones without spare room)."""
+        config = self._config
+        total_queued = sum(p.queued for p in self._partitions.values())
+        spare = self.spare_capacity()
+        for partition in self._partitions.values():
+            pause = (
+                partition.revoked
+                or _full(partition.queued, config.max_in_flight_per_partition, partition.paused)
+                or _full(total_queued, config.max_in_flight, partition.paused)
+                or partition.offsets.span >= _MAX_SPAN_FACTOR * config.max_in_flight_per_partition
+                or (partition.low_priority and not spare)
+            )
+            if pause != partition.paused:
+                _set_paused(consumer, partition, pause)
+
+
+def _full(queued: int, window: int, paused: bool) -> bool:
+    """Hysteresis: pause at a full window, resume at half, so a resumed partition's next
+    fetch lands while its queue still feeds the running records."""
+    return queued > window // 2 if paused else queued >= window
+
+
+def _set_paused(consumer: AIOKafkaConsumer, partition: Partition, pause: bool) -> None:
+    try:
+        if pause:
+            consumer.pause(partition.tp)
+        else:
+            consumer.resume(partition.tp)
+    except Exception:
+        return  # not assigned to the consumer (any more): nothing to pause
+    partition.paused = pause

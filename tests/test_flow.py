@@ -1,0 +1,107 @@
+"""Flow control as pure logic: capacity bounds, live before backfill, pause and resume."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from aiokafka import TopicPartition
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stream.config import Settings
+from stream.flow import Flow
+from stream.offsets import PartitionOffsets
+from stream.partitions import Partition
+
+
+class Record:
+    def __init__(self, offset: int) -> None:
+        self.offset, self.timestamp, self.key = offset, 0, None
+
+
+class Consumer:
+    """What `Flow.update` needs of aiokafka's consumer: pause and resume."""
+
+    def __init__(self) -> None:
+        self.paused: set[TopicPartition] = set()
+
+    def pause(self, tp: TopicPartition) -> None:
+        self.paused.add(tp)
+
+    def resume(self, tp: TopicPartition) -> None:
+        self.paused.discard(tp)
+
+
+def _flow(
+    total: int, per_partition: int, queues: list[tuple[int, bool]]
+) -> tuple[Flow, list[tuple[Partition, Any]], dict[TopicPartition, Partition]]:
+    config = replace(
+        Settings.from_env({}).engine,
+        max_in_flight=total,
+        max_in_flight_per_partition=per_partition,
+    )
+    partitions: dict[TopicPartition, Partition] = {}
+    for index, (queued, low) in enumerate(queues):
+        tp = TopicPartition("backfill" if low else "live", index)
+        partition = Partition(tp, PartitionOffsets(0), low_priority=low, key_ordering=False)
+        for offset in range(queued):
+            assert partition.offsets.accept(offset)
+            partition.enqueue(Record(offset))  # type: ignore[arg-type]
+        partitions[tp] = partition
+    started: list[tuple[Partition, Any]] = []
+    flow = Flow(config, partitions, lambda partition, record: started.append((partition, record)))
+    return flow, started, partitions
+
+
+queues = st.lists(st.tuples(st.integers(0, 40), st.booleans()), min_size=1, max_size=6)
+
+
+@given(queues=queues, total=st.integers(1, 60), per_partition=st.integers(1, 30))
+def test_start_ready_never_exceeds_the_bounds(
+    queues: list[tuple[int, bool]], total: int, per_partition: int
+) -> None:
+    per_partition = min(per_partition, total)
+    flow, started, partitions = _flow(total, per_partition, queues)
+    flow.start_ready()
+    assert flow.in_flight == len(started) <= total
+    for partition, _ in started:
+        assert partition.in_flight <= per_partition
+    # Live first: backfill work starts only when no live record waits, below 90 % in flight.
+    live_waiting = sum(p.queued for p in partitions.values() if not p.low_priority)
+    if any(p.low_priority for p, _ in started):
+        assert live_waiting == 0
+        assert flow.in_flight <= total - max(1, total // 10)
+    # Nothing is left waiting while there is room for it.
+    if flow.in_flight < total:
+        live_room = [
+            p
+            for p in partitions.values()
+            if not p.low_priority and p.has_ready() and p.in_flight < per_partition
+        ]
+        assert not live_room
+
+
+@given(queues=queues)
+def test_a_full_queue_pauses_its_partition_and_a_drained_one_resumes(
+    queues: list[tuple[int, bool]],
+) -> None:
+    flow, _, partitions = _flow(1000, 10, [(queued, False) for queued, _ in queues])
+    consumer = Consumer()
+    flow.update(consumer)  # type: ignore[arg-type]
+    for tp, partition in partitions.items():
+        assert partition.paused == (tp in consumer.paused) == (partition.queued >= 10)
+    for partition in partitions.values():
+        partition.drop_queued()
+    flow.update(consumer)  # type: ignore[arg-type]
+    assert not consumer.paused
+
+
+def test_backfill_partitions_pause_while_live_work_waits() -> None:
+    flow, _, _ = _flow(1000, 500, [(5, False), (5, True)])
+    consumer = Consumer()
+    flow.update(consumer)  # type: ignore[arg-type]
+    assert consumer.paused == {TopicPartition("backfill", 1)}
+    flow.start_ready()  # live records start first; then, with room, the backfill ones
+    flow.update(consumer)  # type: ignore[arg-type]
+    assert not consumer.paused and flow.in_flight == 10
