@@ -82,8 +82,7 @@ async def _until(done: Callable[[], bool]) -> None:
 
 
 async def _stream(settings: Settings, requests: int) -> Figures:
-    tune_gc()  # as `stream run` does
-    worker = Worker(settings, ("primary",))
+    worker = Worker(settings, ("primary",), own_process=True)  # as `stream run` makes it
 
     async def engine() -> Engine:
         await worker.started.wait()

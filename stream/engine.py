@@ -31,6 +31,7 @@ from stream.outputs import AtLeastOnceSink, ExactlyOnceSink, Output, Sink
 from stream.partitions import Partition, PartitionSnapshot, Record
 
 __all__ = [
+    "MAX_OUTPUT_BYTES",
     "Engine",
     "EngineSnapshot",
     "ErrorHandler",
@@ -355,6 +356,10 @@ class Engine:
     # -- rebalance ----------------------------------------------------------------------
 
     async def _revoke(self, tps: set[TopicPartition]) -> None:
+        # All of it must end within the rebalance timeout, or the group drops this worker
+        # and its commit is refused: the grace, then the commit in what is left after
+        # keeping room to close the partitions' producers.
+        deadline = time.monotonic() + self._config.rebalance_timeout_ms / 1000 - _CLOSE_TIMEOUT_S
         leaving = [self._partitions[tp] for tp in tps if tp in self._partitions]
         for partition in leaving:
             partition.revoked = True
@@ -364,7 +369,10 @@ class Engine:
                 await partition.idle.wait()
         abandoned = sum(p.abandon() for p in leaving)
         try:
-            await self._commit(leaving)
+            with anyio.move_on_after(max(1.0, deadline - time.monotonic())) as budget:
+                await self._commit(leaving)
+            if budget.cancelled_caught:
+                log.warning("commit on revoke ran out of time; the new owner re-runs from the last")
         except KafkaError as exc:
             log.warning("commit on revoke failed; the new owner re-runs from the last: %s", exc)
         for partition in leaving:

@@ -216,11 +216,13 @@ class ExactlyOnceSink:
         self._producers[tp] = _Transactional(producer)
 
     async def revoked(self, tps: Iterable[TopicPartition]) -> None:
-        for tp in list(tps):
-            txn = self._producers.pop(tp, None)
-            if txn is not None:
-                with anyio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
-                    await txn.producer.stop()  # an open transaction is aborted by the broker
+        leaving = [txn for tp in list(tps) if (txn := self._producers.pop(tp, None)) is not None]
+        # All at once: a revoke must end within the rebalance timeout, however many leave.
+        with anyio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+            async with anyio.create_task_group() as group:
+                for txn in leaving:
+                    # an open transaction is aborted by the broker
+                    group.start_soon(txn.producer.stop)
 
     async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> bool:
         txn = self._producers.get(partition.tp)

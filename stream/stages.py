@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from stream import records, topics
 from stream.catalog import Catalog, Model, get_fallback_provider
 from stream.config import Settings
-from stream.engine import Output
+from stream.engine import MAX_OUTPUT_BYTES, Output
 from stream.errors import InvalidRecordError, ProviderError
 from stream.providers import Completion, ProviderClient
 from stream.records import Decoder, Request, SourceRecord
@@ -29,9 +29,8 @@ log = logging.getLogger(__name__)
 
 # Kafka's default max.message.bytes, for a topic that declares none.
 _KAFKA_MAX_MESSAGE_BYTES = 1_048_588
-# Room, within a topic's max.message.bytes, for what rides beside the value: the key
-# (a request id, <= 128 chars), the headers and the batch's framing.
-_FRAMING_BYTES = 4096
+# Room for a record batch's framing, beside the record's value, key and headers.
+_FRAMING_BYTES = 512
 
 
 class StageObserver(Protocol):
@@ -70,11 +69,15 @@ class _Stage:
         self.topics = Topics.of(settings)
         self._catalog = catalog
         self._observer = observer
-        # The largest value each topic takes, as declared in topics/: a result over it
-        # would be refused by the broker on every try (stalling at-least-once, failing
-        # exactly-once's transaction on every restart) after it has been paid for.
-        self._max_value = {
-            spec.name: int(spec.configs.get("max.message.bytes", _KAFKA_MAX_MESSAGE_BYTES))
+        # The largest record each topic takes, as declared in topics/, and never more than
+        # the engine's producer sends: a result over it would be refused on every try
+        # (stalling at-least-once, failing exactly-once's transaction on every restart)
+        # after it has been paid for.
+        self._max_record = {
+            spec.name: min(
+                int(spec.configs.get("max.message.bytes", _KAFKA_MAX_MESSAGE_BYTES)),
+                MAX_OUTPUT_BYTES,
+            )
             - _FRAMING_BYTES
             for spec in topics.load_specs(settings.topics_dir, prefix=settings.topic_prefix)
         }
@@ -129,19 +132,22 @@ class _Stage:
             latency_ms=done.latency_ms,
             fallback=fallback,
         )
-        limit = self._max_value.get(self.topics.results, _KAFKA_MAX_MESSAGE_BYTES)
-        if len(value) > limit:
+        output = self._output(record, self.topics.results, value, request.request_id)
+        size = _record_size(output)
+        limit = self._max_record.get(self.topics.results, _KAFKA_MAX_MESSAGE_BYTES - _FRAMING_BYTES)
+        if size > limit:
             return self._dead(
                 record,
                 "result_too_large",
-                f"the result of {done.provider} {done.provider_model} is {len(value)} bytes, "
-                f"over the {limit} bytes {self.topics.results} takes: raise its "
-                "max.message.bytes (topics/results.toml) or ask for fewer tokens",
+                f"the result of {done.provider} {done.provider_model} is {size} bytes, over "
+                f"the {limit} bytes {self.topics.results} takes: raise the topic's "
+                f"max.message.bytes (up to {MAX_OUTPUT_BYTES}, the most this worker writes) "
+                "or ask for fewer tokens",
                 request=request.body,
                 failures=failures,
             )
         self._count("result", "fallback" if fallback else None)
-        return self._output(record, self.topics.results, value, request.request_id)
+        return output
 
     @staticmethod
     def _output(record: SourceRecord, topic: str, value: bytes, request_id: Any) -> Output:
@@ -291,3 +297,9 @@ class FallbackStage(_Stage):
             fallback=True,
             failures=[failure],
         )
+
+
+def _record_size(output: Output) -> int:
+    """What a record of `output` weighs against max.message.bytes (framing aside)."""
+    headers = sum(len(key) + len(value) for key, value in output.headers)
+    return len(output.value) + len(output.key or b"") + headers

@@ -52,8 +52,10 @@ class Worker:
         *,
         catalog: Catalog | None = None,
         lag_interval_s: float = 15.0,
+        own_process: bool = False,
     ) -> None:
         self.settings = settings
+        self._own_process = own_process  # the process is this worker's: tune its GC
         self.stages = tuple(stages)
         self.catalog = catalog or load_catalog(settings)
         self.metrics = Metrics()
@@ -102,6 +104,8 @@ class Worker:
             serve, self.metrics, self.health, self.settings.metrics_host, self.settings.metrics_port
         )
         log.info("serving /metrics, /healthz and /readyz on port %s", self.port)
+        if self._own_process:
+            tune_gc()  # now: what start-up built (catalog, schemas, pools) is frozen too
         self.started.set()
 
     def stop(self) -> None:
@@ -178,7 +182,7 @@ async def _watch_signals(worker: Worker, scope: anyio.CancelScope) -> None:
 
 
 def tune_gc() -> None:
-    """Fewer, cheaper cyclic-GC passes for a worker process (call once, after imports).
+    """Fewer, cheaper cyclic-GC passes for a worker process (call once, after start-up).
 
     Every record allocates a few hundred short-lived objects that reference counting
     frees; the collector's default (a pass every 700 allocations) then mostly re-scans
@@ -198,8 +202,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from dataclasses import replace
 
         settings = replace(settings, engine=replace(settings.engine, guarantee=args.guarantee))
-    tune_gc()
-    anyio.run(run_until_signal, Worker(settings, stages))
+    anyio.run(run_until_signal, Worker(settings, stages, own_process=True))
     return 0
 
 

@@ -254,3 +254,56 @@ def test_the_fuzz_reaches_the_provider_and_the_fallback() -> None:
         )["fallback"]
         is True
     )
+
+
+class LongClient:
+    """Answers with `size` characters of content."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    async def complete(self, model: Model, messages: Any, params: Any = None, **_: Any) -> Any:
+        return Completion(
+            content="x" * self.size,
+            reasoning=None,
+            usage=None,
+            provider=model.provider,
+            provider_model=model.api_model,
+            attempts=1,
+            latency_ms=1.0,
+        )
+
+
+@pytest.mark.parametrize(
+    ("results_max", "content", "key", "kind"),
+    [
+        (1_048_588, 1_000_000, None, "result"),
+        (1_048_588, 1_000_000, b"k" * 60_000, "dead-letter"),  # the key counts too
+        (1_048_588, 1_100_000, None, "dead-letter"),
+        # a topic raised past what the worker's producer sends: the producer's cap rules
+        (8_388_608, 3_000_000, None, "dead-letter"),
+        (8_388_608, 2_000_000, None, "result"),
+    ],
+)
+def test_a_result_is_written_only_when_kafka_will_take_it(
+    tmp_path: Any, results_max: int, content: int, key: bytes | None, kind: str
+) -> None:
+    for source in SETTINGS.topics_dir.iterdir():
+        text = source.read_text()
+        if source.name == "results.toml":
+            text = text.replace('"1048588"', f'"{results_max}"')
+        (tmp_path / source.name).write_text(text)
+    settings = replace(SETTINGS, topics_dir=tmp_path)
+    stage = PrimaryStage(settings, CATALOG, {"synthetic": LongClient(content)})  # type: ignore[dict-item]
+    value = orjson.dumps(
+        {"request_id": "r", "model": "glm-4.6-syn", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    record = _record(value, "predictions.requests")
+    record.key = key
+    [output] = anyio.run(stage.handle, record)
+    assert _kind(output) == kind
+    if kind == "dead-letter":
+        letter = orjson.loads(output.value)
+        assert letter["reason"] == "result_too_large" and letter["request"]["request_id"] == "r"
+    else:
+        assert len(output.value) > content
