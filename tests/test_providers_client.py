@@ -354,6 +354,22 @@ async def test_the_key_never_shows_in_logs_errors_or_reprs(
     assert not [text for text in texts if KEY in text]
 
 
+@pytest.mark.parametrize("filler", [0, 262])  # 262: the key straddles the message's cut
+async def test_a_key_echoed_json_escaped_is_still_redacted(filler: int) -> None:
+    def escaped(request: httpx.Request) -> httpx.Response:
+        key = request.headers["authorization"].removeprefix("Bearer ")
+        hidden = "".join(f"\\u{ord(char):04x}" for char in key)  # every char \uXXXX
+        message = "x" * filler + f"Incorrect API key provided: {hidden}"
+        body = '{"error": {"message": "' + message + '", "code": "invalid_api_key"}}'
+        return httpx.Response(401, content=body.encode())
+
+    async with _mocked(escaped) as client:
+        with pytest.raises(FatalProviderError) as caught:
+            await client.complete(GLM, _ask())
+    text = str(caught.value)
+    assert KEY not in text and KEY[:8] not in text
+
+
 async def test_the_served_model_name_is_reported() -> None:
     def answer(request: httpx.Request) -> httpx.Response:
         assert request.headers["authorization"] == f"Bearer {KEY}"

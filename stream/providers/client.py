@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
@@ -376,7 +377,8 @@ class ProviderClient:
                 status=response.status_code,
             )
         # Scrubbed before any cut: a long key cut in half by truncation would not match later.
-        code, message = _error_detail(self._scrub(response.content.decode("utf-8", "replace")))
+        body = response.content.decode("utf-8", "replace")
+        code, message = _error_detail(body, self._scrub)
         verdict = classify(response.status_code, response.headers, code)
         return _Failure(
             retryable=verdict.retryable,
@@ -468,16 +470,19 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {detail}"[:_MAX_MESSAGE]
 
 
-def _error_detail(body: str) -> tuple[str | None, str]:
-    """(error code or type, message) from an OpenAI-style error body, tolerant of junk."""
+def _error_detail(body: str, scrub: Callable[[str], str]) -> tuple[str | None, str]:
+    """(error code or type, message) from an OpenAI-style error body, tolerant of junk.
+
+    Text is scrubbed of the key before any cut, and after JSON decoding too: a key the
+    body escapes (`\u0073k-…`) is only itself once decoded."""
     try:
         error = orjson.loads(body).get("error")
     except (orjson.JSONDecodeError, AttributeError):
-        return None, body[:_MAX_MESSAGE].strip()
+        return None, scrub(body)[:_MAX_MESSAGE].strip()
     if not isinstance(error, dict):
-        return None, str(error)[:_MAX_MESSAGE] if error else ""
+        return None, scrub(str(error))[:_MAX_MESSAGE] if error else ""
     kinds = (error.get("code"), error.get("type"))
     # Quota exhaustion hides in either field depending on the provider.
     code = "insufficient_quota" if "insufficient_quota" in kinds else (kinds[0] or kinds[1])
-    message = str(error.get("message") or "")[:_MAX_MESSAGE]
+    message = scrub(str(error.get("message") or ""))[:_MAX_MESSAGE]
     return (str(code) if code else None), message
