@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from anyio.abc import TaskGroup
 
 from stream.config import Settings
-from stream.errors import KafkaError
+from stream.errors import KafkaError, OutputRejectedError
 from stream.flow import Flow
 from stream.kafka import translate
 from stream.offsets import PartitionOffsets, decode_metadata
@@ -296,7 +296,13 @@ class Engine:
                 return  # abandoned before it began: left unfinished for the next owner
             with scope:
                 outputs = await self._call_handler(record)
-                if await self._sink.write(partition, record.offset, outputs):
+                try:
+                    written = await self._sink.write(partition, record.offset, outputs)
+                except OutputRejectedError as exc:
+                    log.error("%s; the record goes to on_error instead", exc)
+                    outputs = self._on_error(record, exc)
+                    written = await self._sink.write(partition, record.offset, outputs)
+                if written:
                     self.records_done += 1
         finally:
             partition.scopes.discard(scope)

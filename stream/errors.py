@@ -54,6 +54,11 @@ class BrokerError(KafkaError):
     """The local development broker could not be fetched, started or stopped."""
 
 
+class OutputRejectedError(StreamError):
+    """Kafka refused one of a record's outputs for good (too large for its topic): the
+    record needs other outputs (a dead letter), not another try."""
+
+
 class ProviderError(StreamError):
     """An LLM provider call failed.
 

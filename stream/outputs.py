@@ -23,8 +23,14 @@ from typing import Any, Protocol
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError as AIOKafkaError
+from aiokafka.errors import (
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    RecordTooLargeError,
+)
 
 from stream.config import KafkaSettings
+from stream.errors import OutputRejectedError
 from stream.kafka import translate
 from stream.partitions import Partition
 
@@ -33,6 +39,7 @@ __all__ = ["AtLeastOnceSink", "ExactlyOnceSink", "Output", "Sink"]
 log = logging.getLogger(__name__)
 
 _BACKOFF_MAX_S = 5.0
+_TOO_LARGE_TRIES = 3
 _CLOSE_TIMEOUT_S = 10.0
 
 
@@ -84,9 +91,35 @@ class AtLeastOnceSink:
     ) -> None:
         self._settings = settings
         self._consumer = consumer
-        self._producer = AIOKafkaProducer(
-            **settings.client_options(), enable_idempotence=True, acks="all", **producer_options
+        self._options = producer_options
+        self._producer = self._new_producer()
+        self._renewing = anyio.Lock()
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            **self._settings.client_options(),
+            enable_idempotence=True,
+            acks="all",
+            **self._options,
         )
+
+    async def _renew(self, failed: AIOKafkaProducer, why: str) -> None:
+        """A new producer (a new idempotence id) in place of `failed`. After the broker
+        refuses a batch, aiokafka's sequence numbers for its partition no longer match the
+        broker's, and every later batch there fails (OutOfOrderSequenceNumber)."""
+        async with self._renewing:
+            if self._producer is not failed:
+                return  # another writer renewed it already
+            log.warning("renewing the output producer after %s", why)
+            fresh = self._new_producer()
+            try:
+                await fresh.start()
+            except (AIOKafkaError, OSError):
+                await fresh.stop()
+                return  # Kafka is away: the writers' retries try again
+            self._producer = fresh
+        with anyio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+            await failed.stop()  # its pending sends fail, and their writers retry
 
     async def start(self) -> None:
         try:
@@ -106,12 +139,30 @@ class AtLeastOnceSink:
         pass
 
     async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> bool:
-        attempt = 0
+        attempt = too_large = 0
         while True:
+            producer = self._producer
             try:
-                for future in await _send(self._producer, outputs):
+                for future in await _send(producer, outputs):
                     await future
                 break
+            except OutOfOrderSequenceNumber as exc:
+                attempt += 1
+                await self._renew(producer, type(exc).__name__)
+                await anyio.sleep(min(_BACKOFF_MAX_S, 0.05 * 2**attempt) * random.uniform(0.5, 1))
+            except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
+                await self._renew(producer, type(exc).__name__)
+                # The broker judges whole batches: a small output fails with the big one it
+                # was batched with, so it gets tries of its own. Past those, the same bytes
+                # fail the same way, and retrying for ever would stall the partition.
+                too_large += 1
+                if too_large >= _TOO_LARGE_TRIES:
+                    raise OutputRejectedError(
+                        f"Kafka refused an output of {partition.tp} offset {offset} for good "
+                        f"({type(exc).__name__}): larger than its topic's max.message.bytes"
+                    ) from exc
+                attempt += 1
+                await anyio.sleep(0.1 * attempt * random.uniform(0.5, 1.0))
             except AIOKafkaError as exc:
                 # Kafka is down or slow: keep the record unfinished and try again, so its
                 # offset is never committed without its outputs.

@@ -14,10 +14,12 @@ from stream.config import Settings
 from stream.kafka import admin_client
 
 
-async def create_topic(settings: Settings, stem: str, partitions: int) -> str:
+async def create_topic(
+    settings: Settings, stem: str, partitions: int, configs: dict[str, str] | None = None
+) -> str:
     name = settings.topic(f"{stem}-{uuid.uuid4().hex[:8]}")
     async with admin_client(settings.kafka, doing="creating a test topic") as admin:
-        await admin.create_topics([NewTopic(name, partitions, 1)])
+        await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs or {})])
     return name
 
 

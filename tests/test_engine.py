@@ -133,6 +133,44 @@ async def test_handler_exception_goes_to_on_error_and_worker_continues(settings:
     assert (await committed(settings, engine.group_id, source))[0][0] == 20
 
 
+async def test_an_output_kafka_refuses_for_good_goes_to_on_error_not_round_and_round(
+    settings: Settings,
+) -> None:
+    """At-least-once retries a produce while Kafka is down; an output over its topic's
+    max.message.bytes would fail the same way for ever, so the record goes to on_error."""
+    source = await create_topic(settings, "eng-big", 1)
+    # Over the engine's 256 KB batches, so the big output travels alone (a small one
+    # batched with it would be refused with it, and gets tries of its own).
+    sink = await create_topic(settings, "eng-big-out", 1, {"max.message.bytes": "300000"})
+    dead = await create_topic(settings, "eng-big-dlq", 1)
+    await produce(settings, source, [b"small", b"huge", b"after"])
+    counter = Counter(3)
+
+    async def handler(record: Any) -> Sequence[Output]:
+        counter.add(record.value)
+        size = 100_000 if record.value == b"huge" else 10  # 400 KB
+        return [Output(sink, record.value * size)]
+
+    engine = Engine(
+        settings=_with(settings),
+        name="t",
+        group_id=settings.group("eng-big"),
+        topics=[source],
+        handler=handler,
+        on_error=_to_dead_letter(dead),
+    )
+    async with running(engine):
+        await counter.reached.wait()
+
+    assert (await committed(settings, engine.group_id, source))[0][0] == 3
+    letters = await read_all(settings, dead)
+    assert [(r.value, dict(r.headers)["error"]) for r in letters] == [
+        (b"huge", b"OutputRejectedError")
+    ]
+    assert sorted(r.value for r in await read_all(settings, sink)) == [b"after" * 10, b"small" * 10]
+    assert engine.snapshot().records_done == 3
+
+
 async def _until_complete(settings: Settings, sink: str, want: set[bytes]) -> list[Any]:
     while True:
         outputs = await read_all(settings, sink, isolation="read_committed")
