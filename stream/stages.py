@@ -65,7 +65,13 @@ class Topics:
 class _Stage:
     name = "stage"
 
-    def __init__(self, settings: Settings, catalog: Catalog, observer: StageObserver | None):
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        observer: StageObserver | None,
+        cluster_limits: Mapping[str, int] | None,
+    ):
         self.topics = Topics.of(settings)
         self._catalog = catalog
         self._observer = observer
@@ -73,9 +79,12 @@ class _Stage:
         # the engine's producer sends: a result over it would be refused on every try
         # (stalling at-least-once, failing exactly-once's transaction on every restart)
         # after it has been paid for.
+        # The cluster's own value, where known, wins when it is smaller (drift).
+        cluster = cluster_limits or {}
         self._max_record = {
             spec.name: min(
                 int(spec.configs.get("max.message.bytes", _KAFKA_MAX_MESSAGE_BYTES)),
+                cluster.get(spec.name, MAX_OUTPUT_BYTES),
                 MAX_OUTPUT_BYTES,
             )
             - _FRAMING_BYTES
@@ -173,8 +182,10 @@ class PrimaryStage(_Stage):
         catalog: Catalog,
         clients: Mapping[str, ProviderClient],
         observer: StageObserver | None = None,
+        cluster_limits: Mapping[str, int] | None = None,
     ):
-        super().__init__(settings, catalog, observer)
+        """`cluster_limits`: topic → max.message.bytes as the cluster has it, if known."""
+        super().__init__(settings, catalog, observer, cluster_limits)
         self._clients = clients
         self._decoder = Decoder(
             settings.topics_dir / "request.schema.json",
@@ -220,8 +231,10 @@ class FallbackStage(_Stage):
         catalog: Catalog,
         together: ProviderClient,
         observer: StageObserver | None = None,
+        cluster_limits: Mapping[str, int] | None = None,
     ):
-        super().__init__(settings, catalog, observer)
+        """`cluster_limits`: topic → max.message.bytes as the cluster has it, if known."""
+        super().__init__(settings, catalog, observer, cluster_limits)
         self._together = together
         self._settings = settings
         self._decoder = Decoder(

@@ -219,6 +219,20 @@ async def _describe(admin: Any, topic: str) -> tuple[int, int]:
     return len(partitions), min(len(p["replicas"]) for p in partitions)
 
 
+async def max_message_bytes(admin: Any, topics: list[str]) -> dict[str, int]:
+    """The largest record each topic takes on the cluster (its effective max.message.bytes),
+    for those this user may describe; a topic it may not describe is left out."""
+    found = {}
+    for topic in topics:
+        try:
+            value = (await _configs(admin, topic)).get("max.message.bytes")
+        except AIOKafkaError:
+            continue  # no DescribeConfigs ACL: the declared value has to do
+        if value is not None and value.isdigit():
+            found[topic] = int(value)
+    return found
+
+
 async def _configs(admin: Any, topic: str) -> dict[str, str]:
     """The topic's configs as the cluster sees them (defaults included)."""
     (response,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])

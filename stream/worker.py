@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from stream import logs
+from stream import logs, topics
 from stream.catalog import Catalog, load_catalog
 from stream.config import Settings
 from stream.engine import Engine
@@ -65,6 +65,7 @@ class Worker:
         self._stopping = False
         self.started = anyio.Event()  # set once `engines` is filled and `port` bound
         self.port: int | None = None
+        self._record_limits: dict[str, int] = {}  # topic → max.message.bytes on the cluster
         groups = [settings.group(GROUPS[stage]) for stage in self.stages]
         self.monitor = LagMonitor(settings.kafka, groups, interval_s=lag_interval_s)
 
@@ -73,7 +74,7 @@ class Worker:
 
     async def run(self) -> None:
         """Run until `stop()` (or cancellation); drain and commit on the way out."""
-        await check_topics(self.settings)
+        self._record_limits = await check_topics(self.settings)
         async with AsyncExitStack() as stack:
             self.clients = clients = {
                 name: await stack.enter_async_context(
@@ -118,10 +119,14 @@ class Worker:
         group = self.settings.group(GROUPS[stage])
         stage_: PrimaryStage | FallbackStage
         if stage == "primary":
-            stage_ = PrimaryStage(self.settings, self.catalog, clients, self.metrics)
+            stage_ = PrimaryStage(
+                self.settings, self.catalog, clients, self.metrics, self._record_limits
+            )
             inputs, backfill = [topics.requests, topics.backfill], [topics.backfill]
         else:
-            stage_ = FallbackStage(self.settings, self.catalog, clients["together"], self.metrics)
+            stage_ = FallbackStage(
+                self.settings, self.catalog, clients["together"], self.metrics, self._record_limits
+            )
             inputs, backfill = [topics.fallback], []
 
         def on_commit(seconds: float) -> None:
@@ -139,11 +144,13 @@ class Worker:
         )
 
 
-async def check_topics(settings: Settings) -> None:
-    """Fail at start, in one line, when the pipeline's topics are missing."""
+async def check_topics(settings: Settings) -> dict[str, int]:
+    """Fail at start, in one line, when the pipeline's topics are missing; return the
+    largest record each takes on the cluster (where this user may read it)."""
     wanted = set(vars(Topics.of(settings)).values())
     async with admin_client(settings.kafka, doing="checking topics") as admin:
         missing = wanted - set(await admin.list_topics())
+        limits = {} if missing else await topics.max_message_bytes(admin, sorted(wanted))
     if missing:
         user = settings.kafka.sasl_username
         # Kafka hides the topics a user may not describe: to it, they look missing.
@@ -157,6 +164,7 @@ async def check_topics(settings: Settings) -> None:
             f"topics missing on {settings.kafka.bootstrap_servers}: {', '.join(sorted(missing))}"
             f"; create them with `stream topics apply`{hint}"
         )
+    return limits
 
 
 async def run_until_signal(worker: Worker) -> None:

@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import base64
 
+import anyio
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from stream import topics
+from stream.kafka import admin_client
 from stream.simulator import Simulator
+from stream.worker import Worker
+from tests.conftest import eventually
 from tests.test_pipeline import request, terminal
 from tests.workerkit import Peaks, running_worker, simulated_settings
 
@@ -84,3 +90,41 @@ async def test_an_answer_too_large_for_the_results_topic_is_a_dead_letter_not_a_
     assert letter["request"]["request_id"] == "long"
     assert "max.message.bytes" in letter["error"]
     assert found["after"][0] == live.topic("predictions.results")
+
+
+async def test_a_results_topic_smaller_on_the_cluster_than_declared_is_respected(
+    env: dict[str, str],
+) -> None:
+    """Drift: the cluster's results topic takes less than topics/ declares. The worker reads
+    the cluster's value at start, so an answer over it is a dead letter, not a refused
+    produce (stalled at-least-once, crashing exactly-once)."""
+    async with Simulator() as sim:
+        live = simulated_settings(env, sim, max_in_flight=8)
+        await topics.apply(live, await topics.plan(live))
+        results = live.topic("predictions.results")
+        async with admin_client(live.kafka, doing="altering a test topic") as admin:
+            resource = ConfigResource(
+                ConfigResourceType.TOPIC, results, configs={"max.message.bytes": "600"}
+            )
+            await admin.alter_configs([resource])
+
+            async def altered() -> bool:
+                return (await topics.max_message_bytes(admin, [results])).get(results) == 600
+
+            await eventually(altered)
+        worker = Worker(live, ("primary", "fallback"))
+        async with anyio.create_task_group() as group:
+            group.start_soon(worker.run)
+            await worker.started.wait()
+            producer = AIOKafkaProducer(**live.kafka.client_options(), acks="all")
+            await producer.start()
+            try:
+                value = request("drift", "deepseek-v3-0324-syn")
+                await producer.send_and_wait(live.topic("predictions.requests"), value)
+            finally:
+                await producer.stop()
+            found = await terminal(live, 1)
+            worker.stop()
+    topic_name, letter, _ = found["drift"]
+    assert topic_name == live.topic("predictions.dead-letter")
+    assert letter["reason"] == "result_too_large" and "88 bytes" in letter["error"]
