@@ -116,6 +116,9 @@ class LocalBroker:
     # is a super user), so only clients on the SASL port are held to the ACLs.
     scram_users: dict[str, str] | None = None
     sasl_port: int | None = None
+    # With SCRAM users: a PEM file with the broker's private key (unencrypted PKCS#8) and
+    # certificate chain makes that listener SASL_SSL (TLS) instead of SASL_PLAINTEXT.
+    tls_keystore: Path | None = None
     # Kept so the child is reaped by us (and Popen does not warn that it still runs).
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -251,18 +254,29 @@ class LocalBroker:
         if self.sasl_port is None:
             self.sasl_port = free_port()
         plain = f"PLAINTEXT://127.0.0.1:{self.port}"
-        sasl = f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+        protocol = "SASL_SSL" if self.tls_keystore else "SASL_PLAINTEXT"
+        name = protocol.lower()
+        sasl = f"{protocol}://127.0.0.1:{self.sasl_port}"
+        tls = (
+            {
+                f"listener.name.{name}.ssl.keystore.type": "PEM",
+                f"listener.name.{name}.ssl.keystore.location": str(self.tls_keystore),
+            }
+            if self.tls_keystore
+            else {}
+        )
         return {
             "listeners": f"{plain},{sasl},CONTROLLER://127.0.0.1:{self.controller_port}",
             "advertised.listeners": f"{plain},{sasl}",
             "listener.security.protocol.map": (
-                "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT"
+                f"PLAINTEXT:PLAINTEXT,{protocol}:{protocol},CONTROLLER:PLAINTEXT"
             ),
             "sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512",
             **{
-                f"listener.name.sasl_plaintext.{mechanism}.sasl.jaas.config": _SCRAM_LOGIN
+                f"listener.name.{name}.{mechanism}.sasl.jaas.config": _SCRAM_LOGIN
                 for mechanism in ("scram-sha-256", "scram-sha-512")
             },
+            **tls,
             "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
             "allow.everyone.if.no.acl.found": "false",
             "super.users": "User:ANONYMOUS",

@@ -8,6 +8,7 @@ aiokafka raises its own exception types, and a cluster that is down shows up as 
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,6 +37,13 @@ def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaE
             "STREAM_KAFKA_SASL_USERNAME, STREAM_KAFKA_SASL_PASSWORD and "
             "STREAM_KAFKA_SASL_MECHANISM"
         )
+    tls_problem = _tls_problem(settings) if isinstance(exc, KafkaConnectionError) else None
+    if tls_problem:
+        return KafkaError(
+            f"TLS to Kafka at {where} failed while {doing} ({tls_problem}): check "
+            "STREAM_KAFKA_SSL_CAFILE (the CA that signed the broker's certificate), the host "
+            "name in KAFKA_BOOTSTRAP_SERVERS, and STREAM_KAFKA_SECURITY_PROTOCOL"
+        )
     if isinstance(exc, KafkaConnectionError) and settings.sasl_mechanism and _accepts_tcp(where):
         # aiokafka logs the SASL failure and raises a bare "unable to bootstrap": a port that
         # answers but a client that cannot get in is, in practice, a credentials problem.
@@ -57,6 +65,26 @@ def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaE
             "cluster' lists them), or use another user"
         )
     return KafkaError(f"Kafka at {where} failed while {doing}: {detail}")
+
+
+def _tls_problem(settings: KafkaSettings) -> str | None:
+    """Why a TLS handshake with the first bootstrap server fails, if it does (aiokafka only
+    says it could not bootstrap)."""
+    if not settings.security_protocol.endswith("SSL"):
+        return None
+    host, _, port = settings.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    context = settings.client_options()["ssl_context"]
+    assert isinstance(context, ssl.SSLContext)
+    try:
+        with (
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=3.0) as raw,
+            context.wrap_socket(raw, server_hostname=host or "127.0.0.1"),
+        ):
+            return None
+    except ssl.SSLError as exc:
+        return getattr(exc, "verify_message", None) or exc.reason or str(exc)
+    except (OSError, ValueError):
+        return None  # not a TLS problem: the port does not answer
 
 
 def _accepts_tcp(bootstrap: str) -> bool:

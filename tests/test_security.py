@@ -1,4 +1,5 @@
-"""Authenticated Kafka: SASL/SCRAM with ACLs on a local broker started for this module."""
+"""Authenticated Kafka: SASL/SCRAM with ACLs, in the clear and over TLS, on local brokers
+started for this module."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import anyio
 import pytest
+import trustme
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from cryptography.hazmat.primitives import serialization
 
 from stream.broker import LocalBroker, free_port
 from stream.config import Settings
@@ -69,12 +72,67 @@ def scram_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBrok
         broker.stop()
 
 
+def _tls_files(folder: Path, ca: trustme.CA) -> Path:
+    """The broker's keystore (PKCS#8 key + chain, as Kafka's PEM store reads it) and, beside
+    it, `ca.pem` for clients; returns the keystore."""
+    cert = ca.issue_cert("127.0.0.1", "localhost", key_type=trustme.KeyType.RSA)
+    key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), password=None)
+    pkcs8 = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    keystore = folder / "server.pem"
+    keystore.write_bytes(pkcs8 + b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    return keystore
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """SCRAM over TLS (SASL_SSL), one user with all rights under "sec."."""
+    folder = Path(tmp_path_factory.mktemp("tls"))
+    broker = LocalBroker(
+        home=folder / "kafka",
+        port=free_port(),
+        scram_users={"stream": PASSWORD},
+        tls_keystore=_tls_files(folder, trustme.CA(key_type=trustme.KeyType.RSA)),
+    )
+    broker.home.mkdir()
+    broker.start()
+    for resource in ("--topic", "--group", "--transactional-id"):
+        broker.run_tool(
+            "org.apache.kafka.tools.AclCommand",
+            "--add",
+            "--allow-principal",
+            "User:stream",
+            "--operation",
+            "All",
+            resource,
+            "sec.",
+            "--resource-pattern-type",
+            "prefixed",
+        )
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
 def _env(broker: LocalBroker, base: dict[str, str], user: str, password: str) -> dict[str, str]:
+    tls = (
+        {
+            "STREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "STREAM_KAFKA_SSL_CAFILE": str(broker.tls_keystore.with_name("ca.pem")),
+        }
+        if broker.tls_keystore
+        else {"STREAM_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT"}
+    )
     return {
         **base,
         "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{broker.sasl_port}",
         "STREAM_TOPIC_PREFIX": "sec.",
-        "STREAM_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        **tls,
         "STREAM_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
         "STREAM_KAFKA_SASL_USERNAME": user,
         "STREAM_KAFKA_SASL_PASSWORD": password,
@@ -156,6 +214,31 @@ async def test_the_worker_runs_end_to_end_over_sasl_scram(
     # Under "sec.": the ACLs (topics, groups, transactional ids) are prefixed grants.
     prefix = f"sec.w{guarantee[:5]}."
     await _run_worker_end_to_end(scram_broker, env, tmp_path, guarantee, prefix, "stream")
+
+
+@pytest.mark.timeout(180)
+async def test_the_worker_runs_end_to_end_over_sasl_ssl(
+    tls_broker: LocalBroker, env: dict[str, str], tmp_path: Path
+) -> None:
+    """TLS to the broker, verified against the CA in STREAM_KAFKA_SSL_CAFILE."""
+    await _run_worker_end_to_end(tls_broker, env, tmp_path, "at-least-once", "sec.tls.", "stream")
+
+
+@pytest.mark.timeout(60)
+async def test_a_broker_certificate_the_ca_did_not_sign_is_refused_in_one_line(
+    tls_broker: LocalBroker, env: dict[str, str], tmp_path: Path
+) -> None:
+    other = trustme.CA(key_type=trustme.KeyType.RSA)
+    other.cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+    untrusting = {
+        **_env(tls_broker, env, "stream", PASSWORD),
+        "STREAM_KAFKA_SSL_CAFILE": str(tmp_path / "other-ca.pem"),
+    }
+    done = await run_cli(untrusting, "topics", "apply")
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "TLS to Kafka" in done.stderr and "STREAM_KAFKA_SSL_CAFILE" in done.stderr
+    assert "credentials" not in done.stderr  # the password is fine: the CA is not
 
 
 @pytest.mark.timeout(180)
