@@ -53,23 +53,28 @@ def scram_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBrok
             "--resource-pattern-type",
             "prefixed",
         )
-    for resource in ("--topic", "--group", "--transactional-id"):
-        broker.run_tool(
-            acl,
-            "--add",
-            "--allow-principal",
-            "User:stream",
-            "--operation",
-            "All",
-            resource,
-            "sec.",
-            "--resource-pattern-type",
-            "prefixed",
-        )
+    _grant_all(broker, "stream", "sec.")
     try:
         yield broker
     finally:
         broker.stop()
+
+
+def _grant_all(broker: LocalBroker, user: str, prefix: str) -> None:
+    """Every right on the topics, groups and transactional ids under `prefix`."""
+    for resource in ("--topic", "--group", "--transactional-id"):
+        broker.run_tool(
+            "org.apache.kafka.tools.AclCommand",
+            "--add",
+            "--allow-principal",
+            f"User:{user}",
+            "--operation",
+            "All",
+            resource,
+            prefix,
+            "--resource-pattern-type",
+            "prefixed",
+        )
 
 
 def _tls_files(folder: Path, ca: trustme.CA) -> Path:
@@ -100,19 +105,7 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker
     )
     broker.home.mkdir()
     broker.start()
-    for resource in ("--topic", "--group", "--transactional-id"):
-        broker.run_tool(
-            "org.apache.kafka.tools.AclCommand",
-            "--add",
-            "--allow-principal",
-            "User:stream",
-            "--operation",
-            "All",
-            resource,
-            "sec.",
-            "--resource-pattern-type",
-            "prefixed",
-        )
+    _grant_all(broker, "stream", "sec.")
     try:
         yield broker
     finally:
