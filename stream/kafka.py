@@ -72,13 +72,13 @@ def _tls_problem(settings: KafkaSettings) -> str | None:
     says it could not bootstrap)."""
     if not settings.security_protocol.endswith("SSL"):
         return None
-    host, _, port = settings.bootstrap_servers.split(",")[0].strip().rpartition(":")
     context = settings.client_options()["ssl_context"]
     assert isinstance(context, ssl.SSLContext)
     try:
+        host, port = _first_server(settings.bootstrap_servers)
         with (
-            socket.create_connection((host or "127.0.0.1", int(port)), timeout=3.0) as raw,
-            context.wrap_socket(raw, server_hostname=host or "127.0.0.1"),
+            socket.create_connection((host, port), timeout=3.0) as raw,
+            context.wrap_socket(raw, server_hostname=host),
         ):
             return None
     except ssl.SSLError as exc:
@@ -87,10 +87,15 @@ def _tls_problem(settings: KafkaSettings) -> str | None:
         return None  # not a TLS problem: the port does not answer
 
 
-def _accepts_tcp(bootstrap: str) -> bool:
+def _first_server(bootstrap: str) -> tuple[str, int]:
+    """(host, port) of the first bootstrap server; ValueError when it has no port."""
     host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def _accepts_tcp(bootstrap: str) -> bool:
     try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1.0):
+        with socket.create_connection(_first_server(bootstrap), timeout=1.0):
             return True
     except (OSError, ValueError):
         return False

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _BACKOFF_MAX_S = 5.0
 _TOO_LARGE_TRIES = 3
+_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 _CLOSE_TIMEOUT_S = 10.0
 
 
@@ -146,26 +147,22 @@ class AtLeastOnceSink:
                 for future in await _send(producer, outputs):
                     await future
                 break
-            except OutOfOrderSequenceNumber as exc:
-                attempt += 1
-                await self._renew(producer, type(exc).__name__)
-                await anyio.sleep(min(_BACKOFF_MAX_S, 0.05 * 2**attempt) * random.uniform(0.5, 1))
-            except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
-                await self._renew(producer, type(exc).__name__)
-                # The broker judges whole batches: a small output fails with the big one it
-                # was batched with, so it gets tries of its own. Past those, the same bytes
-                # fail the same way, and retrying for ever would stall the partition.
-                too_large += 1
-                if too_large >= _TOO_LARGE_TRIES:
-                    raise OutputRejectedError(
-                        f"Kafka refused an output of {partition.tp} offset {offset} for good "
-                        f"({type(exc).__name__}): larger than its topic's max.message.bytes"
-                    ) from exc
-                attempt += 1
-                await anyio.sleep(0.1 * attempt * random.uniform(0.5, 1.0))
             except AIOKafkaError as exc:
                 # Kafka is down or slow: keep the record unfinished and try again, so its
                 # offset is never committed without its outputs.
+                if isinstance(exc, (*_TOO_LARGE, OutOfOrderSequenceNumber)):
+                    await self._renew(producer, type(exc).__name__)
+                if isinstance(exc, _TOO_LARGE):
+                    # The broker judges whole batches: a small output fails with the big one
+                    # it was batched with, so it gets tries of its own. Past those, the same
+                    # bytes fail the same way, and retrying would stall the partition.
+                    too_large += 1
+                    if too_large >= _TOO_LARGE_TRIES:
+                        raise OutputRejectedError(
+                            f"Kafka refused an output of {partition.tp} offset {offset} for "
+                            f"good ({type(exc).__name__}): larger than its topic's "
+                            "max.message.bytes"
+                        ) from exc
                 attempt += 1
                 delay = min(_BACKOFF_MAX_S, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
                 log.warning(
@@ -277,16 +274,15 @@ class ExactlyOnceSink:
 
     async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> bool:
         txn = self._producers.get(partition.tp)
-        if txn is None or partition.abandoned:
-            # The partition left (its transaction is settled): abandoned, re-run later. If
-            # it came back, `txn` is its new owner's and must not take this run's outputs.
-            return False
+        if txn is None:
+            return False  # the partition left (its transaction is settled): re-run later
         # Shielded: the outputs and the "finished" mark go into the transaction together,
         # or neither does (an abandoned record must not leave orphan outputs behind).
         finished = False
         with anyio.CancelScope(shield=True):
             async with txn.lock:
-                # The partition may have left while this waited for the lock.
+                # The partition may have left while this waited for the lock, even come back
+                # with a new producer that must not take this run's outputs.
                 if not partition.abandoned and self._producers.get(partition.tp) is txn:
                     try:
                         await txn.begin()

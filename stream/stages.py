@@ -75,21 +75,23 @@ class _Stage:
         self.topics = Topics.of(settings)
         self._catalog = catalog
         self._observer = observer
-        # The largest record each topic takes, as declared in topics/, and never more than
-        # the engine's producer sends: a result over it would be refused on every try
-        # (stalling at-least-once, failing exactly-once's transaction on every restart)
-        # after it has been paid for.
-        # The cluster's own value, where known, wins when it is smaller (drift).
-        cluster = cluster_limits or {}
-        self._max_record = {
-            spec.name: min(
-                int(spec.configs.get("max.message.bytes", _KAFKA_MAX_MESSAGE_BYTES)),
-                cluster.get(spec.name, MAX_OUTPUT_BYTES),
+        # The largest result the results topic takes: as declared in topics/, or as the
+        # cluster has it when smaller (drift), and never more than the engine's producer
+        # sends. A result over it would be refused on every try (stalling at-least-once,
+        # failing exactly-once's transaction on every restart) after it was paid for.
+        declared = {
+            spec.name: int(spec.configs.get("max.message.bytes", _KAFKA_MAX_MESSAGE_BYTES))
+            for spec in topics.load_specs(settings.topics_dir, prefix=settings.topic_prefix)
+        }
+        results = self.topics.results
+        self._max_result = (
+            min(
+                declared.get(results, _KAFKA_MAX_MESSAGE_BYTES),
+                (cluster_limits or {}).get(results, MAX_OUTPUT_BYTES),
                 MAX_OUTPUT_BYTES,
             )
             - _FRAMING_BYTES
-            for spec in topics.load_specs(settings.topics_dir, prefix=settings.topic_prefix)
-        }
+        )
 
     def on_error(self, record: SourceRecord, exc: BaseException) -> Sequence[Output]:
         """A bug in a handler: the record becomes a dead letter and the worker goes on."""
@@ -143,7 +145,7 @@ class _Stage:
         )
         output = self._output(record, self.topics.results, value, request.request_id)
         size = _record_size(output)
-        limit = self._max_record.get(self.topics.results, _KAFKA_MAX_MESSAGE_BYTES - _FRAMING_BYTES)
+        limit = self._max_result
         if size > limit:
             return self._dead(
                 record,

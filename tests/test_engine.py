@@ -35,6 +35,18 @@ def _to_dead_letter(topic: str) -> Any:
     return on_error
 
 
+def _engine(settings: Settings, group: str, source: str, handler: Any, dead: str) -> Engine:
+    """An engine on `source` whose handler errors go to `dead`."""
+    return Engine(
+        settings=_with(settings),
+        name="t",
+        group_id=settings.group(group),
+        topics=[source],
+        handler=handler,
+        on_error=_to_dead_letter(dead),
+    )
+
+
 @asynccontextmanager
 async def running(engine: Engine, deadline_s: float = 60) -> AsyncIterator[Engine]:
     """Run the engine in the background; on exit stop it and wait for its final commit."""
@@ -114,14 +126,7 @@ async def test_handler_exception_goes_to_on_error_and_worker_continues(settings:
             raise ValueError("bad record")
         return [Output(sink, record.value)]
 
-    engine = Engine(
-        settings=_with(settings),
-        name="t",
-        group_id=settings.group("eng-err"),
-        topics=[source],
-        handler=handler,
-        on_error=_to_dead_letter(dead),
-    )
+    engine = _engine(settings, "eng-err", source, handler, dead)
     async with running(engine):
         await counter.reached.wait()
 
@@ -151,14 +156,7 @@ async def test_an_output_kafka_refuses_for_good_goes_to_on_error_not_round_and_r
         size = 100_000 if record.value == b"huge" else 10  # 400 KB
         return [Output(sink, record.value * size)]
 
-    engine = Engine(
-        settings=_with(settings),
-        name="t",
-        group_id=settings.group("eng-big"),
-        topics=[source],
-        handler=handler,
-        on_error=_to_dead_letter(dead),
-    )
+    engine = _engine(settings, "eng-big", source, handler, dead)
     async with running(engine):
         await counter.reached.wait()
 

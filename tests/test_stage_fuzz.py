@@ -45,6 +45,9 @@ class FakeClient:
 
     calls = 0
 
+    def __init__(self, content: str = "ok") -> None:
+        self.content = content
+
     async def complete(
         self, model: Model, messages: list[dict[str, Any]], params: Any = None, **_: Any
     ) -> Completion:
@@ -54,7 +57,7 @@ class FakeClient:
                 "HTTP 503: down", provider=model.provider, model=model.api_model, status=503
             )
         return Completion(
-            content="ok",
+            content=self.content,
             reasoning=None,
             usage=None,
             provider=model.provider,
@@ -256,24 +259,6 @@ def test_the_fuzz_reaches_the_provider_and_the_fallback() -> None:
     )
 
 
-class LongClient:
-    """Answers with `size` characters of content."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    async def complete(self, model: Model, messages: Any, params: Any = None, **_: Any) -> Any:
-        return Completion(
-            content="x" * self.size,
-            reasoning=None,
-            usage=None,
-            provider=model.provider,
-            provider_model=model.api_model,
-            attempts=1,
-            latency_ms=1.0,
-        )
-
-
 @pytest.mark.parametrize(
     ("results_max", "content", "key", "kind"),
     [
@@ -294,7 +279,7 @@ def test_a_result_is_written_only_when_kafka_will_take_it(
             text = text.replace('"1048588"', f'"{results_max}"')
         (tmp_path / source.name).write_text(text)
     settings = replace(SETTINGS, topics_dir=tmp_path)
-    stage = PrimaryStage(settings, CATALOG, {"synthetic": LongClient(content)})  # type: ignore[dict-item]
+    stage = PrimaryStage(settings, CATALOG, {"synthetic": FakeClient("x" * content)})  # type: ignore[dict-item]
     value = orjson.dumps(
         {"request_id": "r", "model": "glm-4.6-syn", "messages": [{"role": "user", "content": "hi"}]}
     )
