@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stream import topics
 from stream.broker import LocalBroker, free_port
 from stream.config import Settings
+from stream.simulator import simulate_command
 from tests.records import read_all
 
 
@@ -144,16 +145,7 @@ async def main(args: argparse.Namespace) -> None:
         bootstrap = broker.bootstrap_servers
     base = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
     port = free_port()
-    simulate = [
-        sys.executable,
-        "-m",
-        "stream",
-        "simulate",
-        "--port",
-        str(port),
-        "--latency",
-        str(args.latency),
-    ]
+    simulate = simulate_command(port, args.latency)
     try:
         with _process(simulate, base, home / "simulator.log"):
             await anyio.sleep(2)

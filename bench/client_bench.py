@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -24,10 +23,12 @@ import aiohttp
 import anyio
 import orjson
 
+from stream import benchruns
 from stream.broker import free_port
 from stream.catalog import Model
 from stream.config import ProviderSettings, Secret
 from stream.providers import ProviderClient
+from stream.simulator import simulate_command
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = Model(id="glm-4.6-syn", provider="synthetic", api_model="hf:zai-org/GLM-4.6", timeout_s=60)
@@ -42,20 +43,8 @@ def _messages(index: int) -> list[dict[str, str]]:
 
 async def _drive(call: Call, requests: int, concurrency: int) -> tuple[float, float]:
     """(wall seconds, CPU seconds) to run `requests` calls with `concurrency` in flight."""
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < requests:
-            index = next_index
-            next_index += 1
-            await call(index)
-
-    wall, cpu = time.perf_counter(), time.process_time()
-    async with anyio.create_task_group() as tg:
-        for _ in range(concurrency):
-            tg.start_soon(worker)
-    return time.perf_counter() - wall, time.process_time() - cpu
+    figures = await benchruns.drive(call, requests, concurrency)
+    return figures["done_at"] - figures["ready_at"], figures["cpu_s"]
 
 
 async def _bare(url: str, requests: int, concurrency: int) -> tuple[float, float]:
@@ -88,10 +77,8 @@ async def _client(url: str, requests: int, concurrency: int) -> tuple[float, flo
 
 
 def _start_simulator(port: int, latency: float) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "stream", "simulate", "--port", str(port)]
-    process = subprocess.Popen(
-        [*command, "--latency", str(latency), "--api-key", KEY], cwd=ROOT, stdout=subprocess.PIPE
-    )
+    command = simulate_command(port, latency, "--api-key", KEY)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE)
     assert process.stdout is not None
     process.stdout.readline()  # "simulator listening on …": it is ready
     return process

@@ -42,6 +42,7 @@ from stream.broker import LocalBroker, free_port
 from stream.config import Settings
 from stream.errors import StreamError
 from stream.kafka import admin_client
+from stream.simulator import simulate_command
 from stream.stages import Topics
 
 __all__ = ["main", "register"]
@@ -101,8 +102,7 @@ def _broker() -> Iterator[str]:
 def _simulator(latency: float) -> Iterator[str]:
     """The simulator in its own process, so it never shares a measured event loop."""
     port = free_port()
-    command = [sys.executable, "-m", "stream", "simulate", "--port", str(port)]
-    command += ["--latency", str(latency), "--api-key", _KEY]
+    command = simulate_command(port, latency, "--api-key", _KEY)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert process.stdout is not None

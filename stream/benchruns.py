@@ -189,7 +189,7 @@ async def _naive_loop(
 # -- bare HTTP: no Kafka -------------------------------------------------------------------
 
 
-async def _drive(call: Callable[[int], Awaitable[None]], requests: int, concurrency: int) -> Any:
+async def drive(call: Callable[[int], Awaitable[None]], requests: int, concurrency: int) -> Any:
     """Run `requests` calls with `concurrency` in flight; per-call latencies from the start."""
     next_index, latencies, clock = 0, [], _Clock()
 
@@ -222,7 +222,7 @@ async def _bare_http(settings: Settings, requests: int, concurrency: int) -> Fig
         async def call(index: int) -> None:
             await client.complete(model, messages(index))
 
-        figures: Figures = await _drive(call, requests, concurrency)
+        figures: Figures = await drive(call, requests, concurrency)
     return figures
 
 
@@ -243,7 +243,7 @@ async def _bare_aiohttp(settings: Settings, requests: int, concurrency: int) -> 
             if response.status != 200 or not data["choices"][0]["message"]["content"]:
                 raise RuntimeError(f"bare aiohttp call failed: HTTP {response.status}")
 
-        figures: Figures = await _drive(call, requests, concurrency)
+        figures: Figures = await drive(call, requests, concurrency)
     return figures
 
 

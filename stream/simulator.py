@@ -26,6 +26,7 @@ import re
 import signal
 import socket
 import struct
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from stream.errors import ConfigError
 
 __all__ = [
     "FAULT_HELP",
+    "simulate_command",
     "FaultPlan",
     "Latency",
     "SimConfig",
@@ -527,6 +529,13 @@ async def _reset_mid_body(request: web.Request) -> web.StreamResponse:
     await response.write(body)
     await asyncio.sleep(0.01)  # let the headers and the first bytes reach the client
     return _reset(request)
+
+
+def simulate_command(port: int, latency: object, *options: str) -> list[str]:
+    """The command line that runs `stream simulate` in its own process (benchmarks and the
+    chaos run keep it off the event loop they measure)."""
+    simulate = ["-m", "stream", "simulate", "--port", str(port), "--latency", str(latency)]
+    return [sys.executable, *simulate, *options]
 
 
 def register(commands: Any) -> None:

@@ -55,6 +55,7 @@ from stream.broker import LocalBroker, free_port
 from stream.config import Settings
 from stream.errors import BrokerError
 from stream.kafka import admin_client
+from stream.simulator import simulate_command
 from stream.stages import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,20 +200,9 @@ def _simulator(port: int, config: ChaosConfig, outage: tuple[float, float], log:
     faults = f"outage={outage[0]:.1f}-{outage[1]:.1f}:hf:*" if config.outage_s > 0 else ""
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "stream",
-                "simulate",
-                "--port",
-                str(port),
-                "--latency",
-                "uniform:0.05:0.3",
-                "--seed",
-                str(config.seed),
-                "--faults",
-                faults,
-            ],
+            simulate_command(
+                port, "uniform:0.05:0.3", "--seed", str(config.seed), "--faults", faults
+            ),
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
