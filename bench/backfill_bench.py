@@ -31,9 +31,9 @@ from aiokafka import AIOKafkaProducer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stream import topics
-from stream.broker import LocalBroker, free_port
 from stream.config import Settings
-from stream.simulator import simulate_command
+from stream.devtools.broker import LocalBroker, free_port
+from stream.devtools.simulator import simulate_command
 from tests.records import read_all
 
 

@@ -23,12 +23,12 @@ import aiohttp
 import anyio
 import orjson
 
-from stream import benchruns
-from stream.broker import free_port
 from stream.catalog import Model
 from stream.config import ProviderSettings, Secret
+from stream.devtools import benchruns
+from stream.devtools.broker import free_port
+from stream.devtools.simulator import simulate_command
 from stream.providers import ProviderClient
-from stream.simulator import simulate_command
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = Model(id="glm-4.6-syn", provider="synthetic", api_model="hf:zai-org/GLM-4.6", timeout_s=60)

@@ -32,9 +32,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stream.broker import LocalBroker, free_port
 from stream.config import EngineSettings, Settings
-from stream.engine import Engine, Output
+from stream.devtools.broker import LocalBroker, free_port
+from stream.engine.engine import Engine, Output
 from tests.enginekit import committed, create_topic, end_offsets, produce
 
 

@@ -28,17 +28,17 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 # parser to the `argparse` sub-parsers and sets `handler` (a `Handler`) as its default.
 COMMAND_MODULES: tuple[str, ...] = (
     "stream.worker",
-    "stream.demo",
-    "stream.simulator",
-    "stream.lag",
-    "stream.replay",
-    "stream.redrive",
-    "stream.bench",
+    "stream.devtools.demo",
+    "stream.devtools.simulator",
+    "stream.observe.lag",
+    "stream.backfill.replay",
+    "stream.backfill.redrive",
+    "stream.devtools.bench",
 )
 
 
 def _kafka(args: argparse.Namespace, settings: Settings) -> int:
-    from stream.broker import KAFKA_VERSION, LocalBroker, cache_dir
+    from stream.devtools.broker import KAFKA_VERSION, LocalBroker, cache_dir
 
     broker = LocalBroker(home=Path(args.home or cache_dir() / "broker"), port=args.port)
     if args.action == "start":

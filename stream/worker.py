@@ -22,12 +22,12 @@ import anyio.abc
 from stream import logs, topics
 from stream.catalog import Catalog, load_catalog
 from stream.config import Settings
-from stream.engine import Engine
+from stream.engine.engine import Engine
 from stream.errors import KafkaError
-from stream.health import Health, serve
 from stream.kafka import admin_client
-from stream.lag import LagMonitor
-from stream.metrics import Metrics
+from stream.observe.health import Health, serve
+from stream.observe.lag import LagMonitor
+from stream.observe.metrics import Metrics
 from stream.providers import ProviderClient
 from stream.stages import FallbackStage, PrimaryStage, Topics
 

@@ -51,11 +51,11 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream import topics
-from stream.broker import LocalBroker, free_port
 from stream.config import Settings
+from stream.devtools.broker import LocalBroker, free_port
+from stream.devtools.simulator import simulate_command
 from stream.errors import BrokerError
 from stream.kafka import admin_client
-from stream.simulator import simulate_command
 from stream.stages import Topics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,8 +17,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from stream.broker import LocalBroker, free_port
 from stream.config import Settings
+from stream.devtools.broker import LocalBroker, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 
 from stream.config import Settings
-from stream.engine import Engine, Output, run_until_signal
+from stream.engine.engine import Engine, Output, run_until_signal
 
 
 def main() -> None:

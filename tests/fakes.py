@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import anyio
 
-from stream.engine import EngineSnapshot, PartitionSnapshot
+from stream.engine.engine import EngineSnapshot, PartitionSnapshot
 
 __all__ = ["EngineSnapshot", "FakeEngine", "PartitionSnapshot"]
 

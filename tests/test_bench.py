@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from stream.bench import Options, _requests_for
+from stream.devtools.bench import Options, _requests_for
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.anyio

@@ -9,8 +9,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
 
-from stream.broker import LocalBroker
 from stream.config import Settings
+from stream.devtools.broker import LocalBroker
 from stream.errors import BrokerError, KafkaError
 from stream.kafka import admin_client
 

@@ -14,10 +14,10 @@ import pytest
 from aiokafka import TopicPartition
 
 from stream.config import EngineSettings, Settings
-from stream.engine import Engine, Output
-from stream.offsets import PartitionOffsets
-from stream.outputs import ExactlyOnceSink
-from stream.partitions import Partition
+from stream.engine.engine import Engine, Output
+from stream.engine.offsets import PartitionOffsets
+from stream.engine.outputs import ExactlyOnceSink
+from stream.engine.partitions import Partition
 from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]

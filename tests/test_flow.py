@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stream.config import Settings
-from stream.flow import Flow
-from stream.offsets import PartitionOffsets
-from stream.partitions import Partition
+from stream.engine.flow import Flow
+from stream.engine.offsets import PartitionOffsets
+from stream.engine.partitions import Partition
 
 
 class Record:

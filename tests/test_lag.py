@@ -11,11 +11,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
 from aiokafka.structs import OffsetAndMetadata
 
-from stream.broker import fetch_jars
 from stream.config import Settings
+from stream.devtools.broker import fetch_jars
 from stream.kafka import admin_client
-from stream.lag import GroupReading, LagMonitor, LagReader, LagRow, LagTracker, Status
-from stream.lagcli import render
+from stream.observe.lag import GroupReading, LagMonitor, LagReader, LagRow, LagTracker, Status
+from stream.observe.lagcli import render
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.anyio
@@ -314,8 +314,8 @@ async def test_monitor_caches_rows_and_reports_health(settings: Settings) -> Non
 
 
 async def test_monitor_survives_an_unreachable_cluster() -> None:
-    from stream.broker import free_port
     from stream.config import KafkaSettings
+    from stream.devtools.broker import free_port
 
     kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", request_timeout_ms=1000)
     monitor = LagMonitor(kafka, ["g"], interval_s=0.05)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stream.lagstatus import Sample, Status, Windows, evaluate, worst
+from stream.observe.lagstatus import Sample, Status, Windows, evaluate, worst
 
 OLD = 3600.0  # an unprocessed record older than any stall threshold
 

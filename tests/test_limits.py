@@ -19,8 +19,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from stream import topics
+from stream.devtools.simulator import Simulator
 from stream.kafka import admin_client
-from stream.simulator import Simulator
 from stream.worker import Worker
 from tests.conftest import eventually
 from tests.test_pipeline import request, terminal

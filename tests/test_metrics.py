@@ -17,10 +17,10 @@ from aiokafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.config import Settings
-from stream.health import Health, serve
-from stream.lag import LagMonitor
 from stream.logs import JsonFormatter
-from stream.metrics import MAX_LABEL_VALUES, Metrics
+from stream.observe.health import Health, serve
+from stream.observe.lag import LagMonitor
+from stream.observe.metrics import MAX_LABEL_VALUES, Metrics
 from tests.conftest import ROOT
 from tests.fakes import FakeEngine, PartitionSnapshot
 from tests.test_lag import commit, create_topic, live_member, produce
@@ -178,8 +178,8 @@ async def test_readyz_fails_until_partitions_are_assigned_and_kafka_answered(
 
 
 async def test_unreachable_kafka_keeps_readyz_failing_with_the_reason() -> None:
-    from stream.broker import free_port
     from stream.config import KafkaSettings
+    from stream.devtools.broker import free_port
 
     kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", request_timeout_ms=1000)
     monitor = LagMonitor(kafka, ["g"], interval_s=0.05)

@@ -7,7 +7,7 @@ import base64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.offsets import PartitionOffsets, decode_metadata, encode_metadata
+from stream.engine.offsets import PartitionOffsets, decode_metadata, encode_metadata
 
 
 @st.composite
@@ -129,7 +129,7 @@ def test_redelivered_records_are_skipped() -> None:
 
 
 def test_crafted_metadata_cannot_make_us_allocate_without_bound() -> None:
-    from stream.offsets import _varint
+    from stream.engine.offsets import _varint
 
     data = bytearray([1])
     _varint(100, data)  # the committed watermark

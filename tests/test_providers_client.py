@@ -15,9 +15,9 @@ import pytest
 
 from stream.catalog import Model
 from stream.config import ProviderSettings, Secret
+from stream.devtools.simulator import SimConfig, Simulator
 from stream.errors import CircuitOpenError, FatalProviderError, RetryableProviderError
 from stream.providers import Backoff, BreakerConfig, ProviderClient
-from stream.simulator import SimConfig, Simulator
 
 pytestmark = pytest.mark.anyio
 
@@ -384,7 +384,7 @@ async def test_the_served_model_name_is_reported() -> None:
 
 
 def _latency(seconds: float) -> Any:
-    from stream.simulator import Latency
+    from stream.devtools.simulator import Latency
 
     return Latency("fixed", seconds)
 

@@ -9,8 +9,8 @@ import orjson
 import pytest
 
 from stream import topics
+from stream.backfill.redrive import GROUP, REASONS, Redrive, RedriveOptions
 from stream.config import Settings
-from stream.redrive import GROUP, REASONS, Redrive, RedriveOptions
 from tests.conftest import run_cli
 from tests.records import Record, create_topics, produce, read_all
 

@@ -10,11 +10,11 @@ import anyio
 import orjson
 import pytest
 
+from stream.backfill.progress import parse_rate
+from stream.backfill.replay import PartitionReplay, Replay, ReplayOptions
+from stream.backfill.window import Span, parse_time
 from stream.config import Settings
 from stream.errors import ConfigError
-from stream.progress import parse_rate
-from stream.replay import PartitionReplay, Replay, ReplayOptions
-from stream.window import Span, parse_time
 from tests.conftest import run_cli
 from tests.records import Record, create_topics, produce, read_all
 

@@ -19,9 +19,9 @@ import pytest
 from stream import logs, topics
 from stream.catalog import Catalog, Model, load_catalog
 from stream.config import Settings
+from stream.devtools.simulator import SimConfig, Simulator
 from stream.errors import ProviderError
 from stream.providers import ProviderClient
-from stream.simulator import SimConfig, Simulator
 from stream.stages import Topics
 from stream.worker import Worker
 from tests.records import read_all

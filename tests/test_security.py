@@ -14,9 +14,9 @@ import trustme
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from cryptography.hazmat.primitives import serialization
 
-from stream.broker import LocalBroker, free_port
 from stream.config import Settings
-from stream.simulator import SimConfig, Simulator, parse_faults
+from stream.devtools.broker import LocalBroker, free_port
+from stream.devtools.simulator import SimConfig, Simulator, parse_faults
 from tests.conftest import run_cli
 from tests.test_pipeline import request, send, terminal
 

@@ -11,8 +11,7 @@ import anyio
 import openai
 import pytest
 
-from stream.errors import ConfigError
-from stream.simulator import (
+from stream.devtools.simulator import (
     FaultPlan,
     FaultRule,
     Latency,
@@ -22,6 +21,7 @@ from stream.simulator import (
     parse_faults,
     parse_latency,
 )
+from stream.errors import ConfigError
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.anyio
@@ -259,7 +259,7 @@ def test_latency_specs() -> None:
 async def test_the_cli_serves_and_documents_its_grammar(http: aiohttp.ClientSession) -> None:
     helped = await anyio.run_process([sys.executable, "-m", "stream", "simulate", "--help"])
     assert b"rate:P:KIND" in helped.stdout and b"[[sim:" in helped.stdout
-    from stream.broker import free_port
+    from stream.devtools.broker import free_port
 
     port = free_port()
     command = [sys.executable, "-m", "stream", "simulate", "--port", str(port), "--latency", "0"]

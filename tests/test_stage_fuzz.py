@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from stream.catalog import Model, load_catalog
 from stream.config import Secret, Settings
-from stream.engine import Output
+from stream.engine.engine import Output
 from stream.errors import RetryableProviderError
 from stream.providers import Completion
 from stream.stages import FallbackStage, PrimaryStage

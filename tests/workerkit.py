@@ -10,7 +10,7 @@ import anyio
 
 from stream import topics
 from stream.config import Settings
-from stream.simulator import Simulator
+from stream.devtools.simulator import Simulator
 from stream.worker import Worker
 from tests.conftest import eventually
 

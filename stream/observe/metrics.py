@@ -25,8 +25,8 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Enum, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from stream.lag import LagMonitor, nan_if_none
-from stream.lagstatus import Status
+from stream.observe.lag import LagMonitor, nan_if_none
+from stream.observe.lagstatus import Status
 
 __all__ = [
     "BREAKER_STATES",

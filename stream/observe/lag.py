@@ -14,8 +14,8 @@ DescribeGroups (classic protocol, which aiokafka uses); groups on Kafka's newer 
 protocol answer without members, and `members` is then None.
 
 `LagReader` does the Kafka I/O, `LagTracker` turns readings into rows with a status over a
-sliding window (`stream.lagstatus`), `LagMonitor` runs both in the background so a metrics
-scrape only copies a cached tuple. `register` adds `stream lag` (in `stream.lagcli`).
+sliding window (`stream.observe.lagstatus`), `LagMonitor` runs both in the background so a metrics
+scrape only copies a cached tuple. `register` adds `stream lag` (in `stream.observe.lagcli`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from anyio.abc import TaskStatus
 from stream.config import KafkaSettings
 from stream.errors import KafkaError
 from stream.kafka import admin_client, translate
-from stream.lagstatus import DEFAULT_STALL_AFTER_S, Sample, Status, Windows, evaluate
+from stream.observe.lagstatus import DEFAULT_STALL_AFTER_S, Sample, Status, Windows, evaluate
 
 __all__ = [
     "DEFAULT_GROUPS",
@@ -404,6 +404,6 @@ class LagMonitor:
 
 def register(commands: Any) -> None:
     """Add `stream lag` to the `stream` command's sub-parsers (the command is in lagcli)."""
-    from stream.lagcli import add_parser
+    from stream.observe.lagcli import add_parser
 
     add_parser(commands)

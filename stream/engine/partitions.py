@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, TypeAlias
 import anyio
 from aiokafka import ConsumerRecord, TopicPartition
 
-from stream.offsets import PartitionOffsets
+from stream.engine.offsets import PartitionOffsets
 
 __all__ = ["Partition", "PartitionSnapshot", "Record"]
 

@@ -26,8 +26,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream.catalog import Model, load_catalog
 from stream.config import Settings
-from stream.engine import Engine, Output
-from stream.partitions import Record
+from stream.engine.engine import Engine, Output
+from stream.engine.partitions import Record
 from stream.providers import ProviderClient
 from stream.stages import PrimaryStage, Topics
 from stream.worker import PRIMARY_GROUP, Worker, tune_gc

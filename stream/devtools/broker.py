@@ -1,7 +1,7 @@
 """A real single-node Apache Kafka broker (KRaft) for development, tests and the demo.
 
 No Docker engine and no OS package is assumed: the broker jars pinned in
-`data/kafka-pom.xml` are fetched from Maven Central with Maven once, cached under
+`stream/data/kafka-pom.xml` are fetched from Maven Central with Maven once, cached under
 `STREAM_CACHE_DIR` (default `~/.cache/prediction-stream`), and run with the local Java.
 """
 
@@ -23,7 +23,7 @@ from stream.errors import BrokerError
 
 __all__ = ["KAFKA_VERSION", "LocalBroker", "cache_dir", "fetch_jars", "free_port"]
 
-POM = Path(__file__).resolve().parent / "data" / "kafka-pom.xml"
+POM = Path(__file__).resolve().parent.parent / "data" / "kafka-pom.xml"
 KAFKA_VERSION = re.search(r"<kafka.version>([^<]+)<", POM.read_text()).group(1)  # type: ignore[union-attr]
 
 _SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required;"

@@ -29,8 +29,8 @@ from aiohttp import web
 from anyio.abc import TaskStatus
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from stream.lag import LagMonitor
-from stream.metrics import Metrics
+from stream.observe.lag import LagMonitor
+from stream.observe.metrics import Metrics
 
 __all__ = ["Health", "ReadyEngine", "serve"]
 

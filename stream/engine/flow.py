@@ -18,7 +18,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream.config import EngineSettings
-from stream.partitions import Partition, Record
+from stream.engine.partitions import Partition, Record
 
 __all__ = ["Flow"]
 

@@ -3,7 +3,7 @@
 LLM calls are slow, so throughput is concurrency over provider latency; what the product
 adds is Kafka and Python. The bench measures that on the real broker (a local one on a free
 port unless KAFKA_BOOTSTRAP_SERVERS is set) and the provider simulator (its own process),
-one run per process (`python -m stream.bench _run MODE`, see `stream.benchruns`):
+one run per process (`python -m stream.devtools.bench _run MODE`, see `stream.devtools.benchruns`):
 
     stream        the real worker          naive        one record at a time per partition
     bare_http     ProviderClient, no Kafka bare_aiohttp bare aiohttp, no Kafka
@@ -37,12 +37,12 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
 
-from stream import benchruns
-from stream.broker import LocalBroker, free_port
 from stream.config import Settings
+from stream.devtools import benchruns
+from stream.devtools.broker import LocalBroker, free_port
+from stream.devtools.simulator import simulate_command
 from stream.errors import StreamError
 from stream.kafka import admin_client
-from stream.simulator import simulate_command
 from stream.stages import Topics
 
 __all__ = ["main", "register"]
@@ -220,7 +220,15 @@ def _timeout_s(mode: str, requests: int, options: Options) -> float:
 
 
 async def _child(mode: str, requests: int, env: dict[str, str], timeout_s: float) -> Figures:
-    command = [sys.executable, "-m", "stream.bench", "_run", mode, "--requests", str(requests)]
+    command = [
+        sys.executable,
+        "-m",
+        "stream.devtools.bench",
+        "_run",
+        mode,
+        "--requests",
+        str(requests),
+    ]
     try:
         with anyio.fail_after(timeout_s):
             done = await anyio.run_process(command, env=env, check=False, stderr=sys.stderr)
@@ -391,8 +399,8 @@ def register(commands: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m stream.bench _run MODE --requests N`: one run, its figures as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m stream.bench")
+    """`python -m stream.devtools.bench _run MODE --requests N`: one run, its figures as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m stream.devtools.bench")
     parser.add_argument("action", choices=["_run"])
     parser.add_argument("mode", choices=benchruns.RUNS)
     parser.add_argument("--requests", type=int, required=True)

@@ -4,9 +4,9 @@
          └─ _commit_loop ── _commit ── sink.commit
 
 Hundreds of records of the same partitions run at once. What starts when, and which
-partitions pause (bounded memory, live before backfill): `stream.flow`. Offsets:
-`stream.offsets`; outputs and commits: `stream.outputs`; per-partition state:
-`stream.partitions`.
+partitions pause (bounded memory, live before backfill): `stream.engine.flow`. Offsets:
+`stream.engine.offsets`; outputs and commits: `stream.engine.outputs`; per-partition state:
+`stream.engine.partitions`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from anyio.abc import TaskGroup
 
 from stream.config import Settings
+from stream.engine.flow import Flow
+from stream.engine.offsets import PartitionOffsets, decode_metadata
+from stream.engine.outputs import AtLeastOnceSink, ExactlyOnceSink, Output, Sink
+from stream.engine.partitions import Partition, PartitionSnapshot, Record
 from stream.errors import KafkaError, OutputRejectedError
-from stream.flow import Flow
 from stream.kafka import translate
-from stream.offsets import PartitionOffsets, decode_metadata
-from stream.outputs import AtLeastOnceSink, ExactlyOnceSink, Output, Sink
-from stream.partitions import Partition, PartitionSnapshot, Record
 
 __all__ = [
     "MAX_OUTPUT_BYTES",

@@ -30,9 +30,9 @@ from aiokafka.errors import (
 )
 
 from stream.config import KafkaSettings
+from stream.engine.partitions import Partition
 from stream.errors import OutputRejectedError
 from stream.kafka import translate
-from stream.partitions import Partition
 
 __all__ = ["AtLeastOnceSink", "ExactlyOnceSink", "Output", "Sink"]
 

@@ -16,8 +16,8 @@ import anyio
 import orjson
 
 from stream.config import KafkaSettings, Settings
-from stream.lag import DEFAULT_GROUPS, GroupReading, LagReader, LagRow, LagTracker
-from stream.lagstatus import ATTENTION, DEFAULT_STALL_AFTER_S, worst
+from stream.observe.lag import DEFAULT_GROUPS, GroupReading, LagReader, LagRow, LagTracker
+from stream.observe.lagstatus import ATTENTION, DEFAULT_STALL_AFTER_S, worst
 
 __all__ = ["add_parser", "render"]
 

@@ -1,0 +1,1 @@
+"""Re-running history: replay a time window of requests, re-drive dead letters."""

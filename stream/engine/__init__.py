@@ -1,0 +1,27 @@
+"""The Kafka engine: fetch, flow control, offsets, outputs and rebalance. It knows Kafka and
+a handler `record → outputs`, nothing of LLMs; the pipeline plugs its stages in."""
+
+from __future__ import annotations
+
+from stream.engine.engine import (
+    MAX_OUTPUT_BYTES,
+    Engine,
+    EngineSnapshot,
+    ErrorHandler,
+    Handler,
+    run_until_signal,
+)
+from stream.engine.outputs import Output
+from stream.engine.partitions import PartitionSnapshot, Record
+
+__all__ = [
+    "MAX_OUTPUT_BYTES",
+    "Engine",
+    "EngineSnapshot",
+    "ErrorHandler",
+    "Handler",
+    "Output",
+    "PartitionSnapshot",
+    "Record",
+    "run_until_signal",
+]

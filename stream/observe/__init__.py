@@ -1,0 +1,1 @@
+"""What operators watch: consumer lag and its status, Prometheus metrics, health."""
