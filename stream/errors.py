@@ -21,6 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "EXIT_ATTENTION",
+    "EXIT_FAILED",
+    "EXIT_USAGE",
     "BrokerError",
     "CircuitOpenError",
     "ConfigError",
@@ -32,6 +35,13 @@ __all__ = [
     "StreamError",
     "TopicSpecError",
 ]
+
+
+# The `stream` command's exit codes: 0 done; 1 failed (one line on stderr says why and what
+# to do); 2 usage error; 3 something needs a person (topic drift, a stalled consumer group).
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ATTENTION = 3
 
 
 class StreamError(Exception):

@@ -18,11 +18,19 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.errors import KafkaError as AIOKafkaError
+from aiokafka.structs import TopicPartition
 
 from stream.config import KafkaSettings
-from stream.errors import KafkaError
+from stream.errors import ConfigError, KafkaError
 
-__all__ = ["admin_client", "consumer_client", "group_offsets", "producer_client", "translate"]
+__all__ = [
+    "admin_client",
+    "consumer_client",
+    "group_offsets",
+    "producer_client",
+    "topic_partitions",
+    "translate",
+]
 
 _COORDINATOR_TRIES = 12  # about 15 s of back-off in all
 
@@ -159,3 +167,26 @@ async def group_offsets(admin: Any, group: str, tps: list[Any]) -> dict[Any, Any
                 raise
             await anyio.sleep(0.1 * 2 ** min(attempt, 4))
     raise AssertionError("unreachable")
+
+
+async def topic_partitions(
+    kafka: KafkaSettings, topics: list[str]
+) -> dict[str, list[TopicPartition]]:
+    """Every partition of each topic, or a `ConfigError` that says how to create a missing
+    one. Asked of the admin API: a consumer only knows topics it has already fetched."""
+    async with admin_client(kafka, doing="reading topics") as admin:
+        try:
+            existing = set(await admin.list_topics())
+            for topic in topics:
+                if topic not in existing:
+                    raise ConfigError(
+                        f"topic {topic} does not exist: create the declared topics with "
+                        "`stream topics apply` (and check STREAM_TOPIC_PREFIX)"
+                    )
+            described = await admin.describe_topics(topics)
+        except AIOKafkaError as exc:
+            raise translate(exc, kafka, "reading topics") from exc
+    return {
+        d["topic"]: sorted(TopicPartition(d["topic"], p["partition"]) for p in d["partitions"])
+        for d in described
+    }

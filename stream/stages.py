@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from stream import records, topics
 from stream.catalog import Catalog, Model, get_fallback_provider
 from stream.config import Settings
-from stream.engine.engine import MAX_OUTPUT_BYTES, Output
+from stream.engine import MAX_OUTPUT_BYTES, Output
 from stream.errors import InvalidRecordError, ProviderError
 from stream.providers import Completion, ProviderClient
 from stream.records import Decoder, Request, SourceRecord

@@ -9,6 +9,9 @@ moves keys to other partitions, which breaks per-key ordering for in-flight work
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +24,10 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import Settings
-from stream.errors import KafkaError, TopicSpecError
+from stream.errors import EXIT_ATTENTION, KafkaError, TopicSpecError
 from stream.kafka import admin_client, translate
 
-__all__ = ["Change", "TopicSpec", "apply", "load_schema", "load_specs", "plan"]
+__all__ = ["Change", "TopicSpec", "apply", "load_schema", "load_specs", "plan", "register"]
 
 _DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
 _TOPIC_ALREADY_EXISTS = 36  # another apply won the race: the topic is there, as wanted
@@ -309,3 +312,38 @@ def _raise_for(errors: list[Any]) -> None:
             )
         if code and code != _TOPIC_ALREADY_EXISTS:
             raise KafkaError(f"creating topic {name} failed: {message or f'Kafka error {code}'}")
+
+
+def _topics(args: argparse.Namespace, settings: Settings) -> int:
+    changes = asyncio.run(plan(settings, add_partitions=args.add_partitions))
+    width = max(len(change.topic) for change in changes)
+    for change in changes:
+        print(f"{change.topic:<{width}}  {change.action:<6}  {'; '.join(change.details)}")
+    if not args.dry_run:
+        asyncio.run(apply(settings, changes))
+        done = sum(change.action in ("create", "update") for change in changes)
+        print(f"applied: {done} change{'s' if done != 1 else ''}")
+    else:
+        print("dry run: nothing changed")
+    drift = [change.topic for change in changes if not change.fixable]
+    if drift:
+        print(f"drift left for a person: {', '.join(drift)}", file=sys.stderr)
+        return EXIT_ATTENTION
+    return 0
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "topics",
+        help="make the cluster's topics match topics/",
+        description="Create missing topics and set declared configs. "
+        "Never deletes; reports drift it will not fix (exit 3).",
+    )
+    parser.add_argument("action", choices=["apply"])
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    parser.add_argument(
+        "--add-partitions",
+        action="store_true",
+        help="raise partition counts to the declared ones (moves keys)",
+    )
+    parser.set_defaults(handler=_topics)

@@ -26,10 +26,17 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.structs import TopicPartition
 
 from stream.backfill.progress import Progress, run_resumable
-from stream.backfill.window import Span, batches, parse_time, spans, topic_partitions
+from stream.backfill.window import Span, batches, parse_time, spans
 from stream.config import Settings
 from stream.errors import ConfigError
-from stream.kafka import admin_client, consumer_client, group_offsets, producer_client, translate
+from stream.kafka import (
+    admin_client,
+    consumer_client,
+    group_offsets,
+    producer_client,
+    topic_partitions,
+    translate,
+)
 
 __all__ = ["GROUP", "HOPELESS", "REASONS", "REDRIVEN_FROM", "Redrive", "RedriveOptions", "register"]
 

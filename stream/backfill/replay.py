@@ -24,10 +24,10 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.structs import TopicPartition
 
 from stream.backfill.progress import Pacer, Progress, parse_rate, run_resumable
-from stream.backfill.window import Span, batches, parse_time, spans, topic_partitions
+from stream.backfill.window import Span, batches, parse_time, spans
 from stream.config import Settings
 from stream.errors import ConfigError
-from stream.kafka import consumer_client, producer_client, translate
+from stream.kafka import consumer_client, producer_client, topic_partitions, translate
 
 __all__ = ["REPLAYED_FROM", "PartitionReplay", "Replay", "ReplayOptions", "register"]
 

@@ -12,14 +12,11 @@ from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.structs import TopicPartition
 
-from stream.config import KafkaSettings
 from stream.errors import ConfigError
-from stream.kafka import admin_client, translate
 
-__all__ = ["Span", "batches", "parse_time", "spans", "topic_partitions"]
+__all__ = ["Span", "batches", "parse_time", "spans"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _RELATIVE = re.compile(r"(?:\d+[smhdw])+")
@@ -60,29 +57,6 @@ def parse_time(text: str, *, option: str, now: datetime | None = None) -> int:
 
 def _millis(moment: datetime) -> int:
     return max(0, int(moment.timestamp() * 1000))
-
-
-async def topic_partitions(
-    kafka: KafkaSettings, topics: list[str]
-) -> dict[str, list[TopicPartition]]:
-    """Every partition of each topic, or a `ConfigError` that says how to create a missing
-    one. Asked of the admin API: a consumer only knows topics it has already fetched."""
-    async with admin_client(kafka, doing="reading topics") as admin:
-        try:
-            existing = set(await admin.list_topics())
-            for topic in topics:
-                if topic not in existing:
-                    raise ConfigError(
-                        f"topic {topic} does not exist: create the declared topics with "
-                        "`stream topics apply` (and check STREAM_TOPIC_PREFIX)"
-                    )
-            described = await admin.describe_topics(topics)
-        except AIOKafkaError as exc:
-            raise translate(exc, kafka, "reading topics") from exc
-    return {
-        d["topic"]: sorted(TopicPartition(d["topic"], p["partition"]) for p in d["partitions"])
-        for d in described
-    }
 
 
 async def spans(

@@ -7,6 +7,7 @@ No Docker engine and no OS package is assumed: the broker jars pinned in
 
 from __future__ import annotations
 
+import argparse
 import base64
 import os
 import re
@@ -18,10 +19,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from stream.errors import BrokerError
+from stream.config import Settings
+from stream.errors import EXIT_FAILED, BrokerError
 
-__all__ = ["KAFKA_VERSION", "LocalBroker", "cache_dir", "fetch_jars", "free_port"]
+__all__ = ["KAFKA_VERSION", "LocalBroker", "cache_dir", "fetch_jars", "free_port", "register"]
 
 POM = Path(__file__).resolve().parent.parent / "data" / "kafka-pom.xml"
 KAFKA_VERSION = re.search(r"<kafka.version>([^<]+)<", POM.read_text()).group(1)  # type: ignore[union-attr]
@@ -64,7 +67,7 @@ def fetch_jars(*, quiet: bool = False) -> Path:
         return libs
     mvn = _require("mvn", "once, to fetch the Kafka broker jars")
     if not quiet:
-        print(f"fetching Apache Kafka {KAFKA_VERSION} jars with Maven (once)…", flush=True)  # noqa: T201
+        print(f"fetching Apache Kafka {KAFKA_VERSION} jars with Maven (once)…", flush=True)
     staging = libs.with_name(f"libs.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     command = [
@@ -380,3 +383,37 @@ def _answers_metadata(bootstrap: str) -> bool:
             await admin.close()
 
     return asyncio.run(probe())
+
+
+def _kafka(args: argparse.Namespace, settings: Settings) -> int:
+    broker = LocalBroker(home=Path(args.home or cache_dir() / "broker"), port=args.port)
+    if args.action == "start":
+        already = broker.pid() is not None
+        broker.start()
+        state = "already running" if already else "started"
+        print(
+            f"Kafka {KAFKA_VERSION} {state} at {broker.bootstrap_servers} "
+            f"(pid {broker.pid()}, data in {broker.home})"
+        )
+    elif args.action == "stop":
+        print("Kafka stopped" if broker.stop() else "Kafka was not running")
+    else:
+        pid = broker.pid()
+        if pid is None:
+            print(f"Kafka is not running (home {broker.home})")
+            return EXIT_FAILED
+        print(f"Kafka {KAFKA_VERSION} running at {broker.bootstrap_servers} (pid {pid})")
+    return 0
+
+
+def register(commands: Any) -> None:
+    kafka = commands.add_parser(
+        "kafka",
+        help="start, stop or check the local Kafka broker",
+        description="A single-node KRaft broker on loopback, from the "
+        "pinned Apache Kafka jars (fetched with Maven once).",
+    )
+    kafka.add_argument("action", choices=["start", "stop", "status"])
+    kafka.add_argument("--port", type=int, default=9092, help="listener port (default 9092)")
+    kafka.add_argument("--home", help="state folder (default ~/.cache/prediction-stream/broker)")
+    kafka.set_defaults(handler=_kafka)

@@ -26,12 +26,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream import logs
 from stream import topics as topics_module
-from stream.backfill.window import topic_partitions
 from stream.config import Secret, Settings
 from stream.devtools.broker import LocalBroker, cache_dir
 from stream.devtools.simulator import SimConfig, Simulator, parse_faults, parse_latency
 from stream.errors import KafkaError
-from stream.kafka import admin_client
+from stream.kafka import admin_client, topic_partitions
 from stream.stages import Topics
 from stream.worker import Worker
 

@@ -4,14 +4,13 @@ a handler `record → outputs`, nothing of LLMs; the pipeline plugs its stages i
 from __future__ import annotations
 
 from stream.engine.engine import (
-    MAX_OUTPUT_BYTES,
     Engine,
     EngineSnapshot,
     ErrorHandler,
     Handler,
     run_until_signal,
 )
-from stream.engine.outputs import Output
+from stream.engine.outputs import MAX_OUTPUT_BYTES, Output
 from stream.engine.partitions import PartitionSnapshot, Record
 
 __all__ = [

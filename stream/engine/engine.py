@@ -25,13 +25,12 @@ from anyio.abc import TaskGroup
 from stream.config import Settings
 from stream.engine.flow import Flow
 from stream.engine.offsets import PartitionOffsets, decode_metadata
-from stream.engine.outputs import AtLeastOnceSink, ExactlyOnceSink, Output, Sink
+from stream.engine.outputs import MAX_OUTPUT_BYTES, AtLeastOnceSink, ExactlyOnceSink, Output, Sink
 from stream.engine.partitions import Partition, PartitionSnapshot, Record
 from stream.errors import KafkaError, OutputRejectedError
 from stream.kafka import translate
 
 __all__ = [
-    "MAX_OUTPUT_BYTES",
     "Engine",
     "EngineSnapshot",
     "ErrorHandler",
@@ -47,8 +46,6 @@ Handler = Callable[[Record], Awaitable[Sequence[Output]]]
 ErrorHandler = Callable[[Record, BaseException], Sequence[Output]]
 
 _POLL_TIMEOUT_MS = 100
-# The largest record the engine writes: topics/dead-letter.toml's max.message.bytes.
-MAX_OUTPUT_BYTES = 2 * 1024 * 1024
 _CLOSE_TIMEOUT_S = 10.0
 
 

@@ -34,10 +34,12 @@ from stream.engine.partitions import Partition
 from stream.errors import OutputRejectedError
 from stream.kafka import translate
 
-__all__ = ["AtLeastOnceSink", "ExactlyOnceSink", "Output", "Sink"]
+__all__ = ["MAX_OUTPUT_BYTES", "AtLeastOnceSink", "ExactlyOnceSink", "Output", "Sink"]
 
 log = logging.getLogger(__name__)
 
+# The largest record the engine writes: topics/dead-letter.toml's max.message.bytes.
+MAX_OUTPUT_BYTES = 2 * 1024 * 1024
 _BACKOFF_MAX_S = 5.0
 _TOO_LARGE_TRIES = 3
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)

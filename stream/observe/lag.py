@@ -15,7 +15,7 @@ protocol answer without members, and `members` is then None.
 
 `LagReader` does the Kafka I/O, `LagTracker` turns readings into rows with a status over a
 sliding window (`stream.observe.lagstatus`), `LagMonitor` runs both in the background so a metrics
-scrape only copies a cached tuple. `register` adds `stream lag` (in `stream.observe.lagcli`).
+scrape only copies a cached tuple. `stream lag` itself is `stream.observe.lagcli`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ __all__ = [
     "PartitionReading",
     "Status",
     "nan_if_none",
-    "register",
 ]
 
 log = logging.getLogger(__name__)
@@ -400,10 +399,3 @@ class LagMonitor:
             f"<LagMonitor groups={list(self.groups)} rows={len(self._rows)} "
             f"rounds={self.rounds} errors={self.errors}>"
         )
-
-
-def register(commands: Any) -> None:
-    """Add `stream lag` to the `stream` command's sub-parsers (the command is in lagcli)."""
-    from stream.observe.lagcli import add_parser
-
-    add_parser(commands)

@@ -16,13 +16,14 @@ import anyio
 import orjson
 
 from stream.config import KafkaSettings, Settings
+from stream.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_USAGE
 from stream.observe.lag import DEFAULT_GROUPS, GroupReading, LagReader, LagRow, LagTracker
 from stream.observe.lagstatus import ATTENTION, DEFAULT_STALL_AFTER_S, worst
 
-__all__ = ["add_parser", "render"]
+__all__ = ["register", "render"]
 
 
-def add_parser(commands: Any) -> None:
+def register(commands: Any) -> None:
     """Add `stream lag` to the `stream` command's sub-parsers."""
     parser = commands.add_parser(
         "lag",
@@ -59,11 +60,9 @@ def add_parser(commands: Any) -> None:
 
 
 def _command(args: argparse.Namespace, settings: Settings) -> int:
-    from stream.cli import EXIT_ATTENTION, EXIT_FAILED
-
     if args.samples < 2 or args.interval <= 0:
         _err("stream lag: --samples must be at least 2 and --interval above 0")
-        return 2
+        return EXIT_USAGE
     groups = args.groups or [settings.group(name) for name in DEFAULT_GROUPS]
     rows: list[LagRow] = []
     latest: list[GroupReading] = []
