@@ -21,7 +21,8 @@ import pytest
 
 from stream import topics
 from stream.config import Secret, Settings
-from stream.devtools.simulator import SimConfig, Simulator, parse_faults
+from stream.devtools.faults import parse_faults
+from stream.devtools.simulator import SimConfig, Simulator
 from stream.stages import Topics
 from stream.worker import Worker
 from tests.conftest import eventually, run_cli

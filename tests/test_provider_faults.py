@@ -15,7 +15,8 @@ import time
 import pytest
 
 from stream import records
-from stream.devtools.simulator import SimConfig, Simulator, parse_faults
+from stream.devtools.faults import parse_faults
+from stream.devtools.simulator import SimConfig, Simulator
 from tests.conftest import eventually
 from tests.test_pipeline import request, send, terminal
 from tests.workerkit import Peaks, running_worker, simulated_settings

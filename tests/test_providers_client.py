@@ -384,7 +384,7 @@ async def test_the_served_model_name_is_reported() -> None:
 
 
 def _latency(seconds: float) -> Any:
-    from stream.devtools.simulator import Latency
+    from stream.devtools.faults import Latency
 
     return Latency("fixed", seconds)
 

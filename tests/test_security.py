@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import serialization
 
 from stream.config import Settings
 from stream.devtools.broker import LocalBroker, free_port
-from stream.devtools.simulator import SimConfig, Simulator, parse_faults
+from stream.devtools.faults import parse_faults
+from stream.devtools.simulator import SimConfig, Simulator
 from tests.conftest import run_cli
 from tests.test_pipeline import request, send, terminal
 

@@ -11,16 +11,15 @@ import anyio
 import openai
 import pytest
 
-from stream.devtools.simulator import (
+from stream.devtools.faults import (
     FaultPlan,
     FaultRule,
     Latency,
     Outage,
-    SimConfig,
-    Simulator,
     parse_faults,
     parse_latency,
 )
+from stream.devtools.simulator import SimConfig, Simulator
 from stream.errors import ConfigError
 from tests.conftest import ROOT
 

@@ -28,7 +28,8 @@ from stream import logs
 from stream import topics as topics_module
 from stream.config import Secret, Settings
 from stream.devtools.broker import LocalBroker, cache_dir
-from stream.devtools.simulator import SimConfig, Simulator, parse_faults, parse_latency
+from stream.devtools.faults import parse_faults, parse_latency
+from stream.devtools.simulator import SimConfig, Simulator
 from stream.errors import KafkaError
 from stream.kafka import admin_client, topic_partitions
 from stream.stages import Topics
