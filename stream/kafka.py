@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.structs import TopicPartition
 
@@ -66,6 +66,11 @@ def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaE
             "(start a local one with `stream kafka start`, or set KAFKA_BOOTSTRAP_SERVERS)"
         )
     name = type(exc).__name__
+    if isinstance(exc, UnknownTopicOrPartitionError):
+        return KafkaError(
+            f"a topic is missing on {where} while {doing}: create the declared topics with "
+            "`stream topics apply` (and check STREAM_TOPIC_PREFIX)"
+        )
     if "Authorization" in name:
         return KafkaError(
             f"Kafka at {where} did not allow {doing} ({name}): grant this user ACLs on the "
