@@ -28,6 +28,8 @@ __all__ = [
     "consumer_client",
     "group_offsets",
     "producer_client",
+    "start_client",
+    "stop_client",
     "topic_partitions",
     "translate",
 ]
@@ -114,19 +116,32 @@ def _accepts_tcp(bootstrap: str) -> bool:
         return False
 
 
+async def start_client(
+    client: Any, settings: KafkaSettings, doing: str, *, timeout_s: float | None = None
+) -> None:
+    """Start an aiokafka client (consumer, producer or admin). When it cannot start, stop
+    it (its sockets and tasks are already open) and raise our `KafkaError`, which says what
+    we were `doing`. With `timeout_s`, a start that hangs fails too."""
+    try:
+        with anyio.fail_after(timeout_s):
+            await client.start()
+    except (AIOKafkaError, OSError, TimeoutError) as exc:
+        await stop_client(client)
+        raise translate(exc, settings, doing) from exc
+
+
+async def stop_client(client: Any) -> None:
+    """Stop (or, for an admin client, close) an aiokafka client."""
+    stop = client.close if isinstance(client, AIOKafkaAdminClient) else client.stop
+    await stop()
+
+
 @asynccontextmanager
 async def admin_client(settings: KafkaSettings, *, doing: str) -> AsyncIterator[Any]:
     """A started `AIOKafkaAdminClient`; failures to connect become our `KafkaError`."""
     admin = AIOKafkaAdminClient(**settings.client_options())
-    try:
-        await admin.start()
-    except (AIOKafkaError, OSError) as exc:
-        await admin.close()
-        raise translate(exc, settings, doing) from exc
-    try:
+    async with _started(admin, settings, doing):
         yield admin
-    finally:
-        await admin.close()
 
 
 @asynccontextmanager
@@ -149,15 +164,11 @@ async def producer_client(settings: KafkaSettings, *, doing: str) -> AsyncIterat
 
 @asynccontextmanager
 async def _started(client: Any, settings: KafkaSettings, doing: str) -> AsyncIterator[None]:
-    try:
-        await client.start()
-    except (AIOKafkaError, OSError) as exc:
-        await client.stop()
-        raise translate(exc, settings, doing) from exc
+    await start_client(client, settings, doing)
     try:
         yield
     finally:
-        await client.stop()
+        await stop_client(client)
 
 
 async def group_offsets(admin: Any, group: str, tps: list[Any]) -> dict[Any, Any]:

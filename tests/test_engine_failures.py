@@ -176,7 +176,7 @@ async def test_at_least_once_stops_on_an_error_retrying_cannot_fix(settings: Set
         handler=handler,
         on_error=_fail_on_error,
     )
-    with anyio.fail_after(60), pytest.raises(BaseExceptionGroup) as failed:
+    with anyio.fail_after(120), pytest.raises(BaseExceptionGroup) as failed:
         await engine.run()
     assert failed.group_contains(KafkaError, match="a topic is missing")
 

@@ -35,7 +35,7 @@ from stream.engine.outputs import (
 from stream.engine.partitions import Partition, PartitionSnapshot, Record
 from stream.engine.rebalance import Listener, Rebalancer, seek
 from stream.errors import KafkaError, OutputRejectedError
-from stream.kafka import translate
+from stream.kafka import start_client, translate
 
 __all__ = [
     "Engine",
@@ -247,10 +247,10 @@ class Engine:
         await sink.start()
         consumer.subscribe(self._topics, listener=listener)
         try:
-            await consumer.start()
-        except (AIOKafkaError, OSError) as exc:
+            await start_client(consumer, self._settings.kafka, "starting the consumer")
+        except KafkaError:
             await sink.stop()
-            raise translate(exc, self._settings.kafka, "starting the consumer") from exc
+            raise
 
     def _assigned(self) -> None:
         self._flow.update(self._consumer)

@@ -37,7 +37,7 @@ from aiokafka.errors import (
 from stream.config import CLOSE_RESERVE_S, KafkaSettings
 from stream.engine.partitions import Partition
 from stream.errors import KafkaError, OutputRejectedError
-from stream.kafka import translate
+from stream.kafka import start_client, translate
 
 __all__ = [
     "CLOSE_TIMEOUT_S",
@@ -165,20 +165,15 @@ class AtLeastOnceSink:
             log.warning("renewing the output producer after %s", why)
             fresh = self._new_producer()
             try:
-                await fresh.start()
-            except (AIOKafkaError, OSError):
-                await fresh.stop()
+                await start_client(fresh, self._settings, "renewing the producer")
+            except KafkaError:
                 return  # Kafka is away: the writers' retries try again
             self._producer = fresh
         with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await failed.stop()  # its pending sends fail, and their writers retry
 
     async def start(self) -> None:
-        try:
-            await self._producer.start()
-        except (AIOKafkaError, OSError) as exc:
-            await self._producer.stop()
-            raise translate(exc, self._settings, "starting the producer") from exc
+        await start_client(self._producer, self._settings, "starting the producer")
 
     async def stop(self) -> None:
         with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
@@ -318,14 +313,14 @@ class ExactlyOnceSink:
             **self._options,
         )
         started = time.monotonic()
-        try:
-            # init_transactions: bumps the epoch, aborts the old owner's open transaction.
-            # Bounded: this runs inside a rebalance callback, which must end.
-            with anyio.fail_after(self._settings.request_timeout_ms / 1000):
-                await producer.start()
-        except (AIOKafkaError, OSError, TimeoutError) as exc:
-            await producer.stop()
-            raise translate(exc, self._settings, f"starting the producer for {tp}") from exc
+        # init_transactions: bumps the epoch, aborts the old owner's open transaction.
+        # Bounded: this runs inside a rebalance callback, which must end.
+        await start_client(
+            producer,
+            self._settings,
+            f"starting the producer for {tp}",
+            timeout_s=self._settings.request_timeout_ms / 1000,
+        )
         log.debug("transactional producer for %s ready in %.3f s", tp, time.monotonic() - started)
         self._producers[tp] = _Transactional(producer)
 

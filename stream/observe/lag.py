@@ -36,7 +36,7 @@ from anyio.abc import TaskStatus
 
 from stream.config import KafkaSettings
 from stream.errors import KafkaError
-from stream.kafka import admin_client, translate
+from stream.kafka import admin_client, start_client, translate
 from stream.observe.lagstatus import DEFAULT_STALL_AFTER_S, Sample, Status, Windows, evaluate
 
 __all__ = [
@@ -121,11 +121,10 @@ class LagReader:
             **self._settings.client_options(),
         )
         try:
-            await consumer.start()
-        except (AIOKafkaError, OSError) as exc:
-            await consumer.stop()
+            await start_client(consumer, self._settings, "reading consumer lag")
+        except KafkaError:
             await self._stack.aclose()
-            raise translate(exc, self._settings, "reading consumer lag") from exc
+            raise
         self._consumer = consumer
         self._stack.push_async_callback(consumer.stop)
         return self
