@@ -25,6 +25,7 @@ __all__ = [
     "ProviderSettings",
     "Secret",
     "Settings",
+    "check_instance_id",
 ]
 
 T = TypeVar("T")
@@ -119,14 +120,16 @@ class EngineSettings:
     max_in_flight_per_partition: int = 500
     ordering: Ordering = "unordered"
     commit_interval_s: float = 1.0
-    shutdown_grace_s: float = 30.0
-    # On a rebalance, in-flight calls get this long to finish before they are abandoned
-    # (and paid for again by the partition's next owner): long, for reasoning models.
-    revoke_grace_s: float = 60.0
+    # How long SIGTERM lets running calls finish. None: as long as the catalog's longest
+    # model timeout (no call can run longer); the worker works it out (`drain_grace_s`).
+    shutdown_grace_s: float | None = None
     # LLM calls take minutes: a consumer must not be kicked out of its group for that.
     max_poll_interval_ms: int = 600_000
     rebalance_timeout_ms: int = 120_000
     session_timeout_ms: int = 45_000
+    # Static membership (Kafka's group.instance.id): a restart with the same id keeps the
+    # partitions without a rebalance. None: dynamic membership.
+    instance_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,17 +182,11 @@ class Settings:
             ),
             ordering=source.choice("STREAM_ORDERING", ("unordered", "key"), "unordered"),  # type: ignore[arg-type]
             commit_interval_s=source.number("STREAM_COMMIT_INTERVAL_S", 1.0, low=0.01),
-            shutdown_grace_s=source.number("STREAM_SHUTDOWN_GRACE_S", 30.0, low=0.0),
-            # unset, it follows the rebalance timeout down (half of what is left after the
-            # close reserve, at most 60 s), so lowering only the timeout keeps a valid pair
-            revoke_grace_s=source.number(
-                "STREAM_REVOKE_GRACE_S",
-                min(60.0, max(0.0, rebalance_timeout_ms / 1000 - CLOSE_RESERVE_S) / 2),
-                low=0.0,
-            ),
+            shutdown_grace_s=source.optional_number("STREAM_SHUTDOWN_GRACE_S", low=0.0),
             max_poll_interval_ms=source.integer("STREAM_MAX_POLL_INTERVAL_MS", 600_000, low=1),
             rebalance_timeout_ms=rebalance_timeout_ms,
             session_timeout_ms=source.integer("STREAM_SESSION_TIMEOUT_MS", 45_000, low=1),
+            instance_id=_instance_id(source),
         )
         settings = cls(
             kafka=_kafka_settings(source),
@@ -227,12 +224,10 @@ class Settings:
             )
         if engine.session_timeout_ms >= engine.rebalance_timeout_ms:
             raise ConfigError("STREAM_SESSION_TIMEOUT_MS must be below STREAM_REBALANCE_TIMEOUT_MS")
-        if (engine.revoke_grace_s + CLOSE_RESERVE_S) * 1000 >= engine.rebalance_timeout_ms:
+        if CLOSE_RESERVE_S * 1000 >= engine.rebalance_timeout_ms:
             raise ConfigError(
-                f"STREAM_REVOKE_GRACE_S ({engine.revoke_grace_s:g} s) plus {CLOSE_RESERVE_S:g} s "
-                "to close must be shorter than STREAM_REBALANCE_TIMEOUT_MS "
-                f"({engine.rebalance_timeout_ms} ms), or the group gives up on this worker "
-                "while it drains: lower the grace or raise the timeout"
+                f"STREAM_REBALANCE_TIMEOUT_MS ({engine.rebalance_timeout_ms} ms) must be over "
+                f"{CLOSE_RESERVE_S:g} s: a revoke commits and closes within it"
             )
         kafka = self.kafka
         if kafka.security_protocol.startswith("SASL_") and not (
@@ -278,6 +273,30 @@ def _kafka_settings(source: _Source) -> KafkaSettings:
         ssl_keyfile=source.text("STREAM_KAFKA_SSL_KEYFILE", "") or None,
         client_id=source.text("STREAM_KAFKA_CLIENT_ID", "prediction-stream"),
     )
+
+
+# Kafka's rules for a group.instance.id (the same as for a topic name). Each engine appends
+# "-<stage>" to it (up to 9 characters), and Kafka takes 249: this leaves room.
+_INSTANCE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+INSTANCE_ID_MAX = 240
+
+
+def _instance_id(source: _Source) -> str | None:
+    return check_instance_id(source.text("STREAM_INSTANCE_ID", ""), "STREAM_INSTANCE_ID")
+
+
+def check_instance_id(value: str, name: str) -> str | None:
+    """`value` as a group instance id (None when empty); a `ConfigError` naming `name`
+    (the variable or option it came from) when Kafka would refuse it."""
+    if not value:
+        return None
+    if value in (".", "..") or len(value) > INSTANCE_ID_MAX or set(value) - _INSTANCE_ID_CHARS:
+        raise ConfigError(
+            f"{name} {value[:60]!r} is not a valid Kafka group instance id: use "
+            f"up to {INSTANCE_ID_MAX} letters, digits, '.', '_' or '-' (not '.' or '..'), "
+            "e.g. the pod name of a StatefulSet"
+        )
+    return value
 
 
 def _provider_settings(source: _Source, name: str, base_url: str) -> ProviderSettings:
@@ -365,6 +384,13 @@ class _Source:
         if not value >= low:
             raise ConfigError(f"{name} must be at least {low} (got {value})")
         return value
+
+    def optional_number(self, name: str, *, low: float) -> float | None:
+        """A number at least `low`, or None when the variable is unset (or empty)."""
+        if not self.env.get(name, "").strip():
+            self.asked.add(name)
+            return None
+        return self.number(name, low, low=low)
 
     def boolean(self, name: str, default: bool) -> bool:
         truth = {

@@ -30,7 +30,14 @@ def test_defaults_are_sane() -> None:
             "STREAM_MAX_IN_FLIGHT_PER_PARTITION",
         ),
         ({"STREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "STREAM_KAFKA_SASL_MECHANISM"),
-        ({"STREAM_REVOKE_GRACE_S": "300"}, "STREAM_REBALANCE_TIMEOUT_MS"),
+        (
+            {"STREAM_REBALANCE_TIMEOUT_MS": "5000", "STREAM_SESSION_TIMEOUT_MS": "1000"},
+            "STREAM_REBALANCE_TIMEOUT_MS",
+        ),
+        ({"STREAM_INSTANCE_ID": "worker 1"}, "STREAM_INSTANCE_ID"),
+        ({"STREAM_INSTANCE_ID": "w" * 241}, "STREAM_INSTANCE_ID"),
+        ({"STREAM_INSTANCE_ID": ".."}, "STREAM_INSTANCE_ID"),
+        ({"STREAM_SHUTDOWN_GRACE_S": "-1"}, "STREAM_SHUTDOWN_GRACE_S"),
         ({"TOGETHER_API_KEY": "a", "TOGETHER_API_KEY_FILE": "/x"}, "TOGETHER_API_KEY_FILE"),
         ({"TOGETHER_API_KEY_FILE": "/nonexistent/key"}, "TOGETHER_API_KEY_FILE"),
         ({"STREAM_CATALOG_FILE": "/nonexistent.toml"}, "STREAM_CATALOG_FILE"),
@@ -95,18 +102,13 @@ def test_a_max_request_size_the_fallback_topic_cannot_hold_is_refused() -> None:
     assert Settings.from_env({"STREAM_MAX_REQUEST_BYTES": "1000000"}).max_request_bytes == 1_000_000
 
 
-def test_revoke_grace_follows_a_lowered_rebalance_timeout() -> None:
-    short = {"STREAM_REBALANCE_TIMEOUT_MS": "20000", "STREAM_SESSION_TIMEOUT_MS": "6000"}
-    # half of what the timeout leaves after the 10 s kept for closing
-    assert Settings.from_env(short).engine.revoke_grace_s == 5.0
-    assert Settings.from_env({}).engine.revoke_grace_s == 55.0
-    explicit = Settings.from_env({**short, "STREAM_REVOKE_GRACE_S": "8"})
-    assert explicit.engine.revoke_grace_s == 8.0
-
-
-def test_a_revoke_grace_that_leaves_no_time_to_close_is_refused() -> None:
-    # 15 s of grace fits in a 20 s rebalance timeout, but closing the partitions' producers
-    # afterwards takes up to 10 s more: the group would drop the worker while it closes.
-    short = {"STREAM_REBALANCE_TIMEOUT_MS": "20000", "STREAM_SESSION_TIMEOUT_MS": "6000"}
-    with pytest.raises(ConfigError, match="to close"):
-        Settings.from_env({**short, "STREAM_REVOKE_GRACE_S": "15"})
+def test_instance_id_and_shutdown_grace_are_unset_unless_given() -> None:
+    plain = Settings.from_env({})
+    assert (plain.engine.instance_id, plain.engine.shutdown_grace_s) == (None, None)
+    given = Settings.from_env(
+        {"STREAM_INSTANCE_ID": "predictions-0", "STREAM_SHUTDOWN_GRACE_S": "45"}
+    )
+    assert (given.engine.instance_id, given.engine.shutdown_grace_s) == ("predictions-0", 45.0)
+    # the longest id Kafka takes once an engine appends "-fallback"
+    longest = "a" * 240
+    assert Settings.from_env({"STREAM_INSTANCE_ID": longest}).engine.instance_id == longest

@@ -157,6 +157,11 @@ class PartitionOffsets:
         return self._watermark
 
     @property
+    def next_offset(self) -> int:
+        """One past the highest offset seen: where fetching continues (-1: unknown)."""
+        return self._high
+
+    @property
     def pending(self) -> int:
         """Accepted records not finished yet (in flight or waiting to start)."""
         return len(self._seen) - len(self._done)
