@@ -6,21 +6,27 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import signal
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from aiokafka import TopicPartition
 
+from stream import topics
 from stream.config import EngineSettings, KafkaSettings, Settings
+from stream.devtools.simulator import SimConfig, Simulator
 from stream.engine.engine import Engine, Output
 from stream.engine.membership import Membership
 from stream.engine.rebalance import Listener, Rebalancer
 from stream.errors import FencedError, KafkaError
 from tests.conftest import eventually
 from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
+from tests.test_pipeline import request, send, terminal
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -257,3 +263,86 @@ def test_a_member_of_the_same_instance_id_is_told_apart_from_others() -> None:
     assert not membership._is_other_us("w0-primary-x-20c08e2e-1035-4ed9-b949-75c01ac2c2f9")
     assert not membership._is_other_us("w0-20c08e2e-1035-4ed9-b949-75c01ac2c2f9")
     assert not membership._is_other_us("prediction-stream-20c08e2e-1035-4ed9-b949-75c01ac2c2f9")
+
+
+# -- the worker process: `stream run primary --instance-id` ------------------------------
+
+
+async def test_a_static_worker_comes_back_after_sigkill_and_a_second_one_with_its_id_fences_it(
+    settings: Settings, env: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGKILLed, a worker restarted with its instance id is back at once (not after its
+    old session, 2 minutes here, times out). A second process started with the same id
+    takes over; the first exits with one line saying so, instead of both flapping."""
+    await topics.apply(settings, await topics.plan(settings))
+    async with Simulator(SimConfig()) as sim:
+        worker_env = {
+            **env,
+            "SYNTHETIC_BASE_URL": sim.url,
+            "SYNTHETIC_API_KEY": "sim",
+            "STREAM_SESSION_TIMEOUT_MS": "120000",
+            "STREAM_REBALANCE_TIMEOUT_MS": "180000",
+        }
+        workers = _Workers(worker_env, tmp_path)
+        try:
+            first = await workers.start("first")
+            await _answered_requests(settings, 1)
+            await eventually(_committed_requests(settings, 1))  # else the next one re-runs it
+            first.kill()
+            await first.wait()
+            second = await workers.start("second")
+            with anyio.fail_after(60):  # far less than the dead member's session
+                await _answered_requests(settings, 2)
+            third = await workers.start("third")
+            with anyio.fail_after(60):
+                assert await second.wait() == 1
+            await _answered_requests(settings, 3)  # the newer one works on
+            third.send_signal(signal.SIGTERM)
+            with anyio.fail_after(60):
+                assert await third.wait() == 0
+        finally:
+            workers.kill_all()
+    last = workers.stderr("second").strip().splitlines()[-1]
+    assert last.startswith("stream: error: another process joined group"), last
+    assert "instance id w-0-primary" in last and "STREAM_INSTANCE_ID" in last
+    assert "Traceback" not in workers.stderr("second")
+
+
+class _Workers:
+    def __init__(self, env: dict[str, str], folder: Path) -> None:
+        self._env = env
+        self._folder = folder
+        self._processes: list[Any] = []
+
+    async def start(self, name: str) -> Any:
+        with (self._folder / f"{name}.log").open("wb") as stderr:
+            process = await anyio.open_process(
+                [sys.executable, "-m", "stream", "run", "primary", "--instance-id", "w-0"],
+                env=self._env,
+                stderr=stderr,
+            )
+        self._processes.append(process)
+        return process
+
+    def stderr(self, name: str) -> str:
+        return (self._folder / f"{name}.log").read_text()
+
+    def kill_all(self) -> None:
+        for process in self._processes:
+            if process.returncode is None:
+                process.kill()
+
+
+def _committed_requests(settings: Settings, count: int) -> Any:
+    async def check() -> bool:
+        group, topic = settings.group("predictions-primary"), settings.topic("predictions.requests")
+        return sum(o for o, _ in (await committed(settings, group, topic)).values()) >= count
+
+    return check
+
+
+async def _answered_requests(settings: Settings, count: int) -> None:
+    """Send request number `count` and wait for its terminal record."""
+    rid = f"static-{count}"
+    await send(settings, [(rid, request(rid, "deepseek-v3-0324-syn"))])
+    await terminal(settings, count)

@@ -95,7 +95,7 @@ class Membership:
         for group in response.to_object()["groups"]:
             for member in group["members"]:
                 if self._is_other_us(member["member_id"]):
-                    return f"{member['client_host'].lstrip('/')} ({member['member_id']})"
+                    return f"{member['client_host'].lstrip('/')} as {member['member_id']}"
         return None
 
     def _is_other_us(self, member_id: str) -> bool:
@@ -112,8 +112,9 @@ class Membership:
         self.fenced = True
         return FencedError(
             f"another process joined group {self.group_id} with instance id "
-            f"{self.instance_id} (member on {holder}), so this one stops: give every "
-            "worker its own STREAM_INSTANCE_ID (e.g. its pod name), or stop the other"
+            f"{self.instance_id} (from {holder}) and took over its partitions, so this one "
+            "stops: give every worker its own STREAM_INSTANCE_ID (e.g. its pod name), or "
+            "stop the other"
         )
 
     async def explain(self, error: StreamError) -> StreamError:
