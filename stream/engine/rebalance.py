@@ -138,8 +138,9 @@ class Rebalancer:
                 log.warning("commit on revoke ran out of time; the next owner re-runs the rest")
         except KafkaError as exc:
             log.warning("commit on revoke failed; the next owner re-runs from the last: %s", exc)
-        running = sum(p.in_flight for p in leaving)
-        log.info("%d partitions on probation, %d records running on them", len(leaving), running)
+        if leaving:
+            running = sum(p.in_flight for p in leaving)
+            log.info("%d partitions on probation, %d records running", len(leaving), running)
 
     async def _writes_landed(self, leaving: list[Partition], deadline: float) -> None:
         """Let writes of outputs already under way finish before the commit: one that
