@@ -6,6 +6,7 @@ It answers for any model name, under `/v1/...` and `/openai/v1/...`:
     GET  /v1/models                 the models it has been asked for (plus a few defaults)
     POST /v1/chat/completions       a realistic chat completion (or an injected fault)
     GET  /sim/stats                 counters as JSON: requests per model, per outcome
+    GET  /sim/calls                 every call's start and end (with `--trace`)
     POST /sim/reset                 zero the counters
 
 The fault grammar (`--faults`, `--latency`) is `stream.devtools.faults`.
@@ -28,7 +29,7 @@ import socket
 import struct
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -44,6 +45,7 @@ from stream.devtools.faults import (
     parse_faults,
     parse_latency,
 )
+from stream.devtools.simstats import SimStats, prompt_key
 
 __all__ = ["SimConfig", "Simulator", "register", "simulate_command"]
 
@@ -73,42 +75,7 @@ class SimConfig:
     # When set, requests must carry `Authorization: Bearer <api_key>` (else a 401 that
     # echoes the key presented, as some providers do).
     api_key: str | None = None
-
-
-class _Stats:
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.requests = 0
-        self.by_model: Counter[str] = Counter()
-        self.by_outcome: Counter[str] = Counter()
-        self.by_model_outcome: defaultdict[str, Counter[str]] = defaultdict(Counter)
-        self.in_flight = 0
-        self.peak_in_flight = 0
-
-    def start(self, model: str, outcome: str) -> None:
-        # Counted when decided, not when done: a hang the client gave up on is still a hang,
-        # and a test reading the stats right after its call sees every request it made.
-        self.requests += 1
-        self.by_model[model] += 1
-        self.by_outcome[outcome] += 1
-        self.by_model_outcome[model][outcome] += 1
-        self.in_flight += 1
-        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-
-    def finish(self) -> None:
-        self.in_flight -= 1
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "by_model": dict(self.by_model),
-            "by_outcome": dict(self.by_outcome),
-            "by_model_outcome": {m: dict(c) for m, c in self.by_model_outcome.items()},
-            "in_flight": self.in_flight,
-            "peak_in_flight": self.peak_in_flight,
-        }
+    trace: bool = False  # keep every call's start and end for GET /sim/calls
 
 
 class Simulator:
@@ -116,7 +83,7 @@ class Simulator:
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
-        self._stats = _Stats()
+        self._stats = SimStats(trace=self.config.trace)
         self._seen: Counter[str] = Counter()
         self._per_model: Counter[str] = Counter()
         self._models: dict[str, None] = dict.fromkeys(_DEFAULT_MODELS)
@@ -160,6 +127,7 @@ class Simulator:
             app.router.add_get(f"{prefix}/models", self._list_models)
             app.router.add_post(f"{prefix}/chat/completions", self._chat)
         app.router.add_get("/sim/stats", self._get_stats)
+        app.router.add_get("/sim/calls", self._get_calls)
         app.router.add_post("/sim/reset", self._post_reset)
         # Cancel a hung handler when its client gives up, or hangs pile up forever.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
@@ -184,6 +152,9 @@ class Simulator:
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
 
+    async def _get_calls(self, request: web.Request) -> web.Response:
+        return web.json_response(self._stats.calls())
+
     async def _post_reset(self, request: web.Request) -> web.Response:
         self.reset()
         return web.json_response({"reset": True})
@@ -196,22 +167,22 @@ class Simulator:
                 raise TypeError("model must be a string and messages a non-empty list")
         except (ValueError, KeyError, TypeError) as exc:
             return _error(400, "invalid_request_error", f"bad request: {exc}")
+        key = prompt_key(messages)
         if not self._authorized(request):
-            self._stats.start(model, "401")
-            self._stats.finish()
+            self._stats.finish(self._stats.start(model, "401", key))
             # Like some real providers, echo the key that was presented: the worst case for
             # a client that must keep keys out of its errors, logs and dead letters.
             presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
             return _error(401, "invalid_api_key", f"Incorrect API key provided: {presented}")
         kind, delay = self._decide(request, model, messages)
-        self._stats.start(model, (kind or "ok").partition("/")[0])
+        call = self._stats.start(model, (kind or "ok").partition("/")[0], key)
         try:
             if kind is not None and kind not in ("malformed", "empty", "notjson", "huge"):
                 return await _fault(request, kind)
             await asyncio.sleep(delay)
             return self._completion(body, model, messages, kind)
         finally:
-            self._stats.finish()
+            self._stats.finish(call)
 
     def _decide(
         self, request: web.Request, model: str, messages: list[Any]
@@ -407,6 +378,9 @@ def register(commands: Any) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--faults", default="", help="fault rules, see below")
     parser.add_argument("--api-key", default=None, help="require this bearer key (else 401)")
+    parser.add_argument(
+        "--trace", action="store_true", help="keep every call's start and end (GET /sim/calls)"
+    )
     parser.set_defaults(handler=_simulate)
 
 
@@ -418,6 +392,7 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
         seed=args.seed,
         faults=parse_faults(args.faults),
         api_key=args.api_key,
+        trace=args.trace,
     )
     asyncio.run(_serve(config))
     return 0
