@@ -18,43 +18,40 @@ timestamp, the same "all N submitted at once" as the HTTP runs, whose clock is t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import NewTopic
+from aiokafka import AIOKafkaProducer
 
 from stream.config import Settings
-from stream.devtools import benchruns
-from stream.devtools.broker import LocalBroker, free_port
-from stream.devtools.simulator import simulate_command
-from stream.errors import StreamError
-from stream.kafka import admin_client
+from stream.devtools import benchruns, scenarios
+from stream.devtools.benchinfra import (
+    KEY,
+    BenchError,
+    broker,
+    create_topics,
+    delete_topics,
+    result_times,
+    sim_calls,
+    simulator,
+)
 from stream.stages import Topics
 
 __all__ = ["main", "register"]
 
-_KEY = "sk-bench"
 _NAIVE_BUDGET_S = 10.0  # the naive loop is slow: give it about this long, not all N
 
 Figures = dict[str, Any]
-
-
-class BenchError(StreamError):
-    """A run failed or did not deliver every result."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,60 +75,7 @@ class Options:
         return options
 
 
-# -- infrastructure: broker and simulator --------------------------------------------------
-
-
-@contextlib.contextmanager
-def _broker() -> Iterator[str]:
-    """The cluster to use: KAFKA_BOOTSTRAP_SERVERS, or a fresh local broker stopped after."""
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if external:
-        yield external
-        return
-    with tempfile.TemporaryDirectory(prefix="stream-bench-") as home:
-        broker = LocalBroker(home=Path(home), port=free_port())
-        print(f"starting a local Kafka broker on {broker.bootstrap_servers}…", file=sys.stderr)
-        broker.start()
-        try:
-            yield broker.bootstrap_servers
-        finally:
-            broker.stop()
-
-
-@contextlib.contextmanager
-def _simulator(latency: float) -> Iterator[str]:
-    """The simulator in its own process, so it never shares a measured event loop."""
-    port = free_port()
-    command = simulate_command(port, latency, "--api-key", _KEY)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        assert process.stdout is not None
-        if not process.stdout.readline():  # "simulator listening on …": it is ready
-            raise BenchError("the provider simulator did not start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def _sim_calls(base: str) -> int:
-    return int(httpx.get(f"{base}/sim/stats", timeout=10).json()["requests"])
-
-
 # -- Kafka side: topics, the backlog, the results ------------------------------------------
-
-
-async def _create_topics(settings: Settings, partitions: int) -> list[str]:
-    names = list(vars(Topics.of(settings)).values())
-    async with admin_client(settings.kafka, doing="creating bench topics") as admin:
-        await admin.create_topics([NewTopic(name, partitions, 1) for name in names])
-    return names
-
-
-async def _delete_topics(settings: Settings, names: list[str]) -> None:
-    with contextlib.suppress(Exception):  # tidying up only: a leftover topic harms nothing
-        async with admin_client(settings.kafka, doing="deleting bench topics") as admin:
-            await admin.delete_topics(names)
 
 
 def request_value(request_id: str, index: int) -> bytes:
@@ -165,31 +109,6 @@ async def _publish(settings: Settings, requests: int, run: str) -> None:
         await producer.stop()
 
 
-async def _result_times(settings: Settings) -> dict[bytes, int]:
-    """Request key → its result's record timestamp (ms), for every result written."""
-    topic = Topics.of(settings).results
-    consumer = AIOKafkaConsumer(
-        **settings.kafka.client_options(),
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-    )
-    await consumer.start()
-    try:
-        await consumer._client.force_metadata_update()
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        times: dict[bytes, int] = {}
-        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                times.update((r.key, r.timestamp) for r in records)
-        return times
-    finally:
-        await consumer.stop()
-
-
 # -- one run -------------------------------------------------------------------------------
 
 
@@ -206,7 +125,7 @@ def _child_env(options: Options, bootstrap: str, sim: str, prefix: str) -> dict[
         "STREAM_SYNTHETIC_MAX_CONNECTIONS": concurrency,
         "STREAM_GUARANTEE": options.guarantee,
         "SYNTHETIC_BASE_URL": f"{sim}/v1",
-        "SYNTHETIC_API_KEY": _KEY,
+        "SYNTHETIC_APIKEY": KEY,
         "STREAM_METRICS_PORT": "0",
         "STREAM_METRICS_HOST": "127.0.0.1",
         "STREAM_LOG_LEVEL": os.environ.get("STREAM_LOG_LEVEL", "WARNING"),
@@ -258,15 +177,15 @@ async def _kafka_run(mode: str, requests: int, options: Options, infra: Any) -> 
     prefix = f"bench{uuid.uuid4().hex[:8]}.{mode}."
     env = _child_env(options, bootstrap, sim, prefix)
     settings = Settings.from_env(env)
-    names = await _create_topics(settings, options.partitions)
+    names = await create_topics(settings, options.partitions)
     try:
         await _publish(settings, requests, prefix)
-        calls = _sim_calls(sim)
+        calls = sim_calls(sim)
         figures = await _child(mode, requests, env, _timeout_s(mode, requests, options))
-        figures["calls_per_request"] = round((_sim_calls(sim) - calls) / requests, 3)
-        times = await _result_times(settings)
+        figures["calls_per_request"] = round((sim_calls(sim) - calls) / requests, 3)
+        times = await result_times(settings)
     finally:
-        await _delete_topics(settings, names)
+        await delete_topics(settings, names)
     ready_ms = figures["ready_at"] * 1000
     seconds = [max(0.0, (ts - ready_ms) / 1000) for ts in times.values()]
     return {**_latency_figures(requests, seconds), **figures}
@@ -275,9 +194,9 @@ async def _kafka_run(mode: str, requests: int, options: Options, infra: Any) -> 
 async def _http_run(mode: str, requests: int, options: Options, infra: Any) -> Figures:
     bootstrap, sim = infra
     env = _child_env(options, bootstrap, sim, "")
-    calls = _sim_calls(sim)
+    calls = sim_calls(sim)
     figures = await _child(mode, requests, env, _timeout_s(mode, requests, options))
-    figures["calls_per_request"] = round((_sim_calls(sim) - calls) / requests, 3)
+    figures["calls_per_request"] = round((sim_calls(sim) - calls) / requests, 3)
     latencies = figures.pop("latencies_s")
     return {**_latency_figures(requests, latencies), **figures}
 
@@ -352,15 +271,44 @@ def _parse_runs(text: str) -> tuple[str, ...]:
 
 
 def _command(args: argparse.Namespace, settings: Settings) -> int:
+    if args.scenario:
+        return _scenario(args)
+    args.requests = 5000 if args.requests is None else args.requests
+    args.latency = 1.0 if args.latency is None else args.latency
     options = Options.of(args)
     started = time.monotonic()
-    with _broker() as bootstrap, _simulator(options.latency) as sim:
+    with broker() as bootstrap, simulator(options.latency) as sim:
         results = anyio.run(_bench, options, (bootstrap, sim))
     if options.json:
         print(json.dumps(results, indent=2))
     else:
         print("\n".join(_table(results, options)))
         print(f"(bench took {time.monotonic() - started:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def _scenario(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="stream-scenario-") as folder:
+        options = scenarios.ScenarioOptions(
+            scenario=args.scenario,
+            requests=1000 if args.requests is None else args.requests,
+            latency=60.0 if args.latency is None else args.latency,
+            workers=args.workers,
+            concurrency=args.concurrency,
+            partitions=args.partitions,
+            at=args.at,
+            static=not args.dynamic,
+            guarantee=args.guarantee,
+            folder=Path(args.keep_logs or folder),
+        )
+        if min(options.requests, options.workers, options.partitions) < 1 or options.at < 0:
+            raise BenchError("--requests, --workers and --partitions must be at least 1, --at ≥ 0")
+        with broker() as bootstrap, simulator(options.latency, "--trace") as sim:
+            results = anyio.run(scenarios.run_scenario, options, bootstrap, sim)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n".join(scenarios.table(results, options)))
     return 0
 
 
@@ -373,9 +321,9 @@ def register(commands: Any) -> None:
         "process, on a real broker and the provider simulator; prints requests/s, end-to-end "
         "p50/p99, provider calls per request, CPU and peak RSS, and the ratios between them.",
     )
-    parser.add_argument("--requests", type=int, default=5000, help="N (default 5000)")
+    parser.add_argument("--requests", type=int, help="N (default 5000; scenarios 1000)")
     parser.add_argument(
-        "--latency", type=float, default=1.0, help="simulated provider latency, s (default 1)"
+        "--latency", type=float, help="simulated provider latency, s (default 1; scenarios 60)"
     )
     parser.add_argument("--concurrency", type=int, default=1000, help="C (default 1000)")
     parser.add_argument("--partitions", type=int, default=6, help="P (default 6)")
@@ -395,6 +343,26 @@ def register(commands: Any) -> None:
         help=f"requests for the naive run (default: about {_NAIVE_BUDGET_S:.0f} s of its work)",
     )
     parser.add_argument("--json", action="store_true", help="figures keyed by run, as JSON")
+    scenario = parser.add_argument_group(
+        "membership scenarios",
+        "With --scenario: real `stream run primary` processes, run undisturbed and then "
+        "through the scenario; prints provider calls per request, calls paid twice, the "
+        "longest time a partition stopped, and total time against the undisturbed run.",
+    )
+    scenario.add_argument(
+        "--scenario",
+        choices=scenarios.SCENARIOS,
+        help="rolling-restart: SIGTERM each worker in turn and start it again; scale-out: "
+        "one worker, then --workers; kill-restart: SIGKILL one worker and start it again",
+    )
+    scenario.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    scenario.add_argument(
+        "--at", type=float, default=5.0, help="seconds into the calls the events begin (default 5)"
+    )
+    scenario.add_argument(
+        "--dynamic", action="store_true", help="no instance ids (dynamic membership), to compare"
+    )
+    scenario.add_argument("--keep-logs", metavar="DIR", help="keep the workers' logs in DIR")
     parser.set_defaults(handler=_command)
 
 

@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 Committed = dict[TopicPartition, tuple[int, str]]
 
 
+def _names(tps: Iterable[TopicPartition]) -> list[str]:
+    """Partitions as log fields: `topic[partition]`."""
+    return sorted(f"{tp.topic}[{tp.partition}]" for tp in tps)
+
+
 def seek(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
     """Move the fetch position of an assigned partition (no-op for one no longer ours)."""
     try:
@@ -140,7 +145,12 @@ class Rebalancer:
             log.warning("commit on revoke failed; the next owner re-runs from the last: %s", exc)
         if leaving:
             running = sum(p.in_flight for p in leaving)
-            log.info("%d partitions on probation, %d records running", len(leaving), running)
+            log.info(
+                "%d partitions on probation, %d records running",
+                len(leaving),
+                running,
+                extra={"partitions": _names(p.tp for p in leaving)},
+            )
 
     async def _writes_landed(self, leaving: list[Partition], deadline: float) -> None:
         """Let writes of outputs already under way finish before the commit: one that
@@ -177,6 +187,7 @@ class Rebalancer:
                 "them again)",
                 len(partitions),
                 abandoned,
+                extra={"partitions": _names(p.tp for p in partitions), "abandoned": abandoned},
             )
 
     # -- assign --------------------------------------------------------------------------
@@ -207,11 +218,13 @@ class Rebalancer:
         fresh = [tp for tp in tps if tp not in self._partitions]
         for tp in fresh:
             self._start(tp, committed.get(tp))
+        kept = [p.tp for p in back if p not in stale]
         log.info(
             "assigned %d partitions: %d came back with their running records, %d new",
             len(tps),
-            len(back) - len(stale),
+            len(kept),
             len(fresh),
+            extra={"kept": _names(kept), "new": _names(fresh)},
         )
         self._on_assigned()
 
