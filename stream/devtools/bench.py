@@ -125,7 +125,7 @@ def _child_env(options: Options, bootstrap: str, sim: str, prefix: str) -> dict[
         "STREAM_SYNTHETIC_MAX_CONNECTIONS": concurrency,
         "STREAM_GUARANTEE": options.guarantee,
         "SYNTHETIC_BASE_URL": f"{sim}/v1",
-        "SYNTHETIC_APIKEY": KEY,
+        "SYNTHETIC_API_KEY": KEY,
         "STREAM_METRICS_PORT": "0",
         "STREAM_METRICS_HOST": "127.0.0.1",
         "STREAM_LOG_LEVEL": os.environ.get("STREAM_LOG_LEVEL", "WARNING"),
