@@ -11,7 +11,10 @@ some valid requests that reuse another's request_id. Meanwhile it SIGKILLs and r
 workers, restarts the broker once, and opens a Synthetic outage (`hf:*` answers 503), so
 mapped models fall back to Together and unmapped ones dead-letter. A worker that exits on
 its own (exactly-once crashes on purpose when Kafka is gone) is restarted, as a supervisor
-would, and counted.
+would, and counted. Workers are static members (`--instance-id`, their names). The primary
+stage starts with one worker and scales out to three mid-run; later every worker is
+restarted in turn (SIGTERM, drain, start again). Each event reports the answered calls
+paid for again until the next event.
 
 The checker (`Checker`) reads every output topic with read_committed and the input topic
 itself (so an input the producer wrote twice counts twice), and proves:
@@ -84,6 +87,8 @@ class ChaosConfig:
     seed: int = 1
     max_in_flight: int = 200
     settle_timeout_s: float = 300.0  # after the last input, for every terminal record
+    scale_out: bool = True  # the primary stage: 1 worker, then 3 a third of the way in
+    rolling_restart: bool = True  # every worker restarted in turn, three quarters in
 
 
 @dataclass(frozen=True)
@@ -155,13 +160,14 @@ class Supervisor:
     kills: int = 0
     crashes: int = 0
     starts: int = 0
+    restarting: set[str] = field(default_factory=set)
 
     def start(self, name: str) -> None:
-        stage = name.rstrip("0123456789")
+        stage = _stage(name)
         self.starts += 1
         with open(self.logs / f"{name}.log", "ab") as log:
             self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "stream", "run", stage],
+                [sys.executable, "-m", "stream", "run", stage, "--instance-id", name],
                 env=self.env,
                 cwd=ROOT,
                 stdout=log,
@@ -169,6 +175,8 @@ class Supervisor:
             )
 
     def kill(self, name: str) -> None:
+        if name not in self.processes:  # not started yet (scaled out later): one that is
+            name = next(n for n in self.processes if _stage(n) == _stage(name))
         process = self.processes[name]
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -178,9 +186,21 @@ class Supervisor:
     def revive(self) -> None:
         """Restart any worker that exited on its own (a crash: Kafka gone, fenced …)."""
         for name, process in list(self.processes.items()):
-            if process.poll() is not None:
+            if process.poll() is not None and name not in self.restarting:
                 self.crashes += 1
                 self.start(name)
+
+    async def restart(self, name: str) -> int:
+        """SIGTERM, wait for the drain and the exit, start again; the exit code."""
+        self.restarting.add(name)
+        try:
+            process = self.processes[name]
+            process.send_signal(signal.SIGTERM)
+            code = await anyio.to_thread.run_sync(process.wait)
+            self.start(name)
+            return code
+        finally:
+            self.restarting.discard(name)
 
     def stop(self, timeout_s: float = 60.0) -> list[int | None]:
         for process in self.processes.values():
@@ -194,6 +214,10 @@ class Supervisor:
                 process.kill()
                 codes.append(process.wait())
         return codes
+
+
+def _stage(name: str) -> str:
+    return name.rstrip("0123456789")
 
 
 def _simulator(port: int, config: ChaosConfig, outage: tuple[float, float], log: Path) -> Any:
@@ -339,12 +363,18 @@ class Run:
         self.inputs = plan(config)
         self.broker_restarts = 0
         self.events: list[str] = []
+        self.timeline: list[tuple[float, str]] = []  # (monotonic, event): what costs money
         self.started = time.monotonic()
 
     def log(self, text: str) -> None:
         line = f"[{time.monotonic() - self.started:7.1f}s] {text}"
         self.events.append(line)
         print(line, file=sys.stderr, flush=True)
+
+    def event(self, text: str) -> None:
+        """Log a disruption; the calls paid twice after it are reported against it."""
+        self.timeline.append((time.monotonic(), text))
+        self.log(text)
 
     def settings(self, prefix: str) -> Settings:
         return Settings.from_env(
@@ -402,9 +432,9 @@ async def _run(chaos: Run) -> dict[str, Any]:
     supervisor = Supervisor(_worker_env(chaos, prefix, sim_port), chaos.home)
     try:
         chaos.log(f"simulator up; outage from {outage_start:.0f}s for {config.outage_s:.0f}s")
-        for name in ("primary1", "primary2", "fallback1", "fallback2"):
+        for name in _first_workers(config):
             supervisor.start(name)
-        checker, wall = await _drive(chaos, settings, supervisor)
+        checker, wall, costs = await _drive(chaos, settings, supervisor, sim_port)
         async with httpx.AsyncClient() as http:
             stats = (await http.get(f"http://127.0.0.1:{sim_port}/sim/stats")).json()
     finally:
@@ -437,6 +467,9 @@ async def _run(chaos: Run) -> dict[str, Any]:
             0, stats["by_outcome"].get("ok", 0) - sum(figures["results_by_provider"].values())
         ),
         "provider_calls_by_outcome": stats["by_outcome"],
+        # Answered calls asked again (the simulator's count), and how many after each event.
+        "provider_answered_calls_asked_again": stats["paid_twice"],
+        "paid_twice_by_event": _per_event(chaos, costs, stats["paid_twice"]),
         "provider_peak_in_flight": stats["peak_in_flight"],
         "wall_time_s": round(wall, 1),
         "worker_exit_codes": codes,
@@ -458,14 +491,19 @@ def _schedule(config: ChaosConfig, rng: random.Random) -> list[tuple[float, str]
 WORKERS = ("primary1", "primary2", "fallback1", "fallback2")
 
 
-async def _drive(chaos: Run, settings: Settings, supervisor: Supervisor) -> tuple[Checker, float]:
+async def _drive(
+    chaos: Run, settings: Settings, supervisor: Supervisor, sim_port: int
+) -> tuple[Checker, float, list[tuple[float, int]]]:
     config = chaos.config
     checker = Checker(Topics.of(settings).requests, {i.value: i for i in chaos.inputs})
     rng = random.Random(config.seed)
     begun = time.monotonic()
+    costs: list[tuple[float, int]] = []
     async with anyio.create_task_group() as group:
         group.start_soon(_supervise, supervisor)
         group.start_soon(_act, chaos, supervisor, _schedule(config, rng), begun)
+        group.start_soon(_membership_events, chaos, supervisor, begun)
+        group.start_soon(_sample_costs, sim_port, costs)
         await _produce(chaos, settings, begun)
         chaos.log(f"all {len(chaos.inputs)} inputs written; waiting for terminal records")
         await _read_inputs(settings, checker)
@@ -474,7 +512,7 @@ async def _drive(chaos: Run, settings: Settings, supervisor: Supervisor) -> tupl
         wall = time.monotonic() - begun
         chaos.log("complete" if checker.complete() else "NOT complete: settle timeout")
         group.cancel_scope.cancel()
-    return checker, wall
+    return checker, wall, costs
 
 
 async def _supervise(supervisor: Supervisor) -> None:
@@ -488,7 +526,7 @@ async def _act(
 ) -> None:
     for at, action in schedule:
         await anyio.sleep(max(0.0, begun + at - time.monotonic()))
-        chaos.log(action)
+        chaos.event(action)
         if action == "restart broker":
             await anyio.to_thread.run_sync(chaos.broker.stop)
             await anyio.to_thread.run_sync(chaos.broker.start)
@@ -496,6 +534,64 @@ async def _act(
             chaos.log("broker back")
         else:
             supervisor.kill(action.removeprefix("kill "))
+
+
+# -- membership events: scale-out, rolling restarts, and what each event cost ------------
+
+
+def _first_workers(config: ChaosConfig) -> tuple[str, ...]:
+    primaries = ("primary1",) if config.scale_out else ("primary1", "primary2")
+    return (*primaries, "fallback1", "fallback2")
+
+
+async def _membership_events(chaos: Run, supervisor: Supervisor, begun: float) -> None:
+    """Scale the primary stage out from 1 to 3 workers a third of the way in; three quarters
+    in, restart every worker in turn, each once the one before is back."""
+    config = chaos.config
+    if config.scale_out:
+        await anyio.sleep(max(0.0, begun + config.duration_s * 0.3 - time.monotonic()))
+        chaos.event("scale out: primary 1 → 3 workers")
+        for name in ("primary2", "primary3"):
+            supervisor.start(name)
+    if config.rolling_restart:
+        await anyio.sleep(max(0.0, begun + config.duration_s * 0.75 - time.monotonic()))
+        chaos.event("rolling restart of every worker")
+        for name in sorted(supervisor.processes):
+            code = await supervisor.restart(name)
+            chaos.log(f"{name} drained (exit {code}) and started again")
+
+
+async def _sample_costs(sim_port: int, costs: list[tuple[float, int]]) -> None:
+    """The simulator's count of answered calls asked again, once a second."""
+    async with httpx.AsyncClient() as http:
+        while True:
+            try:
+                stats = (await http.get(f"http://127.0.0.1:{sim_port}/sim/stats")).json()
+                costs.append((time.monotonic(), stats["paid_twice"]))
+            except httpx.HTTPError:
+                pass
+            await anyio.sleep(1.0)
+
+
+def _per_event(chaos: Run, costs: list[tuple[float, int]], total: int) -> list[dict[str, Any]]:
+    """Answered calls paid for again between each event and the next (the last: until the
+    end). Only a window: an event's cost may fall after the next one began."""
+
+    def paid_by(moment: float) -> int:
+        return max((paid for at, paid in costs if at <= moment), default=0)
+
+    report = []
+    marks = [*chaos.timeline, (float("inf"), "")]
+    for (at, event), (until, _) in zip(marks, marks[1:], strict=False):
+        after = total if until == float("inf") else paid_by(until)
+        report.append(
+            {
+                "at_s": round(at - chaos.started, 1),
+                "event": event,
+                "paid_twice": after - paid_by(at),
+            }
+        )
+    return report
 
 
 async def _produce(chaos: Run, settings: Settings, begun: float) -> None:
@@ -607,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--outage", type=float, default=60.0, help="Synthetic outage, seconds")
     parser.add_argument("--no-broker-restart", action="store_true")
+    parser.add_argument("--no-scale-out", action="store_true", help="2 primary workers throughout")
+    parser.add_argument("--no-rolling-restart", action="store_true")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="figures as one JSON object")
     parser.add_argument("--keep", action="store_true", help="keep the run folder (logs)")
@@ -622,6 +720,8 @@ def main(argv: list[str] | None = None) -> int:
         outage_s=args.outage,
         broker_restart=not args.no_broker_restart,
         seed=args.seed,
+        scale_out=not args.no_scale_out,
+        rolling_restart=not args.no_rolling_restart,
     )
     home = Path(tempfile.mkdtemp(prefix="chaos-"))
     try:
@@ -662,7 +762,6 @@ def _worker_env(chaos: Run, prefix: str, sim_port: int) -> dict[str, str]:
         # A SIGKILLed member must leave the group in seconds, not the default 45.
         "STREAM_SESSION_TIMEOUT_MS": "6000",
         "STREAM_REBALANCE_TIMEOUT_MS": "20000",
-        "STREAM_REVOKE_GRACE_S": "5",  # with the 10 s close reserve, below the timeout
         "STREAM_SHUTDOWN_GRACE_S": "20",
     }
 

@@ -204,8 +204,11 @@ async def test_a_question_asked_again_counts_as_paid_twice_and_calls_are_traced(
             await _chat(http, sim.url, "m", text)
         async with http.get(f"{sim.base}/sim/calls") as response:
             calls = await response.json()
-        assert sim.stats()["repeated"] == 1
-    assert [c["key"] for c in calls][0] == calls[2]["key"] != calls[1]["key"]
+        assert (sim.stats()["repeated"], sim.stats()["paid_twice"]) == (1, 1)
+        await _chat(http, sim.url, "m", "[[sim:503]] failed")
+        await _chat(http, sim.url, "m", "[[sim:503]] failed")
+        assert (sim.stats()["repeated"], sim.stats()["paid_twice"]) == (2, 1)  # never answered
+    assert calls[0]["key"] == calls[2]["key"] != calls[1]["key"]
     assert all(started <= c["start"] <= c["end"] <= time.time() for c in calls)
     assert {c["outcome"] for c in calls} == {"ok"}
 

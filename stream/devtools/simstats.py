@@ -1,6 +1,8 @@
 """What the provider simulator counts: requests per model and outcome, calls in flight,
-calls that asked the same thing again (paid twice), and, when asked to, every call's
-start and end (`stream bench --scenario` reads those to see which partition stopped when).
+calls that asked the same thing again (`repeated`), those among them whose question had
+been answered already (`paid_twice`: money spent twice for certain), and, when asked to,
+every call's start and end (`stream bench --scenario` reads those to see which partition
+stopped when).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ class SimStats:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.repeated = 0
+        self.paid_twice = 0
         self._keys: set[str] = set()
+        self._answered: set[str] = set()
         self._calls: list[list[Any]] = []  # [key, start, end, outcome], with `trace`
 
     def start(self, model: str, outcome: str, key: str) -> int:
@@ -51,14 +55,17 @@ class SimStats:
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         self.repeated += key in self._keys
+        self.paid_twice += key in self._answered
         self._keys.add(key)
         if self._trace:
             self._calls.append([key, time.time(), None, outcome])
         return self.requests - 1
 
-    def finish(self, call: int) -> None:
+    def finish(self, call: int, key: str, *, answered: bool) -> None:
         """The call ended: answered, failed, or its client went away (cancelled it)."""
         self.in_flight -= 1
+        if answered:
+            self._answered.add(key)
         if self._trace and call < len(self._calls):
             self._calls[call][2] = time.time()
 
@@ -66,6 +73,7 @@ class SimStats:
         return {
             "requests": self.requests,
             "repeated": self.repeated,
+            "paid_twice": self.paid_twice,
             "by_model": dict(self.by_model),
             "by_outcome": dict(self.by_outcome),
             "by_model_outcome": {m: dict(c) for m, c in self.by_model_outcome.items()},

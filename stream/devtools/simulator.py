@@ -169,20 +169,23 @@ class Simulator:
             return _error(400, "invalid_request_error", f"bad request: {exc}")
         key = prompt_key(messages)
         if not self._authorized(request):
-            self._stats.finish(self._stats.start(model, "401", key))
+            self._stats.finish(self._stats.start(model, "401", key), key, answered=False)
             # Like some real providers, echo the key that was presented: the worst case for
             # a client that must keep keys out of its errors, logs and dead letters.
             presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
             return _error(401, "invalid_api_key", f"Incorrect API key provided: {presented}")
         kind, delay = self._decide(request, model, messages)
         call = self._stats.start(model, (kind or "ok").partition("/")[0], key)
+        answered = False
         try:
             if kind is not None and kind not in ("malformed", "empty", "notjson", "huge"):
                 return await _fault(request, kind)
             await asyncio.sleep(delay)
-            return self._completion(body, model, messages, kind)
+            response = self._completion(body, model, messages, kind)
+            answered = kind is None  # a good answer: asking it again is paying twice
+            return response
         finally:
-            self._stats.finish(call)
+            self._stats.finish(call, key, answered=answered)
 
     def _decide(
         self, request: web.Request, model: str, messages: list[Any]

@@ -102,6 +102,10 @@ class EngineView(Protocol):
     def last_commit_seconds(self) -> float: ...
     @property
     def partitions(self) -> Sequence[PartitionView]: ...
+    @property
+    def abandoned(self) -> int: ...
+    @property
+    def rebalances(self) -> int: ...
 
 
 class SnapshotSource(Protocol):
@@ -257,6 +261,15 @@ def _engine_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
         "stream_engine_records_done": ("Records finished.", lambda s: s.records_done),
         "stream_engine_handler_errors": ("Handler errors.", lambda s: s.handler_errors),
         "stream_engine_commits": ("Offset commits.", lambda s: s.commits),
+        "stream_engine_rebalances": (
+            "Rebalances that revoked the engine's partitions.",
+            lambda s: s.rebalances,
+        ),
+        "stream_engine_records_abandoned": (
+            "Running records abandoned because their partition moved to another worker (or "
+            "the shutdown grace ran out): their next owner calls the provider again.",
+            lambda s: s.abandoned,
+        ),
     }
     for kind, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
         for name, (doc, value) in table.items():
