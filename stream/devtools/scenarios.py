@@ -13,10 +13,12 @@ undisturbed, then with its events:
 The workers start and settle first; then the requests are published (t0). Figures:
 provider calls per request; calls paid twice (the simulator was asked the same again);
 calls running on partitions that moved (abandoned: the most a move may cost); the longest
-stop, i.e. the longest time a partition with unanswered requests had no call running
-(for every partition, and for those that never moved); the time from t0 to the last
-result, against the undisturbed run; and for kill-restart the time from the restart to
-the first call made.
+stop (from the simulator: the longest time, between a partition's first call and its last
+result, that no call of it was running); the longest pause (from the workers' logs: the
+longest time no worker took new work from a partition, from a probation or a drain until
+a worker had it again; for every partition, and for those that never moved); the time
+from t0 to the last result, against the undisturbed run; and for kill-restart the time
+from the restart to the first call made.
 """
 
 from __future__ import annotations
@@ -353,9 +355,12 @@ def _figures(
     for rid, at in results.items():
         if rid in partition_of:
             last[partition_of[rid]] = max(last.get(partition_of[rid], t0), at)
-    stops = {p: _longest_gap(t0, end, busy[p]) for p, end in last.items()}
+    # From each partition's first call: how soon a worker fetches is not a stop.
+    stops = {p: _longest_gap(min(busy[p])[0], end, busy[p]) for p, end in last.items()}
     moved = _moved(logs)
     staying = [stop for p, stop in stops.items() if p not in moved]
+    pauses = _pauses(logs, last)
+    staying_pauses = [pause for p, pause in pauses.items() if p not in moved]
     return {
         "requests": options.requests,
         "calls": len(mine),
@@ -365,20 +370,44 @@ def _figures(
         "moved_partitions": sorted(moved),
         "longest_stop_s": round(max(stops.values()), 1),
         "longest_stop_staying_s": round(max(staying), 1) if staying else None,
+        "stop_by_partition_s": {p: round(stop, 1) for p, stop in sorted(stops.items())},
+        "longest_pause_s": round(max(pauses.values(), default=0.0), 1),
+        "longest_pause_staying_s": round(max(staying_pauses, default=0.0), 1),
         "total_s": round(max(results.values()) - t0, 1),
     }
 
 
+def _partitions(names: list[str]) -> set[int]:
+    """Request partitions among `topic[partition]` log fields."""
+    found = set()
+    for name in names:
+        topic, _, partition = name[:-1].rpartition("[")
+        if topic.endswith("predictions.requests"):
+            found.add(int(partition))
+    return found
+
+
+def _pauses(logs: list[dict[str, Any]], last: dict[int, float]) -> dict[int, float]:
+    """Per partition, the longest time, before its last result, that no worker was taking
+    new work from it: from going on probation (or draining) until a worker has it again."""
+    since: dict[int, float] = {}
+    longest: dict[int, float] = defaultdict(float)
+    for entry in sorted(logs, key=lambda e: e["ts"]):
+        at = _seconds(entry["ts"])
+        if "kept" in entry:
+            for p in _partitions(entry["kept"] + entry["new"]):
+                if p in since:
+                    longest[p] = max(longest[p], at - since.pop(p))
+        elif "abandoned" not in entry:
+            for p in _partitions(entry.get("partitions", [])):
+                if at < last.get(p, 0.0):
+                    since.setdefault(p, at)
+    return longest
+
+
 def _moved(logs: list[dict[str, Any]]) -> set[int]:
     """Request partitions some worker gave up to another (its log says they left)."""
-    moved = set()
-    for entry in logs:
-        if "abandoned" in entry:
-            for name in entry.get("partitions", ()):
-                topic, _, partition = name[:-1].rpartition("[")
-                if topic.endswith("predictions.requests"):
-                    moved.add(int(partition))
-    return moved
+    return {p for e in logs if "abandoned" in e for p in _partitions(e["partitions"])}
 
 
 def _longest_gap(start: float, end: float, busy: list[tuple[float, float]]) -> float:
@@ -408,17 +437,15 @@ def table(results: dict[str, Figures], options: ScenarioOptions) -> list[str]:
         f"stream bench --scenario {options.scenario}: {options.requests} requests, latency "
         f"{options.latency:g} s, {options.workers} workers, {options.partitions} partitions, "
         f"concurrency {options.concurrency} per worker, {membership}, {options.guarantee}",
-        f"{'run':<16} {'calls/req':>9} {'paid twice':>10} {'on moved':>8} "
-        f"{'longest stop s':>14} {'(staying)':>9} {'total s':>8}",
+        f"{'run':<16} {'calls/req':>9} {'paid twice':>10} {'on moved':>8} {'stop s':>7} "
+        f"{'paused s':>8} {'(staying)':>9} {'total s':>8}",
     ]
     baseline = results["undisturbed"]["total_s"]
     for name, f in results.items():
-        staying = (
-            "-" if f["longest_stop_staying_s"] is None else f"{f['longest_stop_staying_s']:.1f}"
-        )
         lines.append(
             f"{name:<16} {f['calls_per_request']:>9.3f} {f['calls_paid_twice']:>10} "
-            f"{f['abandoned_on_moved']:>8} {f['longest_stop_s']:>14.1f} {staying:>9} "
+            f"{f['abandoned_on_moved']:>8} {f['longest_stop_s']:>7.1f} "
+            f"{f['longest_pause_s']:>8.1f} {f['longest_pause_staying_s']:>9.1f} "
             f"{f['total_s']:>8.1f}  {f['total_s'] / baseline:.2f}× undisturbed"
         )
     disturbed = results[options.scenario]

@@ -270,7 +270,13 @@ class Engine:
         for partition in self._partitions.values():
             partition.drop_queued()
         running = sum(p.in_flight for p in self._partitions.values())
-        log.info("draining %d running records (up to %.0f s)", running, grace_s)
+        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in self._partitions)
+        log.info(
+            "draining %d running records (up to %.0f s)",
+            running,
+            grace_s,
+            extra={"partitions": names, "draining": True},
+        )
         with anyio.move_on_after(grace_s):
             for partition in list(self._partitions.values()):
                 await partition.idle.wait()
