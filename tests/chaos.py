@@ -174,14 +174,17 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
             )
 
-    def kill(self, name: str) -> None:
-        if name not in self.processes:  # not started yet (scaled out later): one that is
+    def kill(self, name: str) -> str:
+        """SIGKILL `name` and start it again; a worker the scale-out has not started yet
+        stands for the first of its stage. Returns the one killed."""
+        if name not in self.processes:
             name = next(n for n in self.processes if _stage(n) == _stage(name))
         process = self.processes[name]
         process.send_signal(signal.SIGKILL)
         process.wait()
         self.kills += 1
         self.start(name)
+        return name
 
     def revive(self) -> None:
         """Restart any worker that exited on its own (a crash: Kafka gone, fenced …)."""
@@ -461,15 +464,17 @@ async def _run(chaos: Run) -> dict[str, Any]:
         # Calls beyond one per request that needed one (the breaker skips calls while
         # Synthetic is down, which can hide the rest: see the next figure).
         "provider_calls_wasted": max(0, stats["requests"] - needed),
-        # Successful calls whose answer was thrown away (re-runs after a kill, aborted
-        # transactions): the money actually paid twice.
+        # Calls the simulator decided to answer that left no result: cut short by a kill or
+        # a crash (asked again later), or answered and thrown away (see the next figures).
         "provider_ok_calls_paid_twice": max(
             0, stats["by_outcome"].get("ok", 0) - sum(figures["results_by_provider"].values())
         ),
         "provider_calls_by_outcome": stats["by_outcome"],
-        # Answered calls asked again (the simulator's count), and how many after each event.
-        "provider_answered_calls_asked_again": stats["paid_twice"],
-        "paid_twice_by_event": _per_event(chaos, costs, stats["paid_twice"]),
+        # Calls for a question asked before (re-runs, retries), and those asked again after
+        # an answer: money paid twice for certain (the simulator's counts).
+        "provider_calls_asked_again": stats["repeated"],
+        "provider_answered_calls_paid_twice": stats["paid_twice"],
+        "calls_again_by_event": _per_event(chaos, costs, stats),
         "provider_peak_in_flight": stats["peak_in_flight"],
         "wall_time_s": round(wall, 1),
         "worker_exit_codes": codes,
@@ -493,12 +498,12 @@ WORKERS = ("primary1", "primary2", "fallback1", "fallback2")
 
 async def _drive(
     chaos: Run, settings: Settings, supervisor: Supervisor, sim_port: int
-) -> tuple[Checker, float, list[tuple[float, int]]]:
+) -> tuple[Checker, float, list[tuple[float, int, int]]]:
     config = chaos.config
     checker = Checker(Topics.of(settings).requests, {i.value: i for i in chaos.inputs})
     rng = random.Random(config.seed)
     begun = time.monotonic()
-    costs: list[tuple[float, int]] = []
+    costs: list[tuple[float, int, int]] = []
     async with anyio.create_task_group() as group:
         group.start_soon(_supervise, supervisor)
         group.start_soon(_act, chaos, supervisor, _schedule(config, rng), begun)
@@ -532,8 +537,8 @@ async def _act(
             await anyio.to_thread.run_sync(chaos.broker.start)
             chaos.broker_restarts += 1
             chaos.log("broker back")
-        else:
-            supervisor.kill(action.removeprefix("kill "))
+        elif (killed := supervisor.kill(action.removeprefix("kill "))) not in action:
+            chaos.log(f"killed {killed} instead: {action[5:]} is not running yet")
 
 
 # -- membership events: scale-out, rolling restarts, and what each event cost ------------
@@ -561,34 +566,40 @@ async def _membership_events(chaos: Run, supervisor: Supervisor, begun: float) -
             chaos.log(f"{name} drained (exit {code}) and started again")
 
 
-async def _sample_costs(sim_port: int, costs: list[tuple[float, int]]) -> None:
-    """The simulator's count of answered calls asked again, once a second."""
+async def _sample_costs(sim_port: int, costs: list[tuple[float, int, int]]) -> None:
+    """The simulator's counts of calls asked again and of answered ones among them."""
     async with httpx.AsyncClient() as http:
         while True:
             try:
                 stats = (await http.get(f"http://127.0.0.1:{sim_port}/sim/stats")).json()
-                costs.append((time.monotonic(), stats["paid_twice"]))
+                costs.append((time.monotonic(), stats["repeated"], stats["paid_twice"]))
             except httpx.HTTPError:
                 pass
             await anyio.sleep(1.0)
 
 
-def _per_event(chaos: Run, costs: list[tuple[float, int]], total: int) -> list[dict[str, Any]]:
-    """Answered calls paid for again between each event and the next (the last: until the
-    end). Only a window: an event's cost may fall after the next one began."""
+def _per_event(
+    chaos: Run, costs: list[tuple[float, int, int]], final: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Per event, until the next one (the last: until the end): calls asked again (re-runs
+    of calls cut short, retries after errors) and, of those, calls whose question had been
+    answered already (paid twice). A window only: a cost may land after the next event."""
 
-    def paid_by(moment: float) -> int:
-        return max((paid for at, paid in costs if at <= moment), default=0)
+    def counts(moment: float) -> tuple[int, int]:
+        seen = [(again, paid) for at, again, paid in costs if at <= moment]
+        return seen[-1] if seen else (0, 0)
 
     report = []
     marks = [*chaos.timeline, (float("inf"), "")]
     for (at, event), (until, _) in zip(marks, marks[1:], strict=False):
-        after = total if until == float("inf") else paid_by(until)
+        end = (final["repeated"], final["paid_twice"]) if until == float("inf") else counts(until)
+        start = counts(at)
         report.append(
             {
                 "at_s": round(at - chaos.started, 1),
                 "event": event,
-                "paid_twice": after - paid_by(at),
+                "asked_again": end[0] - start[0],
+                "paid_twice": end[1] - start[1],
             }
         )
     return report
