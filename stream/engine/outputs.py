@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.errors import (
+    IllegalOperation,
     KafkaTimeoutError,
     KafkaUnavailableError,
     MessageSizeTooLargeError,
@@ -33,6 +33,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
     UnknownTopicOrPartitionError,
 )
+from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import CLOSE_RESERVE_S, KafkaSettings
 from stream.engine.partitions import Partition
@@ -396,7 +397,9 @@ class ExactlyOnceSink:
                         {partition.tp: position}, self._group_id
                     )
                     await txn.producer.commit_transaction()
-            except (AIOKafkaError, TimeoutError) as exc:
+            # IllegalOperation: aiokafka left the transaction on an error of its own (the
+            # broker went away mid-transaction); it is no Kafka error class of its.
+            except (AIOKafkaError, IllegalOperation, TimeoutError) as exc:
                 # A fenced or failed transaction cannot be repaired here: its outputs are
                 # aborted, so the records must be re-run from the last commit. The records
                 # marked finished in memory are void: drop the partition's producer so
