@@ -175,10 +175,14 @@ class Supervisor:
             )
 
     def kill(self, name: str) -> str:
-        """SIGKILL `name` and start it again; a worker the scale-out has not started yet
-        stands for the first of its stage. Returns the one killed."""
+        """SIGKILL `name` and start it again. For a worker the scale-out has not started
+        yet, another of its stage stands in, or, rather than a stage's only worker, one of
+        another stage (the outage must find the primary stage running). Returns the one
+        killed."""
         if name not in self.processes:
-            name = next(n for n in self.processes if _stage(n) == _stage(name))
+            same = sorted(n for n in self.processes if _stage(n) == _stage(name))
+            other = sorted(n for n in self.processes if _stage(n) != _stage(name))
+            name = same[0] if len(same) > 1 or not other else other[0]
         process = self.processes[name]
         process.send_signal(signal.SIGKILL)
         process.wait()
