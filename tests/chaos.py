@@ -198,13 +198,19 @@ class Supervisor:
                 self.start(name)
 
     async def restart(self, name: str) -> int:
-        """SIGTERM, wait for the drain and the exit, start again; the exit code."""
+        """SIGTERM, wait for the drain and the exit, start again and wait until it has its
+        partitions back (as a rolling update waits for readiness); the exit code."""
         self.restarting.add(name)
         try:
             process = self.processes[name]
             process.send_signal(signal.SIGTERM)
             code = await anyio.to_thread.run_sync(process.wait)
+            log = self.logs / f"{name}.log"
+            seen = log.stat().st_size
             self.start(name)
+            with anyio.move_on_after(60):
+                while b"assigned " not in log.read_bytes()[seen:]:  # noqa: ASYNC110 (a file)
+                    await anyio.sleep(0.2)
             return code
         finally:
             self.restarting.discard(name)
@@ -554,20 +560,34 @@ def _first_workers(config: ChaosConfig) -> tuple[str, ...]:
 
 
 async def _membership_events(chaos: Run, supervisor: Supervisor, begun: float) -> None:
-    """Scale the primary stage out from 1 to 3 workers a third of the way in; three quarters
-    in, restart every worker in turn, each once the one before is back."""
+    """Scale the primary stage out from 1 to 3 workers about a third of the way in; about
+    three quarters in, restart every worker in turn, each once the one before is back. Both
+    fall half-way between the kills and the broker restart, so that what each event cost
+    is not what a kill just before it cost."""
     config = chaos.config
     if config.scale_out:
-        await anyio.sleep(max(0.0, begun + config.duration_s * 0.3 - time.monotonic()))
+        await anyio.sleep(max(0.0, begun + _quiet(config, 0.3) - time.monotonic()))
         chaos.event("scale out: primary 1 → 3 workers")
         for name in ("primary2", "primary3"):
             supervisor.start(name)
     if config.rolling_restart:
-        await anyio.sleep(max(0.0, begun + config.duration_s * 0.75 - time.monotonic()))
+        await anyio.sleep(max(0.0, begun + _quiet(config, 0.75) - time.monotonic()))
         chaos.event("rolling restart of every worker")
         for name in sorted(supervisor.processes):
             code = await supervisor.restart(name)
             chaos.log(f"{name} drained (exit {code}) and started again")
+
+
+def _quiet(config: ChaosConfig, near: float) -> float:
+    """The moment half-way between two scheduled actions closest to `near` (a fraction of
+    the run), in seconds after the first input."""
+    times = [
+        0.0,
+        *(at for at, _ in _schedule(config, random.Random(config.seed))),
+        config.duration_s,
+    ]
+    middles = [(a + b) / 2 for a, b in zip(times, times[1:], strict=False)]
+    return min(middles, key=lambda m: abs(m - near * config.duration_s))
 
 
 async def _sample_costs(sim_port: int, costs: list[tuple[float, int, int]]) -> None:

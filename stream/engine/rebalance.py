@@ -230,10 +230,18 @@ class Rebalancer:
 
     def _carry_on(self, partition: Partition) -> None:
         partition.resume()
+        tp = partition.tp
+        # Between aiokafka taking the new assignment and this callback, the fetch loop may
+        # have paused the partition (it was on probation then): unpaused, as `resume` says,
+        # or flow control would believe it fetching and never resume it.
+        try:
+            self._consumer.resume(tp)
+        except (IllegalStateError, AssertionError) as exc:
+            log.debug("not resuming %s: %s", tp, exc)
         # aiokafka would fetch from the committed offset again: continue after the last
         # record this worker fetched (queued and running ones are still here).
         if (position := partition.offsets.next_offset) >= 0:
-            seek(self._consumer, partition.tp, position)
+            seek(self._consumer, tp, position)
 
     def _start(self, tp: TopicPartition, committed: tuple[int, str] | None) -> None:
         if committed is None:
