@@ -139,6 +139,12 @@ class LagMonitor:
         return self._rows
 
     @property
+    def cluster_name(self) -> str:
+        """The lag metrics' `cluster_name`: STREAM_KAFKA_CLUSTER_NAME, else the cluster id
+        Kafka reports (empty until a reader has started)."""
+        return self._settings.cluster_name or self.cluster_id or ""
+
+    @property
     def healthy(self) -> bool:
         """The last round reached Kafka (readiness: "Kafka is reachable")."""
         return self.last_success is not None and self.last_error is None
