@@ -333,7 +333,7 @@ def test_dashboard_queries_only_metrics_that_exist() -> None:
 
 
 def test_prometheus_scrapes_both_workers() -> None:
-    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
     targets = {t for group in job["static_configs"] for t in group["targets"]}
     assert targets == {"primary:9400", "fallback:9400"}
