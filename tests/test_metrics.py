@@ -342,3 +342,26 @@ def test_prometheus_scrapes_both_workers() -> None:
     assert (
         not {k for group in job["static_configs"] for k in group.get("labels", {})} & metric_labels
     )
+
+
+def readme_metrics() -> dict[str, str]:
+    """Every metric the README's metrics table lists → its type."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| metric | type | labels | what |") :].split("\n\n")[0]
+    listed = {}
+    for line in table.splitlines()[2:]:
+        names, kind = line.split("|")[1:3]
+        for name in re.findall(r"`([a-z_]+)`", names):
+            listed[name] = kind.strip()
+    return listed
+
+
+def test_the_readme_lists_every_metric_with_its_type() -> None:
+    metrics = Metrics()
+    metrics.watch_engine(FakeEngine("primary", "g"))
+    metrics.watch_lag(LagMonitor(Settings().kafka, ["g"]))
+    exposed = {}
+    for family in metrics.registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        exposed[name] = family.type
+    assert readme_metrics() == exposed
