@@ -1,82 +1,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 
 import anyio
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import NewTopic
-from aiokafka.structs import OffsetAndMetadata
+from aiokafka import TopicPartition
 
 from stream.config import Settings
 from stream.devtools.broker import fetch_jars
-from stream.kafka import admin_client
 from stream.observe.lag import LagMonitor, LagRow, LagTracker, Status
 from stream.observe.lagcli import render
 from stream.observe.lagreader import GroupReading, LagReader
 from tests.conftest import run_cli
+from tests.lagkit import by_partition, commit, create_topic, live_member, produce
 
 pytestmark = pytest.mark.anyio
 
 HOUR_MS = 3_600_000
-
-
-async def create_topic(settings: Settings, name: str, partitions: int) -> str:
-    topic = settings.topic(name)
-    async with admin_client(settings.kafka, doing="test") as admin:
-        await admin.create_topics([NewTopic(topic, partitions, 1)])
-    return topic
-
-
-async def produce(
-    settings: Settings, topic: str, partition: int, timestamps: Sequence[int]
-) -> None:
-    producer = AIOKafkaProducer(**settings.kafka.client_options())
-    await producer.start()
-    try:
-        for ts in timestamps:
-            await producer.send_and_wait(topic, b"{}", partition=partition, timestamp_ms=ts)
-    finally:
-        await producer.stop()
-
-
-async def commit(
-    settings: Settings, group: str, offsets: dict[TopicPartition, int], metadata: str = ""
-) -> None:
-    """Commit offsets as a group with no live member (as a stopped worker leaves them)."""
-    # No auto-commit: it would commit the background fetch position on stop, over ours.
-    consumer = AIOKafkaConsumer(
-        group_id=group, enable_auto_commit=False, **settings.kafka.client_options()
-    )
-    await consumer.start()
-    try:
-        consumer.assign(list(offsets))
-        await consumer.commit({tp: OffsetAndMetadata(o, metadata) for tp, o in offsets.items()})
-    finally:
-        await consumer.stop()
-
-
-@asynccontextmanager
-async def live_member(settings: Settings, group: str, topic: str) -> AsyncIterator[None]:
-    """A member of `group` that owns `topic`'s partitions and never commits."""
-    consumer = AIOKafkaConsumer(
-        topic, group_id=group, enable_auto_commit=False, **settings.kafka.client_options()
-    )
-    await consumer.start()
-    try:
-        with anyio.fail_after(30):
-            while not consumer.assignment():
-                await consumer.getmany(timeout_ms=100, max_records=1)
-        yield
-    finally:
-        await consumer.stop()
-
-
-def by_partition(rows: Sequence[LagRow]) -> dict[int, LagRow]:
-    return {row.partition: row for row in rows}
 
 
 # --- against Kafka's own tool ------------------------------------------------------------

@@ -17,7 +17,7 @@ from stream.config import Settings
 from stream.observe.lag import LagTracker, Status
 from stream.observe.lagreader import PIPELINE_GROUPS, GroupReading, LagReader, PartitionReading
 from tests.conftest import run_cli
-from tests.test_lag import by_partition, commit, create_topic, produce
+from tests.lagkit import by_partition, commit, create_topic, produce
 
 pytestmark = pytest.mark.anyio
 

@@ -26,7 +26,7 @@ from stream.observe.lagmetrics import exported_groups
 from stream.observe.metrics import MAX_LABEL_VALUES, Metrics
 from tests.conftest import ROOT
 from tests.fakes import FakeEngine, PartitionSnapshot
-from tests.test_lag import commit, create_topic, live_member, produce
+from tests.lagkit import commit, create_topic, live_member, produce
 
 pytestmark = pytest.mark.anyio
 
