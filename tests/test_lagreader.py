@@ -126,13 +126,23 @@ async def test_a_named_group_with_nothing_says_so_in_one_line(
     assert len(done.stderr.strip().splitlines()) == 1 and "does not exist" in done.stderr
 
 
+async def test_pipeline_groups_without_their_topics_say_to_apply_them(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    done = await run_cli(env, "lag")
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2 and all("stream topics apply" in line for line in lines)
+    assert settings.topic("predictions.fallback") in lines[1]
+
+
 # --- the command's options and time bounds -------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("option", "value"),
     [("--stall-after", "-5"), ("--stall-after", "inf"), ("--interval", "0"),
-     ("--interval", "nan"), ("--samples", "0")],
+     ("--interval", "nan"), ("--interval", "1e308"), ("--samples", "0")],
 )  # fmt: skip
 async def test_bad_options_are_one_line_and_exit_2(
     env: dict[str, str], option: str, value: str

@@ -28,6 +28,7 @@ __all__ = ["register", "render"]
 
 _FETCH_TIMEOUT_S = 2.0  # to find the oldest waiting record of each partition
 _ROUND_S = 10.0  # one reading, connecting included: past this, Kafka did not answer
+_MAX_INTERVAL_S = 3600.0
 
 
 def register(commands: Any) -> None:
@@ -95,20 +96,32 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
         _show(rows, latest, as_json=args.json, redraw=False)
     missing = [reading.group for reading in latest if not reading.exists]
     for group in missing:
-        _err(
-            f"stream lag: consumer group {group!r} does not exist on "
-            f"{settings.kafka.bootstrap_servers} (no members, no committed offsets)"
-        )
+        _err(_missing(group, groups[group], settings.kafka.bootstrap_servers))
     if any(row.status in ATTENTION for row in rows):
         return EXIT_ATTENTION
     return EXIT_FAILED if missing else 0
 
 
+def _missing(group: str, topics: tuple[str, ...], where: str) -> str:
+    if topics:  # a pipeline group: its topics are not there either
+        return (
+            f"stream lag: consumer group {group!r} has nothing to show on {where}: its topics "
+            f"({', '.join(topics)}) do not exist; create them with `stream topics apply` "
+            "(and check STREAM_TOPIC_PREFIX)"
+        )
+    return (
+        f"stream lag: consumer group {group!r} does not exist on {where} "
+        "(no members, no committed offsets)"
+    )
+
+
 def _bad_options(args: argparse.Namespace) -> str | None:
     if args.samples < 1:
         return f"--samples must be at least 1 (got {args.samples})"
-    if not (math.isfinite(args.interval) and args.interval > 0):
-        return f"--interval must be a number of seconds above 0 (got {args.interval})"
+    if not 0 < args.interval <= _MAX_INTERVAL_S:  # NaN fails this too
+        return (
+            f"--interval must be above 0 and at most {_MAX_INTERVAL_S:.0f} s (got {args.interval})"
+        )
     if not (math.isfinite(args.stall_after) and args.stall_after >= 0):
         return f"--stall-after must be a number of seconds, 0 or more (got {args.stall_after})"
     return None
@@ -161,6 +174,8 @@ def _show(
     if as_json:
         _out(orjson.dumps([row.as_json() for row in rows]).decode())
         return
+    if not rows and not redraw:
+        return  # nothing to show: stderr says why
     # --watch clears the terminal: a live table, not a scrolling log
     _out(("\x1b[H\x1b[2J" if redraw else "") + render(rows, readings))
 
