@@ -28,12 +28,15 @@ members, and `members` is then None.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
+from functools import partial
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
+import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.coordinator.protocol import (
     ConsumerProtocolMemberAssignment,
@@ -46,6 +49,8 @@ from stream.kafka import admin_client, connected, translated
 
 __all__ = ["PIPELINE_GROUPS", "GroupReading", "LagReader", "PartitionReading"]
 
+T = TypeVar("T")
+
 # The pipeline's consumer groups and the topics each reads (names before STREAM_TOPIC_PREFIX):
 # a group that has not committed yet still has these partitions to show.
 PIPELINE_GROUPS: Mapping[str, tuple[str, ...]] = {
@@ -53,6 +58,7 @@ PIPELINE_GROUPS: Mapping[str, tuple[str, ...]] = {
     "predictions-fallback": ("predictions.fallback",),
 }
 
+_RETRIES = 6  # about 4 s of back-off in all
 _POLL_S = 0.05  # a fetch that returns nothing is re-checked this often against the log end
 
 
@@ -157,8 +163,9 @@ class LagReader:
 
     async def _read(self, groups: Mapping[str, Sequence[str]]) -> list[GroupReading]:
         at = time.time()
-        described = await self._describe(groups)
-        committed = {g: await self._admin.list_consumer_group_offsets(g) for g in groups}
+        described = await _retrying(partial(self._describe, groups))
+        offsets = self._admin.list_consumer_group_offsets
+        committed = {g: await _retrying(partial(offsets, g)) for g in groups}
         owners = {g: _owners(described.get(g)) for g in groups}
         topics = {
             g: {tp.topic for tp in (*committed[g], *owners[g])}
@@ -279,6 +286,19 @@ class LagReader:
         finally:
             consumer.pause(*tps)
         return found
+
+
+async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, again while Kafka says to retry (a young cluster has no group coordinator
+    until its offsets topic exists: a second or two), for a few seconds at most."""
+    for attempt in itertools.count():
+        try:
+            return await call()
+        except AIOKafkaError as exc:
+            if not exc.retriable or attempt >= _RETRIES:
+                raise
+            await anyio.sleep(min(1.0, 0.1 * 2**attempt))
+    raise AssertionError("unreachable")
 
 
 def _reading(
