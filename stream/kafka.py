@@ -8,7 +8,7 @@ aiokafka raises its own exception types, and a cluster that is down shows up as 
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 
@@ -169,16 +169,8 @@ async def _accepts_tcp(bootstrap: str) -> bool:
 async def admin_client(settings: KafkaSettings, *, doing: str) -> AsyncIterator[Any]:
     """A started `AIOKafkaAdminClient`; failures to connect become our `KafkaError`."""
     admin = AIOKafkaAdminClient(**settings.client_options())
-    try:
-        await admin.start()
-    except (AIOKafkaError, OSError) as exc:
-        await admin.close()
-        raise await translated(exc, settings, doing) from exc
-    connected(settings)
-    try:
+    async with _started(admin.start, admin.close, settings, doing):
         yield admin
-    finally:
-        await admin.close()
 
 
 @asynccontextmanager
@@ -187,7 +179,7 @@ async def consumer_client(
 ) -> AsyncIterator[Any]:
     """A started `AIOKafkaConsumer` that never commits on its own (callers decide when)."""
     consumer = AIOKafkaConsumer(**settings.client_options(), enable_auto_commit=False, **options)
-    async with _started(consumer, settings, doing):
+    async with _started(consumer.start, consumer.stop, settings, doing):
         yield consumer
 
 
@@ -195,22 +187,28 @@ async def consumer_client(
 async def producer_client(settings: KafkaSettings, *, doing: str) -> AsyncIterator[Any]:
     """A started idempotent producer (`acks=all`): a retried send is never written twice."""
     producer = AIOKafkaProducer(**settings.client_options(), enable_idempotence=True, acks="all")
-    async with _started(producer, settings, doing):
+    async with _started(producer.start, producer.stop, settings, doing):
         yield producer
 
 
 @asynccontextmanager
-async def _started(client: Any, settings: KafkaSettings, doing: str) -> AsyncIterator[None]:
+async def _started(
+    start: Callable[[], Awaitable[Any]],
+    close: Callable[[], Awaitable[Any]],
+    settings: KafkaSettings,
+    doing: str,
+) -> AsyncIterator[None]:
+    """A client started (and closed on the way out); failing to start, our `KafkaError`."""
     try:
-        await client.start()
+        await start()
     except (AIOKafkaError, OSError) as exc:
-        await client.stop()
+        await close()
         raise await translated(exc, settings, doing) from exc
     connected(settings)
     try:
         yield
     finally:
-        await client.stop()
+        await close()
 
 
 async def group_offsets(admin: Any, group: str, tps: list[Any]) -> dict[Any, Any]:

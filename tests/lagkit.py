@@ -3,6 +3,7 @@ with no live member, and a live member that owns partitions without committing."
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -14,6 +15,7 @@ from aiokafka.structs import OffsetAndMetadata
 from stream.config import Settings
 from stream.kafka import admin_client
 from stream.observe.lag import LagRow
+from tests.conftest import run_cli
 
 
 async def create_topic(settings: Settings, name: str, partitions: int) -> str:
@@ -69,3 +71,12 @@ async def live_member(settings: Settings, group: str, topic: str) -> AsyncIterat
 
 def by_partition(rows: Sequence[LagRow]) -> dict[int, LagRow]:
     return {row.partition: row for row in rows}
+
+
+async def lag_json(env: dict[str, str], group: str) -> list[subprocess.CompletedProcess[str]]:
+    """`stream lag --json` for `group`: one look, then a window of three readings."""
+    window = ("--samples", "3", "--interval", "0.1")
+    return [
+        await run_cli(env, "lag", "--group", group, "--json"),
+        await run_cli(env, "lag", "--group", group, "--json", *window),
+    ]

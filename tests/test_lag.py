@@ -13,7 +13,7 @@ from stream.observe.lag import LagMonitor, LagRow, LagTracker, Status
 from stream.observe.lagcli import render
 from stream.observe.lagreader import GroupReading, LagReader
 from tests.conftest import run_cli
-from tests.lagkit import by_partition, commit, create_topic, live_member, produce
+from tests.lagkit import by_partition, commit, create_topic, lag_json, live_member, produce
 
 pytestmark = pytest.mark.anyio
 
@@ -144,12 +144,7 @@ async def test_stopped_group_with_old_unprocessed_records_is_unowned_and_exits_3
     group = settings.group("stop")
     await commit(settings, group, {TopicPartition(topic, 0): 1})
 
-    one_look = await run_cli(env, "lag", "--group", group, "--json")
-    window = await run_cli(
-        env, "lag", "--group", group, "--json", "--samples", "3", "--interval", "0.1"
-    )
-
-    for done in (one_look, window):
+    for done in await lag_json(env, group):
         assert done.returncode == 3, done.stderr
         (row,) = orjson.loads(done.stdout)
         assert (row["status"], row["lag"], row["members"]) == ("UNOWNED", 2, 0)
