@@ -78,6 +78,7 @@ class KafkaSettings:
     ssl_keyfile: str | None = None
     client_id: str = "prediction-stream"
     request_timeout_ms: int = 30_000
+    cluster_name: str | None = None  # the lag metrics' `cluster_name`; default: the cluster id
 
     def client_options(self) -> dict[str, object]:
         """Keyword arguments shared by every aiokafka client this process makes."""
@@ -277,6 +278,7 @@ def _kafka_settings(source: _Source) -> KafkaSettings:
         ssl_certfile=source.text("STREAM_KAFKA_SSL_CERTFILE", "") or None,
         ssl_keyfile=source.text("STREAM_KAFKA_SSL_KEYFILE", "") or None,
         client_id=source.text("STREAM_KAFKA_CLIENT_ID", "prediction-stream"),
+        cluster_name=source.text("STREAM_KAFKA_CLUSTER_NAME", "") or None,
     )
 
 

@@ -39,7 +39,7 @@ def test_every_variable_is_one_the_settings_read(name: str) -> None:
 
 
 def test_metrics_ports_and_scrape_targets_line_up() -> None:
-    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     targets = {
         t
         for job in prometheus["scrape_configs"]

@@ -141,6 +141,7 @@ async def test_a_revoke_whose_commit_fails_still_releases_its_partitions(
         assert not await sink.write(again, 0, [Output(out, b"y")])  # its producer is gone
     finally:
         await sink.stop()
+        await consumer.stop()  # never started, but aiokafka warns of any unclosed consumer
 
 
 async def test_an_error_on_revoke_is_kept_for_the_fetch_loop() -> None:

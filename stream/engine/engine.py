@@ -123,6 +123,7 @@ class Engine:
             max_partition_fetch_bytes=1024 * 1024,
             fetch_max_bytes=16 * 1024 * 1024,
             max_poll_records=min(config.max_in_flight, 500),
+            metadata_max_age_ms=30_000,  # new partitions (topics apply --add-partitions) in < 1 min
         )
 
     def _make_sink(self, consumer: AIOKafkaConsumer) -> Sink:
