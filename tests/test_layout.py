@@ -133,3 +133,12 @@ def test_no_module_is_longer_than_a_reader_can_hold(module: str) -> None:
     if module in _NOT_YET:
         pytest.xfail(f"{module} ({lines} lines) is being split")
     assert lines <= MAX_LINES, f"{module} has {lines} lines: split it along a seam"
+
+
+def test_each_command_is_registered_by_the_module_the_cli_names_for_it() -> None:
+    from stream.cli import COMMANDS, build_parser
+
+    for name in COMMANDS:
+        parser = build_parser([name, "--help"])
+        (commands,) = [a for a in parser._actions if a.dest == "command"]
+        assert list(commands.choices) == [name]  # type: ignore[attr-defined]
