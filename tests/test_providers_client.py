@@ -17,7 +17,7 @@ from stream.catalog import Model
 from stream.config import ProviderSettings, Secret
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.errors import CircuitOpenError, FatalProviderError, RetryableProviderError
-from stream.providers import Backoff, BreakerConfig, ProviderClient
+from stream.providers import Backoff, BreakerConfig, Clock, ProviderClient
 
 pytestmark = pytest.mark.anyio
 
@@ -264,11 +264,23 @@ async def test_a_past_deadline_is_not_called(client: ProviderClient, sim: Simula
     assert sim.stats()["requests"] == 0
 
 
+class FakeTime:
+    """Both of the client's clocks, moved by the test: a cool-down passes in no time."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def clock(self) -> Clock:
+        return Clock(monotonic=lambda: self.now, wall=lambda: 1.7e9 + self.now)
+
+
 async def test_breaker_opens_probes_and_closes(sim: Simulator) -> None:
-    recorder = Recorder()
-    config = BreakerConfig(window_s=60, min_calls=4, failure_rate=0.5, cooldown_s=0.3)
+    recorder, time_ = Recorder(), FakeTime()
+    config = BreakerConfig(window_s=60, min_calls=4, failure_rate=0.5, cooldown_s=15)
     settings = _settings(sim.url, retries=0)
-    async with ProviderClient(settings, observer=recorder, breaker=config) as client:
+    async with ProviderClient(
+        settings, observer=recorder, breaker=config, clock=time_.clock()
+    ) as client:
         for _ in range(4):
             with pytest.raises(RetryableProviderError):
                 await client.complete(GLM, _ask("[[sim:500]]"))
@@ -277,16 +289,46 @@ async def test_breaker_opens_probes_and_closes(sim: Simulator) -> None:
             await client.complete(GLM, _ask())
         assert caught.value.attempts == 0 and sim.stats()["requests"] == 4
         assert client.breaker_state(R1) == "closed"  # per model
-        await anyio.sleep(0.3)  # the cool-down itself is what is under test
+        time_.now += 15
         assert client.breaker_state(GLM) == "half_open"
         with pytest.raises(RetryableProviderError):
             await client.complete(GLM, _ask("[[sim:500]]"))  # the probe fails
         assert client.breaker_state(GLM) == "open"
-        await anyio.sleep(0.3)
+        time_.now += 15
         assert (await client.complete(GLM, _ask())).attempts == 1  # the probe passes
         assert client.breaker_state(GLM) == "closed"
     assert recorder.breaker == ["open", "half_open", "open", "half_open", "closed"]
     assert sim.stats()["requests"] == 6
+
+
+async def test_reading_the_breaker_state_reports_nothing(sim: Simulator) -> None:
+    # Reading is not acting: the transition is reported once, by the call that acts on it.
+    recorder, time_ = Recorder(), FakeTime()
+    config = BreakerConfig(window_s=60, min_calls=2, failure_rate=0.5, cooldown_s=15)
+    settings = _settings(sim.url, retries=0)
+    async with ProviderClient(
+        settings, observer=recorder, breaker=config, clock=time_.clock()
+    ) as client:
+        for _ in range(2):
+            with pytest.raises(RetryableProviderError):
+                await client.complete(GLM, _ask("[[sim:500]]"))
+        time_.now += 15
+        for _ in range(3):
+            assert client.breaker_state(GLM) == "half_open"
+        assert recorder.breaker == ["open"]
+        await client.complete(GLM, _ask())
+    assert recorder.breaker == ["open", "half_open", "closed"]
+
+
+async def test_a_deadline_is_read_on_the_injected_wall_clock(sim: Simulator) -> None:
+    time_ = FakeTime()
+    async with ProviderClient(_settings(sim.url), clock=time_.clock()) as client:
+        wall = time_.clock().wall()
+        with pytest.raises(RetryableProviderError) as caught:
+            await client.complete(GLM, _ask(), deadline=wall - 1)
+        assert caught.value.error_type == "deadline"
+        assert (await client.complete(GLM, _ask(), deadline=wall + 5)).attempts == 1
+    assert sim.stats()["requests"] == 1
 
 
 async def test_our_own_bad_requests_do_not_open_the_breaker(sim: Simulator) -> None:

@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from stream.observe.lag import LagMonitor, nan_if_none
 from stream.observe.lagstatus import Status
+from stream.providers.observer import ProviderObserver
 
 __all__ = [
     "BREAKER_STATES",
@@ -35,7 +36,6 @@ __all__ = [
     "EngineView",
     "Metrics",
     "PartitionView",
-    "ProviderObserver",
     "SnapshotSource",
 ]
 
@@ -48,14 +48,6 @@ OUTCOMES = frozenset({"result", "fallback", "dead_letter"})
 MAX_LABEL_VALUES = 200
 
 _CLEAN = re.compile(r"[^A-Za-z0-9_.:/\-]")
-
-
-class ProviderObserver(Protocol):
-    """What the provider client calls; `Metrics` implements it."""
-
-    def on_attempt(self, provider: str, model: str, status_class: str, seconds: float) -> None: ...
-    def on_retry(self, provider: str, model: str, error_type: str) -> None: ...
-    def on_breaker(self, provider: str, model: str, state: str) -> None: ...
 
 
 class PartitionView(Protocol):
@@ -125,7 +117,7 @@ class _Labels:
         return value
 
 
-class Metrics:
+class Metrics(ProviderObserver):
     """A worker's metrics: the observer the provider client calls, and what stages call."""
 
     def __init__(self) -> None:
