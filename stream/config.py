@@ -101,6 +101,8 @@ class ProviderSettings:
     max_connections: int = 1000
     max_retries: int = 4
     breaker_cooldown_s: float = 15.0
+    # Calls in flight per model when the worker starts; grows by AIMD to max_connections.
+    initial_concurrency: int = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,6 +284,7 @@ def _provider_settings(source: _Source, name: str, base_url: str) -> ProviderSet
         max_connections=source.integer(f"STREAM_{upper}_MAX_CONNECTIONS", 1000, low=1),
         max_retries=source.integer(f"STREAM_{upper}_MAX_RETRIES", 4, low=0, high=20),
         breaker_cooldown_s=source.number(f"STREAM_{upper}_BREAKER_COOLDOWN_S", 15.0, low=0.1),
+        initial_concurrency=source.integer(f"STREAM_{upper}_INITIAL_CONCURRENCY", 16, low=1),
     )
 
 

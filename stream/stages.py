@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 _KAFKA_MAX_MESSAGE_BYTES = 1_048_588
 # Room for a record batch's framing, beside the record's value, key and headers.
 _FRAMING_BYTES = 512
+# Provider failures that are the request's, not the provider's: the same request fails the
+# same way anywhere (and is paid for again), so it is a dead letter with that reason at once.
+FINAL_ERRORS = frozenset({"content_filter", "context_length_exceeded"})
 
 
 class StageObserver(Protocol):
@@ -142,6 +145,10 @@ class _Stage:
             attempts=attempts,
             latency_ms=done.latency_ms,
             fallback=fallback,
+            finish_reason=done.finish_reason,
+            tool_calls=done.tool_calls,
+            provider_request_id=done.provider_request_id,
+            cost_usd=done.cost_usd,
         )
         output = self._output(record, self.topics.results, value, request.request_id)
         size = _record_size(output)
@@ -159,6 +166,22 @@ class _Stage:
             )
         self._count("result", "fallback" if fallback else None)
         return output
+
+    def _final(
+        self,
+        record: SourceRecord,
+        request: Request,
+        exc: ProviderError,
+        failures: Sequence[dict[str, Any]],
+    ) -> Output:
+        """A dead letter whose reason is the provider's verdict on the request itself."""
+        return self._dead(
+            record,
+            exc.error_type,
+            f"{request.model}: {exc.message[:300]}",
+            request=request.body,
+            failures=failures,
+        )
 
     @staticmethod
     def _output(record: SourceRecord, topic: str, value: bytes, request_id: Any) -> Output:
@@ -205,8 +228,10 @@ class PrimaryStage(_Stage):
         try:
             done = await self._call(model, request)
         except ProviderError as exc:
-            self._count("fallback", exc.error_type)
             failure = records.failure_of(exc)
+            if exc.error_type in FINAL_ERRORS:
+                return [self._final(record, request, exc, [failure])]
+            self._count("fallback", exc.error_type)
             value = records.fallback_record(request, failure)
             return [self._output(record, self.topics.fallback, value, request.request_id)]
         return [self._result(record, request, done, attempts=done.attempts, fallback=False)]
@@ -294,6 +319,8 @@ class FallbackStage(_Stage):
                 request_id=request.request_id,
             )
         except ProviderError as exc:
+            if exc.error_type in FINAL_ERRORS:
+                return self._final(record, request, exc, [failure, records.failure_of(exc)])
             return self._dead(
                 record,
                 "fallback_failed",

@@ -56,6 +56,8 @@ REASONS = (
     "fallback_failed",
     "handler_error",
     "result_too_large",
+    "content_filter",
+    "context_length_exceeded",
 )
 # the same bytes would fail the same way: sent again only with --force
 HOPELESS = frozenset(
@@ -66,6 +68,8 @@ HOPELESS = frozenset(
         "too_large",
         "unknown_model",
         "result_too_large",
+        "content_filter",
+        "context_length_exceeded",
     }
 )
 OUTCOMES = ("redriven", "already redriven", "cannot succeed", "no request", "not selected")

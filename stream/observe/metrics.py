@@ -19,14 +19,16 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import astuple
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from stream.observe.lag import LagMonitor, nan_if_none
 from stream.observe.lagstatus import Status
+from stream.prices import token_counts
 from stream.providers.observer import ProviderObserver
 
 __all__ = [
@@ -46,6 +48,7 @@ BREAKER_STATES = ("closed", "open", "half_open")
 STATUS_CLASSES = frozenset({"1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "connect"})
 OUTCOMES = frozenset({"result", "fallback", "dead_letter"})
 MAX_LABEL_VALUES = 200
+TOKEN_KINDS = ("prompt", "cached", "completion", "reasoning")  # the fields of TokenCounts
 
 _CLEAN = re.compile(r"[^A-Za-z0-9_.:/\-]")
 
@@ -171,7 +174,38 @@ class Metrics(ProviderObserver):
             buckets=COMMIT_BUCKETS,
             registry=registry,
         )
+        self._answers(registry)
         registry.register(_SnapshotCollector(self._engines, self._monitors))
+
+    def _answers(self, registry: CollectorRegistry) -> None:
+        """What answers were and cost (issue 13): kept together for an easy merge."""
+        pm = ["provider", "model"]
+        self.tokens = Counter(
+            "stream_provider_tokens",
+            "Tokens billed, by kind: prompt (cached included), cached (of prompt), "
+            "completion (reasoning included), reasoning (of completion).",
+            [*pm, "kind"],
+            registry=registry,
+        )
+        self.spend = Counter(
+            "stream_provider_spend_usd",
+            "What provider answers cost at the catalog's prices, in USD.",
+            pm,
+            registry=registry,
+        )
+        self.finish_reasons = Counter(
+            "stream_provider_answers",
+            "Answers billed, by finish reason (length: cut at max_tokens; content_filter).",
+            [*pm, "finish_reason"],
+            registry=registry,
+        )
+        self.repeats = Counter(
+            "stream_repeated_calls",
+            "Provider calls for a request that may have been answered before, by cause "
+            "(restart: re-delivered after a crash or rebalance; replay; redrive).",
+            ["stage", "cause"],
+            registry=registry,
+        )
 
     # --- the provider client (ProviderObserver) --------------------------------------------
 
@@ -188,6 +222,28 @@ class Metrics(ProviderObserver):
         labels = self._pm(provider, model)
         self.breaker.labels(*labels).state(state)
         self.breaker_changes.labels(*labels, state).inc()
+
+    def on_answer(
+        self,
+        provider: str,
+        model: str,
+        finish_reason: str | None,
+        usage: Mapping[str, Any] | None,
+        cost_usd: float | None,
+    ) -> None:
+        labels = self._pm(provider, model)
+        finish = self._label("finish_reason", finish_reason) if finish_reason else "none"
+        self.finish_reasons.labels(*labels, finish).inc()
+        counts = token_counts(usage)
+        if counts is not None:
+            for kind, value in zip(TOKEN_KINDS, astuple(counts), strict=True):
+                self.tokens.labels(*labels, kind).inc(value)
+        if cost_usd:
+            self.spend.labels(*labels).inc(cost_usd)
+
+    def record_repeat(self, stage: str, cause: str) -> None:
+        """A provider call for a request that may have been answered before."""
+        self.repeats.labels(self._label("stage", stage), self._label("cause", cause)).inc()
 
     # --- stages and engine -----------------------------------------------------------------
 

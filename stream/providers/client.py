@@ -1,8 +1,14 @@
 """The OpenAI-compatible client for one provider: one call, retried inside its deadline.
 
-    complete ─► breaker gate ─► _retry_loop ─► _attempt ─► limiter ─► ProviderHTTP.send
-                                     ▲              └─► Parsed | Failure
-                                     └── wait: Retry-After, else backoff; never past the end
+    complete ─► spend gate ─► _retry_loop ─► breaker gate ─► _attempt ─► limiter ─► send
+                                   ▲                                └─► Parsed | Failure
+                                   └── wait: Retry-After, else backoff; never past the end
+
+Money first: with a `SpendGate`, a call waits for the spend limit before its budget starts
+(a paused spend limit must not eat the model's timeout), up to the request's deadline.
+A wait the provider asks for (Retry-After, or a quota announced spent) pauses the model's
+calls; one that does not fit the request's deadline fails at once, so the request goes to
+its fallback instead of sleeping into a refusal.
 
 Each model has its own `_ModelState` (breaker, limiter, the probe's verdict, the breaker
 state last reported): a model that is down answers 503 for itself, and must not open the
@@ -34,8 +40,9 @@ from stream.providers.breaker import BreakerConfig, CircuitBreaker, Outcome, Sta
 from stream.providers.clock import Clock
 from stream.providers.completion import Completion, Parsed, wants_json
 from stream.providers.http import Exchange, Failure, ProviderHTTP
-from stream.providers.limiter import AdaptiveLimiter, Permit, ratelimit_pause
-from stream.providers.observer import ProviderObserver
+from stream.providers.limiter import AdaptiveLimiter, Permit
+from stream.providers.observer import Hold, ProviderObserver, SpendGate
+from stream.providers.ratelimits import read_ratelimits
 from stream.providers.retry import Backoff, classify
 
 __all__ = ["ProviderClient"]
@@ -44,6 +51,15 @@ logger = logging.getLogger(__name__)
 
 # Statuses that mean "too many calls": the limiter shrinks on them.
 _THROTTLES = frozenset({429, 503, 529})
+
+
+@dataclass
+class _Run:
+    """One `complete` call across its attempts: what it has been billed, and the last id."""
+
+    cost_usd: float = 0.0
+    priced: bool = False
+    request_id: str | None = None
 
 
 @dataclass(eq=False)
@@ -114,19 +130,58 @@ class ProviderClient:
         *,
         deadline: float | None = None,
         request_id: str | None = None,
+        spend: SpendGate | None = None,
     ) -> Completion:
         """Run one chat completion, retrying inside min(deadline, model.timeout_s).
 
         Raises `RetryableProviderError` (retries or time used up), `FatalProviderError`,
         or `CircuitOpenError` (not called at all).
         """
+        body = self._body(model, messages, params)
+        hold = await self._admit(spend, model, body, params, deadline)
+        run = _Run()
+        try:
+            return await self._complete(model, body, params, deadline, request_id, run)
+        finally:
+            if hold is not None:
+                hold.settle(run.cost_usd)
+
+    async def _admit(
+        self,
+        spend: SpendGate | None,
+        model: Model,
+        body: bytes,
+        params: dict[str, Any] | None,
+        deadline: float | None,
+    ) -> Hold | None:
+        """Wait for the spend limit, up to the request's deadline (not the model's timeout)."""
+        if spend is None:
+            return None
+        max_tokens = _max_tokens(params)
+        wait = None if deadline is None else deadline - self._clock.wall()
+        with anyio.move_on_after(wait):
+            return await spend.admit(model, len(body), max_tokens)
+        failure = Failure(
+            retryable=True, error_type="deadline", message="deadline passed under the spend limit"
+        )
+        raise self._error(model, failure, 0, _Run())
+
+    async def _complete(
+        self,
+        model: Model,
+        body: bytes,
+        params: dict[str, Any] | None,
+        deadline: float | None,
+        request_id: str | None,
+        run: _Run,
+    ) -> Completion:
         started = self._clock.monotonic()
         end = started + self._budget(model, deadline)
         if end <= started:
             failure = Failure(retryable=True, error_type="deadline", message="deadline passed")
-            raise self._error(model, failure, 0)
-        body = self._body(model, messages, params)
-        parsed, attempts = await self._retry_loop(model, body, wants_json(params), end, request_id)
+            raise self._error(model, failure, 0, run)
+        json_output = wants_json(params)
+        parsed, attempts = await self._retry_loop(model, body, json_output, end, request_id, run)
         return Completion(
             content=parsed.content,
             reasoning=parsed.reasoning,
@@ -135,6 +190,10 @@ class ProviderClient:
             provider_model=parsed.served_model or model.api_model,
             attempts=attempts,
             latency_ms=(self._clock.monotonic() - started) * 1000.0,
+            finish_reason=parsed.finish_reason,
+            tool_calls=parsed.tool_calls,
+            provider_request_id=parsed.response_id,
+            cost_usd=run.cost_usd if run.priced else None,
         )
 
     def _budget(self, model: Model, deadline: float | None) -> float:
@@ -151,7 +210,13 @@ class ProviderClient:
         return orjson.dumps({**extra, "model": model.api_model, "messages": messages})
 
     async def _retry_loop(
-        self, model: Model, body: bytes, json_output: bool, end: float, request_id: str | None
+        self,
+        model: Model,
+        body: bytes,
+        json_output: bool,
+        end: float,
+        request_id: str | None,
+        run: _Run,
     ) -> tuple[Parsed, int]:
         attempt = 0
         last: Failure | None = None
@@ -160,23 +225,27 @@ class ProviderClient:
             if ticket is None:
                 if await self._probe_passed(model, end):
                     continue
-                raise self._circuit_open(model, last, attempt)
+                raise self._circuit_open(model, last, attempt, run)
             attempt += 1
-            result = await self._attempt(model, ticket, body, json_output, end, request_id, attempt)
+            result = await self._attempt(model, ticket, body, json_output, end, attempt, run)
+            self._log_attempt(model, result, request_id, attempt)
             if isinstance(result, Parsed):
                 return result, attempt
             last = result
             wait = self._next_wait(result, attempt, end)
             if wait is None:
-                raise self._error(model, result, attempt)
+                note = "the provider asked to wait past the deadline" if result.wait_s else ""
+                raise self._error(model, result, attempt, run, note=note)
             if self._observer:
                 self._observer.on_retry(self.provider, model.id, result.error_type)
             await anyio.sleep(wait)
 
-    def _circuit_open(self, model: Model, last: Failure | None, attempts: int) -> ProviderError:
+    def _circuit_open(
+        self, model: Model, last: Failure | None, attempts: int, run: _Run
+    ) -> ProviderError:
         if last is not None:
             # It was called, and failed: the failure says more than the breaker does.
-            return self._error(model, last, attempts, note="circuit opened; not retried")
+            return self._error(model, last, attempts, run, note="circuit opened; not retried")
         return CircuitOpenError(
             f"{self.provider} {model.api_model}: circuit open, not called",
             provider=self.provider,
@@ -219,9 +288,12 @@ class ProviderClient:
     def _state(self, model: Model) -> _ModelState:
         state = self._models.get(model.id)
         if state is None:
+            initial = model.initial_concurrency or self.settings.initial_concurrency
+            limiter = AdaptiveLimiter(
+                self.settings.max_connections, initial=initial, clock=self._clock.monotonic
+            )
             state = self._models[model.id] = _ModelState(
-                breaker=CircuitBreaker(self._breaker_config),
-                limiter=AdaptiveLimiter(self.settings.max_connections, clock=self._clock.monotonic),
+                breaker=CircuitBreaker(self._breaker_config), limiter=limiter
             )
         return state
 
@@ -244,8 +316,8 @@ class ProviderClient:
         body: bytes,
         json_output: bool,
         end: float,
-        request_id: str | None,
         attempt: int,
+        run: _Run,
     ) -> Parsed | Failure:
         """One call; the breaker and the limiter hear its outcome whatever happens."""
         state = self._state(model)
@@ -253,35 +325,64 @@ class ProviderClient:
         outcome: Outcome = "neutral"
         throttled = False
         try:
-            permit = await self._acquire(state.limiter, end)
-            if permit is None:
-                return Failure(retryable=True, error_type="deadline", message="no slot in time")
+            acquired = await self._acquire(state.limiter, end)
+            if isinstance(acquired, Failure):
+                return acquired
+            permit = acquired
             exchange = await self._http.send(body, json_output, end)
             outcome, throttled = self._judge(exchange.result)
         finally:
             self._settle(model, state, ticket, permit, outcome, throttled)
         self._heed(state, exchange)
-        self._note_attempt(model, exchange, request_id, attempt)
+        self._account(model, exchange, run)
+        if self._observer:
+            self._observer.on_attempt(self.provider, model.id, exchange.label, exchange.seconds)
         return exchange.result
 
-    async def _acquire(self, limiter: AdaptiveLimiter, end: float) -> Permit | None:
+    async def _acquire(self, limiter: AdaptiveLimiter, end: float) -> Permit | Failure:
         permit = limiter.try_acquire()
         if permit is not None:
             return permit
+        if limiter.paused_until >= end:
+            # The provider asked for a pause that outlasts this request: fail over now.
+            return Failure(
+                retryable=True,
+                error_type="rate_limited",
+                message="the provider's rate limit resets after the deadline",
+            )
         try:
             with anyio.fail_after(end - self._clock.monotonic()):
                 return await limiter.acquire()
         except TimeoutError:
-            return None
+            return Failure(retryable=True, error_type="deadline", message="no slot in time")
 
     @staticmethod
     def _heed(state: _ModelState, exchange: Exchange) -> None:
-        """Quota headers ride on successes too: the last call before the wall is a 200."""
-        if exchange.headers is None:
-            return
-        pause = ratelimit_pause(exchange.headers)
-        if pause:
-            state.limiter.pause(pause)
+        """Announced limits ride on successes too: the last call before the wall is a 200.
+        A Retry-After holds back every call to the model, not just the one that got it."""
+        if exchange.headers is not None:
+            state.limiter.heed(read_ratelimits(exchange.headers))
+        result = exchange.result
+        if isinstance(result, Failure) and result.status == 429 and result.wait_s:
+            state.limiter.pause(result.wait_s)
+
+    def _account(self, model: Model, exchange: Exchange, run: _Run) -> None:
+        """What the provider billed for this attempt: a 200, usable or not."""
+        result = exchange.result
+        if isinstance(result, Parsed):
+            usage, finish, run.request_id = result.usage, result.finish_reason, result.response_id
+        else:
+            usage, finish, run.request_id = result.usage, None, result.request_id
+            if result.status == 200 and result.error_type == "content_filter":
+                finish = "content_filter"
+            elif result.status != 200:
+                return
+        cost = model.price.cost(usage) if model.price is not None else None
+        if cost is not None:
+            run.cost_usd += cost
+            run.priced = True
+        if self._observer:
+            self._observer.on_answer(self.provider, model.id, finish, usage, cost)
 
     @staticmethod
     def _judge(result: Parsed | Failure) -> tuple[Outcome, bool]:
@@ -314,26 +415,21 @@ class ProviderClient:
             state.verdict.set()
             state.verdict = anyio.Event()
 
-    def _note_attempt(
-        self, model: Model, exchange: Exchange, request_id: str | None, attempt: int
+    def _log_attempt(
+        self, model: Model, result: Parsed | Failure, request_id: str | None, attempt: int
     ) -> None:
-        if self._observer:
-            self._observer.on_attempt(self.provider, model.id, exchange.label, exchange.seconds)
-        result = exchange.result
         what = "ok" if isinstance(result, Parsed) else result.error_type
         logger.debug(
-            "attempt %d on %s %s: %s (%s) in %.3fs",
+            "attempt %d on %s %s: %s",
             attempt,
             self.provider,
             model.api_model,
             what,
-            exchange.label,
-            exchange.seconds,
             extra={"request_id": request_id},
         )
 
     def _error(
-        self, model: Model, failure: Failure, attempts: int, *, note: str = ""
+        self, model: Model, failure: Failure, attempts: int, run: _Run, *, note: str = ""
     ) -> ProviderError:
         kind = RetryableProviderError if failure.retryable else FatalProviderError
         status = f"HTTP {failure.status}" if failure.status else failure.error_type
@@ -348,4 +444,14 @@ class ProviderClient:
             status=failure.status,
             error_type=failure.error_type,
             attempts=attempts,
+            provider_request_id=failure.request_id or run.request_id,
+            cost_usd=run.cost_usd if run.priced else None,
         )
+
+
+def _max_tokens(params: dict[str, Any] | None) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = (params or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

@@ -13,7 +13,7 @@ Nothing here retries, waits or keeps state between calls: that is `ProviderClien
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import aiohttp
@@ -24,7 +24,7 @@ from httpx_aiohttp import AiohttpTransport
 
 from stream.config import ProviderSettings
 from stream.providers.clock import Clock
-from stream.providers.completion import BadOutput, Parsed, parse_completion
+from stream.providers.completion import BadOutput, Parsed, Usage, parse_completion
 from stream.providers.retry import classify, retry_after, status_class
 
 __all__ = ["Exchange", "Failure", "ProviderHTTP"]
@@ -41,6 +41,8 @@ class Failure:
     message: str
     status: int | None = None
     wait_s: float | None = None  # what the provider asked for (Retry-After)
+    request_id: str | None = None  # the provider's, to quote to its support
+    usage: Usage | None = None  # what it billed for this attempt (a bad 200), if it said
 
 
 class Exchange(NamedTuple):
@@ -140,30 +142,41 @@ class ProviderHTTP:
         return response
 
     def _read(self, response: httpx.Response, json_output: bool) -> Parsed | Failure:
+        request_id = response.headers.get("x-request-id") or None
         if response.status_code == 200:
             try:
-                return parse_completion(response.content, json_output=json_output)
+                parsed = parse_completion(response.content, json_output=json_output)
             except BadOutput as exc:
                 return Failure(
-                    retryable=True, error_type=exc.error_type, message=str(exc), status=200
+                    retryable=exc.retryable,
+                    error_type=exc.error_type,
+                    message=str(exc),
+                    status=200,
+                    request_id=request_id,
+                    usage=exc.usage,
                 )
+            if parsed.response_id is None and request_id:
+                parsed = replace(parsed, response_id=request_id[:200])
+            return parsed
         if 200 < response.status_code < 300:
             return Failure(
                 retryable=True,
                 error_type="unexpected_status",
                 message="no completion in the answer",
                 status=response.status_code,
+                request_id=request_id,
             )
         # Scrubbed before any cut: a long key cut in half by truncation would not match later.
         body = response.content.decode("utf-8", "replace")
         code, message = error_detail(body, self.scrub)
-        verdict = classify(response.status_code, response.headers, code)
+        verdict = classify(response.status_code, response.headers, code, message)
         return Failure(
             retryable=verdict.retryable,
             error_type=verdict.error_type,
             message=message or response.reason_phrase or f"HTTP {response.status_code}",
             status=response.status_code,
             wait_s=retry_after(response.headers, self._clock.wall()),
+            request_id=request_id[:200] if request_id else None,
         )
 
     def scrub(self, text: str) -> str:
