@@ -36,30 +36,18 @@ from stream.errors import (
     ProviderError,
     RetryableProviderError,
 )
+from stream.providers.attempts import Run, acquire, heed, judge, max_tokens
 from stream.providers.breaker import BreakerConfig, CircuitBreaker, Outcome, State, Ticket
 from stream.providers.clock import Clock
 from stream.providers.completion import Completion, Parsed, wants_json
 from stream.providers.http import Exchange, Failure, ProviderHTTP
 from stream.providers.limiter import AdaptiveLimiter, Permit
 from stream.providers.observer import Hold, ProviderObserver, SpendGate
-from stream.providers.ratelimits import read_ratelimits
-from stream.providers.retry import Backoff, classify
+from stream.providers.retry import Backoff
 
 __all__ = ["ProviderClient"]
 
 logger = logging.getLogger(__name__)
-
-# Statuses that mean "too many calls": the limiter shrinks on them.
-_THROTTLES = frozenset({429, 503, 529})
-
-
-@dataclass
-class _Run:
-    """One `complete` call across its attempts: what it has been billed, and the last id."""
-
-    cost_usd: float = 0.0
-    priced: bool = False
-    request_id: str | None = None
 
 
 @dataclass(eq=False)
@@ -139,7 +127,7 @@ class ProviderClient:
         """
         body = self._body(model, messages, params)
         hold = await self._admit(spend, model, body, params, deadline)
-        run = _Run()
+        run = Run()
         try:
             return await self._complete(model, body, params, deadline, request_id, run)
         finally:
@@ -157,14 +145,13 @@ class ProviderClient:
         """Wait for the spend limit, up to the request's deadline (not the model's timeout)."""
         if spend is None:
             return None
-        max_tokens = _max_tokens(params)
         wait = None if deadline is None else deadline - self._clock.wall()
         with anyio.move_on_after(wait):
-            return await spend.admit(model, len(body), max_tokens)
+            return await spend.admit(model, len(body), max_tokens(params))
         failure = Failure(
             retryable=True, error_type="deadline", message="deadline passed under the spend limit"
         )
-        raise self._error(model, failure, 0, _Run())
+        raise self._error(model, failure, 0, Run())
 
     async def _complete(
         self,
@@ -173,7 +160,7 @@ class ProviderClient:
         params: dict[str, Any] | None,
         deadline: float | None,
         request_id: str | None,
-        run: _Run,
+        run: Run,
     ) -> Completion:
         started = self._clock.monotonic()
         end = started + self._budget(model, deadline)
@@ -216,7 +203,7 @@ class ProviderClient:
         json_output: bool,
         end: float,
         request_id: str | None,
-        run: _Run,
+        run: Run,
     ) -> tuple[Parsed, int]:
         attempt = 0
         last: Failure | None = None
@@ -241,7 +228,7 @@ class ProviderClient:
             await anyio.sleep(wait)
 
     def _circuit_open(
-        self, model: Model, last: Failure | None, attempts: int, run: _Run
+        self, model: Model, last: Failure | None, attempts: int, run: Run
     ) -> ProviderError:
         if last is not None:
             # It was called, and failed: the failure says more than the breaker does.
@@ -317,7 +304,7 @@ class ProviderClient:
         json_output: bool,
         end: float,
         attempt: int,
-        run: _Run,
+        run: Run,
     ) -> Parsed | Failure:
         """One call; the breaker and the limiter hear its outcome whatever happens."""
         state = self._state(model)
@@ -325,48 +312,21 @@ class ProviderClient:
         outcome: Outcome = "neutral"
         throttled = False
         try:
-            acquired = await self._acquire(state.limiter, end)
+            acquired = await acquire(state.limiter, end, self._clock.monotonic)
             if isinstance(acquired, Failure):
                 return acquired
             permit = acquired
             exchange = await self._http.send(body, json_output, end)
-            outcome, throttled = self._judge(exchange.result)
+            outcome, throttled = judge(exchange.result)
         finally:
             self._settle(model, state, ticket, permit, outcome, throttled)
-        self._heed(state, exchange)
+        heed(state.limiter, exchange)
         self._account(model, exchange, run)
         if self._observer:
             self._observer.on_attempt(self.provider, model.id, exchange.label, exchange.seconds)
         return exchange.result
 
-    async def _acquire(self, limiter: AdaptiveLimiter, end: float) -> Permit | Failure:
-        permit = limiter.try_acquire()
-        if permit is not None:
-            return permit
-        if limiter.paused_until >= end:
-            # The provider asked for a pause that outlasts this request: fail over now.
-            return Failure(
-                retryable=True,
-                error_type="rate_limited",
-                message="the provider's rate limit resets after the deadline",
-            )
-        try:
-            with anyio.fail_after(end - self._clock.monotonic()):
-                return await limiter.acquire()
-        except TimeoutError:
-            return Failure(retryable=True, error_type="deadline", message="no slot in time")
-
-    @staticmethod
-    def _heed(state: _ModelState, exchange: Exchange) -> None:
-        """Announced limits ride on successes too: the last call before the wall is a 200.
-        A Retry-After holds back every call to the model, not just the one that got it."""
-        if exchange.headers is not None:
-            state.limiter.heed(read_ratelimits(exchange.headers))
-        result = exchange.result
-        if isinstance(result, Failure) and result.status == 429 and result.wait_s:
-            state.limiter.pause(result.wait_s)
-
-    def _account(self, model: Model, exchange: Exchange, run: _Run) -> None:
+    def _account(self, model: Model, exchange: Exchange, run: Run) -> None:
         """What the provider billed for this attempt: a 200, usable or not."""
         result = exchange.result
         if isinstance(result, Parsed):
@@ -383,19 +343,6 @@ class ProviderClient:
             run.priced = True
         if self._observer:
             self._observer.on_answer(self.provider, model.id, finish, usage, cost)
-
-    @staticmethod
-    def _judge(result: Parsed | Failure) -> tuple[Outcome, bool]:
-        """(breaker outcome, limiter throttled) for one attempt's result."""
-        if isinstance(result, Parsed):
-            return "success", False
-        status = result.status
-        if status is None or status == 200:
-            # Transport failures and unusable 200s are the provider's; bad JSON may be ours.
-            return ("neutral" if result.error_type == "invalid_json_output" else "failure"), False
-        verdict = classify(status, None, None)
-        throttled = status in _THROTTLES and result.error_type != "insufficient_quota"
-        return ("failure" if verdict.provider_fault else "neutral"), throttled
 
     def _settle(
         self,
@@ -429,7 +376,7 @@ class ProviderClient:
         )
 
     def _error(
-        self, model: Model, failure: Failure, attempts: int, run: _Run, *, note: str = ""
+        self, model: Model, failure: Failure, attempts: int, run: Run, *, note: str = ""
     ) -> ProviderError:
         kind = RetryableProviderError if failure.retryable else FatalProviderError
         status = f"HTTP {failure.status}" if failure.status else failure.error_type
@@ -447,11 +394,3 @@ class ProviderClient:
             provider_request_id=failure.request_id or run.request_id,
             cost_usd=run.cost_usd if run.priced else None,
         )
-
-
-def _max_tokens(params: dict[str, Any] | None) -> int | None:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = (params or {}).get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
