@@ -18,7 +18,14 @@ from typing import Literal, TypeVar
 
 from stream.errors import ConfigError
 
-__all__ = ["EngineSettings", "KafkaSettings", "ProviderSettings", "Secret", "Settings"]
+__all__ = [
+    "EngineSettings",
+    "KafkaSettings",
+    "ProviderSettings",
+    "Secret",
+    "Settings",
+    "SpendSettings",
+]
 
 T = TypeVar("T")
 Guarantee = Literal["at-least-once", "exactly-once"]
@@ -123,6 +130,17 @@ class EngineSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SpendSettings:
+    """The spend limit (USD over a sliding window); None: no limit."""
+
+    limit_usd: float | None = None
+    window_s: float = 3600.0
+    model_limits: Mapping[str, float] = field(default_factory=dict)
+    # Replays (the backfill topic) and re-drives spend from their own limit when it is set.
+    backfill_limit_usd: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     synthetic: ProviderSettings = field(
@@ -144,6 +162,7 @@ class Settings:
     log_level: str = "INFO"
     log_content: bool = False
     max_request_bytes: int = 256 * 1024
+    spend: SpendSettings = field(default_factory=SpendSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -197,6 +216,7 @@ class Settings:
             ),
             log_content=source.boolean("STREAM_LOG_CONTENT", False),
             max_request_bytes=source.integer("STREAM_MAX_REQUEST_BYTES", 256 * 1024, low=1024),
+            spend=_spend_settings(source),
         )
         settings.check()
         return settings
@@ -288,6 +308,35 @@ def _provider_settings(source: _Source, name: str, base_url: str) -> ProviderSet
     )
 
 
+def _spend_settings(source: _Source) -> SpendSettings:
+    window = source.text("STREAM_SPEND_WINDOW", "1h")
+    try:
+        window_s = parse_window(window)
+    except ValueError:
+        raise ConfigError(
+            f"STREAM_SPEND_WINDOW must be a duration such as 90s, 30m, 1h or 24h (got {window!r})"
+        ) from None
+    return SpendSettings(
+        limit_usd=source.optional_number("STREAM_SPEND_LIMIT_USD"),
+        window_s=window_s,
+        model_limits=source.amounts("STREAM_SPEND_MODEL_LIMITS"),
+        backfill_limit_usd=source.optional_number("STREAM_BACKFILL_SPEND_LIMIT_USD"),
+    )
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_window(text: str) -> float:
+    """`90`, `90s`, `30m`, `1h`, `24h`, `7d` → seconds; ValueError for anything else."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:]) if text else None
+    seconds = float(text[:-1] if unit else text) * (unit or 1.0)
+    if not 0 < seconds < float("inf"):
+        raise ValueError(text)
+    return seconds
+
+
 class _Source:
     """Typed look-ups over the environment, merged over `STREAM_CONFIG_FILE` if set."""
 
@@ -356,6 +405,28 @@ class _Source:
         if not value >= low:
             raise ConfigError(f"{name} must be at least {low} (got {value})")
         return value
+
+    def optional_number(self, name: str) -> float | None:
+        """A positive number, or None when unset."""
+        value = self._parse(name, None, float, "a number")
+        if value is not None and not 0 < value < float("inf"):
+            raise ConfigError(f"{name} must be a positive number (got {value})")
+        return value
+
+    def amounts(self, name: str) -> dict[str, float]:
+        """`id=USD,id=USD` → {id: USD}, each a positive number."""
+        raw = self.text(name, "")
+        amounts: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in raw.split(","))):
+            key, _, value = item.partition("=")
+            try:
+                amount = float(value)
+            except ValueError:
+                amount = -1.0
+            if not key.strip() or not 0 < amount < float("inf"):
+                raise ConfigError(f"{name} must look like model-id=USD,model-id=USD (got {item!r})")
+            amounts[key.strip()] = amount
+        return amounts
 
     def boolean(self, name: str, default: bool) -> bool:
         truth = {

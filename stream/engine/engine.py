@@ -23,8 +23,8 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from anyio.abc import TaskGroup
 
 from stream.config import Settings
-from stream.engine.flow import Flow
-from stream.engine.offsets import PartitionOffsets, decode_metadata
+from stream.engine.flow import Flow, Gate
+from stream.engine.offsets import PartitionOffsets, decode_metadata, split_notes
 from stream.engine.outputs import MAX_OUTPUT_BYTES, AtLeastOnceSink, ExactlyOnceSink, Output, Sink
 from stream.engine.partitions import Partition, PartitionSnapshot, Record
 from stream.errors import KafkaError, OutputRejectedError
@@ -34,6 +34,7 @@ __all__ = [
     "Engine",
     "EngineSnapshot",
     "ErrorHandler",
+    "Gate",
     "Handler",
     "Output",
     "PartitionSnapshot",
@@ -61,6 +62,9 @@ class EngineSnapshot(NamedTuple):
     commits: int
     last_commit_seconds: float  # Unix time of the last successful commit, 0.0 before
     partitions: tuple[PartitionSnapshot, ...]
+    # Records started again that a previous owner had started (a crash, a rebalance): each
+    # may be a provider call paid for twice.
+    records_redelivered: int = 0
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -93,7 +97,9 @@ class Engine:
         on_error: ErrorHandler,
         low_priority_topics: Sequence[str] = (),
         on_commit: Callable[[float], None] | None = None,
+        gate: Gate | None = None,
     ) -> None:
+        """`gate`: holds records of a topic back (and pauses its partitions) while it says."""
         self._settings = settings
         self._on_commit = on_commit  # hears each successful commit's duration in seconds
         self._config = settings.engine
@@ -106,13 +112,14 @@ class Engine:
         self.ready = anyio.Event()
         self._stopping = anyio.Event()
         self._partitions: dict[TopicPartition, Partition] = {}
-        self._flow = Flow(self._config, self._partitions, self._spawn)
+        self._flow = Flow(self._config, self._partitions, self._spawn, gate)
         self._commit_lock = anyio.Lock()
         self._task_group: TaskGroup | None = None
         # aiokafka clients need a running event loop: they are made in `run`.
         self._clients: tuple[AIOKafkaConsumer, Sink] | None = None
         self._listener_error: Exception | None = None
         self.records_in = self.records_done = self.handler_errors = self.commits = 0
+        self.records_redelivered = 0
         self.last_commit_seconds = 0.0
 
     # -- construction -------------------------------------------------------------------
@@ -204,6 +211,7 @@ class Engine:
             commits=self.commits,
             last_commit_seconds=self.last_commit_seconds,
             partitions=tuple(p.snapshot() for p in self._partitions.values()),
+            records_redelivered=self.records_redelivered,
         )
 
     def __repr__(self) -> str:
@@ -278,6 +286,8 @@ class Engine:
             self.records_in += 1
             if partition.offsets.accept(record.offset):
                 partition.enqueue(record)
+                if record.offset < partition.started_before:
+                    self.records_redelivered += 1
             else:
                 self.records_done += 1  # finished before (per the committed metadata)
 
@@ -397,7 +407,11 @@ class Engine:
                 offsets = PartitionOffsets(offset, decode_metadata(metadata, offset))
                 self._seek(tp, offset)
             self._partitions[tp] = Partition(
-                tp, offsets, low_priority=tp.topic in self._low_priority, key_ordering=key_ordering
+                tp,
+                offsets,
+                low_priority=tp.topic in self._low_priority,
+                key_ordering=key_ordering,
+                started_before=_started(metadata),
             )
         log.info("assigned %d partitions", len(tps))
         self._flow.update(self._consumer)
@@ -413,6 +427,12 @@ class Engine:
         except (AIOKafkaError, TimeoutError) as exc:
             raise translate(exc, self._settings.kafka, "reading committed offsets") from exc
         return {tp: (om.offset, om.metadata or "") for tp, om in found.items()}
+
+
+def _started(metadata: str) -> int:
+    """The `started` note a previous owner committed (-1: none, or not ours)."""
+    value = split_notes(metadata)[1].get("started", "")
+    return int(value) if value.isdigit() else -1
 
 
 async def run_until_signal(engine: Engine) -> None:

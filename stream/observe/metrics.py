@@ -97,6 +97,8 @@ class EngineView(Protocol):
     def last_commit_seconds(self) -> float: ...
     @property
     def partitions(self) -> Sequence[PartitionView]: ...
+    @property
+    def records_redelivered(self) -> int: ...
 
 
 class SnapshotSource(Protocol):
@@ -175,6 +177,8 @@ class Metrics(ProviderObserver):
             registry=registry,
         )
         self._answers(registry)
+        self._budgets: list[BudgetSource] = []
+        registry.register(_SpendCollector(self._budgets))
         registry.register(_SnapshotCollector(self._engines, self._monitors))
 
     def _answers(self, registry: CollectorRegistry) -> None:
@@ -241,6 +245,10 @@ class Metrics(ProviderObserver):
         if cost_usd:
             self.spend.labels(*labels).inc(cost_usd)
 
+    def watch_budgets(self, budgets: Iterable[BudgetSource]) -> None:
+        """Publish each spend budget's window at every scrape."""
+        self._budgets.extend(budgets)
+
     def record_repeat(self, stage: str, cause: str) -> None:
         """A provider call for a request that may have been answered before."""
         self.repeats.labels(self._label("stage", stage), self._label("cause", cause)).inc()
@@ -278,6 +286,65 @@ class Metrics(ProviderObserver):
         return self._label("provider", provider), self._label("model", model)
 
 
+class BudgetView(Protocol):
+    """The shape of `stream.spend.BudgetSnapshot`."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def limit_usd(self) -> float | None: ...
+    @property
+    def spent_usd(self) -> float: ...
+    @property
+    def held_usd(self) -> float: ...
+    @property
+    def limited(self) -> bool: ...
+    @property
+    def by_model(self) -> dict[str, float]: ...
+
+
+class BudgetSource(Protocol):
+    def snapshot(self) -> BudgetView: ...
+
+
+class _SpendCollector:
+    """The spend limits at scrape time: in the window, held, the limit, and whether the
+    worker is held back by it (`stream_spend_limited`, what alerts watch)."""
+
+    def __init__(self, budgets: list[BudgetSource]) -> None:
+        self._budgets = budgets
+
+    def collect(self) -> Iterable[Metric]:
+        snaps = [budget.snapshot() for budget in self._budgets]
+        limited = GaugeMetricFamily(
+            "stream_spend_limited",
+            "1 while the spend limit holds this worker's partitions (paused, lag grows).",
+            labels=["budget"],
+        )
+        spent = GaugeMetricFamily(
+            "stream_spend_window_usd", "Spent in the current window, USD.", labels=["budget"]
+        )
+        held = GaugeMetricFamily(
+            "stream_spend_held_usd", "Held for calls in flight, USD.", labels=["budget"]
+        )
+        limit = GaugeMetricFamily(
+            "stream_spend_limit_usd", "The limit per window, USD (NaN: none).", labels=["budget"]
+        )
+        by_model = GaugeMetricFamily(
+            "stream_spend_window_model_usd",
+            "Spent in the current window per model, USD.",
+            labels=["budget", "model"],
+        )
+        for snap in snaps:
+            limited.add_metric([snap.name], float(snap.limited))
+            spent.add_metric([snap.name], snap.spent_usd)
+            held.add_metric([snap.name], snap.held_usd)
+            limit.add_metric([snap.name], math.nan if snap.limit_usd is None else snap.limit_usd)
+            for model, usd in sorted(snap.by_model.items())[:MAX_LABEL_VALUES]:
+                by_model.add_metric([snap.name, model], usd)
+        yield from (limited, spent, held, limit, by_model)
+
+
 class _SnapshotCollector:
     """Reads in-memory state at scrape time: engine snapshots and cached lag rows."""
 
@@ -305,6 +372,11 @@ def _engine_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
         "stream_engine_records_done": ("Records finished.", lambda s: s.records_done),
         "stream_engine_handler_errors": ("Handler errors.", lambda s: s.handler_errors),
         "stream_engine_commits": ("Offset commits.", lambda s: s.commits),
+        "stream_engine_records_redelivered": (
+            "Records started again that a previous owner had started (crash, rebalance): "
+            "each may be a provider call paid twice.",
+            lambda s: s.records_redelivered,
+        ),
     }
     for kind, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
         for name, (doc, value) in table.items():
