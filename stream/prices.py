@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEFAULT_PRICES", "PRICES_READ_ON", "Price", "TokenCounts", "token_counts"]
+__all__ = ["DEFAULT_PRICES", "PRICES_READ_ON", "Bill", "Price", "TokenCounts", "token_counts"]
 
 PRICES_READ_ON = "2026-11-30"
 
@@ -94,3 +94,49 @@ DEFAULT_PRICES: Mapping[str, Price] = {
     "deepseek-r1": _p(3.00, 7.00),
     "kimi-k2-instruct": _p(1.00, 3.00),
 }
+
+
+@dataclass
+class Bill:
+    """Tokens and spend added up over many answers (the demo's and the bench's summaries)."""
+
+    answers: int = 0
+    prompt: int = 0
+    cached: int = 0
+    completion: int = 0
+    reasoning: int = 0
+    usd: float = 0.0
+
+    def add(self, usage: Mapping[str, Any] | None, cost_usd: float | None) -> None:
+        self.answers += 1
+        counts = token_counts(usage)
+        if counts is not None:
+            self.prompt += counts.prompt
+            self.cached += counts.cached
+            self.completion += counts.completion
+            self.reasoning += counts.reasoning
+        self.usd += cost_usd or 0.0
+
+    def merge(self, other: Bill) -> None:
+        self.answers += other.answers
+        self.prompt += other.prompt
+        self.cached += other.cached
+        self.completion += other.completion
+        self.reasoning += other.reasoning
+        self.usd += other.usd
+
+    def line(self) -> str:
+        return (
+            f"tokens: prompt {self.prompt:,} (cached {self.cached:,}), completion "
+            f"{self.completion:,} (reasoning {self.reasoning:,}); spend ${self.usd:.4f} "
+            f"over {self.answers:,} answers"
+        )
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "prompt_tokens": self.prompt,
+            "cached_tokens": self.cached,
+            "completion_tokens": self.completion,
+            "reasoning_tokens": self.reasoning,
+            "spend_usd": round(self.usd, 6),
+        }
