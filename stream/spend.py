@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 HELD = "spend_limit"
 _PROMPT_BYTES_PER_TOKEN = 3  # fewer than the usual ~4: the estimate errs high
+_LOG_EVERY_S = 60.0
 
 
 class BudgetSnapshot(NamedTuple):
@@ -90,6 +91,7 @@ class Budget:
         self._dearest: dict[str, float] = {}  # the most a call to the model has cost
         self._changed = anyio.Event()
         self._limited = False
+        self._logged_at = -math.inf  # at the edge the gate flaps once per freed call
 
     @property
     def limited(self) -> bool:
@@ -197,6 +199,11 @@ class Budget:
         self._changed = anyio.Event()
 
     def _log_change(self) -> None:
+        now = self._clock()
+        if now - self._logged_at < _LOG_EVERY_S:
+            log.debug("spend limit (%s): limited=%s", self.name, self._limited)
+            return
+        self._logged_at = now
         if self._limited:
             log.warning(
                 "spend limit reached (%s): $%.4f spent and $%.4f held of $%.4f per %g s; "

@@ -10,11 +10,13 @@ import anyio
 import jsonschema
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from stream import topics
 from stream.config import Settings
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
+from stream.observe.metrics import Metrics
 from stream.prices import DEFAULT_PRICES
 from stream.stages import Topics
 from stream.worker import Worker
@@ -151,3 +153,33 @@ async def test_each_way_an_answer_ends_has_its_terminal_record(
     # Nothing that is the request's own fault went on to the fallback stage.
     hops = await read_all(settings, settings.topic("predictions.fallback"))
     assert [orjson.loads(h.value)["request_id"] for h in hops] == ["no-credit"]
+
+
+def test_metrics_count_tokens_by_kind_spend_and_finish_reasons() -> None:
+    metrics = Metrics()
+    usage = {
+        "prompt_tokens": 100,
+        "completion_tokens": 40,
+        "prompt_tokens_details": {"cached_tokens": 60},
+        "completion_tokens_details": {"reasoning_tokens": 25},
+    }
+    metrics.on_answer("synthetic", "deepseek-r1-0528-syn", "stop", usage, 0.0005)
+    metrics.on_answer("synthetic", "deepseek-r1-0528-syn", "length", usage, 0.0005)
+    metrics.on_answer("together", "deepseek-r1", "content_filter", None, None)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for s in family.samples
+    }
+    r1 = (("model", "deepseek-r1-0528-syn"), ("provider", "synthetic"))
+
+    def value(name: str, *extra: tuple[str, str]) -> float:
+        return samples[(name, tuple(sorted(r1 + extra)))]
+
+    assert value("stream_provider_tokens_total", ("kind", "prompt")) == 200
+    assert value("stream_provider_tokens_total", ("kind", "cached")) == 120
+    assert value("stream_provider_tokens_total", ("kind", "reasoning")) == 50
+    assert value("stream_provider_spend_usd_total") == pytest.approx(0.001)
+    assert value("stream_provider_answers_total", ("finish_reason", "length")) == 1
+    filtered = (("finish_reason", "content_filter"), ("model", "deepseek-r1"))
+    assert samples[("stream_provider_answers_total", (*filtered, ("provider", "together")))] == 1

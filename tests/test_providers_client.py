@@ -286,16 +286,25 @@ class FakeTime:
         return Clock(monotonic=lambda: self.now, wall=lambda: 1.7e9 + self.now)
 
 
+def _timed_client(
+    sim: Simulator, recorder: Recorder, time_: FakeTime, min_calls: int
+) -> ProviderClient:
+    """A client on the moved clock whose breaker opens after `min_calls` failures."""
+    config = BreakerConfig(window_s=60, min_calls=min_calls, failure_rate=0.5, cooldown_s=15)
+    settings = _settings(sim.url, retries=0)
+    return ProviderClient(settings, observer=recorder, breaker=config, clock=time_.clock())
+
+
+async def _fail(client: ProviderClient, times: int) -> None:
+    for _ in range(times):
+        with pytest.raises(RetryableProviderError):
+            await client.complete(GLM, _ask("[[sim:500]]"))
+
+
 async def test_breaker_opens_probes_and_closes(sim: Simulator) -> None:
     recorder, time_ = Recorder(), FakeTime()
-    config = BreakerConfig(window_s=60, min_calls=4, failure_rate=0.5, cooldown_s=15)
-    settings = _settings(sim.url, retries=0)
-    async with ProviderClient(
-        settings, observer=recorder, breaker=config, clock=time_.clock()
-    ) as client:
-        for _ in range(4):
-            with pytest.raises(RetryableProviderError):
-                await client.complete(GLM, _ask("[[sim:500]]"))
+    async with _timed_client(sim, recorder, time_, min_calls=4) as client:
+        await _fail(client, 4)
         assert client.breaker_state(GLM) == "open"
         with pytest.raises(CircuitOpenError) as caught:
             await client.complete(GLM, _ask())
@@ -303,8 +312,7 @@ async def test_breaker_opens_probes_and_closes(sim: Simulator) -> None:
         assert client.breaker_state(R1) == "closed"  # per model
         time_.now += 15
         assert client.breaker_state(GLM) == "half_open"
-        with pytest.raises(RetryableProviderError):
-            await client.complete(GLM, _ask("[[sim:500]]"))  # the probe fails
+        await _fail(client, 1)  # the probe fails
         assert client.breaker_state(GLM) == "open"
         time_.now += 15
         assert (await client.complete(GLM, _ask())).attempts == 1  # the probe passes
@@ -316,14 +324,8 @@ async def test_breaker_opens_probes_and_closes(sim: Simulator) -> None:
 async def test_reading_the_breaker_state_reports_nothing(sim: Simulator) -> None:
     # Reading is not acting: the transition is reported once, by the call that acts on it.
     recorder, time_ = Recorder(), FakeTime()
-    config = BreakerConfig(window_s=60, min_calls=2, failure_rate=0.5, cooldown_s=15)
-    settings = _settings(sim.url, retries=0)
-    async with ProviderClient(
-        settings, observer=recorder, breaker=config, clock=time_.clock()
-    ) as client:
-        for _ in range(2):
-            with pytest.raises(RetryableProviderError):
-                await client.complete(GLM, _ask("[[sim:500]]"))
+    async with _timed_client(sim, recorder, time_, min_calls=2) as client:
+        await _fail(client, 2)
         time_.now += 15
         for _ in range(3):
             assert client.breaker_state(GLM) == "half_open"

@@ -7,12 +7,14 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 import anyio
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from stream.prices import Price, token_counts
 from stream.providers.breaker import BreakerConfig, CircuitBreaker
-from stream.providers.completion import split_reasoning
+from stream.providers.completion import BadOutput, parse_completion, split_reasoning
 from stream.providers.limiter import AdaptiveLimiter
 from stream.providers.ratelimits import MAX_RESET_S, RateLimits, read_ratelimits
 from stream.providers.retry import (
@@ -392,3 +394,62 @@ def test_split_reasoning_never_leaves_a_tag(answer: str, thought: str) -> None:
     assert "<think>" not in content and "</think>" not in content
     assert content == answer.strip()
     assert reasoning == (thought.strip() or None)
+
+
+# --- reading an answer --------------------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.text(max_size=300),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=20,
+)
+
+
+@given(
+    finish=_JSON,
+    usage=_JSON,
+    ident=_JSON,
+    content=_JSON,
+    tool_calls=_JSON,
+)
+def test_any_answer_is_read_or_refused_never_crashes(
+    finish: object, usage: object, ident: object, content: object, tool_calls: object
+) -> None:
+    body = {
+        "id": ident,
+        "model": "m",
+        "choices": [
+            {
+                "finish_reason": finish,
+                "message": {"content": content, "tool_calls": tool_calls},
+            }
+        ],
+        "usage": usage,
+    }
+    try:
+        parsed = parse_completion(orjson.dumps(body), json_output=False)
+    except BadOutput as exc:
+        assert exc.error_type in {"malformed_response", "empty_content", "content_filter"}
+        return
+    assert parsed.content or parsed.tool_calls or parsed.finish_reason == "length"
+    assert parsed.response_id is None or len(parsed.response_id) <= 200
+    assert parsed.finish_reason is None or len(parsed.finish_reason) <= 64
+    for value in (parsed.usage or {}).values():  # counts only, never negative
+        counts = value.values() if isinstance(value, dict) else [value]
+        assert all(v is None or (type(v) is int and v >= 0) for v in counts)
+    assert token_counts(parsed.usage) is None or token_counts(parsed.usage).cached >= 0  # type: ignore[union-attr]
+
+
+def test_price_cost_counts_cached_input_and_reasoning_once() -> None:
+    price = Price(input=2.0, output=10.0, cached_input=0.5)
+    usage = {
+        "prompt_tokens": 1000,
+        "completion_tokens": 300,
+        "prompt_tokens_details": {"cached_tokens": 400},
+        "completion_tokens_details": {"reasoning_tokens": 200},
+    }
+    assert price.cost(usage) == pytest.approx((600 * 2 + 400 * 0.5 + 300 * 10) / 1e6)
+    # A detail count above its parent is a provider's bug: bounded, never negative.
+    usage["prompt_tokens_details"] = {"cached_tokens": 5000}
+    assert price.cost(usage) == pytest.approx((1000 * 0.5 + 300 * 10) / 1e6)
+    assert price.cost(None) is None and price.cost({"total_tokens": 3}) is None

@@ -120,7 +120,7 @@ def parse_completion(body: bytes, *, json_output: bool) -> Parsed:
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise BadOutput("malformed_response", f"malformed response body: {exc}") from exc
     usage = _usage(data.get("usage"))
-    finish = _text(choice.get("finish_reason"))
+    finish = _text(choice.get("finish_reason"), 64)
     tool_calls = _tool_calls(message.get("tool_calls"))
     content, think = split_reasoning(raw_content)
     reasoning = _join(_field_reasoning(message), think)
@@ -129,10 +129,10 @@ def parse_completion(body: bytes, *, json_output: bool) -> Parsed:
         content=content or None,
         reasoning=reasoning,
         usage=usage,
-        served_model=_text(data.get("model")),
+        served_model=_text(data.get("model"), 200),
         finish_reason=finish,
         tool_calls=tool_calls,
-        response_id=_text(data.get("id")),
+        response_id=_text(data.get("id"), 200),
     )
 
 
@@ -161,8 +161,9 @@ def _check(
         )
 
 
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
+def _text(value: object, limit: int) -> str | None:
+    """A non-empty string the provider sent, cut to `limit` (it is copied into records)."""
+    return value[:limit] if isinstance(value, str) and value else None
 
 
 def _tool_calls(raw: object) -> list[Any] | None:
