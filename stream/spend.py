@@ -59,10 +59,10 @@ class _Hold:
     estimate: float
     settled: bool = field(default=False)
 
-    def settle(self, cost_usd: float) -> None:
+    def settle(self, cost_usd: float | None) -> None:
         if not self.settled:
             self.settled = True
-            self.budget._settle(self, cost_usd)
+            self.budget._settle(self, self.estimate if cost_usd is None else cost_usd)
 
 
 class Budget:

@@ -248,3 +248,13 @@ async def test_the_spend_limit_holds_a_worker_and_loses_nothing(
     assert _max_window(results, WINDOW_S - 0.3) <= LIMIT_USD + 1e-9
     assert 1.0 in limited_seen  # exported while held
     assert HELD in held_seen  # and `stream lag` saw why the partition did not move
+
+
+async def test_a_call_cancelled_in_flight_counts_what_it_held() -> None:
+    budget = Budget("live", limit_usd=1.0, window_s=60, clock=Clock())
+    (await _admit(budget)).settle(0.25)
+    hold = await _admit(budget)  # held at 0.25, the dearest so far
+    hold.settle(None)  # nobody will say what the provider billed
+    hold.settle(0.0)  # settled once: a second settle changes nothing
+    assert budget.snapshot().spent_usd == pytest.approx(0.5)
+    assert budget.snapshot().held_usd == 0.0

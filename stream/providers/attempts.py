@@ -30,6 +30,7 @@ class Run:
     cost_usd: float = 0.0
     priced: bool = False
     request_id: str | None = None
+    sending: bool = False  # a request is out and its answer not read
 
 
 async def acquire(

@@ -132,7 +132,9 @@ class ProviderClient:
             return await self._complete(model, body, params, deadline, request_id, run)
         finally:
             if hold is not None:
-                hold.settle(run.cost_usd)
+                # Cancelled while a request was out (a revoke, a shutdown): the provider may
+                # bill it, and nobody will say for how much: count what was held for it.
+                hold.settle(None if run.sending else run.cost_usd)
 
     async def _admit(
         self,
@@ -316,7 +318,9 @@ class ProviderClient:
             if isinstance(acquired, Failure):
                 return acquired
             permit = acquired
+            run.sending = True
             exchange = await self._http.send(body, json_output, end)
+            run.sending = False
             outcome, throttled = judge(exchange.result)
         finally:
             self._settle(model, state, ticket, permit, outcome, throttled)

@@ -38,9 +38,10 @@ class ProviderObserver(Protocol):
 
 
 class Hold(Protocol):
-    """Money set aside for one call; settled once, with what the call really cost."""
+    """Money set aside for one call; settled once, with what the call really cost (None:
+    unknown, as when it was cancelled with a request out; the estimate then counts)."""
 
-    def settle(self, cost_usd: float) -> None: ...
+    def settle(self, cost_usd: float | None) -> None: ...
 
 
 class SpendGate(Protocol):
