@@ -174,8 +174,9 @@ async def _collect(settings: Settings, start: dict[TopicPartition, int], tally: 
                 for record in records:
                     value = orjson.loads(record.value)
                     rid, outcome = _outcome(record.topic, value, dict(record.headers), names)
-                    if rid and rid in tally.published and rid not in tally.outcome:
-                        bill = tally.bills.setdefault(outcome, Bill())
+                    new = rid in tally.published and rid not in tally.outcome
+                    bill = tally.bills.setdefault(outcome, Bill())
+                    if new and record.topic == names.results:
                         bill.add(value.get("usage"), value.get("cost_usd"))
                     if rid:
                         tally.settle(rid, outcome)
