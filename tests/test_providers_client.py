@@ -496,3 +496,22 @@ async def test_a_garbled_http_answer_is_a_retryable_provider_error(answer: bytes
                 await provider.complete(GLM, _ask())
         group.cancel_scope.cancel()
     assert caught.value.attempts == 2
+
+
+async def test_a_retry_after_past_the_deadline_holds_back_the_model_within_reason() -> None:
+    calls: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(orjson.loads(request.content)["model"])
+        return httpx.Response(429, headers={"retry-after": "86400"}, json={"error": {}})
+
+    async with _mocked(answer) as client:
+        with pytest.raises(RetryableProviderError) as first:
+            await client.complete(GLM, _ask(), deadline=time.time() + 30)
+        assert first.value.attempts == 1 and "past the deadline" in str(first.value)
+        with pytest.raises(RetryableProviderError) as second:
+            await client.complete(GLM, _ask(), deadline=time.time() + 30)
+        paused_for = client.limiter(GLM).snapshot().paused_for_s
+    assert calls == [GLM.api_model]  # the second request failed over without calling
+    assert second.value.error_type == "rate_limited" and second.value.attempts == 1
+    assert 0 < paused_for <= 300  # a day asked for, five minutes held: then one call asks again

@@ -14,7 +14,7 @@ from stream.providers.breaker import Outcome
 from stream.providers.completion import Parsed
 from stream.providers.http import Exchange, Failure
 from stream.providers.limiter import AdaptiveLimiter, Permit
-from stream.providers.ratelimits import read_ratelimits
+from stream.providers.ratelimits import MAX_RESET_S, read_ratelimits
 from stream.providers.retry import classify
 
 __all__ = ["Run", "acquire", "heed", "judge", "max_tokens"]
@@ -40,11 +40,13 @@ async def acquire(
     if permit is not None:
         return permit
     if limiter.paused_until >= end:
-        # The provider asked for a pause that outlasts this request: fail over now.
+        # The provider asked for a pause that outlasts this request: fail over now (the
+        # wait it carries tells the retry loop that trying again cannot fit either).
         return Failure(
             retryable=True,
             error_type="rate_limited",
             message="the provider's rate limit resets after the deadline",
+            wait_s=limiter.paused_until - now(),
         )
     try:
         with anyio.fail_after(end - now()):
@@ -55,12 +57,14 @@ async def acquire(
 
 def heed(limiter: AdaptiveLimiter, exchange: Exchange) -> None:
     """Announced limits ride on successes too: the last call before the wall is a 200.
-    A Retry-After holds back every call to the model, not just the one that got it."""
+    A Retry-After holds back every call to the model, not just the one that got it, for at
+    most `MAX_RESET_S` (a day-long Retry-After, or a broken one, then costs one call to find
+    out again; the request that got it still fails over when it does not fit its deadline)."""
     if exchange.headers is not None:
         limiter.heed(read_ratelimits(exchange.headers))
     result = exchange.result
     if isinstance(result, Failure) and result.status == 429 and result.wait_s:
-        limiter.pause(result.wait_s)
+        limiter.pause(min(result.wait_s, MAX_RESET_S))
 
 
 def judge(result: Parsed | Failure) -> tuple[Outcome, bool]:
