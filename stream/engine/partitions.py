@@ -8,6 +8,7 @@ when the record before it finishes, so one slow key never blocks the others.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any, NamedTuple, TypeAlias
 
@@ -82,7 +83,9 @@ class Partition:
 
     def start_next(self) -> Record:
         record = self._ready.popleft()
-        self.running[record.offset] = record.timestamp
+        # a stand-in for an undecodable record has no timestamp: count it from now
+        stamp = record.timestamp if record.timestamp >= 0 else int(time.time() * 1000)
+        self.running[record.offset] = stamp
         self.idle = anyio.Event() if self.idle.is_set() else self.idle
         return record
 
