@@ -7,16 +7,20 @@ offsets. `spans` turns a time window into one half-open offset range per partiti
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from aiokafka.structs import TopicPartition
 
+from stream.engine.fetch import UNDECODABLE, Undecodable, step_over
 from stream.errors import ConfigError
 
 __all__ = ["Span", "batches", "parse_time", "spans"]
+
+log = logging.getLogger(__name__)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _RELATIVE = re.compile(r"(?:\d+[smhdw])+")
@@ -87,23 +91,42 @@ async def _at(
 
 
 async def batches(
-    consumer: Any, bounds: dict[TopicPartition, Span], *, max_records: int = 500
+    consumer: Any,
+    bounds: dict[TopicPartition, Span],
+    *,
+    max_records: int = 500,
+    on_undecodable: Callable[[Undecodable], None] | None = None,
 ) -> AsyncGenerator[list[Any], None]:
     """The records of each span, one partition's fetch at a time, in offset order within a
-    partition; it stops at the ends (it never waits for records written later)."""
+    partition; it stops at the ends (it never waits for records written later). A record
+    the Kafka client cannot decode is stepped over and passed to `on_undecodable`."""
     todo = {tp: span for tp, span in bounds.items() if span.size}
     consumer.assign(list(todo))
     for tp, span in todo.items():
         consumer.seek(tp, span.start)
+    expected: dict[TopicPartition, int | None] = {tp: span.start for tp, span in todo.items()}
     while todo:
-        fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=max_records)
+        bad = None
+        try:
+            fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=max_records)
+        except UNDECODABLE:
+            fetched, bad = await step_over(consumer, {tp: expected[tp] for tp in todo})
         for tp, records in fetched.items():
+            expected[tp] = records[-1].offset + 1
             inside = [record for record in records if record.offset < todo[tp].end]
             if inside:
                 yield inside
+        if bad is not None:
+            expected[bad.tp] = bad.offset + 1
+            if bad.offset < todo[bad.tp].end:
+                (on_undecodable or _warn)(bad)
         for tp in list(todo):
             # by position, not by the last record: the span may end on offsets that hold
             # no record (transaction markers, aborted writes)
             if await consumer.position(tp) >= todo[tp].end:
                 consumer.pause(tp)
                 del todo[tp]
+
+
+def _warn(bad: Undecodable) -> None:
+    log.warning("skipped %s[%d]@%d: %s", bad.tp.topic, bad.tp.partition, bad.offset, bad.error)
