@@ -18,7 +18,7 @@ from aiokafka.structs import TopicPartition
 from stream.engine.fetch import UNDECODABLE, Undecodable, step_over
 from stream.errors import ConfigError
 
-__all__ = ["Span", "batches", "parse_time", "spans"]
+__all__ = ["Span", "batches", "parse_age", "parse_time", "spans"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,10 @@ def parse_time(text: str, *, option: str, now: datetime | None = None) -> int:
         return _millis(now)
     if _RELATIVE.fullmatch(value):
         seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", value))
-        return _millis(now - timedelta(seconds=seconds))
+        try:
+            return _millis(now - timedelta(seconds=seconds))
+        except OverflowError:
+            return 0  # longer ago than any clock goes: from the start
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -57,6 +60,20 @@ def parse_time(text: str, *, option: str, now: datetime | None = None) -> int:
     if moment.tzinfo is None:
         raise ConfigError(f"{option} {text!r} has no time zone: add Z (UTC) or an offset")
     return _millis(moment)
+
+
+def parse_age(text: str, *, option: str, most: int = 366 * 86400) -> int:
+    """Seconds in an age such as `30m`, `2h`, `1d`, `1h30m` (more than zero, at most
+    `most`)."""
+    value = text.strip().lower()
+    seconds = 0
+    if _RELATIVE.fullmatch(value):
+        seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", value))
+    if seconds <= 0:
+        raise ConfigError(f"{option} {text!r} is not a duration: use one such as 30m, 2h, 1d")
+    if seconds > most:
+        raise ConfigError(f"{option} {text} is longer than {most // 86400} days")
+    return seconds
 
 
 def _millis(moment: datetime) -> int:
