@@ -204,7 +204,7 @@ def tune_gc() -> None:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    logs.configure(settings.log_level, json=True)
+    logs.configure(settings.log_level, json=True, content=settings.log_content)
     stages = STAGES if args.stage == "all" else (args.stage,)
     if args.guarantee:
         from dataclasses import replace

@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stream import logs
 
     settings = Settings.from_env()
-    logs.configure(settings.log_level, json=False)
+    logs.configure(settings.log_level, json=False, content=settings.log_content)
     figures = anyio.run(benchruns.run, args.mode, settings, args.requests)
     print(json.dumps(figures))
     return 0
