@@ -21,6 +21,7 @@ so a worker with a broken catalog refuses to start instead of dead-lettering at 
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any, Literal, cast
 
 from stream.config import Settings
 from stream.errors import ConfigError
+from stream.validate import read_text
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -149,15 +151,14 @@ def _check_fallback(
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"catalog {path} cannot be read: {exc.strerror}") from exc
+    text = read_text(path, f"catalog {path}")
+    kind = "JSON" if path.suffix == ".json" else "TOML"
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
-        kind = "JSON" if path.suffix == ".json" else "TOML"
         raise ConfigError(f"catalog {path} is not valid {kind}: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"catalog {path} is nested too deep to be a catalog") from None
     if not isinstance(data, dict):
         raise ConfigError(f"catalog {path} must hold a table/object at the top")
     return cast(dict[str, Any], data)
@@ -183,8 +184,12 @@ def _parse_model(model_id: str, raw: object, where: str) -> Model:
     if not isinstance(api_model, str) or not api_model.strip():
         raise ConfigError(f"{entry}: api_model must be a non-empty string (got {api_model!r})")
     timeout = raw.get("timeout_s", 60.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ConfigError(f"{entry}: timeout_s must be a positive number (got {timeout!r})")
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout < math.inf
+    ):
+        raise ConfigError(f"{entry}: timeout_s must be a positive, finite number (got {timeout!r})")
     return Model(id=model_id, provider=provider, api_model=api_model, timeout_s=float(timeout))
 
 

@@ -100,10 +100,11 @@ class Worker:
         for engine in self.engines:
             self.metrics.watch_engine(engine)
             self.health.require_engine(engine)
-        await group.start(monitor.run)
+        # The port first: a port in use fails start-up before any Kafka client is made.
         self.port = await group.start(
             serve, self.metrics, self.health, self.settings.metrics_host, self.settings.metrics_port
         )
+        await group.start(monitor.run)
         log.info("serving /metrics, /healthz and /readyz on port %s", self.port)
         if self._own_process:
             tune_gc()  # now: what start-up built (catalog, schemas, pools) is frozen too

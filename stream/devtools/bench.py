@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -73,8 +74,8 @@ class Options:
         options = cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
         if min(options.requests, options.concurrency, options.partitions) < 1:
             raise BenchError("--requests, --concurrency and --partitions must be at least 1")
-        if options.latency < 0:
-            raise BenchError("--latency must not be negative")
+        if not 0 <= options.latency < math.inf:
+            raise BenchError("--latency must be a number of seconds, not negative")
         return options
 
 

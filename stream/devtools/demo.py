@@ -9,6 +9,7 @@ summary: per outcome, per provider, with end-to-end latency.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import sys
@@ -30,7 +31,7 @@ from stream.config import Secret, Settings
 from stream.devtools.broker import LocalBroker, cache_dir
 from stream.devtools.faults import parse_faults, parse_latency
 from stream.devtools.simulator import SimConfig, Simulator
-from stream.errors import KafkaError
+from stream.errors import ConfigError, KafkaError
 from stream.kafka import admin_client, topic_partitions
 from stream.stages import Topics
 from stream.worker import Worker
@@ -391,6 +392,12 @@ async def _drive(
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    if args.requests < 1:
+        raise ConfigError(f"--requests must be at least 1 (got {args.requests})")
+    if not 0 <= args.rate < math.inf:
+        raise ConfigError(f"--rate must be 0 (all at once) or more per second (got {args.rate})")
+    if not 0 < args.timeout < math.inf:
+        raise ConfigError(f"--timeout must be a positive number of seconds (got {args.timeout})")
     # The demo talks to a person: its own progress lines, plus warnings worth seeing
     # (a circuit opening), not every worker's INFO line.
     logs.configure(os.environ.get("STREAM_LOG_LEVEL", "WARNING"), json=False)

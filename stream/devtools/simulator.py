@@ -44,6 +44,8 @@ from stream.devtools.faults import (
     parse_faults,
     parse_latency,
 )
+from stream.errors import ConfigError
+from stream.observe.health import listen
 
 __all__ = ["SimConfig", "Simulator", "register", "simulate_command"]
 
@@ -164,8 +166,19 @@ class Simulator:
         # Cancel a hung handler when its client gives up, or hangs pile up forever.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=4096)
-        await site.start()
+        hint = "pick another with --port (0 picks a free one) or --host"
+        try:
+            await listen(
+                self._runner,
+                self.config.host,
+                self.config.port,
+                what="the simulator",
+                hint=hint,
+                backlog=4096,
+            )
+        except ConfigError:
+            await self.stop()
+            raise
         self.port = self._runner.addresses[0][1]
         self._started = time.monotonic()
 
@@ -411,6 +424,8 @@ def register(commands: Any) -> None:
 
 
 def _simulate(args: argparse.Namespace, settings: Settings) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a port: use 0 to 65535 (0 picks one)")
     config = SimConfig(
         host=args.host,
         port=args.port,
