@@ -1,8 +1,10 @@
 """A hostile upstream that is not Python: kcat writing raw bytes to the real broker.
 
-kcat (librdkafka) writes what no Python client will: header keys that are not UTF-8.
-Each value goes from a file, so any bytes travel as they are; `None` is a null value.
-Keys and header values go through argv, so they cannot hold a NUL byte.
+kcat (librdkafka) writes what no Python client will: header keys that are not UTF-8, and
+records with neither key nor value. Values go from files (any bytes travel as they are),
+except null and empty ones, which kcat only writes from input lines (`-K` splits key and
+value, `-Z` makes empty ones null). Keys and header values go through argv or a line, so
+they cannot hold a NUL byte (nor a tab or newline in line mode).
 """
 
 from __future__ import annotations
@@ -36,17 +38,24 @@ async def kcat_produce(
     """Write `values` to one partition in one kcat run (one batch, as far as librdkafka
     batches), each with the same key and headers; a header value None is a null value."""
     args: list[str | bytes] = ["kcat", "-b", bootstrap, "-P", "-t", topic, "-p", str(partition)]
-    if key is not None:
-        args += ["-k", key]
     for name, value in headers:
         args += ["-H", name if value is None else name + b"=" + value]
+    if all(values):
+        if key is not None:
+            args += ["-k", key]
+        with tempfile.TemporaryDirectory() as folder:
+            for i, value in enumerate(values):
+                path = Path(folder) / f"{i:05d}"
+                path.write_bytes(value or b"")
+                args.append(str(path))
+            await anyio.run_process(args, check=True)
+        return
+    # kcat skips empty files: null and empty values go as lines, "key<TAB>value"
+    if any(b"\t" in v or b"\n" in v for v in [key or b"", *(v or b"" for v in values)]):
+        raise ValueError("in line mode kcat cannot write a tab or newline")
     if None in values:
         if b"" in values:
             raise ValueError("kcat writes an empty value as null with -Z: not both in one run")
-        args.append("-Z")  # an empty file becomes a null value, not an empty one
-    with tempfile.TemporaryDirectory() as folder:
-        for i, value in enumerate(values):
-            path = Path(folder) / f"{i:05d}"
-            path.write_bytes(value or b"")
-            args.append(str(path))
-        await anyio.run_process(args, check=True)
+        args.append("-Z")  # an empty key or value is null (so a key b"" becomes null too)
+    lines = b"".join((key or b"") + b"\t" + (v or b"") + b"\n" for v in values)
+    await anyio.run_process([*args, "-K", "\t"], input=lines, check=True)

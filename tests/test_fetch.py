@@ -13,13 +13,16 @@ from typing import Any
 
 import anyio
 import pytest
+from aiokafka import TopicPartition
 
 from stream.config import EngineSettings, Settings
 from stream.engine.engine import Engine, Output
 from stream.errors import UndecodableRecordError
+from stream.observe.lag import LagReader
 from tests.conftest import eventually
 from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
 from tests.kcat import kcat_produce, needs_kcat
+from tests.test_lag import commit
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka, needs_kcat]
 
@@ -87,3 +90,18 @@ async def test_undecodable_records_go_to_the_error_path_and_nothing_is_skipped(
     assert [v for v in values if not v.startswith(b"error")] == sorted(sum(good.values(), []))
     assert len(values) == total  # each once
     assert engine.snapshot().records_done == total
+
+
+async def test_lag_reads_past_a_record_the_client_cannot_decode(settings: Settings) -> None:
+    """The lag monitor runs inside every worker: a bad record at a group's committed offset
+    must leave its age unknown, not crash the worker."""
+    topic = await create_topic(settings, "undec-lag", 2)
+    await kcat_produce(settings.kafka.bootstrap_servers, topic, 0, [b"{}"], headers=[BAD_KEY])
+    await produce(settings, topic, [b"fine"], partition=1)
+    group = settings.group("undec-lag")
+    await commit(settings, group, {TopicPartition(topic, p): 0 for p in (0, 1)})
+    async with LagReader(settings.kafka, fetch_timeout_s=2) as reader:
+        [reading] = await reader.read([group])
+    rows = {p.partition: p for p in reading.partitions}
+    assert (rows[0].committed, rows[0].end, rows[1].end) == (0, 1, 1)
+    assert rows[0].oldest_timestamp_ms is None  # unknown, not a crash

@@ -127,7 +127,9 @@ def _behind(consumer: Any, tp: TopicPartition, offset: int | None) -> bool:
         paused = tp in consumer.paused()
     except Exception:  # no longer assigned
         return False
-    return not paused and (end is None or offset is None or end > offset)
+    if paused:
+        return False
+    return end is None or end > (offset or 0)  # (a log without a position starts at 0 or later)
 
 
 async def _narrow(consumer: Any, tp: TopicPartition) -> tuple[list[Any], Undecodable | None]:

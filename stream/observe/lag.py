@@ -35,6 +35,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from anyio.abc import TaskStatus
 
 from stream.config import KafkaSettings
+from stream.engine.fetch import UNDECODABLE
 from stream.errors import KafkaError
 from stream.kafka import admin_client, translate
 from stream.observe.lagstatus import DEFAULT_STALL_AFTER_S, Sample, Status, Windows, evaluate
@@ -224,7 +225,12 @@ class LagReader:
         deadline = time.monotonic() + self._fetch_timeout_s
         try:
             while len(found) < len(positions) and (left := deadline - time.monotonic()) > 0:
-                batches = await consumer.getmany(timeout_ms=max(1, int(left * 1000)))
+                try:
+                    batches = await consumer.getmany(timeout_ms=max(1, int(left * 1000)))
+                except UNDECODABLE:
+                    # A record the client cannot decode (stream.engine.fetch): its time is
+                    # unknown this round; the engine dead-letters it and moves on.
+                    break
                 for tp, records in batches.items():
                     if records and tp not in found and records[0].timestamp >= 0:
                         found[tp] = records[0].timestamp
