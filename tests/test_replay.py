@@ -179,7 +179,7 @@ async def test_until_before_since_is_one_line(env: dict[str, str]) -> None:
 
 
 @needs_kcat
-async def test_a_record_the_client_cannot_decode_is_reported_not_fatal(
+async def test_records_the_client_cannot_decode_or_write_are_reported_not_fatal(
     settings: Settings, env: dict[str, str]
 ) -> None:
     await create_topics(settings, {SOURCE: 3, TARGET: 3})
@@ -188,6 +188,7 @@ async def test_a_record_the_client_cannot_decode_is_reported_not_fatal(
     await produce(settings, source, [(1, None, f"{i}".encode(), now, []) for i in range(3)])
     bad = [(b"\xff\xfekey", b"val")]
     await kcat_produce(settings.kafka.bootstrap_servers, source, 1, [b"{}"], headers=bad)
+    await kcat_produce(settings.kafka.bootstrap_servers, source, 0, [None])  # no key, no value
     await produce(
         settings, source, [(p, None, f"{p}{i}".encode(), now, []) for p in (0, 1) for i in (7, 8)]
     )
@@ -195,6 +196,9 @@ async def test_a_record_the_client_cannot_decode_is_reported_not_fatal(
     done = await run_cli(env, "replay", "--since", "1h")
     assert done.returncode == 0, done.stderr
     assert "cannot decode them: partition 1 offsets 3" in done.stdout
+    assert "neither key nor value (the Kafka client cannot write that): partition 0 offsets 0" in (
+        done.stdout
+    )
     copies = sorted(r.value for r in await read_all(settings, settings.topic(TARGET)))
     assert copies == [b"0", b"07", b"08", b"1", b"17", b"18", b"2"]
 

@@ -35,6 +35,8 @@ __all__ = ["REPLAYED_FROM", "PartitionReplay", "Replay", "ReplayOptions", "regis
 
 REPLAYED_FROM = "replayed-from"
 REQUESTS = "predictions.requests"
+_UNDECODABLE = "the Kafka client cannot decode them"
+_EMPTY = "neither key nor value (the Kafka client cannot write that)"
 # A copy is stamped by this machine's clock, the original by the upstream's: allow for skew.
 _CLOCK_SKEW_MS = 15 * 60_000
 
@@ -58,7 +60,9 @@ class PartitionReplay:
     window: Span
     done: list[Span]  # source offsets already copied (merged, sorted)
     copied: int = 0
-    unreadable: list[int] = field(default_factory=list)  # offsets the client cannot decode
+    # offsets that cannot be copied, by why: the client cannot decode them, or cannot write
+    # them (a record with neither key nor value)
+    uncopied: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def missing(self) -> int:
@@ -165,16 +169,21 @@ class Replay:
 
     def _unreadable(self, bad: Undecodable) -> None:
         """A source record the Kafka client cannot decode: it cannot be copied; say so."""
-        next(p for p in self.partitions if p.partition == bad.tp.partition).unreadable.append(
-            bad.offset
-        )
+        self._partition(bad.tp.partition).uncopied.setdefault(_UNDECODABLE, []).append(bad.offset)
+
+    def _partition(self, number: int) -> PartitionReplay:
+        return next(p for p in self.partitions if p.partition == number)
 
     async def _send(
         self, producer: Any, batch: list[Any], pacer: Pacer, progress: Progress
     ) -> bool:
         """Copy one fetched batch and wait for Kafka to acknowledge it; False at the limit."""
-        part = next(p for p in self.partitions if p.partition == batch[0].partition)
+        part = self._partition(batch[0].partition)
         fresh = [record for record in batch if not part.copied_before(record.offset)]
+        for record in fresh:
+            if record.key is None and record.value is None:  # aiokafka will not send it
+                part.uncopied.setdefault(_EMPTY, []).append(record.offset)
+        fresh = [record for record in fresh if record.key is not None or record.value is not None]
         if self.options.limit is not None:
             fresh = fresh[: self.options.limit - self.copied]
         pending = []
@@ -326,11 +335,8 @@ def _summary(run: Replay, outcome: str) -> str:
     count = sum(p.missing for p in run.partitions) if run.options.dry_run else run.copied
     rows.append(f"{'total':>9}  {'':>19}  {window:>9}  {already:>9}  {count:>9}")
     for p in run.partitions:
-        if p.unreadable:
-            offsets = ", ".join(map(str, p.unreadable))
-            rows.append(
-                f"not copied, the Kafka client cannot decode them: partition {p.partition} "
-                f"offsets {offsets}"
-            )
+        for why, offsets in p.uncopied.items():
+            listed = ", ".join(map(str, offsets))
+            rows.append(f"not copied, {why}: partition {p.partition} offsets {listed}")
     rows.append(f"{run.options.source} → {run.options.target}: {outcome}")
     return "\n".join(rows)
