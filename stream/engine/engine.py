@@ -276,9 +276,14 @@ class Engine:
     async def _step_over(self) -> dict[TopicPartition, list[Record]]:
         """The Kafka client could not decode a record (`stream.engine.fetch`): find it, and
         queue a stand-in that the stage's error path turns into a dead letter."""
-        expected = {
-            tp: p.offsets.next_expected for tp, p in self._partitions.items() if not p.revoked
+        # A partition assigned but not set up yet (its callback is running) may have lost
+        # records too: from its start (set-up seeks it to its committed offset, if any).
+        expected: dict[TopicPartition, int | None] = {
+            tp: None for tp in self._consumer.assignment() if tp not in self._partitions
         }
+        for tp, partition in self._partitions.items():
+            if not partition.revoked:
+                expected[tp] = partition.offsets.next_expected
         batch, bad = await step_over(self._consumer, expected)
         if bad is not None:
             log.warning(
