@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from stream.checks import read_text
 from stream.config import Settings
 from stream.errors import ConfigError
-from stream.validate import read_text
 
 __all__ = [
     "DEFAULT_MODELS",

@@ -19,7 +19,12 @@ from stream import records, topics
 from stream.catalog import Catalog, Model, get_fallback_provider
 from stream.config import Settings
 from stream.engine import MAX_OUTPUT_BYTES, Output
-from stream.errors import InvalidRecordError, ProviderError, UndecodableRecordError
+from stream.errors import (
+    InvalidRecordError,
+    OutputRejectedError,
+    ProviderError,
+    UndecodableRecordError,
+)
 from stream.providers import Completion, ProviderClient
 from stream.records import Decoder, Request, SourceRecord
 
@@ -94,26 +99,19 @@ class _Stage:
         )
 
     def on_error(self, record: SourceRecord, exc: BaseException) -> Sequence[Output]:
-        """A record the handler could not finish: it becomes a dead letter (with its
-        request when that parses, so it can be re-driven) and the worker goes on."""
+        """A bug in a handler, or outputs Kafka refused for good: the record becomes a dead
+        letter (with its request when that parses, so it can be re-driven) and the worker
+        goes on. (The engine has logged it, traceback and all.)"""
         if isinstance(exc, UndecodableRecordError):
             # Nothing of it reached the stage: the dead letter says where it is.
             return [self._dead(record, "invalid_encoding", str(exc))]
-        log.error(
-            "handler failed on %s[%d]@%d: %s",
-            record.topic,
-            record.partition,
-            record.offset,
-            type(exc).__name__,
-            extra={"stage": self.name},
-            exc_info=exc,
-        )
+        reason = "output_rejected" if isinstance(exc, OutputRejectedError) else "handler_error"
         try:
             request, failures = self._salvage(record)
         except Exception:  # the last line of defence must not fail too
             request, failures = None, []
         error = f"{type(exc).__name__}: {exc}"
-        return [self._dead(record, "handler_error", error, request=request, failures=failures)]
+        return [self._dead(record, reason, error, request=request, failures=failures)]
 
     def _salvage(self, record: SourceRecord) -> tuple[dict[str, Any] | None, list[Any]]:
         """The record's request (and failures so far) if it parses, for a dead letter."""

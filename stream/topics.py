@@ -23,10 +23,10 @@ from aiokafka.admin import NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError as AIOKafkaError
 
+from stream.checks import MAX_TOPIC_NAME, read_text
 from stream.config import Settings
 from stream.errors import EXIT_ATTENTION, KafkaError, TopicSpecError
 from stream.kafka import admin_client, translate
-from stream.validate import MAX_TOPIC_NAME, read_text
 
 __all__ = ["Change", "TopicSpec", "apply", "load_schema", "load_specs", "plan", "register"]
 

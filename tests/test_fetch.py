@@ -18,11 +18,11 @@ from aiokafka import TopicPartition
 from stream.config import EngineSettings, Settings
 from stream.engine.engine import Engine, Output
 from stream.errors import UndecodableRecordError
-from stream.observe.lag import LagReader
+from stream.observe.lagreader import LagReader
 from tests.conftest import eventually
 from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
 from tests.kcat import kcat_produce, needs_kcat
-from tests.test_lag import commit
+from tests.lagkit import commit
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka, needs_kcat]
 
@@ -101,7 +101,7 @@ async def test_lag_reads_past_a_record_the_client_cannot_decode(settings: Settin
     group = settings.group("undec-lag")
     await commit(settings, group, {TopicPartition(topic, p): 0 for p in (0, 1)})
     async with LagReader(settings.kafka, fetch_timeout_s=2) as reader:
-        [reading] = await reader.read([group])
+        [reading] = await reader.read({group: [topic]})
     rows = {p.partition: p for p in reading.partitions}
     assert (rows[0].committed, rows[0].end, rows[1].end) == (0, 1, 1)
     assert rows[0].oldest_timestamp_ms is None  # unknown, not a crash

@@ -63,6 +63,7 @@ REASONS = (
     "fallback_failed",
     "handler_error",
     "result_too_large",
+    "output_rejected",
 )
 # the same bytes would fail the same way: sent again only with --force
 HOPELESS = frozenset(
@@ -73,6 +74,7 @@ HOPELESS = frozenset(
         "too_large",
         "unknown_model",
         "result_too_large",
+        "output_rejected",
     }
 )
 OUTCOMES = (

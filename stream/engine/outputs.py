@@ -16,25 +16,38 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.errors import (
+    KafkaTimeoutError,
+    KafkaUnavailableError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
+    ProducerClosed,
     RecordTooLargeError,
+    UnknownTopicOrPartitionError,
 )
 
-from stream.config import KafkaSettings
+from stream.config import CLOSE_RESERVE_S, KafkaSettings
 from stream.engine.partitions import Partition
-from stream.errors import OutputRejectedError
-from stream.kafka import translate
+from stream.errors import KafkaError, OutputRejectedError
+from stream.kafka import start_client, translate
 
-__all__ = ["MAX_OUTPUT_BYTES", "AtLeastOnceSink", "ExactlyOnceSink", "Output", "Sink"]
+__all__ = [
+    "CLOSE_TIMEOUT_S",
+    "MAX_OUTPUT_BYTES",
+    "AtLeastOnceSink",
+    "ExactlyOnceSink",
+    "Output",
+    "Sink",
+    "retry_helps",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +56,8 @@ MAX_OUTPUT_BYTES = 2 * 1024 * 1024
 _BACKOFF_MAX_S = 5.0
 _TOO_LARGE_TRIES = 3
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
-_CLOSE_TIMEOUT_S = 10.0
+# How long each closing step (a producer's stop, a partition's release) may take.
+CLOSE_TIMEOUT_S = CLOSE_RESERVE_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +102,41 @@ async def _send(producer: AIOKafkaProducer, outputs: Sequence[Output]) -> list[A
     ]
 
 
+def retry_helps(exc: AIOKafkaError) -> bool:
+    """Whether producing the same outputs again can succeed.
+
+    Kafka's retriable errors can, and so can a timeout, an unavailable cluster, and a
+    producer closed under the writer (renewed). Authorization failures, an invalid request
+    and a topic that is missing after aiokafka waited a whole request timeout for its
+    metadata fail the same way on every try: retrying them would stall the partition for
+    ever while the worker looks healthy.
+    """
+    if isinstance(exc, UnknownTopicOrPartitionError):
+        return False
+    transient = (KafkaTimeoutError, KafkaUnavailableError, ProducerClosed, OutOfOrderSequenceNumber)
+    return bool(exc.retriable) or isinstance(exc, (*transient, *_TOO_LARGE))
+
+
+async def _all(steps: Iterable[Callable[[], Awaitable[None]]]) -> None:
+    """Run the steps at once and raise the first error alone, not as an exception group:
+    callers catch our `KafkaError`, and a group would slip past them (skipping clean-up)."""
+    errors: list[Exception] = []
+
+    async def run(step: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await step()
+        except Exception as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as group:
+        for step in steps:
+            group.start_soon(run, step)
+    for extra in errors[1:]:
+        log.warning("also failed: %s", extra)
+    if errors:
+        raise errors[0]
+
+
 class AtLeastOnceSink:
     def __init__(
         self, settings: KafkaSettings, consumer: AIOKafkaConsumer, producer_options: dict[str, Any]
@@ -116,23 +165,18 @@ class AtLeastOnceSink:
             log.warning("renewing the output producer after %s", why)
             fresh = self._new_producer()
             try:
-                await fresh.start()
-            except (AIOKafkaError, OSError):
-                await fresh.stop()
+                await start_client(fresh, self._settings, "renewing the producer")
+            except KafkaError:
                 return  # Kafka is away: the writers' retries try again
             self._producer = fresh
-        with anyio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+        with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await failed.stop()  # its pending sends fail, and their writers retry
 
     async def start(self) -> None:
-        try:
-            await self._producer.start()
-        except (AIOKafkaError, OSError) as exc:
-            await self._producer.stop()
-            raise translate(exc, self._settings, "starting the producer") from exc
+        await start_client(self._producer, self._settings, "starting the producer")
 
     async def stop(self) -> None:
-        with anyio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+        with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await self._producer.stop()
 
     async def assigned(self, tps: Iterable[TopicPartition]) -> None:
@@ -152,21 +196,10 @@ class AtLeastOnceSink:
             except AIOKafkaError as exc:
                 # Kafka is down or slow: keep the record unfinished and try again, so its
                 # offset is never committed without its outputs.
-                if isinstance(exc, (*_TOO_LARGE, OutOfOrderSequenceNumber)):
-                    await self._renew(producer, type(exc).__name__)
-                if isinstance(exc, _TOO_LARGE):
-                    # The broker judges whole batches: a small output fails with the big one
-                    # it was batched with, so it gets tries of its own. Past those, the same
-                    # bytes fail the same way, and retrying would stall the partition.
-                    too_large += 1
-                    if too_large >= _TOO_LARGE_TRIES:
-                        raise OutputRejectedError(
-                            f"Kafka refused an output of {partition.tp} offset {offset} for "
-                            f"good ({type(exc).__name__}): larger than its topic's "
-                            "max.message.bytes"
-                        ) from exc
+                too_large = await self._after_failure(exc, producer, partition, offset, too_large)
                 attempt += 1
                 delay = min(_BACKOFF_MAX_S, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
+                partition.write_error = type(exc).__name__
                 log.warning(
                     "producing outputs of %s offset %d failed (%s), retry %d in %.1f s",
                     partition.tp,
@@ -176,8 +209,35 @@ class AtLeastOnceSink:
                     delay,
                 )
                 await anyio.sleep(delay)
+        partition.write_error = None
         partition.offsets.finish(offset)
         return True
+
+    async def _after_failure(
+        self,
+        exc: AIOKafkaError,
+        producer: AIOKafkaProducer,
+        partition: Partition,
+        offset: int,
+        too_large: int,
+    ) -> int:
+        """Raise when another try cannot help; else get ready for it. Returns the count of
+        too-large refusals so far."""
+        if not retry_helps(exc):
+            raise translate(exc, self._settings, f"producing outputs of {partition.tp}") from exc
+        if isinstance(exc, (*_TOO_LARGE, OutOfOrderSequenceNumber)):
+            await self._renew(producer, type(exc).__name__)
+        if isinstance(exc, _TOO_LARGE):
+            # The broker judges whole batches: a small output fails with the big one it was
+            # batched with, so it gets tries of its own. Past those, the same bytes fail the
+            # same way, and retrying would stall the partition.
+            too_large += 1
+            if too_large >= _TOO_LARGE_TRIES:
+                raise OutputRejectedError(
+                    f"Kafka refused an output of {partition.tp} offset {offset} for good "
+                    f"({type(exc).__name__}): larger than its topic's max.message.bytes"
+                ) from exc
+        return too_large
 
     async def commit(self, partitions: Sequence[Partition]) -> int:
         changed = _changes(partitions)
@@ -244,10 +304,7 @@ class ExactlyOnceSink:
 
     async def assigned(self, tps: Iterable[TopicPartition]) -> None:
         """Start (and so fence any previous owner of) each partition's producer."""
-        async with anyio.create_task_group() as group:
-            for tp in tps:
-                if tp not in self._producers:
-                    group.start_soon(self._start_producer, tp)
+        await _all(partial(self._start_producer, tp) for tp in tps if tp not in self._producers)
 
     async def _start_producer(self, tp: TopicPartition) -> None:
         producer = AIOKafkaProducer(
@@ -256,23 +313,26 @@ class ExactlyOnceSink:
             **self._options,
         )
         started = time.monotonic()
-        try:
-            # init_transactions: bumps the epoch, aborts the old owner's open transaction
-            await producer.start()
-        except (AIOKafkaError, OSError) as exc:
-            await producer.stop()
-            raise translate(exc, self._settings, f"starting the producer for {tp}") from exc
+        # init_transactions: bumps the epoch, aborts the old owner's open transaction.
+        # Bounded: this runs inside a rebalance callback, which must end.
+        await start_client(
+            producer,
+            self._settings,
+            f"starting the producer for {tp}",
+            timeout_s=self._settings.request_timeout_ms / 1000,
+        )
         log.debug("transactional producer for %s ready in %.3f s", tp, time.monotonic() - started)
         self._producers[tp] = _Transactional(producer)
 
     async def revoked(self, tps: Iterable[TopicPartition]) -> None:
         leaving = [txn for tp in list(tps) if (txn := self._producers.pop(tp, None)) is not None]
         # All at once: a revoke must end within the rebalance timeout, however many leave.
-        with anyio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
-            async with anyio.create_task_group() as group:
-                for txn in leaving:
-                    # an open transaction is aborted by the broker
-                    group.start_soon(txn.producer.stop)
+        # An open transaction is aborted by the broker.
+        with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            try:
+                await _all(txn.producer.stop for txn in leaving)
+            except (AIOKafkaError, OSError) as exc:
+                log.warning("closing a partition's producer failed: %s", exc)
 
     async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> bool:
         txn = self._producers.get(partition.tp)
@@ -280,8 +340,11 @@ class ExactlyOnceSink:
             return False  # the partition left (its transaction is settled): re-run later
         # Shielded: the outputs and the "finished" mark go into the transaction together,
         # or neither does (an abandoned record must not leave orphan outputs behind).
+        # Bounded all the same: the lock waits at most one commit, the send one request.
         finished = False
-        with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(
+            2 * self._settings.request_timeout_ms / 1000, shield=True
+        ) as bound:
             async with txn.lock:
                 # The partition may have left while this waited for the lock, even come back
                 # with a new producer that must not take this run's outputs.
@@ -293,14 +356,21 @@ class ExactlyOnceSink:
                         raise translate(exc, self._settings, "producing outputs") from exc
                     partition.offsets.finish(offset)
                     finished = True
+        if bound.cancelled_caught:
+            # Some outputs may be in the open transaction without their record marked
+            # finished: committing it would write them twice. Abort it with the producer.
+            await self.revoked([partition.tp])
+            raise KafkaError(
+                f"writing outputs of {partition.tp} into its transaction took longer than "
+                f"{2 * self._settings.request_timeout_ms / 1000:g} s; the transaction is "
+                "aborted and the partition re-runs from its last commit"
+            )
         return finished
 
     async def commit(self, partitions: Sequence[Partition]) -> int:
         changed = _changes(partitions)
         todo = [p for p in partitions if p in changed or self._is_open(p)]
-        async with anyio.create_task_group() as group:
-            for partition in todo:
-                group.start_soon(self._commit_one, partition)
+        await _all(partial(self._commit_one, partition) for partition in todo)
         return len(todo)
 
     def _is_open(self, partition: Partition) -> bool:

@@ -45,12 +45,14 @@ class _Flag(Protocol):
 
 
 class ReadyEngine(Protocol):
-    """An engine whose `ready` event is set once its partitions are assigned."""
+    """An engine whose `ready` event is set once its partitions are assigned, and which
+    says when it is stuck."""
 
     @property
     def name(self) -> str: ...
     @property
     def ready(self) -> _Flag: ...
+    def problem(self) -> str | None: ...
 
 
 class Health:
@@ -64,7 +66,7 @@ class Health:
 
     def require_engine(self, engine: ReadyEngine) -> None:
         def check() -> str | None:
-            return None if engine.ready.is_set() else "partitions not assigned yet"
+            return engine.problem() if engine.ready.is_set() else "partitions not assigned yet"
 
         self.add(f"engine {engine.name}", check)
 
