@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import io
 import logging
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
 import orjson
 import pytest
 from aiokafka.protocol.admin import SaslAuthenticateRequest_v0
@@ -19,6 +17,7 @@ from stream import logs, topics
 from stream.config import Settings
 from stream.devtools.simulator import SimConfig, Simulator
 from tests.test_pipeline import request, send, terminal
+from tests.workerkit import worker_process
 
 PROMPT = "PROMPT-MARKER-do-not-log-7f3a"
 PASSWORD = "plain-FAKE-password-1234"
@@ -37,21 +36,10 @@ async def test_a_debug_worker_logs_no_prompt_and_no_answer(
             "SYNTHETIC_API_KEY": "sim",
             "STREAM_LOG_LEVEL": "DEBUG",
         }
-        with log.open("wb") as stderr:
-            process = await anyio.open_process(
-                [sys.executable, "-m", "stream", "run", "all"], env=worker_env, stderr=stderr
-            )
-            try:
-                value = request("log-1", "deepseek-v3-0324-syn", PROMPT, metadata={"m": PROMPT})
-                await send(settings, [("log-1", value), ("log-2", PROMPT.encode())])
-                found = await terminal(settings, 2)
-                process.send_signal(signal.SIGTERM)
-                with anyio.fail_after(60):
-                    await process.wait()
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
+        async with worker_process(worker_env, log):
+            value = request("log-1", "deepseek-v3-0324-syn", PROMPT, metadata={"m": PROMPT})
+            await send(settings, [("log-1", value), ("log-2", PROMPT.encode())])
+            found = await terminal(settings, 2)
     output = log.read_text()
     answer = found["log-1"][1]["content"]
     assert answer and found["log-2"][1]["reason"] == "invalid_json"

@@ -309,6 +309,15 @@ def test_a_result_is_written_only_when_kafka_will_take_it(
         assert len(output.value) > content
 
 
+FAILURE = {
+    "provider": "synthetic",
+    "model": "m",
+    "status": 503,
+    "error_type": "server_error",
+    "message": "down",
+    "attempts": 1,
+    "failed_at": "2026-01-01T00:00:00Z",
+}
 header_values = (
     st.none()
     | st.binary(max_size=10)
@@ -330,15 +339,7 @@ def test_hostile_headers_and_keys_through_both_stages(
     body: dict[str, Any], headers: tuple[tuple[str, bytes | None], ...], key: bytes | None
 ) -> None:
     _run(PRIMARY, orjson.dumps(body), "predictions.requests", headers, key)
-    failure = {
-        "provider": "synthetic",
-        "model": "m",
-        "status": 503,
-        "error_type": "server_error",
-        "message": "down",
-        "attempts": 1,
-        "failed_at": "2026-01-01T00:00:00Z",
-    }
+    failure = FAILURE
     _run(FALLBACK, orjson.dumps({**body, "failure": failure}), "predictions.fallback", headers)
 
 
@@ -375,15 +376,7 @@ def test_a_key_too_big_to_carry_is_too_large_before_the_provider_is_paid() -> No
 
 
 def test_handler_errors_keep_the_request_so_they_can_be_re_driven() -> None:
-    failure = {
-        "provider": "synthetic",
-        "model": "m",
-        "status": 503,
-        "error_type": "server_error",
-        "message": "down",
-        "attempts": 1,
-        "failed_at": "2026-01-01T00:00:00Z",
-    }
+    failure = FAILURE
     cases = [
         (PRIMARY, orjson.dumps(GOOD), [], "predictions.requests"),
         (FALLBACK, orjson.dumps({**GOOD, "failure": failure}), [failure], "predictions.fallback"),
