@@ -29,17 +29,11 @@ async def test_a_debug_worker_logs_no_prompt_and_no_answer(
 ) -> None:
     await topics.apply(settings, await topics.plan(settings))
     log = tmp_path / "worker.log"
-    async with Simulator(SimConfig()) as sim:
-        worker_env = {
-            **env,
-            "SYNTHETIC_BASE_URL": f"{sim.base}/openai/v1",
-            "SYNTHETIC_API_KEY": "sim",
-            "STREAM_LOG_LEVEL": "DEBUG",
-        }
-        async with worker_process(worker_env, log):
-            value = request("log-1", "deepseek-v3-0324-syn", PROMPT, metadata={"m": PROMPT})
-            await send(settings, [("log-1", value), ("log-2", PROMPT.encode())])
-            found = await terminal(settings, 2)
+    debug = {"STREAM_LOG_LEVEL": "DEBUG"}
+    async with Simulator(SimConfig()) as sim, worker_process(env, sim, log, debug):
+        value = request("log-1", "deepseek-v3-0324-syn", PROMPT, metadata={"m": PROMPT})
+        await send(settings, [("log-1", value), ("log-2", PROMPT.encode())])
+        found = await terminal(settings, 2)
     output = log.read_text()
     answer = found["log-1"][1]["content"]
     assert answer and found["log-2"][1]["reason"] == "invalid_json"

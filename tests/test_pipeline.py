@@ -283,21 +283,12 @@ async def test_stream_run_all_as_a_process_drains_on_sigterm(
 ) -> None:
     await topics.apply(settings, await topics.plan(settings))
     log = tmp_path / "worker.log"
-    async with Simulator(SimConfig()) as sim:
-        worker_env = {
-            **env,
-            "SYNTHETIC_BASE_URL": f"{sim.base}/openai/v1",
-            "SYNTHETIC_API_KEY": "sim",
-            "TOGETHER_BASE_URL": sim.url,
-            "TOGETHER_API_KEY": "sim",
-            "STREAM_METRICS_PORT": "0",
-        }
-        async with worker_process(worker_env, log) as process:
-            await send(
-                settings,
-                [(f"p-{i}", request(f"p-{i}", "deepseek-v3-0324-syn")) for i in range(20)],
-            )
-            await terminal(settings, 20)
+    async with Simulator(SimConfig()) as sim, worker_process(env, sim, log) as process:
+        await send(
+            settings,
+            [(f"p-{i}", request(f"p-{i}", "deepseek-v3-0324-syn")) for i in range(20)],
+        )
+        await terminal(settings, 20)
     output = log.read_text()
     assert process.returncode == 0, output[-2000:]
     assert "Traceback" not in output

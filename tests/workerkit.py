@@ -75,12 +75,23 @@ def _stopped(worker: Worker) -> object:
 
 
 @asynccontextmanager
-async def worker_process(env: dict[str, str], log: Path) -> AsyncIterator[Process]:
-    """`stream run all` in its own process, its stderr in `log`. On the way out: SIGTERM and
-    a wait for it to drain and exit (killed after 60 s); its exit code is `returncode`."""
+async def worker_process(
+    env: dict[str, str], sim: Simulator, log: Path, extra: dict[str, str] | None = None
+) -> AsyncIterator[Process]:
+    """`stream run all` in its own process, both providers on `sim`, its stderr in `log`.
+    On the way out: SIGTERM and a wait for it to drain and exit (killed after 60 s); its
+    exit code is `returncode`."""
+    worker_env = {
+        **env,
+        "SYNTHETIC_BASE_URL": f"{sim.base}/openai/v1",
+        "SYNTHETIC_API_KEY": "sim",
+        "TOGETHER_BASE_URL": sim.url,
+        "TOGETHER_API_KEY": "sim",
+        **(extra or {}),
+    }
     with log.open("wb") as stderr:
         command = [sys.executable, "-m", "stream", "run", "all"]
-        process = await anyio.open_process(command, env=env, stderr=stderr)
+        process = await anyio.open_process(command, env=worker_env, stderr=stderr)
         try:
             yield process
             process.send_signal(signal.SIGTERM)
