@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         settings = Settings.from_env()
-        logs.configure(settings.log_level, json=False)
+        logs.configure(settings.log_level, json=False, content=settings.log_content)
         handler: Handler = args.handler
         return handler(args, settings)
     except StreamError as exc:

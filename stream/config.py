@@ -9,6 +9,8 @@ message names the variable and says what a valid value looks like.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from stream.checks import check_bootstrap, check_tls_files, check_topic_prefix, read_text
 from stream.errors import ConfigError
 
 __all__ = [
@@ -212,7 +215,7 @@ class Settings:
             synthetic=_provider_settings(source, "synthetic", SYNTHETIC_BASE_URL),
             together=_provider_settings(source, "together", TOGETHER_BASE_URL),
             engine=engine,
-            topic_prefix=source.text("STREAM_TOPIC_PREFIX", ""),
+            topic_prefix=check_topic_prefix(source.text("STREAM_TOPIC_PREFIX", "")),
             topics_dir=Path(source.text("STREAM_TOPICS_DIR", str(default_topics_dir()))),
             catalog_file=source.path("STREAM_CATALOG_FILE"),
             metrics_port=source.integer("STREAM_METRICS_PORT", 9400, low=0, high=65535),
@@ -224,6 +227,7 @@ class Settings:
             max_request_bytes=source.integer("STREAM_MAX_REQUEST_BYTES", 256 * 1024, low=1024),
             spend=_spend_settings(source),
         )
+        source.check_file_keys()
         settings.check()
         return settings
 
@@ -260,6 +264,8 @@ class Settings:
                 "STREAM_KAFKA_SASL_MECHANISM, STREAM_KAFKA_SASL_USERNAME and "
                 "STREAM_KAFKA_SASL_PASSWORD (or STREAM_KAFKA_SASL_PASSWORD_FILE)"
             )
+        if kafka.security_protocol in ("SSL", "SASL_SSL"):
+            check_tls_files(kafka.ssl_cafile, kafka.ssl_certfile, kafka.ssl_keyfile)
 
     def topic(self, name: str) -> str:
         """The real topic name for a declared one (`predictions.requests` → prefixed)."""
@@ -278,7 +284,9 @@ def default_topics_dir() -> Path:
 
 def _kafka_settings(source: _Source) -> KafkaSettings:
     return KafkaSettings(
-        bootstrap_servers=source.text("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        bootstrap_servers=check_bootstrap(
+            source.text("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"), "KAFKA_BOOTSTRAP_SERVERS"
+        ),
         security_protocol=source.choice(
             "STREAM_KAFKA_SECURITY_PROTOCOL",
             ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
@@ -290,9 +298,9 @@ def _kafka_settings(source: _Source) -> KafkaSettings:
         ),
         sasl_username=source.text("STREAM_KAFKA_SASL_USERNAME", "") or None,
         sasl_password=source.secret("STREAM_KAFKA_SASL_PASSWORD"),
-        ssl_cafile=source.text("STREAM_KAFKA_SSL_CAFILE", "") or None,
-        ssl_certfile=source.text("STREAM_KAFKA_SSL_CERTFILE", "") or None,
-        ssl_keyfile=source.text("STREAM_KAFKA_SSL_KEYFILE", "") or None,
+        ssl_cafile=source.file_name("STREAM_KAFKA_SSL_CAFILE"),
+        ssl_certfile=source.file_name("STREAM_KAFKA_SSL_CERTFILE"),
+        ssl_keyfile=source.file_name("STREAM_KAFKA_SSL_KEYFILE"),
         client_id=source.text("STREAM_KAFKA_CLIENT_ID", "prediction-stream"),
         cluster_name=source.text("STREAM_KAFKA_CLUSTER_NAME", "") or None,
     )
@@ -349,22 +357,40 @@ class _Source:
     """Typed look-ups over the environment, merged over `STREAM_CONFIG_FILE` if set."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.env = {**self._file_values(env.get("STREAM_CONFIG_FILE")), **env}
+        self.file = env.get("STREAM_CONFIG_FILE")
+        from_file = self._file_values(self.file)
+        self.file_keys = frozenset(from_file)
+        self.env = {**from_file, **env}
         self.asked: set[str] = {"STREAM_CONFIG_FILE"}
 
     @staticmethod
     def _file_values(path: str | None) -> dict[str, str]:
         if not path:
             return {}
+        text = read_text(Path(path), f"STREAM_CONFIG_FILE {path!r}")
         try:
-            data = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(
-                f"STREAM_CONFIG_FILE {path!r} cannot be read: {exc.strerror}"
-            ) from exc
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"STREAM_CONFIG_FILE {path!r} is not valid TOML: {exc}") from exc
+        except RecursionError:
+            raise ConfigError(f"STREAM_CONFIG_FILE {path!r} is nested too deep") from None
+        for key, value in data.items():
+            if not isinstance(value, str | int | float | bool):
+                raise ConfigError(
+                    f"STREAM_CONFIG_FILE {path!r}: {key} must be a string, number or boolean "
+                    "(settings are flat: NAME = value)"
+                )
         return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in data.items()}
+
+    def check_file_keys(self) -> None:
+        """Every key of the config file is a setting: a typo must not pass silently."""
+        for key in sorted(self.file_keys - self.asked):
+            close = difflib.get_close_matches(key, sorted(self.asked), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"STREAM_CONFIG_FILE {self.file!r}: {key} is not a setting{hint}; "
+                "the README's Configuration section lists them"
+            )
 
     def text(self, name: str, default: str) -> str:
         self.asked.add(name)
@@ -376,6 +402,10 @@ class _Source:
             raise ConfigError(f"{name} points at {value!r}, which is not a readable file")
         return Path(value) if value else None
 
+    def file_name(self, name: str) -> str | None:
+        path = self.path(name)
+        return None if path is None else str(path)
+
     def secret(self, name: str) -> Secret:
         """`NAME`, or the contents of the file named by `NAME_FILE` (trailing newline cut)."""
         self.asked.update((name, f"{name}_FILE"))
@@ -383,12 +413,7 @@ class _Source:
         if name in self.env and file_name:
             raise ConfigError(f"set {name} or {name}_FILE, not both")
         if file_name:
-            try:
-                return Secret(Path(file_name).read_text().strip())
-            except OSError as exc:
-                raise ConfigError(
-                    f"{name}_FILE points at {file_name!r}, which cannot be read: {exc.strerror}"
-                ) from exc
+            return Secret(read_text(Path(file_name), f"{name}_FILE {file_name!r}").strip())
         return Secret(self.env.get(name, "").strip())
 
     def _parse(self, name: str, default: T, convert: Callable[[str], T], kind: str) -> T:
@@ -410,6 +435,8 @@ class _Source:
 
     def number(self, name: str, default: float, *, low: float) -> float:
         value = self._parse(name, default, float, "a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number of seconds (got {value})")
         if not value >= low:
             raise ConfigError(f"{name} must be at least {low} (got {value})")
         return value

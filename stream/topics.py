@@ -23,6 +23,7 @@ from aiokafka.admin import NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError as AIOKafkaError
 
+from stream.checks import MAX_TOPIC_NAME, read_text
 from stream.config import Settings
 from stream.errors import EXIT_ATTENTION, KafkaError, TopicSpecError
 from stream.kafka import admin_client, translate
@@ -68,6 +69,12 @@ def load_specs(directory: Path, *, prefix: str = "") -> list[TopicSpec]:
     specs = [_load_spec(path, prefix) for path in sorted(directory.glob("*.toml"))]
     if not specs:
         raise TopicSpecError(f"no topic declarations (*.toml) in {directory}")
+    longest = max((spec.name for spec in specs), key=len)
+    if len(longest) > MAX_TOPIC_NAME:
+        raise TopicSpecError(
+            f"topic {longest[:40]}… would be {len(longest)} characters, over Kafka's "
+            f"{MAX_TOPIC_NAME}: shorten STREAM_TOPIC_PREFIX"
+        )
     names = [spec.name for spec in specs]
     for name in names:
         if names.count(name) > 1:
@@ -77,9 +84,11 @@ def load_specs(directory: Path, *, prefix: str = "") -> list[TopicSpec]:
 
 def _load_spec(path: Path, prefix: str) -> TopicSpec:
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(read_text(path, str(path)))
     except tomllib.TOMLDecodeError as exc:
         raise TopicSpecError(f"{path}: not valid TOML ({exc})") from exc
+    except RecursionError:
+        raise TopicSpecError(f"{path}: nested too deep") from None
     unknown = set(data) - {"name", "partitions", "replication_factor", "schema", "configs"}
     if unknown:
         raise TopicSpecError(f"{path}: unknown field {sorted(unknown)[0]!r}")

@@ -108,10 +108,12 @@ class Worker:
         for engine in self.engines:
             self.metrics.watch_engine(engine)
             self.health.require_engine(engine)
-        await group.start(monitor.run)
+        # The port first: a port in use fails start-up before the lag monitor starts its
+        # Kafka clients (none left to close, no "Unclosed consumer" noise).
         self.port = await group.start(
             serve, self.metrics, self.health, self.settings.metrics_host, self.settings.metrics_port
         )
+        await group.start(monitor.run)
         log.info("serving /metrics, /healthz and /readyz on port %s", self.port)
         if self._own_process:
             tune_gc()  # now: what start-up built (catalog, schemas, pools) is frozen too
@@ -251,7 +253,7 @@ def tune_gc() -> None:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    logs.configure(settings.log_level, json=True)
+    logs.configure(settings.log_level, json=True, content=settings.log_content)
     stages = STAGES if args.stage == "all" else (args.stage,)
     if args.guarantee:
         from dataclasses import replace

@@ -34,6 +34,16 @@ def test_defaults_are_sane() -> None:
         ({"TOGETHER_API_KEY": "a", "TOGETHER_API_KEY_FILE": "/x"}, "TOGETHER_API_KEY_FILE"),
         ({"TOGETHER_API_KEY_FILE": "/nonexistent/key"}, "TOGETHER_API_KEY_FILE"),
         ({"STREAM_CATALOG_FILE": "/nonexistent.toml"}, "STREAM_CATALOG_FILE"),
+        ({"KAFKA_BOOTSTRAP_SERVERS": "a:b:c"}, "KAFKA_BOOTSTRAP_SERVERS"),
+        ({"KAFKA_BOOTSTRAP_SERVERS": "broker"}, "KAFKA_BOOTSTRAP_SERVERS"),
+        ({"KAFKA_BOOTSTRAP_SERVERS": "h:0"}, "KAFKA_BOOTSTRAP_SERVERS"),
+        ({"KAFKA_BOOTSTRAP_SERVERS": "h:99999"}, "KAFKA_BOOTSTRAP_SERVERS"),
+        ({"KAFKA_BOOTSTRAP_SERVERS": "::1:9092"}, "KAFKA_BOOTSTRAP_SERVERS"),
+        ({"STREAM_COMMIT_INTERVAL_S": "inf"}, "STREAM_COMMIT_INTERVAL_S"),
+        ({"STREAM_REVOKE_GRACE_S": "nan"}, "STREAM_REVOKE_GRACE_S"),
+        ({"STREAM_TOGETHER_BREAKER_COOLDOWN_S": "-inf"}, "STREAM_TOGETHER_BREAKER_COOLDOWN_S"),
+        ({"STREAM_TOPIC_PREFIX": "ünï."}, "STREAM_TOPIC_PREFIX"),
+        ({"STREAM_KAFKA_SSL_CAFILE": "/nonexistent/ca.pem"}, "STREAM_KAFKA_SSL_CAFILE"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:
@@ -110,3 +120,27 @@ def test_a_revoke_grace_that_leaves_no_time_to_close_is_refused() -> None:
     short = {"STREAM_REBALANCE_TIMEOUT_MS": "20000", "STREAM_SESSION_TIMEOUT_MS": "6000"}
     with pytest.raises(ConfigError, match="to close"):
         Settings.from_env({**short, "STREAM_REVOKE_GRACE_S": "15"})
+
+
+@pytest.mark.parametrize(
+    "servers", ["b1:9092", " b1:9092 , b2:9093", "[::1]:9092", "10.0.0.1:1,kafka-2.internal:65535"]
+)
+def test_bootstrap_servers_that_kafka_takes_are_taken(servers: str) -> None:
+    got = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": servers}).kafka.bootstrap_servers
+    assert got == ",".join(part.strip() for part in servers.split(","))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('STREAM_GUARANTE = "exactly-once"\n', "did you mean STREAM_GUARANTEE?"),
+        ("SOMETHING_ELSE = 1\n", "SOMETHING_ELSE is not a setting;"),
+        ("[kafka]\nbootstrap = 'x:1'\n", "kafka must be a string, number or boolean"),
+        ("STREAM_TOPIC_PREFIX = 'caf\xe9.'\n", "not UTF-8"),
+    ],
+)
+def test_a_config_file_takes_only_settings(tmp_path: Path, text: str, message: str) -> None:
+    file = tmp_path / "stream.toml"
+    file.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?")):
+        Settings.from_env({"STREAM_CONFIG_FILE": str(file)})

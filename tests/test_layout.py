@@ -21,17 +21,19 @@ _NOT_YET = {"stream.config"}  # modules being split in a change of their own
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "logs": set(),
-    "config": {"errors"},
+    "checks": {"errors"},
+    "config": {"checks", "errors"},
     "kafka": {"config", "errors"},
     "prices": set(),
-    "catalog": {"config", "errors", "prices"},
+    "catalog": {"checks", "config", "errors", "prices"},
     "records": {"errors"},
-    "topics": {"config", "errors", "kafka"},
+    "topics": {"checks", "config", "errors", "kafka"},
     "engine": {"config", "errors", "kafka"},
     "providers": {"catalog", "config", "errors"},
     "spend": {"catalog", "config", "errors", "prices", "providers"},
     "observe": {"config", "engine", "errors", "kafka", "prices", "providers"},
-    "backfill": {"config", "errors", "kafka", "records", "topics"},
+    # engine: its fetch seam steps over records the Kafka client cannot decode
+    "backfill": {"config", "engine", "errors", "kafka", "records", "topics"},
     "stages": {
         "catalog",
         "config",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -77,8 +78,8 @@ class Options:
         options = cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
         if min(options.requests, options.concurrency, options.partitions) < 1:
             raise BenchError("--requests, --concurrency and --partitions must be at least 1")
-        if options.latency < 0:
-            raise BenchError("--latency must not be negative")
+        if not 0 <= options.latency < math.inf:
+            raise BenchError("--latency must be a number of seconds, not negative")
         if options.spend_limit is not None and not options.spend_limit > 0:
             raise BenchError("--spend-limit must be a positive number of USD")
         if not options.spend_window > 0:
@@ -396,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stream import logs
 
     settings = Settings.from_env()
-    logs.configure(settings.log_level, json=False)
+    logs.configure(settings.log_level, json=False, content=settings.log_content)
     figures = anyio.run(benchruns.run, args.mode, settings, args.requests)
     print(json.dumps(figures))
     return 0
