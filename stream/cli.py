@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-from stream import __version__, logs
+from stream import __version__, clientconfig, logs
 from stream.config import Settings
 from stream.errors import EXIT_FAILED, StreamError
 
@@ -32,6 +33,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "stream.backfill.redrive",
     "stream.devtools.bench",
 )
+# The commands that talk to Kafka: each takes --bootstrap-server and --command-config, as
+# Kafka's own tools do (`kafka` runs the local broker; `simulate` never touches Kafka).
+KAFKA_COMMANDS: tuple[str, ...] = ("run", "topics", "lag", "replay", "redrive", "demo", "bench")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(commands)
+    for name in KAFKA_COMMANDS:
+        clientconfig.add_options(commands.choices[name])
     return parser
 
 
@@ -65,7 +71,7 @@ def _first_stream_error(group: BaseExceptionGroup[BaseException]) -> StreamError
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(clientconfig.environment(args, os.environ))
         logs.configure(settings.log_level, json=False)
         handler: Handler = args.handler
         return handler(args, settings)

@@ -67,6 +67,7 @@ class KafkaSettings:
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    ssl_key_password: Secret = field(default_factory=lambda: Secret(""))
     client_id: str = "prediction-stream"
     request_timeout_ms: int = 30_000
 
@@ -83,12 +84,27 @@ class KafkaSettings:
             options["sasl_plain_username"] = self.sasl_username
             options["sasl_plain_password"] = self.sasl_password.reveal()
         if self.security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            options["ssl_context"] = create_ssl_context(
-                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
-            )
+            options["ssl_context"] = self._ssl_context()
         return options
+
+    def _ssl_context(self) -> object:
+        import ssl
+
+        from aiokafka.helpers import create_ssl_context
+
+        try:
+            return create_ssl_context(
+                cafile=self.ssl_cafile,
+                certfile=self.ssl_certfile,
+                keyfile=self.ssl_keyfile,
+                password=self.ssl_key_password.reveal() or None,
+            )
+        except (ssl.SSLError, OSError) as exc:
+            # a file that is missing, not PEM, or a key whose password is wrong
+            raise ConfigError(
+                "the TLS files cannot be loaded (STREAM_KAFKA_SSL_CAFILE, _CERTFILE, _KEYFILE, "
+                f"_KEY_PASSWORD, or ssl.* in --command-config): {exc.strerror or exc}"
+            ) from exc
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +126,9 @@ class EngineSettings:
     max_in_flight_per_partition: int = 500
     ordering: Ordering = "unordered"
     commit_interval_s: float = 1.0
-    shutdown_grace_s: float = 30.0
+    # How long SIGTERM lets running calls finish. None: as long as the catalog's longest
+    # model timeout (no call can run longer); the worker works it out (`drain_grace_s`).
+    shutdown_grace_s: float | None = None
     # On a rebalance, in-flight calls get this long to finish before they are abandoned
     # (and paid for again by the partition's next owner): long, for reasoning models.
     revoke_grace_s: float = 60.0
@@ -118,6 +136,9 @@ class EngineSettings:
     max_poll_interval_ms: int = 600_000
     rebalance_timeout_ms: int = 120_000
     session_timeout_ms: int = 45_000
+    # Static membership (Kafka's group.instance.id): a restart with the same id keeps the
+    # partitions without a rebalance. None: dynamic membership.
+    instance_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,7 +191,7 @@ class Settings:
             ),
             ordering=source.choice("STREAM_ORDERING", ("unordered", "key"), "unordered"),  # type: ignore[arg-type]
             commit_interval_s=source.number("STREAM_COMMIT_INTERVAL_S", 1.0, low=0.01),
-            shutdown_grace_s=source.number("STREAM_SHUTDOWN_GRACE_S", 30.0, low=0.0),
+            shutdown_grace_s=source.optional_number("STREAM_SHUTDOWN_GRACE_S", low=0.0),
             # unset, it follows the rebalance timeout down (half of it, at most 60 s), so
             # lowering only the timeout keeps a valid pair
             revoke_grace_s=source.number(
@@ -179,6 +200,7 @@ class Settings:
             max_poll_interval_ms=source.integer("STREAM_MAX_POLL_INTERVAL_MS", 600_000, low=1),
             rebalance_timeout_ms=rebalance_timeout_ms,
             session_timeout_ms=source.integer("STREAM_SESSION_TIMEOUT_MS", 45_000, low=1),
+            instance_id=_instance_id(source),
         )
         settings = cls(
             kafka=_kafka_settings(source),
@@ -242,9 +264,9 @@ class Settings:
 
 
 def default_topics_dir() -> Path:
-    """`topics/` beside the package in a checkout; the packaged copy otherwise."""
-    checkout = Path(__file__).resolve().parent.parent / "topics"
-    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "data" / "topics"
+    """The declarations shipped with the package: in a checkout `stream/data/topics` is a
+    link to `topics/`, and wheels and sdists carry a copy of it."""
+    return Path(__file__).resolve().parent / "data" / "topics"
 
 
 def _kafka_settings(source: _Source) -> KafkaSettings:
@@ -264,8 +286,27 @@ def _kafka_settings(source: _Source) -> KafkaSettings:
         ssl_cafile=source.text("STREAM_KAFKA_SSL_CAFILE", "") or None,
         ssl_certfile=source.text("STREAM_KAFKA_SSL_CERTFILE", "") or None,
         ssl_keyfile=source.text("STREAM_KAFKA_SSL_KEYFILE", "") or None,
+        ssl_key_password=source.secret("STREAM_KAFKA_SSL_KEY_PASSWORD"),
         client_id=source.text("STREAM_KAFKA_CLIENT_ID", "prediction-stream"),
     )
+
+
+# Kafka's rules for a group.instance.id (the same as for a topic name).
+_INSTANCE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+INSTANCE_ID_MAX = 249
+
+
+def _instance_id(source: _Source) -> str | None:
+    value = source.text("STREAM_INSTANCE_ID", "")
+    if not value:
+        return None
+    if value in (".", "..") or len(value) > INSTANCE_ID_MAX or set(value) - _INSTANCE_ID_CHARS:
+        raise ConfigError(
+            f"STREAM_INSTANCE_ID {value[:60]!r} is not a valid Kafka group instance id: use "
+            f"up to {INSTANCE_ID_MAX} letters, digits, '.', '_' or '-' (not '.' or '..'), "
+            "e.g. the pod name of a StatefulSet"
+        )
+    return value
 
 
 def _provider_settings(source: _Source, name: str, base_url: str) -> ProviderSettings:
@@ -307,8 +348,10 @@ class _Source:
         return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in data.items()}
 
     def text(self, name: str, default: str) -> str:
+        # An empty variable counts as unset: compose's `${NAME:-}` and templating tools
+        # define variables as "" when they mean "not set".
         self.asked.add(name)
-        return self.env.get(name, default).strip()
+        return self.env.get(name, "").strip() or default
 
     def path(self, name: str) -> Path | None:
         value = self.text(name, "")
@@ -320,7 +363,7 @@ class _Source:
         """`NAME`, or the contents of the file named by `NAME_FILE` (trailing newline cut)."""
         self.asked.update((name, f"{name}_FILE"))
         file_name = self.env.get(f"{name}_FILE", "").strip()
-        if name in self.env and file_name:
+        if self.env.get(name, "").strip() and file_name:
             raise ConfigError(f"set {name} or {name}_FILE, not both")
         if file_name:
             try:
@@ -353,6 +396,13 @@ class _Source:
         if not value >= low:
             raise ConfigError(f"{name} must be at least {low} (got {value})")
         return value
+
+    def optional_number(self, name: str, *, low: float) -> float | None:
+        """A number at least `low`, or None when the variable is unset (or empty)."""
+        if not self.env.get(name, "").strip():
+            self.asked.add(name)
+            return None
+        return self.number(name, low, low=low)
 
     def boolean(self, name: str, default: bool) -> bool:
         truth = {
