@@ -191,12 +191,13 @@ class _Mapper:
                 "sasl.jaas.config",
                 f"names {module}, but sasl.mechanism={mechanism} needs {_LOGIN_MODULES[mechanism]}",
             )
-        unknown = sorted(set(options) - {"username", "password"})
-        if unknown or not options.get("username") or "password" not in options:
+        if set(options) != {"username", "password"} or not options["username"]:
+            # which options it does hold stays unsaid: a password split at a blank would
+            # show up among them
             raise self.fail(
                 "sasl.jaas.config",
-                'must hold exactly username="…" and password="…"'
-                + (f" (not {', '.join(unknown)})" if unknown else ""),
+                'must hold username="…" and password="…" and no other option (quote values '
+                "that hold blanks, quotes or ';')",
             )
         self.found["STREAM_KAFKA_SASL_USERNAME"] = options["username"]
         self.found["STREAM_KAFKA_SASL_PASSWORD"] = options["password"]
@@ -333,10 +334,15 @@ def parse_jaas(text: str, *, where: str = "sasl.jaas.config") -> tuple[str, dict
     while not scanner.take(";"):
         key = scanner.word("an option name or ';'")
         if not scanner.take("="):
-            raise scanner.error(f"option {key} needs '=' and a value")
+            # never the option's name: a badly quoted password falls apart into "names"
+            raise scanner.error(
+                "an option without '=' and a value (quote values that hold blanks, quotes or ';')"
+            )
         options[key] = scanner.value()
     if not scanner.at_end():
-        raise scanner.error("holds more than one login module; Kafka clients take one")
+        raise scanner.error(
+            "goes on after ';': Kafka clients take one login module (quote a value that holds ';')"
+        )
     return module, options
 
 
