@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import re
 import shutil
@@ -391,19 +392,35 @@ def _kafka(args: argparse.Namespace, settings: Settings) -> int:
         already = broker.pid() is not None
         broker.start()
         state = "already running" if already else "started"
+    elif args.action == "stop":
+        state = "stopped" if broker.stop() else "not running"
+    else:
+        state = "running" if broker.pid() is not None else "not running"
+    if args.json:
+        print(json.dumps(_status(broker, state)))
+    elif state == "not running":
+        print(f"Kafka is not running (home {broker.home})")
+    elif args.action == "stop":
+        print("Kafka stopped")
+    else:
         print(
             f"Kafka {KAFKA_VERSION} {state} at {broker.bootstrap_servers} "
             f"(pid {broker.pid()}, data in {broker.home})"
         )
-    elif args.action == "stop":
-        print("Kafka stopped" if broker.stop() else "Kafka was not running")
-    else:
-        pid = broker.pid()
-        if pid is None:
-            print(f"Kafka is not running (home {broker.home})")
-            return EXIT_FAILED
-        print(f"Kafka {KAFKA_VERSION} running at {broker.bootstrap_servers} (pid {pid})")
-    return 0
+    return EXIT_FAILED if args.action == "status" and state == "not running" else 0
+
+
+def _status(broker: LocalBroker, state: str) -> dict[str, object]:
+    """`kafka start|stop|status --json`: the shape the README documents."""
+    pid = broker.pid()
+    return {
+        "state": state,
+        "running": pid is not None,
+        "version": KAFKA_VERSION,
+        "bootstrap_servers": broker.bootstrap_servers,
+        "pid": pid,
+        "home": str(broker.home),
+    }
 
 
 def register(commands: Any) -> None:
@@ -411,9 +428,15 @@ def register(commands: Any) -> None:
         "kafka",
         help="start, stop or check the local Kafka broker",
         description="A single-node KRaft broker on loopback, from the "
-        "pinned Apache Kafka jars (fetched with Maven once).",
+        "pinned Apache Kafka jars (fetched with Maven once). `status` exits 1 when it is "
+        "not running.",
     )
     kafka.add_argument("action", choices=["start", "stop", "status"])
     kafka.add_argument("--port", type=int, default=9092, help="listener port (default 9092)")
     kafka.add_argument("--home", help="state folder (default ~/.cache/prediction-stream/broker)")
+    kafka.add_argument(
+        "--json",
+        action="store_true",
+        help="print {state, running, version, bootstrap_servers, pid, home} as JSON",
+    )
     kafka.set_defaults(handler=_kafka)
