@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 _COORDINATOR_TRIES = 12  # about 15 s of back-off in all
+# the same settings can come from a Kafka client properties file (stream.clientconfig)
+_OR_FILE = " (or their keys in the --command-config file)"
 
 
 def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaError:
@@ -43,14 +45,14 @@ def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaE
         return KafkaError(
             f"Kafka at {where} rejected our credentials while {doing}: check "
             "STREAM_KAFKA_SASL_USERNAME, STREAM_KAFKA_SASL_PASSWORD and "
-            "STREAM_KAFKA_SASL_MECHANISM"
+            f"STREAM_KAFKA_SASL_MECHANISM{_OR_FILE}"
         )
     tls_problem = _tls_problem(settings) if isinstance(exc, KafkaConnectionError) else None
     if tls_problem:
         return KafkaError(
             f"TLS to Kafka at {where} failed while {doing} ({tls_problem}): check "
             "STREAM_KAFKA_SSL_CAFILE (the CA that signed the broker's certificate), the host "
-            "name in KAFKA_BOOTSTRAP_SERVERS, and STREAM_KAFKA_SECURITY_PROTOCOL"
+            f"name in KAFKA_BOOTSTRAP_SERVERS, and STREAM_KAFKA_SECURITY_PROTOCOL{_OR_FILE}"
         )
     if isinstance(exc, KafkaConnectionError) and settings.sasl_mechanism and _accepts_tcp(where):
         # aiokafka logs the SASL failure and raises a bare "unable to bootstrap": a port that
@@ -58,7 +60,7 @@ def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaE
         return KafkaError(
             f"Kafka at {where} accepted the connection but rejected our credentials while "
             f"{doing}: check STREAM_KAFKA_SASL_USERNAME, STREAM_KAFKA_SASL_PASSWORD, "
-            "STREAM_KAFKA_SASL_MECHANISM and STREAM_KAFKA_SECURITY_PROTOCOL"
+            f"STREAM_KAFKA_SASL_MECHANISM and STREAM_KAFKA_SECURITY_PROTOCOL{_OR_FILE}"
         )
     if isinstance(exc, KafkaConnectionError):
         return KafkaError(

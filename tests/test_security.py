@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import orjson
 import pytest
 import trustme
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -324,3 +325,116 @@ async def test_the_worker_as_a_user_without_acls_says_so(
     # The topics exist (an earlier test applied them): the user just cannot see them.
     assert "stranger" in done.stderr and "ACL" in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+# -- the same through --bootstrap-server and --command-config (Kafka tools' properties) -----
+
+SCRAM_MODULE = "org.apache.kafka.common.security.scram.ScramLoginModule"
+PLAIN_MODULE = "org.apache.kafka.common.security.plain.PlainLoginModule"
+
+
+def _client_properties(
+    folder: Path, broker: LocalBroker, *, mechanism: str, password: str = PASSWORD
+) -> Path:
+    """A client.properties as an operator keeps it for kafka-topics.sh, the JAAS line
+    continued over two lines."""
+    module = PLAIN_MODULE if mechanism == "PLAIN" else SCRAM_MODULE
+    lines = [
+        "# for kafka-topics.sh --command-config, and now for stream",
+        f"security.protocol={'SASL_SSL' if broker.tls_keystore else 'SASL_PLAINTEXT'}",
+        f"sasl.mechanism={mechanism}",
+        f"sasl.jaas.config={module} required \\",
+        f'    username="stream" password="{password}";',
+        "client.id=ops-cli",
+    ]
+    if broker.tls_keystore:
+        ca = broker.tls_keystore.with_name("ca.pem")
+        lines += ["ssl.truststore.type=PEM", f"ssl.truststore.location={ca}"]
+    path = folder / f"client-{mechanism.lower()}.properties"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _misleading_env(base: dict[str, str], prefix: str) -> dict[str, str]:
+    """An environment pointing elsewhere with the wrong password: the command line wins."""
+    return {
+        **base,
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+        "STREAM_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT",
+        "STREAM_KAFKA_SASL_PASSWORD": "wrong-password",
+        "STREAM_TOPIC_PREFIX": prefix,
+    }
+
+
+@pytest.mark.timeout(180)
+async def test_every_kafka_command_takes_the_kafka_tools_options_over_sasl_ssl(
+    tls_broker: LocalBroker, env: dict[str, str], tmp_path: Path
+) -> None:
+    properties = _client_properties(tmp_path, tls_broker, mechanism="SCRAM-SHA-512")
+    given = ["--bootstrap-server", f"127.0.0.1:{tls_broker.sasl_port}"]
+    given += ["--command-config", str(properties)]
+    misleading = _misleading_env(env, "sec.cc.")
+
+    applied = await run_cli(misleading, "topics", "apply", "--json", *given)
+    assert applied.returncode == 0, applied.stderr
+    assert orjson.loads(applied.stdout)["applied"] == 5
+    for command in (
+        ["replay", "--since", "1h", "--dry-run", "--json"],
+        ["redrive", "--dry-run", "--json"],
+    ):
+        done = await run_cli(misleading, *command, *given)
+        assert done.returncode == 0, (command, done.stderr)
+        assert orjson.loads(done.stdout)["outcome"] == "done"
+    lag = await run_cli(misleading, "lag", "--json", "--samples", "2", "--interval", "0.1", *given)
+    # no worker has run: the groups do not exist, which only Kafka itself can say
+    assert lag.returncode == 1 and "does not exist" in lag.stderr, lag.stderr
+
+    async with Simulator(SimConfig()) as sim:
+        worker_env = {
+            **misleading,
+            "SYNTHETIC_BASE_URL": sim.url,
+            "SYNTHETIC_API_KEY": "sim",
+            "STREAM_METRICS_PORT": "0",
+        }
+        settings = Settings.from_env(
+            {**_env(tls_broker, env, "stream", PASSWORD), "STREAM_TOPIC_PREFIX": "sec.cc."}
+        )
+        process = await anyio.open_process(
+            [sys.executable, "-m", "stream", "run", "primary", *given], env=worker_env
+        )
+        try:
+            await send(settings, [("cc-ok", request("cc-ok", "deepseek-v3-0324-syn"))])
+            found = await terminal(settings, 1)
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(60):
+                assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert found["cc-ok"][1]["provider"] == "synthetic"
+
+
+@pytest.mark.timeout(60)
+async def test_sasl_plain_from_a_command_config(
+    scram_broker: LocalBroker, env: dict[str, str], tmp_path: Path
+) -> None:
+    properties = _client_properties(tmp_path, scram_broker, mechanism="PLAIN")
+    given = ["--bootstrap-server", f"127.0.0.1:{scram_broker.sasl_port}"]
+    given += ["--command-config", str(properties)]
+    done = await run_cli(_misleading_env(env, "sec.plain."), "topics", "apply", *given)
+    assert done.returncode == 0, done.stderr
+
+    wrong = _client_properties(tmp_path, scram_broker, mechanism="PLAIN", password="nope-nope")
+    refused = await run_cli(
+        _misleading_env(env, "sec.plain."),
+        "topics",
+        "apply",
+        "--bootstrap-server",
+        f"127.0.0.1:{scram_broker.sasl_port}",
+        "--command-config",
+        str(wrong),
+    )
+    assert refused.returncode == 1
+    assert "rejected our credentials" in refused.stderr and "--command-config" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "nope-nope" not in refused.stderr
