@@ -62,7 +62,7 @@ SUPPORTED_KEYS = (
     "ssl.truststore.location",
     "ssl.truststore.type",
 )
-_BOOTSTRAP = re.compile(r"^[^\s,:]+:\d{1,5}(,[^\s,:]+:\d{1,5})*$")
+_SERVER = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s,:\[\]]+):\d{1,5}$")  # host:port, [v6]:port
 
 
 # -- the command line ----------------------------------------------------------------------
@@ -105,14 +105,16 @@ def overrides(args: argparse.Namespace) -> dict[str, str]:
         found.update(_from_file(Path(path)))
     bootstrap = getattr(args, "bootstrap_server", None)
     if bootstrap is not None:
-        found["KAFKA_BOOTSTRAP_SERVERS"] = _bootstrap(bootstrap.strip(), "--bootstrap-server")
+        found["KAFKA_BOOTSTRAP_SERVERS"] = _bootstrap(bootstrap, "--bootstrap-server")
     return found
 
 
 def _bootstrap(value: str, where: str) -> str:
-    if not _BOOTSTRAP.match(value):
+    """`host:port[,host:port…]`, blanks around the commas dropped (Kafka allows them)."""
+    servers = [server.strip() for server in value.split(",")]
+    if not all(_SERVER.match(server) for server in servers):
         raise ConfigError(f"{where} must be HOST:PORT, or several joined by commas")
-    return value
+    return ",".join(servers)
 
 
 # -- the properties file -------------------------------------------------------------------
@@ -124,6 +126,8 @@ def _from_file(path: Path) -> dict[str, str]:
         text = path.read_text(encoding="latin-1")  # what java.util.Properties.load reads
     except OSError as exc:
         raise ConfigError(f"{where} cannot be read: {exc.strerror}") from exc
+    # an editor's UTF-8 byte order mark would become part of the first key
+    text = text.removeprefix("\xef\xbb\xbf")
     entries = parse_properties(text, where=where)
     properties = {key: value for _, key, value in entries}
     lines = {key: line for line, key, _ in entries}
@@ -153,7 +157,9 @@ class _Mapper:
             if key in self.props:
                 self.found[name] = self.props[key].strip()
         if "bootstrap.servers" in self.props:
-            _bootstrap(self.found["KAFKA_BOOTSTRAP_SERVERS"], f"{self.where}: bootstrap.servers")
+            self.found["KAFKA_BOOTSTRAP_SERVERS"] = _bootstrap(
+                self.found["KAFKA_BOOTSTRAP_SERVERS"], f"{self.where}: bootstrap.servers"
+            )
         self._protocol()
         self._sasl()
         self._tls()

@@ -42,9 +42,10 @@ STAGES = ("primary", "fallback")
 PRIMARY_GROUP = "predictions-primary"
 FALLBACK_GROUP = "predictions-fallback"
 GROUPS = {"primary": PRIMARY_GROUP, "fallback": FALLBACK_GROUP}
-# After the drain an engine commits (at most 10 s) and closes its clients (at most 10 s):
-# see stream.engine.engine. A stop grace period must cover the drain and this.
-COMMIT_AND_CLOSE_S = 20.0
+# After the drain an engine commits (at most 10 s), then releases its partitions, stops its
+# producers and leaves the group (at most 10 s each): see stream.engine. A stop grace
+# period must cover the drain and this.
+COMMIT_AND_CLOSE_S = 40.0
 
 
 def drain_grace_s(settings: Settings, catalog: Catalog) -> float:

@@ -186,7 +186,9 @@ def test_plain_sasl_and_bootstrap_alone(tmp_path: Path) -> None:
         "STREAM_KAFKA_SASL_USERNAME": "u",
         "STREAM_KAFKA_SASL_PASSWORD": "p",
     }
-    assert overrides(_args(tmp_path, None, "a:1,b:2")) == {"KAFKA_BOOTSTRAP_SERVERS": "a:1,b:2"}
+    assert overrides(_args(tmp_path, None, "a:1, b:2")) == {"KAFKA_BOOTSTRAP_SERVERS": "a:1,b:2"}
+    ipv6 = overrides(_args(tmp_path, None, "[::1]:9092"))
+    assert ipv6 == {"KAFKA_BOOTSTRAP_SERVERS": "[::1]:9092"}
     assert overrides(_args(tmp_path, None)) == {}
 
 
@@ -206,6 +208,13 @@ def _keystore(folder: Path, password: bytes | None) -> Path:
     keystore = folder / "client.pem"
     keystore.write_bytes(pkcs8 + b"".join(pem.bytes() for pem in cert.cert_chain_pems))
     return keystore
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_are_read_as_meant(tmp_path: Path) -> None:
+    path = tmp_path / "client.properties"
+    path.write_bytes(b"\xef\xbb\xbfclient.id=win\r\nsecurity.protocol=SSL\r\n")
+    found = overrides(argparse.Namespace(command_config=str(path), bootstrap_server=None))
+    assert found == {"STREAM_KAFKA_CLIENT_ID": "win", "STREAM_KAFKA_SECURITY_PROTOCOL": "SSL"}
 
 
 def test_a_pem_keystore_with_its_key_password_loads(tmp_path: Path) -> None:

@@ -91,20 +91,6 @@ def test_variables_lists_what_users_look_for() -> None:
     )
 
 
-def test_a_max_request_size_the_fallback_topic_cannot_hold_is_refused() -> None:
-    with pytest.raises(ConfigError, match="STREAM_MAX_REQUEST_BYTES"):
-        Settings.from_env({"STREAM_MAX_REQUEST_BYTES": "1048588"})
-    assert Settings.from_env({"STREAM_MAX_REQUEST_BYTES": "1000000"}).max_request_bytes == 1_000_000
-
-
-def test_revoke_grace_follows_a_lowered_rebalance_timeout() -> None:
-    short = {"STREAM_REBALANCE_TIMEOUT_MS": "20000", "STREAM_SESSION_TIMEOUT_MS": "6000"}
-    assert Settings.from_env(short).engine.revoke_grace_s == 10.0
-    assert Settings.from_env({}).engine.revoke_grace_s == 60.0
-    explicit = Settings.from_env({**short, "STREAM_REVOKE_GRACE_S": "15"})
-    assert explicit.engine.revoke_grace_s == 15.0
-
-
 _ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
 
 
@@ -185,3 +171,17 @@ def test_the_engine_the_worker_builds_drains_for_the_catalog() -> None:
     worker = Worker(Settings.from_env({}), ("primary", "fallback"))
     engine = worker._engine("primary", {})  # type: ignore[arg-type]
     assert engine._config.shutdown_grace_s == 120.0
+
+
+def test_a_max_request_size_the_fallback_topic_cannot_hold_is_refused() -> None:
+    with pytest.raises(ConfigError, match="STREAM_MAX_REQUEST_BYTES"):
+        Settings.from_env({"STREAM_MAX_REQUEST_BYTES": "1048588"})
+    assert Settings.from_env({"STREAM_MAX_REQUEST_BYTES": "1000000"}).max_request_bytes == 1_000_000
+
+
+def test_revoke_grace_follows_a_lowered_rebalance_timeout() -> None:
+    short = {"STREAM_REBALANCE_TIMEOUT_MS": "20000", "STREAM_SESSION_TIMEOUT_MS": "6000"}
+    assert Settings.from_env(short).engine.revoke_grace_s == 10.0
+    assert Settings.from_env({}).engine.revoke_grace_s == 60.0
+    explicit = Settings.from_env({**short, "STREAM_REVOKE_GRACE_S": "15"})
+    assert explicit.engine.revoke_grace_s == 15.0

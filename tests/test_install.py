@@ -187,7 +187,7 @@ async def test_the_installed_wheel_runs_a_worker_end_to_end(
     assert code == 0, output[-3000:]
     assert found["wheel-ok"][1]["provider"] == "synthetic"
     assert found["wheel-bad"][1]["reason"] == "invalid_encoding"
-    assert "allow a stop grace period of at least 140 s" in output  # 120 s drain + 20 s
+    assert "allow a stop grace period of at least 160 s" in output  # 120 s drain + 40 s
 
 
 async def _check_health(python: Path, cwd: Path, env: dict[str, str], port: int) -> None:

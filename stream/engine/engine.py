@@ -47,7 +47,6 @@ ErrorHandler = Callable[[Record, BaseException], Sequence[Output]]
 
 _POLL_TIMEOUT_MS = 100
 _CLOSE_TIMEOUT_S = 10.0
-_DEFAULT_SHUTDOWN_GRACE_S = 120.0
 
 
 class EngineSnapshot(NamedTuple):
@@ -242,7 +241,7 @@ class Engine:
         # Unset, the worker fills it in from the catalog (`stream.worker.drain_grace_s`);
         # an engine made without one drains as long as the longest default model call.
         grace = self._config.shutdown_grace_s
-        return _DEFAULT_SHUTDOWN_GRACE_S if grace is None else grace
+        return 120.0 if grace is None else grace
 
     async def _drain(self, grace_s: float) -> None:
         for partition in self._partitions.values():
