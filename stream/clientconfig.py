@@ -62,6 +62,8 @@ SUPPORTED_KEYS = (
     "ssl.truststore.location",
     "ssl.truststore.type",
 )
+_MAX_FILE_BYTES = 1024 * 1024
+_PROPERTY_NAME = re.compile(r"^[a-z][a-z0-9]*(?:[._-][a-z0-9]+)*\.[a-z0-9._-]+$")
 _SERVER = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s,:\[\]]+):\d{1,5}$")  # host:port, [v6]:port
 
 
@@ -123,9 +125,13 @@ def _bootstrap(value: str, where: str) -> str:
 def _from_file(path: Path) -> dict[str, str]:
     where = f"--command-config {path}"
     try:
-        text = path.read_text(encoding="latin-1")  # what java.util.Properties.load reads
+        with path.open("rb") as file:
+            data = file.read(_MAX_FILE_BYTES + 1)  # not all of /dev/zero, given by mistake
     except OSError as exc:
         raise ConfigError(f"{where} cannot be read: {exc.strerror}") from exc
+    if len(data) > _MAX_FILE_BYTES:
+        raise ConfigError(f"{where} is over {_MAX_FILE_BYTES // 1024} KiB: not a properties file")
+    text = data.decode("latin-1")  # what java.util.Properties.load reads
     # an editor's UTF-8 byte order mark would become part of the first key
     text = text.removeprefix("\xef\xbb\xbf")
     entries = parse_properties(text, where=where)
@@ -133,8 +139,10 @@ def _from_file(path: Path) -> dict[str, str]:
     lines = {key: line for line, key, _ in entries}
     for key in properties:
         if key not in SUPPORTED_KEYS:
+            # named only when it looks like a property: a stray line could be a password
+            name = key if _PROPERTY_NAME.match(key) else "the key on this line"
             raise ConfigError(
-                f"{where}: line {lines[key]}: {key} is not supported by stream (it takes "
+                f"{where}: line {lines[key]}: {name} is not supported by stream (it takes "
                 f"{', '.join(SUPPORTED_KEYS)}); remove it"
             )
     return _Mapper(properties, lines, where).variables()

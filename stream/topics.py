@@ -317,8 +317,8 @@ def _raise_for(errors: list[Any]) -> None:
 
 
 def _topics(args: argparse.Namespace, settings: Settings) -> int:
-    if args.retry_for < 0:
-        raise ConfigError("--retry-for must be 0 or more seconds")
+    if not 0 <= args.retry_for < float("inf"):  # also refuses nan
+        raise ConfigError("--retry-for must be a number of seconds, 0 or more")
     changes = _with_retries(lambda: _plan_and_apply(args, settings), args.retry_for)
     drift = [change.topic for change in changes if not change.fixable]
     done = 0 if args.dry_run else sum(c.action in ("create", "update") for c in changes)

@@ -234,7 +234,9 @@ def test_a_pem_keystore_with_its_key_password_loads(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("acks=all\n", "line 1: acks is not supported"),
+        ("acks=all\n", "line 1: the key on this line is not supported"),
+        ("sasl.login.class=x\n", "line 1: sasl.login.class is not supported"),
+        (f"{PASSWORD.replace(' ', '')}\n", "line 1: the key on this line"),
         ("security.protocol=SASL_SSL\nsasl.mechanism=GSSAPI\n", "line 2: sasl.mechanism GSSAPI"),
         ("security.protocol=TLS\n", "must be one of PLAINTEXT, SSL"),
         (f"sasl.jaas.config={PLAIN} required username=u password=p;\n", "without sasl.mechanism"),
