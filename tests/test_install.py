@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -31,7 +30,7 @@ from stream import __version__
 from stream.config import Settings
 from stream.devtools.broker import cache_dir, free_port
 from tests.conftest import eventually
-from tests.test_pipeline import request, send, terminal
+from tests.test_pipeline import request, worker_round_trip
 
 pytestmark = pytest.mark.anyio
 
@@ -161,27 +160,23 @@ async def test_the_installed_wheel_runs_a_worker_end_to_end(
             "STREAM_METRICS_HOST": "127.0.0.1",
             "STREAM_INSTANCE_ID": "installed-worker-0",
         }
-        command = [stream, "run", "all", "--bootstrap-server", bootstrap]
         log = tmp_path / "worker.log"
-        with log.open("wb") as stderr:
-            worker = await anyio.open_process(command, cwd=away, env=worker_env, stderr=stderr)
-            try:
-                await _check_health(python, away, worker_env, port)
-                await send(
-                    settings,
-                    [
-                        ("wheel-ok", request("wheel-ok", "deepseek-v3-0324-syn")),
-                        ("wheel-bad", b"\xff not json"),
-                    ],
-                )
-                found = await terminal(settings, 2)
-                worker.send_signal(signal.SIGTERM)
-                with anyio.fail_after(60):
-                    code = await worker.wait()
-            finally:
-                if worker.returncode is None:
-                    worker.kill()
-                    await worker.wait()
+
+        async def healthy() -> None:
+            await _check_health(python, away, worker_env, port)
+
+        found, code = await worker_round_trip(
+            [stream, "run", "all", "--bootstrap-server", bootstrap],
+            worker_env,
+            settings,
+            [
+                ("wheel-ok", request("wheel-ok", "deepseek-v3-0324-syn")),
+                ("wheel-bad", b"\xff not json"),
+            ],
+            log=log,
+            cwd=away,
+            ready=healthy,
+        )
         simulator.terminate()
     output = log.read_text()
     assert code == 0, output[-3000:]

@@ -3,12 +3,10 @@ started for this module."""
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
 import orjson
 import pytest
 import trustme
@@ -20,7 +18,7 @@ from stream.devtools.broker import LocalBroker, free_port
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
 from tests.conftest import run_cli
-from tests.test_pipeline import request, send, terminal
+from tests.test_pipeline import request, worker_round_trip
 
 pytestmark = pytest.mark.anyio
 
@@ -267,29 +265,18 @@ async def _run_worker_end_to_end(
             "STREAM_SYNTHETIC_MAX_RETRIES": "1",
             "STREAM_LOG_LEVEL": "DEBUG",  # the password must not show even there
         }
-        settings = Settings.from_env(secure)
         log = tmp_path / "worker.log"
-        with log.open("wb") as stderr:
-            process = await anyio.open_process(
-                [sys.executable, "-m", "stream", "run", "all"], env=secure, stderr=stderr
-            )
-            try:
-                await send(
-                    settings,
-                    [
-                        ("sasl-ok", request("sasl-ok", "deepseek-v3-0324-syn")),
-                        ("sasl-fb", request("sasl-fb", "kimi-k2-thinking-syn")),
-                        ("sasl-bad", b"{not json"),
-                    ],
-                )
-                found = await terminal(settings, 3)
-                process.send_signal(signal.SIGTERM)
-                with anyio.fail_after(60):
-                    code = await process.wait()
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
+        found, code = await worker_round_trip(
+            [sys.executable, "-m", "stream", "run", "all"],
+            secure,
+            Settings.from_env(secure),
+            [
+                ("sasl-ok", request("sasl-ok", "deepseek-v3-0324-syn")),
+                ("sasl-fb", request("sasl-fb", "kimi-k2-thinking-syn")),
+                ("sasl-bad", b"{not json"),
+            ],
+            log=log,
+        )
     output = log.read_text()
     assert code == 0, output[-2000:]
     assert found["sasl-ok"][1]["provider"] == "synthetic"
@@ -355,6 +342,16 @@ def _client_properties(
     return path
 
 
+def _given(broker: LocalBroker, properties: Path) -> list[str]:
+    """The options Kafka's tools take, for this broker's SASL listener."""
+    return [
+        "--bootstrap-server",
+        f"127.0.0.1:{broker.sasl_port}",
+        "--command-config",
+        str(properties),
+    ]
+
+
 def _misleading_env(base: dict[str, str], prefix: str) -> dict[str, str]:
     """An environment pointing elsewhere with the wrong password: the command line wins."""
     return {
@@ -370,9 +367,7 @@ def _misleading_env(base: dict[str, str], prefix: str) -> dict[str, str]:
 async def test_every_kafka_command_takes_the_kafka_tools_options_over_sasl_ssl(
     tls_broker: LocalBroker, env: dict[str, str], tmp_path: Path
 ) -> None:
-    properties = _client_properties(tmp_path, tls_broker, mechanism="SCRAM-SHA-512")
-    given = ["--bootstrap-server", f"127.0.0.1:{tls_broker.sasl_port}"]
-    given += ["--command-config", str(properties)]
+    given = _given(tls_broker, _client_properties(tmp_path, tls_broker, mechanism="SCRAM-SHA-512"))
     misleading = _misleading_env(env, "sec.cc.")
 
     applied = await run_cli(misleading, "topics", "apply", "--json", *given)
@@ -399,19 +394,14 @@ async def test_every_kafka_command_takes_the_kafka_tools_options_over_sasl_ssl(
         settings = Settings.from_env(
             {**_env(tls_broker, env, "stream", PASSWORD), "STREAM_TOPIC_PREFIX": "sec.cc."}
         )
-        process = await anyio.open_process(
-            [sys.executable, "-m", "stream", "run", "primary", *given], env=worker_env
+        found, code = await worker_round_trip(
+            [sys.executable, "-m", "stream", "run", "primary", *given],
+            worker_env,
+            settings,
+            [("cc-ok", request("cc-ok", "deepseek-v3-0324-syn"))],
+            log=tmp_path / "worker.log",
         )
-        try:
-            await send(settings, [("cc-ok", request("cc-ok", "deepseek-v3-0324-syn"))])
-            found = await terminal(settings, 1)
-            process.send_signal(signal.SIGTERM)
-            with anyio.fail_after(60):
-                assert await process.wait() == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+    assert code == 0, (tmp_path / "worker.log").read_text()[-2000:]
     assert found["cc-ok"][1]["provider"] == "synthetic"
 
 
@@ -419,22 +409,13 @@ async def test_every_kafka_command_takes_the_kafka_tools_options_over_sasl_ssl(
 async def test_sasl_plain_from_a_command_config(
     scram_broker: LocalBroker, env: dict[str, str], tmp_path: Path
 ) -> None:
-    properties = _client_properties(tmp_path, scram_broker, mechanism="PLAIN")
-    given = ["--bootstrap-server", f"127.0.0.1:{scram_broker.sasl_port}"]
-    given += ["--command-config", str(properties)]
-    done = await run_cli(_misleading_env(env, "sec.plain."), "topics", "apply", *given)
+    misleading = _misleading_env(env, "sec.plain.")
+    right = _client_properties(tmp_path, scram_broker, mechanism="PLAIN")
+    done = await run_cli(misleading, "topics", "apply", *_given(scram_broker, right))
     assert done.returncode == 0, done.stderr
 
     wrong = _client_properties(tmp_path, scram_broker, mechanism="PLAIN", password="nope-nope")
-    refused = await run_cli(
-        _misleading_env(env, "sec.plain."),
-        "topics",
-        "apply",
-        "--bootstrap-server",
-        f"127.0.0.1:{scram_broker.sasl_port}",
-        "--command-config",
-        str(wrong),
-    )
+    refused = await run_cli(misleading, "topics", "apply", *_given(scram_broker, wrong))
     assert refused.returncode == 1
     assert "rejected our credentials" in refused.stderr and "--command-config" in refused.stderr
     assert refused.stderr.count("\n") == 1 and "nope-nope" not in refused.stderr
