@@ -92,15 +92,11 @@ class KafkaSettings:
 
         from aiokafka.helpers import create_ssl_context
 
+        files = {"cafile": self.ssl_cafile, "certfile": self.ssl_certfile}
         try:
-            return create_ssl_context(
-                cafile=self.ssl_cafile,
-                certfile=self.ssl_certfile,
-                keyfile=self.ssl_keyfile,
-                password=self.ssl_key_password.reveal() or None,
-            )
-        except (ssl.SSLError, OSError) as exc:
-            # a file that is missing, not PEM, or a key whose password is wrong
+            password = self.ssl_key_password.reveal() or None
+            return create_ssl_context(**files, keyfile=self.ssl_keyfile, password=password)
+        except (ssl.SSLError, OSError) as exc:  # missing, not PEM, or the wrong key password
             raise ConfigError(
                 "the TLS files cannot be loaded (STREAM_KAFKA_SSL_CAFILE, _CERTFILE, _KEYFILE, "
                 f"_KEY_PASSWORD, or ssl.* in --command-config): {exc.strerror or exc}"
@@ -399,10 +395,8 @@ class _Source:
 
     def optional_number(self, name: str, *, low: float) -> float | None:
         """A number at least `low`, or None when the variable is unset (or empty)."""
-        if not self.env.get(name, "").strip():
-            self.asked.add(name)
-            return None
-        return self.number(name, low, low=low)
+        self.asked.add(name)
+        return self.number(name, low, low=low) if self.env.get(name, "").strip() else None
 
     def boolean(self, name: str, default: bool) -> bool:
         truth = {
