@@ -7,7 +7,7 @@ from pathlib import Path
 
 from stream.errors import ConfigError
 
-__all__ = ["check_bootstrap", "check_tls_files", "check_topic_prefix", "read_text"]
+__all__ = ["check_bootstrap", "check_topic_prefix", "read_text", "tls_context"]
 
 # What Kafka accepts in a topic name, and so in the prefix of every one of ours.
 _TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -46,18 +46,23 @@ def check_topic_prefix(prefix: str) -> str:
     return prefix
 
 
-def check_tls_files(cafile: str | None, certfile: str | None, keyfile: str | None) -> None:
-    """Load the CA and the client certificate now, as every TLS client will."""
+def tls_context(
+    cafile: str | None, certfile: str | None, keyfile: str | None, password: str
+) -> object:
+    """An SSL context from the CA, the client certificate and its key (and the key's
+    password), or one `ConfigError` naming what to check (never the password)."""
     from aiokafka.helpers import create_ssl_context
 
     try:
-        create_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        return create_ssl_context(
+            cafile=cafile, certfile=certfile, keyfile=keyfile, password=password or None
+        )
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; missing, not PEM…
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
         raise ConfigError(
             f"the TLS files cannot be loaded ({reason}): check that STREAM_KAFKA_SSL_CAFILE "
-            "is a PEM CA certificate, and STREAM_KAFKA_SSL_CERTFILE/…_KEYFILE a PEM "
-            "certificate and its key"
+            "is a PEM CA certificate, STREAM_KAFKA_SSL_CERTFILE/…_KEYFILE a PEM certificate "
+            "and its key, and …_KEY_PASSWORD the key's password (or ssl.* in --command-config)"
         ) from exc
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from stream.checks import check_bootstrap, check_tls_files, check_topic_prefix, read_text
+from stream.checks import check_bootstrap, check_topic_prefix, read_text, tls_context
 from stream.errors import ConfigError
 
 __all__ = [
@@ -80,6 +80,7 @@ class KafkaSettings:
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    ssl_key_password: Secret = field(default_factory=lambda: Secret(""))
     client_id: str = "prediction-stream"
     request_timeout_ms: int = 30_000
     cluster_name: str | None = None  # the lag metrics' `cluster_name`; default: the cluster id
@@ -97,12 +98,13 @@ class KafkaSettings:
             options["sasl_plain_username"] = self.sasl_username
             options["sasl_plain_password"] = self.sasl_password.reveal()
         if self.security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            options["ssl_context"] = create_ssl_context(
-                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
-            )
+            options["ssl_context"] = self._ssl_context()
         return options
+
+    def _ssl_context(self) -> object:
+        return tls_context(
+            self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile, self.ssl_key_password.reveal()
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +128,9 @@ class EngineSettings:
     max_in_flight_per_partition: int = 500
     ordering: Ordering = "unordered"
     commit_interval_s: float = 1.0
-    shutdown_grace_s: float = 30.0
+    # How long SIGTERM lets running calls finish. None: as long as the catalog's longest
+    # model timeout (no call can run longer); the worker works it out (`drain_grace_s`).
+    shutdown_grace_s: float | None = None
     # On a rebalance, in-flight calls get this long to finish before they are abandoned
     # (and paid for again by the partition's next owner): long, for reasoning models.
     revoke_grace_s: float = 60.0
@@ -134,6 +138,9 @@ class EngineSettings:
     max_poll_interval_ms: int = 600_000
     rebalance_timeout_ms: int = 120_000
     session_timeout_ms: int = 45_000
+    # Static membership (Kafka's group.instance.id): a restart with the same id keeps the
+    # partitions without a rebalance. None: dynamic membership.
+    instance_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,7 +205,7 @@ class Settings:
             ),
             ordering=source.choice("STREAM_ORDERING", ("unordered", "key"), "unordered"),  # type: ignore[arg-type]
             commit_interval_s=source.number("STREAM_COMMIT_INTERVAL_S", 1.0, low=0.01),
-            shutdown_grace_s=source.number("STREAM_SHUTDOWN_GRACE_S", 30.0, low=0.0),
+            shutdown_grace_s=source.optional_number("STREAM_SHUTDOWN_GRACE_S", low=0.0),
             # unset, it follows the rebalance timeout down (half of what is left after the
             # close reserve, at most 60 s), so lowering only the timeout keeps a valid pair
             revoke_grace_s=source.number(
@@ -209,6 +216,7 @@ class Settings:
             max_poll_interval_ms=source.integer("STREAM_MAX_POLL_INTERVAL_MS", 600_000, low=1),
             rebalance_timeout_ms=rebalance_timeout_ms,
             session_timeout_ms=source.integer("STREAM_SESSION_TIMEOUT_MS", 45_000, low=1),
+            instance_id=_instance_id(source),
         )
         settings = cls(
             kafka=_kafka_settings(source),
@@ -265,7 +273,7 @@ class Settings:
                 "STREAM_KAFKA_SASL_PASSWORD (or STREAM_KAFKA_SASL_PASSWORD_FILE)"
             )
         if kafka.security_protocol in ("SSL", "SASL_SSL"):
-            check_tls_files(kafka.ssl_cafile, kafka.ssl_certfile, kafka.ssl_keyfile)
+            kafka.client_options()  # loads the TLS files now, as every client will
 
     def topic(self, name: str) -> str:
         """The real topic name for a declared one (`predictions.requests` → prefixed)."""
@@ -277,9 +285,9 @@ class Settings:
 
 
 def default_topics_dir() -> Path:
-    """`topics/` beside the package in a checkout; the packaged copy otherwise."""
-    checkout = Path(__file__).resolve().parent.parent / "topics"
-    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "data" / "topics"
+    """The declarations shipped with the package: in a checkout `stream/data/topics` is a
+    link to `topics/`, and wheels and sdists carry a copy of it."""
+    return Path(__file__).resolve().parent / "data" / "topics"
 
 
 def _kafka_settings(source: _Source) -> KafkaSettings:
@@ -301,9 +309,28 @@ def _kafka_settings(source: _Source) -> KafkaSettings:
         ssl_cafile=source.file_name("STREAM_KAFKA_SSL_CAFILE"),
         ssl_certfile=source.file_name("STREAM_KAFKA_SSL_CERTFILE"),
         ssl_keyfile=source.file_name("STREAM_KAFKA_SSL_KEYFILE"),
+        ssl_key_password=source.secret("STREAM_KAFKA_SSL_KEY_PASSWORD"),
         client_id=source.text("STREAM_KAFKA_CLIENT_ID", "prediction-stream"),
         cluster_name=source.text("STREAM_KAFKA_CLUSTER_NAME", "") or None,
     )
+
+
+# Kafka's rules for a group.instance.id (the same as for a topic name).
+_INSTANCE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+INSTANCE_ID_MAX = 249
+
+
+def _instance_id(source: _Source) -> str | None:
+    value = source.text("STREAM_INSTANCE_ID", "")
+    if not value:
+        return None
+    if value in (".", "..") or len(value) > INSTANCE_ID_MAX or set(value) - _INSTANCE_ID_CHARS:
+        raise ConfigError(
+            f"STREAM_INSTANCE_ID {value[:60]!r} is not a valid Kafka group instance id: use "
+            f"up to {INSTANCE_ID_MAX} letters, digits, '.', '_' or '-' (not '.' or '..'), "
+            "e.g. the pod name of a StatefulSet"
+        )
+    return value
 
 
 def _provider_settings(source: _Source, name: str, base_url: str) -> ProviderSettings:
@@ -333,10 +360,10 @@ def _spend_settings(source: _Source) -> SpendSettings:
             f"STREAM_SPEND_WINDOW must be a duration such as 90s, 30m, 1h or 24h (got {window!r})"
         ) from None
     return SpendSettings(
-        limit_usd=source.optional_number("STREAM_SPEND_LIMIT_USD"),
+        limit_usd=source.optional_number("STREAM_SPEND_LIMIT_USD", above=True),
         window_s=window_s,
         model_limits=source.amounts("STREAM_SPEND_MODEL_LIMITS"),
-        backfill_limit_usd=source.optional_number("STREAM_BACKFILL_SPEND_LIMIT_USD"),
+        backfill_limit_usd=source.optional_number("STREAM_BACKFILL_SPEND_LIMIT_USD", above=True),
     )
 
 
@@ -393,8 +420,10 @@ class _Source:
             )
 
     def text(self, name: str, default: str) -> str:
+        # An empty variable counts as unset: compose's `${NAME:-}` and templating tools
+        # define variables as "" when they mean "not set".
         self.asked.add(name)
-        return self.env.get(name, default).strip()
+        return self.env.get(name, "").strip() or default
 
     def path(self, name: str) -> Path | None:
         value = self.text(name, "")
@@ -410,7 +439,7 @@ class _Source:
         """`NAME`, or the contents of the file named by `NAME_FILE` (trailing newline cut)."""
         self.asked.update((name, f"{name}_FILE"))
         file_name = self.env.get(f"{name}_FILE", "").strip()
-        if name in self.env and file_name:
+        if self.env.get(name, "").strip() and file_name:
             raise ConfigError(f"set {name} or {name}_FILE, not both")
         if file_name:
             return Secret(read_text(Path(file_name), f"{name}_FILE {file_name!r}").strip())
@@ -436,16 +465,20 @@ class _Source:
     def number(self, name: str, default: float, *, low: float) -> float:
         value = self._parse(name, default, float, "a number")
         if not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number of seconds (got {value})")
+            raise ConfigError(f"{name} must be a finite number (got {value})")
         if not value >= low:
             raise ConfigError(f"{name} must be at least {low} (got {value})")
         return value
 
-    def optional_number(self, name: str) -> float | None:
-        """A positive number, or None when unset."""
-        value = self._parse(name, None, float, "a number")
-        if value is not None and not 0 < value < float("inf"):
-            raise ConfigError(f"{name} must be a positive number (got {value})")
+    def optional_number(self, name: str, *, low: float = 0.0, above: bool = False) -> float | None:
+        """A finite number at least `low` (above it, with `above`), or None when the variable
+        is unset (or empty)."""
+        self.asked.add(name)
+        if not self.env.get(name, "").strip():
+            return None
+        value = self.number(name, low, low=low)
+        if above and not value > low:
+            raise ConfigError(f"{name} must be above {low:g} (got {value:g})")
         return value
 
     def amounts(self, name: str) -> dict[str, float]:

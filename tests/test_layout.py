@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "stream"
 MAX_LINES = 450
-_NOT_YET = {"stream.config"}  # modules being split in a change of their own
+_NOT_YET = {"stream.config", "stream.engine.engine"}  # split once the open branches land
 
 # What each part of the package may import (besides itself and the standard library). A
 # part is a top-level module or a folder; `cli` finds its commands by name at run time.
@@ -22,6 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "logs": set(),
     "checks": {"errors"},
+    "clientconfig": {"errors"},
     "config": {"checks", "errors"},
     "kafka": {"config", "errors"},
     "prices": set(),
@@ -61,6 +62,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "devtools": {
         "backfill",
+        "clientconfig",
         "catalog",
         "config",
         "engine",
@@ -76,7 +78,7 @@ ALLOWED: dict[str, set[str]] = {
         "topics",
         "worker",
     },
-    "cli": {"config", "errors", "logs", "__init__"},
+    "cli": {"clientconfig", "config", "errors", "logs", "__init__"},
     "__main__": {"cli"},
     "__init__": {"config", "errors"},
 }

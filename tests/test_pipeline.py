@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -130,6 +131,36 @@ async def send(
             for rid, value in items
         ],
     )
+
+
+async def worker_round_trip(
+    command: list[str | Path],
+    env: dict[str, str],
+    settings: Settings,
+    items: list[tuple[str, bytes]],
+    *,
+    log: Path,
+    cwd: Path | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[dict[str, tuple[str, dict[str, Any], dict[str, bytes]]], int]:
+    """A worker process (stderr to `log`) is sent `items`; once each has its terminal
+    record it gets SIGTERM. Returns the terminal records and its exit code; on any
+    failure it is killed, never left running."""
+    with log.open("wb") as stderr:
+        process = await anyio.open_process(command, cwd=cwd, env=env, stderr=stderr)
+        try:
+            if ready is not None:
+                await ready()
+            await send(settings, items)
+            found = await terminal(settings, len(items))
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(60):
+                code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    return found, code
 
 
 async def test_every_request_ends_as_exactly_one_right_terminal_record(settings: Settings) -> None:

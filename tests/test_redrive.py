@@ -281,3 +281,30 @@ async def test_bad_redrive_options_are_one_line(
 
 def test_reasons_match_the_dead_letter_schema() -> None:
     assert set(REASONS) == set(_schema(DEAD)["properties"]["reason"]["enum"])
+
+
+async def test_json_summary_for_scripts(settings: Settings, env: dict[str, str]) -> None:
+    await _dead_letters(settings)
+    dry = await run_cli(env, "redrive", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    report = orjson.loads(dry.stdout)
+    assert report["dry_run"] is True and report["force"] is False
+    assert report["outcome"] == "done" and report["group"] == settings.group(GROUP)
+    assert report["reasons"]["unknown_model"] == {
+        "redriven": 0,
+        "already_redriven": 0,
+        "cannot_succeed": 4,
+        "no_request": 0,
+        "not_selected": 0,
+        "max_attempts": 0,
+    }
+    assert report["reasons"]["handler_error"]["no_request"] == 4
+    assert report["total"]["redriven"] == 12  # what a real run would send
+    assert await read_all(settings, settings.topic(REQUESTS)) == []
+
+    done = orjson.loads((await run_cli(env, "redrive", "--json")).stdout)
+    assert done["total"]["redriven"] == 12
+    assert len(await read_all(settings, settings.topic(REQUESTS))) == 12
+    again = orjson.loads((await run_cli(env, "redrive", "--json")).stdout)
+    assert again["total"]["redriven"] == 0  # it starts after what was re-driven
+    assert len(await read_all(settings, settings.topic(REQUESTS))) == 12

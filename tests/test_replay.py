@@ -255,3 +255,22 @@ def test_copied_ranges_decide_where_to_start_and_what_to_skip() -> None:
         *range(15, 20),
         *range(30, 50),
     ]
+
+
+async def test_json_summary_for_scripts(settings: Settings, env: dict[str, str]) -> None:
+    await _source(settings)
+    window = ["--since", _rfc3339(SINCE), "--until", _rfc3339(UNTIL), "--json"]
+    dry = await run_cli(env, "replay", *window, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    report = orjson.loads(dry.stdout)
+    assert (report["source"], report["target"]) == (settings.topic(SOURCE), settings.topic(TARGET))
+    assert report["dry_run"] is True and report["outcome"] == "done"
+    assert report["total"] == {"records": 30, "already": 0, "to_copy": 30, "copied": 0}
+    assert sorted(row["partition"] for row in report["partitions"]) == [0, 1, 2]
+    for row in report["partitions"]:
+        assert row["window_end"] - row["window_start"] == row["records"] == 10
+
+    real = orjson.loads((await run_cli(env, "replay", *window)).stdout)
+    assert real["dry_run"] is False and real["total"]["copied"] == 30
+    again = orjson.loads((await run_cli(env, "replay", *window)).stdout)
+    assert again["total"] == {"records": 30, "already": 30, "to_copy": 0, "copied": 0}

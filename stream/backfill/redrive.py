@@ -325,11 +325,22 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="count what would happen, send nothing"
     )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary as JSON: {source, target, group, dry_run, force, outcome, "
+        "reasons: {REASON: {redriven, already_redriven, cannot_succeed, no_request, "
+        "not_selected}}, total}",
+    )
     parser.set_defaults(handler=_handle)
 
 
 def _handle(args: argparse.Namespace, settings: Settings) -> int:
     run = Redrive(settings=settings, options=_options(args, settings))
+    if args.json:
+        return run_resumable(
+            run.run, lambda outcome: orjson.dumps(report(run, outcome)).decode(), "done"
+        )
     finished = "dry run: nothing sent" if args.dry_run else "done"
     return run_resumable(run.run, lambda outcome: _summary(run, outcome), finished)
 
@@ -358,6 +369,27 @@ def _options(args: argparse.Namespace, settings: Settings) -> RedriveOptions:
         max_attempts=args.max_attempts,
         deadline_s=parse_age(args.deadline, option="--deadline"),
     )
+
+
+def report(run: Redrive, outcome: str) -> dict[str, Any]:
+    """`redrive --json`: the shape the README documents (keys are only ever added).
+    `outcome` is "done" or "interrupted"; counts are per dead-letter reason seen."""
+    keys = {name: name.replace(" ", "_") for name in OUTCOMES}
+    reasons = {
+        reason: {keys[name]: run.counts[(reason, name)] for name in OUTCOMES}
+        for reason in sorted({reason for reason, _ in run.counts})
+    }
+    options = run.options
+    return {
+        "source": options.source,
+        "target": options.target,
+        "group": options.group,
+        "dry_run": options.dry_run,
+        "force": options.force,
+        "outcome": outcome,
+        "reasons": reasons,
+        "total": {keys[name]: run.total(name) for name in OUTCOMES},
+    }
 
 
 def _summary(run: Redrive, outcome: str) -> str:

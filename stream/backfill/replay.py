@@ -20,6 +20,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.structs import TopicPartition
 
@@ -277,11 +278,21 @@ def register(commands: Any) -> None:
     parser.add_argument("--rate", metavar="N/s", help="copy at most N records a second")
     parser.add_argument("--limit", type=int, metavar="N", help="stop after copying N records")
     parser.add_argument("--dry-run", action="store_true", help="count per partition, copy nothing")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary as JSON: {source, target, dry_run, outcome, partitions: "
+        "[{partition, window_start, window_end, records, already, to_copy, copied}], total}",
+    )
     parser.set_defaults(handler=_handle)
 
 
 def _handle(args: argparse.Namespace, settings: Settings) -> int:
     run = Replay(settings=settings, options=_options(args, settings))
+    if args.json:
+        return run_resumable(
+            run.run, lambda outcome: orjson.dumps(report(run, outcome)).decode(), "done"
+        )
     finished = "dry run: nothing copied" if args.dry_run else "done"
     return run_resumable(run.run, lambda outcome: _summary(run, outcome), finished)
 
@@ -321,6 +332,32 @@ def request_topics(settings: Settings) -> list[str]:
     specs = topics.load_specs(settings.topics_dir)
     (live,) = [spec for spec in specs if spec.name == REQUESTS]
     return [spec.name for spec in specs if spec.schema_file == live.schema_file]
+
+
+def report(run: Replay, outcome: str) -> dict[str, Any]:
+    """`replay --json`: the shape the README documents (keys are only ever added).
+    `outcome` is "done" or "interrupted"; `to_copy` is what was missing when it began."""
+    rows = [
+        {
+            "partition": p.partition,
+            "window_start": p.window.start,
+            "window_end": p.window.end,
+            "records": p.window.size,
+            "already": p.already,
+            "to_copy": p.missing,
+            "copied": p.copied,
+        }
+        for p in run.partitions
+    ]
+    total = {k: sum(row[k] for row in rows) for k in ("records", "already", "to_copy", "copied")}
+    return {
+        "source": run.options.source,
+        "target": run.options.target,
+        "dry_run": run.options.dry_run,
+        "outcome": outcome,
+        "partitions": rows,
+        "total": total,
+    }
 
 
 def _summary(run: Replay, outcome: str) -> str:

@@ -175,7 +175,7 @@ class Engine:
                 self._task_group = group
                 group.start_soon(self._commit_loop)
                 await self._fetch()
-                await self._drain(self._config.shutdown_grace_s)
+                await self._drain(self._shutdown_grace_s())
                 group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -279,6 +279,12 @@ class Engine:
             with anyio.move_on_after(CLOSE_TIMEOUT_S):
                 await self._consumer.stop()
             log.info("engine %s closed: %r", self.name, self)
+
+    def _shutdown_grace_s(self) -> float:
+        # Unset, the worker fills it in from the catalog (`stream.worker.drain_grace_s`);
+        # an engine made without one drains as long as the longest default model call.
+        grace = self._config.shutdown_grace_s
+        return 120.0 if grace is None else grace
 
     async def _drain(self, grace_s: float) -> None:
         for partition in self._partitions.values():
