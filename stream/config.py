@@ -9,17 +9,15 @@ message names the variable and says what a valid value looks like.
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
-import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
-from stream.checks import check_bootstrap, check_topic_prefix, read_text, tls_context
+from stream.checks import check_bootstrap, check_topic_prefix, tls_context
 from stream.errors import ConfigError
+from stream.source import Secret, Source
 
 __all__ = [
     "CLOSE_RESERVE_S",
@@ -31,7 +29,6 @@ __all__ = [
     "SpendSettings",
 ]
 
-T = TypeVar("T")
 Guarantee = Literal["at-least-once", "exactly-once"]
 Ordering = Literal["unordered", "key"]
 
@@ -42,32 +39,6 @@ TOGETHER_BASE_URL = "https://api.together.xyz/v1"
 MAX_REQUEST_BYTES = 1_048_588 - 16 * 1024
 # Seconds kept, at the end of a rebalance or a shutdown, for closing producers and leaving.
 CLOSE_RESERVE_S = 10.0
-
-
-class Secret:
-    """A string that never shows itself in `repr`, `str`, logs or exceptions."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret('********')" if self._value else "Secret('')"
-
-    __str__ = __repr__
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,17 +152,17 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read settings from `env` (default: the process environment) and validate them."""
-        return cls._from_source(_Source(dict(os.environ if env is None else env)))
+        return cls._from_source(Source(dict(os.environ if env is None else env)))
 
     @classmethod
     def variables(cls) -> frozenset[str]:
         """Every environment variable the settings read (for docs and deployment checks)."""
-        source = _Source({})
+        source = Source({})
         cls._from_source(source)
         return frozenset(source.asked)
 
     @classmethod
-    def _from_source(cls, source: _Source) -> Settings:
+    def _from_source(cls, source: Source) -> Settings:
         max_in_flight = source.integer("STREAM_MAX_IN_FLIGHT", 1000, low=1)
         rebalance_timeout_ms = source.integer("STREAM_REBALANCE_TIMEOUT_MS", 120_000, low=1)
         engine = EngineSettings(
@@ -290,7 +261,7 @@ def default_topics_dir() -> Path:
     return Path(__file__).resolve().parent / "data" / "topics"
 
 
-def _kafka_settings(source: _Source) -> KafkaSettings:
+def _kafka_settings(source: Source) -> KafkaSettings:
     return KafkaSettings(
         bootstrap_servers=check_bootstrap(
             source.text("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"), "KAFKA_BOOTSTRAP_SERVERS"
@@ -320,7 +291,7 @@ _INSTANCE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUV
 INSTANCE_ID_MAX = 249
 
 
-def _instance_id(source: _Source) -> str | None:
+def _instance_id(source: Source) -> str | None:
     value = source.text("STREAM_INSTANCE_ID", "")
     if not value:
         return None
@@ -333,7 +304,7 @@ def _instance_id(source: _Source) -> str | None:
     return value
 
 
-def _provider_settings(source: _Source, name: str, base_url: str) -> ProviderSettings:
+def _provider_settings(source: Source, name: str, base_url: str) -> ProviderSettings:
     upper = name.upper()
     url = source.text(f"{upper}_BASE_URL", base_url).rstrip("/")
     if not url.startswith(("http://", "https://")):
@@ -351,7 +322,7 @@ def _provider_settings(source: _Source, name: str, base_url: str) -> ProviderSet
     )
 
 
-def _spend_settings(source: _Source) -> SpendSettings:
+def _spend_settings(source: Source) -> SpendSettings:
     window = source.text("STREAM_SPEND_WINDOW", "1h")
     try:
         window_s = parse_window(window)
@@ -378,153 +349,3 @@ def parse_window(text: str) -> float:
     if not 0 < seconds < float("inf"):
         raise ValueError(text)
     return seconds
-
-
-class _Source:
-    """Typed look-ups over the environment, merged over `STREAM_CONFIG_FILE` if set."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.file = env.get("STREAM_CONFIG_FILE")
-        from_file = self._file_values(self.file)
-        self.file_keys = frozenset(from_file)
-        self.env = {**from_file, **env}
-        self.asked: set[str] = {"STREAM_CONFIG_FILE"}
-
-    @staticmethod
-    def _file_values(path: str | None) -> dict[str, str]:
-        if not path:
-            return {}
-        text = read_text(Path(path), f"STREAM_CONFIG_FILE {path!r}")
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"STREAM_CONFIG_FILE {path!r} is not valid TOML: {exc}") from exc
-        except RecursionError:
-            raise ConfigError(f"STREAM_CONFIG_FILE {path!r} is nested too deep") from None
-        for key, value in data.items():
-            if not isinstance(value, str | int | float | bool):
-                raise ConfigError(
-                    f"STREAM_CONFIG_FILE {path!r}: {key} must be a string, number or boolean "
-                    "(settings are flat: NAME = value)"
-                )
-        return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in data.items()}
-
-    def check_file_keys(self) -> None:
-        """Every key of the config file is a setting: a typo must not pass silently."""
-        for key in sorted(self.file_keys - self.asked):
-            close = difflib.get_close_matches(key, sorted(self.asked), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(
-                f"STREAM_CONFIG_FILE {self.file!r}: {key} is not a setting{hint}; "
-                "the README's Configuration section lists them"
-            )
-
-    def text(self, name: str, default: str) -> str:
-        # An empty variable counts as unset: compose's `${NAME:-}` and templating tools
-        # define variables as "" when they mean "not set".
-        self.asked.add(name)
-        return self.env.get(name, "").strip() or default
-
-    def path(self, name: str) -> Path | None:
-        value = self.text(name, "")
-        if value and not Path(value).is_file():
-            raise ConfigError(f"{name} points at {value!r}, which is not a readable file")
-        return Path(value) if value else None
-
-    def file_name(self, name: str) -> str | None:
-        path = self.path(name)
-        return None if path is None else str(path)
-
-    def secret(self, name: str) -> Secret:
-        """`NAME`, or the contents of the file named by `NAME_FILE` (trailing newline cut)."""
-        self.asked.update((name, f"{name}_FILE"))
-        file_name = self.env.get(f"{name}_FILE", "").strip()
-        if self.env.get(name, "").strip() and file_name:
-            raise ConfigError(f"set {name} or {name}_FILE, not both")
-        if file_name:
-            return Secret(read_text(Path(file_name), f"{name}_FILE {file_name!r}").strip())
-        return Secret(self.env.get(name, "").strip())
-
-    def _parse(self, name: str, default: T, convert: Callable[[str], T], kind: str) -> T:
-        self.asked.add(name)
-        raw = self.env.get(name, "").strip()
-        if not raw:
-            return default
-        try:
-            return convert(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be {kind} (got {raw!r})") from None
-
-    def integer(self, name: str, default: int, *, low: int, high: int | None = None) -> int:
-        value = self._parse(name, default, int, "a whole number")
-        if value < low or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise ConfigError(f"{name} must be {bound} (got {value})")
-        return value
-
-    def number(self, name: str, default: float, *, low: float) -> float:
-        value = self._parse(name, default, float, "a number")
-        if not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number (got {value})")
-        if not value >= low:
-            raise ConfigError(f"{name} must be at least {low} (got {value})")
-        return value
-
-    def optional_number(self, name: str, *, low: float = 0.0, above: bool = False) -> float | None:
-        """A finite number at least `low` (above it, with `above`), or None when the variable
-        is unset (or empty)."""
-        self.asked.add(name)
-        if not self.env.get(name, "").strip():
-            return None
-        value = self.number(name, low, low=low)
-        if above and not value > low:
-            raise ConfigError(f"{name} must be above {low:g} (got {value:g})")
-        return value
-
-    def amounts(self, name: str) -> dict[str, float]:
-        """`id=USD,id=USD` → {id: USD}, each a positive number."""
-        raw = self.text(name, "")
-        amounts: dict[str, float] = {}
-        for item in filter(None, (part.strip() for part in raw.split(","))):
-            key, _, value = item.partition("=")
-            try:
-                amount = float(value)
-            except ValueError:
-                amount = -1.0
-            if not key.strip() or not 0 < amount < float("inf"):
-                raise ConfigError(f"{name} must look like model-id=USD,model-id=USD (got {item!r})")
-            amounts[key.strip()] = amount
-        return amounts
-
-    def boolean(self, name: str, default: bool) -> bool:
-        truth = {
-            "1": True,
-            "true": True,
-            "yes": True,
-            "on": True,
-            "0": False,
-            "false": False,
-            "no": False,
-            "off": False,
-        }
-
-        def convert(raw: str) -> bool:
-            return truth[raw.lower()] if raw.lower() in truth else _raise_value()
-
-        return self._parse(name, default, convert, "true or false")
-
-    def choice(
-        self, name: str, options: tuple[str, ...], default: str, *, upper: bool = False
-    ) -> str:
-        value = self.text(name, default)
-        value = value.upper() if upper else value
-        if value not in options:
-            raise ConfigError(f"{name} must be one of {', '.join(options)} (got {value!r})")
-        return value
-
-    def optional_choice(self, name: str, options: tuple[str, ...]) -> str | None:
-        return self.choice(name, ("", *options), "", upper=True) or None
-
-
-def _raise_value() -> bool:
-    raise ValueError
