@@ -10,13 +10,14 @@ message names the variable and says what a valid value looks like.
 from __future__ import annotations
 
 import os
-import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
+from stream.checks import check_bootstrap, check_topic_prefix, tls_context
 from stream.errors import ConfigError
+from stream.source import Secret, Source
 
 __all__ = [
     "CLOSE_RESERVE_S",
@@ -25,10 +26,10 @@ __all__ = [
     "ProviderSettings",
     "Secret",
     "Settings",
+    "SpendSettings",
     "check_instance_id",
 ]
 
-T = TypeVar("T")
 Guarantee = Literal["at-least-once", "exactly-once"]
 Ordering = Literal["unordered", "key"]
 
@@ -41,32 +42,6 @@ MAX_REQUEST_BYTES = 1_048_588 - 16 * 1024
 CLOSE_RESERVE_S = 10.0
 
 
-class Secret:
-    """A string that never shows itself in `repr`, `str`, logs or exceptions."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret('********')" if self._value else "Secret('')"
-
-    __str__ = __repr__
-
-
 @dataclass(frozen=True, kw_only=True)
 class KafkaSettings:
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -77,8 +52,10 @@ class KafkaSettings:
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    ssl_key_password: Secret = field(default_factory=lambda: Secret(""))
     client_id: str = "prediction-stream"
     request_timeout_ms: int = 30_000
+    cluster_name: str | None = None  # the lag metrics' `cluster_name`; default: the cluster id
 
     def client_options(self) -> dict[str, object]:
         """Keyword arguments shared by every aiokafka client this process makes."""
@@ -93,12 +70,13 @@ class KafkaSettings:
             options["sasl_plain_username"] = self.sasl_username
             options["sasl_plain_password"] = self.sasl_password.reveal()
         if self.security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            options["ssl_context"] = create_ssl_context(
-                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
-            )
+            options["ssl_context"] = self._ssl_context()
         return options
+
+    def _ssl_context(self) -> object:
+        return tls_context(
+            self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile, self.ssl_key_password.reveal()
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +89,8 @@ class ProviderSettings:
     max_connections: int = 1000
     max_retries: int = 4
     breaker_cooldown_s: float = 15.0
+    # Calls in flight per model when the worker starts; grows by AIMD to max_connections.
+    initial_concurrency: int = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,6 +110,17 @@ class EngineSettings:
     # Static membership (Kafka's group.instance.id): a restart with the same id keeps the
     # partitions without a rebalance. None: dynamic membership.
     instance_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpendSettings:
+    """The spend limit (USD over a sliding window); None: no limit."""
+
+    limit_usd: float | None = None
+    window_s: float = 3600.0
+    model_limits: Mapping[str, float] = field(default_factory=dict)
+    # Replays (the backfill topic) and re-drives spend from their own limit when it is set.
+    backfill_limit_usd: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,21 +145,22 @@ class Settings:
     log_level: str = "INFO"
     log_content: bool = False
     max_request_bytes: int = 256 * 1024
+    spend: SpendSettings = field(default_factory=SpendSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read settings from `env` (default: the process environment) and validate them."""
-        return cls._from_source(_Source(dict(os.environ if env is None else env)))
+        return cls._from_source(Source(dict(os.environ if env is None else env)))
 
     @classmethod
     def variables(cls) -> frozenset[str]:
         """Every environment variable the settings read (for docs and deployment checks)."""
-        source = _Source({})
+        source = Source({})
         cls._from_source(source)
         return frozenset(source.asked)
 
     @classmethod
-    def _from_source(cls, source: _Source) -> Settings:
+    def _from_source(cls, source: Source) -> Settings:
         max_in_flight = source.integer("STREAM_MAX_IN_FLIGHT", 1000, low=1)
         rebalance_timeout_ms = source.integer("STREAM_REBALANCE_TIMEOUT_MS", 120_000, low=1)
         engine = EngineSettings(
@@ -193,7 +185,7 @@ class Settings:
             synthetic=_provider_settings(source, "synthetic", SYNTHETIC_BASE_URL),
             together=_provider_settings(source, "together", TOGETHER_BASE_URL),
             engine=engine,
-            topic_prefix=source.text("STREAM_TOPIC_PREFIX", ""),
+            topic_prefix=check_topic_prefix(source.text("STREAM_TOPIC_PREFIX", "")),
             topics_dir=Path(source.text("STREAM_TOPICS_DIR", str(default_topics_dir()))),
             catalog_file=source.path("STREAM_CATALOG_FILE"),
             metrics_port=source.integer("STREAM_METRICS_PORT", 9400, low=0, high=65535),
@@ -203,7 +195,9 @@ class Settings:
             ),
             log_content=source.boolean("STREAM_LOG_CONTENT", False),
             max_request_bytes=source.integer("STREAM_MAX_REQUEST_BYTES", 256 * 1024, low=1024),
+            spend=_spend_settings(source),
         )
+        source.check_file_keys()
         settings.check()
         return settings
 
@@ -238,6 +232,8 @@ class Settings:
                 "STREAM_KAFKA_SASL_MECHANISM, STREAM_KAFKA_SASL_USERNAME and "
                 "STREAM_KAFKA_SASL_PASSWORD (or STREAM_KAFKA_SASL_PASSWORD_FILE)"
             )
+        if kafka.security_protocol in ("SSL", "SASL_SSL"):
+            kafka.client_options()  # loads the TLS files now, as every client will
 
     def topic(self, name: str) -> str:
         """The real topic name for a declared one (`predictions.requests` → prefixed)."""
@@ -249,14 +245,16 @@ class Settings:
 
 
 def default_topics_dir() -> Path:
-    """`topics/` beside the package in a checkout; the packaged copy otherwise."""
-    checkout = Path(__file__).resolve().parent.parent / "topics"
-    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "data" / "topics"
+    """The declarations shipped with the package: in a checkout `stream/data/topics` is a
+    link to `topics/`, and wheels and sdists carry a copy of it."""
+    return Path(__file__).resolve().parent / "data" / "topics"
 
 
-def _kafka_settings(source: _Source) -> KafkaSettings:
+def _kafka_settings(source: Source) -> KafkaSettings:
     return KafkaSettings(
-        bootstrap_servers=source.text("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        bootstrap_servers=check_bootstrap(
+            source.text("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"), "KAFKA_BOOTSTRAP_SERVERS"
+        ),
         security_protocol=source.choice(
             "STREAM_KAFKA_SECURITY_PROTOCOL",
             ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
@@ -268,10 +266,12 @@ def _kafka_settings(source: _Source) -> KafkaSettings:
         ),
         sasl_username=source.text("STREAM_KAFKA_SASL_USERNAME", "") or None,
         sasl_password=source.secret("STREAM_KAFKA_SASL_PASSWORD"),
-        ssl_cafile=source.text("STREAM_KAFKA_SSL_CAFILE", "") or None,
-        ssl_certfile=source.text("STREAM_KAFKA_SSL_CERTFILE", "") or None,
-        ssl_keyfile=source.text("STREAM_KAFKA_SSL_KEYFILE", "") or None,
+        ssl_cafile=source.file_name("STREAM_KAFKA_SSL_CAFILE"),
+        ssl_certfile=source.file_name("STREAM_KAFKA_SSL_CERTFILE"),
+        ssl_keyfile=source.file_name("STREAM_KAFKA_SSL_KEYFILE"),
+        ssl_key_password=source.secret("STREAM_KAFKA_SSL_KEY_PASSWORD"),
         client_id=source.text("STREAM_KAFKA_CLIENT_ID", "prediction-stream"),
+        cluster_name=source.text("STREAM_KAFKA_CLUSTER_NAME", "") or None,
     )
 
 
@@ -281,7 +281,7 @@ _INSTANCE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUV
 INSTANCE_ID_MAX = 240
 
 
-def _instance_id(source: _Source) -> str | None:
+def _instance_id(source: Source) -> str | None:
     return check_instance_id(source.text("STREAM_INSTANCE_ID", ""), "STREAM_INSTANCE_ID")
 
 
@@ -299,7 +299,7 @@ def check_instance_id(value: str, name: str) -> str | None:
     return value
 
 
-def _provider_settings(source: _Source, name: str, base_url: str) -> ProviderSettings:
+def _provider_settings(source: Source, name: str, base_url: str) -> ProviderSettings:
     upper = name.upper()
     url = source.text(f"{upper}_BASE_URL", base_url).rstrip("/")
     if not url.startswith(("http://", "https://")):
@@ -313,114 +313,34 @@ def _provider_settings(source: _Source, name: str, base_url: str) -> ProviderSet
         max_connections=source.integer(f"STREAM_{upper}_MAX_CONNECTIONS", 1000, low=1),
         max_retries=source.integer(f"STREAM_{upper}_MAX_RETRIES", 4, low=0, high=20),
         breaker_cooldown_s=source.number(f"STREAM_{upper}_BREAKER_COOLDOWN_S", 15.0, low=0.1),
+        initial_concurrency=source.integer(f"STREAM_{upper}_INITIAL_CONCURRENCY", 16, low=1),
     )
 
 
-class _Source:
-    """Typed look-ups over the environment, merged over `STREAM_CONFIG_FILE` if set."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = {**self._file_values(env.get("STREAM_CONFIG_FILE")), **env}
-        self.asked: set[str] = {"STREAM_CONFIG_FILE"}
-
-    @staticmethod
-    def _file_values(path: str | None) -> dict[str, str]:
-        if not path:
-            return {}
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(
-                f"STREAM_CONFIG_FILE {path!r} cannot be read: {exc.strerror}"
-            ) from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"STREAM_CONFIG_FILE {path!r} is not valid TOML: {exc}") from exc
-        return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in data.items()}
-
-    def text(self, name: str, default: str) -> str:
-        self.asked.add(name)
-        return self.env.get(name, default).strip()
-
-    def path(self, name: str) -> Path | None:
-        value = self.text(name, "")
-        if value and not Path(value).is_file():
-            raise ConfigError(f"{name} points at {value!r}, which is not a readable file")
-        return Path(value) if value else None
-
-    def secret(self, name: str) -> Secret:
-        """`NAME`, or the contents of the file named by `NAME_FILE` (trailing newline cut)."""
-        self.asked.update((name, f"{name}_FILE"))
-        file_name = self.env.get(f"{name}_FILE", "").strip()
-        if name in self.env and file_name:
-            raise ConfigError(f"set {name} or {name}_FILE, not both")
-        if file_name:
-            try:
-                return Secret(Path(file_name).read_text().strip())
-            except OSError as exc:
-                raise ConfigError(
-                    f"{name}_FILE points at {file_name!r}, which cannot be read: {exc.strerror}"
-                ) from exc
-        return Secret(self.env.get(name, "").strip())
-
-    def _parse(self, name: str, default: T, convert: Callable[[str], T], kind: str) -> T:
-        self.asked.add(name)
-        raw = self.env.get(name, "").strip()
-        if not raw:
-            return default
-        try:
-            return convert(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be {kind} (got {raw!r})") from None
-
-    def integer(self, name: str, default: int, *, low: int, high: int | None = None) -> int:
-        value = self._parse(name, default, int, "a whole number")
-        if value < low or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise ConfigError(f"{name} must be {bound} (got {value})")
-        return value
-
-    def number(self, name: str, default: float, *, low: float) -> float:
-        value = self._parse(name, default, float, "a number")
-        if not value >= low:
-            raise ConfigError(f"{name} must be at least {low} (got {value})")
-        return value
-
-    def optional_number(self, name: str, *, low: float) -> float | None:
-        """A number at least `low`, or None when the variable is unset (or empty)."""
-        if not self.env.get(name, "").strip():
-            self.asked.add(name)
-            return None
-        return self.number(name, low, low=low)
-
-    def boolean(self, name: str, default: bool) -> bool:
-        truth = {
-            "1": True,
-            "true": True,
-            "yes": True,
-            "on": True,
-            "0": False,
-            "false": False,
-            "no": False,
-            "off": False,
-        }
-
-        def convert(raw: str) -> bool:
-            return truth[raw.lower()] if raw.lower() in truth else _raise_value()
-
-        return self._parse(name, default, convert, "true or false")
-
-    def choice(
-        self, name: str, options: tuple[str, ...], default: str, *, upper: bool = False
-    ) -> str:
-        value = self.text(name, default)
-        value = value.upper() if upper else value
-        if value not in options:
-            raise ConfigError(f"{name} must be one of {', '.join(options)} (got {value!r})")
-        return value
-
-    def optional_choice(self, name: str, options: tuple[str, ...]) -> str | None:
-        return self.choice(name, ("", *options), "", upper=True) or None
+def _spend_settings(source: Source) -> SpendSettings:
+    window = source.text("STREAM_SPEND_WINDOW", "1h")
+    try:
+        window_s = parse_window(window)
+    except ValueError:
+        raise ConfigError(
+            f"STREAM_SPEND_WINDOW must be a duration such as 90s, 30m, 1h or 24h (got {window!r})"
+        ) from None
+    return SpendSettings(
+        limit_usd=source.optional_number("STREAM_SPEND_LIMIT_USD", above=True),
+        window_s=window_s,
+        model_limits=source.amounts("STREAM_SPEND_MODEL_LIMITS"),
+        backfill_limit_usd=source.optional_number("STREAM_BACKFILL_SPEND_LIMIT_USD", above=True),
+    )
 
 
-def _raise_value() -> bool:
-    raise ValueError
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_window(text: str) -> float:
+    """`90`, `90s`, `30m`, `1h`, `24h`, `7d` → seconds; ValueError for anything else."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:]) if text else None
+    seconds = float(text[:-1] if unit else text) * (unit or 1.0)
+    if not 0 < seconds < float("inf"):
+        raise ValueError(text)
+    return seconds

@@ -10,7 +10,8 @@
     │   ├── RetryableProviderError   may succeed if tried again (429, 5xx, timeouts …)
     │   ├── FatalProviderError       will not succeed as sent (400, 401, 404 …)
     │   └── CircuitOpenError         not called: the breaker for that model is open
-    └── InvalidRecordError       an input record cannot become a request (→ dead letter)
+    ├── InvalidRecordError       an input record cannot become a request (→ dead letter)
+    └── UndecodableRecordError   the Kafka client could not decode a fetched record
 
 Foreign exceptions (aiokafka, httpx, OSError) are translated where they are caught,
 with `raise Ours(...) from exc`, so retry and fallback code only ever catch our types.
@@ -36,6 +37,7 @@ __all__ = [
     "RetryableProviderError",
     "StreamError",
     "TopicSpecError",
+    "UndecodableRecordError",
 ]
 
 
@@ -80,7 +82,8 @@ class ProviderError(StreamError):
     """An LLM provider call failed.
 
     `status` is the HTTP status (None for transport errors), `error_type` a short stable
-    word (`rate_limited`, `timeout`, `server_error`, `empty_content` …) that records carry.
+    word (`rate_limited`, `timeout`, `server_error`, `empty_content`, `content_filter`,
+    `context_length_exceeded`, `insufficient_quota` …) that records carry.
     """
 
     retryable: bool = False
@@ -94,6 +97,8 @@ class ProviderError(StreamError):
         status: int | None = None,
         error_type: str = "error",
         attempts: int = 1,
+        provider_request_id: str | None = None,
+        cost_usd: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -102,6 +107,10 @@ class ProviderError(StreamError):
         self.status = status
         self.error_type = error_type
         self.attempts = attempts
+        # The provider's id for the last response, to quote to its support (None: no answer).
+        self.provider_request_id = provider_request_id
+        # What the failed attempts were billed (bad 200s are paid for), when known.
+        self.cost_usd = cost_usd
 
 
 class RetryableProviderError(ProviderError):
@@ -130,3 +139,9 @@ class InvalidRecordError(StreamError):
         self.reason = reason
         self.message = message
         self.request = request
+
+
+class UndecodableRecordError(StreamError):
+    """The Kafka client could not decode a fetched record (aiokafka reads header keys as
+    UTF-8 and stops at one that is not). The engine steps over it and hands the stage's
+    error path a stand-in that has only the record's position."""

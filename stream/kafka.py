@@ -7,11 +7,10 @@ aiokafka raises its own exception types, and a cluster that is down shows up as 
 
 from __future__ import annotations
 
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -28,45 +27,39 @@ __all__ = [
     "consumer_client",
     "group_offsets",
     "producer_client",
+    "Verdict",
+    "connected",
+    "probe",
     "start_client",
     "stop_client",
     "topic_partitions",
     "translate",
+    "translated",
 ]
 
 _COORDINATOR_TRIES = 12  # about 15 s of back-off in all
+_TLS_PROBE_S = 3.0
+_TCP_PROBE_S = 1.0
+# the same settings can come from a Kafka client properties file (stream.clientconfig)
+_OR_FILE = " (or their keys in the --command-config file)"
 
 
 def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaError:
-    """Our `KafkaError` for a foreign one, saying what we were doing and where."""
+    """Our `KafkaError` for a foreign one, saying what we were doing and where.
+
+    No I/O: what a bare "unable to bootstrap" hides (a certificate the CA did not sign, a port
+    that answers but lets us not in) comes from the last `probe` of these settings, if any.
+    Call sites that can await use `translated`, which probes first."""
     where = settings.bootstrap_servers
     detail = str(exc) or type(exc).__name__
     if "Authentication" in detail or "SaslAuthenticationFailed" in detail:
         return KafkaError(
             f"Kafka at {where} rejected our credentials while {doing}: check "
             "STREAM_KAFKA_SASL_USERNAME, STREAM_KAFKA_SASL_PASSWORD and "
-            "STREAM_KAFKA_SASL_MECHANISM"
-        )
-    tls_problem = _tls_problem(settings) if isinstance(exc, KafkaConnectionError) else None
-    if tls_problem:
-        return KafkaError(
-            f"TLS to Kafka at {where} failed while {doing} ({tls_problem}): check "
-            "STREAM_KAFKA_SSL_CAFILE (the CA that signed the broker's certificate), the host "
-            "name in KAFKA_BOOTSTRAP_SERVERS, and STREAM_KAFKA_SECURITY_PROTOCOL"
-        )
-    if isinstance(exc, KafkaConnectionError) and settings.sasl_mechanism and _accepts_tcp(where):
-        # aiokafka logs the SASL failure and raises a bare "unable to bootstrap": a port that
-        # answers but a client that cannot get in is, in practice, a credentials problem.
-        return KafkaError(
-            f"Kafka at {where} accepted the connection but rejected our credentials while "
-            f"{doing}: check STREAM_KAFKA_SASL_USERNAME, STREAM_KAFKA_SASL_PASSWORD, "
-            "STREAM_KAFKA_SASL_MECHANISM and STREAM_KAFKA_SECURITY_PROTOCOL"
+            f"STREAM_KAFKA_SASL_MECHANISM{_OR_FILE}"
         )
     if isinstance(exc, KafkaConnectionError):
-        return KafkaError(
-            f"cannot reach Kafka at {where} while {doing}: is it running? "
-            "(start a local one with `stream kafka start`, or set KAFKA_BOOTSTRAP_SERVERS)"
-        )
+        return _connection_error(settings, doing, _verdicts.get(settings))
     name = type(exc).__name__
     if isinstance(exc, UnknownTopicOrPartitionError):
         return KafkaError(
@@ -82,23 +75,86 @@ def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaE
     return KafkaError(f"Kafka at {where} failed while {doing}: {detail}")
 
 
-def _tls_problem(settings: KafkaSettings) -> str | None:
+async def translated(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaError:
+    """`translate`, after probing what a connection error hides (asynchronously, once per
+    settings until a client of them connects again)."""
+    if isinstance(exc, KafkaConnectionError):
+        await probe(settings)
+    return translate(exc, settings, doing)
+
+
+def _connection_error(settings: KafkaSettings, doing: str, verdict: Verdict | None) -> KafkaError:
+    where = settings.bootstrap_servers
+    if verdict is not None and verdict.tls_problem:
+        return KafkaError(
+            f"TLS to Kafka at {where} failed while {doing} ({verdict.tls_problem}): check "
+            "STREAM_KAFKA_SSL_CAFILE (the CA that signed the broker's certificate), the host "
+            f"name in KAFKA_BOOTSTRAP_SERVERS, and STREAM_KAFKA_SECURITY_PROTOCOL{_OR_FILE}"
+        )
+    if verdict is not None and verdict.accepts_tcp and settings.sasl_mechanism:
+        # aiokafka logs the SASL failure and raises a bare "unable to bootstrap": a port that
+        # answers but a client that cannot get in is, in practice, a credentials problem.
+        return KafkaError(
+            f"Kafka at {where} accepted the connection but rejected our credentials while "
+            f"{doing}: check STREAM_KAFKA_SASL_USERNAME, STREAM_KAFKA_SASL_PASSWORD, "
+            f"STREAM_KAFKA_SASL_MECHANISM and STREAM_KAFKA_SECURITY_PROTOCOL{_OR_FILE}"
+        )
+    return KafkaError(
+        f"cannot reach Kafka at {where} while {doing}: is it running? "
+        "(start a local one with `stream kafka start`, or set KAFKA_BOOTSTRAP_SERVERS)"
+    )
+
+
+class Verdict(NamedTuple):
+    """What a probe of the first bootstrap server found."""
+
+    tls_problem: str | None  # why the TLS handshake failed, when it did
+    accepts_tcp: bool  # the port answers (checked only where SASL could be the problem)
+
+
+# One verdict per settings, probed at the first connection error and kept until a client of
+# those settings connects again: a monitor failing every round on a cluster that is down
+# probes once, not every round (and never on the event loop: the probes are asynchronous).
+_verdicts: dict[KafkaSettings, Verdict] = {}
+
+
+async def probe(settings: KafkaSettings) -> Verdict:
+    """Probe the first bootstrap server (TLS handshake, TCP connect), once per settings."""
+    verdict = _verdicts.get(settings)
+    if verdict is None:
+        tls_problem = await _tls_problem(settings)
+        accepts = (
+            tls_problem is None
+            and bool(settings.sasl_mechanism)
+            and await _accepts_tcp(settings.bootstrap_servers)
+        )
+        verdict = _verdicts[settings] = Verdict(tls_problem, accepts)
+    return verdict
+
+
+def connected(settings: KafkaSettings) -> None:
+    """A client of `settings` connected: the next connection error is probed afresh."""
+    _verdicts.pop(settings, None)
+
+
+async def _tls_problem(settings: KafkaSettings) -> str | None:
     """Why a TLS handshake with the first bootstrap server fails, if it does (aiokafka only
     says it could not bootstrap)."""
     if not settings.security_protocol.endswith("SSL"):
         return None
-    context = settings.client_options()["ssl_context"]
-    assert isinstance(context, ssl.SSLContext)
     try:
         host, port = _first_server(settings.bootstrap_servers)
-        with (
-            socket.create_connection((host, port), timeout=3.0) as raw,
-            context.wrap_socket(raw, server_hostname=host),
-        ):
-            return None
+        # the context reads the CA and key files: off the event loop
+        options = await anyio.to_thread.run_sync(settings.client_options)
+        context = options["ssl_context"]
+        assert isinstance(context, ssl.SSLContext)
+        with anyio.fail_after(_TLS_PROBE_S):
+            stream = await anyio.connect_tcp(host, port, ssl_context=context, tls_hostname=host)
+            await stream.aclose()
+        return None
     except ssl.SSLError as exc:
         return getattr(exc, "verify_message", None) or exc.reason or str(exc)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TimeoutError, anyio.BrokenResourceError):
         return None  # not a TLS problem: the port does not answer
 
 
@@ -108,11 +164,13 @@ def _first_server(bootstrap: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def _accepts_tcp(bootstrap: str) -> bool:
+async def _accepts_tcp(bootstrap: str) -> bool:
     try:
-        with socket.create_connection(_first_server(bootstrap), timeout=1.0):
-            return True
-    except (OSError, ValueError):
+        with anyio.fail_after(_TCP_PROBE_S):
+            stream = await anyio.connect_tcp(*_first_server(bootstrap))
+            await stream.aclose()
+        return True
+    except (OSError, ValueError, TimeoutError):
         return False
 
 
@@ -127,7 +185,8 @@ async def start_client(
             await client.start()
     except (AIOKafkaError, OSError, TimeoutError) as exc:
         await stop_client(client)
-        raise translate(exc, settings, doing) from exc
+        raise await translated(exc, settings, doing) from exc
+    connected(settings)
 
 
 async def stop_client(client: Any) -> None:
@@ -164,6 +223,7 @@ async def producer_client(settings: KafkaSettings, *, doing: str) -> AsyncIterat
 
 @asynccontextmanager
 async def _started(client: Any, settings: KafkaSettings, doing: str) -> AsyncIterator[None]:
+    """A client started (and stopped on the way out); failing to start, our `KafkaError`."""
     await start_client(client, settings, doing)
     try:
         yield
@@ -201,7 +261,7 @@ async def topic_partitions(
                     )
             described = await admin.describe_topics(topics)
         except AIOKafkaError as exc:
-            raise translate(exc, kafka, "reading topics") from exc
+            raise await translated(exc, kafka, "reading topics") from exc
     return {
         d["topic"]: sorted(TopicPartition(d["topic"], p["partition"]) for p in d["partitions"])
         for d in described

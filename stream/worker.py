@@ -27,15 +27,17 @@ import anyio
 import anyio.abc
 
 from stream import logs, topics
-from stream.catalog import Catalog, load_catalog
+from stream.catalog import Catalog, load_catalog, unpriced
 from stream.config import Settings, check_instance_id
 from stream.engine.engine import Engine
-from stream.errors import KafkaError
+from stream.errors import ConfigError, KafkaError
 from stream.kafka import admin_client
 from stream.observe.health import Health, serve
 from stream.observe.lag import LagMonitor
+from stream.observe.lagreader import PIPELINE_GROUPS
 from stream.observe.metrics import Metrics
 from stream.providers import ProviderClient
+from stream.spend import Budget, SpendLanes
 from stream.stages import FallbackStage, PrimaryStage, Topics
 
 __all__ = ["Worker", "drain_grace_s", "register", "stop_grace_s", "tune_gc"]
@@ -46,9 +48,10 @@ STAGES = ("primary", "fallback")
 PRIMARY_GROUP = "predictions-primary"
 FALLBACK_GROUP = "predictions-fallback"
 GROUPS = {"primary": PRIMARY_GROUP, "fallback": FALLBACK_GROUP}
-# After the drain an engine commits (at most 10 s) and closes its clients (at most 10 s):
-# see stream.engine.engine. A stop grace period must cover the drain and this.
-COMMIT_AND_CLOSE_S = 20.0
+# After the drain an engine commits (at most 10 s), then releases its partitions, stops its
+# producers and leaves the group (at most 10 s each): see stream.engine. A stop grace
+# period must cover the drain and this.
+COMMIT_AND_CLOSE_S = 40.0
 
 
 def drain_grace_s(settings: Settings, catalog: Catalog) -> float:
@@ -93,8 +96,12 @@ class Worker:
         self.started = anyio.Event()  # set once `engines` is filled and `port` bound
         self.port: int | None = None
         self._record_limits: dict[str, int] = {}  # topic → max.message.bytes on the cluster
-        groups = [settings.group(GROUPS[stage]) for stage in self.stages]
+        groups = {  # each group → its topics: their partitions show before a first commit
+            settings.group(name): tuple(map(settings.topic, PIPELINE_GROUPS[name]))
+            for name in (GROUPS[stage] for stage in self.stages)
+        }
         self.monitor = LagMonitor(settings.kafka, groups, interval_s=lag_interval_s)
+        self.spend = spend_lanes(settings, self.catalog)
 
     def __repr__(self) -> str:
         return f"Worker(stages={self.stages}, port={self.port}, engines={self.engines!r})"
@@ -122,15 +129,19 @@ class Worker:
     async def _observe(self, group: anyio.abc.TaskGroup) -> None:
         """Start the lag monitor and the HTTP server; readiness follows the engines."""
         monitor = self.monitor
-        self.metrics.watch_lag(monitor)
+        self.metrics.watch_lag(monitor, owned=self._owned)
+        if self.spend is not None:
+            self.metrics.watch_budgets(self.spend.budgets())
         self.health.require_kafka(monitor)
         for engine in self.engines:
             self.metrics.watch_engine(engine)
             self.health.require_engine(engine)
-        await group.start(monitor.run)
+        # The port first: a port in use fails start-up before the lag monitor starts its
+        # Kafka clients (none left to close, no "Unclosed consumer" noise).
         self.port = await group.start(
             serve, self.metrics, self.health, self.settings.metrics_host, self.settings.metrics_port
         )
+        await group.start(monitor.run)
         log.info("serving /metrics, /healthz and /readyz on port %s", self.port)
         log.info(
             "on SIGTERM, running calls get %.0f s to finish: allow a stop grace period of at "
@@ -141,6 +152,15 @@ class Worker:
         if self._own_process:
             tune_gc()  # now: what start-up built (catalog, schemas, pools) is frozen too
         self.started.set()
+
+    def _owned(self) -> set[tuple[str, str, int]]:
+        """(group, topic, partition) of every partition the engines hold: the lag metrics
+        of a group are exported by the member that holds its lowest partition."""
+        return {
+            (snap.group_id, part.topic, part.partition)
+            for snap in (engine.snapshot() for engine in self.engines)
+            for part in snap.partitions
+        }
 
     def stop(self) -> None:
         self._stopping = True  # a signal during start-up stops the engines once made
@@ -153,12 +173,17 @@ class Worker:
         stage_: PrimaryStage | FallbackStage
         if stage == "primary":
             stage_ = PrimaryStage(
-                self.settings, self.catalog, clients, self.metrics, self._record_limits
+                self.settings, self.catalog, clients, self.metrics, self._record_limits, self.spend
             )
             inputs, backfill = [topics.requests, topics.backfill], [topics.backfill]
         else:
             stage_ = FallbackStage(
-                self.settings, self.catalog, clients["together"], self.metrics, self._record_limits
+                self.settings,
+                self.catalog,
+                clients["together"],
+                self.metrics,
+                self._record_limits,
+                self.spend,
             )
             inputs, backfill = [topics.fallback], []
 
@@ -175,7 +200,32 @@ class Worker:
             on_error=stage_.on_error,
             low_priority_topics=backfill,
             on_commit=on_commit,
+            gate=self.spend,
         )
+
+
+def spend_lanes(settings: Settings, catalog: Catalog) -> SpendLanes | None:
+    """The worker's spend limits (None when none is set). A limit cannot hold for a model
+    without a price: that is a start-up error naming them."""
+    spend = settings.spend
+    if spend.limit_usd is None and spend.backfill_limit_usd is None and not spend.model_limits:
+        return None
+    missing = unpriced(catalog)
+    if missing:
+        raise ConfigError(
+            f"a spend limit is set, but {', '.join(missing)} have no price: give them one in "
+            'STREAM_CATALOG_FILE ([prices] "id" = { input = USD, output = USD }, per 10⁶ tokens)'
+        )
+    unknown = sorted(set(spend.model_limits) - set(catalog.models))
+    if unknown:
+        raise ConfigError(f"STREAM_SPEND_MODEL_LIMITS names models not in the catalog: {unknown}")
+    live = Budget(
+        "live", limit_usd=spend.limit_usd, window_s=spend.window_s, model_limits=spend.model_limits
+    )
+    backfill = None
+    if spend.backfill_limit_usd is not None:
+        backfill = Budget("backfill", limit_usd=spend.backfill_limit_usd, window_s=spend.window_s)
+    return SpendLanes(live, backfill, frozenset({Topics.of(settings).backfill}))
 
 
 async def check_topics(settings: Settings) -> dict[str, int]:
@@ -238,7 +288,7 @@ def tune_gc() -> None:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    logs.configure(settings.log_level, json=True)
+    logs.configure(settings.log_level, json=True, content=settings.log_content)
     stages = STAGES if args.stage == "all" else (args.stage,)
     if args.guarantee:
         settings = replace(settings, engine=replace(settings.engine, guarantee=args.guarantee))

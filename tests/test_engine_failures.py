@@ -144,7 +144,7 @@ async def test_a_revoke_whose_commit_fails_leaves_nothing_to_carry_on_with(
         assert not await sink.write(partition, 0, [Output(out, b"y")])  # its producer is gone
     finally:
         await sink.stop()
-        await consumer.stop()
+        await consumer.stop()  # never started, but aiokafka warns of any unclosed consumer
     assert await read_all(live, out, isolation="read_committed") == []
 
 

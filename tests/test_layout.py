@@ -14,24 +14,39 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "stream"
 MAX_LINES = 450
-# Being split in its own change (its per-model state and HTTP seam): remove when it lands.
-_NOT_YET = {"stream.providers.client"}
+_NOT_YET = {"stream.engine.engine"}  # split once the open branches land
 
 # What each part of the package may import (besides itself and the standard library). A
 # part is a top-level module or a folder; `cli` finds its commands by name at run time.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "logs": set(),
-    "config": {"errors"},
+    "checks": {"errors"},
+    "clientconfig": {"errors"},
+    "source": {"checks", "errors"},
+    "config": {"checks", "errors", "source"},
     "kafka": {"config", "errors"},
-    "catalog": {"config", "errors"},
+    "prices": set(),
+    "catalog": {"checks", "config", "errors", "prices"},
     "records": {"errors"},
-    "topics": {"config", "errors", "kafka"},
+    "topics": {"checks", "config", "errors", "kafka"},
     "engine": {"config", "errors", "kafka"},
     "providers": {"catalog", "config", "errors"},
-    "observe": {"config", "engine", "errors", "kafka", "providers"},
-    "backfill": {"config", "errors", "kafka", "records", "topics"},
-    "stages": {"catalog", "config", "engine", "errors", "providers", "records", "topics"},
+    "spend": {"catalog", "config", "errors", "prices", "providers"},
+    "observe": {"config", "engine", "errors", "kafka", "prices", "providers"},
+    # engine: its fetch seam steps over records the Kafka client cannot decode
+    "backfill": {"config", "engine", "errors", "kafka", "records", "topics"},
+    "stages": {
+        "catalog",
+        "config",
+        "engine",
+        "errors",
+        "prices",
+        "providers",
+        "records",
+        "spend",
+        "topics",
+    },
     "worker": {
         "catalog",
         "config",
@@ -40,12 +55,15 @@ ALLOWED: dict[str, set[str]] = {
         "kafka",
         "logs",
         "observe",
+        "prices",
         "providers",
+        "spend",
         "stages",
         "topics",
     },
     "devtools": {
         "backfill",
+        "clientconfig",
         "catalog",
         "config",
         "engine",
@@ -53,13 +71,15 @@ ALLOWED: dict[str, set[str]] = {
         "kafka",
         "logs",
         "observe",
+        "prices",
         "providers",
         "records",
+        "spend",
         "stages",
         "topics",
         "worker",
     },
-    "cli": {"config", "errors", "logs", "__init__"},
+    "cli": {"clientconfig", "config", "errors", "logs", "__init__"},
     "__main__": {"cli"},
     "__init__": {"config", "errors"},
 }
@@ -133,3 +153,12 @@ def test_no_module_is_longer_than_a_reader_can_hold(module: str) -> None:
     if module in _NOT_YET:
         pytest.xfail(f"{module} ({lines} lines) is being split")
     assert lines <= MAX_LINES, f"{module} has {lines} lines: split it along a seam"
+
+
+def test_each_command_is_registered_by_the_module_the_cli_names_for_it() -> None:
+    from stream.cli import COMMANDS, build_parser
+
+    for name in COMMANDS:
+        parser = build_parser([name, "--help"])
+        (commands,) = [a for a in parser._actions if a.dest == "command"]
+        assert list(commands.choices) == [name]  # type: ignore[attr-defined]

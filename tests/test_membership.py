@@ -226,7 +226,7 @@ def _answered(engine: Engine, count: int) -> Any:
     """`count` of the engine's records have their answer and wait to be written."""
 
     async def check() -> bool:
-        return sum(len(p.held) for p in engine._partitions.values()) >= count
+        return sum(len(p.waiting) for p in engine._partitions.values()) >= count
 
     return check
 
@@ -293,6 +293,7 @@ async def test_a_static_worker_comes_back_after_sigkill_and_a_second_one_with_it
             second = await workers.start("second")
             with anyio.fail_after(60):  # far less than the dead member's session
                 await _answered_requests(settings, 2)
+            await eventually(_committed_requests(settings, 2))
             third = await workers.start("third")
             with anyio.fail_after(60):
                 assert await second.wait() == 1

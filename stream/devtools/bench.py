@@ -19,33 +19,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import anyio
-import orjson
-from aiokafka import AIOKafkaProducer
 
+from stream import clientconfig
 from stream.config import Settings
 from stream.devtools import benchruns, scenarios
-from stream.devtools.benchinfra import (
-    KEY,
-    BenchError,
-    broker,
+from stream.devtools.benchdata import (
     create_topics,
     delete_topics,
-    result_times,
-    sim_calls,
-    simulator,
+    max_window_spend,
+    publish,
+    results_of,
 )
-from stream.stages import Topics
+from stream.devtools.benchinfra import KEY as _KEY
+from stream.devtools.benchinfra import BenchError
+from stream.devtools.benchinfra import broker as _broker
+from stream.devtools.benchinfra import sim_calls as _sim_calls
+from stream.devtools.benchinfra import simulator as _simulator
 
 __all__ = ["main", "register"]
 
@@ -64,49 +65,26 @@ class Options:
     guarantee: str
     naive_requests: int
     json: bool
+    spend_limit: float | None
+    spend_window: float
+    # the environment the runs start from: this process's, with --bootstrap-server and
+    # --command-config laid over it (the runs are child processes that read it)
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> Options:
-        options = cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        env = clientconfig.environment(args, os.environ)
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "env"}
+        options = cls(**given, env=env)
         if min(options.requests, options.concurrency, options.partitions) < 1:
             raise BenchError("--requests, --concurrency and --partitions must be at least 1")
-        if options.latency < 0:
-            raise BenchError("--latency must not be negative")
+        if not 0 <= options.latency < math.inf:
+            raise BenchError("--latency must be a number of seconds, not negative")
+        if options.spend_limit is not None and not options.spend_limit > 0:
+            raise BenchError("--spend-limit must be a positive number of USD")
+        if not options.spend_window > 0:
+            raise BenchError("--spend-window must be a positive number of seconds")
         return options
-
-
-# -- Kafka side: topics, the backlog, the results ------------------------------------------
-
-
-def request_value(request_id: str, index: int) -> bytes:
-    return orjson.dumps(
-        {
-            "request_id": request_id,
-            "model": benchruns.BENCH_MODEL,
-            "messages": benchruns.messages(index),
-            "metadata": {"bench": True},
-        }
-    )
-
-
-async def _publish(settings: Settings, requests: int, run: str) -> None:
-    producer = AIOKafkaProducer(
-        **settings.kafka.client_options(), acks="all", linger_ms=20, max_batch_size=256 * 1024
-    )
-    await producer.start()
-    try:
-        topic = Topics.of(settings).requests
-        futures = []
-        for index in range(requests):
-            rid = f"{run}-{index:07d}"
-            key = rid.encode()
-            value = request_value(rid, index)
-            headers = [("request-id", key)]
-            futures.append(await producer.send(topic, value, key=key, headers=headers))
-        for future in futures:
-            await future
-    finally:
-        await producer.stop()
 
 
 # -- one run -------------------------------------------------------------------------------
@@ -115,20 +93,41 @@ async def _publish(settings: Settings, requests: int, run: str) -> None:
 def _child_env(options: Options, bootstrap: str, sim: str, prefix: str) -> dict[str, str]:
     concurrency = str(options.concurrency)
     return {
-        **os.environ,
+        **options.env,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "STREAM_TOPIC_PREFIX": prefix,
         "STREAM_MAX_IN_FLIGHT": concurrency,
-        "STREAM_MAX_IN_FLIGHT_PER_PARTITION": os.environ.get(
+        "STREAM_MAX_IN_FLIGHT_PER_PARTITION": options.env.get(
             "STREAM_MAX_IN_FLIGHT_PER_PARTITION", concurrency
         ),
         "STREAM_SYNTHETIC_MAX_CONNECTIONS": concurrency,
         "STREAM_GUARANTEE": options.guarantee,
         "SYNTHETIC_BASE_URL": f"{sim}/v1",
-        "SYNTHETIC_API_KEY": KEY,
+        "SYNTHETIC_API_KEY": _KEY,
         "STREAM_METRICS_PORT": "0",
         "STREAM_METRICS_HOST": "127.0.0.1",
-        "STREAM_LOG_LEVEL": os.environ.get("STREAM_LOG_LEVEL", "WARNING"),
+        "STREAM_LOG_LEVEL": options.env.get("STREAM_LOG_LEVEL", "WARNING"),
+        **_spend_env(options),
+    }
+
+
+def _spend_env(options: Options) -> dict[str, str]:
+    if options.spend_limit is None:
+        return {}
+    # A spend limit needs every catalog model priced; the bench calls one (BENCH_MODEL, at
+    # its default price) and prices the three without a default at 0 (never called here).
+    catalog = Path(tempfile.gettempdir()) / f"stream-bench-catalog-{os.getpid()}.toml"
+    catalog.write_text(
+        "[prices]\n"
+        + "".join(
+            f'"{m}" = {{ input = 0, output = 0 }}\n'
+            for m in ("glm-4.6-syn", "minimax-m2-syn", "qwen3-coder-480b-syn")
+        )
+    )
+    return {
+        "STREAM_SPEND_LIMIT_USD": repr(options.spend_limit),
+        "STREAM_SPEND_WINDOW": f"{options.spend_window}s",
+        "STREAM_CATALOG_FILE": str(catalog),
     }
 
 
@@ -179,24 +178,29 @@ async def _kafka_run(mode: str, requests: int, options: Options, infra: Any) -> 
     settings = Settings.from_env(env)
     names = await create_topics(settings, options.partitions)
     try:
-        await _publish(settings, requests, prefix)
-        calls = sim_calls(sim)
+        await publish(settings, requests, prefix)
+        calls = _sim_calls(sim)
         figures = await _child(mode, requests, env, _timeout_s(mode, requests, options))
-        figures["calls_per_request"] = round((sim_calls(sim) - calls) / requests, 3)
-        times = await result_times(settings)
+        figures["calls_per_request"] = round((_sim_calls(sim) - calls) / requests, 3)
+        found = await results_of(settings)
     finally:
         await delete_topics(settings, names)
     ready_ms = figures["ready_at"] * 1000
-    seconds = [max(0.0, (ts - ready_ms) / 1000) for ts in times.values()]
+    seconds = [max(0.0, (ts - ready_ms) / 1000) for ts in found.times.values()]
+    if mode != "passthrough":
+        figures.update(found.bill.figures())
+        most, windows = max_window_spend(found.spend, options.spend_window)
+        figures.update(max_window_spend_usd=round(most, 6), spend_windows=windows)
+        figures.update(spend_limit_usd=options.spend_limit, spend_window_s=options.spend_window)
     return {**_latency_figures(requests, seconds), **figures}
 
 
 async def _http_run(mode: str, requests: int, options: Options, infra: Any) -> Figures:
     bootstrap, sim = infra
     env = _child_env(options, bootstrap, sim, "")
-    calls = sim_calls(sim)
+    calls = _sim_calls(sim)
     figures = await _child(mode, requests, env, _timeout_s(mode, requests, options))
-    figures["calls_per_request"] = round((sim_calls(sim) - calls) / requests, 3)
+    figures["calls_per_request"] = round((_sim_calls(sim) - calls) / requests, 3)
     latencies = figures.pop("latencies_s")
     return {**_latency_figures(requests, latencies), **figures}
 
@@ -259,6 +263,20 @@ def _table(results: dict[str, Figures], options: Options) -> list[str]:
     ratios = [f"{k[6:]} {v:.2f}×" for k, v in stream.items() if k.startswith("ratio_")]
     if ratios:
         lines.append("stream throughput vs " + ", ".join(ratios))
+    if "spend_usd" in stream:
+        lines.append(
+            f"stream tokens: prompt {stream['prompt_tokens']:,} (cached "
+            f"{stream['cached_tokens']:,}), completion {stream['completion_tokens']:,} "
+            f"(reasoning {stream['reasoning_tokens']:,}); spend ${stream['spend_usd']:.4f}"
+        )
+        window = f"{options.spend_window:g} s"
+        most = f"most spent in any {window}: ${stream['max_window_spend_usd']:.6f}"
+        if options.spend_limit is not None:
+            lines.append(
+                f"spend limit ${options.spend_limit:g} per {window}: {most} over "
+                f"{stream['spend_windows']} windows; {stream['requests']} of "
+                f"{stream['requests']} requests answered"
+            )
     return lines
 
 
@@ -277,7 +295,7 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
     args.latency = 1.0 if args.latency is None else args.latency
     options = Options.of(args)
     started = time.monotonic()
-    with broker() as bootstrap, simulator(options.latency) as sim:
+    with _broker(options.env) as bootstrap, _simulator(options.latency) as sim:
         results = anyio.run(_bench, options, (bootstrap, sim))
     if options.json:
         print(json.dumps(results, indent=2))
@@ -288,6 +306,7 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _scenario(args: argparse.Namespace) -> int:
+    env = clientconfig.environment(args, os.environ)
     with tempfile.TemporaryDirectory(prefix="stream-scenario-") as folder:
         options = scenarios.ScenarioOptions(
             scenario=args.scenario,
@@ -300,10 +319,11 @@ def _scenario(args: argparse.Namespace) -> int:
             static=not args.dynamic,
             guarantee=args.guarantee,
             folder=Path(args.keep_logs or folder),
+            env=env,
         )
         if min(options.requests, options.workers, options.partitions) < 1 or options.at < 0:
             raise BenchError("--requests, --workers and --partitions must be at least 1, --at ≥ 0")
-        with broker() as bootstrap, simulator(options.latency, "--trace") as sim:
+        with _broker(env) as bootstrap, _simulator(options.latency, "--trace") as sim:
             results = anyio.run(scenarios.run_scenario, options, bootstrap, sim)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -343,6 +363,18 @@ def register(commands: Any) -> None:
         help=f"requests for the naive run (default: about {_NAIVE_BUDGET_S:.0f} s of its work)",
     )
     parser.add_argument("--json", action="store_true", help="figures keyed by run, as JSON")
+    parser.add_argument(
+        "--spend-limit",
+        type=float,
+        default=None,
+        help="USD per --spend-window for the worker (STREAM_SPEND_LIMIT_USD); default none",
+    )
+    parser.add_argument(
+        "--spend-window",
+        type=float,
+        default=60.0,
+        help="seconds, the spend limit's sliding window, and the summary's (default 60)",
+    )
     scenario = parser.add_argument_group(
         "membership scenarios",
         "With --scenario: real `stream run primary` processes, run undisturbed and then "
@@ -376,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stream import logs
 
     settings = Settings.from_env()
-    logs.configure(settings.log_level, json=False)
+    logs.configure(settings.log_level, json=False, content=settings.log_content)
     figures = anyio.run(benchruns.run, args.mode, settings, args.requests)
     print(json.dumps(figures))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ POM = Path(__file__).resolve().parent.parent / "data" / "kafka-pom.xml"
 KAFKA_VERSION = re.search(r"<kafka.version>([^<]+)<", POM.read_text()).group(1)  # type: ignore[union-attr]
 
 _SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+_PLAIN_LOGIN = "org.apache.kafka.common.security.plain.PlainLoginModule required"
 _LOG4J = """\
 status = error
 appender.file.type = File
@@ -114,9 +116,10 @@ class LocalBroker:
     controller_port: int | None = None
     heap_mb: int = 512
     extra_properties: dict[str, str] | None = None
-    # SCRAM users (name → password): adds a SASL_PLAINTEXT listener on `sasl_port` and turns
-    # on ACLs. The PLAINTEXT listener stays for the broker itself (its principal, ANONYMOUS,
-    # is a super user), so only clients on the SASL port are held to the ACLs.
+    # SCRAM users (name → password; they may use PLAIN too): adds a SASL_PLAINTEXT listener
+    # on `sasl_port` and turns on ACLs. The PLAINTEXT listener stays for the broker itself
+    # (its principal, ANONYMOUS, is a super user), so only clients on the SASL port are held
+    # to the ACLs.
     scram_users: dict[str, str] | None = None
     sasl_port: int | None = None
     # With SCRAM users: a PEM file with the broker's private key (unencrypted PKCS#8) and
@@ -274,11 +277,14 @@ class LocalBroker:
             "listener.security.protocol.map": (
                 f"PLAINTEXT:PLAINTEXT,{protocol}:{protocol},CONTROLLER:PLAINTEXT"
             ),
-            "sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512",
+            "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
             **{
                 f"listener.name.{name}.{mechanism}.sasl.jaas.config": _SCRAM_LOGIN
                 for mechanism in ("scram-sha-256", "scram-sha-512")
             },
+            f"listener.name.{name}.plain.sasl.jaas.config": _PLAIN_LOGIN
+            + "".join(f' user_{user}="{password}"' for user, password in self.scram_users.items())
+            + ";",
             **tls,
             "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
             "allow.everyone.if.no.acl.found": "false",
@@ -391,19 +397,35 @@ def _kafka(args: argparse.Namespace, settings: Settings) -> int:
         already = broker.pid() is not None
         broker.start()
         state = "already running" if already else "started"
+    elif args.action == "stop":
+        state = "stopped" if broker.stop() else "not running"
+    else:
+        state = "running" if broker.pid() is not None else "not running"
+    if args.json:
+        print(json.dumps(_status(broker, state)))
+    elif state == "not running":
+        print(f"Kafka is not running (home {broker.home})")
+    elif args.action == "stop":
+        print("Kafka stopped")
+    else:
         print(
             f"Kafka {KAFKA_VERSION} {state} at {broker.bootstrap_servers} "
             f"(pid {broker.pid()}, data in {broker.home})"
         )
-    elif args.action == "stop":
-        print("Kafka stopped" if broker.stop() else "Kafka was not running")
-    else:
-        pid = broker.pid()
-        if pid is None:
-            print(f"Kafka is not running (home {broker.home})")
-            return EXIT_FAILED
-        print(f"Kafka {KAFKA_VERSION} running at {broker.bootstrap_servers} (pid {pid})")
-    return 0
+    return EXIT_FAILED if args.action == "status" and state == "not running" else 0
+
+
+def _status(broker: LocalBroker, state: str) -> dict[str, object]:
+    """`kafka start|stop|status --json`: the shape the README documents."""
+    pid = broker.pid()
+    return {
+        "state": state,
+        "running": pid is not None,
+        "version": KAFKA_VERSION,
+        "bootstrap_servers": broker.bootstrap_servers,
+        "pid": pid,
+        "home": str(broker.home),
+    }
 
 
 def register(commands: Any) -> None:
@@ -411,9 +433,15 @@ def register(commands: Any) -> None:
         "kafka",
         help="start, stop or check the local Kafka broker",
         description="A single-node KRaft broker on loopback, from the "
-        "pinned Apache Kafka jars (fetched with Maven once).",
+        "pinned Apache Kafka jars (fetched with Maven once). `status` exits 1 when it is "
+        "not running.",
     )
     kafka.add_argument("action", choices=["start", "stop", "status"])
     kafka.add_argument("--port", type=int, default=9092, help="listener port (default 9092)")
     kafka.add_argument("--home", help="state folder (default ~/.cache/prediction-stream/broker)")
+    kafka.add_argument(
+        "--json",
+        action="store_true",
+        help="print {state, running, version, bootstrap_servers, pid, home} as JSON",
+    )
     kafka.set_defaults(handler=_kafka)

@@ -23,13 +23,12 @@ from the restart to the first call made.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -43,13 +42,8 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
 from stream.catalog import Model, load_catalog
 from stream.config import Settings
-from stream.devtools.benchinfra import (
-    KEY,
-    BenchError,
-    create_topics,
-    delete_topics,
-    result_times,
-)
+from stream.devtools.benchdata import create_topics, delete_topics, results_of
+from stream.devtools.benchinfra import KEY, BenchError
 from stream.devtools.simstats import prompt_key
 from stream.kafka import admin_client
 from stream.stages import Topics
@@ -73,6 +67,7 @@ class ScenarioOptions:
     static: bool
     guarantee: str
     folder: Path  # worker logs
+    env: Mapping[str, str]  # the environment the workers start from
 
 
 def _question(run: str, index: int) -> list[dict[str, str]]:
@@ -204,7 +199,7 @@ async def run_scenario(options: ScenarioOptions, bootstrap: str, sim: str) -> di
 
 def _env(options: ScenarioOptions, bootstrap: str, sim: str, prefix: str) -> dict[str, str]:
     return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("STREAM_")},
+        **{k: v for k, v in options.env.items() if not k.startswith("STREAM_")},
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "STREAM_TOPIC_PREFIX": prefix,
         "STREAM_MAX_IN_FLIGHT": str(options.concurrency),
@@ -279,7 +274,7 @@ async def _all_results(settings: Settings, requests: int, latency: float) -> dic
     """Request id → when its result was written (Unix seconds), once all are there."""
     with anyio.fail_after(600 + 10 * latency):
         while True:
-            found = await result_times(settings)
+            found = (await results_of(settings)).times
             if len(found) >= requests:
                 return {key.decode(): ms / 1000 for key, ms in found.items()}
             await anyio.sleep(1.0)

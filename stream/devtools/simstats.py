@@ -1,8 +1,10 @@
-"""What the provider simulator counts: requests per model and outcome, calls in flight,
-calls that asked the same thing again (`repeated`), those among them whose question had
-been answered already (`paid_twice`: money spent twice for certain), and, when asked to,
-every call's start and end (`stream bench --scenario` reads those to see which partition
-stopped when).
+"""The simulator's counters and its rate-limit windows (the state behind `/sim/stats` and
+the `x-ratelimit-*` headers), apart from the server that uses them.
+
+Besides requests per model and outcome and calls in flight, it counts calls that asked the
+same thing again (`repeated`), those among them whose question had been answered already
+(`paid_twice`: money spent twice for certain), and, when asked to, keeps every call's start
+and end (`stream bench --scenario` reads those to see which partition stopped when).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["SimStats", "prompt_key"]
+__all__ = ["RateWindow", "SimStats", "prompt_key"]
 
 
 def prompt_key(messages: list[Any]) -> str:
@@ -45,9 +47,9 @@ class SimStats:
         self._calls: list[list[Any]] = []  # [key, start, end, outcome], with `trace`
 
     def start(self, model: str, outcome: str, key: str) -> int:
-        """Count a call and return its number (for `finish`). Counted when decided, not
-        when done: a hang the client gave up on is still a hang, and a test reading the
-        stats right after its call sees every request it made."""
+        """Count a call and return its number (for `finish`)."""
+        # Counted when decided, not when done: a hang the client gave up on is still a hang,
+        # and a test reading the stats right after its call sees every request it made.
         self.requests += 1
         self.by_model[model] += 1
         self.by_outcome[outcome] += 1
@@ -85,3 +87,36 @@ class SimStats:
         """Every call so far (with `trace`): key, start and end (Unix seconds; end None
         while it runs), outcome."""
         return [dict(zip(("key", "start", "end", "outcome"), c, strict=True)) for c in self._calls]
+
+
+class RateWindow:
+    """Fixed rate-limit windows: requests and tokens counted since the window began."""
+
+    def __init__(
+        self, *, length_s: float, request_limit: int, token_limit: int, started: float
+    ) -> None:
+        self._length_s = length_s
+        self._request_limit = request_limit
+        self._token_limit = token_limit
+        self._start = started
+        self.requests = self.tokens = 0
+
+    def roll(self, now: float) -> float:
+        """Start a new window if this one is over; seconds until it resets."""
+        length = self._length_s
+        if now - self._start >= length:
+            self._start += length * ((now - self._start) // length)
+            self.requests = self.tokens = 0
+        return max(0.0, self._start + length - now)
+
+    def headers(self, reset_s: float) -> dict[str, str]:
+        reset = f"{reset_s:.3f}s"
+        requests, tokens = self._request_limit, self._token_limit
+        return {
+            "x-ratelimit-limit-requests": str(requests),
+            "x-ratelimit-remaining-requests": str(max(0, requests - self.requests)),
+            "x-ratelimit-reset-requests": reset,
+            "x-ratelimit-limit-tokens": str(tokens),
+            "x-ratelimit-remaining-tokens": str(max(0, tokens - self.tokens)),
+            "x-ratelimit-reset-tokens": reset,
+        }

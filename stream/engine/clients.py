@@ -40,6 +40,7 @@ def make_consumer(
         max_partition_fetch_bytes=1024 * 1024,
         fetch_max_bytes=16 * 1024 * 1024,
         max_poll_records=min(config.max_in_flight, 500),
+        metadata_max_age_ms=30_000,  # new partitions (topics apply --add-partitions) in < 1 min
         # Ours first; round-robin lets a group of older workers take this one in during a
         # rolling upgrade (the coordinator picks a strategy every member offers).
         partition_assignment_strategy=(StickyAssignor(claims), RoundRobinPartitionAssignor),

@@ -26,7 +26,8 @@ from anyio.abc import TaskGroup
 from stream.config import Settings
 from stream.engine.assignor import Claims
 from stream.engine.clients import make_consumer, make_sink
-from stream.engine.flow import Flow
+from stream.engine.fetch import UNDECODABLE, StandIn, step_over
+from stream.engine.flow import Flow, Gate
 from stream.engine.membership import Membership, group_instance_id
 from stream.engine.outputs import CLOSE_TIMEOUT_S, Output, Sink
 from stream.engine.partitions import Partition, PartitionSnapshot, Record
@@ -38,6 +39,7 @@ __all__ = [
     "Engine",
     "EngineSnapshot",
     "ErrorHandler",
+    "Gate",
     "Handler",
     "Output",
     "PartitionSnapshot",
@@ -52,7 +54,6 @@ ErrorHandler = Callable[[Record, BaseException], Sequence[Output]]
 _POLL_TIMEOUT_MS = 100
 # Outputs Kafka has not acknowledged for this long mean the engine is stuck (not ready).
 _STALLED_WRITE_S = 10.0
-_DEFAULT_SHUTDOWN_GRACE_S = 120.0
 
 
 class EngineSnapshot(NamedTuple):
@@ -67,6 +68,9 @@ class EngineSnapshot(NamedTuple):
     commits: int
     last_commit_seconds: float  # Unix time of the last successful commit, 0.0 before
     partitions: tuple[PartitionSnapshot, ...]
+    # Records started again that a previous owner had started (a crash, a rebalance): each
+    # may be a provider call paid for twice.
+    records_redelivered: int = 0
     # Running records abandoned because their partition left (a rebalance moved it, or
     # the shutdown grace ran out): their next owner runs them, and pays for them, again.
     abandoned: int = 0
@@ -85,7 +89,9 @@ class Engine:
         on_error: ErrorHandler,
         low_priority_topics: Sequence[str] = (),
         on_commit: Callable[[float], None] | None = None,
+        gate: Gate | None = None,
     ) -> None:
+        """`gate`: holds records of a topic back (and pauses its partitions) while it says."""
         self._settings = settings
         self._on_commit = on_commit  # hears each successful commit's duration in seconds
         self._config = settings.engine
@@ -98,7 +104,7 @@ class Engine:
         self.ready = anyio.Event()
         self._stopping = anyio.Event()
         self._partitions: dict[TopicPartition, Partition] = {}
-        self._flow = Flow(self._config, self._partitions, self._spawn)
+        self._flow = Flow(self._config, self._partitions, self._spawn, gate)
         self._commit_lock = anyio.Lock()
         self._task_group: TaskGroup | None = None
         self.membership = Membership(
@@ -107,6 +113,7 @@ class Engine:
         # aiokafka clients need a running event loop: they are made in `run`.
         self._clients: tuple[AIOKafkaConsumer, Sink, Listener, Rebalancer] | None = None
         self.records_in = self.records_done = self.handler_errors = self.commits = 0
+        self.records_redelivered = 0
         self._abandoned_on_stop = 0
         self.last_commit_seconds = 0.0
 
@@ -162,12 +169,6 @@ class Engine:
         except KafkaError as exc:
             log.warning("final commit failed; unfinished work re-runs from the last: %s", exc)
 
-    def _shutdown_grace_s(self) -> float:
-        # Unset, the worker fills it in from the catalog (`stream.worker.drain_grace_s`);
-        # an engine made without one drains as long as the longest default model call.
-        grace = self._config.shutdown_grace_s
-        return _DEFAULT_SHUTDOWN_GRACE_S if grace is None else grace
-
     def stop(self) -> None:
         """Graceful stop: no new work, drain up to `shutdown_grace_s`, commit, close."""
         self._stopping.set()
@@ -186,6 +187,7 @@ class Engine:
             commits=self.commits,
             last_commit_seconds=self.last_commit_seconds,
             partitions=tuple(p.snapshot() for p in self._partitions.values()),
+            records_redelivered=self.records_redelivered,
             abandoned=self._abandoned_on_stop + (rebalancer.abandoned if rebalancer else 0),
             rebalances=rebalancer.rebalances if rebalancer else 0,
         )
@@ -264,6 +266,12 @@ class Engine:
                 await self._consumer.stop()
             log.info("engine %s closed: %r", self.name, self)
 
+    def _shutdown_grace_s(self) -> float:
+        # Unset, the worker fills it in from the catalog (`stream.worker.drain_grace_s`);
+        # an engine made without one drains as long as the longest default model call.
+        grace = self._config.shutdown_grace_s
+        return 120.0 if grace is None else grace
+
     async def _drain(self, grace_s: float) -> None:
         """Stop starting records but keep the partitions (and, with an instance id, keep
         them through the restart): running calls get `grace_s` to finish and be written."""
@@ -291,6 +299,7 @@ class Engine:
         while not self._stopping.is_set():
             self._listener.raise_error()
             batch: dict[TopicPartition, list[Record]] = {}
+            undecodable = False
             # getmany also waits, without a deadline, for a rebalance to finish.
             with anyio.move_on_after(1.0):
                 try:
@@ -298,10 +307,37 @@ class Engine:
                 except AIOKafkaError as exc:
                     error = translate(exc, self._settings.kafka, "fetching records")
                     raise await self.membership.explain(error) from exc
+                except UNDECODABLE:
+                    undecodable = True
+            if undecodable:  # outside the deadline: it must not drop what it fetched
+                batch = await self._step_over()
             for tp, records in batch.items():
                 self._dispatch(tp, records)
             self._flow.start_ready()
             self._flow.update(self._consumer)
+
+    async def _step_over(self) -> dict[TopicPartition, list[Record]]:
+        """The Kafka client could not decode a record (`stream.engine.fetch`): find it, and
+        queue a stand-in that the stage's error path turns into a dead letter."""
+        # A partition assigned but not set up yet (its callback is running) may have lost
+        # records too: from its start (set-up seeks it to its committed offset, if any).
+        expected: dict[TopicPartition, int | None] = {
+            tp: None for tp in self._consumer.assignment() if tp not in self._partitions
+        }
+        for tp, partition in self._partitions.items():
+            if not partition.revoked:
+                expected[tp] = partition.offsets.next_expected
+        batch, bad = await step_over(self._consumer, expected)
+        if bad is not None:
+            log.warning(
+                "%s[%d]@%d cannot be decoded (%s): handing it to the error path",
+                bad.tp.topic,
+                bad.tp.partition,
+                bad.offset,
+                bad.error,
+            )
+            batch.setdefault(bad.tp, []).append(StandIn.of(bad))
+        return batch
 
     def _dispatch(self, tp: TopicPartition, records: list[Record]) -> None:
         partition = self._partitions.get(tp)
@@ -314,6 +350,8 @@ class Engine:
             self.records_in += 1
             if partition.offsets.accept(record.offset):
                 partition.enqueue(record)
+                if record.offset < partition.started_before:
+                    self.records_redelivered += 1
             else:
                 self.records_done += 1  # finished before (per the committed metadata)
 
@@ -363,6 +401,8 @@ class Engine:
             partition.end_write(record.offset)
 
     async def _call_handler(self, record: Record) -> Sequence[Output]:
+        if isinstance(record, StandIn):
+            return self._on_error(record, record.error)
         try:
             return await self._handler(record)
         except Exception as exc:

@@ -90,7 +90,7 @@ def _changes(partitions: Iterable[Partition]) -> dict[Partition, tuple[int, str]
         offsets = partition.offsets
         if offsets.watermark < 0:
             continue  # nothing fetched yet on a partition without a committed offset
-        position = (offsets.watermark, offsets.metadata())
+        position = partition.position()
         if position != partition.committed:
             changed[partition] = position
     return changed
@@ -388,7 +388,7 @@ class ExactlyOnceSink:
             return
         async with txn.lock:
             # Read under the lock: no record can finish between this and the commit.
-            position = (partition.offsets.watermark, partition.offsets.metadata())
+            position = partition.position()
             try:
                 with anyio.fail_after(self._settings.request_timeout_ms / 1000):
                     await txn.begin()

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, TypeAlias
 import anyio
 from aiokafka import ConsumerRecord, TopicPartition
 
-from stream.engine.offsets import PartitionOffsets
+from stream.engine.offsets import METADATA_MAX_CHARS, PartitionOffsets, with_notes
 
 __all__ = ["Partition", "PartitionSnapshot", "Record"]
 
@@ -51,16 +51,22 @@ class Partition:
         *,
         low_priority: bool,
         key_ordering: bool,
+        started_before: int = -1,
     ) -> None:
         self.tp = tp
         self.offsets = offsets
+        # A previous owner started every offset below this (its `started` note): running
+        # one of them again may pay for a call twice.
+        self.started_before = started_before
+        self.started_high = -1  # one past the highest offset this owner started
+        self.held: str | None = None  # why the engine's gate holds this partition
         self.low_priority = low_priority
         self.key_ordering = key_ordering
         self.paused = False
         self.revoked = False  # no new work: on probation, or leaving this worker
         self.abandoned = False  # it left: runs still going write nothing
         self._verdict: anyio.Event | None = None  # set while on probation, fired on the verdict
-        self.held: set[int] = set()  # offsets whose outputs wait for the verdict
+        self.waiting: set[int] = set()  # offsets whose outputs wait for the verdict
         self.committed: tuple[int, str] | None = None  # last (offset, metadata) committed
         self.running: dict[int, int] = {}  # offset → record timestamp, for the snapshot
         self.writes: dict[int, float] = {}  # offset → when its outputs' write began (monotonic)
@@ -98,7 +104,10 @@ class Partition:
 
     def start_next(self) -> Record:
         record = self._ready.popleft()
-        self.running[record.offset] = record.timestamp
+        # a stand-in for an undecodable record has no timestamp: count it from now
+        stamp = record.timestamp if record.timestamp >= 0 else int(time.time() * 1000)
+        self.running[record.offset] = stamp
+        self.started_high = max(self.started_high, record.offset + 1)
         self.idle = anyio.Event() if self.idle.is_set() else self.idle
         return record
 
@@ -124,6 +133,17 @@ class Partition:
         self._blocked.clear()
         self._blocked_count = 0
         return dropped
+
+    def position(self) -> tuple[int, str]:
+        """(offset, metadata) to commit: the watermark, finished offsets above it, notes."""
+        notes = {}
+        started = max(self.started_high, self.started_before)
+        if started > self.offsets.watermark:
+            notes["started"] = str(started)
+        if self.held:
+            notes["held"] = self.held
+        room = METADATA_MAX_CHARS - len(with_notes("", notes))
+        return self.offsets.watermark, with_notes(self.offsets.metadata(room), notes)
 
     def oldest_running_timestamp(self) -> int | None:
         return min(self.running.values(), default=None)
@@ -167,12 +187,12 @@ class Partition:
         if self._verdict is None:
             return not self.abandoned
         if holding is not None:
-            self.held.add(holding)
+            self.waiting.add(holding)
         try:
             while self._verdict is not None:
                 await self._verdict.wait()
         finally:
-            self.held.discard(holding)
+            self.waiting.discard(holding)
         return not self.abandoned
 
     def abandon(self) -> int:

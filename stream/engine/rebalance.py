@@ -37,7 +37,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import Settings
 from stream.engine.membership import Membership
-from stream.engine.offsets import PartitionOffsets, decode_metadata
+from stream.engine.offsets import PartitionOffsets, decode_metadata, split_notes
 from stream.engine.outputs import CLOSE_TIMEOUT_S, Sink
 from stream.engine.partitions import Partition
 from stream.errors import FencedError, KafkaError
@@ -240,10 +240,11 @@ class Rebalancer:
             log.debug("not resuming %s: %s", tp, exc)
         # aiokafka would fetch from the committed offset again: continue after the last
         # record this worker fetched (queued and running ones are still here).
-        if (position := partition.offsets.next_offset) >= 0:
+        if (position := partition.offsets.next_expected) is not None:
             seek(self._consumer, tp, position)
 
     def _start(self, tp: TopicPartition, committed: tuple[int, str] | None) -> None:
+        metadata = ""
         if committed is None:
             offsets = PartitionOffsets(-1)  # position unknown: accept from wherever
         else:
@@ -255,6 +256,7 @@ class Rebalancer:
             offsets,
             low_priority=tp.topic in self._low_priority,
             key_ordering=self._config.ordering == "key",
+            started_before=_started(metadata),
         )
         partition.committed = committed
 
@@ -268,3 +270,9 @@ class Rebalancer:
         except (AIOKafkaError, TimeoutError) as exc:
             raise translate(exc, self._settings.kafka, "reading committed offsets") from exc
         return {tp: (om.offset, om.metadata or "") for tp, om in found.items()}
+
+
+def _started(metadata: str) -> int:
+    """The `started` note a previous owner committed (-1: none, or not ours)."""
+    value = split_notes(metadata)[1].get("started", "")
+    return int(value) if value.isdigit() else -1

@@ -6,12 +6,13 @@ Three ways in, all cheap:
 - the provider client calls the observer protocol (`ProviderObserver`): `on_attempt`,
   `on_retry`, `on_breaker`;
 - at scrape time a collector copies what is already in memory: each watched engine's
-  `snapshot()` and each `LagMonitor`'s cached rows. A scrape never talks to Kafka.
+  `snapshot()` and each `LagMonitor`'s cached rows (`stream.observe.lagmetrics`, under
+  kafka-lag-exporter's names). A scrape never talks to Kafka.
 
-Names are `stream_…` in base units (seconds), counters end in `_total`, and labels are
-bounded: label values are cleaned and, past `MAX_LABEL_VALUES` distinct values for one
-label, folded into "other" — a request id can never become a time series. Unknown lag is
-NaN, never 0.
+Names are `stream_…` in base units (seconds), counters end in `_total` (and export no
+`_created` series), and labels are bounded: label values are cleaned and, past
+`MAX_LABEL_VALUES` distinct values for one label, folded into "other" — a request id can
+never become a time series. Unknown is NaN, never 0. The README lists every series.
 """
 
 from __future__ import annotations
@@ -19,25 +20,37 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import astuple
+from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from stream.observe.lag import LagMonitor, nan_if_none
-from stream.observe.lagstatus import Status
+from stream.engine import EngineSnapshot, PartitionSnapshot
+from stream.observe.lag import LagMonitor
+from stream.observe.lagmetrics import Owned, lag_metrics
+from stream.prices import token_counts
+from stream.providers.observer import ProviderObserver
 
 __all__ = [
     "BREAKER_STATES",
     "LLM_BUCKETS",
     "MAX_LABEL_VALUES",
-    "EngineView",
     "Metrics",
-    "PartitionView",
-    "ProviderObserver",
     "SnapshotSource",
 ]
+
+# `*_created` series double every counter and histogram and nobody queries them. The switch
+# is prometheus_client's, process-wide, read at scrape time.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # LLM calls run from tens of milliseconds (a cached or rejected call) to minutes (reasoning).
 LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 90, 120, 180, 240, 300)
@@ -46,70 +59,13 @@ BREAKER_STATES = ("closed", "open", "half_open")
 STATUS_CLASSES = frozenset({"1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "connect"})
 OUTCOMES = frozenset({"result", "fallback", "dead_letter"})
 MAX_LABEL_VALUES = 200
+TOKEN_KINDS = ("prompt", "cached", "completion", "reasoning")  # the fields of TokenCounts
 
 _CLEAN = re.compile(r"[^A-Za-z0-9_.:/\-]")
 
 
-class ProviderObserver(Protocol):
-    """What the provider client calls; `Metrics` implements it."""
-
-    def on_attempt(self, provider: str, model: str, status_class: str, seconds: float) -> None: ...
-    def on_retry(self, provider: str, model: str, error_type: str) -> None: ...
-    def on_breaker(self, provider: str, model: str, state: str) -> None: ...
-
-
-class PartitionView(Protocol):
-    """The shape of the engine's `PartitionSnapshot` (a NamedTuple in stream/partitions.py)."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def in_flight(self) -> int: ...
-    @property
-    def next_offset(self) -> int: ...
-    @property
-    def finished_uncommitted(self) -> int: ...
-    @property
-    def paused(self) -> bool: ...
-    @property
-    def oldest_in_flight_timestamp_ms(self) -> int | None: ...
-
-
-class EngineView(Protocol):
-    """The shape of the engine's `EngineSnapshot`."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def group_id(self) -> str: ...
-    @property
-    def guarantee(self) -> str: ...
-    @property
-    def assigned(self) -> int: ...
-    @property
-    def in_flight(self) -> int: ...
-    @property
-    def records_in(self) -> int: ...
-    @property
-    def records_done(self) -> int: ...
-    @property
-    def handler_errors(self) -> int: ...
-    @property
-    def commits(self) -> int: ...
-    @property
-    def last_commit_seconds(self) -> float: ...
-    @property
-    def partitions(self) -> Sequence[PartitionView]: ...
-    @property
-    def abandoned(self) -> int: ...
-    @property
-    def rebalances(self) -> int: ...
-
-
 class SnapshotSource(Protocol):
-    def snapshot(self) -> EngineView: ...
+    def snapshot(self) -> EngineSnapshot: ...
 
 
 class _Labels:
@@ -129,14 +85,15 @@ class _Labels:
         return value
 
 
-class Metrics:
+class Metrics(ProviderObserver):
     """A worker's metrics: the observer the provider client calls, and what stages call."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._label = _Labels()
         self._engines: list[SnapshotSource] = []
-        self._monitors: list[LagMonitor] = []
+        self._monitors: list[tuple[LagMonitor, Owned | None]] = []
+        self._breakers: set[tuple[str, str]] = set()
         registry = self.registry
         self.records = Counter(
             "stream_records",
@@ -157,11 +114,10 @@ class Metrics:
             ["provider", "model", "error_type"],
             registry=registry,
         )
-        self.breaker = Enum(
+        self.breaker = Gauge(
             "stream_breaker_state",
-            "Circuit breaker state per provider and model.",
-            ["provider", "model"],
-            states=list(BREAKER_STATES),
+            "1 for the circuit breaker's state per provider and model, 0 for the others.",
+            ["provider", "model", "state"],
             registry=registry,
         )
         self.breaker_changes = Counter(
@@ -183,13 +139,49 @@ class Metrics:
             buckets=COMMIT_BUCKETS,
             registry=registry,
         )
+        self._answers(registry)
+        self._budgets: list[BudgetSource] = []
+        registry.register(_SpendCollector(self._budgets))
         registry.register(_SnapshotCollector(self._engines, self._monitors))
+
+    def _answers(self, registry: CollectorRegistry) -> None:
+        """What answers were and cost (issue 13): kept together for an easy merge."""
+        pm = ["provider", "model"]
+        self.tokens = Counter(
+            "stream_provider_tokens",
+            "Tokens billed, by kind: prompt (cached included), cached (of prompt), "
+            "completion (reasoning included), reasoning (of completion).",
+            [*pm, "kind"],
+            registry=registry,
+        )
+        self.spend = Counter(
+            "stream_provider_spend_usd",
+            "What provider answers cost at the catalog's prices, in USD.",
+            pm,
+            registry=registry,
+        )
+        self.finish_reasons = Counter(
+            "stream_provider_answers",
+            "Answers billed, by finish reason (length: cut at max_tokens; content_filter).",
+            [*pm, "finish_reason"],
+            registry=registry,
+        )
+        self.repeats = Counter(
+            "stream_repeated_calls",
+            "Provider calls for a request that may have been answered before, by cause "
+            "(restart: re-delivered after a crash or rebalance; replay; redrive).",
+            ["stage", "cause"],
+            registry=registry,
+        )
 
     # --- the provider client (ProviderObserver) --------------------------------------------
 
     def on_attempt(self, provider: str, model: str, status_class: str, seconds: float) -> None:
         status_class = status_class if status_class in STATUS_CLASSES else "other"
-        self.attempts.labels(*self._pm(provider, model), status_class).observe(seconds)
+        labels = self._pm(provider, model)
+        self.attempts.labels(*labels, status_class).observe(seconds)
+        if labels not in self._breakers:  # a model called: its breaker shows, closed
+            self._set_breaker(labels, "closed")
 
     def on_retry(self, provider: str, model: str, error_type: str) -> None:
         self.retries.labels(*self._pm(provider, model), self._label("error_type", error_type)).inc()
@@ -198,8 +190,39 @@ class Metrics:
         if state not in BREAKER_STATES:
             raise ValueError(f"breaker state must be one of {BREAKER_STATES}, not {state!r}")
         labels = self._pm(provider, model)
-        self.breaker.labels(*labels).state(state)
+        self._set_breaker(labels, state)
         self.breaker_changes.labels(*labels, state).inc()
+
+    def _set_breaker(self, labels: tuple[str, str], state: str) -> None:
+        self._breakers.add(labels)
+        for each in BREAKER_STATES:
+            self.breaker.labels(*labels, each).set(float(each == state))
+
+    def on_answer(
+        self,
+        provider: str,
+        model: str,
+        finish_reason: str | None,
+        usage: Mapping[str, Any] | None,
+        cost_usd: float | None,
+    ) -> None:
+        labels = self._pm(provider, model)
+        finish = self._label("finish_reason", finish_reason) if finish_reason else "none"
+        self.finish_reasons.labels(*labels, finish).inc()
+        counts = token_counts(usage)
+        if counts is not None:
+            for kind, value in zip(TOKEN_KINDS, astuple(counts), strict=True):
+                self.tokens.labels(*labels, kind).inc(value)
+        if cost_usd:
+            self.spend.labels(*labels).inc(cost_usd)
+
+    def watch_budgets(self, budgets: Iterable[BudgetSource]) -> None:
+        """Publish each spend budget's window at every scrape."""
+        self._budgets.extend(budgets)
+
+    def record_repeat(self, stage: str, cause: str) -> None:
+        """A provider call for a request that may have been answered before."""
+        self.repeats.labels(self._label("stage", stage), self._label("cause", cause)).inc()
 
     # --- stages and engine -----------------------------------------------------------------
 
@@ -222,9 +245,10 @@ class Metrics:
         """Read `engine.snapshot()` at every scrape."""
         self._engines.append(engine)
 
-    def watch_lag(self, monitor: LagMonitor) -> None:
-        """Publish `monitor`'s cached lag rows at every scrape."""
-        self._monitors.append(monitor)
+    def watch_lag(self, monitor: LagMonitor, *, owned: Owned | None = None) -> None:
+        """Publish `monitor`'s cached lag rows at every scrape: for the groups this process
+        exports (`owned` says which partitions its engines hold; without it, every group)."""
+        self._monitors.append((monitor, owned))
 
     def exposition(self) -> bytes:
         """The Prometheus text format of everything in this registry."""
@@ -234,21 +258,82 @@ class Metrics:
         return self._label("provider", provider), self._label("model", model)
 
 
+class BudgetView(Protocol):
+    """The shape of `stream.spend.BudgetSnapshot`."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def limit_usd(self) -> float | None: ...
+    @property
+    def spent_usd(self) -> float: ...
+    @property
+    def held_usd(self) -> float: ...
+    @property
+    def limited(self) -> bool: ...
+    @property
+    def by_model(self) -> dict[str, float]: ...
+
+
+class BudgetSource(Protocol):
+    def snapshot(self) -> BudgetView: ...
+
+
+class _SpendCollector:
+    """The spend limits at scrape time: in the window, held, the limit, and whether the
+    worker is held back by it (`stream_spend_limited`, what alerts watch)."""
+
+    def __init__(self, budgets: list[BudgetSource]) -> None:
+        self._budgets = budgets
+
+    def collect(self) -> Iterable[Metric]:
+        snaps = [budget.snapshot() for budget in self._budgets]
+        limited = GaugeMetricFamily(
+            "stream_spend_limited",
+            "1 while the spend limit holds this worker's partitions (paused, lag grows).",
+            labels=["budget"],
+        )
+        spent = GaugeMetricFamily(
+            "stream_spend_window_usd", "Spent in the current window, USD.", labels=["budget"]
+        )
+        held = GaugeMetricFamily(
+            "stream_spend_held_usd", "Held for calls in flight, USD.", labels=["budget"]
+        )
+        limit = GaugeMetricFamily(
+            "stream_spend_limit_usd", "The limit per window, USD (NaN: none).", labels=["budget"]
+        )
+        by_model = GaugeMetricFamily(
+            "stream_spend_window_model_usd",
+            "Spent in the current window per model, USD.",
+            labels=["budget", "model"],
+        )
+        for snap in snaps:
+            limited.add_metric([snap.name], float(snap.limited))
+            spent.add_metric([snap.name], snap.spent_usd)
+            held.add_metric([snap.name], snap.held_usd)
+            limit.add_metric([snap.name], math.nan if snap.limit_usd is None else snap.limit_usd)
+            for model, usd in sorted(snap.by_model.items())[:MAX_LABEL_VALUES]:
+                by_model.add_metric([snap.name, model], usd)
+        yield from (limited, spent, held, limit, by_model)
+
+
 class _SnapshotCollector:
     """Reads in-memory state at scrape time: engine snapshots and cached lag rows."""
 
-    def __init__(self, engines: list[SnapshotSource], monitors: list[LagMonitor]) -> None:
+    def __init__(
+        self, engines: list[SnapshotSource], monitors: list[tuple[LagMonitor, Owned | None]]
+    ) -> None:
         self._engines = engines
         self._monitors = monitors
 
     def collect(self) -> Iterable[Metric]:
         yield from _engine_metrics([engine.snapshot() for engine in self._engines])
-        yield from _lag_metrics(self._monitors)
+        yield from lag_metrics(self._monitors)
 
 
-def _engine_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
+def _engine_metrics(snapshots: Sequence[EngineSnapshot]) -> Iterable[Metric]:
     labels = ["engine", "group"]
-    gauges: dict[str, tuple[str, Callable[[EngineView], float]]] = {
+    gauges: dict[str, tuple[str, Callable[[EngineSnapshot], float]]] = {
         "stream_engine_assigned_partitions": ("Partitions assigned.", lambda s: s.assigned),
         "stream_in_flight": ("Records being processed now.", lambda s: s.in_flight),
         "stream_engine_last_commit_timestamp_seconds": (
@@ -256,11 +341,16 @@ def _engine_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
             lambda s: s.last_commit_seconds,
         ),
     }
-    counters: dict[str, tuple[str, Callable[[EngineView], float]]] = {
+    counters: dict[str, tuple[str, Callable[[EngineSnapshot], float]]] = {
         "stream_engine_records_in": ("Records taken from Kafka.", lambda s: s.records_in),
         "stream_engine_records_done": ("Records finished.", lambda s: s.records_done),
         "stream_engine_handler_errors": ("Handler errors.", lambda s: s.handler_errors),
         "stream_engine_commits": ("Offset commits.", lambda s: s.commits),
+        "stream_engine_records_redelivered": (
+            "Records started again that a previous owner had started (crash, rebalance): "
+            "each may be a provider call paid twice.",
+            lambda s: s.records_redelivered,
+        ),
         "stream_engine_rebalances": (
             "Rebalances that revoked the engine's partitions.",
             lambda s: s.rebalances,
@@ -286,10 +376,10 @@ def _engine_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
     yield from _partition_metrics(snapshots)
 
 
-def _partition_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
+def _partition_metrics(snapshots: Sequence[EngineSnapshot]) -> Iterable[Metric]:
     now_ms = time.time() * 1000
     labels = ["engine", "topic", "partition"]
-    values: dict[str, tuple[str, Callable[[PartitionView], float]]] = {
+    values: dict[str, tuple[str, Callable[[PartitionSnapshot], float]]] = {
         "stream_partition_in_flight": ("Records in flight.", lambda p: p.in_flight),
         "stream_partition_finished_uncommitted": (
             "Records finished above the committed watermark (not yet committed).",
@@ -312,55 +402,3 @@ def _partition_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
 
 def _age_s(timestamp_ms: int | None, now_ms: float) -> float:
     return math.nan if timestamp_ms is None else max(0.0, (now_ms - timestamp_ms) / 1000)
-
-
-def _lag_metrics(monitors: Sequence[LagMonitor]) -> Iterable[Metric]:
-    labels = ["group", "topic", "partition"]
-    lag = GaugeMetricFamily(
-        "stream_consumer_lag_records",
-        "Log end minus committed offset (NaN: unknown).",
-        labels=labels,
-    )
-    seconds = GaugeMetricFamily(
-        "stream_consumer_lag_seconds",
-        "Age of the oldest unprocessed record (NaN: unknown).",
-        labels=labels,
-    )
-    committed = GaugeMetricFamily(
-        "stream_consumer_committed_offset", "Committed offset (NaN: none).", labels=labels
-    )
-    end = GaugeMetricFamily(
-        "stream_log_end_offset", "Log end offset (high watermark).", labels=labels
-    )
-    status = GaugeMetricFamily(
-        "stream_consumer_lag_status",
-        "1 for the partition's window status.",
-        labels=[*labels, "status"],
-    )
-    for monitor in monitors:
-        for row in monitor.rows():
-            key = [row.group, row.topic, str(row.partition)]
-            lag.add_metric(key, nan_if_none(row.lag))
-            seconds.add_metric(key, nan_if_none(row.lag_seconds))
-            committed.add_metric(key, nan_if_none(row.committed))
-            end.add_metric(key, nan_if_none(row.end))
-            for each in Status:
-                status.add_metric([*key, each.value], float(row.status is each))
-    yield from (lag, seconds, committed, end, status)
-    yield from _monitor_metrics(monitors)
-
-
-def _monitor_metrics(monitors: Sequence[LagMonitor]) -> Iterable[Metric]:
-    rounds = CounterMetricFamily("stream_lag_rounds", "Lag readings taken.", labels=[])
-    errors = CounterMetricFamily("stream_lag_errors", "Lag readings that failed.", labels=[])
-    last = GaugeMetricFamily(
-        "stream_lag_last_success_timestamp_seconds",
-        "When lag was last read successfully (NaN: never).",
-        labels=[],
-    )
-    if monitors:
-        rounds.add_metric([], sum(m.rounds for m in monitors))
-        errors.add_metric([], sum(m.errors for m in monitors))
-        successes = [m.last_success for m in monitors if m.last_success is not None]
-        last.add_metric([], min(successes) if len(successes) == len(monitors) else math.nan)
-    yield from (rounds, errors, last)
