@@ -204,11 +204,11 @@ class Supervisor:
         try:
             process = self.processes[name]
             process.send_signal(signal.SIGTERM)
-            code = await anyio.to_thread.run_sync(process.wait)
+            code = await anyio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
             log = self.logs / f"{name}.log"
             seen = log.stat().st_size
             self.start(name)
-            with anyio.move_on_after(60):
+            with anyio.move_on_after(30):
                 while b"assigned " not in log.read_bytes()[seen:]:  # noqa: ASYNC110 (a file)
                     await anyio.sleep(0.2)
             return code
@@ -565,29 +565,43 @@ async def _membership_events(chaos: Run, supervisor: Supervisor, begun: float) -
     fall half-way between the kills and the broker restart, so that what each event cost
     is not what a kill just before it cost."""
     config = chaos.config
+    scaled = 0.0
     if config.scale_out:
-        await anyio.sleep(max(0.0, begun + _quiet(config, 0.3) - time.monotonic()))
+        scaled = _quiet(config, 0.3)
+        await anyio.sleep(max(0.0, begun + scaled - time.monotonic()))
         chaos.event("scale out: primary 1 → 3 workers")
         for name in ("primary2", "primary3"):
             supervisor.start(name)
     if config.rolling_restart:
-        await anyio.sleep(max(0.0, begun + _quiet(config, 0.75) - time.monotonic()))
+        restart = _quiet(config, 0.75, after=scaled + 5.0)
+        await anyio.sleep(max(0.0, begun + restart - time.monotonic()))
         chaos.event("rolling restart of every worker")
         for name in sorted(supervisor.processes):
             code = await supervisor.restart(name)
             chaos.log(f"{name} drained (exit {code}) and started again")
 
 
-def _quiet(config: ChaosConfig, near: float) -> float:
-    """The moment half-way between two scheduled actions closest to `near` (a fraction of
-    the run), in seconds after the first input."""
-    times = [
-        0.0,
-        *(at for at, _ in _schedule(config, random.Random(config.seed))),
-        config.duration_s,
-    ]
-    middles = [(a + b) / 2 for a, b in zip(times, times[1:], strict=False)]
-    return min(middles, key=lambda m: abs(m - near * config.duration_s))
+# What each scheduled action disturbs, seconds: a kill until its worker is back and has run
+# again what it lost; a broker restart until the broker is back.
+_AFTERMATH_S = {"kill": 5.0, "restart": 15.0}
+
+
+def _quiet(config: ChaosConfig, near: float, after: float = 0.0) -> float:
+    """When to start an event, in seconds after the first input: after `after`, at the start
+    of a stretch of at least 10 s that no scheduled action disturbs, the one nearest `near`
+    (a fraction of the run), so that what the event costs is its own. A run too short for
+    such stretches (the CI-sized one) gets `near` itself, overlaps and all."""
+    actions = _schedule(config, random.Random(config.seed))  # the same as `_act` follows
+    busy = sorted((at, at + _AFTERMATH_S[what.split()[0]]) for at, what in actions)
+    gaps, free = [], after
+    for begin, end in [*busy, (config.duration_s, config.duration_s)]:
+        if begin - free >= 10.0:
+            gaps.append((free, begin))
+        free = max(free, end)
+    target = near * config.duration_s
+    if not gaps:
+        return max(after, target)
+    return min(gaps, key=lambda g: abs((g[0] + g[1]) / 2 - target))[0]
 
 
 async def _sample_costs(sim_port: int, costs: list[tuple[float, int, int]]) -> None:

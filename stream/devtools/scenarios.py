@@ -23,14 +23,11 @@ from the restart to the first call made.
 
 from __future__ import annotations
 
-import signal
-import sys
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +35,18 @@ import anyio
 import httpx
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
 from stream.catalog import Model, load_catalog
 from stream.config import Settings
 from stream.devtools.benchdata import create_topics, delete_topics, results_of
 from stream.devtools.benchinfra import KEY, BenchError
+from stream.devtools.fleet import Fleet, seconds, settled
 from stream.devtools.simstats import prompt_key
-from stream.kafka import admin_client
 from stream.stages import Topics
 
 __all__ = ["SCENARIOS", "ScenarioOptions", "run_scenario", "table"]
 
 SCENARIOS = ("rolling-restart", "scale-out", "kill-restart")
-_POLL_S = 0.2
 Figures = dict[str, Any]
 
 
@@ -92,101 +87,6 @@ def _model(settings: Settings, latency: float) -> Model:
     return min(fits, key=lambda m: m.timeout_s)
 
 
-# -- the workers ---------------------------------------------------------------------------
-
-
-class Fleet:
-    """`stream run primary` processes, each writing its JSON log lines to a file."""
-
-    def __init__(self, env: dict[str, str], folder: Path, *, static: bool) -> None:
-        self._env = env
-        self._folder = folder
-        self._static = static
-        self._processes: dict[str, Any] = {}
-        self._logs: dict[str, Path] = {}
-        self._starts = 0
-
-    async def start(self, name: str) -> None:
-        self._starts += 1
-        log = self._folder / f"{self._starts:02d}-{name}.log"
-        command = [sys.executable, "-m", "stream", "run", "primary"]
-        if self._static:
-            command += ["--instance-id", name]
-        with log.open("wb") as stderr:
-            self._processes[name] = await anyio.open_process(command, env=self._env, stderr=stderr)
-        self._logs[name] = log
-
-    async def stop(self, name: str) -> None:
-        """SIGTERM, and wait for the drain and the exit."""
-        process = self._processes[name]
-        process.send_signal(signal.SIGTERM)
-        if await process.wait() != 0:
-            raise BenchError(f"worker {name} exited with {process.returncode}: {self._logs[name]}")
-
-    async def kill(self, name: str) -> None:
-        process = self._processes[name]
-        process.kill()
-        await process.wait()
-
-    async def assigned(self, name: str) -> None:
-        """Until the worker's current process has its partitions."""
-        await _until(lambda: any(e.get("kept") is not None for e in _lines(self._logs[name])))
-
-    def events(self) -> list[dict[str, Any]]:
-        return [entry for log in sorted(self._folder.glob("*.log")) for entry in _lines(log)]
-
-    async def stop_all(self) -> None:
-        for process in self._processes.values():
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-        with anyio.move_on_after(180):
-            for process in self._processes.values():
-                await process.wait()
-        for process in self._processes.values():
-            if process.returncode is None:
-                process.kill()
-
-
-def _seconds(ts: str) -> float:
-    return datetime.fromisoformat(ts).timestamp()
-
-
-def _lines(log: Path) -> list[dict[str, Any]]:
-    found = []
-    for line in log.read_bytes().splitlines():
-        try:
-            found.append(orjson.loads(line))
-        except orjson.JSONDecodeError:
-            continue  # the last line of a worker that failed: not a log entry
-    return found
-
-
-async def _until(done: Callable[[], bool], timeout_s: float = 120.0) -> None:
-    with anyio.fail_after(timeout_s):
-        while not done():  # noqa: ASYNC110 (state in files and other processes)
-            await anyio.sleep(_POLL_S)
-
-
-async def _settled(settings: Settings, members: int) -> None:
-    """Until the group is stable with `members` members, each with partitions."""
-    group = settings.group("predictions-primary")
-
-    async def check() -> bool:
-        async with admin_client(settings.kafka, doing="describing the bench group") as admin:
-            (response,) = await admin.describe_consumer_groups([group])
-        (described,) = response.to_object()["groups"]
-        assigned = [
-            ConsumerProtocolMemberAssignment.decode(m["member_assignment"]).partitions()
-            for m in described["members"]
-            if m["member_assignment"]
-        ]
-        return described["state"] == "Stable" and len(assigned) == members and all(assigned)
-
-    with anyio.fail_after(120):
-        while not await check():  # noqa: ASYNC110 (the broker's view, polled)
-            await anyio.sleep(_POLL_S)
-
-
 # -- one run -------------------------------------------------------------------------------
 
 
@@ -204,6 +104,11 @@ def _env(options: ScenarioOptions, bootstrap: str, sim: str, prefix: str) -> dic
         "STREAM_TOPIC_PREFIX": prefix,
         "STREAM_MAX_IN_FLIGHT": str(options.concurrency),
         "STREAM_SYNTHETIC_MAX_CONNECTIONS": str(options.concurrency),
+        # Calls in flight from the start: the scenarios measure membership, not the
+        # limiter's ramp (set the variable to see a restarted worker ramp up again).
+        "STREAM_SYNTHETIC_INITIAL_CONCURRENCY": options.env.get(
+            "STREAM_SYNTHETIC_INITIAL_CONCURRENCY", str(options.concurrency)
+        ),
         "STREAM_GUARANTEE": options.guarantee,
         "SYNTHETIC_BASE_URL": f"{sim}/v1",
         "SYNTHETIC_API_KEY": KEY,
@@ -228,7 +133,7 @@ async def _run(options: ScenarioOptions, bootstrap: str, sim: str, *, disturbed:
     try:
         for name in first:
             await fleet.start(name)
-        await _settled(settings, len(first))
+        await settled(settings, len(first))
         async with httpx.AsyncClient(timeout=30) as http:
             (await http.post(f"{sim}/sim/reset")).raise_for_status()
         model = _model(settings, options.latency)
@@ -247,7 +152,7 @@ async def _run(options: ScenarioOptions, bootstrap: str, sim: str, *, disturbed:
     finally:
         await fleet.stop_all()
         await delete_topics(settings, topics)
-    logs = [e for e in fleet.events() if _seconds(e["ts"]) >= t0]  # the settling is not the run
+    logs = [e for e in fleet.events() if seconds(e["ts"]) >= t0]  # the settling is not the run
     figures = _figures(run, options, partition_of, times, calls, logs, t0)
     if options.scenario == "kill-restart" and disturbed:
         figures["first_call_after_restart_s"] = _first_call_after(events, calls, t0)
@@ -388,7 +293,7 @@ def _pauses(logs: list[dict[str, Any]], last: dict[int, float]) -> dict[int, flo
     since: dict[int, float] = {}
     longest: dict[int, float] = defaultdict(float)
     for entry in sorted(logs, key=lambda e: e["ts"]):
-        at = _seconds(entry["ts"])
+        at = seconds(entry["ts"])
         if "kept" in entry:
             for p in _partitions(entry["kept"] + entry["new"]):
                 if p in since:
