@@ -208,8 +208,10 @@ class Supervisor:
             log = self.logs / f"{name}.log"
             seen = log.stat().st_size
             self.start(name)
+            fresh = self.processes[name]
             with anyio.move_on_after(30):
-                while b"assigned " not in log.read_bytes()[seen:]:  # noqa: ASYNC110 (a file)
+                # (a state in a file and another process: polled)
+                while b"assigned " not in log.read_bytes()[seen:] and fresh.poll() is None:  # noqa: ASYNC110
                     await anyio.sleep(0.2)
             return code
         finally:
@@ -577,6 +579,7 @@ async def _membership_events(chaos: Run, supervisor: Supervisor, begun: float) -
         await anyio.sleep(max(0.0, begun + restart - time.monotonic()))
         chaos.event("rolling restart of every worker")
         for name in sorted(supervisor.processes):
+            await _broker_answers(chaos)  # as an operator would, not while Kafka is away
             code = await supervisor.restart(name)
             chaos.log(f"{name} drained (exit {code}) and started again")
 
@@ -584,6 +587,19 @@ async def _membership_events(chaos: Run, supervisor: Supervisor, begun: float) -
 # What each scheduled action disturbs, seconds: a kill until its worker is back and has run
 # again what it lost; a broker restart until the broker is back.
 _AFTERMATH_S = {"kill": 5.0, "restart": 15.0}
+
+
+async def _broker_answers(chaos: Run) -> None:
+    """Until the broker accepts connections (it may be restarting)."""
+    host, _, port = chaos.broker.bootstrap_servers.rpartition(":")
+    while True:
+        try:
+            stream = await anyio.connect_tcp(host, int(port))
+        except OSError:
+            await anyio.sleep(0.5)
+            continue
+        await stream.aclose()
+        return
 
 
 def _quiet(config: ChaosConfig, near: float, after: float = 0.0) -> float:
