@@ -22,7 +22,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 # Modules that add their own sub-commands: each has `register(commands)`, which adds a
 # parser to the `argparse` sub-parsers and sets `handler` (a `Handler`) as its default.
 COMMAND_MODULES: tuple[str, ...] = (
-    "stream.devtools.broker",
+    "stream.devtools.kafkacli",
     "stream.topics",
     "stream.worker",
     "stream.devtools.demo",

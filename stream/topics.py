@@ -219,7 +219,8 @@ def _creation(spec: TopicSpec, brokers: int) -> Change:
 async def _describe(admin: Any, topic: str) -> tuple[int, int]:
     (description,) = await admin.describe_topics([topic])
     partitions = description["partitions"]
-    return len(partitions), min(len(p["replicas"]) for p in partitions)
+    # On a cluster, a broker may not know a topic just created on another: no partitions yet.
+    return len(partitions), min((len(p["replicas"]) for p in partitions), default=0)
 
 
 async def max_message_bytes(admin: Any, topics: list[str]) -> dict[str, int]:

@@ -100,6 +100,7 @@ class Worker:
         for engine in self.engines:
             self.metrics.watch_engine(engine)
             self.health.require_engine(engine)
+            self.health.require_outputs(engine)
         await group.start(monitor.run)
         self.port = await group.start(
             serve, self.metrics, self.health, self.settings.metrics_host, self.settings.metrics_port

@@ -61,6 +61,10 @@ class EngineSnapshot(NamedTuple):
     commits: int
     last_commit_seconds: float  # Unix time of the last successful commit, 0.0 before
     partitions: tuple[PartitionSnapshot, ...]
+    # Unix time since which Kafka has taken none of the outputs (0.0: they flow), and why:
+    # records finish and commit again only once it takes them.
+    outputs_blocked_since: float = 0.0
+    outputs_blocked_why: str = ""
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -204,6 +208,8 @@ class Engine:
             commits=self.commits,
             last_commit_seconds=self.last_commit_seconds,
             partitions=tuple(p.snapshot() for p in self._partitions.values()),
+            outputs_blocked_since=(self._clients and self._sink.blocked_since) or 0.0,
+            outputs_blocked_why=self._sink.blocked_why if self._clients else "",
         )
 
     def __repr__(self) -> str:

@@ -13,6 +13,7 @@ Two sinks, one per delivery guarantee:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -44,6 +45,10 @@ _BACKOFF_MAX_S = 5.0
 _TOO_LARGE_TRIES = 3
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 _CLOSE_TIMEOUT_S = 10.0
+# An ack normally takes milliseconds; the idempotent producer retries a refused batch (no
+# leader, fewer in-sync replicas than min.insync.replicas) for ever without telling us, so
+# a wait this long is how the sink learns Kafka is not taking its outputs.
+_BLOCKED_AFTER_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,11 @@ class Output:
 
 
 class Sink(Protocol):
+    # Wall-clock time since which Kafka has taken none of the outputs (None: they flow),
+    # and why, for the engine's snapshot, metrics and readiness.
+    blocked_since: float | None
+    blocked_why: str
+
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def assigned(self, tps: Iterable[TopicPartition]) -> None: ...
@@ -97,6 +107,8 @@ class AtLeastOnceSink:
         self._options = producer_options
         self._producer = self._new_producer()
         self._renewing = anyio.Lock()
+        self.blocked_since: float | None = None
+        self.blocked_why = ""
 
     def _new_producer(self) -> AIOKafkaProducer:
         return AIOKafkaProducer(
@@ -147,11 +159,13 @@ class AtLeastOnceSink:
             producer = self._producer
             try:
                 for future in await _send(producer, outputs):
-                    await future
+                    await self._acknowledged(future)
+                self._flowing()
                 break
             except AIOKafkaError as exc:
                 # Kafka is down or slow: keep the record unfinished and try again, so its
                 # offset is never committed without its outputs.
+                self._blocked(time.time(), type(exc).__name__)
                 if isinstance(exc, (*_TOO_LARGE, OutOfOrderSequenceNumber)):
                     await self._renew(producer, type(exc).__name__)
                 if isinstance(exc, _TOO_LARGE):
@@ -178,6 +192,32 @@ class AtLeastOnceSink:
                 await anyio.sleep(delay)
         partition.offsets.finish(offset)
         return True
+
+    async def _acknowledged(self, future: Any) -> None:
+        """Wait for Kafka's ack of one output; past `_BLOCKED_AFTER_S` the sink reports
+        itself blocked. The producer goes on retrying that same batch: sending it again
+        here would write it twice."""
+        if not future.done():
+            began = time.time()
+            done, _ = await asyncio.wait([future], timeout=_BLOCKED_AFTER_S)
+            if not done:
+                self._blocked(began, f"no acknowledgement in {_BLOCKED_AFTER_S:.0f} s")
+        await future
+
+    def _blocked(self, since: float, why: str) -> None:
+        self.blocked_why = why
+        if self.blocked_since is None:
+            self.blocked_since = since
+            log.error(
+                "Kafka is not taking outputs (%s): their records stay unfinished and "
+                "uncommitted, and are written when it takes them again",
+                why,
+            )
+
+    def _flowing(self) -> None:
+        if self.blocked_since is not None:
+            log.warning("Kafka takes outputs again, after %.0f s", time.time() - self.blocked_since)
+            self.blocked_since = None
 
     async def commit(self, partitions: Sequence[Partition]) -> int:
         changed = _changes(partitions)
@@ -225,6 +265,10 @@ async def _delivered(txn: _Transactional) -> None:
 
 
 class ExactlyOnceSink:
+    # A transaction Kafka refuses fails the engine (see `_commit_one`): never blocked.
+    blocked_since: float | None = None
+    blocked_why = ""
+
     def __init__(
         self, settings: KafkaSettings, group_id: str, producer_options: dict[str, Any]
     ) -> None:

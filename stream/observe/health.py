@@ -2,7 +2,8 @@
 
 `/healthz` answers 200 while the process runs (its event loop can answer at all).
 `/readyz` answers 200 only when every readiness check passes — the engines have their
-partitions assigned and the lag monitor's last round reached Kafka — and 503 with the
+partitions assigned, Kafka takes their outputs, and the lag monitor's last round reached
+Kafka — and 503 with the
 failing checks listed before that. No check and no scrape does Kafka I/O: they read flags
 and caches that background tasks keep up to date.
 
@@ -21,6 +22,7 @@ A worker wires it up like this (all tasks owned by one task group):
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -30,7 +32,7 @@ from anyio.abc import TaskStatus
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from stream.observe.lag import LagMonitor
-from stream.observe.metrics import Metrics
+from stream.observe.metrics import Metrics, SnapshotSource
 
 __all__ = ["Health", "ReadyEngine", "serve"]
 
@@ -64,6 +66,19 @@ class Health:
             return None if engine.ready.is_set() else "partitions not assigned yet"
 
         self.add(f"engine {engine.name}", check)
+
+    def require_outputs(self, engine: SnapshotSource) -> None:
+        """Not ready while Kafka takes none of the engine's outputs (too few in-sync
+        replicas, no leader): nothing finishes or commits, however healthy it looks."""
+
+        def check() -> str | None:
+            snap = engine.snapshot()
+            if not snap.outputs_blocked_since:
+                return None
+            since = time.strftime("%H:%M:%S", time.localtime(snap.outputs_blocked_since))
+            return f"Kafka has taken no output since {since} ({snap.outputs_blocked_why})"
+
+        self.add(f"outputs {engine.snapshot().name}", check)
 
     def require_kafka(self, monitor: LagMonitor) -> None:
         def check() -> str | None:

@@ -102,6 +102,10 @@ class EngineView(Protocol):
     def last_commit_seconds(self) -> float: ...
     @property
     def partitions(self) -> Sequence[PartitionView]: ...
+    @property
+    def outputs_blocked_since(self) -> float: ...
+    @property
+    def outputs_blocked_why(self) -> str: ...
 
 
 class SnapshotSource(Protocol):
@@ -250,6 +254,12 @@ def _engine_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
         "stream_engine_last_commit_timestamp_seconds": (
             "Unix time of the engine's last successful commit (0 before the first).",
             lambda s: s.last_commit_seconds,
+        ),
+        "stream_engine_outputs_blocked_seconds": (
+            "How long Kafka has taken none of the engine's outputs (0 while they flow).",
+            lambda s: (
+                max(0.0, time.time() - s.outputs_blocked_since) if s.outputs_blocked_since else 0.0
+            ),
         ),
     }
     counters: dict[str, tuple[str, Callable[[EngineView], float]]] = {

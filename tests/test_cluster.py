@@ -1,0 +1,260 @@
+"""The pipeline on a three-broker cluster (replication 3, min.insync.replicas 2) while
+brokers die: partition leaders killed under load, one broker gone for good, two gone.
+
+One cluster (`stream.devtools.cluster`: three brokers, three controllers) serves the whole
+session, started only when a test here runs; each test puts back whatever it stopped. These
+tests kill the cluster's processes, so they always run on their own local cluster, even when
+KAFKA_BOOTSTRAP_SERVERS names another (`-m "not cluster"` leaves them out).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from stream import topics
+from stream.config import Settings
+from stream.devtools.cluster import (
+    CONTROLLERS,
+    ClusterNode,
+    LocalCluster,
+    describe_partitions,
+    free_ports,
+)
+from stream.devtools.faults import parse_faults, parse_latency
+from stream.devtools.simulator import SimConfig, Simulator
+from stream.errors import BrokerError
+from stream.stages import Topics
+from stream.worker import Worker
+from tests.conftest import eventually
+from tests.enginekit import read_all
+from tests.workerkit import simulated_settings
+
+pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
+
+BROKERS = 3
+# Synthetic's Kimi is down: half the requests go through the fallback stage to Together.
+MODELS = ("deepseek-v3-0324-syn", "kimi-k2-thinking-syn")
+FAULTS = "hf:moonshotai/Kimi-K2-Thinking=rate:1:503"
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    home = tmp_path_factory.mktemp("cluster")
+    for attempt in range(3):  # a free port block can be taken between the probe and the start
+        cluster = LocalCluster(
+            home=home / str(attempt), port=free_ports(BROKERS + CONTROLLERS), brokers=BROKERS
+        )
+        try:
+            cluster.start()
+            break
+        except BrokerError:
+            if attempt == 2:
+                raise
+    try:
+        yield cluster
+    finally:
+        cluster.kill()  # its data goes with the session: no need for a clean shutdown
+
+
+@pytest.fixture
+def cluster(local_cluster: LocalCluster) -> Iterator[LocalCluster]:
+    yield local_cluster
+    local_cluster.start()  # whatever the test stopped comes back for the next one
+
+
+@pytest.fixture
+def cluster_env(local_cluster: LocalCluster, prefix: str) -> dict[str, str]:
+    import os
+
+    keep = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("STREAM_", "SYNTHETIC_", "TOGETHER_", "KAFKA_"))
+    }
+    return {
+        **keep,
+        "KAFKA_BOOTSTRAP_SERVERS": local_cluster.bootstrap_servers,
+        "STREAM_TOPIC_PREFIX": prefix,
+        "STREAM_METRICS_PORT": "0",
+    }
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def request(rid: str, n: int) -> bytes:
+    return orjson.dumps(
+        {
+            "request_id": rid,
+            "model": MODELS[n % len(MODELS)],
+            "messages": [{"role": "user", "content": f"question {n}"}],
+        }
+    )
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    worker: Worker
+    sim: Simulator
+
+    @property
+    def done(self) -> int:
+        return sum(engine.snapshot().records_done for engine in self.worker.engines)
+
+    def topics(self) -> list[str]:
+        return sorted(set(vars(Topics.of(self.settings)).values()))
+
+
+@asynccontextmanager
+async def pipeline(env: dict[str, str], guarantee: str) -> AsyncIterator[Pipeline]:
+    """Topics applied on the cluster, the simulator, and both stages in this process."""
+    config = SimConfig(latency=parse_latency("uniform:0.1:0.4"), faults=parse_faults(FAULTS))
+    async with Simulator(config) as sim:
+        settings = simulated_settings({**env, "STREAM_GUARANTEE": guarantee}, sim, max_in_flight=40)
+        await topics.apply(settings, await topics.plan(settings))
+        worker = Worker(settings, ("primary", "fallback"), lag_interval_s=1.0)
+        async with anyio.create_task_group() as group:
+            group.start_soon(worker.run)
+            await worker.started.wait()
+            for engine in worker.engines:
+                with anyio.fail_after(60):
+                    await engine.ready.wait()
+            yield Pipeline(settings, worker, sim)
+            worker.stop()
+
+
+async def send(
+    settings: Settings, ids: range, *, per_second: float = 0.0, acks: object = "all"
+) -> None:
+    """Write requests `ids`, at `per_second` when given; with acks=all the producer is
+    idempotent and retries across a leader change, so each request is written once."""
+    options = {"acks": acks, "enable_idempotence": acks == "all"}
+    producer = AIOKafkaProducer(**settings.kafka.client_options(), **options)
+    await producer.start()
+    try:
+        topic = Topics.of(settings).requests
+        began = time.monotonic()
+        pending = []
+        for i in ids:
+            if per_second:
+                await anyio.sleep(max(0.0, began + (i - ids.start) / per_second - time.monotonic()))
+            rid = f"r-{i}"
+            pending.append(await producer.send(topic, request(rid, i), key=rid.encode()))
+        for future in pending:
+            await future
+    finally:
+        await producer.stop()
+
+
+async def terminal_counts(settings: Settings) -> collections.Counter[str]:
+    """Terminal records per request id, as a read_committed reader sees them."""
+    names = Topics.of(settings)
+    counts: collections.Counter[str] = collections.Counter()
+    for topic in (names.results, names.dead_letter):
+        for record in await read_all(settings, topic, isolation="read_committed"):
+            counts[orjson.loads(record.value)["request_id"]] += 1
+    return counts
+
+
+async def all_answered(
+    settings: Settings, ids: range, timeout_s: float = 120.0
+) -> collections.Counter[str]:
+    counts: collections.Counter[str] = collections.Counter()
+
+    async def complete() -> bool:
+        nonlocal counts
+        counts = await terminal_counts(settings)
+        return all(counts[f"r-{i}"] for i in ids)
+
+    await eventually(complete, timeout_s=timeout_s)
+    return counts
+
+
+async def stop(cluster: LocalCluster, node: ClusterNode, *, kill: bool = True) -> None:
+    await anyio.to_thread.run_sync(functools.partial(cluster.stop_node, node, kill=kill))
+
+
+async def start(cluster: LocalCluster, node: ClusterNode) -> None:
+    await anyio.to_thread.run_sync(cluster.start_node, node)
+
+
+async def leader(settings: Settings, tp: TopicPartition) -> int:
+    return (await describe_partitions(settings.kafka, [tp.topic]))[tp].leader
+
+
+async def in_sync(settings: Settings, names: list[str], size: int, timeout_s: float = 60.0) -> None:
+    """Until every partition of `names` has exactly `size` in-sync replicas."""
+
+    async def check() -> bool:
+        states = await describe_partitions(settings.kafka, names)
+        return all(len(state.isr) == size for state in states.values())
+
+    await eventually(check, timeout_s=timeout_s)
+
+
+async def progress(p: Pipeline, records: int, timeout_s: float = 60.0) -> None:
+    """Until the stages finish `records` more records."""
+    start_at = p.done
+
+    async def check() -> bool:
+        return p.done >= start_at + records
+
+    await eventually(check, timeout_s=timeout_s)
+
+
+async def kill_leader_under_load(p: Pipeline, cluster: LocalCluster, tp: TopicPartition) -> int:
+    """SIGKILL `tp`'s leader; the pipeline must go on while it is down; then bring it back."""
+    dead = await leader(p.settings, tp)
+    await stop(cluster, cluster.broker(dead))
+
+    async def moved() -> bool:
+        return (await leader(p.settings, tp)) not in (dead, -1)
+
+    await eventually(moved, timeout_s=60)
+    await progress(p, 20)  # while it is still down
+    await start(cluster, cluster.broker(dead))
+    await in_sync(p.settings, p.topics(), BROKERS)
+    return dead
+
+
+# -- (a) leaders killed under load ----------------------------------------------------
+
+
+@pytest.mark.parametrize("guarantee", ["exactly-once", "at-least-once"])
+async def test_pipeline_goes_on_while_partition_leaders_are_killed(
+    cluster: LocalCluster, cluster_env: dict[str, str], guarantee: str
+) -> None:
+    count = 400
+    ids = range(count)
+    async with pipeline(cluster_env, guarantee) as p, anyio.create_task_group() as group:
+        names = Topics.of(p.settings)
+        group.start_soon(functools.partial(send, p.settings, ids, per_second=16))
+        await progress(p, 30)
+        killed = [
+            await kill_leader_under_load(p, cluster, TopicPartition(names.requests, 0)),
+            await kill_leader_under_load(p, cluster, TopicPartition(names.results, 1)),
+        ]
+        counts = await all_answered(p.settings, ids)
+    logging.getLogger(__name__).info("killed brokers %s", killed)
+
+    missing = [rid for rid in (f"r-{i}" for i in ids) if counts[rid] == 0]
+    stray = set(counts) - {f"r-{i}" for i in ids}
+    doubled = {rid: n for rid, n in counts.items() if n > 1}
+    assert not missing and not stray
+    if guarantee == "exactly-once":
+        assert not doubled
+    results = await read_all(p.settings, names.results, isolation="read_committed")
+    providers = collections.Counter(orjson.loads(r.value)["provider"] for r in results)
+    assert providers["synthetic"] and providers["together"]  # both stages worked through it
