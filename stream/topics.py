@@ -186,8 +186,8 @@ async def plan(settings: Settings, *, add_partitions: bool = False) -> list[Chan
     specs = load_specs(settings.topics_dir, prefix=settings.topic_prefix)
     async with admin_client(settings.kafka, doing="reading topics") as admin:
         try:
-            brokers = len((await admin.describe_cluster())["brokers"])
             existing = set(await admin.list_topics())
+            brokers = await _cluster_size(admin)
             changes = []
             for spec in specs:
                 if spec.name not in existing:
@@ -201,6 +201,18 @@ async def plan(settings: Settings, *, add_partitions: bool = False) -> list[Chan
         except AIOKafkaError as exc:
             raise translate(exc, settings.kafka, "reading topics") from exc
     return changes
+
+
+async def _cluster_size(admin: Any) -> int:
+    """The brokers of the cluster, those down right now included: they still hold replicas,
+    and fitting the declarations to the live brokers only would lower replication and
+    min.insync.replicas for good while one restarts. (Every topic's metadata: the same one
+    request `describe_cluster` makes.)"""
+    brokers = {int(b["node_id"]) for b in (await admin.describe_cluster())["brokers"]}
+    for description in await admin.describe_topics():
+        for partition in description["partitions"]:
+            brokers.update(partition["replicas"])
+    return len(brokers)
 
 
 def _creation(spec: TopicSpec, brokers: int) -> Change:

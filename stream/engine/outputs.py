@@ -49,6 +49,8 @@ _CLOSE_TIMEOUT_S = 10.0
 # leader, fewer in-sync replicas than min.insync.replicas) for ever without telling us, so
 # a wait this long is how the sink learns Kafka is not taking its outputs.
 _BLOCKED_AFTER_S = 5.0
+# aiokafka's default, named: past it the broker aborts an open transaction anyway.
+_TRANSACTION_TIMEOUT_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +100,41 @@ async def _send(producer: AIOKafkaProducer, outputs: Sequence[Output]) -> list[A
     ]
 
 
-class AtLeastOnceSink:
+class _Reporting:
+    """Whether Kafka takes the sink's outputs: `blocked_since` (wall clock) and why, set
+    when an acknowledgement is late or a write fails, cleared by the next one that lands."""
+
+    blocked_since: float | None = None
+    blocked_why = ""
+
+    async def _acknowledged(self, future: Any) -> None:
+        """Wait for Kafka's ack of one output; past `_BLOCKED_AFTER_S` the sink reports
+        itself blocked. The producer goes on retrying that same batch: sending it again
+        here would write it twice."""
+        if not future.done():
+            began = time.time()
+            done, _ = await asyncio.wait([future], timeout=_BLOCKED_AFTER_S)
+            if not done:
+                self._blocked(began, f"no acknowledgement in {_BLOCKED_AFTER_S:.0f} s")
+        await future
+
+    def _blocked(self, since: float, why: str) -> None:
+        self.blocked_why = why
+        if self.blocked_since is None:
+            self.blocked_since = since
+            log.error(
+                "Kafka is not taking outputs (%s): their records stay unfinished and "
+                "uncommitted, and are written when it takes them again",
+                why,
+            )
+
+    def _flowing(self) -> None:
+        if self.blocked_since is not None:
+            log.warning("Kafka takes outputs again, after %.0f s", time.time() - self.blocked_since)
+            self.blocked_since = None
+
+
+class AtLeastOnceSink(_Reporting):
     def __init__(
         self, settings: KafkaSettings, consumer: AIOKafkaConsumer, producer_options: dict[str, Any]
     ) -> None:
@@ -107,8 +143,6 @@ class AtLeastOnceSink:
         self._options = producer_options
         self._producer = self._new_producer()
         self._renewing = anyio.Lock()
-        self.blocked_since: float | None = None
-        self.blocked_why = ""
 
     def _new_producer(self) -> AIOKafkaProducer:
         return AIOKafkaProducer(
@@ -193,32 +227,6 @@ class AtLeastOnceSink:
         partition.offsets.finish(offset)
         return True
 
-    async def _acknowledged(self, future: Any) -> None:
-        """Wait for Kafka's ack of one output; past `_BLOCKED_AFTER_S` the sink reports
-        itself blocked. The producer goes on retrying that same batch: sending it again
-        here would write it twice."""
-        if not future.done():
-            began = time.time()
-            done, _ = await asyncio.wait([future], timeout=_BLOCKED_AFTER_S)
-            if not done:
-                self._blocked(began, f"no acknowledgement in {_BLOCKED_AFTER_S:.0f} s")
-        await future
-
-    def _blocked(self, since: float, why: str) -> None:
-        self.blocked_why = why
-        if self.blocked_since is None:
-            self.blocked_since = since
-            log.error(
-                "Kafka is not taking outputs (%s): their records stay unfinished and "
-                "uncommitted, and are written when it takes them again",
-                why,
-            )
-
-    def _flowing(self) -> None:
-        if self.blocked_since is not None:
-            log.warning("Kafka takes outputs again, after %.0f s", time.time() - self.blocked_since)
-            self.blocked_since = None
-
     async def commit(self, partitions: Sequence[Partition]) -> int:
         changed = _changes(partitions)
         if not changed:
@@ -252,23 +260,7 @@ class _Transactional:
             self.open = True
 
 
-async def _delivered(txn: _Transactional) -> None:
-    """Every output of the open transaction acknowledged, or the transaction aborted."""
-    pending, txn.pending = txn.pending, []
-    for future in pending:
-        try:
-            await future
-        except AIOKafkaError:
-            await txn.producer.abort_transaction()
-            txn.open = False
-            raise
-
-
-class ExactlyOnceSink:
-    # A transaction Kafka refuses fails the engine (see `_commit_one`): never blocked.
-    blocked_since: float | None = None
-    blocked_why = ""
-
+class ExactlyOnceSink(_Reporting):
     def __init__(
         self, settings: KafkaSettings, group_id: str, producer_options: dict[str, Any]
     ) -> None:
@@ -297,6 +289,7 @@ class ExactlyOnceSink:
         producer = AIOKafkaProducer(
             **self._settings.client_options(),
             transactional_id=self.transactional_id(tp),
+            transaction_timeout_ms=_TRANSACTION_TIMEOUT_MS,
             **self._options,
         )
         started = time.monotonic()
@@ -342,10 +335,21 @@ class ExactlyOnceSink:
     async def commit(self, partitions: Sequence[Partition]) -> int:
         changed = _changes(partitions)
         todo = [p for p in partitions if p in changed or self._is_open(p)]
-        async with anyio.create_task_group() as group:
-            for partition in todo:
-                group.start_soon(self._commit_one, partition)
+        if not todo:
+            return 0
+        async with anyio.create_task_group() as watch:
+            watch.start_soon(self._report_late, time.time())
+            async with anyio.create_task_group() as group:
+                for partition in todo:
+                    group.start_soon(self._commit_one, partition)
+            watch.cancel_scope.cancel()
         return len(todo)
+
+    async def _report_late(self, began: float) -> None:
+        # A transaction waits as long as Kafka cannot log it (too few in-sync replicas of
+        # the transaction log or of an output topic), offsets-only ones too.
+        await anyio.sleep(_BLOCKED_AFTER_S)
+        self._blocked(began, f"transactions not committed in {_BLOCKED_AFTER_S:.0f} s")
 
     def _is_open(self, partition: Partition) -> bool:
         txn = self._producers.get(partition.tp)
@@ -359,9 +363,11 @@ class ExactlyOnceSink:
             # Read under the lock: no record can finish between this and the commit.
             position = (partition.offsets.watermark, partition.offsets.metadata())
             try:
-                with anyio.fail_after(self._settings.request_timeout_ms / 1000):
+                # Kafka may hold a transaction up while it has too few in-sync replicas:
+                # the engine holds its work as long as Kafka would keep the transaction.
+                with anyio.fail_after(_TRANSACTION_TIMEOUT_MS / 1000):
                     await txn.begin()
-                    await _delivered(txn)
+                    await self._delivered(txn)
                     await txn.producer.send_offsets_to_transaction(
                         {partition.tp: position}, self._group_id
                     )
@@ -378,3 +384,15 @@ class ExactlyOnceSink:
                 ) from exc
             txn.open = False
             partition.committed = position
+            self._flowing()
+
+    async def _delivered(self, txn: _Transactional) -> None:
+        """Every output of the open transaction acknowledged, or the transaction aborted."""
+        pending, txn.pending = txn.pending, []
+        for future in pending:
+            try:
+                await self._acknowledged(future)
+            except AIOKafkaError:
+                await txn.producer.abort_transaction()
+                txn.open = False
+                raise

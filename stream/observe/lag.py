@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -150,7 +150,7 @@ class LagReader:
         }
         owners = {group: _owners(described.get(group)) for group in groups}
         wanted = {tp for group in groups for tp in (*committed[group], *owners[group])}
-        ends = await self._consumer.end_offsets(sorted(wanted)) if wanted else {}
+        ends = await self._end_offsets(sorted(wanted))
         oldest = await self._oldest_timestamps(committed, ends)
         readings = []
         for group in groups:
@@ -172,6 +172,26 @@ class LagReader:
             exists = bool(partitions) or (state not in (None, "Dead"))
             readings.append(GroupReading(group, exists, state, members, partitions, at))
         return readings
+
+    async def _end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Log end offsets from each partition's leader. A leader that cannot tell (one
+        elected while the partition has fewer in-sync replicas than min.insync.replicas
+        does not know its high watermark) leaves its partitions unknown, not the round lost."""
+        if not tps:
+            return {}
+        with anyio.move_on_after(self._fetch_timeout_s):
+            ends: dict[TopicPartition, int] = await self._consumer.end_offsets(tps)
+            return ends
+        found: dict[TopicPartition, int] = {}
+
+        async def one(tp: TopicPartition) -> None:
+            with anyio.move_on_after(self._fetch_timeout_s), suppress(AIOKafkaError):
+                found.update(await self._consumer.end_offsets([tp]))
+
+        async with anyio.create_task_group() as group:
+            for tp in tps:
+                group.start_soon(one, tp)
+        return found
 
     async def _describe(self, groups: Sequence[str]) -> dict[str, dict[str, Any]]:
         # One group per request: aiokafka 0.14 mis-decodes a DescribeGroups answer for
