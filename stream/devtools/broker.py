@@ -115,6 +115,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs. A zombie does not: a node another process started (a test
+    session, the chaos run) stays one after we kill it, until that process reaps it."""
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: kill(0) has to do
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -162,12 +176,13 @@ class LocalBroker:
 
     def pid(self) -> int | None:
         """The broker's pid if it is running, else None."""
+        if self._process is not None and self._process.poll() is not None:
+            self._process = None  # our child, ended by someone else (reaped now: no zombie)
         try:
             pid = int(self._pid_file.read_text())
-            os.kill(pid, 0)
         except (OSError, ValueError):
             return None
-        return pid
+        return pid if _alive(pid) else None
 
     def start(self, *, timeout_s: float = 90.0) -> None:
         """Start the broker in the background and wait until it answers Kafka requests."""
@@ -241,9 +256,7 @@ class LocalBroker:
             return True
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError:
+            if not _alive(pid):
                 return True
             time.sleep(0.1)
         return False

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -215,6 +216,19 @@ class LocalCluster:
                 f"{self.home} holds a cluster made with --brokers {saved.get('brokers')} "
                 f"--port {saved.get('port')}: pass those, or another --home"
             )
+
+    def quorum_leader(self) -> ClusterNode:
+        """The active controller, as the quorum tells it (Kafka's own tool; a JVM start)."""
+        broker = next((node for node in self.broker_nodes if node.pid()), None)
+        if broker is None:
+            raise BrokerError(f"no broker of the cluster in {self.home} is running")
+        status = broker.run_tool(
+            "org.apache.kafka.tools.MetadataQuorumCommand", "describe", "--status"
+        )
+        found = re.search(r"^LeaderId:\s+(\d+)", status, re.MULTILINE)
+        if found is None:
+            raise BrokerError(f"the quorum named no leader: {status[:300]}")
+        return self.node("controller", int(found.group(1)) - _CONTROLLER_ID_BASE)
 
     def running(self) -> list[ClusterNode]:
         return [node for node in self.nodes if node.pid() is not None]
