@@ -106,16 +106,17 @@ class _Reporting:
 
     blocked_since: float | None = None
     blocked_why = ""
+    blocked_after_s = _BLOCKED_AFTER_S
 
     async def _acknowledged(self, future: Any) -> None:
-        """Wait for Kafka's ack of one output; past `_BLOCKED_AFTER_S` the sink reports
+        """Wait for Kafka's ack of one output; past `blocked_after_s` the sink reports
         itself blocked. The producer goes on retrying that same batch: sending it again
         here would write it twice."""
         if not future.done():
             began = time.time()
-            done, _ = await asyncio.wait([future], timeout=_BLOCKED_AFTER_S)
+            done, _ = await asyncio.wait([future], timeout=self.blocked_after_s)
             if not done:
-                self._blocked(began, f"no acknowledgement in {_BLOCKED_AFTER_S:.0f} s")
+                self._blocked(began, f"no acknowledgement in {self.blocked_after_s:g} s")
         await future
 
     def _blocked(self, since: float, why: str) -> None:
@@ -348,8 +349,8 @@ class ExactlyOnceSink(_Reporting):
     async def _report_late(self, began: float) -> None:
         # A transaction waits as long as Kafka cannot log it (too few in-sync replicas of
         # the transaction log or of an output topic), offsets-only ones too.
-        await anyio.sleep(_BLOCKED_AFTER_S)
-        self._blocked(began, f"transactions not committed in {_BLOCKED_AFTER_S:.0f} s")
+        await anyio.sleep(self.blocked_after_s)
+        self._blocked(began, f"transactions not committed in {self.blocked_after_s:g} s")
 
     def _is_open(self, partition: Partition) -> bool:
         txn = self._producers.get(partition.tp)
