@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import socket
 from collections.abc import Callable, Iterable
@@ -37,7 +38,7 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from stream.config import KafkaSettings
-from stream.devtools.broker import LocalBroker, free_port, new_cluster_id, port_open
+from stream.devtools.broker import LocalBroker, new_cluster_id, port_open
 from stream.errors import BrokerError
 from stream.kafka import admin_client
 
@@ -50,6 +51,8 @@ __all__ = [
     "free_ports",
 ]
 
+# Between the usual service ports and the system's ephemeral range (32768 and up on Linux).
+_PRIVATE_PORTS = (20000, 32000)
 CONTROLLERS = 3  # voters: one can be lost and the quorum (2) remains
 MAX_BROKERS = 9
 _CONTROLLER_ID_BASE = 100
@@ -58,7 +61,6 @@ Role = Literal["broker", "controller"]
 # The same defaults a production cluster has (replication 3, transaction log min ISR 2),
 # with threads and buffers sized for six JVMs on two cores.
 _BROKER_DEFAULTS = {
-    "num.partitions": "1",
     "auto.create.topics.enable": "false",
     "offsets.topic.num.partitions": "3",
     "transaction.state.log.num.partitions": "3",
@@ -104,6 +106,7 @@ class ClusterNode(LocalBroker):
                 **common,
                 "listeners": f"CONTROLLER://127.0.0.1:{self.port}",
                 "listener.security.protocol.map": "CONTROLLER:PLAINTEXT",
+                "num.partitions": "1",  # a controller's setting in KRaft
                 "num.network.threads": "1",
                 "num.io.threads": "2",
             }
@@ -313,10 +316,13 @@ class LocalCluster:
 
 
 def free_ports(count: int, *, tries: int = 50) -> int:
-    """The first of `count` consecutive free loopback ports (a cluster's layout)."""
+    """The first of `count` consecutive free loopback ports (a cluster's layout), below the
+    range the system draws client ports from: the nodes format their storage before they
+    bind, and meanwhile any outgoing connection could take a port from that range."""
+    low, high = _PRIVATE_PORTS
     for _try in range(tries):
-        first = free_port()
-        if first + count <= 65535 and all(_bindable(first + i) for i in range(count)):
+        first = random.randrange(low, high - count)
+        if all(_bindable(first + i) for i in range(count)):
             return first
     raise BrokerError(f"found no {count} consecutive free ports on 127.0.0.1")
 
