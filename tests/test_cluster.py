@@ -26,7 +26,6 @@ from aiokafka.admin import NewTopic
 
 from stream import topics
 from stream.config import Settings
-from stream.devtools.broker import fetch_jars
 from stream.devtools.cluster import (
     CONTROLLERS,
     ClusterNode,
@@ -484,23 +483,12 @@ async def test_the_active_controller_killed_the_cluster_goes_on(
 # -- lag across the cluster -------------------------------------------------------------
 
 
-async def kafka_tool_describe(settings: Settings, group: str) -> str:
-    done = await anyio.run_process(
-        [
-            "java",
-            "-Xmx256m",
-            "-cp",
-            f"{fetch_jars(quiet=True)}/*",
-            "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
-            "--bootstrap-server",
-            settings.kafka.bootstrap_servers,
-            "--describe",
-            "--group",
-            group,
-        ],
-        check=True,
+async def kafka_tool_describe(cluster: LocalCluster, group: str) -> str:
+    """Kafka's consumer-groups tool (kafka-consumer-groups.sh --describe) on the cluster."""
+    tool = "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand"
+    return await anyio.to_thread.run_sync(
+        functools.partial(cluster.run_tool, tool, "--describe", "--group", group)
     )
-    return done.stdout.decode()
 
 
 async def lag_rows(env: dict[str, str], group: str) -> dict[tuple[str, int], tuple[int, int, int]]:
@@ -534,13 +522,13 @@ async def test_lag_reads_every_leader_and_equals_kafkas_tool_with_a_broker_down(
     expected = {(topic, 0): (2, 7, 5), (topic, 1): (4, 4, 0), (topic, 2): (1, 5, 4)}
 
     assert await lag_rows(cluster_env, group) == expected
-    assert parse_kafka_tool(await kafka_tool_describe(settings, group), group) == expected
+    assert parse_kafka_tool(await kafka_tool_describe(cluster, group), group) == expected
 
     # A partition's leader gone: its partition moves, and both still agree.
     await stop(cluster, cluster.broker(leaders[2]))
     await in_sync(settings, [topic], BROKERS - 1)
     assert await lag_rows(cluster_env, group) == expected
-    assert parse_kafka_tool(await kafka_tool_describe(settings, group), group) == expected
+    assert parse_kafka_tool(await kafka_tool_describe(cluster, group), group) == expected
 
     monitor = LagMonitor(settings.kafka, [group], interval_s=0.05)
     async with anyio.create_task_group() as tg:

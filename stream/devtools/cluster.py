@@ -220,12 +220,16 @@ class LocalCluster:
                 f"--port {saved.get('port')}: pass those, or another --home"
             )
 
-    def quorum_leader(self) -> ClusterNode:
-        """The active controller, as the quorum tells it (Kafka's own tool; a JVM start)."""
+    def run_tool(self, main_class: str, *args: str) -> str:
+        """One of Kafka's own command-line tools, bootstrapped from a running broker."""
         broker = next((node for node in self.broker_nodes if node.pid()), None)
         if broker is None:
             raise BrokerError(f"no broker of the cluster in {self.home} is running")
-        status = broker.run_tool(
+        return broker.run_tool(main_class, *args)
+
+    def quorum_leader(self) -> ClusterNode:
+        """The active controller, as the quorum tells it (Kafka's own tool; a JVM start)."""
+        status = self.run_tool(
             "org.apache.kafka.tools.MetadataQuorumCommand", "describe", "--status"
         )
         found = re.search(r"^LeaderId:\s+(\d+)", status, re.MULTILINE)
