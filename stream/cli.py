@@ -15,26 +15,29 @@ from stream import __version__, logs
 from stream.config import Settings
 from stream.errors import EXIT_FAILED, StreamError
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
-# Modules that add their own sub-commands: each has `register(commands)`, which adds a
-# parser to the `argparse` sub-parsers and sets `handler` (a `Handler`) as its default.
-COMMAND_MODULES: tuple[str, ...] = (
-    "stream.devtools.kafkacli",
-    "stream.topics",
-    "stream.worker",
-    "stream.devtools.demo",
-    "stream.devtools.simulator",
-    "stream.observe.lagcli",
-    "stream.backfill.replay",
-    "stream.backfill.redrive",
-    "stream.devtools.bench",
-)
+# Each command's module, which has `register(commands)`: it adds the command's parser to
+# the `argparse` sub-parsers and sets `handler` (a `Handler`) as its default. Only the
+# module of the command asked for is imported (all of them for `stream --help`): a
+# one-shot `stream lag` must not pay for the worker's HTTP stack.
+COMMANDS: dict[str, str] = {
+    "kafka": "stream.devtools.kafkacli",
+    "topics": "stream.topics",
+    "run": "stream.worker",
+    "demo": "stream.devtools.demo",
+    "simulate": "stream.devtools.simulator",
+    "lag": "stream.observe.lagcli",
+    "replay": "stream.backfill.replay",
+    "redrive": "stream.backfill.redrive",
+    "bench": "stream.devtools.bench",
+}
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `stream` command line; with `argv`, only the command it names is registered."""
     parser = argparse.ArgumentParser(
         prog="stream",
         description="Run LLM prediction requests from Kafka on Synthetic, with a Together AI "
@@ -46,9 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for module in COMMAND_MODULES:
+    asked = _command(sys.argv[1:] if argv is None else argv)
+    for module in [COMMANDS[asked]] if asked else dict.fromkeys(COMMANDS.values()):
         importlib.import_module(module).register(commands)
     return parser
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The command named on the command line (the first word that is not an option)."""
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    return first if first in COMMANDS else None
 
 
 def _first_stream_error(group: BaseExceptionGroup[BaseException]) -> StreamError | None:
@@ -63,7 +73,7 @@ def _first_stream_error(group: BaseExceptionGroup[BaseException]) -> StreamError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         settings = Settings.from_env()
         logs.configure(settings.log_level, json=False)

@@ -18,7 +18,14 @@ from typing import Literal, TypeVar
 
 from stream.errors import ConfigError
 
-__all__ = ["EngineSettings", "KafkaSettings", "ProviderSettings", "Secret", "Settings"]
+__all__ = [
+    "CLOSE_RESERVE_S",
+    "EngineSettings",
+    "KafkaSettings",
+    "ProviderSettings",
+    "Secret",
+    "Settings",
+]
 
 T = TypeVar("T")
 Guarantee = Literal["at-least-once", "exactly-once"]
@@ -29,6 +36,8 @@ TOGETHER_BASE_URL = "https://api.together.xyz/v1"
 # The fallback topic takes 1,048,588-byte records; its records are a request plus a failure
 # of at most a few KiB. Bigger requests are dead letters (`too_large`), bytes and all.
 MAX_REQUEST_BYTES = 1_048_588 - 16 * 1024
+# Seconds kept, at the end of a rebalance or a shutdown, for closing producers and leaving.
+CLOSE_RESERVE_S = 10.0
 
 
 class Secret:
@@ -69,6 +78,7 @@ class KafkaSettings:
     ssl_keyfile: str | None = None
     client_id: str = "prediction-stream"
     request_timeout_ms: int = 30_000
+    cluster_name: str | None = None  # the lag metrics' `cluster_name`; default: the cluster id
 
     def client_options(self) -> dict[str, object]:
         """Keyword arguments shared by every aiokafka client this process makes."""
@@ -171,10 +181,12 @@ class Settings:
             ordering=source.choice("STREAM_ORDERING", ("unordered", "key"), "unordered"),  # type: ignore[arg-type]
             commit_interval_s=source.number("STREAM_COMMIT_INTERVAL_S", 1.0, low=0.01),
             shutdown_grace_s=source.number("STREAM_SHUTDOWN_GRACE_S", 30.0, low=0.0),
-            # unset, it follows the rebalance timeout down (half of it, at most 60 s), so
-            # lowering only the timeout keeps a valid pair
+            # unset, it follows the rebalance timeout down (half of what is left after the
+            # close reserve, at most 60 s), so lowering only the timeout keeps a valid pair
             revoke_grace_s=source.number(
-                "STREAM_REVOKE_GRACE_S", min(60.0, rebalance_timeout_ms / 2000), low=0.0
+                "STREAM_REVOKE_GRACE_S",
+                min(60.0, max(0.0, rebalance_timeout_ms / 1000 - CLOSE_RESERVE_S) / 2),
+                low=0.0,
             ),
             max_poll_interval_ms=source.integer("STREAM_MAX_POLL_INTERVAL_MS", 600_000, low=1),
             rebalance_timeout_ms=rebalance_timeout_ms,
@@ -216,11 +228,12 @@ class Settings:
             )
         if engine.session_timeout_ms >= engine.rebalance_timeout_ms:
             raise ConfigError("STREAM_SESSION_TIMEOUT_MS must be below STREAM_REBALANCE_TIMEOUT_MS")
-        if engine.revoke_grace_s * 1000 >= engine.rebalance_timeout_ms:
+        if (engine.revoke_grace_s + CLOSE_RESERVE_S) * 1000 >= engine.rebalance_timeout_ms:
             raise ConfigError(
-                f"STREAM_REVOKE_GRACE_S ({engine.revoke_grace_s:g} s) must be shorter than "
-                f"STREAM_REBALANCE_TIMEOUT_MS ({engine.rebalance_timeout_ms} ms), or the group "
-                "gives up on this worker while it drains"
+                f"STREAM_REVOKE_GRACE_S ({engine.revoke_grace_s:g} s) plus {CLOSE_RESERVE_S:g} s "
+                "to close must be shorter than STREAM_REBALANCE_TIMEOUT_MS "
+                f"({engine.rebalance_timeout_ms} ms), or the group gives up on this worker "
+                "while it drains: lower the grace or raise the timeout"
             )
         kafka = self.kafka
         if kafka.security_protocol.startswith("SASL_") and not (
@@ -265,6 +278,7 @@ def _kafka_settings(source: _Source) -> KafkaSettings:
         ssl_certfile=source.text("STREAM_KAFKA_SSL_CERTFILE", "") or None,
         ssl_keyfile=source.text("STREAM_KAFKA_SSL_KEYFILE", "") or None,
         client_id=source.text("STREAM_KAFKA_CLIENT_ID", "prediction-stream"),
+        cluster_name=source.text("STREAM_KAFKA_CLUSTER_NAME", "") or None,
     )
 
 

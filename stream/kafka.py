@@ -8,16 +8,15 @@ aiokafka raises its own exception types, and a cluster that is down shows up as 
 from __future__ import annotations
 
 import random
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.structs import TopicPartition
 
@@ -29,15 +28,27 @@ __all__ = [
     "consumer_client",
     "group_offsets",
     "producer_client",
+    "Verdict",
+    "connected",
+    "probe",
+    "start_client",
+    "stop_client",
     "topic_partitions",
     "translate",
+    "translated",
 ]
 
 _COORDINATOR_TRIES = 12  # about 15 s of back-off in all
+_TLS_PROBE_S = 3.0
+_TCP_PROBE_S = 1.0
 
 
 def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaError:
-    """Our `KafkaError` for a foreign one, saying what we were doing and where."""
+    """Our `KafkaError` for a foreign one, saying what we were doing and where.
+
+    No I/O: what a bare "unable to bootstrap" hides (a certificate the CA did not sign, a port
+    that answers but lets us not in) comes from the last `probe` of these settings, if any.
+    Call sites that can await use `translated`, which probes first."""
     where = settings.bootstrap_servers
     detail = str(exc) or type(exc).__name__
     if "Authentication" in detail or "SaslAuthenticationFailed" in detail:
@@ -46,27 +57,14 @@ def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaE
             "STREAM_KAFKA_SASL_USERNAME, STREAM_KAFKA_SASL_PASSWORD and "
             "STREAM_KAFKA_SASL_MECHANISM"
         )
-    tls_problem = _tls_problem(settings) if isinstance(exc, KafkaConnectionError) else None
-    if tls_problem:
-        return KafkaError(
-            f"TLS to Kafka at {where} failed while {doing} ({tls_problem}): check "
-            "STREAM_KAFKA_SSL_CAFILE (the CA that signed the broker's certificate), the host "
-            "name in KAFKA_BOOTSTRAP_SERVERS, and STREAM_KAFKA_SECURITY_PROTOCOL"
-        )
-    if isinstance(exc, KafkaConnectionError) and settings.sasl_mechanism and _accepts_tcp(where):
-        # aiokafka logs the SASL failure and raises a bare "unable to bootstrap": a port that
-        # answers but a client that cannot get in is, in practice, a credentials problem.
-        return KafkaError(
-            f"Kafka at {where} accepted the connection but rejected our credentials while "
-            f"{doing}: check STREAM_KAFKA_SASL_USERNAME, STREAM_KAFKA_SASL_PASSWORD, "
-            "STREAM_KAFKA_SASL_MECHANISM and STREAM_KAFKA_SECURITY_PROTOCOL"
-        )
     if isinstance(exc, KafkaConnectionError):
-        return KafkaError(
-            f"cannot reach Kafka at {where} while {doing}: is it running? "
-            "(start a local one with `stream kafka start`, or set KAFKA_BOOTSTRAP_SERVERS)"
-        )
+        return _connection_error(settings, doing, _verdicts.get(settings))
     name = type(exc).__name__
+    if isinstance(exc, UnknownTopicOrPartitionError):
+        return KafkaError(
+            f"a topic is missing on {where} while {doing}: create the declared topics with "
+            "`stream topics apply` (and check STREAM_TOPIC_PREFIX)"
+        )
     if "Authorization" in name:
         return KafkaError(
             f"Kafka at {where} did not allow {doing} ({name}): grant this user ACLs on the "
@@ -76,23 +74,86 @@ def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaE
     return KafkaError(f"Kafka at {where} failed while {doing}: {detail}")
 
 
-def _tls_problem(settings: KafkaSettings) -> str | None:
+async def translated(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaError:
+    """`translate`, after probing what a connection error hides (asynchronously, once per
+    settings until a client of them connects again)."""
+    if isinstance(exc, KafkaConnectionError):
+        await probe(settings)
+    return translate(exc, settings, doing)
+
+
+def _connection_error(settings: KafkaSettings, doing: str, verdict: Verdict | None) -> KafkaError:
+    where = settings.bootstrap_servers
+    if verdict is not None and verdict.tls_problem:
+        return KafkaError(
+            f"TLS to Kafka at {where} failed while {doing} ({verdict.tls_problem}): check "
+            "STREAM_KAFKA_SSL_CAFILE (the CA that signed the broker's certificate), the host "
+            "name in KAFKA_BOOTSTRAP_SERVERS, and STREAM_KAFKA_SECURITY_PROTOCOL"
+        )
+    if verdict is not None and verdict.accepts_tcp and settings.sasl_mechanism:
+        # aiokafka logs the SASL failure and raises a bare "unable to bootstrap": a port that
+        # answers but a client that cannot get in is, in practice, a credentials problem.
+        return KafkaError(
+            f"Kafka at {where} accepted the connection but rejected our credentials while "
+            f"{doing}: check STREAM_KAFKA_SASL_USERNAME, STREAM_KAFKA_SASL_PASSWORD, "
+            "STREAM_KAFKA_SASL_MECHANISM and STREAM_KAFKA_SECURITY_PROTOCOL"
+        )
+    return KafkaError(
+        f"cannot reach Kafka at {where} while {doing}: is it running? "
+        "(start a local one with `stream kafka start`, or set KAFKA_BOOTSTRAP_SERVERS)"
+    )
+
+
+class Verdict(NamedTuple):
+    """What a probe of the first bootstrap server found."""
+
+    tls_problem: str | None  # why the TLS handshake failed, when it did
+    accepts_tcp: bool  # the port answers (checked only where SASL could be the problem)
+
+
+# One verdict per settings, probed at the first connection error and kept until a client of
+# those settings connects again: a monitor failing every round on a cluster that is down
+# probes once, not every round (and never on the event loop: the probes are asynchronous).
+_verdicts: dict[KafkaSettings, Verdict] = {}
+
+
+async def probe(settings: KafkaSettings) -> Verdict:
+    """Probe the first bootstrap server (TLS handshake, TCP connect), once per settings."""
+    verdict = _verdicts.get(settings)
+    if verdict is None:
+        tls_problem = await _tls_problem(settings)
+        accepts = (
+            tls_problem is None
+            and bool(settings.sasl_mechanism)
+            and await _accepts_tcp(settings.bootstrap_servers)
+        )
+        verdict = _verdicts[settings] = Verdict(tls_problem, accepts)
+    return verdict
+
+
+def connected(settings: KafkaSettings) -> None:
+    """A client of `settings` connected: the next connection error is probed afresh."""
+    _verdicts.pop(settings, None)
+
+
+async def _tls_problem(settings: KafkaSettings) -> str | None:
     """Why a TLS handshake with the first bootstrap server fails, if it does (aiokafka only
     says it could not bootstrap)."""
     if not settings.security_protocol.endswith("SSL"):
         return None
-    context = settings.client_options()["ssl_context"]
-    assert isinstance(context, ssl.SSLContext)
     try:
         host, port = _first_server(settings.bootstrap_servers)
-        with (
-            socket.create_connection((host, port), timeout=3.0) as raw,
-            context.wrap_socket(raw, server_hostname=host),
-        ):
-            return None
+        # the context reads the CA and key files: off the event loop
+        options = await anyio.to_thread.run_sync(settings.client_options)
+        context = options["ssl_context"]
+        assert isinstance(context, ssl.SSLContext)
+        with anyio.fail_after(_TLS_PROBE_S):
+            stream = await anyio.connect_tcp(host, port, ssl_context=context, tls_hostname=host)
+            await stream.aclose()
+        return None
     except ssl.SSLError as exc:
         return getattr(exc, "verify_message", None) or exc.reason or str(exc)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TimeoutError, anyio.BrokenResourceError):
         return None  # not a TLS problem: the port does not answer
 
 
@@ -102,11 +163,13 @@ def _first_server(bootstrap: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def _accepts_tcp(bootstrap: str) -> bool:
+async def _accepts_tcp(bootstrap: str) -> bool:
     try:
-        with socket.create_connection(_first_server(bootstrap), timeout=1.0):
-            return True
-    except (OSError, ValueError):
+        with anyio.fail_after(_TCP_PROBE_S):
+            stream = await anyio.connect_tcp(*_first_server(bootstrap))
+            await stream.aclose()
+        return True
+    except (OSError, ValueError, TimeoutError):
         return False
 
 
@@ -135,19 +198,33 @@ class _AdminClient(AIOKafkaAdminClient):  # type: ignore[misc]
         return fallback  # none answers: `send` fails as aiokafka's would
 
 
+async def start_client(
+    client: Any, settings: KafkaSettings, doing: str, *, timeout_s: float | None = None
+) -> None:
+    """Start an aiokafka client (consumer, producer or admin). When it cannot start, stop
+    it (its sockets and tasks are already open) and raise our `KafkaError`, which says what
+    we were `doing`. With `timeout_s`, a start that hangs fails too."""
+    try:
+        with anyio.fail_after(timeout_s):
+            await client.start()
+    except (AIOKafkaError, OSError, TimeoutError) as exc:
+        await stop_client(client)
+        raise await translated(exc, settings, doing) from exc
+    connected(settings)
+
+
+async def stop_client(client: Any) -> None:
+    """Stop (or, for an admin client, close) an aiokafka client."""
+    stop = client.close if isinstance(client, AIOKafkaAdminClient) else client.stop
+    await stop()
+
+
 @asynccontextmanager
 async def admin_client(settings: KafkaSettings, *, doing: str) -> AsyncIterator[Any]:
     """A started admin client (`_AdminClient`); failures to connect become our `KafkaError`."""
     admin = _AdminClient(**settings.client_options())
-    try:
-        await admin.start()
-    except (AIOKafkaError, OSError) as exc:
-        await admin.close()
-        raise translate(exc, settings, doing) from exc
-    try:
+    async with _started(admin, settings, doing):
         yield admin
-    finally:
-        await admin.close()
 
 
 @asynccontextmanager
@@ -170,15 +247,12 @@ async def producer_client(settings: KafkaSettings, *, doing: str) -> AsyncIterat
 
 @asynccontextmanager
 async def _started(client: Any, settings: KafkaSettings, doing: str) -> AsyncIterator[None]:
-    try:
-        await client.start()
-    except (AIOKafkaError, OSError) as exc:
-        await client.stop()
-        raise translate(exc, settings, doing) from exc
+    """A client started (and stopped on the way out); failing to start, our `KafkaError`."""
+    await start_client(client, settings, doing)
     try:
         yield
     finally:
-        await client.stop()
+        await stop_client(client)
 
 
 async def group_offsets(admin: Any, group: str, tps: list[Any]) -> dict[Any, Any]:
@@ -211,7 +285,7 @@ async def topic_partitions(
                     )
             described = await admin.describe_topics(topics)
         except AIOKafkaError as exc:
-            raise translate(exc, kafka, "reading topics") from exc
+            raise await translated(exc, kafka, "reading topics") from exc
     return {
         d["topic"]: sorted(TopicPartition(d["topic"], p["partition"]) for p in d["partitions"])
         for d in described

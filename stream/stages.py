@@ -19,7 +19,7 @@ from stream import records, topics
 from stream.catalog import Catalog, Model, get_fallback_provider
 from stream.config import Settings
 from stream.engine import MAX_OUTPUT_BYTES, Output
-from stream.errors import InvalidRecordError, ProviderError
+from stream.errors import InvalidRecordError, OutputRejectedError, ProviderError
 from stream.providers import Completion, ProviderClient
 from stream.records import Decoder, Request, SourceRecord
 
@@ -94,17 +94,10 @@ class _Stage:
         )
 
     def on_error(self, record: SourceRecord, exc: BaseException) -> Sequence[Output]:
-        """A bug in a handler: the record becomes a dead letter and the worker goes on."""
-        log.error(
-            "handler failed on %s[%d]@%d: %s",
-            record.topic,
-            record.partition,
-            record.offset,
-            type(exc).__name__,
-            extra={"stage": self.name},
-            exc_info=exc,
-        )
-        return [self._dead(record, "handler_error", f"{type(exc).__name__}: {exc}")]
+        """A bug in a handler, or outputs Kafka refused for good: the record becomes a dead
+        letter and the worker goes on. (The engine has logged it, traceback and all.)"""
+        reason = "output_rejected" if isinstance(exc, OutputRejectedError) else "handler_error"
+        return [self._dead(record, reason, f"{type(exc).__name__}: {exc}")]
 
     def _dead(
         self,

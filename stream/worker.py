@@ -27,6 +27,7 @@ from stream.errors import KafkaError
 from stream.kafka import admin_client
 from stream.observe.health import Health, serve
 from stream.observe.lag import LagMonitor
+from stream.observe.lagreader import PIPELINE_GROUPS
 from stream.observe.metrics import Metrics
 from stream.providers import ProviderClient
 from stream.stages import FallbackStage, PrimaryStage, Topics
@@ -66,7 +67,10 @@ class Worker:
         self.started = anyio.Event()  # set once `engines` is filled and `port` bound
         self.port: int | None = None
         self._record_limits: dict[str, int] = {}  # topic → max.message.bytes on the cluster
-        groups = [settings.group(GROUPS[stage]) for stage in self.stages]
+        groups = {  # each group → its topics: their partitions show before a first commit
+            settings.group(name): tuple(map(settings.topic, PIPELINE_GROUPS[name]))
+            for name in (GROUPS[stage] for stage in self.stages)
+        }
         self.monitor = LagMonitor(settings.kafka, groups, interval_s=lag_interval_s)
 
     def __repr__(self) -> str:
@@ -95,12 +99,11 @@ class Worker:
     async def _observe(self, group: anyio.abc.TaskGroup) -> None:
         """Start the lag monitor and the HTTP server; readiness follows the engines."""
         monitor = self.monitor
-        self.metrics.watch_lag(monitor)
+        self.metrics.watch_lag(monitor, owned=self._owned)
         self.health.require_kafka(monitor)
         for engine in self.engines:
             self.metrics.watch_engine(engine)
             self.health.require_engine(engine)
-            self.health.require_outputs(engine)
         await group.start(monitor.run)
         self.port = await group.start(
             serve, self.metrics, self.health, self.settings.metrics_host, self.settings.metrics_port
@@ -109,6 +112,15 @@ class Worker:
         if self._own_process:
             tune_gc()  # now: what start-up built (catalog, schemas, pools) is frozen too
         self.started.set()
+
+    def _owned(self) -> set[tuple[str, str, int]]:
+        """(group, topic, partition) of every partition the engines hold: the lag metrics
+        of a group are exported by the member that holds its lowest partition."""
+        return {
+            (snap.group_id, part.topic, part.partition)
+            for snap in (engine.snapshot() for engine in self.engines)
+            for part in snap.partitions
+        }
 
     def stop(self) -> None:
         self._stopping = True  # a signal during start-up stops the engines once made

@@ -742,7 +742,7 @@ def _worker_env(chaos: Run, prefix: str, sim_port: int) -> dict[str, str]:
         # A SIGKILLed member must leave the group in seconds, not the default 45.
         "STREAM_SESSION_TIMEOUT_MS": "6000",
         "STREAM_REBALANCE_TIMEOUT_MS": "20000",
-        "STREAM_REVOKE_GRACE_S": "10",  # below the rebalance timeout
+        "STREAM_REVOKE_GRACE_S": "5",  # with the 10 s close reserve, below the timeout
         "STREAM_SHUTDOWN_GRACE_S": "20",
     }
 

@@ -29,5 +29,10 @@ class FakeEngine:
             partitions=(),
         )
 
+        self.stuck: str | None = None  # what `problem()` says: set it to make the engine stuck
+
     def snapshot(self) -> EngineSnapshot:
         return self.state
+
+    def problem(self) -> str | None:
+        return self.stuck

@@ -42,8 +42,8 @@ from stream.stages import Topics
 from stream.worker import Worker
 from tests.conftest import eventually, run_cli
 from tests.enginekit import read_all
-from tests.test_lag import commit, parse_kafka_tool
-from tests.test_lag import produce as produce_at
+from tests.lagkit import commit, parse_kafka_tool
+from tests.lagkit import produce as produce_at
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
 
@@ -330,14 +330,11 @@ async def scrape(worker: Worker, path: str) -> tuple[int, str]:
     return response.status_code, response.text
 
 
-def blocked_seconds(metrics: str, engine: str) -> float:
+def output_wait(metrics: str, engine: str) -> float:
     for line in metrics.splitlines():
-        if (
-            line.startswith("stream_engine_outputs_blocked_seconds{")
-            and f'engine="{engine}"' in line
-        ):
+        if line.startswith("stream_engine_output_wait_seconds{") and f'engine="{engine}"' in line:
             return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no stream_engine_outputs_blocked_seconds for {engine}")
+    raise AssertionError(f"no stream_engine_output_wait_seconds for {engine}")
 
 
 @pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
@@ -365,13 +362,14 @@ async def test_two_brokers_down_the_worker_holds_its_work_says_so_and_catches_up
         calls = len(ids)
 
         async def blocked() -> bool:
-            return primary.snapshot().outputs_blocked_since > 0
+            return primary.problem() is not None
 
         await eventually(blocked, timeout_s=60)
         status, text = await scrape(p.worker, "/readyz")
-        assert status == 503 and "outputs primary: Kafka has taken no output since" in text
-        assert blocked_seconds((await scrape(p.worker, "/metrics"))[1], "primary") > 0
-        assert any("Kafka is not taking outputs" in r.getMessage() for r in caplog.records)
+        assert status == 503 and "engine primary: outputs of" in text, text
+        assert "not taken by Kafka" in text and "(last error no acknowledgement in 5 s)" in text
+        assert output_wait((await scrape(p.worker, "/metrics"))[1], "primary") >= 10
+        assert any("Kafka takes no outputs of" in r.getMessage() for r in caplog.records)
         await in_sync(p.settings, p.topics(), 1)  # the controllers fenced the other two
         fenced = time.time()
 
@@ -386,7 +384,7 @@ async def test_two_brokers_down_the_worker_holds_its_work_says_so_and_catches_up
         assert all(line.split()[1] == "ok" for line in plan.stdout.splitlines()[:-1]), plan.stdout
 
         assert primary.snapshot().records_done == 0  # seconds later, still nothing finished
-        assert primary.snapshot().outputs_blocked_since > 0
+        assert primary.problem() is not None
         assert not set(await terminal_counts(p.settings)) & {f"r-{i}" for i in ids}
 
         await start(cluster, next(n for n in cluster.broker_nodes if n.node_id != survivor))
@@ -396,7 +394,7 @@ async def test_two_brokers_down_the_worker_holds_its_work_says_so_and_catches_up
             return (await scrape(p.worker, "/readyz"))[0] == 200
 
         await eventually(ready, timeout_s=60)
-        assert blocked_seconds((await scrape(p.worker, "/metrics"))[1], "primary") == 0
+        assert output_wait((await scrape(p.worker, "/metrics"))[1], "primary") == 0
         assert p.sim.stats()["requests"] == calls  # no call was made again
 
     assert {counts[f"r-{i}"] for i in ids} == {1}  # none lost, none written twice

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from stream.cli import _parser
+from stream.cli import build_parser
 from stream.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ def test_our_services_are_the_pipeline() -> None:
 @pytest.mark.parametrize("name", sorted(OURS))
 def test_every_command_is_a_valid_stream_command_line(name: str) -> None:
     command = OURS[name]["command"]
-    args = _parser().parse_args(command)  # exits (fails the test) on a bad command line
+    args = build_parser(command).parse_args(command)  # exits (fails the test) on a bad command line
     assert callable(args.handler)
 
 
@@ -39,7 +39,7 @@ def test_every_variable_is_one_the_settings_read(name: str) -> None:
 
 
 def test_metrics_ports_and_scrape_targets_line_up() -> None:
-    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     targets = {
         t
         for job in prometheus["scrape_configs"]

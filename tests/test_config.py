@@ -97,7 +97,16 @@ def test_a_max_request_size_the_fallback_topic_cannot_hold_is_refused() -> None:
 
 def test_revoke_grace_follows_a_lowered_rebalance_timeout() -> None:
     short = {"STREAM_REBALANCE_TIMEOUT_MS": "20000", "STREAM_SESSION_TIMEOUT_MS": "6000"}
-    assert Settings.from_env(short).engine.revoke_grace_s == 10.0
-    assert Settings.from_env({}).engine.revoke_grace_s == 60.0
-    explicit = Settings.from_env({**short, "STREAM_REVOKE_GRACE_S": "15"})
-    assert explicit.engine.revoke_grace_s == 15.0
+    # half of what the timeout leaves after the 10 s kept for closing
+    assert Settings.from_env(short).engine.revoke_grace_s == 5.0
+    assert Settings.from_env({}).engine.revoke_grace_s == 55.0
+    explicit = Settings.from_env({**short, "STREAM_REVOKE_GRACE_S": "8"})
+    assert explicit.engine.revoke_grace_s == 8.0
+
+
+def test_a_revoke_grace_that_leaves_no_time_to_close_is_refused() -> None:
+    # 15 s of grace fits in a 20 s rebalance timeout, but closing the partitions' producers
+    # afterwards takes up to 10 s more: the group would drop the worker while it closes.
+    short = {"STREAM_REBALANCE_TIMEOUT_MS": "20000", "STREAM_SESSION_TIMEOUT_MS": "6000"}
+    with pytest.raises(ConfigError, match="to close"):
+        Settings.from_env({**short, "STREAM_REVOKE_GRACE_S": "15"})

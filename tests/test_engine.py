@@ -18,6 +18,7 @@ from stream.engine.engine import Engine, Output
 from stream.engine.offsets import PartitionOffsets
 from stream.engine.outputs import ExactlyOnceSink
 from stream.engine.partitions import Partition
+from stream.engine.rebalance import Rebalancer
 from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -373,14 +374,14 @@ async def test_a_failure_while_setting_up_assigned_partitions_stops_the_engine(
         on_error=lambda r, e: [],
     )
 
-    async def broken(tps: Any) -> Any:
+    async def broken(self: Rebalancer, tps: Any) -> Any:
         raise KafkaError("the coordinator went away")
 
     # aiokafka swallows listener errors; the engine must not sit on partitions it never set up
-    monkeypatch.setattr(engine, "_committed", broken)
+    monkeypatch.setattr(Rebalancer, "committed", broken)
     with anyio.fail_after(60), pytest.raises(BaseExceptionGroup) as failed:
         await engine.run()
-    assert failed.group_contains(KafkaError, match="setting up assigned partitions")
+    assert failed.group_contains(KafkaError, match="handling a rebalance failed")
 
 
 async def _none() -> Sequence[Output]:

@@ -1,94 +1,34 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 
 import anyio
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import NewTopic
-from aiokafka.structs import OffsetAndMetadata
+from aiokafka import TopicPartition
 
 from stream.config import Settings
 from stream.devtools.broker import fetch_jars
-from stream.kafka import admin_client
-from stream.observe.lag import GroupReading, LagMonitor, LagReader, LagRow, LagTracker, Status
+from stream.observe.lag import LagMonitor, LagRow, LagTracker, Status
 from stream.observe.lagcli import render
+from stream.observe.lagreader import GroupReading, LagReader
 from tests.conftest import run_cli
+from tests.lagkit import (
+    by_partition,
+    commit,
+    create_topic,
+    lag_json,
+    live_member,
+    parse_kafka_tool,
+    produce,
+)
 
 pytestmark = pytest.mark.anyio
 
 HOUR_MS = 3_600_000
 
 
-async def create_topic(settings: Settings, name: str, partitions: int) -> str:
-    topic = settings.topic(name)
-    async with admin_client(settings.kafka, doing="test") as admin:
-        await admin.create_topics([NewTopic(topic, partitions, 1)])
-    return topic
-
-
-async def produce(
-    settings: Settings, topic: str, partition: int, timestamps: Sequence[int]
-) -> None:
-    producer = AIOKafkaProducer(**settings.kafka.client_options())
-    await producer.start()
-    try:
-        for ts in timestamps:
-            await producer.send_and_wait(topic, b"{}", partition=partition, timestamp_ms=ts)
-    finally:
-        await producer.stop()
-
-
-async def commit(
-    settings: Settings, group: str, offsets: dict[TopicPartition, int], metadata: str = ""
-) -> None:
-    """Commit offsets as a group with no live member (as a stopped worker leaves them)."""
-    # No auto-commit: it would commit the background fetch position on stop, over ours.
-    consumer = AIOKafkaConsumer(
-        group_id=group, enable_auto_commit=False, **settings.kafka.client_options()
-    )
-    await consumer.start()
-    try:
-        consumer.assign(list(offsets))
-        await consumer.commit({tp: OffsetAndMetadata(o, metadata) for tp, o in offsets.items()})
-    finally:
-        await consumer.stop()
-
-
-@asynccontextmanager
-async def live_member(settings: Settings, group: str, topic: str) -> AsyncIterator[None]:
-    """A member of `group` that owns `topic`'s partitions and never commits."""
-    consumer = AIOKafkaConsumer(
-        topic, group_id=group, enable_auto_commit=False, **settings.kafka.client_options()
-    )
-    await consumer.start()
-    try:
-        with anyio.fail_after(30):
-            while not consumer.assignment():
-                await consumer.getmany(timeout_ms=100, max_records=1)
-        yield
-    finally:
-        await consumer.stop()
-
-
-def by_partition(rows: Sequence[LagRow]) -> dict[int, LagRow]:
-    return {row.partition: row for row in rows}
-
-
 # --- against Kafka's own tool ------------------------------------------------------------
-
-
-def parse_kafka_tool(text: str, group: str) -> dict[tuple[str, int], tuple[int, int, int]]:
-    """GROUP TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG … lines of `--describe`."""
-    found = {}
-    for line in text.splitlines():
-        cells = line.split()
-        if len(cells) >= 6 and cells[0] == group and cells[2].isdigit():
-            found[(cells[1], int(cells[2]))] = (int(cells[3]), int(cells[4]), int(cells[5]))
-    return found
 
 
 async def test_lag_json_equals_kafka_consumer_groups_tool(
@@ -147,8 +87,8 @@ async def test_lag_seconds_is_the_age_of_the_record_at_the_committed_offset(
     await commit(settings, group, {TopicPartition(topic, 0): 2, TopicPartition(topic, 1): 1})
 
     async with LagReader(settings.kafka) as reader:
-        (reading,) = await reader.read([group])
-        again = await reader.read([group])  # the stuck offset's timestamp comes from the cache
+        (reading,) = await reader.read({group: ()})
+        again = await reader.read({group: ()})  # the stuck offset's timestamp comes from the cache
     rows = by_partition(LagTracker().update([reading]))
 
     oldest_unprocessed = stamps[2] / 1000
@@ -159,31 +99,42 @@ async def test_lag_seconds_is_the_age_of_the_record_at_the_committed_offset(
     assert again[0].partitions[0].oldest_timestamp_ms == stamps[2]
 
 
-async def test_unknown_lag_is_none_not_zero_and_members_are_reported(settings: Settings) -> None:
-    topic = await create_topic(settings, "lag.unknown", 2)
-    await produce(settings, topic, 0, [int(time.time() * 1000)] * 3)
-    await produce(settings, topic, 1, [int(time.time() * 1000)] * 2)
-    group = settings.group("unknown")
+async def test_never_committed_partitions_show_their_backlog_and_members_are_reported(
+    settings: Settings,
+) -> None:
+    topic = await create_topic(settings, "lag.uncommitted", 3)
+    now = int(time.time() * 1000)
+    await produce(settings, topic, 0, [now] * 3)
+    await produce(settings, topic, 1, [now - 120_000, now])
+    group = settings.group("uncommitted")
     await commit(settings, group, {TopicPartition(topic, 0): 1})
     async with live_member(settings, group, topic), LagReader(settings.kafka) as reader:
-        (reading,) = await reader.read([group])
+        (reading,) = await reader.read({group: ()})
     rows = by_partition(LagTracker().update([reading]))
 
     assert reading.members == 1
     assert rows[0].committed == 1 and rows[0].lag == 2 and rows[0].owner is not None
-    # partition 1 is owned but was never committed: its lag is unknown, not 0
-    assert rows[1].committed is None and rows[1].lag is None and rows[1].lag_seconds is None
-    assert rows[1].status is Status.UNKNOWN and rows[1].owner == rows[0].owner
+    # partition 1 was never committed: its whole log waits (the engine starts at the earliest)
+    assert rows[1].committed is None and rows[1].lag == 2 and rows[1].owner == rows[0].owner
+    assert rows[1].lag_seconds == pytest.approx(120, abs=5)
+    assert rows[1].status is Status.OK  # one look, and its oldest record is young
+    # partition 2 is empty and never committed: nothing waits, and that is known
+    assert (rows[2].committed, rows[2].lag, rows[2].lag_seconds, rows[2].status) == (
+        None,
+        0,
+        0.0,
+        Status.OK,
+    )
 
 
 # --- window statuses on a real broker ----------------------------------------------------
 
 
 async def read_rows(reader: LagReader, tracker: LagTracker, group: str) -> dict[int, LagRow]:
-    return by_partition(tracker.update(await reader.read([group])))
+    return by_partition(tracker.update(await reader.read({group: ()})))
 
 
-async def test_stopped_group_with_old_unprocessed_records_is_stop_and_exits_3(
+async def test_stopped_group_with_old_unprocessed_records_is_unowned_and_exits_3(
     settings: Settings, env: dict[str, str]
 ) -> None:
     topic = await create_topic(settings, "lag.stop", 1)
@@ -191,12 +142,11 @@ async def test_stopped_group_with_old_unprocessed_records_is_stop_and_exits_3(
     group = settings.group("stop")
     await commit(settings, group, {TopicPartition(topic, 0): 1})
 
-    done = await run_cli(env, "lag", "--group", group, "--json", "--interval", "0.1")
-
-    assert done.returncode == 3, done.stderr
-    (row,) = orjson.loads(done.stdout)
-    assert (row["status"], row["lag"], row["members"]) == ("STOP", 2, 0)
-    assert row["lag_seconds"] >= 3600
+    for done in await lag_json(env, group):
+        assert done.returncode == 3, done.stderr
+        (row,) = orjson.loads(done.stdout)
+        assert (row["status"], row["lag"], row["members"]) == ("UNOWNED", 2, 0)
+        assert row["lag_seconds"] >= 3600
 
 
 async def test_member_that_holds_a_partition_without_progress_is_stall(
@@ -206,15 +156,19 @@ async def test_member_that_holds_a_partition_without_progress_is_stall(
     await produce(settings, topic, 0, [int(time.time() * 1000) - HOUR_MS] * 3)
     group = settings.group("stall")
     await commit(settings, group, {TopicPartition(topic, 0): 1})
+    window = ("--samples", "3", "--interval", "0.1")
     async with live_member(settings, group, topic):
-        done = await run_cli(env, "lag", "--group", group, "--json", "--interval", "0.1")
-        table = await run_cli(env, "lag", "--group", group, "--interval", "0.1")
+        done = await run_cli(env, "lag", "--group", group, "--json", *window)
+        table = await run_cli(env, "lag", "--group", group, *window)
+        one_look = await run_cli(env, "lag", "--group", group, "--json")
 
     assert done.returncode == 3, done.stderr
     (row,) = orjson.loads(done.stdout)
     assert (row["status"], row["members"]) == ("STALL", 1)
     assert table.returncode == 3
     assert f"group {group}: STALL, 1 member(s)" in table.stdout
+    # one look cannot tell a stall from a backlog being worked off: it says BEHIND
+    assert one_look.returncode == 3 and orjson.loads(one_look.stdout)[0]["status"] == "BEHIND"
 
 
 async def test_idle_topic_with_zero_lag_is_ok_and_exits_0(
@@ -225,7 +179,7 @@ async def test_idle_topic_with_zero_lag_is_ok_and_exits_0(
     group = settings.group("idle")
     await commit(settings, group, {TopicPartition(topic, 0): 3})
 
-    done = await run_cli(env, "lag", "--group", group, "--json", "--interval", "0.1")
+    done = await run_cli(env, "lag", "--group", group, "--json")
 
     assert done.returncode == 0, done.stderr
     (row,) = orjson.loads(done.stdout)
@@ -266,26 +220,17 @@ async def test_progress_above_a_stuck_watermark_is_not_a_stall(settings: Setting
             stopped = (await read_rows(reader, tracker, group))[0]
 
     assert busy.status is Status.OK
-    assert stopped.status is Status.STOP
+    assert stopped.status is Status.UNOWNED
 
 
 async def test_missing_group_says_so_in_one_line(settings: Settings, env: dict[str, str]) -> None:
     group = settings.group("never-used")
-    done = await run_cli(env, "lag", "--group", group, "--interval", "0.1")
+    done = await run_cli(env, "lag", "--group", group)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"stream lag: consumer group '{group}' does not exist on "
         f"{settings.kafka.bootstrap_servers} (no members, no committed offsets)"
     ]
-
-
-async def test_default_groups_carry_the_topic_prefix(
-    settings: Settings, env: dict[str, str]
-) -> None:
-    done = await run_cli(env, "lag", "--interval", "0.1")
-    assert done.returncode == 1
-    assert settings.group("predictions-primary") in done.stderr
-    assert settings.group("predictions-fallback") in done.stderr
 
 
 # --- the background monitor --------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stream.observe.lagstatus import Sample, Status, Windows, evaluate, worst
+from stream.observe.lagstatus import _SEVERITY, ATTENTION, Sample, Status, Windows, evaluate, worst
 
 OLD = 3600.0  # an unprocessed record older than any stall threshold
 
@@ -22,8 +22,8 @@ def window(
     return [
         Sample(
             at=10.0 * i,
-            committed=offset,
-            end=end,
+            position=offset,
+            lag=end - offset,
             metadata=metadata[i] if metadata else "",
             owned=owned,
             lag_seconds=age,
@@ -48,8 +48,8 @@ def test_stuck_offset_with_an_owner_and_no_finished_work_is_stall() -> None:
     assert evaluate(window([10, 10, 10], [30, 35, 40])) is Status.STALL
 
 
-def test_stuck_offset_without_an_owner_is_stop() -> None:
-    assert evaluate(window([10, 10, 10], [30, 30, 30], owned=False)) is Status.STOP
+def test_stuck_offset_without_an_owner_is_unowned() -> None:
+    assert evaluate(window([10, 10, 10], [30, 30, 30], owned=False)) is Status.UNOWNED
 
 
 def test_lag_growing_while_the_consumer_moves_is_warn() -> None:
@@ -67,32 +67,44 @@ def test_stuck_watermark_with_work_finishing_above_it_is_not_a_stall() -> None:
     assert evaluate(growing) is Status.WARN
 
 
-def test_young_oldest_record_rules_out_stall_and_stop() -> None:
+def test_young_oldest_record_rules_out_stall_and_unowned() -> None:
     assert evaluate(window([10, 10, 10], [12, 12, 12], age=5.0)) is Status.OK
     assert evaluate(window([10, 10, 10], [12, 12, 12], age=5.0, owned=False)) is Status.OK
     assert evaluate(window([10, 10], [12, 12], age=5.0), stall_after_s=1.0) is Status.STALL
 
 
-def test_unknown_offsets_and_single_samples_are_unknown_not_ok() -> None:
+def test_unknown_offsets_are_unknown_not_ok() -> None:
     assert evaluate([]) is Status.UNKNOWN
-    assert evaluate([Sample(at=0.0, committed=None, end=10)]) is Status.UNKNOWN
-    assert evaluate([Sample(at=0.0, committed=3, end=None)]) is Status.UNKNOWN
-    assert evaluate([Sample(at=0.0, committed=3, end=10)]) is Status.UNKNOWN
-    assert evaluate([Sample(at=0.0, committed=10, end=10)]) is Status.OK
+    assert evaluate([Sample(at=0.0, position=None, lag=None)]) is Status.UNKNOWN
+    assert evaluate([Sample(at=0.0, position=3, lag=None)]) is Status.UNKNOWN
+    assert evaluate([Sample(at=0.0, position=None, lag=4)]) is Status.UNKNOWN
+    # an older sample knew, the latest does not: nothing is assumed
+    assert evaluate(window([3], [3]) + [Sample(at=20.0, position=3, lag=None)]) is Status.UNKNOWN
+
+
+def test_one_look_speaks_only_through_the_age_of_the_oldest_record() -> None:
+    assert evaluate([Sample(at=0.0, position=10, lag=0)]) is Status.OK
+    assert evaluate(window([3], [10], age=None)) is Status.UNKNOWN
+    assert evaluate(window([3], [10], age=5.0)) is Status.OK
+    assert evaluate(window([3], [10], age=OLD)) is Status.BEHIND
+    assert evaluate(window([3], [10], age=OLD, owned=None)) is Status.BEHIND
+    assert evaluate(window([3], [10], age=OLD, owned=False)) is Status.UNOWNED
 
 
 def test_worst_orders_by_alarm() -> None:
     assert worst([]) is Status.OK
     assert worst([Status.OK, Status.WARN, Status.REWIND]) is Status.REWIND
-    assert worst([Status.STALL, Status.STOP, Status.OK]) is Status.STOP
+    assert worst([Status.STALL, Status.UNOWNED, Status.OK]) is Status.UNOWNED
+    assert worst([Status.BEHIND, Status.WARN]) is Status.BEHIND
+    assert set(Status) == set(_SEVERITY) and ATTENTION < set(Status)
 
 
 def test_windows_keep_the_last_samples_per_key() -> None:
     windows: Windows[str] = Windows(size=2)
     for i in range(5):
-        kept = windows.add("a", Sample(at=float(i), committed=i, end=i))
-    assert [s.committed for s in kept] == [3, 4]
-    windows.add("b", Sample(at=0.0, committed=0, end=0))
+        kept = windows.add("a", Sample(at=float(i), position=i, lag=0))
+    assert [s.position for s in kept] == [3, 4]
+    windows.add("b", Sample(at=0.0, position=0, lag=0))
     windows.retain({"b"})
     assert len(windows) == 1
     with pytest.raises(ValueError):
@@ -112,14 +124,14 @@ def windows_of_samples(draw: st.DrawFn) -> list[Sample]:
     owned = draw(st.sampled_from([True, False, None]))
     age = draw(st.one_of(st.none(), st.floats(0, 10_000)))
     return [
-        Sample(at=float(i), committed=o, end=e, metadata=m, owned=owned, lag_seconds=age)
+        Sample(at=float(i), position=o, lag=e - o, metadata=m, owned=owned, lag_seconds=age)
         for i, (o, e, m) in enumerate(zip(offsets, ends, metadata, strict=True))
     ]
 
 
 @given(windows_of_samples())
 def test_rewind_exactly_when_an_offset_goes_backwards(samples: list[Sample]) -> None:
-    backwards = any(b.committed < a.committed for a, b in pairwise(samples))  # type: ignore[operator]
+    backwards = any(b.position < a.position for a, b in pairwise(samples))  # type: ignore[operator]
     assert (evaluate(samples) is Status.REWIND) == backwards
 
 
@@ -137,9 +149,11 @@ def test_idle_zero_lag_is_always_ok(offset: int, size: int, owned: bool | None) 
 
 
 @given(windows_of_samples())
-def test_stall_and_stop_need_a_stuck_offset_lag_and_an_old_record(samples: list[Sample]) -> None:
-    if evaluate(samples, stall_after_s=60.0) in (Status.STALL, Status.STOP):
-        assert len({s.committed for s in samples}) == 1
+def test_attention_needs_lag_and_an_old_record_and_a_window_a_stuck_offset(
+    samples: list[Sample],
+) -> None:
+    if evaluate(samples, stall_after_s=60.0) in ATTENTION:
+        assert len({s.position for s in samples}) == 1
         assert all(s.lag is not None and s.lag > 0 for s in samples)
         assert len({s.metadata for s in samples}) == 1
         age = samples[-1].lag_seconds
@@ -147,14 +161,31 @@ def test_stall_and_stop_need_a_stuck_offset_lag_and_an_old_record(samples: list[
 
 
 @given(windows_of_samples())
-def test_stop_only_without_an_owner_and_stall_only_without_a_known_absence(
+def test_unowned_only_without_an_owner_and_stall_only_without_a_known_absence(
     samples: list[Sample],
 ) -> None:
     status = evaluate(samples)
-    if status is Status.STOP:
+    if status is Status.UNOWNED:
         assert samples[-1].owned is False
-    if status is Status.STALL:
+    if status in (Status.STALL, Status.BEHIND):
         assert samples[-1].owned is not False
+
+
+@given(windows_of_samples())
+def test_one_look_and_window_statuses_stay_apart(samples: list[Sample]) -> None:
+    status = evaluate(samples)
+    if len(samples) == 1:
+        assert status not in (Status.STALL, Status.WARN, Status.REWIND)
+    else:
+        assert status is not Status.BEHIND
+
+
+@given(windows_of_samples(), st.floats(1, 10_000))
+def test_a_record_younger_than_the_threshold_never_alarms(
+    samples: list[Sample], threshold: float
+) -> None:
+    young = [s._replace(lag_seconds=threshold / 2) for s in samples]
+    assert evaluate(young, stall_after_s=threshold) not in ATTENTION
 
 
 @given(windows_of_samples())

@@ -14,16 +14,19 @@ import orjson
 import pytest
 import yaml
 from aiokafka import TopicPartition
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.config import Settings
 from stream.logs import JsonFormatter
 from stream.observe.health import Health, serve
-from stream.observe.lag import LagMonitor
+from stream.observe.lag import LagMonitor, LagRow, Status
+from stream.observe.lagmetrics import exported_groups
 from stream.observe.metrics import MAX_LABEL_VALUES, Metrics
 from tests.conftest import ROOT
 from tests.fakes import FakeEngine, PartitionSnapshot
-from tests.test_lag import commit, create_topic, live_member, produce
+from tests.lagkit import commit, create_topic, live_member, produce
 
 pytestmark = pytest.mark.anyio
 
@@ -90,8 +93,9 @@ async def test_scrape_parses_and_counters_move() -> None:
     assert value(after, f"{duration}_bucket", **model, status_class="2xx", le="30.0") == 0
     assert value(after, f"{duration}_bucket", **model, status_class="2xx", le="60.0") == 1
     assert value(after, "stream_provider_retries_total", **model, error_type="server_error") == 1
-    assert value(after, "stream_breaker_state", **model, stream_breaker_state="open") == 1
-    assert value(after, "stream_breaker_state", **model, stream_breaker_state="closed") == 0
+    assert value(after, "stream_breaker_state", **model, state="open") == 1
+    assert value(after, "stream_breaker_state", **model, state="closed") == 0
+    assert value(after, "stream_breaker_state", **model, state="half_open") == 0
     assert value(after, "stream_commit_duration_seconds_count", group="predictions-primary") == 1
     engine_labels = {"engine": "primary", "group": "predictions-primary"}
     assert value(before, "stream_engine_records_in_total", **engine_labels) == 0
@@ -99,6 +103,17 @@ async def test_scrape_parses_and_counters_move() -> None:
     assert value(after, "stream_engine_commits_total", **engine_labels) == 3
     assert value(after, "stream_engine_assigned_partitions", **engine_labels) == 2
     assert all(name.startswith("stream_") for name, _ in after)
+    assert not [name for name, _ in after if name.endswith("_created")]
+
+
+def test_a_called_model_shows_its_breaker_closed_before_any_transition() -> None:
+    metrics = Metrics()
+    metrics.on_attempt("together", "m", "2xx", 1.0)
+    samples = parse(metrics.exposition().decode())
+    states = {
+        dict(labels)["state"]: v for (name, labels), v in samples.items() if name.endswith("state")
+    }
+    assert states == {"closed": 1, "open": 0, "half_open": 0}
 
 
 async def test_partition_snapshot_metrics_show_unknown_age_as_nan() -> None:
@@ -123,7 +138,7 @@ async def test_partition_snapshot_metrics_show_unknown_age_as_nan() -> None:
     assert math.isnan(value(samples, "stream_partition_oldest_in_flight_age_seconds", **p1))
 
 
-async def test_lag_metrics_come_from_the_monitor_cache_and_unknown_is_nan(
+async def test_lag_metrics_carry_kafka_lag_exporter_names_from_the_monitor_cache(
     settings: Settings,
 ) -> None:
     topic = await create_topic(settings, "metrics.lag", 2)
@@ -133,7 +148,7 @@ async def test_lag_metrics_come_from_the_monitor_cache_and_unknown_is_nan(
     await commit(settings, group, {TopicPartition(topic, 0): 1})
     metrics = Metrics()
     monitor = LagMonitor(settings.kafka, [group], interval_s=0.05)
-    metrics.watch_lag(monitor)
+    metrics.watch_lag(monitor)  # no `owned`: this process exports every group it reads
     async with live_member(settings, group, topic), anyio.create_task_group() as tg:
         await tg.start(monitor.run)
         with anyio.fail_after(30):
@@ -141,14 +156,48 @@ async def test_lag_metrics_come_from_the_monitor_cache_and_unknown_is_nan(
         tg.cancel_scope.cancel()
     samples = parse(metrics.exposition().decode())
 
-    p0 = {"group": group, "topic": topic, "partition": "0"}
+    cluster = monitor.cluster_name
+    assert cluster  # the cluster id Kafka reports, without STREAM_KAFKA_CLUSTER_NAME
+    p0 = {"cluster_name": cluster, "group": group, "topic": topic, "partition": "0"}
     p1 = {**p0, "partition": "1"}
-    assert value(samples, "stream_consumer_lag_records", **p0) == 3
-    assert 119 <= value(samples, "stream_consumer_lag_seconds", **p0) < 3600
-    assert math.isnan(value(samples, "stream_consumer_lag_records", **p1))  # never committed
-    assert math.isnan(value(samples, "stream_consumer_lag_seconds", **p1))
-    assert value(samples, "stream_consumer_lag_status", **p1, status="UNKNOWN") == 1
+    assert value(samples, "kafka_consumergroup_group_lag", **p0) == 3
+    assert 119 <= value(samples, "kafka_consumergroup_group_lag_seconds", **p0) < 3600
+    assert value(samples, "kafka_consumergroup_group_offset", **p0) == 1
+    assert math.isnan(value(samples, "kafka_consumergroup_group_offset", **p1))  # never committed
+    assert value(samples, "kafka_consumergroup_group_lag", **p1) == 0  # empty: known zero
+    assert value(samples, "stream_consumer_lag_status", **p1, status="OK") == 1
+    group_labels = {"cluster_name": cluster, "group": group}
+    assert value(samples, "kafka_consumergroup_group_max_lag", **group_labels) == 3
+    assert value(samples, "kafka_consumergroup_group_sum_lag", **group_labels) == 3
+    latest = {"cluster_name": cluster, "topic": topic, "partition": "0"}
+    assert value(samples, "kafka_partition_latest_offset", **latest) == 4
+    assert value(samples, "stream_lag_exporter", group=group) == 1
     assert value(samples, "stream_lag_rounds_total") >= 1
+
+
+def row(group: str, partition: int, owner: str | None) -> LagRow:
+    return LagRow(group, "t", partition, 0, 0, 0, 0.0, Status.OK, 2, owner)
+
+
+@given(
+    st.lists(st.sampled_from(["a", "b", "c", None]), min_size=1, max_size=12),
+    st.sampled_from(["g1", "g2"]),
+)
+def test_exactly_one_member_exports_a_group_with_live_owners(
+    owners: list[str | None], group: str
+) -> None:
+    rows = [row(group, p, owner) for p, owner in enumerate(owners)]
+    holders = {
+        member: {(group, "t", p) for p, o in enumerate(owners) if o == member} for member in "abc"
+    }
+    exporters = [member for member in "abc" if exported_groups(rows, holders[member])]
+    assert len(exporters) == (1 if any(owners) else 0)
+
+
+def test_a_replica_holding_other_partitions_exports_nothing_of_the_group() -> None:
+    rows = [row("g", 0, "a"), row("g", 1, "b")]
+    assert exported_groups(rows, {("g", "t", 1)}) == set()
+    assert exported_groups(rows, {("g", "t", 0)}) == {"g"}
 
 
 async def test_readyz_fails_until_partitions_are_assigned_and_kafka_answered(
@@ -284,7 +333,7 @@ def test_dashboard_queries_only_metrics_that_exist() -> None:
 
 
 def test_prometheus_scrapes_both_workers() -> None:
-    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
     targets = {t for group in job["static_configs"] for t in group["targets"]}
     assert targets == {"primary:9400", "fallback:9400"}
@@ -293,3 +342,26 @@ def test_prometheus_scrapes_both_workers() -> None:
     assert (
         not {k for group in job["static_configs"] for k in group.get("labels", {})} & metric_labels
     )
+
+
+def readme_metrics() -> dict[str, str]:
+    """Every metric the README's metrics table lists → its type."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| metric | type | labels | what |") :].split("\n\n")[0]
+    listed = {}
+    for line in table.splitlines()[2:]:
+        names, kind = line.split("|")[1:3]
+        for name in re.findall(r"`([a-z_]+)`", names):
+            listed[name] = kind.strip()
+    return listed
+
+
+def test_the_readme_lists_every_metric_with_its_type() -> None:
+    metrics = Metrics()
+    metrics.watch_engine(FakeEngine("primary", "g"))
+    metrics.watch_lag(LagMonitor(Settings().kafka, ["g"]))
+    exposed = {}
+    for family in metrics.registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        exposed[name] = family.type
+    assert readme_metrics() == exposed

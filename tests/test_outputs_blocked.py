@@ -1,5 +1,6 @@
-"""The at-least-once sink says when Kafka takes none of its outputs, and holds the record
-until it does. No broker here: the producer's futures are the test's to resolve (the idempotent
+"""The at-least-once sink says when Kafka takes none of a partition's outputs (its
+`write_error`, which readiness shows, and one error log line), and holds the record until
+it does. No broker here: the producer's futures are the test's to resolve (the idempotent
 producer retries a refused batch for ever and only its future tells). On a real cluster
 with two brokers of three down: tests/test_cluster.py."""
 
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import anyio
@@ -16,6 +16,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import NotEnoughReplicasError
 
 from stream.config import KafkaSettings
+from stream.engine import outputs
 from stream.engine.offsets import PartitionOffsets
 from stream.engine.outputs import AtLeastOnceSink, Output
 from stream.engine.partitions import Partition
@@ -36,56 +37,59 @@ class FakeProducer:
         return future
 
 
+@pytest.fixture(autouse=True)
+def late_after_50ms(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outputs, "_LATE_ACK_S", 0.05)
+
+
 async def _sink() -> tuple[AtLeastOnceSink, FakeProducer, Partition]:
     sink = AtLeastOnceSink(KafkaSettings(), consumer=None, producer_options={})
     await sink.stop()  # the real producer, never started, makes way for the fake
     producer = FakeProducer()
     sink._producer = producer  # type: ignore[assignment]
-    sink.blocked_after_s = 0.05
     partition = Partition(
         TopicPartition("in", 0), PartitionOffsets(0), low_priority=False, key_ordering=False
     )
-    assert partition.offsets.accept(0)
+    assert partition.offsets.accept(0) and partition.offsets.accept(1)
     return sink, producer, partition
 
 
-async def test_a_late_ack_blocks_the_sink_until_it_lands(caplog: pytest.LogCaptureFixture) -> None:
-    sink, producer, partition = await _sink()
-    began = time.time()
-    async with anyio.create_task_group() as group:
-        group.start_soon(sink.write, partition, 0, [Output("out", b"v")])
-
-        async def blocked() -> bool:
-            return sink.blocked_since is not None
-
-        await eventually(blocked, timeout_s=5)
-        assert began <= (sink.blocked_since or 0) <= time.time()
-        assert sink.blocked_why == "no acknowledgement in 0.05 s"
-        assert partition.offsets.watermark == 0  # not finished: not committable
-        producer.futures[0].set_result(None)
-    assert sink.blocked_since is None
-    assert partition.offsets.watermark == 1
-    assert len(producer.futures) == 1  # waited for, never sent again
-    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
-    assert (
-        sum("Kafka is not taking outputs" in m for level, m in messages if level == logging.ERROR)
-        == 1
-    )
-    assert any(m.startswith("Kafka takes outputs again") for _, m in messages)
-
-
-async def test_a_refused_write_blocks_the_sink_and_is_sent_again(
+async def test_a_late_ack_marks_the_partition_until_it_lands(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    sink, producer, partition = await _sink()
+    async with anyio.create_task_group() as group:
+        group.start_soon(sink.write, partition, 0, [Output("out", b"v")])
+        group.start_soon(sink.write, partition, 1, [Output("out", b"w")])
+
+        async def late() -> bool:
+            return partition.write_error is not None
+
+        await eventually(late, timeout_s=5)
+        assert partition.write_error == "no acknowledgement in 0.05 s"
+        assert partition.offsets.watermark == 0  # not finished: not committable
+        for future in producer.futures:
+            future.set_result(None)
+    assert partition.write_error is None
+    assert partition.offsets.watermark == 2
+    assert len(producer.futures) == 2  # waited for, never sent again
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [
+        f"Kafka takes no outputs of {partition.tp} (no acknowledgement in 0.05 s): its "
+        "records stay unfinished and uncommitted until it does"
+    ]  # once per partition, not once per record
+
+
+async def test_a_refused_write_marks_the_partition_and_is_sent_again() -> None:
     sink, producer, partition = await _sink()
     async with anyio.create_task_group() as group:
         group.start_soon(sink.write, partition, 0, [Output("out", b"v")])
         await eventually(_sent(producer, 1), timeout_s=5)
         producer.futures[0].set_exception(NotEnoughReplicasError())
         await eventually(_sent(producer, 2), timeout_s=5)
-        assert "Kafka is not taking outputs (NotEnoughReplicasError)" in caplog.text
+        assert partition.write_error in ("NotEnoughReplicasError", "no acknowledgement in 0.05 s")
         producer.futures[1].set_result(None)
-    assert sink.blocked_since is None and partition.offsets.watermark == 1
+    assert partition.write_error is None and partition.offsets.watermark == 1
 
 
 def _sent(producer: FakeProducer, count: int) -> Any:

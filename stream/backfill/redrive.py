@@ -56,6 +56,7 @@ REASONS = (
     "fallback_failed",
     "handler_error",
     "result_too_large",
+    "output_rejected",
 )
 # the same bytes would fail the same way: sent again only with --force
 HOPELESS = frozenset(
@@ -66,6 +67,7 @@ HOPELESS = frozenset(
         "too_large",
         "unknown_model",
         "result_too_large",
+        "output_rejected",
     }
 )
 OUTCOMES = ("redriven", "already redriven", "cannot succeed", "no request", "not selected")

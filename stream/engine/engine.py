@@ -18,17 +18,24 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import anyio
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError as AIOKafkaError
 from anyio.abc import TaskGroup
 
 from stream.config import Settings
 from stream.engine.flow import Flow
-from stream.engine.offsets import PartitionOffsets, decode_metadata
-from stream.engine.outputs import MAX_OUTPUT_BYTES, AtLeastOnceSink, ExactlyOnceSink, Output, Sink
+from stream.engine.outputs import (
+    CLOSE_TIMEOUT_S,
+    MAX_OUTPUT_BYTES,
+    AtLeastOnceSink,
+    ExactlyOnceSink,
+    Output,
+    Sink,
+)
 from stream.engine.partitions import Partition, PartitionSnapshot, Record
+from stream.engine.rebalance import Listener, Rebalancer, seek
 from stream.errors import KafkaError, OutputRejectedError
-from stream.kafka import translate
+from stream.kafka import start_client, translate
 
 __all__ = [
     "Engine",
@@ -46,7 +53,8 @@ Handler = Callable[[Record], Awaitable[Sequence[Output]]]
 ErrorHandler = Callable[[Record, BaseException], Sequence[Output]]
 
 _POLL_TIMEOUT_MS = 100
-_CLOSE_TIMEOUT_S = 10.0
+# Outputs Kafka has not acknowledged for this long mean the engine is stuck (not ready).
+_STALLED_WRITE_S = 10.0
 
 
 class EngineSnapshot(NamedTuple):
@@ -61,28 +69,6 @@ class EngineSnapshot(NamedTuple):
     commits: int
     last_commit_seconds: float  # Unix time of the last successful commit, 0.0 before
     partitions: tuple[PartitionSnapshot, ...]
-    # Unix time since which Kafka has taken none of the outputs (0.0: they flow), and why:
-    # records finish and commit again only once it takes them.
-    outputs_blocked_since: float = 0.0
-    outputs_blocked_why: str = ""
-
-
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    """aiokafka awaits these in its coordinator task, between leaving and rejoining."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._engine._revoke(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        # aiokafka logs and swallows what a listener raises: the partitions would stay
-        # assigned to us and never be processed. Keep the error; the fetch loop raises it.
-        try:
-            await self._engine._assign(assigned)
-        except Exception as exc:
-            self._engine._listener_error = exc
 
 
 class Engine:
@@ -114,8 +100,7 @@ class Engine:
         self._commit_lock = anyio.Lock()
         self._task_group: TaskGroup | None = None
         # aiokafka clients need a running event loop: they are made in `run`.
-        self._clients: tuple[AIOKafkaConsumer, Sink] | None = None
-        self._listener_error: Exception | None = None
+        self._clients: tuple[AIOKafkaConsumer, Sink, Listener] | None = None
         self.records_in = self.records_done = self.handler_errors = self.commits = 0
         self.last_commit_seconds = 0.0
 
@@ -138,6 +123,7 @@ class Engine:
             max_partition_fetch_bytes=1024 * 1024,
             fetch_max_bytes=16 * 1024 * 1024,
             max_poll_records=min(config.max_in_flight, 500),
+            metadata_max_age_ms=30_000,  # new partitions (topics apply --add-partitions) in < 1 min
         )
 
     def _make_sink(self, consumer: AIOKafkaConsumer) -> Sink:
@@ -166,6 +152,11 @@ class Engine:
         assert self._clients is not None, "the engine is not running"
         return self._clients[1]
 
+    @property
+    def _listener(self) -> Listener:
+        assert self._clients is not None, "the engine is not running"
+        return self._clients[2]
+
     # -- public surface -----------------------------------------------------------------
 
     async def run(self) -> None:
@@ -180,13 +171,15 @@ class Engine:
                 group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                await self._final_commit()
-                await self._close()
+                try:
+                    await self._final_commit()
+                finally:
+                    await self._close()
 
     async def _final_commit(self) -> None:
         """Commit what finished, also when the engine is failing: never pay twice for it."""
         try:
-            with anyio.move_on_after(_CLOSE_TIMEOUT_S):
+            with anyio.move_on_after(CLOSE_TIMEOUT_S):
                 await self._commit()
         except KafkaError as exc:
             log.warning("final commit failed; unfinished work re-runs from the last: %s", exc)
@@ -208,8 +201,24 @@ class Engine:
             commits=self.commits,
             last_commit_seconds=self.last_commit_seconds,
             partitions=tuple(p.snapshot() for p in self._partitions.values()),
-            outputs_blocked_since=(self._clients and self._sink.blocked_since) or 0.0,
-            outputs_blocked_why=self._sink.blocked_why if self._clients else "",
+        )
+
+    def problem(self) -> str | None:
+        """Why this engine is not making progress, if it is stuck: outputs Kafka has not
+        taken for `_STALLED_WRITE_S` (a broker down, too few in-sync replicas)."""
+        now = time.monotonic()
+        stuck = {
+            p.tp: (age, p.write_error)
+            for p in self._partitions.values()
+            if (age := p.oldest_write_s(now)) is not None and age >= _STALLED_WRITE_S
+        }
+        if not stuck:
+            return None
+        tp, (age, error) = max(stuck.items(), key=lambda item: item[1][0])
+        because = f" (last error {error})" if error else ""
+        return (
+            f"outputs of {len(stuck)} partition(s) not taken by Kafka, the oldest of "
+            f"{tp.topic}[{tp.partition}] for {age:.0f} s{because}"
         )
 
     def __repr__(self) -> str:
@@ -224,24 +233,43 @@ class Engine:
 
     async def _start(self) -> None:
         consumer = self._make_consumer()
-        self._clients = (consumer, self._make_sink(consumer))
-        await self._sink.start()
-        self._consumer.subscribe(self._topics, listener=_Listener(self))
+        sink = self._make_sink(consumer)
+        rebalancer = Rebalancer(
+            settings=self._settings,
+            consumer=consumer,
+            sink=sink,
+            partitions=self._partitions,
+            commit=self._commit,
+            low_priority=self._low_priority,
+            on_assigned=self._assigned,
+        )
+        listener = Listener(rebalancer)
+        self._clients = (consumer, sink, listener)
+        await sink.start()
+        consumer.subscribe(self._topics, listener=listener)
         try:
-            await self._consumer.start()
-        except (AIOKafkaError, OSError) as exc:
-            await self._sink.stop()
-            raise translate(exc, self._settings.kafka, "starting the consumer") from exc
+            await start_client(consumer, self._settings.kafka, "starting the consumer")
+        except KafkaError:
+            await sink.stop()
+            raise
+
+    def _assigned(self) -> None:
+        self._flow.update(self._consumer)
+        self.ready.set()
 
     async def _close(self) -> None:
-        with anyio.move_on_after(_CLOSE_TIMEOUT_S):
-            # Leaving the group triggers no revoke callback: forget partitions first.
-            tps = list(self._partitions)
-            self._partitions.clear()
+        # Leaving the group triggers no revoke callback: forget partitions first. Each step
+        # is bounded on its own (the sink bounds its steps): a slow producer must not keep
+        # the consumer in the group, holding partitions until its session times out.
+        tps = list(self._partitions)
+        self._partitions.clear()
+        try:
             await self._sink.revoked(tps)
             await self._sink.stop()
-            await self._consumer.stop()
-        log.info("engine %s closed: %r", self.name, self)
+        finally:
+            with anyio.move_on_after(CLOSE_TIMEOUT_S):
+                await self._consumer.stop()
+            log.info("engine %s closed: %r", self.name, self)
 
     async def _drain(self, grace_s: float) -> None:
         for partition in self._partitions.values():
@@ -257,10 +285,7 @@ class Engine:
 
     async def _fetch(self) -> None:
         while not self._stopping.is_set():
-            if self._listener_error is not None:
-                raise KafkaError(
-                    f"setting up assigned partitions failed: {self._listener_error}"
-                ) from self._listener_error
+            self._listener.raise_error()
             batch: dict[TopicPartition, list[Record]] = {}
             # getmany also waits, without a deadline, for a rebalance to finish.
             with anyio.move_on_after(1.0):
@@ -278,7 +303,7 @@ class Engine:
         if partition is None or partition.revoked:
             # Fetched before our assignment callback set the partition up (or after revoke):
             # put the position back so nothing is skipped.
-            self._seek(tp, records[0].offset)
+            seek(self._consumer, tp, records[0].offset)
             return
         for record in records:
             self.records_in += 1
@@ -299,13 +324,7 @@ class Engine:
                 return  # abandoned before it began: left unfinished for the next owner
             with scope:
                 outputs = await self._call_handler(record)
-                try:
-                    written = await self._sink.write(partition, record.offset, outputs)
-                except OutputRejectedError as exc:
-                    log.error("%s; the record goes to on_error instead", exc)
-                    outputs = self._on_error(record, exc)
-                    written = await self._sink.write(partition, record.offset, outputs)
-                if written:
+                if await self._write(partition, record, outputs):
                     self.records_done += 1
         finally:
             partition.scopes.discard(scope)
@@ -315,14 +334,25 @@ class Engine:
             self._flow.start_ready()
             self._flow.update(self._consumer)
 
+    async def _write(self, partition: Partition, record: Record, outputs: Sequence[Output]) -> bool:
+        partition.writes[record.offset] = time.monotonic()  # how long Kafka keeps us waiting
+        try:
+            try:
+                return await self._sink.write(partition, record.offset, outputs)
+            except OutputRejectedError as exc:
+                log.error("%s; the record goes to on_error instead", exc)
+                return await self._sink.write(partition, record.offset, self._on_error(record, exc))
+        finally:
+            partition.writes.pop(record.offset, None)
+
     async def _call_handler(self, record: Record) -> Sequence[Output]:
         try:
             return await self._handler(record)
         except Exception as exc:
             # The stage turns it into a dead letter; the worker carries on.
             self.handler_errors += 1
-            log.warning(
-                "handler failed on %s[%d]@%d: %s",
+            log.error(
+                "handler failed on %s[%d]@%d: %s; the record goes to on_error",
                 record.topic,
                 record.partition,
                 record.offset,
@@ -330,14 +360,6 @@ class Engine:
                 exc_info=exc,
             )
             return self._on_error(record, exc)
-
-    # -- flow control -------------------------------------------------------------------
-
-    def _seek(self, tp: TopicPartition, offset: int) -> None:
-        try:
-            self._consumer.seek(tp, offset)
-        except Exception as exc:
-            log.debug("not seeking %s to %d: %s", tp, offset, exc)
 
     # -- commit -------------------------------------------------------------------------
 
@@ -361,64 +383,6 @@ class Engine:
                 self.last_commit_seconds = time.time()
                 if self._on_commit is not None:
                     self._on_commit(time.monotonic() - started)
-
-    # -- rebalance ----------------------------------------------------------------------
-
-    async def _revoke(self, tps: set[TopicPartition]) -> None:
-        # All of it must end within the rebalance timeout, or the group drops this worker
-        # and its commit is refused: the grace, then the commit in what is left after
-        # keeping room to close the partitions' producers.
-        deadline = time.monotonic() + self._config.rebalance_timeout_ms / 1000 - _CLOSE_TIMEOUT_S
-        leaving = [self._partitions[tp] for tp in tps if tp in self._partitions]
-        for partition in leaving:
-            partition.revoked = True
-            partition.drop_queued()
-        with anyio.move_on_after(self._config.revoke_grace_s):
-            for partition in leaving:
-                await partition.idle.wait()
-        abandoned = sum(p.abandon() for p in leaving)
-        try:
-            with anyio.move_on_after(max(1.0, deadline - time.monotonic())) as budget:
-                await self._commit(leaving)
-            if budget.cancelled_caught:
-                log.warning("commit on revoke ran out of time; the new owner re-runs from the last")
-        except KafkaError as exc:
-            log.warning("commit on revoke failed; the new owner re-runs from the last: %s", exc)
-        for partition in leaving:
-            self._partitions.pop(partition.tp, None)
-        await self._sink.revoked([p.tp for p in leaving])
-        log.info("revoked %d partitions (%d running records abandoned)", len(leaving), abandoned)
-
-    async def _assign(self, tps: set[TopicPartition]) -> None:
-        # Exactly-once: start the partition producers first; that fences the previous owner
-        # and settles its open transaction, so the committed offsets read next are final.
-        await self._sink.assigned(tps)
-        committed = await self._committed(tps)
-        key_ordering = self._config.ordering == "key"
-        for tp in tps:
-            offset, metadata = committed.get(tp, (None, ""))
-            if offset is None:
-                offsets = PartitionOffsets(-1)  # position unknown: accept from wherever
-            else:
-                offsets = PartitionOffsets(offset, decode_metadata(metadata, offset))
-                self._seek(tp, offset)
-            self._partitions[tp] = Partition(
-                tp, offsets, low_priority=tp.topic in self._low_priority, key_ordering=key_ordering
-            )
-        log.info("assigned %d partitions", len(tps))
-        self._flow.update(self._consumer)
-        self.ready.set()
-
-    async def _committed(self, tps: set[TopicPartition]) -> dict[TopicPartition, tuple[int, str]]:
-        """Committed offset and metadata per partition (the consumer's API drops metadata)."""
-        try:
-            # aiokafka 0.14 (pinned): the coordinator's fetch keeps the metadata. It retries
-            # retriable errors for ever: bound it, a rebalance callback must end.
-            with anyio.fail_after(self._settings.kafka.request_timeout_ms / 1000):
-                found = await self._consumer._coordinator.fetch_committed_offsets(list(tps))
-        except (AIOKafkaError, TimeoutError) as exc:
-            raise translate(exc, self._settings.kafka, "reading committed offsets") from exc
-        return {tp: (om.offset, om.metadata or "") for tp, om in found.items()}
 
 
 async def run_until_signal(engine: Engine) -> None:

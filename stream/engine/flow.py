@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import IllegalStateError
 
 from stream.config import EngineSettings
 from stream.engine.partitions import Partition, Record
@@ -100,6 +101,8 @@ def _set_paused(consumer: AIOKafkaConsumer, partition: Partition, pause: bool) -
             consumer.pause(partition.tp)
         else:
             consumer.resume(partition.tp)
-    except Exception:
-        return  # not assigned to the consumer (any more): nothing to pause
+    except (IllegalStateError, AssertionError):
+        # Not assigned to the consumer (any more), or it has no assignment at all in the
+        # middle of a rebalance (aiokafka asserts): nothing to pause.
+        return
     partition.paused = pause

@@ -17,25 +17,38 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.errors import (
+    KafkaTimeoutError,
+    KafkaUnavailableError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
+    ProducerClosed,
     RecordTooLargeError,
+    UnknownTopicOrPartitionError,
 )
 
-from stream.config import KafkaSettings
+from stream.config import CLOSE_RESERVE_S, KafkaSettings
 from stream.engine.partitions import Partition
-from stream.errors import OutputRejectedError
-from stream.kafka import translate
+from stream.errors import KafkaError, OutputRejectedError
+from stream.kafka import start_client, translate
 
-__all__ = ["MAX_OUTPUT_BYTES", "AtLeastOnceSink", "ExactlyOnceSink", "Output", "Sink"]
+__all__ = [
+    "CLOSE_TIMEOUT_S",
+    "MAX_OUTPUT_BYTES",
+    "AtLeastOnceSink",
+    "ExactlyOnceSink",
+    "Output",
+    "Sink",
+    "retry_helps",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +57,14 @@ MAX_OUTPUT_BYTES = 2 * 1024 * 1024
 _BACKOFF_MAX_S = 5.0
 _TOO_LARGE_TRIES = 3
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
-_CLOSE_TIMEOUT_S = 10.0
-# An ack normally takes milliseconds; the idempotent producer retries a refused batch (no
-# leader, fewer in-sync replicas than min.insync.replicas) for ever without telling us, so
-# a wait this long is how the sink learns Kafka is not taking its outputs.
-_BLOCKED_AFTER_S = 5.0
-# aiokafka's default, named: past it the broker aborts an open transaction anyway.
+# How long each closing step (a producer's stop, a partition's release) may take.
+CLOSE_TIMEOUT_S = CLOSE_RESERVE_S
+# An ack takes milliseconds. The idempotent producer retries a batch Kafka refuses (no
+# leader, fewer in-sync replicas than min.insync.replicas) for ever without telling us:
+# a wait this long is how the sink learns, and says, that Kafka is not taking outputs.
+_LATE_ACK_S = 5.0
+# aiokafka's default, named: Kafka aborts a transaction left open longer, so an exactly-
+# once commit waits that long for a cluster that cannot log it, and no longer.
 _TRANSACTION_TIMEOUT_MS = 60_000
 
 
@@ -64,11 +79,6 @@ class Output:
 
 
 class Sink(Protocol):
-    # Wall-clock time since which Kafka has taken none of the outputs (None: they flow),
-    # and why, for the engine's snapshot, metrics and readiness.
-    blocked_since: float | None
-    blocked_why: str
-
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def assigned(self, tps: Iterable[TopicPartition]) -> None: ...
@@ -93,6 +103,23 @@ def _changes(partitions: Iterable[Partition]) -> dict[Partition, tuple[int, str]
     return changed
 
 
+async def _acknowledged(future: Any, partition: Partition) -> None:
+    """Wait for Kafka's ack of one output. A late one marks the partition's outputs as not
+    taken (its snapshot's `write_error`, which readiness shows), once with an error log;
+    the producer goes on retrying the same batch: sending it again would write it twice."""
+    if not future.done():
+        done, _ = await asyncio.wait([future], timeout=_LATE_ACK_S)
+        if not done and partition.write_error is None:
+            partition.write_error = f"no acknowledgement in {_LATE_ACK_S:g} s"
+            log.error(
+                "Kafka takes no outputs of %s (%s): its records stay unfinished and "
+                "uncommitted until it does",
+                partition.tp,
+                partition.write_error,
+            )
+    await future
+
+
 async def _send(producer: AIOKafkaProducer, outputs: Sequence[Output]) -> list[Any]:
     """Hand the outputs to the producer; the futures resolve when Kafka acknowledges."""
     return [
@@ -100,42 +127,42 @@ async def _send(producer: AIOKafkaProducer, outputs: Sequence[Output]) -> list[A
     ]
 
 
-class _Reporting:
-    """Whether Kafka takes the sink's outputs: `blocked_since` (wall clock) and why, set
-    when an acknowledgement is late or a write fails, cleared by the next one that lands."""
+def retry_helps(exc: AIOKafkaError) -> bool:
+    """Whether producing the same outputs again can succeed.
 
-    blocked_since: float | None = None
-    blocked_why = ""
-    blocked_after_s = _BLOCKED_AFTER_S
-
-    async def _acknowledged(self, future: Any) -> None:
-        """Wait for Kafka's ack of one output; past `blocked_after_s` the sink reports
-        itself blocked. The producer goes on retrying that same batch: sending it again
-        here would write it twice."""
-        if not future.done():
-            began = time.time()
-            done, _ = await asyncio.wait([future], timeout=self.blocked_after_s)
-            if not done:
-                self._blocked(began, f"no acknowledgement in {self.blocked_after_s:g} s")
-        await future
-
-    def _blocked(self, since: float, why: str) -> None:
-        self.blocked_why = why
-        if self.blocked_since is None:
-            self.blocked_since = since
-            log.error(
-                "Kafka is not taking outputs (%s): their records stay unfinished and "
-                "uncommitted, and are written when it takes them again",
-                why,
-            )
-
-    def _flowing(self) -> None:
-        if self.blocked_since is not None:
-            log.warning("Kafka takes outputs again, after %.0f s", time.time() - self.blocked_since)
-            self.blocked_since = None
+    Kafka's retriable errors can, and so can a timeout, an unavailable cluster, and a
+    producer closed under the writer (renewed). Authorization failures, an invalid request
+    and a topic that is missing after aiokafka waited a whole request timeout for its
+    metadata fail the same way on every try: retrying them would stall the partition for
+    ever while the worker looks healthy.
+    """
+    if isinstance(exc, UnknownTopicOrPartitionError):
+        return False
+    transient = (KafkaTimeoutError, KafkaUnavailableError, ProducerClosed, OutOfOrderSequenceNumber)
+    return bool(exc.retriable) or isinstance(exc, (*transient, *_TOO_LARGE))
 
 
-class AtLeastOnceSink(_Reporting):
+async def _all(steps: Iterable[Callable[[], Awaitable[None]]]) -> None:
+    """Run the steps at once and raise the first error alone, not as an exception group:
+    callers catch our `KafkaError`, and a group would slip past them (skipping clean-up)."""
+    errors: list[Exception] = []
+
+    async def run(step: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await step()
+        except Exception as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as group:
+        for step in steps:
+            group.start_soon(run, step)
+    for extra in errors[1:]:
+        log.warning("also failed: %s", extra)
+    if errors:
+        raise errors[0]
+
+
+class AtLeastOnceSink:
     def __init__(
         self, settings: KafkaSettings, consumer: AIOKafkaConsumer, producer_options: dict[str, Any]
     ) -> None:
@@ -163,23 +190,18 @@ class AtLeastOnceSink(_Reporting):
             log.warning("renewing the output producer after %s", why)
             fresh = self._new_producer()
             try:
-                await fresh.start()
-            except (AIOKafkaError, OSError):
-                await fresh.stop()
+                await start_client(fresh, self._settings, "renewing the producer")
+            except KafkaError:
                 return  # Kafka is away: the writers' retries try again
             self._producer = fresh
-        with anyio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+        with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await failed.stop()  # its pending sends fail, and their writers retry
 
     async def start(self) -> None:
-        try:
-            await self._producer.start()
-        except (AIOKafkaError, OSError) as exc:
-            await self._producer.stop()
-            raise translate(exc, self._settings, "starting the producer") from exc
+        await start_client(self._producer, self._settings, "starting the producer")
 
     async def stop(self) -> None:
-        with anyio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
+        with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await self._producer.stop()
 
     async def assigned(self, tps: Iterable[TopicPartition]) -> None:
@@ -194,28 +216,15 @@ class AtLeastOnceSink(_Reporting):
             producer = self._producer
             try:
                 for future in await _send(producer, outputs):
-                    await self._acknowledged(future)
-                self._flowing()
+                    await _acknowledged(future, partition)
                 break
             except AIOKafkaError as exc:
                 # Kafka is down or slow: keep the record unfinished and try again, so its
                 # offset is never committed without its outputs.
-                self._blocked(time.time(), type(exc).__name__)
-                if isinstance(exc, (*_TOO_LARGE, OutOfOrderSequenceNumber)):
-                    await self._renew(producer, type(exc).__name__)
-                if isinstance(exc, _TOO_LARGE):
-                    # The broker judges whole batches: a small output fails with the big one
-                    # it was batched with, so it gets tries of its own. Past those, the same
-                    # bytes fail the same way, and retrying would stall the partition.
-                    too_large += 1
-                    if too_large >= _TOO_LARGE_TRIES:
-                        raise OutputRejectedError(
-                            f"Kafka refused an output of {partition.tp} offset {offset} for "
-                            f"good ({type(exc).__name__}): larger than its topic's "
-                            "max.message.bytes"
-                        ) from exc
+                too_large = await self._after_failure(exc, producer, partition, offset, too_large)
                 attempt += 1
                 delay = min(_BACKOFF_MAX_S, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
+                partition.write_error = type(exc).__name__
                 log.warning(
                     "producing outputs of %s offset %d failed (%s), retry %d in %.1f s",
                     partition.tp,
@@ -225,8 +234,35 @@ class AtLeastOnceSink(_Reporting):
                     delay,
                 )
                 await anyio.sleep(delay)
+        partition.write_error = None
         partition.offsets.finish(offset)
         return True
+
+    async def _after_failure(
+        self,
+        exc: AIOKafkaError,
+        producer: AIOKafkaProducer,
+        partition: Partition,
+        offset: int,
+        too_large: int,
+    ) -> int:
+        """Raise when another try cannot help; else get ready for it. Returns the count of
+        too-large refusals so far."""
+        if not retry_helps(exc):
+            raise translate(exc, self._settings, f"producing outputs of {partition.tp}") from exc
+        if isinstance(exc, (*_TOO_LARGE, OutOfOrderSequenceNumber)):
+            await self._renew(producer, type(exc).__name__)
+        if isinstance(exc, _TOO_LARGE):
+            # The broker judges whole batches: a small output fails with the big one it was
+            # batched with, so it gets tries of its own. Past those, the same bytes fail the
+            # same way, and retrying would stall the partition.
+            too_large += 1
+            if too_large >= _TOO_LARGE_TRIES:
+                raise OutputRejectedError(
+                    f"Kafka refused an output of {partition.tp} offset {offset} for good "
+                    f"({type(exc).__name__}): larger than its topic's max.message.bytes"
+                ) from exc
+        return too_large
 
     async def commit(self, partitions: Sequence[Partition]) -> int:
         changed = _changes(partitions)
@@ -261,7 +297,19 @@ class _Transactional:
             self.open = True
 
 
-class ExactlyOnceSink(_Reporting):
+async def _delivered(txn: _Transactional, partition: Partition) -> None:
+    """Every output of the open transaction acknowledged, or the transaction aborted."""
+    pending, txn.pending = txn.pending, []
+    for future in pending:
+        try:
+            await _acknowledged(future, partition)
+        except AIOKafkaError:
+            await txn.producer.abort_transaction()
+            txn.open = False
+            raise
+
+
+class ExactlyOnceSink:
     def __init__(
         self, settings: KafkaSettings, group_id: str, producer_options: dict[str, Any]
     ) -> None:
@@ -281,10 +329,7 @@ class ExactlyOnceSink(_Reporting):
 
     async def assigned(self, tps: Iterable[TopicPartition]) -> None:
         """Start (and so fence any previous owner of) each partition's producer."""
-        async with anyio.create_task_group() as group:
-            for tp in tps:
-                if tp not in self._producers:
-                    group.start_soon(self._start_producer, tp)
+        await _all(partial(self._start_producer, tp) for tp in tps if tp not in self._producers)
 
     async def _start_producer(self, tp: TopicPartition) -> None:
         producer = AIOKafkaProducer(
@@ -294,23 +339,26 @@ class ExactlyOnceSink(_Reporting):
             **self._options,
         )
         started = time.monotonic()
-        try:
-            # init_transactions: bumps the epoch, aborts the old owner's open transaction
-            await producer.start()
-        except (AIOKafkaError, OSError) as exc:
-            await producer.stop()
-            raise translate(exc, self._settings, f"starting the producer for {tp}") from exc
+        # init_transactions: bumps the epoch, aborts the old owner's open transaction.
+        # Bounded: this runs inside a rebalance callback, which must end.
+        await start_client(
+            producer,
+            self._settings,
+            f"starting the producer for {tp}",
+            timeout_s=self._settings.request_timeout_ms / 1000,
+        )
         log.debug("transactional producer for %s ready in %.3f s", tp, time.monotonic() - started)
         self._producers[tp] = _Transactional(producer)
 
     async def revoked(self, tps: Iterable[TopicPartition]) -> None:
         leaving = [txn for tp in list(tps) if (txn := self._producers.pop(tp, None)) is not None]
         # All at once: a revoke must end within the rebalance timeout, however many leave.
-        with anyio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
-            async with anyio.create_task_group() as group:
-                for txn in leaving:
-                    # an open transaction is aborted by the broker
-                    group.start_soon(txn.producer.stop)
+        # An open transaction is aborted by the broker.
+        with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            try:
+                await _all(txn.producer.stop for txn in leaving)
+            except (AIOKafkaError, OSError) as exc:
+                log.warning("closing a partition's producer failed: %s", exc)
 
     async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> bool:
         txn = self._producers.get(partition.tp)
@@ -318,8 +366,11 @@ class ExactlyOnceSink(_Reporting):
             return False  # the partition left (its transaction is settled): re-run later
         # Shielded: the outputs and the "finished" mark go into the transaction together,
         # or neither does (an abandoned record must not leave orphan outputs behind).
+        # Bounded all the same: the lock waits at most one commit, the send one request.
         finished = False
-        with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(
+            2 * self._settings.request_timeout_ms / 1000, shield=True
+        ) as bound:
             async with txn.lock:
                 # The partition may have left while this waited for the lock, even come back
                 # with a new producer that must not take this run's outputs.
@@ -331,26 +382,22 @@ class ExactlyOnceSink(_Reporting):
                         raise translate(exc, self._settings, "producing outputs") from exc
                     partition.offsets.finish(offset)
                     finished = True
+        if bound.cancelled_caught:
+            # Some outputs may be in the open transaction without their record marked
+            # finished: committing it would write them twice. Abort it with the producer.
+            await self.revoked([partition.tp])
+            raise KafkaError(
+                f"writing outputs of {partition.tp} into its transaction took longer than "
+                f"{2 * self._settings.request_timeout_ms / 1000:g} s; the transaction is "
+                "aborted and the partition re-runs from its last commit"
+            )
         return finished
 
     async def commit(self, partitions: Sequence[Partition]) -> int:
         changed = _changes(partitions)
         todo = [p for p in partitions if p in changed or self._is_open(p)]
-        if not todo:
-            return 0
-        async with anyio.create_task_group() as watch:
-            watch.start_soon(self._report_late, time.time())
-            async with anyio.create_task_group() as group:
-                for partition in todo:
-                    group.start_soon(self._commit_one, partition)
-            watch.cancel_scope.cancel()
+        await _all(partial(self._commit_one, partition) for partition in todo)
         return len(todo)
-
-    async def _report_late(self, began: float) -> None:
-        # A transaction waits as long as Kafka cannot log it (too few in-sync replicas of
-        # the transaction log or of an output topic), offsets-only ones too.
-        await anyio.sleep(self.blocked_after_s)
-        self._blocked(began, f"transactions not committed in {self.blocked_after_s:g} s")
 
     def _is_open(self, partition: Partition) -> bool:
         txn = self._producers.get(partition.tp)
@@ -364,11 +411,11 @@ class ExactlyOnceSink(_Reporting):
             # Read under the lock: no record can finish between this and the commit.
             position = (partition.offsets.watermark, partition.offsets.metadata())
             try:
-                # Kafka may hold a transaction up while it has too few in-sync replicas:
-                # the engine holds its work as long as Kafka would keep the transaction.
+                # Kafka holds a transaction up while too few replicas are in sync: wait as
+                # long as it would keep the transaction, then re-run from the last commit.
                 with anyio.fail_after(_TRANSACTION_TIMEOUT_MS / 1000):
                     await txn.begin()
-                    await self._delivered(txn)
+                    await _delivered(txn, partition)
                     await txn.producer.send_offsets_to_transaction(
                         {partition.tp: position}, self._group_id
                     )
@@ -385,15 +432,4 @@ class ExactlyOnceSink(_Reporting):
                 ) from exc
             txn.open = False
             partition.committed = position
-            self._flowing()
-
-    async def _delivered(self, txn: _Transactional) -> None:
-        """Every output of the open transaction acknowledged, or the transaction aborted."""
-        pending, txn.pending = txn.pending, []
-        for future in pending:
-            try:
-                await self._acknowledged(future)
-            except AIOKafkaError:
-                await txn.producer.abort_transaction()
-                txn.open = False
-                raise
+            partition.write_error = None

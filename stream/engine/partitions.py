@@ -8,6 +8,7 @@ when the record before it finishes, so one slow key never blocks the others.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any, NamedTuple, TypeAlias
 
@@ -29,6 +30,10 @@ class PartitionSnapshot(NamedTuple):
     finished_uncommitted: int
     paused: bool
     oldest_in_flight_timestamp_ms: int | None
+    # Seconds the oldest write of outputs has waited for Kafka (None: none waiting), and
+    # the last error Kafka gave for this partition's outputs since they last went through.
+    oldest_write_s: float | None = None
+    write_error: str | None = None
 
 
 class Partition:
@@ -51,6 +56,8 @@ class Partition:
         self.abandoned = False  # past the revoke grace: runs still going write nothing
         self.committed: tuple[int, str] | None = None  # last (offset, metadata) committed
         self.running: dict[int, int] = {}  # offset → record timestamp, for the snapshot
+        self.writes: dict[int, float] = {}  # offset → when its outputs' write began (monotonic)
+        self.write_error: str | None = None  # the last refusal since outputs last went through
         self.scopes: set[anyio.CancelScope] = set()  # to abandon running records on revoke
         self.idle = anyio.Event()  # set whenever nothing of this partition is running
         self.idle.set()
@@ -112,6 +119,11 @@ class Partition:
     def oldest_running_timestamp(self) -> int | None:
         return min(self.running.values(), default=None)
 
+    def oldest_write_s(self, now: float) -> float | None:
+        """How long the oldest unfinished write of outputs has waited (monotonic `now`)."""
+        started = min(self.writes.values(), default=None)
+        return None if started is None else now - started
+
     def abandon(self) -> int:
         """Cancel whatever still runs; those records stay unfinished and will be re-run."""
         self.abandoned = True  # a run that ignores its cancellation must not write now
@@ -128,4 +140,6 @@ class Partition:
             finished_uncommitted=self.offsets.finished_uncommitted,
             paused=self.paused,
             oldest_in_flight_timestamp_ms=self.oldest_running_timestamp(),
+            oldest_write_s=self.oldest_write_s(time.monotonic()),
+            write_error=self.write_error,
         )

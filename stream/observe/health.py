@@ -2,8 +2,7 @@
 
 `/healthz` answers 200 while the process runs (its event loop can answer at all).
 `/readyz` answers 200 only when every readiness check passes — the engines have their
-partitions assigned, Kafka takes their outputs, and the lag monitor's last round reached
-Kafka — and 503 with the
+partitions assigned and the lag monitor's last round reached Kafka — and 503 with the
 failing checks listed before that. No check and no scrape does Kafka I/O: they read flags
 and caches that background tasks keep up to date.
 
@@ -22,7 +21,6 @@ A worker wires it up like this (all tasks owned by one task group):
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -32,7 +30,7 @@ from anyio.abc import TaskStatus
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from stream.observe.lag import LagMonitor
-from stream.observe.metrics import Metrics, SnapshotSource
+from stream.observe.metrics import Metrics
 
 __all__ = ["Health", "ReadyEngine", "serve"]
 
@@ -44,12 +42,14 @@ class _Flag(Protocol):
 
 
 class ReadyEngine(Protocol):
-    """An engine whose `ready` event is set once its partitions are assigned."""
+    """An engine whose `ready` event is set once its partitions are assigned, and which
+    says when it is stuck."""
 
     @property
     def name(self) -> str: ...
     @property
     def ready(self) -> _Flag: ...
+    def problem(self) -> str | None: ...
 
 
 class Health:
@@ -63,22 +63,9 @@ class Health:
 
     def require_engine(self, engine: ReadyEngine) -> None:
         def check() -> str | None:
-            return None if engine.ready.is_set() else "partitions not assigned yet"
+            return engine.problem() if engine.ready.is_set() else "partitions not assigned yet"
 
         self.add(f"engine {engine.name}", check)
-
-    def require_outputs(self, engine: SnapshotSource) -> None:
-        """Not ready while Kafka takes none of the engine's outputs (too few in-sync
-        replicas, no leader): nothing finishes or commits, however healthy it looks."""
-
-        def check() -> str | None:
-            snap = engine.snapshot()
-            if not snap.outputs_blocked_since:
-                return None
-            since = time.strftime("%H:%M:%S", time.localtime(snap.outputs_blocked_since))
-            return f"Kafka has taken no output since {since} ({snap.outputs_blocked_why})"
-
-        self.add(f"outputs {engine.snapshot().name}", check)
 
     def require_kafka(self, monitor: LagMonitor) -> None:
         def check() -> str | None:

@@ -1,13 +1,16 @@
 """`stream lag`: the lag table for people, `--json` for scripts, `--watch` until Ctrl-C.
 
-A status needs a window, so even a one-shot answer takes `--samples` readings
-`--interval` seconds apart. Exit 3 when any partition is STALL or STOP, 1 when a group
-does not exist (one line on stderr each), else 0.
+One reading by default (a one-shot answer, well under a second); `--samples N` takes N
+readings `--interval` seconds apart, for the window statuses (STALL, UNOWNED, WARN).
+Exit 3 when any partition needs a person (BEHIND, STALL, UNOWNED), 1 when a group does not
+exist or Kafka does not answer in time (one line on stderr each), else 0. Every reading is
+bounded in time, whatever state the cluster is in.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -17,10 +20,15 @@ import orjson
 
 from stream.config import KafkaSettings, Settings
 from stream.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_USAGE
-from stream.observe.lag import DEFAULT_GROUPS, GroupReading, LagReader, LagRow, LagTracker
+from stream.observe.lag import LagRow, LagTracker
+from stream.observe.lagreader import PIPELINE_GROUPS, GroupReading, LagReader
 from stream.observe.lagstatus import ATTENTION, DEFAULT_STALL_AFTER_S, worst
 
 __all__ = ["register", "render"]
+
+_FETCH_TIMEOUT_S = 2.0  # to find the oldest waiting record of each partition
+_ROUND_S = 10.0  # one reading, connecting included: past this, Kafka did not answer
+_MAX_INTERVAL_S = 3600.0
 
 
 def register(commands: Any) -> None:
@@ -29,8 +37,10 @@ def register(commands: Any) -> None:
         "lag",
         help="consumer lag per group and partition, with a status over a window",
         description="Committed offset, log end, lag in records and in seconds (age of the "
-        "oldest unprocessed record), and a status over a window of samples: OK, WARN, STALL, "
-        "STOP, REWIND (UNKNOWN when it cannot tell). Exit 3 when a group is STALL or STOP.",
+        "oldest unprocessed record), and a status: OK, BEHIND (one reading: records wait "
+        "longer than --stall-after), and over a window of --samples: WARN (falling behind), "
+        "STALL (an owner, no progress), UNOWNED (no owner, no progress), REWIND (the offset "
+        "went back); UNKNOWN when it cannot tell. Exit 3 on BEHIND, STALL or UNOWNED.",
     )
     parser.add_argument(
         "--group",
@@ -46,62 +56,116 @@ def register(commands: Any) -> None:
         "--interval", type=float, default=2.0, metavar="S", help="seconds between samples (2)"
     )
     parser.add_argument(
-        "--samples", type=int, default=3, metavar="N", help="samples in a window (3; min 2)"
+        "--samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="readings in a window (1: a one-shot look; 3 or more tell a stall from a backlog)",
     )
     parser.add_argument(
         "--stall-after",
         type=float,
         default=DEFAULT_STALL_AFTER_S,
         metavar="S",
-        help="a stuck partition is STALL/STOP only once its oldest unprocessed record "
+        help="a partition is BEHIND/STALL/UNOWNED only once its oldest unprocessed record "
         f"is this old (default {DEFAULT_STALL_AFTER_S:.0f}, the longest LLM call)",
     )
     parser.set_defaults(handler=_command)
 
 
 def _command(args: argparse.Namespace, settings: Settings) -> int:
-    if args.samples < 2 or args.interval <= 0:
-        _err("stream lag: --samples must be at least 2 and --interval above 0")
+    problem = _bad_options(args)
+    if problem:
+        _err(f"stream lag: {problem}")
         return EXIT_USAGE
-    groups = args.groups or [settings.group(name) for name in DEFAULT_GROUPS]
+    groups = _groups(args.groups, settings)
     rows: list[LagRow] = []
     latest: list[GroupReading] = []
     try:
         anyio.run(_sample, args, settings.kafka, groups, rows, latest)
     except KeyboardInterrupt:  # the way out of --watch
         pass
+    except TimeoutError:
+        _err(
+            f"stream lag: Kafka at {settings.kafka.bootstrap_servers} did not answer within "
+            f"{_ROUND_S:.0f} s: is it up? (a reading connects, lists the groups' offsets and "
+            "fetches one record per partition)"
+        )
+        return EXIT_FAILED
     if not args.watch:
         _show(rows, latest, as_json=args.json, redraw=False)
     missing = [reading.group for reading in latest if not reading.exists]
     for group in missing:
-        _err(
-            f"stream lag: consumer group {group!r} does not exist on "
-            f"{settings.kafka.bootstrap_servers} (no members, no committed offsets)"
-        )
+        _err(_missing(group, groups[group], settings.kafka.bootstrap_servers))
     if any(row.status in ATTENTION for row in rows):
         return EXIT_ATTENTION
     return EXIT_FAILED if missing else 0
 
 
+def _missing(group: str, topics: tuple[str, ...], where: str) -> str:
+    if topics:  # a pipeline group: its topics are not there either
+        return (
+            f"stream lag: consumer group {group!r} has nothing to show on {where}: its topics "
+            f"({', '.join(topics)}) do not exist; create them with `stream topics apply` "
+            "(and check STREAM_TOPIC_PREFIX)"
+        )
+    return (
+        f"stream lag: consumer group {group!r} does not exist on {where} "
+        "(no members, no committed offsets)"
+    )
+
+
+def _bad_options(args: argparse.Namespace) -> str | None:
+    if args.samples < 1:
+        return f"--samples must be at least 1 (got {args.samples})"
+    if not 0 < args.interval <= _MAX_INTERVAL_S:  # NaN fails this too
+        return (
+            f"--interval must be above 0 and at most {_MAX_INTERVAL_S:.0f} s (got {args.interval})"
+        )
+    if not (math.isfinite(args.stall_after) and args.stall_after >= 0):
+        return f"--stall-after must be a number of seconds, 0 or more (got {args.stall_after})"
+    return None
+
+
+def _groups(named: list[str] | None, settings: Settings) -> dict[str, tuple[str, ...]]:
+    """Each group → the topics it is known to read: the pipeline's groups read known topics
+    (so their partitions show before their first commit); a named group, what Kafka says."""
+    if named:
+        return {group: () for group in named}
+    return {
+        settings.group(group): tuple(settings.topic(topic) for topic in topics)
+        for group, topics in PIPELINE_GROUPS.items()
+    }
+
+
 async def _sample(
     args: argparse.Namespace,
     kafka: KafkaSettings,
-    groups: list[str],
+    groups: dict[str, tuple[str, ...]],
     rows: list[LagRow],
     latest: list[GroupReading],
 ) -> None:
-    """Take `--samples` readings `--interval` apart (forever with `--watch`) into rows."""
+    """Take `--samples` readings `--interval` apart (forever with `--watch`) into rows; each
+    reading (the first one connecting too) gets `_ROUND_S`, else `TimeoutError`."""
     tracker = LagTracker(window=args.samples, stall_after_s=args.stall_after)
-    async with LagReader(kafka) as reader:
+    reader = LagReader(kafka, fetch_timeout_s=_FETCH_TIMEOUT_S)
+    with anyio.fail_after(_ROUND_S):
+        await reader.__aenter__()
+    try:
         taken = 0
         while args.watch or taken < args.samples:
             if taken:
                 await anyio.sleep(args.interval)
-            latest[:] = await reader.read(groups)
+            with anyio.fail_after(_ROUND_S):
+                latest[:] = await reader.read(groups)
             rows[:] = tracker.update(latest)
             taken += 1
             if args.watch:
                 _show(rows, latest, as_json=args.json, redraw=True)
+    finally:
+        # closing waits on the clients' background tasks: bounded too, the answer is in
+        with anyio.move_on_after(_ROUND_S, shield=True):
+            await reader.__aexit__(None, None, None)
 
 
 def _show(
@@ -110,6 +174,8 @@ def _show(
     if as_json:
         _out(orjson.dumps([row.as_json() for row in rows]).decode())
         return
+    if not rows and not redraw:
+        return  # nothing to show: stderr says why
     # --watch clears the terminal: a live table, not a scrolling log
     _out(("\x1b[H\x1b[2J" if redraw else "") + render(rows, readings))
 

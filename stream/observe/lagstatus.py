@@ -2,24 +2,32 @@
 
 Pure code, no I/O: `evaluate(samples)` looks at the window the way Burrow's rules do, with
 two signals Burrow lacks — the age of the oldest unprocessed record (`lag_seconds`) and the
-commit metadata in which the engine lists finished offsets above its watermark. The rules,
-first match wins, over the samples whose committed and end offsets are known:
+commit metadata in which the engine lists finished offsets above its watermark. A sample's
+`position` is the group's committed offset, or the log start where it never committed (where
+the engine starts reading); its `lag` counts what waits there. The rules, first match wins:
 
-    UNKNOWN  the latest sample has no committed or end offset, or there is no window yet
-             (one sample with lag > 0): nothing can be said, and nothing is assumed.
-    REWIND   the committed offset went backwards between two samples (a reset or replay).
+    UNKNOWN  the latest sample has no position or no lag: nothing is assumed.
+    REWIND   the position went backwards between two samples (a reset or replay). Burrow's.
     OK       the lag was zero (or below) in any sample: the consumer caught up within the
              window. An idle topic with zero lag is OK, whether or not anyone consumes it.
-    STALL    the committed offset did not move over the window, the lag stayed above zero,
-             nothing finished above the watermark (the metadata did not change either), the
-             oldest unprocessed record has waited at least `stall_after_s` (or its age is
-             unknown), and a live member of the group owns the partition (or ownership is
-             unknown): a consumer is there and makes no progress.
-    STOP     the same, but no member owns the partition: nobody is consuming it.
-    WARN     the lag never fell between two samples and ended higher than it started: the
-             consumer moves but falls behind (offsets stuck while work finishes above the
-             watermark lands here too if the lag grows).
-    OK       anything else.
+    With one sample only (a one-shot `stream lag`), the remaining lag says:
+      OK       the oldest unprocessed record is younger than `stall_after_s`;
+      UNOWNED  it is older, and no live member owns the partition;
+      BEHIND   it is older, with an owner (or ownership unknown): one look cannot tell a
+               stall from a backlog being worked off;
+      UNKNOWN  its age is unknown.
+    With a window:
+      STALL    the position did not move over the window, the lag stayed above zero, nothing
+               finished above the watermark (the metadata did not change either), the oldest
+               unprocessed record has waited at least `stall_after_s` (or its age is
+               unknown), and a live member owns the partition (or ownership is unknown): a
+               consumer is there and makes no progress. Burrow's STALL.
+      UNOWNED  the same, but no live member owns the partition: nobody consumes it. (Burrow's
+               STOP means "no commits for a while", which offsets alone cannot show: hence
+               a name of our own.)
+      WARN     the lag never fell between two samples and ended higher than it started: the
+               consumer moves but falls behind. Burrow's.
+      OK       anything else.
 
 Why the age guard: the engine commits a contiguous watermark, so one slow LLM call (minutes,
 for reasoning models) holds the committed offset still while hundreds of later records
@@ -46,15 +54,16 @@ DEFAULT_STALL_AFTER_S = 300.0  # the longest LLM call the provider timeouts allo
 class Status(StrEnum):
     OK = "OK"
     WARN = "WARN"
+    BEHIND = "BEHIND"
     STALL = "STALL"
-    STOP = "STOP"
+    UNOWNED = "UNOWNED"
     REWIND = "REWIND"
     UNKNOWN = "UNKNOWN"
 
 
 # Statuses that need a person (`stream lag` exits 3); REWIND is reported, not alarmed on,
 # because replays rewind on purpose.
-ATTENTION = frozenset({Status.STALL, Status.STOP})
+ATTENTION = frozenset({Status.BEHIND, Status.STALL, Status.UNOWNED})
 
 # For a group's summary: the most alarming status of its partitions.
 _SEVERITY = {
@@ -62,8 +71,9 @@ _SEVERITY = {
     Status.UNKNOWN: 1,
     Status.WARN: 2,
     Status.REWIND: 3,
-    Status.STALL: 4,
-    Status.STOP: 5,
+    Status.BEHIND: 4,
+    Status.STALL: 5,
+    Status.UNOWNED: 6,
 }
 
 
@@ -71,41 +81,44 @@ class Sample(NamedTuple):
     """One observation of one partition of one group."""
 
     at: float  # wall-clock seconds; only differences and order matter
-    committed: int | None
-    end: int | None
+    position: int | None  # the committed offset, or the log start where never committed
+    lag: int | None  # records waiting (transaction markers alone are not lag)
     metadata: str | None = None  # commit metadata: changes when work finishes above it
     owned: bool | None = None  # a live group member is assigned the partition
     lag_seconds: float | None = None
 
-    @property
-    def lag(self) -> int | None:
-        if self.committed is None or self.end is None:
-            return None
-        return self.end - self.committed
-
 
 def evaluate(samples: Sequence[Sample], *, stall_after_s: float = DEFAULT_STALL_AFTER_S) -> Status:
     """The status of one partition over `samples` (oldest first); see the module docstring."""
-    if not samples or samples[-1].lag is None:
+    known = [s for s in samples if s.lag is not None and s.position is not None]
+    if not known or known[-1] is not samples[-1]:
         return Status.UNKNOWN
-    known = [s for s in samples if s.lag is not None]
-    offsets = [s.committed for s in known if s.committed is not None]
+    offsets = [s.position for s in known if s.position is not None]
     lags = [s.lag for s in known if s.lag is not None]
     if any(later < earlier for earlier, later in pairwise(offsets)):
         return Status.REWIND
     if min(lags) <= 0:
         return Status.OK
     if len(known) < 2:
-        return Status.UNKNOWN
+        return _one_look(known[-1], stall_after_s)
     if (
         offsets[0] == offsets[-1]
         and not _finished_above(known)
         and _waited(known[-1], stall_after_s)
     ):
-        return Status.STOP if known[-1].owned is False else Status.STALL
+        return Status.UNOWNED if known[-1].owned is False else Status.STALL
     if lags[-1] > lags[0] and all(later >= earlier for earlier, later in pairwise(lags)):
         return Status.WARN
     return Status.OK
+
+
+def _one_look(sample: Sample, stall_after_s: float) -> Status:
+    """A single sample with lag: only the age of the oldest waiting record speaks."""
+    if sample.lag_seconds is None:
+        return Status.UNKNOWN
+    if sample.lag_seconds < stall_after_s:
+        return Status.OK
+    return Status.UNOWNED if sample.owned is False else Status.BEHIND
 
 
 def worst(statuses: Sequence[Status]) -> Status:

@@ -6,12 +6,13 @@ Three ways in, all cheap:
 - the provider client calls the observer protocol (`ProviderObserver`): `on_attempt`,
   `on_retry`, `on_breaker`;
 - at scrape time a collector copies what is already in memory: each watched engine's
-  `snapshot()` and each `LagMonitor`'s cached rows. A scrape never talks to Kafka.
+  `snapshot()` and each `LagMonitor`'s cached rows (`stream.observe.lagmetrics`, under
+  kafka-lag-exporter's names). A scrape never talks to Kafka.
 
-Names are `stream_…` in base units (seconds), counters end in `_total`, and labels are
-bounded: label values are cleaned and, past `MAX_LABEL_VALUES` distinct values for one
-label, folded into "other" — a request id can never become a time series. Unknown lag is
-NaN, never 0.
+Names are `stream_…` in base units (seconds), counters end in `_total` (and export no
+`_created` series), and labels are bounded: label values are cleaned and, past
+`MAX_LABEL_VALUES` distinct values for one label, folded into "other" — a request id can
+never become a time series. Unknown is NaN, never 0. The README lists every series.
 """
 
 from __future__ import annotations
@@ -22,22 +23,32 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from stream.observe.lag import LagMonitor, nan_if_none
-from stream.observe.lagstatus import Status
+from stream.engine import EngineSnapshot, PartitionSnapshot
+from stream.observe.lag import LagMonitor
+from stream.observe.lagmetrics import Owned, lag_metrics
 
 __all__ = [
     "BREAKER_STATES",
     "LLM_BUCKETS",
     "MAX_LABEL_VALUES",
-    "EngineView",
     "Metrics",
-    "PartitionView",
     "ProviderObserver",
     "SnapshotSource",
 ]
+
+# `*_created` series double every counter and histogram and nobody queries them. The switch
+# is prometheus_client's, process-wide, read at scrape time.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # LLM calls run from tens of milliseconds (a cached or rejected call) to minutes (reasoning).
 LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 90, 120, 180, 240, 300)
@@ -58,58 +69,8 @@ class ProviderObserver(Protocol):
     def on_breaker(self, provider: str, model: str, state: str) -> None: ...
 
 
-class PartitionView(Protocol):
-    """The shape of the engine's `PartitionSnapshot` (a NamedTuple in stream/partitions.py)."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def in_flight(self) -> int: ...
-    @property
-    def next_offset(self) -> int: ...
-    @property
-    def finished_uncommitted(self) -> int: ...
-    @property
-    def paused(self) -> bool: ...
-    @property
-    def oldest_in_flight_timestamp_ms(self) -> int | None: ...
-
-
-class EngineView(Protocol):
-    """The shape of the engine's `EngineSnapshot`."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def group_id(self) -> str: ...
-    @property
-    def guarantee(self) -> str: ...
-    @property
-    def assigned(self) -> int: ...
-    @property
-    def in_flight(self) -> int: ...
-    @property
-    def records_in(self) -> int: ...
-    @property
-    def records_done(self) -> int: ...
-    @property
-    def handler_errors(self) -> int: ...
-    @property
-    def commits(self) -> int: ...
-    @property
-    def last_commit_seconds(self) -> float: ...
-    @property
-    def partitions(self) -> Sequence[PartitionView]: ...
-    @property
-    def outputs_blocked_since(self) -> float: ...
-    @property
-    def outputs_blocked_why(self) -> str: ...
-
-
 class SnapshotSource(Protocol):
-    def snapshot(self) -> EngineView: ...
+    def snapshot(self) -> EngineSnapshot: ...
 
 
 class _Labels:
@@ -136,7 +97,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._label = _Labels()
         self._engines: list[SnapshotSource] = []
-        self._monitors: list[LagMonitor] = []
+        self._monitors: list[tuple[LagMonitor, Owned | None]] = []
+        self._breakers: set[tuple[str, str]] = set()
         registry = self.registry
         self.records = Counter(
             "stream_records",
@@ -157,11 +119,10 @@ class Metrics:
             ["provider", "model", "error_type"],
             registry=registry,
         )
-        self.breaker = Enum(
+        self.breaker = Gauge(
             "stream_breaker_state",
-            "Circuit breaker state per provider and model.",
-            ["provider", "model"],
-            states=list(BREAKER_STATES),
+            "1 for the circuit breaker's state per provider and model, 0 for the others.",
+            ["provider", "model", "state"],
             registry=registry,
         )
         self.breaker_changes = Counter(
@@ -189,7 +150,10 @@ class Metrics:
 
     def on_attempt(self, provider: str, model: str, status_class: str, seconds: float) -> None:
         status_class = status_class if status_class in STATUS_CLASSES else "other"
-        self.attempts.labels(*self._pm(provider, model), status_class).observe(seconds)
+        labels = self._pm(provider, model)
+        self.attempts.labels(*labels, status_class).observe(seconds)
+        if labels not in self._breakers:  # a model called: its breaker shows, closed
+            self._set_breaker(labels, "closed")
 
     def on_retry(self, provider: str, model: str, error_type: str) -> None:
         self.retries.labels(*self._pm(provider, model), self._label("error_type", error_type)).inc()
@@ -198,8 +162,13 @@ class Metrics:
         if state not in BREAKER_STATES:
             raise ValueError(f"breaker state must be one of {BREAKER_STATES}, not {state!r}")
         labels = self._pm(provider, model)
-        self.breaker.labels(*labels).state(state)
+        self._set_breaker(labels, state)
         self.breaker_changes.labels(*labels, state).inc()
+
+    def _set_breaker(self, labels: tuple[str, str], state: str) -> None:
+        self._breakers.add(labels)
+        for each in BREAKER_STATES:
+            self.breaker.labels(*labels, each).set(float(each == state))
 
     # --- stages and engine -----------------------------------------------------------------
 
@@ -222,9 +191,10 @@ class Metrics:
         """Read `engine.snapshot()` at every scrape."""
         self._engines.append(engine)
 
-    def watch_lag(self, monitor: LagMonitor) -> None:
-        """Publish `monitor`'s cached lag rows at every scrape."""
-        self._monitors.append(monitor)
+    def watch_lag(self, monitor: LagMonitor, *, owned: Owned | None = None) -> None:
+        """Publish `monitor`'s cached lag rows at every scrape: for the groups this process
+        exports (`owned` says which partitions its engines hold; without it, every group)."""
+        self._monitors.append((monitor, owned))
 
     def exposition(self) -> bytes:
         """The Prometheus text format of everything in this registry."""
@@ -237,32 +207,32 @@ class Metrics:
 class _SnapshotCollector:
     """Reads in-memory state at scrape time: engine snapshots and cached lag rows."""
 
-    def __init__(self, engines: list[SnapshotSource], monitors: list[LagMonitor]) -> None:
+    def __init__(
+        self, engines: list[SnapshotSource], monitors: list[tuple[LagMonitor, Owned | None]]
+    ) -> None:
         self._engines = engines
         self._monitors = monitors
 
     def collect(self) -> Iterable[Metric]:
         yield from _engine_metrics([engine.snapshot() for engine in self._engines])
-        yield from _lag_metrics(self._monitors)
+        yield from lag_metrics(self._monitors)
 
 
-def _engine_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
+def _engine_metrics(snapshots: Sequence[EngineSnapshot]) -> Iterable[Metric]:
     labels = ["engine", "group"]
-    gauges: dict[str, tuple[str, Callable[[EngineView], float]]] = {
+    gauges: dict[str, tuple[str, Callable[[EngineSnapshot], float]]] = {
         "stream_engine_assigned_partitions": ("Partitions assigned.", lambda s: s.assigned),
         "stream_in_flight": ("Records being processed now.", lambda s: s.in_flight),
         "stream_engine_last_commit_timestamp_seconds": (
             "Unix time of the engine's last successful commit (0 before the first).",
             lambda s: s.last_commit_seconds,
         ),
-        "stream_engine_outputs_blocked_seconds": (
-            "How long Kafka has taken none of the engine's outputs (0 while they flow).",
-            lambda s: (
-                max(0.0, time.time() - s.outputs_blocked_since) if s.outputs_blocked_since else 0.0
-            ),
+        "stream_engine_output_wait_seconds": (
+            "How long the oldest write of outputs has waited for Kafka (0: none waits).",
+            lambda s: max((p.oldest_write_s or 0.0 for p in s.partitions), default=0.0),
         ),
     }
-    counters: dict[str, tuple[str, Callable[[EngineView], float]]] = {
+    counters: dict[str, tuple[str, Callable[[EngineSnapshot], float]]] = {
         "stream_engine_records_in": ("Records taken from Kafka.", lambda s: s.records_in),
         "stream_engine_records_done": ("Records finished.", lambda s: s.records_done),
         "stream_engine_handler_errors": ("Handler errors.", lambda s: s.handler_errors),
@@ -283,10 +253,10 @@ def _engine_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
     yield from _partition_metrics(snapshots)
 
 
-def _partition_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
+def _partition_metrics(snapshots: Sequence[EngineSnapshot]) -> Iterable[Metric]:
     now_ms = time.time() * 1000
     labels = ["engine", "topic", "partition"]
-    values: dict[str, tuple[str, Callable[[PartitionView], float]]] = {
+    values: dict[str, tuple[str, Callable[[PartitionSnapshot], float]]] = {
         "stream_partition_in_flight": ("Records in flight.", lambda p: p.in_flight),
         "stream_partition_finished_uncommitted": (
             "Records finished above the committed watermark (not yet committed).",
@@ -309,55 +279,3 @@ def _partition_metrics(snapshots: Sequence[EngineView]) -> Iterable[Metric]:
 
 def _age_s(timestamp_ms: int | None, now_ms: float) -> float:
     return math.nan if timestamp_ms is None else max(0.0, (now_ms - timestamp_ms) / 1000)
-
-
-def _lag_metrics(monitors: Sequence[LagMonitor]) -> Iterable[Metric]:
-    labels = ["group", "topic", "partition"]
-    lag = GaugeMetricFamily(
-        "stream_consumer_lag_records",
-        "Log end minus committed offset (NaN: unknown).",
-        labels=labels,
-    )
-    seconds = GaugeMetricFamily(
-        "stream_consumer_lag_seconds",
-        "Age of the oldest unprocessed record (NaN: unknown).",
-        labels=labels,
-    )
-    committed = GaugeMetricFamily(
-        "stream_consumer_committed_offset", "Committed offset (NaN: none).", labels=labels
-    )
-    end = GaugeMetricFamily(
-        "stream_log_end_offset", "Log end offset (high watermark).", labels=labels
-    )
-    status = GaugeMetricFamily(
-        "stream_consumer_lag_status",
-        "1 for the partition's window status.",
-        labels=[*labels, "status"],
-    )
-    for monitor in monitors:
-        for row in monitor.rows():
-            key = [row.group, row.topic, str(row.partition)]
-            lag.add_metric(key, nan_if_none(row.lag))
-            seconds.add_metric(key, nan_if_none(row.lag_seconds))
-            committed.add_metric(key, nan_if_none(row.committed))
-            end.add_metric(key, nan_if_none(row.end))
-            for each in Status:
-                status.add_metric([*key, each.value], float(row.status is each))
-    yield from (lag, seconds, committed, end, status)
-    yield from _monitor_metrics(monitors)
-
-
-def _monitor_metrics(monitors: Sequence[LagMonitor]) -> Iterable[Metric]:
-    rounds = CounterMetricFamily("stream_lag_rounds", "Lag readings taken.", labels=[])
-    errors = CounterMetricFamily("stream_lag_errors", "Lag readings that failed.", labels=[])
-    last = GaugeMetricFamily(
-        "stream_lag_last_success_timestamp_seconds",
-        "When lag was last read successfully (NaN: never).",
-        labels=[],
-    )
-    if monitors:
-        rounds.add_metric([], sum(m.rounds for m in monitors))
-        errors.add_metric([], sum(m.errors for m in monitors))
-        successes = [m.last_success for m in monitors if m.last_success is not None]
-        last.add_metric([], min(successes) if len(successes) == len(monitors) else math.nan)
-    yield from (rounds, errors, last)

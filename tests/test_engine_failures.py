@@ -1,0 +1,291 @@
+"""The engine's failure paths against a real broker: a commit that fails, a write Kafka
+never takes, a fatal refusal, a rebalance step that hangs. Each ends in a known state:
+clean-up done, partitions released, the problem said out loud."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from stream.config import EngineSettings, Settings
+from stream.devtools.broker import LocalBroker, free_port
+from stream.engine import Engine, Output
+from stream.engine.offsets import PartitionOffsets
+from stream.engine.outputs import ExactlyOnceSink
+from stream.engine.partitions import Partition
+from stream.engine.rebalance import Listener, Rebalancer
+from stream.errors import KafkaError
+from stream.kafka import admin_client
+from stream.observe.health import Health
+from tests.conftest import eventually
+from tests.enginekit import create_topic, produce, read_all
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
+
+
+def _with(settings: Settings, *, request_timeout_ms: int | None = None, **engine: Any) -> Settings:
+    fields = {**dataclasses.asdict(settings.engine), **engine}
+    kafka = settings.kafka
+    if request_timeout_ms is not None:
+        kafka = dataclasses.replace(kafka, request_timeout_ms=request_timeout_ms)
+    return dataclasses.replace(settings, kafka=kafka, engine=EngineSettings(**fields))
+
+
+def _fail_on_error(record: Any, exc: BaseException) -> Sequence[Output]:
+    raise AssertionError(f"no record should fail here: {exc!r}")
+
+
+async def _members(settings: Settings, group: str) -> int:
+    async with admin_client(settings.kafka, doing="describing a group") as admin:
+        (response,) = await admin.describe_consumer_groups([group])
+    (described,) = response.to_object()["groups"]
+    return len(described["members"])
+
+
+async def _fence(settings: Settings, transactional_id: str) -> None:
+    """Start (and stop) a producer with the same transactional id: the old one is fenced."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap_servers, transactional_id=transactional_id
+    )
+    await producer.start()
+    await producer.stop()
+
+
+async def test_a_failed_final_commit_still_closes_the_engine(settings: Settings) -> None:
+    """Exactly-once commits run in a task group: its failure arrived as an exception group,
+    slipped past `except KafkaError`, and `run()` skipped `_close()` (the partitions stayed
+    assigned and their producers open, the member stayed in the group)."""
+    live = _with(settings, guarantee="exactly-once", commit_interval_s=3600.0)
+    source = await create_topic(live, "fail-commit-in", 1)
+    sink = await create_topic(live, "fail-commit-out", 1)
+    await produce(live, source, [b"a"])
+    group = live.group("fail-commit")
+    done = anyio.Event()
+
+    async def handler(record: Any) -> Sequence[Output]:
+        done.set()
+        return [Output(sink, record.value)]
+
+    engine = Engine(
+        settings=live,
+        name="fc",
+        group_id=group,
+        topics=[source],
+        handler=handler,
+        on_error=_fail_on_error,
+    )
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(engine.run)
+            await done.wait()
+            await eventually(_finished(engine, 1))
+            # a new owner (a zombie's successor) takes the transactional id over
+            tid = ExactlyOnceSink(live.kafka, group, {}).transactional_id(TopicPartition(source, 0))
+            await _fence(live, tid)
+            engine.stop()  # the final commit now fails: ProducerFenced
+    assert engine.snapshot().assigned == 0
+    assert await _members(live, group) == 0  # it left the group instead of timing out
+    assert await read_all(live, sink, isolation="read_committed") == []
+
+
+def _finished(engine: Engine, count: int) -> Any:
+    async def check() -> bool:
+        return engine.snapshot().records_done >= count
+
+    return check
+
+
+async def test_a_revoke_whose_commit_fails_still_releases_its_partitions(
+    settings: Settings,
+) -> None:
+    live = _with(settings, guarantee="exactly-once")
+    source = await create_topic(live, "fail-revoke-in", 1)
+    out = await create_topic(live, "fail-revoke-out", 1)
+    tp = TopicPartition(source, 0)
+    group = live.group("fail-revoke")
+    sink = ExactlyOnceSink(live.kafka, group, {"linger_ms": 5})
+    await sink.assigned([tp])
+    partition = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
+    partitions = {tp: partition}
+    assert partition.offsets.accept(0)
+    assert await sink.write(partition, 0, [Output(out, b"x")])
+    await _fence(live, sink.transactional_id(tp))
+
+    async def commit(chosen: Any) -> None:
+        await sink.commit(list(chosen))
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=live.kafka.bootstrap_servers)
+    rebalancer = Rebalancer(
+        settings=live,
+        consumer=consumer,
+        sink=sink,
+        partitions=partitions,
+        commit=commit,
+        low_priority=frozenset(),
+        on_assigned=lambda: None,
+    )
+    try:
+        with anyio.fail_after(60):
+            await rebalancer.revoke({tp})  # logs the failed commit, does not raise
+        assert partitions == {}
+        again = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
+        assert again.offsets.accept(0)
+        assert not await sink.write(again, 0, [Output(out, b"y")])  # its producer is gone
+    finally:
+        await sink.stop()
+        await consumer.stop()  # never started, but aiokafka warns of any unclosed consumer
+
+
+async def test_an_error_on_revoke_is_kept_for_the_fetch_loop() -> None:
+    """aiokafka logs and swallows what a revoke callback raises; the engine must not go on
+    as if the partitions had been released."""
+
+    class Failing:
+        async def revoke(self, tps: Any) -> None:
+            raise KafkaError("the coordinator went away")
+
+    listener = Listener(Failing())  # type: ignore[arg-type]
+    await listener.on_partitions_revoked({TopicPartition("t", 0)})
+    with pytest.raises(KafkaError, match="handling a rebalance failed"):
+        listener.raise_error()
+
+
+async def test_at_least_once_stops_on_an_error_retrying_cannot_fix(settings: Settings) -> None:
+    """A missing output topic (or missing ACLs) failed the same way on every try: the
+    partition stalled for ever while the worker looked healthy."""
+    live = _with(settings, request_timeout_ms=2000)
+    source = await create_topic(live, "fatal-in", 1)
+    await produce(live, source, [b"a"])
+    missing = live.topic("no-such-topic")
+
+    async def handler(record: Any) -> Sequence[Output]:
+        return [Output(missing, record.value)]
+
+    engine = Engine(
+        settings=live,
+        name="fatal",
+        group_id=live.group("fatal"),
+        topics=[source],
+        handler=handler,
+        on_error=_fail_on_error,
+    )
+    with anyio.fail_after(120), pytest.raises(BaseExceptionGroup) as failed:
+        await engine.run()
+    assert failed.group_contains(KafkaError, match="a topic is missing")
+
+
+async def test_outputs_kafka_does_not_take_make_the_engine_not_ready_until_they_go_through(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A hung broker (or too few in-sync replicas): the idempotent producer retries inside
+    aiokafka, no error reaches the engine, and /readyz stayed green while nothing moved."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("freezes a broker of its own")
+    broker = LocalBroker(home=tmp_path / "kafka", port=free_port())
+    await anyio.to_thread.run_sync(broker.start)
+    try:
+        own = _with(settings, commit_interval_s=0.2)
+        own = dataclasses.replace(
+            own, kafka=dataclasses.replace(own.kafka, bootstrap_servers=broker.bootstrap_servers)
+        )
+        await _frozen_broker_then_thawed(own, broker)
+    finally:
+        await anyio.to_thread.run_sync(broker.stop)
+
+
+async def _frozen_broker_then_thawed(settings: Settings, broker: LocalBroker) -> None:
+    source = await create_topic(settings, "hung-in", 1)
+    out = await create_topic(settings, "hung-out", 1)
+    await produce(settings, source, [b"a"])
+    frozen = anyio.Event()
+
+    async def handler(record: Any) -> Sequence[Output]:
+        pid = broker.pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # the broker hangs as the outputs go out
+        frozen.set()
+        return [Output(out, record.value)]
+
+    engine = Engine(
+        settings=settings,
+        name="hung",
+        group_id=settings.group("hung"),
+        topics=[source],
+        handler=handler,
+        on_error=_fail_on_error,
+    )
+    health = Health()
+    health.require_engine(engine)
+
+    async def not_ready() -> bool:
+        return any("not taken by Kafka" in why for why in health.failing())
+
+    async def ready() -> bool:
+        return health.failing() == [] and engine.snapshot().records_done == 1
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(engine.run)
+            await frozen.wait()
+            try:
+                await eventually(not_ready, timeout_s=60)
+            finally:
+                pid = broker.pid()
+                assert pid is not None
+                os.kill(pid, signal.SIGCONT)
+            await eventually(ready, timeout_s=60)
+            engine.stop()
+    assert [r.value for r in await read_all(settings, out)] == [b"a"]
+
+
+async def test_a_producer_that_hangs_on_assignment_fails_within_the_request_timeout(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting the exactly-once producers runs inside aiokafka's rebalance callback: a
+    hung start (a transaction coordinator that never answers) held the group for ever."""
+    live = _with(settings, request_timeout_ms=1000)
+
+    async def hang(self: AIOKafkaProducer) -> None:
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(AIOKafkaProducer, "start", hang)
+    sink = ExactlyOnceSink(live.kafka, live.group("hang"), {})
+    with anyio.fail_after(30), pytest.raises(KafkaError, match="starting the producer"):
+        await sink.assigned([TopicPartition(live.topic("any"), 0)])
+
+
+async def test_an_exactly_once_write_that_hangs_aborts_its_transaction(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write is shielded (outputs and the finished mark go in together), and was
+    unbounded: a send that never returned hung the record, and the revoke behind it."""
+    live = _with(settings, request_timeout_ms=1000)
+    source = await create_topic(live, "hang-write-in", 1)
+    out = await create_topic(live, "hang-write-out", 1)
+    tp = TopicPartition(source, 0)
+    sink = ExactlyOnceSink(live.kafka, live.group("hang-write"), {"linger_ms": 5})
+    await sink.assigned([tp])
+    partition = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
+    assert partition.offsets.accept(0) and partition.offsets.accept(1)
+
+    async def hang(self: AIOKafkaProducer, *args: Any, **kwargs: Any) -> Any:
+        await anyio.sleep_forever()
+
+    try:
+        assert await sink.write(partition, 0, [Output(out, b"first")])
+        monkeypatch.setattr(AIOKafkaProducer, "send", hang)
+        with anyio.fail_after(30), pytest.raises(KafkaError, match="transaction is aborted"):
+            await sink.write(partition, 1, [Output(out, b"second")])
+        monkeypatch.undo()
+        assert not await sink.write(partition, 1, [Output(out, b"again")])  # producer gone
+    finally:
+        await sink.stop()
+    assert await read_all(live, out, isolation="read_committed") == []  # "first" aborted too

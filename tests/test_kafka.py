@@ -1,0 +1,75 @@
+"""Error translation: the probes behind a bare "unable to bootstrap" never block the event
+loop and run once per failure episode (the words themselves: tests/test_security.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import pytest
+import trustme
+from aiokafka.errors import KafkaConnectionError
+
+from stream.config import KafkaSettings, Secret
+from stream.kafka import connected, translate, translated
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_probing_a_secured_cluster_that_hangs_never_stalls_the_loop_and_runs_once(
+    tmp_path: Path,
+) -> None:
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    accepted = 0
+
+    async def hang(stream: anyio.abc.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        async with stream:
+            await anyio.sleep_forever()  # accepts, never answers a TLS hello
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        settings = KafkaSettings(
+            bootstrap_servers=f"127.0.0.1:{port}",
+            security_protocol="SASL_SSL",
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_username="u",
+            sasl_password=Secret("p"),
+            ssl_cafile=str(tmp_path / "ca.pem"),
+        )
+        longest_gap = 0.0
+
+        async def tick() -> None:
+            nonlocal longest_gap
+            last = time.monotonic()
+            while True:
+                await anyio.sleep(0.01)
+                now = time.monotonic()
+                longest_gap, last = max(longest_gap, now - last), now
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, hang)
+            tg.start_soon(tick)
+            first = await translated(KafkaConnectionError(), settings, "reading consumer lag")
+            probes = accepted
+            again = await translated(KafkaConnectionError(), settings, "reading consumer lag")
+            unchanged = accepted
+            connected(settings)  # a client got through: the next failure is probed afresh
+            await translated(KafkaConnectionError(), settings, "reading consumer lag")
+            tg.cancel_scope.cancel()
+
+    # the TLS probe waited out its 3 s on a handshake that never came, off the loop
+    assert longest_gap < 1.5, f"the event loop stalled for {longest_gap:.1f} s"
+    assert probes == 2 and unchanged == 2 and accepted == 4  # TLS + TCP, once per episode
+    assert str(first) == str(again)
+    assert "accepted the connection but rejected our credentials" in str(first)
+
+
+def test_without_a_probe_a_connection_error_is_plain_unreachable() -> None:
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", sasl_mechanism="PLAIN")
+    error = translate(KafkaConnectionError(), settings, "starting the consumer")
+    assert str(error).startswith("cannot reach Kafka at 127.0.0.1:1 while starting the consumer")
