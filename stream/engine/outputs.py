@@ -13,7 +13,6 @@ Two sinks, one per delivery guarantee:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
@@ -36,6 +35,7 @@ from aiokafka.errors import (
 )
 
 from stream.config import CLOSE_RESERVE_S, KafkaSettings
+from stream.engine.late import acknowledged, watched
 from stream.engine.partitions import Partition
 from stream.errors import KafkaError, OutputRejectedError
 from stream.kafka import start_client, translate
@@ -59,10 +59,6 @@ _TOO_LARGE_TRIES = 3
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 # How long each closing step (a producer's stop, a partition's release) may take.
 CLOSE_TIMEOUT_S = CLOSE_RESERVE_S
-# An ack takes milliseconds. The idempotent producer retries a batch Kafka refuses (no
-# leader, fewer in-sync replicas than min.insync.replicas) for ever without telling us:
-# a wait this long is how the sink learns, and says, that Kafka is not taking outputs.
-_LATE_ACK_S = 5.0
 # aiokafka's default, named: Kafka aborts a transaction left open longer, so an exactly-
 # once commit waits that long for a cluster that cannot log it, and no longer.
 _TRANSACTION_TIMEOUT_MS = 60_000
@@ -101,23 +97,6 @@ def _changes(partitions: Iterable[Partition]) -> dict[Partition, tuple[int, str]
         if position != partition.committed:
             changed[partition] = position
     return changed
-
-
-async def _acknowledged(future: Any, partition: Partition) -> None:
-    """Wait for Kafka's ack of one output. A late one marks the partition's outputs as not
-    taken (its snapshot's `write_error`, which readiness shows), once with an error log;
-    the producer goes on retrying the same batch: sending it again would write it twice."""
-    if not future.done():
-        done, _ = await asyncio.wait([future], timeout=_LATE_ACK_S)
-        if not done and partition.write_error is None:
-            partition.write_error = f"no acknowledgement in {_LATE_ACK_S:g} s"
-            log.error(
-                "Kafka takes no outputs of %s (%s): its records stay unfinished and "
-                "uncommitted until it does",
-                partition.tp,
-                partition.write_error,
-            )
-    await future
 
 
 async def _send(producer: AIOKafkaProducer, outputs: Sequence[Output]) -> list[Any]:
@@ -216,7 +195,7 @@ class AtLeastOnceSink:
             producer = self._producer
             try:
                 for future in await _send(producer, outputs):
-                    await _acknowledged(future, partition)
+                    await acknowledged(future, partition)
                 break
             except AIOKafkaError as exc:
                 # Kafka is down or slow: keep the record unfinished and try again, so its
@@ -297,12 +276,12 @@ class _Transactional:
             self.open = True
 
 
-async def _delivered(txn: _Transactional, partition: Partition) -> None:
+async def _delivered(txn: _Transactional) -> None:
     """Every output of the open transaction acknowledged, or the transaction aborted."""
     pending, txn.pending = txn.pending, []
     for future in pending:
         try:
-            await _acknowledged(future, partition)
+            await future
         except AIOKafkaError:
             await txn.producer.abort_transaction()
             txn.open = False
@@ -399,6 +378,14 @@ class ExactlyOnceSink:
         await _all(partial(self._commit_one, partition) for partition in todo)
         return len(todo)
 
+    async def _commit_steps(
+        self, txn: _Transactional, partition: Partition, position: tuple[int, str]
+    ) -> None:
+        await txn.begin()
+        await _delivered(txn)
+        await txn.producer.send_offsets_to_transaction({partition.tp: position}, self._group_id)
+        await txn.producer.commit_transaction()
+
     def _is_open(self, partition: Partition) -> bool:
         txn = self._producers.get(partition.tp)
         return txn is not None and txn.open
@@ -414,12 +401,7 @@ class ExactlyOnceSink:
                 # Kafka holds a transaction up while too few replicas are in sync: wait as
                 # long as it would keep the transaction, then re-run from the last commit.
                 with anyio.fail_after(_TRANSACTION_TIMEOUT_MS / 1000):
-                    await txn.begin()
-                    await _delivered(txn, partition)
-                    await txn.producer.send_offsets_to_transaction(
-                        {partition.tp: position}, self._group_id
-                    )
-                    await txn.producer.commit_transaction()
+                    await watched(partial(self._commit_steps, txn, partition, position), partition)
             except (AIOKafkaError, TimeoutError) as exc:
                 # A fenced or failed transaction cannot be repaired here: its outputs are
                 # aborted, so the records must be re-run from the last commit. The records

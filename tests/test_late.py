@@ -1,8 +1,8 @@
-"""The at-least-once sink says when Kafka takes none of a partition's outputs (its
-`write_error`, which readiness shows, and one error log line), and holds the record until
-it does. No broker here: the producer's futures are the test's to resolve (the idempotent
-producer retries a refused batch for ever and only its future tells). On a real cluster
-with two brokers of three down: tests/test_cluster.py."""
+"""The sinks say when Kafka takes none of a partition's outputs (its `write_error`, which
+readiness shows, and one error log line), and hold the records until it does. No broker
+here: the producer's futures are the test's to resolve (the idempotent producer retries a
+refused batch for ever and only its future tells). On a real cluster with two brokers of
+three down: tests/test_cluster.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from aiokafka import TopicPartition
 from aiokafka.errors import NotEnoughReplicasError
 
 from stream.config import KafkaSettings
-from stream.engine import outputs
+from stream.engine import late
+from stream.engine.late import watched
 from stream.engine.offsets import PartitionOffsets
 from stream.engine.outputs import AtLeastOnceSink, Output
 from stream.engine.partitions import Partition
@@ -39,7 +40,7 @@ class FakeProducer:
 
 @pytest.fixture(autouse=True)
 def late_after_50ms(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(outputs, "_LATE_ACK_S", 0.05)
+    monkeypatch.setattr(late, "LATE_S", 0.05)
 
 
 async def _sink() -> tuple[AtLeastOnceSink, FakeProducer, Partition]:
@@ -97,3 +98,36 @@ def _sent(producer: FakeProducer, count: int) -> Any:
         return len(producer.futures) >= count
 
     return check
+
+
+async def test_a_late_commit_marks_the_partition_and_its_error_stays_its_own() -> None:
+    _, _, partition = await _sink()
+    release = anyio.Event()
+
+    async def commit() -> None:
+        await release.wait()
+        raise NotEnoughReplicasError()
+
+    async def run() -> None:
+        with pytest.raises(NotEnoughReplicasError):  # not an exception group
+            await watched(commit, partition)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run)
+
+        async def marked() -> bool:
+            return partition.write_error is not None
+
+        await eventually(marked, timeout_s=5)
+        assert partition.write_error == "transaction not committed in 0.05 s"
+        release.set()
+
+
+async def test_a_prompt_commit_marks_nothing() -> None:
+    _, _, partition = await _sink()
+
+    async def commit() -> None:
+        pass
+
+    await watched(commit, partition)
+    assert partition.write_error is None
