@@ -1,19 +1,18 @@
 """The pipeline on a three-broker cluster (replication 3, min.insync.replicas 2) while
 brokers die: partition leaders killed under load, one broker gone for good, two gone.
 
-One cluster (`stream.devtools.cluster`: three brokers, three controllers) serves the whole
-session, started only when a test here runs; each test puts back whatever it stopped. These
-tests kill the cluster's processes, so they always run on their own local cluster, even when
-KAFKA_BOOTSTRAP_SERVERS names another (`-m "not cluster"` leaves them out).
+The cluster (the `local_cluster` fixture: three brokers, three controllers) serves the
+whole session, started only when a test marked `cluster` runs; each test puts back whatever
+it stopped. These tests kill its processes, so they always run on their own local cluster,
+even when KAFKA_BOOTSTRAP_SERVERS names another (`-m "not cluster"` leaves them out).
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -21,96 +20,23 @@ import anyio
 import httpx
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import NewTopic
+from aiokafka import TopicPartition
 
 from stream import topics
 from stream.config import Settings
-from stream.devtools.cluster import (
-    CONTROLLERS,
-    ClusterNode,
-    LocalCluster,
-    describe_partitions,
-    free_ports,
-)
+from stream.devtools.cluster import LocalCluster, describe_partitions
 from stream.devtools.faults import parse_faults, parse_latency
 from stream.devtools.simulator import SimConfig, Simulator
-from stream.errors import BrokerError
 from stream.kafka import admin_client
-from stream.observe.lag import LagMonitor
 from stream.stages import Topics
 from stream.worker import Worker
+from tests.clusterkit import BROKERS, in_sync, leader, send, start, stop
 from tests.conftest import eventually, run_cli
 from tests.enginekit import read_all
-from tests.lagkit import commit, parse_kafka_tool
-from tests.lagkit import produce as produce_at
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
 
-BROKERS = 3
-# Synthetic's Kimi is down: half the requests go through the fallback stage to Together.
-MODELS = ("deepseek-v3-0324-syn", "kimi-k2-thinking-syn")
-FAULTS = "hf:moonshotai/Kimi-K2-Thinking=rate:1:503"
-
-
-@pytest.fixture(scope="session")
-def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    home = tmp_path_factory.mktemp("cluster")
-    for attempt in range(3):  # a free port block can be taken between the probe and the start
-        cluster = LocalCluster(
-            home=home / str(attempt), port=free_ports(BROKERS + CONTROLLERS), brokers=BROKERS
-        )
-        try:
-            cluster.start()
-            break
-        except BrokerError:
-            if attempt == 2:
-                raise
-    try:
-        yield cluster
-    finally:
-        cluster.kill()  # its data goes with the session: no need for a clean shutdown
-
-
-@pytest.fixture
-def cluster(local_cluster: LocalCluster) -> Iterator[LocalCluster]:
-    yield local_cluster
-    local_cluster.start()  # whatever the test stopped comes back for the next one
-
-
-@pytest.fixture
-def cluster_env(local_cluster: LocalCluster, prefix: str) -> dict[str, str]:
-    import os
-
-    keep = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("STREAM_", "SYNTHETIC_", "TOGETHER_", "KAFKA_"))
-    }
-    return {
-        **keep,
-        "KAFKA_BOOTSTRAP_SERVERS": local_cluster.bootstrap_servers,
-        "STREAM_TOPIC_PREFIX": prefix,
-        "STREAM_METRICS_PORT": "0",
-    }
-
-
-@pytest.fixture
-def settings_for(cluster_env: dict[str, str]) -> Settings:
-    return Settings.from_env(cluster_env)
-
-
-# -- helpers --------------------------------------------------------------------------
-
-
-def request(rid: str, n: int) -> bytes:
-    return orjson.dumps(
-        {
-            "request_id": rid,
-            "model": MODELS[n % len(MODELS)],
-            "messages": [{"role": "user", "content": f"question {n}"}],
-        }
-    )
+FAULTS = "hf:moonshotai/Kimi-K2-Thinking=rate:1:503"  # the fallback stage works too
 
 
 @dataclass
@@ -158,29 +84,6 @@ async def pipeline(
             worker.stop()
 
 
-async def send(
-    settings: Settings, ids: range, *, per_second: float = 0.0, acks: object = "all"
-) -> None:
-    """Write requests `ids`, at `per_second` when given; with acks=all the producer is
-    idempotent and retries across a leader change, so each request is written once."""
-    options = {"acks": acks, "enable_idempotence": acks == "all"}
-    producer = AIOKafkaProducer(**settings.kafka.client_options(), **options)
-    await producer.start()
-    try:
-        topic = Topics.of(settings).requests
-        began = time.monotonic()
-        pending = []
-        for i in ids:
-            if per_second:
-                await anyio.sleep(max(0.0, began + (i - ids.start) / per_second - time.monotonic()))
-            rid = f"r-{i}"
-            pending.append(await producer.send(topic, request(rid, i), key=rid.encode()))
-        for future in pending:
-            await future
-    finally:
-        await producer.stop()
-
-
 async def terminal_counts(settings: Settings) -> collections.Counter[str]:
     """Terminal records per request id, as a read_committed reader sees them."""
     names = Topics.of(settings)
@@ -203,28 +106,6 @@ async def all_answered(
 
     await eventually(complete, timeout_s=timeout_s)
     return counts
-
-
-async def stop(cluster: LocalCluster, node: ClusterNode, *, kill: bool = True) -> None:
-    await anyio.to_thread.run_sync(functools.partial(cluster.stop_node, node, kill=kill))
-
-
-async def start(cluster: LocalCluster, node: ClusterNode) -> None:
-    await anyio.to_thread.run_sync(cluster.start_node, node)
-
-
-async def leader(settings: Settings, tp: TopicPartition) -> int:
-    return (await describe_partitions(settings.kafka, [tp.topic]))[tp].leader
-
-
-async def in_sync(settings: Settings, names: list[str], size: int, timeout_s: float = 60.0) -> None:
-    """Until every partition of `names` has exactly `size` in-sync replicas."""
-
-    async def check() -> bool:
-        states = await describe_partitions(settings.kafka, names)
-        return all(len(state.isr) == size for state in states.values())
-
-    await eventually(check, timeout_s=timeout_s)
 
 
 async def topic_configs(settings: Settings, names: list[str]) -> dict[str, dict[str, str]]:
@@ -270,12 +151,9 @@ async def test_pipeline_goes_on_while_partition_leaders_are_killed(
         names = Topics.of(p.settings)
         group.start_soon(functools.partial(send, p.settings, ids, per_second=16))
         await progress(p, 30)
-        killed = [
-            await kill_leader_under_load(p, cluster, TopicPartition(names.requests, 0)),
-            await kill_leader_under_load(p, cluster, TopicPartition(names.results, 1)),
-        ]
+        await kill_leader_under_load(p, cluster, TopicPartition(names.requests, 0))
+        await kill_leader_under_load(p, cluster, TopicPartition(names.results, 1))
         counts = await all_answered(p.settings, ids)
-    logging.getLogger(__name__).info("killed brokers %s", killed)
 
     missing = [rid for rid in (f"r-{i}" for i in ids) if counts[rid] == 0]
     stray = set(counts) - {f"r-{i}" for i in ids}
@@ -400,146 +278,3 @@ async def test_two_brokers_down_the_worker_holds_its_work_says_so_and_catches_up
     assert {counts[f"r-{i}"] for i in ids} == {1}  # none lost, none written twice
     results = await read_all(p.settings, Topics.of(p.settings).results, isolation="read_committed")
     assert len(results) == len(ids)  # answers, not dead letters
-
-
-# -- the cluster itself: the command, and any one process lost ------------------------
-
-
-def kafka_cli(cluster: LocalCluster, *args: str) -> list[str]:
-    layout = ["--brokers", str(cluster.brokers), "--port", str(cluster.port)]
-    return ["kafka", *args, *layout, "--home", str(cluster.home)]
-
-
-async def test_kafka_command_stops_and_starts_one_broker_and_reports_the_cluster(
-    cluster: LocalCluster, cluster_env: dict[str, str]
-) -> None:
-    status = await run_cli(cluster_env, *kafka_cli(cluster, "status"))
-    assert status.returncode == 0, status.stderr
-    assert status.stdout.splitlines()[-1] == f"bootstrap: {cluster.bootstrap_servers}"
-    assert sum("running (pid" in line for line in status.stdout.splitlines()) == 6
-
-    killed = await run_cli(cluster_env, *kafka_cli(cluster, "stop", "--broker", "2", "--kill"))
-    assert killed.stdout.strip() == "broker 2 killed (SIGKILL)", killed.stderr
-    status = await run_cli(cluster_env, *kafka_cli(cluster, "status"))
-    assert status.returncode == 3  # needs attention: one process is down
-    assert f"broker 2      127.0.0.1:{cluster.port + 1:<6} stopped" in status.stdout
-
-    started = await run_cli(cluster_env, *kafka_cli(cluster, "start", "--broker", "2"))
-    assert started.stdout.strip() == f"broker 2 started at port {cluster.port + 1}"
-    stopped = await run_cli(cluster_env, *kafka_cli(cluster, "stop", "--broker", "3"))
-    assert stopped.stdout.strip() == "broker 3 stopped (clean shutdown)"
-    again = await run_cli(cluster_env, *kafka_cli(cluster, "stop", "--broker", "3"))
-    assert again.stdout.strip() == "broker 3 was not running"
-    whole = await run_cli(cluster_env, *kafka_cli(cluster, "start"))
-    assert "started 1 of 6 processes" in whole.stdout, whole.stderr
-    assert (await run_cli(cluster_env, *kafka_cli(cluster, "status"))).returncode == 0
-
-
-@pytest.mark.parametrize(
-    ("args", "error"),
-    [
-        (["stop", "--broker", "4"], "there is no broker 4: this cluster has 1 to 3"),
-        (["stop", "--kill"], "--kill goes with stop --broker N or stop --controller N"),
-        (["start", "--broker", "1", "--kill"], "--kill goes with stop --broker N"),
-    ],
-)
-async def test_kafka_command_refuses_what_it_cannot_do_in_one_line(
-    cluster: LocalCluster, cluster_env: dict[str, str], args: list[str], error: str
-) -> None:
-    done = await run_cli(cluster_env, *kafka_cli(cluster, *args))
-    assert done.returncode == 1
-    (line,) = done.stderr.strip().splitlines()
-    assert error in line
-
-
-async def test_a_cluster_home_made_for_another_layout_is_refused(
-    cluster: LocalCluster, cluster_env: dict[str, str]
-) -> None:
-    home = str(cluster.home)
-    other = await run_cli(cluster_env, "kafka", "status", "--brokers", "3", "--home", home)
-    single = await run_cli(cluster_env, "kafka", "status", "--home", home)
-    assert other.returncode == single.returncode == 1
-    assert f"holds a cluster made with --brokers 3 --port {cluster.port}" in other.stderr
-    assert "holds a local cluster: pass --brokers" in single.stderr
-
-
-async def test_the_active_controller_killed_the_cluster_goes_on(
-    cluster: LocalCluster, cluster_env: dict[str, str], settings_for: Settings
-) -> None:
-    active = await anyio.to_thread.run_sync(cluster.quorum_leader)
-    await stop(cluster, active)
-    # Metadata changes need the quorum: topics are created, and a new leader takes over.
-    await topics.apply(settings_for, await topics.plan(settings_for))
-    names = Topics.of(settings_for)
-    await send(settings_for, range(10))
-    successor = await anyio.to_thread.run_sync(cluster.quorum_leader)
-    states = await describe_partitions(settings_for.kafka, [names.requests])
-    assert successor is not active
-    assert all(len(state.isr) == BROKERS for state in states.values())
-
-
-# -- lag across the cluster -------------------------------------------------------------
-
-
-async def kafka_tool_describe(cluster: LocalCluster, group: str) -> str:
-    """Kafka's consumer-groups tool (kafka-consumer-groups.sh --describe) on the cluster."""
-    tool = "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand"
-    return await anyio.to_thread.run_sync(
-        functools.partial(cluster.run_tool, tool, "--describe", "--group", group)
-    )
-
-
-async def lag_rows(env: dict[str, str], group: str) -> dict[tuple[str, int], tuple[int, int, int]]:
-    ours = await run_cli(
-        env, "lag", "--group", group, "--json", "--samples", "2", "--interval", "0.1"
-    )
-    assert ours.returncode == 0, ours.stderr
-    rows = orjson.loads(ours.stdout)
-    return {(r["topic"], r["partition"]): (r["committed"], r["end"], r["lag"]) for r in rows}
-
-
-async def test_lag_reads_every_leader_and_equals_kafkas_tool_with_a_broker_down(
-    cluster: LocalCluster, cluster_env: dict[str, str], settings_for: Settings
-) -> None:
-    settings = settings_for
-    topic = settings.topic("lag.cluster")
-    async with admin_client(settings.kafka, doing="test") as admin:
-        await admin.create_topics([NewTopic(topic, BROKERS, BROKERS)])
-    await eventually(functools.partial(has_leaders, settings, topic))
-    leaders = {
-        tp.partition: s.leader
-        for tp, s in (await describe_partitions(settings.kafka, [topic])).items()
-    }
-    assert sorted(leaders.values()) == [1, 2, 3]  # one partition led by each broker
-    now = int(time.time() * 1000)
-    for partition, count in enumerate((7, 4, 5)):
-        await produce_at(settings, topic, partition, [now] * count)
-    group = settings.group("lag")
-    await commit(settings, group, {TopicPartition(topic, 0): 2, TopicPartition(topic, 1): 4})
-    await commit(settings, group, {TopicPartition(topic, 2): 1})
-    expected = {(topic, 0): (2, 7, 5), (topic, 1): (4, 4, 0), (topic, 2): (1, 5, 4)}
-
-    assert await lag_rows(cluster_env, group) == expected
-    assert parse_kafka_tool(await kafka_tool_describe(cluster, group), group) == expected
-
-    # A partition's leader gone: its partition moves, and both still agree.
-    await stop(cluster, cluster.broker(leaders[2]))
-    await in_sync(settings, [topic], BROKERS - 1)
-    assert await lag_rows(cluster_env, group) == expected
-    assert parse_kafka_tool(await kafka_tool_describe(cluster, group), group) == expected
-
-    monitor = LagMonitor(settings.kafka, [group], interval_s=0.05)
-    async with anyio.create_task_group() as tg:
-        await tg.start(monitor.run)
-        with anyio.fail_after(60):
-            await monitor.next_round()
-            while not monitor.healthy:
-                await monitor.next_round()
-        tg.cancel_scope.cancel()
-    metrics = {(r.topic, r.partition): (r.committed, r.end, r.lag) for r in monitor.rows()}
-    assert metrics == expected
-
-
-async def has_leaders(settings: Settings, topic: str) -> bool:
-    states = await describe_partitions(settings.kafka, [topic])
-    return len(states) == BROKERS and all(s.leader >= 0 for s in states.values())
