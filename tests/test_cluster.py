@@ -33,6 +33,7 @@ from stream.worker import Worker
 from tests.clusterkit import BROKERS, in_sync, leader, send, start, stop
 from tests.conftest import eventually, run_cli
 from tests.enginekit import read_all
+from tests.workerkit import worker_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
 
@@ -72,16 +73,9 @@ async def pipeline(
                 "STREAM_SYNTHETIC_MAX_RETRIES": "1",
             }
         )
-        await topics.apply(settings, await topics.plan(settings))
         worker = Worker(settings, ("primary", "fallback"), lag_interval_s=1.0)
-        async with anyio.create_task_group() as group:
-            group.start_soon(worker.run)
-            await worker.started.wait()
-            for engine in worker.engines:
-                with anyio.fail_after(60):
-                    await engine.ready.wait()
+        async with worker_on(settings, worker):
             yield Pipeline(settings, worker, sim)
-            worker.stop()
 
 
 async def terminal_counts(settings: Settings) -> collections.Counter[str]:
