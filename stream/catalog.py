@@ -10,6 +10,11 @@ A catalog file (`STREAM_CATALOG_FILE`, TOML or JSON) overrides the defaults:
     provider = "synthetic"             # "synthetic" | "together"
     api_model = "hf:org/My-Model"
     timeout_s = 90
+    initial_concurrency = 4            # optional: calls in flight at start (grows from it)
+    price = { input = 0.5, output = 2.0, cached_input = 0.1 }   # optional, USD per 10⁶
+
+    [prices]                           # optional: prices of models already in the catalog
+    "deepseek-r1-0528-syn" = { input = 3.0, output = 8.0 }
 
     [fallbacks]                        # when present, replaces the default mapping whole
     "my-model-syn" = "deepseek-r1"
@@ -23,12 +28,13 @@ from __future__ import annotations
 import json
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from stream.config import Settings
 from stream.errors import ConfigError
+from stream.prices import DEFAULT_PRICES, Price
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -37,6 +43,7 @@ __all__ = [
     "Model",
     "get_fallback_provider",
     "load_catalog",
+    "unpriced",
 ]
 
 ProviderName = Literal["synthetic", "together"]
@@ -50,10 +57,19 @@ class Model:
     provider: ProviderName
     api_model: str
     timeout_s: float
+    price: Price | None = None
+    # Calls in flight when the worker starts (None: the provider's default); grows by AIMD.
+    initial_concurrency: int | None = None
 
 
 def _m(id: str, provider: ProviderName, api_model: str, timeout_s: float) -> Model:
-    return Model(id=id, provider=provider, api_model=api_model, timeout_s=timeout_s)
+    return Model(
+        id=id,
+        provider=provider,
+        api_model=api_model,
+        timeout_s=timeout_s,
+        price=DEFAULT_PRICES.get(id),
+    )
 
 
 # Reasoning models think for minutes before the first token: they get the long budgets.
@@ -94,6 +110,11 @@ class Catalog:
         return f"Catalog({len(self.models)} models, {len(self.fallbacks)} fallbacks, {self.source})"
 
 
+def unpriced(catalog: Catalog) -> list[str]:
+    """Models without a price: their calls cost nothing as far as the worker can tell."""
+    return sorted(model.id for model in catalog.models.values() if model.price is None)
+
+
 def get_fallback_provider(model_id: str, catalog: Catalog, settings: Settings) -> Model | None:
     """The fallback to run `model_id` on: only when it is mapped AND Together has a key."""
     target = catalog.fallback_for(model_id)
@@ -111,9 +132,10 @@ def load_catalog(settings: Settings) -> Catalog:
         source = str(settings.catalog_file)
         data = _read(settings.catalog_file)
         models.update(_parse_models(data.get("models", {}), source))
+        models.update(_parse_prices(data.get("prices", {}), models, source))
         if "fallbacks" in data:
             fallbacks = _parse_fallbacks(data["fallbacks"], source)
-        unknown = set(data) - {"models", "fallbacks"}
+        unknown = set(data) - {"models", "fallbacks", "prices"}
         if unknown:
             raise ConfigError(f"catalog {source}: unknown top-level keys {sorted(unknown)}")
     return build_catalog(models, fallbacks, source=source)
@@ -173,7 +195,7 @@ def _parse_model(model_id: str, raw: object, where: str) -> Model:
     entry = f"catalog {where}: model {model_id!r}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{entry} must be a table with provider, api_model, timeout_s")
-    unknown = set(raw) - {"provider", "api_model", "timeout_s"}
+    unknown = set(raw) - {"provider", "api_model", "timeout_s", "price", "initial_concurrency"}
     if unknown:
         raise ConfigError(f"{entry} has unknown keys {sorted(unknown)}")
     provider = raw.get("provider")
@@ -182,10 +204,63 @@ def _parse_model(model_id: str, raw: object, where: str) -> Model:
     api_model = raw.get("api_model")
     if not isinstance(api_model, str) or not api_model.strip():
         raise ConfigError(f"{entry}: api_model must be a non-empty string (got {api_model!r})")
-    timeout = raw.get("timeout_s", 60.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ConfigError(f"{entry}: timeout_s must be a positive number (got {timeout!r})")
-    return Model(id=model_id, provider=provider, api_model=api_model, timeout_s=float(timeout))
+    timeout = _positive(raw.get("timeout_s", 60.0), f"{entry}: timeout_s")
+    initial = raw.get("initial_concurrency")
+    if initial is not None and (
+        isinstance(initial, bool) or not isinstance(initial, int) or initial < 1
+    ):
+        raise ConfigError(f"{entry}: initial_concurrency must be a whole number >= 1")
+    price = None
+    if "price" in raw:
+        price = _parse_price(raw["price"], f"{entry}: price", where)
+    elif model_id in DEFAULT_PRICES:
+        price = DEFAULT_PRICES[model_id]
+    return Model(
+        id=model_id,
+        provider=provider,
+        api_model=api_model,
+        timeout_s=timeout,
+        price=price,
+        initial_concurrency=initial,
+    )
+
+
+def _positive(value: object, what: str, *, zero: bool = False) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not (value >= 0 if zero else value > 0):  # type: ignore[operator]
+        bound = "a number >= 0" if zero else "a positive number"
+        raise ConfigError(f"{what} must be {bound} (got {value!r})")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _parse_price(raw: object, what: str, where: str) -> Price:
+    if not isinstance(raw, dict) or not {"input", "output"} <= set(raw):
+        raise ConfigError(f"{what} must be a table with input and output (USD per 10⁶ tokens)")
+    unknown = set(raw) - {"input", "output", "cached_input"}
+    if unknown:
+        raise ConfigError(f"{what} has unknown keys {sorted(unknown)}")
+    cached = raw.get("cached_input")
+    return Price(
+        input=_positive(raw["input"], f"{what}.input", zero=True),
+        output=_positive(raw["output"], f"{what}.output", zero=True),
+        cached_input=None
+        if cached is None
+        else _positive(cached, f"{what}.cached_input", zero=True),
+        read_on=where,
+    )
+
+
+def _parse_prices(raw: object, models: Mapping[str, Model], where: str) -> dict[str, Model]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"catalog {where}: 'prices' must be a table of id = {{input, output}}")
+    priced: dict[str, Model] = {}
+    for key, value in raw.items():
+        model = models.get(str(key))
+        if model is None:
+            raise ConfigError(f"catalog {where}: price for {key!r}, which is not in the catalog")
+        price = _parse_price(value, f"catalog {where}: price of {key!r}", where)
+        priced[model.id] = replace(model, price=price)
+    return priced
 
 
 def _parse_fallbacks(raw: object, where: str) -> dict[str, str]:

@@ -25,6 +25,7 @@ __all__ = [
     "ProviderSettings",
     "Secret",
     "Settings",
+    "SpendSettings",
 ]
 
 T = TypeVar("T")
@@ -111,6 +112,8 @@ class ProviderSettings:
     max_connections: int = 1000
     max_retries: int = 4
     breaker_cooldown_s: float = 15.0
+    # Calls in flight per model when the worker starts; grows by AIMD to max_connections.
+    initial_concurrency: int = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +131,17 @@ class EngineSettings:
     max_poll_interval_ms: int = 600_000
     rebalance_timeout_ms: int = 120_000
     session_timeout_ms: int = 45_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpendSettings:
+    """The spend limit (USD over a sliding window); None: no limit."""
+
+    limit_usd: float | None = None
+    window_s: float = 3600.0
+    model_limits: Mapping[str, float] = field(default_factory=dict)
+    # Replays (the backfill topic) and re-drives spend from their own limit when it is set.
+    backfill_limit_usd: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,6 +166,7 @@ class Settings:
     log_level: str = "INFO"
     log_content: bool = False
     max_request_bytes: int = 256 * 1024
+    spend: SpendSettings = field(default_factory=SpendSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -207,6 +222,7 @@ class Settings:
             ),
             log_content=source.boolean("STREAM_LOG_CONTENT", False),
             max_request_bytes=source.integer("STREAM_MAX_REQUEST_BYTES", 256 * 1024, low=1024),
+            spend=_spend_settings(source),
         )
         settings.check()
         return settings
@@ -296,7 +312,37 @@ def _provider_settings(source: _Source, name: str, base_url: str) -> ProviderSet
         max_connections=source.integer(f"STREAM_{upper}_MAX_CONNECTIONS", 1000, low=1),
         max_retries=source.integer(f"STREAM_{upper}_MAX_RETRIES", 4, low=0, high=20),
         breaker_cooldown_s=source.number(f"STREAM_{upper}_BREAKER_COOLDOWN_S", 15.0, low=0.1),
+        initial_concurrency=source.integer(f"STREAM_{upper}_INITIAL_CONCURRENCY", 16, low=1),
     )
+
+
+def _spend_settings(source: _Source) -> SpendSettings:
+    window = source.text("STREAM_SPEND_WINDOW", "1h")
+    try:
+        window_s = parse_window(window)
+    except ValueError:
+        raise ConfigError(
+            f"STREAM_SPEND_WINDOW must be a duration such as 90s, 30m, 1h or 24h (got {window!r})"
+        ) from None
+    return SpendSettings(
+        limit_usd=source.optional_number("STREAM_SPEND_LIMIT_USD"),
+        window_s=window_s,
+        model_limits=source.amounts("STREAM_SPEND_MODEL_LIMITS"),
+        backfill_limit_usd=source.optional_number("STREAM_BACKFILL_SPEND_LIMIT_USD"),
+    )
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_window(text: str) -> float:
+    """`90`, `90s`, `30m`, `1h`, `24h`, `7d` → seconds; ValueError for anything else."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:]) if text else None
+    seconds = float(text[:-1] if unit else text) * (unit or 1.0)
+    if not 0 < seconds < float("inf"):
+        raise ValueError(text)
+    return seconds
 
 
 class _Source:
@@ -367,6 +413,28 @@ class _Source:
         if not value >= low:
             raise ConfigError(f"{name} must be at least {low} (got {value})")
         return value
+
+    def optional_number(self, name: str) -> float | None:
+        """A positive number, or None when unset."""
+        value = self._parse(name, None, float, "a number")
+        if value is not None and not 0 < value < float("inf"):
+            raise ConfigError(f"{name} must be a positive number (got {value})")
+        return value
+
+    def amounts(self, name: str) -> dict[str, float]:
+        """`id=USD,id=USD` → {id: USD}, each a positive number."""
+        raw = self.text(name, "")
+        amounts: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in raw.split(","))):
+            key, _, value = item.partition("=")
+            try:
+                amount = float(value)
+            except ValueError:
+                amount = -1.0
+            if not key.strip() or not 0 < amount < float("inf"):
+                raise ConfigError(f"{name} must look like model-id=USD,model-id=USD (got {item!r})")
+            amounts[key.strip()] = amount
+        return amounts
 
     def boolean(self, name: str, default: bool) -> bool:
         truth = {

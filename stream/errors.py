@@ -73,7 +73,8 @@ class ProviderError(StreamError):
     """An LLM provider call failed.
 
     `status` is the HTTP status (None for transport errors), `error_type` a short stable
-    word (`rate_limited`, `timeout`, `server_error`, `empty_content` …) that records carry.
+    word (`rate_limited`, `timeout`, `server_error`, `empty_content`, `content_filter`,
+    `context_length_exceeded`, `insufficient_quota` …) that records carry.
     """
 
     retryable: bool = False
@@ -87,6 +88,8 @@ class ProviderError(StreamError):
         status: int | None = None,
         error_type: str = "error",
         attempts: int = 1,
+        provider_request_id: str | None = None,
+        cost_usd: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -95,6 +98,10 @@ class ProviderError(StreamError):
         self.status = status
         self.error_type = error_type
         self.attempts = attempts
+        # The provider's id for the last response, to quote to its support (None: no answer).
+        self.provider_request_id = provider_request_id
+        # What the failed attempts were billed (bad 200s are paid for), when known.
+        self.cost_usd = cost_usd
 
 
 class RetryableProviderError(ProviderError):

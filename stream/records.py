@@ -184,12 +184,16 @@ def result_record(
     *,
     provider: str,
     provider_model: str,
-    content: str,
+    content: str | None,
     reasoning: str | None,
-    usage: Mapping[str, int | None] | None,
+    usage: Mapping[str, Any] | None,
     attempts: int,
     latency_ms: float,
     fallback: bool,
+    finish_reason: str | None = None,
+    tool_calls: Sequence[Any] | None = None,
+    provider_request_id: str | None = None,
+    cost_usd: float | None = None,
 ) -> bytes:
     return orjson.dumps(
         {
@@ -205,8 +209,18 @@ def result_record(
             "latency_ms": round(latency_ms, 3),
             "completed_at": now_rfc3339(),
             "metadata": request.metadata,
+            "finish_reason": finish_reason,
+            "truncated": finish_reason == "length",
+            "tool_calls": list(tool_calls) if tool_calls is not None else None,
+            "provider_request_id": provider_request_id,
+            "cost_usd": _usd(cost_usd),
         }
     )
+
+
+def _usd(cost: float | None) -> float | None:
+    # Micro-dollars are below any bill's resolution; fewer digits, same sums.
+    return None if cost is None else round(cost, 9)
 
 
 def failure_of(exc: ProviderError, *, attempts: int | None = None) -> dict[str, Any]:
@@ -219,6 +233,8 @@ def failure_of(exc: ProviderError, *, attempts: int | None = None) -> dict[str, 
         "message": exc.message[:500],
         "attempts": exc.attempts if attempts is None else attempts,
         "failed_at": now_rfc3339(),
+        "provider_request_id": exc.provider_request_id,
+        "cost_usd": _usd(exc.cost_usd),
     }
 
 

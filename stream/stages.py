@@ -22,6 +22,7 @@ from stream.engine import MAX_OUTPUT_BYTES, Output
 from stream.errors import InvalidRecordError, OutputRejectedError, ProviderError
 from stream.providers import Completion, ProviderClient
 from stream.records import Decoder, Request, SourceRecord
+from stream.spend import Budget, SpendLanes
 
 __all__ = ["FallbackStage", "PrimaryStage", "StageObserver", "Topics"]
 
@@ -31,6 +32,12 @@ log = logging.getLogger(__name__)
 _KAFKA_MAX_MESSAGE_BYTES = 1_048_588
 # Room for a record batch's framing, beside the record's value, key and headers.
 _FRAMING_BYTES = 512
+# Provider failures that are the request's, not the provider's: the same request fails the
+# same way anywhere (and is paid for again), so it is a dead letter with that reason at once.
+FINAL_ERRORS = frozenset({"content_filter", "context_length_exceeded"})
+# Headers `stream replay` and `stream redrive` add (stream.backfill): such a request was
+# run before, so its calls are counted as repeats and spend from the backfill budget.
+_REPEAT_HEADERS = {b"replayed-from": "replay", b"redriven-from": "redrive"}
 
 
 class StageObserver(Protocol):
@@ -39,6 +46,8 @@ class StageObserver(Protocol):
     def record_outcome(self, stage: str, outcome: str, reason: str | None = None) -> None: ...
 
     def record_fallback(self, from_model: str, to_model: str) -> None: ...
+
+    def record_repeat(self, stage: str, cause: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -71,8 +80,10 @@ class _Stage:
         catalog: Catalog,
         observer: StageObserver | None,
         cluster_limits: Mapping[str, int] | None,
+        spend: SpendLanes | None = None,
     ):
         self.topics = Topics.of(settings)
+        self._spend = spend
         self._catalog = catalog
         self._observer = observer
         # The largest result the results topic takes: as declared in topics/, or as the
@@ -135,6 +146,10 @@ class _Stage:
             attempts=attempts,
             latency_ms=done.latency_ms,
             fallback=fallback,
+            finish_reason=done.finish_reason,
+            tool_calls=done.tool_calls,
+            provider_request_id=done.provider_request_id,
+            cost_usd=done.cost_usd,
         )
         output = self._output(record, self.topics.results, value, request.request_id)
         size = _record_size(output)
@@ -153,6 +168,22 @@ class _Stage:
         self._count("result", "fallback" if fallback else None)
         return output
 
+    def _final(
+        self,
+        record: SourceRecord,
+        request: Request,
+        exc: ProviderError,
+        failures: Sequence[dict[str, Any]],
+    ) -> Output:
+        """A dead letter whose reason is the provider's verdict on the request itself."""
+        return self._dead(
+            record,
+            exc.error_type,
+            f"{request.model}: {exc.message[:300]}",
+            request=request.body,
+            failures=failures,
+        )
+
     @staticmethod
     def _output(record: SourceRecord, topic: str, value: bytes, request_id: Any) -> Output:
         rid = request_id if isinstance(request_id, str) else None
@@ -160,6 +191,23 @@ class _Stage:
         return Output(
             topic=topic, value=value, key=key, headers=records.output_headers(record, rid)
         )
+
+    def _repeat_cause(self, record: SourceRecord) -> str | None:
+        for key, _ in record.headers or ():
+            cause = _REPEAT_HEADERS.get(key.encode() if isinstance(key, str) else key)
+            if cause is not None:
+                return cause
+        return None
+
+    def _spend_gate(self, record: SourceRecord) -> Budget | None:
+        """The budget this record's calls spend from (None: no spend limit), counting a
+        repeat (a replay or re-drive of a request run before) on the way."""
+        cause = self._repeat_cause(record)
+        if cause is not None and self._observer is not None:
+            self._observer.record_repeat(self.name, cause)
+        if self._spend is None:
+            return None
+        return self._spend.for_record(record.topic, cause is not None)
 
     def _count(self, outcome: str, reason: str | None = None) -> None:
         if self._observer is not None:
@@ -178,9 +226,11 @@ class PrimaryStage(_Stage):
         clients: Mapping[str, ProviderClient],
         observer: StageObserver | None = None,
         cluster_limits: Mapping[str, int] | None = None,
+        spend: SpendLanes | None = None,
     ):
-        """`cluster_limits`: topic → max.message.bytes as the cluster has it, if known."""
-        super().__init__(settings, catalog, observer, cluster_limits)
+        """`cluster_limits`: topic → max.message.bytes as the cluster has it, if known;
+        `spend`: the spend limits, when set."""
+        super().__init__(settings, catalog, observer, cluster_limits, spend)
         self._clients = clients
         self._decoder = Decoder(
             settings.topics_dir / "request.schema.json",
@@ -196,15 +246,17 @@ class PrimaryStage(_Stage):
         model = self._catalog.get(request.model)
         assert model is not None  # the decoder checked the catalog
         try:
-            done = await self._call(model, request)
+            done = await self._call(model, request, self._spend_gate(record))
         except ProviderError as exc:
-            self._count("fallback", exc.error_type)
             failure = records.failure_of(exc)
+            if exc.error_type in FINAL_ERRORS:
+                return [self._final(record, request, exc, [failure])]
+            self._count("fallback", exc.error_type)
             value = records.fallback_record(request, failure)
             return [self._output(record, self.topics.fallback, value, request.request_id)]
         return [self._result(record, request, done, attempts=done.attempts, fallback=False)]
 
-    async def _call(self, model: Model, request: Request) -> Completion:
+    async def _call(self, model: Model, request: Request, spend: Budget | None) -> Completion:
         client = self._clients[model.provider]
         return await client.complete(
             model,
@@ -212,6 +264,7 @@ class PrimaryStage(_Stage):
             request.params,
             deadline=request.deadline,
             request_id=request.request_id,
+            spend=spend,
         )
 
 
@@ -227,9 +280,11 @@ class FallbackStage(_Stage):
         together: ProviderClient,
         observer: StageObserver | None = None,
         cluster_limits: Mapping[str, int] | None = None,
+        spend: SpendLanes | None = None,
     ):
-        """`cluster_limits`: topic → max.message.bytes as the cluster has it, if known."""
-        super().__init__(settings, catalog, observer, cluster_limits)
+        """`cluster_limits`: topic → max.message.bytes as the cluster has it, if known;
+        `spend`: the spend limits, when set."""
+        super().__init__(settings, catalog, observer, cluster_limits, spend)
         self._together = together
         self._settings = settings
         self._decoder = Decoder(
@@ -285,8 +340,11 @@ class FallbackStage(_Stage):
                 request.params,
                 deadline=request.deadline,
                 request_id=request.request_id,
+                spend=self._spend_gate(record),
             )
         except ProviderError as exc:
+            if exc.error_type in FINAL_ERRORS:
+                return self._final(record, request, exc, [failure, records.failure_of(exc)])
             return self._dead(
                 record,
                 "fallback_failed",

@@ -20,16 +20,17 @@ import anyio
 import anyio.abc
 
 from stream import logs, topics
-from stream.catalog import Catalog, load_catalog
+from stream.catalog import Catalog, load_catalog, unpriced
 from stream.config import Settings
 from stream.engine.engine import Engine
-from stream.errors import KafkaError
+from stream.errors import ConfigError, KafkaError
 from stream.kafka import admin_client
 from stream.observe.health import Health, serve
 from stream.observe.lag import LagMonitor
 from stream.observe.lagreader import PIPELINE_GROUPS
 from stream.observe.metrics import Metrics
 from stream.providers import ProviderClient
+from stream.spend import Budget, SpendLanes
 from stream.stages import FallbackStage, PrimaryStage, Topics
 
 __all__ = ["Worker", "register", "tune_gc"]
@@ -72,6 +73,7 @@ class Worker:
             for name in (GROUPS[stage] for stage in self.stages)
         }
         self.monitor = LagMonitor(settings.kafka, groups, interval_s=lag_interval_s)
+        self.spend = spend_lanes(settings, self.catalog)
 
     def __repr__(self) -> str:
         return f"Worker(stages={self.stages}, port={self.port}, engines={self.engines!r})"
@@ -100,6 +102,8 @@ class Worker:
         """Start the lag monitor and the HTTP server; readiness follows the engines."""
         monitor = self.monitor
         self.metrics.watch_lag(monitor, owned=self._owned)
+        if self.spend is not None:
+            self.metrics.watch_budgets(self.spend.budgets())
         self.health.require_kafka(monitor)
         for engine in self.engines:
             self.metrics.watch_engine(engine)
@@ -133,12 +137,17 @@ class Worker:
         stage_: PrimaryStage | FallbackStage
         if stage == "primary":
             stage_ = PrimaryStage(
-                self.settings, self.catalog, clients, self.metrics, self._record_limits
+                self.settings, self.catalog, clients, self.metrics, self._record_limits, self.spend
             )
             inputs, backfill = [topics.requests, topics.backfill], [topics.backfill]
         else:
             stage_ = FallbackStage(
-                self.settings, self.catalog, clients["together"], self.metrics, self._record_limits
+                self.settings,
+                self.catalog,
+                clients["together"],
+                self.metrics,
+                self._record_limits,
+                self.spend,
             )
             inputs, backfill = [topics.fallback], []
 
@@ -154,7 +163,32 @@ class Worker:
             on_error=stage_.on_error,
             low_priority_topics=backfill,
             on_commit=on_commit,
+            gate=self.spend,
         )
+
+
+def spend_lanes(settings: Settings, catalog: Catalog) -> SpendLanes | None:
+    """The worker's spend limits (None when none is set). A limit cannot hold for a model
+    without a price: that is a start-up error naming them."""
+    spend = settings.spend
+    if spend.limit_usd is None and spend.backfill_limit_usd is None and not spend.model_limits:
+        return None
+    missing = unpriced(catalog)
+    if missing:
+        raise ConfigError(
+            f"a spend limit is set, but {', '.join(missing)} have no price: give them one in "
+            'STREAM_CATALOG_FILE ([prices] "id" = { input = USD, output = USD }, per 10⁶ tokens)'
+        )
+    unknown = sorted(set(spend.model_limits) - set(catalog.models))
+    if unknown:
+        raise ConfigError(f"STREAM_SPEND_MODEL_LIMITS names models not in the catalog: {unknown}")
+    live = Budget(
+        "live", limit_usd=spend.limit_usd, window_s=spend.window_s, model_limits=spend.model_limits
+    )
+    backfill = None
+    if spend.backfill_limit_usd is not None:
+        backfill = Budget("backfill", limit_usd=spend.backfill_limit_usd, window_s=spend.window_s)
+    return SpendLanes(live, backfill, frozenset({Topics.of(settings).backfill}))
 
 
 async def check_topics(settings: Settings) -> dict[str, int]:

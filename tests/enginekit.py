@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
 
@@ -58,10 +59,7 @@ async def read_all(
     )
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        if not tps:
-            await consumer._client.force_metadata_update()
-            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        tps = await _partitions(consumer, topic)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
@@ -72,6 +70,18 @@ async def read_all(
         return records
     finally:
         await consumer.stop()
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The topic's partitions, asking for metadata until the cluster knows them (a broker
+    that just came back can answer metadata without its topics for a moment)."""
+    with anyio.fail_after(30):
+        while True:
+            found = consumer.partitions_for_topic(topic)
+            if found:
+                return [TopicPartition(topic, p) for p in sorted(found)]
+            await consumer._client.force_metadata_update()
+            await anyio.sleep(0.1)  # polling the cluster's metadata, not ordering tasks
 
 
 async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:

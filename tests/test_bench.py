@@ -36,6 +36,23 @@ async def test_bench_json_has_every_run_with_sane_figures(env: dict[str, str]) -
     assert results["naive"]["calls_per_request"] == 1.0
     assert results["passthrough"]["calls_per_request"] == 0.0
     assert results["stream"]["ratio_naive"] > 0
+    # What the answers cost, from the results' own usage and cost_usd.
+    assert results["stream"]["spend_usd"] > 0 and results["stream"]["completion_tokens"] > 0
+
+
+@pytest.mark.timeout(120)
+async def test_bench_shows_the_spend_limit_holding(env: dict[str, str]) -> None:
+    limit = 0.002
+    done = await run_cli(
+        env,
+        *("bench", "--requests", "200", "--latency", "0.02", "--concurrency", "50"),
+        *("--runs", "stream", "--spend-limit", str(limit), "--spend-window", "2", "--json"),
+    )
+    assert done.returncode == 0, done.stderr
+    stream = json.loads(done.stdout)["stream"]
+    assert stream["requests"] == 200  # nothing lost
+    assert stream["spend_usd"] > 2 * limit  # it took several windows
+    assert stream["max_window_spend_usd"] <= limit
 
 
 def test_naive_run_is_sized_to_a_budget_not_to_n() -> None:
@@ -48,6 +65,8 @@ def test_naive_run_is_sized_to_a_budget_not_to_n() -> None:
         guarantee="at-least-once",
         naive_requests=0,
         json=True,
+        spend_limit=None,
+        spend_window=60.0,
     )
     assert _requests_for("naive", options) < 100
     assert _requests_for("stream", options) == 100_000

@@ -14,9 +14,11 @@ from stream.catalog import (
     build_catalog,
     get_fallback_provider,
     load_catalog,
+    unpriced,
 )
 from stream.config import Settings
 from stream.errors import ConfigError
+from stream.prices import Price
 
 
 def _settings(
@@ -38,11 +40,53 @@ def test_defaults_map_the_synthetic_models_to_their_api_strings(tmp_path: Path) 
         provider="synthetic",
         api_model="hf:deepseek-ai/DeepSeek-R1-0528",
         timeout_s=120.0,
+        price=Price(input=3.0, output=8.0),
     )
     synthetic = [m for m in catalog.models.values() if m.provider == "synthetic"]
     assert all(m.api_model.startswith("hf:") for m in synthetic)
     assert catalog.get("kimi-k2-thinking-syn").api_model == "hf:moonshotai/Kimi-K2-Thinking"  # type: ignore[union-attr]
     assert catalog.get("nope") is None
+
+
+def test_prices_default_and_are_overridden_by_the_catalog_file(tmp_path: Path) -> None:
+    defaults = load_catalog(_settings(tmp_path))
+    assert unpriced(defaults) == ["glm-4.6-syn", "minimax-m2-syn", "qwen3-coder-480b-syn"]
+    text = """
+[models.my-model-syn]
+provider = "synthetic"
+api_model = "hf:org/My-Model"
+initial_concurrency = 2
+price = { input = 0.5, output = 2.0, cached_input = 0.125 }
+
+[prices]
+"glm-4.6-syn" = { input = 0.6, output = 2.2 }
+"deepseek-r1-0528-syn" = { input = 2.5, output = 7.5 }
+"""
+    catalog = load_catalog(_settings(tmp_path, text))
+    mine = catalog.models["my-model-syn"]
+    assert mine.initial_concurrency == 2 and mine.price is not None
+    assert mine.price.cached_input == 0.125 and mine.price.read_on.endswith("catalog.toml")
+    assert catalog.models["glm-4.6-syn"].price.input == 0.6  # type: ignore[union-attr]
+    assert catalog.models["deepseek-r1-0528-syn"].price.output == 7.5  # type: ignore[union-attr]
+    assert unpriced(catalog) == ["minimax-m2-syn", "qwen3-coder-480b-syn"]
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('[prices]\n"nope" = { input = 1, output = 1 }', "not in the catalog"),
+        ('[prices]\n"glm-4.6-syn" = { input = 1 }', "input and output"),
+        ('[prices]\n"glm-4.6-syn" = { input = -1, output = 1 }', ">= 0"),
+        ('[prices]\n"glm-4.6-syn" = { input = 1, output = 1, vat = 1 }', "unknown keys"),
+        (
+            '[models.m]\nprovider = "synthetic"\napi_model = "hf:m"\ninitial_concurrency = 0',
+            "initial_concurrency",
+        ),
+    ],
+)
+def test_a_bad_price_is_one_clear_error(tmp_path: Path, text: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        load_catalog(_settings(tmp_path, text))
 
 
 def test_reasoning_models_get_long_timeouts(tmp_path: Path) -> None:

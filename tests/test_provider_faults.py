@@ -69,7 +69,12 @@ async def test_a_faulty_provider_still_gives_one_terminal_record_each(
         stats = sim.stats()
     assert set(found) == {rid for rid, _ in batch}
     faulty = sum(n for outcome, n in stats["by_outcome"].items() if outcome != "ok")
-    assert faulty >= 10  # the faults did happen
+    if "429/30" in faults:
+        # A Retry-After holds back every call to that model, and 30 s is past every
+        # deadline: after a model's first 429 its requests fail over without calling.
+        assert 1 <= stats["by_outcome"].get("429", 0) <= 12, stats
+    else:
+        assert faulty >= 10  # the faults did happen
     for rid, (_, record, _) in found.items():
         model = MODELS[int(rid.rpartition("-")[2]) % 3]
         if "provider" in record and record["provider"] == "synthetic":

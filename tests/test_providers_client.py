@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -17,7 +17,7 @@ from stream.catalog import Model
 from stream.config import ProviderSettings, Secret
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.errors import CircuitOpenError, FatalProviderError, RetryableProviderError
-from stream.providers import Backoff, BreakerConfig, ProviderClient
+from stream.providers import Backoff, BreakerConfig, Clock, ProviderClient
 
 pytestmark = pytest.mark.anyio
 
@@ -43,6 +43,7 @@ class Recorder:
         self.attempts: list[str] = []
         self.retries: list[str] = []
         self.breaker: list[str] = []
+        self.answers: list[tuple[str | None, float | None]] = []
 
     def on_attempt(self, provider: str, model: str, status_class: str, seconds: float) -> None:
         assert seconds >= 0
@@ -53,6 +54,16 @@ class Recorder:
 
     def on_breaker(self, provider: str, model: str, state: str) -> None:
         self.breaker.append(state)
+
+    def on_answer(
+        self,
+        provider: str,
+        model: str,
+        finish_reason: str | None,
+        usage: Mapping[str, Any] | None,
+        cost_usd: float | None,
+    ) -> None:
+        self.answers.append((finish_reason, cost_usd))
 
 
 def _settings(url: str, *, retries: int = 2, key: str = KEY) -> ProviderSettings:
@@ -114,8 +125,9 @@ async def test_429_is_retried_and_insufficient_quota_is_not(
     with pytest.raises(RetryableProviderError) as limited:
         await client.complete(GLM, _ask("[[sim:429/0.01]]"))
     assert limited.value.error_type == "rate_limited" and limited.value.attempts == 3
-    assert client.limiter(GLM).limit < client.settings.max_connections  # it backed off
-    assert client.limiter(R1).limit == client.settings.max_connections  # others did not
+    # The simulator announced room for all 1000 at once; the 429s halved it, for GLM only.
+    assert client.limiter(GLM).limit < client.settings.max_connections
+    assert client.limiter(R1).limit == client.settings.initial_concurrency
     with pytest.raises(FatalProviderError) as quota:
         await client.complete(GLM, _ask("[[sim:quota]]"))
     assert quota.value.error_type == "insufficient_quota" and quota.value.attempts == 1
@@ -264,29 +276,73 @@ async def test_a_past_deadline_is_not_called(client: ProviderClient, sim: Simula
     assert sim.stats()["requests"] == 0
 
 
-async def test_breaker_opens_probes_and_closes(sim: Simulator) -> None:
-    recorder = Recorder()
-    config = BreakerConfig(window_s=60, min_calls=4, failure_rate=0.5, cooldown_s=0.3)
+class FakeTime:
+    """Both of the client's clocks, moved by the test: a cool-down passes in no time."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def clock(self) -> Clock:
+        return Clock(monotonic=lambda: self.now, wall=lambda: 1.7e9 + self.now)
+
+
+def _timed_client(
+    sim: Simulator, recorder: Recorder, time_: FakeTime, min_calls: int
+) -> ProviderClient:
+    """A client on the moved clock whose breaker opens after `min_calls` failures."""
+    config = BreakerConfig(window_s=60, min_calls=min_calls, failure_rate=0.5, cooldown_s=15)
     settings = _settings(sim.url, retries=0)
-    async with ProviderClient(settings, observer=recorder, breaker=config) as client:
-        for _ in range(4):
-            with pytest.raises(RetryableProviderError):
-                await client.complete(GLM, _ask("[[sim:500]]"))
+    return ProviderClient(settings, observer=recorder, breaker=config, clock=time_.clock())
+
+
+async def _fail(client: ProviderClient, times: int) -> None:
+    for _ in range(times):
+        with pytest.raises(RetryableProviderError):
+            await client.complete(GLM, _ask("[[sim:500]]"))
+
+
+async def test_breaker_opens_probes_and_closes(sim: Simulator) -> None:
+    recorder, time_ = Recorder(), FakeTime()
+    async with _timed_client(sim, recorder, time_, min_calls=4) as client:
+        await _fail(client, 4)
         assert client.breaker_state(GLM) == "open"
         with pytest.raises(CircuitOpenError) as caught:
             await client.complete(GLM, _ask())
         assert caught.value.attempts == 0 and sim.stats()["requests"] == 4
         assert client.breaker_state(R1) == "closed"  # per model
-        await anyio.sleep(0.3)  # the cool-down itself is what is under test
+        time_.now += 15
         assert client.breaker_state(GLM) == "half_open"
-        with pytest.raises(RetryableProviderError):
-            await client.complete(GLM, _ask("[[sim:500]]"))  # the probe fails
+        await _fail(client, 1)  # the probe fails
         assert client.breaker_state(GLM) == "open"
-        await anyio.sleep(0.3)
+        time_.now += 15
         assert (await client.complete(GLM, _ask())).attempts == 1  # the probe passes
         assert client.breaker_state(GLM) == "closed"
     assert recorder.breaker == ["open", "half_open", "open", "half_open", "closed"]
     assert sim.stats()["requests"] == 6
+
+
+async def test_reading_the_breaker_state_reports_nothing(sim: Simulator) -> None:
+    # Reading is not acting: the transition is reported once, by the call that acts on it.
+    recorder, time_ = Recorder(), FakeTime()
+    async with _timed_client(sim, recorder, time_, min_calls=2) as client:
+        await _fail(client, 2)
+        time_.now += 15
+        for _ in range(3):
+            assert client.breaker_state(GLM) == "half_open"
+        assert recorder.breaker == ["open"]
+        await client.complete(GLM, _ask())
+    assert recorder.breaker == ["open", "half_open", "closed"]
+
+
+async def test_a_deadline_is_read_on_the_injected_wall_clock(sim: Simulator) -> None:
+    time_ = FakeTime()
+    async with ProviderClient(_settings(sim.url), clock=time_.clock()) as client:
+        wall = time_.clock().wall()
+        with pytest.raises(RetryableProviderError) as caught:
+            await client.complete(GLM, _ask(), deadline=wall - 1)
+        assert caught.value.error_type == "deadline"
+        assert (await client.complete(GLM, _ask(), deadline=wall + 5)).attempts == 1
+    assert sim.stats()["requests"] == 1
 
 
 async def test_our_own_bad_requests_do_not_open_the_breaker(sim: Simulator) -> None:
@@ -440,3 +496,22 @@ async def test_a_garbled_http_answer_is_a_retryable_provider_error(answer: bytes
                 await provider.complete(GLM, _ask())
         group.cancel_scope.cancel()
     assert caught.value.attempts == 2
+
+
+async def test_a_retry_after_past_the_deadline_holds_back_the_model_within_reason() -> None:
+    calls: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(orjson.loads(request.content)["model"])
+        return httpx.Response(429, headers={"retry-after": "86400"}, json={"error": {}})
+
+    async with _mocked(answer) as client:
+        with pytest.raises(RetryableProviderError) as first:
+            await client.complete(GLM, _ask(), deadline=time.time() + 30)
+        assert first.value.attempts == 1 and "past the deadline" in str(first.value)
+        with pytest.raises(RetryableProviderError) as second:
+            await client.complete(GLM, _ask(), deadline=time.time() + 30)
+        paused_for = client.limiter(GLM).snapshot().paused_for_s
+    assert calls == [GLM.api_model]  # the second request failed over without calling
+    assert second.value.error_type == "rate_limited" and second.value.attempts == 1
+    assert 0 < paused_for <= 300  # a day asked for, five minutes held: then one call asks again

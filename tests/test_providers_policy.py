@@ -7,16 +7,18 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 import anyio
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from stream.prices import Price, token_counts
 from stream.providers.breaker import BreakerConfig, CircuitBreaker
-from stream.providers.completion import split_reasoning
-from stream.providers.limiter import AdaptiveLimiter, ratelimit_pause
+from stream.providers.completion import BadOutput, parse_completion, split_reasoning
+from stream.providers.limiter import AdaptiveLimiter
+from stream.providers.ratelimits import MAX_RESET_S, RateLimits, read_ratelimits
 from stream.providers.retry import (
     FATAL_STATUSES,
-    MAX_RETRY_AFTER_S,
     RETRYABLE_STATUSES,
     Backoff,
     classify,
@@ -82,11 +84,23 @@ def test_backoff_ceiling_doubles_until_the_cap() -> None:
 
 
 @given(seconds=st.floats(0, 10_000, allow_nan=False))
-def test_retry_after_seconds_and_ms_are_read_and_capped(seconds: float) -> None:
-    expected = min(seconds, MAX_RETRY_AFTER_S)
-    assert retry_after({"retry-after": repr(seconds)}, 0.0) == pytest.approx(expected)
+def test_retry_after_seconds_and_ms_are_read_as_they_are(seconds: float) -> None:
+    # Not capped: a wait past the request's deadline fails over instead of being shortened.
+    assert retry_after({"retry-after": repr(seconds)}, 0.0) == pytest.approx(seconds)
     ms = {"retry-after-ms": repr(seconds * 1000), "retry-after": "999"}
-    assert retry_after(ms, 0.0) == pytest.approx(expected)
+    assert retry_after(ms, 0.0) == pytest.approx(seconds)
+
+
+def test_402_is_quota_and_a_context_length_refusal_says_so() -> None:
+    quota = classify(402, {}, "payment_required")
+    assert quota == (False, "insufficient_quota", False)
+    together = "Input token count + max_tokens must be less than the context length of the model"
+    assert classify(403, {}, "invalid_request_error", together).error_type == (
+        "context_length_exceeded"
+    )
+    assert classify(400, {}, "context_length_exceeded").error_type == "context_length_exceeded"
+    assert classify(403, {}, None, "forbidden").error_type == "forbidden"
+    assert not classify(403, {}, None, together).retryable
 
 
 def test_retry_after_http_date() -> None:
@@ -102,16 +116,23 @@ def test_retry_after_ignores_junk(raw: str) -> None:
     assert retry_after({"retry-after": raw}, 0.0) is None
 
 
-def test_ratelimit_headers() -> None:
-    assert ratelimit_pause({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "2"}) == 2.0
-    assert ratelimit_pause(
-        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m0.5s"}
-    ) == pytest.approx(60.0)
-    assert ratelimit_pause(
-        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "250ms"}
-    ) == pytest.approx(0.25)
-    assert ratelimit_pause({"x-ratelimit-remaining": "5", "x-ratelimit-reset": "2"}) is None
-    assert ratelimit_pause({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "x1"}) is None
+def test_ratelimit_headers_are_read_as_openai_and_together_send_them() -> None:
+    openai_style = {
+        "x-ratelimit-limit-requests": "5000",
+        "x-ratelimit-remaining-requests": "4999",
+        "x-ratelimit-reset-requests": "12ms",
+        "x-ratelimit-limit-tokens": "160000",
+        "x-ratelimit-remaining-tokens": "159976",
+        "x-ratelimit-reset-tokens": "1m0.5s",
+    }
+    assert read_ratelimits(openai_style) == RateLimits(
+        5000, 4999, pytest.approx(0.012), 160000, 159976, pytest.approx(60.5)
+    )
+    together_style = {"x-ratelimit-remaining": "0", "x-ratelimit-reset": "2"}
+    assert read_ratelimits(together_style) == RateLimits(remaining_requests=0, reset_requests_s=2)
+    assert read_ratelimits({"x-ratelimit-reset": "6h"}).reset_requests_s == MAX_RESET_S
+    junk = {"x-ratelimit-remaining": "-3", "x-ratelimit-reset": "x1"}
+    assert not read_ratelimits(junk).announced
 
 
 # --- breaker ------------------------------------------------------------------------------
@@ -250,7 +271,7 @@ def test_limiter_limit_stays_in_bounds(steps: list[str], ceiling: int) -> None:
 
 def test_limiter_cuts_once_per_round_of_calls() -> None:
     ticks = iter(range(1_000))
-    limiter = AdaptiveLimiter(100, clock=lambda: float(next(ticks)))
+    limiter = AdaptiveLimiter(100, initial=100, clock=lambda: float(next(ticks)))
     burst = [limiter.try_acquire() for _ in range(50)]
     for permit in burst:
         assert permit is not None
@@ -264,6 +285,52 @@ def test_limiter_cuts_once_per_round_of_calls() -> None:
     assert ok is not None
     limiter.release(ok, success=True)
     assert limiter.limit == 26.0
+
+
+def test_limiter_starts_small_and_doubles_per_round_until_throttled() -> None:
+    limiter = AdaptiveLimiter(1000, initial=4)
+    rounds = []
+    for _ in range(9):
+        permits = [limiter.try_acquire() for _ in range(int(limiter.limit))]
+        assert limiter.try_acquire() is None  # the limit holds
+        for permit in permits:
+            assert permit is not None
+            limiter.release(permit, success=True)
+        rounds.append(limiter.limit)
+    assert rounds == [8, 16, 32, 64, 128, 256, 512, 1000, 1000]
+
+
+def test_announced_room_opens_the_limit_at_once_until_the_first_throttle() -> None:
+    now = [0.0]
+    limiter = AdaptiveLimiter(1000, initial=4, clock=lambda: now[0])
+    limiter.heed(RateLimits(remaining_requests=600, reset_requests_s=60))
+    assert limiter.limit == 600
+    permit = limiter.try_acquire()
+    assert permit is not None
+    now[0] += 1
+    limiter.release(permit, throttled=True)
+    assert limiter.limit == 300
+    limiter.heed(RateLimits(remaining_requests=900, reset_requests_s=60))
+    assert limiter.limit == 300  # throttled once: the provider's 429s speak louder
+
+
+def test_an_announced_allowance_is_never_overrun_before_its_reset() -> None:
+    now = [0.0]
+    limiter = AdaptiveLimiter(100, initial=100, clock=lambda: now[0])
+    limiter.heed(RateLimits(remaining_requests=3, reset_requests_s=10))
+    assert [limiter.try_acquire() is not None for _ in range(5)] == [True] * 3 + [False] * 2
+    assert limiter.paused_until == 10.0
+    now[0] = 10.0
+    assert limiter.try_acquire() is not None  # a new window
+
+
+def test_spent_tokens_pause_new_calls_until_their_reset() -> None:
+    now = [5.0]
+    limiter = AdaptiveLimiter(100, clock=lambda: now[0])
+    limiter.heed(RateLimits(remaining_tokens=0, reset_tokens_s=2.5))
+    assert limiter.try_acquire() is None and limiter.paused_until == 7.5
+    now[0] = 7.5
+    assert limiter.try_acquire() is not None
 
 
 @pytest.mark.anyio
@@ -327,3 +394,62 @@ def test_split_reasoning_never_leaves_a_tag(answer: str, thought: str) -> None:
     assert "<think>" not in content and "</think>" not in content
     assert content == answer.strip()
     assert reasoning == (thought.strip() or None)
+
+
+# --- reading an answer --------------------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.text(max_size=300),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=20,
+)
+
+
+@given(
+    finish=_JSON,
+    usage=_JSON,
+    ident=_JSON,
+    content=_JSON,
+    tool_calls=_JSON,
+)
+def test_any_answer_is_read_or_refused_never_crashes(
+    finish: object, usage: object, ident: object, content: object, tool_calls: object
+) -> None:
+    body = {
+        "id": ident,
+        "model": "m",
+        "choices": [
+            {
+                "finish_reason": finish,
+                "message": {"content": content, "tool_calls": tool_calls},
+            }
+        ],
+        "usage": usage,
+    }
+    try:
+        parsed = parse_completion(orjson.dumps(body), json_output=False)
+    except BadOutput as exc:
+        assert exc.error_type in {"malformed_response", "empty_content", "content_filter"}
+        return
+    assert parsed.content or parsed.tool_calls or parsed.finish_reason == "length"
+    assert parsed.response_id is None or len(parsed.response_id) <= 200
+    assert parsed.finish_reason is None or len(parsed.finish_reason) <= 64
+    for value in (parsed.usage or {}).values():  # counts only, never negative
+        counts = value.values() if isinstance(value, dict) else [value]
+        assert all(v is None or (type(v) is int and v >= 0) for v in counts)
+    assert token_counts(parsed.usage) is None or token_counts(parsed.usage).cached >= 0  # type: ignore[union-attr]
+
+
+def test_price_cost_counts_cached_input_and_reasoning_once() -> None:
+    price = Price(input=2.0, output=10.0, cached_input=0.5)
+    usage = {
+        "prompt_tokens": 1000,
+        "completion_tokens": 300,
+        "prompt_tokens_details": {"cached_tokens": 400},
+        "completion_tokens_details": {"reasoning_tokens": 200},
+    }
+    assert price.cost(usage) == pytest.approx((600 * 2 + 400 * 0.5 + 300 * 10) / 1e6)
+    # A detail count above its parent is a provider's bug: bounded, never negative.
+    usage["prompt_tokens_details"] = {"cached_tokens": 5000}
+    assert price.cost(usage) == pytest.approx((1000 * 0.5 + 300 * 10) / 1e6)
+    assert price.cost(None) is None and price.cost({"total_tokens": 3}) is None

@@ -272,3 +272,70 @@ async def test_the_cli_serves_and_documents_its_grammar(http: aiohttp.ClientSess
         finally:
             process.terminate()
         assert await process.wait() == 0
+
+
+async def test_the_openai_sdk_streams_chunks_when_asked() -> None:
+    async with Simulator() as sim:
+        client = openai.AsyncOpenAI(base_url=sim.url, api_key="sk-any", max_retries=0)
+        try:
+            whole = await client.chat.completions.create(
+                model="moonshotai/Kimi-K2-Instruct",
+                messages=[{"role": "user", "content": "Stream it."}],
+            )
+            stream = await client.chat.completions.create(
+                model="moonshotai/Kimi-K2-Instruct",
+                messages=[{"role": "user", "content": "Stream it."}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [chunk async for chunk in stream]
+        finally:
+            await client.close()
+    assert len(chunks) >= 4  # role, content pieces, finish, usage
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop" and set(finishes[:-1]) == {None}
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].object == "chat.completion.chunk"
+
+
+async def test_answers_carry_ids_rate_limits_and_usage_details(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with Simulator(SimConfig(rate_limit=3, rate_window_s=60)) as sim:
+        seen = []
+        for _ in range(4):
+            body = {
+                "model": R1,
+                "messages": [
+                    {"role": "system", "content": "You answer in one line."},
+                    {"role": "user", "content": "Why?"},
+                ],
+            }
+            async with http.post(f"{sim.url}/chat/completions", json=body) as response:
+                seen.append((response.status, response.headers, await response.json()))
+    statuses = [status for status, _, _ in seen]
+    assert statuses == [200, 200, 200, 429]
+    remaining = [int(h["x-ratelimit-remaining-requests"]) for _, h, _ in seen[:3]]
+    assert remaining == [2, 1, 0]
+    assert all(h["x-request-id"].startswith("req_") for _, h, _ in seen)
+    assert float(seen[3][1]["retry-after"]) > 0
+    first, second = seen[0][2]["usage"], seen[1][2]["usage"]
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert second["prompt_tokens_details"]["cached_tokens"] == 5  # the system line, cached
+    assert first["completion_tokens_details"]["reasoning_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "finish", "content"),
+    [("length", "length", str), ("tool_calls", "tool_calls", type(None))],
+)
+async def test_answer_faults_end_as_the_real_apis_say(
+    http: aiohttp.ClientSession, kind: str, finish: str, content: type
+) -> None:
+    async with Simulator() as sim:
+        status, data = await _chat(http, sim.url, "moonshotai/Kimi-K2-Instruct", f"[[sim:{kind}]]")
+    choice = data["choices"][0]
+    assert status == 200 and choice["finish_reason"] == finish
+    assert isinstance(choice["message"]["content"], content)

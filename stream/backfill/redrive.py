@@ -57,6 +57,8 @@ REASONS = (
     "handler_error",
     "result_too_large",
     "output_rejected",
+    "content_filter",
+    "context_length_exceeded",
 )
 # the same bytes would fail the same way: sent again only with --force
 HOPELESS = frozenset(
@@ -68,6 +70,8 @@ HOPELESS = frozenset(
         "unknown_model",
         "result_too_large",
         "output_rejected",
+        "content_filter",
+        "context_length_exceeded",
     }
 )
 OUTCOMES = ("redriven", "already redriven", "cannot succeed", "no request", "not selected")

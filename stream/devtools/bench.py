@@ -33,17 +33,19 @@ from typing import Any
 
 import anyio
 import httpx
-import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import NewTopic
 
 from stream.config import Settings
 from stream.devtools import benchruns
+from stream.devtools.benchdata import (
+    create_topics,
+    delete_topics,
+    max_window_spend,
+    publish,
+    results_of,
+)
 from stream.devtools.broker import LocalBroker, free_port
 from stream.devtools.simulator import simulate_command
 from stream.errors import StreamError
-from stream.kafka import admin_client
-from stream.stages import Topics
 
 __all__ = ["main", "register"]
 
@@ -67,6 +69,8 @@ class Options:
     guarantee: str
     naive_requests: int
     json: bool
+    spend_limit: float | None
+    spend_window: float
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> Options:
@@ -75,6 +79,10 @@ class Options:
             raise BenchError("--requests, --concurrency and --partitions must be at least 1")
         if options.latency < 0:
             raise BenchError("--latency must not be negative")
+        if options.spend_limit is not None and not options.spend_limit > 0:
+            raise BenchError("--spend-limit must be a positive number of USD")
+        if not options.spend_window > 0:
+            raise BenchError("--spend-window must be a positive number of seconds")
         return options
 
 
@@ -118,78 +126,6 @@ def _sim_calls(base: str) -> int:
     return int(httpx.get(f"{base}/sim/stats", timeout=10).json()["requests"])
 
 
-# -- Kafka side: topics, the backlog, the results ------------------------------------------
-
-
-async def _create_topics(settings: Settings, partitions: int) -> list[str]:
-    names = list(vars(Topics.of(settings)).values())
-    async with admin_client(settings.kafka, doing="creating bench topics") as admin:
-        await admin.create_topics([NewTopic(name, partitions, 1) for name in names])
-    return names
-
-
-async def _delete_topics(settings: Settings, names: list[str]) -> None:
-    with contextlib.suppress(Exception):  # tidying up only: a leftover topic harms nothing
-        async with admin_client(settings.kafka, doing="deleting bench topics") as admin:
-            await admin.delete_topics(names)
-
-
-def request_value(request_id: str, index: int) -> bytes:
-    return orjson.dumps(
-        {
-            "request_id": request_id,
-            "model": benchruns.BENCH_MODEL,
-            "messages": benchruns.messages(index),
-            "metadata": {"bench": True},
-        }
-    )
-
-
-async def _publish(settings: Settings, requests: int, run: str) -> None:
-    producer = AIOKafkaProducer(
-        **settings.kafka.client_options(), acks="all", linger_ms=20, max_batch_size=256 * 1024
-    )
-    await producer.start()
-    try:
-        topic = Topics.of(settings).requests
-        futures = []
-        for index in range(requests):
-            rid = f"{run}-{index:07d}"
-            key = rid.encode()
-            value = request_value(rid, index)
-            headers = [("request-id", key)]
-            futures.append(await producer.send(topic, value, key=key, headers=headers))
-        for future in futures:
-            await future
-    finally:
-        await producer.stop()
-
-
-async def _result_times(settings: Settings) -> dict[bytes, int]:
-    """Request key → its result's record timestamp (ms), for every result written."""
-    topic = Topics.of(settings).results
-    consumer = AIOKafkaConsumer(
-        **settings.kafka.client_options(),
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-    )
-    await consumer.start()
-    try:
-        await consumer._client.force_metadata_update()
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        times: dict[bytes, int] = {}
-        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                times.update((r.key, r.timestamp) for r in records)
-        return times
-    finally:
-        await consumer.stop()
-
-
 # -- one run -------------------------------------------------------------------------------
 
 
@@ -210,6 +146,27 @@ def _child_env(options: Options, bootstrap: str, sim: str, prefix: str) -> dict[
         "STREAM_METRICS_PORT": "0",
         "STREAM_METRICS_HOST": "127.0.0.1",
         "STREAM_LOG_LEVEL": os.environ.get("STREAM_LOG_LEVEL", "WARNING"),
+        **_spend_env(options),
+    }
+
+
+def _spend_env(options: Options) -> dict[str, str]:
+    if options.spend_limit is None:
+        return {}
+    # A spend limit needs every catalog model priced; the bench calls one (BENCH_MODEL, at
+    # its default price) and prices the three without a default at 0 (never called here).
+    catalog = Path(tempfile.gettempdir()) / f"stream-bench-catalog-{os.getpid()}.toml"
+    catalog.write_text(
+        "[prices]\n"
+        + "".join(
+            f'"{m}" = {{ input = 0, output = 0 }}\n'
+            for m in ("glm-4.6-syn", "minimax-m2-syn", "qwen3-coder-480b-syn")
+        )
+    )
+    return {
+        "STREAM_SPEND_LIMIT_USD": repr(options.spend_limit),
+        "STREAM_SPEND_WINDOW": f"{options.spend_window}s",
+        "STREAM_CATALOG_FILE": str(catalog),
     }
 
 
@@ -258,17 +215,22 @@ async def _kafka_run(mode: str, requests: int, options: Options, infra: Any) -> 
     prefix = f"bench{uuid.uuid4().hex[:8]}.{mode}."
     env = _child_env(options, bootstrap, sim, prefix)
     settings = Settings.from_env(env)
-    names = await _create_topics(settings, options.partitions)
+    names = await create_topics(settings, options.partitions)
     try:
-        await _publish(settings, requests, prefix)
+        await publish(settings, requests, prefix)
         calls = _sim_calls(sim)
         figures = await _child(mode, requests, env, _timeout_s(mode, requests, options))
         figures["calls_per_request"] = round((_sim_calls(sim) - calls) / requests, 3)
-        times = await _result_times(settings)
+        found = await results_of(settings)
     finally:
-        await _delete_topics(settings, names)
+        await delete_topics(settings, names)
     ready_ms = figures["ready_at"] * 1000
-    seconds = [max(0.0, (ts - ready_ms) / 1000) for ts in times.values()]
+    seconds = [max(0.0, (ts - ready_ms) / 1000) for ts in found.times.values()]
+    if mode != "passthrough":
+        figures.update(found.bill.figures())
+        most, windows = max_window_spend(found.spend, options.spend_window)
+        figures.update(max_window_spend_usd=round(most, 6), spend_windows=windows)
+        figures.update(spend_limit_usd=options.spend_limit, spend_window_s=options.spend_window)
     return {**_latency_figures(requests, seconds), **figures}
 
 
@@ -340,6 +302,20 @@ def _table(results: dict[str, Figures], options: Options) -> list[str]:
     ratios = [f"{k[6:]} {v:.2f}×" for k, v in stream.items() if k.startswith("ratio_")]
     if ratios:
         lines.append("stream throughput vs " + ", ".join(ratios))
+    if "spend_usd" in stream:
+        lines.append(
+            f"stream tokens: prompt {stream['prompt_tokens']:,} (cached "
+            f"{stream['cached_tokens']:,}), completion {stream['completion_tokens']:,} "
+            f"(reasoning {stream['reasoning_tokens']:,}); spend ${stream['spend_usd']:.4f}"
+        )
+        window = f"{options.spend_window:g} s"
+        most = f"most spent in any {window}: ${stream['max_window_spend_usd']:.6f}"
+        if options.spend_limit is not None:
+            lines.append(
+                f"spend limit ${options.spend_limit:g} per {window}: {most} over "
+                f"{stream['spend_windows']} windows; {stream['requests']} of "
+                f"{stream['requests']} requests answered"
+            )
     return lines
 
 
@@ -395,6 +371,18 @@ def register(commands: Any) -> None:
         help=f"requests for the naive run (default: about {_NAIVE_BUDGET_S:.0f} s of its work)",
     )
     parser.add_argument("--json", action="store_true", help="figures keyed by run, as JSON")
+    parser.add_argument(
+        "--spend-limit",
+        type=float,
+        default=None,
+        help="USD per --spend-window for the worker (STREAM_SPEND_LIMIT_USD); default none",
+    )
+    parser.add_argument(
+        "--spend-window",
+        type=float,
+        default=60.0,
+        help="seconds, the spend limit's sliding window, and the summary's (default 60)",
+    )
     parser.set_defaults(handler=_command)
 
 

@@ -32,6 +32,7 @@ from stream.devtools.faults import parse_faults, parse_latency
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.errors import KafkaError
 from stream.kafka import admin_client, topic_partitions
+from stream.prices import Bill
 from stream.stages import Topics
 from stream.worker import Worker
 
@@ -116,6 +117,7 @@ class Tally:
     outcome: dict[str, str] = field(default_factory=dict)
     latency_s: dict[str, float] = field(default_factory=dict)
     duplicates: int = 0
+    bills: dict[str, Bill] = field(default_factory=dict)  # outcome → tokens and spend
 
     def settle(self, request_id: str, outcome: str) -> None:
         if request_id not in self.published:
@@ -172,6 +174,10 @@ async def _collect(settings: Settings, start: dict[TopicPartition, int], tally: 
                 for record in records:
                     value = orjson.loads(record.value)
                     rid, outcome = _outcome(record.topic, value, dict(record.headers), names)
+                    new = rid in tally.published and rid not in tally.outcome
+                    bill = tally.bills.setdefault(outcome, Bill())
+                    if new and record.topic == names.results:
+                        bill.add(value.get("usage"), value.get("cost_usd"))
                     if rid:
                         tally.settle(rid, outcome)
     finally:
@@ -245,15 +251,19 @@ def summary(tally: Tally, elapsed_s: float) -> tuple[list[str], bool]:
     by_outcome: dict[str, list[str]] = defaultdict(list)
     for rid, outcome in tally.outcome.items():
         by_outcome[outcome].append(rid)
-    lines = [f"{'outcome':<34} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8}"]
+    lines = [
+        f"{'outcome':<34} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8} {'tokens':>8} {'USD':>8}"
+    ]
     labels = {"synthetic": "result · Synthetic", "together": "result · Together (fallback)"}
     for outcome in sorted(by_outcome, key=lambda o: (o not in labels, o)):
         ids = by_outcome[outcome]
         latencies = [tally.latency_s[rid] * 1000 for rid in ids]
         label = labels.get(outcome, f"dead letter · {outcome}")
+        bill = tally.bills.get(outcome, Bill())
         lines.append(
             f"{label:<34} {len(ids):>8} {_percentile(latencies, 0.5):>8.0f} "
-            f"{_percentile(latencies, 0.99):>8.0f}"
+            f"{_percentile(latencies, 0.99):>8.0f} {bill.prompt + bill.completion:>8,} "
+            f"{bill.usd:>8.4f}"
         )
     missing = [rid for rid in tally.published if rid not in tally.outcome]
     wrong = [rid for rid, outcome in tally.outcome.items() if outcome != tally.expected[rid]]
@@ -262,6 +272,10 @@ def summary(tally: Tally, elapsed_s: float) -> tuple[list[str], bool]:
         f"{elapsed_s:.1f} s; missing {len(missing)}, duplicates {tally.duplicates}, "
         f"unexpected outcomes {len(wrong)}"
     )
+    total = Bill()
+    for bill in tally.bills.values():
+        total.merge(bill)
+    lines.append(total.line() + " (results; failed attempts are in stream_provider_spend_usd)")
     for rid in wrong[:5]:
         lines.append(f"  unexpected: {tally.scenario[rid]} ended as {tally.outcome[rid]}")
     return lines, not missing and not wrong

@@ -37,6 +37,8 @@ faults (--faults SPEC): rules separated by ';', each one of
 KIND:
   429[/S]      rate limited, Retry-After S seconds (default 1; also retry-after-ms)
   quota        429 with error code insufficient_quota
+  402          Together's quota: the account's monthly spending limit is reached
+  context_length  Together's 403: input tokens + max_tokens over the model's context
   NNN          any HTTP status (500, 503, 529, 400, 401 ...) with an OpenAI error body
   hang[/S]     answer only after S seconds (default 600): past any client timeout
   reset        close the connection with a TCP reset, no answer
@@ -45,6 +47,9 @@ KIND:
   empty        200 with empty content
   notjson      200 with prose even when JSON output was asked for
   huge         200 with a 1.5 MiB answer (a long thinking model's output)
+  length       200 cut in half, finish_reason length (also: any answer over max_tokens)
+  tool_calls   200 with content null, one tool call, finish_reason tool_calls
+  content_filter  200 with content null, finish_reason content_filter
 When several rules match a model, their probabilities stack in the order given.
 example: 'hf:deepseek-ai/DeepSeek-R1-0528=rate:0.2:429;*=rate:0.01:500;outage=10-70:hf:*'
 
@@ -55,7 +60,8 @@ Header 'x-sim-latency: SECONDS' overrides the latency of one request.
 Errors answer at once; answers (and bad 200s) after the latency."""
 
 _KIND = re.compile(
-    r"^(?:(\d{3})|429/[\d.]+|quota|hang(?:/[\d.]+)?|reset|resetbody|malformed|empty|notjson|huge)$"
+    r"^(?:(\d{3})|429/[\d.]+|quota|hang(?:/[\d.]+)?|reset|resetbody|malformed|empty|notjson|huge"
+    r"|length|tool_calls|content_filter|context_length)$"
 )
 
 

@@ -4,11 +4,17 @@ Tests, the demo and the benchmarks point SYNTHETIC_BASE_URL / TOGETHER_BASE_URL 
 It answers for any model name, under `/v1/...` and `/openai/v1/...`:
 
     GET  /v1/models                 the models it has been asked for (plus a few defaults)
-    POST /v1/chat/completions       a realistic chat completion (or an injected fault)
+    POST /v1/chat/completions       a realistic chat completion (or an injected fault);
+                                    server-sent events when the body asks `stream: true`
     GET  /sim/stats                 counters as JSON: requests per model, per outcome
     POST /sim/reset                 zero the counters
 
-The fault grammar (`--faults`, `--latency`) is `stream.devtools.faults`.
+Like the real APIs, every answer carries an `x-request-id` header and announces its rate
+limits (`x-ratelimit-limit|remaining|reset-requests|tokens`, fixed windows of
+`rate_window_s`); past `rate_limit` requests in a window it answers 429 until the reset.
+The fault grammar (`--faults`, `--latency`) is `stream.devtools.faults`; the answers
+themselves (usage with its detail objects, finish reasons, stream chunks) are
+`stream.devtools.answers`.
 
 Given a seed it is deterministic: the n-th request for a model draws the same fault, the
 same latency and the same answer on every run, whatever the interleaving between models.
@@ -28,7 +34,8 @@ import socket
 import struct
 import sys
 import time
-from collections import Counter, defaultdict
+import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -36,6 +43,13 @@ from typing import Any
 from aiohttp import web
 
 from stream.config import Settings
+from stream.devtools.answers import (
+    ANSWER_KINDS,
+    Answer,
+    answer_for,
+    cacheable_prefix,
+    sse_events,
+)
 from stream.devtools.faults import (
     FAULT_HELP,
     FaultPlan,
@@ -44,6 +58,7 @@ from stream.devtools.faults import (
     parse_faults,
     parse_latency,
 )
+from stream.devtools.simstats import RateWindow, SimStats
 
 __all__ = ["SimConfig", "Simulator", "register", "simulate_command"]
 
@@ -51,10 +66,6 @@ logger = logging.getLogger(__name__)
 
 _MARKER = re.compile(r"\[\[sim:([^\]]+)\]\]")
 _REPEAT = re.compile(r"^(.*?)x(\d+)$")
-_WORDS = (
-    "stream partition offset model answer token latency broker replica leader commit "
-    "record fallback provider window deadline retry circuit budget signal"
-).split()
 _DEFAULT_MODELS = (
     "hf:deepseek-ai/DeepSeek-R1-0528",
     "hf:moonshotai/Kimi-K2-Thinking",
@@ -73,42 +84,11 @@ class SimConfig:
     # When set, requests must carry `Authorization: Bearer <api_key>` (else a 401 that
     # echoes the key presented, as some providers do).
     api_key: str | None = None
-
-
-class _Stats:
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.requests = 0
-        self.by_model: Counter[str] = Counter()
-        self.by_outcome: Counter[str] = Counter()
-        self.by_model_outcome: defaultdict[str, Counter[str]] = defaultdict(Counter)
-        self.in_flight = 0
-        self.peak_in_flight = 0
-
-    def start(self, model: str, outcome: str) -> None:
-        # Counted when decided, not when done: a hang the client gave up on is still a hang,
-        # and a test reading the stats right after its call sees every request it made.
-        self.requests += 1
-        self.by_model[model] += 1
-        self.by_outcome[outcome] += 1
-        self.by_model_outcome[model][outcome] += 1
-        self.in_flight += 1
-        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-
-    def finish(self) -> None:
-        self.in_flight -= 1
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "by_model": dict(self.by_model),
-            "by_outcome": dict(self.by_outcome),
-            "by_model_outcome": {m: dict(c) for m, c in self.by_model_outcome.items()},
-            "in_flight": self.in_flight,
-            "peak_in_flight": self.peak_in_flight,
-        }
+    # Requests (and tokens) allowed per window, announced in x-ratelimit-* headers and
+    # enforced with 429s. The default is a big plan: announced, never reached in tests.
+    rate_limit: int = 1_000_000
+    token_limit: int = 1_000_000_000
+    rate_window_s: float = 60.0
 
 
 class Simulator:
@@ -116,11 +96,14 @@ class Simulator:
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
-        self._stats = _Stats()
+        self._stats = SimStats()
         self._seen: Counter[str] = Counter()
         self._per_model: Counter[str] = Counter()
         self._models: dict[str, None] = dict.fromkeys(_DEFAULT_MODELS)
+        self._prefixes: set[str] = set()  # conversations seen: their prefix is "cached"
         self._started = time.monotonic()
+        self._window = self._new_window()
+        self._ids = 0
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -138,6 +121,15 @@ class Simulator:
     def reset(self) -> None:
         self._stats.reset()
         self._seen.clear()
+
+    def _new_window(self) -> RateWindow:
+        config = self.config
+        return RateWindow(
+            length_s=config.rate_window_s,
+            request_limit=config.rate_limit,
+            token_limit=config.token_limit,
+            started=self._started,
+        )
 
     def __repr__(self) -> str:
         return f"Simulator({self.base}, requests={self._stats.requests})"
@@ -168,6 +160,7 @@ class Simulator:
         await site.start()
         self.port = self._runner.addresses[0][1]
         self._started = time.monotonic()
+        self._window = self._new_window()
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -204,14 +197,20 @@ class Simulator:
             presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
             return _error(401, "invalid_api_key", f"Incorrect API key provided: {presented}")
         kind, delay = self._decide(request, model, messages)
+        reset = self._window.roll(time.monotonic())
+        if self._window.requests >= self.config.rate_limit:
+            kind = f"429/{reset:.3f}"
+        self._window.requests += 1
         self._stats.start(model, (kind or "ok").partition("/")[0])
         try:
-            if kind is not None and kind not in ("malformed", "empty", "notjson", "huge"):
-                return await _fault(request, kind)
-            await asyncio.sleep(delay)
-            return self._completion(body, model, messages, kind)
+            if kind is not None and kind not in ANSWER_KINDS:
+                response = await _fault(request, kind)
+            else:
+                await asyncio.sleep(delay)
+                response = await self._completion(request, body, kind)
         finally:
             self._stats.finish()
+        return response
 
     def _decide(
         self, request: web.Request, model: str, messages: list[Any]
@@ -249,65 +248,50 @@ class Simulator:
                 return None
         return kind
 
-    def _completion(
-        self, body: dict[str, Any], model: str, messages: list[Any], kind: str | None
-    ) -> web.Response:
+    async def _completion(
+        self, request: web.Request, body: dict[str, Any], kind: str | None
+    ) -> web.StreamResponse:
+        headers = self._headers()
         if kind == "malformed":
             return web.Response(
                 body=b'{"id": "chatcmpl-x", "choices": [{"message": {"content": "tru',
                 content_type="application/json",
+                headers=headers,
             )
-        answer = _answer_text(self.config.seed, model, messages)
-        if kind == "huge":
-            answer = " ".join([answer] * (1536 * 1024 // (len(answer) + 1) + 1))
-        form = body.get("response_format")
-        wants_json = isinstance(form, dict) and form.get("type") in ("json_object", "json_schema")
-        content = json.dumps({"answer": answer}) if wants_json and kind != "notjson" else answer
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": "" if kind == "empty" else content,
-        }
-        _add_reasoning(model, message, answer)
-        return web.json_response(_envelope(model, messages, message, answer))
+        prefix, cached = cacheable_prefix(body["messages"])
+        seen = prefix in self._prefixes and cached > 0
+        self._prefixes.add(prefix)
+        answer = answer_for(body, self.config.seed, kind, cached if seen else 0)
+        self._window.tokens += int(answer.body["usage"]["total_tokens"])
+        if body.get("stream") is True:
+            return await self._stream(request, body, answer.body, headers)
+        return web.json_response(answer.body, headers=headers)
 
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        answer: dict[str, Any],
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        response = web.StreamResponse(
+            status=200,
+            headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+        )
+        await response.prepare(request)
+        for event in sse_events(Answer(answer), include_usage):
+            await response.write(event)
+        await response.write_eof()
+        return response
 
-def _envelope(
-    model: str, messages: list[Any], message: dict[str, Any], answer: str
-) -> dict[str, Any]:
-    prompt = sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
-    completion = len(answer.split())
-    digest = hashlib.sha256(f"{model}:{answer}".encode()).hexdigest()[:24]
-    return {
-        "id": f"chatcmpl-{digest}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        },
-    }
-
-
-def _add_reasoning(model: str, message: dict[str, Any], answer: str) -> None:
-    """R1-style models think inside the content; Kimi-style thinking models in a field."""
-    lowered = model.lower()
-    thought = f"The user wants {len(answer.split())} words; think about {answer.split()[0]}."
-    if "r1" in lowered:
-        message["content"] = f"<think>\n{thought}\n</think>\n\n{message['content']}"
-    elif "thinking" in lowered:
-        message["reasoning_content"] = thought
-
-
-def _answer_text(seed: int, model: str, messages: list[Any]) -> str:
-    last = messages[-1] if isinstance(messages[-1], dict) else {}
-    prompt = str(last.get("content", ""))
-    digest = hashlib.sha256(f"{seed}:{model}:{prompt}".encode()).digest()
-    rng = random.Random(digest)
-    words = [rng.choice(_WORDS) for _ in range(8 + digest[0] % 24)]
-    return " ".join(words).capitalize() + "."
+    def _headers(self) -> dict[str, str]:
+        """x-request-id and the rate limits, as the real APIs send them on every answer."""
+        self._ids += 1
+        digest = hashlib.sha256(f"{self.config.seed}:{self._ids}".encode()).hexdigest()[:20]
+        reset = self._window.roll(time.monotonic())
+        return {"x-request-id": f"req_{digest}", **self._window.headers(reset)}
 
 
 def _marker(messages: list[Any]) -> str | None:
@@ -327,7 +311,9 @@ def _header_float(request: web.Request, name: str) -> float | None:
 
 def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
     body = {"error": {"message": message, "type": code, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
+    # Real APIs give failures an id too: it is what their support asks for.
+    request_id = f"req_{uuid.uuid4().hex[:20]}"
+    return web.json_response(body, status=status, headers={"x-request-id": request_id, **headers})
 
 
 async def _fault(request: web.Request, kind: str) -> web.StreamResponse:
@@ -342,6 +328,13 @@ async def _fault(request: web.Request, kind: str) -> web.StreamResponse:
         )
     if name == "quota":
         return _error(429, "insufficient_quota", "you exceeded your current quota")
+    if name == "context_length":
+        return _error(
+            403,
+            "invalid_request_error",
+            "Input validation error: input token count + max_tokens must be less than the "
+            "context length of the model",
+        )
     if name == "hang":
         await asyncio.sleep(float(arg) if arg else 600.0)
         return _error(504, "timeout", "the simulator hung and then gave up")
@@ -350,10 +343,19 @@ async def _fault(request: web.Request, kind: str) -> web.StreamResponse:
     if name == "resetbody":
         return await _reset_mid_body(request)
     status = int(name)
-    return _error(status, _ERROR_CODES.get(status, "server_error"), f"simulated HTTP {status}")
+    message = _ERROR_MESSAGES.get(status, f"simulated HTTP {status}")
+    return _error(status, _ERROR_CODES.get(status, "server_error"), message)
 
 
-_ERROR_CODES = {400: "invalid_request_error", 401: "invalid_api_key", 404: "model_not_found"}
+_ERROR_CODES = {
+    400: "invalid_request_error",
+    401: "invalid_api_key",
+    402: "payment_required",
+    404: "model_not_found",
+}
+_ERROR_MESSAGES = {
+    402: "the account has reached its maximum allowed monthly spending limit",
+}
 
 
 def _reset(request: web.Request) -> web.StreamResponse:
@@ -407,6 +409,15 @@ def register(commands: Any) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--faults", default="", help="fault rules, see below")
     parser.add_argument("--api-key", default=None, help="require this bearer key (else 401)")
+    parser.add_argument(
+        "--rate-limit",
+        type=int,
+        default=1_000_000,
+        help="requests per window before 429s, announced in x-ratelimit-* (default 1000000)",
+    )
+    parser.add_argument(
+        "--rate-window", type=float, default=60.0, help="rate-limit window, s (default 60)"
+    )
     parser.set_defaults(handler=_simulate)
 
 
@@ -418,6 +429,8 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
         seed=args.seed,
         faults=parse_faults(args.faults),
         api_key=args.api_key,
+        rate_limit=args.rate_limit,
+        rate_window_s=args.rate_window,
     )
     asyncio.run(_serve(config))
     return 0

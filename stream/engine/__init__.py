@@ -7,6 +7,7 @@ from stream.engine.engine import (
     Engine,
     EngineSnapshot,
     ErrorHandler,
+    Gate,
     Handler,
     run_until_signal,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "Engine",
     "EngineSnapshot",
     "ErrorHandler",
+    "Gate",
     "Handler",
     "Output",
     "PartitionSnapshot",

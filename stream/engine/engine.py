@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from anyio.abc import TaskGroup
 
 from stream.config import Settings
-from stream.engine.flow import Flow
+from stream.engine.flow import Flow, Gate
 from stream.engine.outputs import (
     CLOSE_TIMEOUT_S,
     MAX_OUTPUT_BYTES,
@@ -41,6 +41,7 @@ __all__ = [
     "Engine",
     "EngineSnapshot",
     "ErrorHandler",
+    "Gate",
     "Handler",
     "Output",
     "PartitionSnapshot",
@@ -69,6 +70,9 @@ class EngineSnapshot(NamedTuple):
     commits: int
     last_commit_seconds: float  # Unix time of the last successful commit, 0.0 before
     partitions: tuple[PartitionSnapshot, ...]
+    # Records started again that a previous owner had started (a crash, a rebalance): each
+    # may be a provider call paid for twice.
+    records_redelivered: int = 0
 
 
 class Engine:
@@ -83,7 +87,9 @@ class Engine:
         on_error: ErrorHandler,
         low_priority_topics: Sequence[str] = (),
         on_commit: Callable[[float], None] | None = None,
+        gate: Gate | None = None,
     ) -> None:
+        """`gate`: holds records of a topic back (and pauses its partitions) while it says."""
         self._settings = settings
         self._on_commit = on_commit  # hears each successful commit's duration in seconds
         self._config = settings.engine
@@ -96,12 +102,13 @@ class Engine:
         self.ready = anyio.Event()
         self._stopping = anyio.Event()
         self._partitions: dict[TopicPartition, Partition] = {}
-        self._flow = Flow(self._config, self._partitions, self._spawn)
+        self._flow = Flow(self._config, self._partitions, self._spawn, gate)
         self._commit_lock = anyio.Lock()
         self._task_group: TaskGroup | None = None
         # aiokafka clients need a running event loop: they are made in `run`.
         self._clients: tuple[AIOKafkaConsumer, Sink, Listener] | None = None
         self.records_in = self.records_done = self.handler_errors = self.commits = 0
+        self.records_redelivered = 0
         self.last_commit_seconds = 0.0
 
     # -- construction -------------------------------------------------------------------
@@ -201,6 +208,7 @@ class Engine:
             commits=self.commits,
             last_commit_seconds=self.last_commit_seconds,
             partitions=tuple(p.snapshot() for p in self._partitions.values()),
+            records_redelivered=self.records_redelivered,
         )
 
     def problem(self) -> str | None:
@@ -309,6 +317,8 @@ class Engine:
             self.records_in += 1
             if partition.offsets.accept(record.offset):
                 partition.enqueue(record)
+                if record.offset < partition.started_before:
+                    self.records_redelivered += 1
             else:
                 self.records_done += 1  # finished before (per the committed metadata)
 

@@ -9,11 +9,16 @@ finished offsets behind it either.
 Live first: partitions of low-priority (backfill) topics only get work from spare
 capacity. They are paused while a live partition has records waiting or while in-flight is
 near the limit, and their queued records are started only under the same condition.
+
+A `Gate` (optional) may hold a topic for a reason of its own (a spend limit): its queued
+records do not start, and its partitions are paused until the gate lets go (nothing is
+lost: the records stay in Kafka, uncommitted). The engine knows only the reason's text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError
@@ -21,10 +26,16 @@ from aiokafka.errors import IllegalStateError
 from stream.config import EngineSettings
 from stream.engine.partitions import Partition, Record
 
-__all__ = ["Flow"]
+__all__ = ["Flow", "Gate"]
 
 # Memory bound for the offsets tracked behind one slow record (ints, not record values).
 _MAX_SPAN_FACTOR = 20
+
+
+class Gate(Protocol):
+    def holds(self, topic: str) -> str | None:
+        """Why records of `topic` must not start now (a short word), or None to let them.
+        Asked often (before starting records, on every fetch round): keep it cheap."""
 
 
 class Flow:
@@ -35,17 +46,27 @@ class Flow:
         config: EngineSettings,
         partitions: dict[TopicPartition, Partition],
         launch: Callable[[Partition, Record], None],
+        gate: Gate | None = None,
     ) -> None:
         self._config = config
         self._partitions = partitions  # the engine's, shared: assignment changes it
         self._launch = launch  # runs one started record (the engine spawns its task)
+        self._gate = gate
         self.in_flight = 0
+
+    def _open(self) -> list[Partition]:
+        """The partitions whose topic the gate lets through (all, without a gate)."""
+        if self._gate is None:
+            return list(self._partitions.values())
+        held = {t: self._gate.holds(t) for t in {tp.topic for tp in self._partitions}}
+        return [p for p in self._partitions.values() if held[p.tp.topic] is None]
 
     def start_ready(self) -> None:
         """Start queued records while there is capacity: live partitions first, in turns."""
         limit, per_partition = self._config.max_in_flight, self._config.max_in_flight_per_partition
-        live = [p for p in self._partitions.values() if not p.low_priority]
-        low = [p for p in self._partitions.values() if p.low_priority]
+        open_ = self._open()
+        live = [p for p in open_ if not p.low_priority]
+        low = [p for p in open_ if p.low_priority]
         for lane in (live, low):
             progress = True
             while progress and self.in_flight < limit:
@@ -77,9 +98,12 @@ class Flow:
         config = self._config
         total_queued = sum(p.queued for p in self._partitions.values())
         spare = self.spare_capacity()
+        gate = self._gate
         for partition in self._partitions.values():
+            partition.held = gate.holds(partition.tp.topic) if gate is not None else None
             pause = (
-                partition.revoked
+                partition.held is not None
+                or partition.revoked
                 or _full(partition.queued, config.max_in_flight_per_partition, partition.paused)
                 or _full(total_queued, config.max_in_flight, partition.paused)
                 or partition.offsets.span >= _MAX_SPAN_FACTOR * config.max_in_flight_per_partition

@@ -15,12 +15,19 @@ Metadata format (`encode_metadata`): base64url (no padding) of
 runs of finished offsets above the watermark. It must fit Kafka's default
 `offset.metadata.max.bytes` (4096); when it would not, only a prefix of the runs is written:
 that re-runs some finished records later, and never claims an unfinished one finished.
+
+Notes (`with_notes`, `split_notes`): short `~key=value` pairs after the encoded offsets,
+outside the base64url alphabet, so a reader that knows none of them still decodes the
+offsets. The engine writes `started` (one past the highest offset it ever started: a next
+owner re-delivering below it may be paying for a call again) and `held` (why a gate holds
+the partition: `stream lag` shows it).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections import deque
 from collections.abc import Iterable, Sequence
 
@@ -29,6 +36,8 @@ __all__ = [
     "PartitionOffsets",
     "decode_metadata",
     "encode_metadata",
+    "split_notes",
+    "with_notes",
 ]
 
 _VERSION = 1
@@ -97,6 +106,33 @@ def encode_metadata(
     return base64.urlsafe_b64encode(bytes(out)).decode().rstrip("=")
 
 
+_NOTE = "~"
+_NOTE_TEXT = re.compile(r"[^A-Za-z0-9_.:-]")
+_MAX_NOTE_CHARS = 64
+
+
+def with_notes(metadata: str, notes: dict[str, str]) -> str:
+    """`metadata` followed by `~key=value` notes (cleaned to a safe alphabet, and short)."""
+    parts = [
+        f"{_NOTE}{_NOTE_TEXT.sub('_', key)[:16]}={_NOTE_TEXT.sub('_', value)[:_MAX_NOTE_CHARS]}"
+        for key, value in sorted(notes.items())
+    ]
+    return metadata + "".join(parts)
+
+
+def split_notes(metadata: str | None) -> tuple[str, dict[str, str]]:
+    """(the offsets part, the notes) of commit metadata; no notes for anything unexpected."""
+    if not metadata:
+        return "", {}
+    head, *tail = metadata.split(_NOTE)
+    notes = {}
+    for item in tail:
+        key, sep, value = item.partition("=")
+        if sep and key:
+            notes[key] = value
+    return head, notes
+
+
 # Far above what a partition's window can have finished beyond its watermark; bounds the
 # memory a crafted metadata string can make us allocate.
 _MAX_DECODED = 1_000_000
@@ -108,6 +144,7 @@ def decode_metadata(metadata: str | None, committed: int) -> list[int]:
     Metadata written for another watermark (an operator reset the offset, another tool
     committed) or that is not ours is ignored: re-running is safe, skipping is not.
     """
+    metadata, _ = split_notes(metadata)
     if not metadata:
         return []
     try:

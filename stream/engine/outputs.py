@@ -93,7 +93,7 @@ def _changes(partitions: Iterable[Partition]) -> dict[Partition, tuple[int, str]
         offsets = partition.offsets
         if offsets.watermark < 0:
             continue  # nothing fetched yet on a partition without a committed offset
-        position = (offsets.watermark, offsets.metadata())
+        position = partition.position()
         if position != partition.committed:
             changed[partition] = position
     return changed
@@ -396,7 +396,7 @@ class ExactlyOnceSink:
             return
         async with txn.lock:
             # Read under the lock: no record can finish between this and the commit.
-            position = (partition.offsets.watermark, partition.offsets.metadata())
+            position = partition.position()
             try:
                 # Kafka holds a transaction up while too few replicas are in sync: wait as
                 # long as it would keep the transaction, then re-run from the last commit.

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, TypeAlias
 import anyio
 from aiokafka import ConsumerRecord, TopicPartition
 
-from stream.engine.offsets import PartitionOffsets
+from stream.engine.offsets import METADATA_MAX_CHARS, PartitionOffsets, with_notes
 
 __all__ = ["Partition", "PartitionSnapshot", "Record"]
 
@@ -46,9 +46,15 @@ class Partition:
         *,
         low_priority: bool,
         key_ordering: bool,
+        started_before: int = -1,
     ) -> None:
         self.tp = tp
         self.offsets = offsets
+        # A previous owner started every offset below this (its `started` note): running
+        # one of them again may pay for a call twice.
+        self.started_before = started_before
+        self.started_high = -1  # one past the highest offset this owner started
+        self.held: str | None = None  # why the engine's gate holds this partition
         self.low_priority = low_priority
         self.key_ordering = key_ordering
         self.paused = False
@@ -90,6 +96,7 @@ class Partition:
     def start_next(self) -> Record:
         record = self._ready.popleft()
         self.running[record.offset] = record.timestamp
+        self.started_high = max(self.started_high, record.offset + 1)
         self.idle = anyio.Event() if self.idle.is_set() else self.idle
         return record
 
@@ -115,6 +122,17 @@ class Partition:
         self._blocked.clear()
         self._blocked_count = 0
         return dropped
+
+    def position(self) -> tuple[int, str]:
+        """(offset, metadata) to commit: the watermark, finished offsets above it, notes."""
+        notes = {}
+        started = max(self.started_high, self.started_before)
+        if started > self.offsets.watermark:
+            notes["started"] = str(started)
+        if self.held:
+            notes["held"] = self.held
+        room = METADATA_MAX_CHARS - len(with_notes("", notes))
+        return self.offsets.watermark, with_notes(self.offsets.metadata(room), notes)
 
     def oldest_running_timestamp(self) -> int | None:
         return min(self.running.values(), default=None)

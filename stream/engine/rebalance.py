@@ -24,7 +24,7 @@ from aiokafka.errors import IllegalStateError
 from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import Settings
-from stream.engine.offsets import PartitionOffsets, decode_metadata
+from stream.engine.offsets import PartitionOffsets, decode_metadata, split_notes
 from stream.engine.outputs import CLOSE_TIMEOUT_S, Sink
 from stream.engine.partitions import Partition
 from stream.errors import KafkaError
@@ -133,7 +133,11 @@ class Rebalancer:
                 offsets = PartitionOffsets(offset, decode_metadata(metadata, offset))
                 seek(self._consumer, tp, offset)
             self._partitions[tp] = Partition(
-                tp, offsets, low_priority=tp.topic in self._low_priority, key_ordering=key_ordering
+                tp,
+                offsets,
+                low_priority=tp.topic in self._low_priority,
+                key_ordering=key_ordering,
+                started_before=_started(metadata),
             )
         log.info("assigned %d partitions", len(tps))
         self._on_assigned()
@@ -148,3 +152,9 @@ class Rebalancer:
         except (AIOKafkaError, TimeoutError) as exc:
             raise translate(exc, self._settings.kafka, "reading committed offsets") from exc
         return {tp: (om.offset, om.metadata or "") for tp, om in found.items()}
+
+
+def _started(metadata: str) -> int:
+    """The `started` note a previous owner committed (-1: none, or not ours)."""
+    value = split_notes(metadata)[1].get("started", "")
+    return int(value) if value.isdigit() else -1

@@ -18,6 +18,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from stream.config import KafkaSettings
+from stream.engine.offsets import split_notes
 from stream.errors import KafkaError
 from stream.observe.lagreader import GroupReading, LagReader, PartitionReading
 from stream.observe.lagstatus import DEFAULT_STALL_AFTER_S, Sample, Status, Windows, evaluate
@@ -40,6 +41,9 @@ class LagRow(NamedTuple):
     status: Status
     members: int | None
     owner: str | None
+    # Why the owner holds the partition back on purpose (`spend_limit`), from the note it
+    # committed; None when it does not.
+    held: str | None = None
 
     def as_json(self) -> dict[str, object]:
         return {**self._asdict(), "status": self.status.value}
@@ -79,6 +83,7 @@ class LagTracker:
             status=evaluate(window, stall_after_s=self._stall_after_s),
             members=group.members,
             owner=p.owner,
+            held=split_notes(p.metadata)[1].get("held") if p.owner is not None else None,
         )
 
 

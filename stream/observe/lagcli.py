@@ -201,7 +201,7 @@ def render(rows: Sequence[LagRow], readings: Sequence[GroupReading]) -> str:
             _cell(row.end),
             _cell(row.lag),
             "-" if row.lag_seconds is None else f"{row.lag_seconds:.1f}",
-            row.status.value,
+            row.status.value + (f" (held: {row.held})" if row.held else ""),
         )
         for row in rows
     ]

@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import astuple
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,13 +37,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from stream.engine import EngineSnapshot, PartitionSnapshot
 from stream.observe.lag import LagMonitor
 from stream.observe.lagmetrics import Owned, lag_metrics
+from stream.prices import token_counts
+from stream.providers.observer import ProviderObserver
 
 __all__ = [
     "BREAKER_STATES",
     "LLM_BUCKETS",
     "MAX_LABEL_VALUES",
     "Metrics",
-    "ProviderObserver",
     "SnapshotSource",
 ]
 
@@ -57,16 +59,9 @@ BREAKER_STATES = ("closed", "open", "half_open")
 STATUS_CLASSES = frozenset({"1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "connect"})
 OUTCOMES = frozenset({"result", "fallback", "dead_letter"})
 MAX_LABEL_VALUES = 200
+TOKEN_KINDS = ("prompt", "cached", "completion", "reasoning")  # the fields of TokenCounts
 
 _CLEAN = re.compile(r"[^A-Za-z0-9_.:/\-]")
-
-
-class ProviderObserver(Protocol):
-    """What the provider client calls; `Metrics` implements it."""
-
-    def on_attempt(self, provider: str, model: str, status_class: str, seconds: float) -> None: ...
-    def on_retry(self, provider: str, model: str, error_type: str) -> None: ...
-    def on_breaker(self, provider: str, model: str, state: str) -> None: ...
 
 
 class SnapshotSource(Protocol):
@@ -90,7 +85,7 @@ class _Labels:
         return value
 
 
-class Metrics:
+class Metrics(ProviderObserver):
     """A worker's metrics: the observer the provider client calls, and what stages call."""
 
     def __init__(self) -> None:
@@ -144,7 +139,40 @@ class Metrics:
             buckets=COMMIT_BUCKETS,
             registry=registry,
         )
+        self._answers(registry)
+        self._budgets: list[BudgetSource] = []
+        registry.register(_SpendCollector(self._budgets))
         registry.register(_SnapshotCollector(self._engines, self._monitors))
+
+    def _answers(self, registry: CollectorRegistry) -> None:
+        """What answers were and cost (issue 13): kept together for an easy merge."""
+        pm = ["provider", "model"]
+        self.tokens = Counter(
+            "stream_provider_tokens",
+            "Tokens billed, by kind: prompt (cached included), cached (of prompt), "
+            "completion (reasoning included), reasoning (of completion).",
+            [*pm, "kind"],
+            registry=registry,
+        )
+        self.spend = Counter(
+            "stream_provider_spend_usd",
+            "What provider answers cost at the catalog's prices, in USD.",
+            pm,
+            registry=registry,
+        )
+        self.finish_reasons = Counter(
+            "stream_provider_answers",
+            "Answers billed, by finish reason (length: cut at max_tokens; content_filter).",
+            [*pm, "finish_reason"],
+            registry=registry,
+        )
+        self.repeats = Counter(
+            "stream_repeated_calls",
+            "Provider calls for a request that may have been answered before, by cause "
+            "(restart: re-delivered after a crash or rebalance; replay; redrive).",
+            ["stage", "cause"],
+            registry=registry,
+        )
 
     # --- the provider client (ProviderObserver) --------------------------------------------
 
@@ -169,6 +197,32 @@ class Metrics:
         self._breakers.add(labels)
         for each in BREAKER_STATES:
             self.breaker.labels(*labels, each).set(float(each == state))
+
+    def on_answer(
+        self,
+        provider: str,
+        model: str,
+        finish_reason: str | None,
+        usage: Mapping[str, Any] | None,
+        cost_usd: float | None,
+    ) -> None:
+        labels = self._pm(provider, model)
+        finish = self._label("finish_reason", finish_reason) if finish_reason else "none"
+        self.finish_reasons.labels(*labels, finish).inc()
+        counts = token_counts(usage)
+        if counts is not None:
+            for kind, value in zip(TOKEN_KINDS, astuple(counts), strict=True):
+                self.tokens.labels(*labels, kind).inc(value)
+        if cost_usd:
+            self.spend.labels(*labels).inc(cost_usd)
+
+    def watch_budgets(self, budgets: Iterable[BudgetSource]) -> None:
+        """Publish each spend budget's window at every scrape."""
+        self._budgets.extend(budgets)
+
+    def record_repeat(self, stage: str, cause: str) -> None:
+        """A provider call for a request that may have been answered before."""
+        self.repeats.labels(self._label("stage", stage), self._label("cause", cause)).inc()
 
     # --- stages and engine -----------------------------------------------------------------
 
@@ -204,6 +258,65 @@ class Metrics:
         return self._label("provider", provider), self._label("model", model)
 
 
+class BudgetView(Protocol):
+    """The shape of `stream.spend.BudgetSnapshot`."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def limit_usd(self) -> float | None: ...
+    @property
+    def spent_usd(self) -> float: ...
+    @property
+    def held_usd(self) -> float: ...
+    @property
+    def limited(self) -> bool: ...
+    @property
+    def by_model(self) -> dict[str, float]: ...
+
+
+class BudgetSource(Protocol):
+    def snapshot(self) -> BudgetView: ...
+
+
+class _SpendCollector:
+    """The spend limits at scrape time: in the window, held, the limit, and whether the
+    worker is held back by it (`stream_spend_limited`, what alerts watch)."""
+
+    def __init__(self, budgets: list[BudgetSource]) -> None:
+        self._budgets = budgets
+
+    def collect(self) -> Iterable[Metric]:
+        snaps = [budget.snapshot() for budget in self._budgets]
+        limited = GaugeMetricFamily(
+            "stream_spend_limited",
+            "1 while the spend limit holds this worker's partitions (paused, lag grows).",
+            labels=["budget"],
+        )
+        spent = GaugeMetricFamily(
+            "stream_spend_window_usd", "Spent in the current window, USD.", labels=["budget"]
+        )
+        held = GaugeMetricFamily(
+            "stream_spend_held_usd", "Held for calls in flight, USD.", labels=["budget"]
+        )
+        limit = GaugeMetricFamily(
+            "stream_spend_limit_usd", "The limit per window, USD (NaN: none).", labels=["budget"]
+        )
+        by_model = GaugeMetricFamily(
+            "stream_spend_window_model_usd",
+            "Spent in the current window per model, USD.",
+            labels=["budget", "model"],
+        )
+        for snap in snaps:
+            limited.add_metric([snap.name], float(snap.limited))
+            spent.add_metric([snap.name], snap.spent_usd)
+            held.add_metric([snap.name], snap.held_usd)
+            limit.add_metric([snap.name], math.nan if snap.limit_usd is None else snap.limit_usd)
+            for model, usd in sorted(snap.by_model.items())[:MAX_LABEL_VALUES]:
+                by_model.add_metric([snap.name, model], usd)
+        yield from (limited, spent, held, limit, by_model)
+
+
 class _SnapshotCollector:
     """Reads in-memory state at scrape time: engine snapshots and cached lag rows."""
 
@@ -237,6 +350,11 @@ def _engine_metrics(snapshots: Sequence[EngineSnapshot]) -> Iterable[Metric]:
         "stream_engine_records_done": ("Records finished.", lambda s: s.records_done),
         "stream_engine_handler_errors": ("Handler errors.", lambda s: s.handler_errors),
         "stream_engine_commits": ("Offset commits.", lambda s: s.commits),
+        "stream_engine_records_redelivered": (
+            "Records started again that a previous owner had started (crash, rebalance): "
+            "each may be a provider call paid twice.",
+            lambda s: s.records_redelivered,
+        ),
     }
     for kind, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
         for name, (doc, value) in table.items():

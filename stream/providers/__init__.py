@@ -10,9 +10,11 @@ deadline, a circuit breaker per model and adaptive concurrency.
 from __future__ import annotations
 
 from stream.providers.breaker import BreakerConfig, BreakerSnapshot, CircuitBreaker
-from stream.providers.client import ProviderClient, ProviderObserver
+from stream.providers.client import ProviderClient
+from stream.providers.clock import Clock
 from stream.providers.completion import Completion, split_reasoning
 from stream.providers.limiter import AdaptiveLimiter, LimiterSnapshot
+from stream.providers.observer import ProviderObserver
 from stream.providers.retry import Backoff, Verdict, classify, retry_after
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "BreakerConfig",
     "BreakerSnapshot",
     "CircuitBreaker",
+    "Clock",
     "Completion",
     "LimiterSnapshot",
     "ProviderClient",

@@ -1,9 +1,16 @@
 """A finished chat completion, and how one is read out of a provider's 200 response.
 
 A 200 is not always a success: an empty answer, or prose where JSON was asked for, is a
-failure the retry loop may try again (`BadOutput`). Reasoning arrives three ways across
-providers and models — `<think>…</think>` inside the content (DeepSeek R1), or a
-`reasoning_content` / `reasoning` field — and all three end up in `Completion.reasoning`.
+failure the retry loop may try again (`BadOutput`); an answer the provider filtered
+(`finish_reason: content_filter`) is one it may not (the same prompt is filtered again).
+How the answer ended is kept as the provider said it: `finish_reason`, tool calls (their
+content may be null: that is an answer, not an empty one), an answer cut at `max_tokens`
+(`length`: a result, flagged, even when the cut left no text), the full `usage` with its
+detail objects, and the provider's id for the response (to quote to its support).
+
+Reasoning arrives three ways across providers and models — `<think>…</think>` inside the
+content (DeepSeek R1), or a `reasoning_content` / `reasoning` field — and all three end up
+in `Completion.reasoning`.
 """
 
 from __future__ import annotations
@@ -14,37 +21,69 @@ from typing import Any
 
 import orjson
 
-__all__ = ["BadOutput", "Completion", "Parsed", "parse_completion", "split_reasoning", "wants_json"]
+__all__ = [
+    "BadOutput",
+    "Completion",
+    "Parsed",
+    "Usage",
+    "parse_completion",
+    "split_reasoning",
+    "wants_json",
+]
+
+# Token counts as the provider gave them: top-level integers, and one level of detail
+# objects (`completion_tokens_details.reasoning_tokens`, `prompt_tokens_details.cached_tokens`).
+Usage = dict[str, Any]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Completion:
-    content: str
+    # None when the answer has no text: tool calls only, or cut at max_tokens before any.
+    content: str | None
     reasoning: str | None
-    usage: dict[str, int | None] | None
+    usage: Usage | None
     provider: str
     # The model string the provider says served the call (the requested one if it is silent).
     provider_model: str
     attempts: int
     latency_ms: float
+    finish_reason: str | None = None
+    tool_calls: list[Any] | None = None
+    provider_request_id: str | None = None
+    # What this answer cost at the catalog's prices (None: the model has no price).
+    cost_usd: float | None = None
+
+    @property
+    def truncated(self) -> bool:
+        """Cut at max_tokens (or the context length): kept as a result, flagged."""
+        return self.finish_reason == "length"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Parsed:
     """What one 200 response held, before attempts and latency are known."""
 
-    content: str
+    content: str | None
     reasoning: str | None
-    usage: dict[str, int | None] | None
+    usage: Usage | None
     served_model: str | None
+    finish_reason: str | None = None
+    tool_calls: list[Any] | None = None
+    response_id: str | None = None
 
 
 class BadOutput(Exception):
-    """A 200 whose body is not a usable answer; `error_type` says how (all retryable)."""
+    """A 200 whose body is not a usable answer; `error_type` says how. All are retryable but
+    a filtered answer (`content_filter`): the same prompt would be filtered again, and paid.
+    `usage` is what the provider billed for it, when the body said."""
 
-    def __init__(self, error_type: str, message: str) -> None:
+    def __init__(
+        self, error_type: str, message: str, *, retryable: bool = True, usage: Usage | None = None
+    ) -> None:
         super().__init__(message)
         self.error_type = error_type
+        self.retryable = retryable
+        self.usage = usage
 
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
@@ -73,25 +112,65 @@ def parse_completion(body: bytes, *, json_output: bool) -> Parsed:
     """Read a chat completion body; raises `BadOutput` when it is not a usable answer."""
     try:
         data = orjson.loads(body)
-        message = data["choices"][0]["message"]
+        choice = data["choices"][0]
+        message = choice["message"]
         raw_content = message.get("content") or ""
         if not isinstance(raw_content, str):
             raise TypeError("content is not a string")
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise BadOutput("malformed_response", f"malformed response body: {exc}") from exc
+    usage = _usage(data.get("usage"))
+    finish = _text(choice.get("finish_reason"), 64)
+    tool_calls = _tool_calls(message.get("tool_calls"))
     content, think = split_reasoning(raw_content)
     reasoning = _join(_field_reasoning(message), think)
-    if not content:
-        raise BadOutput("empty_content", "the provider returned an empty answer")
-    if json_output and not _is_json(content):
-        raise BadOutput("invalid_json_output", "JSON output was asked for; the answer is not JSON")
-    served = data.get("model")
+    _check(content, finish, tool_calls, json_output, usage)
     return Parsed(
-        content=content,
+        content=content or None,
         reasoning=reasoning,
-        usage=_usage(data.get("usage")),
-        served_model=served if isinstance(served, str) and served else None,
+        usage=usage,
+        served_model=_text(data.get("model"), 200),
+        finish_reason=finish,
+        tool_calls=tool_calls,
+        response_id=_text(data.get("id"), 200),
     )
+
+
+def _check(
+    content: str,
+    finish: str | None,
+    tool_calls: list[Any] | None,
+    json_output: bool,
+    usage: Usage | None,
+) -> None:
+    """Raise `BadOutput` unless the answer is one to keep."""
+    if finish == "content_filter":
+        raise BadOutput(
+            "content_filter",
+            "the provider filtered the answer (finish_reason content_filter)",
+            retryable=False,
+            usage=usage,
+        )
+    if not content and tool_calls is None and finish != "length":
+        raise BadOutput("empty_content", "the provider returned an empty answer", usage=usage)
+    if content and json_output and finish != "length" and not _is_json(content):
+        raise BadOutput(
+            "invalid_json_output",
+            "JSON output was asked for; the answer is not JSON",
+            usage=usage,
+        )
+
+
+def _text(value: object, limit: int) -> str | None:
+    """A non-empty string the provider sent, cut to `limit` (it is copied into records)."""
+    return value[:limit] if isinstance(value, str) and value else None
+
+
+def _tool_calls(raw: object) -> list[Any] | None:
+    """The tool calls as the provider gave them (a list of objects), or None."""
+    if not isinstance(raw, list) or not raw:
+        return None
+    return [call for call in raw if isinstance(call, dict)] or None
 
 
 def _field_reasoning(message: dict[str, Any]) -> str | None:
@@ -115,12 +194,19 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def _usage(raw: object) -> dict[str, int | None] | None:
+def _usage(raw: object) -> Usage | None:
+    """Counts only: integers at the top level, and detail objects of integers (one level).
+    Anything else (strings, deeper nesting, booleans) is not a count and is dropped."""
     if not isinstance(raw, dict):
         return None
-    # Keep the counts only; providers add nested detail objects we do not carry.
-    return {
-        str(k): v if isinstance(v, int) and not isinstance(v, bool) else None
-        for k, v in raw.items()
-        if v is None or (isinstance(v, int) and not isinstance(v, bool))
-    }
+    usage: Usage = {}
+    for key, value in raw.items():
+        if value is None or _is_count(value):
+            usage[str(key)] = value
+        elif isinstance(value, dict):
+            usage[str(key)] = {str(k): v for k, v in value.items() if v is None or _is_count(v)}
+    return usage
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -1,9 +1,17 @@
-"""Adaptive concurrency per provider: AIMD over the number of calls in flight.
+"""Adaptive concurrency per model: AIMD over the number of calls in flight.
 
-The limit starts at the ceiling (`max_connections`): a healthy provider is never throttled
-by us. A 429 or 503 halves it (at most once per round of calls: the many 429s of one burst
-are one signal, not fifty), and each success adds one back. `x-ratelimit-remaining: 0` with
-a reset time pauses new calls until the reset.
+The limit starts small (`initial`: a new worker must not burst into a subscription plan's
+429s) and each success adds one, so it doubles with every round of calls, like TCP's slow
+start, up to the ceiling (`max_connections`). A 429 or 503 halves it (at most once per
+round of calls: the many 429s of one burst are one signal, not fifty), and successes grow it
+back the same way.
+
+Limits the provider announces are honoured before a 429 happens (`heed`): until the first
+throttle, a provider announcing room for R more requests lets the limit jump to R at once
+(so a generous provider is at full speed after one round trip, not after log2(max/initial)
+rounds); R requests left in a window means at most R more are started before its reset,
+and none left (requests or tokens) pauses new calls until the reset. A Retry-After pauses
+the model's calls the same way (`pause`).
 
 Waiters queue FIFO and each is woken by exactly the release that frees its slot, so 1,000
 callers cost O(1) per acquire and release and none can be left waiting on a free slot.
@@ -12,15 +20,18 @@ callers cost O(1) per acquire and release and none can be left waiting on a free
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import NamedTuple
 
 import anyio
 
-__all__ = ["AdaptiveLimiter", "LimiterSnapshot", "Permit", "ratelimit_pause"]
+from stream.providers.ratelimits import RateLimits
+
+__all__ = ["DEFAULT_INITIAL", "AdaptiveLimiter", "LimiterSnapshot", "Permit"]
+
+DEFAULT_INITIAL = 16
 
 
 class LimiterSnapshot(NamedTuple):
@@ -41,6 +52,7 @@ class AdaptiveLimiter:
         self,
         max_limit: int,
         *,
+        initial: int | None = None,
         min_limit: int = 1,
         decrease: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
@@ -49,20 +61,30 @@ class AdaptiveLimiter:
         self.min_limit = max(1, min(min_limit, self.max_limit))
         self._decrease = decrease
         self._clock = clock
-        self._limit = float(self.max_limit)
+        start = DEFAULT_INITIAL if initial is None else initial
+        self._limit = float(min(self.max_limit, max(self.min_limit, start)))
         self._in_flight = 0
         self._waiters: deque[anyio.Event] = deque()
         self._last_decrease = -math.inf
         self._paused_until = -math.inf
+        self._throttled = False  # once throttled, announced room no longer makes it jump
+        # Announced: starts still allowed before `_allowance_until` (None: not announced).
+        self._allowance: int | None = None
+        self._allowance_until = -math.inf
 
     @property
     def limit(self) -> float:
         return self._limit
 
+    @property
+    def paused_until(self) -> float:
+        """When new calls may start again (clock time; in the past when not paused)."""
+        return self._paused_until
+
     def try_acquire(self) -> Permit | None:
         """A slot now if one is free (the common case: no await, no timer), else None."""
         if self._in_flight < int(self._limit) and not self._waiters:
-            if self._paused_until <= self._clock():
+            if self._paused_until <= self._clock() and self._spend_allowance():
                 self._in_flight += 1
                 return Permit(self._clock())
         return None
@@ -71,6 +93,7 @@ class AdaptiveLimiter:
         """Wait for a slot. Callers bound the wait with their own deadline (`fail_after`)."""
         await self._wait_out_pause()
         if self._in_flight < int(self._limit) and not self._waiters:
+            self._spend_allowance()
             self._in_flight += 1
             return Permit(self._clock())
         event = anyio.Event()
@@ -94,6 +117,7 @@ class AdaptiveLimiter:
             # Only calls started after the last cut may cut again: one cut per round.
             self._limit = max(float(self.min_limit), self._limit * self._decrease)
             self._last_decrease = self._clock()
+            self._throttled = True
         elif success:
             self._limit = min(float(self.max_limit), self._limit + 1.0)
         self._wake()
@@ -102,6 +126,20 @@ class AdaptiveLimiter:
         """Stop starting calls for `seconds` (the provider said its quota is spent)."""
         self._paused_until = max(self._paused_until, self._clock() + seconds)
 
+    def heed(self, limits: RateLimits) -> None:
+        """Take in what one response announced (see the module docstring)."""
+        remaining, reset = limits.remaining_requests, limits.reset_requests_s
+        if remaining is not None and reset is not None:
+            if remaining == 0:
+                self.pause(reset)
+            self._allowance = remaining
+            self._allowance_until = self._clock() + reset
+        if limits.remaining_tokens == 0 and limits.reset_tokens_s is not None:
+            self.pause(limits.reset_tokens_s)
+        if remaining and not self._throttled:
+            self._limit = max(self._limit, float(min(self.max_limit, remaining)))
+            self._wake()
+
     def snapshot(self) -> LimiterSnapshot:
         paused = max(0.0, self._paused_until - self._clock())
         return LimiterSnapshot(self._limit, self._in_flight, len(self._waiters), paused)
@@ -109,40 +147,33 @@ class AdaptiveLimiter:
     def __repr__(self) -> str:
         return f"AdaptiveLimiter(limit={self._limit:.1f}, in_flight={self._in_flight})"
 
+    def _spend_allowance(self) -> bool:
+        """One start from the announced allowance; False (and a pause) when none is left."""
+        if self._allowance is None:
+            return True
+        if self._clock() >= self._allowance_until:
+            self._allowance = None  # its window has reset
+            return True
+        if self._allowance <= 0:
+            self._paused_until = max(self._paused_until, self._allowance_until)
+            return False
+        self._allowance -= 1
+        return True
+
     async def _wait_out_pause(self) -> None:
-        # One sleep: a pause extended meanwhile holds back later callers, not this one.
-        left = self._paused_until - self._clock()
-        if left > 0:
-            await anyio.sleep(left)
+        # Waits out pauses, also one that spending the announced allowance sets.
+        while True:
+            left = self._paused_until - self._clock()
+            if left > 0:
+                await anyio.sleep(left)
+            if self._allowance is None or self._clock() >= self._allowance_until:
+                return
+            if self._allowance > 0:
+                return
+            self._paused_until = max(self._paused_until, self._allowance_until)
 
     def _wake(self) -> None:
         # Hand slots straight to waiters (counted as in flight now) so no newcomer steals them.
         while self._waiters and self._in_flight < int(self._limit):
             self._in_flight += 1
             self._waiters.popleft().set()
-
-
-def ratelimit_pause(headers: Mapping[str, str]) -> float | None:
-    """Seconds to pause when `x-ratelimit-remaining[-requests]` says 0 and a reset is given."""
-    remaining = headers.get("x-ratelimit-remaining-requests", headers.get("x-ratelimit-remaining"))
-    if remaining is None or remaining.strip() != "0":
-        return None
-    reset = headers.get("x-ratelimit-reset-requests", headers.get("x-ratelimit-reset"))
-    return None if reset is None else _duration(reset.strip())
-
-
-def _duration(raw: str) -> float | None:
-    """`1.5`, `20ms`, `6m0s`, `1h2m3.5s` (OpenAI's style) → seconds, capped at 60."""
-    try:
-        return min(60.0, max(0.0, float(raw)))
-    except ValueError:
-        pass
-    if not _DURATION.fullmatch(raw):
-        return None
-    total = sum(float(n) * _UNITS[u] for n, u in _PART.findall(raw))
-    return min(60.0, total)
-
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")

@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 __all__ = [
     "FATAL_STATUSES",
-    "MAX_RETRY_AFTER_S",
     "RETRYABLE_STATUSES",
     "Backoff",
     "Verdict",
@@ -23,10 +22,6 @@ __all__ = [
     "retry_after",
     "status_class",
 ]
-
-# A provider asking for longer than this is treated as down: the caller's deadline and the
-# fallback stage are better uses of the time than one sleep.
-MAX_RETRY_AFTER_S = 60.0
 
 RETRYABLE_STATUSES: Mapping[int, str] = {
     408: "timeout",
@@ -43,7 +38,7 @@ RETRYABLE_STATUSES: Mapping[int, str] = {
 FATAL_STATUSES: Mapping[int, str] = {
     400: "bad_request",
     401: "unauthorized",
-    402: "payment_required",
+    402: "insufficient_quota",  # Together: the monthly spending limit is reached
     403: "forbidden",
     404: "not_found",
     413: "too_large",
@@ -62,20 +57,28 @@ class Verdict(NamedTuple):
 
 
 def classify(
-    status: int, headers: Mapping[str, str] | None = None, error_code: str | None = None
+    status: int,
+    headers: Mapping[str, str] | None = None,
+    error_code: str | None = None,
+    message: str = "",
 ) -> Verdict:
     """The verdict for a non-2xx HTTP status; `x-should-retry` overrides the table."""
-    verdict = _by_status(status, error_code)
+    verdict = _by_status(status, error_code, message)
     override = (headers or {}).get("x-should-retry", "").strip().lower()
     if override in ("true", "false"):
         return verdict._replace(retryable=override == "true")
     return verdict
 
 
-def _by_status(status: int, error_code: str | None) -> Verdict:
-    if status == 429 and error_code == "insufficient_quota":
-        # Out of credit: waiting will not help, and the request goes to the fallback.
+def _by_status(status: int, error_code: str | None, message: str) -> Verdict:
+    if (status == 429 and error_code == "insufficient_quota") or status == 402:
+        # Out of credit (Together says so with a 402: the monthly spending limit is
+        # reached): waiting will not help, and the request goes to the fallback.
         return Verdict(False, "insufficient_quota", False)
+    if status in (400, 403, 413) and _context_length(error_code, message):
+        # Together answers 403 when prompt + max_tokens exceed the model's context; OpenAI a
+        # 400 with code context_length_exceeded. The same request fails the same way again.
+        return Verdict(False, "context_length_exceeded", False)
     if status in RETRYABLE_STATUSES:
         return Verdict(True, RETRYABLE_STATUSES[status], status in _PROVIDER_FAULTS)
     if status in FATAL_STATUSES:
@@ -90,9 +93,18 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
-def retry_after(headers: Mapping[str, str], now: float) -> float | None:
-    """Seconds the server asked us to wait (capped), or None when it did not say.
+def _context_length(error_code: str | None, message: str) -> bool:
+    text = message.lower()
+    return error_code == "context_length_exceeded" or (
+        "context length" in text or "context_length" in text or "context window" in text
+    )
 
+
+def retry_after(headers: Mapping[str, str], now: float) -> float | None:
+    """Seconds the server asked us to wait, or None when it did not say.
+
+    Not capped: a wait that does not fit the request's deadline is the caller's to judge
+    (it fails over at once instead of sleeping a shortened wait and being refused again).
     `now` is epoch seconds, for the HTTP-date form of `retry-after`.
     """
     seconds = _number(headers.get("retry-after-ms"))
@@ -105,7 +117,7 @@ def retry_after(headers: Mapping[str, str], now: float) -> float | None:
             seconds = _http_date(raw, now)
     if seconds is None or seconds < 0:
         return None
-    return min(seconds, MAX_RETRY_AFTER_S)
+    return seconds
 
 
 def _number(raw: str | None) -> float | None:

@@ -1,0 +1,90 @@
+"""What one attempt's outcome means, as pure functions of it: the breaker's verdict and the
+limiter's signal (`judge`), the limits the answer announced (`heed`), a slot within the
+deadline (`acquire`), and what a call has been billed across its attempts (`Run`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from stream.providers.breaker import Outcome
+from stream.providers.completion import Parsed
+from stream.providers.http import Exchange, Failure
+from stream.providers.limiter import AdaptiveLimiter, Permit
+from stream.providers.ratelimits import MAX_RESET_S, read_ratelimits
+from stream.providers.retry import classify
+
+__all__ = ["Run", "acquire", "heed", "judge", "max_tokens"]
+
+# Statuses that mean "too many calls": the limiter shrinks on them.
+_THROTTLES = frozenset({429, 503, 529})
+
+
+@dataclass
+class Run:
+    """One `complete` call across its attempts: what it has been billed, and the last id."""
+
+    cost_usd: float = 0.0
+    priced: bool = False
+    request_id: str | None = None
+    sending: bool = False  # a request is out and its answer not read
+
+
+async def acquire(
+    limiter: AdaptiveLimiter, end: float, now: Callable[[], float]
+) -> Permit | Failure:
+    permit = limiter.try_acquire()
+    if permit is not None:
+        return permit
+    if limiter.paused_until >= end:
+        # The provider asked for a pause that outlasts this request: fail over now (the
+        # wait it carries tells the retry loop that trying again cannot fit either).
+        return Failure(
+            retryable=True,
+            error_type="rate_limited",
+            message="the provider's rate limit resets after the deadline",
+            wait_s=limiter.paused_until - now(),
+        )
+    try:
+        with anyio.fail_after(end - now()):
+            return await limiter.acquire()
+    except TimeoutError:
+        return Failure(retryable=True, error_type="deadline", message="no slot in time")
+
+
+def heed(limiter: AdaptiveLimiter, exchange: Exchange) -> None:
+    """Announced limits ride on successes too: the last call before the wall is a 200.
+    A Retry-After holds back every call to the model, not just the one that got it, for at
+    most `MAX_RESET_S` (a day-long Retry-After, or a broken one, then costs one call to find
+    out again; the request that got it still fails over when it does not fit its deadline)."""
+    if exchange.headers is not None:
+        limiter.heed(read_ratelimits(exchange.headers))
+    result = exchange.result
+    if isinstance(result, Failure) and result.status == 429 and result.wait_s:
+        limiter.pause(min(result.wait_s, MAX_RESET_S))
+
+
+def judge(result: Parsed | Failure) -> tuple[Outcome, bool]:
+    """(breaker outcome, limiter throttled) for one attempt's result."""
+    if isinstance(result, Parsed):
+        return "success", False
+    status = result.status
+    if status is None or status == 200:
+        # Transport failures and unusable 200s are the provider's; bad JSON may be ours, and
+        # a filtered answer is the prompt's doing.
+        ours = result.error_type in ("invalid_json_output", "content_filter")
+        return ("neutral" if ours else "failure"), False
+    verdict = classify(status, None, None)
+    throttled = status in _THROTTLES and result.error_type != "insufficient_quota"
+    return ("failure" if verdict.provider_fault else "neutral"), throttled
+
+
+def max_tokens(params: dict[str, Any] | None) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = (params or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

@@ -1,0 +1,252 @@
+"""The spend limit: money per sliding window, for the whole worker and optionally per model.
+
+    stage ─► ProviderClient.complete(spend=budget) ─► budget.admit ─► call ─► hold.settle
+    engine ─► flow ─► budget.holds(topic): "spend_limit" ─► partitions paused, nothing lost
+
+Before a call spends, `admit` holds its estimated cost; the call goes out only while what
+was spent in the last `window_s`, plus what calls in flight hold, plus this estimate stays
+within the limit; when it settles, the hold becomes the real cost, timed now. So no window
+of `window_s` seconds ever spends more than the limit, as long as no call costs more than
+its estimate: the most expensive call seen for the model so far, or, before the first,
+its prompt (bytes / 3 as tokens) plus `max_tokens` when given; a model's first call runs
+alone. A call that costs more than its estimate can overshoot by the difference.
+
+The engine's gate (`holds`) closes when the next typical call (the most expensive seen)
+would not fit: no new record starts, the partitions pause (lag grows, the records wait in
+Kafka), and the commit metadata says `held=spend_limit` so `stream lag` shows why. Calls
+already admitted finish. When old spend leaves the window the gate opens again by itself.
+A per-model limit is enforced at admission only: that model's records wait in flight
+(their slots taken) while others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import anyio
+
+from stream.catalog import Model
+
+__all__ = ["HELD", "Budget", "BudgetSnapshot", "SpendLanes"]
+
+log = logging.getLogger(__name__)
+
+HELD = "spend_limit"
+_PROMPT_BYTES_PER_TOKEN = 3  # fewer than the usual ~4: the estimate errs high
+_LOG_EVERY_S = 60.0
+
+
+class BudgetSnapshot(NamedTuple):
+    name: str
+    limit_usd: float | None
+    window_s: float
+    spent_usd: float  # in the current window
+    held_usd: float  # by calls admitted and not settled
+    limited: bool
+    by_model: dict[str, float]  # spent in the window
+
+
+@dataclass
+class _Hold:
+    budget: Budget
+    model: str
+    estimate: float
+    settled: bool = field(default=False)
+
+    def settle(self, cost_usd: float | None) -> None:
+        if not self.settled:
+            self.settled = True
+            self.budget._settle(self, self.estimate if cost_usd is None else cost_usd)
+
+
+class Budget:
+    """One spend limit over a sliding window (`SpendGate` for the provider client)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        limit_usd: float | None,
+        window_s: float,
+        model_limits: Mapping[str, float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.limit_usd = limit_usd
+        self.window_s = window_s
+        # A spend counts a little longer than the window: the result that carries a cost is
+        # written (and timestamped) a moment after the call was paid, so anyone summing
+        # results' costs over any window of their timestamps must find it under the limit.
+        self._keep_s = window_s + min(1.0, 0.05 * window_s)
+        self._model_limits = dict(model_limits or {})
+        self._clock = clock
+        self._spent: deque[tuple[float, str, float]] = deque()  # (when, model, usd)
+        self._spent_total = 0.0
+        self._by_model: dict[str, float] = {}
+        self._held_total = 0.0
+        self._held_by_model: dict[str, float] = {}
+        self._holds_by_model: dict[str, int] = {}
+        self._dearest: dict[str, float] = {}  # the most a call to the model has cost
+        self._changed = anyio.Event()
+        self._limited = False
+        self._logged_at = -math.inf  # at the edge the gate flaps once per freed call
+
+    @property
+    def limited(self) -> bool:
+        return self.limit_usd is not None or bool(self._model_limits)
+
+    async def admit(self, model: Model, body_bytes: int, max_tokens: int | None) -> _Hold:
+        estimate = self._estimate(model, body_bytes, max_tokens)
+        while not self._fits(model.id, estimate):
+            wait = self._next_expiry_in()
+            with anyio.move_on_after(math.inf if wait is None else wait):
+                await self._changed.wait()
+        self._held_total += estimate
+        self._held_by_model[model.id] = self._held_by_model.get(model.id, 0.0) + estimate
+        self._holds_by_model[model.id] = self._holds_by_model.get(model.id, 0) + 1
+        return _Hold(self, model.id, estimate)
+
+    def holds(self, topic: str) -> str | None:
+        """The engine's gate: `spend_limit` while the next typical call would not fit."""
+        if self.limit_usd is None:
+            return None
+        self._prune()
+        typical = max(self._dearest.values(), default=0.0)
+        limited = self._spent_total + self._held_total + typical > self.limit_usd or (
+            self._spent_total >= self.limit_usd
+        )
+        if limited != self._limited:
+            self._limited = limited
+            self._log_change()
+        return HELD if limited else None
+
+    def snapshot(self) -> BudgetSnapshot:
+        self._prune()
+        return BudgetSnapshot(
+            name=self.name,
+            limit_usd=self.limit_usd,
+            window_s=self.window_s,
+            spent_usd=self._spent_total,
+            held_usd=self._held_total,
+            limited=self._limited,
+            by_model=dict(self._by_model),
+        )
+
+    def __repr__(self) -> str:
+        s = self.snapshot()
+        return (
+            f"Budget({s.name}: ${s.spent_usd:.4f} spent + ${s.held_usd:.4f} held of "
+            f"{s.limit_usd} per {s.window_s:g} s, limited={s.limited})"
+        )
+
+    # -- accounting ---------------------------------------------------------------------------
+
+    def _estimate(self, model: Model, body_bytes: int, max_tokens: int | None) -> float:
+        price = model.price
+        if price is None:
+            return 0.0
+        prompt = body_bytes / _PROMPT_BYTES_PER_TOKEN * price.input
+        answer = (max_tokens or 0) * price.output
+        return max(self._dearest.get(model.id, 0.0), (prompt + answer) / 1_000_000)
+
+    def _fits(self, model: str, estimate: float) -> bool:
+        self._prune()
+        if model not in self._dearest and self._holds_by_model.get(model, 0) > 0:
+            return False  # the model's first call runs alone: its cost is not known yet
+        return _within(self.limit_usd, self._spent_total, self._held_total, estimate) and _within(
+            self._model_limits.get(model),
+            self._by_model.get(model, 0.0),
+            self._held_by_model.get(model, 0.0),
+            estimate,
+        )
+
+    def _settle(self, hold: _Hold, cost: float) -> None:
+        model = hold.model
+        self._held_total = max(0.0, self._held_total - hold.estimate)
+        self._held_by_model[model] = max(0.0, self._held_by_model.get(model, 0.0) - hold.estimate)
+        self._holds_by_model[model] -= 1
+        if cost > 0:
+            self._spent.append((self._clock(), model, cost))
+            self._spent_total += cost
+            self._by_model[model] = self._by_model.get(model, 0.0) + cost
+            self._dearest[model] = max(self._dearest.get(model, 0.0), cost)
+        else:
+            self._dearest.setdefault(model, 0.0)
+        self._wake()
+
+    def _prune(self) -> None:
+        horizon = self._clock() - self._keep_s
+        expired = False
+        while self._spent and self._spent[0][0] <= horizon:
+            _, model, cost = self._spent.popleft()
+            self._by_model[model] = self._by_model.get(model, 0.0) - cost
+            expired = True
+        if expired:
+            # Summed afresh rather than subtracted: no float drift over days of windows.
+            self._spent_total = sum(cost for _, _, cost in self._spent)
+            self._by_model = {m: max(0.0, v) for m, v in self._by_model.items() if v > 1e-12}
+            self._wake()
+
+    def _next_expiry_in(self) -> float | None:
+        if not self._spent:
+            return None
+        return max(0.0, self._spent[0][0] + self._keep_s - self._clock()) + 0.001
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _log_change(self) -> None:
+        now = self._clock()
+        if now - self._logged_at < _LOG_EVERY_S:
+            log.debug("spend limit (%s): limited=%s", self.name, self._limited)
+            return
+        self._logged_at = now
+        if self._limited:
+            log.warning(
+                "spend limit reached (%s): $%.4f spent and $%.4f held of $%.4f per %g s; "
+                "partitions paused until older spend leaves the window",
+                self.name,
+                self._spent_total,
+                self._held_total,
+                self.limit_usd,
+                self.window_s,
+            )
+        else:
+            log.warning("spend limit (%s): room again, partitions resume", self.name)
+
+
+def _within(limit: float | None, spent: float, held: float, estimate: float) -> bool:
+    if limit is None:
+        return True
+    # An estimate above the whole limit can never fit: it goes alone, on an empty window.
+    return spent + held + min(estimate, limit) <= limit + 1e-12
+
+
+class SpendLanes:
+    """Which budget a record spends from: replays and re-drives have their own, if set."""
+
+    def __init__(self, live: Budget, backfill: Budget | None, backfill_topics: frozenset[str]):
+        self.live = live
+        self.backfill = backfill or live
+        self._backfill_topics = backfill_topics
+
+    def budgets(self) -> tuple[Budget, ...]:
+        return (self.live,) if self.backfill is self.live else (self.live, self.backfill)
+
+    def for_record(self, topic: str, replayed: bool) -> Budget:
+        if topic in self._backfill_topics or replayed:
+            return self.backfill
+        return self.live
+
+    def holds(self, topic: str) -> str | None:
+        """The engine's gate: by the topic's budget (re-drives into the live topic are held
+        at admission only: the engine cannot tell them apart before they start)."""
+        budget = self.backfill if topic in self._backfill_topics else self.live
+        return budget.holds(topic)
