@@ -7,14 +7,16 @@ active controller; each comes back after `--broker-down` seconds, so at most one
 down at a time and every write can still reach two in-sync replicas.
 
 `Progress` keeps the time of every terminal record that arrives and of every fault, and
-`longest_gaps` says, per fault, the longest time no terminal record arrived from a moment
-after it (before the next fault): what a fault costs in stalled output.
+`longest_gaps` says, per fault, the longest time without a terminal record it is to blame
+for: what a fault costs in stalled output.
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
+import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from aiokafka import TopicPartition
 from stream.config import Settings
 from stream.devtools.cluster import ClusterNode, LocalCluster, describe_partitions
 
-HORIZON_S = 20.0  # a fault's stall starts within this long after it
+HORIZON_S = 20.0  # a stall that begins later than this after a fault is not its doing
 # The topics whose leaders are killed, in turn (their partition changes each round).
 TARGETS = ("predictions.requests", "predictions.results", "predictions.fallback")
 
@@ -69,21 +71,22 @@ class Progress:
 def longest_gaps(
     arrivals: Sequence[float], events: Sequence[float], end: float, horizon: float = HORIZON_S
 ) -> list[float]:
-    """For each event (sorted), the longest time without an arrival that began after it and
-    before the next event (and within `horizon`): from the event itself or an arrival, to
-    the next arrival (or `end`). Each stall counts for the last fault before it began."""
+    """For each event (sorted times), the longest time without an arrival it is to blame
+    for. A stretch between two arrivals (the last one: until `end`) belongs to the last
+    event that happened inside it, counted from that event; with none inside, to the last
+    event at most `horizon` before the stretch began, counted whole."""
     ordered = sorted(arrivals)
-    gaps = []
-    for at, following_event in zip(events, [*events[1:], end], strict=True):
-        until = min(following_event, at + horizon)
-        starts = [at, *(t for t in ordered if at < t < until)]
-        longest = 0.0
-        for begin in starts:
-            later = bisect.bisect_right(ordered, begin)
-            following = ordered[later] if later < len(ordered) else max(end, begin)
-            longest = max(longest, following - begin)
-        gaps.append(longest)
-    return gaps
+    bounds = [-math.inf, *ordered, max([end, *ordered[-1:]])]
+    longest = [0.0] * len(events)
+    for begin, until in itertools.pairwise(bounds):
+        last = bisect.bisect_left(events, until) - 1  # the last event before `until`
+        if until <= begin or last < 0:
+            continue
+        if events[last] >= begin:
+            longest[last] = max(longest[last], until - events[last])
+        elif begin - events[last] <= horizon:
+            longest[last] = max(longest[last], until - begin)
+    return longest
 
 
 def broker_schedule(span: float, kills: int) -> list[tuple[float, str]]:

@@ -130,6 +130,8 @@ def test_the_gap_after_a_fault_is_the_longest_wait_for_output() -> None:
     assert longest_gaps(arrivals, [2.5], end=50.0, horizon=20.0) == [27.0]
     # a second fault at 12.5 takes the stall that began after it
     assert longest_gaps(arrivals, [2.5, 12.5], end=50.0) == [9.0, 27.0]
+    # a fault inside a stall takes it from then on: 11 takes 3 → 12 from 2.9, and 13 → 40
+    assert longest_gaps(arrivals, [2.9, 11.0], end=50.0, horizon=5.0) == pytest.approx([0.1, 27.0])
     assert longest_gaps([], [5.0], end=8.0) == [3.0]  # nothing came at all
 
 
