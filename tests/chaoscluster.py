@@ -7,15 +7,14 @@ active controller; each comes back after `--broker-down` seconds, so at most one
 down at a time and every write can still reach two in-sync replicas.
 
 `Progress` keeps the time of every terminal record that arrives and of every fault, and
-`longest_gaps` says, per fault, the longest time without a terminal record it is to blame
-for: what a fault costs in stalled output.
+`longest_gaps` says, per fault, the longest time without a terminal record that was under
+way within seconds of it: what a fault costs in stalled output.
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
-import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from aiokafka import TopicPartition
 from stream.config import Settings
 from stream.devtools.cluster import ClusterNode, LocalCluster, describe_partitions
 
-HORIZON_S = 20.0  # a stall that begins later than this after a fault is not its doing
+WITHIN_S = 5.0  # a stall under way this long after a fault counts for it
 # The topics whose leaders are killed, in turn (their partition changes each round).
 TARGETS = ("predictions.requests", "predictions.results", "predictions.fallback")
 
@@ -69,23 +68,22 @@ class Progress:
 
 
 def longest_gaps(
-    arrivals: Sequence[float], events: Sequence[float], end: float, horizon: float = HORIZON_S
+    arrivals: Sequence[float], events: Sequence[float], end: float, within: float = WITHIN_S
 ) -> list[float]:
-    """For each event (sorted times), the longest time without an arrival it is to blame
-    for. A stretch between two arrivals (the last one: until `end`) belongs to the last
-    event that happened inside it, counted from that event; with none inside, to the last
-    event at most `horizon` before the stretch began, counted whole."""
-    ordered = sorted(arrivals)
-    bounds = [-math.inf, *ordered, max([end, *ordered[-1:]])]
-    longest = [0.0] * len(events)
-    for begin, until in itertools.pairwise(bounds):
-        last = bisect.bisect_left(events, until) - 1  # the last event before `until`
-        if until <= begin or last < 0:
-            continue
-        if events[last] >= begin:
-            longest[last] = max(longest[last], until - events[last])
-        elif begin - events[last] <= horizon:
-            longest[last] = max(longest[last], until - begin)
+    """For each event, the longest stretch without an arrival (the last one: until `end`)
+    that was under way at some moment from the event to `within` seconds after it, counted
+    from the event on: a fault stalls the output at once, if at all. Faults close together
+    share a stall."""
+    bounds = [-math.inf, *sorted(arrivals)]
+    bounds.append(max(end, bounds[-1]))
+    longest = []
+    for at in events:
+        k = max(0, bisect.bisect_right(bounds, at) - 1)  # the stretch `at` falls in
+        stall = 0.0
+        while k + 1 < len(bounds) and bounds[k] <= at + within:
+            stall = max(stall, bounds[k + 1] - max(bounds[k], at))
+            k += 1
+        longest.append(stall)
     return longest
 
 
