@@ -26,12 +26,14 @@ so a worker with a broken catalog refuses to start instead of dead-lettering at 
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from stream.checks import read_text
 from stream.config import Settings
 from stream.errors import ConfigError
 from stream.prices import DEFAULT_PRICES, Price
@@ -171,15 +173,14 @@ def _check_fallback(
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"catalog {path} cannot be read: {exc.strerror}") from exc
+    text = read_text(path, f"catalog {path}")
+    kind = "JSON" if path.suffix == ".json" else "TOML"
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
-        kind = "JSON" if path.suffix == ".json" else "TOML"
         raise ConfigError(f"catalog {path} is not valid {kind}: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"catalog {path} is nested too deep to be a catalog") from None
     if not isinstance(data, dict):
         raise ConfigError(f"catalog {path} must hold a table/object at the top")
     return cast(dict[str, Any], data)
@@ -227,8 +228,8 @@ def _parse_model(model_id: str, raw: object, where: str) -> Model:
 
 def _positive(value: object, what: str, *, zero: bool = False) -> float:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or not (value >= 0 if zero else value > 0):  # type: ignore[operator]
-        bound = "a number >= 0" if zero else "a positive number"
+    if not ok or not math.isfinite(value) or not (value >= 0 if zero else value > 0):  # type: ignore[arg-type,operator]
+        bound = "a finite number >= 0" if zero else "a positive, finite number"
         raise ConfigError(f"{what} must be {bound} (got {value!r})")
     return float(value)  # type: ignore[arg-type]
 

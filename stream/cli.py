@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-from stream import __version__, logs
+from stream import __version__, clientconfig, logs
 from stream.config import Settings
 from stream.errors import EXIT_FAILED, StreamError
 
@@ -34,6 +35,9 @@ COMMANDS: dict[str, str] = {
     "redrive": "stream.backfill.redrive",
     "bench": "stream.devtools.bench",
 }
+# The commands that talk to Kafka: each takes --bootstrap-server and --command-config, as
+# Kafka's own tools do (`kafka` runs the local broker; `simulate` never touches Kafka).
+KAFKA_COMMANDS: tuple[str, ...] = ("run", "topics", "lag", "replay", "redrive", "demo", "bench")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -52,6 +56,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     asked = _command(sys.argv[1:] if argv is None else argv)
     for module in [COMMANDS[asked]] if asked else dict.fromkeys(COMMANDS.values()):
         importlib.import_module(module).register(commands)
+    for name in KAFKA_COMMANDS:
+        if name in commands.choices:
+            clientconfig.add_options(commands.choices[name])
     return parser
 
 
@@ -75,8 +82,8 @@ def _first_stream_error(group: BaseExceptionGroup[BaseException]) -> StreamError
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
-        settings = Settings.from_env()
-        logs.configure(settings.log_level, json=False)
+        settings = Settings.from_env(clientconfig.environment(args, os.environ))
+        logs.configure(settings.log_level, json=False, content=settings.log_content)
         handler: Handler = args.handler
         return handler(args, settings)
     except StreamError as exc:

@@ -10,13 +10,14 @@ message names the variable and says what a valid value looks like.
 from __future__ import annotations
 
 import os
-import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
+from stream.checks import check_bootstrap, check_topic_prefix, tls_context
 from stream.errors import ConfigError
+from stream.source import Secret, Source
 
 __all__ = [
     "CLOSE_RESERVE_S",
@@ -28,7 +29,6 @@ __all__ = [
     "SpendSettings",
 ]
 
-T = TypeVar("T")
 Guarantee = Literal["at-least-once", "exactly-once"]
 Ordering = Literal["unordered", "key"]
 
@@ -41,32 +41,6 @@ MAX_REQUEST_BYTES = 1_048_588 - 16 * 1024
 CLOSE_RESERVE_S = 10.0
 
 
-class Secret:
-    """A string that never shows itself in `repr`, `str`, logs or exceptions."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret('********')" if self._value else "Secret('')"
-
-    __str__ = __repr__
-
-
 @dataclass(frozen=True, kw_only=True)
 class KafkaSettings:
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -77,6 +51,7 @@ class KafkaSettings:
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    ssl_key_password: Secret = field(default_factory=lambda: Secret(""))
     client_id: str = "prediction-stream"
     request_timeout_ms: int = 30_000
     cluster_name: str | None = None  # the lag metrics' `cluster_name`; default: the cluster id
@@ -94,12 +69,13 @@ class KafkaSettings:
             options["sasl_plain_username"] = self.sasl_username
             options["sasl_plain_password"] = self.sasl_password.reveal()
         if self.security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            options["ssl_context"] = create_ssl_context(
-                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
-            )
+            options["ssl_context"] = self._ssl_context()
         return options
+
+    def _ssl_context(self) -> object:
+        return tls_context(
+            self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile, self.ssl_key_password.reveal()
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +99,9 @@ class EngineSettings:
     max_in_flight_per_partition: int = 500
     ordering: Ordering = "unordered"
     commit_interval_s: float = 1.0
-    shutdown_grace_s: float = 30.0
+    # How long SIGTERM lets running calls finish. None: as long as the catalog's longest
+    # model timeout (no call can run longer); the worker works it out (`drain_grace_s`).
+    shutdown_grace_s: float | None = None
     # On a rebalance, in-flight calls get this long to finish before they are abandoned
     # (and paid for again by the partition's next owner): long, for reasoning models.
     revoke_grace_s: float = 60.0
@@ -131,6 +109,9 @@ class EngineSettings:
     max_poll_interval_ms: int = 600_000
     rebalance_timeout_ms: int = 120_000
     session_timeout_ms: int = 45_000
+    # Static membership (Kafka's group.instance.id): a restart with the same id keeps the
+    # partitions without a rebalance. None: dynamic membership.
+    instance_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,17 +152,17 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read settings from `env` (default: the process environment) and validate them."""
-        return cls._from_source(_Source(dict(os.environ if env is None else env)))
+        return cls._from_source(Source(dict(os.environ if env is None else env)))
 
     @classmethod
     def variables(cls) -> frozenset[str]:
         """Every environment variable the settings read (for docs and deployment checks)."""
-        source = _Source({})
+        source = Source({})
         cls._from_source(source)
         return frozenset(source.asked)
 
     @classmethod
-    def _from_source(cls, source: _Source) -> Settings:
+    def _from_source(cls, source: Source) -> Settings:
         max_in_flight = source.integer("STREAM_MAX_IN_FLIGHT", 1000, low=1)
         rebalance_timeout_ms = source.integer("STREAM_REBALANCE_TIMEOUT_MS", 120_000, low=1)
         engine = EngineSettings(
@@ -195,7 +176,7 @@ class Settings:
             ),
             ordering=source.choice("STREAM_ORDERING", ("unordered", "key"), "unordered"),  # type: ignore[arg-type]
             commit_interval_s=source.number("STREAM_COMMIT_INTERVAL_S", 1.0, low=0.01),
-            shutdown_grace_s=source.number("STREAM_SHUTDOWN_GRACE_S", 30.0, low=0.0),
+            shutdown_grace_s=source.optional_number("STREAM_SHUTDOWN_GRACE_S", low=0.0),
             # unset, it follows the rebalance timeout down (half of what is left after the
             # close reserve, at most 60 s), so lowering only the timeout keeps a valid pair
             revoke_grace_s=source.number(
@@ -206,13 +187,14 @@ class Settings:
             max_poll_interval_ms=source.integer("STREAM_MAX_POLL_INTERVAL_MS", 600_000, low=1),
             rebalance_timeout_ms=rebalance_timeout_ms,
             session_timeout_ms=source.integer("STREAM_SESSION_TIMEOUT_MS", 45_000, low=1),
+            instance_id=_instance_id(source),
         )
         settings = cls(
             kafka=_kafka_settings(source),
             synthetic=_provider_settings(source, "synthetic", SYNTHETIC_BASE_URL),
             together=_provider_settings(source, "together", TOGETHER_BASE_URL),
             engine=engine,
-            topic_prefix=source.text("STREAM_TOPIC_PREFIX", ""),
+            topic_prefix=check_topic_prefix(source.text("STREAM_TOPIC_PREFIX", "")),
             topics_dir=Path(source.text("STREAM_TOPICS_DIR", str(default_topics_dir()))),
             catalog_file=source.path("STREAM_CATALOG_FILE"),
             metrics_port=source.integer("STREAM_METRICS_PORT", 9400, low=0, high=65535),
@@ -224,6 +206,7 @@ class Settings:
             max_request_bytes=source.integer("STREAM_MAX_REQUEST_BYTES", 256 * 1024, low=1024),
             spend=_spend_settings(source),
         )
+        source.check_file_keys()
         settings.check()
         return settings
 
@@ -260,6 +243,8 @@ class Settings:
                 "STREAM_KAFKA_SASL_MECHANISM, STREAM_KAFKA_SASL_USERNAME and "
                 "STREAM_KAFKA_SASL_PASSWORD (or STREAM_KAFKA_SASL_PASSWORD_FILE)"
             )
+        if kafka.security_protocol in ("SSL", "SASL_SSL"):
+            kafka.client_options()  # loads the TLS files now, as every client will
 
     def topic(self, name: str) -> str:
         """The real topic name for a declared one (`predictions.requests` → prefixed)."""
@@ -271,14 +256,16 @@ class Settings:
 
 
 def default_topics_dir() -> Path:
-    """`topics/` beside the package in a checkout; the packaged copy otherwise."""
-    checkout = Path(__file__).resolve().parent.parent / "topics"
-    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "data" / "topics"
+    """The declarations shipped with the package: in a checkout `stream/data/topics` is a
+    link to `topics/`, and wheels and sdists carry a copy of it."""
+    return Path(__file__).resolve().parent / "data" / "topics"
 
 
-def _kafka_settings(source: _Source) -> KafkaSettings:
+def _kafka_settings(source: Source) -> KafkaSettings:
     return KafkaSettings(
-        bootstrap_servers=source.text("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        bootstrap_servers=check_bootstrap(
+            source.text("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"), "KAFKA_BOOTSTRAP_SERVERS"
+        ),
         security_protocol=source.choice(
             "STREAM_KAFKA_SECURITY_PROTOCOL",
             ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
@@ -290,15 +277,34 @@ def _kafka_settings(source: _Source) -> KafkaSettings:
         ),
         sasl_username=source.text("STREAM_KAFKA_SASL_USERNAME", "") or None,
         sasl_password=source.secret("STREAM_KAFKA_SASL_PASSWORD"),
-        ssl_cafile=source.text("STREAM_KAFKA_SSL_CAFILE", "") or None,
-        ssl_certfile=source.text("STREAM_KAFKA_SSL_CERTFILE", "") or None,
-        ssl_keyfile=source.text("STREAM_KAFKA_SSL_KEYFILE", "") or None,
+        ssl_cafile=source.file_name("STREAM_KAFKA_SSL_CAFILE"),
+        ssl_certfile=source.file_name("STREAM_KAFKA_SSL_CERTFILE"),
+        ssl_keyfile=source.file_name("STREAM_KAFKA_SSL_KEYFILE"),
+        ssl_key_password=source.secret("STREAM_KAFKA_SSL_KEY_PASSWORD"),
         client_id=source.text("STREAM_KAFKA_CLIENT_ID", "prediction-stream"),
         cluster_name=source.text("STREAM_KAFKA_CLUSTER_NAME", "") or None,
     )
 
 
-def _provider_settings(source: _Source, name: str, base_url: str) -> ProviderSettings:
+# Kafka's rules for a group.instance.id (the same as for a topic name).
+_INSTANCE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+INSTANCE_ID_MAX = 249
+
+
+def _instance_id(source: Source) -> str | None:
+    value = source.text("STREAM_INSTANCE_ID", "")
+    if not value:
+        return None
+    if value in (".", "..") or len(value) > INSTANCE_ID_MAX or set(value) - _INSTANCE_ID_CHARS:
+        raise ConfigError(
+            f"STREAM_INSTANCE_ID {value[:60]!r} is not a valid Kafka group instance id: use "
+            f"up to {INSTANCE_ID_MAX} letters, digits, '.', '_' or '-' (not '.' or '..'), "
+            "e.g. the pod name of a StatefulSet"
+        )
+    return value
+
+
+def _provider_settings(source: Source, name: str, base_url: str) -> ProviderSettings:
     upper = name.upper()
     url = source.text(f"{upper}_BASE_URL", base_url).rstrip("/")
     if not url.startswith(("http://", "https://")):
@@ -316,7 +322,7 @@ def _provider_settings(source: _Source, name: str, base_url: str) -> ProviderSet
     )
 
 
-def _spend_settings(source: _Source) -> SpendSettings:
+def _spend_settings(source: Source) -> SpendSettings:
     window = source.text("STREAM_SPEND_WINDOW", "1h")
     try:
         window_s = parse_window(window)
@@ -325,10 +331,10 @@ def _spend_settings(source: _Source) -> SpendSettings:
             f"STREAM_SPEND_WINDOW must be a duration such as 90s, 30m, 1h or 24h (got {window!r})"
         ) from None
     return SpendSettings(
-        limit_usd=source.optional_number("STREAM_SPEND_LIMIT_USD"),
+        limit_usd=source.optional_number("STREAM_SPEND_LIMIT_USD", above=True),
         window_s=window_s,
         model_limits=source.amounts("STREAM_SPEND_MODEL_LIMITS"),
-        backfill_limit_usd=source.optional_number("STREAM_BACKFILL_SPEND_LIMIT_USD"),
+        backfill_limit_usd=source.optional_number("STREAM_BACKFILL_SPEND_LIMIT_USD", above=True),
     )
 
 
@@ -343,128 +349,3 @@ def parse_window(text: str) -> float:
     if not 0 < seconds < float("inf"):
         raise ValueError(text)
     return seconds
-
-
-class _Source:
-    """Typed look-ups over the environment, merged over `STREAM_CONFIG_FILE` if set."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = {**self._file_values(env.get("STREAM_CONFIG_FILE")), **env}
-        self.asked: set[str] = {"STREAM_CONFIG_FILE"}
-
-    @staticmethod
-    def _file_values(path: str | None) -> dict[str, str]:
-        if not path:
-            return {}
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(
-                f"STREAM_CONFIG_FILE {path!r} cannot be read: {exc.strerror}"
-            ) from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"STREAM_CONFIG_FILE {path!r} is not valid TOML: {exc}") from exc
-        return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in data.items()}
-
-    def text(self, name: str, default: str) -> str:
-        self.asked.add(name)
-        return self.env.get(name, default).strip()
-
-    def path(self, name: str) -> Path | None:
-        value = self.text(name, "")
-        if value and not Path(value).is_file():
-            raise ConfigError(f"{name} points at {value!r}, which is not a readable file")
-        return Path(value) if value else None
-
-    def secret(self, name: str) -> Secret:
-        """`NAME`, or the contents of the file named by `NAME_FILE` (trailing newline cut)."""
-        self.asked.update((name, f"{name}_FILE"))
-        file_name = self.env.get(f"{name}_FILE", "").strip()
-        if name in self.env and file_name:
-            raise ConfigError(f"set {name} or {name}_FILE, not both")
-        if file_name:
-            try:
-                return Secret(Path(file_name).read_text().strip())
-            except OSError as exc:
-                raise ConfigError(
-                    f"{name}_FILE points at {file_name!r}, which cannot be read: {exc.strerror}"
-                ) from exc
-        return Secret(self.env.get(name, "").strip())
-
-    def _parse(self, name: str, default: T, convert: Callable[[str], T], kind: str) -> T:
-        self.asked.add(name)
-        raw = self.env.get(name, "").strip()
-        if not raw:
-            return default
-        try:
-            return convert(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be {kind} (got {raw!r})") from None
-
-    def integer(self, name: str, default: int, *, low: int, high: int | None = None) -> int:
-        value = self._parse(name, default, int, "a whole number")
-        if value < low or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise ConfigError(f"{name} must be {bound} (got {value})")
-        return value
-
-    def number(self, name: str, default: float, *, low: float) -> float:
-        value = self._parse(name, default, float, "a number")
-        if not value >= low:
-            raise ConfigError(f"{name} must be at least {low} (got {value})")
-        return value
-
-    def optional_number(self, name: str) -> float | None:
-        """A positive number, or None when unset."""
-        value = self._parse(name, None, float, "a number")
-        if value is not None and not 0 < value < float("inf"):
-            raise ConfigError(f"{name} must be a positive number (got {value})")
-        return value
-
-    def amounts(self, name: str) -> dict[str, float]:
-        """`id=USD,id=USD` → {id: USD}, each a positive number."""
-        raw = self.text(name, "")
-        amounts: dict[str, float] = {}
-        for item in filter(None, (part.strip() for part in raw.split(","))):
-            key, _, value = item.partition("=")
-            try:
-                amount = float(value)
-            except ValueError:
-                amount = -1.0
-            if not key.strip() or not 0 < amount < float("inf"):
-                raise ConfigError(f"{name} must look like model-id=USD,model-id=USD (got {item!r})")
-            amounts[key.strip()] = amount
-        return amounts
-
-    def boolean(self, name: str, default: bool) -> bool:
-        truth = {
-            "1": True,
-            "true": True,
-            "yes": True,
-            "on": True,
-            "0": False,
-            "false": False,
-            "no": False,
-            "off": False,
-        }
-
-        def convert(raw: str) -> bool:
-            return truth[raw.lower()] if raw.lower() in truth else _raise_value()
-
-        return self._parse(name, default, convert, "true or false")
-
-    def choice(
-        self, name: str, options: tuple[str, ...], default: str, *, upper: bool = False
-    ) -> str:
-        value = self.text(name, default)
-        value = value.upper() if upper else value
-        if value not in options:
-            raise ConfigError(f"{name} must be one of {', '.join(options)} (got {value!r})")
-        return value
-
-    def optional_choice(self, name: str, options: tuple[str, ...]) -> str | None:
-        return self.choice(name, ("", *options), "", upper=True) or None
-
-
-def _raise_value() -> bool:
-    raise ValueError

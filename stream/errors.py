@@ -9,7 +9,8 @@
     │   ├── RetryableProviderError   may succeed if tried again (429, 5xx, timeouts …)
     │   ├── FatalProviderError       will not succeed as sent (400, 401, 404 …)
     │   └── CircuitOpenError         not called: the breaker for that model is open
-    └── InvalidRecordError       an input record cannot become a request (→ dead letter)
+    ├── InvalidRecordError       an input record cannot become a request (→ dead letter)
+    └── UndecodableRecordError   the Kafka client could not decode a fetched record
 
 Foreign exceptions (aiokafka, httpx, OSError) are translated where they are caught,
 with `raise Ours(...) from exc`, so retry and fallback code only ever catch our types.
@@ -34,6 +35,7 @@ __all__ = [
     "RetryableProviderError",
     "StreamError",
     "TopicSpecError",
+    "UndecodableRecordError",
 ]
 
 
@@ -130,3 +132,9 @@ class InvalidRecordError(StreamError):
         self.reason = reason
         self.message = message
         self.request = request
+
+
+class UndecodableRecordError(StreamError):
+    """The Kafka client could not decode a fetched record (aiokafka reads header keys as
+    UTF-8 and stops at one that is not). The engine steps over it and hands the stage's
+    error path a stand-in that has only the record's position."""

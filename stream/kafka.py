@@ -41,6 +41,8 @@ __all__ = [
 _COORDINATOR_TRIES = 12  # about 15 s of back-off in all
 _TLS_PROBE_S = 3.0
 _TCP_PROBE_S = 1.0
+# the same settings can come from a Kafka client properties file (stream.clientconfig)
+_OR_FILE = " (or their keys in the --command-config file)"
 
 
 def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaError:
@@ -55,7 +57,7 @@ def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaE
         return KafkaError(
             f"Kafka at {where} rejected our credentials while {doing}: check "
             "STREAM_KAFKA_SASL_USERNAME, STREAM_KAFKA_SASL_PASSWORD and "
-            "STREAM_KAFKA_SASL_MECHANISM"
+            f"STREAM_KAFKA_SASL_MECHANISM{_OR_FILE}"
         )
     if isinstance(exc, KafkaConnectionError):
         return _connection_error(settings, doing, _verdicts.get(settings))
@@ -88,7 +90,7 @@ def _connection_error(settings: KafkaSettings, doing: str, verdict: Verdict | No
         return KafkaError(
             f"TLS to Kafka at {where} failed while {doing} ({verdict.tls_problem}): check "
             "STREAM_KAFKA_SSL_CAFILE (the CA that signed the broker's certificate), the host "
-            "name in KAFKA_BOOTSTRAP_SERVERS, and STREAM_KAFKA_SECURITY_PROTOCOL"
+            f"name in KAFKA_BOOTSTRAP_SERVERS, and STREAM_KAFKA_SECURITY_PROTOCOL{_OR_FILE}"
         )
     if verdict is not None and verdict.accepts_tcp and settings.sasl_mechanism:
         # aiokafka logs the SASL failure and raises a bare "unable to bootstrap": a port that
@@ -96,7 +98,7 @@ def _connection_error(settings: KafkaSettings, doing: str, verdict: Verdict | No
         return KafkaError(
             f"Kafka at {where} accepted the connection but rejected our credentials while "
             f"{doing}: check STREAM_KAFKA_SASL_USERNAME, STREAM_KAFKA_SASL_PASSWORD, "
-            "STREAM_KAFKA_SASL_MECHANISM and STREAM_KAFKA_SECURITY_PROTOCOL"
+            f"STREAM_KAFKA_SASL_MECHANISM and STREAM_KAFKA_SECURITY_PROTOCOL{_OR_FILE}"
         )
     return KafkaError(
         f"cannot reach Kafka at {where} while {doing}: is it running? "

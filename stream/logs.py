@@ -3,15 +3,22 @@
 Modules log through `logging.getLogger(__name__)` with %-style arguments and put
 fields such as `request_id` and `stage` in `extra=`; this formatter turns them into keys.
 Prompts, outputs and secrets are never passed to a logger unless STREAM_LOG_CONTENT is set.
+
+aiokafka is not as careful: at DEBUG it logs the key and value of every record it sends
+and every request and response it exchanges, record batches and SASL PLAIN passwords
+included. Its lines keep their shape here, but never that content (`_Redact`).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
+from aiokafka.protocol.struct import Struct
 
 __all__ = ["JsonFormatter", "configure"]
 
@@ -35,9 +42,37 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure(level: str = "INFO", *, json: bool = True) -> None:
-    """Send log records to stderr, as JSON lines (workers) or short text (commands)."""
+class _Redact(logging.Filter):
+    """aiokafka's arguments without content: a protocol request or response (record
+    batches, SASL tokens: never shown) by its name, and bytes (record keys and values) by
+    their size unless content may be logged."""
+
+    def __init__(self, *, content: bool) -> None:
+        super().__init__()
+        self._content = content
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("aiokafka") and record.args:
+            args = record.args
+            if isinstance(args, Mapping):
+                record.args = {key: self._safe(value) for key, value in args.items()}
+            else:
+                record.args = tuple(self._safe(value) for value in args)
+        return True
+
+    def _safe(self, value: Any) -> Any:
+        if isinstance(value, Struct):
+            return f"<{type(value).__name__}>"
+        if isinstance(value, bytes | bytearray | memoryview) and not self._content:
+            return f"<{len(value)} bytes>"
+        return value
+
+
+def configure(level: str = "INFO", *, json: bool = True, content: bool = False) -> None:
+    """Send log records to stderr, as JSON lines (workers) or short text (commands);
+    record content from aiokafka only when `content` (STREAM_LOG_CONTENT) allows it."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Redact(content=content))
     if json:
         handler.setFormatter(JsonFormatter())
     else:

@@ -40,7 +40,11 @@ __all__ = [
 HEADER_REQUEST_ID = "request-id"
 HEADER_ATTEMPT = "attempt"
 HEADER_TRACEPARENT = "traceparent"
-_CARRIED = (HEADER_TRACEPARENT,)
+# The most of one header value carried on to outputs. A request id is at most 128
+# characters (512 bytes of UTF-8) and a W3C traceparent 55: anything bigger is not one,
+# and carried along it would make every output (a paid-for result too) that much bigger.
+MAX_HEADER_BYTES = 512
+_MAX_ATTEMPT_DIGITS = 9
 
 Validator = Callable[[Any], Any]
 
@@ -54,7 +58,7 @@ class SourceRecord(Protocol):
     timestamp: int
     key: bytes | None
     value: bytes | None
-    headers: Sequence[tuple[str, bytes]]
+    headers: Sequence[tuple[str, bytes | None]]  # Kafka header values may be null
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +93,8 @@ class Decoder:
         self._max_bytes = max_bytes
         self._known = known_models
 
-    def decode(self, value: bytes | None, *, now: float) -> Request:
-        body = self.parse(value)
+    def decode(self, value: bytes | None, *, now: float, key: bytes | None = None) -> Request:
+        body = self.parse(value, key=key)
         request = request_of(body)
         if not self._known(request.model):
             raise InvalidRecordError(
@@ -99,13 +103,16 @@ class Decoder:
         check_deadline(request, now)
         return request
 
-    def parse(self, value: bytes | None) -> dict[str, Any]:
-        """Bytes → schema-valid JSON object (no catalog or deadline checks)."""
+    def parse(self, value: bytes | None, *, key: bytes | None = None) -> dict[str, Any]:
+        """Bytes → schema-valid JSON object (no catalog or deadline checks). The key counts
+        towards the size limit: every output of the record carries it."""
         if not value:
             raise InvalidRecordError("invalid_request", "the record has no value")
-        if len(value) > self._max_bytes:
+        size = len(value) + len(key or b"")
+        if size > self._max_bytes:
+            of = f" ({len(key or b'')} of them the key)" if key else ""
             raise InvalidRecordError(
-                "too_large", f"{len(value)} bytes is over the {self._max_bytes}-byte limit"
+                "too_large", f"{size} bytes{of} is over the {self._max_bytes}-byte limit"
             )
         try:
             body = orjson.loads(value)
@@ -169,14 +176,30 @@ def request_of(body: dict[str, Any]) -> Request:
 
 
 def output_headers(record: SourceRecord, request_id: str | None) -> tuple[tuple[str, bytes], ...]:
-    """Headers carried through every hop: request-id, attempt, traceparent (when present)."""
-    incoming = {key: value for key, value in record.headers or ()}
-    headers = [(HEADER_ATTEMPT, incoming.get(HEADER_ATTEMPT, b"1"))]
+    """Headers carried through every hop: request-id, attempt, traceparent (when present).
+
+    Upstream headers are taken only when they look like what they name: a null, oversized
+    or non-numeric value is replaced (request-id by the body's, attempt by 1) or dropped.
+    """
+    incoming = _headers(record)
     rid = incoming.get(HEADER_REQUEST_ID) or (request_id.encode() if request_id else None)
-    if rid is not None:
-        headers.insert(0, (HEADER_REQUEST_ID, rid))
-    headers += [(key, incoming[key]) for key in _CARRIED if key in incoming]
+    headers = [] if rid is None else [(HEADER_REQUEST_ID, rid[:MAX_HEADER_BYTES])]
+    attempt = incoming.get(HEADER_ATTEMPT, b"")
+    ok = attempt.isdigit() and len(attempt) <= _MAX_ATTEMPT_DIGITS
+    headers.append((HEADER_ATTEMPT, attempt if ok else b"1"))
+    if HEADER_TRACEPARENT in incoming:
+        headers.append((HEADER_TRACEPARENT, incoming[HEADER_TRACEPARENT]))
     return tuple(headers)
+
+
+def _headers(record: SourceRecord) -> dict[str, bytes]:
+    """The record's headers that may be carried: no null and no oversized value; the last
+    of a repeated header wins."""
+    return {
+        key: value
+        for key, value in record.headers or ()
+        if value is not None and len(value) <= MAX_HEADER_BYTES
+    }
 
 
 def result_record(
@@ -280,7 +303,5 @@ def dead_letter(
 def _request_id(request: dict[str, Any] | None, record: SourceRecord) -> str | None:
     if request is not None and isinstance(request.get("request_id"), str):
         return str(request["request_id"])
-    for key, value in record.headers or ():
-        if key == HEADER_REQUEST_ID:
-            return value.decode("utf-8", "replace")[:128]
-    return None
+    value = _headers(record).get(HEADER_REQUEST_ID)
+    return None if value is None else value.decode("utf-8", "replace")[:128]

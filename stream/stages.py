@@ -19,7 +19,12 @@ from stream import records, topics
 from stream.catalog import Catalog, Model, get_fallback_provider
 from stream.config import Settings
 from stream.engine import MAX_OUTPUT_BYTES, Output
-from stream.errors import InvalidRecordError, OutputRejectedError, ProviderError
+from stream.errors import (
+    InvalidRecordError,
+    OutputRejectedError,
+    ProviderError,
+    UndecodableRecordError,
+)
 from stream.providers import Completion, ProviderClient
 from stream.records import Decoder, Request, SourceRecord
 from stream.spend import Budget, SpendLanes
@@ -106,9 +111,22 @@ class _Stage:
 
     def on_error(self, record: SourceRecord, exc: BaseException) -> Sequence[Output]:
         """A bug in a handler, or outputs Kafka refused for good: the record becomes a dead
-        letter and the worker goes on. (The engine has logged it, traceback and all.)"""
+        letter (with its request when that parses, so it can be re-driven) and the worker
+        goes on. (The engine has logged it, traceback and all.)"""
+        if isinstance(exc, UndecodableRecordError):
+            # Nothing of it reached the stage: the dead letter says where it is.
+            return [self._dead(record, "invalid_encoding", str(exc))]
         reason = "output_rejected" if isinstance(exc, OutputRejectedError) else "handler_error"
-        return [self._dead(record, reason, f"{type(exc).__name__}: {exc}")]
+        try:
+            request, failures = self._salvage(record)
+        except Exception:  # the last line of defence must not fail too
+            request, failures = None, []
+        error = f"{type(exc).__name__}: {exc}"
+        return [self._dead(record, reason, error, request=request, failures=failures)]
+
+    def _salvage(self, record: SourceRecord) -> tuple[dict[str, Any] | None, list[Any]]:
+        """The record's request (and failures so far) if it parses, for a dead letter."""
+        return None, []
 
     def _dead(
         self,
@@ -240,7 +258,7 @@ class PrimaryStage(_Stage):
 
     async def handle(self, record: SourceRecord) -> Sequence[Output]:
         try:
-            request = self._decoder.decode(record.value, now=time.time())
+            request = self._decoder.decode(record.value, now=time.time(), key=record.key)
         except InvalidRecordError as exc:
             return [self._dead(record, exc.reason, exc.message, request=exc.request)]
         model = self._catalog.get(request.model)
@@ -255,6 +273,12 @@ class PrimaryStage(_Stage):
             value = records.fallback_record(request, failure)
             return [self._output(record, self.topics.fallback, value, request.request_id)]
         return [self._result(record, request, done, attempts=done.attempts, fallback=False)]
+
+    def _salvage(self, record: SourceRecord) -> tuple[dict[str, Any] | None, list[Any]]:
+        try:
+            return self._decoder.parse(record.value, key=record.key), []
+        except InvalidRecordError:
+            return None, []
 
     async def _call(self, model: Model, request: Request, spend: Budget | None) -> Completion:
         client = self._clients[model.provider]
@@ -295,7 +319,7 @@ class FallbackStage(_Stage):
 
     async def handle(self, record: SourceRecord) -> Sequence[Output]:
         try:
-            body = self._decoder.parse(record.value)
+            body = self._decoder.parse(record.value, key=record.key)
         except InvalidRecordError as exc:
             return [self._dead(record, exc.reason, exc.message)]
         failure = body.pop("failure")
@@ -305,6 +329,14 @@ class FallbackStage(_Stage):
         except InvalidRecordError as exc:
             return [self._dead(record, exc.reason, exc.message, request=body, failures=[failure])]
         return [await self._fall_back(record, request, failure)]
+
+    def _salvage(self, record: SourceRecord) -> tuple[dict[str, Any] | None, list[Any]]:
+        try:
+            body = self._decoder.parse(record.value, key=record.key)
+        except InvalidRecordError:
+            return None, []
+        failure = body.pop("failure")
+        return body, [failure]
 
     async def _fall_back(
         self, record: SourceRecord, request: Request, failure: dict[str, Any]

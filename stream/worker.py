@@ -2,8 +2,10 @@
 
 One process can run either stage or both (`all`, for small deployments). Scaling out is
 more processes with the same command: Kafka's consumer groups share the partitions.
-SIGTERM/SIGINT stop fetching and drain in-flight work for `STREAM_SHUTDOWN_GRACE_S`, then
-commit and exit; a second signal exits at once (what is not committed runs again later).
+SIGTERM/SIGINT stop fetching and let running calls finish (`drain_grace_s`: at most the
+catalog's longest model timeout, or `STREAM_SHUTDOWN_GRACE_S`), then commit and exit; a
+second signal exits at once (what is not committed runs again later). An orchestrator must
+allow `stop_grace_s` before it sends SIGKILL.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import signal
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -33,7 +36,7 @@ from stream.providers import ProviderClient
 from stream.spend import Budget, SpendLanes
 from stream.stages import FallbackStage, PrimaryStage, Topics
 
-__all__ = ["Worker", "register", "tune_gc"]
+__all__ = ["Worker", "drain_grace_s", "register", "stop_grace_s", "tune_gc"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,26 @@ STAGES = ("primary", "fallback")
 PRIMARY_GROUP = "predictions-primary"
 FALLBACK_GROUP = "predictions-fallback"
 GROUPS = {"primary": PRIMARY_GROUP, "fallback": FALLBACK_GROUP}
+# After the drain an engine commits (at most 10 s), then releases its partitions, stops its
+# producers and leaves the group (at most 10 s each): see stream.engine. A stop grace
+# period must cover the drain and this.
+COMMIT_AND_CLOSE_S = 40.0
+
+
+def drain_grace_s(settings: Settings, catalog: Catalog) -> float:
+    """How long SIGTERM lets running calls finish: `STREAM_SHUTDOWN_GRACE_S` when set (a
+    cap), else the catalog's longest model timeout, which no call outlives (its retries
+    included), so nothing answered is abandoned and paid for again by the next owner."""
+    explicit = settings.engine.shutdown_grace_s
+    if explicit is not None:
+        return explicit
+    return max((model.timeout_s for model in catalog.models.values()), default=0.0)
+
+
+def stop_grace_s(settings: Settings, catalog: Catalog) -> float:
+    """The least stop grace period an orchestrator must give a worker before SIGKILL
+    (docker compose's `stop_grace_period`, Kubernetes' `terminationGracePeriodSeconds`)."""
+    return drain_grace_s(settings, catalog) + COMMIT_AND_CLOSE_S
 
 
 class Worker:
@@ -60,6 +83,7 @@ class Worker:
         self._own_process = own_process  # the process is this worker's: tune its GC
         self.stages = tuple(stages)
         self.catalog = catalog or load_catalog(settings)
+        self.drain_grace_s = drain_grace_s(settings, self.catalog)
         self.metrics = Metrics()
         self.health = Health()
         self.engines: list[Engine] = []
@@ -108,11 +132,19 @@ class Worker:
         for engine in self.engines:
             self.metrics.watch_engine(engine)
             self.health.require_engine(engine)
-        await group.start(monitor.run)
+        # The port first: a port in use fails start-up before the lag monitor starts its
+        # Kafka clients (none left to close, no "Unclosed consumer" noise).
         self.port = await group.start(
             serve, self.metrics, self.health, self.settings.metrics_host, self.settings.metrics_port
         )
+        await group.start(monitor.run)
         log.info("serving /metrics, /healthz and /readyz on port %s", self.port)
+        log.info(
+            "on SIGTERM, running calls get %.0f s to finish: allow a stop grace period of at "
+            "least %.0f s (docker compose stop_grace_period, terminationGracePeriodSeconds)",
+            self.drain_grace_s,
+            stop_grace_s(self.settings, self.catalog),
+        )
         if self._own_process:
             tune_gc()  # now: what start-up built (catalog, schemas, pools) is frozen too
         self.started.set()
@@ -154,8 +186,9 @@ class Worker:
         def on_commit(seconds: float) -> None:
             self.metrics.observe_commit(group, seconds)
 
+        engine = replace(self.settings.engine, shutdown_grace_s=self.drain_grace_s)
         return Engine(
-            settings=self.settings,
+            settings=replace(self.settings, engine=engine),
             name=stage,
             group_id=group,
             topics=inputs,
@@ -251,11 +284,9 @@ def tune_gc() -> None:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    logs.configure(settings.log_level, json=True)
+    logs.configure(settings.log_level, json=True, content=settings.log_content)
     stages = STAGES if args.stage == "all" else (args.stage,)
     if args.guarantee:
-        from dataclasses import replace
-
         settings = replace(settings, engine=replace(settings.engine, guarantee=args.guarantee))
     anyio.run(run_until_signal, Worker(settings, stages, own_process=True))
     return 0

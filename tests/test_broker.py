@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -99,3 +100,31 @@ def test_missing_java_is_a_clear_error(
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(BrokerError, match="java is not installed"):
         LocalBroker(home=tmp_path, port=1).start()  # type: ignore[arg-type]
+
+
+async def test_kafka_status_json_for_scripts(tmp_path: Path) -> None:
+    import json
+
+    from stream.devtools.broker import KAFKA_VERSION, free_port
+    from tests.conftest import run_cli
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_")}
+    port = free_port()
+    where = ["--home", str(tmp_path), "--port", str(port), "--json"]
+    down = await run_cli(env, "kafka", "status", *where)
+    assert down.returncode == 1
+    assert json.loads(down.stdout) == {
+        "state": "not running",
+        "running": False,
+        "version": KAFKA_VERSION,
+        "bootstrap_servers": f"127.0.0.1:{port}",
+        "pid": None,
+        "home": str(tmp_path),
+    }
+    # status goes by the pid file and whether that process lives: name a live one
+    (tmp_path / "broker.pid").write_text(str(os.getpid()))
+    up = await run_cli(env, "kafka", "status", *where)
+    assert up.returncode == 0
+    report = json.loads(up.stdout)
+    assert report["running"] is True and report["pid"] == os.getpid()
+    assert report["state"] == "running"

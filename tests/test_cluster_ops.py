@@ -50,6 +50,17 @@ async def test_kafka_command_stops_and_starts_one_broker_and_reports_the_cluster
     status = await run_cli(cluster_env, *kafka_cli(cluster, "status"))
     assert status.returncode == 3  # needs attention: one process is down
     assert f"broker 2      127.0.0.1:{cluster.port + 1:<6} stopped" in status.stdout
+    report = await run_cli(cluster_env, *kafka_cli(cluster, "status", "--json"))
+    assert report.returncode == 3
+    shape = orjson.loads(report.stdout)
+    assert (shape["state"], shape["running"], shape["pid"]) == ("partly running", False, None)
+    assert shape["bootstrap_servers"] == cluster.bootstrap_servers
+    nodes = {node["name"]: node for node in shape["nodes"]}
+    assert len(nodes) == 6 and nodes["broker 2"] == {
+        "name": "broker 2",
+        "port": cluster.port + 1,
+        "pid": None,
+    }
 
     started = await run_cli(cluster_env, *kafka_cli(cluster, "start", "--broker", "2"))
     assert started.stdout.strip() == f"broker 2 started at port {cluster.port + 1}"

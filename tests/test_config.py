@@ -4,6 +4,8 @@ import logging
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stream.config import Secret, Settings
 from stream.errors import ConfigError
@@ -34,6 +36,16 @@ def test_defaults_are_sane() -> None:
         ({"TOGETHER_API_KEY": "a", "TOGETHER_API_KEY_FILE": "/x"}, "TOGETHER_API_KEY_FILE"),
         ({"TOGETHER_API_KEY_FILE": "/nonexistent/key"}, "TOGETHER_API_KEY_FILE"),
         ({"STREAM_CATALOG_FILE": "/nonexistent.toml"}, "STREAM_CATALOG_FILE"),
+        ({"KAFKA_BOOTSTRAP_SERVERS": "a:b:c"}, "KAFKA_BOOTSTRAP_SERVERS"),
+        ({"KAFKA_BOOTSTRAP_SERVERS": "broker"}, "KAFKA_BOOTSTRAP_SERVERS"),
+        ({"KAFKA_BOOTSTRAP_SERVERS": "h:0"}, "KAFKA_BOOTSTRAP_SERVERS"),
+        ({"KAFKA_BOOTSTRAP_SERVERS": "h:99999"}, "KAFKA_BOOTSTRAP_SERVERS"),
+        ({"KAFKA_BOOTSTRAP_SERVERS": "::1:9092"}, "KAFKA_BOOTSTRAP_SERVERS"),
+        ({"STREAM_COMMIT_INTERVAL_S": "inf"}, "STREAM_COMMIT_INTERVAL_S"),
+        ({"STREAM_REVOKE_GRACE_S": "nan"}, "STREAM_REVOKE_GRACE_S"),
+        ({"STREAM_TOGETHER_BREAKER_COOLDOWN_S": "-inf"}, "STREAM_TOGETHER_BREAKER_COOLDOWN_S"),
+        ({"STREAM_TOPIC_PREFIX": "ünï."}, "STREAM_TOPIC_PREFIX"),
+        ({"STREAM_KAFKA_SSL_CAFILE": "/nonexistent/ca.pem"}, "STREAM_KAFKA_SSL_CAFILE"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:
@@ -89,6 +101,88 @@ def test_variables_lists_what_users_look_for() -> None:
     )
 
 
+_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
+
+
+def _kafka_accepts(value: str) -> bool:
+    """Kafka's JoinGroupRequest.validateGroupInstanceId, written out plainly."""
+    return value not in ("", ".", "..") and len(value) <= 249 and all(c in _ID_CHARS for c in value)
+
+
+@given(
+    st.one_of(
+        st.text(st.sampled_from(_ID_CHARS), min_size=1, max_size=260),
+        st.text(min_size=1, max_size=20),
+    )
+)
+def test_instance_ids_are_taken_exactly_when_kafka_would(value: str) -> None:
+    stripped = value.strip()
+    if not stripped:
+        assert Settings.from_env({"STREAM_INSTANCE_ID": value}).engine.instance_id is None
+    elif _kafka_accepts(stripped):
+        assert Settings.from_env({"STREAM_INSTANCE_ID": value}).engine.instance_id == stripped
+    else:
+        with pytest.raises(ConfigError, match="STREAM_INSTANCE_ID .* not a valid Kafka group"):
+            Settings.from_env({"STREAM_INSTANCE_ID": value})
+
+
+def test_instance_id_examples() -> None:
+    assert Settings.from_env({}).engine.instance_id is None
+    pod = Settings.from_env({"STREAM_INSTANCE_ID": "prediction-stream-primary-0"})
+    assert pod.engine.instance_id == "prediction-stream-primary-0"
+    for bad in (".", "..", "a/b", "x" * 250, "pod 0"):
+        with pytest.raises(ConfigError, match="STREAM_INSTANCE_ID"):
+            Settings.from_env({"STREAM_INSTANCE_ID": bad})
+
+
+def test_an_empty_variable_counts_as_unset(tmp_path: Path) -> None:
+    """compose's `${NAME:-}` and templating tools define "" when they mean unset."""
+    key = tmp_path / "key"
+    key.write_text("from-file\n")
+    settings = Settings.from_env(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": "",
+            "STREAM_GUARANTEE": " ",
+            "SYNTHETIC_BASE_URL": "",
+            "SYNTHETIC_API_KEY": "",  # with the _FILE variant: not "both"
+            "SYNTHETIC_API_KEY_FILE": str(key),
+            "STREAM_SHUTDOWN_GRACE_S": "",
+        }
+    )
+    assert settings.kafka.bootstrap_servers == "127.0.0.1:9092"
+    assert settings.engine.guarantee == "at-least-once"
+    assert settings.synthetic.base_url == "https://api.synthetic.new/openai/v1"
+    assert settings.synthetic.api_key.reveal() == "from-file"
+    assert settings.engine.shutdown_grace_s is None
+
+
+def test_shutdown_grace_is_a_cap_when_set_and_follows_the_catalog_when_not() -> None:
+    from stream.catalog import Model, build_catalog, load_catalog
+    from stream.worker import COMMIT_AND_CLOSE_S, drain_grace_s, stop_grace_s
+
+    default = Settings.from_env({})
+    assert default.engine.shutdown_grace_s is None
+    catalog = load_catalog(default)
+    assert drain_grace_s(default, catalog) == 120.0  # the reasoning models' timeout
+    assert stop_grace_s(default, catalog) == 120.0 + COMMIT_AND_CLOSE_S
+    slow = Model(id="slow", provider="synthetic", api_model="hf:slow", timeout_s=300.0)
+    longer = build_catalog({**catalog.models, "slow": slow}, catalog.fallbacks)
+    assert drain_grace_s(default, longer) == 300.0
+    capped = Settings.from_env({"STREAM_SHUTDOWN_GRACE_S": "45"})
+    assert drain_grace_s(capped, longer) == 45.0
+    assert drain_grace_s(Settings.from_env({"STREAM_SHUTDOWN_GRACE_S": "0"}), longer) == 0.0
+    with pytest.raises(ConfigError, match="STREAM_SHUTDOWN_GRACE_S"):
+        Settings.from_env({"STREAM_SHUTDOWN_GRACE_S": "-1"})
+
+
+def test_the_engine_the_worker_builds_drains_for_the_catalog() -> None:
+    from stream.worker import Worker
+
+    worker = Worker(Settings.from_env({}), ("primary", "fallback"))
+    engine = worker._engine("primary", {})  # type: ignore[arg-type]
+    assert engine._config.shutdown_grace_s == 120.0
+
+
 def test_a_max_request_size_the_fallback_topic_cannot_hold_is_refused() -> None:
     with pytest.raises(ConfigError, match="STREAM_MAX_REQUEST_BYTES"):
         Settings.from_env({"STREAM_MAX_REQUEST_BYTES": "1048588"})
@@ -110,3 +204,27 @@ def test_a_revoke_grace_that_leaves_no_time_to_close_is_refused() -> None:
     short = {"STREAM_REBALANCE_TIMEOUT_MS": "20000", "STREAM_SESSION_TIMEOUT_MS": "6000"}
     with pytest.raises(ConfigError, match="to close"):
         Settings.from_env({**short, "STREAM_REVOKE_GRACE_S": "15"})
+
+
+@pytest.mark.parametrize(
+    "servers", ["b1:9092", " b1:9092 , b2:9093", "[::1]:9092", "10.0.0.1:1,kafka-2.internal:65535"]
+)
+def test_bootstrap_servers_that_kafka_takes_are_taken(servers: str) -> None:
+    got = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": servers}).kafka.bootstrap_servers
+    assert got == ",".join(part.strip() for part in servers.split(","))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('STREAM_GUARANTE = "exactly-once"\n', "did you mean STREAM_GUARANTEE?"),
+        ("SOMETHING_ELSE = 1\n", "SOMETHING_ELSE is not a setting;"),
+        ("[kafka]\nbootstrap = 'x:1'\n", "kafka must be a string, number or boolean"),
+        ("STREAM_TOPIC_PREFIX = 'caf\xe9.'\n", "not UTF-8"),
+    ],
+)
+def test_a_config_file_takes_only_settings(tmp_path: Path, text: str, message: str) -> None:
+    file = tmp_path / "stream.toml"
+    file.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?")):
+        Settings.from_env({"STREAM_CONFIG_FILE": str(file)})

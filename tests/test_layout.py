@@ -14,24 +14,28 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "stream"
 MAX_LINES = 450
-_NOT_YET = {"stream.config"}  # modules being split in a change of their own
+_NOT_YET = {"stream.engine.engine"}  # split once the open branches land
 
 # What each part of the package may import (besides itself and the standard library). A
 # part is a top-level module or a folder; `cli` finds its commands by name at run time.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "logs": set(),
-    "config": {"errors"},
+    "checks": {"errors"},
+    "clientconfig": {"errors"},
+    "source": {"checks", "errors"},
+    "config": {"checks", "errors", "source"},
     "kafka": {"config", "errors"},
     "prices": set(),
-    "catalog": {"config", "errors", "prices"},
+    "catalog": {"checks", "config", "errors", "prices"},
     "records": {"errors"},
-    "topics": {"config", "errors", "kafka"},
+    "topics": {"checks", "config", "errors", "kafka"},
     "engine": {"config", "errors", "kafka"},
     "providers": {"catalog", "config", "errors"},
     "spend": {"catalog", "config", "errors", "prices", "providers"},
     "observe": {"config", "engine", "errors", "kafka", "prices", "providers"},
-    "backfill": {"config", "errors", "kafka", "records", "topics"},
+    # engine: its fetch seam steps over records the Kafka client cannot decode
+    "backfill": {"config", "engine", "errors", "kafka", "records", "topics"},
     "stages": {
         "catalog",
         "config",
@@ -59,6 +63,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "devtools": {
         "backfill",
+        "clientconfig",
         "catalog",
         "config",
         "engine",
@@ -74,7 +79,7 @@ ALLOWED: dict[str, set[str]] = {
         "topics",
         "worker",
     },
-    "cli": {"config", "errors", "logs", "__init__"},
+    "cli": {"clientconfig", "config", "errors", "logs", "__init__"},
     "__main__": {"cli"},
     "__init__": {"config", "errors"},
 }

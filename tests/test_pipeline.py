@@ -7,7 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +27,7 @@ from stream.stages import Topics
 from stream.worker import Worker
 from tests.conftest import eventually, run_cli
 from tests.records import produce, read_all
+from tests.workerkit import worker_process
 
 pytestmark = pytest.mark.anyio
 
@@ -130,6 +131,36 @@ async def send(
             for rid, value in items
         ],
     )
+
+
+async def worker_round_trip(
+    command: list[str | Path],
+    env: dict[str, str],
+    settings: Settings,
+    items: list[tuple[str, bytes]],
+    *,
+    log: Path,
+    cwd: Path | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[dict[str, tuple[str, dict[str, Any], dict[str, bytes]]], int]:
+    """A worker process (stderr to `log`) is sent `items`; once each has its terminal
+    record it gets SIGTERM. Returns the terminal records and its exit code; on any
+    failure it is killed, never left running."""
+    with log.open("wb") as stderr:
+        process = await anyio.open_process(command, cwd=cwd, env=env, stderr=stderr)
+        try:
+            if ready is not None:
+                await ready()
+            await send(settings, items)
+            found = await terminal(settings, len(items))
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(60):
+                code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    return found, code
 
 
 async def test_every_request_ends_as_exactly_one_right_terminal_record(settings: Settings) -> None:
@@ -283,33 +314,14 @@ async def test_stream_run_all_as_a_process_drains_on_sigterm(
 ) -> None:
     await topics.apply(settings, await topics.plan(settings))
     log = tmp_path / "worker.log"
-    async with Simulator(SimConfig()) as sim:
-        worker_env = {
-            **env,
-            "SYNTHETIC_BASE_URL": f"{sim.base}/openai/v1",
-            "SYNTHETIC_API_KEY": "sim",
-            "TOGETHER_BASE_URL": sim.url,
-            "TOGETHER_API_KEY": "sim",
-            "STREAM_METRICS_PORT": "0",
-        }
-        with log.open("wb") as stderr:
-            process = await anyio.open_process(
-                [sys.executable, "-m", "stream", "run", "all"], env=worker_env, stderr=stderr
-            )
-            try:
-                await send(
-                    settings,
-                    [(f"p-{i}", request(f"p-{i}", "deepseek-v3-0324-syn")) for i in range(20)],
-                )
-                await terminal(settings, 20)
-                process.send_signal(signal.SIGTERM)
-                with anyio.fail_after(60):
-                    code = await process.wait()
-            finally:
-                if process.returncode is None:
-                    process.kill()
+    async with Simulator(SimConfig()) as sim, worker_process(env, sim, log) as process:
+        await send(
+            settings,
+            [(f"p-{i}", request(f"p-{i}", "deepseek-v3-0324-syn")) for i in range(20)],
+        )
+        await terminal(settings, 20)
     output = log.read_text()
-    assert code == 0, output[-2000:]
+    assert process.returncode == 0, output[-2000:]
     assert "Traceback" not in output
     for line in output.splitlines():
         orjson.loads(line)  # every log line is a JSON object

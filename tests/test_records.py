@@ -208,6 +208,52 @@ def test_headers_carry_request_id_attempt_and_traceparent() -> None:
     assert dict(records.output_headers(_record(b"{}"), None)) == {"attempt": b"1"}
 
 
+def test_headers_that_are_null_oversized_or_not_numbers_are_not_carried() -> None:
+    huge = b"r" * (1024 * 1024)
+    for request_id, attempt, trace in [(None, None, None), (huge, b"2" * 20, huge)]:
+        headers = (("request-id", request_id), ("attempt", attempt), ("traceparent", trace))
+        record = _record(b"{bad", headers=headers)  # type: ignore[arg-type]
+        assert dict(records.output_headers(record, "r-9")) == {
+            "request-id": b"r-9",
+            "attempt": b"1",
+        }
+        letter = orjson.loads(
+            records.dead_letter(record, reason="invalid_json", error="x", stage="primary")
+        )
+        assert letter["request_id"] is None
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["request-id", "attempt", "traceparent", "x"]) | st.text(max_size=4),
+            st.none() | st.binary(max_size=8) | st.integers(0, 3000).map(lambda n: b"7" * n),
+        ),
+        max_size=6,
+    ),
+    st.none() | st.text(max_size=200),
+)
+def test_output_headers_are_always_small_bytes(
+    headers: list[tuple[str, bytes | None]], request_id: str | None
+) -> None:
+    record = _record(b"{}", headers=tuple(headers))  # type: ignore[arg-type]
+    carried = records.output_headers(record, request_id)
+    assert [key for key, _ in carried][:1] in (["request-id"], ["attempt"])
+    assert all(isinstance(v, bytes) and len(v) <= records.MAX_HEADER_BYTES for _, v in carried)
+    assert dict(carried)["attempt"].isdigit()
+    letter = orjson.loads(records.dead_letter(record, reason="x", error="x", stage="primary"))
+    assert letter["request_id"] is None or len(letter["request_id"]) <= 128
+
+
+def test_the_key_counts_towards_the_size_limit() -> None:
+    value = orjson.dumps(GOOD)
+    assert DECODER.decode(value, now=0, key=b"k" * (4096 - len(value))).request_id == "r-1"
+    with pytest.raises(InvalidRecordError) as caught:
+        DECODER.decode(value, now=0, key=b"k" * (4097 - len(value)))
+    assert caught.value.reason == "too_large" and "of them the key" in caught.value.message
+
+
 @pytest.mark.parametrize(
     "body",
     [{**GOOD, "model": "nope"}, {**GOOD, "deadline": "2001-01-01T00:00:00+00:00"}],

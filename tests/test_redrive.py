@@ -11,6 +11,7 @@ import pytest
 from stream import topics
 from stream.backfill.redrive import GROUP, REASONS, Redrive, RedriveOptions
 from stream.config import Settings
+from stream.records import Decoder
 from tests.conftest import run_cli
 from tests.records import Record, create_topics, produce, read_all
 
@@ -120,16 +121,18 @@ async def test_redrive_sends_eligible_letters_once_with_attempt_incremented(
         assert headers["traceparent"] == dict(old)["traceparent"]
         assert headers["request-id"] == f"r{i}".encode()
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
-    # redriven, already, cannot succeed, no request, not selected
-    assert rows["unknown_model"] == ["0", "0", "4", "0", "0"]
-    assert rows["invalid_json"] == ["0", "0", "4", "0", "0"]
-    assert rows["handler_error"] == ["0", "0", "0", "4", "0"]
-    assert rows["total"][0] == "12"
+    # redriven, already, cannot succeed, no request, max attempts, not selected
+    assert rows["unknown_model"] == ["0", "0", "4", "0", "0", "0"]
+    assert rows["invalid_json"] == ["0", "0", "4", "0", "0", "0"]
+    assert rows["handler_error"] == ["0", "0", "0", "4", "0", "0"]
+    assert rows["total"][:2] == ["12", "0"]
 
     again = await run_cli(env, "redrive")
     assert again.returncode == 0, again.stderr
     assert len(await read_all(settings, settings.topic(REQUESTS))) == len(sent)
-    assert {line.split()[0]: line.split()[1] for line in again.stdout.splitlines()}["total"] == "0"
+    rows = {line.split()[0]: line.split()[1:] for line in again.stdout.splitlines()}
+    assert rows["total"][:2] == ["0", "12"]  # what the first run sent, said so
+    assert rows["expired"] == ["0", "4", "0", "0", "0", "0"]
 
 
 async def test_skipped_reasons_can_be_forced_later_and_only_once(settings: Settings) -> None:
@@ -141,7 +144,10 @@ async def test_skipped_reasons_can_be_forced_later_and_only_once(settings: Setti
     forced = Redrive(
         settings=settings,
         options=_options(
-            settings, reasons=frozenset({"unknown_model", "invalid_json"}), force=True
+            settings,
+            reasons=frozenset({"unknown_model", "invalid_json"}),
+            force=True,
+            max_attempts=4,  # these letters ran 3 times already: the default cap
         ),
     )
     await forced.run()
@@ -199,5 +205,106 @@ async def test_unknown_reason_is_one_line(env: dict[str, str]) -> None:
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
 
+async def test_redriven_requests_get_a_fresh_deadline(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    await create_topics(settings, {DEAD: 3, REQUESTS: 3, BACKFILL: 3})
+    letters = [_letter(i) for i in (1, 7)]  # expired, the second a re-drive already
+    for i, letter in zip((1, 7), letters, strict=True):
+        value = orjson.loads(letter[2])
+        value["request"]["deadline"] = "2001-01-01T00:00:00Z"
+        headers = [*letter[4], ("attempt", b"2")] if i == 7 else letter[4]
+        letters[letters.index(letter)] = (*letter[:2], orjson.dumps(value), letter[3], headers)
+    await produce(settings, settings.topic(DEAD), letters)
+    before = time.time()
+    done = await run_cli(env, "redrive", "--deadline", "10m")
+    assert done.returncode == 0, done.stderr
+    sent = await read_all(settings, settings.topic(REQUESTS))
+    assert len(sent) == 2
+    decoder = Decoder(
+        Settings().topics_dir / "request.schema.json", max_bytes=4096, known_models=bool
+    )
+    for record in sent:
+        deadline = decoder.decode(record.value, now=time.time()).deadline  # not expired
+        assert deadline is not None and before + 590 <= deadline <= time.time() + 600
+        assert dict(record.headers)["attempt"] in (b"2", b"3")
+
+
+async def test_attempts_are_capped_so_re_drives_cannot_loop(settings: Settings) -> None:
+    """A request that keeps failing goes round at most --max-attempts times."""
+    await create_topics(settings, {DEAD: 1, REQUESTS: 1, BACKFILL: 1})
+    _, key, value, stamp, headers = _letter(0)  # fallback_failed, attempt 1
+    headers = [(k, v) for k, v in headers if k != "attempt"]
+    for round_ in range(1, 5):
+        # it failed again: the stage wrote a dead letter with the attempt it ran as
+        await produce(settings, settings.topic(DEAD), [(0, key, value, stamp, headers)])
+        run = Redrive(settings=settings, options=_options(settings))
+        await run.run()
+        sent = await read_all(settings, settings.topic(REQUESTS))
+        if round_ < 3:
+            assert run.counts[("fallback_failed", "redriven")] == 1
+            headers = [*headers[:2], ("attempt", dict(sent[-1].headers)["attempt"])]
+        else:
+            assert run.counts[("fallback_failed", "redriven")] == 0
+            assert run.counts[("fallback_failed", "max attempts")] == round_ - 2
+    assert [dict(r.headers)["attempt"] for r in sent] == [b"2", b"3"]
+
+
+async def test_handler_errors_with_their_request_are_re_driven(settings: Settings) -> None:
+    await create_topics(settings, {DEAD: 1, REQUESTS: 1, BACKFILL: 1})
+    value = orjson.loads(_letter(0)[2])
+    value["reason"] = "handler_error"
+    await produce(settings, settings.topic(DEAD), [(0, None, orjson.dumps(value), None, [])])
+    run = Redrive(settings=settings, options=_options(settings))
+    await run.run()
+    assert run.counts[("handler_error", "redriven")] == 1
+    [sent] = await read_all(settings, settings.topic(REQUESTS))
+    assert orjson.loads(sent.value) == value["request"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-attempts", "0"], "--max-attempts must be at least 1"),
+        (["--deadline", "soon"], "--deadline 'soon' is not a duration"),
+        (["--deadline", "0m"], "--deadline '0m' is not a duration"),
+        (["--deadline", "999999w"], "--deadline 999999w is longer than 366 days"),
+    ],
+)
+async def test_bad_redrive_options_are_one_line(
+    env: dict[str, str], args: list[str], message: str
+) -> None:
+    done = await run_cli(env, "redrive", *args)
+    assert done.returncode == 1
+    assert message in done.stderr and done.stderr.count("\n") == 1
+
+
 def test_reasons_match_the_dead_letter_schema() -> None:
     assert set(REASONS) == set(_schema(DEAD)["properties"]["reason"]["enum"])
+
+
+async def test_json_summary_for_scripts(settings: Settings, env: dict[str, str]) -> None:
+    await _dead_letters(settings)
+    dry = await run_cli(env, "redrive", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    report = orjson.loads(dry.stdout)
+    assert report["dry_run"] is True and report["force"] is False
+    assert report["outcome"] == "done" and report["group"] == settings.group(GROUP)
+    assert report["reasons"]["unknown_model"] == {
+        "redriven": 0,
+        "already_redriven": 0,
+        "cannot_succeed": 4,
+        "no_request": 0,
+        "not_selected": 0,
+        "max_attempts": 0,
+    }
+    assert report["reasons"]["handler_error"]["no_request"] == 4
+    assert report["total"]["redriven"] == 12  # what a real run would send
+    assert await read_all(settings, settings.topic(REQUESTS)) == []
+
+    done = orjson.loads((await run_cli(env, "redrive", "--json")).stdout)
+    assert done["total"]["redriven"] == 12
+    assert len(await read_all(settings, settings.topic(REQUESTS))) == 12
+    again = orjson.loads((await run_cli(env, "redrive", "--json")).stdout)
+    assert again["total"]["redriven"] == 0  # it starts after what was re-driven
+    assert len(await read_all(settings, settings.topic(REQUESTS))) == 12

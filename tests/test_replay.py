@@ -16,6 +16,7 @@ from stream.backfill.window import Span, parse_time
 from stream.config import Settings
 from stream.errors import ConfigError
 from tests.conftest import run_cli
+from tests.kcat import kcat_produce, needs_kcat
 from tests.records import Record, create_topics, produce, read_all
 
 pytestmark = pytest.mark.anyio
@@ -177,6 +178,51 @@ async def test_until_before_since_is_one_line(env: dict[str, str]) -> None:
     assert done.stderr.count("\n") == 1
 
 
+@needs_kcat
+async def test_records_the_client_cannot_decode_or_write_are_reported_not_fatal(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    await create_topics(settings, {SOURCE: 3, TARGET: 3})
+    source = settings.topic(SOURCE)
+    now = int(time.time() * 1000)
+    await produce(settings, source, [(1, None, f"{i}".encode(), now, []) for i in range(3)])
+    bad = [(b"\xff\xfekey", b"val")]
+    await kcat_produce(settings.kafka.bootstrap_servers, source, 1, [b"{}"], headers=bad)
+    await kcat_produce(settings.kafka.bootstrap_servers, source, 0, [None])  # no key, no value
+    await produce(
+        settings, source, [(p, None, f"{p}{i}".encode(), now, []) for p in (0, 1) for i in (7, 8)]
+    )
+
+    done = await run_cli(env, "replay", "--since", "1h")
+    assert done.returncode == 0, done.stderr
+    assert "cannot decode them: partition 1 offsets 3" in done.stdout
+    assert "neither key nor value (the Kafka client cannot write that): partition 0 offsets 0" in (
+        done.stdout
+    )
+    copies = sorted(r.value for r in await read_all(settings, settings.topic(TARGET)))
+    assert copies == [b"0", b"07", b"08", b"1", b"17", b"18", b"2"]
+
+
+@pytest.mark.parametrize(
+    ("option", "topic"),
+    [
+        ("--to", "predictions.dead-letter"),
+        ("--to", "predictions.results"),
+        ("--source", "predictions.results"),
+        ("--source", "predictions.fallback"),
+        ("--to", "no.such.topic"),
+    ],
+)
+async def test_replay_moves_requests_only_between_request_topics(
+    env: dict[str, str], option: str, topic: str
+) -> None:
+    done = await run_cli(env, "replay", "--since", "1h", option, topic)
+    assert done.returncode == 1
+    assert f"{option} {topic} is not a request topic" in done.stderr
+    assert "(predictions.backfill, predictions.requests)" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
 def test_parse_time_reads_rfc3339_and_ages() -> None:
     now = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
     noon = int(now.timestamp() * 1000)
@@ -209,3 +255,22 @@ def test_copied_ranges_decide_where_to_start_and_what_to_skip() -> None:
         *range(15, 20),
         *range(30, 50),
     ]
+
+
+async def test_json_summary_for_scripts(settings: Settings, env: dict[str, str]) -> None:
+    await _source(settings)
+    window = ["--since", _rfc3339(SINCE), "--until", _rfc3339(UNTIL), "--json"]
+    dry = await run_cli(env, "replay", *window, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    report = orjson.loads(dry.stdout)
+    assert (report["source"], report["target"]) == (settings.topic(SOURCE), settings.topic(TARGET))
+    assert report["dry_run"] is True and report["outcome"] == "done"
+    assert report["total"] == {"records": 30, "already": 0, "to_copy": 30, "copied": 0}
+    assert sorted(row["partition"] for row in report["partitions"]) == [0, 1, 2]
+    for row in report["partitions"]:
+        assert row["window_end"] - row["window_start"] == row["records"] == 10
+
+    real = orjson.loads((await run_cli(env, "replay", *window)).stdout)
+    assert real["dry_run"] is False and real["total"]["copied"] == 30
+    again = orjson.loads((await run_cli(env, "replay", *window)).stdout)
+    assert again["total"] == {"records": 30, "already": 30, "to_copy": 0, "copied": 0}

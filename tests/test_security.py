@@ -3,12 +3,11 @@ started for this module."""
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
+import orjson
 import pytest
 import trustme
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -19,7 +18,7 @@ from stream.devtools.broker import LocalBroker, free_port
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
 from tests.conftest import run_cli
-from tests.test_pipeline import request, send, terminal
+from tests.test_pipeline import request, worker_round_trip
 
 pytestmark = pytest.mark.anyio
 
@@ -266,29 +265,18 @@ async def _run_worker_end_to_end(
             "STREAM_SYNTHETIC_MAX_RETRIES": "1",
             "STREAM_LOG_LEVEL": "DEBUG",  # the password must not show even there
         }
-        settings = Settings.from_env(secure)
         log = tmp_path / "worker.log"
-        with log.open("wb") as stderr:
-            process = await anyio.open_process(
-                [sys.executable, "-m", "stream", "run", "all"], env=secure, stderr=stderr
-            )
-            try:
-                await send(
-                    settings,
-                    [
-                        ("sasl-ok", request("sasl-ok", "deepseek-v3-0324-syn")),
-                        ("sasl-fb", request("sasl-fb", "kimi-k2-thinking-syn")),
-                        ("sasl-bad", b"{not json"),
-                    ],
-                )
-                found = await terminal(settings, 3)
-                process.send_signal(signal.SIGTERM)
-                with anyio.fail_after(60):
-                    code = await process.wait()
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
+        found, code = await worker_round_trip(
+            [sys.executable, "-m", "stream", "run", "all"],
+            secure,
+            Settings.from_env(secure),
+            [
+                ("sasl-ok", request("sasl-ok", "deepseek-v3-0324-syn")),
+                ("sasl-fb", request("sasl-fb", "kimi-k2-thinking-syn")),
+                ("sasl-bad", b"{not json"),
+            ],
+            log=log,
+        )
     output = log.read_text()
     assert code == 0, output[-2000:]
     assert found["sasl-ok"][1]["provider"] == "synthetic"
@@ -324,3 +312,114 @@ async def test_the_worker_as_a_user_without_acls_says_so(
     # The topics exist (an earlier test applied them): the user just cannot see them.
     assert "stranger" in done.stderr and "ACL" in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+# -- the same through --bootstrap-server and --command-config (Kafka tools' properties) -----
+
+SCRAM_MODULE = "org.apache.kafka.common.security.scram.ScramLoginModule"
+PLAIN_MODULE = "org.apache.kafka.common.security.plain.PlainLoginModule"
+
+
+def _client_properties(
+    folder: Path, broker: LocalBroker, *, mechanism: str, password: str = PASSWORD
+) -> Path:
+    """A client.properties as an operator keeps it for kafka-topics.sh, the JAAS line
+    continued over two lines."""
+    module = PLAIN_MODULE if mechanism == "PLAIN" else SCRAM_MODULE
+    lines = [
+        "# for kafka-topics.sh --command-config, and now for stream",
+        f"security.protocol={'SASL_SSL' if broker.tls_keystore else 'SASL_PLAINTEXT'}",
+        f"sasl.mechanism={mechanism}",
+        f"sasl.jaas.config={module} required \\",
+        f'    username="stream" password="{password}";',
+        "client.id=ops-cli",
+    ]
+    if broker.tls_keystore:
+        ca = broker.tls_keystore.with_name("ca.pem")
+        lines += ["ssl.truststore.type=PEM", f"ssl.truststore.location={ca}"]
+    path = folder / f"client-{mechanism.lower()}.properties"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _given(broker: LocalBroker, properties: Path) -> list[str]:
+    """The options Kafka's tools take, for this broker's SASL listener."""
+    return [
+        "--bootstrap-server",
+        f"127.0.0.1:{broker.sasl_port}",
+        "--command-config",
+        str(properties),
+    ]
+
+
+def _misleading_env(base: dict[str, str], prefix: str) -> dict[str, str]:
+    """An environment pointing elsewhere with the wrong password: the command line wins."""
+    return {
+        **base,
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+        "STREAM_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT",
+        "STREAM_KAFKA_SASL_PASSWORD": "wrong-password",
+        "STREAM_TOPIC_PREFIX": prefix,
+    }
+
+
+@pytest.mark.timeout(180)
+async def test_every_kafka_command_takes_the_kafka_tools_options_over_sasl_ssl(
+    tls_broker: LocalBroker, env: dict[str, str], tmp_path: Path
+) -> None:
+    given = _given(tls_broker, _client_properties(tmp_path, tls_broker, mechanism="SCRAM-SHA-512"))
+    misleading = _misleading_env(env, "sec.cc.")
+
+    applied = await run_cli(misleading, "topics", "apply", "--json", *given)
+    assert applied.returncode == 0, applied.stderr
+    assert orjson.loads(applied.stdout)["applied"] == 5
+    for command in (
+        ["replay", "--since", "1h", "--dry-run", "--json"],
+        ["redrive", "--dry-run", "--json"],
+    ):
+        done = await run_cli(misleading, *command, *given)
+        assert done.returncode == 0, (command, done.stderr)
+        assert orjson.loads(done.stdout)["outcome"] == "done"
+    lag = await run_cli(misleading, "lag", "--json", "--samples", "2", "--interval", "0.1", *given)
+    # no worker has run: the pipeline's groups are listed with their (empty) partitions,
+    # which only the cluster on the command line can say
+    assert lag.returncode == 0, lag.stderr
+    rows = orjson.loads(lag.stdout)
+    assert rows and {row["status"] for row in rows} == {"OK"}
+    assert {row["topic"] for row in rows} >= {"sec.cc.predictions.requests"}
+
+    async with Simulator(SimConfig()) as sim:
+        worker_env = {
+            **misleading,
+            "SYNTHETIC_BASE_URL": sim.url,
+            "SYNTHETIC_API_KEY": "sim",
+            "STREAM_METRICS_PORT": "0",
+        }
+        settings = Settings.from_env(
+            {**_env(tls_broker, env, "stream", PASSWORD), "STREAM_TOPIC_PREFIX": "sec.cc."}
+        )
+        found, code = await worker_round_trip(
+            [sys.executable, "-m", "stream", "run", "primary", *given],
+            worker_env,
+            settings,
+            [("cc-ok", request("cc-ok", "deepseek-v3-0324-syn"))],
+            log=tmp_path / "worker.log",
+        )
+    assert code == 0, (tmp_path / "worker.log").read_text()[-2000:]
+    assert found["cc-ok"][1]["provider"] == "synthetic"
+
+
+@pytest.mark.timeout(60)
+async def test_sasl_plain_from_a_command_config(
+    scram_broker: LocalBroker, env: dict[str, str], tmp_path: Path
+) -> None:
+    misleading = _misleading_env(env, "sec.plain.")
+    right = _client_properties(tmp_path, scram_broker, mechanism="PLAIN")
+    done = await run_cli(misleading, "topics", "apply", *_given(scram_broker, right))
+    assert done.returncode == 0, done.stderr
+
+    wrong = _client_properties(tmp_path, scram_broker, mechanism="PLAIN", password="nope-nope")
+    refused = await run_cli(misleading, "topics", "apply", *_given(scram_broker, wrong))
+    assert refused.returncode == 1
+    assert "rejected our credentials" in refused.stderr and "--command-config" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "nope-nope" not in refused.stderr

@@ -8,6 +8,7 @@ examples run in seconds; what is under test is decoding, validation and record b
 
 from __future__ import annotations
 
+import base64
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
@@ -16,12 +17,14 @@ import anyio
 import jsonschema
 import orjson
 import pytest
+from aiokafka import TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stream.catalog import Model, load_catalog
 from stream.config import Secret, Settings
 from stream.engine.engine import Output
+from stream.engine.fetch import StandIn, Undecodable
 from stream.errors import RetryableProviderError
 from stream.providers import Completion
 from stream.stages import FallbackStage, PrimaryStage
@@ -71,9 +74,14 @@ PRIMARY = PrimaryStage(SETTINGS, CATALOG, {"synthetic": FakeClient(), "together"
 FALLBACK = FallbackStage(SETTINGS, CATALOG, FakeClient())  # type: ignore[arg-type]
 
 
-def _record(value: bytes | None, topic: str) -> Any:
+def _record(
+    value: bytes | None,
+    topic: str,
+    headers: tuple[tuple[str, bytes | None], ...] = (),
+    key: bytes | None = None,
+) -> Any:
     return SimpleNamespace(
-        topic=topic, partition=0, offset=7, timestamp=1, key=None, value=value, headers=()
+        topic=topic, partition=0, offset=7, timestamp=1, key=key, value=value, headers=headers
     )
 
 
@@ -81,10 +89,17 @@ def _kind(output: Output) -> str:
     return output.topic.rpartition(".")[2].replace("results", "result")
 
 
-def _run(stage: PrimaryStage | FallbackStage, value: bytes | None, topic: str) -> dict[str, Any]:
-    outputs = anyio.run(stage.handle, _record(value, topic))
+def _run(
+    stage: PrimaryStage | FallbackStage,
+    value: bytes | None,
+    topic: str,
+    headers: tuple[tuple[str, bytes | None], ...] = (),
+    key: bytes | None = None,
+) -> dict[str, Any]:
+    outputs = anyio.run(stage.handle, _record(value, topic, headers, key))
     assert len(outputs) == 1
     (output,) = outputs
+    assert all(len(v) <= 512 for _, v in output.headers)  # nothing big rides along
     body = orjson.loads(output.value)
     SCHEMAS[_kind(output)].validate(body)
     if _kind(output) == "dead-letter" and body["request"] is None and value is not None:
@@ -292,3 +307,104 @@ def test_a_result_is_written_only_when_kafka_will_take_it(
         assert letter["reason"] == "result_too_large" and letter["request"]["request_id"] == "r"
     else:
         assert len(output.value) > content
+
+
+FAILURE = {
+    "provider": "synthetic",
+    "model": "m",
+    "status": 503,
+    "error_type": "server_error",
+    "message": "down",
+    "attempts": 1,
+    "failed_at": "2026-01-01T00:00:00Z",
+}
+header_values = (
+    st.none()
+    | st.binary(max_size=10)
+    | st.sampled_from([b"2", b"-1", b"99999999999999999999", b"\xff"])
+    | st.integers(513, 2 * 1024 * 1024).map(lambda n: b"h" * n)
+)
+hostile_headers = st.lists(
+    st.tuples(
+        st.sampled_from(["request-id", "attempt", "traceparent"]) | st.text(max_size=5),
+        header_values,
+    ),
+    max_size=5,
+).map(tuple)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_valid, hostile_headers, st.none() | st.binary(max_size=20))
+def test_hostile_headers_and_keys_through_both_stages(
+    body: dict[str, Any], headers: tuple[tuple[str, bytes | None], ...], key: bytes | None
+) -> None:
+    _run(PRIMARY, orjson.dumps(body), "predictions.requests", headers, key)
+    failure = FAILURE
+    _run(FALLBACK, orjson.dumps({**body, "failure": failure}), "predictions.fallback", headers)
+
+
+@pytest.mark.parametrize(
+    ("headers", "carried_id"),
+    [
+        ((("request-id", None),), b"r-1"),  # a null value
+        ((("attempt", None), ("request-id", b"up-1")), b"up-1"),
+        ((("request-id", b"x" * 1024 * 1024), ("traceparent", b"t" * 1024 * 1024)), b"r-1"),
+    ],
+)
+def test_odd_headers_on_a_valid_request_cost_one_call_and_give_a_result(
+    headers: tuple[tuple[str, bytes | None], ...], carried_id: bytes
+) -> None:
+    body = {**GOOD, "request_id": "r-1"}
+    before = FakeClient.calls
+    [output] = anyio.run(
+        PRIMARY.handle, _record(orjson.dumps(body), "predictions.requests", headers)
+    )
+    assert _kind(output) == "result" and FakeClient.calls == before + 1
+    assert dict(output.headers) == {"request-id": carried_id, "attempt": b"1"}
+
+
+def test_a_null_request_id_header_on_bad_json_is_a_dead_letter() -> None:
+    letter = _run(PRIMARY, b"{bad\n", "predictions.requests", (("request-id", None),))
+    assert letter["reason"] == "invalid_json" and letter["request_id"] is None
+
+
+def test_a_key_too_big_to_carry_is_too_large_before_the_provider_is_paid() -> None:
+    before = FakeClient.calls
+    key = b"k" * SETTINGS.max_request_bytes
+    letter = _run(PRIMARY, orjson.dumps(GOOD), "predictions.requests", key=key)
+    assert letter["reason"] == "too_large" and FakeClient.calls == before
+
+
+def test_handler_errors_keep_the_request_so_they_can_be_re_driven() -> None:
+    failure = FAILURE
+    cases = [
+        (PRIMARY, orjson.dumps(GOOD), [], "predictions.requests"),
+        (FALLBACK, orjson.dumps({**GOOD, "failure": failure}), [failure], "predictions.fallback"),
+    ]
+    for stage, value, failures, topic in cases:
+        [output] = stage.on_error(_record(value, topic), TypeError("a bug"))
+        letter = orjson.loads(output.value)
+        SCHEMAS["dead-letter"].validate(letter)
+        assert letter["reason"] == "handler_error" and letter["error"] == "TypeError: a bug"
+        assert letter["request"] == GOOD and letter["raw"] is None
+        assert letter["failures"] == failures and letter["request_id"] == GOOD["request_id"]
+    [output] = PRIMARY.on_error(_record(b"{bad", "predictions.requests"), TypeError("a bug"))
+    letter = orjson.loads(output.value)
+    assert letter["request"] is None and base64.b64decode(letter["raw"]) == b"{bad"
+
+
+def test_a_record_the_kafka_client_cannot_decode_is_an_invalid_encoding_dead_letter() -> None:
+    stand_in = StandIn.of(
+        Undecodable(TopicPartition("predictions.requests", 3), 41, "a header key is not UTF-8")
+    )
+    [output] = PRIMARY.on_error(stand_in, stand_in.error)
+    letter = orjson.loads(output.value)
+    SCHEMAS["dead-letter"].validate(letter)
+    assert letter["reason"] == "invalid_encoding" and "not UTF-8" in letter["error"]
+    assert letter["source"] == {
+        "topic": "predictions.requests",
+        "partition": 3,
+        "offset": 41,
+        "timestamp": None,
+    }
+    assert letter["request"] is None and letter["raw"] is None

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from aiokafka.admin import NewTopic
+from aiokafka.admin import NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from stream import topics
@@ -161,3 +161,43 @@ def test_every_declared_topic_has_a_valid_json_schema() -> None:
 
     for spec in topics.load_specs(Settings().topics_dir):
         jsonschema.Draft7Validator.check_schema(topics.load_schema(spec))
+
+
+async def test_json_plan_apply_and_drift_for_scripts(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    import orjson
+
+    dry = await run_cli(env, "topics", "apply", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    plan = orjson.loads(dry.stdout)
+    assert plan["dry_run"] is True and plan["applied"] == 0 and plan["drift"] == []
+    assert plan["bootstrap_servers"] == settings.kafka.bootstrap_servers
+    assert {c["topic"] for c in plan["changes"]} == {settings.topic(n) for n in DECLARED}
+    assert {c["action"] for c in plan["changes"]} == {"create"}
+    assert all(isinstance(c["details"], list) for c in plan["changes"])
+
+    applied = orjson.loads((await run_cli(env, "topics", "apply", "--json")).stdout)
+    assert applied["dry_run"] is False and applied["applied"] == len(DECLARED)
+
+    async with admin_client(settings.kafka, doing="test") as admin:
+        await admin.create_partitions({settings.topic("predictions.backfill"): NewPartitions(7)})
+    drift = await run_cli(env, "topics", "apply", "--json")
+    assert drift.returncode == 3
+    report = orjson.loads(drift.stdout)
+    assert report["drift"] == [settings.topic("predictions.backfill")]
+    assert report["applied"] == 0
+    assert {c["action"] for c in report["changes"]} == {"ok", "drift"}
+
+
+async def test_retry_for_rides_out_a_kafka_that_is_not_there_yet_then_says_why(
+    env: dict[str, str],
+) -> None:
+    from stream.devtools.broker import free_port
+
+    nowhere = {**env, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    done = await run_cli(nowhere, "topics", "apply", "--retry-for", "2")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) >= 2 and all("cannot reach Kafka" in line for line in lines)
+    assert "trying again" in lines[0] and "Traceback" not in done.stderr

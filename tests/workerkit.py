@@ -1,12 +1,17 @@
-"""A worker running in this process against the simulator, with its in-flight sampled."""
+"""A worker running against the simulator: in this process with its in-flight sampled, or
+as `stream run all` in its own process."""
 
 from __future__ import annotations
 
+import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
+from anyio.abc import Process
 
 from stream import topics
 from stream.config import Settings
@@ -81,3 +86,32 @@ async def worker_on(settings: Settings, worker: Worker) -> AsyncIterator[Worker]
                 await engine.ready.wait()
         yield worker
         worker.stop()
+
+
+@asynccontextmanager
+async def worker_process(
+    env: dict[str, str], sim: Simulator, log: Path, extra: dict[str, str] | None = None
+) -> AsyncIterator[Process]:
+    """`stream run all` in its own process, both providers on `sim`, its stderr in `log`.
+    On the way out: SIGTERM and a wait for it to drain and exit (killed after 60 s); its
+    exit code is `returncode`."""
+    worker_env = {
+        **env,
+        "SYNTHETIC_BASE_URL": f"{sim.base}/openai/v1",
+        "SYNTHETIC_API_KEY": "sim",
+        "TOGETHER_BASE_URL": sim.url,
+        "TOGETHER_API_KEY": "sim",
+        **(extra or {}),
+    }
+    with log.open("wb") as stderr:
+        command = [sys.executable, "-m", "stream", "run", "all"]
+        process = await anyio.open_process(command, env=worker_env, stderr=stderr)
+        try:
+            yield process
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(60):
+                await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()

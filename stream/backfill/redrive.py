@@ -3,19 +3,24 @@
 A re-driven request is the dead letter's `request` (orjson) with the original key (or
 its request_id), the `request-id` and `traceparent` headers carried through, `attempt`
 one higher, and a `redriven-from` header (`topic/partition/offset` of the dead letter).
-Reasons that cannot succeed as sent (bad input, unknown model) are skipped unless
-`--force`, and counted.
+A request that had a `deadline` gets a fresh one (`--deadline`, 1 h by default): the old
+one has passed, or is close to it, and would only dead-letter it again. Reasons that
+cannot succeed as sent (bad input, unknown model) are skipped unless `--force`, and so are
+requests that already ran `--max-attempts` times (3 by default), so an automated re-drive
+cannot loop for ever; each is counted.
 
 Progress lives in the consumer group `predictions-redrive`, committed only after Kafka has
 acknowledged the re-driven requests of a batch. A run may pick some reasons only, and a
 later one others, so one offset per partition is not enough: the commit metadata holds
 the next offset per reason (`{"expired": 120, ...}`); a reason advances only in a run
-that acts on it. Nothing is passed over silently, and nothing is re-driven twice.
+that acts on it. Every run reads the whole window, so a second run reports what the
+first re-drove. Nothing is passed over silently, and nothing is re-driven twice.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections import Counter
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
@@ -25,9 +30,11 @@ import orjson
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.structs import TopicPartition
 
+from stream import records
 from stream.backfill.progress import Progress, run_resumable
-from stream.backfill.window import Span, batches, parse_time, spans
+from stream.backfill.window import Span, batches, parse_age, parse_time, spans
 from stream.config import Settings
+from stream.engine.fetch import Undecodable
 from stream.errors import ConfigError
 from stream.kafka import (
     admin_client,
@@ -74,7 +81,16 @@ HOPELESS = frozenset(
         "context_length_exceeded",
     }
 )
-OUTCOMES = ("redriven", "already redriven", "cannot succeed", "no request", "not selected")
+OUTCOMES = (
+    "redriven",
+    "already redriven",
+    "cannot succeed",
+    "no request",
+    "max attempts",
+    "not selected",
+)
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_DEADLINE_S = 3600
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +103,8 @@ class RedriveOptions:
     since_ms: int | None = None
     until_ms: int | None = None
     dry_run: bool = False
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    deadline_s: int = DEFAULT_DEADLINE_S  # a re-driven request's deadline: this from now
 
     @property
     def acting(self) -> frozenset[str]:
@@ -130,15 +148,14 @@ class Redrive:
     async def _plan(self, consumer: Any, tps: list[TopicPartition]) -> dict[TopicPartition, Span]:
         window = await spans(consumer, tps, self.options.since_ms, self.options.until_ms)
         committed = await self._committed(tps)
-        bounds = {}
         for tp in tps:
             since = window[tp].start
             known = committed.get(tp.partition, {})
             # --since is a floor: it may skip ahead, never back over what was re-driven
             starts = {r: max(known.get(r, since), since) for r in self.options.acting}
             self.positions[tp.partition] = {**known, **starts}
-            bounds[tp] = Span(min(starts.values(), default=since), window[tp].end)
-        return bounds
+        # the whole window, not from the positions: what lies below them is counted
+        return window
 
     async def _committed(self, tps: list[TopicPartition]) -> dict[int, dict[str, int]]:
         async with admin_client(self.settings.kafka, doing="reading redrive progress") as admin:
@@ -158,7 +175,8 @@ class Redrive:
                 producer = await stack.enter_async_context(
                     producer_client(self.settings.kafka, doing=doing)
                 )
-            async with aclosing(batches(consumer, bounds)) as stream:
+            stream = batches(consumer, bounds, on_undecodable=self._unreadable)
+            async with aclosing(stream):
                 async for batch in stream:
                     await self._batch(consumer, producer, batch)
                     progress.advance(len(batch))
@@ -186,14 +204,22 @@ class Redrive:
             outcome = "not selected"
         elif reason not in self.options.acting:
             outcome = "cannot succeed"
-        elif record.offset < self.positions[record.partition][reason]:
-            outcome = "already redriven"
         elif not isinstance(letter.get("request"), dict):
             outcome = "no request"
+        elif _attempt(record) >= self.options.max_attempts:
+            outcome = "max attempts"
+        elif record.offset < self.positions[record.partition][reason]:
+            outcome = "already redriven"
         else:
             outcome = "redriven"
         self.counts[(reason, outcome)] += 1
-        return _outgoing(record, letter) if outcome == "redriven" else None
+        if outcome != "redriven":
+            return None
+        return _outgoing(record, letter, time.time() + self.options.deadline_s)
+
+    def _unreadable(self, bad: Undecodable) -> None:
+        """A dead letter the Kafka client cannot decode (someone else wrote it)."""
+        self.counts[("unreadable", "no request")] += 1
 
     async def _commit(self, consumer: Any, last: Any) -> None:
         position = last.offset + 1
@@ -224,24 +250,24 @@ def _letter(value: bytes | None) -> dict[str, Any]:
 
 
 def _outgoing(
-    record: Any, letter: dict[str, Any]
+    record: Any, letter: dict[str, Any], deadline: float
 ) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
-    request: dict[str, Any] = letter["request"]
-    carried = dict(record.headers)  # the last of a repeated header wins, as in a dict
+    request: dict[str, Any] = dict(letter["request"])
+    if request.get("deadline") is not None:
+        request["deadline"] = records.now_rfc3339(deadline)
     request_id = str(letter.get("request_id") or request.get("request_id") or "")
     key = record.key or request_id.encode() or None
-    headers = [("request-id", carried.get("request-id") or request_id.encode())]
-    if "traceparent" in carried:
-        headers.append(("traceparent", carried["traceparent"]))
-    headers.append(("attempt", str(_attempt(carried.get("attempt")) + 1).encode()))
+    headers = [
+        (name, str(_attempt(record) + 1).encode() if name == records.HEADER_ATTEMPT else value)
+        for name, value in records.output_headers(record, request_id or None)
+    ]
     headers.append((REDRIVEN_FROM, f"{record.topic}/{record.partition}/{record.offset}".encode()))
     return key, orjson.dumps(request), headers
 
 
-def _attempt(value: bytes | None) -> int:
-    """The attempt a header names; without one (or unreadable) it was the first."""
-    text = (value or b"").decode(errors="replace").strip()
-    return int(text) if text.isdigit() else 1
+def _attempt(record: Any) -> int:
+    """The attempt a dead letter's request ran as (its `attempt` header; 1 without one)."""
+    return int(dict(records.output_headers(record, None))[records.HEADER_ATTEMPT])
 
 
 def register(commands: Any) -> None:
@@ -253,7 +279,9 @@ def register(commands: Any) -> None:
         "attempt + 1 and a\nredriven-from header. Safe to run again: progress is committed per "
         f"reason in the group\n{GROUP} after Kafka acknowledges, so nothing is re-driven twice.\n"
         "Reasons that cannot succeed as sent are skipped unless --force:\n"
-        f"{', '.join(sorted(HOPELESS))}.",
+        f"{', '.join(sorted(HOPELESS))}.\n"
+        "A request that had a deadline gets a fresh one (--deadline); one that already ran\n"
+        "--max-attempts times is not sent again.",
         epilog="examples:\n"
         "  stream redrive --dry-run\n"
         "  stream redrive --reason fallback_failed --reason expired --since 6h\n"
@@ -280,13 +308,39 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("--force", action="store_true", help="also reasons that cannot succeed")
     parser.add_argument(
+        "--deadline",
+        metavar="AGE",
+        default=f"{DEFAULT_DEADLINE_S // 3600}h",
+        help="a re-driven request that had a deadline gets this long from now "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        metavar="N",
+        default=DEFAULT_MAX_ATTEMPTS,
+        help="pass over, for good, requests that already ran N times, by their attempt "
+        "header (default %(default)s)",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="count what would happen, send nothing"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary as JSON: {source, target, group, dry_run, force, outcome, "
+        "reasons: {REASON: {redriven, already_redriven, cannot_succeed, no_request, "
+        "not_selected}}, total}",
     )
     parser.set_defaults(handler=_handle)
 
 
 def _handle(args: argparse.Namespace, settings: Settings) -> int:
     run = Redrive(settings=settings, options=_options(args, settings))
+    if args.json:
+        return run_resumable(
+            run.run, lambda outcome: orjson.dumps(report(run, outcome)).decode(), "done"
+        )
     finished = "dry run: nothing sent" if args.dry_run else "done"
     return run_resumable(run.run, lambda outcome: _summary(run, outcome), finished)
 
@@ -301,6 +355,8 @@ def _options(args: argparse.Namespace, settings: Settings) -> RedriveOptions:
     until = parse_time(args.until, option="--until") if args.until else None
     if since is not None and until is not None and until <= since:
         raise ConfigError(f"--until {args.until} is not after --since {args.since}")
+    if args.max_attempts < 1:
+        raise ConfigError(f"--max-attempts must be at least 1 (got {args.max_attempts})")
     return RedriveOptions(
         source=settings.topic(DEAD_LETTER),
         target=settings.topic(args.target),
@@ -310,7 +366,30 @@ def _options(args: argparse.Namespace, settings: Settings) -> RedriveOptions:
         since_ms=since,
         until_ms=until,
         dry_run=args.dry_run,
+        max_attempts=args.max_attempts,
+        deadline_s=parse_age(args.deadline, option="--deadline"),
     )
+
+
+def report(run: Redrive, outcome: str) -> dict[str, Any]:
+    """`redrive --json`: the shape the README documents (keys are only ever added).
+    `outcome` is "done" or "interrupted"; counts are per dead-letter reason seen."""
+    keys = {name: name.replace(" ", "_") for name in OUTCOMES}
+    reasons = {
+        reason: {keys[name]: run.counts[(reason, name)] for name in OUTCOMES}
+        for reason in sorted({reason for reason, _ in run.counts})
+    }
+    options = run.options
+    return {
+        "source": options.source,
+        "target": options.target,
+        "group": options.group,
+        "dry_run": options.dry_run,
+        "force": options.force,
+        "outcome": outcome,
+        "reasons": reasons,
+        "total": {keys[name]: run.total(name) for name in OUTCOMES},
+    }
 
 
 def _summary(run: Redrive, outcome: str) -> str:

@@ -20,18 +20,24 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.structs import TopicPartition
 
+from stream import topics
 from stream.backfill.progress import Pacer, Progress, parse_rate, run_resumable
 from stream.backfill.window import Span, batches, parse_time, spans
 from stream.config import Settings
+from stream.engine.fetch import Undecodable
 from stream.errors import ConfigError
 from stream.kafka import consumer_client, producer_client, topic_partitions, translate
 
 __all__ = ["REPLAYED_FROM", "PartitionReplay", "Replay", "ReplayOptions", "register"]
 
 REPLAYED_FROM = "replayed-from"
+REQUESTS = "predictions.requests"
+_UNDECODABLE = "the Kafka client cannot decode them"
+_EMPTY = "neither key nor value (the Kafka client cannot write that)"
 # A copy is stamped by this machine's clock, the original by the upstream's: allow for skew.
 _CLOCK_SKEW_MS = 15 * 60_000
 
@@ -55,6 +61,9 @@ class PartitionReplay:
     window: Span
     done: list[Span]  # source offsets already copied (merged, sorted)
     copied: int = 0
+    # offsets that cannot be copied, by why: the client cannot decode them, or cannot write
+    # them (a record with neither key nor value)
+    uncopied: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def missing(self) -> int:
@@ -133,7 +142,8 @@ class Replay:
         since = max(0, self.options.since_ms - _CLOCK_SKEW_MS)
         bounds = await spans(consumer, targets, since, None)
         found: dict[int, list[Span]] = {}
-        async with aclosing(batches(consumer, bounds)) as stream:
+        # a record the client cannot decode holds no header we could read: not a copy
+        async with aclosing(batches(consumer, bounds, on_undecodable=_ignore)) as stream:
             async for batch in stream:
                 for record in batch:
                     origin = _origin(record.headers)
@@ -151,18 +161,30 @@ class Replay:
         pacer = Pacer(self.options.rate)
         kafka = self.settings.kafka
         async with producer_client(kafka, doing=f"writing {self.options.target}") as producer:
-            async with aclosing(batches(consumer, todo)) as stream:
+            stream = batches(consumer, todo, on_undecodable=self._unreadable)
+            async with aclosing(stream):
                 async for batch in stream:
                     if not await self._send(producer, batch, pacer, progress):
                         break
         progress.finish()
 
+    def _unreadable(self, bad: Undecodable) -> None:
+        """A source record the Kafka client cannot decode: it cannot be copied; say so."""
+        self._partition(bad.tp.partition).uncopied.setdefault(_UNDECODABLE, []).append(bad.offset)
+
+    def _partition(self, number: int) -> PartitionReplay:
+        return next(p for p in self.partitions if p.partition == number)
+
     async def _send(
         self, producer: Any, batch: list[Any], pacer: Pacer, progress: Progress
     ) -> bool:
         """Copy one fetched batch and wait for Kafka to acknowledge it; False at the limit."""
-        part = next(p for p in self.partitions if p.partition == batch[0].partition)
+        part = self._partition(batch[0].partition)
         fresh = [record for record in batch if not part.copied_before(record.offset)]
+        for record in fresh:
+            if record.key is None and record.value is None:  # aiokafka will not send it
+                part.uncopied.setdefault(_EMPTY, []).append(record.offset)
+        fresh = [record for record in fresh if record.key is not None or record.value is not None]
         if self.options.limit is not None:
             fresh = fresh[: self.options.limit - self.copied]
         pending = []
@@ -182,6 +204,10 @@ class Replay:
         part.copied += len(fresh)
         progress.advance(len(fresh))
         return self.options.limit is None or self.copied < self.options.limit
+
+
+def _ignore(bad: Undecodable) -> None:
+    return None
 
 
 def _headers(record: Any) -> list[tuple[str, bytes]]:
@@ -240,23 +266,33 @@ def register(commands: Any) -> None:
         "--source",
         default="predictions.requests",
         metavar="TOPIC",
-        help="declared topic to read (default predictions.requests; STREAM_TOPIC_PREFIX applies)",
+        help="request topic to read (default predictions.requests; STREAM_TOPIC_PREFIX applies)",
     )
     parser.add_argument(
         "--to",
         default="predictions.backfill",
         metavar="TOPIC",
         dest="target",
-        help="declared topic to write (default predictions.backfill)",
+        help="request topic to write (default predictions.backfill, which runs on spare capacity)",
     )
     parser.add_argument("--rate", metavar="N/s", help="copy at most N records a second")
     parser.add_argument("--limit", type=int, metavar="N", help="stop after copying N records")
     parser.add_argument("--dry-run", action="store_true", help="count per partition, copy nothing")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary as JSON: {source, target, dry_run, outcome, partitions: "
+        "[{partition, window_start, window_end, records, already, to_copy, copied}], total}",
+    )
     parser.set_defaults(handler=_handle)
 
 
 def _handle(args: argparse.Namespace, settings: Settings) -> int:
     run = Replay(settings=settings, options=_options(args, settings))
+    if args.json:
+        return run_resumable(
+            run.run, lambda outcome: orjson.dumps(report(run, outcome)).decode(), "done"
+        )
     finished = "dry run: nothing copied" if args.dry_run else "done"
     return run_resumable(run.run, lambda outcome: _summary(run, outcome), finished)
 
@@ -270,6 +306,13 @@ def _options(args: argparse.Namespace, settings: Settings) -> ReplayOptions:
         raise ConfigError(
             f"--source and --to are both {args.source}: a topic cannot replay into itself"
         )
+    requests = request_topics(settings)
+    for option, name in (("--source", args.source), ("--to", args.target)):
+        if name not in requests:
+            raise ConfigError(
+                f"{option} {name} is not a request topic: replay copies requests between "
+                f"topics declared with the request schema ({', '.join(requests)})"
+            )
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")
     return ReplayOptions(
@@ -283,6 +326,40 @@ def _options(args: argparse.Namespace, settings: Settings) -> ReplayOptions:
     )
 
 
+def request_topics(settings: Settings) -> list[str]:
+    """Declared topics (unprefixed) whose records are requests: the contract of
+    predictions.requests. Only these may be replayed, and only into each other."""
+    specs = topics.load_specs(settings.topics_dir)
+    (live,) = [spec for spec in specs if spec.name == REQUESTS]
+    return [spec.name for spec in specs if spec.schema_file == live.schema_file]
+
+
+def report(run: Replay, outcome: str) -> dict[str, Any]:
+    """`replay --json`: the shape the README documents (keys are only ever added).
+    `outcome` is "done" or "interrupted"; `to_copy` is what was missing when it began."""
+    rows = [
+        {
+            "partition": p.partition,
+            "window_start": p.window.start,
+            "window_end": p.window.end,
+            "records": p.window.size,
+            "already": p.already,
+            "to_copy": p.missing,
+            "copied": p.copied,
+        }
+        for p in run.partitions
+    ]
+    total = {k: sum(row[k] for row in rows) for k in ("records", "already", "to_copy", "copied")}
+    return {
+        "source": run.options.source,
+        "target": run.options.target,
+        "dry_run": run.options.dry_run,
+        "outcome": outcome,
+        "partitions": rows,
+        "total": total,
+    }
+
+
 def _summary(run: Replay, outcome: str) -> str:
     last = "to copy" if run.options.dry_run else "copied"
     rows = [f"{'partition':>9}  {'window':>19}  {'records':>9}  {'already':>9}  {last:>9}"]
@@ -294,5 +371,9 @@ def _summary(run: Replay, outcome: str) -> str:
     already = sum(p.already for p in run.partitions)
     count = sum(p.missing for p in run.partitions) if run.options.dry_run else run.copied
     rows.append(f"{'total':>9}  {'':>19}  {window:>9}  {already:>9}  {count:>9}")
+    for p in run.partitions:
+        for why, offsets in p.uncopied.items():
+            listed = ", ".join(map(str, offsets))
+            rows.append(f"not copied, {why}: partition {p.partition} offsets {listed}")
     rows.append(f"{run.options.source} → {run.options.target}: {outcome}")
     return "\n".join(rows)

@@ -7,16 +7,20 @@ offsets. `spans` turns a time window into one half-open offset range per partiti
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from aiokafka.structs import TopicPartition
 
+from stream.engine.fetch import UNDECODABLE, Undecodable, step_over
 from stream.errors import ConfigError
 
-__all__ = ["Span", "batches", "parse_time", "spans"]
+__all__ = ["Span", "batches", "parse_age", "parse_time", "spans"]
+
+log = logging.getLogger(__name__)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _RELATIVE = re.compile(r"(?:\d+[smhdw])+")
@@ -42,7 +46,10 @@ def parse_time(text: str, *, option: str, now: datetime | None = None) -> int:
         return _millis(now)
     if _RELATIVE.fullmatch(value):
         seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", value))
-        return _millis(now - timedelta(seconds=seconds))
+        try:
+            return _millis(now - timedelta(seconds=seconds))
+        except OverflowError:
+            return 0  # longer ago than any clock goes: from the start
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -53,6 +60,20 @@ def parse_time(text: str, *, option: str, now: datetime | None = None) -> int:
     if moment.tzinfo is None:
         raise ConfigError(f"{option} {text!r} has no time zone: add Z (UTC) or an offset")
     return _millis(moment)
+
+
+def parse_age(text: str, *, option: str, most: int = 366 * 86400) -> int:
+    """Seconds in an age such as `30m`, `2h`, `1d`, `1h30m` (more than zero, at most
+    `most`)."""
+    value = text.strip().lower()
+    seconds = 0
+    if _RELATIVE.fullmatch(value):
+        seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", value))
+    if seconds <= 0:
+        raise ConfigError(f"{option} {text!r} is not a duration: use one such as 30m, 2h, 1d")
+    if seconds > most:
+        raise ConfigError(f"{option} {text} is longer than {most // 86400} days")
+    return seconds
 
 
 def _millis(moment: datetime) -> int:
@@ -87,23 +108,42 @@ async def _at(
 
 
 async def batches(
-    consumer: Any, bounds: dict[TopicPartition, Span], *, max_records: int = 500
+    consumer: Any,
+    bounds: dict[TopicPartition, Span],
+    *,
+    max_records: int = 500,
+    on_undecodable: Callable[[Undecodable], None] | None = None,
 ) -> AsyncGenerator[list[Any], None]:
     """The records of each span, one partition's fetch at a time, in offset order within a
-    partition; it stops at the ends (it never waits for records written later)."""
+    partition; it stops at the ends (it never waits for records written later). A record
+    the Kafka client cannot decode is stepped over and passed to `on_undecodable`."""
     todo = {tp: span for tp, span in bounds.items() if span.size}
     consumer.assign(list(todo))
     for tp, span in todo.items():
         consumer.seek(tp, span.start)
+    expected: dict[TopicPartition, int | None] = {tp: span.start for tp, span in todo.items()}
     while todo:
-        fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=max_records)
+        bad = None
+        try:
+            fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=max_records)
+        except UNDECODABLE:
+            fetched, bad = await step_over(consumer, {tp: expected[tp] for tp in todo})
         for tp, records in fetched.items():
+            expected[tp] = records[-1].offset + 1
             inside = [record for record in records if record.offset < todo[tp].end]
             if inside:
                 yield inside
+        if bad is not None:
+            expected[bad.tp] = bad.offset + 1
+            if bad.offset < todo[bad.tp].end:
+                (on_undecodable or _warn)(bad)
         for tp in list(todo):
             # by position, not by the last record: the span may end on offsets that hold
             # no record (transaction markers, aborted writes)
             if await consumer.position(tp) >= todo[tp].end:
                 consumer.pause(tp)
                 del todo[tp]
+
+
+def _warn(bad: Undecodable) -> None:
+    log.warning("skipped %s[%d]@%d: %s", bad.tp.topic, bad.tp.partition, bad.offset, bad.error)

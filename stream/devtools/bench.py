@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,13 +28,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 
+from stream import clientconfig
 from stream.config import Settings
 from stream.devtools import benchruns
 from stream.devtools.benchdata import (
@@ -71,14 +73,19 @@ class Options:
     json: bool
     spend_limit: float | None
     spend_window: float
+    # the environment the runs start from: this process's, with --bootstrap-server and
+    # --command-config laid over it (the runs are child processes that read it)
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> Options:
-        options = cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        env = clientconfig.environment(args, os.environ)
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "env"}
+        options = cls(**given, env=env)
         if min(options.requests, options.concurrency, options.partitions) < 1:
             raise BenchError("--requests, --concurrency and --partitions must be at least 1")
-        if options.latency < 0:
-            raise BenchError("--latency must not be negative")
+        if not 0 <= options.latency < math.inf:
+            raise BenchError("--latency must be a number of seconds, not negative")
         if options.spend_limit is not None and not options.spend_limit > 0:
             raise BenchError("--spend-limit must be a positive number of USD")
         if not options.spend_window > 0:
@@ -90,9 +97,9 @@ class Options:
 
 
 @contextlib.contextmanager
-def _broker() -> Iterator[str]:
+def _broker(env: dict[str, str]) -> Iterator[str]:
     """The cluster to use: KAFKA_BOOTSTRAP_SERVERS, or a fresh local broker stopped after."""
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    external = env.get("KAFKA_BOOTSTRAP_SERVERS")
     if external:
         yield external
         return
@@ -132,11 +139,11 @@ def _sim_calls(base: str) -> int:
 def _child_env(options: Options, bootstrap: str, sim: str, prefix: str) -> dict[str, str]:
     concurrency = str(options.concurrency)
     return {
-        **os.environ,
+        **options.env,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "STREAM_TOPIC_PREFIX": prefix,
         "STREAM_MAX_IN_FLIGHT": concurrency,
-        "STREAM_MAX_IN_FLIGHT_PER_PARTITION": os.environ.get(
+        "STREAM_MAX_IN_FLIGHT_PER_PARTITION": options.env.get(
             "STREAM_MAX_IN_FLIGHT_PER_PARTITION", concurrency
         ),
         "STREAM_SYNTHETIC_MAX_CONNECTIONS": concurrency,
@@ -145,7 +152,7 @@ def _child_env(options: Options, bootstrap: str, sim: str, prefix: str) -> dict[
         "SYNTHETIC_API_KEY": _KEY,
         "STREAM_METRICS_PORT": "0",
         "STREAM_METRICS_HOST": "127.0.0.1",
-        "STREAM_LOG_LEVEL": os.environ.get("STREAM_LOG_LEVEL", "WARNING"),
+        "STREAM_LOG_LEVEL": options.env.get("STREAM_LOG_LEVEL", "WARNING"),
         **_spend_env(options),
     }
 
@@ -330,7 +337,7 @@ def _parse_runs(text: str) -> tuple[str, ...]:
 def _command(args: argparse.Namespace, settings: Settings) -> int:
     options = Options.of(args)
     started = time.monotonic()
-    with _broker() as bootstrap, _simulator(options.latency) as sim:
+    with _broker(options.env) as bootstrap, _simulator(options.latency) as sim:
         results = anyio.run(_bench, options, (bootstrap, sim))
     if options.json:
         print(json.dumps(results, indent=2))
@@ -396,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stream import logs
 
     settings = Settings.from_env()
-    logs.configure(settings.log_level, json=False)
+    logs.configure(settings.log_level, json=False, content=settings.log_content)
     figures = anyio.run(benchruns.run, args.mode, settings, args.requests)
     print(json.dumps(figures))
     return 0

@@ -37,6 +37,7 @@ POM = Path(__file__).resolve().parent.parent / "data" / "kafka-pom.xml"
 KAFKA_VERSION = re.search(r"<kafka.version>([^<]+)<", POM.read_text()).group(1)  # type: ignore[union-attr]
 
 _SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+_PLAIN_LOGIN = "org.apache.kafka.common.security.plain.PlainLoginModule required"
 _LOG4J = """\
 status = error
 appender.file.type = File
@@ -144,9 +145,10 @@ class LocalBroker:
     controller_port: int | None = None
     heap_mb: int = 512
     extra_properties: dict[str, str] | None = None
-    # SCRAM users (name → password): adds a SASL_PLAINTEXT listener on `sasl_port` and turns
-    # on ACLs. The PLAINTEXT listener stays for the broker itself (its principal, ANONYMOUS,
-    # is a super user), so only clients on the SASL port are held to the ACLs.
+    # SCRAM users (name → password; they may use PLAIN too): adds a SASL_PLAINTEXT listener
+    # on `sasl_port` and turns on ACLs. The PLAINTEXT listener stays for the broker itself
+    # (its principal, ANONYMOUS, is a super user), so only clients on the SASL port are held
+    # to the ACLs.
     scram_users: dict[str, str] | None = None
     sasl_port: int | None = None
     # With SCRAM users: a PEM file with the broker's private key (unencrypted PKCS#8) and
@@ -322,11 +324,14 @@ class LocalBroker:
             "listener.security.protocol.map": (
                 f"PLAINTEXT:PLAINTEXT,{protocol}:{protocol},CONTROLLER:PLAINTEXT"
             ),
-            "sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512",
+            "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
             **{
                 f"listener.name.{name}.{mechanism}.sasl.jaas.config": _SCRAM_LOGIN
                 for mechanism in ("scram-sha-256", "scram-sha-512")
             },
+            f"listener.name.{name}.plain.sasl.jaas.config": _PLAIN_LOGIN
+            + "".join(f' user_{user}="{password}"' for user, password in self.scram_users.items())
+            + ";",
             **tls,
             "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
             "allow.everyone.if.no.acl.found": "false",

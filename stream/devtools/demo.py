@@ -9,15 +9,16 @@ summary: per outcome, per provider, with end-to-end latency.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -29,117 +30,15 @@ from stream import topics as topics_module
 from stream.config import Secret, Settings
 from stream.devtools.broker import LocalBroker, cache_dir
 from stream.devtools.faults import parse_faults, parse_latency
+from stream.devtools.mix import SCENARIOS, Tally, outcome_of, summary
 from stream.devtools.simulator import SimConfig, Simulator
-from stream.errors import KafkaError
+from stream.errors import ConfigError, KafkaError
 from stream.kafka import admin_client, topic_partitions
 from stream.prices import Bill
 from stream.stages import Topics
 from stream.worker import Worker
 
-__all__ = ["Scenario", "register", "run_demo"]
-
-PROMPTS = [
-    "Summarise the causes of the 1929 stock market crash in three sentences.",
-    "Write a Python function that merges two sorted lists.",
-    "Explain consumer lag in Kafka to a new on-call engineer.",
-    "Translate 'exactly once' into French, German and Japanese.",
-    "Give three test cases for a leap-year function.",
-]
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """One kind of request in the mix, and the terminal record it should end as."""
-
-    name: str
-    weight: int
-    expect: str  # "synthetic", "together" or a dead-letter reason
-    build: Callable[[str, random.Random], bytes]
-
-
-def _request(
-    model: str, params: dict[str, Any] | None = None
-) -> Callable[[str, random.Random], bytes]:
-    def build(request_id: str, rng: random.Random) -> bytes:
-        body: dict[str, Any] = {
-            "request_id": request_id,
-            "model": model,
-            "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
-            "metadata": {"source": "demo"},
-        }
-        if params:
-            body["params"] = params
-        return orjson.dumps(body)
-
-    return build
-
-
-def _raw(value: bytes) -> Callable[[str, random.Random], bytes]:
-    return lambda request_id, rng: value
-
-
-SCENARIOS = (
-    Scenario("deepseek-r1 on Synthetic", 30, "synthetic", _request("deepseek-r1-0528-syn")),
-    Scenario("deepseek-v3 on Synthetic", 20, "synthetic", _request("deepseek-v3-0324-syn")),
-    Scenario(
-        "qwen3-coder on Synthetic",
-        15,
-        "synthetic",
-        _request("qwen3-coder-480b-syn", {"temperature": 0.2}),
-    ),
-    Scenario("minimax-m2 on Synthetic", 10, "synthetic", _request("minimax-m2-syn")),
-    Scenario(
-        "kimi-k2-thinking: Synthetic down → Together",
-        12,
-        "together",
-        _request("kimi-k2-thinking-syn"),
-    ),
-    Scenario("glm-4.6: Synthetic down, no fallback", 6, "no_fallback", _request("glm-4.6-syn")),
-    Scenario("unknown model", 2, "unknown_model", _request("gpt-17-syn")),
-    Scenario("not JSON", 2, "invalid_json", _raw(b'{"request_id": "oops", "model": ')),
-    Scenario("not UTF-8", 1, "invalid_encoding", _raw(b"\xff\xfe\x00garbage")),
-    Scenario(
-        "missing messages",
-        2,
-        "invalid_request",
-        _raw(b'{"request_id": "x", "model": "deepseek-r1-0528-syn"}'),
-    ),
-)
-
-
-@dataclass
-class Tally:
-    """What the demo published, and the terminal record each request ended as."""
-
-    published: dict[str, float] = field(default_factory=dict)  # request id → monotonic time
-    expected: dict[str, str] = field(default_factory=dict)
-    scenario: dict[str, str] = field(default_factory=dict)
-    outcome: dict[str, str] = field(default_factory=dict)
-    latency_s: dict[str, float] = field(default_factory=dict)
-    duplicates: int = 0
-    bills: dict[str, Bill] = field(default_factory=dict)  # outcome → tokens and spend
-
-    def settle(self, request_id: str, outcome: str) -> None:
-        if request_id not in self.published:
-            return  # an earlier run's record
-        if request_id in self.outcome:
-            self.duplicates += 1
-            return
-        self.outcome[request_id] = outcome
-        self.latency_s[request_id] = time.monotonic() - self.published[request_id]
-
-    @property
-    def done(self) -> bool:
-        return len(self.outcome) >= len(self.published)
-
-
-def _outcome(
-    topic: str, value: dict[str, Any], headers: dict[str, bytes], names: Topics
-) -> tuple[str | None, str]:
-    if topic == names.results:
-        return value.get("request_id"), str(value.get("provider"))
-    rid = value.get("request_id") or headers.get("request-id", b"").decode() or None
-    return rid, str(value.get("reason"))
+__all__ = ["register", "run_demo"]
 
 
 async def _end_offsets(settings: Settings, names: list[str]) -> dict[TopicPartition, int]:
@@ -173,7 +72,7 @@ async def _collect(settings: Settings, start: dict[TopicPartition, int], tally: 
             for records in batch.values():
                 for record in records:
                     value = orjson.loads(record.value)
-                    rid, outcome = _outcome(record.topic, value, dict(record.headers), names)
+                    rid, outcome = outcome_of(record.topic, value, dict(record.headers), names)
                     new = rid in tally.published and rid not in tally.outcome
                     bill = tally.bills.setdefault(outcome, Bill())
                     if new and record.topic == names.results:
@@ -239,46 +138,6 @@ async def _watch(tally: Tally, worker: Worker, target: int, timeout_s: float) ->
             await anyio.sleep(0.5 if live else 2.0)
     print(("\r" if live else "") + _progress_line(tally, worker, started), flush=True)
     return tally.done and len(tally.published) >= target
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-def summary(tally: Tally, elapsed_s: float) -> tuple[list[str], bool]:
-    """The summary table, and whether every request ended as its scenario expects."""
-    by_outcome: dict[str, list[str]] = defaultdict(list)
-    for rid, outcome in tally.outcome.items():
-        by_outcome[outcome].append(rid)
-    lines = [
-        f"{'outcome':<34} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8} {'tokens':>8} {'USD':>8}"
-    ]
-    labels = {"synthetic": "result · Synthetic", "together": "result · Together (fallback)"}
-    for outcome in sorted(by_outcome, key=lambda o: (o not in labels, o)):
-        ids = by_outcome[outcome]
-        latencies = [tally.latency_s[rid] * 1000 for rid in ids]
-        label = labels.get(outcome, f"dead letter · {outcome}")
-        bill = tally.bills.get(outcome, Bill())
-        lines.append(
-            f"{label:<34} {len(ids):>8} {_percentile(latencies, 0.5):>8.0f} "
-            f"{_percentile(latencies, 0.99):>8.0f} {bill.prompt + bill.completion:>8,} "
-            f"{bill.usd:>8.4f}"
-        )
-    missing = [rid for rid in tally.published if rid not in tally.outcome]
-    wrong = [rid for rid, outcome in tally.outcome.items() if outcome != tally.expected[rid]]
-    lines.append(
-        f"{len(tally.published)} requests → {len(tally.outcome)} terminal records in "
-        f"{elapsed_s:.1f} s; missing {len(missing)}, duplicates {tally.duplicates}, "
-        f"unexpected outcomes {len(wrong)}"
-    )
-    total = Bill()
-    for bill in tally.bills.values():
-        total.merge(bill)
-    lines.append(total.line() + " (results; failed attempts are in stream_provider_spend_usd)")
-    for rid in wrong[:5]:
-        lines.append(f"  unexpected: {tally.scenario[rid]} ended as {tally.outcome[rid]}")
-    return lines, not missing and not wrong
 
 
 async def _reachable(settings: Settings) -> bool:
@@ -405,6 +264,12 @@ async def _drive(
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    if args.requests < 1:
+        raise ConfigError(f"--requests must be at least 1 (got {args.requests})")
+    if not 0 <= args.rate < math.inf:
+        raise ConfigError(f"--rate must be 0 (all at once) or more per second (got {args.rate})")
+    if not 0 < args.timeout < math.inf:
+        raise ConfigError(f"--timeout must be a positive number of seconds (got {args.timeout})")
     # The demo talks to a person: its own progress lines, plus warnings worth seeing
     # (a circuit opening), not every worker's INFO line.
     logs.configure(os.environ.get("STREAM_LOG_LEVEL", "WARNING"), json=False)

@@ -5,6 +5,7 @@ local cluster (`stream.devtools.cluster`), and one of its nodes with `--broker N
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +26,34 @@ def _single(args: argparse.Namespace) -> int:
         already = broker.pid() is not None
         broker.start()
         state = "already running" if already else "started"
+    elif args.action == "stop":
+        state = "stopped" if broker.stop() else "not running"
+    else:
+        state = "running" if broker.pid() is not None else "not running"
+    if args.json:
+        print(json.dumps(_report(state, broker.bootstrap_servers, broker.pid(), broker.home)))
+    elif state == "not running":
+        print(f"Kafka is not running (home {broker.home})")
+    elif args.action == "stop":
+        print("Kafka stopped")
+    else:
         print(
             f"Kafka {KAFKA_VERSION} {state} at {broker.bootstrap_servers} "
             f"(pid {broker.pid()}, data in {broker.home})"
         )
-    elif args.action == "stop":
-        print("Kafka stopped" if broker.stop() else "Kafka was not running")
-    else:
-        pid = broker.pid()
-        if pid is None:
-            print(f"Kafka is not running (home {broker.home})")
-            return EXIT_FAILED
-        print(f"Kafka {KAFKA_VERSION} running at {broker.bootstrap_servers} (pid {pid})")
-    return 0
+    return EXIT_FAILED if args.action == "status" and state == "not running" else 0
+
+
+def _report(state: str, bootstrap: str, pid: int | None, home: Path) -> dict[str, object]:
+    """`kafka start|stop|status --json`: the shape the README documents."""
+    return {
+        "state": state,
+        "running": state in ("started", "already running", "running"),
+        "version": KAFKA_VERSION,
+        "bootstrap_servers": bootstrap,
+        "pid": pid,
+        "home": str(home),
+    }
 
 
 def _cluster(args: argparse.Namespace) -> int:
@@ -47,21 +63,34 @@ def _cluster(args: argparse.Namespace) -> int:
     cluster.check_layout()
     one = _chosen(args, cluster)
     if args.action == "status":
-        return _status(cluster, [one] if one else cluster.nodes)
+        return _status(cluster, [one] if one else cluster.nodes, json_out=args.json)
     if one is not None:
         return _one(args, cluster, one)
     if args.action == "start":
         started = cluster.start()
-        state = f"started {len(started)} of {len(cluster.nodes)} processes" if started else ""
-        print(
-            f"Kafka {KAFKA_VERSION} cluster at {cluster.bootstrap_servers}: "
-            f"{cluster.brokers} brokers, {CONTROLLERS} controllers "
-            f"({state or 'already running'}; data in {cluster.home})"
-        )
+        state = "started" if started else "already running"
+        done = f"started {len(started)} of {len(cluster.nodes)} processes" if started else state
     else:
         stopped = cluster.stop()
-        print(f"Kafka cluster stopped ({stopped} processes)" if stopped else "it was not running")
+        state = "stopped" if stopped else "not running"
+        done = f"{stopped} processes stopped" if stopped else state
+    if args.json:
+        print(json.dumps(_cluster_report(cluster, state, cluster.nodes)))
+    else:
+        print(
+            f"Kafka {KAFKA_VERSION} cluster at {cluster.bootstrap_servers}: "
+            f"{cluster.brokers} brokers, {CONTROLLERS} controllers ({done}; data in {cluster.home})"
+        )
     return 0
+
+
+def _cluster_report(
+    cluster: LocalCluster, state: str, nodes: list[ClusterNode]
+) -> dict[str, object]:
+    """The single broker's shape, with `pid` null and each node in `nodes`."""
+    report = _report(state, cluster.bootstrap_servers, None, cluster.home)
+    report["nodes"] = [{"name": n.name, "port": n.port, "pid": n.pid()} for n in nodes]
+    return report
 
 
 def _chosen(args: argparse.Namespace, cluster: LocalCluster) -> ClusterNode | None:
@@ -74,26 +103,31 @@ def _chosen(args: argparse.Namespace, cluster: LocalCluster) -> ClusterNode | No
 
 def _one(args: argparse.Namespace, cluster: LocalCluster, node: ClusterNode) -> int:
     if args.action == "start":
-        started = cluster.start_node(node)
-        print(f"{node.name} {'started' if started else 'already running'} at port {node.port}")
+        state = "started" if cluster.start_node(node) else "already running"
+        text = f"{node.name} {state} at port {node.port}"
     elif cluster.stop_node(node, kill=args.kill):
-        print(f"{node.name} {'killed (SIGKILL)' if args.kill else 'stopped (clean shutdown)'}")
+        how = "killed (SIGKILL)" if args.kill else "stopped (clean shutdown)"
+        state, text = "stopped", f"{node.name} {how}"
     else:
-        print(f"{node.name} was not running")
+        state, text = "not running", f"{node.name} was not running"
+    print(json.dumps(_cluster_report(cluster, state, [node])) if args.json else text)
     return 0
 
 
-def _status(cluster: LocalCluster, nodes: list[ClusterNode]) -> int:
-    up = 0
+def _status(cluster: LocalCluster, nodes: list[ClusterNode], *, json_out: bool) -> int:
+    up = sum(node.pid() is not None for node in nodes)
+    code = 0 if up == len(nodes) else EXIT_FAILED if up == 0 else EXIT_ATTENTION
+    state = {0: "running", EXIT_FAILED: "not running"}.get(code, "partly running")
+    if json_out:
+        print(json.dumps(_cluster_report(cluster, state, nodes)))
+        return code
     for node in nodes:
         pid = node.pid()
-        up += pid is not None
-        state = f"running (pid {pid})" if pid is not None else "stopped"
-        print(f"{node.name:<13} 127.0.0.1:{node.port:<6} {state}")
-    if up == len(nodes):
+        running = f"running (pid {pid})" if pid else "stopped"
+        print(f"{node.name:<13} 127.0.0.1:{node.port:<6} {running}")
+    if code == 0:
         print(f"bootstrap: {cluster.bootstrap_servers}")
-        return 0
-    return EXIT_FAILED if up == 0 else EXIT_ATTENTION
+    return code
 
 
 def _kafka(args: argparse.Namespace, settings: Settings) -> int:
@@ -113,7 +147,8 @@ def register(commands: Any) -> None:
         description="A KRaft broker on loopback from the pinned Apache Kafka jars (fetched "
         "with Maven once); with --brokers N, N brokers beside a quorum of three controllers "
         "(broker i on port P+i-1, controller j on P+N+j-1). stop/status take the same "
-        "--brokers, --port and --home as start.",
+        "--brokers, --port and --home as start. `status` exits 1 when nothing runs, 3 "
+        "when a node of a cluster is down.",
         epilog="examples: stream kafka start --brokers 3 --port 19092; "
         "stream kafka stop --brokers 3 --port 19092 --broker 2 --kill; "
         "stream kafka start --brokers 3 --port 19092 --broker 2",
@@ -141,5 +176,11 @@ def register(commands: Any) -> None:
     )
     kafka.add_argument(
         "--kill", action="store_true", help="with stop --broker/--controller: SIGKILL it"
+    )
+    kafka.add_argument(
+        "--json",
+        action="store_true",
+        help="print {state, running, version, bootstrap_servers, pid, home} as JSON "
+        "(a cluster adds nodes: [{name, port, pid}])",
     )
     kafka.set_defaults(handler=_kafka)

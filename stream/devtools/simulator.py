@@ -30,11 +30,8 @@ import logging
 import random
 import re
 import signal
-import socket
-import struct
 import sys
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -50,6 +47,7 @@ from stream.devtools.answers import (
     cacheable_prefix,
     sse_events,
 )
+from stream.devtools.failures import error_response, fault_response
 from stream.devtools.faults import (
     FAULT_HELP,
     FaultPlan,
@@ -59,6 +57,8 @@ from stream.devtools.faults import (
     parse_latency,
 )
 from stream.devtools.simstats import RateWindow, SimStats
+from stream.errors import ConfigError
+from stream.observe.health import listen
 
 __all__ = ["SimConfig", "Simulator", "register", "simulate_command"]
 
@@ -156,8 +156,19 @@ class Simulator:
         # Cancel a hung handler when its client gives up, or hangs pile up forever.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=4096)
-        await site.start()
+        hint = "pick another with --port (0 picks a free one) or --host"
+        try:
+            await listen(
+                self._runner,
+                self.config.host,
+                self.config.port,
+                what="the simulator",
+                hint=hint,
+                backlog=4096,
+            )
+        except ConfigError:
+            await self.stop()
+            raise
         self.port = self._runner.addresses[0][1]
         self._started = time.monotonic()
         self._window = self._new_window()
@@ -188,14 +199,16 @@ class Simulator:
             if not isinstance(model, str) or not isinstance(messages, list) or not messages:
                 raise TypeError("model must be a string and messages a non-empty list")
         except (ValueError, KeyError, TypeError) as exc:
-            return _error(400, "invalid_request_error", f"bad request: {exc}")
+            return error_response(400, "invalid_request_error", f"bad request: {exc}")
         if not self._authorized(request):
             self._stats.start(model, "401")
             self._stats.finish()
             # Like some real providers, echo the key that was presented: the worst case for
             # a client that must keep keys out of its errors, logs and dead letters.
             presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
-            return _error(401, "invalid_api_key", f"Incorrect API key provided: {presented}")
+            return error_response(
+                401, "invalid_api_key", f"Incorrect API key provided: {presented}"
+            )
         kind, delay = self._decide(request, model, messages)
         reset = self._window.roll(time.monotonic())
         if self._window.requests >= self.config.rate_limit:
@@ -204,7 +217,7 @@ class Simulator:
         self._stats.start(model, (kind or "ok").partition("/")[0])
         try:
             if kind is not None and kind not in ANSWER_KINDS:
-                response = await _fault(request, kind)
+                response = await fault_response(request, kind)
             else:
                 await asyncio.sleep(delay)
                 response = await self._completion(request, body, kind)
@@ -309,78 +322,6 @@ def _header_float(request: web.Request, name: str) -> float | None:
         return None
 
 
-def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
-    body = {"error": {"message": message, "type": code, "code": code}}
-    # Real APIs give failures an id too: it is what their support asks for.
-    request_id = f"req_{uuid.uuid4().hex[:20]}"
-    return web.json_response(body, status=status, headers={"x-request-id": request_id, **headers})
-
-
-async def _fault(request: web.Request, kind: str) -> web.StreamResponse:
-    name, _, arg = kind.partition("/")
-    if name == "429":
-        wait = float(arg) if arg else 1.0
-        return _error(
-            429,
-            "rate_limit_exceeded",
-            "rate limited by the simulator",
-            **{"retry-after": f"{wait:g}", "retry-after-ms": f"{wait * 1000:.0f}"},
-        )
-    if name == "quota":
-        return _error(429, "insufficient_quota", "you exceeded your current quota")
-    if name == "context_length":
-        return _error(
-            403,
-            "invalid_request_error",
-            "Input validation error: input token count + max_tokens must be less than the "
-            "context length of the model",
-        )
-    if name == "hang":
-        await asyncio.sleep(float(arg) if arg else 600.0)
-        return _error(504, "timeout", "the simulator hung and then gave up")
-    if name == "reset":
-        return _reset(request)
-    if name == "resetbody":
-        return await _reset_mid_body(request)
-    status = int(name)
-    message = _ERROR_MESSAGES.get(status, f"simulated HTTP {status}")
-    return _error(status, _ERROR_CODES.get(status, "server_error"), message)
-
-
-_ERROR_CODES = {
-    400: "invalid_request_error",
-    401: "invalid_api_key",
-    402: "payment_required",
-    404: "model_not_found",
-}
-_ERROR_MESSAGES = {
-    402: "the account has reached its maximum allowed monthly spending limit",
-}
-
-
-def _reset(request: web.Request) -> web.StreamResponse:
-    """Close the connection with an RST (SO_LINGER 0), as a crashed upstream would."""
-    transport = request.transport
-    if transport is not None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
-    raise asyncio.CancelledError
-
-
-async def _reset_mid_body(request: web.Request) -> web.StreamResponse:
-    """A 200 whose body stops halfway, then an RST: the client has begun reading."""
-    body = b'{"id": "chatcmpl-x", "choices": [{"message": {"content": "half an answer, then'
-    response = web.StreamResponse(
-        status=200, headers={"Content-Type": "application/json", "Content-Length": "4096"}
-    )
-    await response.prepare(request)
-    await response.write(body)
-    await asyncio.sleep(0.01)  # let the headers and the first bytes reach the client
-    return _reset(request)
-
-
 def simulate_command(port: int, latency: object, *options: str) -> list[str]:
     """The command line that runs `stream simulate` in its own process (benchmarks and the
     chaos run keep it off the event loop they measure)."""
@@ -422,6 +363,8 @@ def register(commands: Any) -> None:
 
 
 def _simulate(args: argparse.Namespace, settings: Settings) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a port: use 0 to 65535 (0 picks one)")
     config = SimConfig(
         host=args.host,
         port=args.port,

@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from anyio.abc import TaskGroup
 
 from stream.config import Settings
+from stream.engine.fetch import UNDECODABLE, StandIn, step_over
 from stream.engine.flow import Flow, Gate
 from stream.engine.outputs import (
     CLOSE_TIMEOUT_S,
@@ -174,7 +175,7 @@ class Engine:
                 self._task_group = group
                 group.start_soon(self._commit_loop)
                 await self._fetch()
-                await self._drain(self._config.shutdown_grace_s)
+                await self._drain(self._shutdown_grace_s())
                 group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -279,6 +280,12 @@ class Engine:
                 await self._consumer.stop()
             log.info("engine %s closed: %r", self.name, self)
 
+    def _shutdown_grace_s(self) -> float:
+        # Unset, the worker fills it in from the catalog (`stream.worker.drain_grace_s`);
+        # an engine made without one drains as long as the longest default model call.
+        grace = self._config.shutdown_grace_s
+        return 120.0 if grace is None else grace
+
     async def _drain(self, grace_s: float) -> None:
         for partition in self._partitions.values():
             partition.drop_queued()
@@ -295,16 +302,44 @@ class Engine:
         while not self._stopping.is_set():
             self._listener.raise_error()
             batch: dict[TopicPartition, list[Record]] = {}
+            undecodable = False
             # getmany also waits, without a deadline, for a rebalance to finish.
             with anyio.move_on_after(1.0):
                 try:
                     batch = await self._consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS)
                 except AIOKafkaError as exc:
                     raise translate(exc, self._settings.kafka, "fetching records") from exc
+                except UNDECODABLE:
+                    undecodable = True
+            if undecodable:  # outside the deadline: it must not drop what it fetched
+                batch = await self._step_over()
             for tp, records in batch.items():
                 self._dispatch(tp, records)
             self._flow.start_ready()
             self._flow.update(self._consumer)
+
+    async def _step_over(self) -> dict[TopicPartition, list[Record]]:
+        """The Kafka client could not decode a record (`stream.engine.fetch`): find it, and
+        queue a stand-in that the stage's error path turns into a dead letter."""
+        # A partition assigned but not set up yet (its callback is running) may have lost
+        # records too: from its start (set-up seeks it to its committed offset, if any).
+        expected: dict[TopicPartition, int | None] = {
+            tp: None for tp in self._consumer.assignment() if tp not in self._partitions
+        }
+        for tp, partition in self._partitions.items():
+            if not partition.revoked:
+                expected[tp] = partition.offsets.next_expected
+        batch, bad = await step_over(self._consumer, expected)
+        if bad is not None:
+            log.warning(
+                "%s[%d]@%d cannot be decoded (%s): handing it to the error path",
+                bad.tp.topic,
+                bad.tp.partition,
+                bad.offset,
+                bad.error,
+            )
+            batch.setdefault(bad.tp, []).append(StandIn.of(bad))
+        return batch
 
     def _dispatch(self, tp: TopicPartition, records: list[Record]) -> None:
         partition = self._partitions.get(tp)
@@ -356,6 +391,8 @@ class Engine:
             partition.writes.pop(record.offset, None)
 
     async def _call_handler(self, record: Record) -> Sequence[Output]:
+        if isinstance(record, StandIn):
+            return self._on_error(record, record.error)
         try:
             return await self._handler(record)
         except Exception as exc:

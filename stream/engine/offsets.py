@@ -194,6 +194,13 @@ class PartitionOffsets:
         return self._watermark
 
     @property
+    def next_expected(self) -> int | None:
+        """The offset the next fetched record should have at the least: one past the highest
+        seen, or the committed offset; None before the first record of a partition that
+        has no committed offset."""
+        return self._high if self._high >= 0 else None
+
+    @property
     def pending(self) -> int:
         """Accepted records not finished yet (in flight or waiting to start)."""
         return len(self._seen) - len(self._done)

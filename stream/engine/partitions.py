@@ -95,7 +95,9 @@ class Partition:
 
     def start_next(self) -> Record:
         record = self._ready.popleft()
-        self.running[record.offset] = record.timestamp
+        # a stand-in for an undecodable record has no timestamp: count it from now
+        stamp = record.timestamp if record.timestamp >= 0 else int(time.time() * 1000)
+        self.running[record.offset] = stamp
         self.started_high = max(self.started_high, record.offset + 1)
         self.idle = anyio.Event() if self.idle.is_set() else self.idle
         return record

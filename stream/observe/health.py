@@ -20,7 +20,9 @@ A worker wires it up like this (all tasks owned by one task group):
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import Callable
 from typing import Protocol
 
@@ -29,10 +31,11 @@ from aiohttp import web
 from anyio.abc import TaskStatus
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from stream.errors import ConfigError
 from stream.observe.lag import LagMonitor
 from stream.observe.metrics import Metrics
 
-__all__ = ["Health", "ReadyEngine", "serve"]
+__all__ = ["Health", "ReadyEngine", "listen", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +118,12 @@ async def serve(
     runner = web.AppRunner(_app(metrics, health), access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        # Two workers on one host with the default port is the usual way to get here.
+        hint = (
+            "set STREAM_METRICS_PORT to a free port (each worker process on a host needs "
+            "its own; 0 picks one) and STREAM_METRICS_HOST to an address of this machine"
+        )
+        await listen(runner, host, port, what="/metrics", hint=hint)
         bound = int(runner.addresses[0][1])
         log.info("serving /metrics, /healthz, /readyz on %s:%d", host, bound)
         task_status.started(bound)
@@ -124,3 +131,19 @@ async def serve(
     finally:
         with anyio.CancelScope(shield=True):  # release the port even when cancelled
             await runner.cleanup()
+
+
+async def listen(
+    runner: web.AppRunner, host: str, port: int, *, what: str, hint: str, backlog: int = 128
+) -> None:
+    """Bind `runner` on host:port, or one `ConfigError` that says what to change."""
+    try:
+        await web.TCPSite(runner, host, port, backlog=backlog).start()
+    except OSError as exc:
+        if isinstance(exc, socket.gaierror):
+            why = f"{host!r} is not an address of this machine"
+        elif exc.errno == errno.EADDRINUSE:
+            why = f"port {port} is in use"
+        else:
+            why = exc.strerror or str(exc)
+        raise ConfigError(f"cannot serve {what} on {host}:{port}: {why}; {hint}") from exc

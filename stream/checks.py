@@ -1,0 +1,78 @@
+"""Checks on values people write into settings: each is one `ConfigError` a person can
+act on, raised at start, instead of a traceback from deep inside a library later."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stream.errors import ConfigError
+
+__all__ = ["check_bootstrap", "check_topic_prefix", "read_text", "tls_context"]
+
+# What Kafka accepts in a topic name, and so in the prefix of every one of ours.
+_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+# Kafka's longest topic name.
+MAX_TOPIC_NAME = 249
+
+
+def check_bootstrap(value: str, name: str) -> str:
+    """`value` if it is a comma list of host:port (IPv6 hosts in brackets), else a
+    `ConfigError` naming `name` (aiokafka would fail with a traceback)."""
+    entries = [entry.strip() for entry in value.split(",")]
+    for entry in entries:
+        host, _, port = entry.rpartition(":")
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not bare or not port.isdigit() or (":" in bare and bare == host):
+            raise ConfigError(
+                f"{name} entry {entry!r} is not host:port (e.g. broker1:9092,broker2:9092; "
+                "IPv6 in brackets: [::1]:9092)"
+            )
+        if not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{name} entry {entry!r}: the port must be between 1 and 65535")
+    return ",".join(entries)
+
+
+def check_topic_prefix(prefix: str) -> str:
+    """STREAM_TOPIC_PREFIX, if Kafka takes it in topic names (their length is checked
+    where the declared names are known: `topics.load_specs`)."""
+    bad = sorted(set(prefix) - _TOPIC_CHARS)
+    if bad:
+        raise ConfigError(
+            f"STREAM_TOPIC_PREFIX {prefix!r} has {bad[0]!r}: Kafka topic names take only "
+            "letters, digits, '.', '_' and '-'"
+        )
+    if len(prefix) >= MAX_TOPIC_NAME:
+        raise ConfigError(f"STREAM_TOPIC_PREFIX is over Kafka's {MAX_TOPIC_NAME}-character limit")
+    return prefix
+
+
+def tls_context(
+    cafile: str | None, certfile: str | None, keyfile: str | None, password: str
+) -> object:
+    """An SSL context from the CA, the client certificate and its key (and the key's
+    password), or one `ConfigError` naming what to check (never the password)."""
+    from aiokafka.helpers import create_ssl_context
+
+    try:
+        return create_ssl_context(
+            cafile=cafile, certfile=certfile, keyfile=keyfile, password=password or None
+        )
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; missing, not PEM…
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(
+            f"the TLS files cannot be loaded ({reason}): check that STREAM_KAFKA_SSL_CAFILE "
+            "is a PEM CA certificate, STREAM_KAFKA_SSL_CERTFILE/…_KEYFILE a PEM certificate "
+            "and its key, and …_KEY_PASSWORD the key's password (or ssl.* in --command-config)"
+        ) from exc
+
+
+def read_text(path: Path, what: str) -> str:
+    """A settings, catalog or key file as text, or one `ConfigError` saying why not."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{what} cannot be read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{what} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at {exc.start})"
+        ) from None

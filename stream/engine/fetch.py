@@ -1,0 +1,164 @@
+"""Fetching past records the Kafka client cannot decode.
+
+aiokafka reads every header key as UTF-8 while it unpacks a fetch. A key that is not
+(any producer can write one; the broker does not check) makes `getmany` raise
+`UnicodeDecodeError`, which
+- names no partition and no offset;
+- throws away the records that call had already taken from other partitions, whose
+  positions have moved past them: a caller that just fetched again would skip them;
+- leaves the failing partition's position where it was, so every later fetch fails the
+  same way, for ever.
+Nor can a batch be read past such a record: the broker returns whole batches, and aiokafka
+parses each record before it skips those below the position, so a good record that shares
+a batch with a bad one is unreadable too.
+
+`step_over` recovers with the consumer's public API: it puts every partition back where
+its caller expects the next record, fetches the partitions one at a time to find the one
+that fails, then record by record to find the offset, and seeks past that offset. The
+caller gets the good records fetched on the way and the position of the bad one. No
+record is skipped silently; one that cannot be read is reported by position, the only
+thing the client gives away about it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import anyio
+from aiokafka import ConsumerRecord, TopicPartition
+
+from stream.errors import UndecodableRecordError
+
+__all__ = ["UNDECODABLE", "StandIn", "Undecodable", "step_over"]
+
+log = logging.getLogger(__name__)
+
+# What aiokafka raises out of `getmany` for a record it cannot decode.
+UNDECODABLE = (UnicodeDecodeError,)
+# One fetch of one partition is stepped through at most this many records per recovery;
+# a culprit further on is found by the next (each recovery makes this much progress).
+_MAX_STEPS = 500
+_WAIT_S = 2.0  # for one partition's records after a seek (a fetch long-poll is 0.5 s)
+
+
+class Undecodable(NamedTuple):
+    """Where a record the client cannot decode sits, and why it cannot."""
+
+    tp: TopicPartition
+    offset: int
+    error: str
+
+
+@dataclass
+class StandIn(ConsumerRecord):  # type: ignore[misc]
+    """A record in place of one the client could not decode: its position, no content.
+    `error` says why; the engine hands it to the stage's error path, not its handler."""
+
+    error: UndecodableRecordError
+
+    @classmethod
+    def of(cls, bad: Undecodable) -> StandIn:
+        error = UndecodableRecordError(
+            f"the Kafka client cannot decode the record at {bad.tp.topic}[{bad.tp.partition}]"
+            f"@{bad.offset} ({bad.error}); its batch is unreadable past it"
+        )
+        return cls(
+            topic=bad.tp.topic,
+            partition=bad.tp.partition,
+            offset=bad.offset,
+            timestamp=-1,  # unknown
+            timestamp_type=0,
+            key=None,
+            value=None,
+            checksum=None,
+            serialized_key_size=-1,
+            serialized_value_size=-1,
+            headers=(),
+            error=error,
+        )
+
+
+async def step_over(
+    consumer: Any, expected: Mapping[TopicPartition, int | None]
+) -> tuple[dict[TopicPartition, list[Any]], Undecodable | None]:
+    """After `getmany` raised one of `UNDECODABLE`: records fetched while looking, and the
+    bad record found (skipped: the consumer is positioned after it), if one was.
+
+    `expected` maps each partition to the offset its caller wants next (None: from the
+    start of the log, as a consumer that had no position reset to it).
+    """
+    await _rewind(consumer, expected)
+    fetched: dict[TopicPartition, list[Any]] = {}
+    for tp, offset in expected.items():
+        if not _behind(consumer, tp, offset):
+            continue  # nothing there to fetch: asking would only wait
+        try:
+            records = await _fetch(consumer, tp, max_records=None)
+        except UNDECODABLE:
+            good, bad = await _narrow(consumer, tp)
+            if good:
+                fetched[tp] = good
+            return fetched, bad
+        if records:
+            fetched[tp] = records
+    return fetched, None
+
+
+async def _rewind(consumer: Any, expected: Mapping[TopicPartition, int | None]) -> None:
+    """Put every partition back where its caller expects the next record."""
+    for tp, offset in expected.items():
+        try:
+            if offset is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, offset)
+        except Exception as exc:  # no longer assigned: nothing to put back
+            log.debug("not rewinding %s: %s", tp, exc)
+
+
+def _behind(consumer: Any, tp: TopicPartition, offset: int | None) -> bool:
+    """Whether `tp` may hold records from `offset` on, by the last fetch's high watermark
+    (a paused partition is not fetched: it holds nothing to find now)."""
+    try:
+        end = consumer.highwater(tp)
+        paused = tp in consumer.paused()
+    except Exception:  # no longer assigned
+        return False
+    if paused:
+        return False
+    return end is None or end > (offset or 0)  # (a log without a position starts at 0 or later)
+
+
+async def _narrow(consumer: Any, tp: TopicPartition) -> tuple[list[Any], Undecodable | None]:
+    """Step through `tp` one record at a time up to the one that cannot be decoded."""
+    good: list[Any] = []
+    while len(good) < _MAX_STEPS:
+        try:
+            records = await _fetch(consumer, tp, max_records=1)
+        except UNDECODABLE as exc:
+            # aiokafka moves the position only past records it returned: it is the bad one.
+            offset = await consumer.position(tp)
+            consumer.seek(tp, offset + 1)
+            return good, Undecodable(tp, offset, _describe(exc))
+        if not records:
+            break
+        good += records
+    return good, None
+
+
+async def _fetch(consumer: Any, tp: TopicPartition, *, max_records: int | None) -> list[Any]:
+    # A deadline on each call alone: records a call returned are never dropped by a
+    # cancellation between calls (their position has already moved on).
+    with anyio.move_on_after(_WAIT_S):
+        found = await consumer.getmany(tp, timeout_ms=int(_WAIT_S * 500), max_records=max_records)
+        return list(found.get(tp, ()))
+    return []
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a header key is not UTF-8: byte {exc.object[exc.start : exc.start + 1]!r}"
+    return f"{type(exc).__name__}: {exc}"

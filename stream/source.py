@@ -1,0 +1,198 @@
+"""Where settings come from: the environment, laid over an optional flat TOML file
+(`STREAM_CONFIG_FILE`), read through typed look-ups that turn a bad value into one
+`ConfigError` naming the variable; and `Secret`, which keeps a value out of reprs, logs and
+exceptions. `Source` also remembers every name it was asked for, so a file key that is not
+a setting is caught (`check_file_keys`) and the deployment checks can list the variables.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from stream.checks import read_text
+from stream.errors import ConfigError
+
+__all__ = ["Secret", "Source"]
+
+T = TypeVar("T")
+
+
+class Secret:
+    """A string that never shows itself in `repr`, `str`, logs or exceptions."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+class Source:
+    """Typed look-ups over the environment, merged over `STREAM_CONFIG_FILE` if set."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.file = env.get("STREAM_CONFIG_FILE")
+        from_file = self._file_values(self.file)
+        self.file_keys = frozenset(from_file)
+        self.env = {**from_file, **env}
+        self.asked: set[str] = {"STREAM_CONFIG_FILE"}
+
+    @staticmethod
+    def _file_values(path: str | None) -> dict[str, str]:
+        if not path:
+            return {}
+        text = read_text(Path(path), f"STREAM_CONFIG_FILE {path!r}")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"STREAM_CONFIG_FILE {path!r} is not valid TOML: {exc}") from exc
+        except RecursionError:
+            raise ConfigError(f"STREAM_CONFIG_FILE {path!r} is nested too deep") from None
+        for key, value in data.items():
+            if not isinstance(value, str | int | float | bool):
+                raise ConfigError(
+                    f"STREAM_CONFIG_FILE {path!r}: {key} must be a string, number or boolean "
+                    "(settings are flat: NAME = value)"
+                )
+        return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in data.items()}
+
+    def check_file_keys(self) -> None:
+        """Every key of the config file is a setting: a typo must not pass silently."""
+        for key in sorted(self.file_keys - self.asked):
+            close = difflib.get_close_matches(key, sorted(self.asked), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"STREAM_CONFIG_FILE {self.file!r}: {key} is not a setting{hint}; "
+                "the README's Configuration section lists them"
+            )
+
+    def text(self, name: str, default: str) -> str:
+        # An empty variable counts as unset: compose's `${NAME:-}` and templating tools
+        # define variables as "" when they mean "not set".
+        self.asked.add(name)
+        return self.env.get(name, "").strip() or default
+
+    def path(self, name: str) -> Path | None:
+        value = self.text(name, "")
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{name} points at {value!r}, which is not a readable file")
+        return Path(value) if value else None
+
+    def file_name(self, name: str) -> str | None:
+        path = self.path(name)
+        return None if path is None else str(path)
+
+    def secret(self, name: str) -> Secret:
+        """`NAME`, or the contents of the file named by `NAME_FILE` (trailing newline cut)."""
+        self.asked.update((name, f"{name}_FILE"))
+        file_name = self.env.get(f"{name}_FILE", "").strip()
+        if self.env.get(name, "").strip() and file_name:
+            raise ConfigError(f"set {name} or {name}_FILE, not both")
+        if file_name:
+            return Secret(read_text(Path(file_name), f"{name}_FILE {file_name!r}").strip())
+        return Secret(self.env.get(name, "").strip())
+
+    def _parse(self, name: str, default: T, convert: Callable[[str], T], kind: str) -> T:
+        self.asked.add(name)
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            return convert(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be {kind} (got {raw!r})") from None
+
+    def integer(self, name: str, default: int, *, low: int, high: int | None = None) -> int:
+        value = self._parse(name, default, int, "a whole number")
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"{name} must be {bound} (got {value})")
+        return value
+
+    def number(self, name: str, default: float, *, low: float) -> float:
+        value = self._parse(name, default, float, "a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number (got {value})")
+        if not value >= low:
+            raise ConfigError(f"{name} must be at least {low} (got {value})")
+        return value
+
+    def optional_number(self, name: str, *, low: float = 0.0, above: bool = False) -> float | None:
+        """A finite number at least `low` (above it, with `above`), or None when the variable
+        is unset (or empty)."""
+        self.asked.add(name)
+        if not self.env.get(name, "").strip():
+            return None
+        value = self.number(name, low, low=low)
+        if above and not value > low:
+            raise ConfigError(f"{name} must be above {low:g} (got {value:g})")
+        return value
+
+    def amounts(self, name: str) -> dict[str, float]:
+        """`id=USD,id=USD` → {id: USD}, each a positive number."""
+        raw = self.text(name, "")
+        amounts: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in raw.split(","))):
+            key, _, value = item.partition("=")
+            try:
+                amount = float(value)
+            except ValueError:
+                amount = -1.0
+            if not key.strip() or not 0 < amount < float("inf"):
+                raise ConfigError(f"{name} must look like model-id=USD,model-id=USD (got {item!r})")
+            amounts[key.strip()] = amount
+        return amounts
+
+    def boolean(self, name: str, default: bool) -> bool:
+        truth = {
+            "1": True,
+            "true": True,
+            "yes": True,
+            "on": True,
+            "0": False,
+            "false": False,
+            "no": False,
+            "off": False,
+        }
+
+        def convert(raw: str) -> bool:
+            return truth[raw.lower()] if raw.lower() in truth else _raise_value()
+
+        return self._parse(name, default, convert, "true or false")
+
+    def choice(
+        self, name: str, options: tuple[str, ...], default: str, *, upper: bool = False
+    ) -> str:
+        value = self.text(name, default)
+        value = value.upper() if upper else value
+        if value not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)} (got {value!r})")
+        return value
+
+    def optional_choice(self, name: str, options: tuple[str, ...]) -> str | None:
+        return self.choice(name, ("", *options), "", upper=True) or None
+
+
+def _raise_value() -> bool:
+    raise ValueError

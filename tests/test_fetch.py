@@ -1,0 +1,107 @@
+"""The engine steps over records the Kafka client cannot decode, and loses nothing.
+
+kcat writes header keys that are not UTF-8; aiokafka raises on them inside `getmany`,
+after it has already taken records of other partitions. Each such record must reach the
+error path once, by its position, and every other record must be handled once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import pytest
+from aiokafka import TopicPartition
+
+from stream.config import EngineSettings, Settings
+from stream.engine.engine import Engine, Output
+from stream.errors import UndecodableRecordError
+from stream.observe.lagreader import LagReader
+from tests.conftest import eventually
+from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
+from tests.kcat import kcat_produce, needs_kcat
+from tests.lagkit import commit
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kafka, needs_kcat]
+
+BAD_KEY = (b"\xff\xfekey", b"val")
+
+
+def _settings(settings: Settings, guarantee: str) -> Settings:
+    fields = {
+        **dataclasses.asdict(settings.engine),
+        "commit_interval_s": 0.2,
+        "guarantee": guarantee,
+    }
+    return dataclasses.replace(settings, engine=EngineSettings(**fields))
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+async def test_undecodable_records_go_to_the_error_path_and_nothing_is_skipped(
+    settings: Settings, guarantee: str
+) -> None:
+    source = await create_topic(settings, "undec", 3)
+    sink = await create_topic(settings, "undec-out", 1)
+    bootstrap = settings.kafka.bootstrap_servers
+    good = {p: [f"p{p}-{i}".encode() for i in range(80)] for p in range(3)}
+    for p in range(3):
+        await produce(settings, source, good[p][:40], partition=p)
+    # three in one batch on partition 1 (a batch cannot be read past its first), one on 2
+    await kcat_produce(bootstrap, source, 1, [b"{}", b"x", b"y"], headers=[BAD_KEY])
+    await kcat_produce(bootstrap, source, 2, [b"{}"], headers=[BAD_KEY, (b"ok", None)])
+    for p in range(3):
+        await produce(settings, source, good[p][40:], partition=p)
+    expected_errors = {(1, 40), (1, 41), (1, 42), (2, 40)}
+    total = 3 * 80 + len(expected_errors)
+
+    async def handler(record: Any) -> Sequence[Output]:
+        return [Output(sink, record.value)]
+
+    def on_error(record: Any, exc: BaseException) -> Sequence[Output]:
+        assert isinstance(exc, UndecodableRecordError), exc
+        assert f"@{record.offset} " in str(exc) and "not UTF-8" in str(exc)
+        return [Output(sink, f"error {record.partition} {record.offset}".encode())]
+
+    engine = Engine(
+        settings=_settings(settings, guarantee),
+        name="t",
+        group_id=settings.group("undec"),
+        topics=[source],
+        handler=handler,
+        on_error=on_error,
+    )
+    ends = await end_offsets(settings, source)
+
+    async def finished() -> bool:
+        done = await committed(settings, engine.group_id, source)
+        return {p: offset for p, (offset, _) in done.items()} == ends
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(engine.run)
+        await eventually(finished, timeout_s=90)
+        engine.stop()
+
+    isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
+    values = sorted(r.value for r in await read_all(settings, sink, isolation=isolation))
+    errors = {tuple(map(int, v.split()[1:])) for v in values if v.startswith(b"error")}
+    assert errors == expected_errors
+    assert [v for v in values if not v.startswith(b"error")] == sorted(sum(good.values(), []))
+    assert len(values) == total  # each once
+    assert engine.snapshot().records_done == total
+
+
+async def test_lag_reads_past_a_record_the_client_cannot_decode(settings: Settings) -> None:
+    """The lag monitor runs inside every worker: a bad record at a group's committed offset
+    must leave its age unknown, not crash the worker."""
+    topic = await create_topic(settings, "undec-lag", 2)
+    await kcat_produce(settings.kafka.bootstrap_servers, topic, 0, [b"{}"], headers=[BAD_KEY])
+    await produce(settings, topic, [b"fine"], partition=1)
+    group = settings.group("undec-lag")
+    await commit(settings, group, {TopicPartition(topic, p): 0 for p in (0, 1)})
+    async with LagReader(settings.kafka, fetch_timeout_s=2) as reader:
+        [reading] = await reader.read({group: [topic]})
+    rows = {p.partition: p for p in reading.partitions}
+    assert (rows[0].committed, rows[0].end, rows[1].end) == (0, 1, 1)
+    assert rows[0].oldest_timestamp_ms is None  # unknown, not a crash

@@ -1,0 +1,120 @@
+"""Each misconfiguration an operator can make is one line on stderr and exit 1: what is
+wrong and what to do, never a traceback (`stream` run as a person would run it)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stream import topics
+from stream.config import Settings
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port something else listens on."""
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    (tmp_path / "latin1.toml").write_bytes(b'STREAM_TOPIC_PREFIX = "caf\xe9"\n')
+    (tmp_path / "key").write_bytes(b"\xff\xfesk-key\n")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "deep.toml").write_text("a = " + "[" * 100_000 + "]" * 100_000)
+    (tmp_path / "typo.toml").write_text('STREAM_GUARANTE = "exactly-once"\n')
+    (tmp_path / "table.toml").write_text("[kafka]\nbootstrap = 'x:1'\n")
+    (tmp_path / "not-a-ca.pem").write_text("not a certificate\n")
+    (tmp_path / "inf.json").write_text(
+        '{"models": {"m": {"provider": "synthetic", "api_model": "m", "timeout_s": Infinity}}}'
+    )
+    return tmp_path
+
+
+def _one_line(stderr: str, *phrases: str) -> None:
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr[-1500:]
+    assert stderr.startswith("stream: error: ")
+    for phrase in phrases:
+        assert phrase in stderr, stderr
+
+
+CASES: list[tuple[dict[str, str], list[str], list[str]]] = [
+    ({"KAFKA_BOOTSTRAP_SERVERS": "a:b:c"}, ["lag"], ["'a:b:c' is not host:port"]),
+    ({"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:99999"}, ["lag"], ["between 1 and 65535"]),
+    ({"KAFKA_BOOTSTRAP_SERVERS": "h:9092,"}, ["lag"], ["'' is not host:port"]),
+    (
+        {"STREAM_KAFKA_SECURITY_PROTOCOL": "SSL", "STREAM_KAFKA_SSL_CAFILE": "/missing/ca.pem"},
+        ["lag"],
+        ["STREAM_KAFKA_SSL_CAFILE", "not a readable file"],
+    ),
+    (
+        {"STREAM_KAFKA_SECURITY_PROTOCOL": "SSL", "STREAM_KAFKA_SSL_CAFILE": "{}/not-a-ca.pem"},
+        ["lag"],
+        ["TLS files cannot be loaded", "STREAM_KAFKA_SSL_CAFILE"],
+    ),
+    ({"STREAM_CONFIG_FILE": "{}/latin1.toml"}, ["lag"], ["latin1.toml", "not UTF-8"]),
+    ({"SYNTHETIC_API_KEY_FILE": "{}/key"}, ["lag"], ["SYNTHETIC_API_KEY_FILE", "not UTF-8"]),
+    ({"STREAM_CATALOG_FILE": "{}/key"}, ["run", "primary"], ["catalog", "not UTF-8"]),
+    ({"STREAM_CATALOG_FILE": "{}/deep.json"}, ["run", "primary"], ["nested too deep"]),
+    ({"STREAM_CATALOG_FILE": "{}/deep.toml"}, ["run", "primary"], ["nested too deep"]),
+    ({"STREAM_CATALOG_FILE": "{}/inf.json"}, ["run", "primary"], ["timeout_s", "finite"]),
+    ({"STREAM_COMMIT_INTERVAL_S": "inf"}, ["lag"], ["STREAM_COMMIT_INTERVAL_S", "finite"]),
+    ({"STREAM_SHUTDOWN_GRACE_S": "Infinity"}, ["lag"], ["STREAM_SHUTDOWN_GRACE_S", "finite"]),
+    ({"STREAM_SYNTHETIC_TIMEOUT_S": "inf"}, ["lag"], ["STREAM_SYNTHETIC_TIMEOUT_S", "finite"]),
+    ({"STREAM_TOPIC_PREFIX": "team a/"}, ["topics", "apply"], ["STREAM_TOPIC_PREFIX", "' '"]),
+    ({"STREAM_TOPIC_PREFIX": "p" * 240}, ["topics", "apply"], ["over Kafka's 249"]),
+    (
+        {"STREAM_CONFIG_FILE": "{}/typo.toml"},
+        ["lag"],
+        ["STREAM_GUARANTE is not a setting", "did you mean STREAM_GUARANTEE?"],
+    ),
+    ({"STREAM_CONFIG_FILE": "{}/table.toml"}, ["lag"], ["kafka must be a string, number"]),
+    ({}, ["demo", "--requests", "-1"], ["--requests must be at least 1"]),
+    ({}, ["demo", "--rate", "inf"], ["--rate"]),
+    ({}, ["simulate", "--port", "99999"], ["--port 99999 is not a port"]),
+    ({"STREAM_METRICS_HOST": "no-such-host.invalid"}, ["run", "primary"], ["not an address"]),
+]
+
+
+@pytest.mark.parametrize(("extra", "args", "phrases"), CASES)
+async def test_a_misconfiguration_is_one_line_and_exit_1(
+    env: dict[str, str],
+    settings: Settings,
+    files: Path,
+    extra: dict[str, str],
+    args: list[str],
+    phrases: list[str],
+) -> None:
+    if "STREAM_METRICS_HOST" in extra:  # it must get as far as its HTTP server
+        await topics.apply(settings, await topics.plan(settings))
+    done = await run_cli(
+        {**env, **{k: v.replace("{}", str(files)) for k, v in extra.items()}}, *args
+    )
+    assert done.returncode == 1, done.stderr[-1500:]
+    _one_line(done.stderr, *phrases)
+
+
+async def test_a_metrics_port_in_use_says_which_setting_to_change(
+    env: dict[str, str], settings: Settings, taken_port: int
+) -> None:
+    await topics.apply(settings, await topics.plan(settings))
+    done = await run_cli({**env, "STREAM_METRICS_PORT": str(taken_port)}, "run", "primary")
+    assert done.returncode == 1
+    _one_line(done.stderr, f"port {taken_port} is in use", "STREAM_METRICS_PORT", "0 picks one")
+
+
+async def test_the_simulator_on_a_taken_port_is_one_line(
+    env: dict[str, str], taken_port: int
+) -> None:
+    done = await run_cli(env, "simulate", "--port", str(taken_port), "--host", "0.0.0.0")
+    assert done.returncode == 1
+    _one_line(done.stderr, f"port {taken_port} is in use", "--port")
