@@ -2,6 +2,7 @@
 and poison input, then a proof that nothing was lost, doubled or invented.
 
     python -m tests.chaos [--requests 10000] [--guarantee exactly-once|at-least-once] [--json]
+                          [--brokers 3 [--broker-kills 4] [--broker-down 20]]
 
 It starts its own Kafka broker and a provider simulator (`stream simulate`) in subprocesses,
 2 primary and 2 fallback workers (`stream run …`) under a unique topic prefix, and feeds
@@ -14,7 +15,10 @@ its own (exactly-once crashes on purpose when Kafka is gone) is restarted, as a 
 would, and counted. Workers are static members (`--instance-id`, their names). The primary
 stage starts with one worker and scales out to three mid-run; later every worker is
 restarted in turn (SIGTERM, drain, start again). Each event reports the answered calls
-paid for again until the next event.
+paid for again until the next event. With `--brokers 3` it runs on a three-broker cluster
+instead and, in place of the broker restart, kills partition leaders and the active
+controller on purpose (tests/chaoscluster.py). For every fault it reports the longest time no terminal record
+arrived before the next one (`stalls`, `longest_gap_s_by_fault`).
 
 The checker (`Checker`) reads every output topic with read_committed and the input topic
 itself (so an input the producer wrote twice counts twice), and proves:
@@ -56,10 +60,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from stream import topics
 from stream.config import Settings
 from stream.devtools.broker import LocalBroker, free_port
+from stream.devtools.cluster import CONTROLLERS, LocalCluster, free_ports
 from stream.devtools.simulator import simulate_command
 from stream.errors import BrokerError
 from stream.kafka import admin_client
 from stream.stages import Topics
+from tests.chaoscluster import BrokerFaults, Progress, broker_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("deepseek-r1-0528-syn", "kimi-k2-thinking-syn", "deepseek-v3-0324-syn", "glm-4.6-syn")
@@ -89,6 +95,9 @@ class ChaosConfig:
     settle_timeout_s: float = 300.0  # after the last input, for every terminal record
     scale_out: bool = True  # the primary stage: 1 worker, then 3 a third of the way in
     rolling_restart: bool = True  # every worker restarted in turn, three quarters in
+    brokers: int = 1  # 3: a local cluster, whose leaders are killed instead of a restart
+    broker_kills: int = 4
+    broker_down_s: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -374,12 +383,14 @@ class Run:
     def __init__(self, config: ChaosConfig, home: Path) -> None:
         self.config = config
         self.home = home
-        self.broker = LocalBroker(home=home / "kafka", port=free_port())
+        self.broker = _kafka(config, home / "kafka")
         self.inputs = plan(config)
         self.broker_restarts = 0
         self.events: list[str] = []
         self.timeline: list[tuple[float, str]] = []  # (monotonic, event): what costs money
         self.started = time.monotonic()
+        self.progress = Progress()
+        self.faults: BrokerFaults | None = None
 
     def log(self, text: str) -> None:
         line = f"[{time.monotonic() - self.started:7.1f}s] {text}"
@@ -409,6 +420,13 @@ async def run(config: ChaosConfig, home: Path) -> dict[str, Any]:
         await anyio.to_thread.run_sync(chaos.broker.stop)
 
 
+def _kafka(config: ChaosConfig, home: Path) -> LocalBroker | LocalCluster:
+    if config.brokers == 1:
+        return LocalBroker(home=home, port=free_port())
+    port = free_ports(config.brokers + CONTROLLERS)
+    return LocalCluster(home=home, port=port, brokers=config.brokers)
+
+
 async def _start_broker(chaos: Run, tries: int = 3) -> None:
     """Start the broker; on a free port taken in between (a race), try other ports."""
     for attempt in range(tries):
@@ -419,8 +437,7 @@ async def _start_broker(chaos: Run, tries: int = 3) -> None:
             chaos.log(f"broker did not start ({exc}); other ports")
             if attempt == tries - 1:
                 raise
-            home = chaos.home / f"kafka{attempt + 1}"
-            chaos.broker = LocalBroker(home=home, port=free_port())
+            chaos.broker = _kafka(chaos.config, chaos.home / f"kafka{attempt + 1}")
 
 
 async def _start_simulator(chaos: Run, outage: tuple[float, float]) -> tuple[Any, int]:
@@ -441,6 +458,8 @@ async def _run(chaos: Run) -> dict[str, Any]:
     prefix = f"chaos{uuid.uuid4().hex[:8]}."
     settings = chaos.settings(prefix)
     await topics.apply(settings, await topics.plan(settings))
+    if isinstance(chaos.broker, LocalCluster):
+        chaos.faults = BrokerFaults(chaos.broker, settings, config.broker_down_s)
     # The outage opens a fifth of the way in, so it overlaps kills and live traffic.
     outage_start = config.duration_s * 0.2
     sim, sim_port = await _start_simulator(chaos, (outage_start, outage_start + config.outage_s))
@@ -449,7 +468,7 @@ async def _run(chaos: Run) -> dict[str, Any]:
         chaos.log(f"simulator up; outage from {outage_start:.0f}s for {config.outage_s:.0f}s")
         for name in _first_workers(config):
             supervisor.start(name)
-        checker, wall, costs = await _drive(chaos, settings, supervisor, sim_port)
+        checker, wall, stalls, costs = await _drive(chaos, settings, supervisor, sim_port)
         async with httpx.AsyncClient() as http:
             stats = (await http.get(f"http://127.0.0.1:{sim_port}/sim/stats")).json()
     finally:
@@ -470,6 +489,10 @@ async def _run(chaos: Run) -> dict[str, Any]:
         "kills": supervisor.kills,
         "worker_restarts_after_exit": supervisor.crashes,
         "broker_restarts": chaos.broker_restarts,
+        "brokers": config.brokers,
+        "broker_kills": chaos.faults.broker_kills if chaos.faults else 0,
+        "controller_kills": chaos.faults.controller_kills if chaos.faults else 0,
+        **stalls,
         "outage_s": config.outage_s,
         "provider_calls": stats["requests"],
         "provider_calls_needed": needed,
@@ -494,14 +517,19 @@ async def _run(chaos: Run) -> dict[str, Any]:
 
 
 def _schedule(config: ChaosConfig, rng: random.Random) -> list[tuple[float, str]]:
-    """(seconds after the first input, action): kills spread over the run, one restart."""
+    """(seconds after the first input, action): kills spread over the run, one restart (on
+    a cluster: leaders killed and brought back), and the outage's edges, for the record."""
     span = config.duration_s
     steps = max(1, config.kills - 1)
     actions = [
         (span * (0.1 + 0.8 * k / steps), f"kill {rng.choice(WORKERS)}") for k in range(config.kills)
     ]
-    if config.broker_restart:
+    if config.brokers > 1:
+        actions += broker_schedule(span, config.broker_kills)
+    elif config.broker_restart:
         actions.append((span * 0.55, "restart broker"))
+    if config.outage_s > 0:
+        actions += [(span * 0.2, "outage starts"), (span * 0.2 + config.outage_s, "outage ends")]
     return sorted(actions)
 
 
@@ -510,14 +538,16 @@ WORKERS = ("primary1", "primary2", "fallback1", "fallback2")
 
 async def _drive(
     chaos: Run, settings: Settings, supervisor: Supervisor, sim_port: int
-) -> tuple[Checker, float, list[tuple[float, int, int]]]:
+) -> tuple[Checker, float, dict[str, Any], list[tuple[float, int, int]]]:
     config = chaos.config
     checker = Checker(Topics.of(settings).requests, {i.value: i for i in chaos.inputs})
     rng = random.Random(config.seed)
     begun = time.monotonic()
     costs: list[tuple[float, int, int]] = []
+    chaos.progress = Progress(started=begun)
     async with anyio.create_task_group() as group:
         group.start_soon(_supervise, supervisor)
+        group.start_soon(_watch_progress, settings, chaos.progress)
         group.start_soon(_act, chaos, supervisor, _schedule(config, rng), begun)
         group.start_soon(_membership_events, chaos, supervisor, begun)
         group.start_soon(_sample_costs, sim_port, costs)
@@ -526,10 +556,27 @@ async def _drive(
         await _read_inputs(settings, checker)
         with anyio.move_on_after(config.settle_timeout_s):
             await _read_outputs(settings, checker, until_complete=True)
-        wall = time.monotonic() - begun
+        end = time.monotonic()
         chaos.log("complete" if checker.complete() else "NOT complete: settle timeout")
         group.cancel_scope.cancel()
-    return checker, wall, costs
+    stalls = {
+        "longest_gap_s_by_fault": chaos.progress.longest_by_kind(end),
+        "stalls": chaos.progress.report(end),
+    }
+    return checker, end - begun, stalls, costs
+
+
+async def _watch_progress(settings: Settings, progress: Progress) -> None:
+    """Note when each terminal record arrives (read_committed), from the first."""
+    names = Topics.of(settings)
+    consumer = await _assigned(settings, [names.results, names.dead_letter])
+    try:
+        while True:
+            batch = await consumer.getmany(timeout_ms=200)
+            progress.arrived(sum(len(records) for records in batch.values()))
+    finally:
+        with anyio.CancelScope(shield=True):
+            await consumer.stop()
 
 
 async def _supervise(supervisor: Supervisor) -> None:
@@ -541,15 +588,33 @@ async def _supervise(supervisor: Supervisor) -> None:
 async def _act(
     chaos: Run, supervisor: Supervisor, schedule: list[tuple[float, str]], begun: float
 ) -> None:
-    for at, action in schedule:
-        await anyio.sleep(max(0.0, begun + at - time.monotonic()))
+    async with anyio.create_task_group() as group:  # a broker restart does not hold up the rest
+        for at, action in schedule:
+            await anyio.sleep(max(0.0, begun + at - time.monotonic()))
+            group.start_soon(_one_act, chaos, supervisor, action)
+
+
+async def _one_act(chaos: Run, supervisor: Supervisor, action: str) -> None:
+    if action.startswith("outage"):
+        chaos.progress.event("outage", action)
+    elif action == "restart broker":
         chaos.event(action)
-        if action == "restart broker":
-            await anyio.to_thread.run_sync(chaos.broker.stop)
-            await anyio.to_thread.run_sync(chaos.broker.start)
-            chaos.broker_restarts += 1
-            chaos.log("broker back")
-        elif (killed := supervisor.kill(action.removeprefix("kill "))) not in action:
+        chaos.progress.event("broker restart", action)
+        await anyio.to_thread.run_sync(chaos.broker.stop)
+        await anyio.to_thread.run_sync(chaos.broker.start)
+        chaos.broker_restarts += 1
+        chaos.log("broker back")
+    elif chaos.faults is not None and action.startswith("kill leader"):
+
+        def note(kind: str, done: str) -> None:
+            chaos.event(done)
+            chaos.progress.event(kind, done)
+
+        await chaos.faults.act(action, note)
+    else:
+        chaos.event(action)
+        chaos.progress.event("worker kill", action)
+        if (killed := supervisor.kill(action.removeprefix("kill "))) not in action:
             chaos.log(f"killed {killed} instead: {action[5:]} is not running yet")
 
 
@@ -584,22 +649,30 @@ async def _membership_events(chaos: Run, supervisor: Supervisor, begun: float) -
             chaos.log(f"{name} drained (exit {code}) and started again")
 
 
-# What each scheduled action disturbs, seconds: a kill until its worker is back and has run
-# again what it lost; a broker restart until the broker is back.
-_AFTERMATH_S = {"kill": 5.0, "restart": 15.0}
+def _aftermath_s(config: ChaosConfig, action: str) -> float:
+    """How long a scheduled action disturbs the run, seconds: a worker kill until its worker
+    is back and has run again what it lost; a broker restart until the broker is back; a
+    leader kill while its broker is down and a little after. The outage's edges cost no
+    calls twice (the breaker skips calls while it is open)."""
+    if action.startswith("outage"):
+        return 0.0
+    if action.startswith("kill leader"):
+        return config.broker_down_s + 10.0
+    return 15.0 if action == "restart broker" else 5.0
 
 
 async def _broker_answers(chaos: Run) -> None:
-    """Until the broker accepts connections (it may be restarting)."""
-    host, _, port = chaos.broker.bootstrap_servers.rpartition(":")
-    while True:
-        try:
-            stream = await anyio.connect_tcp(host, int(port))
-        except OSError:
-            await anyio.sleep(0.5)
-            continue
-        await stream.aclose()
-        return
+    """Until every broker accepts connections (one may be restarting or killed)."""
+    for server in chaos.broker.bootstrap_servers.split(","):
+        host, _, port = server.rpartition(":")
+        while True:
+            try:
+                stream = await anyio.connect_tcp(host, int(port))
+            except OSError:
+                await anyio.sleep(0.5)
+                continue
+            await stream.aclose()
+            break
 
 
 def _quiet(config: ChaosConfig, near: float, after: float = 0.0) -> float:
@@ -608,7 +681,7 @@ def _quiet(config: ChaosConfig, near: float, after: float = 0.0) -> float:
     (a fraction of the run), so that what the event costs is its own. A run too short for
     such stretches (the CI-sized one) gets `near` itself, overlaps and all."""
     actions = _schedule(config, random.Random(config.seed))  # the same as `_act` follows
-    busy = sorted((at, at + _AFTERMATH_S[what.split()[0]]) for at, what in actions)
+    busy = sorted((at, at + _aftermath_s(config, what)) for at, what in actions)
     gaps, free = [], after
     for begin, end in [*busy, (config.duration_s, config.duration_s)]:
         if begin - free >= 10.0:
@@ -772,6 +845,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-rolling-restart", action="store_true")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="figures as one JSON object")
+    parser.add_argument(
+        "--brokers",
+        type=int,
+        default=1,
+        choices=(1, 3),
+        help="3: a local cluster whose leaders die",
+    )
+    parser.add_argument("--broker-kills", type=int, default=4, help="with --brokers 3")
+    parser.add_argument(
+        "--broker-down", type=float, default=20.0, help="seconds a killed broker stays down"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the run folder (logs)")
     args = parser.parse_args(argv)
     # aiokafka logs every reconnect while the broker restarts; the run says what matters.
@@ -787,6 +871,9 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         scale_out=not args.no_scale_out,
         rolling_restart=not args.no_rolling_restart,
+        brokers=args.brokers,
+        broker_kills=args.broker_kills,
+        broker_down_s=args.broker_down,
     )
     home = Path(tempfile.mkdtemp(prefix="chaos-"))
     try:

@@ -36,6 +36,7 @@ from aiokafka.errors import (
 from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import CLOSE_RESERVE_S, KafkaSettings
+from stream.engine.late import acknowledged, watched
 from stream.engine.partitions import Partition
 from stream.errors import KafkaError, OutputRejectedError
 from stream.kafka import start_client, translate
@@ -59,6 +60,9 @@ _TOO_LARGE_TRIES = 3
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 # How long each closing step (a producer's stop, a partition's release) may take.
 CLOSE_TIMEOUT_S = CLOSE_RESERVE_S
+# aiokafka's default, named: Kafka aborts a transaction left open longer, so an exactly-
+# once commit waits that long for a cluster that cannot log it, and no longer.
+_TRANSACTION_TIMEOUT_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +196,7 @@ class AtLeastOnceSink:
             producer = self._producer
             try:
                 for future in await _send(producer, outputs):
-                    await future
+                    await acknowledged(future, partition)
                 break
             except AIOKafkaError as exc:
                 # Kafka is down or slow: keep the record unfinished and try again, so its
@@ -311,6 +315,7 @@ class ExactlyOnceSink:
         producer = AIOKafkaProducer(
             **self._settings.client_options(),
             transactional_id=self.transactional_id(tp),
+            transaction_timeout_ms=_TRANSACTION_TIMEOUT_MS,
             **self._options,
         )
         started = time.monotonic()
@@ -378,6 +383,14 @@ class ExactlyOnceSink:
         await _all(partial(self._commit_one, partition) for partition in todo)
         return len(todo)
 
+    async def _commit_steps(
+        self, txn: _Transactional, partition: Partition, position: tuple[int, str]
+    ) -> None:
+        await txn.begin()
+        await _delivered(txn)
+        await txn.producer.send_offsets_to_transaction({partition.tp: position}, self._group_id)
+        await txn.producer.commit_transaction()
+
     def _is_open(self, partition: Partition) -> bool:
         txn = self._producers.get(partition.tp)
         return txn is not None and txn.open
@@ -390,13 +403,10 @@ class ExactlyOnceSink:
             # Read under the lock: no record can finish between this and the commit.
             position = partition.position()
             try:
-                with anyio.fail_after(self._settings.request_timeout_ms / 1000):
-                    await txn.begin()
-                    await _delivered(txn)
-                    await txn.producer.send_offsets_to_transaction(
-                        {partition.tp: position}, self._group_id
-                    )
-                    await txn.producer.commit_transaction()
+                # Kafka holds a transaction up while too few replicas are in sync: wait as
+                # long as it would keep the transaction, then re-run from the last commit.
+                with anyio.fail_after(_TRANSACTION_TIMEOUT_MS / 1000):
+                    await watched(partial(self._commit_steps, txn, partition, position), partition)
             # IllegalOperation: aiokafka left the transaction on an error of its own (the
             # broker went away mid-transaction); it is no Kafka error class of its.
             except (AIOKafkaError, IllegalOperation, TimeoutError) as exc:
@@ -413,3 +423,4 @@ class ExactlyOnceSink:
                 ) from exc
             txn.open = False
             partition.committed = position
+            partition.write_error = None
