@@ -17,8 +17,8 @@ stage starts with one worker and scales out to three mid-run; later every worker
 restarted in turn (SIGTERM, drain, start again). Each event reports the answered calls
 paid for again until the next event. With `--brokers 3` it runs on a three-broker cluster
 instead and, in place of the broker restart, kills partition leaders and the active
-controller on purpose (tests/chaoscluster.py). For every fault it reports the longest time no terminal record
-arrived before the next one (`stalls`, `longest_gap_s_by_fault`).
+controller on purpose (tests/chaoscluster.py). For every fault it reports the longest time
+no terminal record arrived before the next one (`stalls`, `longest_gap_s_by_fault`).
 
 The checker (`Checker`) reads every output topic with read_committed and the input topic
 itself (so an input the producer wrote twice counts twice), and proves:
