@@ -1,6 +1,7 @@
-"""The chaos run, CI-sized: 1,000 requests with 2 worker kills, a broker restart and a
-15-second Synthetic outage (see tests/chaos.py; `./dev chaos` runs the full 10,000). And
-the checker itself, on hand-made outputs: it must see what is missing, doubled or stray."""
+"""The chaos run, CI-sized: 1,000 requests with 2 worker kills, a broker restart, a
+15-second Synthetic outage, a scale-out and a rolling restart (see tests/chaos.py;
+`./dev chaos` runs the full 10,000). And the checker itself, on hand-made outputs: it must
+see what is missing, doubled or stray."""
 
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ async def test_chaos_run_ci_sized() -> None:
     assert done.returncode == 0
     assert figures["inputs"] >= 1000 and figures["missing"] == figures["duplicates"] == 0
     assert figures["kills"] == 2 and figures["broker_restarts"] == 1
+    # The primary stage scaled out 1 → 3 and every worker was restarted in turn, each event
+    # with what it cost.
+    events = {e["event"]: e for e in figures["calls_again_by_event"]}
+    assert {"scale out: primary 1 → 3 workers", "rolling restart of every worker"} <= set(events)
+    assert all(e["asked_again"] >= e["paid_twice"] >= 0 for e in events.values())
     kinds = figures["inputs_by_kind"]
     assert sum(n for kind, n in kinds.items() if kind != "valid") == 50  # 5 % poison
     assert kinds["duplicate_id"] > 0 and kinds["too_large"] > 0

@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.errors import (
+    IllegalOperation,
     KafkaTimeoutError,
     KafkaUnavailableError,
     MessageSizeTooLargeError,
@@ -33,6 +33,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
     UnknownTopicOrPartitionError,
 )
+from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import CLOSE_RESERVE_S, KafkaSettings
 from stream.engine.late import acknowledged, watched
@@ -351,9 +352,11 @@ class ExactlyOnceSink:
             2 * self._settings.request_timeout_ms / 1000, shield=True
         ) as bound:
             async with txn.lock:
-                # The partition may have left while this waited for the lock, even come back
-                # with a new producer that must not take this run's outputs.
-                if not partition.abandoned and self._producers.get(partition.tp) is txn:
+                # The partition may have gone on probation (a rebalance: the engine holds the
+                # outputs until it knows) or left while this waited for the lock, even come
+                # back with a new producer that must not take this run's outputs.
+                ours = not (partition.revoked or partition.abandoned)
+                if ours and self._producers.get(partition.tp) is txn:
                     try:
                         await txn.begin()
                         txn.pending += await _send(txn.producer, outputs)
@@ -363,8 +366,10 @@ class ExactlyOnceSink:
                     finished = True
         if bound.cancelled_caught:
             # Some outputs may be in the open transaction without their record marked
-            # finished: committing it would write them twice. Abort it with the producer.
+            # finished: committing it would write them twice. Abort it with the producer;
+            # what the partition marked finished since its last commit is void.
             await self.revoked([partition.tp])
+            partition.abandon()
             raise KafkaError(
                 f"writing outputs of {partition.tp} into its transaction took longer than "
                 f"{2 * self._settings.request_timeout_ms / 1000:g} s; the transaction is "
@@ -402,13 +407,17 @@ class ExactlyOnceSink:
                 # long as it would keep the transaction, then re-run from the last commit.
                 with anyio.fail_after(_TRANSACTION_TIMEOUT_MS / 1000):
                     await watched(partial(self._commit_steps, txn, partition, position), partition)
-            except (AIOKafkaError, TimeoutError) as exc:
+            # IllegalOperation: aiokafka left the transaction on an error of its own (the
+            # broker went away mid-transaction); it is no Kafka error class of its.
+            except (AIOKafkaError, IllegalOperation, TimeoutError) as exc:
                 # A fenced or failed transaction cannot be repaired here: its outputs are
                 # aborted, so the records must be re-run from the last commit. The records
                 # marked finished in memory are void: drop the partition's producer so
                 # nothing more is committed for it, and crash to let a restart (or the
-                # partition's new owner) re-run them from committed state.
+                # partition's new owner) re-run them from committed state. Should the
+                # partition come back to this worker first, it starts over from there.
                 await self.revoked([partition.tp])
+                partition.abandon()
                 raise translate(
                     exc, self._settings, f"committing the transaction of {partition.tp}"
                 ) from exc

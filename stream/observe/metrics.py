@@ -355,6 +355,15 @@ def _engine_metrics(snapshots: Sequence[EngineSnapshot]) -> Iterable[Metric]:
             "each may be a provider call paid twice.",
             lambda s: s.records_redelivered,
         ),
+        "stream_engine_rebalances": (
+            "Rebalances that revoked the engine's partitions.",
+            lambda s: s.rebalances,
+        ),
+        "stream_engine_records_abandoned": (
+            "Running records abandoned because their partition moved to another worker (or "
+            "the shutdown grace ran out): their next owner calls the provider again.",
+            lambda s: s.abandoned,
+        ),
     }
     for kind, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
         for name, (doc, value) in table.items():
