@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["DEFAULT_PRICES", "PRICES_READ_ON", "Bill", "Price", "TokenCounts", "token_counts"]
 
@@ -45,8 +45,7 @@ class Price:
         return total / 1_000_000
 
 
-@dataclass(frozen=True)
-class TokenCounts:
+class TokenCounts(NamedTuple):  # a tuple: metrics iterate it per answer
     prompt: int
     cached: int  # of `prompt`, read from the provider's cache
     completion: int
