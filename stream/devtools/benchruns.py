@@ -175,7 +175,7 @@ async def _passthrough(settings: Settings, requests: int) -> Figures:
     topics = Topics.of(settings)
 
     async def handler(record: Record) -> Sequence[Output]:
-        return [Output(topics.results, record.value, key=record.key)]
+        return [Output(topics.results, record.value, key=record.key, follows=record.partition)]
 
     engine = Engine(
         settings=settings,

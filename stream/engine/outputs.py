@@ -68,6 +68,11 @@ class Output:
     value: bytes
     key: bytes | None = None
     headers: tuple[tuple[str, bytes], ...] = ()
+    # The partition of the input record whose key this output carries (None: another key,
+    # or none). Co-partitioning: when the output's topic has as many partitions as the
+    # input's, the output goes to that partition number, so a key stays where the upstream
+    # put it, and the producer's partitioner (murmur2 in pure Python) is not run.
+    follows: int | None = None
 
 
 class Sink(Protocol):
@@ -95,11 +100,33 @@ def _changes(partitions: Iterable[Partition]) -> dict[Partition, tuple[int, str]
     return changed
 
 
-async def _send(producer: AIOKafkaProducer, outputs: Sequence[Output]) -> list[Any]:
-    """Hand the outputs to the producer; the futures resolve when Kafka acknowledges."""
-    return [
-        await producer.send(o.topic, o.value, key=o.key, headers=list(o.headers)) for o in outputs
-    ]
+async def _send(
+    producer: AIOKafkaProducer, outputs: Sequence[Output], source: TopicPartition
+) -> list[Any]:
+    """Hand the outputs of a record of `source` to the producer; the futures resolve when
+    Kafka acknowledges."""
+    futures = []
+    for o in outputs:
+        partition = None if o.follows is None else _co_partition(producer, o, source.topic)
+        future = await producer.send(
+            o.topic, o.value, key=o.key, partition=partition, headers=list(o.headers)
+        )
+        futures.append(future)
+    return futures
+
+
+def _co_partition(producer: AIOKafkaProducer, output: Output, source: str) -> int | None:
+    """The input's partition number for `output` when its topic has as many partitions as
+    the input's (`source`), as the producer's metadata says; else None (hash the key)."""
+    cluster = producer.client.cluster
+    theirs = cluster.partitions_for_topic(source)
+    if theirs is None:
+        producer.client.add_topic(source)  # known after the next metadata update
+        return None
+    ours = cluster.partitions_for_topic(output.topic)
+    if ours is None or len(ours) != len(theirs) or output.follows not in ours:
+        return None
+    return output.follows
 
 
 def retry_helps(exc: AIOKafkaError) -> bool:
@@ -190,7 +217,7 @@ class AtLeastOnceSink:
         while True:
             producer = self._producer
             try:
-                for future in await _send(producer, outputs):
+                for future in await _send(producer, outputs, partition.tp):
                     await future
                 break
             except AIOKafkaError as exc:
@@ -351,7 +378,7 @@ class ExactlyOnceSink:
                 if not partition.abandoned and self._producers.get(partition.tp) is txn:
                     try:
                         await txn.begin()
-                        txn.pending += await _send(txn.producer, outputs)
+                        txn.pending += await _send(txn.producer, outputs, partition.tp)
                     except AIOKafkaError as exc:
                         raise translate(exc, self._settings, "producing outputs") from exc
                     partition.offsets.finish(offset)
