@@ -376,8 +376,7 @@ class Engine:
             partition.done(record)
             self._flow.finished()
         if not self._stopping.is_set():
-            self._flow.start_ready()
-            self._flow.update(self._consumer)
+            self._flow.after_record(self._consumer)
 
     async def _write(self, partition: Partition, record: Record, outputs: Sequence[Output]) -> bool:
         partition.writes[record.offset] = time.monotonic()  # how long Kafka keeps us waiting

@@ -107,7 +107,7 @@ async def _send(
     Kafka acknowledges."""
     futures = []
     for o in outputs:
-        partition = None if o.follows is None else _co_partition(producer, o, source.topic)
+        partition = None if o.follows is None else await _co_partition(producer, o, source.topic)
         future = await producer.send(
             o.topic, o.value, key=o.key, partition=partition, headers=list(o.headers)
         )
@@ -115,16 +115,15 @@ async def _send(
     return futures
 
 
-def _co_partition(producer: AIOKafkaProducer, output: Output, source: str) -> int | None:
+async def _co_partition(producer: AIOKafkaProducer, output: Output, source: str) -> int | None:
     """The input's partition number for `output` when its topic has as many partitions as
-    the input's (`source`), as the producer's metadata says; else None (hash the key)."""
+    the input's (`source`); else None (the key is hashed). The same answer for every output
+    of a key: the first output waits for the producer to learn the input topic's metadata
+    (it had no need of it before), rather than be placed by its hash."""
     cluster = producer.client.cluster
-    theirs = cluster.partitions_for_topic(source)
-    if theirs is None:
-        producer.client.add_topic(source)  # known after the next metadata update
-        return None
-    ours = cluster.partitions_for_topic(output.topic)
-    if ours is None or len(ours) != len(theirs) or output.follows not in ours:
+    theirs = cluster.partitions_for_topic(source) or await producer.partitions_for(source)
+    ours = cluster.partitions_for_topic(output.topic) or await producer.partitions_for(output.topic)
+    if len(ours) != len(theirs) or output.follows not in ours:
         return None
     return output.follows
 
