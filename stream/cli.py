@@ -25,7 +25,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 # module of the command asked for is imported (all of them for `stream --help`): a
 # one-shot `stream lag` must not pay for the worker's HTTP stack.
 COMMANDS: dict[str, str] = {
-    "kafka": "stream.devtools.broker",
+    "kafka": "stream.devtools.kafkacli",
     "topics": "stream.topics",
     "run": "stream.worker",
     "demo": "stream.devtools.demo",

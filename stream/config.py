@@ -27,6 +27,7 @@ __all__ = [
     "Secret",
     "Settings",
     "SpendSettings",
+    "check_instance_id",
 ]
 
 Guarantee = Literal["at-least-once", "exactly-once"]
@@ -102,9 +103,6 @@ class EngineSettings:
     # How long SIGTERM lets running calls finish. None: as long as the catalog's longest
     # model timeout (no call can run longer); the worker works it out (`drain_grace_s`).
     shutdown_grace_s: float | None = None
-    # On a rebalance, in-flight calls get this long to finish before they are abandoned
-    # (and paid for again by the partition's next owner): long, for reasoning models.
-    revoke_grace_s: float = 60.0
     # LLM calls take minutes: a consumer must not be kicked out of its group for that.
     max_poll_interval_ms: int = 600_000
     rebalance_timeout_ms: int = 120_000
@@ -177,13 +175,6 @@ class Settings:
             ordering=source.choice("STREAM_ORDERING", ("unordered", "key"), "unordered"),  # type: ignore[arg-type]
             commit_interval_s=source.number("STREAM_COMMIT_INTERVAL_S", 1.0, low=0.01),
             shutdown_grace_s=source.optional_number("STREAM_SHUTDOWN_GRACE_S", low=0.0),
-            # unset, it follows the rebalance timeout down (half of what is left after the
-            # close reserve, at most 60 s), so lowering only the timeout keeps a valid pair
-            revoke_grace_s=source.number(
-                "STREAM_REVOKE_GRACE_S",
-                min(60.0, max(0.0, rebalance_timeout_ms / 1000 - CLOSE_RESERVE_S) / 2),
-                low=0.0,
-            ),
             max_poll_interval_ms=source.integer("STREAM_MAX_POLL_INTERVAL_MS", 600_000, low=1),
             rebalance_timeout_ms=rebalance_timeout_ms,
             session_timeout_ms=source.integer("STREAM_SESSION_TIMEOUT_MS", 45_000, low=1),
@@ -227,12 +218,10 @@ class Settings:
             )
         if engine.session_timeout_ms >= engine.rebalance_timeout_ms:
             raise ConfigError("STREAM_SESSION_TIMEOUT_MS must be below STREAM_REBALANCE_TIMEOUT_MS")
-        if (engine.revoke_grace_s + CLOSE_RESERVE_S) * 1000 >= engine.rebalance_timeout_ms:
+        if CLOSE_RESERVE_S * 1000 >= engine.rebalance_timeout_ms:
             raise ConfigError(
-                f"STREAM_REVOKE_GRACE_S ({engine.revoke_grace_s:g} s) plus {CLOSE_RESERVE_S:g} s "
-                "to close must be shorter than STREAM_REBALANCE_TIMEOUT_MS "
-                f"({engine.rebalance_timeout_ms} ms), or the group gives up on this worker "
-                "while it drains: lower the grace or raise the timeout"
+                f"STREAM_REBALANCE_TIMEOUT_MS ({engine.rebalance_timeout_ms} ms) must be over "
+                f"{CLOSE_RESERVE_S:g} s: a revoke commits and closes within it"
             )
         kafka = self.kafka
         if kafka.security_protocol.startswith("SASL_") and not (
@@ -286,18 +275,24 @@ def _kafka_settings(source: Source) -> KafkaSettings:
     )
 
 
-# Kafka's rules for a group.instance.id (the same as for a topic name).
+# Kafka's rules for a group.instance.id (the same as for a topic name). Each engine appends
+# "-<stage>" to it (up to 9 characters), and Kafka takes 249: this leaves room.
 _INSTANCE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-INSTANCE_ID_MAX = 249
+INSTANCE_ID_MAX = 240
 
 
 def _instance_id(source: Source) -> str | None:
-    value = source.text("STREAM_INSTANCE_ID", "")
+    return check_instance_id(source.text("STREAM_INSTANCE_ID", ""), "STREAM_INSTANCE_ID")
+
+
+def check_instance_id(value: str, name: str) -> str | None:
+    """`value` as a group instance id (None when empty); a `ConfigError` naming `name`
+    (the variable or option it came from) when Kafka would refuse it."""
     if not value:
         return None
     if value in (".", "..") or len(value) > INSTANCE_ID_MAX or set(value) - _INSTANCE_ID_CHARS:
         raise ConfigError(
-            f"STREAM_INSTANCE_ID {value[:60]!r} is not a valid Kafka group instance id: use "
+            f"{name} {value[:60]!r} is not a valid Kafka group instance id: use "
             f"up to {INSTANCE_ID_MAX} letters, digits, '.', '_' or '-' (not '.' or '..'), "
             "e.g. the pod name of a StatefulSet"
         )

@@ -4,7 +4,8 @@
     ├── ConfigError              settings, catalog or topic files a person must fix
     │   └── TopicSpecError       a file in topics/ is malformed
     ├── KafkaError               the cluster refused or could not be reached
-    │   └── BrokerError          the local broker could not be fetched or started
+    │   ├── BrokerError          the local broker could not be fetched or started
+    │   └── FencedError          a newer process joined with this one's instance id
     ├── ProviderError            an LLM provider call failed (status, error_type, attempts)
     │   ├── RetryableProviderError   may succeed if tried again (429, 5xx, timeouts …)
     │   ├── FatalProviderError       will not succeed as sent (400, 401, 404 …)
@@ -29,6 +30,7 @@ __all__ = [
     "CircuitOpenError",
     "ConfigError",
     "FatalProviderError",
+    "FencedError",
     "InvalidRecordError",
     "KafkaError",
     "ProviderError",
@@ -64,6 +66,11 @@ class KafkaError(StreamError):
 
 class BrokerError(KafkaError):
     """The local development broker could not be fetched, started or stopped."""
+
+
+class FencedError(KafkaError):
+    """Another process joined the consumer group with this worker's instance id and took
+    its partitions over: this one stops (two workers must not share an id)."""
 
 
 class OutputRejectedError(StreamError):

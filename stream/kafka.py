@@ -7,6 +7,7 @@ aiokafka raises its own exception types, and a cluster that is down shows up as 
 
 from __future__ import annotations
 
+import random
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -174,6 +175,31 @@ async def _accepts_tcp(bootstrap: str) -> bool:
         return False
 
 
+class _AdminClient(AIOKafkaAdminClient):  # type: ignore[misc]
+    """aiokafka's admin client sends a request that names no broker to a random known one,
+    and never tries another: with one broker of three down, a third of them would fail.
+    This one takes the first broker that answers, in random order, and reads the metadata
+    again when none does (a dead broker leaves it once the controllers fence it)."""
+
+    async def _send_request(self, request: Any, node_id: int | None = None) -> Any:
+        if node_id is None:
+            node_id = await self._answering_node()
+        return await self._client.send(node_id, request)
+
+    async def _answering_node(self) -> int | None:
+        client = self._client
+        for _round in range(2):
+            nodes = [broker.nodeId for broker in client.cluster.brokers()]
+            random.shuffle(nodes)
+            for node in nodes:
+                if await client.ready(node):
+                    return int(node)
+            with anyio.move_on_after(5.0):
+                await client.force_metadata_update()
+        fallback: int | None = client.get_random_node()
+        return fallback  # none answers: `send` fails as aiokafka's would
+
+
 async def start_client(
     client: Any, settings: KafkaSettings, doing: str, *, timeout_s: float | None = None
 ) -> None:
@@ -197,8 +223,8 @@ async def stop_client(client: Any) -> None:
 
 @asynccontextmanager
 async def admin_client(settings: KafkaSettings, *, doing: str) -> AsyncIterator[Any]:
-    """A started `AIOKafkaAdminClient`; failures to connect become our `KafkaError`."""
-    admin = AIOKafkaAdminClient(**settings.client_options())
+    """A started admin client (`_AdminClient`); failures to connect become our `KafkaError`."""
+    admin = _AdminClient(**settings.client_options())
     async with _started(admin, settings, doing):
         yield admin
 

@@ -197,8 +197,8 @@ async def plan(settings: Settings, *, add_partitions: bool = False) -> list[Chan
     specs = load_specs(settings.topics_dir, prefix=settings.topic_prefix)
     async with admin_client(settings.kafka, doing="reading topics") as admin:
         try:
-            brokers = len((await admin.describe_cluster())["brokers"])
             existing = set(await admin.list_topics())
+            brokers = await _cluster_size(admin)
             changes = []
             for spec in specs:
                 if spec.name not in existing:
@@ -212,6 +212,18 @@ async def plan(settings: Settings, *, add_partitions: bool = False) -> list[Chan
         except AIOKafkaError as exc:
             raise translate(exc, settings.kafka, "reading topics") from exc
     return changes
+
+
+async def _cluster_size(admin: Any) -> int:
+    """The brokers of the cluster, those down right now included: they still hold replicas,
+    and fitting the declarations to the live brokers only would lower replication and
+    min.insync.replicas for good while one restarts. (Every topic's metadata: the same one
+    request `describe_cluster` makes.)"""
+    brokers = {int(b["node_id"]) for b in (await admin.describe_cluster())["brokers"]}
+    for description in await admin.describe_topics():
+        for partition in description["partitions"]:
+            brokers.update(partition["replicas"])
+    return len(brokers)
 
 
 def _creation(spec: TopicSpec, brokers: int) -> Change:
@@ -230,7 +242,8 @@ def _creation(spec: TopicSpec, brokers: int) -> Change:
 async def _describe(admin: Any, topic: str) -> tuple[int, int]:
     (description,) = await admin.describe_topics([topic])
     partitions = description["partitions"]
-    return len(partitions), min(len(p["replicas"]) for p in partitions)
+    # On a cluster, a broker may not know a topic just created on another: no partitions yet.
+    return len(partitions), min((len(p["replicas"]) for p in partitions), default=0)
 
 
 async def max_message_bytes(admin: Any, topics: list[str]) -> dict[str, int]:

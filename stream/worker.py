@@ -6,6 +6,10 @@ SIGTERM/SIGINT stop fetching and let running calls finish (`drain_grace_s`: at m
 catalog's longest model timeout, or `STREAM_SHUTDOWN_GRACE_S`), then commit and exit; a
 second signal exits at once (what is not committed runs again later). An orchestrator must
 allow `stop_grace_s` before it sends SIGKILL.
+
+With `STREAM_INSTANCE_ID` (or `--instance-id`) each engine is a static member of its group
+(`<id>-primary`, `<id>-fallback`): a restart with the same id gets its partitions back
+without a rebalance, and a second process started with the same id makes the first exit.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import anyio.abc
 
 from stream import logs, topics
 from stream.catalog import Catalog, load_catalog, unpriced
-from stream.config import Settings
+from stream.config import Settings, check_instance_id
 from stream.engine.engine import Engine
 from stream.errors import ConfigError, KafkaError
 from stream.kafka import admin_client
@@ -293,6 +297,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     stages = STAGES if args.stage == "all" else (args.stage,)
     if args.guarantee:
         settings = replace(settings, engine=replace(settings.engine, guarantee=args.guarantee))
+    if args.instance_id is not None:
+        instance_id = check_instance_id(args.instance_id, "--instance-id")
+        settings = replace(settings, engine=replace(settings.engine, instance_id=instance_id))
     anyio.run(run_until_signal, Worker(settings, stages, own_process=True))
     return 0
 
@@ -307,5 +314,12 @@ def register(commands: Any) -> None:
     parser.add_argument("stage", choices=[*STAGES, "all"])
     parser.add_argument(
         "--guarantee", choices=["at-least-once", "exactly-once"], help="overrides STREAM_GUARANTEE"
+    )
+    parser.add_argument(
+        "--instance-id",
+        metavar="ID",
+        help="static group membership (overrides STREAM_INSTANCE_ID): a name that stays with "
+        "this worker across restarts and no other running worker has, e.g. a StatefulSet's "
+        "pod name; a restart with it keeps the partitions without a rebalance",
     )
     parser.set_defaults(handler=_run)

@@ -2,6 +2,7 @@
 and poison input, then a proof that nothing was lost, doubled or invented.
 
     python -m tests.chaos [--requests 10000] [--guarantee exactly-once|at-least-once] [--json]
+                          [--brokers 3 [--broker-kills 4] [--broker-down 20]]
 
 It starts its own Kafka broker and a provider simulator (`stream simulate`) in subprocesses,
 2 primary and 2 fallback workers (`stream run …`) under a unique topic prefix, and feeds
@@ -11,7 +12,13 @@ some valid requests that reuse another's request_id. Meanwhile it SIGKILLs and r
 workers, restarts the broker once, and opens a Synthetic outage (`hf:*` answers 503), so
 mapped models fall back to Together and unmapped ones dead-letter. A worker that exits on
 its own (exactly-once crashes on purpose when Kafka is gone) is restarted, as a supervisor
-would, and counted.
+would, and counted. Workers are static members (`--instance-id`, their names). The primary
+stage starts with one worker and scales out to three mid-run; later every worker is
+restarted in turn (SIGTERM, drain, start again). Each event reports the answered calls
+paid for again until the next event. With `--brokers 3` it runs on a three-broker cluster
+instead and, in place of the broker restart, kills partition leaders and the active
+controller on purpose (tests/chaoscluster.py). For every fault it reports the longest time
+no terminal record arrived before the next one (`stalls`, `longest_gap_s_by_fault`).
 
 The checker (`Checker`) reads every output topic with read_committed and the input topic
 itself (so an input the producer wrote twice counts twice), and proves:
@@ -53,10 +60,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from stream import topics
 from stream.config import Settings
 from stream.devtools.broker import LocalBroker, free_port
+from stream.devtools.cluster import CONTROLLERS, LocalCluster, free_ports
 from stream.devtools.simulator import simulate_command
 from stream.errors import BrokerError
 from stream.kafka import admin_client
 from stream.stages import Topics
+from tests.chaoscluster import BrokerFaults, Progress, broker_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("deepseek-r1-0528-syn", "kimi-k2-thinking-syn", "deepseek-v3-0324-syn", "glm-4.6-syn")
@@ -84,6 +93,11 @@ class ChaosConfig:
     seed: int = 1
     max_in_flight: int = 200
     settle_timeout_s: float = 300.0  # after the last input, for every terminal record
+    scale_out: bool = True  # the primary stage: 1 worker, then 3 a third of the way in
+    rolling_restart: bool = True  # every worker restarted in turn, three quarters in
+    brokers: int = 1  # 3: a local cluster, whose leaders are killed instead of a restart
+    broker_kills: int = 4
+    broker_down_s: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -155,32 +169,62 @@ class Supervisor:
     kills: int = 0
     crashes: int = 0
     starts: int = 0
+    restarting: set[str] = field(default_factory=set)
 
     def start(self, name: str) -> None:
-        stage = name.rstrip("0123456789")
+        stage = _stage(name)
         self.starts += 1
         with open(self.logs / f"{name}.log", "ab") as log:
             self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "stream", "run", stage],
+                [sys.executable, "-m", "stream", "run", stage, "--instance-id", name],
                 env=self.env,
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
 
-    def kill(self, name: str) -> None:
+    def kill(self, name: str) -> str:
+        """SIGKILL `name` and start it again. For a worker the scale-out has not started
+        yet, another of its stage stands in, or, rather than a stage's only worker, one of
+        another stage (the outage must find the primary stage running). Returns the one
+        killed."""
+        if name not in self.processes:
+            same = sorted(n for n in self.processes if _stage(n) == _stage(name))
+            other = sorted(n for n in self.processes if _stage(n) != _stage(name))
+            name = same[0] if len(same) > 1 or not other else other[0]
         process = self.processes[name]
         process.send_signal(signal.SIGKILL)
         process.wait()
         self.kills += 1
         self.start(name)
+        return name
 
     def revive(self) -> None:
         """Restart any worker that exited on its own (a crash: Kafka gone, fenced …)."""
         for name, process in list(self.processes.items()):
-            if process.poll() is not None:
+            if process.poll() is not None and name not in self.restarting:
                 self.crashes += 1
                 self.start(name)
+
+    async def restart(self, name: str) -> int:
+        """SIGTERM, wait for the drain and the exit, start again and wait until it has its
+        partitions back (as a rolling update waits for readiness); the exit code."""
+        self.restarting.add(name)
+        try:
+            process = self.processes[name]
+            process.send_signal(signal.SIGTERM)
+            code = await anyio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
+            log = self.logs / f"{name}.log"
+            seen = log.stat().st_size
+            self.start(name)
+            fresh = self.processes[name]
+            with anyio.move_on_after(30):
+                # (a state in a file and another process: polled)
+                while b"assigned " not in log.read_bytes()[seen:] and fresh.poll() is None:  # noqa: ASYNC110
+                    await anyio.sleep(0.2)
+            return code
+        finally:
+            self.restarting.discard(name)
 
     def stop(self, timeout_s: float = 60.0) -> list[int | None]:
         for process in self.processes.values():
@@ -194,6 +238,10 @@ class Supervisor:
                 process.kill()
                 codes.append(process.wait())
         return codes
+
+
+def _stage(name: str) -> str:
+    return name.rstrip("0123456789")
 
 
 def _simulator(port: int, config: ChaosConfig, outage: tuple[float, float], log: Path) -> Any:
@@ -335,16 +383,24 @@ class Run:
     def __init__(self, config: ChaosConfig, home: Path) -> None:
         self.config = config
         self.home = home
-        self.broker = LocalBroker(home=home / "kafka", port=free_port())
+        self.broker = _kafka(config, home / "kafka")
         self.inputs = plan(config)
         self.broker_restarts = 0
         self.events: list[str] = []
+        self.timeline: list[tuple[float, str]] = []  # (monotonic, event): what costs money
         self.started = time.monotonic()
+        self.progress = Progress()
+        self.faults: BrokerFaults | None = None
 
     def log(self, text: str) -> None:
         line = f"[{time.monotonic() - self.started:7.1f}s] {text}"
         self.events.append(line)
         print(line, file=sys.stderr, flush=True)
+
+    def event(self, text: str) -> None:
+        """Log a disruption; the calls paid twice after it are reported against it."""
+        self.timeline.append((time.monotonic(), text))
+        self.log(text)
 
     def settings(self, prefix: str) -> Settings:
         return Settings.from_env(
@@ -364,6 +420,13 @@ async def run(config: ChaosConfig, home: Path) -> dict[str, Any]:
         await anyio.to_thread.run_sync(chaos.broker.stop)
 
 
+def _kafka(config: ChaosConfig, home: Path) -> LocalBroker | LocalCluster:
+    if config.brokers == 1:
+        return LocalBroker(home=home, port=free_port())
+    port = free_ports(config.brokers + CONTROLLERS)
+    return LocalCluster(home=home, port=port, brokers=config.brokers)
+
+
 async def _start_broker(chaos: Run, tries: int = 3) -> None:
     """Start the broker; on a free port taken in between (a race), try other ports."""
     for attempt in range(tries):
@@ -374,8 +437,7 @@ async def _start_broker(chaos: Run, tries: int = 3) -> None:
             chaos.log(f"broker did not start ({exc}); other ports")
             if attempt == tries - 1:
                 raise
-            home = chaos.home / f"kafka{attempt + 1}"
-            chaos.broker = LocalBroker(home=home, port=free_port())
+            chaos.broker = _kafka(chaos.config, chaos.home / f"kafka{attempt + 1}")
 
 
 async def _start_simulator(chaos: Run, outage: tuple[float, float]) -> tuple[Any, int]:
@@ -396,15 +458,17 @@ async def _run(chaos: Run) -> dict[str, Any]:
     prefix = f"chaos{uuid.uuid4().hex[:8]}."
     settings = chaos.settings(prefix)
     await topics.apply(settings, await topics.plan(settings))
+    if isinstance(chaos.broker, LocalCluster):
+        chaos.faults = BrokerFaults(chaos.broker, settings, config.broker_down_s)
     # The outage opens a fifth of the way in, so it overlaps kills and live traffic.
     outage_start = config.duration_s * 0.2
     sim, sim_port = await _start_simulator(chaos, (outage_start, outage_start + config.outage_s))
     supervisor = Supervisor(_worker_env(chaos, prefix, sim_port), chaos.home)
     try:
         chaos.log(f"simulator up; outage from {outage_start:.0f}s for {config.outage_s:.0f}s")
-        for name in ("primary1", "primary2", "fallback1", "fallback2"):
+        for name in _first_workers(config):
             supervisor.start(name)
-        checker, wall = await _drive(chaos, settings, supervisor)
+        checker, wall, stalls, costs = await _drive(chaos, settings, supervisor, sim_port)
         async with httpx.AsyncClient() as http:
             stats = (await http.get(f"http://127.0.0.1:{sim_port}/sim/stats")).json()
     finally:
@@ -425,18 +489,27 @@ async def _run(chaos: Run) -> dict[str, Any]:
         "kills": supervisor.kills,
         "worker_restarts_after_exit": supervisor.crashes,
         "broker_restarts": chaos.broker_restarts,
+        "brokers": config.brokers,
+        "broker_kills": chaos.faults.broker_kills if chaos.faults else 0,
+        "controller_kills": chaos.faults.controller_kills if chaos.faults else 0,
+        **stalls,
         "outage_s": config.outage_s,
         "provider_calls": stats["requests"],
         "provider_calls_needed": needed,
         # Calls beyond one per request that needed one (the breaker skips calls while
         # Synthetic is down, which can hide the rest: see the next figure).
         "provider_calls_wasted": max(0, stats["requests"] - needed),
-        # Successful calls whose answer was thrown away (re-runs after a kill, aborted
-        # transactions): the money actually paid twice.
+        # Calls the simulator decided to answer that left no result: cut short by a kill or
+        # a crash (asked again later), or answered and thrown away (see the next figures).
         "provider_ok_calls_paid_twice": max(
             0, stats["by_outcome"].get("ok", 0) - sum(figures["results_by_provider"].values())
         ),
         "provider_calls_by_outcome": stats["by_outcome"],
+        # Calls for a question asked before (re-runs, retries), and those asked again after
+        # an answer: money paid twice for certain (the simulator's counts).
+        "provider_calls_asked_again": stats["repeated"],
+        "provider_answered_calls_paid_twice": stats["paid_twice"],
+        "calls_again_by_event": _per_event(chaos, costs, stats),
         "provider_peak_in_flight": stats["peak_in_flight"],
         "wall_time_s": round(wall, 1),
         "worker_exit_codes": codes,
@@ -444,37 +517,66 @@ async def _run(chaos: Run) -> dict[str, Any]:
 
 
 def _schedule(config: ChaosConfig, rng: random.Random) -> list[tuple[float, str]]:
-    """(seconds after the first input, action): kills spread over the run, one restart."""
+    """(seconds after the first input, action): kills spread over the run, one restart (on
+    a cluster: leaders killed and brought back), and the outage's edges, for the record."""
     span = config.duration_s
     steps = max(1, config.kills - 1)
     actions = [
         (span * (0.1 + 0.8 * k / steps), f"kill {rng.choice(WORKERS)}") for k in range(config.kills)
     ]
-    if config.broker_restart:
+    if config.brokers > 1:
+        actions += broker_schedule(span, config.broker_kills)
+    elif config.broker_restart:
         actions.append((span * 0.55, "restart broker"))
+    if config.outage_s > 0:
+        actions += [(span * 0.2, "outage starts"), (span * 0.2 + config.outage_s, "outage ends")]
     return sorted(actions)
 
 
 WORKERS = ("primary1", "primary2", "fallback1", "fallback2")
 
 
-async def _drive(chaos: Run, settings: Settings, supervisor: Supervisor) -> tuple[Checker, float]:
+async def _drive(
+    chaos: Run, settings: Settings, supervisor: Supervisor, sim_port: int
+) -> tuple[Checker, float, dict[str, Any], list[tuple[float, int, int]]]:
     config = chaos.config
     checker = Checker(Topics.of(settings).requests, {i.value: i for i in chaos.inputs})
     rng = random.Random(config.seed)
     begun = time.monotonic()
+    costs: list[tuple[float, int, int]] = []
+    chaos.progress = Progress(started=begun)
     async with anyio.create_task_group() as group:
         group.start_soon(_supervise, supervisor)
+        group.start_soon(_watch_progress, settings, chaos.progress)
         group.start_soon(_act, chaos, supervisor, _schedule(config, rng), begun)
+        group.start_soon(_membership_events, chaos, supervisor, begun)
+        group.start_soon(_sample_costs, sim_port, costs)
         await _produce(chaos, settings, begun)
         chaos.log(f"all {len(chaos.inputs)} inputs written; waiting for terminal records")
         await _read_inputs(settings, checker)
         with anyio.move_on_after(config.settle_timeout_s):
             await _read_outputs(settings, checker, until_complete=True)
-        wall = time.monotonic() - begun
+        end = time.monotonic()
         chaos.log("complete" if checker.complete() else "NOT complete: settle timeout")
         group.cancel_scope.cancel()
-    return checker, wall
+    stalls = {
+        "longest_gap_s_by_fault": chaos.progress.longest_by_kind(end),
+        "stalls": chaos.progress.report(end),
+    }
+    return checker, end - begun, stalls, costs
+
+
+async def _watch_progress(settings: Settings, progress: Progress) -> None:
+    """Note when each terminal record arrives (read_committed), from the first."""
+    names = Topics.of(settings)
+    consumer = await _assigned(settings, [names.results, names.dead_letter])
+    try:
+        while True:
+            batch = await consumer.getmany(timeout_ms=200)
+            progress.arrived(sum(len(records) for records in batch.values()))
+    finally:
+        with anyio.CancelScope(shield=True):
+            await consumer.stop()
 
 
 async def _supervise(supervisor: Supervisor) -> None:
@@ -486,16 +588,148 @@ async def _supervise(supervisor: Supervisor) -> None:
 async def _act(
     chaos: Run, supervisor: Supervisor, schedule: list[tuple[float, str]], begun: float
 ) -> None:
-    for at, action in schedule:
-        await anyio.sleep(max(0.0, begun + at - time.monotonic()))
-        chaos.log(action)
-        if action == "restart broker":
-            await anyio.to_thread.run_sync(chaos.broker.stop)
-            await anyio.to_thread.run_sync(chaos.broker.start)
-            chaos.broker_restarts += 1
-            chaos.log("broker back")
-        else:
-            supervisor.kill(action.removeprefix("kill "))
+    async with anyio.create_task_group() as group:  # a broker restart does not hold up the rest
+        for at, action in schedule:
+            await anyio.sleep(max(0.0, begun + at - time.monotonic()))
+            group.start_soon(_one_act, chaos, supervisor, action)
+
+
+async def _one_act(chaos: Run, supervisor: Supervisor, action: str) -> None:
+    if action.startswith("outage"):
+        chaos.progress.event("outage", action)
+    elif action == "restart broker":
+        chaos.event(action)
+        chaos.progress.event("broker restart", action)
+        await anyio.to_thread.run_sync(chaos.broker.stop)
+        await anyio.to_thread.run_sync(chaos.broker.start)
+        chaos.broker_restarts += 1
+        chaos.log("broker back")
+    elif chaos.faults is not None and action.startswith("kill leader"):
+
+        def note(kind: str, done: str) -> None:
+            chaos.event(done)
+            chaos.progress.event(kind, done)
+
+        await chaos.faults.act(action, note)
+    else:
+        chaos.event(action)
+        chaos.progress.event("worker kill", action)
+        if (killed := supervisor.kill(action.removeprefix("kill "))) not in action:
+            chaos.log(f"killed {killed} instead: {action[5:]} is not running yet")
+
+
+# -- membership events: scale-out, rolling restarts, and what each event cost ------------
+
+
+def _first_workers(config: ChaosConfig) -> tuple[str, ...]:
+    primaries = ("primary1",) if config.scale_out else ("primary1", "primary2")
+    return (*primaries, "fallback1", "fallback2")
+
+
+async def _membership_events(chaos: Run, supervisor: Supervisor, begun: float) -> None:
+    """Scale the primary stage out from 1 to 3 workers about a third of the way in; about
+    three quarters in, restart every worker in turn, each once the one before is back. Both
+    fall half-way between the kills and the broker restart, so that what each event cost
+    is not what a kill just before it cost."""
+    config = chaos.config
+    scaled = 0.0
+    if config.scale_out:
+        scaled = _quiet(config, 0.3)
+        await anyio.sleep(max(0.0, begun + scaled - time.monotonic()))
+        chaos.event("scale out: primary 1 → 3 workers")
+        for name in ("primary2", "primary3"):
+            supervisor.start(name)
+    if config.rolling_restart:
+        restart = _quiet(config, 0.75, after=scaled + 5.0)
+        await anyio.sleep(max(0.0, begun + restart - time.monotonic()))
+        chaos.event("rolling restart of every worker")
+        for name in sorted(supervisor.processes):
+            await _broker_answers(chaos)  # as an operator would, not while Kafka is away
+            code = await supervisor.restart(name)
+            chaos.log(f"{name} drained (exit {code}) and started again")
+
+
+def _aftermath_s(config: ChaosConfig, action: str) -> float:
+    """How long a scheduled action disturbs the run, seconds: a worker kill until its worker
+    is back and has run again what it lost; a broker restart until the broker is back; a
+    leader kill while its broker is down and a little after. The outage's edges cost no
+    calls twice (the breaker skips calls while it is open)."""
+    if action.startswith("outage"):
+        return 0.0
+    if action.startswith("kill leader"):
+        return config.broker_down_s + 10.0
+    return 15.0 if action == "restart broker" else 5.0
+
+
+async def _broker_answers(chaos: Run) -> None:
+    """Until every broker accepts connections (one may be restarting or killed)."""
+    for server in chaos.broker.bootstrap_servers.split(","):
+        host, _, port = server.rpartition(":")
+        while True:
+            try:
+                stream = await anyio.connect_tcp(host, int(port))
+            except OSError:
+                await anyio.sleep(0.5)
+                continue
+            await stream.aclose()
+            break
+
+
+def _quiet(config: ChaosConfig, near: float, after: float = 0.0) -> float:
+    """When to start an event, in seconds after the first input: after `after`, at the start
+    of a stretch of at least 10 s that no scheduled action disturbs, the one nearest `near`
+    (a fraction of the run), so that what the event costs is its own. A run too short for
+    such stretches (the CI-sized one) gets `near` itself, overlaps and all."""
+    actions = _schedule(config, random.Random(config.seed))  # the same as `_act` follows
+    busy = sorted((at, at + _aftermath_s(config, what)) for at, what in actions)
+    gaps, free = [], after
+    for begin, end in [*busy, (config.duration_s, config.duration_s)]:
+        if begin - free >= 10.0:
+            gaps.append((free, begin))
+        free = max(free, end)
+    target = near * config.duration_s
+    if not gaps:
+        return max(after, target)
+    return min(gaps, key=lambda g: abs((g[0] + g[1]) / 2 - target))[0]
+
+
+async def _sample_costs(sim_port: int, costs: list[tuple[float, int, int]]) -> None:
+    """The simulator's counts of calls asked again and of answered ones among them."""
+    async with httpx.AsyncClient() as http:
+        while True:
+            try:
+                stats = (await http.get(f"http://127.0.0.1:{sim_port}/sim/stats")).json()
+                costs.append((time.monotonic(), stats["repeated"], stats["paid_twice"]))
+            except httpx.HTTPError:
+                pass
+            await anyio.sleep(1.0)
+
+
+def _per_event(
+    chaos: Run, costs: list[tuple[float, int, int]], final: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Per event, until the next one (the last: until the end): calls asked again (re-runs
+    of calls cut short, retries after errors) and, of those, calls whose question had been
+    answered already (paid twice). A window only: a cost may land after the next event."""
+
+    def counts(moment: float) -> tuple[int, int]:
+        seen = [(again, paid) for at, again, paid in costs if at <= moment]
+        return seen[-1] if seen else (0, 0)
+
+    report = []
+    marks = [*chaos.timeline, (float("inf"), "")]
+    for (at, event), (until, _) in zip(marks, marks[1:], strict=False):
+        end = (final["repeated"], final["paid_twice"]) if until == float("inf") else counts(until)
+        start = counts(at)
+        report.append(
+            {
+                "at_s": round(at - chaos.started, 1),
+                "event": event,
+                "asked_again": end[0] - start[0],
+                "paid_twice": end[1] - start[1],
+            }
+        )
+    return report
 
 
 async def _produce(chaos: Run, settings: Settings, begun: float) -> None:
@@ -607,8 +841,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--outage", type=float, default=60.0, help="Synthetic outage, seconds")
     parser.add_argument("--no-broker-restart", action="store_true")
+    parser.add_argument("--no-scale-out", action="store_true", help="2 primary workers throughout")
+    parser.add_argument("--no-rolling-restart", action="store_true")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="figures as one JSON object")
+    parser.add_argument(
+        "--brokers",
+        type=int,
+        default=1,
+        choices=(1, 3),
+        help="3: a local cluster whose leaders die",
+    )
+    parser.add_argument("--broker-kills", type=int, default=4, help="with --brokers 3")
+    parser.add_argument(
+        "--broker-down", type=float, default=20.0, help="seconds a killed broker stays down"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the run folder (logs)")
     args = parser.parse_args(argv)
     # aiokafka logs every reconnect while the broker restarts; the run says what matters.
@@ -622,6 +869,11 @@ def main(argv: list[str] | None = None) -> int:
         outage_s=args.outage,
         broker_restart=not args.no_broker_restart,
         seed=args.seed,
+        scale_out=not args.no_scale_out,
+        rolling_restart=not args.no_rolling_restart,
+        brokers=args.brokers,
+        broker_kills=args.broker_kills,
+        broker_down_s=args.broker_down,
     )
     home = Path(tempfile.mkdtemp(prefix="chaos-"))
     try:
@@ -662,7 +914,6 @@ def _worker_env(chaos: Run, prefix: str, sim_port: int) -> dict[str, str]:
         # A SIGKILLed member must leave the group in seconds, not the default 45.
         "STREAM_SESSION_TIMEOUT_MS": "6000",
         "STREAM_REBALANCE_TIMEOUT_MS": "20000",
-        "STREAM_REVOKE_GRACE_S": "5",  # with the 10 s close reserve, below the timeout
         "STREAM_SHUTDOWN_GRACE_S": "20",
     }
 

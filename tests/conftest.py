@@ -19,6 +19,8 @@ import pytest
 
 from stream.config import Settings
 from stream.devtools.broker import LocalBroker, free_port
+from stream.devtools.cluster import CONTROLLERS, LocalCluster, free_ports
+from stream.errors import BrokerError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +44,41 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         broker.stop()
 
 
+CLUSTER_BROKERS = 3
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Three brokers and three controllers for the tests marked `cluster`, started only
+    when one of them runs. Always our own: those tests kill its processes."""
+    home = tmp_path_factory.mktemp("cluster")
+    for attempt in range(3):  # a free port block can be taken between the probe and the start
+        port = free_ports(CLUSTER_BROKERS + CONTROLLERS)
+        cluster = LocalCluster(home=home / str(attempt), port=port, brokers=CLUSTER_BROKERS)
+        try:
+            cluster.start()
+            break
+        except BrokerError:
+            if attempt == 2:
+                raise
+    try:
+        yield cluster
+    finally:
+        cluster.kill()  # its data goes with the session: no need for a clean shutdown
+
+
+@pytest.fixture
+def cluster(local_cluster: LocalCluster) -> Iterator[LocalCluster]:
+    yield local_cluster
+    local_cluster.start()  # whatever the test stopped comes back for the next one
+
+
+@pytest.fixture
+def cluster_env(local_cluster: LocalCluster, prefix: str) -> dict[str, str]:
+    """The environment a `stream` process gets on the cluster, under this test's prefix."""
+    return {**_clean_environ(), **_isolated(local_cluster.bootstrap_servers, prefix)}
+
+
 @pytest.fixture
 def prefix() -> str:
     """A topic and group prefix no other test uses."""
@@ -51,14 +88,20 @@ def prefix() -> str:
 @pytest.fixture
 def env(kafka_bootstrap: str, prefix: str) -> dict[str, str]:
     """The environment a `stream` process under test gets: this test's broker and prefix."""
-    keep = {
+    return {**_clean_environ(), **_isolated(kafka_bootstrap, prefix)}
+
+
+def _clean_environ() -> dict[str, str]:
+    return {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("STREAM_", "SYNTHETIC_", "TOGETHER_"))
     }
+
+
+def _isolated(bootstrap: str, prefix: str) -> dict[str, str]:
     return {
-        **keep,
-        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "STREAM_TOPIC_PREFIX": prefix,
         "STREAM_METRICS_PORT": "0",  # tests run workers side by side
     }

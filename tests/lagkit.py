@@ -80,3 +80,13 @@ async def lag_json(env: dict[str, str], group: str) -> list[subprocess.Completed
         await run_cli(env, "lag", "--group", group, "--json"),
         await run_cli(env, "lag", "--group", group, "--json", *window),
     ]
+
+
+def parse_kafka_tool(text: str, group: str) -> dict[tuple[str, int], tuple[int, int, int]]:
+    """GROUP TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG … lines of `--describe`."""
+    found = {}
+    for line in text.splitlines():
+        cells = line.split()
+        if len(cells) >= 6 and cells[0] == group and cells[2].isdigit():
+            found[(cells[1], int(cells[2]))] = (int(cells[3]), int(cells[4]), int(cells[5]))
+    return found

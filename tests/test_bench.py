@@ -94,3 +94,37 @@ def test_naive_run_is_sized_to_a_budget_not_to_n() -> None:
     )
     assert _requests_for("naive", options) < 100
     assert _requests_for("stream", options) == 100_000
+
+
+@pytest.mark.timeout(300)
+async def test_a_rolling_restart_of_static_workers_pays_for_no_call_twice(
+    env: dict[str, str],
+) -> None:
+    """`stream bench --scenario`: each worker SIGTERMed while its calls run, and started
+    again once it drained. Not a timed test: what it checks is what was paid."""
+    done = await run_cli(
+        env, "bench", "--scenario", "rolling-restart", "--latency", "3", "--requests", "120",
+        "--at", "1", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert set(results) == {"undisturbed", "rolling-restart"}
+    rolled = results["rolling-restart"]
+    assert [text for _, text in rolled["events"]][::3] == ["SIGTERM w0", "SIGTERM w1"]
+    assert rolled["calls_per_request"] == 1.0 and rolled["calls_paid_twice"] == 0
+    assert rolled["moved_partitions"] == []  # no rebalance: the workers are static members
+
+
+@pytest.mark.timeout(300)
+async def test_a_scale_out_pays_again_only_for_calls_on_partitions_that_moved(
+    env: dict[str, str],
+) -> None:
+    done = await run_cli(
+        env, "bench", "--scenario", "scale-out", "--latency", "3", "--requests", "300",
+        "--at", "1", "--workers", "3", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    scaled = json.loads(done.stdout)["scale-out"]
+    assert scaled["moved_partitions"]  # the newcomers took partitions
+    assert scaled["calls_paid_twice"] <= scaled["abandoned_on_moved"]
+    assert scaled["calls"] == 300 + scaled["calls_paid_twice"]

@@ -1,6 +1,7 @@
-"""The chaos run, CI-sized: 1,000 requests with 2 worker kills, a broker restart and a
-15-second Synthetic outage (see tests/chaos.py; `./dev chaos` runs the full 10,000). And
-the checker itself, on hand-made outputs: it must see what is missing, doubled or stray."""
+"""The chaos run, CI-sized: 1,000 requests with 2 worker kills, a broker restart, a
+15-second Synthetic outage, a scale-out and a rolling restart (see tests/chaos.py;
+`./dev chaos` runs the full 10,000). And the checker itself, on hand-made outputs: it must
+see what is missing, doubled or stray."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from types import SimpleNamespace
 import anyio
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.chaos import ChaosConfig, Checker, Input, plan
+from tests.chaoscluster import longest_gaps
 from tests.conftest import ROOT
 
 REQUESTS = "t.predictions.requests"
@@ -44,6 +48,11 @@ async def test_chaos_run_ci_sized() -> None:
     assert done.returncode == 0
     assert figures["inputs"] >= 1000 and figures["missing"] == figures["duplicates"] == 0
     assert figures["kills"] == 2 and figures["broker_restarts"] == 1
+    # The primary stage scaled out 1 → 3 and every worker was restarted in turn, each event
+    # with what it cost.
+    events = {e["event"]: e for e in figures["calls_again_by_event"]}
+    assert {"scale out: primary 1 → 3 workers", "rolling restart of every worker"} <= set(events)
+    assert all(e["asked_again"] >= e["paid_twice"] >= 0 for e in events.values())
     kinds = figures["inputs_by_kind"]
     assert sum(n for kind, n in kinds.items() if kind != "valid") == 50  # 5 % poison
     assert kinds["duplicate_id"] > 0 and kinds["too_large"] > 0
@@ -113,3 +122,35 @@ def test_the_checker_sees_missing_doubled_stray_and_lost_bytes() -> None:
     assert not checker.complete() or checker.errors
     assert any("lost the original" in e for e in checker.verdict(exactly_once=True)["errors"])
     assert checker.verdict(exactly_once=True)["missing"] > 0
+
+
+# -- the progress clock (tests/chaoscluster.py) -----------------------------------------
+
+times = st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), max_size=30)
+
+
+def test_the_gap_after_a_fault_is_the_longest_wait_for_output() -> None:
+    arrivals = [1.0, 2.0, 3.0, 12.0, 13.0, 40.0]
+    # after 2.5: 3 → 12 is under way within 5 s; 13 → 40 only begins later
+    assert longest_gaps(arrivals, [2.5], end=50.0, within=5.0) == [9.0]
+    assert longest_gaps(arrivals, [2.5], end=50.0, within=20.0) == [27.0]
+    # a fault inside a stall counts it from itself on; faults close together share one
+    assert longest_gaps(arrivals, [2.5, 12.5], end=50.0) == [9.0, 27.0]
+    assert longest_gaps(arrivals, [4.0, 5.0], end=50.0) == [8.0, 7.0]
+    assert longest_gaps([], [5.0], end=8.0) == [3.0]  # nothing came at all
+
+
+@given(times, st.floats(min_value=0, max_value=100), st.floats(min_value=0, max_value=100))
+def test_another_arrival_never_lengthens_a_gap(arrivals: list[float], at: float, x: float) -> None:
+    end = 120.0
+    (before,) = longest_gaps(arrivals, [at], end)
+    (after,) = longest_gaps([*arrivals, x], [at], end)
+    assert 0 <= after <= before <= end - at
+
+
+@given(times, st.floats(min_value=0, max_value=100))
+def test_the_gap_covers_the_wait_for_the_first_arrival(arrivals: list[float], at: float) -> None:
+    end = 120.0
+    (gap,) = longest_gaps(arrivals, [at], end)
+    first = min((t for t in arrivals if t > at), default=end)
+    assert gap >= first - at

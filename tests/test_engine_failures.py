@@ -15,9 +15,10 @@ import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from stream.config import EngineSettings, Settings
+from stream.config import EngineSettings, KafkaSettings, Settings
 from stream.devtools.broker import LocalBroker, free_port
 from stream.engine import Engine, Output
+from stream.engine.membership import Membership
 from stream.engine.offsets import PartitionOffsets
 from stream.engine.outputs import ExactlyOnceSink
 from stream.engine.partitions import Partition
@@ -103,9 +104,12 @@ def _finished(engine: Engine, count: int) -> Any:
     return check
 
 
-async def test_a_revoke_whose_commit_fails_still_releases_its_partitions(
+async def test_a_revoke_whose_commit_fails_leaves_nothing_to_carry_on_with(
     settings: Settings,
 ) -> None:
+    """Exactly-once: the transaction a revoke commits is fenced. The revoke still returns
+    (the group must not wait), and the partition is void: should it come back, it starts
+    over from its committed offset instead of carrying on as if its records had landed."""
     live = _with(settings, guarantee="exactly-once")
     source = await create_topic(live, "fail-revoke-in", 1)
     out = await create_topic(live, "fail-revoke-out", 1)
@@ -131,17 +135,17 @@ async def test_a_revoke_whose_commit_fails_still_releases_its_partitions(
         commit=commit,
         low_priority=frozenset(),
         on_assigned=lambda: None,
+        membership=Membership(live.kafka, group, None),
     )
     try:
         with anyio.fail_after(60):
             await rebalancer.revoke({tp})  # logs the failed commit, does not raise
-        assert partitions == {}
-        again = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
-        assert again.offsets.accept(0)
-        assert not await sink.write(again, 0, [Output(out, b"y")])  # its producer is gone
+        assert partition.abandoned and partition.committed is None  # void, not carried on
+        assert not await sink.write(partition, 0, [Output(out, b"y")])  # its producer is gone
     finally:
         await sink.stop()
         await consumer.stop()  # never started, but aiokafka warns of any unclosed consumer
+    assert await read_all(live, out, isolation="read_committed") == []
 
 
 async def test_an_error_on_revoke_is_kept_for_the_fetch_loop() -> None:
@@ -152,7 +156,7 @@ async def test_an_error_on_revoke_is_kept_for_the_fetch_loop() -> None:
         async def revoke(self, tps: Any) -> None:
             raise KafkaError("the coordinator went away")
 
-    listener = Listener(Failing())  # type: ignore[arg-type]
+    listener = Listener(Failing(), Membership(KafkaSettings(), "g", None))  # type: ignore[arg-type]
     await listener.on_partitions_revoked({TopicPartition("t", 0)})
     with pytest.raises(KafkaError, match="handling a rebalance failed"):
         listener.raise_error()
@@ -289,3 +293,32 @@ async def test_an_exactly_once_write_that_hangs_aborts_its_transaction(
     finally:
         await sink.stop()
     assert await read_all(live, out, isolation="read_committed") == []  # "first" aborted too
+
+
+async def test_a_transaction_aiokafka_left_on_its_own_fails_as_our_error() -> None:
+    """After the broker went away mid-transaction aiokafka may leave it by itself, and its
+    next offset send raises IllegalOperation, no Kafka error class of its: that escaped
+    the commit's clean-up and crashed a draining worker with a traceback."""
+    from aiokafka.errors import IllegalOperation
+
+    from stream.engine.outputs import _Transactional
+
+    class Left:
+        async def begin_transaction(self) -> None:
+            pass
+
+        async def send_offsets_to_transaction(self, offsets: Any, group: str) -> None:
+            raise IllegalOperation("Not in the middle of a transaction")
+
+        async def stop(self) -> None:
+            pass
+
+    tp = TopicPartition("t", 0)
+    sink = ExactlyOnceSink(KafkaSettings(), "g", {})
+    sink._producers[tp] = _Transactional(Left())  # type: ignore[arg-type]
+    partition = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
+    assert partition.offsets.accept(0)
+    partition.offsets.finish(0)
+    with pytest.raises(KafkaError, match="committing the transaction"):
+        await sink.commit([partition])
+    assert partition.abandoned and tp not in sink._producers  # void: re-run from Kafka

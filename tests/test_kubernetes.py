@@ -16,7 +16,8 @@ from stream import __version__, topics
 from stream.catalog import load_catalog
 from stream.cli import build_parser
 from stream.config import Settings
-from stream.engine.engine import Engine
+from stream.engine.assignor import Claims
+from stream.engine.clients import make_consumer
 from stream.observe.health import Health, _app
 from stream.observe.metrics import Metrics
 from stream.stages import Topics
@@ -235,19 +236,7 @@ async def test_keda_counts_a_group_without_commits_as_the_worker_reads_it(
 ) -> None:
     """offsetResetPolicy is where a group without commits starts: the engine's choice."""
     settings = _settings("primary", tmp_path)
-
-    async def nothing(record: Any) -> list[Any]:
-        return []
-
-    engine = Engine(
-        settings=settings,
-        name="primary",
-        group_id="g",
-        topics=["t"],
-        handler=nothing,
-        on_error=lambda record, exc: [],
-    )
-    consumer = engine._make_consumer()
+    consumer = make_consumer(settings, "g", None, Claims)
     try:
         for stage in STAGES:
             scaled = BY_KIND[("ScaledObject", f"prediction-stream-{stage}")]["spec"]

@@ -13,7 +13,15 @@ from stream.observe.lag import LagMonitor, LagRow, LagTracker, Status
 from stream.observe.lagcli import render
 from stream.observe.lagreader import GroupReading, LagReader
 from tests.conftest import run_cli
-from tests.lagkit import by_partition, commit, create_topic, lag_json, live_member, produce
+from tests.lagkit import (
+    by_partition,
+    commit,
+    create_topic,
+    lag_json,
+    live_member,
+    parse_kafka_tool,
+    produce,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -21,16 +29,6 @@ HOUR_MS = 3_600_000
 
 
 # --- against Kafka's own tool ------------------------------------------------------------
-
-
-def parse_kafka_tool(text: str, group: str) -> dict[tuple[str, int], tuple[int, int, int]]:
-    """GROUP TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG … lines of `--describe`."""
-    found = {}
-    for line in text.splitlines():
-        cells = line.split()
-        if len(cells) >= 6 and cells[0] == group and cells[2].isdigit():
-            found[(cells[1], int(cells[2]))] = (int(cells[3]), int(cells[4]), int(cells[5]))
-    return found
 
 
 async def test_lag_json_equals_kafka_consumer_groups_tool(

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from stream.observe.lagreader import GroupReading, LagReader
 from stream.worker import Worker
 from tests.conftest import eventually, run_cli
 from tests.records import produce, read_all
-from tests.workerkit import simulated_settings
+from tests.workerkit import simulated_settings, worker_on
 
 pytestmark = pytest.mark.anyio
 
@@ -60,19 +59,6 @@ def answered(settings: Settings, count: int) -> Any:
         return len(await read_all(settings, settings.topic("predictions.results"))) >= count
 
     return check
-
-
-@asynccontextmanager
-async def worker_on(settings: Settings, worker: Worker) -> AsyncIterator[Worker]:
-    await topics.apply(settings, await topics.plan(settings))
-    async with anyio.create_task_group() as group:
-        group.start_soon(worker.run)
-        await worker.started.wait()
-        for engine in worker.engines:
-            with anyio.fail_after(60):
-                await engine.ready.wait()
-        yield worker
-        worker.stop()
 
 
 @pytest.mark.timeout(240)

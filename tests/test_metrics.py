@@ -77,7 +77,9 @@ async def test_scrape_parses_and_counters_move() -> None:
         metrics.on_retry("synthetic", "hf:deepseek-ai/DeepSeek-R1-0528", "server_error")
         metrics.on_breaker("synthetic", "hf:deepseek-ai/DeepSeek-R1-0528", "open")
         metrics.observe_commit("predictions-primary", 0.004)
-        engine.state = engine.state._replace(records_in=7, records_done=5, commits=3, assigned=2)
+        engine.state = engine.state._replace(
+            records_in=7, records_done=5, commits=3, assigned=2, rebalances=2, abandoned=9
+        )
         after = await scrape(client)
 
     model = {"provider": "synthetic", "model": "hf:deepseek-ai/DeepSeek-R1-0528"}
@@ -102,6 +104,8 @@ async def test_scrape_parses_and_counters_move() -> None:
     assert value(after, "stream_engine_records_in_total", **engine_labels) == 7
     assert value(after, "stream_engine_commits_total", **engine_labels) == 3
     assert value(after, "stream_engine_assigned_partitions", **engine_labels) == 2
+    assert value(after, "stream_engine_rebalances_total", **engine_labels) == 2
+    assert value(after, "stream_engine_records_abandoned_total", **engine_labels) == 9
     assert all(name.startswith("stream_") for name, _ in after)
     assert not [name for name, _ in after if name.endswith("_created")]
 

@@ -195,6 +195,24 @@ async def test_stats_count_and_reset(http: aiohttp.ClientSession) -> None:
         assert sim.stats()["requests"] == 0
 
 
+async def test_a_question_asked_again_counts_as_paid_twice_and_calls_are_traced(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with Simulator(SimConfig(trace=True)) as sim:
+        started = time.time()
+        for text in ("same question", "another", "same question"):
+            await _chat(http, sim.url, "m", text)
+        async with http.get(f"{sim.base}/sim/calls") as response:
+            calls = await response.json()
+        assert (sim.stats()["repeated"], sim.stats()["paid_twice"]) == (1, 1)
+        await _chat(http, sim.url, "m", "[[sim:503]] failed")
+        await _chat(http, sim.url, "m", "[[sim:503]] failed")
+        assert (sim.stats()["repeated"], sim.stats()["paid_twice"]) == (2, 1)  # never answered
+    assert calls[0]["key"] == calls[2]["key"] != calls[1]["key"]
+    assert all(started <= c["start"] <= c["end"] <= time.time() for c in calls)
+    assert {c["outcome"] for c in calls} == {"ok"}
+
+
 async def test_a_thousand_slow_requests_are_served_concurrently() -> None:
     connector = aiohttp.TCPConnector(limit=1000)
     async with (

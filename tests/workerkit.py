@@ -75,6 +75,20 @@ def _stopped(worker: Worker) -> object:
 
 
 @asynccontextmanager
+async def worker_on(settings: Settings, worker: Worker) -> AsyncIterator[Worker]:
+    """Topics applied, `worker` running in this process, every engine with its partitions."""
+    await topics.apply(settings, await topics.plan(settings))
+    async with anyio.create_task_group() as group:
+        group.start_soon(worker.run)
+        await worker.started.wait()
+        for engine in worker.engines:
+            with anyio.fail_after(60):
+                await engine.ready.wait()
+        yield worker
+        worker.stop()
+
+
+@asynccontextmanager
 async def worker_process(
     env: dict[str, str], sim: Simulator, log: Path, extra: dict[str, str] | None = None
 ) -> AsyncIterator[Process]:

@@ -22,26 +22,23 @@ over its measured interval (`stream.devtools.benchruns`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import anyio
-import httpx
 
 from stream import clientconfig
 from stream.config import Settings
-from stream.devtools import benchreport, benchruns
+from stream.devtools import benchreport, benchruns, scenarios
 from stream.devtools.benchdata import (
     create_topics,
     delete_topics,
@@ -49,20 +46,17 @@ from stream.devtools.benchdata import (
     publish,
     results_of,
 )
-from stream.devtools.broker import LocalBroker, free_port
-from stream.devtools.simulator import simulate_command
-from stream.errors import StreamError
+from stream.devtools.benchinfra import KEY as _KEY
+from stream.devtools.benchinfra import BenchError
+from stream.devtools.benchinfra import broker as _broker
+from stream.devtools.benchinfra import sim_calls as _sim_calls
+from stream.devtools.benchinfra import simulator as _simulator
 
 __all__ = ["main", "register"]
 
-_KEY = "sk-bench"
 _NAIVE_BUDGET_S = 10.0  # the naive loop is slow: give it about this long, not all N
 
 Figures = benchreport.Figures
-
-
-class BenchError(StreamError):
-    """A run failed or did not deliver every result."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,46 +94,6 @@ class Options:
         if not options.spend_window > 0:
             raise BenchError("--spend-window must be a positive number of seconds")
         return options
-
-
-# -- infrastructure: broker and simulator --------------------------------------------------
-
-
-@contextlib.contextmanager
-def _broker(env: dict[str, str]) -> Iterator[str]:
-    """The cluster to use: KAFKA_BOOTSTRAP_SERVERS, or a fresh local broker stopped after."""
-    external = env.get("KAFKA_BOOTSTRAP_SERVERS")
-    if external:
-        yield external
-        return
-    with tempfile.TemporaryDirectory(prefix="stream-bench-") as home:
-        broker = LocalBroker(home=Path(home), port=free_port())
-        print(f"starting a local Kafka broker on {broker.bootstrap_servers}…", file=sys.stderr)
-        broker.start()
-        try:
-            yield broker.bootstrap_servers
-        finally:
-            broker.stop()
-
-
-@contextlib.contextmanager
-def _simulator(latency: float) -> Iterator[str]:
-    """The simulator in its own process, so it never shares a measured event loop."""
-    port = free_port()
-    command = simulate_command(port, latency, "--api-key", _KEY)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        assert process.stdout is not None
-        if not process.stdout.readline():  # "simulator listening on …": it is ready
-            raise BenchError("the provider simulator did not start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def _sim_calls(base: str) -> int:
-    return int(httpx.get(f"{base}/sim/stats", timeout=10).json()["requests"])
 
 
 # -- one run -------------------------------------------------------------------------------
@@ -347,6 +301,10 @@ def _parse_runs(text: str) -> tuple[str, ...]:
 
 
 def _command(args: argparse.Namespace, settings: Settings) -> int:
+    if args.scenario:
+        return _scenario(args)
+    args.requests = 5000 if args.requests is None else args.requests
+    args.latency = 1.0 if args.latency is None else args.latency
     options = Options.of(args)
     if options.profile is not None:
         benchruns.check_profiler()
@@ -362,6 +320,33 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _scenario(args: argparse.Namespace) -> int:
+    env = clientconfig.environment(args, os.environ)
+    with tempfile.TemporaryDirectory(prefix="stream-scenario-") as folder:
+        options = scenarios.ScenarioOptions(
+            scenario=args.scenario,
+            requests=1000 if args.requests is None else args.requests,
+            latency=60.0 if args.latency is None else args.latency,
+            workers=args.workers,
+            concurrency=args.concurrency,
+            partitions=args.partitions,
+            at=args.at,
+            static=not args.dynamic,
+            guarantee=args.guarantee,
+            folder=Path(args.keep_logs or folder),
+            env=env,
+        )
+        if min(options.requests, options.workers, options.partitions) < 1 or options.at < 0:
+            raise BenchError("--requests, --workers and --partitions must be at least 1, --at ≥ 0")
+        with _broker(env) as bootstrap, _simulator(options.latency, "--trace") as sim:
+            results = anyio.run(scenarios.run_scenario, options, bootstrap, sim)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n".join(scenarios.table(results, options)))
+    return 0
+
+
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "bench",
@@ -371,9 +356,9 @@ def register(commands: Any) -> None:
         "process, on a real broker and the provider simulator; prints requests/s, end-to-end "
         "p50/p99, provider calls per request, CPU and peak RSS, and the ratios between them.",
     )
-    parser.add_argument("--requests", type=int, default=5000, help="N (default 5000)")
+    parser.add_argument("--requests", type=int, help="N (default 5000; scenarios 1000)")
     parser.add_argument(
-        "--latency", type=float, default=1.0, help="simulated provider latency, s (default 1)"
+        "--latency", type=float, help="simulated provider latency, s (default 1; scenarios 60)"
     )
     parser.add_argument("--concurrency", type=int, default=1000, help="C (default 1000)")
     parser.add_argument("--partitions", type=int, default=6, help="P (default 6)")
@@ -419,6 +404,26 @@ def register(commands: Any) -> None:
         default=60.0,
         help="seconds, the spend limit's sliding window, and the summary's (default 60)",
     )
+    scenario = parser.add_argument_group(
+        "membership scenarios",
+        "With --scenario: real `stream run primary` processes, run undisturbed and then "
+        "through the scenario; prints provider calls per request, calls paid twice, the "
+        "longest time a partition stopped, and total time against the undisturbed run.",
+    )
+    scenario.add_argument(
+        "--scenario",
+        choices=scenarios.SCENARIOS,
+        help="rolling-restart: SIGTERM each worker in turn and start it again; scale-out: "
+        "one worker, then --workers; kill-restart: SIGKILL one worker and start it again",
+    )
+    scenario.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    scenario.add_argument(
+        "--at", type=float, default=5.0, help="seconds into the calls the events begin (default 5)"
+    )
+    scenario.add_argument(
+        "--dynamic", action="store_true", help="no instance ids (dynamic membership), to compare"
+    )
+    scenario.add_argument("--keep-logs", metavar="DIR", help="keep the workers' logs in DIR")
     parser.set_defaults(handler=_command)
 
 

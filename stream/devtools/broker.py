@@ -3,13 +3,13 @@
 No Docker engine and no OS package is assumed: the broker jars pinned in
 `stream/data/kafka-pom.xml` are fetched from Maven Central with Maven once, cached under
 `STREAM_CACHE_DIR` (default `~/.cache/prediction-stream`), and run with the local Java.
+A cluster's nodes (`stream.devtools.cluster`) are `LocalBroker`s with their own properties;
+the `stream kafka` command is `stream.devtools.kafkacli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
-import json
 import os
 import re
 import shutil
@@ -20,12 +20,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from stream.config import Settings
-from stream.errors import EXIT_FAILED, BrokerError
+from stream.errors import BrokerError
 
-__all__ = ["KAFKA_VERSION", "LocalBroker", "cache_dir", "fetch_jars", "free_port", "register"]
+__all__ = [
+    "KAFKA_VERSION",
+    "LocalBroker",
+    "cache_dir",
+    "fetch_jars",
+    "free_port",
+    "new_cluster_id",
+    "port_open",
+]
 
 POM = Path(__file__).resolve().parent.parent / "data" / "kafka-pom.xml"
 KAFKA_VERSION = re.search(r"<kafka.version>([^<]+)<", POM.read_text()).group(1)  # type: ignore[union-attr]
@@ -95,13 +101,36 @@ def fetch_jars(*, quiet: bool = False) -> Path:
     return libs
 
 
+def new_cluster_id() -> str:
+    """A Kafka cluster id: 16 random bytes in URL-safe base64."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # one starting with '-' would be read as an option by the formatter (1 time in 64)
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _port_open(port: int) -> bool:
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs. A zombie does not: a node another process started (a test
+    session, the chaos run) stays one after we kill it, until that process reaps it."""
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: kill(0) has to do
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -125,12 +154,19 @@ class LocalBroker:
     # With SCRAM users: a PEM file with the broker's private key (unencrypted PKCS#8) and
     # certificate chain makes that listener SASL_SSL (TLS) instead of SASL_PLAINTEXT.
     tls_keystore: Path | None = None
+    # The nodes of a cluster share one id (formatted into each data folder); None draws one.
+    cluster_id: str | None = None
+    jvm_flags: tuple[str, ...] = ()
     # Kept so the child is reaped by us (and Popen does not warn that it still runs).
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def name(self) -> str:
+        return "the Kafka broker"
 
     @property
     def log_file(self) -> Path:
@@ -142,18 +178,26 @@ class LocalBroker:
 
     def pid(self) -> int | None:
         """The broker's pid if it is running, else None."""
+        if self._process is not None and self._process.poll() is not None:
+            self._process = None  # our child, ended by someone else (reaped now: no zombie)
         try:
             pid = int(self._pid_file.read_text())
-            os.kill(pid, 0)
         except (OSError, ValueError):
             return None
-        return pid
+        return pid if _alive(pid) else None
 
     def start(self, *, timeout_s: float = 90.0) -> None:
         """Start the broker in the background and wait until it answers Kafka requests."""
+        process = self.launch()
+        if process is not None:
+            self.wait_ready(process, timeout_s)
+
+    def launch(self) -> subprocess.Popen[bytes] | None:
+        """Start the node's process without waiting for it (None: it already runs), so that
+        the nodes of a cluster start side by side."""
         if self.pid() is not None:
-            return
-        if _port_open(self.port):
+            return None
+        if port_open(self.port):
             raise BrokerError(
                 f"port {self.port} is already in use by another program: stop it, or start "
                 "the broker on another port (stream kafka start --port N)"
@@ -168,6 +212,7 @@ class LocalBroker:
             f"-Xms{min(256, self.heap_mb)}m",
             f"-Xmx{self.heap_mb}m",
             "-XX:+UseSerialGC",
+            *self.jvm_flags,
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
             "-cp",
@@ -181,7 +226,7 @@ class LocalBroker:
             )
         self._process = process
         self._pid_file.write_text(str(process.pid))
-        self._wait_ready(process, timeout_s)
+        return process
 
     def stop(self, *, timeout_s: float = 30.0) -> bool:
         """Stop the broker: SIGTERM, SIGKILL after `timeout_s`. False if it was not running."""
@@ -213,19 +258,25 @@ class LocalBroker:
             return True
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError:
+            if not _alive(pid):
                 return True
             time.sleep(0.1)
         return False
 
     def _write_config(self) -> Path:
+        properties = self.home / "server.properties"
+        values = self.properties()
+        properties.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
+        (self.home / "log4j2.properties").write_text(_LOG4J.format(log=self.log_file, level="INFO"))
+        return properties
+
+    def properties(self) -> dict[str, str]:
+        """The node's server.properties (a cluster's nodes override this)."""
         if self.controller_port is None:
             saved = self.home / "controller.port"
             self.controller_port = int(saved.read_text()) if saved.exists() else free_port()
             saved.write_text(str(self.controller_port))
-        values = {
+        return {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
@@ -249,10 +300,6 @@ class LocalBroker:
             **self._sasl_properties(),
             **(self.extra_properties or {}),
         }
-        properties = self.home / "server.properties"
-        properties.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
-        (self.home / "log4j2.properties").write_text(_LOG4J.format(log=self.log_file, level="INFO"))
-        return properties
 
     def _sasl_properties(self) -> dict[str, str]:
         if not self.scram_users:
@@ -318,13 +365,10 @@ class LocalBroker:
     def _format(self, java: str, libs: Path, properties: Path) -> None:
         if (self.home / "data" / "meta.properties").exists():
             return
-        # A Kafka cluster id is 16 bytes in URL-safe base64; one starting with '-' would be
-        # read as an option by the formatter, so draw again (1 time in 64).
-        cluster_id = "-"
-        while cluster_id.startswith("-"):
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = self.cluster_id or new_cluster_id()
         command = [
             java,
+            *self.jvm_flags,
             "-cp",
             f"{libs}/*",
             "kafka.tools.StorageTool",
@@ -353,21 +397,26 @@ class LocalBroker:
                 return f" ({line[:300]})"
         return ""
 
-    def _wait_ready(self, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    def ready(self) -> bool:
+        """True once the node serves what it is for (a broker: metadata requests)."""
+        return port_open(self.port) and _answers_metadata(self.bootstrap_servers)
+
+    def wait_ready(self, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+        """Wait until `ready()`; a process that exits or a timeout is a `BrokerError`."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 self._pid_file.unlink(missing_ok=True)
                 raise BrokerError(
-                    f"the Kafka broker exited with code {process.returncode} while starting"
+                    f"{self.name} exited with code {process.returncode} while starting"
                     f"{self._first_error()}; see {self.log_file}"
                 )
-            if _port_open(self.port) and _answers_metadata(self.bootstrap_servers):
+            if self.ready():
                 return
             time.sleep(0.2)
         self.stop()
         raise BrokerError(
-            f"the Kafka broker did not become ready in {timeout_s:.0f} s; see {self.log_file}"
+            f"{self.name} did not become ready in {timeout_s:.0f} s; see {self.log_file}"
         )
 
 
@@ -389,59 +438,3 @@ def _answers_metadata(bootstrap: str) -> bool:
             await admin.close()
 
     return asyncio.run(probe())
-
-
-def _kafka(args: argparse.Namespace, settings: Settings) -> int:
-    broker = LocalBroker(home=Path(args.home or cache_dir() / "broker"), port=args.port)
-    if args.action == "start":
-        already = broker.pid() is not None
-        broker.start()
-        state = "already running" if already else "started"
-    elif args.action == "stop":
-        state = "stopped" if broker.stop() else "not running"
-    else:
-        state = "running" if broker.pid() is not None else "not running"
-    if args.json:
-        print(json.dumps(_status(broker, state)))
-    elif state == "not running":
-        print(f"Kafka is not running (home {broker.home})")
-    elif args.action == "stop":
-        print("Kafka stopped")
-    else:
-        print(
-            f"Kafka {KAFKA_VERSION} {state} at {broker.bootstrap_servers} "
-            f"(pid {broker.pid()}, data in {broker.home})"
-        )
-    return EXIT_FAILED if args.action == "status" and state == "not running" else 0
-
-
-def _status(broker: LocalBroker, state: str) -> dict[str, object]:
-    """`kafka start|stop|status --json`: the shape the README documents."""
-    pid = broker.pid()
-    return {
-        "state": state,
-        "running": pid is not None,
-        "version": KAFKA_VERSION,
-        "bootstrap_servers": broker.bootstrap_servers,
-        "pid": pid,
-        "home": str(broker.home),
-    }
-
-
-def register(commands: Any) -> None:
-    kafka = commands.add_parser(
-        "kafka",
-        help="start, stop or check the local Kafka broker",
-        description="A single-node KRaft broker on loopback, from the "
-        "pinned Apache Kafka jars (fetched with Maven once). `status` exits 1 when it is "
-        "not running.",
-    )
-    kafka.add_argument("action", choices=["start", "stop", "status"])
-    kafka.add_argument("--port", type=int, default=9092, help="listener port (default 9092)")
-    kafka.add_argument("--home", help="state folder (default ~/.cache/prediction-stream/broker)")
-    kafka.add_argument(
-        "--json",
-        action="store_true",
-        help="print {state, running, version, bootstrap_servers, pid, home} as JSON",
-    )
-    kafka.set_defaults(handler=_kafka)

@@ -7,6 +7,7 @@ It answers for any model name, under `/v1/...` and `/openai/v1/...`:
     POST /v1/chat/completions       a realistic chat completion (or an injected fault);
                                     server-sent events when the body asks `stream: true`
     GET  /sim/stats                 counters as JSON: requests per model, per outcome
+    GET  /sim/calls                 every call's start and end (with `--trace`)
     POST /sim/reset                 zero the counters
 
 Like the real APIs, every answer carries an `x-request-id` header and announces its rate
@@ -56,7 +57,7 @@ from stream.devtools.faults import (
     parse_faults,
     parse_latency,
 )
-from stream.devtools.simstats import RateWindow, SimStats
+from stream.devtools.simstats import RateWindow, SimStats, prompt_key
 from stream.errors import ConfigError
 from stream.observe.health import listen
 
@@ -89,6 +90,7 @@ class SimConfig:
     rate_limit: int = 1_000_000
     token_limit: int = 1_000_000_000
     rate_window_s: float = 60.0
+    trace: bool = False  # keep every call's start and end for GET /sim/calls
 
 
 class Simulator:
@@ -96,7 +98,7 @@ class Simulator:
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
-        self._stats = SimStats()
+        self._stats = SimStats(trace=self.config.trace)
         self._seen: Counter[str] = Counter()
         self._per_model: Counter[str] = Counter()
         self._models: dict[str, None] = dict.fromkeys(_DEFAULT_MODELS)
@@ -152,6 +154,7 @@ class Simulator:
             app.router.add_get(f"{prefix}/models", self._list_models)
             app.router.add_post(f"{prefix}/chat/completions", self._chat)
         app.router.add_get("/sim/stats", self._get_stats)
+        app.router.add_get("/sim/calls", self._get_calls)
         app.router.add_post("/sim/reset", self._post_reset)
         # Cancel a hung handler when its client gives up, or hangs pile up forever.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
@@ -188,6 +191,9 @@ class Simulator:
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
 
+    async def _get_calls(self, request: web.Request) -> web.Response:
+        return web.json_response(self._stats.calls())
+
     async def _post_reset(self, request: web.Request) -> web.Response:
         self.reset()
         return web.json_response({"reset": True})
@@ -200,9 +206,9 @@ class Simulator:
                 raise TypeError("model must be a string and messages a non-empty list")
         except (ValueError, KeyError, TypeError) as exc:
             return error_response(400, "invalid_request_error", f"bad request: {exc}")
+        key = prompt_key(messages)
         if not self._authorized(request):
-            self._stats.start(model, "401")
-            self._stats.finish()
+            self._stats.finish(self._stats.start(model, "401", key), key, answered=False)
             # Like some real providers, echo the key that was presented: the worst case for
             # a client that must keep keys out of its errors, logs and dead letters.
             presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -214,15 +220,17 @@ class Simulator:
         if self._window.requests >= self.config.rate_limit:
             kind = f"429/{reset:.3f}"
         self._window.requests += 1
-        self._stats.start(model, (kind or "ok").partition("/")[0])
+        call = self._stats.start(model, (kind or "ok").partition("/")[0], key)
+        answered = False
         try:
             if kind is not None and kind not in ANSWER_KINDS:
                 response = await fault_response(request, kind)
             else:
                 await asyncio.sleep(delay)
                 response = await self._completion(request, body, kind)
+                answered = kind is None  # a good answer: asking it again is paying twice
         finally:
-            self._stats.finish()
+            self._stats.finish(call, key, answered=answered)
         return response
 
     def _decide(
@@ -359,6 +367,9 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--rate-window", type=float, default=60.0, help="rate-limit window, s (default 60)"
     )
+    parser.add_argument(
+        "--trace", action="store_true", help="keep every call's start and end (GET /sim/calls)"
+    )
     parser.set_defaults(handler=_simulate)
 
 
@@ -374,6 +385,7 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
         api_key=args.api_key,
         rate_limit=args.rate_limit,
         rate_window_s=args.rate_window,
+        trace=args.trace,
     )
     asyncio.run(_serve(config))
     return 0

@@ -6,7 +6,8 @@
 Hundreds of records of the same partitions run at once. What starts when, and which
 partitions pause (bounded memory, live before backfill): `stream.engine.flow`. Offsets:
 `stream.engine.offsets`; outputs and commits: `stream.engine.outputs`; per-partition state:
-`stream.engine.partitions`.
+`stream.engine.partitions`; rebalances: `stream.engine.rebalance` (with the sticky
+assignor of `stream.engine.assignor`, and static membership: `stream.engine.membership`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -23,16 +24,12 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from anyio.abc import TaskGroup
 
 from stream.config import Settings
+from stream.engine.assignor import Claims
+from stream.engine.clients import make_consumer, make_sink
 from stream.engine.fetch import UNDECODABLE, StandIn, step_over
 from stream.engine.flow import Flow, Gate
-from stream.engine.outputs import (
-    CLOSE_TIMEOUT_S,
-    MAX_OUTPUT_BYTES,
-    AtLeastOnceSink,
-    ExactlyOnceSink,
-    Output,
-    Sink,
-)
+from stream.engine.membership import Membership, group_instance_id
+from stream.engine.outputs import CLOSE_TIMEOUT_S, Output, Sink
 from stream.engine.partitions import Partition, PartitionSnapshot, Record
 from stream.engine.rebalance import Listener, Rebalancer, seek
 from stream.errors import KafkaError, OutputRejectedError
@@ -74,6 +71,10 @@ class EngineSnapshot(NamedTuple):
     # Records started again that a previous owner had started (a crash, a rebalance): each
     # may be a provider call paid for twice.
     records_redelivered: int = 0
+    # Running records abandoned because their partition left (a rebalance moved it, or
+    # the shutdown grace ran out): their next owner runs them, and pays for them, again.
+    abandoned: int = 0
+    rebalances: int = 0  # rebalances that revoked this engine's partitions
 
 
 class Engine:
@@ -106,49 +107,20 @@ class Engine:
         self._flow = Flow(self._config, self._partitions, self._spawn, gate)
         self._commit_lock = anyio.Lock()
         self._task_group: TaskGroup | None = None
+        self.membership = Membership(
+            settings.kafka, group_id, group_instance_id(self._config.instance_id, name)
+        )
         # aiokafka clients need a running event loop: they are made in `run`.
-        self._clients: tuple[AIOKafkaConsumer, Sink, Listener] | None = None
+        self._clients: tuple[AIOKafkaConsumer, Sink, Listener, Rebalancer] | None = None
         self.records_in = self.records_done = self.handler_errors = self.commits = 0
         self.records_redelivered = 0
+        self._abandoned_on_stop = 0
         self.last_commit_seconds = 0.0
 
-    # -- construction -------------------------------------------------------------------
-
-    def _make_consumer(self) -> AIOKafkaConsumer:
-        config = self._config
-        exactly_once = config.guarantee == "exactly-once"
-        return AIOKafkaConsumer(
-            **self._settings.kafka.client_options(),
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",  # a new group must not skip what is already there
-            isolation_level="read_committed" if exactly_once else "read_uncommitted",
-            max_poll_interval_ms=config.max_poll_interval_ms,
-            rebalance_timeout_ms=config.rebalance_timeout_ms,
-            session_timeout_ms=config.session_timeout_ms,
-            heartbeat_interval_ms=max(100, min(3000, config.session_timeout_ms // 3)),
-            # Memory: aiokafka buffers at most one fetch per partition, bounded by these.
-            max_partition_fetch_bytes=1024 * 1024,
-            fetch_max_bytes=16 * 1024 * 1024,
-            max_poll_records=min(config.max_in_flight, 500),
-            metadata_max_age_ms=30_000,  # new partitions (topics apply --add-partitions) in < 1 min
-        )
-
-    def _make_sink(self, consumer: AIOKafkaConsumer) -> Sink:
-        # A dead letter carries its input base64-encoded: 1.4 MiB for the largest request
-        # the topics take. Under aiokafka's 1 MiB default it could never be sent, and the
-        # sink would retry it forever, stalling its partition.
-        # Outputs finish in bursts (a wave of calls answers together): with the default
-        # 16 KB batch, a partition's batch fills while the previous one awaits its ack and
-        # every writer then waits for the drain. 256 KB absorbs a burst.
-        options: dict[str, Any] = {
-            "linger_ms": 5,
-            "max_request_size": MAX_OUTPUT_BYTES,
-            "max_batch_size": 256 * 1024,
-        }
-        if self._config.guarantee == "exactly-once":
-            return ExactlyOnceSink(self._settings.kafka, self.group_id, options)
-        return AtLeastOnceSink(self._settings.kafka, consumer, options)
+    def _claims(self) -> Claims:
+        """What this member owns as it joins: partitions, and the records running on each."""
+        owned = {tp: p.in_flight for tp, p in self._partitions.items() if not p.abandoned}
+        return Claims(generation=self.membership.generation, owned=owned)
 
     @property
     def _consumer(self) -> AIOKafkaConsumer:
@@ -164,6 +136,11 @@ class Engine:
     def _listener(self) -> Listener:
         assert self._clients is not None, "the engine is not running"
         return self._clients[2]
+
+    @property
+    def _rebalancer(self) -> Rebalancer:
+        assert self._clients is not None, "the engine is not running"
+        return self._clients[3]
 
     # -- public surface -----------------------------------------------------------------
 
@@ -197,6 +174,7 @@ class Engine:
         self._stopping.set()
 
     def snapshot(self) -> EngineSnapshot:
+        rebalancer = self._clients[3] if self._clients is not None else None
         return EngineSnapshot(
             name=self.name,
             group_id=self.group_id,
@@ -210,6 +188,8 @@ class Engine:
             last_commit_seconds=self.last_commit_seconds,
             partitions=tuple(p.snapshot() for p in self._partitions.values()),
             records_redelivered=self.records_redelivered,
+            abandoned=self._abandoned_on_stop + (rebalancer.abandoned if rebalancer else 0),
+            rebalances=rebalancer.rebalances if rebalancer else 0,
         )
 
     def problem(self) -> str | None:
@@ -235,14 +215,17 @@ class Engine:
         return (
             f"<Engine {s.name} group={s.group_id} {s.guarantee} assigned={s.assigned} "
             f"in_flight={s.in_flight} in={s.records_in} done={s.records_done} "
-            f"errors={s.handler_errors} commits={s.commits}>"
+            f"errors={s.handler_errors} commits={s.commits} rebalances={s.rebalances} "
+            f"abandoned={s.abandoned}>"
         )
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def _start(self) -> None:
-        consumer = self._make_consumer()
-        sink = self._make_sink(consumer)
+        instance_id = self.membership.instance_id
+        consumer = make_consumer(self._settings, self.group_id, instance_id, self._claims)
+        self.membership.attach(consumer)
+        sink = make_sink(self._settings, self.group_id, consumer)
         rebalancer = Rebalancer(
             settings=self._settings,
             consumer=consumer,
@@ -251,9 +234,10 @@ class Engine:
             commit=self._commit,
             low_priority=self._low_priority,
             on_assigned=self._assigned,
+            membership=self.membership,
         )
-        listener = Listener(rebalancer)
-        self._clients = (consumer, sink, listener)
+        listener = Listener(rebalancer, self.membership)
+        self._clients = (consumer, sink, listener, rebalancer)
         await sink.start()
         consumer.subscribe(self._topics, listener=listener)
         try:
@@ -277,6 +261,8 @@ class Engine:
             await self._sink.stop()
         finally:
             with anyio.move_on_after(CLOSE_TIMEOUT_S):
+                if self.membership.fenced:
+                    await self.membership.release()
                 await self._consumer.stop()
             log.info("engine %s closed: %r", self.name, self)
 
@@ -287,12 +273,23 @@ class Engine:
         return 120.0 if grace is None else grace
 
     async def _drain(self, grace_s: float) -> None:
+        """Stop starting records but keep the partitions (and, with an instance id, keep
+        them through the restart): running calls get `grace_s` to finish and be written."""
         for partition in self._partitions.values():
             partition.drop_queued()
+        running = sum(p.in_flight for p in self._partitions.values())
+        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in self._partitions)
+        log.info(
+            "draining %d running records (up to %.0f s)",
+            running,
+            grace_s,
+            extra={"partitions": names, "draining": True},
+        )
         with anyio.move_on_after(grace_s):
             for partition in list(self._partitions.values()):
                 await partition.idle.wait()
         abandoned = sum(p.abandon() for p in self._partitions.values())
+        self._abandoned_on_stop += abandoned
         if abandoned:
             log.warning("shutdown grace over: abandoned %d running records", abandoned)
 
@@ -308,7 +305,8 @@ class Engine:
                 try:
                     batch = await self._consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS)
                 except AIOKafkaError as exc:
-                    raise translate(exc, self._settings.kafka, "fetching records") from exc
+                    error = translate(exc, self._settings.kafka, "fetching records")
+                    raise await self.membership.explain(error) from exc
                 except UNDECODABLE:
                     undecodable = True
             if undecodable:  # outside the deadline: it must not drop what it fetched
@@ -365,12 +363,12 @@ class Engine:
         scope = anyio.CancelScope()
         partition.scopes.add(scope)
         try:
-            if partition.revoked:
-                return  # abandoned before it began: left unfinished for the next owner
             with scope:
-                outputs = await self._call_handler(record)
-                if await self._write(partition, record, outputs):
-                    self.records_done += 1
+                # Started just before a revoke: wait for the verdict before calling.
+                if await partition.kept():
+                    outputs = await self._call_handler(record)
+                    if await self._deliver(partition, record, outputs):
+                        self.records_done += 1
         finally:
             partition.scopes.discard(scope)
             partition.done(record)
@@ -378,8 +376,20 @@ class Engine:
         if not self._stopping.is_set():
             self._flow.after_record(self._consumer)
 
+    async def _deliver(
+        self, partition: Partition, record: Record, outputs: Sequence[Output]
+    ) -> bool:
+        """Write the outputs while the partition is surely ours: on probation (a rebalance
+        under way) hold them until the group decides; if it moved, write nothing."""
+        while await partition.kept(holding=record.offset):
+            if await self._write(partition, record, outputs):
+                return True
+            if not partition.on_probation:
+                return False  # it left while the sink waited (exactly-once: no producer)
+        return False
+
     async def _write(self, partition: Partition, record: Record, outputs: Sequence[Output]) -> bool:
-        partition.writes[record.offset] = time.monotonic()  # how long Kafka keeps us waiting
+        partition.begin_write(record.offset, time.monotonic())  # how long Kafka keeps us waiting
         try:
             try:
                 return await self._sink.write(partition, record.offset, outputs)
@@ -387,7 +397,7 @@ class Engine:
                 log.error("%s; the record goes to on_error instead", exc)
                 return await self._sink.write(partition, record.offset, self._on_error(record, exc))
         finally:
-            partition.writes.pop(record.offset, None)
+            partition.end_write(record.offset)
 
     async def _call_handler(self, record: Record) -> Sequence[Output]:
         if isinstance(record, StandIn):
@@ -416,13 +426,18 @@ class Engine:
                 await self._commit()
             except KafkaError as exc:
                 if self._config.guarantee == "exactly-once":
+                    if (fence := await self.membership.explain(exc)) is not exc:
+                        raise fence from exc
                     raise
                 # A rebalance or a Kafka hiccup: the next interval (or the revoke) commits.
                 log.warning("commit failed, retrying next interval: %s", exc)
 
     async def _commit(self, partitions: Iterable[Partition] | None = None) -> None:
         async with self._commit_lock:
-            chosen = list(self._partitions.values() if partitions is None else partitions)
+            # Partitions on probation are committed by their revoke, and then not ours
+            # until the group says so.
+            owned = [p for p in self._partitions.values() if not p.revoked]
+            chosen = owned if partitions is None else list(partitions)
             started = time.monotonic()
             if chosen and await self._sink.commit(chosen):
                 self.commits += 1

@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.errors import (
+    IllegalOperation,
     KafkaTimeoutError,
     KafkaUnavailableError,
     MessageSizeTooLargeError,
@@ -33,8 +33,10 @@ from aiokafka.errors import (
     RecordTooLargeError,
     UnknownTopicOrPartitionError,
 )
+from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import CLOSE_RESERVE_S, KafkaSettings
+from stream.engine.late import acknowledged, watched
 from stream.engine.partitions import Partition
 from stream.errors import KafkaError, OutputRejectedError
 from stream.kafka import start_client, translate
@@ -58,6 +60,9 @@ _TOO_LARGE_TRIES = 3
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 # How long each closing step (a producer's stop, a partition's release) may take.
 CLOSE_TIMEOUT_S = CLOSE_RESERVE_S
+# aiokafka's default, named: Kafka aborts a transaction left open longer, so an exactly-
+# once commit waits that long for a cluster that cannot log it, and no longer.
+_TRANSACTION_TIMEOUT_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +222,7 @@ class AtLeastOnceSink:
             producer = self._producer
             try:
                 for future in await _send(producer, outputs, partition.tp):
-                    await future
+                    await acknowledged(future, partition)
                 break
             except AIOKafkaError as exc:
                 # Kafka is down or slow: keep the record unfinished and try again, so its
@@ -336,6 +341,7 @@ class ExactlyOnceSink:
         producer = AIOKafkaProducer(
             **self._settings.client_options(),
             transactional_id=self.transactional_id(tp),
+            transaction_timeout_ms=_TRANSACTION_TIMEOUT_MS,
             **self._options,
         )
         started = time.monotonic()
@@ -372,9 +378,11 @@ class ExactlyOnceSink:
             2 * self._settings.request_timeout_ms / 1000, shield=True
         ) as bound:
             async with txn.lock:
-                # The partition may have left while this waited for the lock, even come back
-                # with a new producer that must not take this run's outputs.
-                if not partition.abandoned and self._producers.get(partition.tp) is txn:
+                # The partition may have gone on probation (a rebalance: the engine holds the
+                # outputs until it knows) or left while this waited for the lock, even come
+                # back with a new producer that must not take this run's outputs.
+                ours = not (partition.revoked or partition.abandoned)
+                if ours and self._producers.get(partition.tp) is txn:
                     try:
                         await txn.begin()
                         txn.pending += await _send(txn.producer, outputs, partition.tp)
@@ -384,8 +392,10 @@ class ExactlyOnceSink:
                     finished = True
         if bound.cancelled_caught:
             # Some outputs may be in the open transaction without their record marked
-            # finished: committing it would write them twice. Abort it with the producer.
+            # finished: committing it would write them twice. Abort it with the producer;
+            # what the partition marked finished since its last commit is void.
             await self.revoked([partition.tp])
+            partition.abandon()
             raise KafkaError(
                 f"writing outputs of {partition.tp} into its transaction took longer than "
                 f"{2 * self._settings.request_timeout_ms / 1000:g} s; the transaction is "
@@ -399,6 +409,14 @@ class ExactlyOnceSink:
         await _all(partial(self._commit_one, partition) for partition in todo)
         return len(todo)
 
+    async def _commit_steps(
+        self, txn: _Transactional, partition: Partition, position: tuple[int, str]
+    ) -> None:
+        await txn.begin()
+        await _delivered(txn)
+        await txn.producer.send_offsets_to_transaction({partition.tp: position}, self._group_id)
+        await txn.producer.commit_transaction()
+
     def _is_open(self, partition: Partition) -> bool:
         txn = self._producers.get(partition.tp)
         return txn is not None and txn.open
@@ -411,22 +429,24 @@ class ExactlyOnceSink:
             # Read under the lock: no record can finish between this and the commit.
             position = partition.position()
             try:
-                with anyio.fail_after(self._settings.request_timeout_ms / 1000):
-                    await txn.begin()
-                    await _delivered(txn)
-                    await txn.producer.send_offsets_to_transaction(
-                        {partition.tp: position}, self._group_id
-                    )
-                    await txn.producer.commit_transaction()
-            except (AIOKafkaError, TimeoutError) as exc:
+                # Kafka holds a transaction up while too few replicas are in sync: wait as
+                # long as it would keep the transaction, then re-run from the last commit.
+                with anyio.fail_after(_TRANSACTION_TIMEOUT_MS / 1000):
+                    await watched(partial(self._commit_steps, txn, partition, position), partition)
+            # IllegalOperation: aiokafka left the transaction on an error of its own (the
+            # broker went away mid-transaction); it is no Kafka error class of its.
+            except (AIOKafkaError, IllegalOperation, TimeoutError) as exc:
                 # A fenced or failed transaction cannot be repaired here: its outputs are
                 # aborted, so the records must be re-run from the last commit. The records
                 # marked finished in memory are void: drop the partition's producer so
                 # nothing more is committed for it, and crash to let a restart (or the
-                # partition's new owner) re-run them from committed state.
+                # partition's new owner) re-run them from committed state. Should the
+                # partition come back to this worker first, it starts over from there.
                 await self.revoked([partition.tp])
+                partition.abandon()
                 raise translate(
                     exc, self._settings, f"committing the transaction of {partition.tp}"
                 ) from exc
             txn.open = False
             partition.committed = position
+            partition.write_error = None

@@ -4,6 +4,11 @@ A `Partition` holds the records fetched but not started (`queued`), counts those
 and owns the `PartitionOffsets` tracker that says what may be committed. With per-key
 ordering, a record whose key is busy waits in that key's own line and joins the queue
 when the record before it finishes, so one slow key never blocks the others.
+
+A rebalance puts a partition **on probation** (`probation`): nothing new starts, running
+records go on but hold their outputs (`kept` waits) until the group decides. If the
+partition comes back (`resume`), they write and it carries on where it was; if it moved
+(`abandon`), they write nothing and stop.
 """
 
 from __future__ import annotations
@@ -58,11 +63,15 @@ class Partition:
         self.low_priority = low_priority
         self.key_ordering = key_ordering
         self.paused = False
-        self.revoked = False  # no new work: the partition is leaving this worker
-        self.abandoned = False  # past the revoke grace: runs still going write nothing
+        self.revoked = False  # no new work: on probation, or leaving this worker
+        self.abandoned = False  # it left: runs still going write nothing
+        self._verdict: anyio.Event | None = None  # set while on probation, fired on the verdict
+        self.waiting: set[int] = set()  # offsets whose outputs wait for the verdict
         self.committed: tuple[int, str] | None = None  # last (offset, metadata) committed
         self.running: dict[int, int] = {}  # offset → record timestamp, for the snapshot
         self.writes: dict[int, float] = {}  # offset → when its outputs' write began (monotonic)
+        self.no_writes = anyio.Event()  # set whenever no write of outputs is under way
+        self.no_writes.set()
         self.write_error: str | None = None  # the last refusal since outputs last went through
         self.scopes: set[anyio.CancelScope] = set()  # to abandon running records on revoke
         self.idle = anyio.Event()  # set whenever nothing of this partition is running
@@ -144,12 +153,61 @@ class Partition:
         started = min(self.writes.values(), default=None)
         return None if started is None else now - started
 
+    def begin_write(self, offset: int, now: float) -> None:
+        self.writes[offset] = now
+        if self.no_writes.is_set():
+            self.no_writes = anyio.Event()
+
+    def end_write(self, offset: int) -> None:
+        self.writes.pop(offset, None)
+        if not self.writes:
+            self.no_writes.set()
+
+    @property
+    def on_probation(self) -> bool:
+        return self._verdict is not None
+
+    def probation(self) -> None:
+        """Revoked by a rebalance: start nothing new, hold outputs until the verdict."""
+        self.revoked = True
+        if self._verdict is None:
+            self._verdict = anyio.Event()
+
+    def resume(self) -> None:
+        """The partition came back: carry on; held outputs are written now. The consumer's
+        new assignment starts unpaused."""
+        self.revoked = self.paused = False
+        self._settle()
+
+    async def kept(self, holding: int | None = None) -> bool:
+        """Whether this worker still owns the partition, waiting out a probation (`holding`:
+        the offset of a record whose outputs wait meanwhile). Returns at once, without
+        yielding, when there is none: a caller's next step then runs before any rebalance
+        callback can."""
+        if self._verdict is None:
+            return not self.abandoned
+        if holding is not None:
+            self.waiting.add(holding)
+        try:
+            while self._verdict is not None:
+                await self._verdict.wait()
+        finally:
+            self.waiting.discard(holding)
+        return not self.abandoned
+
     def abandon(self) -> int:
-        """Cancel whatever still runs; those records stay unfinished and will be re-run."""
+        """The partition left: cancel whatever still runs (it stays unfinished, for the
+        next owner). Returns how many records were running."""
         self.abandoned = True  # a run that ignores its cancellation must not write now
         for scope in self.scopes:
             scope.cancel()
+        self._settle()
         return len(self.scopes)
+
+    def _settle(self) -> None:
+        verdict, self._verdict = self._verdict, None
+        if verdict is not None:
+            verdict.set()
 
     def snapshot(self) -> PartitionSnapshot:
         return PartitionSnapshot(

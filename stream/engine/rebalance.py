@@ -2,10 +2,22 @@
 
 aiokafka speaks the eager protocol: on every membership change it calls
 `on_partitions_revoked` with everything this member owns, rejoins, then calls
-`on_partitions_assigned` with the new set, both in its coordinator task. `Rebalancer` does
-the engine's part of each, within the rebalance timeout: on revoke, let running records
-finish (up to the revoke grace), commit what finished, release the partitions; on assign,
-set each partition up from its committed offset and the finished offsets in its metadata.
+`on_partitions_assigned` with the new set, both in its coordinator task. The group waits
+for every member's revoke, so a revoke that waits on running calls stops the whole group.
+`Rebalancer` does not wait:
+
+- **revoke**: the partitions go on probation (nothing new starts; running calls go on,
+  holding their outputs), writes already under way land, what finished is committed, and
+  it returns at once;
+- **assign**: partitions that came back (and that nobody committed since) carry on with
+  their running calls, queued records and offsets, fetching where they left off; those
+  that moved are abandoned (their held outputs are never written; exactly-once: the new
+  owner's producers fence ours); new ones start from their committed offset and the
+  finished offsets in its metadata.
+
+Dropped from the group (a session that expired), every partition is abandoned at once:
+the others took them already. With a group instance id, a newer process may have taken
+our place: then this one is fenced and stops (`stream.engine.membership`).
 
 aiokafka logs and swallows what a listener raises: the partitions would stay assigned and
 never be processed, or never be released. `Listener` keeps the first error instead; the
@@ -24,15 +36,23 @@ from aiokafka.errors import IllegalStateError
 from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import Settings
+from stream.engine.membership import Membership
 from stream.engine.offsets import PartitionOffsets, decode_metadata, split_notes
 from stream.engine.outputs import CLOSE_TIMEOUT_S, Sink
 from stream.engine.partitions import Partition
-from stream.errors import KafkaError
+from stream.errors import FencedError, KafkaError
 from stream.kafka import translate
 
 __all__ = ["Listener", "Rebalancer", "seek"]
 
 log = logging.getLogger(__name__)
+
+Committed = dict[TopicPartition, tuple[int, str]]
+
+
+def _names(tps: Iterable[TopicPartition]) -> list[str]:
+    """Partitions as log fields: `topic[partition]`."""
+    return sorted(f"{tp.topic}[{tp.partition}]" for tp in tps)
 
 
 def seek(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
@@ -46,12 +66,15 @@ def seek(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
 class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     """Hands aiokafka's callbacks to the `Rebalancer`, keeping what they raise."""
 
-    def __init__(self, rebalancer: Rebalancer) -> None:
+    def __init__(self, rebalancer: Rebalancer, membership: Membership) -> None:
         self._rebalancer = rebalancer
+        self._membership = membership
         self.error: BaseException | None = None
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         await self._keep_error(self._rebalancer.revoke(revoked))
+        if isinstance(self.error, FencedError):
+            await self._membership.hold()  # never join again: the engine closes instead
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self._keep_error(self._rebalancer.assign(assigned))
@@ -65,6 +88,8 @@ class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def raise_error(self) -> None:
         """Raise the first error a callback hit, as our `KafkaError`."""
+        if isinstance(self.error, FencedError):
+            raise self.error
         if self.error is not None:
             raise KafkaError(f"handling a rebalance failed: {self.error}") from self.error
 
@@ -82,6 +107,7 @@ class Rebalancer:
         commit: Callable[[Iterable[Partition]], Awaitable[None]],
         low_priority: frozenset[str],
         on_assigned: Callable[[], None],
+        membership: Membership,
     ) -> None:
         self._settings = settings
         self._config = settings.engine
@@ -91,58 +117,150 @@ class Rebalancer:
         self._commit = commit
         self._low_priority = low_priority
         self._on_assigned = on_assigned
+        self._membership = membership
+        self.abandoned = 0  # running records abandoned: their next owner runs them again
+        self.rebalances = 0  # revokes that took partitions from this member
+
+    # -- revoke --------------------------------------------------------------------------
 
     async def revoke(self, tps: Iterable[TopicPartition]) -> None:
+        tps = set(tps)
+        self.rebalances += bool(tps)
+        if self._membership.dropped():
+            await self._dropped()
+            return
         # All of it must end within the rebalance timeout, or the group drops this worker
-        # and its commit is refused: the grace, then the commit in what is left after
-        # keeping room to close the partitions' producers.
+        # and its commit is refused: keep room to close producers after the commit.
         deadline = time.monotonic() + self._config.rebalance_timeout_ms / 1000 - CLOSE_TIMEOUT_S
         leaving = [self._partitions[tp] for tp in tps if tp in self._partitions]
         for partition in leaving:
-            partition.revoked = True
-            partition.drop_queued()
-        with anyio.move_on_after(self._config.revoke_grace_s):
-            for partition in leaving:
-                await partition.idle.wait()
-        abandoned = sum(p.abandon() for p in leaving)
+            partition.probation()
+        await self._writes_landed(leaving, deadline)
         try:
             with anyio.move_on_after(max(1.0, deadline - time.monotonic())) as budget:
                 await self._commit(leaving)
             if budget.cancelled_caught:
-                log.warning("commit on revoke ran out of time; the new owner re-runs from the last")
+                log.warning("commit on revoke ran out of time; the next owner re-runs the rest")
         except KafkaError as exc:
-            log.warning("commit on revoke failed; the new owner re-runs from the last: %s", exc)
-        finally:
+            log.warning("commit on revoke failed; the next owner re-runs from the last: %s", exc)
+        if leaving:
+            running = sum(p.in_flight for p in leaving)
+            log.info(
+                "%d partitions on probation, %d records running",
+                len(leaving),
+                running,
+                extra={"partitions": _names(p.tp for p in leaving)},
+            )
+
+    async def _writes_landed(self, leaving: list[Partition], deadline: float) -> None:
+        """Let writes of outputs already under way finish before the commit: one that
+        landed after it, on a partition that then moved, would be written twice."""
+        budget = min(self._settings.kafka.request_timeout_ms / 1000, deadline - time.monotonic())
+        with anyio.move_on_after(max(0.0, budget / 2)) as waited:
             for partition in leaving:
-                self._partitions.pop(partition.tp, None)
-            await self._sink.revoked([p.tp for p in leaving])
-        log.info("revoked %d partitions (%d running records abandoned)", len(leaving), abandoned)
+                await partition.no_writes.wait()
+        if waited.cancelled_caught:
+            log.warning("outputs still being written on revoke; they may be written twice")
+
+    async def _dropped(self) -> None:
+        """The group forgot our member id: fenced by a newer process with our instance
+        id, or our session expired and the others took our partitions already."""
+        holder = await self._membership.holder()
+        await self.abandon(list(self._partitions.values()))
+        if holder is not None:
+            raise self._membership.fence(holder)
+        group = self._membership.group_id
+        log.warning("dropped from group %s (session expired?); joining again", group)
+
+    async def abandon(self, partitions: list[Partition]) -> None:
+        """Forget partitions that left: cancel their runs, close their producers."""
+        abandoned = 0
+        for partition in partitions:
+            partition.drop_queued()
+            abandoned += partition.abandon()
+            self._partitions.pop(partition.tp, None)
+        self.abandoned += abandoned
+        await self._sink.revoked([p.tp for p in partitions])
+        if partitions:
+            log.info(
+                "%d partitions left: %d running records abandoned (their next owner runs "
+                "them again)",
+                len(partitions),
+                abandoned,
+                extra={"partitions": _names(p.tp for p in partitions), "abandoned": abandoned},
+            )
+
+    # -- assign --------------------------------------------------------------------------
 
     async def assign(self, tps: Iterable[TopicPartition]) -> None:
         tps = set(tps)
-        # Exactly-once: start the partition producers first; that fences the previous owner
-        # and settles its open transaction, so the committed offsets read next are final.
+        self._membership.assigned()
+        on_probation = {tp: p for tp, p in self._partitions.items() if p.on_probation}
+        await self.abandon([p for tp, p in on_probation.items() if tp not in tps])
+        # Exactly-once: start the new partitions' producers first; that fences the previous
+        # owner and settles its open transaction, so the committed offsets read next are
+        # final. Those that came back still have theirs.
         await self._sink.assigned(tps)
         committed = await self.committed(tps)
-        key_ordering = self._config.ordering == "key"
-        for tp in tps:
-            offset, metadata = committed.get(tp, (None, ""))
-            if offset is None:
-                offsets = PartitionOffsets(-1)  # position unknown: accept from wherever
-            else:
-                offsets = PartitionOffsets(offset, decode_metadata(metadata, offset))
-                seek(self._consumer, tp, offset)
-            self._partitions[tp] = Partition(
-                tp,
-                offsets,
-                low_priority=tp.topic in self._low_priority,
-                key_ordering=key_ordering,
-                started_before=_started(metadata),
-            )
-        log.info("assigned %d partitions", len(tps))
+        back = [p for tp, p in on_probation.items() if tp in tps]
+        # Someone committed in between (we were out of the group for a while), or its
+        # transaction failed: what we hold is out of date. Start those afresh.
+        stale = [p for p in back if p.abandoned or committed.get(p.tp) != p.committed]
+        if stale:
+            await self.abandon(stale)
+            await self._sink.assigned(p.tp for p in stale)
+            for partition in stale:
+                committed.pop(partition.tp, None)
+            committed.update(await self.committed({p.tp for p in stale}))
+        for partition in back:
+            if partition not in stale:
+                self._carry_on(partition)
+        fresh = [tp for tp in tps if tp not in self._partitions]
+        for tp in fresh:
+            self._start(tp, committed.get(tp))
+        kept = [p.tp for p in back if p not in stale]
+        log.info(
+            "assigned %d partitions: %d came back with their running records, %d new",
+            len(tps),
+            len(kept),
+            len(fresh),
+            extra={"kept": _names(kept), "new": _names(fresh)},
+        )
         self._on_assigned()
 
-    async def committed(self, tps: set[TopicPartition]) -> dict[TopicPartition, tuple[int, str]]:
+    def _carry_on(self, partition: Partition) -> None:
+        partition.resume()
+        tp = partition.tp
+        # Between aiokafka taking the new assignment and this callback, the fetch loop may
+        # have paused the partition (it was on probation then): unpaused, as `resume` says,
+        # or flow control would believe it fetching and never resume it.
+        try:
+            self._consumer.resume(tp)
+        except (IllegalStateError, AssertionError) as exc:
+            log.debug("not resuming %s: %s", tp, exc)
+        # aiokafka would fetch from the committed offset again: continue after the last
+        # record this worker fetched (queued and running ones are still here).
+        if (position := partition.offsets.next_expected) is not None:
+            seek(self._consumer, tp, position)
+
+    def _start(self, tp: TopicPartition, committed: tuple[int, str] | None) -> None:
+        metadata = ""
+        if committed is None:
+            offsets = PartitionOffsets(-1)  # position unknown: accept from wherever
+        else:
+            offset, metadata = committed
+            offsets = PartitionOffsets(offset, decode_metadata(metadata, offset))
+            seek(self._consumer, tp, offset)
+        self._partitions[tp] = partition = Partition(
+            tp,
+            offsets,
+            low_priority=tp.topic in self._low_priority,
+            key_ordering=self._config.ordering == "key",
+            started_before=_started(metadata),
+        )
+        partition.committed = committed
+
+    async def committed(self, tps: set[TopicPartition]) -> Committed:
         """Committed offset and metadata per partition (the consumer's API drops metadata)."""
         try:
             # aiokafka 0.14 (pinned): the coordinator's fetch keeps the metadata. It retries

@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from functools import partial
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
@@ -184,8 +184,8 @@ class LagReader:
             for g in groups
         }
         known = sorted({tp for tps in wanted.values() for tp in tps if tp.topic in existing})
-        ends = await self._consumer.end_offsets(known) if known else {}
-        starts = await self._consumer.beginning_offsets(known) if known else {}
+        ends = await self._offsets(self._consumer.end_offsets, known)
+        starts = await self._offsets(self._consumer.beginning_offsets, known)
         readings = []
         for group in groups:
             partitions = [
@@ -201,6 +201,29 @@ class LagReader:
             ]
             readings.append(_group(group, described.get(group), partitions, at))
         return readings
+
+    async def _offsets(
+        self,
+        ask: Callable[[list[TopicPartition]], Awaitable[dict[TopicPartition, int]]],
+        tps: list[TopicPartition],
+    ) -> dict[TopicPartition, int]:
+        """Offsets from each partition's leader. A leader that cannot tell (one elected
+        while the partition has fewer in-sync replicas than min.insync.replicas does not
+        know its high watermark) leaves its partitions unknown, not the round lost."""
+        if not tps:
+            return {}
+        with anyio.move_on_after(self._fetch_timeout_s):
+            return await ask(tps)
+        found: dict[TopicPartition, int] = {}
+
+        async def one(tp: TopicPartition) -> None:
+            with anyio.move_on_after(self._fetch_timeout_s), suppress(AIOKafkaError):
+                found.update(await ask([tp]))
+
+        async with anyio.create_task_group() as group:
+            for tp in tps:
+                group.start_soon(one, tp)
+        return found
 
     async def _describe(self, groups: Iterable[str]) -> dict[str, dict[str, Any]]:
         # One group per request: aiokafka 0.14 mis-decodes a DescribeGroups answer for

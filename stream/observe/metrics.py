@@ -356,6 +356,10 @@ def _engine_metrics(snapshots: Sequence[EngineSnapshot]) -> Iterable[Metric]:
             "Unix time of the engine's last successful commit (0 before the first).",
             lambda s: s.last_commit_seconds,
         ),
+        "stream_engine_output_wait_seconds": (
+            "How long the oldest write of outputs has waited for Kafka (0: none waits).",
+            lambda s: max((p.oldest_write_s or 0.0 for p in s.partitions), default=0.0),
+        ),
     }
     counters: dict[str, tuple[str, Callable[[EngineSnapshot], float]]] = {
         "stream_engine_records_in": ("Records taken from Kafka.", lambda s: s.records_in),
@@ -366,6 +370,15 @@ def _engine_metrics(snapshots: Sequence[EngineSnapshot]) -> Iterable[Metric]:
             "Records started again that a previous owner had started (crash, rebalance): "
             "each may be a provider call paid twice.",
             lambda s: s.records_redelivered,
+        ),
+        "stream_engine_rebalances": (
+            "Rebalances that revoked the engine's partitions.",
+            lambda s: s.rebalances,
+        ),
+        "stream_engine_records_abandoned": (
+            "Running records abandoned because their partition moved to another worker (or "
+            "the shutdown grace ran out): their next owner calls the provider again.",
+            lambda s: s.abandoned,
         ),
     }
     for kind, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):

@@ -1,0 +1,186 @@
+"""`stream kafka start|stop|status`: the local single-node broker, or with `--brokers N` a
+local cluster (`stream.devtools.cluster`), and one of its nodes with `--broker N` or
+`--controller N` (`stop --kill` is a SIGKILL, as a crash would be)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from stream.config import Settings
+from stream.devtools.broker import KAFKA_VERSION, LocalBroker, cache_dir
+from stream.devtools.cluster import CONTROLLERS, MAX_BROKERS, ClusterNode, LocalCluster
+from stream.errors import EXIT_ATTENTION, EXIT_FAILED, BrokerError
+
+__all__ = ["register"]
+
+
+def _single(args: argparse.Namespace) -> int:
+    home = Path(args.home or cache_dir() / "broker")
+    if (home / "cluster.json").exists():
+        raise BrokerError(f"{home} holds a local cluster: pass --brokers as when it was started")
+    broker = LocalBroker(home=home, port=args.port)
+    if args.action == "start":
+        already = broker.pid() is not None
+        broker.start()
+        state = "already running" if already else "started"
+    elif args.action == "stop":
+        state = "stopped" if broker.stop() else "not running"
+    else:
+        state = "running" if broker.pid() is not None else "not running"
+    if args.json:
+        print(json.dumps(_report(state, broker.bootstrap_servers, broker.pid(), broker.home)))
+    elif state == "not running":
+        print(f"Kafka is not running (home {broker.home})")
+    elif args.action == "stop":
+        print("Kafka stopped")
+    else:
+        print(
+            f"Kafka {KAFKA_VERSION} {state} at {broker.bootstrap_servers} "
+            f"(pid {broker.pid()}, data in {broker.home})"
+        )
+    return EXIT_FAILED if args.action == "status" and state == "not running" else 0
+
+
+def _report(state: str, bootstrap: str, pid: int | None, home: Path) -> dict[str, object]:
+    """`kafka start|stop|status --json`: the shape the README documents."""
+    return {
+        "state": state,
+        "running": state in ("started", "already running", "running"),
+        "version": KAFKA_VERSION,
+        "bootstrap_servers": bootstrap,
+        "pid": pid,
+        "home": str(home),
+    }
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    cluster = LocalCluster(
+        home=Path(args.home or cache_dir() / "cluster"), port=args.port, brokers=args.brokers
+    )
+    cluster.check_layout()
+    one = _chosen(args, cluster)
+    if args.action == "status":
+        return _status(cluster, [one] if one else cluster.nodes, json_out=args.json)
+    if one is not None:
+        return _one(args, cluster, one)
+    if args.action == "start":
+        started = cluster.start()
+        state = "started" if started else "already running"
+        done = f"started {len(started)} of {len(cluster.nodes)} processes" if started else state
+    else:
+        stopped = cluster.stop()
+        state = "stopped" if stopped else "not running"
+        done = f"{stopped} processes stopped" if stopped else state
+    if args.json:
+        print(json.dumps(_cluster_report(cluster, state, cluster.nodes)))
+    else:
+        print(
+            f"Kafka {KAFKA_VERSION} cluster at {cluster.bootstrap_servers}: "
+            f"{cluster.brokers} brokers, {CONTROLLERS} controllers ({done}; data in {cluster.home})"
+        )
+    return 0
+
+
+def _cluster_report(
+    cluster: LocalCluster, state: str, nodes: list[ClusterNode]
+) -> dict[str, object]:
+    """The single broker's shape, with `pid` null and each node in `nodes`."""
+    report = _report(state, cluster.bootstrap_servers, None, cluster.home)
+    report["nodes"] = [{"name": n.name, "port": n.port, "pid": n.pid()} for n in nodes]
+    return report
+
+
+def _chosen(args: argparse.Namespace, cluster: LocalCluster) -> ClusterNode | None:
+    if args.broker is not None:
+        return cluster.node("broker", args.broker)
+    if args.controller is not None:
+        return cluster.node("controller", args.controller)
+    return None
+
+
+def _one(args: argparse.Namespace, cluster: LocalCluster, node: ClusterNode) -> int:
+    if args.action == "start":
+        state = "started" if cluster.start_node(node) else "already running"
+        text = f"{node.name} {state} at port {node.port}"
+    elif cluster.stop_node(node, kill=args.kill):
+        how = "killed (SIGKILL)" if args.kill else "stopped (clean shutdown)"
+        state, text = "stopped", f"{node.name} {how}"
+    else:
+        state, text = "not running", f"{node.name} was not running"
+    print(json.dumps(_cluster_report(cluster, state, [node])) if args.json else text)
+    return 0
+
+
+def _status(cluster: LocalCluster, nodes: list[ClusterNode], *, json_out: bool) -> int:
+    up = sum(node.pid() is not None for node in nodes)
+    code = 0 if up == len(nodes) else EXIT_FAILED if up == 0 else EXIT_ATTENTION
+    state = {0: "running", EXIT_FAILED: "not running"}.get(code, "partly running")
+    if json_out:
+        print(json.dumps(_cluster_report(cluster, state, nodes)))
+        return code
+    for node in nodes:
+        pid = node.pid()
+        running = f"running (pid {pid})" if pid else "stopped"
+        print(f"{node.name:<13} 127.0.0.1:{node.port:<6} {running}")
+    if code == 0:
+        print(f"bootstrap: {cluster.bootstrap_servers}")
+    return code
+
+
+def _kafka(args: argparse.Namespace, settings: Settings) -> int:
+    if args.kill and (args.action != "stop" or args.broker is args.controller is None):
+        raise BrokerError("--kill goes with stop --broker N or stop --controller N")
+    if args.brokers == 1:
+        if args.broker is not None or args.controller is not None:
+            raise BrokerError("--broker and --controller name a node of a cluster (--brokers N)")
+        return _single(args)
+    return _cluster(args)
+
+
+def register(commands: Any) -> None:
+    kafka = commands.add_parser(
+        "kafka",
+        help="start, stop or check the local Kafka broker (or cluster)",
+        description="A KRaft broker on loopback from the pinned Apache Kafka jars (fetched "
+        "with Maven once); with --brokers N, N brokers beside a quorum of three controllers "
+        "(broker i on port P+i-1, controller j on P+N+j-1). stop/status take the same "
+        "--brokers, --port and --home as start. `status` exits 1 when nothing runs, 3 "
+        "when a node of a cluster is down.",
+        epilog="examples: stream kafka start --brokers 3 --port 19092; "
+        "stream kafka stop --brokers 3 --port 19092 --broker 2 --kill; "
+        "stream kafka start --brokers 3 --port 19092 --broker 2",
+    )
+    kafka.add_argument("action", choices=["start", "stop", "status"])
+    kafka.add_argument(
+        "--port", type=int, default=9092, help="the (first) broker's listener (default 9092)"
+    )
+    kafka.add_argument(
+        "--home",
+        help="state folder (default ~/.cache/prediction-stream/broker, or …/cluster)",
+    )
+    kafka.add_argument(
+        "--brokers",
+        type=int,
+        default=1,
+        choices=range(1, MAX_BROKERS + 1),
+        metavar="N",
+        help="1 (default): one combined broker+controller; 2-9: a cluster",
+    )
+    node = kafka.add_mutually_exclusive_group()
+    node.add_argument("--broker", type=int, metavar="N", help="only broker N (1-based)")
+    node.add_argument(
+        "--controller", type=int, metavar="N", help=f"only controller N (1-{CONTROLLERS})"
+    )
+    kafka.add_argument(
+        "--kill", action="store_true", help="with stop --broker/--controller: SIGKILL it"
+    )
+    kafka.add_argument(
+        "--json",
+        action="store_true",
+        help="print {state, running, version, bootstrap_servers, pid, home} as JSON "
+        "(a cluster adds nodes: [{name, port, pid}])",
+    )
+    kafka.set_defaults(handler=_kafka)

@@ -1,0 +1,207 @@
+"""Which member of a consumer group gets which partition: balanced per topic, sticky, and
+the busiest partitions stay where their calls are running.
+
+aiokafka speaks only the eager protocol: every membership change revokes every partition
+of every member. What it costs depends on where partitions land afterwards, since a
+partition that moves abandons the calls running on it (the new owner pays for them again).
+`assign` decides, given what each member owns now and how many calls run on each:
+
+- **every partition once**, to a member subscribed to its topic;
+- **balanced per topic**: among the members subscribed to a topic, partition counts differ
+  by at most one (where a topic leaves a choice, the extra partitions go to the members
+  with the fewest partitions so far, so totals stay even too);
+- **sticky**: a member keeps as many of its partitions as its share allows, so only the
+  fewest possible partitions move, and those it gives up are the ones with the fewest
+  running calls.
+
+Each member sends what it owns in its JoinGroup user data (`encode_claims`): a restarted
+member owns nothing, and a member that was dropped from the group may claim partitions
+someone else took since; the claim from the later generation wins.
+
+aiokafka's own `StickyPartitionAssignor` (ported from kafka-python) is not used: it balances
+total counts rather than each topic (scaling the primary stage from 1 to 2 workers gave one
+worker all six live partitions and the other all six backfill ones), keeps its state in
+class attributes (the two engines of `stream run all` would share it), and aiokafka never
+tells it the generation, so conflicting claims cannot be told apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import orjson
+from aiokafka import TopicPartition
+from aiokafka.coordinator.protocol import (
+    ConsumerProtocolMemberAssignment,
+    ConsumerProtocolMemberMetadata,
+)
+
+__all__ = ["Claims", "Member", "StickyAssignor", "assign", "decode_claims", "encode_claims"]
+
+log = logging.getLogger(__name__)
+
+_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claims:
+    """What a member owns: partition → calls running on it, and the generation in which
+    the group gave it those partitions (-1: none yet)."""
+
+    generation: int = -1
+    owned: Mapping[TopicPartition, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Member:
+    topics: frozenset[str]
+    claims: Claims = field(default_factory=Claims)
+
+
+def encode_claims(claims: Claims) -> bytes:
+    by_topic: dict[str, list[tuple[int, int]]] = {}
+    for tp, running in sorted(claims.owned.items()):
+        by_topic.setdefault(tp.topic, []).append((tp.partition, running))
+    return orjson.dumps({"v": _VERSION, "g": claims.generation, "o": by_topic})
+
+
+def decode_claims(data: bytes) -> Claims:
+    """The claims in a member's user data; none for anything we did not write (another
+    assignor's data, an older or newer version, garbage): that only costs stickiness."""
+    try:
+        body = orjson.loads(data) if data else None
+        if not isinstance(body, dict) or body.get("v") != _VERSION:
+            return Claims()
+        generation, topics = body["g"], body["o"]
+        owned = {
+            TopicPartition(topic, partition): running
+            for topic, pairs in topics.items()
+            for partition, running in pairs
+            if _at_least(partition, 0) and _at_least(running, 0)
+        }
+        return Claims(generation=generation, owned=owned) if _at_least(generation, -1) else Claims()
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return Claims()
+
+
+def _at_least(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def assign(
+    partitions: Mapping[str, int], members: Mapping[str, Member]
+) -> dict[str, set[TopicPartition]]:
+    """Partitions per member; `partitions` is the partition count of each topic."""
+    result: dict[str, set[TopicPartition]] = {member: set() for member in members}
+    totals: Counter[str] = Counter()
+    for topic in sorted(partitions):
+        eligible = sorted(m for m, member in members.items() if topic in member.topics)
+        if not eligible:
+            continue
+        tps = [TopicPartition(topic, p) for p in range(partitions[topic])]
+        owners = _owners(tps, {m: members[m].claims for m in eligible})
+        for member, got in _assign_topic(tps, eligible, owners, totals).items():
+            result[member] |= got
+            totals[member] += len(got)
+    return result
+
+
+def _owners(
+    tps: list[TopicPartition], claims: Mapping[str, Claims]
+) -> dict[TopicPartition, tuple[str, int]]:
+    """The owner of each claimed partition, and its running calls. Two claims on one
+    partition: the later generation wins, then the busier one, then the lower id."""
+    owners: dict[TopicPartition, tuple[str, int]] = {}
+    ranks: dict[TopicPartition, tuple[int, int]] = {}
+    wanted = set(tps)
+    for member in sorted(claims):
+        generation = claims[member].generation
+        for tp, running in claims[member].owned.items():
+            if tp in wanted and (tp not in ranks or (generation, running) > ranks[tp]):
+                ranks[tp] = (generation, running)
+                owners[tp] = (member, running)
+    return owners
+
+
+def _assign_topic(
+    tps: list[TopicPartition],
+    eligible: list[str],
+    owners: Mapping[TopicPartition, tuple[str, int]],
+    totals: Counter[str],
+) -> dict[str, set[TopicPartition]]:
+    owned: dict[str, list[tuple[int, TopicPartition]]] = {m: [] for m in eligible}
+    for tp, (member, running) in owners.items():
+        owned[member].append((running, tp))
+    for heaviest_first in owned.values():
+        heaviest_first.sort(key=lambda item: (-item[0], item[1].partition))
+    floor, extra = divmod(len(tps), len(eligible))
+
+    def claim_on_extra(member: str) -> tuple[int, int, int, str]:
+        # an extra slot keeps one more partition only for a member that owns more than
+        # the floor: those first, the busiest such partition first; then the fewest so far
+        mine = owned[member]
+        keeps_one = len(mine) > floor
+        return (0 if keeps_one else 1, -mine[floor][0] if keeps_one else 0, totals[member], member)
+
+    quota = {m: floor for m in eligible}
+    for member in sorted(eligible, key=claim_on_extra)[:extra]:
+        quota[member] += 1
+    got = {m: {tp for _, tp in owned[m][: quota[m]]} for m in eligible}
+    kept = set().union(*got.values())
+    free = iter(tp for tp in tps if tp not in kept)
+    for member in eligible:
+        while len(got[member]) < quota[member]:
+            got[member].add(next(free))
+    return got
+
+
+class _Cluster(Protocol):
+    def partitions_for_topic(self, topic: str) -> set[int] | None: ...
+
+
+class StickyAssignor:
+    """`assign` as an aiokafka partition assignor (duck-typed: aiokafka calls `name`,
+    `metadata`, `assign` and `on_assignment`). `claims` says what this member owns at the
+    moment it joins; one instance per engine, so engines never share state."""
+
+    name = "stream-sticky"
+    version = 0
+
+    def __init__(self, claims: Callable[[], Claims]) -> None:
+        self._claims = claims
+
+    def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
+        return ConsumerProtocolMemberMetadata(
+            self.version, sorted(topics), encode_claims(self._claims())
+        )
+
+    def assign(
+        self, cluster: _Cluster, members: Mapping[str, ConsumerProtocolMemberMetadata]
+    ) -> dict[str, ConsumerProtocolMemberAssignment]:
+        subscribed = {
+            m: Member(topics=frozenset(meta.subscription), claims=decode_claims(meta.user_data))
+            for m, meta in members.items()
+        }
+        counts = {}
+        for topic in set().union(*(m.topics for m in subscribed.values())):
+            found = cluster.partitions_for_topic(topic)
+            if found:
+                counts[topic] = max(found) + 1
+            else:
+                log.warning("no partition metadata for topic %s: not assigned this round", topic)
+        decided = assign(counts, subscribed)
+        return {m: _assignment(self.version, decided[m]) for m in members}
+
+    def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
+        pass  # the claims come from the engine's partitions, not from here
+
+
+def _assignment(version: int, tps: set[TopicPartition]) -> ConsumerProtocolMemberAssignment:
+    by_topic: dict[str, list[int]] = {}
+    for tp in sorted(tps):
+        by_topic.setdefault(tp.topic, []).append(tp.partition)
+    return ConsumerProtocolMemberAssignment(version, sorted(by_topic.items()), b"")

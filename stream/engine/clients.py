@@ -1,0 +1,64 @@
+"""The aiokafka clients an engine runs on: its consumer and the sink for its outputs.
+
+Sized for LLM work: minute-long calls must not get a member dropped from its group, and a
+wave of answers finishing together must not wait on small producer batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+
+from stream.config import Settings
+from stream.engine.assignor import Claims, StickyAssignor
+from stream.engine.outputs import MAX_OUTPUT_BYTES, AtLeastOnceSink, ExactlyOnceSink, Sink
+
+__all__ = ["make_consumer", "make_sink"]
+
+
+def make_consumer(
+    settings: Settings, group_id: str, instance_id: str | None, claims: Callable[[], Claims]
+) -> AIOKafkaConsumer:
+    """A group consumer; `claims` tells the sticky assignor what this member owns."""
+    config = settings.engine
+    exactly_once = config.guarantee == "exactly-once"
+    return AIOKafkaConsumer(
+        **settings.kafka.client_options(),
+        group_id=group_id,
+        group_instance_id=instance_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",  # a new group must not skip what is already there
+        isolation_level="read_committed" if exactly_once else "read_uncommitted",
+        max_poll_interval_ms=config.max_poll_interval_ms,
+        rebalance_timeout_ms=config.rebalance_timeout_ms,
+        session_timeout_ms=config.session_timeout_ms,
+        heartbeat_interval_ms=max(100, min(3000, config.session_timeout_ms // 3)),
+        # Memory: aiokafka buffers at most one fetch per partition, bounded by these.
+        max_partition_fetch_bytes=1024 * 1024,
+        fetch_max_bytes=16 * 1024 * 1024,
+        max_poll_records=min(config.max_in_flight, 500),
+        metadata_max_age_ms=30_000,  # new partitions (topics apply --add-partitions) in < 1 min
+        # Ours first; round-robin lets a group of older workers take this one in during a
+        # rolling upgrade (the coordinator picks a strategy every member offers).
+        partition_assignment_strategy=(StickyAssignor(claims), RoundRobinPartitionAssignor),
+    )
+
+
+def make_sink(settings: Settings, group_id: str, consumer: AIOKafkaConsumer) -> Sink:
+    # A dead letter carries its input base64-encoded: 1.4 MiB for the largest request
+    # the topics take. Under aiokafka's 1 MiB default it could never be sent, and the
+    # sink would retry it forever, stalling its partition.
+    # Outputs finish in bursts (a wave of calls answers together): with the default
+    # 16 KB batch, a partition's batch fills while the previous one awaits its ack and
+    # every writer then waits for the drain. 256 KB absorbs a burst.
+    options: dict[str, Any] = {
+        "linger_ms": 5,
+        "max_request_size": MAX_OUTPUT_BYTES,
+        "max_batch_size": 256 * 1024,
+    }
+    if settings.engine.guarantee == "exactly-once":
+        return ExactlyOnceSink(settings.kafka, group_id, options)
+    return AtLeastOnceSink(settings.kafka, consumer, options)

@@ -1,0 +1,137 @@
+"""Static membership for one engine, and knowing when a newer process took its place.
+
+With a group instance id (Kafka's `group.instance.id`, KIP-345) the broker keeps a member's
+partitions across its restart: the process that joins again with the same id gets them
+back at once, without a rebalance of the others and without waiting for the old session
+to time out. The broker names such a member `<instance id>-<uuid>`.
+
+Two live processes with one id: the newer takes the member over, and the broker answers
+the older one's next heartbeat with UNKNOWN_MEMBER_ID (aiokafka 0.14 sends Heartbeat v0-1,
+which carry no instance id, so it never hears FENCED_INSTANCE_ID as Kafka's Java client
+does). aiokafka then forgets its member id and joins again, taking the member back; the
+other does the same: both flap for ever, each re-fetching and re-calling. So:
+
+- before every rejoin aiokafka calls the revoke callback; `dropped()` says whether the
+  coordinator forgot our member id since our last assignment. That is either our session
+  expiring (joining again is right) or a newer process with our id;
+- `holder()` tells them apart from the group's description: a member whose id is our
+  instance id plus a uuid, other than ours, is that newer process;
+- fenced, the engine must never join again (that would take the member back): `hold()`
+  parks aiokafka's coordinator inside the callback, and `release()` cancels its task when
+  the engine closes, so closing neither waits for it nor sends a JoinGroup.
+
+The coordinator's task, member id and generation are aiokafka 0.14 internals (pinned);
+this module is the only place that touches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import anyio
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError as AIOKafkaError
+
+from stream.config import KafkaSettings
+from stream.errors import FencedError, KafkaError, StreamError
+from stream.kafka import admin_client
+
+__all__ = ["Membership", "group_instance_id"]
+
+log = logging.getLogger(__name__)
+
+_UUID_CHARS = 36
+
+
+def group_instance_id(instance_id: str | None, engine: str) -> str | None:
+    """One static member per engine: `stream run all` runs two, `<id>-primary` and
+    `<id>-fallback` (in two groups), and the name says which is which in `stream lag`."""
+    return f"{instance_id}-{engine}" if instance_id else None
+
+
+class Membership:
+    """The engine's place in its group: member id and generation at the last assignment."""
+
+    def __init__(self, settings: KafkaSettings, group_id: str, instance_id: str | None) -> None:
+        self._settings = settings
+        self.group_id = group_id
+        self.instance_id = instance_id
+        self.member_id = ""
+        self.generation = -1
+        self.fenced = False
+        self._consumer: AIOKafkaConsumer | None = None
+
+    def attach(self, consumer: AIOKafkaConsumer) -> None:
+        self._consumer = consumer
+
+    @property
+    def _coordinator(self) -> Any:
+        assert self._consumer is not None, "no consumer attached"
+        return self._consumer._coordinator
+
+    def assigned(self) -> None:
+        """Note the member id and generation the group just assigned partitions under."""
+        self.member_id = self._coordinator.member_id
+        self.generation = self._coordinator.generation
+
+    def dropped(self) -> bool:
+        """The group no longer knows the member id we were assigned partitions under: a
+        session that expired, or (with an instance id) a newer process that took over."""
+        return bool(self.member_id) and not self._coordinator.member_id
+
+    async def holder(self) -> str | None:
+        """Who else holds our instance id in the group (None: nobody, or no instance id)."""
+        if not self.instance_id:
+            return None
+        try:
+            async with admin_client(self._settings, doing="describing the group") as admin:
+                (response,) = await admin.describe_consumer_groups([self.group_id])
+        except (AIOKafkaError, KafkaError, OSError) as exc:
+            log.warning("could not describe group %s to check for a fence: %s", self.group_id, exc)
+            return None
+        for group in response.to_object()["groups"]:
+            for member in group["members"]:
+                if self._is_other_us(member["member_id"]):
+                    return f"{member['client_host'].lstrip('/')} as {member['member_id']}"
+        return None
+
+    def _is_other_us(self, member_id: str) -> bool:
+        prefix = f"{self.instance_id}-"
+        if not member_id.startswith(prefix) or member_id == self.member_id:
+            return False
+        rest = member_id[len(prefix) :]
+        try:
+            return len(rest) == _UUID_CHARS and str(uuid.UUID(rest)) == rest
+        except ValueError:
+            return False
+
+    def fence(self, holder: str) -> FencedError:
+        self.fenced = True
+        return FencedError(
+            f"another process joined group {self.group_id} with instance id "
+            f"{self.instance_id} (from {holder}) and took over its partitions, so this one "
+            "stops: give every worker its own STREAM_INSTANCE_ID (e.g. its pod name), or "
+            "stop the other"
+        )
+
+    async def explain(self, error: StreamError) -> StreamError:
+        """`error`, or the fence behind it: a newer process with our id fences the old
+        one's transactional producers and commits too, which is how it may show first."""
+        if not self.fenced and (holder := await self.holder()) is not None:
+            return self.fence(holder)
+        return error
+
+    async def hold(self) -> None:
+        """Keep aiokafka's coordinator in this callback until `release()`: fenced, the
+        engine must never join the group again."""
+        await anyio.sleep_forever()
+
+    async def release(self) -> None:
+        """Cancel the coordinator's task (parked in `hold`), so closing the consumer does
+        not wait for it, nor let it send a JoinGroup on its way out."""
+        task = self._coordinator._coordination_task
+        task.cancel()
+        await asyncio.wait([task])

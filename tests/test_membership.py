@@ -1,0 +1,413 @@
+"""Membership changes at LLM time-scales, against a real broker: a restart with the same
+instance id is no rebalance and re-fetches nothing, a partition that comes back keeps its
+running calls, and a partition that moved never gets its late outputs written."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from aiokafka import TopicPartition
+
+from stream import topics
+from stream.config import EngineSettings, KafkaSettings, Settings
+from stream.devtools.simulator import SimConfig, Simulator
+from stream.engine.engine import Engine, Output
+from stream.engine.membership import Membership
+from stream.engine.rebalance import Listener, Rebalancer
+from stream.errors import FencedError, KafkaError
+from tests.conftest import eventually
+from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
+from tests.test_pipeline import request, send, terminal
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
+
+
+def _with(settings: Settings, **engine: Any) -> Settings:
+    fields = {
+        **dataclasses.asdict(settings.engine),
+        "commit_interval_s": 0.2,
+        # a member learns of a rebalance from its heartbeat: every 2 s here
+        "session_timeout_ms": 6000,
+        "rebalance_timeout_ms": 30000,
+        **engine,
+    }
+    return dataclasses.replace(settings, engine=EngineSettings(**fields))
+
+
+class Calls:
+    """What each handler ran: calls per input value, and an event once `target` started."""
+
+    def __init__(self, target: int = 0) -> None:
+        self.count: collections.Counter[bytes] = collections.Counter()
+        self.target = target
+        self.started = anyio.Event()
+
+    def add(self, value: bytes) -> None:
+        self.count[value] += 1
+        if sum(self.count.values()) >= self.target:
+            self.started.set()
+
+
+def _engine(
+    settings: Settings, name: str, group: str, source: str, sink: str, calls: Calls, gate: Any
+) -> Engine:
+    """An engine whose handler counts its calls, waits for `gate` (shielded: cancelling it
+    does not stop it, as a provider call that already went out), and names itself in its
+    output."""
+
+    async def handler(record: Any) -> Sequence[Output]:
+        calls.add(record.value)
+        with anyio.CancelScope(shield=True):
+            await gate.wait()
+        return [Output(sink, record.value + b"@" + name.encode(), key=record.key)]
+
+    def on_error(record: Any, exc: BaseException) -> Sequence[Output]:
+        raise AssertionError(f"no record should fail here: {exc!r}")
+
+    return Engine(
+        settings=settings,
+        name=name,
+        group_id=group,
+        topics=[source],
+        handler=handler,
+        on_error=on_error,
+    )
+
+
+@asynccontextmanager
+async def running(engine: Engine) -> AsyncIterator[Engine]:
+    async with anyio.create_task_group() as group:
+        group.start_soon(engine.run)
+        with anyio.fail_after(60):
+            await engine.ready.wait()
+        try:
+            yield engine
+        finally:
+            engine.stop()
+
+
+def _open() -> anyio.Event:
+    gate = anyio.Event()
+    gate.set()
+    return gate
+
+
+def _writers(outputs: list[Any]) -> dict[bytes, list[bytes]]:
+    """Input value → the engines that wrote an output for it."""
+    found: dict[bytes, list[bytes]] = collections.defaultdict(list)
+    for record in outputs:
+        value, _, engine = record.value.rpartition(b"@")
+        found[value].append(engine)
+    return found
+
+
+async def _outputs(settings: Settings, sink: str, want: set[bytes], isolation: str) -> list[Any]:
+    found: list[Any] = []
+
+    async def complete() -> bool:
+        found[:] = await read_all(settings, sink, isolation=isolation)
+        return want <= set(_writers(found))
+
+    await eventually(complete, timeout_s=90)
+    return found
+
+
+async def test_a_restart_with_the_same_instance_id_is_no_rebalance_and_no_refetch(
+    settings: Settings,
+) -> None:
+    # the session outlasts the restart by far: the member waits for its process
+    live = _with(settings, session_timeout_ms=30000, rebalance_timeout_ms=60000)
+    source = await create_topic(live, "static-in", 4)
+    sink = await create_topic(live, "static-out", 1)
+    group = live.group("static")
+    first = [f"first-{i}".encode() for i in range(40)]
+    later = [f"later-{i}".encode() for i in range(40)]
+    await produce(live, source, first)
+    calls = Calls()
+    static = {n: _with(live, instance_id=f"w{n}") for n in "ab"}
+    a = _engine(static["a"], "a", group, source, sink, calls, _open())
+    b = _engine(static["b"], "b", group, source, sink, calls, _open())
+    async with running(b), running(a):
+        await _outputs(live, sink, set(first), "read_uncommitted")
+        await eventually(_both_assigned(a, b))
+        owned_by_a = {(p.topic, p.partition) for p in a.snapshot().partitions}
+        rebalances = b.snapshot().rebalances
+        a.stop()  # drains, commits and closes: a static member does not leave the group
+        with anyio.fail_after(60):
+            while a.snapshot().assigned:  # noqa: ASYNC110 (a state we cannot subscribe to)
+                await anyio.sleep(0.05)
+        await produce(live, source, later)
+        again_calls = Calls()
+        again = _engine(static["a"], "a", group, source, sink, again_calls, _open())
+        async with running(again):
+            await _outputs(live, sink, set(first) | set(later), "read_uncommitted")
+            assert {(p.topic, p.partition) for p in again.snapshot().partitions} == owned_by_a
+            assert b.snapshot().rebalances == rebalances  # the others saw nothing
+            # it fetched only what it handled: nothing below its predecessor's commit
+            assert again.snapshot().records_in == sum(again_calls.count.values()) > 0
+    handled = calls.count + again_calls.count
+    assert set(handled) == set(first) | set(later)
+    assert set(handled.values()) == {1}  # every record handled once, none again
+    ends = await end_offsets(live, source)
+    assert {p: o for p, (o, _) in (await committed(live, group, source)).items()} == ends
+
+
+def _both_assigned(a: Engine, b: Engine) -> Any:
+    async def check() -> bool:
+        return a.snapshot().assigned == 2 and b.snapshot().assigned == 2
+
+    return check
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+async def test_a_partition_that_came_back_keeps_its_running_calls_and_one_that_moved_writes_nothing(
+    settings: Settings, guarantee: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker a runs 10 calls on each of 2 partitions when b joins. The rebalance does not
+    wait for them: they go on probation, and here they answer before the group decides,
+    so their outputs are held. Then a keeps one partition (its answers are written, no call
+    is made again) and the other moves to b (a's answers are never written; b calls again)."""
+    live = _with(settings, guarantee=guarantee)
+    source = await create_topic(live, "probation-in", 2)
+    sink = await create_topic(live, "probation-out", 1)
+    group = live.group("probation")
+    values = {p: [f"p{p}-{i}".encode() for i in range(10)] for p in (0, 1)}
+    for p, batch in values.items():
+        await produce(live, source, batch, partition=p)
+    calls = Calls(target=20)
+    gate = anyio.Event()
+    a = _engine(live, "a", group, source, sink, calls, gate)
+    b = _engine(live, "b", group, source, sink, Calls(), _open())
+    on_probation, verdict = anyio.Event(), anyio.Event()
+    original = Rebalancer.assign
+
+    async def assign_later(self: Rebalancer, tps: Any) -> None:
+        if self is a._rebalancer and a.ready.is_set():  # a's next assignment: hold it
+            on_probation.set()
+            await verdict.wait()
+        await original(self, tps)
+
+    monkeypatch.setattr(Rebalancer, "assign", assign_later)
+    isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
+    async with running(a):
+        with anyio.fail_after(60):
+            await calls.started.wait()  # all 20 calls running on a, none finished
+        async with running(b):
+            with anyio.fail_after(60):
+                await on_probation.wait()  # a revoked everything and rejoined
+            gate.set()  # a's 20 calls answer while the group decides
+            await eventually(_answered(a, 20))
+            early = _writers(await read_all(live, sink))
+            assert not [v for v, by in early.items() if b"a" in by]  # a holds all 20
+            verdict.set()
+            await eventually(_settled(a))
+            (kept,) = [p.partition for p in a.snapshot().partitions]
+            every = {v for batch in values.values() for v in batch}
+            outputs = await _outputs(live, sink, every, isolation)
+    moved = 1 - kept
+    writers = _writers(await read_all(live, sink))  # read_uncommitted: even aborted writes
+    assert all(writers[v] == [b"a"] for v in values[kept])  # carried on, written once
+    assert all(writers[v] == [b"b"] for v in values[moved])  # a's held answers: dropped
+    assert all(calls.count[v] == 1 for v in values[kept])  # nothing called again
+    assert a.snapshot().abandoned == len(values[moved])  # the calls re-paid: no more
+    assert len(outputs) == 20
+
+
+def _answered(engine: Engine, count: int) -> Any:
+    """`count` of the engine's records have their answer and wait to be written."""
+
+    async def check() -> bool:
+        return sum(len(p.waiting) for p in engine._partitions.values()) >= count
+
+    return check
+
+
+def _settled(engine: Engine) -> Any:
+    async def check() -> bool:
+        snap = engine.snapshot()
+        return snap.rebalances == 1 and snap.assigned == 1
+
+    return check
+
+
+async def test_a_fenced_revoke_stops_the_engine_with_one_line_and_never_rejoins() -> None:
+    class Fenced:
+        async def revoke(self, tps: Any) -> None:
+            raise FencedError("another process joined group g with instance id w0-primary")
+
+    membership = Membership(KafkaSettings(), "g", "w0-primary")
+    listener = Listener(Fenced(), membership)  # type: ignore[arg-type]
+    with anyio.move_on_after(0.5) as parked:
+        await listener.on_partitions_revoked({TopicPartition("t", 0)})
+    assert parked.cancelled_caught  # aiokafka's coordinator stays in the callback
+    with pytest.raises(FencedError, match="instance id w0-primary"):
+        listener.raise_error()  # as itself, not as "handling a rebalance failed"
+    assert not isinstance(KafkaError("x"), FencedError)
+
+
+def test_a_member_of_the_same_instance_id_is_told_apart_from_others() -> None:
+    membership = Membership(KafkaSettings(), "g", "w0-primary")
+    membership.member_id = "w0-primary-2b8c1238-6488-42c1-9141-824842ea6f12"
+    other = "w0-primary-20c08e2e-1035-4ed9-b949-75c01ac2c2f9"
+    assert membership._is_other_us(other)
+    assert not membership._is_other_us(membership.member_id)  # ourselves
+    assert not membership._is_other_us("w0-primary-x-20c08e2e-1035-4ed9-b949-75c01ac2c2f9")
+    assert not membership._is_other_us("w0-20c08e2e-1035-4ed9-b949-75c01ac2c2f9")
+    assert not membership._is_other_us("prediction-stream-20c08e2e-1035-4ed9-b949-75c01ac2c2f9")
+
+
+# -- the worker process: `stream run primary --instance-id` ------------------------------
+
+
+async def test_a_static_worker_comes_back_after_sigkill_and_a_second_one_with_its_id_fences_it(
+    settings: Settings, env: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGKILLed, a worker restarted with its instance id is back at once (not after its
+    old session, 2 minutes here, times out). A second process started with the same id
+    takes over; the first exits with one line saying so, instead of both flapping."""
+    await topics.apply(settings, await topics.plan(settings))
+    async with Simulator(SimConfig()) as sim:
+        worker_env = {
+            **env,
+            "SYNTHETIC_BASE_URL": sim.url,
+            "SYNTHETIC_API_KEY": "sim",
+            "STREAM_SESSION_TIMEOUT_MS": "120000",
+            "STREAM_REBALANCE_TIMEOUT_MS": "180000",
+        }
+        workers = _Workers(worker_env, tmp_path)
+        try:
+            first = await workers.start("first")
+            await _answered_requests(settings, 1)
+            await eventually(_committed_requests(settings, 1))  # else the next one re-runs it
+            first.kill()
+            await first.wait()
+            second = await workers.start("second")
+            with anyio.fail_after(60):  # far less than the dead member's session
+                await _answered_requests(settings, 2)
+            await eventually(_committed_requests(settings, 2))
+            third = await workers.start("third")
+            with anyio.fail_after(60):
+                assert await second.wait() == 1
+            await _answered_requests(settings, 3)  # the newer one works on
+            third.send_signal(signal.SIGTERM)
+            with anyio.fail_after(60):
+                assert await third.wait() == 0
+        finally:
+            workers.kill_all()
+    last = workers.stderr("second").strip().splitlines()[-1]
+    assert last.startswith("stream: error: another process joined group"), last
+    assert "instance id w-0-primary" in last and "STREAM_INSTANCE_ID" in last
+    assert "Traceback" not in workers.stderr("second")
+
+
+class _Workers:
+    def __init__(self, env: dict[str, str], folder: Path) -> None:
+        self._env = env
+        self._folder = folder
+        self._processes: list[Any] = []
+
+    async def start(self, name: str) -> Any:
+        with (self._folder / f"{name}.log").open("wb") as stderr:
+            process = await anyio.open_process(
+                [sys.executable, "-m", "stream", "run", "primary", "--instance-id", "w-0"],
+                env=self._env,
+                stderr=stderr,
+            )
+        self._processes.append(process)
+        return process
+
+    def stderr(self, name: str) -> str:
+        return (self._folder / f"{name}.log").read_text()
+
+    def kill_all(self) -> None:
+        for process in self._processes:
+            if process.returncode is None:
+                process.kill()
+
+
+def _committed_requests(settings: Settings, count: int) -> Any:
+    async def check() -> bool:
+        group, topic = settings.group("predictions-primary"), settings.topic("predictions.requests")
+        return sum(o for o, _ in (await committed(settings, group, topic)).values()) >= count
+
+    return check
+
+
+async def _answered_requests(settings: Settings, count: int) -> None:
+    """Send request number `count` and wait for its terminal record."""
+    rid = f"static-{count}"
+    await send(settings, [(rid, request(rid, "deepseek-v3-0324-syn"))])
+    await terminal(settings, count)
+
+
+class _NoSink:
+    """A sink for a rebalance alone: nothing to start, write or commit."""
+
+    async def assigned(self, tps: Any) -> None:
+        pass
+
+    async def revoked(self, tps: Any) -> None:
+        pass
+
+
+async def test_a_partition_paused_on_its_new_assignment_before_it_came_back_fetches_again(
+    settings: Settings,
+) -> None:
+    """aiokafka takes the new assignment, then calls back: in between the fetch loop still
+    sees the partition on probation and pauses it (on the new assignment, so it sticks).
+    Coming back must unpause it, or flow control, told it was resumed, never asks again
+    and the partition is never fetched (found by the chaos run: 8 requests never ran)."""
+    from aiokafka import AIOKafkaConsumer
+
+    from stream.engine.flow import Flow
+    from stream.engine.offsets import PartitionOffsets
+    from stream.engine.partitions import Partition
+
+    topic = await create_topic(settings, "comeback-paused", 1)
+    tp = TopicPartition(topic, 0)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=settings.group("comeback-paused"),
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        consumer.assign([tp])  # the new assignment, as aiokafka sets it before the callback
+        partition = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
+        partition.probation()
+        partitions = {tp: partition}
+        flow = Flow(settings.engine, partitions, lambda p, r: None)
+        flow.update(consumer)
+        assert consumer.paused() == {tp}
+        membership = Membership(settings.kafka, consumer._group_id, None)
+        membership.attach(consumer)
+
+        async def commit(chosen: Any) -> None:
+            pass
+
+        rebalancer = Rebalancer(
+            settings=settings,
+            consumer=consumer,
+            sink=_NoSink(),  # type: ignore[arg-type]
+            partitions=partitions,
+            commit=commit,
+            low_priority=frozenset(),
+            on_assigned=lambda: None,
+            membership=membership,
+        )
+        with anyio.fail_after(30):
+            await rebalancer.assign({tp})
+        assert partitions[tp] is partition and not partition.on_probation  # it came back
+        flow.update(consumer)
+        assert consumer.paused() == set()  # fetching again
+    finally:
+        await consumer.stop()
