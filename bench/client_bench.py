@@ -6,7 +6,8 @@
 Each run first warms its connection pool with one wave (not counted), then sends
 `--requests` chat completions with `--concurrency` in flight, and reports requests/s and
 CPU seconds per request of this process (the simulator's CPU is not counted). Runs
-alternate (bare, client, bare, client …) so machine noise hits both alike.
+alternate (bare, client, bare, client …) so machine noise hits both alike. The process has
+the worker's garbage-collector settings (`stream.worker.tune_gc`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -29,6 +31,7 @@ from stream.devtools import benchruns
 from stream.devtools.broker import free_port
 from stream.devtools.simulator import simulate_command
 from stream.providers import ProviderClient
+from stream.worker import tune_gc
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = Model(id="glm-4.6-syn", provider="synthetic", api_model="hf:zai-org/GLM-4.6", timeout_s=60)
@@ -85,6 +88,7 @@ def _start_simulator(port: int, latency: float) -> subprocess.Popen[bytes]:
 
 
 async def _bench(args: argparse.Namespace, url: str) -> dict[str, list[dict[str, float]]]:
+    tune_gc()
     runs: dict[str, list[dict[str, float]]] = {"bare_aiohttp": [], "provider_client": []}
     kinds = (("bare_aiohttp", _bare), ("provider_client", _client))
     for _ in range(args.rounds):
@@ -125,9 +129,15 @@ def main() -> int:
     simulator_cpu_ms = (usage.ru_utime + usage.ru_stime) / served * 1000
     best = {name: max(r["throughput"] for r in results) for name, results in runs.items()}
     ratio = best["provider_client"] / best["bare_aiohttp"]
+    cpu = {
+        name: statistics.median(r["cpu_ms_per_request"] for r in results)
+        for name, results in runs.items()
+    }
+    cpu_ratio = cpu["provider_client"] / cpu["bare_aiohttp"]
     ceiling = args.concurrency / args.latency if args.latency > 0 else None  # none at L = 0
     if args.json:
         figures = {"runs": runs, "best": best, "ratio": ratio, "ceiling": ceiling}
+        figures.update(cpu_ms_per_request=cpu, cpu_ratio=cpu_ratio)
         print(json.dumps({**figures, "simulator_cpu_ms_per_request": simulator_cpu_ms}))
     else:
         print(
@@ -138,6 +148,10 @@ def main() -> int:
                 if ceiling
                 else " (no latency: no Little's-law ceiling)"
             )
+        )
+        print(
+            f"median CPU per request: client {cpu['provider_client']:.3f} ms, bare aiohttp "
+            f"{cpu['bare_aiohttp']:.3f} ms → {cpu_ratio:.2f}×"
         )
         print(f"simulator process: {simulator_cpu_ms:.3f} ms CPU/request served")
     return 0

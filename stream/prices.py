@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["DEFAULT_PRICES", "PRICES_READ_ON", "Bill", "Price", "TokenCounts", "token_counts"]
 
@@ -45,8 +45,7 @@ class Price:
         return total / 1_000_000
 
 
-@dataclass(frozen=True)
-class TokenCounts:
+class TokenCounts(NamedTuple):  # a tuple: metrics iterate it per answer
     prompt: int
     cached: int  # of `prompt`, read from the provider's cache
     completion: int
@@ -68,6 +67,8 @@ def token_counts(usage: Mapping[str, Any] | None) -> TokenCounts | None:
 
 
 def _int(value: object) -> int | None:
+    if type(value) is int:  # most often; and not a bool
+        return value if value >= 0 else None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
@@ -75,7 +76,10 @@ def _int(value: object) -> int | None:
 
 def _detail(usage: Mapping[str, Any], group: str, name: str) -> int:
     details = usage.get(group)
-    return (_int(details.get(name)) or 0) if isinstance(details, Mapping) else 0
+    # a dict (as parsed JSON is) passes without the slower ABC check
+    if type(details) is dict or isinstance(details, Mapping):
+        return _int(details.get(name)) or 0
+    return 0
 
 
 def _p(input: float, output: float, cached: float | None = None) -> Price:

@@ -123,14 +123,21 @@ class Decoder:
         except fastjsonschema.JsonSchemaValueException as exc:
             # The message names the field and the rule, never the value (it may be a prompt).
             raise InvalidRecordError("invalid_request", exc.message) from None
-        _check_writable(body)
+        _check_writable(body, value)
         return body  # type: ignore[no-any-return]
 
 
-def _check_writable(body: Any) -> None:
+# Fewer `{` and `[` in the whole text than this, and the body cannot be nested too deep.
+_SHALLOW = 200
+
+
+def _check_writable(body: Any, text: bytes) -> None:
     """orjson reads 1024 levels of nesting but writes only 254: a request deeper than that
     would pass, be paid for at the provider, and then fail to become a result or a dead
-    letter. Dumped one level down, as a dead letter holds it under `request`."""
+    letter. Dumped one level down, as a dead letter holds it under `request` (only when it
+    could be that deep: each level opens with a bracket, and counting them is cheap)."""
+    if text.count(b"{") + text.count(b"[") < _SHALLOW:
+        return
     try:
         orjson.dumps({"request": body})
     except orjson.JSONEncodeError as exc:

@@ -205,10 +205,11 @@ class _Stage:
     @staticmethod
     def _output(record: SourceRecord, topic: str, value: bytes, request_id: Any) -> Output:
         rid = request_id if isinstance(request_id, str) else None
-        key = record.key if record.key is not None else (rid.encode() if rid else None)
-        return Output(
-            topic=topic, value=value, key=key, headers=records.output_headers(record, rid)
-        )
+        headers = records.output_headers(record, rid)
+        if record.key is not None:
+            # The input's key: the output may follow it to its partition (co-partitioning).
+            return Output(topic, value, record.key, headers, follows=record.partition)
+        return Output(topic, value, rid.encode() if rid else None, headers)
 
     def _repeat_cause(self, record: SourceRecord) -> str | None:
         for key, _ in record.headers or ():

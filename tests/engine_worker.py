@@ -17,7 +17,8 @@ from typing import Any
 import anyio
 
 from stream.config import Settings
-from stream.engine.engine import Engine, Output, run_until_signal
+from stream.engine.engine import Engine, Output
+from stream.engine.signals import run_until_signal
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from stream.config import Settings
 from stream.kafka import admin_client
@@ -97,7 +98,15 @@ async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
 
 async def committed(settings: Settings, group: str, topic: str) -> dict[int, tuple[int, str]]:
     async with admin_client(settings.kafka, doing="reading committed offsets") as admin:
-        found = await admin.list_consumer_group_offsets(group)
+        for attempt in range(50):
+            try:
+                found = await admin.list_consumer_group_offsets(group)
+                break
+            except GroupCoordinatorNotAvailableError:
+                # A fresh broker creates __consumer_offsets on the first group's request.
+                if attempt == 49:
+                    raise
+                await anyio.sleep(0.2)
     return {tp.partition: (om.offset, om.metadata) for tp, om in found.items() if tp.topic == topic}
 
 

@@ -6,6 +6,7 @@ Not a timed test: it checks the contract people script against, never a speed.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,7 @@ async def test_bench_json_has_every_run_with_sane_figures(env: dict[str, str]) -
     assert {"stream", "naive", "bare_http", "passthrough"} <= set(results)
     for name, figures in results.items():
         assert all(key in figures for key in CONTRACT), name
+        assert figures["cpu_ms_per_request"] > 0 and figures["rounds"] == 1, name
         assert figures["requests"] == 200, name
         assert figures["throughput"] > 0, name
         assert 0 <= figures["p50_ms"] <= figures["p99_ms"], name
@@ -38,6 +40,28 @@ async def test_bench_json_has_every_run_with_sane_figures(env: dict[str, str]) -
     assert results["stream"]["ratio_naive"] > 0
     # What the answers cost, from the results' own usage and cost_usd.
     assert results["stream"]["spend_usd"] > 0 and results["stream"]["completion_tokens"] > 0
+
+
+@pytest.mark.timeout(180)
+async def test_bench_repeats_interleaved_with_cpu_per_request_and_profiles(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    profiles = tmp_path / "profiles"
+    done = await run_cli(
+        env,
+        *("bench", "--requests", "300", "--latency", "0.05", "--concurrency", "50"),
+        *("--runs", "stream,bare_http", "--repeat", "2", "--profile", str(profiles)),
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "median of 2 interleaved rounds" in lines[0]
+    assert any(line.startswith("stream CPU per request vs bare_http ") for line in lines)
+    # one profile per run and round, each of sampled stacks ("frame;frame;… count")
+    names = sorted(path.name for path in profiles.iterdir())
+    assert names == ["bare_http-1.txt", "bare_http-2.txt", "stream-1.txt", "stream-2.txt"]
+    for path in profiles.iterdir():
+        stacks = path.read_text().splitlines()
+        assert stacks and all(line.rpartition(" ")[2].isdigit() for line in stacks), path
 
 
 @pytest.mark.timeout(120)

@@ -16,9 +16,9 @@ from aiokafka import TopicPartition
 from stream.config import EngineSettings, Settings
 from stream.engine.engine import Engine, Output
 from stream.engine.offsets import PartitionOffsets
-from stream.engine.outputs import ExactlyOnceSink
 from stream.engine.partitions import Partition
 from stream.engine.rebalance import Rebalancer
+from stream.engine.transactions import ExactlyOnceSink
 from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]

@@ -20,9 +20,9 @@ from stream.devtools.broker import LocalBroker, free_port
 from stream.engine import Engine, Output
 from stream.engine.membership import Membership
 from stream.engine.offsets import PartitionOffsets
-from stream.engine.outputs import ExactlyOnceSink
 from stream.engine.partitions import Partition
 from stream.engine.rebalance import Listener, Rebalancer
+from stream.engine.transactions import ExactlyOnceSink
 from stream.errors import KafkaError
 from stream.kafka import admin_client
 from stream.observe.health import Health
@@ -301,7 +301,7 @@ async def test_a_transaction_aiokafka_left_on_its_own_fails_as_our_error() -> No
     the commit's clean-up and crashed a draining worker with a traceback."""
     from aiokafka.errors import IllegalOperation
 
-    from stream.engine.outputs import _Transactional
+    from stream.engine.transactions import _Transactional
 
     class Left:
         async def begin_transaction(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from dataclasses import replace
 from typing import Any
 
@@ -105,3 +106,43 @@ def test_backfill_partitions_pause_while_live_work_waits() -> None:
     flow.start_ready()  # live records start first; then, with room, the backfill ones
     flow.update(consumer)  # type: ignore[arg-type]
     assert not consumer.paused and flow.in_flight == 10
+
+
+@given(
+    partitions_count=st.integers(1, 8),
+    total=st.integers(1, 5),
+    finishes=st.integers(0, 60),
+)
+def test_one_slot_at_a_time_goes_round_every_partition(
+    partitions_count: int, total: int, finishes: int
+) -> None:
+    """A backlog everywhere, slots freed one by one: every partition gets its turn, none
+    twice before the others had theirs (a slot used to go to the first partition in line)."""
+    flow, started, _ = _flow(total, total, [(100, False)] * partitions_count)
+    consumer = Consumer()
+    flow.start_ready()
+    for _ in range(finishes):
+        partition, record = started[len(started) - flow.in_flight]  # the oldest running
+        partition.done(record)
+        flow.finished()
+        flow.after_record(consumer)  # type: ignore[arg-type]
+    counts = collections.Counter(partition.tp.partition for partition, _ in started)
+    assert flow.in_flight == total
+    assert max(counts.values()) - min(counts.get(p, 0) for p in range(partitions_count)) <= 1
+
+
+def test_after_a_record_the_pause_walk_runs_once_per_share_of_the_partitions() -> None:
+    flow, started, partitions = _flow(1, 1, [(0, False)] * 64)
+    consumer = Consumer()
+    walks = 0
+    update = flow.update
+
+    def counted(consumer: Any) -> None:
+        nonlocal walks
+        walks += 1
+        update(consumer)
+
+    flow.update = counted  # type: ignore[method-assign]
+    for _ in range(64):
+        flow.after_record(consumer)  # type: ignore[arg-type]
+    assert walks == 64 // 4  # 64 partitions / 16: every 4th record

@@ -13,6 +13,10 @@ Kafka runs get their N requests published before their process starts (a backlog
 clock runs from the moment the consumer has its partitions to the last result's record
 timestamp. Latency: from that moment (or the request's timestamp, if later) to the result's
 timestamp, the same "all N submitted at once" as the HTTP runs, whose clock is their own.
+
+`--repeat N` runs the whole set N times, interleaved, and reports medians and spreads
+(`stream.devtools.benchreport`); `--profile DIR` samples each run's process with py-spy
+over its measured interval (`stream.devtools.benchruns`).
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 
 from stream import clientconfig
 from stream.config import Settings
-from stream.devtools import benchruns, scenarios
+from stream.devtools import benchreport, benchruns, scenarios
 from stream.devtools.benchdata import (
     create_topics,
     delete_topics,
@@ -52,7 +56,7 @@ __all__ = ["main", "register"]
 
 _NAIVE_BUDGET_S = 10.0  # the naive loop is slow: give it about this long, not all N
 
-Figures = dict[str, Any]
+Figures = benchreport.Figures
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +71,8 @@ class Options:
     json: bool
     spend_limit: float | None
     spend_window: float
+    repeat: int = 1
+    profile: Path | None = None
     # the environment the runs start from: this process's, with --bootstrap-server and
     # --command-config laid over it (the runs are child processes that read it)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
@@ -76,8 +82,11 @@ class Options:
         env = clientconfig.environment(args, os.environ)
         given = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "env"}
         options = cls(**given, env=env)
-        if min(options.requests, options.concurrency, options.partitions) < 1:
-            raise BenchError("--requests, --concurrency and --partitions must be at least 1")
+        least = (options.requests, options.concurrency, options.partitions, options.repeat)
+        if min(least) < 1:
+            raise BenchError(
+                "--requests, --concurrency, --partitions and --repeat must be at least 1"
+            )
         if not 0 <= options.latency < math.inf:
             raise BenchError("--latency must be a number of seconds, not negative")
         if options.spend_limit is not None and not options.spend_limit > 0:
@@ -90,8 +99,15 @@ class Options:
 # -- one run -------------------------------------------------------------------------------
 
 
-def _child_env(options: Options, bootstrap: str, sim: str, prefix: str) -> dict[str, str]:
+class Infra(NamedTuple):
+    bootstrap: str
+    sim: str
+    round: int = 0  # of --repeat, from 1
+
+
+def _child_env(options: Options, infra: Infra, prefix: str, mode: str) -> dict[str, str]:
     concurrency = str(options.concurrency)
+    bootstrap, sim = infra.bootstrap, infra.sim
     return {
         **options.env,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -108,7 +124,14 @@ def _child_env(options: Options, bootstrap: str, sim: str, prefix: str) -> dict[
         "STREAM_METRICS_HOST": "127.0.0.1",
         "STREAM_LOG_LEVEL": options.env.get("STREAM_LOG_LEVEL", "WARNING"),
         **_spend_env(options),
+        **_profile_env(options, f"{mode}-{infra.round}"),
     }
+
+
+def _profile_env(options: Options, run: str) -> dict[str, str]:
+    if options.profile is None:
+        return {}
+    return {benchruns.PROFILE_ENV: str(options.profile), benchruns.RUN_ENV: run}
 
 
 def _spend_env(options: Options) -> dict[str, str]:
@@ -168,25 +191,30 @@ def _latency_figures(requests: int, seconds: Sequence[float]) -> Figures:
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
 
     elapsed = max(ordered[-1], 1e-6)
-    return {"throughput": round(requests / elapsed, 1), "p50_ms": at(0.5), "p99_ms": at(0.99)}
+    return {
+        "throughput": round(requests / elapsed, 1),
+        "first_ms": round(ordered[0] * 1000, 1),  # how soon the first wave came back
+        "p50_ms": at(0.5),
+        "p99_ms": at(0.99),
+    }
 
 
-async def _kafka_run(mode: str, requests: int, options: Options, infra: Any) -> Figures:
-    bootstrap, sim = infra
+async def _kafka_run(mode: str, requests: int, options: Options, infra: Infra) -> Figures:
     prefix = f"bench{uuid.uuid4().hex[:8]}.{mode}."
-    env = _child_env(options, bootstrap, sim, prefix)
+    env = _child_env(options, infra, prefix, mode)
     settings = Settings.from_env(env)
     names = await create_topics(settings, options.partitions)
     try:
         await publish(settings, requests, prefix)
-        calls = _sim_calls(sim)
+        calls = _sim_calls(infra.sim)
         figures = await _child(mode, requests, env, _timeout_s(mode, requests, options))
-        figures["calls_per_request"] = round((_sim_calls(sim) - calls) / requests, 3)
+        figures["calls_per_request"] = round((_sim_calls(infra.sim) - calls) / requests, 3)
         found = await results_of(settings)
     finally:
         await delete_topics(settings, names)
     ready_ms = figures["ready_at"] * 1000
     seconds = [max(0.0, (ts - ready_ms) / 1000) for ts in found.times.values()]
+    figures["cpu_ms_per_request"] = round(figures["cpu_s"] / requests * 1000, 4)
     if mode != "passthrough":
         figures.update(found.bill.figures())
         most, windows = max_window_spend(found.spend, options.spend_window)
@@ -195,13 +223,13 @@ async def _kafka_run(mode: str, requests: int, options: Options, infra: Any) -> 
     return {**_latency_figures(requests, seconds), **figures}
 
 
-async def _http_run(mode: str, requests: int, options: Options, infra: Any) -> Figures:
-    bootstrap, sim = infra
-    env = _child_env(options, bootstrap, sim, "")
-    calls = _sim_calls(sim)
+async def _http_run(mode: str, requests: int, options: Options, infra: Infra) -> Figures:
+    env = _child_env(options, infra, "", mode)
+    calls = _sim_calls(infra.sim)
     figures = await _child(mode, requests, env, _timeout_s(mode, requests, options))
-    figures["calls_per_request"] = round((_sim_calls(sim) - calls) / requests, 3)
+    figures["calls_per_request"] = round((_sim_calls(infra.sim) - calls) / requests, 3)
     latencies = figures.pop("latencies_s")
+    figures["cpu_ms_per_request"] = round(figures["cpu_s"] / requests * 1000, 4)
     return {**_latency_figures(requests, latencies), **figures}
 
 
@@ -215,31 +243,23 @@ def _requests_for(mode: str, options: Options) -> int:
     return min(options.requests, max(2 * options.partitions, int(rate * _NAIVE_BUDGET_S)))
 
 
-async def _bench(options: Options, infra: tuple[str, str]) -> dict[str, Figures]:
-    results: dict[str, Figures] = {}
-    for mode in options.runs:
-        requests = _requests_for(mode, options)
-        if not options.json:
-            print(f"running {mode} ({requests} requests)…", file=sys.stderr, flush=True)
-        run = _kafka_run if mode in benchruns.KAFKA_RUNS else _http_run
-        results[mode] = await run(mode, requests, options, infra)
-    return _with_ratios(results, options)
-
-
-def _with_ratios(results: dict[str, Figures], options: Options) -> dict[str, Figures]:
-    bound = options.concurrency / options.latency if options.latency > 0 else None
-    for figures in results.values():
-        figures["latency_s"] = options.latency
-        figures["concurrency"] = options.concurrency
-        figures["partitions"] = options.partitions
-        if bound:
-            figures["ratio_bound"] = round(figures["throughput"] / bound, 3)
-    stream = results.get("stream")
-    if stream is not None:
-        for name, figures in results.items():
-            if name != "stream":
-                stream[f"ratio_{name}"] = round(stream["throughput"] / figures["throughput"], 3)
-    return results
+async def _bench(options: Options, bootstrap: str, sim: str) -> dict[str, Figures]:
+    results: dict[str, list[Figures]] = {mode: [] for mode in options.runs}
+    for round_ in range(options.repeat):
+        for mode in options.runs:
+            requests = _requests_for(mode, options)
+            if not options.json:
+                of = f" (round {round_ + 1} of {options.repeat})" if options.repeat > 1 else ""
+                print(f"running {mode} ({requests} requests){of}…", file=sys.stderr, flush=True)
+            run = _kafka_run if mode in benchruns.KAFKA_RUNS else _http_run
+            infra = Infra(bootstrap, sim, round_ + 1)
+            results[mode].append(await run(mode, requests, options, infra))
+    return benchreport.summarise(
+        results,
+        latency=options.latency,
+        concurrency=options.concurrency,
+        partitions=options.partitions,
+    )
 
 
 # -- presentation --------------------------------------------------------------------------
@@ -247,22 +267,12 @@ def _with_ratios(results: dict[str, Figures], options: Options) -> dict[str, Fig
 
 def _table(results: dict[str, Figures], options: Options) -> list[str]:
     bound = f"{options.concurrency / options.latency:.0f}/s" if options.latency else "none"
-    lines = [
+    header = (
         f"stream bench: latency {options.latency} s, concurrency {options.concurrency}, "
-        f"{options.partitions} partitions, {options.guarantee}; bound C/L = {bound}",
-        f"{'run':<13} {'requests':>8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'calls/req':>9} {'CPU s':>7} {'CPU ms/req':>10} {'peak RSS MB':>11}",
-    ]
-    for name, f in results.items():
-        lines.append(
-            f"{name:<13} {f['requests']:>8} {f['throughput']:>9.1f} {f['p50_ms']:>8.0f} "
-            f"{f['p99_ms']:>8.0f} {f['calls_per_request']:>9.2f} {f['cpu_s']:>7.2f} "
-            f"{f['cpu_s'] / f['requests'] * 1000:>10.3f} {f['peak_rss_mb']:>11.0f}"
-        )
+        f"{options.partitions} partitions, {options.guarantee}; bound C/L = {bound}"
+    )
+    lines = benchreport.table(results, header=header, rounds=options.repeat)
     stream = results.get("stream", {})
-    ratios = [f"{k[6:]} {v:.2f}×" for k, v in stream.items() if k.startswith("ratio_")]
-    if ratios:
-        lines.append("stream throughput vs " + ", ".join(ratios))
     if "spend_usd" in stream:
         lines.append(
             f"stream tokens: prompt {stream['prompt_tokens']:,} (cached "
@@ -277,6 +287,8 @@ def _table(results: dict[str, Figures], options: Options) -> list[str]:
                 f"{stream['spend_windows']} windows; {stream['requests']} of "
                 f"{stream['requests']} requests answered"
             )
+    if options.profile:
+        lines.append(f"profiles (py-spy, collapsed stacks): {options.profile}")
     return lines
 
 
@@ -294,9 +306,12 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
     args.requests = 5000 if args.requests is None else args.requests
     args.latency = 1.0 if args.latency is None else args.latency
     options = Options.of(args)
+    if options.profile is not None:
+        benchruns.check_profiler()
+        options.profile.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with _broker(options.env) as bootstrap, _simulator(options.latency) as sim:
-        results = anyio.run(_bench, options, (bootstrap, sim))
+        results = anyio.run(_bench, options, bootstrap, sim)
     if options.json:
         print(json.dumps(results, indent=2))
     else:
@@ -361,6 +376,20 @@ def register(commands: Any) -> None:
         type=int,
         default=0,
         help=f"requests for the naive run (default: about {_NAIVE_BUDGET_S:.0f} s of its work)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every run, interleaved; figures are the medians, with min–max (default 1)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="sample each run's process with py-spy (--native) over its measured interval; "
+        "collapsed stacks to DIR/<run>-<id>.txt (py-spy is in the dev extras)",
     )
     parser.add_argument("--json", action="store_true", help="figures keyed by run, as JSON")
     parser.add_argument(

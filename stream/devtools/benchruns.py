@@ -10,13 +10,21 @@
 Kafka runs find their requests already published (a backlog) and stop once all are done;
 the parent process reads the result timestamps. HTTP runs time each call themselves.
 Every run reports its process's CPU and peak RSS, which is why each has its own process.
+With STREAM_BENCH_PROFILE=DIR, py-spy samples the process over its measured interval
+(profiling slows the run: its figures are for where the time goes, not for speed).
 """
 
 from __future__ import annotations
 
+import os
 import resource
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -32,13 +40,24 @@ from stream.providers import ProviderClient
 from stream.stages import PrimaryStage, Topics
 from stream.worker import PRIMARY_GROUP, Worker, tune_gc
 
-__all__ = ["BENCH_MODEL", "KAFKA_RUNS", "RUNS", "messages", "run"]
+__all__ = [
+    "BENCH_MODEL",
+    "KAFKA_RUNS",
+    "PROFILE_ENV",
+    "RUNS",
+    "RUN_ENV",
+    "check_profiler",
+    "messages",
+    "run",
+]
 
 # A model without reasoning or fallback: the simulator answers it plainly.
 BENCH_MODEL = "deepseek-v3-0324-syn"
 KAFKA_RUNS = ("stream", "naive", "passthrough")
 RUNS = ("stream", "naive", "bare_http", "bare_aiohttp", "passthrough")
 _POLL_S = 0.02
+PROFILE_ENV = "STREAM_BENCH_PROFILE"  # a folder: profile each run into it
+RUN_ENV = "STREAM_BENCH_RUN"  # the run's name there
 
 Figures = dict[str, Any]
 
@@ -47,18 +66,57 @@ def messages(index: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"bench question {index}: what is a partition?"}]
 
 
+def _py_spy() -> str | None:
+    """py-spy beside this interpreter (the venv's), else on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def check_profiler() -> None:
+    if _py_spy() is None:
+        from stream.errors import StreamError
+
+        raise StreamError("--profile needs py-spy: pip install -e '.[dev]' (or py-spy)")
+
+
+class _Profiler:
+    """py-spy attached to this process, writing collapsed stacks when stopped (SIGINT)."""
+
+    def __init__(self) -> None:
+        folder, py_spy = os.environ.get(PROFILE_ENV), _py_spy()
+        self._process: subprocess.Popen[bytes] | None = None
+        if not folder or py_spy is None:
+            return
+        out = Path(folder) / f"{os.environ.get(RUN_ENV, 'run')}.txt"
+        command = [py_spy, "record", "--native", "-f", "raw", "-o", str(out)]
+        self._process = subprocess.Popen(
+            [*command, "--pid", str(os.getpid())],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGINT)
+            self._process.wait(60)
+
+
 class _Clock:
     """Wall time, and this process's CPU, between `start` and `stop`."""
 
     def __init__(self) -> None:
         self.ready_at = self.done_at = 0.0
         self._cpu = 0.0
+        self._profiler: _Profiler | None = None
 
     def start(self) -> None:
+        self._profiler = _Profiler()
         self.ready_at, self._cpu = time.time(), time.process_time()
 
     def stop(self) -> None:
         self.done_at, self._cpu = time.time(), time.process_time() - self._cpu
+        if self._profiler is not None:
+            self._profiler.stop()
 
     def figures(self, requests: int) -> Figures:
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -114,11 +172,10 @@ async def _timed(
 
 
 async def _passthrough(settings: Settings, requests: int) -> Figures:
-    tune_gc()
     topics = Topics.of(settings)
 
     async def handler(record: Record) -> Sequence[Output]:
-        return [Output(topics.results, record.value, key=record.key)]
+        return [Output(topics.results, record.value, key=record.key, follows=record.partition)]
 
     engine = Engine(
         settings=settings,
@@ -248,8 +305,11 @@ async def _bare_aiohttp(settings: Settings, requests: int, concurrency: int) -> 
 
 
 async def run(mode: str, settings: Settings, requests: int) -> Figures:
-    """Run one mode in this process and return its figures."""
+    """Run one mode in this process and return its figures. Every run's process has the
+    worker's garbage-collector settings (`tune_gc`), so the baselines' CPU per request is
+    comparable with the worker's: what differs is what the worker does."""
     concurrency = settings.engine.max_in_flight
+    tune_gc()
     if mode == "stream":
         return await _stream(settings, requests)
     if mode == "passthrough":

@@ -9,10 +9,10 @@ from stream.engine.engine import (
     ErrorHandler,
     Gate,
     Handler,
-    run_until_signal,
 )
 from stream.engine.outputs import MAX_OUTPUT_BYTES, Output
 from stream.engine.partitions import PartitionSnapshot, Record
+from stream.engine.signals import run_until_signal
 
 __all__ = [
     "MAX_OUTPUT_BYTES",

@@ -14,7 +14,8 @@ from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssigno
 
 from stream.config import Settings
 from stream.engine.assignor import Claims, StickyAssignor
-from stream.engine.outputs import MAX_OUTPUT_BYTES, AtLeastOnceSink, ExactlyOnceSink, Sink
+from stream.engine.outputs import MAX_OUTPUT_BYTES, AtLeastOnceSink, Sink
+from stream.engine.transactions import ExactlyOnceSink
 
 __all__ = ["make_consumer", "make_sink"]
 

@@ -13,7 +13,6 @@ assignor of `stream.engine.assignor`, and static membership: `stream.engine.memb
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import NamedTuple
@@ -26,7 +25,7 @@ from anyio.abc import TaskGroup
 from stream.config import Settings
 from stream.engine.assignor import Claims
 from stream.engine.clients import make_consumer, make_sink
-from stream.engine.fetch import UNDECODABLE, StandIn, step_over
+from stream.engine.fetch import UNDECODABLE, StandIn, stand_in_for_undecodable
 from stream.engine.flow import Flow, Gate
 from stream.engine.membership import Membership, group_instance_id
 from stream.engine.outputs import CLOSE_TIMEOUT_S, Output, Sink
@@ -43,7 +42,6 @@ __all__ = [
     "Handler",
     "Output",
     "PartitionSnapshot",
-    "run_until_signal",
 ]
 
 log = logging.getLogger(__name__)
@@ -172,6 +170,11 @@ class Engine:
     def stop(self) -> None:
         """Graceful stop: no new work, drain up to `shutdown_grace_s`, commit, close."""
         self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether `stop()` was called."""
+        return self._stopping.is_set()
 
     def snapshot(self) -> EngineSnapshot:
         rebalancer = self._clients[3] if self._clients is not None else None
@@ -310,34 +313,11 @@ class Engine:
                 except UNDECODABLE:
                     undecodable = True
             if undecodable:  # outside the deadline: it must not drop what it fetched
-                batch = await self._step_over()
+                batch = await stand_in_for_undecodable(self._consumer, self._partitions)
             for tp, records in batch.items():
                 self._dispatch(tp, records)
             self._flow.start_ready()
             self._flow.update(self._consumer)
-
-    async def _step_over(self) -> dict[TopicPartition, list[Record]]:
-        """The Kafka client could not decode a record (`stream.engine.fetch`): find it, and
-        queue a stand-in that the stage's error path turns into a dead letter."""
-        # A partition assigned but not set up yet (its callback is running) may have lost
-        # records too: from its start (set-up seeks it to its committed offset, if any).
-        expected: dict[TopicPartition, int | None] = {
-            tp: None for tp in self._consumer.assignment() if tp not in self._partitions
-        }
-        for tp, partition in self._partitions.items():
-            if not partition.revoked:
-                expected[tp] = partition.offsets.next_expected
-        batch, bad = await step_over(self._consumer, expected)
-        if bad is not None:
-            log.warning(
-                "%s[%d]@%d cannot be decoded (%s): handing it to the error path",
-                bad.tp.topic,
-                bad.tp.partition,
-                bad.offset,
-                bad.error,
-            )
-            batch.setdefault(bad.tp, []).append(StandIn.of(bad))
-        return batch
 
     def _dispatch(self, tp: TopicPartition, records: list[Record]) -> None:
         partition = self._partitions.get(tp)
@@ -374,8 +354,7 @@ class Engine:
             partition.done(record)
             self._flow.finished()
         if not self._stopping.is_set():
-            self._flow.start_ready()
-            self._flow.update(self._consumer)
+            self._flow.after_record(self._consumer)
 
     async def _deliver(
         self, partition: Partition, record: Record, outputs: Sequence[Output]
@@ -445,22 +424,3 @@ class Engine:
                 self.last_commit_seconds = time.time()
                 if self._on_commit is not None:
                     self._on_commit(time.monotonic() - started)
-
-
-async def run_until_signal(engine: Engine) -> None:
-    """Run `engine`; SIGTERM/SIGINT stops it gracefully, a second one cancels it at once."""
-    async with anyio.create_task_group() as group:
-
-        async def watch() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    if engine._stopping.is_set():
-                        log.warning("second signal %d: stopping now", signum)
-                        group.cancel_scope.cancel()
-                        return
-                    log.info("signal %d: draining (up to the shutdown grace)", signum)
-                    engine.stop()
-
-        group.start_soon(watch)
-        await engine.run()
-        group.cancel_scope.cancel()

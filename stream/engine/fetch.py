@@ -30,9 +30,10 @@ from typing import Any, NamedTuple
 import anyio
 from aiokafka import ConsumerRecord, TopicPartition
 
+from stream.engine.partitions import Partition
 from stream.errors import UndecodableRecordError
 
-__all__ = ["UNDECODABLE", "StandIn", "Undecodable", "step_over"]
+__all__ = ["UNDECODABLE", "StandIn", "Undecodable", "stand_in_for_undecodable", "step_over"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,33 @@ async def step_over(
         if records:
             fetched[tp] = records
     return fetched, None
+
+
+async def stand_in_for_undecodable(
+    consumer: Any, partitions: Mapping[TopicPartition, Partition]
+) -> dict[TopicPartition, list[Any]]:
+    """After `getmany` failed to decode a record: find it, and return what was fetched on
+    the way with a stand-in in its place, which the stage's error path turns into a dead
+    letter. `partitions` are the engine's; each is expected to go on from its next offset."""
+    # A partition assigned but not set up yet (its callback is running) may have lost
+    # records too: from its start (set-up seeks it to its committed offset, if any).
+    expected: dict[TopicPartition, int | None] = {
+        tp: None for tp in consumer.assignment() if tp not in partitions
+    }
+    for tp, partition in partitions.items():
+        if not partition.revoked:
+            expected[tp] = partition.offsets.next_expected
+    batch, bad = await step_over(consumer, expected)
+    if bad is not None:
+        log.warning(
+            "%s[%d]@%d cannot be decoded (%s): handing it to the error path",
+            bad.tp.topic,
+            bad.tp.partition,
+            bad.offset,
+            bad.error,
+        )
+        batch.setdefault(bad.tp, []).append(StandIn.of(bad))
+    return batch
 
 
 async def _rewind(consumer: Any, expected: Mapping[TopicPartition, int | None]) -> None:

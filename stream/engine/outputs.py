@@ -1,6 +1,6 @@
 """Where a stage's outputs go, and how finished offsets are committed with them.
 
-Two sinks, one per delivery guarantee:
+Two sinks, one per delivery guarantee (the second in `stream.engine.transactions`):
 
 - `AtLeastOnceSink`: one idempotent producer (`acks=all`). A record counts as finished
   only once Kafka acknowledged every one of its outputs; offsets are committed by the
@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.errors import (
-    IllegalOperation,
     KafkaTimeoutError,
     KafkaUnavailableError,
     MessageSizeTooLargeError,
@@ -33,10 +31,9 @@ from aiokafka.errors import (
     RecordTooLargeError,
     UnknownTopicOrPartitionError,
 )
-from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import CLOSE_RESERVE_S, KafkaSettings
-from stream.engine.late import acknowledged, watched
+from stream.engine.late import acknowledged
 from stream.engine.partitions import Partition
 from stream.errors import KafkaError, OutputRejectedError
 from stream.kafka import start_client, translate
@@ -45,10 +42,12 @@ __all__ = [
     "CLOSE_TIMEOUT_S",
     "MAX_OUTPUT_BYTES",
     "AtLeastOnceSink",
-    "ExactlyOnceSink",
     "Output",
     "Sink",
+    "changed_positions",
     "retry_helps",
+    "run_all",
+    "send_outputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,9 +59,6 @@ _TOO_LARGE_TRIES = 3
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 # How long each closing step (a producer's stop, a partition's release) may take.
 CLOSE_TIMEOUT_S = CLOSE_RESERVE_S
-# aiokafka's default, named: Kafka aborts a transaction left open longer, so an exactly-
-# once commit waits that long for a cluster that cannot log it, and no longer.
-_TRANSACTION_TIMEOUT_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +69,11 @@ class Output:
     value: bytes
     key: bytes | None = None
     headers: tuple[tuple[str, bytes], ...] = ()
+    # The partition of the input record whose key this output carries (None: another key,
+    # or none). Co-partitioning: when the output's topic has as many partitions as the
+    # input's, the output goes to that partition number, so a key stays where the upstream
+    # put it, and the producer's partitioner (murmur2 in pure Python) is not run.
+    follows: int | None = None
 
 
 class Sink(Protocol):
@@ -88,7 +89,7 @@ class Sink(Protocol):
         """Commit the partitions' watermarks; return how many changed."""
 
 
-def _changes(partitions: Iterable[Partition]) -> dict[Partition, tuple[int, str]]:
+def changed_positions(partitions: Iterable[Partition]) -> dict[Partition, tuple[int, str]]:
     changed = {}
     for partition in partitions:
         offsets = partition.offsets
@@ -100,11 +101,32 @@ def _changes(partitions: Iterable[Partition]) -> dict[Partition, tuple[int, str]
     return changed
 
 
-async def _send(producer: AIOKafkaProducer, outputs: Sequence[Output]) -> list[Any]:
-    """Hand the outputs to the producer; the futures resolve when Kafka acknowledges."""
-    return [
-        await producer.send(o.topic, o.value, key=o.key, headers=list(o.headers)) for o in outputs
-    ]
+async def send_outputs(
+    producer: AIOKafkaProducer, outputs: Sequence[Output], source: TopicPartition
+) -> list[Any]:
+    """Hand the outputs of a record of `source` to the producer; the futures resolve when
+    Kafka acknowledges."""
+    futures = []
+    for o in outputs:
+        partition = None if o.follows is None else await _co_partition(producer, o, source.topic)
+        future = await producer.send(
+            o.topic, o.value, key=o.key, partition=partition, headers=list(o.headers)
+        )
+        futures.append(future)
+    return futures
+
+
+async def _co_partition(producer: AIOKafkaProducer, output: Output, source: str) -> int | None:
+    """The input's partition number for `output` when its topic has as many partitions as
+    the input's (`source`); else None (the key is hashed). The same answer for every output
+    of a key: the first output waits for the producer to learn the input topic's metadata
+    (it had no need of it before), rather than be placed by its hash."""
+    cluster = producer.client.cluster
+    theirs = cluster.partitions_for_topic(source) or await producer.partitions_for(source)
+    ours = cluster.partitions_for_topic(output.topic) or await producer.partitions_for(output.topic)
+    if len(ours) != len(theirs) or output.follows not in ours:
+        return None
+    return output.follows
 
 
 def retry_helps(exc: AIOKafkaError) -> bool:
@@ -122,7 +144,7 @@ def retry_helps(exc: AIOKafkaError) -> bool:
     return bool(exc.retriable) or isinstance(exc, (*transient, *_TOO_LARGE))
 
 
-async def _all(steps: Iterable[Callable[[], Awaitable[None]]]) -> None:
+async def run_all(steps: Iterable[Callable[[], Awaitable[None]]]) -> None:
     """Run the steps at once and raise the first error alone, not as an exception group:
     callers catch our `KafkaError`, and a group would slip past them (skipping clean-up)."""
     errors: list[Exception] = []
@@ -195,7 +217,7 @@ class AtLeastOnceSink:
         while True:
             producer = self._producer
             try:
-                for future in await _send(producer, outputs):
+                for future in await send_outputs(producer, outputs, partition.tp):
                     await acknowledged(future, partition)
                 break
             except AIOKafkaError as exc:
@@ -245,7 +267,7 @@ class AtLeastOnceSink:
         return too_large
 
     async def commit(self, partitions: Sequence[Partition]) -> int:
-        changed = _changes(partitions)
+        changed = changed_positions(partitions)
         if not changed:
             return 0
         offsets = {partition.tp: position for partition, position in changed.items()}
@@ -257,170 +279,3 @@ class AtLeastOnceSink:
         for partition, position in changed.items():
             partition.committed = position
         return len(changed)
-
-
-class _Transactional:
-    """The producer of one input partition, and whether its transaction is open."""
-
-    def __init__(self, producer: AIOKafkaProducer) -> None:
-        self.producer = producer
-        self.lock = anyio.Lock()
-        self.open = False
-        # Delivery futures of the open transaction: a batch the broker rejects for good
-        # (too large, not authorised) fails only its future, and the transaction would
-        # still commit the offsets of records whose outputs never landed.
-        self.pending: list[Any] = []
-
-    async def begin(self) -> None:
-        if not self.open:
-            await self.producer.begin_transaction()
-            self.open = True
-
-
-async def _delivered(txn: _Transactional) -> None:
-    """Every output of the open transaction acknowledged, or the transaction aborted."""
-    pending, txn.pending = txn.pending, []
-    for future in pending:
-        try:
-            await future
-        except AIOKafkaError:
-            await txn.producer.abort_transaction()
-            txn.open = False
-            raise
-
-
-class ExactlyOnceSink:
-    def __init__(
-        self, settings: KafkaSettings, group_id: str, producer_options: dict[str, Any]
-    ) -> None:
-        self._settings = settings
-        self._group_id = group_id
-        self._options = producer_options
-        self._producers: dict[TopicPartition, _Transactional] = {}
-
-    def transactional_id(self, tp: TopicPartition) -> str:
-        return f"{self._group_id}.{tp.topic}.{tp.partition}"
-
-    async def start(self) -> None:
-        pass  # producers come with partitions
-
-    async def stop(self) -> None:
-        await self.revoked(list(self._producers))
-
-    async def assigned(self, tps: Iterable[TopicPartition]) -> None:
-        """Start (and so fence any previous owner of) each partition's producer."""
-        await _all(partial(self._start_producer, tp) for tp in tps if tp not in self._producers)
-
-    async def _start_producer(self, tp: TopicPartition) -> None:
-        producer = AIOKafkaProducer(
-            **self._settings.client_options(),
-            transactional_id=self.transactional_id(tp),
-            transaction_timeout_ms=_TRANSACTION_TIMEOUT_MS,
-            **self._options,
-        )
-        started = time.monotonic()
-        # init_transactions: bumps the epoch, aborts the old owner's open transaction.
-        # Bounded: this runs inside a rebalance callback, which must end.
-        await start_client(
-            producer,
-            self._settings,
-            f"starting the producer for {tp}",
-            timeout_s=self._settings.request_timeout_ms / 1000,
-        )
-        log.debug("transactional producer for %s ready in %.3f s", tp, time.monotonic() - started)
-        self._producers[tp] = _Transactional(producer)
-
-    async def revoked(self, tps: Iterable[TopicPartition]) -> None:
-        leaving = [txn for tp in list(tps) if (txn := self._producers.pop(tp, None)) is not None]
-        # All at once: a revoke must end within the rebalance timeout, however many leave.
-        # An open transaction is aborted by the broker.
-        with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
-            try:
-                await _all(txn.producer.stop for txn in leaving)
-            except (AIOKafkaError, OSError) as exc:
-                log.warning("closing a partition's producer failed: %s", exc)
-
-    async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> bool:
-        txn = self._producers.get(partition.tp)
-        if txn is None:
-            return False  # the partition left (its transaction is settled): re-run later
-        # Shielded: the outputs and the "finished" mark go into the transaction together,
-        # or neither does (an abandoned record must not leave orphan outputs behind).
-        # Bounded all the same: the lock waits at most one commit, the send one request.
-        finished = False
-        with anyio.move_on_after(
-            2 * self._settings.request_timeout_ms / 1000, shield=True
-        ) as bound:
-            async with txn.lock:
-                # The partition may have gone on probation (a rebalance: the engine holds the
-                # outputs until it knows) or left while this waited for the lock, even come
-                # back with a new producer that must not take this run's outputs.
-                ours = not (partition.revoked or partition.abandoned)
-                if ours and self._producers.get(partition.tp) is txn:
-                    try:
-                        await txn.begin()
-                        txn.pending += await _send(txn.producer, outputs)
-                    except AIOKafkaError as exc:
-                        raise translate(exc, self._settings, "producing outputs") from exc
-                    partition.offsets.finish(offset)
-                    finished = True
-        if bound.cancelled_caught:
-            # Some outputs may be in the open transaction without their record marked
-            # finished: committing it would write them twice. Abort it with the producer;
-            # what the partition marked finished since its last commit is void.
-            await self.revoked([partition.tp])
-            partition.abandon()
-            raise KafkaError(
-                f"writing outputs of {partition.tp} into its transaction took longer than "
-                f"{2 * self._settings.request_timeout_ms / 1000:g} s; the transaction is "
-                "aborted and the partition re-runs from its last commit"
-            )
-        return finished
-
-    async def commit(self, partitions: Sequence[Partition]) -> int:
-        changed = _changes(partitions)
-        todo = [p for p in partitions if p in changed or self._is_open(p)]
-        await _all(partial(self._commit_one, partition) for partition in todo)
-        return len(todo)
-
-    async def _commit_steps(
-        self, txn: _Transactional, partition: Partition, position: tuple[int, str]
-    ) -> None:
-        await txn.begin()
-        await _delivered(txn)
-        await txn.producer.send_offsets_to_transaction({partition.tp: position}, self._group_id)
-        await txn.producer.commit_transaction()
-
-    def _is_open(self, partition: Partition) -> bool:
-        txn = self._producers.get(partition.tp)
-        return txn is not None and txn.open
-
-    async def _commit_one(self, partition: Partition) -> None:
-        txn = self._producers.get(partition.tp)
-        if txn is None:
-            return
-        async with txn.lock:
-            # Read under the lock: no record can finish between this and the commit.
-            position = partition.position()
-            try:
-                # Kafka holds a transaction up while too few replicas are in sync: wait as
-                # long as it would keep the transaction, then re-run from the last commit.
-                with anyio.fail_after(_TRANSACTION_TIMEOUT_MS / 1000):
-                    await watched(partial(self._commit_steps, txn, partition, position), partition)
-            # IllegalOperation: aiokafka left the transaction on an error of its own (the
-            # broker went away mid-transaction); it is no Kafka error class of its.
-            except (AIOKafkaError, IllegalOperation, TimeoutError) as exc:
-                # A fenced or failed transaction cannot be repaired here: its outputs are
-                # aborted, so the records must be re-run from the last commit. The records
-                # marked finished in memory are void: drop the partition's producer so
-                # nothing more is committed for it, and crash to let a restart (or the
-                # partition's new owner) re-run them from committed state. Should the
-                # partition come back to this worker first, it starts over from there.
-                await self.revoked([partition.tp])
-                partition.abandon()
-                raise translate(
-                    exc, self._settings, f"committing the transaction of {partition.tp}"
-                ) from exc
-            txn.open = False
-            partition.committed = position
-            partition.write_error = None

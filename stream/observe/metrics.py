@@ -13,6 +13,9 @@ Names are `stream_…` in base units (seconds), counters end in `_total` (and ex
 `_created` series), and labels are bounded: label values are cleaned and, past
 `MAX_LABEL_VALUES` distinct values for one label, folded into "other" — a request id can
 never become a time series. Unknown is NaN, never 0. The README lists every series.
+
+Counters and histograms updated per record are tallies (`stream.observe.tally`): plain
+numbers without a lock, read at scrape time, both on the event loop's thread.
 """
 
 from __future__ import annotations
@@ -21,14 +24,11 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import astuple
 from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
@@ -37,6 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from stream.engine import EngineSnapshot, PartitionSnapshot
 from stream.observe.lag import LagMonitor
 from stream.observe.lagmetrics import Owned, lag_metrics
+from stream.observe.tally import CounterTally, HistogramTally
 from stream.prices import token_counts
 from stream.providers.observer import ProviderObserver
 
@@ -74,15 +75,23 @@ class _Labels:
     def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
         self._limit = limit
         self._seen: dict[str, set[str]] = {}
+        # (label, value as given) → its label value, for values seen before (most calls):
+        # no regex then. Bounded like the values themselves.
+        self._known: dict[tuple[str, str], str] = {}
 
     def __call__(self, label: str, value: str) -> str:
-        value = _CLEAN.sub("_", value)[:100] or "none"
+        known = self._known.get((label, value))
+        if known is not None:
+            return known
+        clean = _CLEAN.sub("_", value)[:100] or "none"
         seen = self._seen.setdefault(label, set())
-        if value not in seen:
+        if clean not in seen:
             if len(seen) >= self._limit:
                 return "other"
-            seen.add(value)
-        return value
+            seen.add(clean)
+        if len(self._known) < 10 * self._limit:
+            self._known[(label, value)] = clean
+        return clean
 
 
 class Metrics(ProviderObserver):
@@ -94,84 +103,77 @@ class Metrics(ProviderObserver):
         self._engines: list[SnapshotSource] = []
         self._monitors: list[tuple[LagMonitor, Owned | None]] = []
         self._breakers: set[tuple[str, str]] = set()
-        registry = self.registry
-        self.records = Counter(
+        self.records = CounterTally(
             "stream_records",
             "Records a stage finished with, by outcome (and dead-letter reason).",
             ["stage", "outcome", "reason"],
-            registry=registry,
         )
-        self.attempts = Histogram(
+        self.attempts = HistogramTally(
             "stream_provider_request_duration_seconds",
             "Duration of one provider call attempt, by HTTP status class.",
             ["provider", "model", "status_class"],
-            buckets=LLM_BUCKETS,
-            registry=registry,
+            LLM_BUCKETS,
         )
-        self.retries = Counter(
+        self.retries = CounterTally(
             "stream_provider_retries",
             "Provider call attempts that were retried, by error type.",
             ["provider", "model", "error_type"],
-            registry=registry,
         )
+        # Changes only with the breaker's state: prometheus_client's own gauge.
         self.breaker = Gauge(
             "stream_breaker_state",
             "1 for the circuit breaker's state per provider and model, 0 for the others.",
             ["provider", "model", "state"],
-            registry=registry,
+            registry=self.registry,
         )
-        self.breaker_changes = Counter(
+        self.breaker_changes = CounterTally(
             "stream_breaker_transitions",
             "Circuit breaker transitions, by the state entered.",
             ["provider", "model", "state"],
-            registry=registry,
         )
-        self.fallbacks = Counter(
+        self.fallbacks = CounterTally(
             "stream_fallbacks",
             "Requests handed from a primary model to its fallback model.",
             ["from_model", "to_model"],
-            registry=registry,
         )
-        self.commit_duration = Histogram(
+        self.commit_duration = HistogramTally(
             "stream_commit_duration_seconds",
             "Duration of one offset commit (or transaction commit).",
             ["group"],
-            buckets=COMMIT_BUCKETS,
-            registry=registry,
+            COMMIT_BUCKETS,
         )
-        self._answers(registry)
+        self._answers()
         self._budgets: list[BudgetSource] = []
-        registry.register(_SpendCollector(self._budgets))
-        registry.register(_SnapshotCollector(self._engines, self._monitors))
+        tallies: list[_Tally] = [self.records, self.attempts, self.retries, self.breaker_changes]
+        tallies += [self.fallbacks, self.commit_duration, self.tokens, self.spend]
+        self.registry.register(_TallyCollector([*tallies, self.finish_reasons, self.repeats]))
+        self.registry.register(_SpendCollector(self._budgets))
+        self.registry.register(_SnapshotCollector(self._engines, self._monitors))
 
-    def _answers(self, registry: CollectorRegistry) -> None:
+    def _answers(self) -> None:
         """What answers were and cost (issue 13): kept together for an easy merge."""
         pm = ["provider", "model"]
-        self.tokens = Counter(
+        self.tokens = CounterTally(
             "stream_provider_tokens",
             "Tokens billed, by kind: prompt (cached included), cached (of prompt), "
             "completion (reasoning included), reasoning (of completion).",
             [*pm, "kind"],
-            registry=registry,
         )
-        self.spend = Counter(
+        self.spend = CounterTally(
             "stream_provider_spend_usd",
             "What provider answers cost at the catalog's prices, in USD.",
             pm,
-            registry=registry,
         )
-        self.finish_reasons = Counter(
+        self.finish_reasons = CounterTally(
             "stream_provider_answers",
             "Answers billed, by finish reason (length: cut at max_tokens; content_filter).",
             [*pm, "finish_reason"],
-            registry=registry,
         )
-        self.repeats = Counter(
+        self.repeats = CounterTally(
             "stream_repeated_calls",
             "Provider calls for a request that may have been answered before, by cause "
             "(restart: re-delivered after a crash or rebalance; replay; redrive).",
             ["stage", "cause"],
-            registry=registry,
         )
 
     # --- the provider client (ProviderObserver) --------------------------------------------
@@ -179,19 +181,19 @@ class Metrics(ProviderObserver):
     def on_attempt(self, provider: str, model: str, status_class: str, seconds: float) -> None:
         status_class = status_class if status_class in STATUS_CLASSES else "other"
         labels = self._pm(provider, model)
-        self.attempts.labels(*labels, status_class).observe(seconds)
+        self.attempts.observe((*labels, status_class), seconds)
         if labels not in self._breakers:  # a model called: its breaker shows, closed
             self._set_breaker(labels, "closed")
 
     def on_retry(self, provider: str, model: str, error_type: str) -> None:
-        self.retries.labels(*self._pm(provider, model), self._label("error_type", error_type)).inc()
+        self.retries.inc((*self._pm(provider, model), self._label("error_type", error_type)))
 
     def on_breaker(self, provider: str, model: str, state: str) -> None:
         if state not in BREAKER_STATES:
             raise ValueError(f"breaker state must be one of {BREAKER_STATES}, not {state!r}")
         labels = self._pm(provider, model)
         self._set_breaker(labels, state)
-        self.breaker_changes.labels(*labels, state).inc()
+        self.breaker_changes.inc((*labels, state))
 
     def _set_breaker(self, labels: tuple[str, str], state: str) -> None:
         self._breakers.add(labels)
@@ -208,13 +210,14 @@ class Metrics(ProviderObserver):
     ) -> None:
         labels = self._pm(provider, model)
         finish = self._label("finish_reason", finish_reason) if finish_reason else "none"
-        self.finish_reasons.labels(*labels, finish).inc()
+        self.finish_reasons.inc((*labels, finish))
         counts = token_counts(usage)
         if counts is not None:
-            for kind, value in zip(TOKEN_KINDS, astuple(counts), strict=True):
-                self.tokens.labels(*labels, kind).inc(value)
+            provider, model = labels
+            for kind, value in zip(TOKEN_KINDS, counts, strict=True):
+                self.tokens.inc((provider, model, kind), value)
         if cost_usd:
-            self.spend.labels(*labels).inc(cost_usd)
+            self.spend.inc(labels, cost_usd)
 
     def watch_budgets(self, budgets: Iterable[BudgetSource]) -> None:
         """Publish each spend budget's window at every scrape."""
@@ -222,7 +225,7 @@ class Metrics(ProviderObserver):
 
     def record_repeat(self, stage: str, cause: str) -> None:
         """A provider call for a request that may have been answered before."""
-        self.repeats.labels(self._label("stage", stage), self._label("cause", cause)).inc()
+        self.repeats.inc((self._label("stage", stage), self._label("cause", cause)))
 
     # --- stages and engine -----------------------------------------------------------------
 
@@ -231,15 +234,15 @@ class Metrics(ProviderObserver):
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, not {outcome!r}")
         reason_label = self._label("reason", reason) if reason else ""
-        self.records.labels(self._label("stage", stage), outcome, reason_label).inc()
+        self.records.inc((self._label("stage", stage), outcome, reason_label))
 
     def record_fallback(self, from_model: str, to_model: str) -> None:
-        self.fallbacks.labels(
-            self._label("from_model", from_model), self._label("to_model", to_model)
-        ).inc()
+        self.fallbacks.inc(
+            (self._label("from_model", from_model), self._label("to_model", to_model))
+        )
 
     def observe_commit(self, group: str, seconds: float) -> None:
-        self.commit_duration.labels(self._label("group", group)).observe(seconds)
+        self.commit_duration.observe((self._label("group", group),), seconds)
 
     def watch_engine(self, engine: SnapshotSource) -> None:
         """Read `engine.snapshot()` at every scrape."""
@@ -277,6 +280,19 @@ class BudgetView(Protocol):
 
 class BudgetSource(Protocol):
     def snapshot(self) -> BudgetView: ...
+
+
+class _Tally(Protocol):
+    def collect(self) -> Iterable[Metric]: ...
+
+
+class _TallyCollector:
+    def __init__(self, tallies: Sequence[_Tally]) -> None:
+        self._tallies = tallies
+
+    def collect(self) -> Iterable[Metric]:
+        for tally in self._tallies:
+            yield from tally.collect()
 
 
 class _SpendCollector:

@@ -1,18 +1,20 @@
 """The HTTP half of a provider call: send one chat completion body, read what came back.
 
-    send ─► _post (straight to the transport) ─► _read: Parsed | Failure
+    send ─► _exchange: Answer ─► _read: Parsed | Failure
 
-`httpx.AsyncClient` runs on the aiohttp transport: the stock httpcore pool collapses at
-hundreds of connections (see DESIGN.md), the aiohttp one does not. The API key is revealed
-once, into the client's default `Authorization` header (httpx masks it in reprs), and is
-scrubbed from any provider text that ends up in an exception or a log line.
+The bytes move through `stream.providers.transport.AiohttpTransport` (our httpx transport
+over aiohttp): its `post` skips httpx's per-request objects. Any other httpx transport
+given (tests hand in an `httpx.MockTransport`) is spoken to as httpx does, through an
+`httpx.Request`, under an anyio deadline. The API key is revealed once, into the default
+`Authorization` header, and is scrubbed from any provider text that ends up in an exception
+or a log line.
 
 Nothing here retries, waits or keeps state between calls: that is `ProviderClient`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -20,19 +22,20 @@ import aiohttp
 import anyio
 import httpx
 import orjson
-from httpx_aiohttp import AiohttpTransport
+from yarl import URL
 
 from stream.config import ProviderSettings
 from stream.providers.clock import Clock
 from stream.providers.completion import BadOutput, Parsed, Usage, parse_completion
 from stream.providers.retry import classify, retry_after, status_class
+from stream.providers.transport import AiohttpTransport, Answer
 
 __all__ = ["Exchange", "Failure", "ProviderHTTP"]
 
 _MAX_MESSAGE = 300
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Failure:
     """One failed attempt, before it is known whether the loop tries again."""
 
@@ -47,12 +50,12 @@ class Failure:
 
 class Exchange(NamedTuple):
     """One attempt as the wire saw it: its reading, a metrics label, its duration, and
-    the response headers (None when no response came)."""
+    the response headers, case-insensitive (None when no response came)."""
 
     result: Parsed | Failure
     label: str
     seconds: float
-    headers: httpx.Headers | None
+    headers: Mapping[str, str] | None
 
 
 class ProviderHTTP:
@@ -67,85 +70,68 @@ class ProviderHTTP:
     ) -> None:
         self.settings = settings
         self._clock = clock or Clock()
-        self._transport = transport or self._aiohttp_transport(settings)
-        self._http = self._http_client(settings, self._transport)
-        # Parsed once: merging a relative path into base_url re-parses a URL per request.
-        self._url = httpx.URL(settings.base_url.rstrip("/") + "/chat/completions")
-        # What `_post` sends with every request, merged once: the client's defaults, ours,
-        # and the Host that httpx would otherwise work out again for each request.
-        host = ("Host", self._url.netloc.decode("ascii"))
-        self._headers = httpx.Headers([*self._http.headers.multi_items(), host])
-        self._extensions = {"timeout": self._http.timeout.as_dict()}
-
-    @staticmethod
-    def _aiohttp_transport(settings: ProviderSettings) -> httpx.AsyncBaseTransport:
-        size = settings.max_connections
-        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-        return AiohttpTransport(limits=limits)
-
-    @staticmethod
-    def _http_client(
-        settings: ProviderSettings, transport: httpx.AsyncBaseTransport
-    ) -> httpx.AsyncClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if settings.api_key:
             headers["Authorization"] = f"Bearer {settings.api_key.reveal()}"
-        return httpx.AsyncClient(
-            transport=transport,
+        self._transport = transport or AiohttpTransport(
+            max_connections=settings.max_connections,
+            connect_timeout_s=settings.connect_timeout_s,
             headers=headers,
-            timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
-            follow_redirects=False,
         )
+        # Parsed once: a URL string is parsed again on every request.
+        url = settings.base_url.rstrip("/") + "/chat/completions"
+        self._url = URL(url)
+        # What another transport is handed, built once (httpx masks the key in reprs).
+        self._httpx_url = httpx.URL(url)
+        self._httpx_headers = httpx.Headers({**headers, "Host": self._httpx_url.netloc.decode()})
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._transport.aclose()
 
     async def send(self, body: bytes, json_output: bool, end: float) -> Exchange:
         """POST `body` and read the answer, giving up at `end` (monotonic)."""
         now = self._clock.monotonic
         start = now()
         try:
-            with anyio.fail_after(min(self.settings.timeout_s, end - start)):
-                response = await self._post(body)
+            answer = await self._exchange(body, min(self.settings.timeout_s, end - start))
+        except (aiohttp.ClientError, httpx.RequestError) as exc:
+            # First: aiohttp's connect timeout is a TimeoutError too, but no answer was late.
+            label = "timeout" if isinstance(exc, aiohttp.SocketTimeoutError) else "connect"
+            failure = Failure(retryable=True, error_type=f"{label}_error", message=describe(exc))
+            return Exchange(failure, label, now() - start, None)
         except TimeoutError:
             failure = Failure(retryable=True, error_type="timeout", message="no answer in time")
             return Exchange(failure, "timeout", now() - start, None)
-        except (httpx.RequestError, aiohttp.ClientError, OSError) as exc:
-            # httpx-aiohttp translates only some aiohttp errors: a bad status line or
-            # header (ClientResponseError) or an undecodable body arrive as they are.
-            label = "timeout" if isinstance(exc, httpx.ReadTimeout) else "connect"
-            failure = Failure(retryable=True, error_type=f"{label}_error", message=describe(exc))
-            return Exchange(failure, label, now() - start, None)
-        result = self._read(response, json_output)
-        return Exchange(result, status_class(response.status_code), now() - start, response.headers)
+        except OSError as exc:
+            failure = Failure(retryable=True, error_type="connect_error", message=describe(exc))
+            return Exchange(failure, "connect", now() - start, None)
+        result = self._read(answer, json_output)
+        return Exchange(result, status_class(answer.status), now() - start, answer.headers)
 
-    async def _post(self, body: bytes) -> httpx.Response:
-        """POST straight to the client's transport. `AsyncClient.send` adds, per request,
-        header merging, auth and redirect machinery and cookie extraction (a fifth of a
-        worker's CPU at full speed), and none of it applies to a bearer-key API call."""
-        headers = self._headers.copy()
+    async def _exchange(self, body: bytes, timeout_s: float) -> Answer:
+        transport = self._transport
+        if isinstance(transport, AiohttpTransport):
+            return await transport.post(self._url, body, timeout_s)
+        with anyio.fail_after(timeout_s):
+            return await self._via_httpx(transport, body)
+
+    async def _via_httpx(self, transport: httpx.AsyncBaseTransport, body: bytes) -> Answer:
+        headers = self._httpx_headers.copy()
         headers["Content-Length"] = str(len(body))
-        # A ready stream and complete headers: httpx then skips re-deriving them (5x faster).
-        request = httpx.Request(
-            "POST",
-            self._url,
-            headers=headers,
-            stream=httpx.ByteStream(body),
-            extensions=self._extensions,
-        )
-        request.read()  # marks the body as in memory, so the transport sends it in one piece
-        response = await self._transport.handle_async_request(request)
+        request = httpx.Request("POST", self._httpx_url, headers=headers, content=body)
+        response = await transport.handle_async_request(request)
         try:
-            await response.aread()
+            content = await response.aread()
         finally:
             await response.aclose()
-        return response
+        return Answer(response.status_code, response.reason_phrase, response.headers, content)
 
-    def _read(self, response: httpx.Response, json_output: bool) -> Parsed | Failure:
-        request_id = response.headers.get("x-request-id") or None
-        if response.status_code == 200:
+    def _read(self, answer: Answer, json_output: bool) -> Parsed | Failure:
+        status, headers = answer.status, answer.headers
+        request_id = headers.get("x-request-id") or None
+        if status == 200:
             try:
-                parsed = parse_completion(response.content, json_output=json_output)
+                parsed = parse_completion(answer.body, json_output=json_output)
             except BadOutput as exc:
                 return Failure(
                     retryable=exc.retryable,
@@ -158,24 +144,23 @@ class ProviderHTTP:
             if parsed.response_id is None and request_id:
                 parsed = replace(parsed, response_id=request_id[:200])
             return parsed
-        if 200 < response.status_code < 300:
+        if 200 < status < 300:
             return Failure(
                 retryable=True,
                 error_type="unexpected_status",
                 message="no completion in the answer",
-                status=response.status_code,
+                status=status,
                 request_id=request_id,
             )
         # Scrubbed before any cut: a long key cut in half by truncation would not match later.
-        body = response.content.decode("utf-8", "replace")
-        code, message = error_detail(body, self.scrub)
-        verdict = classify(response.status_code, response.headers, code, message)
+        code, message = error_detail(answer.body.decode("utf-8", "replace"), self.scrub)
+        verdict = classify(status, headers, code, message)
         return Failure(
             retryable=verdict.retryable,
             error_type=verdict.error_type,
-            message=message or response.reason_phrase or f"HTTP {response.status_code}",
-            status=response.status_code,
-            wait_s=retry_after(response.headers, self._clock.wall()),
+            message=message or answer.reason or f"HTTP {status}",
+            status=status,
+            wait_s=retry_after(headers, self._clock.wall()),
             request_id=request_id[:200] if request_id else None,
         )
 

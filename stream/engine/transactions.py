@@ -1,0 +1,201 @@
+"""The exactly-once sink: one transactional producer per input partition.
+
+Its `transactional_id` is derived from group, topic and partition, so whoever owns the
+partition next fences the previous owner (aiokafka has no group-generation fencing).
+Outputs and the partition's offsets (watermark + metadata) commit in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from functools import partial
+from typing import Any
+
+import anyio
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import IllegalOperation
+from aiokafka.errors import KafkaError as AIOKafkaError
+
+from stream.config import KafkaSettings
+from stream.engine.late import watched
+from stream.engine.outputs import CLOSE_TIMEOUT_S, Output, changed_positions, run_all, send_outputs
+from stream.engine.partitions import Partition
+from stream.errors import KafkaError
+from stream.kafka import start_client, translate
+
+__all__ = ["ExactlyOnceSink"]
+
+log = logging.getLogger(__name__)
+
+# aiokafka's default, named: Kafka aborts a transaction left open longer, so an exactly-
+# once commit waits that long for a cluster that cannot log it, and no longer.
+_TRANSACTION_TIMEOUT_MS = 60_000
+
+
+class _Transactional:
+    """The producer of one input partition, and whether its transaction is open."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+        self.lock = anyio.Lock()
+        self.open = False
+        # Delivery futures of the open transaction: a batch the broker rejects for good
+        # (too large, not authorised) fails only its future, and the transaction would
+        # still commit the offsets of records whose outputs never landed.
+        self.pending: list[Any] = []
+
+    async def begin(self) -> None:
+        if not self.open:
+            await self.producer.begin_transaction()
+            self.open = True
+
+
+async def _delivered(txn: _Transactional) -> None:
+    """Every output of the open transaction acknowledged, or the transaction aborted."""
+    pending, txn.pending = txn.pending, []
+    for future in pending:
+        try:
+            await future
+        except AIOKafkaError:
+            await txn.producer.abort_transaction()
+            txn.open = False
+            raise
+
+
+class ExactlyOnceSink:
+    def __init__(
+        self, settings: KafkaSettings, group_id: str, producer_options: dict[str, Any]
+    ) -> None:
+        self._settings = settings
+        self._group_id = group_id
+        self._options = producer_options
+        self._producers: dict[TopicPartition, _Transactional] = {}
+
+    def transactional_id(self, tp: TopicPartition) -> str:
+        return f"{self._group_id}.{tp.topic}.{tp.partition}"
+
+    async def start(self) -> None:
+        pass  # producers come with partitions
+
+    async def stop(self) -> None:
+        await self.revoked(list(self._producers))
+
+    async def assigned(self, tps: Iterable[TopicPartition]) -> None:
+        """Start (and so fence any previous owner of) each partition's producer."""
+        await run_all(partial(self._start_producer, tp) for tp in tps if tp not in self._producers)
+
+    async def _start_producer(self, tp: TopicPartition) -> None:
+        producer = AIOKafkaProducer(
+            **self._settings.client_options(),
+            transactional_id=self.transactional_id(tp),
+            transaction_timeout_ms=_TRANSACTION_TIMEOUT_MS,
+            **self._options,
+        )
+        started = time.monotonic()
+        # init_transactions: bumps the epoch, aborts the old owner's open transaction.
+        # Bounded: this runs inside a rebalance callback, which must end.
+        await start_client(
+            producer,
+            self._settings,
+            f"starting the producer for {tp}",
+            timeout_s=self._settings.request_timeout_ms / 1000,
+        )
+        log.debug("transactional producer for %s ready in %.3f s", tp, time.monotonic() - started)
+        self._producers[tp] = _Transactional(producer)
+
+    async def revoked(self, tps: Iterable[TopicPartition]) -> None:
+        leaving = [txn for tp in list(tps) if (txn := self._producers.pop(tp, None)) is not None]
+        # All at once: a revoke must end within the rebalance timeout, however many leave.
+        # An open transaction is aborted by the broker.
+        with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            try:
+                await run_all(txn.producer.stop for txn in leaving)
+            except (AIOKafkaError, OSError) as exc:
+                log.warning("closing a partition's producer failed: %s", exc)
+
+    async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> bool:
+        txn = self._producers.get(partition.tp)
+        if txn is None:
+            return False  # the partition left (its transaction is settled): re-run later
+        # Shielded: the outputs and the "finished" mark go into the transaction together,
+        # or neither does (an abandoned record must not leave orphan outputs behind).
+        # Bounded all the same: the lock waits at most one commit, the send one request.
+        finished = False
+        with anyio.move_on_after(
+            2 * self._settings.request_timeout_ms / 1000, shield=True
+        ) as bound:
+            async with txn.lock:
+                # The partition may have gone on probation (a rebalance: the engine holds the
+                # outputs until it knows) or left while this waited for the lock, even come
+                # back with a new producer that must not take this run's outputs.
+                ours = not (partition.revoked or partition.abandoned)
+                if ours and self._producers.get(partition.tp) is txn:
+                    try:
+                        await txn.begin()
+                        txn.pending += await send_outputs(txn.producer, outputs, partition.tp)
+                    except AIOKafkaError as exc:
+                        raise translate(exc, self._settings, "producing outputs") from exc
+                    partition.offsets.finish(offset)
+                    finished = True
+        if bound.cancelled_caught:
+            # Some outputs may be in the open transaction without their record marked
+            # finished: committing it would write them twice. Abort it with the producer;
+            # what the partition marked finished since its last commit is void.
+            await self.revoked([partition.tp])
+            partition.abandon()
+            raise KafkaError(
+                f"writing outputs of {partition.tp} into its transaction took longer than "
+                f"{2 * self._settings.request_timeout_ms / 1000:g} s; the transaction is "
+                "aborted and the partition re-runs from its last commit"
+            )
+        return finished
+
+    async def commit(self, partitions: Sequence[Partition]) -> int:
+        changed = changed_positions(partitions)
+        todo = [p for p in partitions if p in changed or self._is_open(p)]
+        await run_all(partial(self._commit_one, partition) for partition in todo)
+        return len(todo)
+
+    async def _commit_steps(
+        self, txn: _Transactional, partition: Partition, position: tuple[int, str]
+    ) -> None:
+        await txn.begin()
+        await _delivered(txn)
+        await txn.producer.send_offsets_to_transaction({partition.tp: position}, self._group_id)
+        await txn.producer.commit_transaction()
+
+    def _is_open(self, partition: Partition) -> bool:
+        txn = self._producers.get(partition.tp)
+        return txn is not None and txn.open
+
+    async def _commit_one(self, partition: Partition) -> None:
+        txn = self._producers.get(partition.tp)
+        if txn is None:
+            return
+        async with txn.lock:
+            # Read under the lock: no record can finish between this and the commit.
+            position = partition.position()
+            try:
+                # Kafka holds a transaction up while too few replicas are in sync: wait as
+                # long as it would keep the transaction, then re-run from the last commit.
+                with anyio.fail_after(_TRANSACTION_TIMEOUT_MS / 1000):
+                    await watched(partial(self._commit_steps, txn, partition, position), partition)
+            # IllegalOperation: aiokafka left the transaction on an error of its own (the
+            # broker went away mid-transaction); it is no Kafka error class of its.
+            except (AIOKafkaError, IllegalOperation, TimeoutError) as exc:
+                # A fenced or failed transaction cannot be repaired here: its outputs are
+                # aborted, so the records must be re-run from the last commit. The records
+                # marked finished in memory are void: drop the partition's producer so
+                # nothing more is committed for it, and crash to let a restart (or the
+                # partition's new owner) re-run them from committed state. Should the
+                # partition come back to this worker first, it starts over from there.
+                await self.revoked([partition.tp])
+                partition.abandon()
+                raise translate(
+                    exc, self._settings, f"committing the transaction of {partition.tp}"
+                ) from exc
+            txn.open = False
+            partition.committed = position
+            partition.write_error = None

@@ -1,0 +1,122 @@
+"""One provider's connection pool: an httpx transport of our own over an aiohttp session.
+
+    ProviderHTTP.send ─► AiohttpTransport.post ─► aiohttp: pool, POST, read ─► Answer
+
+httpx stays the client's API: `AiohttpTransport` is an `httpx.AsyncBaseTransport`, so an
+`httpx.AsyncClient` can use it, and a `ProviderClient` takes any httpx transport (tests
+hand it an `httpx.MockTransport`). But a chat completion does not go through httpx's
+objects: `post` sends the body with the session's default headers (the key, the content
+type, merged once) to a URL parsed once, under one aiohttp deadline for the whole call,
+and returns the status, the headers aiohttp parsed and the body. Per call that skips an
+`httpx.Request`, an `httpx.Response` with its header list re-encoded and re-decoded, a
+response stream iterated chunk by chunk, and an anyio cancel scope: the provider client
+then costs about what bare aiohttp does (`bench/client_bench.py`).
+
+The stock httpx pool (httpcore) is not an option: its bookkeeping is quadratic in
+connections (DESIGN.md, "Calling providers").
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import aiohttp
+import httpx
+from yarl import URL
+
+__all__ = ["AiohttpTransport", "Answer"]
+
+# How long an idle pooled connection is kept: httpx's default, which providers' load
+# balancers outlive.
+_KEEPALIVE_S = 5.0
+
+
+class Answer(NamedTuple):
+    """An HTTP answer as read off the wire."""
+
+    status: int
+    reason: str
+    headers: Mapping[str, str]  # case-insensitive
+    body: bytes
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """A pool of up to `max_connections` to one provider, with its default headers."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        connect_timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._limit = max_connections
+        self._connect_timeout_s = connect_timeout_s
+        self._headers = dict(headers or {})
+        # Made on first use: an aiohttp session belongs to the event loop it starts in.
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        # Certificates as httpx verifies them (certifi, or SSL_CERT_FILE / SSL_CERT_DIR).
+        context: ssl.SSLContext = httpx.create_ssl_context()
+        connector = aiohttp.TCPConnector(
+            limit=self._limit, keepalive_timeout=_KEEPALIVE_S, ssl=context
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers,
+            # No cookies (an API call), no proxies or .netrc from the environment.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            auto_decompress=True,
+        )
+        return self._session
+
+    async def post(self, url: URL, body: bytes, timeout_s: float) -> Answer:
+        """POST `body` with the default headers; the whole call (a pool slot, the
+        connection, the answer read to its end) within `timeout_s`.
+
+        Raises aiohttp's `ClientError` for what goes wrong on the wire (a connection not
+        made within the connect timeout is `ConnectionTimeoutError`: a `ClientError`, and a
+        `TimeoutError` too), a plain `TimeoutError` when `timeout_s` runs out.
+        """
+        session = self._session or self._open()
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._connect_timeout_s)
+        async with session.post(url, data=body, timeout=timeout, allow_redirects=False) as response:
+            content = await response.read()
+        return Answer(response.status, response.reason or "", response.headers, content)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Any request, as httpx hands it over (its timeouts from the request's extensions)."""
+        session = self._session or self._open()
+        timeouts = request.extensions.get("timeout", {})
+        timeout = aiohttp.ClientTimeout(
+            sock_connect=timeouts.get("connect"), sock_read=timeouts.get("read")
+        )
+        try:
+            async with session.request(
+                request.method,
+                URL(str(request.url), encoded=True),
+                headers=list(request.headers.multi_items()),
+                data=await request.aread() or None,
+                timeout=timeout,
+                allow_redirects=False,
+            ) as response:
+                content = await response.read()
+        except aiohttp.ServerTimeoutError as exc:
+            raise httpx.TimeoutException(str(exc), request=request) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise httpx.TransportError(str(exc), request=request) from exc
+        return httpx.Response(
+            response.status,
+            headers=list(response.headers.items()),
+            content=content,
+            request=request,
+            extensions={"reason_phrase": (response.reason or "").encode()},
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()

@@ -1,0 +1,103 @@
+"""Our httpx transport over aiohttp, on real HTTP on loopback against the simulator: its fast
+`post` (what the provider client uses) and its httpx face (any `httpx.AsyncClient`)."""
+
+from __future__ import annotations
+
+import gzip
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import httpx
+import orjson
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from stream.devtools.simulator import SimConfig, Simulator
+from stream.providers.transport import AiohttpTransport
+
+pytestmark = pytest.mark.anyio
+
+KEY = "sk-transport-test"
+HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+
+def _body(text: str = "hello") -> bytes:
+    messages = [{"role": "user", "content": text}]
+    return orjson.dumps({"model": "hf:zai-org/GLM-4.6", "messages": messages})
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(SimConfig(api_key=KEY)) as simulator:
+        yield simulator
+
+
+async def test_post_sends_the_default_headers_and_reads_the_whole_answer(sim: Simulator) -> None:
+    transport = AiohttpTransport(max_connections=4, connect_timeout_s=5, headers=HEADERS)
+    try:
+        answer = await transport.post(URL(f"{sim.url}/chat/completions"), _body(), 10)
+    finally:
+        await transport.aclose()
+    assert answer.status == 200 and answer.reason == "OK"
+    assert orjson.loads(answer.body)["choices"][0]["message"]["content"]
+    # headers are case-insensitive, as HTTP has them
+    assert answer.headers["X-Request-Id"] == answer.headers["x-request-id"]
+    assert sim.stats()["requests"] == 1
+
+
+async def test_post_is_cut_at_its_timeout(sim: Simulator) -> None:
+    transport = AiohttpTransport(max_connections=4, connect_timeout_s=5, headers=HEADERS)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            await transport.post(URL(f"{sim.url}/chat/completions"), _body("[[sim:hang/60]]"), 0.2)
+    finally:
+        await transport.aclose()
+    assert time.monotonic() - started < 5
+
+
+async def test_post_decompresses_a_gzipped_answer() -> None:
+    async def gzipped(request: web.Request) -> web.Response:
+        body = gzip.compress(b'{"ok": true}')
+        return web.Response(body=body, headers={"Content-Encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", gzipped)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    transport = AiohttpTransport(max_connections=1, connect_timeout_s=5)
+    try:
+        answer = await transport.post(URL(f"http://127.0.0.1:{port}/v1/chat/completions"), b"{}", 5)
+    finally:
+        await transport.aclose()
+        await runner.cleanup()
+    assert orjson.loads(answer.body) == {"ok": True}
+
+
+async def test_an_httpx_client_works_through_it(sim: Simulator) -> None:
+    transport = AiohttpTransport(max_connections=4, connect_timeout_s=5)
+    async with httpx.AsyncClient(transport=transport, headers=HEADERS) as client:
+        stats = await client.get(f"{sim.base}/sim/stats")
+        done = await client.post(f"{sim.url}/chat/completions", content=_body())
+        with pytest.raises(httpx.TimeoutException):
+            await client.post(
+                f"{sim.url}/chat/completions", content=_body("[[sim:hang/60]]"), timeout=0.2
+            )
+    assert stats.status_code == 200 and "requests" in stats.json()
+    assert done.status_code == 200 and done.json()["choices"][0]["message"]["content"]
+    assert done.headers["x-request-id"] and done.reason_phrase == "OK"
+
+
+async def test_a_refused_connection_is_an_httpx_transport_error() -> None:
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    await listener.aclose()  # nothing listens there now
+    transport = AiohttpTransport(max_connections=1, connect_timeout_s=5)
+    async with httpx.AsyncClient(transport=transport) as client:
+        with pytest.raises(httpx.TransportError):
+            await client.get(f"http://127.0.0.1:{port}/")
