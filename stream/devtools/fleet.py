@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import orjson
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import Settings
 from stream.devtools.benchinfra import BenchError
@@ -102,7 +103,13 @@ async def settled(settings: Settings, members: int) -> None:
 
     async def check() -> bool:
         async with admin_client(settings.kafka, doing="describing the bench group") as admin:
-            (response,) = await admin.describe_consumer_groups([group])
+            try:
+                (response,) = await admin.describe_consumer_groups([group])
+            except AIOKafkaError as exc:
+                # A fresh broker has no group coordinator until its offsets topic exists.
+                if exc.retriable:
+                    return False
+                raise
         (described,) = response.to_object()["groups"]
         assigned = [
             ConsumerProtocolMemberAssignment.decode(m["member_assignment"]).partitions()
