@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stream.config import EngineSettings, Settings
 from stream.devtools.broker import LocalBroker, free_port
 from stream.engine.engine import Engine, Output
-from tests.enginekit import committed, create_topic, end_offsets, produce
+from tests.kit.kafka import committed, create_topic, end_offsets, produce
 
 
 def _sleeper(low: float, high: float) -> Any:

@@ -20,9 +20,9 @@ from stream.observe.metrics import Metrics
 from stream.prices import DEFAULT_PRICES
 from stream.stages import Topics
 from stream.worker import Worker
-from tests.conftest import eventually
-from tests.records import produce, read_all
-from tests.workerkit import simulated_settings
+from tests.kit import eventually
+from tests.kit.records import produce, read_all
+from tests.kit.workers import simulated_settings
 
 pytestmark = pytest.mark.anyio
 

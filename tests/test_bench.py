@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stream.devtools.bench import Options, _requests_for
-from tests.conftest import run_cli
+from tests.kit import run_cli
 
 pytestmark = pytest.mark.anyio
 

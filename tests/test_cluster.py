@@ -30,10 +30,10 @@ from stream.devtools.simulator import SimConfig, Simulator
 from stream.kafka import admin_client
 from stream.stages import Topics
 from stream.worker import Worker
-from tests.clusterkit import BROKERS, in_sync, leader, send, start, stop
-from tests.conftest import eventually, run_cli
-from tests.enginekit import read_all
-from tests.workerkit import worker_on
+from tests.kit import eventually, run_cli
+from tests.kit.cluster import BROKERS, in_sync, leader, send, start, stop
+from tests.kit.kafka import read_all
+from tests.kit.workers import worker_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
 

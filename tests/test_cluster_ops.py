@@ -19,10 +19,10 @@ from stream.devtools.cluster import LocalCluster, describe_partitions
 from stream.kafka import admin_client
 from stream.observe.lag import LagMonitor
 from stream.stages import Topics
-from tests.clusterkit import BROKERS, in_sync, send, stop
-from tests.conftest import eventually, run_cli
-from tests.lagkit import commit, parse_kafka_tool
-from tests.lagkit import produce as produce_at
+from tests.kit import eventually, run_cli
+from tests.kit.cluster import BROKERS, in_sync, send, stop
+from tests.kit.lag import commit, parse_kafka_tool
+from tests.kit.lag import produce as produce_at
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
 

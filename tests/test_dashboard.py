@@ -34,9 +34,9 @@ from stream.devtools.broker import free_port
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.worker import Worker
-from tests.conftest import ROOT, eventually
-from tests.records import produce, read_all
-from tests.workerkit import simulated_settings
+from tests.kit import ROOT, eventually
+from tests.kit.records import produce, read_all
+from tests.kit.workers import simulated_settings
 
 pytestmark = pytest.mark.anyio
 

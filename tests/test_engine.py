@@ -19,7 +19,7 @@ from stream.engine.offsets import PartitionOffsets
 from stream.engine.partitions import Partition
 from stream.engine.rebalance import Rebalancer
 from stream.engine.transactions import ExactlyOnceSink
-from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
+from tests.kit.kafka import committed, create_topic, end_offsets, produce, read_all
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 

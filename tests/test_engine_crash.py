@@ -13,8 +13,8 @@ import anyio
 import pytest
 
 from stream.config import Settings
-from tests.conftest import ROOT
-from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
+from tests.kit import ROOT
+from tests.kit.kafka import committed, create_topic, end_offsets, produce, read_all
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 

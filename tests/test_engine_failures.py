@@ -26,8 +26,8 @@ from stream.engine.transactions import ExactlyOnceSink
 from stream.errors import KafkaError
 from stream.kafka import admin_client
 from stream.observe.health import Health
-from tests.conftest import eventually
-from tests.enginekit import create_topic, produce, read_all
+from tests.kit import eventually
+from tests.kit.kafka import create_topic, produce, read_all
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from stream.config import EngineSettings, Settings
 from stream.engine.engine import Engine, Output
 from stream.engine.offsets import decode_metadata, encode_metadata, split_notes, with_notes
-from tests.conftest import eventually
-from tests.enginekit import committed, create_topic, produce
+from tests.kit import eventually
+from tests.kit.kafka import committed, create_topic, produce
 
 pytestmark = pytest.mark.anyio
 

@@ -19,10 +19,10 @@ from stream.config import EngineSettings, Settings
 from stream.engine.engine import Engine, Output
 from stream.errors import UndecodableRecordError
 from stream.observe.lagreader import LagReader
-from tests.conftest import eventually
-from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
-from tests.kcat import kcat_produce, needs_kcat
-from tests.lagkit import commit
+from tests.kit import eventually
+from tests.kit.kafka import committed, create_topic, end_offsets, produce, read_all
+from tests.kit.kcat import kcat_produce, needs_kcat
+from tests.kit.lag import commit
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka, needs_kcat]
 

@@ -29,7 +29,7 @@ import yaml
 from stream import __version__
 from stream.config import Settings
 from stream.devtools.broker import cache_dir, free_port
-from tests.conftest import eventually
+from tests.kit import eventually
 from tests.test_pipeline import request, worker_round_trip
 
 pytestmark = pytest.mark.anyio

@@ -12,8 +12,8 @@ from stream.devtools.broker import fetch_jars
 from stream.observe.lag import LagMonitor, LagRow, LagTracker, Status
 from stream.observe.lagcli import render
 from stream.observe.lagreader import GroupReading, LagReader
-from tests.conftest import run_cli
-from tests.lagkit import (
+from tests.kit import run_cli
+from tests.kit.lag import (
     by_partition,
     commit,
     create_topic,

@@ -22,9 +22,9 @@ from stream.devtools.simulator import SimConfig, Simulator
 from stream.observe.lag import LagMonitor
 from stream.observe.lagreader import GroupReading, LagReader
 from stream.worker import Worker
-from tests.conftest import eventually, run_cli
-from tests.records import produce, read_all
-from tests.workerkit import simulated_settings, worker_on
+from tests.kit import eventually, run_cli
+from tests.kit.records import produce, read_all
+from tests.kit.workers import simulated_settings, worker_on
 
 pytestmark = pytest.mark.anyio
 

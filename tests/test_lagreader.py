@@ -16,8 +16,8 @@ from stream import topics
 from stream.config import Settings
 from stream.observe.lag import LagTracker, Status
 from stream.observe.lagreader import PIPELINE_GROUPS, GroupReading, LagReader, PartitionReading
-from tests.conftest import run_cli
-from tests.lagkit import by_partition, commit, create_topic, lag_json, produce
+from tests.kit import run_cli
+from tests.kit.lag import by_partition, commit, create_topic, lag_json, produce
 
 pytestmark = pytest.mark.anyio
 

@@ -21,7 +21,7 @@ from stream.engine.late import watched
 from stream.engine.offsets import PartitionOffsets
 from stream.engine.outputs import AtLeastOnceSink, Output
 from stream.engine.partitions import Partition
-from tests.conftest import eventually
+from tests.kit import eventually
 
 pytestmark = pytest.mark.anyio
 

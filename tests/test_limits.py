@@ -22,9 +22,9 @@ from stream import topics
 from stream.devtools.simulator import Simulator
 from stream.kafka import admin_client
 from stream.worker import Worker
-from tests.conftest import eventually
+from tests.kit import eventually
+from tests.kit.workers import Peaks, running_worker, simulated_settings
 from tests.test_pipeline import request, terminal
-from tests.workerkit import Peaks, running_worker, simulated_settings
 
 pytestmark = pytest.mark.anyio
 

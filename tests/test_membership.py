@@ -24,8 +24,8 @@ from stream.engine.engine import Engine, Output
 from stream.engine.membership import Membership
 from stream.engine.rebalance import Listener, Rebalancer
 from stream.errors import FencedError, KafkaError
-from tests.conftest import eventually
-from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
+from tests.kit import eventually
+from tests.kit.kafka import committed, create_topic, end_offsets, produce, read_all
 from tests.test_pipeline import request, send, terminal
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]

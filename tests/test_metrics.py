@@ -24,9 +24,9 @@ from stream.observe.health import Health, serve
 from stream.observe.lag import LagMonitor, LagRow, Status
 from stream.observe.lagmetrics import exported_groups
 from stream.observe.metrics import MAX_LABEL_VALUES, Metrics
-from tests.conftest import ROOT
-from tests.fakes import FakeEngine, PartitionSnapshot
-from tests.lagkit import commit, create_topic, live_member, produce
+from tests.kit import ROOT
+from tests.kit.fakes import FakeEngine, PartitionSnapshot
+from tests.kit.lag import commit, create_topic, live_member, produce
 
 pytestmark = pytest.mark.anyio
 

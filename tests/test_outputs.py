@@ -13,7 +13,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from stream.config import EngineSettings, Settings
 from stream.engine.engine import Engine, Output
-from tests.enginekit import create_topic, produce, read_all
+from tests.kit.kafka import create_topic, produce, read_all
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 

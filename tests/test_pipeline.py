@@ -25,9 +25,9 @@ from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.stages import Topics
 from stream.worker import Worker
-from tests.conftest import eventually, run_cli
-from tests.records import produce, read_all
-from tests.workerkit import worker_process
+from tests.kit import eventually, run_cli
+from tests.kit.records import produce, read_all
+from tests.kit.workers import worker_process
 
 pytestmark = pytest.mark.anyio
 

@@ -17,9 +17,9 @@ import pytest
 from stream import records
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
-from tests.conftest import eventually
+from tests.kit import eventually
+from tests.kit.workers import Peaks, running_worker, simulated_settings
 from tests.test_pipeline import request, send, terminal
-from tests.workerkit import Peaks, running_worker, simulated_settings
 
 pytestmark = pytest.mark.anyio
 

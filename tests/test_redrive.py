@@ -12,8 +12,8 @@ from stream import topics
 from stream.backfill.redrive import GROUP, REASONS, Redrive, RedriveOptions
 from stream.config import Settings
 from stream.records import Decoder
-from tests.conftest import run_cli
-from tests.records import Record, create_topics, produce, read_all
+from tests.kit import run_cli
+from tests.kit.records import Record, create_topics, produce, read_all
 
 pytestmark = pytest.mark.anyio
 

@@ -15,9 +15,9 @@ from stream.backfill.replay import PartitionReplay, Replay, ReplayOptions
 from stream.backfill.window import Span, parse_time
 from stream.config import Settings
 from stream.errors import ConfigError
-from tests.conftest import run_cli
-from tests.kcat import kcat_produce, needs_kcat
-from tests.records import Record, create_topics, produce, read_all
+from tests.kit import run_cli
+from tests.kit.kcat import kcat_produce, needs_kcat
+from tests.kit.records import Record, create_topics, produce, read_all
 
 pytestmark = pytest.mark.anyio
 

@@ -24,7 +24,7 @@ from stream.errors import ProviderError
 from stream.providers import ProviderClient
 from stream.stages import Topics
 from stream.worker import Worker
-from tests.records import read_all
+from tests.kit.records import read_all
 from tests.test_pipeline import request, send, terminal
 
 pytestmark = pytest.mark.anyio

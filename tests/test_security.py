@@ -17,7 +17,7 @@ from stream.config import Settings
 from stream.devtools.broker import LocalBroker, free_port
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
-from tests.conftest import run_cli
+from tests.kit import run_cli
 from tests.test_pipeline import request, worker_round_trip
 
 pytestmark = pytest.mark.anyio

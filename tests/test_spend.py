@@ -25,9 +25,9 @@ from stream.prices import Price
 from stream.spend import HELD, Budget
 from stream.stages import Topics
 from stream.worker import Worker, spend_lanes
-from tests.conftest import eventually
-from tests.records import produce, read_all
-from tests.workerkit import simulated_settings
+from tests.kit import eventually
+from tests.kit.records import produce, read_all
+from tests.kit.workers import simulated_settings
 
 pytestmark = pytest.mark.anyio
 

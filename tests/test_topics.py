@@ -12,7 +12,7 @@ from stream import topics
 from stream.config import Settings
 from stream.errors import TopicSpecError
 from stream.kafka import admin_client
-from tests.conftest import eventually, run_cli
+from tests.kit import eventually, run_cli
 
 pytestmark = pytest.mark.anyio
 

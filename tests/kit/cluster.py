@@ -14,9 +14,9 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from stream.config import Settings
 from stream.devtools.cluster import ClusterNode, LocalCluster, describe_partitions
 from stream.stages import Topics
-from tests.conftest import CLUSTER_BROKERS, eventually
+from tests.kit import eventually
 
-BROKERS = CLUSTER_BROKERS
+BROKERS = 3  # the `local_cluster` fixture's size
 # Synthetic's Kimi is down (FAULTS in test_cluster): odd requests go through the fallback.
 MODELS = ("deepseek-v3-0324-syn", "kimi-k2-thinking-syn")
 

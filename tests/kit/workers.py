@@ -17,7 +17,7 @@ from stream import topics
 from stream.config import Settings
 from stream.devtools.simulator import Simulator
 from stream.worker import Worker
-from tests.conftest import eventually
+from tests.kit import eventually
 
 
 @dataclass

@@ -15,7 +15,7 @@ from aiokafka.structs import OffsetAndMetadata
 from stream.config import Settings
 from stream.kafka import admin_client
 from stream.observe.lag import LagRow
-from tests.conftest import run_cli
+from tests.kit import run_cli
 
 
 async def create_topic(settings: Settings, name: str, partitions: int) -> str:
