@@ -30,7 +30,8 @@ from stream import __version__
 from stream.config import Settings
 from stream.devtools.broker import cache_dir, free_port
 from tests.kit import eventually
-from tests.test_pipeline import request, worker_round_trip
+from tests.kit.requests import request
+from tests.kit.workers import worker_round_trip
 
 pytestmark = pytest.mark.anyio
 

@@ -23,8 +23,8 @@ from stream.devtools.simulator import Simulator
 from stream.kafka import admin_client
 from stream.worker import Worker
 from tests.kit import eventually
+from tests.kit.requests import request, terminal
 from tests.kit.workers import Peaks, running_worker, simulated_settings
-from tests.test_pipeline import request, terminal
 
 pytestmark = pytest.mark.anyio
 

@@ -16,8 +16,8 @@ from aiokafka.protocol.admin import SaslAuthenticateRequest_v0
 from stream import logs, topics
 from stream.config import Settings
 from stream.devtools.simulator import SimConfig, Simulator
+from tests.kit.requests import request, send, terminal
 from tests.kit.workers import worker_process
-from tests.test_pipeline import request, send, terminal
 
 PROMPT = "PROMPT-MARKER-do-not-log-7f3a"
 PASSWORD = "plain-FAKE-password-1234"

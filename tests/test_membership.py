@@ -26,7 +26,7 @@ from stream.engine.rebalance import Listener, Rebalancer
 from stream.errors import FencedError, KafkaError
 from tests.kit import eventually
 from tests.kit.kafka import committed, create_topic, end_offsets, produce, read_all
-from tests.test_pipeline import request, send, terminal
+from tests.kit.requests import request, send, terminal
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 

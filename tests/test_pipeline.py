@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import base64
 import shutil
-import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -23,10 +22,10 @@ from stream import topics
 from stream.config import Secret, Settings
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
-from stream.stages import Topics
 from stream.worker import Worker
 from tests.kit import eventually, run_cli
 from tests.kit.records import produce, read_all
+from tests.kit.requests import request, send, terminal
 from tests.kit.workers import worker_process
 
 pytestmark = pytest.mark.anyio
@@ -41,17 +40,6 @@ SCHEMAS = {
     )
     for name in ("result", "dead-letter", "fallback")
 }
-
-
-def request(rid: str, model: str, text: str = "Say hello.", **extra: Any) -> bytes:
-    return orjson.dumps(
-        {
-            "request_id": rid,
-            "model": model,
-            "messages": [{"role": "user", "content": text}],
-            **extra,
-        }
-    )
 
 
 def simulated(settings: Settings, sim: Simulator, *, together_key: str = "sim") -> Settings:
@@ -88,79 +76,6 @@ async def running(settings: Settings, faults: str = FAULTS) -> AsyncIterator[Wor
                 await engine.ready.wait()
             yield worker
             worker.stop()
-
-
-async def terminal(
-    settings: Settings, count: int
-) -> dict[str, tuple[str, dict[str, Any], dict[str, bytes]]]:
-    """request id → (topic, record, headers) of every terminal record, once `count` exist."""
-    names = Topics.of(settings)
-    found: dict[str, Any] = {}
-
-    async def enough() -> bool:
-        found.clear()
-        for topic in (names.results, names.dead_letter):
-            for record in await read_all(settings, topic):
-                value = orjson.loads(record.value)
-                rid = value["request_id"] or dict(record.headers)["request-id"].decode()
-                assert rid not in found, f"two terminal records for {rid}"
-                found[rid] = (topic, value, dict(record.headers))
-        return len(found) >= count
-
-    await eventually(enough, timeout_s=60)
-    return found
-
-
-async def send(
-    settings: Settings,
-    items: list[tuple[str, bytes]],
-    headers: Callable[[str], list[tuple[str, bytes]]] | None = None,
-) -> None:
-    topic = settings.topic("predictions.requests")
-    await produce(
-        settings,
-        topic,
-        [
-            (
-                None,
-                rid.encode(),
-                value,
-                None,
-                headers(rid) if headers else [("request-id", rid.encode())],
-            )
-            for rid, value in items
-        ],
-    )
-
-
-async def worker_round_trip(
-    command: list[str | Path],
-    env: dict[str, str],
-    settings: Settings,
-    items: list[tuple[str, bytes]],
-    *,
-    log: Path,
-    cwd: Path | None = None,
-    ready: Callable[[], Awaitable[None]] | None = None,
-) -> tuple[dict[str, tuple[str, dict[str, Any], dict[str, bytes]]], int]:
-    """A worker process (stderr to `log`) is sent `items`; once each has its terminal
-    record it gets SIGTERM. Returns the terminal records and its exit code; on any
-    failure it is killed, never left running."""
-    with log.open("wb") as stderr:
-        process = await anyio.open_process(command, cwd=cwd, env=env, stderr=stderr)
-        try:
-            if ready is not None:
-                await ready()
-            await send(settings, items)
-            found = await terminal(settings, len(items))
-            process.send_signal(signal.SIGTERM)
-            with anyio.fail_after(60):
-                code = await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-    return found, code
 
 
 async def test_every_request_ends_as_exactly_one_right_terminal_record(settings: Settings) -> None:

@@ -18,8 +18,8 @@ from stream import records
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
 from tests.kit import eventually
+from tests.kit.requests import request, send, terminal
 from tests.kit.workers import Peaks, running_worker, simulated_settings
-from tests.test_pipeline import request, send, terminal
 
 pytestmark = pytest.mark.anyio
 

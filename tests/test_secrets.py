@@ -25,7 +25,7 @@ from stream.providers import ProviderClient
 from stream.stages import Topics
 from stream.worker import Worker
 from tests.kit.records import read_all
-from tests.test_pipeline import request, send, terminal
+from tests.kit.requests import request, send, terminal
 
 pytestmark = pytest.mark.anyio
 

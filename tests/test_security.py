@@ -18,7 +18,8 @@ from stream.devtools.broker import LocalBroker, free_port
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
 from tests.kit import run_cli
-from tests.test_pipeline import request, worker_round_trip
+from tests.kit.requests import request
+from tests.kit.workers import worker_round_trip
 
 pytestmark = pytest.mark.anyio
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import Process
@@ -18,6 +19,7 @@ from stream.config import Settings
 from stream.devtools.simulator import Simulator
 from stream.worker import Worker
 from tests.kit import eventually
+from tests.kit.requests import send, terminal
 
 
 @dataclass
@@ -115,3 +117,33 @@ async def worker_process(
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+async def worker_round_trip(
+    command: list[str | Path],
+    env: dict[str, str],
+    settings: Settings,
+    items: list[tuple[str, bytes]],
+    *,
+    log: Path,
+    cwd: Path | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[dict[str, tuple[str, dict[str, Any], dict[str, bytes]]], int]:
+    """A worker process (stderr to `log`) is sent `items`; once each has its terminal
+    record it gets SIGTERM. Returns the terminal records and its exit code; on any
+    failure it is killed, never left running."""
+    with log.open("wb") as stderr:
+        process = await anyio.open_process(command, cwd=cwd, env=env, stderr=stderr)
+        try:
+            if ready is not None:
+                await ready()
+            await send(settings, items)
+            found = await terminal(settings, len(items))
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(60):
+                code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    return found, code
