@@ -34,7 +34,7 @@ from stream import topics
 from stream.config import Settings
 from stream.devtools.broker import LocalBroker, free_port
 from stream.devtools.simulator import simulate_command
-from tests.kit.records import read_all
+from tests.kit.kafka import read_all
 
 
 def _request(rid: str) -> bytes:

@@ -49,8 +49,9 @@ def _sleeper(low: float, high: float) -> Any:
 
 
 async def _setup(settings: Settings, records: int, partitions: int) -> tuple[str, str]:
-    source = await create_topic(settings, "bench-in", partitions)
-    sink = await create_topic(settings, "bench-out", partitions)
+    run = uuid.uuid4().hex[:8]  # each run its own topics, under the bench's prefix
+    source = await create_topic(settings, f"bench-in-{run}", partitions)
+    sink = await create_topic(settings, f"bench-out-{run}", partitions)
     await produce(settings, source, [b"x" * 100] * records)
     return source, sink
 

@@ -21,7 +21,7 @@ from stream.prices import DEFAULT_PRICES
 from stream.stages import Topics
 from stream.worker import Worker
 from tests.kit import eventually
-from tests.kit.records import produce, read_all
+from tests.kit.kafka import Record, produce, read_all
 from tests.kit.workers import simulated_settings
 
 pytestmark = pytest.mark.anyio
@@ -61,7 +61,7 @@ async def _run(settings: Settings, items: dict[str, bytes]) -> dict[str, tuple[s
     await produce(
         settings,
         names.requests,
-        [(None, rid.encode(), value, None, []) for rid, value in items.items()],
+        [Record(value, rid.encode()) for rid, value in items.items()],
     )
     found: dict[str, tuple[str, Any]] = {}
     worker = Worker(settings, ("primary", "fallback"))

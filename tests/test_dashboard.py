@@ -35,7 +35,7 @@ from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.worker import Worker
 from tests.kit import ROOT, eventually
-from tests.kit.records import produce, read_all
+from tests.kit.kafka import Record, produce, read_all
 from tests.kit.workers import simulated_settings
 
 pytestmark = pytest.mark.anyio
@@ -192,7 +192,7 @@ async def test_every_panel_query_returns_series_from_a_real_worker(
             await produce(
                 settings,
                 settings.topic("predictions.requests"),
-                [(i % 2, None, value, None, []) for i, value in enumerate(inputs)],
+                [Record(value, partition=i % 2) for i, value in enumerate(inputs)],
             )
             await eventually(_terminal(settings, len(inputs)), timeout_s=90)
             async with prometheus(tmp_path, f"127.0.0.1:{worker.port}", job) as client:

@@ -19,7 +19,7 @@ from stream.engine.offsets import PartitionOffsets
 from stream.engine.partitions import Partition
 from stream.engine.rebalance import Rebalancer
 from stream.engine.transactions import ExactlyOnceSink
-from tests.kit.kafka import committed, create_topic, end_offsets, produce, read_all
+from tests.kit.kafka import Record, committed, create_topic, end_offsets, produce, read_all
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -79,7 +79,7 @@ async def test_ten_thousand_records_six_partitions_concurrency_500(settings: Set
     source = await create_topic(settings, "eng-in", 6)
     sink = await create_topic(settings, "eng-out", 3)
     values = [f"r{i}".encode() for i in range(10_000)]
-    await produce(settings, source, values, keys=[str(i).encode() for i in range(10_000)])
+    await produce(settings, source, [Record(v, str(i).encode()) for i, v in enumerate(values)])
     counter = Counter(len(values))
     peak = 0
 
@@ -259,7 +259,7 @@ async def test_key_ordering_runs_one_key_at_a_time(settings: Settings) -> None:
     source = await create_topic(settings, "eng-key", 1)
     sink = await create_topic(settings, "eng-key-out", 1)
     keys = [f"k{i % 4}".encode() for i in range(200)]
-    await produce(settings, source, [f"{i}".encode() for i in range(200)], keys=keys)
+    await produce(settings, source, [Record(f"{i}".encode(), key) for i, key in enumerate(keys)])
     counter = Counter(200)
     running_keys: collections.Counter[bytes] = collections.Counter()
     order: dict[bytes, list[int]] = collections.defaultdict(list)

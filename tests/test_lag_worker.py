@@ -23,7 +23,7 @@ from stream.observe.lag import LagMonitor
 from stream.observe.lagreader import GroupReading, LagReader
 from stream.worker import Worker
 from tests.kit import eventually, run_cli
-from tests.kit.records import produce, read_all
+from tests.kit.kafka import Record, produce, read_all
 from tests.kit.workers import simulated_settings, worker_on
 
 pytestmark = pytest.mark.anyio
@@ -47,7 +47,7 @@ async def send(settings: Settings, partitions: Sequence[int], tag: str) -> None:
         settings,
         settings.topic("predictions.requests"),
         [
-            (p, None, request(f"{tag}-{p}-{i}", model), None, [])
+            Record(request(f"{tag}-{p}-{i}", model), partition=p)
             for p in partitions
             for i, model in enumerate(MODELS)
         ],

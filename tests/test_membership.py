@@ -25,7 +25,7 @@ from stream.engine.membership import Membership
 from stream.engine.rebalance import Listener, Rebalancer
 from stream.errors import FencedError, KafkaError
 from tests.kit import eventually
-from tests.kit.kafka import committed, create_topic, end_offsets, produce, read_all
+from tests.kit.kafka import Record, committed, create_topic, end_offsets, produce, read_all
 from tests.kit.requests import request, send, terminal
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -182,7 +182,7 @@ async def test_a_partition_that_came_back_keeps_its_running_calls_and_one_that_m
     group = live.group("probation")
     values = {p: [f"p{p}-{i}".encode() for i in range(10)] for p in (0, 1)}
     for p, batch in values.items():
-        await produce(live, source, batch, partition=p)
+        await produce(live, source, [Record(v, partition=p) for v in batch])
     calls = Calls(target=20)
     gate = anyio.Event()
     a = _engine(live, "a", group, source, sink, calls, gate)

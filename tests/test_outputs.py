@@ -13,7 +13,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from stream.config import EngineSettings, Settings
 from stream.engine.engine import Engine, Output
-from tests.kit.kafka import create_topic, produce, read_all
+from tests.kit.kafka import Record, create_topic, produce, read_all
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -31,7 +31,7 @@ async def test_outputs_follow_their_input_partition_or_hash_their_key(settings: 
     # Each input sits where hashing would NOT put it, so only following can land it there.
     for partition in range(6):
         mine = [key for key in keys if (_hashed(key, 6) + 1) % 6 == partition]
-        await produce(settings, source, mine, keys=mine, partition=partition)
+        await produce(settings, source, [Record(key, key, partition) for key in mine])
     done = anyio.Event()
     handled = 0
 

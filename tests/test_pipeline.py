@@ -24,7 +24,7 @@ from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.worker import Worker
 from tests.kit import eventually, run_cli
-from tests.kit.records import produce, read_all
+from tests.kit.kafka import Record, produce, read_all
 from tests.kit.requests import request, send, terminal
 from tests.kit.workers import worker_process
 
@@ -167,9 +167,9 @@ async def test_a_malformed_record_between_two_good_ones(settings: Settings) -> N
             live,
             topic,
             [
-                (0, b"k", request("good-1", "deepseek-v3-0324-syn"), None, []),
-                (0, b"k", bad, None, [("request-id", b"bad")]),
-                (0, b"k", request("good-2", "deepseek-v3-0324-syn"), None, []),
+                Record(request("good-1", "deepseek-v3-0324-syn"), b"k", 0),
+                Record(bad, b"k", 0, headers=[("request-id", b"bad")]),
+                Record(request("good-2", "deepseek-v3-0324-syn"), b"k", 0),
             ],
         )
         found = await terminal(live, 3)

@@ -24,7 +24,7 @@ from stream.errors import ProviderError
 from stream.providers import ProviderClient
 from stream.stages import Topics
 from stream.worker import Worker
-from tests.kit.records import read_all
+from tests.kit.kafka import read_all
 from tests.kit.requests import request, send, terminal
 
 pytestmark = pytest.mark.anyio

@@ -26,7 +26,7 @@ from stream.spend import HELD, Budget
 from stream.stages import Topics
 from stream.worker import Worker, spend_lanes
 from tests.kit import eventually
-from tests.kit.records import produce, read_all
+from tests.kit.kafka import produce, read_all
 from tests.kit.workers import simulated_settings
 
 pytestmark = pytest.mark.anyio
@@ -210,7 +210,7 @@ async def test_the_spend_limit_holds_a_worker_and_loses_nothing(
         await produce(
             settings,
             names.requests,
-            [(None, None, _value(i), None, []) for i in range(REQUESTS)],
+            [_value(i) for i in range(REQUESTS)],
         )
         worker = Worker(settings, ("primary",))
         held_seen: set[str | None] = set()

@@ -1,48 +1,75 @@
-"""Helpers shared by the engine tests, the crash worker and the benchmark: topics,
-bulk produce, read-everything, committed offsets."""
+"""Kafka as the tests see it, without the code under test: topics, records written and read
+back, end and committed offsets, and commits as a group with no live member."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
-import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
-from aiokafka.errors import GroupCoordinatorNotAvailableError
+from aiokafka.structs import OffsetAndMetadata
 
 from stream.config import Settings
-from stream.kafka import admin_client
+from stream.errors import ConfigError
+from stream.kafka import admin_client, group_offsets, topic_partitions
+from tests.kit import eventually
+
+
+class Record(NamedTuple):
+    """A record to write; Kafka picks what is left out (the partition from the key, the
+    time from the clock)."""
+
+    value: bytes | None
+    key: bytes | None = None
+    partition: int | None = None
+    timestamp_ms: int | None = None
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+async def create_topics(
+    settings: Settings, partitions: dict[str, int], configs: dict[str, str] | None = None
+) -> list[str]:
+    """Create each named topic under this test's prefix with its partition count; their
+    full names, in order."""
+    names = [settings.topic(name) for name in partitions]
+    async with admin_client(settings.kafka, doing="creating a test topic") as admin:
+        await admin.create_topics(
+            [
+                NewTopic(name, count, 1, topic_configs=configs or {})
+                for name, count in zip(names, partitions.values(), strict=True)
+            ]
+        )
+    return names
 
 
 async def create_topic(
-    settings: Settings, stem: str, partitions: int, configs: dict[str, str] | None = None
+    settings: Settings, name: str, partitions: int, configs: dict[str, str] | None = None
 ) -> str:
-    name = settings.topic(f"{stem}-{uuid.uuid4().hex[:8]}")
-    async with admin_client(settings.kafka, doing="creating a test topic") as admin:
-        await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs or {})])
-    return name
+    (topic,) = await create_topics(settings, {name: partitions}, configs)
+    return topic
 
 
-async def produce(
-    settings: Settings,
-    topic: str,
-    values: Sequence[bytes],
-    *,
-    keys: Sequence[bytes | None] | None = None,
-    partition: int | None = None,
-) -> None:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, linger_ms=20, acks="all"
-    )
+async def produce(settings: Settings, topic: str, records: Iterable[Record | bytes]) -> None:
+    """Write `records` (bytes alone is a value) and wait until every one is acknowledged."""
+    producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all")
     await producer.start()
     try:
-        futures = [
-            await producer.send(topic, value, key=keys[i] if keys else None, partition=partition)
-            for i, value in enumerate(values)
-        ]
-        for future in futures:
+        pending = []
+        for record in records:
+            r = Record(record) if isinstance(record, bytes) else record
+            headers = list(r.headers)
+            pending.append(
+                await producer.send(
+                    topic,
+                    r.value,
+                    key=r.key,
+                    partition=r.partition,
+                    timestamp_ms=r.timestamp_ms,
+                    headers=headers or None,
+                )
+            )
+        for future in pending:
             await future
     finally:
         await producer.stop()
@@ -51,67 +78,71 @@ async def produce(
 async def read_all(
     settings: Settings, topic: str, *, isolation: str = "read_uncommitted"
 ) -> list[Any]:
-    """Every record in `topic` up to its end offsets at the time of the call."""
+    """Every record in `topic` up to its end offsets at the time of the call, in partition
+    then offset order."""
+    tps = await partitions(settings, topic)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level=isolation,
+        **settings.kafka.client_options(), enable_auto_commit=False, isolation_level=isolation
     )
     await consumer.start()
     try:
-        tps = await _partitions(consumer, topic)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         records: list[Any] = []
-        while not await _reached(consumer, ends):
-            batch = await consumer.getmany(timeout_ms=500)
-            records += [r for rs in batch.values() for r in rs]
-        return records
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(batch)
     finally:
         await consumer.stop()
+    return sorted(records, key=lambda r: (r.partition, r.offset))
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    """The topic's partitions, asking for metadata until the cluster knows them (a broker
-    that just came back can answer metadata without its topics for a moment)."""
-    with anyio.fail_after(30):
-        while True:
-            found = consumer.partitions_for_topic(topic)
-            if found:
-                return [TopicPartition(topic, p) for p in sorted(found)]
-            await consumer._client.force_metadata_update()
-            await anyio.sleep(0.1)  # polling the cluster's metadata, not ordering tasks
+async def partitions(settings: Settings, topic: str) -> list[TopicPartition]:
+    """The topic's partitions, asked until the cluster knows them (a broker that just came
+    back can answer metadata without its topics for a moment)."""
+    found: list[TopicPartition] = []
+
+    async def known() -> bool:
+        try:
+            found[:] = (await topic_partitions(settings.kafka, [topic]))[topic]
+        except ConfigError:  # not in the metadata (yet)
+            return False
+        return bool(found)
+
+    await eventually(known)
+    return found
 
 
 async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    tps = await partitions(settings, topic)
+    consumer = AIOKafkaConsumer(**settings.kafka.client_options())
     await consumer.start()
     try:
-        await consumer._client.force_metadata_update()
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
         return {tp.partition: offset for tp, offset in (await consumer.end_offsets(tps)).items()}
     finally:
         await consumer.stop()
 
 
 async def committed(settings: Settings, group: str, topic: str) -> dict[int, tuple[int, str]]:
+    """partition → (offset, metadata) that `group` committed for `topic`."""
+    tps = await partitions(settings, topic)
     async with admin_client(settings.kafka, doing="reading committed offsets") as admin:
-        for attempt in range(50):
-            try:
-                found = await admin.list_consumer_group_offsets(group)
-                break
-            except GroupCoordinatorNotAvailableError:
-                # A fresh broker creates __consumer_offsets on the first group's request.
-                if attempt == 49:
-                    raise
-                await anyio.sleep(0.2)
-    return {tp.partition: (om.offset, om.metadata) for tp, om in found.items() if tp.topic == topic}
+        found = await group_offsets(admin, group, tps)
+    return {tp.partition: (om.offset, om.metadata) for tp, om in found.items() if om.offset >= 0}
 
 
-async def _reached(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
-    for tp, end in ends.items():
-        if await consumer.position(tp) < end:
-            return False
-    return True
+async def commit(
+    settings: Settings, group: str, offsets: dict[TopicPartition, int], metadata: str = ""
+) -> None:
+    """Commit offsets as a group with no live member (as a stopped worker leaves them)."""
+    # No auto-commit: it would commit the background fetch position on stop, over ours.
+    consumer = AIOKafkaConsumer(
+        group_id=group, enable_auto_commit=False, **settings.kafka.client_options()
+    )
+    await consumer.start()
+    try:
+        consumer.assign(list(offsets))
+        await consumer.commit({tp: OffsetAndMetadata(o, metadata) for tp, o in offsets.items()})
+    finally:
+        await consumer.stop()

@@ -10,7 +10,7 @@ import orjson
 from stream.config import Settings
 from stream.stages import Topics
 from tests.kit import eventually
-from tests.kit.records import produce, read_all
+from tests.kit.kafka import Record, produce, read_all
 
 
 def request(rid: str, model: str, text: str = "Say hello.", **extra: Any) -> bytes:
@@ -50,17 +50,16 @@ async def send(
     items: list[tuple[str, bytes]],
     headers: Callable[[str], list[tuple[str, bytes]]] | None = None,
 ) -> None:
-    topic = settings.topic("predictions.requests")
+    """Write (request id, value) items to the requests topic, keyed by their id, each
+    with the headers `headers` gives it (by default its request-id)."""
     await produce(
         settings,
-        topic,
+        Topics.of(settings).requests,
         [
-            (
-                None,
-                rid.encode(),
+            Record(
                 value,
-                None,
-                headers(rid) if headers else [("request-id", rid.encode())],
+                rid.encode(),
+                headers=headers(rid) if headers else [("request-id", rid.encode())],
             )
             for rid, value in items
         ],
