@@ -6,23 +6,20 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import jsonschema
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream import topics
 from stream.config import Settings
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.observe.metrics import Metrics
 from stream.prices import DEFAULT_PRICES
-from stream.stages import Topics
 from stream.worker import Worker
-from tests.kit import eventually
-from tests.kit.kafka import Record, produce, read_all
-from tests.kit.workers import simulated_settings
+from tests.kit.kafka import read_all
+from tests.kit.requests import send, terminal
+from tests.kit.workers import BOTH, simulated_settings, worker_on
 
 pytestmark = pytest.mark.anyio
 
@@ -55,31 +52,11 @@ async def sim() -> AsyncIterator[Simulator]:
 
 
 async def _run(settings: Settings, items: dict[str, bytes]) -> dict[str, tuple[str, Any]]:
-    """Publish `items`, run both stages until each has one terminal record; rid → record."""
-    await topics.apply(settings, await topics.plan(settings))
-    names = Topics.of(settings)
-    await produce(
-        settings,
-        names.requests,
-        [Record(value, rid.encode()) for rid, value in items.items()],
-    )
-    found: dict[str, tuple[str, Any]] = {}
-    worker = Worker(settings, ("primary", "fallback"))
-    async with anyio.create_task_group() as group:
-        group.start_soon(worker.run)
-
-        async def all_ended() -> bool:
-            found.clear()
-            for topic in (names.results, names.dead_letter):
-                for record in await read_all(settings, topic):
-                    value = orjson.loads(record.value)
-                    assert value["request_id"] not in found, "two terminal records"
-                    found[value["request_id"]] = (topic, value)
-            return len(found) >= len(items)
-
-        await eventually(all_ended, timeout_s=60)
-        worker.stop()
-    return found
+    """Run both stages, send `items` until each has one terminal record; rid → record."""
+    async with worker_on(Worker(settings, BOTH)):
+        await send(settings, list(items.items()))
+        found = await terminal(settings, len(items))
+    return {rid: (topic, value) for rid, (topic, value, _) in found.items()}
 
 
 def _cost(model: str, usage: dict[str, Any]) -> float:

@@ -33,7 +33,7 @@ from stream.worker import Worker
 from tests.kit import eventually, run_cli
 from tests.kit.cluster import BROKERS, in_sync, leader, send, start, stop
 from tests.kit.kafka import read_all
-from tests.kit.workers import worker_on
+from tests.kit.workers import simulator_env, worker_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
 
@@ -62,19 +62,16 @@ async def pipeline(
     config = SimConfig(latency=parse_latency(latency), faults=parse_faults(FAULTS))
     async with Simulator(config) as sim:
         settings = Settings.from_env(
-            {
-                **env,
-                "STREAM_GUARANTEE": guarantee,
-                "STREAM_MAX_IN_FLIGHT": "40",
-                "SYNTHETIC_BASE_URL": sim.url,
-                "SYNTHETIC_API_KEY": "sim",
-                "TOGETHER_BASE_URL": sim.url,
-                "TOGETHER_API_KEY": "sim",
-                "STREAM_SYNTHETIC_MAX_RETRIES": "1",
-            }
+            simulator_env(
+                env,
+                sim,
+                STREAM_GUARANTEE=guarantee,
+                STREAM_MAX_IN_FLIGHT="40",
+                STREAM_SYNTHETIC_MAX_RETRIES="1",
+            )
         )
         worker = Worker(settings, ("primary", "fallback"), lag_interval_s=1.0)
-        async with worker_on(settings, worker):
+        async with worker_on(worker):
             yield Pipeline(settings, worker, sim)
 
 

@@ -28,7 +28,6 @@ import orjson
 import pytest
 import yaml
 
-from stream import topics
 from stream.config import Settings
 from stream.devtools.broker import free_port
 from stream.devtools.faults import parse_faults
@@ -36,7 +35,7 @@ from stream.devtools.simulator import SimConfig, Simulator
 from stream.worker import Worker
 from tests.kit import ROOT, eventually
 from tests.kit.kafka import Record, produce, read_all
-from tests.kit.workers import simulated_settings
+from tests.kit.workers import BOTH, simulated_settings, worker_on
 
 pytestmark = pytest.mark.anyio
 
@@ -183,11 +182,7 @@ async def test_every_panel_query_returns_series_from_a_real_worker(
     job = "prediction-stream"
     async with Simulator(SimConfig(faults=parse_faults(FAULTS))) as sim:
         settings = simulated_settings(env, sim, max_in_flight=50)
-        await topics.apply(settings, await topics.plan(settings))
-        worker = Worker(settings, ("primary", "fallback"), lag_interval_s=0.5)
-        async with anyio.create_task_group() as group:
-            group.start_soon(worker.run)
-            await worker.started.wait()
+        async with worker_on(Worker(settings, BOTH, lag_interval_s=0.5)) as worker:
             inputs = list(mixed_requests())
             await produce(
                 settings,
@@ -208,7 +203,6 @@ async def test_every_panel_query_returns_series_from_a_real_worker(
                 except TimeoutError:
                     pytest.fail(f"no series for {missing}")
                 since_commit = await query(client, concrete(_since_commit(), job))
-            worker.stop()
     for series in since_commit:
         assert float(series["value"][1]) < 3600  # seconds, not 56 years
 

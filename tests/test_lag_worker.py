@@ -70,7 +70,7 @@ async def test_exactly_once_idle_partitions_show_no_lag_and_new_partitions_are_c
             {**env, "STREAM_GUARANTEE": "exactly-once"}, sim, max_in_flight=50
         )
         worker = Worker(settings, ("primary", "fallback"), lag_interval_s=0.5)
-        async with worker_on(settings, worker):
+        async with worker_on(worker):
             await send(settings, range(6), "before")
             await eventually(answered(settings, 18), timeout_s=60)
 
@@ -123,7 +123,7 @@ async def test_a_lag_monitor_that_fails_never_stops_the_engines(env: dict[str, s
         settings = simulated_settings(env, sim, max_in_flight=50)
         worker = Worker(settings, ("primary", "fallback"))
         worker.monitor = _BrokenMonitor(settings.kafka, worker.monitor.groups, interval_s=0.05)
-        async with worker_on(settings, worker):
+        async with worker_on(worker):
             with anyio.fail_after(30):
                 await worker.monitor.next_round()
                 await worker.monitor.next_round()

@@ -27,6 +27,7 @@ from stream.errors import FencedError, KafkaError
 from tests.kit import eventually
 from tests.kit.kafka import Record, committed, create_topic, end_offsets, produce, read_all
 from tests.kit.requests import request, send, terminal
+from tests.kit.workers import simulator_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -276,13 +277,12 @@ async def test_a_static_worker_comes_back_after_sigkill_and_a_second_one_with_it
     takes over; the first exits with one line saying so, instead of both flapping."""
     await topics.apply(settings, await topics.plan(settings))
     async with Simulator(SimConfig()) as sim:
-        worker_env = {
-            **env,
-            "SYNTHETIC_BASE_URL": sim.url,
-            "SYNTHETIC_API_KEY": "sim",
-            "STREAM_SESSION_TIMEOUT_MS": "120000",
-            "STREAM_REBALANCE_TIMEOUT_MS": "180000",
-        }
+        worker_env = simulator_env(
+            env,
+            sim,
+            STREAM_SESSION_TIMEOUT_MS="120000",
+            STREAM_REBALANCE_TIMEOUT_MS="180000",
+        )
         workers = _Workers(worker_env, tmp_path)
         try:
             first = await workers.start("first")
