@@ -18,7 +18,7 @@ from stream.observe.metrics import Metrics
 from stream.prices import DEFAULT_PRICES
 from stream.worker import Worker
 from tests.kit.kafka import read_all
-from tests.kit.requests import send, terminal
+from tests.kit.requests import request, send, terminal
 from tests.kit.workers import BOTH, simulated_settings, worker_on
 
 pytestmark = pytest.mark.anyio
@@ -32,17 +32,6 @@ SCHEMAS = {
 }
 # Kimi-K2-Thinking is down on Synthetic, and Together's Kimi is out of credit (402).
 FAULTS = "hf:moonshotai/Kimi-K2-Thinking=rate:1:503;moonshotai/Kimi-K2-Instruct=rate:1:402"
-
-
-def _request(rid: str, model: str, text: str, **params: Any) -> bytes:
-    body: dict[str, Any] = {
-        "request_id": rid,
-        "model": model,
-        "messages": [{"role": "user", "content": text}],
-    }
-    if params:
-        body["params"] = params
-    return orjson.dumps(body)
 
 
 @pytest.fixture
@@ -73,13 +62,15 @@ async def test_each_way_an_answer_ends_has_its_terminal_record(
 ) -> None:
     settings = simulated_settings(env, sim, max_in_flight=50)
     cases = {
-        "stop": _request("stop", "deepseek-r1-0528-syn", "Why is the sky blue?"),
-        "length": _request("length", "deepseek-v3-0324-syn", "[[sim:length]] Tell me all."),
-        "max-tokens": _request("max-tokens", "deepseek-v3-0324-syn", "Go on.", max_tokens=3),
-        "tools": _request("tools", "deepseek-v3-0324-syn", "[[sim:tool_calls]] Look it up."),
-        "filtered": _request("filtered", "deepseek-r1-0528-syn", "[[sim:content_filter]] x"),
-        "too-long": _request("too-long", "deepseek-r1-0528-syn", "[[sim:context_length]] x"),
-        "no-credit": _request("no-credit", "kimi-k2-thinking-syn", "Think."),
+        "stop": request("stop", "deepseek-r1-0528-syn", "Why is the sky blue?"),
+        "length": request("length", "deepseek-v3-0324-syn", "[[sim:length]] Tell me all."),
+        "max-tokens": request(
+            "max-tokens", "deepseek-v3-0324-syn", "Go on.", params={"max_tokens": 3}
+        ),
+        "tools": request("tools", "deepseek-v3-0324-syn", "[[sim:tool_calls]] Look it up."),
+        "filtered": request("filtered", "deepseek-r1-0528-syn", "[[sim:content_filter]] x"),
+        "too-long": request("too-long", "deepseek-r1-0528-syn", "[[sim:context_length]] x"),
+        "no-credit": request("no-credit", "kimi-k2-thinking-syn", "Think."),
     }
     found = await _run(settings, cases)
     for _, record in found.values():

@@ -35,6 +35,7 @@ from stream.devtools.simulator import SimConfig, Simulator
 from stream.worker import Worker
 from tests.kit import ROOT, eventually
 from tests.kit.kafka import Record, produce, read_all
+from tests.kit.requests import request
 from tests.kit.workers import BOTH, simulated_settings, worker_on
 
 pytestmark = pytest.mark.anyio
@@ -168,9 +169,7 @@ def mixed_requests() -> Iterator[bytes]:
     models = ["deepseek-r1-0528-syn", "kimi-k2-thinking-syn", "glm-4.6-syn"]
     for i in range(30):
         model = models[i % len(models)]
-        yield orjson.dumps(
-            {"request_id": f"r{i}", "model": model, "messages": [{"role": "user", "content": "hi"}]}
-        )
+        yield request(f"r{i}", model, "hi")
     yield b"{not json"
 
 

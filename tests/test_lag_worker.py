@@ -24,6 +24,7 @@ from stream.observe.lagreader import GroupReading, LagReader
 from stream.worker import Worker
 from tests.kit import eventually, run_cli
 from tests.kit.kafka import Record, produce, read_all
+from tests.kit.requests import request
 from tests.kit.workers import simulated_settings, worker_on
 
 pytestmark = pytest.mark.anyio
@@ -35,19 +36,13 @@ FAULTS = "hf:moonshotai/Kimi-K2-Thinking=rate:1:503"
 MODELS = ("deepseek-r1-0528-syn", "kimi-k2-thinking-syn", "kimi-k2-thinking-syn")
 
 
-def request(rid: str, model: str) -> bytes:
-    return orjson.dumps(
-        {"request_id": rid, "model": model, "messages": [{"role": "user", "content": "hi"}]}
-    )
-
-
 async def send(settings: Settings, partitions: Sequence[int], tag: str) -> None:
     """Three requests per partition, two of them through the fallback stage."""
     await produce(
         settings,
         settings.topic("predictions.requests"),
         [
-            Record(request(f"{tag}-{p}-{i}", model), partition=p)
+            Record(request(f"{tag}-{p}-{i}", model, "hi"), partition=p)
             for p in partitions
             for i, model in enumerate(MODELS)
         ],
