@@ -19,6 +19,7 @@ from stream.engine.offsets import PartitionOffsets
 from stream.engine.partitions import Partition
 from stream.engine.rebalance import Rebalancer
 from stream.engine.transactions import ExactlyOnceSink
+from tests.kit import eventually
 from tests.kit.kafka import Record, committed, create_topic, end_offsets, produce, read_all
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -98,13 +99,18 @@ async def test_ten_thousand_records_six_partitions_concurrency_500(settings: Set
         handler=handler,
         on_error=_to_dead_letter(sink),
     )
+    ends = await end_offsets(settings, source)
+
+    async def snapshot_says_all_committed() -> bool:
+        return {p.partition: p.committed for p in engine.snapshot().partitions} == ends
+
     async with running(engine, deadline_s=120):
         await counter.reached.wait()
+        await eventually(snapshot_says_all_committed)  # within a commit interval (1 s)
 
     assert sorted(counter.seen) == sorted(values)  # each handled, none twice in a clean run
     outputs = sorted(r.value for r in await read_all(settings, sink))
     assert outputs == sorted(v + b"!" for v in values)
-    ends = await end_offsets(settings, source)
     assert {
         p: o for p, (o, _) in (await committed(settings, engine.group_id, source)).items()
     } == ends
