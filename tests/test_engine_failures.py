@@ -295,30 +295,29 @@ async def test_an_exactly_once_write_that_hangs_aborts_its_transaction(
     assert await read_all(live, out, isolation="read_committed") == []  # "first" aborted too
 
 
-async def test_a_transaction_aiokafka_left_on_its_own_fails_as_our_error() -> None:
+async def test_a_transaction_aiokafka_left_on_its_own_fails_as_our_error(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After the broker went away mid-transaction aiokafka may leave it by itself, and its
     next offset send raises IllegalOperation, no Kafka error class of its: that escaped
     the commit's clean-up and crashed a draining worker with a traceback."""
     from aiokafka.errors import IllegalOperation
 
-    from stream.engine.transactions import _Transactional
+    async def left(self: AIOKafkaProducer, *args: Any, **kwargs: Any) -> Any:
+        raise IllegalOperation("Not in the middle of a transaction")
 
-    class Left:
-        async def begin_transaction(self) -> None:
-            pass
-
-        async def send_offsets_to_transaction(self, offsets: Any, group: str) -> None:
-            raise IllegalOperation("Not in the middle of a transaction")
-
-        async def stop(self) -> None:
-            pass
-
-    tp = TopicPartition("t", 0)
-    sink = ExactlyOnceSink(KafkaSettings(), "g", {})
-    sink._producers[tp] = _Transactional(Left())  # type: ignore[arg-type]
+    source = await create_topic(settings, "left-in", 1)
+    tp = TopicPartition(source, 0)
+    sink = ExactlyOnceSink(settings.kafka, settings.group("left"), {})
+    await sink.assigned([tp])
     partition = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
-    assert partition.offsets.accept(0)
+    assert partition.offsets.accept(0) and partition.offsets.accept(1)
     partition.offsets.finish(0)
-    with pytest.raises(KafkaError, match="committing the transaction"):
-        await sink.commit([partition])
-    assert partition.abandoned and tp not in sink._producers  # void: re-run from Kafka
+    monkeypatch.setattr(AIOKafkaProducer, "send_offsets_to_transaction", left)
+    try:
+        with pytest.raises(KafkaError, match="committing the transaction"):
+            await sink.commit([partition])
+        assert partition.abandoned  # void: re-run from Kafka
+        assert not await sink.write(partition, 1, [])  # its producer is gone
+    finally:
+        await sink.stop()

@@ -227,7 +227,7 @@ def _answered(engine: Engine, count: int) -> Any:
     """`count` of the engine's records have their answer and wait to be written."""
 
     async def check() -> bool:
-        return sum(len(p.waiting) for p in engine._partitions.values()) >= count
+        return sum(p.held for p in engine.snapshot().partitions) >= count
 
     return check
 
@@ -374,9 +374,10 @@ async def test_a_partition_paused_on_its_new_assignment_before_it_came_back_fetc
 
     topic = await create_topic(settings, "comeback-paused", 1)
     tp = TopicPartition(topic, 0)
+    group = settings.group("comeback-paused")
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka.bootstrap_servers,
-        group_id=settings.group("comeback-paused"),
+        group_id=group,
         enable_auto_commit=False,
     )
     await consumer.start()
@@ -388,7 +389,7 @@ async def test_a_partition_paused_on_its_new_assignment_before_it_came_back_fetc
         flow = Flow(settings.engine, partitions, lambda p, r: None)
         flow.update(consumer)
         assert consumer.paused() == {tp}
-        membership = Membership(settings.kafka, consumer._group_id, None)
+        membership = Membership(settings.kafka, group, None)
         membership.attach(consumer)
 
         async def commit(chosen: Any) -> None:

@@ -40,6 +40,7 @@ class PartitionSnapshot(NamedTuple):
     oldest_write_s: float | None = None
     write_error: str | None = None
     committed: int | None = None  # the offset the last commit wrote (None: none yet)
+    held: int = 0  # answered records whose outputs wait for a rebalance's verdict
 
 
 class Partition:
@@ -222,4 +223,5 @@ class Partition:
             oldest_write_s=self.oldest_write_s(time.monotonic()),
             write_error=self.write_error,
             committed=self.committed[0] if self.committed else None,
+            held=len(self.waiting),
         )

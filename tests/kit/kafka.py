@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.structs import OffsetAndMetadata
 
 from stream.config import Settings
@@ -112,6 +113,14 @@ async def partitions(settings: Settings, topic: str) -> list[TopicPartition]:
 
     await eventually(known)
     return found
+
+
+async def topic_configs(settings: Settings, topic: str) -> dict[str, str]:
+    """The topic's configs as the cluster reports them, defaults included."""
+    resource = ConfigResource(ConfigResourceType.TOPIC, topic)
+    async with admin_client(settings.kafka, doing="describing a test topic") as admin:
+        (response,) = await admin.describe_configs([resource])
+    return {entry[0]: entry[1] for entry in response.resources[0][4]}
 
 
 async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
