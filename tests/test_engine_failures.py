@@ -28,6 +28,7 @@ from stream.kafka import admin_client
 from stream.observe.health import Health
 from tests.kit import eventually
 from tests.kit.kafka import create_topic, produce, read_all
+from tests.kit.workers import engine_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -83,15 +84,12 @@ async def test_a_failed_final_commit_still_closes_the_engine(settings: Settings)
         handler=handler,
         on_error=_fail_on_error,
     )
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(engine.run)
-            await done.wait()
-            await eventually(_finished(engine, 1))
-            # a new owner (a zombie's successor) takes the transactional id over
-            tid = ExactlyOnceSink(live.kafka, group, {}).transactional_id(TopicPartition(source, 0))
-            await _fence(live, tid)
-            engine.stop()  # the final commit now fails: ProducerFenced
+    async with engine_on(engine):  # its final commit, on the way out, fails: ProducerFenced
+        await done.wait()
+        await eventually(_finished(engine, 1))
+        # a new owner (a zombie's successor) takes the transactional id over
+        tid = ExactlyOnceSink(live.kafka, group, {}).transactional_id(TopicPartition(source, 0))
+        await _fence(live, tid)
     assert engine.snapshot().assigned == 0
     assert await _members(live, group) == 0  # it left the group instead of timing out
     assert await read_all(live, sink, isolation="read_committed") == []

@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import anyio
 import pytest
 from aiokafka import TopicPartition
 
@@ -22,6 +21,7 @@ from stream.observe.lagreader import LagReader
 from tests.kit import eventually
 from tests.kit.kafka import Record, commit, committed, create_topic, end_offsets, produce, read_all
 from tests.kit.kcat import kcat_produce, needs_kcat
+from tests.kit.workers import engine_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka, needs_kcat]
 
@@ -77,10 +77,8 @@ async def test_undecodable_records_go_to_the_error_path_and_nothing_is_skipped(
         done = await committed(settings, engine.group_id, source)
         return {p: offset for p, (offset, _) in done.items()} == ends
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(engine.run)
+    async with engine_on(engine, deadline_s=120):
         await eventually(finished, timeout_s=90)
-        engine.stop()
 
     isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
     values = sorted(r.value for r in await read_all(settings, sink, isolation=isolation))

@@ -8,8 +8,7 @@ import collections
 import dataclasses
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from stream.errors import FencedError, KafkaError
 from tests.kit import eventually
 from tests.kit.kafka import Record, committed, create_topic, end_offsets, produce, read_all
 from tests.kit.requests import request, send, terminal
-from tests.kit.workers import simulator_env
+from tests.kit.workers import engine_on, simulator_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -84,18 +83,6 @@ def _engine(
     )
 
 
-@asynccontextmanager
-async def running(engine: Engine) -> AsyncIterator[Engine]:
-    async with anyio.create_task_group() as group:
-        group.start_soon(engine.run)
-        with anyio.fail_after(60):
-            await engine.ready.wait()
-        try:
-            yield engine
-        finally:
-            engine.stop()
-
-
 def _open() -> anyio.Event:
     gate = anyio.Event()
     gate.set()
@@ -137,7 +124,7 @@ async def test_a_restart_with_the_same_instance_id_is_no_rebalance_and_no_refetc
     static = {n: _with(live, instance_id=f"w{n}") for n in "ab"}
     a = _engine(static["a"], "a", group, source, sink, calls, _open())
     b = _engine(static["b"], "b", group, source, sink, calls, _open())
-    async with running(b), running(a):
+    async with engine_on(b), engine_on(a):
         await _outputs(live, sink, set(first), "read_uncommitted")
         await eventually(_both_assigned(a, b))
         owned_by_a = {(p.topic, p.partition) for p in a.snapshot().partitions}
@@ -149,7 +136,7 @@ async def test_a_restart_with_the_same_instance_id_is_no_rebalance_and_no_refetc
         await produce(live, source, later)
         again_calls = Calls()
         again = _engine(static["a"], "a", group, source, sink, again_calls, _open())
-        async with running(again):
+        async with engine_on(again):
             await _outputs(live, sink, set(first) | set(later), "read_uncommitted")
             assert {(p.topic, p.partition) for p in again.snapshot().partitions} == owned_by_a
             assert b.snapshot().rebalances == rebalances  # the others saw nothing
@@ -199,10 +186,10 @@ async def test_a_partition_that_came_back_keeps_its_running_calls_and_one_that_m
 
     monkeypatch.setattr(Rebalancer, "assign", assign_later)
     isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
-    async with running(a):
+    async with engine_on(a):
         with anyio.fail_after(60):
             await calls.started.wait()  # all 20 calls running on a, none finished
-        async with running(b):
+        async with engine_on(b):
             with anyio.fail_after(60):
                 await on_probation.wait()  # a revoked everything and rejoined
             gate.set()  # a's 20 calls answer while the group decides

@@ -1,5 +1,6 @@
-"""A worker against the simulator: in this process (its in-flight sampled when asked), or
-in its own process as a user starts it."""
+"""The runners: an engine, or a worker against the simulator, in this process (the
+worker's in-flight sampled when asked), or a worker in its own process as a user starts
+it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from anyio.abc import Process
 from stream import topics
 from stream.config import Settings
 from stream.devtools.simulator import Simulator
+from stream.engine.engine import Engine
 from stream.worker import Worker
 from tests.kit.requests import send, terminal
 
@@ -63,6 +65,20 @@ class Peaks:
                 now = engine.snapshot().in_flight
                 self.engine[engine.name] = max(self.engine.get(engine.name, 0), now)
             await anyio.sleep(0.002)  # a sampling period, not an ordering of tasks
+
+
+@asynccontextmanager
+async def engine_on(engine: Engine, *, deadline_s: float = 60) -> AsyncIterator[Engine]:
+    """`engine` running in this process with its partitions; on the way out stopped, its
+    final commit done. All of it within `deadline_s`."""
+    with anyio.fail_after(deadline_s):
+        async with anyio.create_task_group() as group:
+            group.start_soon(engine.run)
+            await engine.ready.wait()
+            try:
+                yield engine
+            finally:
+                engine.stop()
 
 
 @asynccontextmanager
