@@ -4,7 +4,7 @@
   `eventually` (polling an outside system);
 - `kafka`: topics, writing and reading records, end and committed offsets, commits;
 - `requests`: prediction requests sent to the pipeline and its terminal records;
-- `workers`: a worker in this process or in its own, against the simulator;
+- `workers`: the runners: an engine or a worker in this process, a worker in its own;
 - `cluster`: the local three-broker cluster's nodes, leaders and replicas;
 - `lag`, `kcat`, `fakes`: the lag tests' readings, kcat as a non-Python producer, a stand-in
   engine for the metrics and health tests.
