@@ -29,16 +29,16 @@ class Record(NamedTuple):
 
 
 async def create_topics(
-    settings: Settings, partitions: dict[str, int], configs: dict[str, str] | None = None
+    settings: Settings, counts: dict[str, int], configs: dict[str, str] | None = None
 ) -> list[str]:
     """Create each named topic under this test's prefix with its partition count; their
     full names, in order."""
-    names = [settings.topic(name) for name in partitions]
+    names = [settings.topic(name) for name in counts]
     async with admin_client(settings.kafka, doing="creating a test topic") as admin:
         await admin.create_topics(
             [
                 NewTopic(name, count, 1, topic_configs=configs or {})
-                for name, count in zip(names, partitions.values(), strict=True)
+                for name, count in zip(names, counts.values(), strict=True)
             ]
         )
     return names
