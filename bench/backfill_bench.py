@@ -34,17 +34,8 @@ from stream import topics
 from stream.config import Settings
 from stream.devtools.broker import LocalBroker, free_port
 from stream.devtools.simulator import simulate_command
-from tests.records import read_all
-
-
-def _request(rid: str) -> bytes:
-    return orjson.dumps(
-        {
-            "request_id": rid,
-            "model": "deepseek-v3-0324-syn",
-            "messages": [{"role": "user", "content": "Say hello."}],
-        }
-    )
+from tests.kit.kafka import read_all
+from tests.kit.requests import request
 
 
 @contextmanager
@@ -70,7 +61,7 @@ async def _publish(settings: Settings, topic: str, ids: list[str], rate: float) 
         for index, rid in enumerate(ids):
             if rate > 0:
                 await anyio.sleep(max(0.0, start + index / rate - time.monotonic()))
-            await producer.send(topic, _request(rid), key=rid.encode())
+            await producer.send(topic, request(rid, "deepseek-v3-0324-syn"), key=rid.encode())
         await producer.flush()
     finally:
         await producer.stop()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stream.config import EngineSettings, Settings
 from stream.devtools.broker import LocalBroker, free_port
 from stream.engine.engine import Engine, Output
-from tests.enginekit import committed, create_topic, end_offsets, produce
+from tests.kit.kafka import committed, create_topic, end_offsets, produce
 
 
 def _sleeper(low: float, high: float) -> Any:
@@ -49,8 +49,9 @@ def _sleeper(low: float, high: float) -> Any:
 
 
 async def _setup(settings: Settings, records: int, partitions: int) -> tuple[str, str]:
-    source = await create_topic(settings, "bench-in", partitions)
-    sink = await create_topic(settings, "bench-out", partitions)
+    run = uuid.uuid4().hex[:8]  # each run its own topics, under the bench's prefix
+    source = await create_topic(settings, f"bench-in-{run}", partitions)
+    sink = await create_topic(settings, f"bench-out-{run}", partitions)
     await produce(settings, source, [b"x" * 100] * records)
     return source, sink
 
@@ -140,15 +141,7 @@ async def run_engine(
 def _all_committed(engine: Engine, ends: dict[int, int]) -> bool:
     """True once the engine's last commit covers every end offset."""
     snap = engine.snapshot()
-    watermarks = {p.partition: p.next_offset for p in snap.partitions}
-    return watermarks == ends and snap.commits > 0 and _committed_now(engine, ends)
-
-
-def _committed_now(engine: Engine, ends: dict[int, int]) -> bool:
-    partitions = engine._partitions.values()  # bench only: read what the last commit wrote
-    return all(
-        p.committed is not None and p.committed[0] == ends[p.tp.partition] for p in partitions
-    )
+    return snap.commits > 0 and {p.partition: p.committed for p in snap.partitions} == ends
 
 
 def _report(name: str, records: int, seconds: float) -> None:

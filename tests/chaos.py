@@ -66,6 +66,7 @@ from stream.errors import BrokerError
 from stream.kafka import admin_client
 from stream.stages import Topics
 from tests.chaoscluster import BrokerFaults, Progress, broker_schedule
+from tests.kit.requests import request
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("deepseek-r1-0528-syn", "kimi-k2-thinking-syn", "deepseek-v3-0324-syn", "glm-4.6-syn")
@@ -126,14 +127,7 @@ def plan(config: ChaosConfig) -> list[Input]:
 
 
 def _request(seq: int, rid: str, model: str, text: str) -> bytes:
-    return orjson.dumps(
-        {
-            "request_id": rid,
-            "model": model,
-            "messages": [{"role": "user", "content": text}],
-            "metadata": {"chaos": seq},
-        }
-    )
+    return request(rid, model, text, metadata={"chaos": seq})
 
 
 def _make(seq: int, kind: str, before: list[Input], rng: random.Random) -> Input:

@@ -6,23 +6,17 @@ test then works under its own topic prefix, so nothing it creates collides with 
 
 from __future__ import annotations
 
-import itertools
 import os
-import subprocess
-import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
-import anyio
 import pytest
 
 from stream.config import Settings
 from stream.devtools.broker import LocalBroker, free_port
 from stream.devtools.cluster import CONTROLLERS, LocalCluster, free_ports
 from stream.errors import BrokerError
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.kit.cluster import BROKERS
 
 
 @pytest.fixture
@@ -44,17 +38,14 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         broker.stop()
 
 
-CLUSTER_BROKERS = 3
-
-
 @pytest.fixture(scope="session")
 def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """Three brokers and three controllers for the tests marked `cluster`, started only
     when one of them runs. Always our own: those tests kill its processes."""
     home = tmp_path_factory.mktemp("cluster")
     for attempt in range(3):  # a free port block can be taken between the probe and the start
-        port = free_ports(CLUSTER_BROKERS + CONTROLLERS)
-        cluster = LocalCluster(home=home / str(attempt), port=port, brokers=CLUSTER_BROKERS)
+        port = free_ports(BROKERS + CONTROLLERS)
+        cluster = LocalCluster(home=home / str(attempt), port=port, brokers=BROKERS)
         try:
             cluster.start()
             break
@@ -110,23 +101,3 @@ def _isolated(bootstrap: str, prefix: str) -> dict[str, str]:
 @pytest.fixture
 def settings(env: dict[str, str]) -> Settings:
     return Settings.from_env(env)
-
-
-async def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m stream ARGS` as a user would, and return what it printed."""
-    done = await anyio.run_process([sys.executable, "-m", "stream", *args], env=env, check=False)
-    return subprocess.CompletedProcess(
-        done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
-    )
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 30.0) -> None:
-    """Poll an outside system (Kafka metadata, a process) until `check` holds.
-
-    For state we cannot subscribe to; in-process coordination uses events instead.
-    """
-    with anyio.fail_after(timeout_s):
-        for _poll in itertools.count():
-            if await check():
-                return
-            await anyio.sleep(min(0.02 * 2**_poll, 0.5))

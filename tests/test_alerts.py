@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.kit import ROOT
 
 PROMTOOL = shutil.which("promtool")
 FOLDER = ROOT / "deploy" / "prometheus"

@@ -6,23 +6,20 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import jsonschema
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream import topics
 from stream.config import Settings
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.observe.metrics import Metrics
 from stream.prices import DEFAULT_PRICES
-from stream.stages import Topics
 from stream.worker import Worker
-from tests.conftest import eventually
-from tests.records import produce, read_all
-from tests.workerkit import simulated_settings
+from tests.kit.kafka import read_all
+from tests.kit.requests import request, send, terminal
+from tests.kit.workers import BOTH, simulated_settings, worker_on
 
 pytestmark = pytest.mark.anyio
 
@@ -37,17 +34,6 @@ SCHEMAS = {
 FAULTS = "hf:moonshotai/Kimi-K2-Thinking=rate:1:503;moonshotai/Kimi-K2-Instruct=rate:1:402"
 
 
-def _request(rid: str, model: str, text: str, **params: Any) -> bytes:
-    body: dict[str, Any] = {
-        "request_id": rid,
-        "model": model,
-        "messages": [{"role": "user", "content": text}],
-    }
-    if params:
-        body["params"] = params
-    return orjson.dumps(body)
-
-
 @pytest.fixture
 async def sim() -> AsyncIterator[Simulator]:
     async with Simulator(SimConfig(faults=parse_faults(FAULTS))) as simulator:
@@ -55,31 +41,11 @@ async def sim() -> AsyncIterator[Simulator]:
 
 
 async def _run(settings: Settings, items: dict[str, bytes]) -> dict[str, tuple[str, Any]]:
-    """Publish `items`, run both stages until each has one terminal record; rid → record."""
-    await topics.apply(settings, await topics.plan(settings))
-    names = Topics.of(settings)
-    await produce(
-        settings,
-        names.requests,
-        [(None, rid.encode(), value, None, []) for rid, value in items.items()],
-    )
-    found: dict[str, tuple[str, Any]] = {}
-    worker = Worker(settings, ("primary", "fallback"))
-    async with anyio.create_task_group() as group:
-        group.start_soon(worker.run)
-
-        async def all_ended() -> bool:
-            found.clear()
-            for topic in (names.results, names.dead_letter):
-                for record in await read_all(settings, topic):
-                    value = orjson.loads(record.value)
-                    assert value["request_id"] not in found, "two terminal records"
-                    found[value["request_id"]] = (topic, value)
-            return len(found) >= len(items)
-
-        await eventually(all_ended, timeout_s=60)
-        worker.stop()
-    return found
+    """Run both stages, send `items` until each has one terminal record; rid → record."""
+    async with worker_on(Worker(settings, BOTH)):
+        await send(settings, list(items.items()))
+        found = await terminal(settings, len(items))
+    return {rid: (topic, value) for rid, (topic, value, _) in found.items()}
 
 
 def _cost(model: str, usage: dict[str, Any]) -> float:
@@ -96,13 +62,15 @@ async def test_each_way_an_answer_ends_has_its_terminal_record(
 ) -> None:
     settings = simulated_settings(env, sim, max_in_flight=50)
     cases = {
-        "stop": _request("stop", "deepseek-r1-0528-syn", "Why is the sky blue?"),
-        "length": _request("length", "deepseek-v3-0324-syn", "[[sim:length]] Tell me all."),
-        "max-tokens": _request("max-tokens", "deepseek-v3-0324-syn", "Go on.", max_tokens=3),
-        "tools": _request("tools", "deepseek-v3-0324-syn", "[[sim:tool_calls]] Look it up."),
-        "filtered": _request("filtered", "deepseek-r1-0528-syn", "[[sim:content_filter]] x"),
-        "too-long": _request("too-long", "deepseek-r1-0528-syn", "[[sim:context_length]] x"),
-        "no-credit": _request("no-credit", "kimi-k2-thinking-syn", "Think."),
+        "stop": request("stop", "deepseek-r1-0528-syn", "Why is the sky blue?"),
+        "length": request("length", "deepseek-v3-0324-syn", "[[sim:length]] Tell me all."),
+        "max-tokens": request(
+            "max-tokens", "deepseek-v3-0324-syn", "Go on.", params={"max_tokens": 3}
+        ),
+        "tools": request("tools", "deepseek-v3-0324-syn", "[[sim:tool_calls]] Look it up."),
+        "filtered": request("filtered", "deepseek-r1-0528-syn", "[[sim:content_filter]] x"),
+        "too-long": request("too-long", "deepseek-r1-0528-syn", "[[sim:context_length]] x"),
+        "no-credit": request("no-credit", "kimi-k2-thinking-syn", "Think."),
     }
     found = await _run(settings, cases)
     for _, record in found.values():

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from stream.devtools.bench import Options, _requests_for
-from tests.conftest import run_cli
+from stream.devtools.bench import Options
+from tests.kit import run_cli
 
 pytestmark = pytest.mark.anyio
 
@@ -92,8 +92,8 @@ def test_naive_run_is_sized_to_a_budget_not_to_n() -> None:
         spend_limit=None,
         spend_window=60.0,
     )
-    assert _requests_for("naive", options) < 100
-    assert _requests_for("stream", options) == 100_000
+    assert options.requests_for("naive") < 100
+    assert options.requests_for("stream") == 100_000
 
 
 @pytest.mark.timeout(300)

@@ -106,7 +106,7 @@ async def test_kafka_status_json_for_scripts(tmp_path: Path) -> None:
     import json
 
     from stream.devtools.broker import KAFKA_VERSION, free_port
-    from tests.conftest import run_cli
+    from tests.kit import run_cli
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_")}
     port = free_port()

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.chaos import ChaosConfig, Checker, Input, plan
 from tests.chaoscluster import longest_gaps
-from tests.conftest import ROOT
+from tests.kit import ROOT
 
 REQUESTS = "t.predictions.requests"
 

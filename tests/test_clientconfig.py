@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from stream.clientconfig import environment, overrides, parse_jaas, parse_properties
 from stream.config import Settings
 from stream.errors import ConfigError
-from tests.conftest import run_cli
+from tests.kit import run_cli
 
 PASSWORD = 'pa;ss "w\\ord'  # a semicolon, quotes and a backslash: the awkward cases
 SCRAM = "org.apache.kafka.common.security.scram.ScramLoginModule"

@@ -22,18 +22,16 @@ import orjson
 import pytest
 from aiokafka import TopicPartition
 
-from stream import topics
 from stream.config import Settings
 from stream.devtools.cluster import LocalCluster, describe_partitions
 from stream.devtools.faults import parse_faults, parse_latency
 from stream.devtools.simulator import SimConfig, Simulator
-from stream.kafka import admin_client
 from stream.stages import Topics
 from stream.worker import Worker
-from tests.clusterkit import BROKERS, in_sync, leader, send, start, stop
-from tests.conftest import eventually, run_cli
-from tests.enginekit import read_all
-from tests.workerkit import worker_on
+from tests.kit import eventually, run_cli
+from tests.kit.cluster import BROKERS, in_sync, leader, send, start, stop
+from tests.kit.kafka import read_all, topic_configs
+from tests.kit.workers import simulator_env, worker_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
 
@@ -62,19 +60,16 @@ async def pipeline(
     config = SimConfig(latency=parse_latency(latency), faults=parse_faults(FAULTS))
     async with Simulator(config) as sim:
         settings = Settings.from_env(
-            {
-                **env,
-                "STREAM_GUARANTEE": guarantee,
-                "STREAM_MAX_IN_FLIGHT": "40",
-                "SYNTHETIC_BASE_URL": sim.url,
-                "SYNTHETIC_API_KEY": "sim",
-                "TOGETHER_BASE_URL": sim.url,
-                "TOGETHER_API_KEY": "sim",
-                "STREAM_SYNTHETIC_MAX_RETRIES": "1",
-            }
+            simulator_env(
+                env,
+                sim,
+                STREAM_GUARANTEE=guarantee,
+                STREAM_MAX_IN_FLIGHT="40",
+                STREAM_SYNTHETIC_MAX_RETRIES="1",
+            )
         )
         worker = Worker(settings, ("primary", "fallback"), lag_interval_s=1.0)
-        async with worker_on(settings, worker):
+        async with worker_on(worker):
             yield Pipeline(settings, worker, sim)
 
 
@@ -100,11 +95,6 @@ async def all_answered(
 
     await eventually(complete, timeout_s=timeout_s)
     return counts
-
-
-async def topic_configs(settings: Settings, names: list[str]) -> dict[str, dict[str, str]]:
-    async with admin_client(settings.kafka, doing="test") as admin:
-        return {name: await topics._configs(admin, name) for name in names}
 
 
 async def progress(p: Pipeline, records: int, timeout_s: float = 60.0) -> None:
@@ -189,8 +179,8 @@ async def test_one_broker_down_for_good_the_pipeline_goes_on_in_sync_on_two(
     for tp, state in states.items():
         assert len(state.replicas) == BROKERS, tp  # declared replication 3, kept
         assert dead not in state.isr and len(state.isr) == BROKERS - 1 and state.leader != dead
-    configs = await topic_configs(p.settings, p.topics())
-    assert {c["min.insync.replicas"] for c in configs.values()} == {"2"}
+    configs = [await topic_configs(p.settings, name) for name in p.topics()]
+    assert {c["min.insync.replicas"] for c in configs} == {"2"}
 
 
 # -- (c) two brokers down: below min.insync.replicas ------------------------------------

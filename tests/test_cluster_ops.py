@@ -19,10 +19,10 @@ from stream.devtools.cluster import LocalCluster, describe_partitions
 from stream.kafka import admin_client
 from stream.observe.lag import LagMonitor
 from stream.stages import Topics
-from tests.clusterkit import BROKERS, in_sync, send, stop
-from tests.conftest import eventually, run_cli
-from tests.lagkit import commit, parse_kafka_tool
-from tests.lagkit import produce as produce_at
+from tests.kit import eventually, run_cli
+from tests.kit.cluster import BROKERS, in_sync, send, stop
+from tests.kit.kafka import commit, produce
+from tests.kit.lag import parse_kafka_tool, stamped
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
 
@@ -151,7 +151,7 @@ async def test_lag_reads_every_leader_and_equals_kafkas_tool_with_a_broker_down(
     assert sorted(leaders.values()) == [1, 2, 3]  # one partition led by each broker
     now = int(time.time() * 1000)
     for partition, count in enumerate((7, 4, 5)):
-        await produce_at(settings, topic, partition, [now] * count)
+        await produce(settings, topic, stamped(partition, [now] * count))
     group = settings.group("lag")
     await commit(settings, group, {TopicPartition(topic, 0): 2, TopicPartition(topic, 1): 4})
     await commit(settings, group, {TopicPartition(topic, 2): 1})

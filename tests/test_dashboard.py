@@ -28,15 +28,15 @@ import orjson
 import pytest
 import yaml
 
-from stream import topics
 from stream.config import Settings
 from stream.devtools.broker import free_port
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.worker import Worker
-from tests.conftest import ROOT, eventually
-from tests.records import produce, read_all
-from tests.workerkit import simulated_settings
+from tests.kit import ROOT, eventually
+from tests.kit.kafka import Record, produce, read_all
+from tests.kit.requests import request
+from tests.kit.workers import BOTH, simulated_settings, worker_on
 
 pytestmark = pytest.mark.anyio
 
@@ -169,9 +169,7 @@ def mixed_requests() -> Iterator[bytes]:
     models = ["deepseek-r1-0528-syn", "kimi-k2-thinking-syn", "glm-4.6-syn"]
     for i in range(30):
         model = models[i % len(models)]
-        yield orjson.dumps(
-            {"request_id": f"r{i}", "model": model, "messages": [{"role": "user", "content": "hi"}]}
-        )
+        yield request(f"r{i}", model, "hi")
     yield b"{not json"
 
 
@@ -183,16 +181,12 @@ async def test_every_panel_query_returns_series_from_a_real_worker(
     job = "prediction-stream"
     async with Simulator(SimConfig(faults=parse_faults(FAULTS))) as sim:
         settings = simulated_settings(env, sim, max_in_flight=50)
-        await topics.apply(settings, await topics.plan(settings))
-        worker = Worker(settings, ("primary", "fallback"), lag_interval_s=0.5)
-        async with anyio.create_task_group() as group:
-            group.start_soon(worker.run)
-            await worker.started.wait()
+        async with worker_on(Worker(settings, BOTH, lag_interval_s=0.5)) as worker:
             inputs = list(mixed_requests())
             await produce(
                 settings,
                 settings.topic("predictions.requests"),
-                [(i % 2, None, value, None, []) for i, value in enumerate(inputs)],
+                [Record(value, partition=i % 2) for i, value in enumerate(inputs)],
             )
             await eventually(_terminal(settings, len(inputs)), timeout_s=90)
             async with prometheus(tmp_path, f"127.0.0.1:{worker.port}", job) as client:
@@ -208,7 +202,6 @@ async def test_every_panel_query_returns_series_from_a_real_worker(
                 except TimeoutError:
                     pytest.fail(f"no series for {missing}")
                 since_commit = await query(client, concrete(_since_commit(), job))
-            worker.stop()
     for series in since_commit:
         assert float(series["value"][1]) < 3600  # seconds, not 56 years
 

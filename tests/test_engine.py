@@ -5,8 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import random
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -19,7 +18,9 @@ from stream.engine.offsets import PartitionOffsets
 from stream.engine.partitions import Partition
 from stream.engine.rebalance import Rebalancer
 from stream.engine.transactions import ExactlyOnceSink
-from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
+from tests.kit import eventually
+from tests.kit.kafka import Record, committed, create_topic, end_offsets, produce, read_all
+from tests.kit.workers import engine_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -48,19 +49,6 @@ def _engine(settings: Settings, group: str, source: str, handler: Any, dead: str
     )
 
 
-@asynccontextmanager
-async def running(engine: Engine, deadline_s: float = 60) -> AsyncIterator[Engine]:
-    """Run the engine in the background; on exit stop it and wait for its final commit."""
-    with anyio.fail_after(deadline_s):
-        async with anyio.create_task_group() as group:
-            group.start_soon(engine.run)
-            await engine.ready.wait()
-            try:
-                yield engine
-            finally:
-                engine.stop()
-
-
 class Counter:
     """Counts handled records and fires an event at a target."""
 
@@ -79,7 +67,7 @@ async def test_ten_thousand_records_six_partitions_concurrency_500(settings: Set
     source = await create_topic(settings, "eng-in", 6)
     sink = await create_topic(settings, "eng-out", 3)
     values = [f"r{i}".encode() for i in range(10_000)]
-    await produce(settings, source, values, keys=[str(i).encode() for i in range(10_000)])
+    await produce(settings, source, [Record(v, str(i).encode()) for i, v in enumerate(values)])
     counter = Counter(len(values))
     peak = 0
 
@@ -98,13 +86,18 @@ async def test_ten_thousand_records_six_partitions_concurrency_500(settings: Set
         handler=handler,
         on_error=_to_dead_letter(sink),
     )
-    async with running(engine, deadline_s=120):
+    ends = await end_offsets(settings, source)
+
+    async def snapshot_says_all_committed() -> bool:
+        return {p.partition: p.committed for p in engine.snapshot().partitions} == ends
+
+    async with engine_on(engine, deadline_s=120):
         await counter.reached.wait()
+        await eventually(snapshot_says_all_committed)  # within a commit interval (1 s)
 
     assert sorted(counter.seen) == sorted(values)  # each handled, none twice in a clean run
     outputs = sorted(r.value for r in await read_all(settings, sink))
     assert outputs == sorted(v + b"!" for v in values)
-    ends = await end_offsets(settings, source)
     assert {
         p: o for p, (o, _) in (await committed(settings, engine.group_id, source)).items()
     } == ends
@@ -128,7 +121,7 @@ async def test_handler_exception_goes_to_on_error_and_worker_continues(settings:
         return [Output(sink, record.value)]
 
     engine = _engine(settings, "eng-err", source, handler, dead)
-    async with running(engine):
+    async with engine_on(engine):
         await counter.reached.wait()
 
     letters = await read_all(settings, dead)
@@ -158,7 +151,7 @@ async def test_an_output_kafka_refuses_for_good_goes_to_on_error_not_round_and_r
         return [Output(sink, record.value * size)]
 
     engine = _engine(settings, "eng-big", source, handler, dead)
-    async with running(engine):
+    async with engine_on(engine):
         await counter.reached.wait()
 
     assert (await committed(settings, engine.group_id, source))[0][0] == 3
@@ -211,9 +204,9 @@ async def test_second_worker_joins_mid_run_exactly_once(settings: Settings) -> N
 
     first = make("a", first_handled)
     second = make("b", Counter(1))
-    async with running(first, deadline_s=120):
+    async with engine_on(first, deadline_s=120):
         await first_handled.reached.wait()
-        async with running(second, deadline_s=120):
+        async with engine_on(second, deadline_s=120):
             outputs = await _until_complete(settings, sink, set(values))
     assert sorted(r.value for r in outputs) == sorted(values)  # none lost, none twice
     assert second.snapshot().records_done > 0  # the newcomer did take partitions
@@ -242,7 +235,7 @@ async def test_full_partition_window_pauses_and_resumes(settings: Settings) -> N
         handler=handler,
         on_error=_to_dead_letter(sink),
     )
-    async with running(engine):
+    async with engine_on(engine):
         await window_full.wait()
         (partition,) = engine.snapshot().partitions
         assert partition.in_flight == 5  # the per-partition bound, not the total one
@@ -259,7 +252,7 @@ async def test_key_ordering_runs_one_key_at_a_time(settings: Settings) -> None:
     source = await create_topic(settings, "eng-key", 1)
     sink = await create_topic(settings, "eng-key-out", 1)
     keys = [f"k{i % 4}".encode() for i in range(200)]
-    await produce(settings, source, [f"{i}".encode() for i in range(200)], keys=keys)
+    await produce(settings, source, [Record(f"{i}".encode(), key) for i, key in enumerate(keys)])
     counter = Counter(200)
     running_keys: collections.Counter[bytes] = collections.Counter()
     order: dict[bytes, list[int]] = collections.defaultdict(list)
@@ -285,7 +278,7 @@ async def test_key_ordering_runs_one_key_at_a_time(settings: Settings) -> None:
         handler=handler,
         on_error=_to_dead_letter(sink),
     )
-    async with running(engine):
+    async with engine_on(engine):
         await counter.reached.wait()
     assert overlap_same_key == 1  # one record per key at a time
     assert peak_keys > 1  # different keys ran side by side
@@ -314,7 +307,7 @@ async def test_live_records_complete_before_backfill(settings: Settings) -> None
         handler=handler,
         on_error=_to_dead_letter(sink),
     )
-    async with running(engine):
+    async with engine_on(engine):
         await counter.reached.wait()
     last_live = max(i for i, v in enumerate(counter.seen) if v == b"live")
     backfill_before = counter.seen[:last_live].count(b"backfill")

@@ -13,8 +13,8 @@ import anyio
 import pytest
 
 from stream.config import Settings
-from tests.conftest import ROOT
-from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
+from tests.kit import ROOT
+from tests.kit.kafka import Record, committed, create_topic, end_offsets, produce, read_all
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -69,7 +69,7 @@ async def test_sigkill_mid_run_then_restart(
     sink = await create_topic(settings, "crash-out", 2)
     group = settings.group(f"crash-{guarantee}")
     values = [f"v{i}".encode() for i in range(RECORDS)]
-    await produce(settings, source, values, keys=[str(i % 7).encode() for i in range(RECORDS)])
+    await produce(settings, source, [Record(v, str(i % 7).encode()) for i, v in enumerate(values)])
     isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
 
     with anyio.fail_after(150):

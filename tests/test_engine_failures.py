@@ -26,8 +26,9 @@ from stream.engine.transactions import ExactlyOnceSink
 from stream.errors import KafkaError
 from stream.kafka import admin_client
 from stream.observe.health import Health
-from tests.conftest import eventually
-from tests.enginekit import create_topic, produce, read_all
+from tests.kit import eventually
+from tests.kit.kafka import create_topic, produce, read_all
+from tests.kit.workers import engine_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -83,15 +84,12 @@ async def test_a_failed_final_commit_still_closes_the_engine(settings: Settings)
         handler=handler,
         on_error=_fail_on_error,
     )
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(engine.run)
-            await done.wait()
-            await eventually(_finished(engine, 1))
-            # a new owner (a zombie's successor) takes the transactional id over
-            tid = ExactlyOnceSink(live.kafka, group, {}).transactional_id(TopicPartition(source, 0))
-            await _fence(live, tid)
-            engine.stop()  # the final commit now fails: ProducerFenced
+    async with engine_on(engine):  # its final commit, on the way out, fails: ProducerFenced
+        await done.wait()
+        await eventually(_finished(engine, 1))
+        # a new owner (a zombie's successor) takes the transactional id over
+        tid = ExactlyOnceSink(live.kafka, group, {}).transactional_id(TopicPartition(source, 0))
+        await _fence(live, tid)
     assert engine.snapshot().assigned == 0
     assert await _members(live, group) == 0  # it left the group instead of timing out
     assert await read_all(live, sink, isolation="read_committed") == []
@@ -295,30 +293,29 @@ async def test_an_exactly_once_write_that_hangs_aborts_its_transaction(
     assert await read_all(live, out, isolation="read_committed") == []  # "first" aborted too
 
 
-async def test_a_transaction_aiokafka_left_on_its_own_fails_as_our_error() -> None:
+async def test_a_transaction_aiokafka_left_on_its_own_fails_as_our_error(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After the broker went away mid-transaction aiokafka may leave it by itself, and its
     next offset send raises IllegalOperation, no Kafka error class of its: that escaped
     the commit's clean-up and crashed a draining worker with a traceback."""
     from aiokafka.errors import IllegalOperation
 
-    from stream.engine.transactions import _Transactional
+    async def left(self: AIOKafkaProducer, *args: Any, **kwargs: Any) -> Any:
+        raise IllegalOperation("Not in the middle of a transaction")
 
-    class Left:
-        async def begin_transaction(self) -> None:
-            pass
-
-        async def send_offsets_to_transaction(self, offsets: Any, group: str) -> None:
-            raise IllegalOperation("Not in the middle of a transaction")
-
-        async def stop(self) -> None:
-            pass
-
-    tp = TopicPartition("t", 0)
-    sink = ExactlyOnceSink(KafkaSettings(), "g", {})
-    sink._producers[tp] = _Transactional(Left())  # type: ignore[arg-type]
+    source = await create_topic(settings, "left-in", 1)
+    tp = TopicPartition(source, 0)
+    sink = ExactlyOnceSink(settings.kafka, settings.group("left"), {})
+    await sink.assigned([tp])
     partition = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
-    assert partition.offsets.accept(0)
+    assert partition.offsets.accept(0) and partition.offsets.accept(1)
     partition.offsets.finish(0)
-    with pytest.raises(KafkaError, match="committing the transaction"):
-        await sink.commit([partition])
-    assert partition.abandoned and tp not in sink._producers  # void: re-run from Kafka
+    monkeypatch.setattr(AIOKafkaProducer, "send_offsets_to_transaction", left)
+    try:
+        with pytest.raises(KafkaError, match="committing the transaction"):
+            await sink.commit([partition])
+        assert partition.abandoned  # void: re-run from Kafka
+        assert not await sink.write(partition, 1, [])  # its producer is gone
+    finally:
+        await sink.stop()

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from stream.config import EngineSettings, Settings
 from stream.engine.engine import Engine, Output
 from stream.engine.offsets import decode_metadata, encode_metadata, split_notes, with_notes
-from tests.conftest import eventually
-from tests.enginekit import committed, create_topic, produce
+from tests.kit import eventually
+from tests.kit.kafka import committed, create_topic, produce
+from tests.kit.workers import engine_on
 
 pytestmark = pytest.mark.anyio
 
@@ -99,25 +100,21 @@ async def test_a_closed_gate_starts_nothing_pauses_and_says_why(settings: Settin
     await _commit_start(settings, settings.group("gate"), source)
     gate = Switch()
     engine = _engine(settings, source, "gate", handler, gate)
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as group:
-            group.start_soon(engine.run)
-            await engine.ready.wait()
+    async with engine_on(engine):
 
-            async def noted() -> bool:
-                found = await committed(settings, settings.group("gate"), source)
-                return "~held=test_hold" in found.get(0, (0, ""))[1]
+        async def noted() -> bool:
+            found = await committed(settings, settings.group("gate"), source)
+            return "~held=test_hold" in found.get(0, (0, ""))[1]
 
-            await eventually(noted)
-            assert handled == [] and engine.snapshot().partitions[0].paused
-            gate.reason = None
+        await eventually(noted)
+        assert handled == [] and engine.snapshot().partitions[0].paused
+        gate.reason = None
 
-            async def drained() -> bool:
-                found = await committed(settings, settings.group("gate"), source)
-                return found.get(0, (0, ""))[0] == 20 and "held" not in found[0][1]
+        async def drained() -> bool:
+            found = await committed(settings, settings.group("gate"), source)
+            return found.get(0, (0, ""))[0] == 20 and "held" not in found[0][1]
 
-            await eventually(drained)
-            engine.stop()
+        await eventually(drained)
     assert sorted(handled) == sorted(f"r{i}".encode() for i in range(20))
 
 
@@ -143,17 +140,14 @@ async def test_the_next_owner_counts_what_it_runs_again(settings: Settings) -> N
         "redo",
         stuck,
     )
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as group:
-            group.start_soon(first.run)
-            await started.wait()
+    async with engine_on(first):
+        await started.wait()
 
-            async def noted() -> bool:
-                found = await committed(settings, settings.group("redo"), source)
-                return "~started=10" in found.get(0, (0, ""))[1]
+        async def noted() -> bool:
+            found = await committed(settings, settings.group("redo"), source)
+            return "~started=10" in found.get(0, (0, ""))[1]
 
-            await eventually(noted)
-            first.stop()
+        await eventually(noted)
     assert (await committed(settings, settings.group("redo"), source))[0][0] == 0
 
     done = anyio.Event()
@@ -166,9 +160,6 @@ async def test_the_next_owner_counts_what_it_runs_again(settings: Settings) -> N
         return []
 
     second = _engine(settings, source, "redo", quick)
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as group:
-            group.start_soon(second.run)
-            await done.wait()
-            second.stop()
+    async with engine_on(second):
+        await done.wait()
     assert second.snapshot().records_redelivered == 10

@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import anyio
 import pytest
 from aiokafka import TopicPartition
 
@@ -19,10 +18,10 @@ from stream.config import EngineSettings, Settings
 from stream.engine.engine import Engine, Output
 from stream.errors import UndecodableRecordError
 from stream.observe.lagreader import LagReader
-from tests.conftest import eventually
-from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
-from tests.kcat import kcat_produce, needs_kcat
-from tests.lagkit import commit
+from tests.kit import eventually
+from tests.kit.kafka import Record, commit, committed, create_topic, end_offsets, produce, read_all
+from tests.kit.kcat import kcat_produce, needs_kcat
+from tests.kit.workers import engine_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka, needs_kcat]
 
@@ -47,12 +46,12 @@ async def test_undecodable_records_go_to_the_error_path_and_nothing_is_skipped(
     bootstrap = settings.kafka.bootstrap_servers
     good = {p: [f"p{p}-{i}".encode() for i in range(80)] for p in range(3)}
     for p in range(3):
-        await produce(settings, source, good[p][:40], partition=p)
+        await produce(settings, source, [Record(v, partition=p) for v in good[p][:40]])
     # three in one batch on partition 1 (a batch cannot be read past its first), one on 2
     await kcat_produce(bootstrap, source, 1, [b"{}", b"x", b"y"], headers=[BAD_KEY])
     await kcat_produce(bootstrap, source, 2, [b"{}"], headers=[BAD_KEY, (b"ok", None)])
     for p in range(3):
-        await produce(settings, source, good[p][40:], partition=p)
+        await produce(settings, source, [Record(v, partition=p) for v in good[p][40:]])
     expected_errors = {(1, 40), (1, 41), (1, 42), (2, 40)}
     total = 3 * 80 + len(expected_errors)
 
@@ -78,10 +77,8 @@ async def test_undecodable_records_go_to_the_error_path_and_nothing_is_skipped(
         done = await committed(settings, engine.group_id, source)
         return {p: offset for p, (offset, _) in done.items()} == ends
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(engine.run)
+    async with engine_on(engine, deadline_s=120):
         await eventually(finished, timeout_s=90)
-        engine.stop()
 
     isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
     values = sorted(r.value for r in await read_all(settings, sink, isolation=isolation))
@@ -97,7 +94,7 @@ async def test_lag_reads_past_a_record_the_client_cannot_decode(settings: Settin
     must leave its age unknown, not crash the worker."""
     topic = await create_topic(settings, "undec-lag", 2)
     await kcat_produce(settings.kafka.bootstrap_servers, topic, 0, [b"{}"], headers=[BAD_KEY])
-    await produce(settings, topic, [b"fine"], partition=1)
+    await produce(settings, topic, [Record(b"fine", partition=1)])
     group = settings.group("undec-lag")
     await commit(settings, group, {TopicPartition(topic, p): 0 for p in (0, 1)})
     async with LagReader(settings.kafka, fetch_timeout_s=2) as reader:

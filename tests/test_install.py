@@ -29,8 +29,9 @@ import yaml
 from stream import __version__
 from stream.config import Settings
 from stream.devtools.broker import cache_dir, free_port
-from tests.conftest import eventually
-from tests.test_pipeline import request, worker_round_trip
+from tests.kit import eventually
+from tests.kit.requests import request
+from tests.kit.workers import simulator_env, worker_round_trip
 
 pytestmark = pytest.mark.anyio
 
@@ -150,16 +151,13 @@ async def test_the_installed_wheel_runs_a_worker_end_to_end(
         assert simulator.stdout is not None
         assert b"listening" in await simulator.stdout.receive()
         sim = f"http://127.0.0.1:{sim_port}"
-        worker_env = {
-            **base,
-            "SYNTHETIC_BASE_URL": f"{sim}/openai/v1",
-            "SYNTHETIC_API_KEY": "sim",
-            "TOGETHER_BASE_URL": f"{sim}/v1",
-            "TOGETHER_API_KEY": "sim",
-            "STREAM_METRICS_PORT": str(port),
-            "STREAM_METRICS_HOST": "127.0.0.1",
-            "STREAM_INSTANCE_ID": "installed-worker-0",
-        }
+        worker_env = simulator_env(
+            base,
+            sim,
+            STREAM_METRICS_PORT=str(port),
+            STREAM_METRICS_HOST="127.0.0.1",
+            STREAM_INSTANCE_ID="installed-worker-0",
+        )
         log = tmp_path / "worker.log"
 
         async def healthy() -> None:

@@ -12,16 +12,9 @@ from stream.devtools.broker import fetch_jars
 from stream.observe.lag import LagMonitor, LagRow, LagTracker, Status
 from stream.observe.lagcli import render
 from stream.observe.lagreader import GroupReading, LagReader
-from tests.conftest import run_cli
-from tests.lagkit import (
-    by_partition,
-    commit,
-    create_topic,
-    lag_json,
-    live_member,
-    parse_kafka_tool,
-    produce,
-)
+from tests.kit import run_cli
+from tests.kit.kafka import commit, create_topic, produce
+from tests.kit.lag import by_partition, lag_json, live_member, parse_kafka_tool, stamped
 
 pytestmark = pytest.mark.anyio
 
@@ -36,8 +29,8 @@ async def test_lag_json_equals_kafka_consumer_groups_tool(
 ) -> None:
     topic = await create_topic(settings, "lag.tool", 3)
     now = int(time.time() * 1000)
-    await produce(settings, topic, 0, [now] * 7)
-    await produce(settings, topic, 1, [now] * 4)
+    await produce(settings, topic, stamped(0, [now] * 7))
+    await produce(settings, topic, stamped(1, [now] * 4))
     group = settings.group("tool")
     await commit(settings, group, {TopicPartition(topic, 0): 2, TopicPartition(topic, 1): 4})
     await commit(settings, group, {TopicPartition(topic, 2): 0})
@@ -81,8 +74,8 @@ async def test_lag_seconds_is_the_age_of_the_record_at_the_committed_offset(
     topic = await create_topic(settings, "lag.seconds", 2)
     now = int(time.time() * 1000)
     stamps = [now - 900_000 + i * 100_000 for i in range(6)]  # 100 s apart, the newest 400 s old
-    await produce(settings, topic, 0, stamps)
-    await produce(settings, topic, 1, [now - 50_000])
+    await produce(settings, topic, stamped(0, stamps))
+    await produce(settings, topic, stamped(1, [now - 50_000]))
     group = settings.group("seconds")
     await commit(settings, group, {TopicPartition(topic, 0): 2, TopicPartition(topic, 1): 1})
 
@@ -104,8 +97,8 @@ async def test_never_committed_partitions_show_their_backlog_and_members_are_rep
 ) -> None:
     topic = await create_topic(settings, "lag.uncommitted", 3)
     now = int(time.time() * 1000)
-    await produce(settings, topic, 0, [now] * 3)
-    await produce(settings, topic, 1, [now - 120_000, now])
+    await produce(settings, topic, stamped(0, [now] * 3))
+    await produce(settings, topic, stamped(1, [now - 120_000, now]))
     group = settings.group("uncommitted")
     await commit(settings, group, {TopicPartition(topic, 0): 1})
     async with live_member(settings, group, topic), LagReader(settings.kafka) as reader:
@@ -138,7 +131,7 @@ async def test_stopped_group_with_old_unprocessed_records_is_unowned_and_exits_3
     settings: Settings, env: dict[str, str]
 ) -> None:
     topic = await create_topic(settings, "lag.stop", 1)
-    await produce(settings, topic, 0, [int(time.time() * 1000) - HOUR_MS] * 3)
+    await produce(settings, topic, stamped(0, [int(time.time() * 1000) - HOUR_MS] * 3))
     group = settings.group("stop")
     await commit(settings, group, {TopicPartition(topic, 0): 1})
 
@@ -153,7 +146,7 @@ async def test_member_that_holds_a_partition_without_progress_is_stall(
     settings: Settings, env: dict[str, str]
 ) -> None:
     topic = await create_topic(settings, "lag.stall", 1)
-    await produce(settings, topic, 0, [int(time.time() * 1000) - HOUR_MS] * 3)
+    await produce(settings, topic, stamped(0, [int(time.time() * 1000) - HOUR_MS] * 3))
     group = settings.group("stall")
     await commit(settings, group, {TopicPartition(topic, 0): 1})
     window = ("--samples", "3", "--interval", "0.1")
@@ -175,7 +168,7 @@ async def test_idle_topic_with_zero_lag_is_ok_and_exits_0(
     settings: Settings, env: dict[str, str]
 ) -> None:
     topic = await create_topic(settings, "lag.idle", 1)
-    await produce(settings, topic, 0, [int(time.time() * 1000) - HOUR_MS] * 3)
+    await produce(settings, topic, stamped(0, [int(time.time() * 1000) - HOUR_MS] * 3))
     group = settings.group("idle")
     await commit(settings, group, {TopicPartition(topic, 0): 3})
 
@@ -195,7 +188,7 @@ async def test_falling_behind_is_warn_and_going_back_is_rewind(settings: Setting
     async with LagReader(settings.kafka) as reader:
         statuses = []
         for step in range(3):  # each step: 10 new records, the consumer finishes only 2
-            await produce(settings, topic, 0, [now] * 10)
+            await produce(settings, topic, stamped(0, [now] * 10))
             await commit(settings, group, {tp: 2 * (step + 1)})
             statuses.append((await read_rows(reader, tracker, group))[0].status)
         await commit(settings, group, {tp: 1})  # someone reset the group
@@ -208,7 +201,7 @@ async def test_falling_behind_is_warn_and_going_back_is_rewind(settings: Setting
 async def test_progress_above_a_stuck_watermark_is_not_a_stall(settings: Settings) -> None:
     topic = await create_topic(settings, "lag.busy", 1)
     tp = TopicPartition(topic, 0)
-    await produce(settings, topic, 0, [int(time.time() * 1000) - HOUR_MS] * 10)
+    await produce(settings, topic, stamped(0, [int(time.time() * 1000) - HOUR_MS] * 10))
     group = settings.group("busy")
     tracker = LagTracker(window=3)
     async with LagReader(settings.kafka) as reader:
@@ -238,7 +231,7 @@ async def test_missing_group_says_so_in_one_line(settings: Settings, env: dict[s
 
 async def test_monitor_caches_rows_and_reports_health(settings: Settings) -> None:
     topic = await create_topic(settings, "lag.monitor", 1)
-    await produce(settings, topic, 0, [int(time.time() * 1000)] * 5)
+    await produce(settings, topic, stamped(0, [int(time.time() * 1000)] * 5))
     group = settings.group("monitor")
     await commit(settings, group, {TopicPartition(topic, 0): 3})
     monitor = LagMonitor(settings.kafka, [group], interval_s=0.05, window=3)

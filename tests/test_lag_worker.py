@@ -22,9 +22,10 @@ from stream.devtools.simulator import SimConfig, Simulator
 from stream.observe.lag import LagMonitor
 from stream.observe.lagreader import GroupReading, LagReader
 from stream.worker import Worker
-from tests.conftest import eventually, run_cli
-from tests.records import produce, read_all
-from tests.workerkit import simulated_settings, worker_on
+from tests.kit import eventually, run_cli
+from tests.kit.kafka import Record, produce, read_all
+from tests.kit.requests import request
+from tests.kit.workers import simulated_settings, worker_on
 
 pytestmark = pytest.mark.anyio
 
@@ -35,19 +36,13 @@ FAULTS = "hf:moonshotai/Kimi-K2-Thinking=rate:1:503"
 MODELS = ("deepseek-r1-0528-syn", "kimi-k2-thinking-syn", "kimi-k2-thinking-syn")
 
 
-def request(rid: str, model: str) -> bytes:
-    return orjson.dumps(
-        {"request_id": rid, "model": model, "messages": [{"role": "user", "content": "hi"}]}
-    )
-
-
 async def send(settings: Settings, partitions: Sequence[int], tag: str) -> None:
     """Three requests per partition, two of them through the fallback stage."""
     await produce(
         settings,
         settings.topic("predictions.requests"),
         [
-            (p, None, request(f"{tag}-{p}-{i}", model), None, [])
+            Record(request(f"{tag}-{p}-{i}", model, "hi"), partition=p)
             for p in partitions
             for i, model in enumerate(MODELS)
         ],
@@ -70,7 +65,7 @@ async def test_exactly_once_idle_partitions_show_no_lag_and_new_partitions_are_c
             {**env, "STREAM_GUARANTEE": "exactly-once"}, sim, max_in_flight=50
         )
         worker = Worker(settings, ("primary", "fallback"), lag_interval_s=0.5)
-        async with worker_on(settings, worker):
+        async with worker_on(worker):
             await send(settings, range(6), "before")
             await eventually(answered(settings, 18), timeout_s=60)
 
@@ -123,7 +118,7 @@ async def test_a_lag_monitor_that_fails_never_stops_the_engines(env: dict[str, s
         settings = simulated_settings(env, sim, max_in_flight=50)
         worker = Worker(settings, ("primary", "fallback"))
         worker.monitor = _BrokenMonitor(settings.kafka, worker.monitor.groups, interval_s=0.05)
-        async with worker_on(settings, worker):
+        async with worker_on(worker):
             with anyio.fail_after(30):
                 await worker.monitor.next_round()
                 await worker.monitor.next_round()

@@ -16,8 +16,9 @@ from stream import topics
 from stream.config import Settings
 from stream.observe.lag import LagTracker, Status
 from stream.observe.lagreader import PIPELINE_GROUPS, GroupReading, LagReader, PartitionReading
-from tests.conftest import run_cli
-from tests.lagkit import by_partition, commit, create_topic, lag_json, produce
+from tests.kit import run_cli
+from tests.kit.kafka import commit, create_topic, produce
+from tests.kit.lag import by_partition, lag_json, stamped
 
 pytestmark = pytest.mark.anyio
 
@@ -75,7 +76,7 @@ async def test_aborted_records_and_markers_are_not_lag_but_records_after_them_ar
     async with LagReader(settings.kafka, fetch_timeout_s=2.0) as reader:
         (only_aborted,) = await reader.read({group: ()})
         old = int(time.time() * 1000) - 60_000
-        await produce(settings, topic, 0, [old, old])  # offsets 3-4: real work
+        await produce(settings, topic, stamped(0, [old, old]))  # offsets 3-4: real work
         (then,) = await reader.read({group: ()})
 
     assert only_aborted.partitions[0].lag == 0
@@ -93,7 +94,7 @@ async def test_pipeline_groups_that_never_committed_show_every_partition_and_exi
 ) -> None:
     await topics.apply(settings, await topics.plan(settings))
     requests = settings.topic("predictions.requests")
-    await produce(settings, requests, 1, [int(time.time() * 1000)] * 2)
+    await produce(settings, requests, stamped(1, [int(time.time() * 1000)] * 2))
 
     done = await run_cli(env, "lag", "--json")
 
@@ -208,7 +209,7 @@ def test_unknown_ends_stay_unknown() -> None:
 
 async def test_one_reading_finds_a_record_waiting_behind_old_ones(settings: Settings) -> None:
     topic = await create_topic(settings, "lag.old", 2)
-    await produce(settings, topic, 0, [int(time.time() * 1000) - HOUR_MS] * 2)
+    await produce(settings, topic, stamped(0, [int(time.time() * 1000) - HOUR_MS] * 2))
     group = settings.group("old")
     await commit(settings, group, {TopicPartition(topic, 0): 0})
     async with LagReader(settings.kafka, fetch_timeout_s=2.0) as reader:

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import NotEnoughReplicasError
 
 from stream.config import KafkaSettings
@@ -21,7 +21,7 @@ from stream.engine.late import watched
 from stream.engine.offsets import PartitionOffsets
 from stream.engine.outputs import AtLeastOnceSink, Output
 from stream.engine.partitions import Partition
-from tests.conftest import eventually
+from tests.kit import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -43,22 +43,32 @@ def late_after_50ms(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(late, "LATE_S", 0.05)
 
 
-async def _sink() -> tuple[AtLeastOnceSink, FakeProducer, Partition]:
+@pytest.fixture
+def producer(monkeypatch: pytest.MonkeyPatch) -> FakeProducer:
+    """What the sinks' producers send goes to a fake that hands out the futures."""
+    fake = FakeProducer()
+
+    async def send(self: AIOKafkaProducer, topic: str, value: bytes, **kwargs: Any) -> Any:
+        return await fake.send(topic, value, **kwargs)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send", send)
+    return fake
+
+
+async def _sink() -> tuple[AtLeastOnceSink, Partition]:
     sink = AtLeastOnceSink(KafkaSettings(), consumer=None, producer_options={})
-    await sink.stop()  # the real producer, never started, makes way for the fake
-    producer = FakeProducer()
-    sink._producer = producer  # type: ignore[assignment]
+    await sink.stop()  # its producer never starts: `producer` answers its sends
     partition = Partition(
         TopicPartition("in", 0), PartitionOffsets(0), low_priority=False, key_ordering=False
     )
     assert partition.offsets.accept(0) and partition.offsets.accept(1)
-    return sink, producer, partition
+    return sink, partition
 
 
 async def test_a_late_ack_marks_the_partition_until_it_lands(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, producer: FakeProducer
 ) -> None:
-    sink, producer, partition = await _sink()
+    sink, partition = await _sink()
     async with anyio.create_task_group() as group:
         group.start_soon(sink.write, partition, 0, [Output("out", b"v")])
         group.start_soon(sink.write, partition, 1, [Output("out", b"w")])
@@ -81,8 +91,10 @@ async def test_a_late_ack_marks_the_partition_until_it_lands(
     ]  # once per partition, not once per record
 
 
-async def test_a_refused_write_marks_the_partition_and_is_sent_again() -> None:
-    sink, producer, partition = await _sink()
+async def test_a_refused_write_marks_the_partition_and_is_sent_again(
+    producer: FakeProducer,
+) -> None:
+    sink, partition = await _sink()
     async with anyio.create_task_group() as group:
         group.start_soon(sink.write, partition, 0, [Output("out", b"v")])
         await eventually(_sent(producer, 1), timeout_s=5)
@@ -101,7 +113,7 @@ def _sent(producer: FakeProducer, count: int) -> Any:
 
 
 async def test_a_late_commit_marks_the_partition_and_its_error_stays_its_own() -> None:
-    _, _, partition = await _sink()
+    _, partition = await _sink()
     release = anyio.Event()
 
     async def commit() -> None:
@@ -124,7 +136,7 @@ async def test_a_late_commit_marks_the_partition_and_its_error_stays_its_own() -
 
 
 async def test_a_prompt_commit_marks_nothing() -> None:
-    _, _, partition = await _sink()
+    _, partition = await _sink()
 
     async def commit() -> None:
         pass

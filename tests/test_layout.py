@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "stream"
+TESTS = Path(__file__).resolve().parent
+PACKAGE = TESTS.parent / "stream"
 MAX_LINES = 450
 
 # What each part of the package may import (besides itself and the standard library). A
@@ -150,6 +151,31 @@ def test_no_import_goes_in_a_circle() -> None:
 def test_no_module_is_longer_than_a_reader_can_hold(module: str) -> None:
     lines = len(_modules()[module].read_text().splitlines())
     assert lines <= MAX_LINES, f"{module} has {lines} lines: split it along a seam"
+
+
+def _imported_from_tests(path: Path) -> Iterator[str]:
+    """Every module under `tests` that `path` imports, relative imports made absolute."""
+    package = ".".join(path.relative_to(TESTS.parent).parent.parts)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            yield module
+            yield from (f"{module}.{a.name}" for a in node.names)
+
+
+def test_no_module_under_tests_imports_a_test_module_or_the_conftest() -> None:
+    """What tests share lives in tests/kit/: importing a test module runs its module-level
+    code again and ties one test file's helpers to another's."""
+    wrong = []
+    for path in sorted(TESTS.rglob("*.py")):
+        for module in set(_imported_from_tests(path)):
+            last = module.rpartition(".")[2]
+            if module.startswith("tests.") and (last.startswith("test_") or last == "conftest"):
+                wrong.append(f"{path.relative_to(TESTS.parent)} imports {module}")
+    assert sorted(wrong) == []
 
 
 def test_each_command_is_registered_by_the_module_the_cli_names_for_it() -> None:

@@ -22,9 +22,9 @@ from stream import topics
 from stream.devtools.simulator import Simulator
 from stream.kafka import admin_client
 from stream.worker import Worker
-from tests.conftest import eventually
-from tests.test_pipeline import request, terminal
-from tests.workerkit import Peaks, running_worker, simulated_settings
+from tests.kit import eventually
+from tests.kit.requests import request, terminal
+from tests.kit.workers import BOTH, simulated_settings, worker_on
 
 pytestmark = pytest.mark.anyio
 
@@ -40,7 +40,7 @@ async def test_a_record_at_the_topic_maximum_becomes_a_dead_letter_with_all_its_
     huge += b" " * (TOPIC_MAX - BATCH_OVERHEAD - len(huge))  # JSON allows trailing spaces
     async with Simulator() as sim:
         live = simulated_settings(env, sim, max_in_flight=8)
-        async with running_worker(live, Peaks()):
+        async with worker_on(Worker(live, BOTH)):
             producer = AIOKafkaProducer(
                 **live.kafka.client_options(), acks="all", max_request_size=2 * TOPIC_MAX
             )
@@ -73,7 +73,7 @@ async def test_an_answer_too_large_for_the_results_topic_is_a_dead_letter_not_a_
     every try. It is a dead letter that keeps the request, and the partition goes on."""
     async with Simulator() as sim:
         live = simulated_settings({**env, "STREAM_GUARANTEE": guarantee}, sim, max_in_flight=8)
-        async with running_worker(live, Peaks()):
+        async with worker_on(Worker(live, BOTH)):
             producer = AIOKafkaProducer(**live.kafka.client_options(), acks="all")
             await producer.start()
             try:
@@ -112,7 +112,7 @@ async def test_a_results_topic_smaller_on_the_cluster_than_declared_is_respected
                 return (await topics.max_message_bytes(admin, [results])).get(results) == 600
 
             await eventually(altered)
-        worker = Worker(live, ("primary", "fallback"))
+        worker = Worker(live, BOTH)  # not worker_on: applying the topics would undo the drift
         async with anyio.create_task_group() as group:
             group.start_soon(worker.run)
             await worker.started.wait()

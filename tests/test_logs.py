@@ -16,8 +16,8 @@ from aiokafka.protocol.admin import SaslAuthenticateRequest_v0
 from stream import logs, topics
 from stream.config import Settings
 from stream.devtools.simulator import SimConfig, Simulator
-from tests.test_pipeline import request, send, terminal
-from tests.workerkit import worker_process
+from tests.kit.requests import request, send, terminal
+from tests.kit.workers import simulator_env, worker_process
 
 PROMPT = "PROMPT-MARKER-do-not-log-7f3a"
 PASSWORD = "plain-FAKE-password-1234"
@@ -29,8 +29,10 @@ async def test_a_debug_worker_logs_no_prompt_and_no_answer(
 ) -> None:
     await topics.apply(settings, await topics.plan(settings))
     log = tmp_path / "worker.log"
-    debug = {"STREAM_LOG_LEVEL": "DEBUG"}
-    async with Simulator(SimConfig()) as sim, worker_process(env, sim, log, debug):
+    async with (
+        Simulator(SimConfig()) as sim,
+        worker_process(simulator_env(env, sim, STREAM_LOG_LEVEL="DEBUG"), log),
+    ):
         value = request("log-1", "deepseek-v3-0324-syn", PROMPT, metadata={"m": PROMPT})
         await send(settings, [("log-1", value), ("log-2", PROMPT.encode())])
         found = await terminal(settings, 2)

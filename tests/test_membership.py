@@ -8,8 +8,7 @@ import collections
 import dataclasses
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,10 @@ from stream.engine.engine import Engine, Output
 from stream.engine.membership import Membership
 from stream.engine.rebalance import Listener, Rebalancer
 from stream.errors import FencedError, KafkaError
-from tests.conftest import eventually
-from tests.enginekit import committed, create_topic, end_offsets, produce, read_all
-from tests.test_pipeline import request, send, terminal
+from tests.kit import eventually
+from tests.kit.kafka import Record, committed, create_topic, end_offsets, produce, read_all
+from tests.kit.requests import request, send, terminal
+from tests.kit.workers import engine_on, simulator_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -83,18 +83,6 @@ def _engine(
     )
 
 
-@asynccontextmanager
-async def running(engine: Engine) -> AsyncIterator[Engine]:
-    async with anyio.create_task_group() as group:
-        group.start_soon(engine.run)
-        with anyio.fail_after(60):
-            await engine.ready.wait()
-        try:
-            yield engine
-        finally:
-            engine.stop()
-
-
 def _open() -> anyio.Event:
     gate = anyio.Event()
     gate.set()
@@ -136,7 +124,7 @@ async def test_a_restart_with_the_same_instance_id_is_no_rebalance_and_no_refetc
     static = {n: _with(live, instance_id=f"w{n}") for n in "ab"}
     a = _engine(static["a"], "a", group, source, sink, calls, _open())
     b = _engine(static["b"], "b", group, source, sink, calls, _open())
-    async with running(b), running(a):
+    async with engine_on(b), engine_on(a):
         await _outputs(live, sink, set(first), "read_uncommitted")
         await eventually(_both_assigned(a, b))
         owned_by_a = {(p.topic, p.partition) for p in a.snapshot().partitions}
@@ -148,7 +136,7 @@ async def test_a_restart_with_the_same_instance_id_is_no_rebalance_and_no_refetc
         await produce(live, source, later)
         again_calls = Calls()
         again = _engine(static["a"], "a", group, source, sink, again_calls, _open())
-        async with running(again):
+        async with engine_on(again):
             await _outputs(live, sink, set(first) | set(later), "read_uncommitted")
             assert {(p.topic, p.partition) for p in again.snapshot().partitions} == owned_by_a
             assert b.snapshot().rebalances == rebalances  # the others saw nothing
@@ -182,7 +170,7 @@ async def test_a_partition_that_came_back_keeps_its_running_calls_and_one_that_m
     group = live.group("probation")
     values = {p: [f"p{p}-{i}".encode() for i in range(10)] for p in (0, 1)}
     for p, batch in values.items():
-        await produce(live, source, batch, partition=p)
+        await produce(live, source, [Record(v, partition=p) for v in batch])
     calls = Calls(target=20)
     gate = anyio.Event()
     a = _engine(live, "a", group, source, sink, calls, gate)
@@ -198,10 +186,10 @@ async def test_a_partition_that_came_back_keeps_its_running_calls_and_one_that_m
 
     monkeypatch.setattr(Rebalancer, "assign", assign_later)
     isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
-    async with running(a):
+    async with engine_on(a):
         with anyio.fail_after(60):
             await calls.started.wait()  # all 20 calls running on a, none finished
-        async with running(b):
+        async with engine_on(b):
             with anyio.fail_after(60):
                 await on_probation.wait()  # a revoked everything and rejoined
             gate.set()  # a's 20 calls answer while the group decides
@@ -226,7 +214,7 @@ def _answered(engine: Engine, count: int) -> Any:
     """`count` of the engine's records have their answer and wait to be written."""
 
     async def check() -> bool:
-        return sum(len(p.waiting) for p in engine._partitions.values()) >= count
+        return sum(p.held for p in engine.snapshot().partitions) >= count
 
     return check
 
@@ -276,13 +264,12 @@ async def test_a_static_worker_comes_back_after_sigkill_and_a_second_one_with_it
     takes over; the first exits with one line saying so, instead of both flapping."""
     await topics.apply(settings, await topics.plan(settings))
     async with Simulator(SimConfig()) as sim:
-        worker_env = {
-            **env,
-            "SYNTHETIC_BASE_URL": sim.url,
-            "SYNTHETIC_API_KEY": "sim",
-            "STREAM_SESSION_TIMEOUT_MS": "120000",
-            "STREAM_REBALANCE_TIMEOUT_MS": "180000",
-        }
+        worker_env = simulator_env(
+            env,
+            sim,
+            STREAM_SESSION_TIMEOUT_MS="120000",
+            STREAM_REBALANCE_TIMEOUT_MS="180000",
+        )
         workers = _Workers(worker_env, tmp_path)
         try:
             first = await workers.start("first")
@@ -374,9 +361,10 @@ async def test_a_partition_paused_on_its_new_assignment_before_it_came_back_fetc
 
     topic = await create_topic(settings, "comeback-paused", 1)
     tp = TopicPartition(topic, 0)
+    group = settings.group("comeback-paused")
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka.bootstrap_servers,
-        group_id=settings.group("comeback-paused"),
+        group_id=group,
         enable_auto_commit=False,
     )
     await consumer.start()
@@ -388,7 +376,7 @@ async def test_a_partition_paused_on_its_new_assignment_before_it_came_back_fetc
         flow = Flow(settings.engine, partitions, lambda p, r: None)
         flow.update(consumer)
         assert consumer.paused() == {tp}
-        membership = Membership(settings.kafka, consumer._group_id, None)
+        membership = Membership(settings.kafka, group, None)
         membership.attach(consumer)
 
         async def commit(chosen: Any) -> None:

@@ -24,9 +24,10 @@ from stream.observe.health import Health, serve
 from stream.observe.lag import LagMonitor, LagRow, Status
 from stream.observe.lagmetrics import exported_groups
 from stream.observe.metrics import MAX_LABEL_VALUES, Metrics
-from tests.conftest import ROOT
-from tests.fakes import FakeEngine, PartitionSnapshot
-from tests.lagkit import commit, create_topic, live_member, produce
+from tests.kit import ROOT
+from tests.kit.fakes import FakeEngine, PartitionSnapshot
+from tests.kit.kafka import commit, create_topic, produce
+from tests.kit.lag import live_member, stamped
 
 pytestmark = pytest.mark.anyio
 
@@ -147,7 +148,7 @@ async def test_lag_metrics_carry_kafka_lag_exporter_names_from_the_monitor_cache
 ) -> None:
     topic = await create_topic(settings, "metrics.lag", 2)
     old = int(time.time() * 1000) - 120_000
-    await produce(settings, topic, 0, [old] * 4)
+    await produce(settings, topic, stamped(0, [old] * 4))
     group = settings.group("metrics")
     await commit(settings, group, {TopicPartition(topic, 0): 1})
     metrics = Metrics()

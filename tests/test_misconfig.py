@@ -11,7 +11,7 @@ import pytest
 
 from stream import topics
 from stream.config import Settings
-from tests.conftest import run_cli
+from tests.kit import run_cli
 
 pytestmark = pytest.mark.anyio
 

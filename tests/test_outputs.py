@@ -13,7 +13,8 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from stream.config import EngineSettings, Settings
 from stream.engine.engine import Engine, Output
-from tests.enginekit import create_topic, produce, read_all
+from tests.kit.kafka import Record, create_topic, produce, read_all
+from tests.kit.workers import engine_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -31,7 +32,7 @@ async def test_outputs_follow_their_input_partition_or_hash_their_key(settings: 
     # Each input sits where hashing would NOT put it, so only following can land it there.
     for partition in range(6):
         mine = [key for key in keys if (_hashed(key, 6) + 1) % 6 == partition]
-        await produce(settings, source, mine, keys=mine, partition=partition)
+        await produce(settings, source, [Record(key, key, partition) for key in mine])
     done = anyio.Event()
     handled = 0
 
@@ -57,11 +58,8 @@ async def test_outputs_follow_their_input_partition_or_hash_their_key(settings: 
         handler=handler,
         on_error=lambda record, exc: [],
     )
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as group:
-            group.start_soon(engine.run)
-            await done.wait()
-            engine.stop()
+    async with engine_on(engine):
+        await done.wait()
 
     inputs = {r.key: r.partition for r in await read_all(settings, source)}
     written = await read_all(settings, same)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import base64
 import shutil
-import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +18,14 @@ import orjson
 import pytest
 
 from stream import topics
-from stream.config import Secret, Settings
+from stream.config import Settings
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
-from stream.stages import Topics
 from stream.worker import Worker
-from tests.conftest import eventually, run_cli
-from tests.records import produce, read_all
-from tests.workerkit import worker_process
+from tests.kit import eventually, run_cli
+from tests.kit.kafka import Record, produce, read_all
+from tests.kit.requests import request, send, terminal
+from tests.kit.workers import BOTH, simulator_env, worker_on, worker_process
 
 pytestmark = pytest.mark.anyio
 
@@ -43,127 +41,28 @@ SCHEMAS = {
 }
 
 
-def request(rid: str, model: str, text: str = "Say hello.", **extra: Any) -> bytes:
-    return orjson.dumps(
-        {
-            "request_id": rid,
-            "model": model,
-            "messages": [{"role": "user", "content": text}],
-            **extra,
-        }
-    )
+# One retry per provider and a short breaker cool-down: an outage ends within a test.
+ONE_RETRY = {
+    "STREAM_SYNTHETIC_MAX_RETRIES": "1",
+    "STREAM_TOGETHER_MAX_RETRIES": "1",
+    "STREAM_SYNTHETIC_BREAKER_COOLDOWN_S": "1",
+    "STREAM_TOGETHER_BREAKER_COOLDOWN_S": "1",
+}
 
 
-def simulated(settings: Settings, sim: Simulator, *, together_key: str = "sim") -> Settings:
-    return replace(
-        settings,
-        synthetic=replace(
-            settings.synthetic,
-            base_url=f"{sim.base}/openai/v1",
-            api_key=Secret("sim"),
-            max_retries=1,
-            breaker_cooldown_s=1.0,
-        ),
-        together=replace(
-            settings.together,
-            base_url=sim.url,
-            api_key=Secret(together_key),
-            max_retries=1,
-            breaker_cooldown_s=1.0,
-        ),
-    )
+def simulated(env: dict[str, str], sim: Simulator, **more: str) -> Settings:
+    return Settings.from_env(simulator_env(env, sim, **ONE_RETRY, **more))
 
 
 @asynccontextmanager
-async def running(settings: Settings, faults: str = FAULTS) -> AsyncIterator[Worker]:
-    """Topics applied, the simulator up, and both stages running in this process."""
-    await topics.apply(settings, await topics.plan(settings))
-    async with Simulator(SimConfig(faults=parse_faults(faults))) as sim:
-        live = simulated(settings, sim)
-        worker = Worker(live, ("primary", "fallback"))
-        async with anyio.create_task_group() as group:
-            group.start_soon(worker.run)
-            await worker.started.wait()
-            for engine in worker.engines:
-                await engine.ready.wait()
+async def running(env: dict[str, str]) -> AsyncIterator[Worker]:
+    """The simulator up (with FAULTS), and both stages running in this process."""
+    async with Simulator(SimConfig(faults=parse_faults(FAULTS))) as sim:
+        async with worker_on(Worker(simulated(env, sim), BOTH)) as worker:
             yield worker
-            worker.stop()
 
 
-async def terminal(
-    settings: Settings, count: int
-) -> dict[str, tuple[str, dict[str, Any], dict[str, bytes]]]:
-    """request id → (topic, record, headers) of every terminal record, once `count` exist."""
-    names = Topics.of(settings)
-    found: dict[str, Any] = {}
-
-    async def enough() -> bool:
-        found.clear()
-        for topic in (names.results, names.dead_letter):
-            for record in await read_all(settings, topic):
-                value = orjson.loads(record.value)
-                rid = value["request_id"] or dict(record.headers)["request-id"].decode()
-                assert rid not in found, f"two terminal records for {rid}"
-                found[rid] = (topic, value, dict(record.headers))
-        return len(found) >= count
-
-    await eventually(enough, timeout_s=60)
-    return found
-
-
-async def send(
-    settings: Settings,
-    items: list[tuple[str, bytes]],
-    headers: Callable[[str], list[tuple[str, bytes]]] | None = None,
-) -> None:
-    topic = settings.topic("predictions.requests")
-    await produce(
-        settings,
-        topic,
-        [
-            (
-                None,
-                rid.encode(),
-                value,
-                None,
-                headers(rid) if headers else [("request-id", rid.encode())],
-            )
-            for rid, value in items
-        ],
-    )
-
-
-async def worker_round_trip(
-    command: list[str | Path],
-    env: dict[str, str],
-    settings: Settings,
-    items: list[tuple[str, bytes]],
-    *,
-    log: Path,
-    cwd: Path | None = None,
-    ready: Callable[[], Awaitable[None]] | None = None,
-) -> tuple[dict[str, tuple[str, dict[str, Any], dict[str, bytes]]], int]:
-    """A worker process (stderr to `log`) is sent `items`; once each has its terminal
-    record it gets SIGTERM. Returns the terminal records and its exit code; on any
-    failure it is killed, never left running."""
-    with log.open("wb") as stderr:
-        process = await anyio.open_process(command, cwd=cwd, env=env, stderr=stderr)
-        try:
-            if ready is not None:
-                await ready()
-            await send(settings, items)
-            found = await terminal(settings, len(items))
-            process.send_signal(signal.SIGTERM)
-            with anyio.fail_after(60):
-                code = await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-    return found, code
-
-
-async def test_every_request_ends_as_exactly_one_right_terminal_record(settings: Settings) -> None:
+async def test_every_request_ends_as_exactly_one_right_terminal_record(env: dict[str, str]) -> None:
     cases = {
         "ok-r1": (request("ok-r1", "deepseek-r1-0528-syn"), "synthetic"),
         "ok-v3": (
@@ -187,7 +86,7 @@ async def test_every_request_ends_as_exactly_one_right_terminal_record(settings:
             "invalid_request",
         ),
     }
-    async with running(settings) as worker:
+    async with running(env) as worker:
         live = worker.settings
         await send(
             live,
@@ -215,8 +114,8 @@ async def test_every_request_ends_as_exactly_one_right_terminal_record(settings:
     assert found["nofb-glm"][1]["failures"][0]["status"] == 500
 
 
-async def test_fallback_records_carry_the_failure_and_validate(settings: Settings) -> None:
-    async with running(settings) as worker:
+async def test_fallback_records_carry_the_failure_and_validate(env: dict[str, str]) -> None:
+    async with running(env) as worker:
         live = worker.settings
         await send(live, [("fb-1", request("fb-1", "kimi-k2-thinking-syn"))])
         await terminal(live, 1)
@@ -229,11 +128,13 @@ async def test_fallback_records_carry_the_failure_and_validate(settings: Setting
     assert dict(hop.headers)["request-id"] == b"fb-1"
 
 
-async def test_no_together_key_dead_letters_as_unconfigured(settings: Settings) -> None:
+async def test_no_together_key_dead_letters_as_unconfigured(
+    settings: Settings, env: dict[str, str]
+) -> None:
     await topics.apply(settings, await topics.plan(settings))
     async with Simulator(SimConfig(faults=parse_faults(FAULTS))) as sim:
-        live = simulated(settings, sim, together_key="")
-        worker = Worker(live, ("primary", "fallback"))
+        live = simulated(env, sim, TOGETHER_API_KEY="")
+        worker = Worker(live, BOTH)
         async with anyio.create_task_group() as group:
             group.start_soon(worker.run)
             await send(live, [("k-1", request("k-1", "kimi-k2-thinking-syn"))])
@@ -243,18 +144,18 @@ async def test_no_together_key_dead_letters_as_unconfigured(settings: Settings) 
     assert "TOGETHER_API_KEY" in found["k-1"][1]["error"]
 
 
-async def test_a_malformed_record_between_two_good_ones(settings: Settings) -> None:
+async def test_a_malformed_record_between_two_good_ones(env: dict[str, str]) -> None:
     bad = b'{"request_id": "bad", "model": "deepseek-r1-0528-syn", "messages": [{"role"'
-    async with running(settings) as worker:
+    async with running(env) as worker:
         live = worker.settings
         topic = live.topic("predictions.requests")
         await produce(
             live,
             topic,
             [
-                (0, b"k", request("good-1", "deepseek-v3-0324-syn"), None, []),
-                (0, b"k", bad, None, [("request-id", b"bad")]),
-                (0, b"k", request("good-2", "deepseek-v3-0324-syn"), None, []),
+                Record(request("good-1", "deepseek-v3-0324-syn"), b"k", 0),
+                Record(bad, b"k", 0, headers=[("request-id", b"bad")]),
+                Record(request("good-2", "deepseek-v3-0324-syn"), b"k", 0),
             ],
         )
         found = await terminal(live, 3)
@@ -272,8 +173,8 @@ async def _kcat(*args: str, data: bytes | None = None) -> bytes:
 
 
 @pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat is not installed")
-async def test_a_non_python_upstream_can_produce_and_read_with_kcat(settings: Settings) -> None:
-    async with running(settings) as worker:
+async def test_a_non_python_upstream_can_produce_and_read_with_kcat(env: dict[str, str]) -> None:
+    async with running(env) as worker:
         live = worker.settings
         brokers = live.kafka.bootstrap_servers
         await _kcat(
@@ -314,7 +215,10 @@ async def test_stream_run_all_as_a_process_drains_on_sigterm(
 ) -> None:
     await topics.apply(settings, await topics.plan(settings))
     log = tmp_path / "worker.log"
-    async with Simulator(SimConfig()) as sim, worker_process(env, sim, log) as process:
+    async with (
+        Simulator(SimConfig()) as sim,
+        worker_process(simulator_env(env, sim), log) as process,
+    ):
         await send(
             settings,
             [(f"p-{i}", request(f"p-{i}", "deepseek-v3-0324-syn")) for i in range(20)],
@@ -334,13 +238,13 @@ async def test_stream_run_without_topics_is_one_clear_line(env: dict[str, str]) 
 
 
 async def test_a_running_worker_serves_metrics_that_move_and_is_ready(
-    settings: Settings,
+    settings: Settings, env: dict[str, str]
 ) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     await topics.apply(settings, await topics.plan(settings))
     async with Simulator(SimConfig(faults=parse_faults(FAULTS))) as sim:
-        worker = Worker(simulated(settings, sim), ("primary", "fallback"))
+        worker = Worker(simulated(env, sim), BOTH)
         async with anyio.create_task_group() as group, httpx.AsyncClient() as http:
             group.start_soon(worker.run)
             await worker.started.wait()
@@ -388,7 +292,7 @@ async def test_redrive_after_an_outage_turns_fallback_failed_into_results(
         (f"o-{i}", request(f"o-{i}", "deepseek-r1-0528-syn", f"[[sim:503x4]] q{i}"))
         for i in range(5)
     ]
-    async with running(settings) as worker:
+    async with running(env) as worker:
         live = worker.settings
         await send(live, items)
         first = await terminal(live, len(items))

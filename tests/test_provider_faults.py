@@ -17,9 +17,10 @@ import pytest
 from stream import records
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
-from tests.conftest import eventually
-from tests.test_pipeline import request, send, terminal
-from tests.workerkit import Peaks, running_worker, simulated_settings
+from stream.worker import Worker
+from tests.kit import eventually
+from tests.kit.requests import request, send, terminal
+from tests.kit.workers import BOTH, Peaks, simulated_settings, worker_on
 
 pytestmark = pytest.mark.anyio
 
@@ -55,7 +56,7 @@ async def test_a_faulty_provider_still_gives_one_terminal_record_each(
     peaks = Peaks()
     async with Simulator(SimConfig(faults=parse_faults(faults), seed=7)) as sim:
         settings = simulated_settings(env, sim, max_in_flight=MAX_IN_FLIGHT)
-        async with running_worker(settings, peaks) as worker:
+        async with worker_on(Worker(settings, BOTH), peaks=peaks) as worker:
             batch = _batch("f", 48, deadline_s=20)
             await send(settings, batch)
             found = await terminal(settings, len(batch))
@@ -102,7 +103,7 @@ async def test_memory_stays_bounded_over_a_long_faulty_run(env: dict[str, str]) 
     peaks = Peaks()
     async with Simulator(SimConfig(faults=parse_faults(faults), seed=3)) as sim:
         settings = simulated_settings(env, sim, max_in_flight=MAX_IN_FLIGHT)
-        async with running_worker(settings, peaks):
+        async with worker_on(Worker(settings, BOTH), peaks=peaks):
             sizes = []
             total = 0
             for round_ in range(3):

@@ -12,8 +12,8 @@ from stream import topics
 from stream.backfill.redrive import GROUP, REASONS, Redrive, RedriveOptions
 from stream.config import Settings
 from stream.records import Decoder
-from tests.conftest import run_cli
-from tests.records import Record, create_topics, produce, read_all
+from tests.kit import run_cli
+from tests.kit.kafka import Record, create_topics, produce, read_all
 
 pytestmark = pytest.mark.anyio
 
@@ -61,7 +61,7 @@ def _letter(i: int) -> Record:
     if attempt is not None:
         headers.append(("attempt", attempt))
     key = f"k{i}".encode() if i % 2 else None  # some keyless: the request_id stands in
-    return (i % 3, key, orjson.dumps(value), BASE + i * 1000, headers)
+    return Record(orjson.dumps(value), key, i % 3, BASE + i * 1000, headers)
 
 
 async def _dead_letters(settings: Settings) -> list[Record]:
@@ -69,7 +69,7 @@ async def _dead_letters(settings: Settings) -> list[Record]:
     letters = [_letter(i) for i in range(COUNT)]
     validate = jsonschema.Draft7Validator(_schema(DEAD)).validate
     for letter in letters:
-        validate(orjson.loads(letter[2]))  # the test input honours the contract
+        validate(orjson.loads(letter.value))  # the test input honours the contract
     await produce(settings, settings.topic(DEAD), letters)
     return letters
 
@@ -112,7 +112,7 @@ async def test_redrive_sends_eligible_letters_once_with_attempt_incremented(
         topic, partition, offset = headers["redriven-from"].decode().rsplit("/", 2)
         assert topic == settings.topic(DEAD)
         i = int(orjson.loads(record.value)["request_id"][1:])
-        _, key, value, _, old = letters[i]
+        key, value, old = letters[i].key, letters[i].value, letters[i].headers
         assert int(partition) == i % 3
         assert orjson.loads(record.value) == orjson.loads(value)["request"]
         validate(orjson.loads(record.value))
@@ -211,10 +211,10 @@ async def test_redriven_requests_get_a_fresh_deadline(
     await create_topics(settings, {DEAD: 3, REQUESTS: 3, BACKFILL: 3})
     letters = [_letter(i) for i in (1, 7)]  # expired, the second a re-drive already
     for i, letter in zip((1, 7), letters, strict=True):
-        value = orjson.loads(letter[2])
+        value = orjson.loads(letter.value)
         value["request"]["deadline"] = "2001-01-01T00:00:00Z"
-        headers = [*letter[4], ("attempt", b"2")] if i == 7 else letter[4]
-        letters[letters.index(letter)] = (*letter[:2], orjson.dumps(value), letter[3], headers)
+        headers = [*letter.headers, ("attempt", b"2")] if i == 7 else letter.headers
+        letters[letters.index(letter)] = letter._replace(value=orjson.dumps(value), headers=headers)
     await produce(settings, settings.topic(DEAD), letters)
     before = time.time()
     done = await run_cli(env, "redrive", "--deadline", "10m")
@@ -233,11 +233,13 @@ async def test_redriven_requests_get_a_fresh_deadline(
 async def test_attempts_are_capped_so_re_drives_cannot_loop(settings: Settings) -> None:
     """A request that keeps failing goes round at most --max-attempts times."""
     await create_topics(settings, {DEAD: 1, REQUESTS: 1, BACKFILL: 1})
-    _, key, value, stamp, headers = _letter(0)  # fallback_failed, attempt 1
-    headers = [(k, v) for k, v in headers if k != "attempt"]
+    letter = _letter(0)  # fallback_failed, attempt 1
+    headers = [(k, v) for k, v in letter.headers if k != "attempt"]
     for round_ in range(1, 5):
         # it failed again: the stage wrote a dead letter with the attempt it ran as
-        await produce(settings, settings.topic(DEAD), [(0, key, value, stamp, headers)])
+        await produce(
+            settings, settings.topic(DEAD), [letter._replace(partition=0, headers=headers)]
+        )
         run = Redrive(settings=settings, options=_options(settings))
         await run.run()
         sent = await read_all(settings, settings.topic(REQUESTS))
@@ -252,9 +254,9 @@ async def test_attempts_are_capped_so_re_drives_cannot_loop(settings: Settings) 
 
 async def test_handler_errors_with_their_request_are_re_driven(settings: Settings) -> None:
     await create_topics(settings, {DEAD: 1, REQUESTS: 1, BACKFILL: 1})
-    value = orjson.loads(_letter(0)[2])
+    value = orjson.loads(_letter(0).value)
     value["reason"] = "handler_error"
-    await produce(settings, settings.topic(DEAD), [(0, None, orjson.dumps(value), None, [])])
+    await produce(settings, settings.topic(DEAD), [Record(orjson.dumps(value), partition=0)])
     run = Redrive(settings=settings, options=_options(settings))
     await run.run()
     assert run.counts[("handler_error", "redriven")] == 1

@@ -15,9 +15,9 @@ from stream.backfill.replay import PartitionReplay, Replay, ReplayOptions
 from stream.backfill.window import Span, parse_time
 from stream.config import Settings
 from stream.errors import ConfigError
-from tests.conftest import run_cli
-from tests.kcat import kcat_produce, needs_kcat
-from tests.records import Record, create_topics, produce, read_all
+from tests.kit import run_cli
+from tests.kit.kafka import Record, create_topics, produce, read_all
+from tests.kit.kcat import kcat_produce, needs_kcat
 
 pytestmark = pytest.mark.anyio
 
@@ -34,7 +34,7 @@ def _rfc3339(ms: int) -> str:
 def _request(i: int) -> Record:
     value = orjson.dumps({"request_id": f"r{i}", "model": "m", "messages": [{"role": "user"}]})
     headers = [("request-id", f"r{i}".encode()), ("attempt", b"1")]
-    return (i % 3, f"k{i}".encode(), value, BASE + i * 1000, headers)
+    return Record(value, f"k{i}".encode(), i % 3, BASE + i * 1000, headers)
 
 
 async def _source(settings: Settings, *, target_partitions: int = 3) -> None:
@@ -185,12 +185,16 @@ async def test_records_the_client_cannot_decode_or_write_are_reported_not_fatal(
     await create_topics(settings, {SOURCE: 3, TARGET: 3})
     source = settings.topic(SOURCE)
     now = int(time.time() * 1000)
-    await produce(settings, source, [(1, None, f"{i}".encode(), now, []) for i in range(3)])
+    await produce(
+        settings, source, [Record(f"{i}".encode(), partition=1, timestamp_ms=now) for i in range(3)]
+    )
     bad = [(b"\xff\xfekey", b"val")]
     await kcat_produce(settings.kafka.bootstrap_servers, source, 1, [b"{}"], headers=bad)
     await kcat_produce(settings.kafka.bootstrap_servers, source, 0, [None])  # no key, no value
     await produce(
-        settings, source, [(p, None, f"{p}{i}".encode(), now, []) for p in (0, 1) for i in (7, 8)]
+        settings,
+        source,
+        [Record(f"{p}{i}".encode(), partition=p, timestamp_ms=now) for p in (0, 1) for i in (7, 8)],
     )
 
     done = await run_cli(env, "replay", "--since", "1h")

@@ -12,11 +12,10 @@ import logging
 import traceback
 from collections.abc import Iterable
 
-import anyio
 import httpx
 import pytest
 
-from stream import logs, topics
+from stream import logs
 from stream.catalog import Catalog, Model, load_catalog
 from stream.config import Settings
 from stream.devtools.simulator import SimConfig, Simulator
@@ -24,8 +23,9 @@ from stream.errors import ProviderError
 from stream.providers import ProviderClient
 from stream.stages import Topics
 from stream.worker import Worker
-from tests.records import read_all
-from tests.test_pipeline import request, send, terminal
+from tests.kit.kafka import read_all
+from tests.kit.requests import request, send, terminal
+from tests.kit.workers import BOTH, worker_on
 
 pytestmark = pytest.mark.anyio
 
@@ -80,22 +80,17 @@ async def test_no_secret_in_logs_records_metrics_reprs_or_errors(
         Simulator(SimConfig(api_key="the-right-together-key")) as together,
     ):
         settings = Settings.from_env(_env(env, synthetic, together))
-        await topics.apply(settings, await topics.plan(settings))
-        worker = Worker(settings, ("primary", "fallback"))
         cases = {
             "s-mapped": request("s-mapped", "deepseek-r1-0528-syn"),  # → fallback_failed
             "s-unmapped": request("s-unmapped", "glm-4.6-syn"),  # → no_fallback
             "s-garbage": b"\xff" + SYNTHETIC_KEY.encode()[:4],  # → invalid_encoding
         }
-        async with anyio.create_task_group() as group, httpx.AsyncClient() as http:
-            group.start_soon(worker.run)
-            await worker.started.wait()
+        async with worker_on(Worker(settings, BOTH)) as worker, httpx.AsyncClient() as http:
             await send(settings, list(cases.items()))
             found = await terminal(settings, len(cases))
             metrics = (await http.get(f"http://127.0.0.1:{worker.port}/metrics")).text
             texts = [metrics, repr(worker), repr(settings), str(settings)]
             texts += [repr(engine) for engine in worker.engines]
-            worker.stop()
         texts += await _provider_errors(settings)
     names = Topics.of(settings)
     for topic in (names.results, names.fallback, names.dead_letter):

@@ -17,8 +17,9 @@ from stream.config import Settings
 from stream.devtools.broker import LocalBroker, free_port
 from stream.devtools.faults import parse_faults
 from stream.devtools.simulator import SimConfig, Simulator
-from tests.conftest import run_cli
-from tests.test_pipeline import request, worker_round_trip
+from tests.kit import run_cli
+from tests.kit.requests import request
+from tests.kit.workers import simulator_env, worker_round_trip
 
 pytestmark = pytest.mark.anyio
 
@@ -188,15 +189,12 @@ async def test_a_user_without_acls_is_told_so(
 def _worker_env(
     broker: LocalBroker, base: dict[str, str], sim: Simulator, password: str, prefix: str
 ) -> dict[str, str]:
-    return {
-        **_env(broker, base, "stream", password),
-        "STREAM_TOPIC_PREFIX": prefix,
-        "SYNTHETIC_BASE_URL": sim.url,
-        "SYNTHETIC_API_KEY": "sim",
-        "TOGETHER_BASE_URL": sim.url,
-        "TOGETHER_API_KEY": "sim",
-        "STREAM_METRICS_PORT": "0",
-    }
+    return simulator_env(
+        _env(broker, base, "stream", password),
+        sim,
+        STREAM_TOPIC_PREFIX=prefix,
+        STREAM_METRICS_PORT="0",
+    )
 
 
 @pytest.mark.timeout(180)
@@ -389,12 +387,7 @@ async def test_every_kafka_command_takes_the_kafka_tools_options_over_sasl_ssl(
     assert {row["topic"] for row in rows} >= {"sec.cc.predictions.requests"}
 
     async with Simulator(SimConfig()) as sim:
-        worker_env = {
-            **misleading,
-            "SYNTHETIC_BASE_URL": sim.url,
-            "SYNTHETIC_API_KEY": "sim",
-            "STREAM_METRICS_PORT": "0",
-        }
+        worker_env = simulator_env(misleading, sim, STREAM_METRICS_PORT="0")
         settings = Settings.from_env(
             {**_env(tls_broker, env, "stream", PASSWORD), "STREAM_TOPIC_PREFIX": "sec.cc."}
         )

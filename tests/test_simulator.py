@@ -21,7 +21,7 @@ from stream.devtools.faults import (
 )
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.errors import ConfigError
-from tests.conftest import ROOT
+from tests.kit import ROOT
 
 pytestmark = pytest.mark.anyio
 

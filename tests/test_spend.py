@@ -25,9 +25,10 @@ from stream.prices import Price
 from stream.spend import HELD, Budget
 from stream.stages import Topics
 from stream.worker import Worker, spend_lanes
-from tests.conftest import eventually
-from tests.records import produce, read_all
-from tests.workerkit import simulated_settings
+from tests.kit import eventually
+from tests.kit.kafka import produce, read_all
+from tests.kit.requests import request
+from tests.kit.workers import simulated_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -170,16 +171,6 @@ PRICES = """
 """
 
 
-def _value(index: int) -> bytes:
-    return orjson.dumps(
-        {
-            "request_id": f"s-{index:03d}",
-            "model": MODEL,
-            "messages": [{"role": "user", "content": f"Question {index}: what is a budget?"}],
-        }
-    )
-
-
 def _max_window(results: list[dict[str, Any]], window_s: float) -> float:
     spend = sorted(
         (datetime.fromisoformat(r["completed_at"]).timestamp(), r["cost_usd"]) for r in results
@@ -210,7 +201,10 @@ async def test_the_spend_limit_holds_a_worker_and_loses_nothing(
         await produce(
             settings,
             names.requests,
-            [(None, None, _value(i), None, []) for i in range(REQUESTS)],
+            [
+                request(f"s-{i:03d}", MODEL, f"Question {i}: what is a budget?")
+                for i in range(REQUESTS)
+            ],
         )
         worker = Worker(settings, ("primary",))
         held_seen: set[str | None] = set()

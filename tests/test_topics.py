@@ -12,7 +12,8 @@ from stream import topics
 from stream.config import Settings
 from stream.errors import TopicSpecError
 from stream.kafka import admin_client
-from tests.conftest import eventually, run_cli
+from tests.kit import eventually, run_cli
+from tests.kit.kafka import partitions, topic_configs
 
 pytestmark = pytest.mark.anyio
 
@@ -25,14 +26,6 @@ DECLARED = {
 }
 
 
-async def _described(settings: Settings, name: str) -> tuple[int, dict[str, str]]:
-    async with admin_client(settings.kafka, doing="test") as admin:
-        (description,) = await admin.describe_topics([name])
-        (response,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
-    configs = {entry[0]: entry[1] for entry in response.resources[0][4]}
-    return len(description["partitions"]), configs
-
-
 async def test_apply_creates_every_declared_topic_with_its_configs(settings: Settings) -> None:
     changes = await topics.plan(settings)
     assert {c.topic for c in changes} == {settings.topic(name) for name in DECLARED}
@@ -40,8 +33,8 @@ async def test_apply_creates_every_declared_topic_with_its_configs(settings: Set
     await topics.apply(settings, changes)
 
     for spec in topics.load_specs(settings.topics_dir, prefix=settings.topic_prefix):
-        partitions, configs = await _described(settings, spec.name)
-        assert partitions == spec.partitions
+        configs = await topic_configs(settings, spec.name)
+        assert len(await partitions(settings, spec.name)) == spec.partitions
         assert configs["retention.ms"] == spec.configs["retention.ms"]
         assert configs["cleanup.policy"] == spec.configs["cleanup.policy"]
         # one broker: min.insync.replicas is fitted to the replication it can have
@@ -76,14 +69,14 @@ async def test_config_drift_is_set_back_and_other_overrides_are_kept(settings: S
 
     # the out-of-band change reaches the broker's metadata a moment after it is acknowledged
     async def altered() -> bool:
-        return (await _described(settings, name))[1]["retention.ms"] == "1000"
+        return (await topic_configs(settings, name))["retention.ms"] == "1000"
 
     await eventually(altered)
     (change,) = [c for c in await topics.plan(settings) if c.topic == name]
     assert change.action == "update"
     assert change.configs == {"retention.ms": "604800000"}
     await topics.apply(settings, [change])
-    _, configs = await _described(settings, name)
+    configs = await topic_configs(settings, name)
     assert configs["retention.ms"] == "604800000"
     assert configs["segment.ms"] == "3600000"
 
@@ -99,11 +92,11 @@ async def test_fewer_partitions_made_out_of_band_is_drift(
     assert done.returncode == 3, done.stderr
     assert "drift" in done.stdout and "2 partitions, declared 6" in done.stdout
     assert name in done.stderr
-    assert (await _described(settings, name))[0] == 2  # nothing destroyed or changed
+    assert len(await partitions(settings, name)) == 2  # nothing destroyed or changed
 
     fixed = await run_cli(env, "topics", "apply", "--add-partitions")
     assert fixed.returncode == 0, fixed.stderr
-    assert (await _described(settings, name))[0] == 6
+    assert len(await partitions(settings, name)) == 6
 
 
 async def test_dry_run_changes_nothing(settings: Settings, env: dict[str, str]) -> None:

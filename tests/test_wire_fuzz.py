@@ -34,9 +34,9 @@ from stream.config import Settings
 from stream.devtools.broker import free_port
 from stream.devtools.simulator import simulate_command
 from stream.stages import Topics
-from tests.conftest import ROOT, eventually
-from tests.enginekit import end_offsets, read_all
-from tests.kcat import kcat_produce, needs_kcat
+from tests.kit import ROOT, eventually
+from tests.kit.kafka import end_offsets, read_all
+from tests.kit.kcat import kcat_produce, needs_kcat
 
 pytestmark = [pytest.mark.kafka, needs_kcat]
 

@@ -77,6 +77,16 @@ class Options:
     # --command-config laid over it (the runs are child processes that read it)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
+    def requests_for(self, mode: str) -> int:
+        """All the requests, but the naive loop only about _NAIVE_BUDGET_S of its work."""
+        if mode != "naive":
+            return self.requests
+        if self.naive_requests:
+            return self.naive_requests
+        # One call per partition at a time: about P / L per second.
+        rate = self.partitions / (self.latency + 0.01)
+        return min(self.requests, max(2 * self.partitions, int(rate * _NAIVE_BUDGET_S)))
+
     @classmethod
     def of(cls, args: argparse.Namespace) -> Options:
         env = clientconfig.environment(args, os.environ)
@@ -233,21 +243,11 @@ async def _http_run(mode: str, requests: int, options: Options, infra: Infra) ->
     return {**_latency_figures(requests, latencies), **figures}
 
 
-def _requests_for(mode: str, options: Options) -> int:
-    if mode != "naive":
-        return options.requests
-    if options.naive_requests:
-        return options.naive_requests
-    # One call per partition at a time: about P / L per second. Enough for ~10 s, not N.
-    rate = options.partitions / (options.latency + 0.01)
-    return min(options.requests, max(2 * options.partitions, int(rate * _NAIVE_BUDGET_S)))
-
-
 async def _bench(options: Options, bootstrap: str, sim: str) -> dict[str, Figures]:
     results: dict[str, list[Figures]] = {mode: [] for mode in options.runs}
     for round_ in range(options.repeat):
         for mode in options.runs:
-            requests = _requests_for(mode, options)
+            requests = options.requests_for(mode)
             if not options.json:
                 of = f" (round {round_ + 1} of {options.repeat})" if options.repeat > 1 else ""
                 print(f"running {mode} ({requests} requests){of}…", file=sys.stderr, flush=True)

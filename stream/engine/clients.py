@@ -17,7 +17,10 @@ from stream.engine.assignor import Claims, StickyAssignor
 from stream.engine.outputs import MAX_OUTPUT_BYTES, AtLeastOnceSink, Sink
 from stream.engine.transactions import ExactlyOnceSink
 
-__all__ = ["make_consumer", "make_sink"]
+__all__ = ["OFFSET_RESET", "make_consumer", "make_sink"]
+
+# Where a group without commits starts: a new group must not skip what is already there.
+OFFSET_RESET = "earliest"
 
 
 def make_consumer(
@@ -31,7 +34,7 @@ def make_consumer(
         group_id=group_id,
         group_instance_id=instance_id,
         enable_auto_commit=False,
-        auto_offset_reset="earliest",  # a new group must not skip what is already there
+        auto_offset_reset=OFFSET_RESET,
         isolation_level="read_committed" if exactly_once else "read_uncommitted",
         max_poll_interval_ms=config.max_poll_interval_ms,
         rebalance_timeout_ms=config.rebalance_timeout_ms,

@@ -39,6 +39,8 @@ class PartitionSnapshot(NamedTuple):
     # the last error Kafka gave for this partition's outputs since they last went through.
     oldest_write_s: float | None = None
     write_error: str | None = None
+    committed: int | None = None  # the offset the last commit wrote (None: none yet)
+    held: int = 0  # answered records whose outputs wait for a rebalance's verdict
 
 
 class Partition:
@@ -220,4 +222,6 @@ class Partition:
             oldest_in_flight_timestamp_ms=self.oldest_running_timestamp(),
             oldest_write_s=self.oldest_write_s(time.monotonic()),
             write_error=self.write_error,
+            committed=self.committed[0] if self.committed else None,
+            held=len(self.waiting),
         )

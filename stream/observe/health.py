@@ -35,7 +35,7 @@ from stream.errors import ConfigError
 from stream.observe.lag import LagMonitor
 from stream.observe.metrics import Metrics
 
-__all__ = ["Health", "ReadyEngine", "listen", "serve"]
+__all__ = ["Health", "ReadyEngine", "application", "listen", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,9 @@ class Health:
         return [f"{name}: {why}" for name, check in self._checks if (why := check()) is not None]
 
 
-def _app(metrics: Metrics, health: Health) -> web.Application:
+def application(metrics: Metrics, health: Health) -> web.Application:
+    """/metrics, /healthz and /readyz, to serve (or to mount in another aiohttp app)."""
+
     async def scrape(request: web.Request) -> web.Response:
         body = metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -115,7 +117,7 @@ async def serve(
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; `task_status.started` gets the bound port (port 0 picks one)."""
-    runner = web.AppRunner(_app(metrics, health), access_log=None)
+    runner = web.AppRunner(application(metrics, health), access_log=None)
     await runner.setup()
     try:
         # Two workers on one host with the default port is the usual way to get here.

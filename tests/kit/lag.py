@@ -1,5 +1,5 @@
-"""Kafka helpers for the lag tests: topics, records at given timestamps, commits as a group
-with no live member, and a live member that owns partitions without committing."""
+"""For the lag tests: records at given times, a live member that owns partitions without
+committing, and the readings `stream lag` and Kafka's own tool give."""
 
 from __future__ import annotations
 
@@ -8,49 +8,17 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import NewTopic
-from aiokafka.structs import OffsetAndMetadata
+from aiokafka import AIOKafkaConsumer
 
 from stream.config import Settings
-from stream.kafka import admin_client
 from stream.observe.lag import LagRow
-from tests.conftest import run_cli
+from tests.kit import run_cli
+from tests.kit.kafka import Record
 
 
-async def create_topic(settings: Settings, name: str, partitions: int) -> str:
-    topic = settings.topic(name)
-    async with admin_client(settings.kafka, doing="test") as admin:
-        await admin.create_topics([NewTopic(topic, partitions, 1)])
-    return topic
-
-
-async def produce(
-    settings: Settings, topic: str, partition: int, timestamps: Sequence[int]
-) -> None:
-    producer = AIOKafkaProducer(**settings.kafka.client_options())
-    await producer.start()
-    try:
-        for ts in timestamps:
-            await producer.send_and_wait(topic, b"{}", partition=partition, timestamp_ms=ts)
-    finally:
-        await producer.stop()
-
-
-async def commit(
-    settings: Settings, group: str, offsets: dict[TopicPartition, int], metadata: str = ""
-) -> None:
-    """Commit offsets as a group with no live member (as a stopped worker leaves them)."""
-    # No auto-commit: it would commit the background fetch position on stop, over ours.
-    consumer = AIOKafkaConsumer(
-        group_id=group, enable_auto_commit=False, **settings.kafka.client_options()
-    )
-    await consumer.start()
-    try:
-        consumer.assign(list(offsets))
-        await consumer.commit({tp: OffsetAndMetadata(o, metadata) for tp, o in offsets.items()})
-    finally:
-        await consumer.stop()
+def stamped(partition: int, timestamps: Sequence[int]) -> list[Record]:
+    """A record `{}` per timestamp, all on `partition`: lag in seconds is read from them."""
+    return [Record(b"{}", partition=partition, timestamp_ms=ts) for ts in timestamps]
 
 
 @asynccontextmanager

@@ -8,15 +8,15 @@ import functools
 import time
 
 import anyio
-import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from stream.config import Settings
 from stream.devtools.cluster import ClusterNode, LocalCluster, describe_partitions
 from stream.stages import Topics
-from tests.conftest import CLUSTER_BROKERS, eventually
+from tests.kit import eventually
+from tests.kit.requests import request
 
-BROKERS = CLUSTER_BROKERS
+BROKERS = 3  # the `local_cluster` fixture's size
 # Synthetic's Kimi is down (FAULTS in test_cluster): odd requests go through the fallback.
 MODELS = ("deepseek-v3-0324-syn", "kimi-k2-thinking-syn")
 
@@ -43,16 +43,6 @@ async def in_sync(settings: Settings, names: list[str], size: int, timeout_s: fl
     await eventually(check, timeout_s=timeout_s)
 
 
-def request(rid: str, n: int) -> bytes:
-    return orjson.dumps(
-        {
-            "request_id": rid,
-            "model": MODELS[n % len(MODELS)],
-            "messages": [{"role": "user", "content": f"question {n}"}],
-        }
-    )
-
-
 async def send(settings: Settings, ids: range, *, per_second: float = 0.0) -> None:
     """Write requests `ids`, at `per_second` when given. The producer is idempotent and
     retries across a leader change, so each request is written once."""
@@ -68,7 +58,11 @@ async def send(settings: Settings, ids: range, *, per_second: float = 0.0) -> No
             if per_second:
                 await anyio.sleep(max(0.0, began + (i - ids.start) / per_second - time.monotonic()))
             rid = f"r-{i}"
-            pending.append(await producer.send(topic, request(rid, i), key=rid.encode()))
+            pending.append(
+                await producer.send(
+                    topic, request(rid, MODELS[i % len(MODELS)], f"question {i}"), key=rid.encode()
+                )
+            )
         for future in pending:
             await future
     finally:

@@ -1,0 +1,157 @@
+"""Kafka as the tests see it, without the code under test: topics, records written and read
+back, end and committed offsets, and commits as a group with no live member."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.structs import OffsetAndMetadata
+
+from stream.config import Settings
+from stream.errors import ConfigError
+from stream.kafka import admin_client, group_offsets, topic_partitions
+from tests.kit import eventually
+
+
+class Record(NamedTuple):
+    """A record to write; Kafka picks what is left out (the partition from the key, the
+    time from the clock)."""
+
+    value: bytes | None
+    key: bytes | None = None
+    partition: int | None = None
+    timestamp_ms: int | None = None
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+async def create_topics(
+    settings: Settings, counts: dict[str, int], configs: dict[str, str] | None = None
+) -> list[str]:
+    """Create each named topic under this test's prefix with its partition count; their
+    full names, in order."""
+    names = [settings.topic(name) for name in counts]
+    async with admin_client(settings.kafka, doing="creating a test topic") as admin:
+        await admin.create_topics(
+            [
+                NewTopic(name, count, 1, topic_configs=configs or {})
+                for name, count in zip(names, counts.values(), strict=True)
+            ]
+        )
+    return names
+
+
+async def create_topic(
+    settings: Settings, name: str, partitions: int, configs: dict[str, str] | None = None
+) -> str:
+    (topic,) = await create_topics(settings, {name: partitions}, configs)
+    return topic
+
+
+async def produce(settings: Settings, topic: str, records: Iterable[Record | bytes]) -> None:
+    """Write `records` (bytes alone is a value) and wait until every one is acknowledged."""
+    producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all")
+    await producer.start()
+    try:
+        pending = []
+        for record in records:
+            r = Record(record) if isinstance(record, bytes) else record
+            headers = list(r.headers)
+            pending.append(
+                await producer.send(
+                    topic,
+                    r.value,
+                    key=r.key,
+                    partition=r.partition,
+                    timestamp_ms=r.timestamp_ms,
+                    headers=headers or None,
+                )
+            )
+        for future in pending:
+            await future
+    finally:
+        await producer.stop()
+
+
+async def read_all(
+    settings: Settings, topic: str, *, isolation: str = "read_uncommitted"
+) -> list[Any]:
+    """Every record in `topic` up to its end offsets at the time of the call, in partition
+    then offset order."""
+    tps = await partitions(settings, topic)
+    consumer = AIOKafkaConsumer(
+        **settings.kafka.client_options(), enable_auto_commit=False, isolation_level=isolation
+    )
+    await consumer.start()
+    try:
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        records: list[Any] = []
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+    return sorted(records, key=lambda r: (r.partition, r.offset))
+
+
+async def partitions(settings: Settings, topic: str) -> list[TopicPartition]:
+    """The topic's partitions, asked until the cluster knows them (a broker that just came
+    back can answer metadata without its topics for a moment)."""
+    found: list[TopicPartition] = []
+
+    async def known() -> bool:
+        try:
+            found[:] = (await topic_partitions(settings.kafka, [topic]))[topic]
+        except ConfigError:  # not in the metadata (yet)
+            return False
+        return bool(found)
+
+    await eventually(known)
+    return found
+
+
+async def topic_configs(settings: Settings, topic: str) -> dict[str, str]:
+    """The topic's configs as the cluster reports them, defaults included."""
+    resource = ConfigResource(ConfigResourceType.TOPIC, topic)
+    async with admin_client(settings.kafka, doing="describing a test topic") as admin:
+        (response,) = await admin.describe_configs([resource])
+    return {entry[0]: entry[1] for entry in response.resources[0][4]}
+
+
+async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    tps = await partitions(settings, topic)
+    consumer = AIOKafkaConsumer(**settings.kafka.client_options())
+    await consumer.start()
+    try:
+        return {tp.partition: offset for tp, offset in (await consumer.end_offsets(tps)).items()}
+    finally:
+        await consumer.stop()
+
+
+async def committed(settings: Settings, group: str, topic: str) -> dict[int, tuple[int, str]]:
+    """partition → (offset, metadata) that `group` committed for `topic`."""
+    tps = await partitions(settings, topic)
+    async with admin_client(settings.kafka, doing="reading committed offsets") as admin:
+        found = await group_offsets(admin, group, tps)
+    return {tp.partition: (om.offset, om.metadata) for tp, om in found.items() if om.offset >= 0}
+
+
+async def commit(
+    settings: Settings, group: str, offsets: dict[TopicPartition, int], metadata: str = ""
+) -> None:
+    """Commit offsets as a group with no live member (as a stopped worker leaves them)."""
+    # No auto-commit: it would commit the background fetch position on stop, over ours.
+    consumer = AIOKafkaConsumer(
+        group_id=group, enable_auto_commit=False, **settings.kafka.client_options()
+    )
+    await consumer.start()
+    try:
+        consumer.assign(list(offsets))
+        await consumer.commit({tp: OffsetAndMetadata(o, metadata) for tp, o in offsets.items()})
+    finally:
+        await consumer.stop()
