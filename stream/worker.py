@@ -18,6 +18,7 @@ import argparse
 import gc
 import logging
 import signal
+import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -43,6 +44,8 @@ from stream.stages import FallbackStage, PrimaryStage, Topics
 __all__ = ["Worker", "drain_grace_s", "register", "stop_grace_s", "tune_gc"]
 
 log = logging.getLogger(__name__)
+# How long a worker starting up waits for a cluster to show it topics just created.
+_TOPICS_SETTLE_S = 10.0
 
 STAGES = ("primary", "fallback")
 PRIMARY_GROUP = "predictions-primary"
@@ -233,7 +236,13 @@ async def check_topics(settings: Settings) -> dict[str, int]:
     largest record each takes on the cluster (where this user may read it)."""
     wanted = set(vars(Topics.of(settings)).values())
     async with admin_client(settings.kafka, doing="checking topics") as admin:
-        missing = wanted - set(await admin.list_topics())
+        deadline = time.monotonic() + _TOPICS_SETTLE_S
+        # A cluster's brokers learn of new topics one after another: just after `stream
+        # topics apply`, the broker asked may not know them yet. Ask again for a while.
+        while (missing := wanted - set(await admin.list_topics())) and (  # noqa: ASYNC110
+            time.monotonic() < deadline  # (the cluster's view, polled)
+        ):
+            await anyio.sleep(0.5)
         limits = {} if missing else await topics.max_message_bytes(admin, sorted(wanted))
     if missing:
         user = settings.kafka.sasl_username

@@ -118,3 +118,14 @@ async def test_the_simulator_on_a_taken_port_is_one_line(
     done = await run_cli(env, "simulate", "--port", str(taken_port), "--host", "0.0.0.0")
     assert done.returncode == 1
     _one_line(done.stderr, f"port {taken_port} is in use", "--port")
+
+
+async def test_a_worker_without_its_topics_names_them_and_says_how_to_create_them(
+    env: dict[str, str], settings: Settings
+) -> None:
+    # The test's prefix has no topics: the worker waits a few seconds for a cluster that
+    # has not shown them yet, then stops with one line naming every missing topic.
+    done = await run_cli(env, "run", "primary")
+    assert done.returncode == 1
+    requests = f"{settings.topic_prefix}predictions.requests"
+    _one_line(done.stderr, "topics missing", requests, "stream topics apply")
