@@ -7,11 +7,13 @@ aiokafka raises its own exception types, and a cluster that is down shows up as 
 
 from __future__ import annotations
 
+import itertools
 import random
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any, NamedTuple, TypeVar
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -28,6 +30,7 @@ __all__ = [
     "consumer_client",
     "group_offsets",
     "producer_client",
+    "retrying",
     "Verdict",
     "connected",
     "probe",
@@ -38,7 +41,9 @@ __all__ = [
     "translated",
 ]
 
-_COORDINATOR_TRIES = 12  # about 15 s of back-off in all
+_COORDINATOR_TRIES = 16  # about 13 s of back-off in all
+
+T = TypeVar("T")
 _TLS_PROBE_S = 3.0
 _TCP_PROBE_S = 1.0
 # the same settings can come from a Kafka client properties file (stream.clientconfig)
@@ -257,18 +262,26 @@ async def _started(client: Any, settings: KafkaSettings, doing: str) -> AsyncIte
         await stop_client(client)
 
 
-async def group_offsets(admin: Any, group: str, tps: list[Any]) -> dict[Any, Any]:
-    """The group's committed offsets. On a young cluster the offsets topic is created by the
-    first coordinator look-up, which fails until it exists: retry that, for a bounded time."""
-    for attempt in range(_COORDINATOR_TRIES):
+async def retrying(call: Callable[[], Awaitable[T]], *, tries: int = _COORDINATOR_TRIES) -> T:
+    """`call()`, again while Kafka says to retry, with back-off, `tries` times at most. On
+    a young cluster the offsets topic is created by the first coordinator look-up, and
+    every group request fails (retriably) until it exists: a second or two."""
+    for attempt in itertools.count():
         try:
-            offsets: dict[Any, Any] = await admin.list_consumer_group_offsets(group, partitions=tps)
-            return offsets
+            return await call()
         except AIOKafkaError as exc:
-            if not exc.retriable or attempt == _COORDINATOR_TRIES - 1:
+            if not exc.retriable or attempt >= tries - 1:
                 raise
-            await anyio.sleep(0.1 * 2 ** min(attempt, 4))
+            await anyio.sleep(min(1.0, 0.1 * 2**attempt))
     raise AssertionError("unreachable")
+
+
+async def group_offsets(admin: Any, group: str, tps: list[Any]) -> dict[Any, Any]:
+    """The group's committed offsets (retried while the cluster is young)."""
+    offsets: dict[Any, Any] = await retrying(
+        partial(admin.list_consumer_group_offsets, group, partitions=tps)
+    )
+    return offsets
 
 
 async def topic_partitions(

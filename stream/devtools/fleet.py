@@ -8,17 +8,17 @@ import signal
 import sys
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
-from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import Settings
 from stream.devtools.benchinfra import BenchError
-from stream.kafka import admin_client
+from stream.kafka import admin_client, retrying
 
 __all__ = ["Fleet", "seconds", "settled", "until"]
 
@@ -103,13 +103,7 @@ async def settled(settings: Settings, members: int) -> None:
 
     async def check() -> bool:
         async with admin_client(settings.kafka, doing="describing the bench group") as admin:
-            try:
-                (response,) = await admin.describe_consumer_groups([group])
-            except AIOKafkaError as exc:
-                # A fresh broker has no group coordinator until its offsets topic exists.
-                if exc.retriable:
-                    return False
-                raise
+            (response,) = await retrying(partial(admin.describe_consumer_groups, [group]))
         (described,) = response.to_object()["groups"]
         assigned = [
             ConsumerProtocolMemberAssignment.decode(m["member_assignment"]).partitions()

@@ -28,7 +28,6 @@ members, and `members` is then None.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, suppress
@@ -46,7 +45,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import KafkaSettings
 from stream.engine.fetch import UNDECODABLE
-from stream.kafka import admin_client, connected, translated
+from stream.kafka import admin_client, connected, retrying, translated
 
 __all__ = ["PIPELINE_GROUPS", "GroupReading", "LagReader", "PartitionReading"]
 
@@ -59,7 +58,7 @@ PIPELINE_GROUPS: Mapping[str, tuple[str, ...]] = {
     "predictions-fallback": ("predictions.fallback",),
 }
 
-_RETRIES = 6  # about 4 s of back-off in all
+_TRIES = 7  # about 4 s of back-off in all
 _POLL_S = 0.05  # a fetch that returns nothing is re-checked this often against the log end
 
 
@@ -164,9 +163,9 @@ class LagReader:
 
     async def _read(self, groups: Mapping[str, Sequence[str]]) -> list[GroupReading]:
         at = time.time()
-        described = await _retrying(partial(self._describe, groups))
+        described = await retrying(partial(self._describe, groups), tries=_TRIES)
         offsets = self._admin.list_consumer_group_offsets
-        committed = {g: await _retrying(partial(offsets, g)) for g in groups}
+        committed = {g: await retrying(partial(offsets, g), tries=_TRIES) for g in groups}
         owners = {g: _owners(described.get(g)) for g in groups}
         topics = {
             g: {tp.topic for tp in (*committed[g], *owners[g])}
@@ -315,19 +314,6 @@ class LagReader:
         finally:
             consumer.pause(*tps)
         return found
-
-
-async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
-    """`call()`, again while Kafka says to retry (a young cluster has no group coordinator
-    until its offsets topic exists: a second or two), for a few seconds at most."""
-    for attempt in itertools.count():
-        try:
-            return await call()
-        except AIOKafkaError as exc:
-            if not exc.retriable or attempt >= _RETRIES:
-                raise
-            await anyio.sleep(min(1.0, 0.1 * 2**attempt))
-    raise AssertionError("unreachable")
 
 
 def _reading(
