@@ -10,10 +10,14 @@ import anyio
 import anyio.abc
 import pytest
 import trustme
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import (
+    GroupAuthorizationFailedError,
+    GroupCoordinatorNotAvailableError,
+    KafkaConnectionError,
+)
 
 from stream.config import KafkaSettings, Secret
-from stream.kafka import connected, translate, translated
+from stream.kafka import connected, retrying, translate, translated
 
 pytestmark = pytest.mark.anyio
 
@@ -73,3 +77,32 @@ def test_without_a_probe_a_connection_error_is_plain_unreachable() -> None:
     settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", sasl_mechanism="PLAIN")
     error = translate(KafkaConnectionError(), settings, "starting the consumer")
     assert str(error).startswith("cannot reach Kafka at 127.0.0.1:1 while starting the consumer")
+
+
+async def test_retrying_rides_out_what_kafka_says_to_retry_and_no_more() -> None:
+    calls = 0
+
+    async def young_cluster() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise GroupCoordinatorNotAvailableError("no coordinator yet")
+        return "offsets"
+
+    assert await retrying(young_cluster, tries=3) == "offsets"
+    assert calls == 3
+
+    calls = 0
+    with pytest.raises(GroupCoordinatorNotAvailableError):
+        await retrying(young_cluster, tries=2)  # the tries run out first
+    assert calls == 2
+
+    async def refused() -> str:
+        nonlocal calls
+        calls += 1
+        raise GroupAuthorizationFailedError("not allowed")
+
+    calls = 0
+    with pytest.raises(GroupAuthorizationFailedError):
+        await retrying(refused)  # not retriable: raised at once
+    assert calls == 1
