@@ -22,6 +22,8 @@ from stream.errors import InvalidRecordError, ProviderError
 
 __all__ = [
     "HEADER_ATTEMPT",
+    "HEADER_REDRIVEN_FROM",
+    "HEADER_REPLAYED_FROM",
     "HEADER_REQUEST_ID",
     "HEADER_TRACEPARENT",
     "Decoder",
@@ -40,6 +42,9 @@ __all__ = [
 HEADER_REQUEST_ID = "request-id"
 HEADER_ATTEMPT = "attempt"
 HEADER_TRACEPARENT = "traceparent"
+# Where a repeated request came from (stream replay, stream redrive): its spend lane.
+HEADER_REPLAYED_FROM = "replayed-from"
+HEADER_REDRIVEN_FROM = "redriven-from"
 # The most of one header value carried on to outputs. A request id is at most 128
 # characters (512 bytes of UTF-8) and a W3C traceparent 55: anything bigger is not one,
 # and carried along it would make every output (a paid-for result too) that much bigger.

@@ -97,10 +97,6 @@ class Budget:
         self._limited = False
         self._logged_at = -math.inf  # at the edge the gate flaps once per freed call
 
-    @property
-    def limited(self) -> bool:
-        return self.limit_usd is not None or bool(self._model_limits)
-
     async def admit(self, model: Model, body_bytes: int, max_tokens: int | None) -> _Hold:
         estimate = self._estimate(model, body_bytes, max_tokens)
         while not self._fits(model.id, estimate):

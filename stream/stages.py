@@ -42,7 +42,7 @@ _FRAMING_BYTES = 512
 FINAL_ERRORS = frozenset({"content_filter", "context_length_exceeded"})
 # Headers `stream replay` and `stream redrive` add (stream.backfill): such a request was
 # run before, so its calls are counted as repeats and spend from the backfill budget.
-_REPEAT_HEADERS = {b"replayed-from": "replay", b"redriven-from": "redrive"}
+_REPEAT_HEADERS = {records.HEADER_REPLAYED_FROM: "replay", records.HEADER_REDRIVEN_FROM: "redrive"}
 
 
 class StageObserver(Protocol):
@@ -213,7 +213,7 @@ class _Stage:
 
     def _repeat_cause(self, record: SourceRecord) -> str | None:
         for key, _ in record.headers or ():
-            cause = _REPEAT_HEADERS.get(key.encode() if isinstance(key, str) else key)
+            cause = _REPEAT_HEADERS.get(key if isinstance(key, str) else key.decode("latin-1"))
             if cause is not None:
                 return cause
         return None

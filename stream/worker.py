@@ -160,9 +160,9 @@ class Worker:
         """(group, topic, partition) of every partition the engines hold: the lag metrics
         of a group are exported by the member that holds its lowest partition."""
         return {
-            (snap.group_id, part.topic, part.partition)
-            for snap in (engine.snapshot() for engine in self.engines)
-            for part in snap.partitions
+            (engine.group_id, tp.topic, tp.partition)
+            for engine in self.engines
+            for tp in engine.partitions()
         }
 
     def stop(self) -> None:

@@ -47,7 +47,7 @@ from stream.kafka import (
 
 __all__ = ["GROUP", "HOPELESS", "REASONS", "REDRIVEN_FROM", "Redrive", "RedriveOptions", "register"]
 
-REDRIVEN_FROM = "redriven-from"
+REDRIVEN_FROM = records.HEADER_REDRIVEN_FROM
 GROUP = "predictions-redrive"
 DEAD_LETTER = "predictions.dead-letter"
 # the `reason` enum of topics/dead-letter.schema.json (a test keeps the two equal)

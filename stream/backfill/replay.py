@@ -24,7 +24,7 @@ import orjson
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.structs import TopicPartition
 
-from stream import topics
+from stream import records, topics
 from stream.backfill.progress import Pacer, Progress, parse_rate, run_resumable
 from stream.backfill.window import Span, batches, parse_time, spans
 from stream.config import Settings
@@ -34,7 +34,7 @@ from stream.kafka import consumer_client, producer_client, topic_partitions, tra
 
 __all__ = ["REPLAYED_FROM", "PartitionReplay", "Replay", "ReplayOptions", "register"]
 
-REPLAYED_FROM = "replayed-from"
+REPLAYED_FROM = records.HEADER_REPLAYED_FROM
 REQUESTS = "predictions.requests"
 _UNDECODABLE = "the Kafka client cannot decode them"
 _EMPTY = "neither key nor value (the Kafka client cannot write that)"

@@ -237,9 +237,6 @@ class LocalCluster:
             raise BrokerError(f"the quorum named no leader: {status[:300]}")
         return self.node("controller", int(found.group(1)) - _CONTROLLER_ID_BASE)
 
-    def running(self) -> list[ClusterNode]:
-        return [node for node in self.nodes if node.pid() is not None]
-
     # -- start and stop -------------------------------------------------------------------
 
     def start(self, *, timeout_s: float = 120.0) -> list[ClusterNode]:

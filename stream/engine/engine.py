@@ -176,6 +176,10 @@ class Engine:
         """Whether `stop()` was called."""
         return self._stopping.is_set()
 
+    def partitions(self) -> tuple[TopicPartition, ...]:
+        """The partitions this engine holds now (cheaper than a snapshot)."""
+        return tuple(self._partitions)
+
     def snapshot(self) -> EngineSnapshot:
         rebalancer = self._clients[3] if self._clients is not None else None
         return EngineSnapshot(

@@ -72,8 +72,7 @@ class Partition:
         self.committed: tuple[int, str] | None = None  # last (offset, metadata) committed
         self.running: dict[int, int] = {}  # offset → record timestamp, for the snapshot
         self.writes: dict[int, float] = {}  # offset → when its outputs' write began (monotonic)
-        self.no_writes = anyio.Event()  # set whenever no write of outputs is under way
-        self.no_writes.set()
+        self._writes_done: anyio.Event | None = None  # made only for a revoke that waits
         self.write_error: str | None = None  # the last refusal since outputs last went through
         self.scopes: set[anyio.CancelScope] = set()  # to abandon running records on revoke
         self.idle = anyio.Event()  # set whenever nothing of this partition is running
@@ -157,13 +156,21 @@ class Partition:
 
     def begin_write(self, offset: int, now: float) -> None:
         self.writes[offset] = now
-        if self.no_writes.is_set():
-            self.no_writes = anyio.Event()
 
     def end_write(self, offset: int) -> None:
         self.writes.pop(offset, None)
+        if not self.writes and self._writes_done is not None:
+            self._writes_done.set()
+            self._writes_done = None
+
+    async def no_writes(self) -> None:
+        """Until no write of outputs is under way (an event is made only when one is: a
+        write per record would otherwise make one per record)."""
         if not self.writes:
-            self.no_writes.set()
+            return
+        if self._writes_done is None:
+            self._writes_done = anyio.Event()
+        await self._writes_done.wait()
 
     @property
     def on_probation(self) -> bool:

@@ -158,7 +158,7 @@ class Rebalancer:
         budget = min(self._settings.kafka.request_timeout_ms / 1000, deadline - time.monotonic())
         with anyio.move_on_after(max(0.0, budget / 2)) as waited:
             for partition in leaving:
-                await partition.no_writes.wait()
+                await partition.no_writes()
         if waited.cancelled_caught:
             log.warning("outputs still being written on revoke; they may be written twice")
 

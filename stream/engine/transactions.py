@@ -143,8 +143,7 @@ class ExactlyOnceSink:
             # Some outputs may be in the open transaction without their record marked
             # finished: committing it would write them twice. Abort it with the producer;
             # what the partition marked finished since its last commit is void.
-            await self.revoked([partition.tp])
-            partition.abandon()
+            await self._void(partition)
             raise KafkaError(
                 f"writing outputs of {partition.tp} into its transaction took longer than "
                 f"{2 * self._settings.request_timeout_ms / 1000:g} s; the transaction is "
@@ -165,6 +164,12 @@ class ExactlyOnceSink:
         await _delivered(txn)
         await txn.producer.send_offsets_to_transaction({partition.tp: position}, self._group_id)
         await txn.producer.commit_transaction()
+
+    async def _void(self, partition: Partition) -> None:
+        """Drop the partition's producer (its open transaction is aborted) and what it
+        marked finished since its last commit: it re-runs from there."""
+        await self.revoked([partition.tp])
+        partition.abandon()
 
     def _is_open(self, partition: Partition) -> bool:
         txn = self._producers.get(partition.tp)
@@ -191,8 +196,7 @@ class ExactlyOnceSink:
                 # nothing more is committed for it, and crash to let a restart (or the
                 # partition's new owner) re-run them from committed state. Should the
                 # partition come back to this worker first, it starts over from there.
-                await self.revoked([partition.tp])
-                partition.abandon()
+                await self._void(partition)
                 raise translate(
                     exc, self._settings, f"committing the transaction of {partition.tp}"
                 ) from exc

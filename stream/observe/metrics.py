@@ -38,7 +38,7 @@ from stream.engine import EngineSnapshot, PartitionSnapshot
 from stream.observe.lag import LagMonitor
 from stream.observe.lagmetrics import Owned, lag_metrics
 from stream.observe.tally import CounterTally, HistogramTally
-from stream.prices import token_counts
+from stream.prices import TokenCounts, token_counts
 from stream.providers.observer import ProviderObserver
 
 __all__ = [
@@ -60,7 +60,7 @@ BREAKER_STATES = ("closed", "open", "half_open")
 STATUS_CLASSES = frozenset({"1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "connect"})
 OUTCOMES = frozenset({"result", "fallback", "dead_letter"})
 MAX_LABEL_VALUES = 200
-TOKEN_KINDS = ("prompt", "cached", "completion", "reasoning")  # the fields of TokenCounts
+TOKEN_KINDS = TokenCounts._fields
 
 _CLEAN = re.compile(r"[^A-Za-z0-9_.:/\-]")
 

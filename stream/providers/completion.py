@@ -94,6 +94,8 @@ def split_reasoning(content: str) -> tuple[str, str | None]:
 
     R1 sometimes omits the opening tag; a lone `</think>` still ends the reasoning.
     """
+    if "</think>" not in content:  # most answers: no reasoning inline, no regex passes
+        return content.strip(), None
     blocks = [b.strip() for b in _THINK.findall(content)]
     answer = _THINK.sub("", content)
     if "</think>" in answer:

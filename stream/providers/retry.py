@@ -71,9 +71,9 @@ def classify(
 
 
 def _by_status(status: int, error_code: str | None, message: str) -> Verdict:
-    if (status == 429 and error_code == "insufficient_quota") or status == 402:
-        # Out of credit (Together says so with a 402: the monthly spending limit is
-        # reached): waiting will not help, and the request goes to the fallback.
+    if status == 429 and error_code == "insufficient_quota":
+        # Out of credit (Together says so with a 402, in FATAL_STATUSES): waiting will not
+        # help, and the request goes to the fallback.
         return Verdict(False, "insufficient_quota", False)
     if status in (400, 403, 413) and _context_length(error_code, message):
         # Together answers 403 when prompt + max_tokens exceed the model's context; OpenAI a
