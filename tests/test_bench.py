@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from stream.devtools.bench import Options
+from stream.devtools.scenarios import ScenarioOptions, worker_env
 from tests.kit import run_cli
 
 pytestmark = pytest.mark.anyio
@@ -128,3 +129,33 @@ async def test_a_scale_out_pays_again_only_for_calls_on_partitions_that_moved(
     assert scaled["moved_partitions"]  # the newcomers took partitions
     assert scaled["calls_paid_twice"] <= scaled["abandoned_on_moved"]
     assert scaled["calls"] == 300 + scaled["calls_paid_twice"]
+
+
+def test_scenario_workers_keep_the_callers_kafka_client_settings(tmp_path: Path) -> None:
+    options = ScenarioOptions(
+        scenario="rolling-restart",
+        requests=10,
+        latency=1.0,
+        workers=2,
+        concurrency=10,
+        partitions=2,
+        at=1.0,
+        static=True,
+        guarantee="at-least-once",
+        folder=tmp_path,
+        env={
+            "PATH": "/bin",
+            "STREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "STREAM_KAFKA_SASL_USERNAME": "bench",
+            "STREAM_GUARANTEE": "exactly-once",
+            "STREAM_TOPIC_PREFIX": "theirs.",
+        },
+    )
+    env = worker_env(options, "broker:9093", "http://127.0.0.1:1", "scen1.")
+    assert env["STREAM_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert env["STREAM_KAFKA_SASL_USERNAME"] == "bench"
+    assert env["PATH"] == "/bin"
+    # The scenario's own settings win over the caller's.
+    assert env["STREAM_GUARANTEE"] == "at-least-once"
+    assert env["STREAM_TOPIC_PREFIX"] == "scen1."
+    assert env["KAFKA_BOOTSTRAP_SERVERS"] == "broker:9093"

@@ -44,7 +44,7 @@ from stream.devtools.fleet import Fleet, seconds, settled
 from stream.devtools.simstats import prompt_key
 from stream.stages import Topics
 
-__all__ = ["SCENARIOS", "ScenarioOptions", "run_scenario", "table"]
+__all__ = ["SCENARIOS", "ScenarioOptions", "run_scenario", "table", "worker_env"]
 
 SCENARIOS = ("rolling-restart", "scale-out", "kill-restart")
 Figures = dict[str, Any]
@@ -97,9 +97,16 @@ async def run_scenario(options: ScenarioOptions, bootstrap: str, sim: str) -> di
     }
 
 
-def _env(options: ScenarioOptions, bootstrap: str, sim: str, prefix: str) -> dict[str, str]:
+def worker_env(options: ScenarioOptions, bootstrap: str, sim: str, prefix: str) -> dict[str, str]:
+    """The environment of a scenario's workers."""
     return {
-        **{k: v for k, v in options.env.items() if not k.startswith("STREAM_")},
+        # The caller's Kafka client settings (TLS, SASL: the shell's or --command-config's)
+        # go to the workers; the rest of STREAM_* is the scenario's own.
+        **{
+            k: v
+            for k, v in options.env.items()
+            if not k.startswith("STREAM_") or k.startswith("STREAM_KAFKA_")
+        },
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "STREAM_TOPIC_PREFIX": prefix,
         "STREAM_MAX_IN_FLIGHT": str(options.concurrency),
@@ -121,7 +128,7 @@ def _env(options: ScenarioOptions, bootstrap: str, sim: str, prefix: str) -> dic
 async def _run(options: ScenarioOptions, bootstrap: str, sim: str, *, disturbed: bool) -> Figures:
     run = f"{options.scenario}-{'disturbed' if disturbed else 'undisturbed'}"
     prefix = f"scen{uuid.uuid4().hex[:8]}."
-    env = _env(options, bootstrap, sim, prefix)
+    env = worker_env(options, bootstrap, sim, prefix)
     settings = Settings.from_env(env)
     folder = options.folder / run
     folder.mkdir(parents=True)
