@@ -453,3 +453,49 @@ def test_price_cost_counts_cached_input_and_reasoning_once() -> None:
     usage["prompt_tokens_details"] = {"cached_tokens": 5000}
     assert price.cost(usage) == pytest.approx((1000 * 0.5 + 300 * 10) / 1e6)
     assert price.cost(None) is None and price.cost({"total_tokens": 3}) is None
+
+
+@pytest.mark.anyio
+async def test_a_queued_call_waits_out_a_pause_announced_by_the_call_that_freed_its_slot() -> None:
+    # As the client does: the finished call releases its slot, then the limiter hears its
+    # 429's Retry-After. The caller queued behind it must not go out into that pause.
+    limiter = AdaptiveLimiter(1, initial=1)
+    first = await limiter.acquire()
+    started: list[float] = []
+
+    async def queued() -> None:
+        await limiter.acquire()
+        started.append(anyio.current_time())
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(queued)
+        await anyio.wait_all_tasks_blocked()
+        limiter.release(first, throttled=True)
+        limiter.pause(0.3)
+        paused_until = anyio.current_time() + 0.3
+    assert started and started[0] >= paused_until - 0.01
+
+
+@pytest.mark.anyio
+async def test_queued_calls_spend_the_announced_allowance_too() -> None:
+    limiter = AdaptiveLimiter(3, initial=3)
+    holders = [await limiter.acquire() for _ in range(3)]
+    started: list[float] = []
+
+    async def queued() -> None:
+        await limiter.acquire()
+        started.append(anyio.current_time())
+
+    async with anyio.create_task_group() as group:
+        for _ in range(3):
+            group.start_soon(queued)
+        await anyio.wait_all_tasks_blocked()
+        # One start left in a window that resets in 0.3 s; three slots come free.
+        limiter.heed(RateLimits(remaining_requests=1, reset_requests_s=0.3))
+        reset = anyio.current_time() + 0.3
+        for permit in holders:
+            limiter.release(permit)
+    started.sort()
+    assert len(started) == 3
+    assert started[0] < reset - 0.1  # the one the window allows goes at once
+    assert started[1] >= reset - 0.01 and started[2] >= reset - 0.01

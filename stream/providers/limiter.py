@@ -93,7 +93,7 @@ class AdaptiveLimiter:
         """Wait for a slot. Callers bound the wait with their own deadline (`fail_after`)."""
         await self._wait_out_pause()
         if self._in_flight < int(self._limit) and not self._waiters:
-            self._spend_allowance()
+            self._spend_allowance()  # there is some: the pause is waited out
             self._in_flight += 1
             return Permit(self._clock())
         event = anyio.Event()
@@ -108,6 +108,15 @@ class AdaptiveLimiter:
             else:
                 self._waiters.remove(event)
             raise
+        # Woken holding a slot: the call that freed it may have brought a pause (its 429's
+        # Retry-After, no requests left) or spent the announced allowance. Honour both.
+        try:
+            await self._wait_out_pause()
+        except BaseException:
+            self._in_flight -= 1
+            self._wake()
+            raise
+        self._spend_allowance()
         return Permit(self._clock())
 
     def release(self, permit: Permit, *, throttled: bool = False, success: bool = False) -> None:
