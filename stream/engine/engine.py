@@ -30,7 +30,7 @@ from stream.engine.flow import Flow, Gate
 from stream.engine.membership import Membership, group_instance_id
 from stream.engine.outputs import CLOSE_TIMEOUT_S, Output, Sink
 from stream.engine.partitions import Partition, PartitionSnapshot, Record
-from stream.engine.rebalance import Listener, Rebalancer, seek
+from stream.engine.rebalance import Listener, Rebalancer, partition_names, seek
 from stream.errors import KafkaError, OutputRejectedError
 from stream.kafka import start_client, translate
 
@@ -112,7 +112,6 @@ class Engine:
         self._clients: tuple[AIOKafkaConsumer, Sink, Listener, Rebalancer] | None = None
         self.records_in = self.records_done = self.handler_errors = self.commits = 0
         self.records_redelivered = 0
-        self._abandoned_on_stop = 0
         self.last_commit_seconds = 0.0
 
     def _claims(self) -> Claims:
@@ -195,7 +194,7 @@ class Engine:
             last_commit_seconds=self.last_commit_seconds,
             partitions=tuple(p.snapshot() for p in self._partitions.values()),
             records_redelivered=self.records_redelivered,
-            abandoned=self._abandoned_on_stop + (rebalancer.abandoned if rebalancer else 0),
+            abandoned=rebalancer.abandoned if rebalancer else 0,
             rebalances=rebalancer.rebalances if rebalancer else 0,
         )
 
@@ -285,18 +284,17 @@ class Engine:
         for partition in self._partitions.values():
             partition.drop_queued()
         running = sum(p.in_flight for p in self._partitions.values())
-        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in self._partitions)
         log.info(
             "draining %d running records (up to %.0f s)",
             running,
             grace_s,
-            extra={"partitions": names, "draining": True},
+            extra={"partitions": partition_names(self._partitions), "draining": True},
         )
         with anyio.move_on_after(grace_s):
             for partition in list(self._partitions.values()):
                 await partition.idle.wait()
         abandoned = sum(p.abandon() for p in self._partitions.values())
-        self._abandoned_on_stop += abandoned
+        self._rebalancer.abandoned += abandoned  # one count of the calls paid for again
         if abandoned:
             log.warning("shutdown grace over: abandoned %d running records", abandoned)
 

@@ -43,14 +43,14 @@ from stream.engine.partitions import Partition
 from stream.errors import FencedError, KafkaError
 from stream.kafka import translate
 
-__all__ = ["Listener", "Rebalancer", "seek"]
+__all__ = ["Listener", "Rebalancer", "partition_names", "seek"]
 
 log = logging.getLogger(__name__)
 
 Committed = dict[TopicPartition, tuple[int, str]]
 
 
-def _names(tps: Iterable[TopicPartition]) -> list[str]:
+def partition_names(tps: Iterable[TopicPartition]) -> list[str]:
     """Partitions as log fields: `topic[partition]`."""
     return sorted(f"{tp.topic}[{tp.partition}]" for tp in tps)
 
@@ -149,7 +149,7 @@ class Rebalancer:
                 "%d partitions on probation, %d records running",
                 len(leaving),
                 running,
-                extra={"partitions": _names(p.tp for p in leaving)},
+                extra={"partitions": partition_names(p.tp for p in leaving)},
             )
 
     async def _writes_landed(self, leaving: list[Partition], deadline: float) -> None:
@@ -187,7 +187,10 @@ class Rebalancer:
                 "them again)",
                 len(partitions),
                 abandoned,
-                extra={"partitions": _names(p.tp for p in partitions), "abandoned": abandoned},
+                extra={
+                    "partitions": partition_names(p.tp for p in partitions),
+                    "abandoned": abandoned,
+                },
             )
 
     # -- assign --------------------------------------------------------------------------
@@ -224,7 +227,7 @@ class Rebalancer:
             len(tps),
             len(kept),
             len(fresh),
-            extra={"kept": _names(kept), "new": _names(fresh)},
+            extra={"kept": partition_names(kept), "new": partition_names(fresh)},
         )
         self._on_assigned()
 
