@@ -86,11 +86,13 @@ class Worker:
         lag_interval_s: float = 15.0,
         own_process: bool = False,
     ) -> None:
-        self.settings = settings
         self._own_process = own_process  # the process is this worker's: tune its GC
         self.stages = tuple(stages)
         self.catalog = catalog or load_catalog(settings)
         self.drain_grace_s = drain_grace_s(settings, self.catalog)
+        # Resolved once: every engine drains as long as the catalog's calls may take.
+        engine = replace(settings.engine, shutdown_grace_s=self.drain_grace_s)
+        self.settings = replace(settings, engine=engine)
         self.metrics = Metrics()
         self.health = Health()
         self.engines: list[Engine] = []
@@ -150,7 +152,7 @@ class Worker:
             "on SIGTERM, running calls get %.0f s to finish: allow a stop grace period of at "
             "least %.0f s (docker compose stop_grace_period, terminationGracePeriodSeconds)",
             self.drain_grace_s,
-            stop_grace_s(self.settings, self.catalog),
+            self.drain_grace_s + COMMIT_AND_CLOSE_S,
         )
         if self._own_process:
             tune_gc()  # now: what start-up built (catalog, schemas, pools) is frozen too
@@ -193,9 +195,8 @@ class Worker:
         def on_commit(seconds: float) -> None:
             self.metrics.observe_commit(group, seconds)
 
-        engine = replace(self.settings.engine, shutdown_grace_s=self.drain_grace_s)
         return Engine(
-            settings=replace(self.settings, engine=engine),
+            settings=self.settings,
             name=stage,
             group_id=group,
             topics=inputs,
