@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import signal
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -31,6 +30,7 @@ from stream import logs, topics
 from stream.catalog import Catalog, load_catalog, unpriced
 from stream.config import Settings, check_instance_id
 from stream.engine.engine import Engine
+from stream.engine.signals import run_until_signal
 from stream.errors import ConfigError, KafkaError
 from stream.kafka import admin_client
 from stream.observe.health import Health, serve
@@ -259,28 +259,6 @@ async def check_topics(settings: Settings) -> dict[str, int]:
             f"; create them with `stream topics apply`{hint}"
         )
     return limits
-
-
-async def run_until_signal(worker: Worker) -> None:
-    """First SIGTERM/SIGINT: graceful stop. Second: exit now."""
-    async with anyio.create_task_group() as group:
-        group.start_soon(_watch_signals, worker, group.cancel_scope)
-        await worker.run()
-        group.cancel_scope.cancel()
-
-
-async def _watch_signals(worker: Worker, scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        received = 0
-        async for signum in signals:
-            received += 1
-            if received == 1:
-                log.info("%s: draining in-flight work, then exiting", signal.Signals(signum).name)
-                worker.stop()
-            else:
-                log.warning("second signal: exiting without draining")
-                scope.cancel()
-                return
 
 
 def tune_gc() -> None:

@@ -170,11 +170,6 @@ class Engine:
         """Graceful stop: no new work, drain up to `shutdown_grace_s`, commit, close."""
         self._stopping.set()
 
-    @property
-    def stopping(self) -> bool:
-        """Whether `stop()` was called."""
-        return self._stopping.is_set()
-
     def partitions(self) -> tuple[TopicPartition, ...]:
         """The partitions this engine holds now (cheaper than a snapshot)."""
         return tuple(self._partitions)

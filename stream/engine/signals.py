@@ -1,33 +1,45 @@
-"""Running an engine until SIGTERM or SIGINT: the first drains, the second stops at once."""
+"""Running until SIGTERM or SIGINT: the first drains, the second stops at once."""
 
 from __future__ import annotations
 
 import logging
 import signal
+from typing import Protocol
 
 import anyio
 
-from stream.engine.engine import Engine
-
-__all__ = ["run_until_signal"]
+__all__ = ["Stoppable", "run_until_signal"]
 
 log = logging.getLogger(__name__)
 
 
-async def run_until_signal(engine: Engine) -> None:
-    """Run `engine`; SIGTERM/SIGINT stops it gracefully, a second one cancels it at once."""
+class Stoppable(Protocol):
+    """An engine, or a worker of engines."""
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None:
+        """Graceful: no new work, drain, commit, close."""
+
+
+async def run_until_signal(target: Stoppable) -> None:
+    """Run `target`; the first SIGTERM/SIGINT stops it gracefully, a second one at once
+    (what is not committed runs again later)."""
     async with anyio.create_task_group() as group:
-
-        async def watch() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    if engine.stopping:
-                        log.warning("second signal %d: stopping now", signum)
-                        group.cancel_scope.cancel()
-                        return
-                    log.info("signal %d: draining (up to the shutdown grace)", signum)
-                    engine.stop()
-
-        group.start_soon(watch)
-        await engine.run()
+        group.start_soon(_watch_signals, target, group.cancel_scope)
+        await target.run()
         group.cancel_scope.cancel()
+
+
+async def _watch_signals(target: Stoppable, scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        received = 0
+        async for signum in signals:
+            received += 1
+            if received == 1:
+                log.info("%s: draining in-flight work, then exiting", signal.Signals(signum).name)
+                target.stop()
+            else:
+                log.warning("second signal: exiting without draining")
+                scope.cancel()
+                return
