@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream.catalog import Model, load_catalog
 from stream.config import Settings
+from stream.devtools.processes import parent_death_signal
 from stream.engine.engine import Engine, Output
 from stream.engine.partitions import Record
 from stream.providers import ProviderClient
@@ -93,6 +94,7 @@ class _Profiler:
             [*command, "--pid", str(os.getpid())],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=parent_death_signal(),
         )
 
     def stop(self) -> None:

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stream.devtools.processes import parent_death_signal
 from stream.errors import BrokerError
 
 __all__ = [
@@ -157,6 +158,9 @@ class LocalBroker:
     # The nodes of a cluster share one id (formatted into each data folder); None draws one.
     cluster_id: str | None = None
     jvm_flags: tuple[str, ...] = ()
+    # The node ends when the thread that launched it does (Linux), even by SIGKILL: for a
+    # broker of one command's own (`stream bench`), never one meant to outlive its command.
+    die_with_parent: bool = False
     # Kept so the child is reaped by us (and Popen does not warn that it still runs).
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -222,7 +226,11 @@ class LocalBroker:
         ]
         with open(self.home / "broker.out", "ab") as out:
             process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=parent_death_signal() if self.die_with_parent else None,
             )
         self._process = process
         self._pid_file.write_text(str(process.pid))
