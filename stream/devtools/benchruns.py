@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream.catalog import Model, load_catalog
 from stream.config import Settings
-from stream.devtools.processes import parent_death_signal
+from stream.devtools.processes import end, parent_death_signal
 from stream.engine.engine import Engine, Output
 from stream.engine.partitions import Record
 from stream.providers import ProviderClient
@@ -99,8 +99,7 @@ class _Profiler:
 
     def stop(self) -> None:
         if self._process is not None:
-            self._process.send_signal(signal.SIGINT)
-            self._process.wait(60)
+            end(self._process, sig=signal.SIGINT, grace_s=60)
 
 
 class _Clock:

@@ -284,13 +284,7 @@ class LocalCluster:
     def stop_node(self, node: ClusterNode, *, kill: bool = False) -> bool:
         """Stop one node: a clean shutdown (SIGTERM; a broker first hands its leaderships
         over), or with `kill` a SIGKILL, as a crash would. False when it was not running."""
-        if node.pid() is None:
-            return False
-        if kill:
-            node.kill()
-        else:
-            node.stop()
-        return True
+        return node.kill() if kill else node.stop()
 
     def stop(self) -> int:
         """Stop every node, brokers first (their clean shutdown needs the controllers);

@@ -50,14 +50,11 @@ class Fleet:
     async def stop(self, name: str) -> None:
         """SIGTERM, and wait for the drain and the exit."""
         process = self._processes[name]
-        process.send_signal(signal.SIGTERM)
-        if await process.wait() != 0:
+        if await end_async(process, grace_s=180) != 0:
             raise BenchError(f"worker {name} exited with {process.returncode}: {self._logs[name]}")
 
     async def kill(self, name: str) -> None:
-        process = self._processes[name]
-        process.kill()
-        await process.wait()
+        await end_async(self._processes[name], sig=signal.SIGKILL)
 
     async def assigned(self, name: str) -> None:
         """Until the worker's current process has its partitions."""

@@ -12,16 +12,27 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 from anyio.abc import Process
 
-__all__ = ["die_with_parent", "end", "end_async", "interruptible", "parent_death_signal"]
+__all__ = [
+    "die_with_parent",
+    "end",
+    "end_async",
+    "end_pid",
+    "interruptible",
+    "parent_death_signal",
+    "running",
+]
 
 _PR_SET_PDEATHSIG = 1
 _libc: Any = None
@@ -42,6 +53,36 @@ def end(
         except subprocess.TimeoutExpired:
             process.kill()
     return process.wait()
+
+
+def end_pid(pid: int, *, sig: signal.Signals = signal.SIGTERM, grace_s: float = 10.0) -> bool:
+    """`end` for a process that is not our child (we cannot wait for it: we watch it go).
+    False if it still ran 10 s after the SIGKILL."""
+    for signum, wait_s in ((sig, grace_s), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+        deadline = time.monotonic() + wait_s
+        while running(pid):
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        else:
+            return True
+    return False
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` runs. A zombie does not: a node another process started (a test
+    session, the chaos run) stays one after we kill it, until that process reaps it."""
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: kill(0) has to do
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 async def end_async(
