@@ -27,6 +27,7 @@ from stream.errors import BrokerError
 __all__ = [
     "KAFKA_VERSION",
     "LocalBroker",
+    "brokers_listed",
     "cache_dir",
     "fetch_jars",
     "free_port",
@@ -403,17 +404,19 @@ def _answers_metadata(bootstrap: str) -> bool:
     """True once the broker serves metadata (the port opens a little before that)."""
     import asyncio
 
+    return asyncio.run(brokers_listed(bootstrap)) is not None
+
+
+async def brokers_listed(bootstrap: str) -> set[int] | None:
+    """The node ids of the brokers the cluster's metadata lists; None while no broker at
+    `bootstrap` answers a metadata request."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    async def probe() -> bool:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
-        try:
-            await admin.start()
-            await admin.list_topics()
-            return True
-        except Exception:  # any failure here only means "not ready yet"
-            return False
-        finally:
-            await admin.close()
-
-    return asyncio.run(probe())
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+    try:
+        await admin.start()
+        return {int(b["node_id"]) for b in (await admin.describe_cluster())["brokers"]}
+    except Exception:  # any failure here only means "not ready yet"
+        return None
+    finally:
+        await admin.close()
