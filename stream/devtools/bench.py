@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ import anyio
 
 from stream import clientconfig
 from stream.config import Settings
-from stream.devtools import benchreport, benchruns, scenarios
+from stream.devtools import benchreport, benchruns, processes, scenarios
 from stream.devtools.benchdata import (
     create_topics,
     delete_topics,
@@ -180,14 +181,22 @@ async def _child(mode: str, requests: int, env: dict[str, str], timeout_s: float
         "--requests",
         str(requests),
     ]
+    process = await anyio.open_process(
+        command, env=env, stdin=subprocess.DEVNULL, stderr=sys.stderr
+    )
     try:
         with anyio.fail_after(timeout_s):
-            done = await anyio.run_process(command, env=env, check=False, stderr=sys.stderr)
+            assert process.stdout is not None
+            output = b"".join([chunk async for chunk in process.stdout])
+            await process.wait()
     except TimeoutError:
         raise BenchError(f"the {mode} run did not finish in {timeout_s:.0f} s") from None
-    lines = done.stdout.decode().strip().splitlines()
-    if done.returncode != 0 or not lines:
-        raise BenchError(f"the {mode} run failed (exit {done.returncode})")
+    finally:
+        # a run stopped early (Ctrl-C, SIGTERM, a timeout) is ended, not left running
+        code = await processes.end_async(process)
+    lines = output.decode().strip().splitlines()
+    if code != 0 or not lines:
+        raise BenchError(f"the {mode} run failed (exit {code})")
     figures: Figures = json.loads(lines[-1])
     return figures
 
@@ -301,6 +310,13 @@ def _parse_runs(text: str) -> tuple[str, ...]:
 
 
 def _command(args: argparse.Namespace, settings: Settings) -> int:
+    # SIGTERM (`timeout 60 stream bench`) ends the bench as Ctrl-C does: every process
+    # it started is stopped on the way out
+    with processes.interruptible():
+        return _bench_command(args)
+
+
+def _bench_command(args: argparse.Namespace) -> int:
     if args.scenario:
         return _scenario(args)
     args.requests = 5000 if args.requests is None else args.requests
@@ -436,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from stream import logs
 
+    processes.die_with_parent()  # a bench that was SIGKILLed leaves no run behind
     settings = Settings.from_env()
     logs.configure(settings.log_level, json=False, content=settings.log_content)
     figures = anyio.run(benchruns.run, args.mode, settings, args.requests)

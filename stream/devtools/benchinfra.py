@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from stream.devtools import processes
 from stream.devtools.broker import LocalBroker, free_port
 from stream.devtools.simulator import simulate_command
 from stream.errors import StreamError
@@ -33,7 +34,7 @@ def broker(env: Mapping[str, str]) -> Iterator[str]:
         yield external
         return
     with tempfile.TemporaryDirectory(prefix="stream-bench-") as home:
-        local = LocalBroker(home=Path(home), port=free_port())
+        local = LocalBroker(home=Path(home), port=free_port(), die_with_parent=True)
         print(f"starting a local Kafka broker on {local.bootstrap_servers}…", file=sys.stderr)  # noqa: T201
         local.start()
         try:
@@ -47,15 +48,19 @@ def simulator(latency: float, *options: str) -> Iterator[str]:
     """The simulator in its own process, so it never shares a measured event loop."""
     port = free_port()
     command = simulate_command(port, latency, "--api-key", KEY, *options)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=processes.parent_death_signal(),
+    )
     try:
         assert process.stdout is not None
         if not process.stdout.readline():  # "simulator listening on …": it is ready
             raise BenchError("the provider simulator did not start")
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        process.wait(10)
+        processes.end(process)
 
 
 def sim_calls(base: str) -> int:

@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream.catalog import Model, load_catalog
 from stream.config import Settings
+from stream.devtools.processes import end, parent_death_signal
 from stream.engine.engine import Engine, Output
 from stream.engine.partitions import Record
 from stream.providers import ProviderClient
@@ -93,12 +94,12 @@ class _Profiler:
             [*command, "--pid", str(os.getpid())],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=parent_death_signal(),
         )
 
     def stop(self) -> None:
         if self._process is not None:
-            self._process.send_signal(signal.SIGINT)
-            self._process.wait(60)
+            end(self._process, sig=signal.SIGINT, grace_s=60)
 
 
 class _Clock:

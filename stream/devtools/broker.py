@@ -21,11 +21,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stream.devtools.processes import end, end_pid, parent_death_signal, running
 from stream.errors import BrokerError
 
 __all__ = [
     "KAFKA_VERSION",
     "LocalBroker",
+    "brokers_listed",
     "cache_dir",
     "fetch_jars",
     "free_port",
@@ -116,20 +118,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs. A zombie does not: a node another process started (a test
-    session, the chaos run) stays one after we kill it, until that process reaps it."""
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc: kill(0) has to do
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -157,6 +145,9 @@ class LocalBroker:
     # The nodes of a cluster share one id (formatted into each data folder); None draws one.
     cluster_id: str | None = None
     jvm_flags: tuple[str, ...] = ()
+    # The node ends when the thread that launched it does (Linux), even by SIGKILL: for a
+    # broker of one command's own (`stream bench`), never one meant to outlive its command.
+    die_with_parent: bool = False
     # Kept so the child is reaped by us (and Popen does not warn that it still runs).
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -184,7 +175,7 @@ class LocalBroker:
             pid = int(self._pid_file.read_text())
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if running(pid) else None
 
     def start(self, *, timeout_s: float = 90.0) -> None:
         """Start the broker in the background and wait until it answers Kafka requests."""
@@ -222,7 +213,11 @@ class LocalBroker:
         ]
         with open(self.home / "broker.out", "ab") as out:
             process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=parent_death_signal() if self.die_with_parent else None,
             )
         self._process = process
         self._pid_file.write_text(str(process.pid))
@@ -230,38 +225,23 @@ class LocalBroker:
 
     def stop(self, *, timeout_s: float = 30.0) -> bool:
         """Stop the broker: SIGTERM, SIGKILL after `timeout_s`. False if it was not running."""
+        return self._end(signal.SIGTERM, timeout_s)
+
+    def kill(self) -> bool:
+        """SIGKILL the broker, as a crash would (chaos tests). False if it was not running."""
+        return self._end(signal.SIGKILL, 10.0)
+
+    def _end(self, sig: signal.Signals, grace_s: float) -> bool:
         pid = self.pid()
         if pid is None:
             return False
-        os.kill(pid, signal.SIGTERM)
-        if not self._wait_gone(pid, timeout_s):
-            os.kill(pid, signal.SIGKILL)
-            self._wait_gone(pid, 10.0)
+        if self._process is not None and self._process.pid == pid:
+            end(self._process, sig=sig, grace_s=grace_s)  # our child: waiting also reaps it
+            self._process = None
+        else:
+            end_pid(pid, sig=sig, grace_s=grace_s)
         self._pid_file.unlink(missing_ok=True)
         return True
-
-    def kill(self) -> None:
-        """SIGKILL the broker, as a crash would (chaos tests)."""
-        pid = self.pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            self._wait_gone(pid, 10.0)
-            self._pid_file.unlink(missing_ok=True)
-
-    def _wait_gone(self, pid: int, timeout_s: float) -> bool:
-        if self._process is not None and self._process.pid == pid:
-            try:
-                self._process.wait(timeout_s)  # our child: wait also reaps it
-            except subprocess.TimeoutExpired:
-                return False
-            self._process = None
-            return True
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return True
-            time.sleep(0.1)
-        return False
 
     def _write_config(self) -> Path:
         properties = self.home / "server.properties"
@@ -424,17 +404,19 @@ def _answers_metadata(bootstrap: str) -> bool:
     """True once the broker serves metadata (the port opens a little before that)."""
     import asyncio
 
+    return asyncio.run(brokers_listed(bootstrap)) is not None
+
+
+async def brokers_listed(bootstrap: str) -> set[int] | None:
+    """The node ids of the brokers the cluster's metadata lists; None while no broker at
+    `bootstrap` answers a metadata request."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    async def probe() -> bool:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
-        try:
-            await admin.start()
-            await admin.list_topics()
-            return True
-        except Exception:  # any failure here only means "not ready yet"
-            return False
-        finally:
-            await admin.close()
-
-    return asyncio.run(probe())
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+    try:
+        await admin.start()
+        return {int(b["node_id"]) for b in (await admin.describe_cluster())["brokers"]}
+    except Exception:  # any failure here only means "not ready yet"
+        return None
+    finally:
+        await admin.close()

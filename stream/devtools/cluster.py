@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from stream.config import KafkaSettings
-from stream.devtools.broker import LocalBroker, new_cluster_id, port_open
+from stream.devtools.broker import LocalBroker, brokers_listed, new_cluster_id, port_open
 from stream.errors import BrokerError
 from stream.kafka import admin_client
 
@@ -284,13 +283,7 @@ class LocalCluster:
     def stop_node(self, node: ClusterNode, *, kill: bool = False) -> bool:
         """Stop one node: a clean shutdown (SIGTERM; a broker first hands its leaderships
         over), or with `kill` a SIGKILL, as a crash would. False when it was not running."""
-        if node.pid() is None:
-            return False
-        if kill:
-            node.kill()
-        else:
-            node.stop()
-        return True
+        return node.kill() if kill else node.stop()
 
     def stop(self) -> int:
         """Stop every node, brokers first (their clean shutdown needs the controllers);
@@ -350,14 +343,8 @@ async def _wait_brokers(bootstrap: str, want: set[int], timeout_s: float) -> set
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while loop.time() < deadline and not want <= found:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
-        try:
-            await admin.start()
-            found = {int(b["node_id"]) for b in (await admin.describe_cluster())["brokers"]}
-        except Exception:  # not there yet: ask again
-            pass
-        finally:
-            await admin.close()
+        listed = await brokers_listed(bootstrap)
+        found = found if listed is None else listed  # None: not there yet, ask again
         if not want <= found:
             await asyncio.sleep(0.3)
     return found

@@ -18,6 +18,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
 from stream.config import Settings
 from stream.devtools.benchinfra import BenchError
+from stream.devtools.processes import end_async
 from stream.kafka import admin_client, retrying
 
 __all__ = ["Fleet", "seconds", "settled", "until"]
@@ -49,14 +50,11 @@ class Fleet:
     async def stop(self, name: str) -> None:
         """SIGTERM, and wait for the drain and the exit."""
         process = self._processes[name]
-        process.send_signal(signal.SIGTERM)
-        if await process.wait() != 0:
+        if await end_async(process, grace_s=180) != 0:
             raise BenchError(f"worker {name} exited with {process.returncode}: {self._logs[name]}")
 
     async def kill(self, name: str) -> None:
-        process = self._processes[name]
-        process.kill()
-        await process.wait()
+        await end_async(self._processes[name], sig=signal.SIGKILL)
 
     async def assigned(self, name: str) -> None:
         """Until the worker's current process has its partitions."""
@@ -66,15 +64,12 @@ class Fleet:
         return [entry for log in sorted(self._folder.glob("*.log")) for entry in _lines(log)]
 
     async def stop_all(self) -> None:
-        for process in self._processes.values():
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-        with anyio.move_on_after(180):
-            for process in self._processes.values():
-                await process.wait()
-        for process in self._processes.values():
-            if process.returncode is None:
-                process.kill()
+        """SIGTERM every worker, SIGKILL those still running 180 s later; also when the
+        bench is cancelled (Ctrl-C, SIGTERM): no worker outlives it."""
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as group:
+                for process in self._processes.values():
+                    group.start_soon(partial(end_async, process, grace_s=180))
 
 
 def seconds(ts: str) -> float:
