@@ -75,14 +75,23 @@ class Parsed:
 class BadOutput(Exception):
     """A 200 whose body is not a usable answer; `error_type` says how. All are retryable but
     a filtered answer (`content_filter`): the same prompt would be filtered again, and paid.
+    All are the provider's fault (the breaker hears them) but prose where JSON was asked for
+    (the prompt may be ours) and a filtered answer (the prompt's doing).
     `usage` is what the provider billed for it, when the body said."""
 
     def __init__(
-        self, error_type: str, message: str, *, retryable: bool = True, usage: Usage | None = None
+        self,
+        error_type: str,
+        message: str,
+        *,
+        retryable: bool = True,
+        provider_fault: bool = True,
+        usage: Usage | None = None,
     ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.retryable = retryable
+        self.provider_fault = provider_fault
         self.usage = usage
 
 
@@ -151,6 +160,7 @@ def _check(
             "content_filter",
             "the provider filtered the answer (finish_reason content_filter)",
             retryable=False,
+            provider_fault=False,
             usage=usage,
         )
     if not content and tool_calls is None and finish != "length":
@@ -159,6 +169,7 @@ def _check(
         raise BadOutput(
             "invalid_json_output",
             "JSON output was asked for; the answer is not JSON",
+            provider_fault=False,
             usage=usage,
         )
 
