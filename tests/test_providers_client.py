@@ -12,11 +12,18 @@ import anyio
 import httpx
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from stream.catalog import Model
 from stream.config import ProviderSettings, Secret
 from stream.devtools.simulator import SimConfig, Simulator
-from stream.errors import CircuitOpenError, FatalProviderError, RetryableProviderError
+from stream.errors import (
+    CircuitOpenError,
+    FatalProviderError,
+    ProviderError,
+    RetryableProviderError,
+)
+from stream.observe.metrics import Metrics
 from stream.providers import Backoff, BreakerConfig, Clock, ProviderClient
 
 pytestmark = pytest.mark.anyio
@@ -183,6 +190,37 @@ async def test_json_mode_checks_the_output(client: ProviderClient, sim: Simulato
     assert caught.value.error_type == "invalid_json_output"
     # Prose is fine when JSON was not asked for.
     assert (await client.complete(GLM, _ask("[[sim:notjson]]"))).content
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "outcome", "finish"),
+    [
+        # Billed but unusable: counted by how the provider said they ended, not as "none".
+        ("empty", {}, "empty_content", "stop"),
+        ("notjson", {"response_format": {"type": "json_object"}}, "invalid_json_output", "stop"),
+        ("content_filter", {}, "content_filter", "content_filter"),
+        # Cut at max_tokens before any text: a result, flagged, and counted as cut.
+        ("empty", {"max_tokens": 1}, "truncated", "length"),
+    ],
+)
+async def test_billed_answers_are_counted_by_their_finish_reason(
+    sim: Simulator, kind: str, params: dict[str, Any], outcome: str, finish: str
+) -> None:
+    metrics = Metrics()
+    async with ProviderClient(_settings(sim.url, retries=0), observer=metrics) as client:
+        try:
+            done = await client.complete(GLM, _ask(f"[[sim:{kind}]]"), params)
+        except ProviderError as exc:
+            assert exc.error_type == outcome
+        else:
+            assert outcome == "truncated" and done.truncated and done.content is None
+    counted = {
+        sample.labels["finish_reason"]: sample.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for sample in family.samples
+        if sample.name == "stream_provider_answers_total"
+    }
+    assert counted == {finish: 1}
 
 
 async def test_retry_after_ms_is_waited_out(client: ProviderClient, sim: Simulator) -> None:

@@ -336,10 +336,8 @@ class ProviderClient:
         if isinstance(result, Parsed):
             usage, finish, run.request_id = result.usage, result.finish_reason, result.response_id
         else:
-            usage, finish, run.request_id = result.usage, None, result.request_id
-            if result.status == 200 and result.error_type == "content_filter":
-                finish = "content_filter"
-            elif result.status != 200:
+            usage, finish, run.request_id = result.usage, result.finish_reason, result.request_id
+            if result.status != 200:
                 return
         cost = model.price.cost(usage) if model.price is not None else None
         if cost is not None:

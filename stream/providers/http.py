@@ -48,6 +48,7 @@ class Failure:
     wait_s: float | None = None  # what the provider asked for (Retry-After)
     request_id: str | None = None  # the provider's, to quote to its support
     usage: Usage | None = None  # what it billed for this attempt (a bad 200), if it said
+    finish_reason: str | None = None  # how that bad 200 said it ended, if it said
     # What the breaker and the limiter hear (`attempts.judge`), decided where the answer is
     # read. A failure before any call (no slot, no time) is never judged.
     provider_fault: bool = False
@@ -143,6 +144,7 @@ class ProviderHTTP:
                     status=200,
                     request_id=request_id,
                     usage=exc.usage,
+                    finish_reason=exc.finish_reason,
                     provider_fault=exc.provider_fault,
                 )
             if parsed.response_id is None and request_id:
