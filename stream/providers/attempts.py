@@ -23,8 +23,7 @@ __all__ = ["Run", "acquire", "heed", "judge", "max_tokens"]
 class Run:
     """One `complete` call across its attempts: what it has been billed, and the last id."""
 
-    cost_usd: float = 0.0
-    priced: bool = False
+    cost_usd: float | None = None  # None until an answer was priced
     request_id: str | None = None
     sending: bool = False  # a request is out and its answer not read
 

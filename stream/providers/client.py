@@ -134,7 +134,8 @@ class ProviderClient:
             if hold is not None:
                 # Cancelled while a request was out (a revoke, a shutdown): the provider may
                 # bill it, and nobody will say for how much: count what was held for it.
-                hold.settle(None if run.sending else run.cost_usd)
+                # Otherwise what was billed (no priced answer: nothing, not the estimate).
+                hold.settle(None if run.sending else run.cost_usd or 0.0)
 
     async def _admit(
         self,
@@ -182,7 +183,7 @@ class ProviderClient:
             finish_reason=parsed.finish_reason,
             tool_calls=parsed.tool_calls,
             provider_request_id=parsed.response_id,
-            cost_usd=run.cost_usd if run.priced else None,
+            cost_usd=run.cost_usd,
         )
 
     def _budget(self, model: Model, deadline: float | None) -> float:
@@ -341,8 +342,7 @@ class ProviderClient:
                 return
         cost = model.price.cost(usage) if model.price is not None else None
         if cost is not None:
-            run.cost_usd += cost
-            run.priced = True
+            run.cost_usd = (run.cost_usd or 0.0) + cost
         if self._observer:
             self._observer.on_answer(self.provider, model.id, finish, usage, cost)
 
@@ -394,5 +394,5 @@ class ProviderClient:
             error_type=failure.error_type,
             attempts=attempts,
             provider_request_id=failure.request_id or run.request_id,
-            cost_usd=run.cost_usd if run.priced else None,
+            cost_usd=run.cost_usd,
         )
