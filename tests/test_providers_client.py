@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -518,6 +519,39 @@ def _mocked(handler: Callable[[httpx.Request], httpx.Response]) -> ProviderClien
 )
 async def test_a_garbled_http_answer_is_a_retryable_provider_error(answer: bytes) -> None:
     # Not a crash that skips the fallback: the stage only hands on our provider errors.
+    async with _answering(answer, retries=1) as provider:
+        with pytest.raises(RetryableProviderError) as caught:
+            await provider.complete(GLM, _ask())
+    assert caught.value.attempts == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "content"),
+    [(200, "fine"), (200, ""), (500, None)],  # an answer, an unusable 200, an error
+)
+async def test_a_long_request_id_is_cut_whatever_the_answer(
+    status: int, content: str | None
+) -> None:
+    rid = "req_" + "7" * 496
+    if content is None:
+        body = b'{"error": {"message": "boom", "type": "server_error"}}'
+    else:
+        message = {"role": "assistant", "content": content}
+        body = orjson.dumps({"choices": [{"message": message, "finish_reason": "stop"}]})
+    head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nx-request-id: {rid}\r\n"
+    answer = head.encode() + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    async with _answering(answer, retries=0) as provider:
+        try:
+            quoted = (await provider.complete(GLM, _ask())).provider_request_id
+        except ProviderError as exc:
+            quoted = exc.provider_request_id
+    assert quoted == rid[:200]
+
+
+@asynccontextmanager
+async def _answering(answer: bytes, *, retries: int) -> AsyncIterator[ProviderClient]:
+    """A client of a server on loopback that answers every request with `answer`, as is."""
+
     async def serve(stream: anyio.abc.SocketStream) -> None:
         async with stream:
             await stream.receive()
@@ -527,13 +561,10 @@ async def test_a_garbled_http_answer_is_a_retryable_provider_error(answer: bytes
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
     async with listener, anyio.create_task_group() as group:
         group.start_soon(listener.serve, serve)
-        async with ProviderClient(
-            _settings(f"http://127.0.0.1:{port}/v1", retries=1), backoff=FAST
-        ) as provider:
-            with pytest.raises(RetryableProviderError) as caught:
-                await provider.complete(GLM, _ask())
+        url = f"http://127.0.0.1:{port}/v1"
+        async with ProviderClient(_settings(url, retries=retries), backoff=FAST) as provider:
+            yield provider
         group.cancel_scope.cancel()
-    assert caught.value.attempts == 2
 
 
 async def test_a_retry_after_past_the_deadline_holds_back_the_model_within_reason() -> None:

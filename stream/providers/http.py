@@ -33,6 +33,7 @@ from stream.providers.transport import AiohttpTransport, Answer
 __all__ = ["Exchange", "Failure", "ProviderHTTP"]
 
 _MAX_MESSAGE = 300
+_MAX_REQUEST_ID = 200  # as long as the body's id may be (`completion._text`)
 # Statuses that mean "too many calls": the limiter shrinks on them.
 _THROTTLES = frozenset({429, 503, 529})
 
@@ -132,7 +133,8 @@ class ProviderHTTP:
 
     def _read(self, answer: Answer, json_output: bool) -> Parsed | Failure:
         status, headers = answer.status, answer.headers
-        request_id = headers.get("x-request-id") or None
+        # Cut here, once: it is copied into records and errors, whatever the path.
+        request_id = headers.get("x-request-id", "")[:_MAX_REQUEST_ID] or None
         if status == 200:
             try:
                 parsed = parse_completion(answer.body, json_output=json_output)
@@ -148,7 +150,7 @@ class ProviderHTTP:
                     provider_fault=exc.provider_fault,
                 )
             if parsed.response_id is None and request_id:
-                parsed = replace(parsed, response_id=request_id[:200])
+                parsed = replace(parsed, response_id=request_id)
             return parsed
         if 200 < status < 300:
             # Not held against the provider's health, as `classify` has any 2xx.
@@ -168,7 +170,7 @@ class ProviderHTTP:
             message=message or answer.reason or f"HTTP {status}",
             status=status,
             wait_s=retry_after(headers, self._clock.wall()),
-            request_id=request_id[:200] if request_id else None,
+            request_id=request_id,
             provider_fault=verdict.provider_fault,
             # An exhausted quota is not a pace to slow down to.
             throttled=status in _THROTTLES and verdict.error_type != "insufficient_quota",
