@@ -126,8 +126,8 @@ class ProviderClient:
         or `CircuitOpenError` (not called at all).
         """
         body = self._body(model, messages, params)
-        hold = await self._admit(spend, model, body, params, deadline)
         run = Run()
+        hold = await self._admit(spend, model, body, params, deadline, run)
         try:
             return await self._complete(model, body, params, deadline, request_id, run)
         finally:
@@ -144,6 +144,7 @@ class ProviderClient:
         body: bytes,
         params: dict[str, Any] | None,
         deadline: float | None,
+        run: Run,
     ) -> Hold | None:
         """Wait for the spend limit, up to the request's deadline (not the model's timeout)."""
         if spend is None:
@@ -154,7 +155,7 @@ class ProviderClient:
         failure = Failure(
             retryable=True, error_type="deadline", message="deadline passed under the spend limit"
         )
-        raise self._error(model, failure, 0, Run())
+        raise self._error(model, failure, 0, run)
 
     async def _complete(
         self,
