@@ -64,13 +64,24 @@ class Model:
     initial_concurrency: int | None = None
 
 
-def _m(id: str, provider: ProviderName, api_model: str, timeout_s: float) -> Model:
+def _m(
+    id: str,
+    provider: ProviderName,
+    api_model: str,
+    timeout_s: float,
+    *,
+    price: Price | None = None,
+    initial_concurrency: int | None = None,
+) -> Model:
+    """A catalog model (built in, or from a file); without a price of its own, the list
+    price of its id when there is one."""
     return Model(
         id=id,
         provider=provider,
         api_model=api_model,
         timeout_s=timeout_s,
-        price=DEFAULT_PRICES.get(id),
+        price=DEFAULT_PRICES.get(id) if price is None else price,
+        initial_concurrency=initial_concurrency,
     )
 
 
@@ -211,19 +222,8 @@ def _parse_model(model_id: str, raw: object, where: str) -> Model:
         isinstance(initial, bool) or not isinstance(initial, int) or initial < 1
     ):
         raise ConfigError(f"{entry}: initial_concurrency must be a whole number >= 1")
-    price = None
-    if "price" in raw:
-        price = _parse_price(raw["price"], f"{entry}: price", where)
-    elif model_id in DEFAULT_PRICES:
-        price = DEFAULT_PRICES[model_id]
-    return Model(
-        id=model_id,
-        provider=provider,
-        api_model=api_model,
-        timeout_s=timeout,
-        price=price,
-        initial_concurrency=initial,
-    )
+    price = _parse_price(raw["price"], f"{entry}: price", where) if "price" in raw else None
+    return _m(model_id, provider, api_model, timeout, price=price, initial_concurrency=initial)
 
 
 def _positive(value: object, what: str, *, zero: bool = False) -> float:

@@ -18,7 +18,7 @@ from stream.catalog import (
 )
 from stream.config import Settings
 from stream.errors import ConfigError
-from stream.prices import Price
+from stream.prices import DEFAULT_PRICES, Price
 
 
 def _settings(
@@ -69,6 +69,13 @@ price = { input = 0.5, output = 2.0, cached_input = 0.125 }
     assert catalog.models["glm-4.6-syn"].price.input == 0.6  # type: ignore[union-attr]
     assert catalog.models["deepseek-r1-0528-syn"].price.output == 7.5  # type: ignore[union-attr]
     assert unpriced(catalog) == ["minimax-m2-syn", "qwen3-coder-480b-syn"]
+
+
+def test_a_default_model_replaced_without_a_price_keeps_its_list_price(tmp_path: Path) -> None:
+    text = '[models.deepseek-r1]\nprovider = "together"\napi_model = "deepseek-ai/R1-new"\n'
+    replaced = load_catalog(_settings(tmp_path, text)).models["deepseek-r1"]
+    assert replaced.api_model == "deepseek-ai/R1-new"
+    assert replaced.price == DEFAULT_PRICES["deepseek-r1"]
 
 
 @pytest.mark.parametrize(

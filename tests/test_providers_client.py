@@ -6,17 +6,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import httpx
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from stream.catalog import Model
 from stream.config import ProviderSettings, Secret
 from stream.devtools.simulator import SimConfig, Simulator
-from stream.errors import CircuitOpenError, FatalProviderError, RetryableProviderError
+from stream.errors import (
+    CircuitOpenError,
+    FatalProviderError,
+    ProviderError,
+    RetryableProviderError,
+)
+from stream.observe.metrics import Metrics
 from stream.providers import Backoff, BreakerConfig, Clock, ProviderClient
 
 pytestmark = pytest.mark.anyio
@@ -183,6 +191,37 @@ async def test_json_mode_checks_the_output(client: ProviderClient, sim: Simulato
     assert caught.value.error_type == "invalid_json_output"
     # Prose is fine when JSON was not asked for.
     assert (await client.complete(GLM, _ask("[[sim:notjson]]"))).content
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "outcome", "finish"),
+    [
+        # Billed but unusable: counted by how the provider said they ended, not as "none".
+        ("empty", {}, "empty_content", "stop"),
+        ("notjson", {"response_format": {"type": "json_object"}}, "invalid_json_output", "stop"),
+        ("content_filter", {}, "content_filter", "content_filter"),
+        # Cut at max_tokens before any text: a result, flagged, and counted as cut.
+        ("empty", {"max_tokens": 1}, "truncated", "length"),
+    ],
+)
+async def test_billed_answers_are_counted_by_their_finish_reason(
+    sim: Simulator, kind: str, params: dict[str, Any], outcome: str, finish: str
+) -> None:
+    metrics = Metrics()
+    async with ProviderClient(_settings(sim.url, retries=0), observer=metrics) as client:
+        try:
+            done = await client.complete(GLM, _ask(f"[[sim:{kind}]]"), params)
+        except ProviderError as exc:
+            assert exc.error_type == outcome
+        else:
+            assert outcome == "truncated" and done.truncated and done.content is None
+    counted = {
+        sample.labels["finish_reason"]: sample.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for sample in family.samples
+        if sample.name == "stream_provider_answers_total"
+    }
+    assert counted == {finish: 1}
 
 
 async def test_retry_after_ms_is_waited_out(client: ProviderClient, sim: Simulator) -> None:
@@ -480,6 +519,39 @@ def _mocked(handler: Callable[[httpx.Request], httpx.Response]) -> ProviderClien
 )
 async def test_a_garbled_http_answer_is_a_retryable_provider_error(answer: bytes) -> None:
     # Not a crash that skips the fallback: the stage only hands on our provider errors.
+    async with _answering(answer, retries=1) as provider:
+        with pytest.raises(RetryableProviderError) as caught:
+            await provider.complete(GLM, _ask())
+    assert caught.value.attempts == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "content"),
+    [(200, "fine"), (200, ""), (500, None)],  # an answer, an unusable 200, an error
+)
+async def test_a_long_request_id_is_cut_whatever_the_answer(
+    status: int, content: str | None
+) -> None:
+    rid = "req_" + "7" * 496
+    if content is None:
+        body = b'{"error": {"message": "boom", "type": "server_error"}}'
+    else:
+        message = {"role": "assistant", "content": content}
+        body = orjson.dumps({"choices": [{"message": message, "finish_reason": "stop"}]})
+    head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nx-request-id: {rid}\r\n"
+    answer = head.encode() + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    async with _answering(answer, retries=0) as provider:
+        try:
+            quoted = (await provider.complete(GLM, _ask())).provider_request_id
+        except ProviderError as exc:
+            quoted = exc.provider_request_id
+    assert quoted == rid[:200]
+
+
+@asynccontextmanager
+async def _answering(answer: bytes, *, retries: int) -> AsyncIterator[ProviderClient]:
+    """A client of a server on loopback that answers every request with `answer`, as is."""
+
     async def serve(stream: anyio.abc.SocketStream) -> None:
         async with stream:
             await stream.receive()
@@ -489,13 +561,10 @@ async def test_a_garbled_http_answer_is_a_retryable_provider_error(answer: bytes
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
     async with listener, anyio.create_task_group() as group:
         group.start_soon(listener.serve, serve)
-        async with ProviderClient(
-            _settings(f"http://127.0.0.1:{port}/v1", retries=1), backoff=FAST
-        ) as provider:
-            with pytest.raises(RetryableProviderError) as caught:
-                await provider.complete(GLM, _ask())
+        url = f"http://127.0.0.1:{port}/v1"
+        async with ProviderClient(_settings(url, retries=retries), backoff=FAST) as provider:
+            yield provider
         group.cancel_scope.cancel()
-    assert caught.value.attempts == 2
 
 
 async def test_a_retry_after_past_the_deadline_holds_back_the_model_within_reason() -> None:

@@ -15,20 +15,15 @@ from stream.providers.completion import Parsed
 from stream.providers.http import Exchange, Failure
 from stream.providers.limiter import AdaptiveLimiter, Permit
 from stream.providers.ratelimits import MAX_RESET_S, read_ratelimits
-from stream.providers.retry import classify
 
 __all__ = ["Run", "acquire", "heed", "judge", "max_tokens"]
-
-# Statuses that mean "too many calls": the limiter shrinks on them.
-_THROTTLES = frozenset({429, 503, 529})
 
 
 @dataclass
 class Run:
     """One `complete` call across its attempts: what it has been billed, and the last id."""
 
-    cost_usd: float = 0.0
-    priced: bool = False
+    cost_usd: float | None = None  # None until an answer was priced
     request_id: str | None = None
     sending: bool = False  # a request is out and its answer not read
 
@@ -68,18 +63,10 @@ def heed(limiter: AdaptiveLimiter, exchange: Exchange) -> None:
 
 
 def judge(result: Parsed | Failure) -> tuple[Outcome, bool]:
-    """(breaker outcome, limiter throttled) for one attempt's result."""
+    """(breaker outcome, limiter throttled) for one attempt's result, as it was read."""
     if isinstance(result, Parsed):
         return "success", False
-    status = result.status
-    if status is None or status == 200:
-        # Transport failures and unusable 200s are the provider's; bad JSON may be ours, and
-        # a filtered answer is the prompt's doing.
-        ours = result.error_type in ("invalid_json_output", "content_filter")
-        return ("neutral" if ours else "failure"), False
-    verdict = classify(status, None, None)
-    throttled = status in _THROTTLES and result.error_type != "insufficient_quota"
-    return ("failure" if verdict.provider_fault else "neutral"), throttled
+    return ("failure" if result.provider_fault else "neutral"), result.throttled
 
 
 def max_tokens(params: dict[str, Any] | None) -> int | None:

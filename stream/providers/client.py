@@ -126,15 +126,16 @@ class ProviderClient:
         or `CircuitOpenError` (not called at all).
         """
         body = self._body(model, messages, params)
-        hold = await self._admit(spend, model, body, params, deadline)
         run = Run()
+        hold = await self._admit(spend, model, body, params, deadline, run)
         try:
             return await self._complete(model, body, params, deadline, request_id, run)
         finally:
             if hold is not None:
                 # Cancelled while a request was out (a revoke, a shutdown): the provider may
                 # bill it, and nobody will say for how much: count what was held for it.
-                hold.settle(None if run.sending else run.cost_usd)
+                # Otherwise what was billed (no priced answer: nothing, not the estimate).
+                hold.settle(None if run.sending else run.cost_usd or 0.0)
 
     async def _admit(
         self,
@@ -143,6 +144,7 @@ class ProviderClient:
         body: bytes,
         params: dict[str, Any] | None,
         deadline: float | None,
+        run: Run,
     ) -> Hold | None:
         """Wait for the spend limit, up to the request's deadline (not the model's timeout)."""
         if spend is None:
@@ -153,7 +155,7 @@ class ProviderClient:
         failure = Failure(
             retryable=True, error_type="deadline", message="deadline passed under the spend limit"
         )
-        raise self._error(model, failure, 0, Run())
+        raise self._error(model, failure, 0, run)
 
     async def _complete(
         self,
@@ -182,7 +184,7 @@ class ProviderClient:
             finish_reason=parsed.finish_reason,
             tool_calls=parsed.tool_calls,
             provider_request_id=parsed.response_id,
-            cost_usd=run.cost_usd if run.priced else None,
+            cost_usd=run.cost_usd,
         )
 
     def _budget(self, model: Model, deadline: float | None) -> float:
@@ -336,15 +338,12 @@ class ProviderClient:
         if isinstance(result, Parsed):
             usage, finish, run.request_id = result.usage, result.finish_reason, result.response_id
         else:
-            usage, finish, run.request_id = result.usage, None, result.request_id
-            if result.status == 200 and result.error_type == "content_filter":
-                finish = "content_filter"
-            elif result.status != 200:
+            usage, finish, run.request_id = result.usage, result.finish_reason, result.request_id
+            if result.status != 200:
                 return
         cost = model.price.cost(usage) if model.price is not None else None
         if cost is not None:
-            run.cost_usd += cost
-            run.priced = True
+            run.cost_usd = (run.cost_usd or 0.0) + cost
         if self._observer:
             self._observer.on_answer(self.provider, model.id, finish, usage, cost)
 
@@ -396,5 +395,5 @@ class ProviderClient:
             error_type=failure.error_type,
             attempts=attempts,
             provider_request_id=failure.request_id or run.request_id,
-            cost_usd=run.cost_usd if run.priced else None,
+            cost_usd=run.cost_usd,
         )

@@ -75,15 +75,27 @@ class Parsed:
 class BadOutput(Exception):
     """A 200 whose body is not a usable answer; `error_type` says how. All are retryable but
     a filtered answer (`content_filter`): the same prompt would be filtered again, and paid.
-    `usage` is what the provider billed for it, when the body said."""
+    All are the provider's fault (the breaker hears them) but prose where JSON was asked for
+    (the prompt may be ours) and a filtered answer (the prompt's doing).
+    `usage` is what the provider billed for it, and `finish_reason` how it said the answer
+    ended, when the body said."""
 
     def __init__(
-        self, error_type: str, message: str, *, retryable: bool = True, usage: Usage | None = None
+        self,
+        error_type: str,
+        message: str,
+        *,
+        retryable: bool = True,
+        provider_fault: bool = True,
+        usage: Usage | None = None,
+        finish_reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.retryable = retryable
+        self.provider_fault = provider_fault
         self.usage = usage
+        self.finish_reason = finish_reason
 
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
@@ -151,15 +163,24 @@ def _check(
             "content_filter",
             "the provider filtered the answer (finish_reason content_filter)",
             retryable=False,
+            provider_fault=False,
             usage=usage,
+            finish_reason=finish,
         )
     if not content and tool_calls is None and finish != "length":
-        raise BadOutput("empty_content", "the provider returned an empty answer", usage=usage)
+        raise BadOutput(
+            "empty_content",
+            "the provider returned an empty answer",
+            usage=usage,
+            finish_reason=finish,
+        )
     if content and json_output and finish != "length" and not _is_json(content):
         raise BadOutput(
             "invalid_json_output",
             "JSON output was asked for; the answer is not JSON",
+            provider_fault=False,
             usage=usage,
+            finish_reason=finish,
         )
 
 

@@ -33,6 +33,9 @@ from stream.providers.transport import AiohttpTransport, Answer
 __all__ = ["Exchange", "Failure", "ProviderHTTP"]
 
 _MAX_MESSAGE = 300
+_MAX_REQUEST_ID = 200  # as long as the body's id may be (`completion._text`)
+# Statuses that mean "too many calls": the limiter shrinks on them.
+_THROTTLES = frozenset({429, 503, 529})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -46,6 +49,11 @@ class Failure:
     wait_s: float | None = None  # what the provider asked for (Retry-After)
     request_id: str | None = None  # the provider's, to quote to its support
     usage: Usage | None = None  # what it billed for this attempt (a bad 200), if it said
+    finish_reason: str | None = None  # how that bad 200 said it ended, if it said
+    # What the breaker and the limiter hear (`attempts.judge`), decided where the answer is
+    # read. A failure before any call (no slot, no time) is never judged.
+    provider_fault: bool = False
+    throttled: bool = False
 
 
 class Exchange(NamedTuple):
@@ -97,14 +105,11 @@ class ProviderHTTP:
         except (aiohttp.ClientError, httpx.RequestError) as exc:
             # First: aiohttp's connect timeout is a TimeoutError too, but no answer was late.
             label = "timeout" if isinstance(exc, aiohttp.SocketTimeoutError) else "connect"
-            failure = Failure(retryable=True, error_type=f"{label}_error", message=describe(exc))
-            return Exchange(failure, label, now() - start, None)
+            return Exchange(_lost(f"{label}_error", describe(exc)), label, now() - start, None)
         except TimeoutError:
-            failure = Failure(retryable=True, error_type="timeout", message="no answer in time")
-            return Exchange(failure, "timeout", now() - start, None)
+            return Exchange(_lost("timeout", "no answer in time"), "timeout", now() - start, None)
         except OSError as exc:
-            failure = Failure(retryable=True, error_type="connect_error", message=describe(exc))
-            return Exchange(failure, "connect", now() - start, None)
+            return Exchange(_lost("connect_error", describe(exc)), "connect", now() - start, None)
         result = self._read(answer, json_output)
         return Exchange(result, status_class(answer.status), now() - start, answer.headers)
 
@@ -128,7 +133,8 @@ class ProviderHTTP:
 
     def _read(self, answer: Answer, json_output: bool) -> Parsed | Failure:
         status, headers = answer.status, answer.headers
-        request_id = headers.get("x-request-id") or None
+        # Cut here, once: it is copied into records and errors, whatever the path.
+        request_id = headers.get("x-request-id", "")[:_MAX_REQUEST_ID] or None
         if status == 200:
             try:
                 parsed = parse_completion(answer.body, json_output=json_output)
@@ -140,11 +146,14 @@ class ProviderHTTP:
                     status=200,
                     request_id=request_id,
                     usage=exc.usage,
+                    finish_reason=exc.finish_reason,
+                    provider_fault=exc.provider_fault,
                 )
             if parsed.response_id is None and request_id:
-                parsed = replace(parsed, response_id=request_id[:200])
+                parsed = replace(parsed, response_id=request_id)
             return parsed
         if 200 < status < 300:
+            # Not held against the provider's health, as `classify` has any 2xx.
             return Failure(
                 retryable=True,
                 error_type="unexpected_status",
@@ -161,13 +170,21 @@ class ProviderHTTP:
             message=message or answer.reason or f"HTTP {status}",
             status=status,
             wait_s=retry_after(headers, self._clock.wall()),
-            request_id=request_id[:200] if request_id else None,
+            request_id=request_id,
+            provider_fault=verdict.provider_fault,
+            # An exhausted quota is not a pace to slow down to.
+            throttled=status in _THROTTLES and verdict.error_type != "insufficient_quota",
         )
 
     def scrub(self, text: str) -> str:
         # Some providers echo the key back in an auth error; it must not travel further.
         key = self.settings.api_key.reveal()
         return text.replace(key, "[redacted]") if key else text
+
+
+def _lost(error_type: str, message: str) -> Failure:
+    """No answer came (refused, reset, late): the provider's trouble, worth another try."""
+    return Failure(retryable=True, error_type=error_type, message=message, provider_fault=True)
 
 
 def describe(exc: BaseException) -> str:
