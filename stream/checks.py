@@ -3,11 +3,13 @@ act on, raised at start, instead of a traceback from deep inside a library later
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 from stream.errors import ConfigError
 
-__all__ = ["check_bootstrap", "check_topic_prefix", "read_text", "tls_context"]
+__all__ = ["check_bootstrap", "check_topic_prefix", "parse_duration", "read_text", "tls_context"]
 
 # What Kafka accepts in a topic name, and so in the prefix of every one of ours.
 _TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -30,6 +32,29 @@ def check_bootstrap(value: str, name: str) -> str:
         if not 1 <= int(port) <= 65535:
             raise ConfigError(f"{name} entry {entry!r}: the port must be between 1 and 65535")
     return ",".join(entries)
+
+
+# Seconds per unit of a duration (`90s`, `30m`, `1h30m`, `2d`, `1w`).
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+# A number as Python writes a float (`2`, `1.5`, `.5`, `1e-05`): settings are often
+# generated with f"{seconds}s".
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[+-]?[0-9]+)?"
+_DURATION_PART = re.compile(rf"({_NUMBER})([smhdw])")
+_DURATION = re.compile(rf"{_NUMBER}|(?:{_NUMBER}[smhdw])+")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration: a number of seconds (`90`, `2.5`) or numbers with units
+    s, m, h, d, w (`90s`, `30m`, `1h30m`, `1.5h`, `7d`; any case, no spaces inside);
+    a ValueError for anything else. Zero is a duration: each caller keeps its own bounds."""
+    value = text.strip().lower()
+    if not _DURATION.fullmatch(value):
+        raise ValueError(f"{text!r} is not a duration")
+    parts = _DURATION_PART.findall(value) or [(value, "s")]
+    seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{text!r} is too long a duration")
+    return seconds
 
 
 def check_topic_prefix(prefix: str) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from stream.checks import check_bootstrap, check_topic_prefix, tls_context
+from stream.checks import check_bootstrap, check_topic_prefix, parse_duration, tls_context
 from stream.errors import ConfigError
 from stream.source import Secret, Source
 
@@ -333,14 +333,10 @@ def _spend_settings(source: Source) -> SpendSettings:
     )
 
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
 def parse_window(text: str) -> float:
-    """`90`, `90s`, `30m`, `1h`, `24h`, `7d` → seconds; ValueError for anything else."""
-    text = text.strip().lower()
-    unit = _UNITS.get(text[-1:]) if text else None
-    seconds = float(text[:-1] if unit else text) * (unit or 1.0)
-    if not 0 < seconds < float("inf"):
+    """`90`, `90s`, `30m`, `1h`, `1h30m`, `24h`, `7d` → seconds (more than zero); ValueError
+    for anything else."""
+    seconds = parse_duration(text)
+    if not seconds > 0:
         raise ValueError(text)
     return seconds

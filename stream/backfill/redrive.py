@@ -104,7 +104,7 @@ class RedriveOptions:
     until_ms: int | None = None
     dry_run: bool = False
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    deadline_s: int = DEFAULT_DEADLINE_S  # a re-driven request's deadline: this from now
+    deadline_s: float = DEFAULT_DEADLINE_S  # a re-driven request's deadline: this from now
 
     @property
     def acting(self) -> frozenset[str]:
