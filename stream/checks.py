@@ -9,28 +9,45 @@ from pathlib import Path
 
 from stream.errors import ConfigError
 
-__all__ = ["check_bootstrap", "check_topic_prefix", "parse_duration", "read_text", "tls_context"]
+__all__ = [
+    "SASL_MECHANISMS",
+    "SECURITY_PROTOCOLS",
+    "check_bootstrap",
+    "check_topic_prefix",
+    "parse_duration",
+    "read_text",
+    "tls_context",
+]
 
 # What Kafka accepts in a topic name, and so in the prefix of every one of ours.
 _TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 # Kafka's longest topic name.
 MAX_TOPIC_NAME = 249
+# A bootstrap server's host (a name, an IPv4 address, or IPv6 in brackets) and port.
+_HOST = re.compile(r"\[[0-9A-Fa-f:.]+\]|[^\s,:\[\]]+")
+_PORT = re.compile(r"[0-9]{1,5}")
+# What STREAM_KAFKA_SECURITY_PROTOCOL and STREAM_KAFKA_SASL_MECHANISM (or security.protocol
+# and sasl.mechanism in --command-config) may say: GSSAPI and OAUTHBEARER are not offered.
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
-def check_bootstrap(value: str, name: str) -> str:
-    """`value` if it is a comma list of host:port (IPv6 hosts in brackets), else a
-    `ConfigError` naming `name` (aiokafka would fail with a traceback)."""
+def check_bootstrap(value: str, name: str, *, echo: bool = True) -> str:
+    """`value` if it is a comma list of host:port (IPv6 hosts in brackets), blanks around
+    the commas dropped, else a `ConfigError` naming `name` (aiokafka would fail with a
+    traceback). `echo=False` keeps the value out of the message (it came from a file
+    that holds passwords)."""
     entries = [entry.strip() for entry in value.split(",")]
     for entry in entries:
         host, _, port = entry.rpartition(":")
-        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if not bare or not port.isdigit() or (":" in bare and bare == host):
+        shown = repr(entry) if echo else "an entry"
+        if not _HOST.fullmatch(host) or not _PORT.fullmatch(port):
             raise ConfigError(
-                f"{name} entry {entry!r} is not host:port (e.g. broker1:9092,broker2:9092; "
-                "IPv6 in brackets: [::1]:9092)"
+                f"{name} must be HOST:PORT, or several joined by commas: {shown} is not "
+                "host:port (e.g. broker1:9092,broker2:9092; IPv6 in brackets: [::1]:9092)"
             )
         if not 1 <= int(port) <= 65535:
-            raise ConfigError(f"{name} entry {entry!r}: the port must be between 1 and 65535")
+            raise ConfigError(f"{name} entry {shown}: the port must be between 1 and 65535")
     return ",".join(entries)
 
 

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from stream.checks import check_bootstrap, check_topic_prefix, parse_duration, tls_context
+from stream.checks import (
+    SASL_MECHANISMS,
+    SECURITY_PROTOCOLS,
+    check_bootstrap,
+    check_topic_prefix,
+    parse_duration,
+    tls_context,
+)
 from stream.errors import ConfigError
 from stream.source import Secret, Source
 
@@ -256,14 +263,9 @@ def _kafka_settings(source: Source) -> KafkaSettings:
             source.text("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"), "KAFKA_BOOTSTRAP_SERVERS"
         ),
         security_protocol=source.choice(
-            "STREAM_KAFKA_SECURITY_PROTOCOL",
-            ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
-            "PLAINTEXT",
-            upper=True,
+            "STREAM_KAFKA_SECURITY_PROTOCOL", SECURITY_PROTOCOLS, "PLAINTEXT", upper=True
         ),
-        sasl_mechanism=source.optional_choice(
-            "STREAM_KAFKA_SASL_MECHANISM", ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-        ),
+        sasl_mechanism=source.optional_choice("STREAM_KAFKA_SASL_MECHANISM", SASL_MECHANISMS),
         sasl_username=source.text("STREAM_KAFKA_SASL_USERNAME", "") or None,
         sasl_password=source.secret("STREAM_KAFKA_SASL_PASSWORD"),
         ssl_cafile=source.file_name("STREAM_KAFKA_SSL_CAFILE"),
