@@ -13,6 +13,7 @@ __all__ = [
     "SASL_MECHANISMS",
     "SECURITY_PROTOCOLS",
     "check_bootstrap",
+    "check_instance_id",
     "check_topic_prefix",
     "parse_duration",
     "read_text",
@@ -23,6 +24,9 @@ __all__ = [
 _TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 # Kafka's longest topic name.
 MAX_TOPIC_NAME = 249
+# Each engine appends "-<stage>" (up to 9 characters) to a group.instance.id, and Kafka
+# takes 249 characters: this leaves room.
+INSTANCE_ID_MAX = 240
 # A bootstrap server's host (a name, an IPv4 address, or IPv6 in brackets) and port.
 _HOST = re.compile(r"\[[0-9A-Fa-f:.]+\]|[^\s,:\[\]]+")
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -72,6 +76,21 @@ def parse_duration(text: str) -> float:
     if not math.isfinite(seconds):
         raise ValueError(f"{text!r} is too long a duration")
     return seconds
+
+
+def check_instance_id(value: str, name: str) -> str | None:
+    """`value` as a group instance id (None when empty); a `ConfigError` naming `name`
+    (the variable or option it came from) when Kafka would refuse it (its rules for an
+    instance id are those for a topic name)."""
+    if not value:
+        return None
+    if value in (".", "..") or len(value) > INSTANCE_ID_MAX or set(value) - _TOPIC_CHARS:
+        raise ConfigError(
+            f"{name} {value[:60]!r} is not a valid Kafka group instance id: use "
+            f"up to {INSTANCE_ID_MAX} letters, digits, '.', '_' or '-' (not '.' or '..'), "
+            "e.g. the pod name of a StatefulSet"
+        )
+    return value
 
 
 def check_topic_prefix(prefix: str) -> str:

@@ -19,6 +19,7 @@ from stream.checks import (
     SASL_MECHANISMS,
     SECURITY_PROTOCOLS,
     check_bootstrap,
+    check_instance_id,
     check_topic_prefix,
     parse_duration,
     tls_context,
@@ -34,7 +35,7 @@ __all__ = [
     "Secret",
     "Settings",
     "SpendSettings",
-    "check_instance_id",
+    "check_instance_id",  # from checks; worker.py takes it from here
 ]
 
 Guarantee = Literal["at-least-once", "exactly-once"]
@@ -277,28 +278,8 @@ def _kafka_settings(source: Source) -> KafkaSettings:
     )
 
 
-# Kafka's rules for a group.instance.id (the same as for a topic name). Each engine appends
-# "-<stage>" to it (up to 9 characters), and Kafka takes 249: this leaves room.
-_INSTANCE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-INSTANCE_ID_MAX = 240
-
-
 def _instance_id(source: Source) -> str | None:
     return check_instance_id(source.text("STREAM_INSTANCE_ID", ""), "STREAM_INSTANCE_ID")
-
-
-def check_instance_id(value: str, name: str) -> str | None:
-    """`value` as a group instance id (None when empty); a `ConfigError` naming `name`
-    (the variable or option it came from) when Kafka would refuse it."""
-    if not value:
-        return None
-    if value in (".", "..") or len(value) > INSTANCE_ID_MAX or set(value) - _INSTANCE_ID_CHARS:
-        raise ConfigError(
-            f"{name} {value[:60]!r} is not a valid Kafka group instance id: use "
-            f"up to {INSTANCE_ID_MAX} letters, digits, '.', '_' or '-' (not '.' or '..'), "
-            "e.g. the pod name of a StatefulSet"
-        )
-    return value
 
 
 def _provider_settings(source: Source, name: str, base_url: str) -> ProviderSettings:

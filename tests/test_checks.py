@@ -1,14 +1,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from stream import config
 from stream.backfill.window import parse_age, parse_time
-from stream.checks import parse_duration
+from stream.checks import INSTANCE_ID_MAX, check_instance_id, check_topic_prefix, parse_duration
 from stream.config import Settings
 from stream.errors import ConfigError
 
@@ -111,3 +113,25 @@ def test_an_age_in_since_takes_the_same_forms_but_not_a_bare_number() -> None:
     for bare in ("90", "20250601"):
         with pytest.raises(ConfigError, match="--since"):
             parse_time(bare, option="--since", now=now)
+
+
+@given(st.text(min_size=1, max_size=30))
+def test_an_instance_id_takes_the_characters_of_a_topic_name(text: str) -> None:
+    def accepted(check: Callable[[str], object]) -> bool:
+        try:
+            check(text)
+        except ConfigError:
+            return False
+        return True
+
+    as_id = accepted(lambda value: check_instance_id(value, "STREAM_INSTANCE_ID"))
+    assert as_id == (accepted(check_topic_prefix) and text not in (".", ".."))
+    if as_id:
+        assert check_instance_id(text, "x") == text
+    assert config.check_instance_id is check_instance_id  # worker.py imports it from config
+
+
+def test_an_instance_id_leaves_room_for_the_stage_suffix() -> None:
+    assert check_instance_id("w" * INSTANCE_ID_MAX, "x") == "w" * INSTANCE_ID_MAX
+    with pytest.raises(ConfigError, match=f"STREAM_INSTANCE_ID 'w+' .* up to {INSTANCE_ID_MAX}"):
+        Settings.from_env({"STREAM_INSTANCE_ID": "w" * (INSTANCE_ID_MAX + 1)})
