@@ -42,7 +42,7 @@ from stream.kafka import (
     group_offsets,
     producer_client,
     topic_partitions,
-    translate,
+    translated,
 )
 
 __all__ = ["GROUP", "HOPELESS", "REASONS", "REDRIVEN_FROM", "Redrive", "RedriveOptions", "register"]
@@ -145,7 +145,7 @@ class Redrive:
                 bounds = await self._plan(consumer, found[options.source])
                 await self._work(consumer, bounds)
             except AIOKafkaError as exc:
-                raise translate(exc, kafka, f"re-driving {options.source}") from exc
+                raise await translated(exc, kafka, f"re-driving {options.source}") from exc
 
     async def _plan(self, consumer: Any, tps: list[TopicPartition]) -> dict[TopicPartition, Span]:
         window = await spans(consumer, tps, self.options.since_ms, self.options.until_ms)

@@ -35,7 +35,7 @@ from stream.backfill.window import Span, batches, parse_time, spans
 from stream.config import Settings
 from stream.engine.fetch import Undecodable
 from stream.errors import ConfigError
-from stream.kafka import consumer_client, producer_client, topic_partitions, translate
+from stream.kafka import consumer_client, producer_client, topic_partitions, translated
 
 __all__ = ["REPLAYED_FROM", "PartitionReplay", "Replay", "ReplayOptions", "register"]
 
@@ -126,7 +126,7 @@ class Replay:
                 if not options.dry_run:
                     await self._copy(consumer)
             except AIOKafkaError as exc:
-                raise translate(exc, kafka, f"replaying {options.source}") from exc
+                raise await translated(exc, kafka, f"replaying {options.source}") from exc
 
     async def _plan(self, consumer: Any) -> None:
         source, target = self.options.source, self.options.target
