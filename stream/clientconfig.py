@@ -27,6 +27,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from stream.checks import SASL_MECHANISMS, SECURITY_PROTOCOLS, check_bootstrap
 from stream.errors import ConfigError
 
 __all__ = [
@@ -38,17 +39,15 @@ __all__ = [
     "parse_properties",
 ]
 
+# The JAAS login module each of SASL_MECHANISMS needs.
 _LOGIN_MODULES = {
-    "PLAIN": "org.apache.kafka.common.security.plain.PlainLoginModule",
-    "SCRAM-SHA-256": "org.apache.kafka.common.security.scram.ScramLoginModule",
-    "SCRAM-SHA-512": "org.apache.kafka.common.security.scram.ScramLoginModule",
+    mechanism: "org.apache.kafka.common.security.plain.PlainLoginModule"
+    if mechanism == "PLAIN"
+    else "org.apache.kafka.common.security.scram.ScramLoginModule"
+    for mechanism in SASL_MECHANISMS
 }
-_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_MECHANISMS_TEXT = f"{', '.join(SASL_MECHANISMS[:-1])} or {SASL_MECHANISMS[-1]}"
 _FLAGS = ("required", "requisite", "sufficient", "optional")
-_PLAIN_KEYS = {
-    "bootstrap.servers": "KAFKA_BOOTSTRAP_SERVERS",
-    "client.id": "STREAM_KAFKA_CLIENT_ID",
-}
 SUPPORTED_KEYS = (
     "bootstrap.servers",
     "client.id",
@@ -64,7 +63,6 @@ SUPPORTED_KEYS = (
 )
 _MAX_FILE_BYTES = 1024 * 1024
 _PROPERTY_NAME = re.compile(r"^[a-z][a-z0-9]*(?:[._-][a-z0-9]+)*\.[a-z0-9._-]+$")
-_SERVER = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s,:\[\]]+):\d{1,5}$")  # host:port, [v6]:port
 
 
 # -- the command line ----------------------------------------------------------------------
@@ -107,16 +105,8 @@ def overrides(args: argparse.Namespace) -> dict[str, str]:
         found.update(_from_file(Path(path)))
     bootstrap = getattr(args, "bootstrap_server", None)
     if bootstrap is not None:
-        found["KAFKA_BOOTSTRAP_SERVERS"] = _bootstrap(bootstrap, "--bootstrap-server")
+        found["KAFKA_BOOTSTRAP_SERVERS"] = check_bootstrap(bootstrap, "--bootstrap-server")
     return found
-
-
-def _bootstrap(value: str, where: str) -> str:
-    """`host:port[,host:port…]`, blanks around the commas dropped (Kafka allows them)."""
-    servers = [server.strip() for server in value.split(",")]
-    if not all(_SERVER.match(server) for server in servers):
-        raise ConfigError(f"{where} must be HOST:PORT, or several joined by commas")
-    return ",".join(servers)
 
 
 # -- the properties file -------------------------------------------------------------------
@@ -161,13 +151,13 @@ class _Mapper:
         return ConfigError(f"{self.where}: line {self.lines[key]}: {key} {why}")
 
     def variables(self) -> dict[str, str]:
-        for key, name in _PLAIN_KEYS.items():
-            if key in self.props:
-                self.found[name] = self.props[key].strip()
         if "bootstrap.servers" in self.props:
-            self.found["KAFKA_BOOTSTRAP_SERVERS"] = _bootstrap(
-                self.found["KAFKA_BOOTSTRAP_SERVERS"], f"{self.where}: bootstrap.servers"
+            where = f"{self.where}: line {self.lines['bootstrap.servers']}: bootstrap.servers"
+            self.found["KAFKA_BOOTSTRAP_SERVERS"] = check_bootstrap(
+                self.props["bootstrap.servers"], where, echo=False
             )
+        if "client.id" in self.props:
+            self.found["STREAM_KAFKA_CLIENT_ID"] = self.props["client.id"].strip()
         self._protocol()
         self._sasl()
         self._tls()
@@ -176,8 +166,10 @@ class _Mapper:
     def _protocol(self) -> None:
         protocol = self.props.get("security.protocol", "").strip().upper()
         if "security.protocol" in self.props:
-            if protocol not in _PROTOCOLS:
-                raise self.fail("security.protocol", f"must be one of {', '.join(_PROTOCOLS)}")
+            if protocol not in SECURITY_PROTOCOLS:
+                raise self.fail(
+                    "security.protocol", f"must be one of {', '.join(SECURITY_PROTOCOLS)}"
+                )
             self.found["STREAM_KAFKA_SECURITY_PROTOCOL"] = protocol
 
     def _sasl(self) -> None:
@@ -186,8 +178,7 @@ class _Mapper:
             if mechanism not in _LOGIN_MODULES:
                 raise self.fail(
                     "sasl.mechanism",
-                    f"{mechanism or '(empty)'} is not supported: use PLAIN, SCRAM-SHA-256 or "
-                    "SCRAM-SHA-512",
+                    f"{mechanism or '(empty)'} is not supported: use {_MECHANISMS_TEXT}",
                 )
             self.found["STREAM_KAFKA_SASL_MECHANISM"] = mechanism
         if "sasl.jaas.config" not in self.props:
@@ -196,7 +187,7 @@ class _Mapper:
             raise self.fail(
                 "sasl.jaas.config",
                 "is set without sasl.mechanism (Kafka would then use GSSAPI, which stream "
-                "does not support): add sasl.mechanism=PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+                f"does not support): add sasl.mechanism={_MECHANISMS_TEXT}",
             )
         where = f"{self.where}: line {self.lines['sasl.jaas.config']}: sasl.jaas.config"
         module, options = parse_jaas(self.props["sasl.jaas.config"], where=where)

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from stream.checks import check_bootstrap, check_topic_prefix, tls_context
+from stream.checks import (
+    SASL_MECHANISMS,
+    SECURITY_PROTOCOLS,
+    check_bootstrap,
+    check_instance_id,
+    check_topic_prefix,
+    parse_duration,
+    tls_context,
+)
 from stream.errors import ConfigError
 from stream.source import Secret, Source
 
@@ -27,7 +35,7 @@ __all__ = [
     "Secret",
     "Settings",
     "SpendSettings",
-    "check_instance_id",
+    "check_instance_id",  # from checks; worker.py takes it from here
 ]
 
 Guarantee = Literal["at-least-once", "exactly-once"]
@@ -256,14 +264,9 @@ def _kafka_settings(source: Source) -> KafkaSettings:
             source.text("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"), "KAFKA_BOOTSTRAP_SERVERS"
         ),
         security_protocol=source.choice(
-            "STREAM_KAFKA_SECURITY_PROTOCOL",
-            ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
-            "PLAINTEXT",
-            upper=True,
+            "STREAM_KAFKA_SECURITY_PROTOCOL", SECURITY_PROTOCOLS, "PLAINTEXT", upper=True
         ),
-        sasl_mechanism=source.optional_choice(
-            "STREAM_KAFKA_SASL_MECHANISM", ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-        ),
+        sasl_mechanism=source.optional_choice("STREAM_KAFKA_SASL_MECHANISM", SASL_MECHANISMS),
         sasl_username=source.text("STREAM_KAFKA_SASL_USERNAME", "") or None,
         sasl_password=source.secret("STREAM_KAFKA_SASL_PASSWORD"),
         ssl_cafile=source.file_name("STREAM_KAFKA_SSL_CAFILE"),
@@ -275,28 +278,8 @@ def _kafka_settings(source: Source) -> KafkaSettings:
     )
 
 
-# Kafka's rules for a group.instance.id (the same as for a topic name). Each engine appends
-# "-<stage>" to it (up to 9 characters), and Kafka takes 249: this leaves room.
-_INSTANCE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-INSTANCE_ID_MAX = 240
-
-
 def _instance_id(source: Source) -> str | None:
     return check_instance_id(source.text("STREAM_INSTANCE_ID", ""), "STREAM_INSTANCE_ID")
-
-
-def check_instance_id(value: str, name: str) -> str | None:
-    """`value` as a group instance id (None when empty); a `ConfigError` naming `name`
-    (the variable or option it came from) when Kafka would refuse it."""
-    if not value:
-        return None
-    if value in (".", "..") or len(value) > INSTANCE_ID_MAX or set(value) - _INSTANCE_ID_CHARS:
-        raise ConfigError(
-            f"{name} {value[:60]!r} is not a valid Kafka group instance id: use "
-            f"up to {INSTANCE_ID_MAX} letters, digits, '.', '_' or '-' (not '.' or '..'), "
-            "e.g. the pod name of a StatefulSet"
-        )
-    return value
 
 
 def _provider_settings(source: Source, name: str, base_url: str) -> ProviderSettings:
@@ -333,14 +316,10 @@ def _spend_settings(source: Source) -> SpendSettings:
     )
 
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
 def parse_window(text: str) -> float:
-    """`90`, `90s`, `30m`, `1h`, `24h`, `7d` → seconds; ValueError for anything else."""
-    text = text.strip().lower()
-    unit = _UNITS.get(text[-1:]) if text else None
-    seconds = float(text[:-1] if unit else text) * (unit or 1.0)
-    if not 0 < seconds < float("inf"):
+    """`90`, `90s`, `30m`, `1h`, `1h30m`, `24h`, `7d` → seconds (more than zero); ValueError
+    for anything else."""
+    seconds = parse_duration(text)
+    if not seconds > 0:
         raise ValueError(text)
     return seconds

@@ -28,7 +28,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from stream.checks import MAX_TOPIC_NAME, read_text
 from stream.config import Settings
 from stream.errors import EXIT_ATTENTION, ConfigError, KafkaError, TopicSpecError
-from stream.kafka import admin_client, translate
+from stream.kafka import admin_client, translated
 
 __all__ = ["Change", "TopicSpec", "apply", "load_schema", "load_specs", "plan", "register"]
 
@@ -210,7 +210,7 @@ async def plan(settings: Settings, *, add_partitions: bool = False) -> list[Chan
                     _compare(spec, brokers, partitions, replication, current, add_partitions)
                 )
         except AIOKafkaError as exc:
-            raise translate(exc, settings.kafka, "reading topics") from exc
+            raise await translated(exc, settings.kafka, "reading topics") from exc
     return changes
 
 
@@ -281,7 +281,7 @@ async def apply(settings: Settings, changes: list[Change]) -> None:
                 await _apply_one(admin, change)
             await _settle(admin, [c for c in changes if c.action in ("create", "update")])
         except AIOKafkaError as exc:
-            raise translate(exc, settings.kafka, "applying topics") from exc
+            raise await translated(exc, settings.kafka, "applying topics") from exc
 
 
 async def _settle(admin: Any, changes: list[Change], timeout_s: float = 30.0) -> None:

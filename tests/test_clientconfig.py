@@ -282,6 +282,32 @@ def test_a_missing_file_and_a_bad_bootstrap_server_are_clear(tmp_path: Path) -> 
         overrides(_args(tmp_path, None, "localhost"))
 
 
+@pytest.mark.parametrize("bad", ["h:0", "h:99999", "h:65536", "a b:9092", "h:9092,", "::1:9092"])
+def test_the_command_line_and_the_file_refuse_the_servers_the_environment_refuses(
+    tmp_path: Path, bad: str
+) -> None:
+    with pytest.raises(ConfigError, match="KAFKA_BOOTSTRAP_SERVERS"):
+        Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": bad})
+    with pytest.raises(ConfigError, match="^--bootstrap-server"):
+        overrides(_args(tmp_path, None, bad))
+    with pytest.raises(ConfigError, match="line 2: bootstrap.servers") as caught:
+        overrides(_args(tmp_path, f"client.id=x\nbootstrap.servers={bad}\n"))
+    assert bad not in str(caught.value)  # the file's values stay out of messages
+
+
+def test_the_file_and_the_environment_offer_the_same_protocols_and_mechanisms(
+    tmp_path: Path,
+) -> None:
+    for protocol in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+        found = overrides(_args(tmp_path, f"security.protocol={protocol.lower()}\n"))
+        assert found == {"STREAM_KAFKA_SECURITY_PROTOCOL": protocol}
+    for mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        found = overrides(_args(tmp_path, f"sasl.mechanism={mechanism}\n"))
+        assert found == {"STREAM_KAFKA_SASL_MECHANISM": mechanism}
+    with pytest.raises(ConfigError, match="use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"):
+        overrides(_args(tmp_path, "sasl.mechanism=GSSAPI\n"))
+
+
 @pytest.mark.anyio
 async def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path: Path) -> None:
     # no broker needed: the file is refused before anything connects

@@ -10,6 +10,7 @@ import pytest
 
 from stream import topics
 from stream.backfill.redrive import GROUP, REASONS, Redrive, RedriveOptions
+from stream.cli import build_parser
 from stream.config import Settings
 from stream.records import Decoder
 from tests.kit import run_cli
@@ -283,6 +284,16 @@ async def test_bad_redrive_options_are_one_line(
 
 def test_reasons_match_the_dead_letter_schema() -> None:
     assert set(REASONS) == set(_schema(DEAD)["properties"]["reason"]["enum"])
+
+
+def test_the_json_help_names_every_outcome_of_the_summary(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        build_parser(["redrive"]).parse_args(["redrive", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # as argparse wrapped it
+    keys = "redriven, already_redriven, cannot_succeed, no_request, max_attempts, not_selected"
+    assert f"reasons: {{REASON: {{{keys}}}}}" in shown
 
 
 async def test_json_summary_for_scripts(settings: Settings, env: dict[str, str]) -> None:

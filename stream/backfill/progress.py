@@ -7,17 +7,19 @@ turn a log file into one unreadable line.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 import anyio
+import orjson
 
 from stream.errors import ConfigError
 
-__all__ = ["Pacer", "Progress", "parse_rate", "run_resumable"]
+__all__ = ["Pacer", "Progress", "add_json_option", "parse_rate", "run_resumable", "run_summarised"]
 
 Clock = Callable[[], float]
 
@@ -140,3 +142,36 @@ def run_resumable(
         return 130
     print(summary(finished))  # noqa: T201
     return 0
+
+
+def add_json_option(parser: argparse.ArgumentParser, shape: str) -> None:
+    """`--json`, whose help shows the `shape` of the summary it prints."""
+    parser.add_argument("--json", action="store_true", help=f"print the summary as JSON: {shape}")
+
+
+class Resumable(Protocol):
+    """A replay or a re-drive: a run that carries on where the last one stopped."""
+
+    async def run(self) -> None: ...
+
+
+R = TypeVar("R", bound=Resumable)
+
+
+def run_summarised(
+    args: argparse.Namespace,
+    run: R,
+    report: Callable[[R, str], dict[str, Any]],
+    summary: Callable[[R, str], str],
+    *,
+    dry_run_done: str,
+) -> int:
+    """`run_resumable` with the summary `--json` and `--dry-run` ask for: the `report`
+    as JSON (its outcome `done` either way), else the `summary` table, ending on
+    `dry_run_done` after a dry run."""
+    if args.json:
+        return run_resumable(
+            run.run, lambda outcome: orjson.dumps(report(run, outcome)).decode(), "done"
+        )
+    finished = dry_run_done if args.dry_run else "done"
+    return run_resumable(run.run, lambda outcome: summary(run, outcome), finished)

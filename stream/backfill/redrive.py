@@ -31,7 +31,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.structs import TopicPartition
 
 from stream import records
-from stream.backfill.progress import Progress, run_resumable
+from stream.backfill.progress import Progress, add_json_option, run_summarised
 from stream.backfill.window import Span, batches, parse_age, parse_time, spans
 from stream.config import Settings
 from stream.engine.fetch import Undecodable
@@ -42,7 +42,7 @@ from stream.kafka import (
     group_offsets,
     producer_client,
     topic_partitions,
-    translate,
+    translated,
 )
 
 __all__ = ["GROUP", "HOPELESS", "REASONS", "REDRIVEN_FROM", "Redrive", "RedriveOptions", "register"]
@@ -89,6 +89,8 @@ OUTCOMES = (
     "max attempts",
     "not selected",
 )
+# Each outcome's key in the --json summary.
+_KEYS = {name: name.replace(" ", "_") for name in OUTCOMES}
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_DEADLINE_S = 3600
 
@@ -104,7 +106,7 @@ class RedriveOptions:
     until_ms: int | None = None
     dry_run: bool = False
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    deadline_s: int = DEFAULT_DEADLINE_S  # a re-driven request's deadline: this from now
+    deadline_s: float = DEFAULT_DEADLINE_S  # a re-driven request's deadline: this from now
 
     @property
     def acting(self) -> frozenset[str]:
@@ -143,7 +145,7 @@ class Redrive:
                 bounds = await self._plan(consumer, found[options.source])
                 await self._work(consumer, bounds)
             except AIOKafkaError as exc:
-                raise translate(exc, kafka, f"re-driving {options.source}") from exc
+                raise await translated(exc, kafka, f"re-driving {options.source}") from exc
 
     async def _plan(self, consumer: Any, tps: list[TopicPartition]) -> dict[TopicPartition, Span]:
         window = await spans(consumer, tps, self.options.since_ms, self.options.until_ms)
@@ -325,24 +327,18 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="count what would happen, send nothing"
     )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print the summary as JSON: {source, target, group, dry_run, force, outcome, "
-        "reasons: {REASON: {redriven, already_redriven, cannot_succeed, no_request, "
-        "not_selected}}, total}",
+    add_json_option(
+        parser,
+        "{source, target, group, dry_run, force, outcome, reasons: {REASON: {"
+        + ", ".join(_KEYS.values())
+        + "}}, total}",
     )
     parser.set_defaults(handler=_handle)
 
 
 def _handle(args: argparse.Namespace, settings: Settings) -> int:
     run = Redrive(settings=settings, options=_options(args, settings))
-    if args.json:
-        return run_resumable(
-            run.run, lambda outcome: orjson.dumps(report(run, outcome)).decode(), "done"
-        )
-    finished = "dry run: nothing sent" if args.dry_run else "done"
-    return run_resumable(run.run, lambda outcome: _summary(run, outcome), finished)
+    return run_summarised(args, run, report, _summary, dry_run_done="dry run: nothing sent")
 
 
 def _options(args: argparse.Namespace, settings: Settings) -> RedriveOptions:
@@ -374,9 +370,8 @@ def _options(args: argparse.Namespace, settings: Settings) -> RedriveOptions:
 def report(run: Redrive, outcome: str) -> dict[str, Any]:
     """`redrive --json`: the shape the README documents (keys are only ever added).
     `outcome` is "done" or "interrupted"; counts are per dead-letter reason seen."""
-    keys = {name: name.replace(" ", "_") for name in OUTCOMES}
     reasons = {
-        reason: {keys[name]: run.counts[(reason, name)] for name in OUTCOMES}
+        reason: {_KEYS[name]: run.counts[(reason, name)] for name in OUTCOMES}
         for reason in sorted({reason for reason, _ in run.counts})
     }
     options = run.options
@@ -388,7 +383,7 @@ def report(run: Redrive, outcome: str) -> dict[str, Any]:
         "force": options.force,
         "outcome": outcome,
         "reasons": reasons,
-        "total": {keys[name]: run.total(name) for name in OUTCOMES},
+        "total": {_KEYS[name]: run.total(name) for name in OUTCOMES},
     }
 
 

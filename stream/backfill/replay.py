@@ -20,17 +20,22 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.structs import TopicPartition
 
 from stream import records, topics
-from stream.backfill.progress import Pacer, Progress, parse_rate, run_resumable
+from stream.backfill.progress import (
+    Pacer,
+    Progress,
+    add_json_option,
+    parse_rate,
+    run_summarised,
+)
 from stream.backfill.window import Span, batches, parse_time, spans
 from stream.config import Settings
 from stream.engine.fetch import Undecodable
 from stream.errors import ConfigError
-from stream.kafka import consumer_client, producer_client, topic_partitions, translate
+from stream.kafka import consumer_client, producer_client, topic_partitions, translated
 
 __all__ = ["REPLAYED_FROM", "PartitionReplay", "Replay", "ReplayOptions", "register"]
 
@@ -121,7 +126,7 @@ class Replay:
                 if not options.dry_run:
                     await self._copy(consumer)
             except AIOKafkaError as exc:
-                raise translate(exc, kafka, f"replaying {options.source}") from exc
+                raise await translated(exc, kafka, f"replaying {options.source}") from exc
 
     async def _plan(self, consumer: Any) -> None:
         source, target = self.options.source, self.options.target
@@ -278,23 +283,17 @@ def register(commands: Any) -> None:
     parser.add_argument("--rate", metavar="N/s", help="copy at most N records a second")
     parser.add_argument("--limit", type=int, metavar="N", help="stop after copying N records")
     parser.add_argument("--dry-run", action="store_true", help="count per partition, copy nothing")
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print the summary as JSON: {source, target, dry_run, outcome, partitions: "
-        "[{partition, window_start, window_end, records, already, to_copy, copied}], total}",
+    add_json_option(
+        parser,
+        "{source, target, dry_run, outcome, partitions: [{partition, window_start, window_end, "
+        "records, already, to_copy, copied}], total}",
     )
     parser.set_defaults(handler=_handle)
 
 
 def _handle(args: argparse.Namespace, settings: Settings) -> int:
     run = Replay(settings=settings, options=_options(args, settings))
-    if args.json:
-        return run_resumable(
-            run.run, lambda outcome: orjson.dumps(report(run, outcome)).decode(), "done"
-        )
-    finished = "dry run: nothing copied" if args.dry_run else "done"
-    return run_resumable(run.run, lambda outcome: _summary(run, outcome), finished)
+    return run_summarised(args, run, report, _summary, dry_run_done="dry run: nothing copied")
 
 
 def _options(args: argparse.Namespace, settings: Settings) -> ReplayOptions:

@@ -8,22 +8,19 @@ offsets. `spans` turns a time window into one half-open offset range per partiti
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from aiokafka.structs import TopicPartition
 
+from stream.checks import parse_duration
 from stream.engine.fetch import UNDECODABLE, Undecodable, step_over
 from stream.errors import ConfigError
 
 __all__ = ["Span", "batches", "parse_age", "parse_time", "spans"]
 
 log = logging.getLogger(__name__)
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_RELATIVE = re.compile(r"(?:\d+[smhdw])+")
 
 
 class Span(NamedTuple):
@@ -39,13 +36,14 @@ class Span(NamedTuple):
 
 def parse_time(text: str, *, option: str, now: datetime | None = None) -> int:
     """Milliseconds since the epoch for RFC 3339 (`2025-06-01T12:00:00Z`), `now`, or an
-    age such as `30m`, `2h`, `1d`, `1h30m` (that long before `now`)."""
+    age such as `30m`, `2h`, `1d`, `1h30m` (that long before `now`). A bare number is not
+    an age here: `20250601` would read as a date to some and as seconds to others."""
     now = now or datetime.now(UTC)
     value = text.strip().lower()
     if value == "now":
         return _millis(now)
-    if _RELATIVE.fullmatch(value):
-        seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", value))
+    seconds = _age(value)
+    if seconds is not None:
         try:
             return _millis(now - timedelta(seconds=seconds))
         except OverflowError:
@@ -62,18 +60,28 @@ def parse_time(text: str, *, option: str, now: datetime | None = None) -> int:
     return _millis(moment)
 
 
-def parse_age(text: str, *, option: str, most: int = 366 * 86400) -> int:
-    """Seconds in an age such as `30m`, `2h`, `1d`, `1h30m` (more than zero, at most
+def parse_age(text: str, *, option: str, most: int = 366 * 86400) -> float:
+    """Seconds in an age such as `90`, `30m`, `2h`, `1d`, `1h30m` (more than zero, at most
     `most`)."""
-    value = text.strip().lower()
-    seconds = 0
-    if _RELATIVE.fullmatch(value):
-        seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", value))
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        seconds = 0.0
     if seconds <= 0:
         raise ConfigError(f"{option} {text!r} is not a duration: use one such as 30m, 2h, 1d")
     if seconds > most:
         raise ConfigError(f"{option} {text} is longer than {most // 86400} days")
     return seconds
+
+
+def _age(value: str) -> float | None:
+    """The seconds in `value` when it is a duration with units, else None."""
+    if not value[-1:].isalpha():
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        return None
 
 
 def _millis(moment: datetime) -> int:
