@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "logs": set(),
     "checks": {"errors"},
-    "clientconfig": {"errors"},
+    "clientconfig": {"checks", "errors"},
     "source": {"checks", "errors"},
     "config": {"checks", "errors", "source"},
     "kafka": {"config", "errors"},
@@ -35,7 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "spend": {"catalog", "config", "errors", "prices", "providers"},
     "observe": {"config", "engine", "errors", "kafka", "prices", "providers"},
     # engine: its fetch seam steps over records the Kafka client cannot decode
-    "backfill": {"config", "engine", "errors", "kafka", "records", "topics"},
+    "backfill": {"checks", "config", "engine", "errors", "kafka", "records", "topics"},
     "stages": {
         "catalog",
         "config",

@@ -318,7 +318,7 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
 
 def _bench_command(args: argparse.Namespace) -> int:
     if args.scenario:
-        return _scenario(args)
+        return scenarios.command(args)
     args.requests = 5000 if args.requests is None else args.requests
     args.latency = 1.0 if args.latency is None else args.latency
     options = Options.of(args)
@@ -333,33 +333,6 @@ def _bench_command(args: argparse.Namespace) -> int:
     else:
         print("\n".join(_table(results, options)))
         print(f"(bench took {time.monotonic() - started:.0f} s)", file=sys.stderr)
-    return 0
-
-
-def _scenario(args: argparse.Namespace) -> int:
-    env = clientconfig.environment(args, os.environ)
-    with tempfile.TemporaryDirectory(prefix="stream-scenario-") as folder:
-        options = scenarios.ScenarioOptions(
-            scenario=args.scenario,
-            requests=1000 if args.requests is None else args.requests,
-            latency=60.0 if args.latency is None else args.latency,
-            workers=args.workers,
-            concurrency=args.concurrency,
-            partitions=args.partitions,
-            at=args.at,
-            static=not args.dynamic,
-            guarantee=args.guarantee,
-            folder=Path(args.keep_logs or folder),
-            env=env,
-        )
-        if min(options.requests, options.workers, options.partitions) < 1 or options.at < 0:
-            raise BenchError("--requests, --workers and --partitions must be at least 1, --at ≥ 0")
-        with _broker(env) as bootstrap, _simulator(options.latency, "--trace") as sim:
-            results = anyio.run(scenarios.run_scenario, options, bootstrap, sim)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print("\n".join(scenarios.table(results, options)))
     return 0
 
 

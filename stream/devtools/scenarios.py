@@ -23,6 +23,10 @@ from the restart to the first call made.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -36,15 +40,16 @@ import httpx
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from stream import clientconfig
 from stream.catalog import Model, load_catalog
 from stream.config import Settings
 from stream.devtools.benchdata import create_topics, delete_topics, results_of
-from stream.devtools.benchinfra import KEY, BenchError
+from stream.devtools.benchinfra import KEY, BenchError, broker, simulator
 from stream.devtools.fleet import Fleet, seconds, settled
 from stream.devtools.simstats import prompt_key
 from stream.stages import Topics
 
-__all__ = ["SCENARIOS", "ScenarioOptions", "run_scenario", "table", "worker_env"]
+__all__ = ["SCENARIOS", "ScenarioOptions", "command", "run_scenario", "table", "worker_env"]
 
 SCENARIOS = ("rolling-restart", "scale-out", "kill-restart")
 Figures = dict[str, Any]
@@ -360,3 +365,31 @@ def table(results: dict[str, Figures], options: ScenarioOptions) -> list[str]:
         lines.append(f"first call after the restart: {disturbed['first_call_after_restart_s']} s")
     lines += [f"  {at:6.1f} s  {text}" for at, text in disturbed["events"]]
     return lines
+
+
+def command(args: argparse.Namespace) -> int:
+    """`stream bench --scenario …`: run it undisturbed and disturbed, print the figures."""
+    env = clientconfig.environment(args, os.environ)
+    with tempfile.TemporaryDirectory(prefix="stream-scenario-") as folder:
+        options = ScenarioOptions(
+            scenario=args.scenario,
+            requests=1000 if args.requests is None else args.requests,
+            latency=60.0 if args.latency is None else args.latency,
+            workers=args.workers,
+            concurrency=args.concurrency,
+            partitions=args.partitions,
+            at=args.at,
+            static=not args.dynamic,
+            guarantee=args.guarantee,
+            folder=Path(args.keep_logs or folder),
+            env=env,
+        )
+        if min(options.requests, options.workers, options.partitions) < 1 or options.at < 0:
+            raise BenchError("--requests, --workers and --partitions must be at least 1, --at ≥ 0")
+        with broker(env) as bootstrap, simulator(options.latency, "--trace") as sim:
+            results = anyio.run(run_scenario, options, bootstrap, sim)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n".join(table(results, options)))
+    return 0
