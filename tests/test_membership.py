@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -399,3 +400,32 @@ async def test_a_partition_paused_on_its_new_assignment_before_it_came_back_fetc
         assert consumer.paused() == set()  # fetching again
     finally:
         await consumer.stop()
+
+
+async def test_a_static_member_joins_with_one_join_request_per_rejoin(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiokafka sends a JoinGroup per assignment strategy offered, each with a different
+    protocol list; for a static member every such change starts a new rebalance, and two
+    workers could keep failing each other's SyncGroup for ever. One strategy: one request."""
+    from stream.engine.assignor import Claims
+    from stream.engine.clients import make_consumer
+
+    topic = await create_topic(settings, "one-join", 2)
+    consumer = make_consumer(settings, settings.group("one-join"), "one-join-primary", Claims)
+    caplog.set_level(logging.DEBUG, logger="aiokafka.consumer.group_coordinator")
+    await consumer.start()
+    try:
+        consumer.subscribe([topic])
+        await eventually(lambda: _assigned(consumer))
+    finally:
+        await consumer.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    joins = sum(m.startswith("Joined group") for m in messages)
+    assert joins >= 1
+    assert sum(m.startswith("Sending JoinGroup") for m in messages) == joins
+
+
+async def _assigned(consumer: Any) -> bool:
+    await consumer.getmany(timeout_ms=100)
+    return bool(consumer.assignment())

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
-from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
 from stream.config import Settings
 from stream.engine.assignor import Claims, StickyAssignor
@@ -45,9 +44,11 @@ def make_consumer(
         fetch_max_bytes=16 * 1024 * 1024,
         max_poll_records=min(config.max_in_flight, 500),
         metadata_max_age_ms=30_000,  # new partitions (topics apply --add-partitions) in < 1 min
-        # Ours first; round-robin lets a group of older workers take this one in during a
-        # rolling upgrade (the coordinator picks a strategy every member offers).
-        partition_assignment_strategy=(StickyAssignor(claims), RoundRobinPartitionAssignor),
+        # One strategy only. aiokafka 0.14 sends a JoinGroup per strategy offered, each
+        # with a different protocol list, and a static member that changes its metadata
+        # starts a new rebalance: two static workers offering two strategies could make
+        # each other's SyncGroup fail for ever (seen: 1 start in 16 never settled).
+        partition_assignment_strategy=(StickyAssignor(claims),),
     )
 
 
