@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import fastjsonschema
 import orjson
 
+from stream import compact
 from stream.errors import InvalidRecordError, ProviderError
 
 __all__ = [
@@ -230,7 +231,7 @@ def result_record(
     provider_request_id: str | None = None,
     cost_usd: float | None = None,
 ) -> bytes:
-    return orjson.dumps(
+    return compact.dumps(
         {
             "request_id": request.request_id,
             "model": request.model,
@@ -274,7 +275,7 @@ def failure_of(exc: ProviderError, *, attempts: int | None = None) -> dict[str, 
 
 
 def fallback_record(request: Request, failure: dict[str, Any]) -> bytes:
-    return orjson.dumps({**request.body, "failure": failure})
+    return compact.dumps({**request.body, "failure": failure})
 
 
 def dead_letter(
@@ -290,7 +291,7 @@ def dead_letter(
     raw = None
     if request is None and record.value is not None:
         raw = base64.b64encode(record.value).decode("ascii")
-    return orjson.dumps(
+    return compact.dumps(
         {
             "reason": reason,
             "error": error[:1000],

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream import records
+from stream import compact, records
 from stream.config import default_topics_dir
 from stream.errors import InvalidRecordError, RetryableProviderError
+from tests.kit.memory import kept_bytes_each
 
 TOPICS = default_topics_dir()
 DECODER = records.Decoder(
@@ -262,3 +263,35 @@ def test_requests_that_parsed_travel_with_their_rejection(body: dict[str, Any]) 
     with pytest.raises(InvalidRecordError) as caught:
         DECODER.decode(orjson.dumps(body), now=time.time())
     assert caught.value.request == body
+
+
+def test_written_records_hold_no_more_memory_than_their_length() -> None:
+    # orjson returns its 4 KiB working buffer as the bytes: a result waiting for the
+    # broker's acknowledgement would hold 4 KiB however short (40 MB per 10,000 in flight).
+    request = DECODER.decode(orjson.dumps(GOOD), now=0)
+    failure = {"error_type": "timeout", "status": None, "attempts": 1}
+
+    def written() -> list[bytes]:
+        return [
+            records.result_record(
+                request,
+                provider="synthetic",
+                provider_model="hf:x/y",
+                content="hello",
+                reasoning=None,
+                usage={"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+                attempts=1,
+                latency_ms=12.5,
+                fallback=False,
+            ),
+            records.fallback_record(request, failure),
+        ]
+
+    assert kept_bytes_each(written) < 2 * max(len(b) for b in written())
+
+
+def test_compact_json_is_the_same_json_in_bytes_of_its_own_size() -> None:
+    value = {"model": "hf:x/y", "messages": [{"role": "user", "content": "hi"}]}
+    assert compact.dumps(value) == orjson.dumps(value)
+    assert kept_bytes_each(lambda: [compact.dumps(value)]) < 2 * len(orjson.dumps(value)) + 100
+    assert kept_bytes_each(lambda: [orjson.dumps(value)]) > 4000  # why compact exists

@@ -26,8 +26,8 @@ from typing import Any
 
 import anyio
 import httpx
-import orjson
 
+from stream import compact
 from stream.catalog import Model
 from stream.config import ProviderSettings
 from stream.errors import (
@@ -198,7 +198,7 @@ class ProviderClient:
     ) -> bytes:
         # Streaming is not supported; model and messages cannot be overridden by params.
         extra = {k: v for k, v in (params or {}).items() if k not in ("stream", "model")}
-        return orjson.dumps({**extra, "model": model.api_model, "messages": messages})
+        return compact.dumps({**extra, "model": model.api_model, "messages": messages})
 
     async def _retry_loop(
         self,
