@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stream.config import Settings
-from stream.engine.flow import Flow
+from stream.engine.flow import Flow, queue_window
 from stream.engine.offsets import PartitionOffsets
 from stream.engine.partitions import Partition
 
@@ -83,6 +83,27 @@ def test_start_ready_never_exceeds_the_bounds(
         assert not live_room
 
 
+@given(total=st.integers(1, 100_000))
+def test_the_queues_hold_at_most_a_window_that_keeps_up_with_the_records_in_flight(
+    total: int,
+) -> None:
+    window = queue_window(total)
+    assert 1 <= window <= total  # never more waiting than could run at once
+    assert window >= min(total, 1000)  # a backlog feeds a whole round of small limits
+    assert window >= total // 4  # and a quarter of a large one while the next fetch runs
+
+
+@given(queued=st.lists(st.integers(0, 1500), min_size=1, max_size=6))
+def test_every_partition_pauses_once_the_queues_hold_the_window_in_all(
+    queued: list[int],
+) -> None:
+    flow, _, partitions = _flow(10_000, 10_000, [(n, False) for n in queued])
+    assert flow.queue_window == 2_500
+    consumer = Consumer()
+    flow.update(consumer)  # type: ignore[arg-type]
+    assert (consumer.paused == set(partitions)) == (sum(queued) >= flow.queue_window)
+
+
 @given(queues=queues)
 def test_a_full_queue_pauses_its_partition_and_a_drained_one_resumes(
     queues: list[tuple[int, bool]],
@@ -125,10 +146,39 @@ def test_one_slot_at_a_time_goes_round_every_partition(
         partition, record = started[len(started) - flow.in_flight]  # the oldest running
         partition.done(record)
         flow.finished()
-        flow.after_record(consumer)  # type: ignore[arg-type]
+        handed = flow.after_record(consumer)  # type: ignore[arg-type]
+        if handed is not None:  # the finished record's task runs it
+            started.append(handed)
     counts = collections.Counter(partition.tp.partition for partition, _ in started)
     assert flow.in_flight == total
     assert max(counts.values()) - min(counts.get(p, 0) for p in range(partitions_count)) <= 1
+
+
+@given(
+    partitions_count=st.integers(1, 8),
+    total=st.integers(1, 30),
+    finishes=st.integers(1, 60),
+)
+def test_a_finished_record_hands_its_task_the_next_one_and_launches_only_the_rest(
+    partitions_count: int, total: int, finishes: int
+) -> None:
+    flow, launched, partitions = _flow(total, total, [(10, False)] * partitions_count)
+    consumer = Consumer()
+    flow.start_ready()
+    running = list(launched)
+    launched.clear()
+    for _ in range(min(finishes, len(running))):
+        partition, record = running.pop(0)
+        partition.done(record)
+        flow.finished()
+        waiting = any(p.has_ready() for p in partitions.values())
+        handed = flow.after_record(consumer)  # type: ignore[arg-type]
+        # one slot freed: the next record follows in the same task, none is launched
+        assert not launched
+        assert (handed is not None) == waiting
+        if handed is not None:
+            running.append(handed)
+        assert flow.in_flight == len(running) <= total
 
 
 def test_after_a_record_the_pause_walk_runs_once_per_share_of_the_partitions() -> None:

@@ -337,21 +337,37 @@ class Engine:
         self._task_group.start_soon(self._process, partition, record)
 
     async def _process(self, partition: Partition, record: Record) -> None:
-        scope = anyio.CancelScope()
-        partition.scopes.add(scope)
-        try:
-            with scope:
-                # Started just before a revoke: wait for the verdict before calling.
-                if await partition.kept():
-                    outputs = await self._call_handler(record)
-                    if await self._deliver(partition, record, outputs):
-                        self.records_done += 1
-        finally:
-            partition.scopes.discard(scope)
-            partition.done(record)
-            self._flow.finished()
-        if not self._stopping.is_set():
-            self._flow.after_record(self._consumer)
+        """Run `record`, then the next records the flow hands this task (a backlog runs
+        on the tasks it has, not on a new task per record), each in its own cancel scope:
+        a revoke cancels the record, not the task's next one."""
+        while True:
+            scope = anyio.CancelScope()
+            partition.scopes.add(scope)
+            try:
+                with scope:
+                    # Started just before a revoke: wait for the verdict before calling.
+                    if await partition.kept():
+                        # The handler is awaited here, not in a helper: each coroutine level
+                        # is a frame per record in flight.
+                        if isinstance(record, StandIn):
+                            outputs = self._on_error(record, record.error)
+                        else:
+                            try:
+                                outputs = await self._handler(record)
+                            except Exception as exc:
+                                outputs = self._handler_failed(record, exc)
+                        if await self._deliver(partition, record, outputs):
+                            self.records_done += 1
+            finally:
+                partition.scopes.discard(scope)
+                partition.done(record)
+                self._flow.finished()
+            if self._stopping.is_set():
+                return
+            following = self._flow.after_record(self._consumer)
+            if following is None:
+                return
+            partition, record = following
 
     async def _deliver(
         self, partition: Partition, record: Record, outputs: Sequence[Output]
@@ -376,23 +392,18 @@ class Engine:
         finally:
             partition.end_write(record.offset)
 
-    async def _call_handler(self, record: Record) -> Sequence[Output]:
-        if isinstance(record, StandIn):
-            return self._on_error(record, record.error)
-        try:
-            return await self._handler(record)
-        except Exception as exc:
-            # The stage turns it into a dead letter; the worker carries on.
-            self.handler_errors += 1
-            log.error(
-                "handler failed on %s[%d]@%d: %s; the record goes to on_error",
-                record.topic,
-                record.partition,
-                record.offset,
-                type(exc).__name__,
-                exc_info=exc,
-            )
-            return self._on_error(record, exc)
+    def _handler_failed(self, record: Record, exc: Exception) -> Sequence[Output]:
+        # The stage turns it into a dead letter; the worker carries on.
+        self.handler_errors += 1
+        log.error(
+            "handler failed on %s[%d]@%d: %s; the record goes to on_error",
+            record.topic,
+            record.partition,
+            record.offset,
+            type(exc).__name__,
+            exc_info=exc,
+        )
+        return self._on_error(record, exc)
 
     # -- commit -------------------------------------------------------------------------
 
