@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import fastjsonschema
 import orjson
@@ -22,6 +22,7 @@ from stream import compact
 from stream.errors import InvalidRecordError, ProviderError
 
 __all__ = [
+    "Held",
     "HEADER_ATTEMPT",
     "HEADER_REDRIVEN_FROM",
     "HEADER_REPLAYED_FROM",
@@ -78,6 +79,19 @@ class Request:
     metadata: dict[str, Any] | None
     deadline: float | None  # epoch seconds
     body: dict[str, Any]
+
+    def held(self) -> Held:
+        """What a result needs of the request: kept while its call is out, in place of the
+        whole request (whose prompt the call's body already holds once)."""
+        return Held(self.request_id, self.model, self.metadata)
+
+
+class Held(NamedTuple):
+    """The request's part a result echoes."""
+
+    request_id: str
+    model: str
+    metadata: dict[str, Any] | None
 
 
 def now_rfc3339(at: float | None = None) -> str:
@@ -216,7 +230,7 @@ def _headers(record: SourceRecord) -> dict[str, bytes]:
 
 
 def result_record(
-    request: Request,
+    request: Held,
     *,
     provider: str,
     provider_model: str,
@@ -274,8 +288,9 @@ def failure_of(exc: ProviderError, *, attempts: int | None = None) -> dict[str, 
     }
 
 
-def fallback_record(request: Request, failure: dict[str, Any]) -> bytes:
-    return compact.dumps({**request.body, "failure": failure})
+def fallback_record(body: dict[str, Any], failure: dict[str, Any]) -> bytes:
+    """The request as it came (`body`), with the failure that sends it to the fallback."""
+    return compact.dumps({**body, "failure": failure})
 
 
 def dead_letter(

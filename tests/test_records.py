@@ -175,7 +175,7 @@ def test_result_and_fallback_records_validate() -> None:
     request = DECODER.decode(orjson.dumps({**GOOD, "metadata": {"team": "a"}}), now=0)
     result = orjson.loads(
         records.result_record(
-            request,
+            request.held(),
             provider="synthetic",
             provider_model="hf:x/y",
             content="hello",
@@ -193,7 +193,7 @@ def test_result_and_fallback_records_validate() -> None:
             "timeout", provider="synthetic", model="hf:x/y", error_type="timeout", attempts=4
         )
     )
-    forwarded = orjson.loads(records.fallback_record(request, failure))
+    forwarded = orjson.loads(records.fallback_record(request.body, failure))
     _schema("fallback").validate(forwarded)
     _schema("request").validate(forwarded)  # a fallback record is still a request
 
@@ -274,7 +274,7 @@ def test_written_records_hold_no_more_memory_than_their_length() -> None:
     def written() -> list[bytes]:
         return [
             records.result_record(
-                request,
+                request.held(),
                 provider="synthetic",
                 provider_model="hf:x/y",
                 content="hello",
@@ -284,7 +284,7 @@ def test_written_records_hold_no_more_memory_than_their_length() -> None:
                 latency_ms=12.5,
                 fallback=False,
             ),
-            records.fallback_record(request, failure),
+            records.fallback_record(request.body, failure),
         ]
 
     assert kept_bytes_each(written) < 2 * max(len(b) for b in written())

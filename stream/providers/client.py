@@ -126,10 +126,34 @@ class ProviderClient:
         or `CircuitOpenError` (not called at all).
         """
         body = self._body(model, messages, params)
+        del messages  # the body holds the prompt now: not a second copy while the call is out
         run = Run()
         hold = await self._admit(spend, model, body, params, deadline, run)
+        # One coroutine for the whole call, not a helper per step: each level is a frame
+        # per call in flight (10,000 in flight: ~3 MB a level).
         try:
-            return await self._complete(model, body, params, deadline, request_id, run)
+            started = self._clock.monotonic()
+            end = started + self._budget(model, deadline)
+            if end <= started:
+                failure = Failure(retryable=True, error_type="deadline", message="deadline passed")
+                raise self._error(model, failure, 0, run)
+            json_output = wants_json(params)
+            parsed, attempts = await self._retry_loop(
+                model, body, json_output, end, request_id, run
+            )
+            return Completion(
+                content=parsed.content,
+                reasoning=parsed.reasoning,
+                usage=parsed.usage,
+                provider=self.provider,
+                provider_model=parsed.served_model or model.api_model,
+                attempts=attempts,
+                latency_ms=(self._clock.monotonic() - started) * 1000.0,
+                finish_reason=parsed.finish_reason,
+                tool_calls=parsed.tool_calls,
+                provider_request_id=parsed.response_id,
+                cost_usd=run.cost_usd,
+            )
         finally:
             if hold is not None:
                 # Cancelled while a request was out (a revoke, a shutdown): the provider may
@@ -156,36 +180,6 @@ class ProviderClient:
             retryable=True, error_type="deadline", message="deadline passed under the spend limit"
         )
         raise self._error(model, failure, 0, run)
-
-    async def _complete(
-        self,
-        model: Model,
-        body: bytes,
-        params: dict[str, Any] | None,
-        deadline: float | None,
-        request_id: str | None,
-        run: Run,
-    ) -> Completion:
-        started = self._clock.monotonic()
-        end = started + self._budget(model, deadline)
-        if end <= started:
-            failure = Failure(retryable=True, error_type="deadline", message="deadline passed")
-            raise self._error(model, failure, 0, run)
-        json_output = wants_json(params)
-        parsed, attempts = await self._retry_loop(model, body, json_output, end, request_id, run)
-        return Completion(
-            content=parsed.content,
-            reasoning=parsed.reasoning,
-            usage=parsed.usage,
-            provider=self.provider,
-            provider_model=parsed.served_model or model.api_model,
-            attempts=attempts,
-            latency_ms=(self._clock.monotonic() - started) * 1000.0,
-            finish_reason=parsed.finish_reason,
-            tool_calls=parsed.tool_calls,
-            provider_request_id=parsed.response_id,
-            cost_usd=run.cost_usd,
-        )
 
     def _budget(self, model: Model, deadline: float | None) -> float:
         budget = model.timeout_s
