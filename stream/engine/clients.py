@@ -39,9 +39,11 @@ def make_consumer(
         rebalance_timeout_ms=config.rebalance_timeout_ms,
         session_timeout_ms=config.session_timeout_ms,
         heartbeat_interval_ms=max(100, min(3000, config.session_timeout_ms // 3)),
-        # Memory: aiokafka buffers at most one fetch per partition, bounded by these.
-        max_partition_fetch_bytes=1024 * 1024,
-        fetch_max_bytes=16 * 1024 * 1024,
+        # Memory: aiokafka buffers at most one fetch per partition, bounded by these, and
+        # keeps a fetch's bytes while any of its records waits: 256 KiB a partition is
+        # more than the queue window of small records (a larger one still comes whole).
+        max_partition_fetch_bytes=256 * 1024,
+        fetch_max_bytes=4 * 1024 * 1024,
         max_poll_records=min(config.max_in_flight, 500),
         metadata_max_age_ms=30_000,  # new partitions (topics apply --add-partitions) in < 1 min
         # One strategy only. aiokafka 0.14 sends a JoinGroup per strategy offered, each
