@@ -405,3 +405,46 @@ async def test_exactly_once_a_run_that_outlived_its_partition_writes_nothing(
         await sink.stop()
     values = [r.value for r in await read_all(settings, sink_topic, isolation="read_committed")]
     assert values == [b"again"]
+
+
+async def test_a_record_still_running_when_the_drain_runs_out_is_cancelled_not_waited_for(
+    settings: Settings,
+) -> None:
+    """The records of one task follow each other (a finished record's task runs the
+    next); abandoning a partition cancels the task running its record: that record's
+    handler sees the cancellation, the ones before it are done and committed."""
+    source = await create_topic(settings, "eng-abandon", 1)
+    sink = await create_topic(settings, "eng-abandon-out", 1)
+    dead = await create_topic(settings, "eng-abandon-dlq", 1)
+    await produce(settings, source, [f"{i}".encode() for i in range(30)])
+    stuck, cancelled = anyio.Event(), anyio.Event()
+
+    async def handler(record: Any) -> Sequence[Output]:
+        if record.value == b"29":
+            stuck.set()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                cancelled.set()
+        return [Output(sink, record.value)]
+
+    engine = Engine(
+        settings=_with(settings, max_in_flight=2, shutdown_grace_s=0.5),
+        name="t",
+        group_id=settings.group("eng-abandon"),
+        topics=[source],
+        handler=handler,
+        on_error=_to_dead_letter(dead),
+    )
+
+    async def the_others_done() -> bool:
+        return engine.snapshot().records_done == 29
+
+    async with engine_on(engine):
+        with anyio.fail_after(30):
+            await stuck.wait()
+            await eventually(the_others_done)
+    assert cancelled.is_set()
+    assert engine.snapshot().abandoned == 1
+    assert sorted(int(r.value) for r in await read_all(settings, sink)) == list(range(29))
+    assert (await committed(settings, engine.group_id, source))[0][0] == 29

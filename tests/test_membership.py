@@ -211,6 +211,51 @@ async def test_a_partition_that_came_back_keeps_its_running_calls_and_one_that_m
     assert len(outputs) == 20
 
 
+async def test_the_calls_of_a_partition_that_moved_are_cancelled_while_the_engine_runs(
+    settings: Settings,
+) -> None:
+    """a runs 10 calls on each of 2 partitions (a task runs one record, then the records
+    handed to it) when b joins: the 10 on the partition that moved are cancelled at once,
+    with a still running; the 10 on the one it kept go on."""
+    live = _with(settings, shutdown_grace_s=0.5)
+    source = await create_topic(live, "moved-cancel-in", 2)
+    sink = await create_topic(live, "moved-cancel-out", 1)
+    group = live.group("moved-cancel")
+    for p in (0, 1):
+        await produce(live, source, [Record(f"p{p}-{i}".encode(), partition=p) for i in range(10)])
+    calls, cancelled = Calls(target=20), collections.Counter[int]()
+
+    async def handler(record: Any) -> Sequence[Output]:
+        calls.add(record.value)
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled[record.partition] += 1
+        raise AssertionError("unreachable")
+
+    def on_error(record: Any, exc: BaseException) -> Sequence[Output]:
+        raise AssertionError(f"no record should fail here: {exc!r}")
+
+    a = Engine(
+        settings=live, name="a", group_id=group, topics=[source], handler=handler, on_error=on_error
+    )
+    b = _engine(live, "b", group, source, sink, Calls(), _open())
+    async with engine_on(a):
+        with anyio.fail_after(60):
+            await calls.started.wait()  # 20 calls running on a
+        async with engine_on(b):
+            await eventually(_settled(a))
+            (kept,) = [p.partition for p in a.snapshot().partitions]
+
+            async def moved_cancelled() -> bool:
+                return cancelled[1 - kept] == 10
+
+            await eventually(moved_cancelled)
+            assert cancelled[kept] == 0  # a's other calls go on
+            assert a.snapshot().in_flight == 10
+            assert a.snapshot().abandoned == 10
+
+
 def _answered(engine: Engine, count: int) -> Any:
     """`count` of the engine's records have their answer and wait to be written."""
 

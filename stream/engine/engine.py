@@ -29,7 +29,7 @@ from stream.engine.fetch import UNDECODABLE, StandIn, stand_in_for_undecodable
 from stream.engine.flow import Flow, Gate
 from stream.engine.membership import Membership, group_instance_id
 from stream.engine.outputs import CLOSE_TIMEOUT_S, Output, Sink
-from stream.engine.partitions import Partition, PartitionSnapshot, Record
+from stream.engine.partitions import Partition, PartitionSnapshot, Record, Runner
 from stream.engine.rebalance import Listener, Rebalancer, partition_names, seek
 from stream.errors import KafkaError, OutputRejectedError
 from stream.kafka import start_client, translate
@@ -334,32 +334,33 @@ class Engine:
 
     def _spawn(self, partition: Partition, record: Record) -> None:
         assert self._task_group is not None
-        self._task_group.start_soon(self._process, partition, record)
+        runner = Runner()
+        partition.runners.add(runner)
+        runner.handle = self._task_group.start_soon(self._process, runner, partition, record)
 
-    async def _process(self, partition: Partition, record: Record) -> None:
-        """Run `record`, then the next records the flow hands this task (a backlog runs
-        on the tasks it has, not on a new task per record), each in its own cancel scope:
-        a revoke cancels the record, not the task's next one."""
+    async def _process(self, runner: Runner, partition: Partition, record: Record) -> None:
+        """Run `record`, then the next records the flow hands this task: a backlog runs on
+        the tasks it has, not on a task per record. The partition of the record running
+        knows its runner, and abandoning the partition cancels the runner's task (its own
+        cancel scope: no scope per record, ~600 bytes a record in flight); the slot it
+        frees is filled by the next record to finish, or the next fetch round."""
         while True:
-            scope = anyio.CancelScope()
-            partition.scopes.add(scope)
             try:
-                with scope:
-                    # Started just before a revoke: wait for the verdict before calling.
-                    if await partition.kept():
-                        # The handler is awaited here, not in a helper: each coroutine level
-                        # is a frame per record in flight.
-                        if isinstance(record, StandIn):
-                            outputs = self._on_error(record, record.error)
-                        else:
-                            try:
-                                outputs = await self._handler(record)
-                            except Exception as exc:
-                                outputs = self._handler_failed(record, exc)
-                        if await self._deliver(partition, record, outputs):
-                            self.records_done += 1
+                # Started just before a revoke: wait for the verdict before calling.
+                if await partition.kept():
+                    # The handler is awaited here, not in a helper: each coroutine level
+                    # is a frame per record in flight.
+                    if isinstance(record, StandIn):
+                        outputs = self._on_error(record, record.error)
+                    else:
+                        try:
+                            outputs = await self._handler(record)
+                        except Exception as exc:
+                            outputs = self._handler_failed(record, exc)
+                    if await self._deliver(partition, record, outputs):
+                        self.records_done += 1
             finally:
-                partition.scopes.discard(scope)
+                partition.runners.discard(runner)
                 partition.done(record)
                 self._flow.finished()
             if self._stopping.is_set():
@@ -368,6 +369,7 @@ class Engine:
             if following is None:
                 return
             partition, record = following
+            partition.runners.add(runner)
 
     async def _deliver(
         self, partition: Partition, record: Record, outputs: Sequence[Output]

@@ -19,12 +19,27 @@ from typing import Any, NamedTuple, TypeAlias
 
 import anyio
 from aiokafka import ConsumerRecord, TopicPartition
+from anyio import TaskHandle
 
 from stream.engine.offsets import METADATA_MAX_CHARS, PartitionOffsets, with_notes
 
-__all__ = ["Partition", "PartitionSnapshot", "Record"]
+__all__ = ["Partition", "PartitionSnapshot", "Record", "Runner"]
 
 Record: TypeAlias = "ConsumerRecord[Any, Any]"
+
+
+class Runner:
+    """The task running a record of a partition (and then, maybe, records of others)."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self) -> None:
+        self.handle: TaskHandle[None] | None = None
+
+    def cancel(self) -> None:
+        """Cancel the task: the record it runs now stops, and the task ends."""
+        if self.handle is not None:
+            self.handle.cancel()
 
 
 class PartitionSnapshot(NamedTuple):
@@ -74,7 +89,7 @@ class Partition:
         self.writes: dict[int, float] = {}  # offset → when its outputs' write began (monotonic)
         self._writes_done: anyio.Event | None = None  # made only for a revoke that waits
         self.write_error: str | None = None  # the last refusal since outputs last went through
-        self.scopes: set[anyio.CancelScope] = set()  # to abandon running records on revoke
+        self.runners: set[Runner] = set()  # the tasks running its records: abandon cancels
         self.idle = anyio.Event()  # set whenever nothing of this partition is running
         self.idle.set()
         self._ready: deque[Record] = deque()
@@ -208,10 +223,10 @@ class Partition:
         """The partition left: cancel whatever still runs (it stays unfinished, for the
         next owner). Returns how many records were running."""
         self.abandoned = True  # a run that ignores its cancellation must not write now
-        for scope in self.scopes:
-            scope.cancel()
+        for runner in self.runners:
+            runner.cancel()
         self._settle()
-        return len(self.scopes)
+        return len(self.runners)
 
     def _settle(self) -> None:
         verdict, self._verdict = self._verdict, None
