@@ -64,7 +64,10 @@ def test_the_table_shows_the_spread_only_over_several_rounds() -> None:
     )
     three = summarise(
         {
-            "stream": [_figures(r, 0.5) for r in (80.0, 90.0, 95.0)],
+            "stream": [
+                {**_figures(r, 0.5), "peak_rss_mb": rss}
+                for r, rss in ((80.0, 290.0), (90.0, 281.0), (95.0, 301.0))
+            ],
             "bare_http": [_figures(100.0, 0.4) for _ in range(3)],
         },
         latency=1.0,
@@ -76,3 +79,4 @@ def test_the_table_shows_the_spread_only_over_several_rounds() -> None:
     assert "–" not in single and "stream CPU per request vs bare_http 1.25×" in single
     assert "90.0 (80.0–95.0)" in several and "median of 3 interleaved rounds" in several
     assert "bare_http 0.90× (0.80–0.95)" in several
+    assert "290 (281–301)" in several  # peak RSS: a target of its own, with its spread

@@ -17,7 +17,7 @@ __all__ = ["Figures", "SPREAD", "summarise", "table"]
 Figures = dict[str, Any]
 
 # The figures whose spread over the rounds is reported beside their median.
-SPREAD = ("throughput", "cpu_ms_per_request", "p50_ms", "first_ms")
+SPREAD = ("throughput", "cpu_ms_per_request", "p50_ms", "first_ms", "peak_rss_mb")
 # Figures of one run that are not measurements (the same in every round) or not numbers.
 _FIXED = frozenset({"requests", "latency_s", "concurrency", "partitions", "spend_limit_usd"})
 
@@ -96,18 +96,19 @@ def _with_spread(figures: Figures, key: str, width: int, digits: int) -> str:
 
 def table(summary: dict[str, Figures], *, header: str, rounds: int) -> list[str]:
     spread = rounds > 1
-    rate_w, cpu_w = (24, 24) if spread else (9, 10)
+    rate_w, cpu_w, rss_w = (24, 24, 20) if spread else (9, 10, 11)
     lines = [
         header + (f"; median of {rounds} interleaved rounds (min–max)" if spread else ""),
         f"{'run':<13} {'requests':>8} {'req/s':>{rate_w}} {'first ms':>8} {'p50 ms':>8} "
-        f"{'p99 ms':>8} {'calls/req':>9} {'CPU ms/req':>{cpu_w}} {'peak RSS MB':>11}",
+        f"{'p99 ms':>8} {'calls/req':>9} {'CPU ms/req':>{cpu_w}} {'peak RSS MB':>{rss_w}}",
     ]
     for name, f in summary.items():
         lines.append(
             f"{name:<13} {f['requests']:>8} {_with_spread(f, 'throughput', 9, 1):>{rate_w}} "
             f"{f['first_ms']:>8.0f} {f['p50_ms']:>8.0f} {f['p99_ms']:>8.0f} "
             f"{f['calls_per_request']:>9.2f} "
-            f"{_with_spread(f, 'cpu_ms_per_request', 10, 3):>{cpu_w}} {f['peak_rss_mb']:>11.0f}"
+            f"{_with_spread(f, 'cpu_ms_per_request', 10, 3):>{cpu_w}} "
+            f"{_with_spread(f, 'peak_rss_mb', 5, 0):>{rss_w}}"
         )
     stream = summary.get("stream", {})
     lines += _ratio_lines(stream, spread)
