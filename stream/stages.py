@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -237,6 +237,20 @@ class _Stage:
             return None
         return self._spend.for_record(record.topic, cause is not None)
 
+    def _call(
+        self, client: ProviderClient, model: Model, request: Request, record: SourceRecord
+    ) -> Coroutine[Any, Any, Completion]:
+        """The provider call of `request` on `model`, not yet awaited: the caller awaits
+        it, so it is no coroutine level (a frame per call in flight) of its own."""
+        return client.complete(
+            model,
+            request.messages,
+            request.params,
+            deadline=request.deadline,
+            request_id=request.request_id,
+            spend=self._spend_gate(record),
+        )
+
     def _count(self, outcome: str, reason: str | None = None) -> None:
         if self._observer is not None:
             self._observer.record_outcome(self.name, outcome, reason)
@@ -273,15 +287,7 @@ class PrimaryStage(_Stage):
             return [self._dead(record, exc.reason, exc.message, request=exc.request)]
         model = self._catalog.get(request.model)
         assert model is not None  # the decoder checked the catalog
-        # Called here, not in a helper: each coroutine level is a frame per call in flight.
-        call = self._clients[model.provider].complete(
-            model,
-            request.messages,
-            request.params,
-            deadline=request.deadline,
-            request_id=request.request_id,
-            spend=self._spend_gate(record),
-        )
+        call = self._call(self._clients[model.provider], model, request, record)
         held = request.held()
         del request  # the call has what it needs; a failure parses the record again
         try:
@@ -376,14 +382,7 @@ class FallbackStage(_Stage):
         self, record: SourceRecord, request: Request, failure: dict[str, Any], target: Model
     ) -> Output:
         try:
-            done = await self._together.complete(
-                target,
-                request.messages,
-                request.params,
-                deadline=request.deadline,
-                request_id=request.request_id,
-                spend=self._spend_gate(record),
-            )
+            done = await self._call(self._together, target, request, record)
         except ProviderError as exc:
             if exc.error_type in FINAL_ERRORS:
                 failures = [failure, records.failure_of(exc)]

@@ -37,10 +37,12 @@ def _to_dead_letter(topic: str) -> Any:
     return on_error
 
 
-def _engine(settings: Settings, group: str, source: str, handler: Any, dead: str) -> Engine:
-    """An engine on `source` whose handler errors go to `dead`."""
+def _engine(
+    settings: Settings, group: str, source: str, handler: Any, dead: str, **engine: Any
+) -> Engine:
+    """An engine on `source` whose handler errors go to `dead` (`engine`: its settings)."""
     return Engine(
-        settings=_with(settings),
+        settings=_with(settings, **engine),
         name="t",
         group_id=settings.group(group),
         topics=[source],
@@ -428,13 +430,8 @@ async def test_a_record_still_running_when_the_drain_runs_out_is_cancelled_not_w
                 cancelled.set()
         return [Output(sink, record.value)]
 
-    engine = Engine(
-        settings=_with(settings, max_in_flight=2, shutdown_grace_s=0.5),
-        name="t",
-        group_id=settings.group("eng-abandon"),
-        topics=[source],
-        handler=handler,
-        on_error=_to_dead_letter(dead),
+    engine = _engine(
+        settings, "eng-abandon", source, handler, dead, max_in_flight=2, shutdown_grace_s=0.5
     )
 
     async def the_others_done() -> bool:

@@ -171,21 +171,23 @@ def test_dead_letter_of_a_parsed_request_keeps_the_request_and_failures() -> Non
     assert letter["request_id"] == "r-1" and len(letter["failures"]) == 2
 
 
+def _result(request: records.Request) -> bytes:
+    return records.result_record(
+        request.held(),
+        provider="synthetic",
+        provider_model="hf:x/y",
+        content="hello",
+        reasoning=None,
+        usage={"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        attempts=1,
+        latency_ms=12.5,
+        fallback=False,
+    )
+
+
 def test_result_and_fallback_records_validate() -> None:
     request = DECODER.decode(orjson.dumps({**GOOD, "metadata": {"team": "a"}}), now=0)
-    result = orjson.loads(
-        records.result_record(
-            request.held(),
-            provider="synthetic",
-            provider_model="hf:x/y",
-            content="hello",
-            reasoning=None,
-            usage={"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-            attempts=1,
-            latency_ms=12.5,
-            fallback=False,
-        )
-    )
+    result = orjson.loads(_result(request))
     _schema("result").validate(result)
     assert result["metadata"] == {"team": "a"}
     failure = records.failure_of(
@@ -272,20 +274,7 @@ def test_written_records_hold_no_more_memory_than_their_length() -> None:
     failure = {"error_type": "timeout", "status": None, "attempts": 1}
 
     def written() -> list[bytes]:
-        return [
-            records.result_record(
-                request.held(),
-                provider="synthetic",
-                provider_model="hf:x/y",
-                content="hello",
-                reasoning=None,
-                usage={"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-                attempts=1,
-                latency_ms=12.5,
-                fallback=False,
-            ),
-            records.fallback_record(request.body, failure),
-        ]
+        return [_result(request), records.fallback_record(request.body, failure)]
 
     assert kept_bytes_each(written) < 2 * max(len(b) for b in written())
 
