@@ -89,7 +89,8 @@ class Flow:
         self._since_walk += 1
         if self._since_walk * _WALK_SHARE >= len(self._partitions):
             self.update(consumer)
-        return self._handoff
+        handoff, self._handoff = self._handoff, None  # not kept here once handed over
+        return handoff
 
     def start_ready(self) -> None:
         """Start queued records while there is capacity: live partitions first, in turns.
