@@ -6,6 +6,7 @@ import collections
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from aiokafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
@@ -181,8 +182,12 @@ def test_a_finished_record_hands_its_task_the_next_one_and_launches_only_the_res
         assert flow.in_flight == len(running) <= total
 
 
-def test_after_a_record_the_pause_walk_runs_once_per_share_of_the_partitions() -> None:
-    flow, started, partitions = _flow(1, 1, [(0, False)] * 64)
+@pytest.mark.parametrize(("count", "every"), [(256, 16), (64, 8), (6, 8), (1, 8)])
+def test_after_a_record_the_pause_walk_runs_once_per_share_of_the_partitions(
+    count: int, every: int
+) -> None:
+    """Once per 1/16 of the partitions in finished records, at most once per 8 records."""
+    flow, started, partitions = _flow(1, 1, [(0, False)] * count)
     consumer = Consumer()
     walks = 0
     update = flow.update
@@ -195,4 +200,4 @@ def test_after_a_record_the_pause_walk_runs_once_per_share_of_the_partitions() -
     flow.update = counted  # type: ignore[method-assign]
     for _ in range(64):
         flow.after_record(consumer)  # type: ignore[arg-type]
-    assert walks == 64 // 4  # 64 partitions / 16: every 4th record
+    assert walks == 64 // every
