@@ -56,6 +56,12 @@ def _flow(
     return flow, started, partitions
 
 
+def _finish(flow: Flow, partition: Partition, record: Any) -> None:
+    """A running record stops: what the engine does before `after_record`."""
+    partition.done(record)
+    flow.finished()
+
+
 queues = st.lists(st.tuples(st.integers(0, 40), st.booleans()), min_size=1, max_size=6)
 
 
@@ -144,9 +150,7 @@ def test_one_slot_at_a_time_goes_round_every_partition(
     consumer = Consumer()
     flow.start_ready()
     for _ in range(finishes):
-        partition, record = started[len(started) - flow.in_flight]  # the oldest running
-        partition.done(record)
-        flow.finished()
+        _finish(flow, *started[len(started) - flow.in_flight])  # the oldest running
         handed = flow.after_record(consumer)  # type: ignore[arg-type]
         if handed is not None:  # the finished record's task runs it
             started.append(handed)
@@ -169,9 +173,7 @@ def test_a_finished_record_hands_its_task_the_next_one_and_launches_only_the_res
     running = list(launched)
     launched.clear()
     for _ in range(min(finishes, len(running))):
-        partition, record = running.pop(0)
-        partition.done(record)
-        flow.finished()
+        _finish(flow, *running.pop(0))
         waiting = any(p.has_ready() for p in partitions.values())
         handed = flow.after_record(consumer)  # type: ignore[arg-type]
         # one slot freed: the next record follows in the same task, none is launched
