@@ -9,6 +9,8 @@ Every record written is built here, so it validates against its schema in topics
 from __future__ import annotations
 
 import base64
+import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -95,8 +97,26 @@ class Held(NamedTuple):
 
 
 def now_rfc3339(at: float | None = None) -> str:
-    moment = datetime.now(UTC) if at is None else datetime.fromtimestamp(at, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """`at` (epoch seconds; default now) as RFC 3339 UTC to the millisecond, as
+    `datetime.isoformat` writes it ("2026-11-30T14:32:23.123Z").
+
+    The text up to the seconds is kept for the second it names: every record written
+    carries a stamp, and a datetime formatted each time was ~2 % of a worker's CPU."""
+    fraction, whole = math.modf(time.time() if at is None else at)
+    second, micros = divmod(int(whole) * 1_000_000 + round(fraction * 1e6), 1_000_000)
+    cached_second, text = _second_text
+    if second != cached_second:
+        text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _set_second_text(second, text)
+    return f"{text}.{micros // 1000:03d}Z"
+
+
+_second_text: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
+def _set_second_text(second: int, text: str) -> None:
+    global _second_text
+    _second_text = (second, text)
 
 
 def load_validator(path: Path) -> Validator:

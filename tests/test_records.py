@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -284,3 +285,20 @@ def test_compact_json_is_the_same_json_in_bytes_of_its_own_size() -> None:
     assert compact.dumps(value) == orjson.dumps(value)
     assert kept_bytes_each(lambda: [compact.dumps(value)]) < 2 * len(orjson.dumps(value)) + 100
     assert kept_bytes_each(lambda: [orjson.dumps(value)]) > 4000  # why compact exists
+
+
+@given(st.floats(min_value=-2e9, max_value=2.5e11, allow_nan=False, allow_infinity=False))
+def test_timestamps_are_written_as_datetime_writes_them(at: float) -> None:
+    # The text up to the seconds is kept between calls: a stamp must not come out with a
+    # second it kept for another moment, nor round the fraction another way.
+    expected = datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds")
+    assert records.now_rfc3339(at) == expected.replace("+00:00", "Z")
+    assert records.now_rfc3339(at + 1) == (
+        datetime.fromtimestamp(at + 1, UTC).isoformat(timespec="milliseconds")
+    ).replace("+00:00", "Z")
+
+
+def test_now_is_now() -> None:
+    before = datetime.now(UTC).replace(microsecond=0)
+    stamp = datetime.fromisoformat(records.now_rfc3339())
+    assert before <= stamp <= datetime.now(UTC)
