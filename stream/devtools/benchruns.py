@@ -185,6 +185,7 @@ async def _passthrough(settings: Settings, requests: int) -> Figures:
         topics=[topics.requests],
         handler=handler,
         on_error=lambda record, exc: [],
+        output_topics=[topics.results],
     )
 
     async def itself() -> Engine:

@@ -6,7 +6,7 @@ wave of answers finishing together must not wait on small producer batches.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
@@ -54,7 +54,10 @@ def make_consumer(
     )
 
 
-def make_sink(settings: Settings, group_id: str, consumer: AIOKafkaConsumer) -> Sink:
+def make_sink(
+    settings: Settings, group_id: str, consumer: AIOKafkaConsumer, topics: Sequence[str] = ()
+) -> Sink:
+    """`topics`: the engine's inputs and outputs, whose metadata producers load at start."""
     # A dead letter carries its input base64-encoded: 1.4 MiB for the largest request
     # the topics take. Under aiokafka's 1 MiB default it could never be sent, and the
     # sink would retry it forever, stalling its partition.
@@ -67,5 +70,5 @@ def make_sink(settings: Settings, group_id: str, consumer: AIOKafkaConsumer) -> 
         "max_batch_size": 256 * 1024,
     }
     if settings.engine.guarantee == "exactly-once":
-        return ExactlyOnceSink(settings.kafka, group_id, options)
-    return AtLeastOnceSink(settings.kafka, consumer, options)
+        return ExactlyOnceSink(settings.kafka, group_id, options, topics)
+    return AtLeastOnceSink(settings.kafka, consumer, options, topics)

@@ -88,8 +88,11 @@ class Engine:
         low_priority_topics: Sequence[str] = (),
         on_commit: Callable[[float], None] | None = None,
         gate: Gate | None = None,
+        output_topics: Sequence[str] = (),
     ) -> None:
-        """`gate`: holds records of a topic back (and pauses its partitions) while it says."""
+        """`gate`: holds records of a topic back (and pauses its partitions) while it says;
+        `output_topics`: where the handler writes, made known to the producers at start
+        (else the first outputs after a start wait for their metadata)."""
         self._settings = settings
         self._on_commit = on_commit  # hears each successful commit's duration in seconds
         self._config = settings.engine
@@ -97,6 +100,7 @@ class Engine:
         self.group_id = group_id
         self._topics = list(dict.fromkeys([*topics, *low_priority_topics]))
         self._low_priority = frozenset(low_priority_topics)
+        self._output_topics = list(dict.fromkeys(output_topics))
         self._handler = handler
         self._on_error = on_error
         self.ready = anyio.Event()
@@ -226,7 +230,9 @@ class Engine:
         instance_id = self.membership.instance_id
         consumer = make_consumer(self._settings, self.group_id, instance_id, self._claims)
         self.membership.attach(consumer)
-        sink = make_sink(self._settings, self.group_id, consumer)
+        sink = make_sink(
+            self._settings, self.group_id, consumer, [*self._output_topics, *self._topics]
+        )
         rebalancer = Rebalancer(
             settings=self._settings,
             consumer=consumer,

@@ -20,7 +20,14 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import KafkaSettings
 from stream.engine.late import watched
-from stream.engine.outputs import CLOSE_TIMEOUT_S, Output, changed_positions, run_all, send_outputs
+from stream.engine.outputs import (
+    CLOSE_TIMEOUT_S,
+    Output,
+    changed_positions,
+    learn_topics,
+    run_all,
+    send_outputs,
+)
 from stream.engine.partitions import Partition
 from stream.errors import KafkaError
 from stream.kafka import start_client, translate
@@ -66,11 +73,17 @@ async def _delivered(txn: _Transactional) -> None:
 
 class ExactlyOnceSink:
     def __init__(
-        self, settings: KafkaSettings, group_id: str, producer_options: dict[str, Any]
+        self,
+        settings: KafkaSettings,
+        group_id: str,
+        producer_options: dict[str, Any],
+        topics: Sequence[str] = (),
     ) -> None:
+        """`topics`: whose metadata each partition's producer loads when it starts."""
         self._settings = settings
         self._group_id = group_id
         self._options = producer_options
+        self._topics = topics
         self._producers: dict[TopicPartition, _Transactional] = {}
 
     def transactional_id(self, tp: TopicPartition) -> str:
@@ -103,6 +116,7 @@ class ExactlyOnceSink:
             timeout_s=self._settings.request_timeout_ms / 1000,
         )
         log.debug("transactional producer for %s ready in %.3f s", tp, time.monotonic() - started)
+        await learn_topics(producer, self._topics)
         self._producers[tp] = _Transactional(producer)
 
     async def revoked(self, tps: Iterable[TopicPartition]) -> None:
