@@ -220,8 +220,8 @@ class AtLeastOnceSink:
                 await start_client(fresh, self._settings, "renewing the producer")
             except KafkaError:
                 return  # Kafka is away: the writers' retries try again
+            self._producer = fresh  # first: `stop` now stops it
             await learn_topics(fresh, self._topics)
-            self._producer = fresh
         with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await failed.stop()  # its pending sends fail, and their writers retry
 

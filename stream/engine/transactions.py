@@ -116,8 +116,8 @@ class ExactlyOnceSink:
             timeout_s=self._settings.request_timeout_ms / 1000,
         )
         log.debug("transactional producer for %s ready in %.3f s", tp, time.monotonic() - started)
+        self._producers[tp] = _Transactional(producer)  # first: a revoke now stops it
         await learn_topics(producer, self._topics)
-        self._producers[tp] = _Transactional(producer)
 
     async def revoked(self, tps: Iterable[TopicPartition]) -> None:
         leaving = [txn for tp in list(tps) if (txn := self._producers.pop(tp, None)) is not None]
