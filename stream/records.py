@@ -106,7 +106,7 @@ def now_rfc3339(at: float | None = None) -> str:
     second, micros = divmod(int(whole) * 1_000_000 + round(fraction * 1e6), 1_000_000)
     cached_second, text = _second_text
     if second != cached_second:
-        text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        text = datetime.fromtimestamp(second, UTC).isoformat()[:19]  # a 4-digit year
         _set_second_text(second, text)
     return f"{text}.{micros // 1000:03d}Z"
 

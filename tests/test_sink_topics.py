@@ -26,7 +26,7 @@ from tests.kit.workers import engine_on
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
 
-async def test_a_producer_learns_every_topic_in_one_go_and_a_missing_one_costs_a_bound(
+async def test_a_producer_learns_every_topic_in_one_go_and_a_missing_one_is_left_alone(
     settings: Settings,
 ) -> None:
     one = await create_topic(settings, "learn-one", 2)
@@ -42,7 +42,7 @@ async def test_a_producer_learns_every_topic_in_one_go_and_a_missing_one_costs_a
     try:
         cluster = producer.client.cluster
         assert cluster.partitions_for_topic(one) is None  # not before it is asked
-        with anyio.fail_after(10):  # a missing topic is left to the first send: bounded
+        with anyio.fail_after(10):  # a missing topic is left to the first send
             await learn_topics(producer, [one, two, settings.topic("learn-missing")])
         assert cluster.partitions_for_topic(one) == {0, 1}
         assert cluster.partitions_for_topic(two) == {0, 1, 2}

@@ -220,14 +220,20 @@ class AtLeastOnceSink:
                 await start_client(fresh, self._settings, "renewing the producer")
             except KafkaError:
                 return  # Kafka is away: the writers' retries try again
-            self._producer = fresh  # first: `stop` now stops it
-            await learn_topics(fresh, self._topics)
+            self._producer = fresh
         with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await failed.stop()  # its pending sends fail, and their writers retry
+        # After the old one stopped, outside the lock: a writer cancelled while it waits
+        # leaves nothing unstopped (`stop` stops the new one).
+        await learn_topics(fresh, self._topics)
 
     async def start(self) -> None:
         await start_client(self._producer, self._settings, "starting the producer")
-        await learn_topics(self._producer, self._topics)
+        try:
+            await learn_topics(self._producer, self._topics)
+        except BaseException:  # cancelled while it waits: the started producer is stopped
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
