@@ -102,21 +102,17 @@ def now_rfc3339(at: float | None = None) -> str:
 
     The text up to the seconds is kept for the second it names: every record written
     carries a stamp, and a datetime formatted each time was ~2 % of a worker's CPU."""
+    global _second_text
     fraction, whole = math.modf(time.time() if at is None else at)
     second, micros = divmod(int(whole) * 1_000_000 + round(fraction * 1e6), 1_000_000)
     cached_second, text = _second_text
     if second != cached_second:
         text = datetime.fromtimestamp(second, UTC).isoformat()[:19]  # a 4-digit year
-        _set_second_text(second, text)
+        _second_text = (second, text)
     return f"{text}.{micros // 1000:03d}Z"
 
 
-_second_text: tuple[int, str] = (0, "1970-01-01T00:00:00")
-
-
-def _set_second_text(second: int, text: str) -> None:
-    global _second_text
-    _second_text = (second, text)
+_second_text: tuple[int, str] = (0, "1970-01-01T00:00:00")  # the last second written
 
 
 def load_validator(path: Path) -> Validator:

@@ -255,11 +255,20 @@ class _Stage:
         if self._observer is not None:
             self._observer.record_outcome(self.name, outcome, reason)
 
+    @property
+    def output_topics(self) -> tuple[str, ...]:
+        """Every topic this stage writes to (its engine's producers learn them at start)."""
+        return (self.topics.results, self.topics.dead_letter)
+
 
 class PrimaryStage(_Stage):
     """Runs a request on the provider its model lives on (Synthetic, by the catalog)."""
 
     name = "primary"
+
+    @property
+    def output_topics(self) -> tuple[str, ...]:
+        return (self.topics.results, self.topics.fallback, self.topics.dead_letter)
 
     def __init__(
         self,

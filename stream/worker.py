@@ -181,7 +181,6 @@ class Worker:
                 self.settings, self.catalog, clients, self.metrics, self._record_limits, self.spend
             )
             inputs, backfill = [topics.requests, topics.backfill], [topics.backfill]
-            outputs = [topics.results, topics.fallback, topics.dead_letter]
         else:
             stage_ = FallbackStage(
                 self.settings,
@@ -192,7 +191,6 @@ class Worker:
                 self.spend,
             )
             inputs, backfill = [topics.fallback], []
-            outputs = [topics.results, topics.dead_letter]
 
         def on_commit(seconds: float) -> None:
             self.metrics.observe_commit(group, seconds)
@@ -207,7 +205,7 @@ class Worker:
             low_priority_topics=backfill,
             on_commit=on_commit,
             gate=self.spend,
-            output_topics=outputs,
+            output_topics=stage_.output_topics,
         )
 
 
