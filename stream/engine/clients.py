@@ -9,14 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, codec
 
 from stream.config import Settings
 from stream.engine.assignor import Claims, StickyAssignor
 from stream.engine.outputs import MAX_OUTPUT_BYTES, AtLeastOnceSink, Sink
 from stream.engine.transactions import ExactlyOnceSink
+from stream.errors import StreamError
 
-__all__ = ["OFFSET_RESET", "make_consumer", "make_sink"]
+__all__ = ["OFFSET_RESET", "check_codecs", "make_consumer", "make_sink"]
 
 # Where a group without commits starts: a new group must not skip what is already there.
 OFFSET_RESET = "earliest"
@@ -26,15 +27,19 @@ def make_consumer(
     settings: Settings, group_id: str, instance_id: str | None, claims: Callable[[], Claims]
 ) -> AIOKafkaConsumer:
     """A group consumer; `claims` tells the sticky assignor what this member owns."""
+    check_codecs()
     config = settings.engine
-    exactly_once = config.guarantee == "exactly-once"
     return AIOKafkaConsumer(
         **settings.kafka.client_options(),
         group_id=group_id,
         group_instance_id=instance_id,
         enable_auto_commit=False,
         auto_offset_reset=OFFSET_RESET,
-        isolation_level="read_committed" if exactly_once else "read_uncommitted",
+        # Under either guarantee: a request an upstream wrote in a transaction it then
+        # aborted was taken back, and running it would pay for a call nobody asked for
+        # (and twice when the upstream writes it again). For producers without
+        # transactions this changes nothing: their records are committed as written.
+        isolation_level="read_committed",
         max_poll_interval_ms=config.max_poll_interval_ms,
         rebalance_timeout_ms=config.rebalance_timeout_ms,
         session_timeout_ms=config.session_timeout_ms,
@@ -52,6 +57,27 @@ def make_consumer(
         # each other's SyncGroup fail for ever (seen: 1 start in 16 never settled).
         partition_assignment_strategy=(StickyAssignor(claims),),
     )
+
+
+def check_codecs() -> None:
+    """Fail at start, not at the first compressed batch: producers compress with snappy,
+    lz4 or zstd as often as not, and aiokafka reads those only with cramjam installed.
+    Without it every fetch of such a batch fails, and the group crash-loops on it."""
+    missing = [
+        name
+        for name, present in (
+            ("snappy", codec.has_snappy),
+            ("lz4", codec.has_lz4),
+            ("zstd", codec.has_zstd),
+        )
+        if not present()
+    ]
+    if missing:
+        raise StreamError(
+            f"this install cannot read {', '.join(missing)}-compressed Kafka records (the "
+            "cramjam package is missing): install the project's dependencies "
+            "(pip install -e .) or pip install cramjam"
+        )
 
 
 def make_sink(

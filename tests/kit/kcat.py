@@ -34,10 +34,14 @@ async def kcat_produce(
     *,
     key: bytes | None = None,
     headers: Sequence[Header] = (),
+    compression: str | None = None,
 ) -> None:
     """Write `values` to one partition in one kcat run (one batch, as far as librdkafka
-    batches), each with the same key and headers; a header value None is a null value."""
+    batches), each with the same key and headers; a header value None is a null value.
+    `compression`: the batch's codec (gzip, snappy, lz4, zstd), as librdkafka writes it."""
     args: list[str | bytes] = ["kcat", "-b", bootstrap, "-P", "-t", topic, "-p", str(partition)]
+    if compression is not None:
+        args += ["-z", compression]
     for name, value in headers:
         args += ["-H", name if value is None else name + b"=" + value]
     if all(values):
