@@ -4,6 +4,7 @@ clean-up done, partitions released, the problem said out loud."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import signal
@@ -18,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from stream.config import EngineSettings, KafkaSettings, Settings
 from stream.devtools.broker import LocalBroker, free_port
 from stream.engine import Engine, Output
+from stream.engine import engine as engine_module
 from stream.engine.membership import Membership
 from stream.engine.offsets import PartitionOffsets
 from stream.engine.partitions import Partition
@@ -319,3 +321,51 @@ async def test_a_transaction_aiokafka_left_on_its_own_fails_as_our_error(
         assert not await sink.write(partition, 1, [])  # its producer is gone
     finally:
         await sink.stop()
+
+
+async def _never_called(record: Any) -> Sequence[Output]:
+    raise AssertionError("no record is fetched here")
+
+
+def _aiokafka_tasks() -> list[asyncio.Task[Any]]:
+    """Tasks running aiokafka's code: a started client's sender, metadata and fetch loops."""
+    found = []
+    for task in asyncio.all_tasks():
+        code = getattr(task.get_coro(), "cr_code", None)
+        if code is not None and f"{os.sep}aiokafka{os.sep}" in code.co_filename:
+            found.append(task)
+    return found
+
+
+async def test_an_engine_cancelled_while_its_consumer_starts_leaves_no_client_running(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal during start-up cancels `run` before it has clean-up to reach: the sink's
+    producer, already started, must be stopped on the way out all the same."""
+    source = await create_topic(settings, "cancel-start-in", 1)
+    real_start = engine_module.start_client
+    consumer_starting = anyio.Event()
+
+    async def consumer_start_hangs(client: Any, kafka: KafkaSettings, doing: str) -> None:
+        if isinstance(client, AIOKafkaConsumer):
+            consumer_starting.set()
+            await anyio.sleep_forever()
+        await real_start(client, kafka, doing)
+
+    monkeypatch.setattr(engine_module, "start_client", consumer_start_hangs)
+    engine = Engine(
+        settings=settings,
+        name="cs",
+        group_id=settings.group("cancel-start"),
+        topics=[source],
+        handler=_never_called,
+        on_error=_fail_on_error,
+    )
+    before = _aiokafka_tasks()
+    async with anyio.create_task_group() as group:
+        group.start_soon(engine.run)
+        with anyio.fail_after(30):
+            await consumer_starting.wait()
+        assert len(_aiokafka_tasks()) > len(before)  # the producer is up
+        group.cancel_scope.cancel()
+    assert [t for t in _aiokafka_tasks() if not t.done()] == before

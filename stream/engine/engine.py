@@ -246,11 +246,17 @@ class Engine:
         listener = Listener(rebalancer, self.membership)
         self._clients = (consumer, sink, listener, rebalancer)
         await sink.start()
-        consumer.subscribe(self._topics, listener=listener)
         try:
+            consumer.subscribe(self._topics, listener=listener)
             await start_client(consumer, self._settings.kafka, "starting the consumer")
-        except KafkaError:
-            await sink.stop()
+        except BaseException:
+            # Failed, or cancelled (a signal during start-up): `run` has no clean-up to
+            # reach yet, and a producer left running keeps its connections and tasks.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT_S):
+                try:
+                    await sink.stop()
+                finally:
+                    await consumer.stop()
             raise
 
     def _assigned(self) -> None:
