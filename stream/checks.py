@@ -10,6 +10,7 @@ from pathlib import Path
 from stream.errors import ConfigError
 
 __all__ = [
+    "COMPRESSIONS",
     "SASL_MECHANISMS",
     "SECURITY_PROTOCOLS",
     "check_bootstrap",
@@ -34,6 +35,8 @@ _PORT = re.compile(r"[0-9]{1,5}")
 # and sasl.mechanism in --command-config) may say: GSSAPI and OAUTHBEARER are not offered.
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+# Kafka's codecs: what STREAM_KAFKA_COMPRESSION (or compression.type) may say.
+COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
 
 
 def check_bootstrap(value: str, name: str, *, echo: bool = True) -> str:

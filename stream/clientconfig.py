@@ -14,6 +14,7 @@ settings read, and what the command line gives wins over the environment:
     ssl.keystore.location (type PEM: key and chain)     STREAM_KAFKA_SSL_CERTFILE, …_KEYFILE
     ssl.key.password                                    STREAM_KAFKA_SSL_KEY_PASSWORD
     client.id                                           STREAM_KAFKA_CLIENT_ID
+    compression.type (none, gzip, snappy, lz4, zstd)    STREAM_KAFKA_COMPRESSION
 
 A key this client cannot honour (a JKS store, GSSAPI, an unknown key) is refused in one
 line, never skipped: a dropped `ssl.truststore.location` would come back later as a
@@ -27,7 +28,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from stream.checks import SASL_MECHANISMS, SECURITY_PROTOCOLS, check_bootstrap
+from stream.checks import COMPRESSIONS, SASL_MECHANISMS, SECURITY_PROTOCOLS, check_bootstrap
 from stream.errors import ConfigError
 
 __all__ = [
@@ -51,6 +52,7 @@ _FLAGS = ("required", "requisite", "sufficient", "optional")
 SUPPORTED_KEYS = (
     "bootstrap.servers",
     "client.id",
+    "compression.type",
     "sasl.jaas.config",
     "sasl.mechanism",
     "security.protocol",
@@ -147,6 +149,12 @@ class _Mapper:
         self.where = where
         self.found: dict[str, str] = {}
 
+    def _compression(self) -> str:
+        value = self.props["compression.type"].strip().lower()
+        if value not in COMPRESSIONS:
+            raise self.fail("compression.type", f"must be one of {', '.join(COMPRESSIONS)}")
+        return value
+
     def fail(self, key: str, why: str) -> ConfigError:
         return ConfigError(f"{self.where}: line {self.lines[key]}: {key} {why}")
 
@@ -158,6 +166,8 @@ class _Mapper:
             )
         if "client.id" in self.props:
             self.found["STREAM_KAFKA_CLIENT_ID"] = self.props["client.id"].strip()
+        if "compression.type" in self.props:
+            self.found["STREAM_KAFKA_COMPRESSION"] = self._compression()
         self._protocol()
         self._sasl()
         self._tls()

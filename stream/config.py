@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from stream.checks import (
+    COMPRESSIONS,
     SASL_MECHANISMS,
     SECURITY_PROTOCOLS,
     check_bootstrap,
@@ -63,6 +64,7 @@ class KafkaSettings:
     ssl_key_password: Secret = field(default_factory=lambda: Secret(""))
     client_id: str = "prediction-stream"
     request_timeout_ms: int = 30_000
+    compression: str = "none"  # of every batch this process writes (one of COMPRESSIONS)
     cluster_name: str | None = None  # the lag metrics' `cluster_name`; default: the cluster id
 
     def client_options(self) -> dict[str, object]:
@@ -80,6 +82,11 @@ class KafkaSettings:
         if self.security_protocol in ("SSL", "SASL_SSL"):
             options["ssl_context"] = self._ssl_context()
         return options
+
+    def producer_options(self) -> dict[str, object]:
+        """`client_options` and what every producer this process makes shares."""
+        codec = None if self.compression == "none" else self.compression
+        return {**self.client_options(), "compression_type": codec}
 
     def _ssl_context(self) -> object:
         return tls_context(
@@ -274,6 +281,7 @@ def _kafka_settings(source: Source) -> KafkaSettings:
         ssl_keyfile=source.file_name("STREAM_KAFKA_SSL_KEYFILE"),
         ssl_key_password=source.secret("STREAM_KAFKA_SSL_KEY_PASSWORD"),
         client_id=source.text("STREAM_KAFKA_CLIENT_ID", "prediction-stream"),
+        compression=source.choice("STREAM_KAFKA_COMPRESSION", COMPRESSIONS, "none", lower=True),
         cluster_name=source.text("STREAM_KAFKA_CLUSTER_NAME", "") or None,
     )
 

@@ -247,7 +247,7 @@ async def consumer_client(
 @asynccontextmanager
 async def producer_client(settings: KafkaSettings, *, doing: str) -> AsyncIterator[Any]:
     """A started idempotent producer (`acks=all`): a retried send is never written twice."""
-    producer = AIOKafkaProducer(**settings.client_options(), enable_idempotence=True, acks="all")
+    producer = AIOKafkaProducer(**settings.producer_options(), enable_idempotence=True, acks="all")
     async with _started(producer, settings, doing):
         yield producer
 

@@ -182,10 +182,16 @@ class Source:
         return self._parse(name, default, convert, "true or false")
 
     def choice(
-        self, name: str, options: tuple[str, ...], default: str, *, upper: bool = False
+        self,
+        name: str,
+        options: tuple[str, ...],
+        default: str,
+        *,
+        upper: bool = False,
+        lower: bool = False,
     ) -> str:
         value = self.text(name, default)
-        value = value.upper() if upper else value
+        value = value.upper() if upper else value.lower() if lower else value
         if value not in options:
             raise ConfigError(f"{name} must be one of {', '.join(options)} (got {value!r})")
         return value

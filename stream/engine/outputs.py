@@ -201,7 +201,7 @@ class AtLeastOnceSink:
 
     def _new_producer(self) -> AIOKafkaProducer:
         return AIOKafkaProducer(
-            **self._settings.client_options(),
+            **self._settings.producer_options(),
             enable_idempotence=True,
             acks="all",
             **self._options,

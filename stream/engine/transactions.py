@@ -101,7 +101,7 @@ class ExactlyOnceSink:
 
     async def _start_producer(self, tp: TopicPartition) -> None:
         producer = AIOKafkaProducer(
-            **self._settings.client_options(),
+            **self._settings.producer_options(),
             transactional_id=self.transactional_id(tp),
             transaction_timeout_ms=_TRANSACTION_TIMEOUT_MS,
             **self._options,
