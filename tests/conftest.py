@@ -17,6 +17,7 @@ from stream.devtools.broker import LocalBroker, free_port
 from stream.devtools.cluster import CONTROLLERS, LocalCluster, free_ports
 from stream.errors import BrokerError
 from tests.kit.cluster import BROKERS
+from tests.kit.reaper import watch
 
 
 @pytest.fixture
@@ -30,12 +31,16 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if external:
         yield external
         return
-    broker = LocalBroker(home=tmp_path_factory.mktemp("kafka"), port=free_port())
-    broker.start()
+    home = tmp_path_factory.mktemp("kafka")
+    reaper = watch(home)  # SIGKILLs the broker if this session dies without its teardown
+    broker = LocalBroker(home=home, port=free_port())
     try:
+        broker.start()
         yield broker.bootstrap_servers
     finally:
         broker.stop()
+        reaper.terminate()
+        reaper.wait()
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +48,7 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
     """Three brokers and three controllers for the tests marked `cluster`, started only
     when one of them runs. Always our own: those tests kill its processes."""
     home = tmp_path_factory.mktemp("cluster")
+    reaper = watch(home)  # SIGKILLs the nodes if this session dies without its teardown
     for attempt in range(3):  # a free port block can be taken between the probe and the start
         port = free_ports(BROKERS + CONTROLLERS)
         cluster = LocalCluster(home=home / str(attempt), port=port, brokers=BROKERS)
@@ -56,6 +62,8 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         yield cluster
     finally:
         cluster.kill()  # its data goes with the session: no need for a clean shutdown
+        reaper.terminate()
+        reaper.wait()
 
 
 @pytest.fixture
