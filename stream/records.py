@@ -203,7 +203,8 @@ def request_of(body: dict[str, Any]) -> Request:
     when = None
     if deadline is not None:
         try:
-            parsed = datetime.fromisoformat(deadline)
+            # RFC 3339 allows a lower-case "t" and "z"; Python 3.11 reads only upper case
+            parsed = datetime.fromisoformat(deadline.upper())
         except ValueError:
             raise InvalidRecordError("invalid_request", "deadline is not RFC 3339") from None
         when = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
@@ -225,7 +226,10 @@ def output_headers(record: SourceRecord, request_id: str | None) -> tuple[tuple[
     or non-numeric value is replaced (request-id by the body's, attempt by 1) or dropped.
     """
     incoming = _headers(record)
-    rid = incoming.get(HEADER_REQUEST_ID) or (request_id.encode() if request_id else None)
+    rid = incoming.get(HEADER_REQUEST_ID)
+    if rid is not None and not _printable(rid):
+        rid = None  # bytes no reader could show or match: the body's id stands in
+    rid = rid or (request_id.encode() if request_id else None)
     headers = [] if rid is None else [(HEADER_REQUEST_ID, rid[:MAX_HEADER_BYTES])]
     attempt = incoming.get(HEADER_ATTEMPT, b"")
     ok = attempt.isdigit() and len(attempt) <= _MAX_ATTEMPT_DIGITS
@@ -233,6 +237,14 @@ def output_headers(record: SourceRecord, request_id: str | None) -> tuple[tuple[
     if HEADER_TRACEPARENT in incoming:
         headers.append((HEADER_TRACEPARENT, incoming[HEADER_TRACEPARENT]))
     return tuple(headers)
+
+
+def _printable(value: bytes) -> bool:
+    """UTF-8 text without control characters."""
+    try:
+        return value.decode("utf-8").isprintable()
+    except UnicodeDecodeError:
+        return False
 
 
 def _headers(record: SourceRecord) -> dict[str, bytes]:
@@ -348,4 +360,4 @@ def _request_id(request: dict[str, Any] | None, record: SourceRecord) -> str | N
     if request is not None and isinstance(request.get("request_id"), str):
         return str(request["request_id"])
     value = _headers(record).get(HEADER_REQUEST_ID)
-    return None if value is None else value.decode("utf-8", "replace")[:128]
+    return None if value is None or not _printable(value) else value.decode()[:128]

@@ -350,6 +350,10 @@ class FallbackStage(_Stage):
         failure = body.pop("failure")
         try:
             request = records.request_of(body)
+            if self._catalog.get(request.model) is None:  # not a record the primary wrote
+                raise InvalidRecordError(
+                    "unknown_model", f"model {request.model!r} is not in the catalog"
+                )
             records.check_deadline(request, time.time())
         except InvalidRecordError as exc:
             return [self._dead(record, exc.reason, exc.message, request=body, failures=[failure])]

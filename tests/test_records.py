@@ -72,6 +72,7 @@ def test_a_good_request_decodes() -> None:
         (orjson.dumps({**GOOD, "deadline": "tomorrow"}), "invalid_request"),
         (orjson.dumps({**GOOD, "model": "nope"}), "unknown_model"),
         (orjson.dumps({**GOOD, "deadline": "2001-01-01T00:00:00Z"}), "expired"),
+        (orjson.dumps({**GOOD, "deadline": "2001-01-01t00:00:00z"}), "expired"),  # RFC 3339 too
         (
             orjson.dumps({**GOOD, "messages": [{"role": "user", "content": "x" * 5000}]}),
             "too_large",
@@ -80,6 +81,14 @@ def test_a_good_request_decodes() -> None:
 )
 def test_bad_input_gets_the_right_reason(value: bytes | None, reason: str) -> None:
     assert _reason(value) == reason
+
+
+@pytest.mark.parametrize(
+    "text", ["2031-05-06T07:08:09Z", "2031-05-06t07:08:09z", "2031-05-06 07:08:09+00:00"]
+)
+def test_a_deadline_in_any_rfc_3339_spelling_is_read(text: str) -> None:
+    body = {**GOOD, "deadline": text}
+    assert records.request_of(body).deadline == 1_935_817_689.0  # 2031-05-06 07:08:09 UTC
 
 
 def test_schema_errors_never_echo_the_prompt() -> None:

@@ -349,6 +349,8 @@ def test_hostile_headers_and_keys_through_both_stages(
         ((("request-id", None),), b"r-1"),  # a null value
         ((("attempt", None), ("request-id", b"up-1")), b"up-1"),
         ((("request-id", b"x" * 1024 * 1024), ("traceparent", b"t" * 1024 * 1024)), b"r-1"),
+        ((("request-id", b"\xff\xfe\x00"),), b"r-1"),  # not UTF-8: the body's id stands in
+        ((("request-id", b"up\n1"),), b"r-1"),  # a control character
     ],
 )
 def test_odd_headers_on_a_valid_request_cost_one_call_and_give_a_result(
@@ -361,6 +363,23 @@ def test_odd_headers_on_a_valid_request_cost_one_call_and_give_a_result(
     )
     assert _kind(output) == "result" and FakeClient.calls == before + 1
     assert dict(output.headers) == {"request-id": carried_id, "attempt": b"1"}
+
+
+@pytest.mark.parametrize("attempts", [1001, 2**63 - 1, 2**64 - 1])
+def test_a_fallback_record_with_an_impossible_attempt_count_is_not_run(attempts: int) -> None:
+    """A neighbour's count would otherwise overflow the result after the answer was paid
+    for, and the handler error would be re-driven: paid twice."""
+    before = FakeClient.calls
+    value = orjson.dumps({**GOOD, "failure": {**FAILURE, "attempts": attempts}})
+    letter = _run(FALLBACK, value, "predictions.fallback")
+    assert letter["reason"] == "invalid_request" and "attempts" in letter["error"]
+    assert FakeClient.calls == before
+
+
+def test_an_unknown_model_on_the_fallback_topic_is_an_unknown_model() -> None:
+    value = orjson.dumps({**GOOD, "model": "nope", "failure": FAILURE})
+    letter = _run(FALLBACK, value, "predictions.fallback")
+    assert letter["reason"] == "unknown_model"
 
 
 def test_a_null_request_id_header_on_bad_json_is_a_dead_letter() -> None:
