@@ -171,8 +171,8 @@ class Metrics(ProviderObserver):
         )
         self.repeats = CounterTally(
             "stream_repeated_calls",
-            "Provider calls for a request that may have been answered before, by cause "
-            "(restart: re-delivered after a crash or rebalance; replay; redrive).",
+            "Provider calls for a request run again on purpose, by cause (replay, redrive); "
+            "re-runs after a crash or rebalance are stream_engine_records_redelivered_total.",
             ["stage", "cause"],
         )
 
