@@ -114,6 +114,7 @@ class Worker:
     async def run(self) -> None:
         """Run until `stop()` (or cancellation); drain and commit on the way out."""
         self._record_limits = await check_topics(self.settings)
+        self._warn_missing_keys()
         async with AsyncExitStack() as stack:
             self.clients = clients = {
                 name: await stack.enter_async_context(
@@ -130,6 +131,21 @@ class Worker:
                     for engine in self.engines:
                         engines.start_soon(engine.run)
                 group.cancel_scope.cancel()  # engines done: stop the monitor and the server
+
+    def _warn_missing_keys(self) -> None:
+        """A key left empty (an empty mounted secret) makes a worker that looks healthy and
+        answers nothing on that provider: say so at start, where an operator looks first."""
+        if "primary" in self.stages and not self.settings.synthetic.api_key:
+            log.warning(
+                "SYNTHETIC_API_KEY is not set (or its _FILE is empty): every request will be "
+                "sent to Synthetic without a key and fail over; set it (behind a proxy that "
+                "adds its own key, any value stops this warning)"
+            )
+        if "fallback" in self.stages and not self.settings.together.api_key:
+            log.warning(
+                "TOGETHER_API_KEY is not set (or its _FILE is empty): requests that fail on "
+                "Synthetic become fallback_unconfigured dead letters"
+            )
 
     async def _observe(self, group: anyio.abc.TaskGroup) -> None:
         """Start the lag monitor and the HTTP server; readiness follows the engines."""

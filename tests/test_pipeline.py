@@ -129,7 +129,7 @@ async def test_fallback_records_carry_the_failure_and_validate(env: dict[str, st
 
 
 async def test_no_together_key_dead_letters_as_unconfigured(
-    settings: Settings, env: dict[str, str]
+    settings: Settings, env: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     await topics.apply(settings, await topics.plan(settings))
     async with Simulator(SimConfig(faults=parse_faults(FAULTS))) as sim:
@@ -142,6 +142,24 @@ async def test_no_together_key_dead_letters_as_unconfigured(
             worker.stop()
     assert found["k-1"][1]["reason"] == "fallback_unconfigured"
     assert "TOGETHER_API_KEY" in found["k-1"][1]["error"]
+    assert _warned(caplog, "TOGETHER_API_KEY is not set")
+    assert not _warned(caplog, "SYNTHETIC_API_KEY")
+
+
+async def test_a_primary_stage_without_a_synthetic_key_says_so_at_start(
+    settings: Settings, env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An empty mounted secret: the worker would look healthy and answer nothing."""
+    await topics.apply(settings, await topics.plan(settings))
+    async with Simulator(SimConfig(api_key="sk-real")) as sim:
+        live = simulated(env, sim, SYNTHETIC_API_KEY="")
+        async with worker_on(Worker(live, ("primary",))):
+            pass
+    assert _warned(caplog, "SYNTHETIC_API_KEY is not set")
+
+
+def _warned(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(r.levelname == "WARNING" and text in r.getMessage() for r in caplog.records)
 
 
 async def test_a_malformed_record_between_two_good_ones(env: dict[str, str]) -> None:
