@@ -128,3 +128,72 @@ async def test_kafka_status_json_for_scripts(tmp_path: Path) -> None:
     report = json.loads(up.stdout)
     assert report["running"] is True and report["pid"] == os.getpid()
     assert report["state"] == "running"
+
+
+def test_kafka_start_checks_its_port_and_home(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.kit import ROOT
+
+    file = tmp_path / "a-file"
+    file.write_text("")
+    cases = [
+        (["--port", "99999"], 2, "99999 is not a port: use 1-65535"),
+        (["--port", "0"], 2, "0 is not a port"),
+        (["--port", "19092", "--home", str(file)], 1, "is a file: give a folder"),
+        (["--brokers", "3", "--home", str(file)], 1, "is a file: give a folder"),
+    ]
+    for args, code, text in cases:
+        done = subprocess.run(
+            [sys.executable, "-m", "stream", "kafka", "start", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == code, (args, done.stderr)
+        assert text in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_start_interrupted_before_the_broker_is_ready_leaves_none_running(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C while `stream kafka start` waits: the broker it launched is stopped, not left
+    running on its port with a pid file that says "already running" next time."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from stream.devtools.broker import free_port
+    from stream.devtools.processes import running
+    from tests.kit import ROOT
+
+    pid_file = tmp_path / "broker.pid"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stream",
+            "kafka",
+            "start",
+            "--port",
+            str(free_port()),
+            "--home",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 60
+    while not pid_file.exists():  # launched (the JVM needs a few seconds more to be ready)
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    broker = int(pid_file.read_text())
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and b"Traceback" not in err, err
+    assert not running(broker)
+    assert not pid_file.exists()

@@ -181,7 +181,11 @@ class LocalBroker:
         """Start the broker in the background and wait until it answers Kafka requests."""
         process = self.launch()
         if process is not None:
-            self.wait_ready(process, timeout_s)
+            try:
+                self.wait_ready(process, timeout_s)
+            except BaseException:  # failed, or Ctrl-C: a broker half started is left to no one
+                self.stop()
+                raise
 
     def launch(self) -> subprocess.Popen[bytes] | None:
         """Start the node's process without waiting for it (None: it already runs), so that

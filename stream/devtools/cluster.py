@@ -257,8 +257,8 @@ class LocalCluster:
                 lambda pair: pair[0].wait_ready(pair[1], timeout_s),
             )
             self._wait_registered(timeout_s)
-        except BrokerError:
-            for node in todo:  # a half-started cluster is worse than none
+        except BaseException:  # failed, or Ctrl-C: a half-started cluster is worse than none
+            for node in todo:
                 node.kill()
             raise
         return todo

@@ -17,8 +17,26 @@ from stream.errors import EXIT_ATTENTION, EXIT_FAILED, BrokerError
 __all__ = ["register"]
 
 
+def _home(args: argparse.Namespace, default: str) -> Path:
+    home = Path(args.home or cache_dir() / default)
+    if home.exists() and not home.is_dir():
+        raise BrokerError(f"--home {home} is a file: give a folder (it is made if missing)")
+    return home
+
+
+def _port(text: str) -> int:
+    """--port: a listener port a broker can bind (not 0: the port must be known)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: use 1-65535")
+    return port
+
+
 def _single(args: argparse.Namespace) -> int:
-    home = Path(args.home or cache_dir() / "broker")
+    home = _home(args, "broker")
     if (home / "cluster.json").exists():
         raise BrokerError(f"{home} holds a local cluster: pass --brokers as when it was started")
     broker = LocalBroker(home=home, port=args.port)
@@ -57,9 +75,7 @@ def _report(state: str, bootstrap: str, pid: int | None, home: Path) -> dict[str
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    cluster = LocalCluster(
-        home=Path(args.home or cache_dir() / "cluster"), port=args.port, brokers=args.brokers
-    )
+    cluster = LocalCluster(home=_home(args, "cluster"), port=args.port, brokers=args.brokers)
     cluster.check_layout()
     one = _chosen(args, cluster)
     if args.action == "status":
@@ -155,7 +171,7 @@ def register(commands: Any) -> None:
     )
     kafka.add_argument("action", choices=["start", "stop", "status"])
     kafka.add_argument(
-        "--port", type=int, default=9092, help="the (first) broker's listener (default 9092)"
+        "--port", type=_port, default=9092, help="the (first) broker's listener (default 9092)"
     )
     kafka.add_argument(
         "--home",
