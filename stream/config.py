@@ -293,8 +293,13 @@ def _instance_id(source: Source) -> str | None:
 def _provider_settings(source: Source, name: str, base_url: str) -> ProviderSettings:
     upper = name.upper()
     url = source.text(f"{upper}_BASE_URL", base_url).rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"{upper}_BASE_URL must start with http:// or https:// (got {url!r})")
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0]
+    if scheme not in ("http", "https") or not host or any(c.isspace() for c in url):
+        raise ConfigError(
+            f"{upper}_BASE_URL must be an http:// or https:// URL with a host, such as "
+            f"{base_url} (got {url!r})"
+        )
     return ProviderSettings(
         name=name,
         base_url=url,

@@ -193,7 +193,9 @@ class Source:
         value = self.text(name, default)
         value = value.upper() if upper else value.lower() if lower else value
         if value not in options:
-            raise ConfigError(f"{name} must be one of {', '.join(options)} (got {value!r})")
+            named = ", ".join(option for option in options if option)
+            unset = " or unset" if "" in options else ""
+            raise ConfigError(f"{name} must be one of {named}{unset} (got {value!r})")
         return value
 
     def optional_choice(self, name: str, options: tuple[str, ...]) -> str | None:

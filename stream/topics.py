@@ -67,7 +67,11 @@ class Change:
 def load_specs(directory: Path, *, prefix: str = "") -> list[TopicSpec]:
     """Every topic declared in `directory`, sorted by name; malformed files raise."""
     if not directory.is_dir():
-        raise TopicSpecError(f"topics folder {directory} does not exist; set STREAM_TOPICS_DIR")
+        what = "is a file, not a folder" if directory.exists() else "does not exist"
+        raise TopicSpecError(
+            f"topics folder {directory} {what}: set STREAM_TOPICS_DIR to the folder of "
+            "topic declarations"
+        )
     specs = [_load_spec(path, prefix) for path in sorted(directory.glob("*.toml"))]
     if not specs:
         raise TopicSpecError(f"no topic declarations (*.toml) in {directory}")

@@ -114,7 +114,6 @@ class Worker:
     async def run(self) -> None:
         """Run until `stop()` (or cancellation); drain and commit on the way out."""
         self._record_limits = await check_topics(self.settings)
-        self._warn_missing_keys()
         async with AsyncExitStack() as stack:
             self.clients = clients = {
                 name: await stack.enter_async_context(
@@ -164,6 +163,7 @@ class Worker:
         )
         await group.start(monitor.run)
         log.info("serving /metrics, /healthz and /readyz on port %s", self.port)
+        self._warn_missing_keys()  # once start-up's own errors (one line each) are past
         log.info(
             "on SIGTERM, running calls get %.0f s to finish: allow a stop grace period of at "
             "least %.0f s (docker compose stop_grace_period, terminationGracePeriodSeconds)",

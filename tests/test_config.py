@@ -60,6 +60,23 @@ def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None
         Settings.from_env(env)
 
 
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        (
+            {"STREAM_KAFKA_SASL_MECHANISM": "GSSAPI"},
+            "one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or unset",
+        ),
+        ({"SYNTHETIC_BASE_URL": "http://"}, "URL with a host, such as https://api.synthetic.new"),
+        ({"SYNTHETIC_BASE_URL": "http:// spaces /v1"}, "URL with a host"),
+        ({"TOGETHER_BASE_URL": "ftp://host/v1"}, "an http:// or https:// URL"),
+    ],
+)
+def test_bad_settings_say_what_would_be_right(env: dict[str, str], says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        Settings.from_env(env)
+
+
 def test_secret_from_file_never_shows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     key = tmp_path / "key"
     key.write_text("sk-very-secret-123\n")
