@@ -38,6 +38,9 @@ COMMANDS: dict[str, str] = {
 # The commands that talk to Kafka: each takes --bootstrap-server and --command-config, as
 # Kafka's own tools do (`kafka` runs the local broker; `simulate` never touches Kafka).
 KAFKA_COMMANDS: tuple[str, ...] = ("run", "topics", "lag", "replay", "redrive", "demo", "bench")
+# Commands that read no setting from the environment: a worker setting gone wrong must not
+# keep an operator from stopping the local broker.
+SELF_CONTAINED: tuple[str, ...] = ("kafka", "simulate")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -80,9 +83,20 @@ def _first_stream_error(group: BaseExceptionGroup[BaseException]) -> StreamError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also while the command's modules are still being imported
+        print("stream: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
-        settings = Settings.from_env(clientconfig.environment(args, os.environ))
+        if args.command in SELF_CONTAINED:
+            settings = Settings()
+        else:
+            settings = Settings.from_env(clientconfig.environment(args, os.environ))
         logs.configure(settings.log_level, json=False, content=settings.log_content)
         handler: Handler = args.handler
         return handler(args, settings)
@@ -96,9 +110,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"stream: error: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("stream: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

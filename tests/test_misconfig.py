@@ -129,3 +129,16 @@ async def test_a_worker_without_its_topics_names_them_and_says_how_to_create_the
     assert done.returncode == 1
     requests = f"{settings.topic_prefix}predictions.requests"
     _one_line(done.stderr, "topics missing", requests, "stream topics apply")
+
+
+async def test_a_bad_worker_setting_does_not_stop_the_local_broker_commands(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`stream kafka` and `stream simulate` read no setting: an operator can still stop
+    the local broker while STREAM_MAX_IN_FLIGHT is being fixed."""
+    bad = {**env, "STREAM_MAX_IN_FLIGHT": "abc"}
+    status = await run_cli(bad, "kafka", "status", "--home", str(tmp_path), "--port", "19091")
+    assert status.returncode == 1 and "Kafka is not running" in status.stdout, status.stderr
+    assert "STREAM_MAX_IN_FLIGHT" not in status.stderr
+    worker = await run_cli(bad, "lag")
+    assert worker.returncode == 1 and "STREAM_MAX_IN_FLIGHT" in worker.stderr
