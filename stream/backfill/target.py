@@ -29,6 +29,7 @@ __all__ = [
     "contains",
     "copies",
     "limit",
+    "merged",
     "origin",
     "oversize",
     "refusal",
@@ -36,7 +37,8 @@ __all__ = [
 
 # What backfill producers let through (aiokafka's default is 1 MiB, under a topic's
 # 1,048,588): the target's max.message.bytes, checked before sending, is the real limit.
-MAX_REQUEST_SIZE = MAX_OUTPUT_BYTES
+# aiokafka's own estimate of a record runs a few bytes over its size: room for that.
+MAX_REQUEST_SIZE = MAX_OUTPUT_BYTES + 1024
 # Kafka refused one record for its size: that record cannot be written, the rest can.
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 # A record batch's header (v2 format): offsets, lengths, CRC, producer id and epoch…
@@ -60,7 +62,7 @@ async def limit(admin: Any, settings: Settings, topic: str) -> int:
             for spec in topics.load_specs(settings.topics_dir, prefix=settings.topic_prefix)
         }
         found = int(declared.get(topic) or _KAFKA_MAX_MESSAGE_BYTES)
-    return min(found, MAX_REQUEST_SIZE)
+    return min(found, MAX_OUTPUT_BYTES)
 
 
 def oversize(
@@ -132,7 +134,7 @@ async def copies(
                 named = origin(record.headers, header)
                 if named is not None and named[0] == source:
                     _extend(found.setdefault(named[1], []), named[2])
-    return {partition: _merged(ranges) for partition, ranges in found.items()}
+    return {partition: merged(ranges) for partition, ranges in found.items()}
 
 
 def contains(ranges: list[Span], offset: int) -> bool:
@@ -153,11 +155,12 @@ def _extend(ranges: list[Span], offset: int) -> None:
         ranges.append(Span(offset, offset + 1))
 
 
-def _merged(ranges: list[Span]) -> list[Span]:
-    merged: list[Span] = []
+def merged(ranges: list[Span]) -> list[Span]:
+    """`ranges` sorted, with those that touch or overlap made one."""
+    out: list[Span] = []
     for span in sorted(ranges):
-        if merged and span.start <= merged[-1].end:
-            merged[-1] = Span(merged[-1].start, max(merged[-1].end, span.end))
+        if out and span.start <= out[-1].end:
+            out[-1] = Span(out[-1].start, max(out[-1].end, span.end))
         else:
-            merged.append(span)
-    return merged
+            out.append(span)
+    return out
