@@ -39,7 +39,8 @@ def register(commands: Any) -> None:
         "Reasons that cannot succeed as sent are skipped unless --force:\n"
         f"{', '.join(sorted(HOPELESS))}.\n"
         "A request that had a deadline gets a fresh one (--deadline); one that already ran\n"
-        "--max-attempts times is not sent again.",
+        "--max-attempts times is not sent again. One that cannot be sent (nested too deeply\n"
+        "to write back as JSON, larger than the target takes) is listed with why, not sent.",
         epilog="examples:\n"
         "  stream redrive --dry-run\n"
         "  stream redrive --reason fallback_failed --reason expired --since 6h\n"
