@@ -32,7 +32,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "stream.devtools.simulator",
     "lag": "stream.observe.lagcli",
     "replay": "stream.backfill.replay",
-    "redrive": "stream.backfill.redrive",
+    "redrive": "stream.backfill.redrivecli",
     "bench": "stream.devtools.bench",
 }
 # The commands that talk to Kafka: each takes --bootstrap-server and --command-config, as

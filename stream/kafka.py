@@ -245,9 +245,14 @@ async def consumer_client(
 
 
 @asynccontextmanager
-async def producer_client(settings: KafkaSettings, *, doing: str) -> AsyncIterator[Any]:
-    """A started idempotent producer (`acks=all`): a retried send is never written twice."""
-    producer = AIOKafkaProducer(**settings.producer_options(), enable_idempotence=True, acks="all")
+async def producer_client(
+    settings: KafkaSettings, *, doing: str, **options: Any
+) -> AsyncIterator[Any]:
+    """A started idempotent producer (`acks=all`): a retried send is never written twice.
+    `options`: more of aiokafka's producer options (`max_request_size`)."""
+    producer = AIOKafkaProducer(
+        **settings.producer_options(), **options, enable_idempotence=True, acks="all"
+    )
     async with _started(producer, settings, doing):
         yield producer
 

@@ -14,7 +14,7 @@ from stream.cli import build_parser
 from stream.config import Settings
 from stream.records import Decoder
 from tests.kit import run_cli
-from tests.kit.kafka import Record, create_topics, produce, read_all
+from tests.kit.kafka import Record, create_topic, create_topics, produce, read_all
 
 pytestmark = pytest.mark.anyio
 
@@ -122,10 +122,10 @@ async def test_redrive_sends_eligible_letters_once_with_attempt_incremented(
         assert headers["traceparent"] == dict(old)["traceparent"]
         assert headers["request-id"] == f"r{i}".encode()
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
-    # redriven, already, cannot succeed, no request, max attempts, not selected
-    assert rows["unknown_model"] == ["0", "0", "4", "0", "0", "0"]
-    assert rows["invalid_json"] == ["0", "0", "4", "0", "0", "0"]
-    assert rows["handler_error"] == ["0", "0", "0", "4", "0", "0"]
+    # redriven, already, cannot succeed, no request, max attempts, not selected, cannot send
+    assert rows["unknown_model"] == ["0", "0", "4", "0", "0", "0", "0"]
+    assert rows["invalid_json"] == ["0", "0", "4", "0", "0", "0", "0"]
+    assert rows["handler_error"] == ["0", "0", "0", "4", "0", "0", "0"]
     assert rows["total"][:2] == ["12", "0"]
 
     again = await run_cli(env, "redrive")
@@ -133,7 +133,90 @@ async def test_redrive_sends_eligible_letters_once_with_attempt_incremented(
     assert len(await read_all(settings, settings.topic(REQUESTS))) == len(sent)
     rows = {line.split()[0]: line.split()[1:] for line in again.stdout.splitlines()}
     assert rows["total"][:2] == ["0", "12"]  # what the first run sent, said so
-    assert rows["expired"] == ["0", "4", "0", "0", "0", "0"]
+    assert rows["expired"] == ["0", "4", "0", "0", "0", "0", "0"]
+
+
+def _fallback_failed(i: int, **request: Any) -> dict[str, Any]:
+    value: dict[str, Any] = orjson.loads(_letter(0).value)
+    value["request_id"] = value["request"]["request_id"] = f"r{i}"
+    value["request"].update(request)
+    return value
+
+
+async def test_a_letter_that_cannot_be_sent_is_listed_and_the_run_goes_on(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    await create_topic(settings, DEAD, 1, {"max.message.bytes": "2097152"})
+    await create_topics(settings, {REQUESTS: 1, BACKFILL: 1}, {"max.message.bytes": "1048588"})
+    # nested deeper than JSON can be written back; over what the requests topic takes
+    deep = orjson.dumps(_fallback_failed(1, metadata="DEEP"))
+    deep = deep.replace(b'"DEEP"', b'{"a":' * 300 + b"1" + b"}" * 300)
+    big = orjson.dumps(_fallback_failed(3, messages=[{"role": "user", "content": "x" * 1_500_000}]))
+    values = [orjson.dumps(_fallback_failed(i)) for i in (0, 2, 4)]
+    letters = [values[0], deep, values[1], big, values[2]]
+    await produce(
+        settings,
+        settings.topic(DEAD),
+        [Record(v, partition=0) for v in letters],
+        max_request_size=3_000_000,
+    )
+    listed = [
+        "not re-driven (fallback_failed), its request cannot be written as JSON "
+        "(Recursion limit reached): partition 0 offset 1",
+        "not re-driven (fallback_failed), larger than the target takes (1,500,",
+        "max.message.bytes 1,048,588): partition 0 offset 3",
+    ]
+
+    # a dry run, the run, and a run again: (redriven, already redriven) each time
+    for args, counts in ((["--dry-run"], ["3", "0"]), ([], ["3", "0"]), ([], ["0", "3"])):
+        done = await run_cli(env, "redrive", *args)
+        assert done.returncode == 0, done.stderr
+        for line in listed:
+            assert line in done.stdout
+        rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
+        # then cannot succeed, no request, max attempts, not selected, cannot send
+        assert rows["total"] == [*counts, "0", "0", "0", "0", "2"]
+        sent = await read_all(settings, settings.topic(REQUESTS))
+        assert _ids(sent) == ([] if args else [0, 2, 4])  # each once, whatever ran before
+    report = orjson.loads((await run_cli(env, "redrive", "--json")).stdout)
+    assert [(row["offset"], row["reason"]) for row in report["not_sent"]] == [
+        (1, "fallback_failed"),
+        (3, "fallback_failed"),
+    ]
+
+
+class _Killed(Exception):
+    """The process died here."""
+
+
+async def test_a_run_killed_between_kafkas_ack_and_its_commit_sends_nothing_twice(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _dead_letters(settings)
+    commit = Redrive._commit
+
+    async def killed_once_sent(self: Redrive, *args: Any, sending: bool) -> None:
+        if not sending:  # Kafka has acknowledged this batch's sends; the progress is lost
+            raise _Killed
+        await commit(self, *args, sending=sending)
+
+    monkeypatch.setattr(Redrive, "_commit", killed_once_sent)
+    first = Redrive(settings=settings, options=_options(settings))
+    with pytest.raises(_Killed):
+        await first.run()
+    sent_before = len(await read_all(settings, settings.topic(REQUESTS)))
+    assert sent_before == 4  # the first partition's batch went out
+
+    monkeypatch.setattr(Redrive, "_commit", commit)
+    dry = Redrive(settings=settings, options=_options(settings, dry_run=True))
+    await dry.run()
+    again = Redrive(settings=settings, options=_options(settings))
+    await again.run()
+    for run in (dry, again):
+        assert run.total("already redriven") == 4
+        assert run.total("redriven") == 8
+    sent = await read_all(settings, settings.topic(REQUESTS))
+    assert _ids(sent) == _eligible({"fallback_failed", "expired", "no_fallback"})
 
 
 async def test_skipped_reasons_can_be_forced_later_and_only_once(settings: Settings) -> None:
@@ -292,7 +375,10 @@ def test_the_json_help_names_every_outcome_of_the_summary(
     with pytest.raises(SystemExit):
         build_parser(["redrive"]).parse_args(["redrive", "--help"])
     shown = " ".join(capsys.readouterr().out.split())  # as argparse wrapped it
-    keys = "redriven, already_redriven, cannot_succeed, no_request, max_attempts, not_selected"
+    keys = (
+        "redriven, already_redriven, cannot_succeed, no_request, max_attempts, not_selected, "
+        "cannot_send"
+    )
     assert f"reasons: {{REASON: {{{keys}}}}}" in shown
 
 
@@ -310,7 +396,9 @@ async def test_json_summary_for_scripts(settings: Settings, env: dict[str, str])
         "no_request": 0,
         "not_selected": 0,
         "max_attempts": 0,
+        "cannot_send": 0,
     }
+    assert report["not_sent"] == []
     assert report["reasons"]["handler_error"]["no_request"] == 4
     assert report["total"]["redriven"] == 12  # what a real run would send
     assert await read_all(settings, settings.topic(REQUESTS)) == []

@@ -207,6 +207,52 @@ async def test_records_the_client_cannot_decode_or_write_are_reported_not_fatal(
     assert copies == [b"0", b"07", b"08", b"1", b"17", b"18", b"2"]
 
 
+@needs_kcat
+async def test_a_target_header_that_names_no_record_is_ignored(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    await _source(settings)
+    target, bootstrap = settings.topic(TARGET), settings.kafka.bootstrap_servers
+    await kcat_produce(bootstrap, target, 0, [b"{}"], headers=[(b"replayed-from", None)])
+    hostile = [b"", b"junk", b"t/1", "t/\u00b2/1".encode(), b"\xff/0/-1"]
+    await produce(
+        settings, target, [Record(b"{}", None, 1, None, [("replayed-from", h)]) for h in hostile]
+    )
+    window = ["--since", _rfc3339(SINCE), "--until", _rfc3339(UNTIL)]
+
+    dry = await run_cli(env, "replay", *window, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines()[-2].split()[1:] == ["30", "0", "30"]  # none is a copy
+    done = await run_cli(env, "replay", *window)
+    assert done.returncode == 0, done.stderr
+    copies = await read_all(settings, target)
+    assert sorted(_index(r) for r in copies if r.value != b"{}") == list(range(10, 40))
+
+
+async def test_a_record_the_target_cannot_take_is_listed_and_the_partition_goes_on(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    # the largest record a topic takes: with the replayed-from header, its copy is larger
+    await create_topics(settings, {SOURCE: 1, TARGET: 1}, {"max.message.bytes": "1048588"})
+    now = int(time.time() * 1000)
+    full = orjson.dumps({"request_id": "big", "pad": "x" * 1_048_487})
+    assert len(full) == 1_048_516
+    records = [Record(b"0", None, 0, now), Record(full, None, 0, now), Record(b"2", None, 0, now)]
+    await produce(settings, settings.topic(SOURCE), records, max_request_size=2_000_000)
+
+    for _ in range(2):  # and again: listed each time, never copied, nothing copied twice
+        done = await run_cli(env, "replay", "--since", "1h")
+        assert done.returncode == 0, done.stderr
+        assert "not copied, larger than the target takes (1,048,6" in done.stdout
+        assert "max.message.bytes 1,048,588): partition 0 offsets 1\n" in done.stdout
+        copies = await read_all(settings, settings.topic(TARGET))
+        assert [r.value for r in copies] == [b"0", b"2"]
+    report = orjson.loads((await run_cli(env, "replay", "--since", "1h", "--json")).stdout)
+    (row,) = report["not_copied"]
+    assert (row["partition"], row["offset"]) == (0, 1)
+    assert row["why"].startswith("larger than the target takes")
+
+
 @pytest.mark.parametrize(
     ("option", "topic"),
     [

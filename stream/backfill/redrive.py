@@ -15,11 +15,17 @@ later one others, so one offset per partition is not enough: the commit metadata
 the next offset per reason (`{"expired": 120, ...}`); a reason advances only in a run
 that acts on it. Every run reads the whole window, so a second run reports what the
 first re-drove. Nothing is passed over silently, and nothing is re-driven twice.
+
+A letter whose request cannot be sent (it cannot be written back as JSON, or it is larger
+than the target takes) is counted as "cannot send", listed with why, and passed over.
+Before a batch is sent, the commit says so (`"@sending": {"at": ms, "to": topic}`); the
+commit after Kafka's acknowledgements clears it. A run that finds the mark (its
+predecessor died between the two) reads the target's `redriven-from` headers written
+since then, and counts what it finds as already re-driven.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections import Counter
 from contextlib import AsyncExitStack, aclosing
@@ -31,11 +37,19 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.structs import TopicPartition
 
 from stream import records
-from stream.backfill.progress import Progress, add_json_option, run_summarised
-from stream.backfill.window import Span, batches, parse_age, parse_time, spans
+from stream.backfill.progress import Progress
+from stream.backfill.target import (
+    MAX_REQUEST_SIZE,
+    contains,
+    copies,
+    limit,
+    merged,
+    oversize,
+    refusal,
+)
+from stream.backfill.window import Span, batches, spans
 from stream.config import Settings
 from stream.engine.fetch import Undecodable
-from stream.errors import ConfigError
 from stream.kafka import (
     admin_client,
     consumer_client,
@@ -45,7 +59,16 @@ from stream.kafka import (
     translated,
 )
 
-__all__ = ["GROUP", "HOPELESS", "REASONS", "REDRIVEN_FROM", "Redrive", "RedriveOptions", "register"]
+__all__ = [
+    "DEAD_LETTER",
+    "GROUP",
+    "HOPELESS",
+    "OUTCOMES",
+    "REASONS",
+    "REDRIVEN_FROM",
+    "Redrive",
+    "RedriveOptions",
+]
 
 REDRIVEN_FROM = records.HEADER_REDRIVEN_FROM
 GROUP = "predictions-redrive"
@@ -88,11 +111,13 @@ OUTCOMES = (
     "no request",
     "max attempts",
     "not selected",
+    "cannot send",
 )
-# Each outcome's key in the --json summary.
-_KEYS = {name: name.replace(" ", "_") for name in OUTCOMES}
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_DEADLINE_S = 3600
+# In commit metadata: a batch was being sent (when, to where) and not yet acknowledged.
+SENDING = "@sending"
+Outgoing = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +148,11 @@ class Redrive:
     options: RedriveOptions
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     positions: dict[int, dict[str, int]] = field(default_factory=dict)
+    # letters not sent though eligible: (partition, offset, reason, why)
+    unsent: list[tuple[int, int, str, str]] = field(default_factory=list)
+    # per partition, offsets found in the target after a run died before committing them
+    found: dict[int, list[Span]] = field(default_factory=dict)
+    max_bytes: int = 0  # the largest record the target takes
 
     def __repr__(self) -> str:
         redriven = self.total("redriven")
@@ -149,7 +179,8 @@ class Redrive:
 
     async def _plan(self, consumer: Any, tps: list[TopicPartition]) -> dict[TopicPartition, Span]:
         window = await spans(consumer, tps, self.options.since_ms, self.options.until_ms)
-        committed = await self._committed(tps)
+        committed, marks = await self._committed(tps)
+        await self._recover(marks)
         for tp in tps:
             since = window[tp].start
             known = committed.get(tp.partition, {})
@@ -159,14 +190,39 @@ class Redrive:
         # the whole window, not from the positions: what lies below them is counted
         return window
 
-    async def _committed(self, tps: list[TopicPartition]) -> dict[int, dict[str, int]]:
+    async def _committed(
+        self, tps: list[TopicPartition]
+    ) -> tuple[dict[int, dict[str, int]], dict[str, int]]:
+        """Positions per partition, and the marks of sends never acknowledged (target →
+        the earliest time); also the largest record the target takes."""
         async with admin_client(self.settings.kafka, doing="reading redrive progress") as admin:
             offsets = await group_offsets(admin, self.options.group, tps)
-        return {
-            tp.partition: _positions(meta.offset, meta.metadata)
-            for tp, meta in offsets.items()
-            if meta.offset >= 0
-        }
+            self.max_bytes = await limit(admin, self.settings, self.options.target)
+        positions: dict[int, dict[str, int]] = {}
+        marks: dict[str, int] = {}
+        for tp, meta in offsets.items():
+            if meta.offset >= 0:
+                positions[tp.partition] = _positions(meta.offset, meta.metadata)
+                mark = _mark(meta.metadata)
+                if mark is not None:
+                    marks[mark[1]] = min(mark[0], marks.get(mark[1], mark[0]))
+        return positions, marks
+
+    async def _recover(self, marks: dict[str, int]) -> None:
+        """What a run that died mid-batch sent: the targets' records that name a letter.
+        Read by a consumer of its own: the group's must keep one assignment (aiokafka's
+        coordinator fails on a second)."""
+        found: dict[int, list[Span]] = {}
+        kafka = self.settings.kafka
+        for target, since in marks.items():
+            (tps,) = (await topic_partitions(kafka, [target])).values()
+            async with consumer_client(
+                kafka, doing=f"reading {target}", isolation_level="read_committed"
+            ) as consumer:
+                copied = await copies(consumer, tps, REDRIVEN_FROM, self.options.source, since)
+            for partition, ranges in copied.items():
+                found.setdefault(partition, []).extend(ranges)
+        self.found = {partition: merged(ranges) for partition, ranges in found.items()}
 
     async def _work(self, consumer: Any, bounds: dict[TopicPartition, Span]) -> None:
         progress = Progress("redrive", sum(span.size for span in bounds.values()))
@@ -175,7 +231,9 @@ class Redrive:
             if not self.options.dry_run:
                 doing = f"writing {self.options.target}"
                 producer = await stack.enter_async_context(
-                    producer_client(self.settings.kafka, doing=doing)
+                    producer_client(
+                        self.settings.kafka, doing=doing, max_request_size=MAX_REQUEST_SIZE
+                    )
                 )
             stream = batches(consumer, bounds, on_undecodable=self._unreadable)
             async with aclosing(stream):
@@ -185,62 +243,118 @@ class Redrive:
         progress.finish()
 
     async def _batch(self, consumer: Any, producer: Any, batch: list[Any]) -> None:
-        """Re-drive what is eligible in one batch; commit once Kafka has acknowledged it."""
-        pending = []
-        for record in batch:
-            outgoing = self._decide(record)
-            if outgoing is not None and producer is not None:
-                key, value, headers = outgoing
-                target = self.options.target
-                pending.append(await producer.send(target, value, key=key, headers=headers))
-        for future in pending:
-            await future
-        if producer is not None:
-            await self._commit(consumer, batch[-1])
+        """Re-drive what is eligible in one batch. The commit marks the sends first, and
+        records the batch done once Kafka has answered each (see the module's docstring)."""
+        ready = [(record, *chosen) for record in batch if (chosen := self._decide(record))]
+        if producer is None:  # a dry run: what would be sent
+            for _, reason, _ in ready:
+                self.counts[(reason, "redriven")] += 1
+            return
+        tp = TopicPartition(batch[-1].topic, batch[-1].partition)
+        if ready:
+            await self._commit(consumer, tp, batch[0].offset, sending=True)
+        target = self.options.target
+        answers = [
+            await producer.send(target, value, key=key, headers=headers)
+            for _, _, (key, value, headers) in ready
+        ]
+        for (record, reason, _), answer in zip(ready, answers, strict=True):
+            refused = await refusal(answer)
+            if refused is None:
+                self.counts[(reason, "redriven")] += 1
+            else:
+                self._unsent(record, reason, refused)
+        await self._commit(consumer, tp, batch[-1].offset + 1, sending=False)
 
-    def _decide(self, record: Any) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]] | None:
-        """What to send for one dead letter (None: skip it), counted under its reason."""
+    def _decide(self, record: Any) -> tuple[str, Outgoing] | None:
+        """The reason and what to send for one dead letter; None (counted) to skip it."""
         letter = _letter(record.value)
         reason = str(letter.get("reason"))
-        if reason not in self.options.reasons:
-            outcome = "not selected"
-        elif reason not in self.options.acting:
-            outcome = "cannot succeed"
-        elif not isinstance(letter.get("request"), dict):
-            outcome = "no request"
-        elif _attempt(record) >= self.options.max_attempts:
-            outcome = "max attempts"
-        elif record.offset < self.positions[record.partition][reason]:
-            outcome = "already redriven"
-        else:
-            outcome = "redriven"
-        self.counts[(reason, outcome)] += 1
-        if outcome != "redriven":
+        outcome = _passed_over(record, letter, reason, self.options)
+        if outcome is not None:
+            self.counts[(reason, outcome)] += 1
             return None
-        return _outgoing(record, letter, time.time() + self.options.deadline_s)
+        # before the position: a letter that cannot be sent is said so on every run
+        outgoing = self._prepare(record, letter)
+        if isinstance(outgoing, str):
+            self._unsent(record, reason, outgoing)
+            return None
+        if record.offset < self.positions[record.partition][reason] or contains(
+            self.found.get(record.partition, []), record.offset
+        ):
+            self.counts[(reason, "already redriven")] += 1
+            return None
+        return reason, outgoing
+
+    def _prepare(self, record: Any, letter: dict[str, Any]) -> Outgoing | str:
+        """What to send for a letter, or why it cannot be sent."""
+        try:
+            key, value, headers = _outgoing(record, letter, time.time() + self.options.deadline_s)
+        except orjson.JSONEncodeError as exc:  # orjson writes 254 levels, reads 1024
+            return f"its request cannot be written as JSON ({exc})"
+        return oversize(key, value, headers, self.max_bytes) or (key, value, headers)
+
+    def _unsent(self, record: Any, reason: str, why: str) -> None:
+        self.counts[(reason, "cannot send")] += 1
+        self.unsent.append((record.partition, record.offset, reason, why))
 
     def _unreadable(self, bad: Undecodable) -> None:
         """A dead letter the Kafka client cannot decode (someone else wrote it)."""
         self.counts[("unreadable", "no request")] += 1
 
-    async def _commit(self, consumer: Any, last: Any) -> None:
-        position = last.offset + 1
-        mine = self.positions[last.partition]
-        for reason in self.options.acting:
-            mine[reason] = max(mine[reason], position)
-        tp = TopicPartition(last.topic, last.partition)
-        await consumer.commit({tp: (position, orjson.dumps(mine).decode())})
+    async def _commit(
+        self, consumer: Any, tp: TopicPartition, position: int, *, sending: bool
+    ) -> None:
+        """Commit the reasons acted on as done up to `position`, or (`sending`) only the
+        mark that a batch from `position` is being sent."""
+        mine = self.positions[tp.partition]
+        if not sending:
+            for reason in self.options.acting:
+                mine[reason] = max(mine[reason], position)
+        at = {"at": int(time.time() * 1000), "to": self.options.target}
+        metadata = {**mine, SENDING: at} if sending else mine
+        await consumer.commit({tp: (position, orjson.dumps(metadata).decode())})
+
+
+def _passed_over(
+    record: Any, letter: dict[str, Any], reason: str, options: RedriveOptions
+) -> str | None:
+    """Why a dead letter is not re-driven on its own account (None: it is eligible)."""
+    if reason not in options.reasons:
+        return "not selected"
+    if reason not in options.acting:
+        return "cannot succeed"
+    if not isinstance(letter.get("request"), dict):
+        return "no request"
+    if _attempt(record) >= options.max_attempts:
+        return "max attempts"
+    return None
 
 
 def _positions(offset: int, metadata: str) -> dict[str, int]:
     """Per-reason positions from commit metadata; a plain commit means every reason is there."""
+    found = _metadata(metadata)
+    positions = {k: v for k, v in found.items() if k != SENDING}
+    if found and all(isinstance(v, int) for v in positions.values()):
+        return positions
+    return dict.fromkeys(REASONS, offset)
+
+
+def _mark(metadata: str) -> tuple[int, str] | None:
+    """(when, to which topic) a batch was being sent, if the commit says one was."""
+    mark = _metadata(metadata).get(SENDING)
+    if isinstance(mark, dict) and isinstance(mark.get("at"), int):
+        if isinstance(mark.get("to"), str):
+            return mark["at"], mark["to"]
+    return None
+
+
+def _metadata(metadata: str) -> dict[str, Any]:
     try:
         found = orjson.loads(metadata) if metadata else None
     except orjson.JSONDecodeError:
         found = None
-    if isinstance(found, dict) and all(isinstance(v, int) for v in found.values()):
-        return {str(k): v for k, v in found.items()}
-    return dict.fromkeys(REASONS, offset)
+    return found if isinstance(found, dict) else {}
 
 
 def _letter(value: bytes | None) -> dict[str, Any]:
@@ -270,132 +384,3 @@ def _outgoing(
 def _attempt(record: Any) -> int:
     """The attempt a dead letter's request ran as (its `attempt` header; 1 without one)."""
     return int(dict(records.output_headers(record, None))[records.HEADER_ATTEMPT])
-
-
-def register(commands: Any) -> None:
-    parser = commands.add_parser(
-        "redrive",
-        help="send dead letters back to be run again (each once)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Re-publish dead letters whose request parsed to the requests topic, with "
-        "attempt + 1 and a\nredriven-from header. Safe to run again: progress is committed per "
-        f"reason in the group\n{GROUP} after Kafka acknowledges, so nothing is re-driven twice.\n"
-        "Reasons that cannot succeed as sent are skipped unless --force:\n"
-        f"{', '.join(sorted(HOPELESS))}.\n"
-        "A request that had a deadline gets a fresh one (--deadline); one that already ran\n"
-        "--max-attempts times is not sent again.",
-        epilog="examples:\n"
-        "  stream redrive --dry-run\n"
-        "  stream redrive --reason fallback_failed --reason expired --since 6h\n"
-        "  stream redrive --to predictions.backfill --since 2025-06-01T00:00:00Z\n"
-        "  stream redrive --reason unknown_model --force    (after adding the model)\n"
-        "times: RFC 3339 with a zone (Z or +02:00), `now`, or an age: 30m, 2h, 1d",
-    )
-    parser.add_argument(
-        "--reason",
-        action="append",
-        metavar="R",
-        help=f"only this reason (repeatable; default all): {', '.join(REASONS)}",
-    )
-    parser.add_argument(
-        "--since", metavar="T", help="skip dead letters before T (default: the oldest kept)"
-    )
-    parser.add_argument("--until", metavar="T", help="stop at dead letters from T (default: now)")
-    parser.add_argument(
-        "--to",
-        dest="target",
-        default="predictions.requests",
-        choices=["predictions.requests", "predictions.backfill"],
-        help="where to send them (default predictions.requests; backfill runs on spare capacity)",
-    )
-    parser.add_argument("--force", action="store_true", help="also reasons that cannot succeed")
-    parser.add_argument(
-        "--deadline",
-        metavar="AGE",
-        default=f"{DEFAULT_DEADLINE_S // 3600}h",
-        help="a re-driven request that had a deadline gets this long from now "
-        "(default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-attempts",
-        type=int,
-        metavar="N",
-        default=DEFAULT_MAX_ATTEMPTS,
-        help="pass over, for good, requests that already ran N times, by their attempt "
-        "header (default %(default)s)",
-    )
-    parser.add_argument(
-        "--dry-run", action="store_true", help="count what would happen, send nothing"
-    )
-    add_json_option(
-        parser,
-        "{source, target, group, dry_run, force, outcome, reasons: {REASON: {"
-        + ", ".join(_KEYS.values())
-        + "}}, total}",
-    )
-    parser.set_defaults(handler=_handle)
-
-
-def _handle(args: argparse.Namespace, settings: Settings) -> int:
-    run = Redrive(settings=settings, options=_options(args, settings))
-    return run_summarised(args, run, report, _summary, dry_run_done="dry run: nothing sent")
-
-
-def _options(args: argparse.Namespace, settings: Settings) -> RedriveOptions:
-    unknown = sorted(set(args.reason or ()) - set(REASONS))
-    if unknown:
-        raise ConfigError(
-            f"--reason {unknown[0]} is not a dead-letter reason: use one of {', '.join(REASONS)}"
-        )
-    since = parse_time(args.since, option="--since") if args.since else None
-    until = parse_time(args.until, option="--until") if args.until else None
-    if since is not None and until is not None and until <= since:
-        raise ConfigError(f"--until {args.until} is not after --since {args.since}")
-    if args.max_attempts < 1:
-        raise ConfigError(f"--max-attempts must be at least 1 (got {args.max_attempts})")
-    return RedriveOptions(
-        source=settings.topic(DEAD_LETTER),
-        target=settings.topic(args.target),
-        group=settings.group(GROUP),
-        reasons=frozenset(args.reason or REASONS),
-        force=args.force,
-        since_ms=since,
-        until_ms=until,
-        dry_run=args.dry_run,
-        max_attempts=args.max_attempts,
-        deadline_s=parse_age(args.deadline, option="--deadline"),
-    )
-
-
-def report(run: Redrive, outcome: str) -> dict[str, Any]:
-    """`redrive --json`: the shape the README documents (keys are only ever added).
-    `outcome` is "done" or "interrupted"; counts are per dead-letter reason seen."""
-    reasons = {
-        reason: {_KEYS[name]: run.counts[(reason, name)] for name in OUTCOMES}
-        for reason in sorted({reason for reason, _ in run.counts})
-    }
-    options = run.options
-    return {
-        "source": options.source,
-        "target": options.target,
-        "group": options.group,
-        "dry_run": options.dry_run,
-        "force": options.force,
-        "outcome": outcome,
-        "reasons": reasons,
-        "total": {_KEYS[name]: run.total(name) for name in OUTCOMES},
-    }
-
-
-def _summary(run: Redrive, outcome: str) -> str:
-    reasons = sorted({reason for reason, _ in run.counts})
-    width = max([len("reason"), *map(len, reasons)])
-    rows = [f"{'reason':<{width}}  " + "  ".join(f"{name:>16}" for name in OUTCOMES)]
-    for reason in [*reasons, "total"]:
-        cells = [
-            run.total(name) if reason == "total" else run.counts[(reason, name)]
-            for name in OUTCOMES
-        ]
-        rows.append(f"{reason:<{width}}  " + "  ".join(f"{n:>16}" for n in cells))
-    rows.append(f"{run.options.source} → {run.options.target}: {outcome}")
-    return "\n".join(rows)

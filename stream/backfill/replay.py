@@ -10,12 +10,15 @@ a week-old request stamped a week ago would be deleted by retention before it ra
 Resuming needs no state store: the `replayed-from` headers already in the target say
 which source offsets were copied. Only target records written since the window began
 can be copies of it (a copy is younger than its original), so the scan is bounded.
+
+A record that cannot be copied (the client cannot decode it, it has neither key nor value,
+or with its `replayed-from` header it is larger than the target takes) is listed with why
+and passed over; the partition goes on.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +34,18 @@ from stream.backfill.progress import (
     parse_rate,
     run_summarised,
 )
+from stream.backfill.target import MAX_REQUEST_SIZE, contains, copies, limit, oversize, refusal
 from stream.backfill.window import Span, batches, parse_time, spans
 from stream.config import Settings
 from stream.engine.fetch import Undecodable
 from stream.errors import ConfigError
-from stream.kafka import consumer_client, producer_client, topic_partitions, translated
+from stream.kafka import (
+    admin_client,
+    consumer_client,
+    producer_client,
+    topic_partitions,
+    translated,
+)
 
 __all__ = ["REPLAYED_FROM", "PartitionReplay", "Replay", "ReplayOptions", "register"]
 
@@ -43,8 +53,6 @@ REPLAYED_FROM = records.HEADER_REPLAYED_FROM
 REQUESTS = "predictions.requests"
 _UNDECODABLE = "the Kafka client cannot decode them"
 _EMPTY = "neither key nor value (the Kafka client cannot write that)"
-# A copy is stamped by this machine's clock, the original by the upstream's: allow for skew.
-_CLOCK_SKEW_MS = 15 * 60_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,7 +75,7 @@ class PartitionReplay:
     done: list[Span]  # source offsets already copied (merged, sorted)
     copied: int = 0
     # offsets that cannot be copied, by why: the client cannot decode them, or cannot write
-    # them (a record with neither key nor value)
+    # them (neither key nor value), or the target cannot take them (too large)
     uncopied: dict[str, list[int]] = field(default_factory=dict)
 
     @property
@@ -89,8 +97,10 @@ class PartitionReplay:
         return min(at, self.window.end)
 
     def copied_before(self, offset: int) -> bool:
-        index = bisect.bisect_right([s.start for s in self.done], offset) - 1
-        return index >= 0 and offset < self.done[index].end
+        return contains(self.done, offset)
+
+    def skip(self, offset: int, why: str) -> None:
+        self.uncopied.setdefault(why, []).append(offset)
 
 
 @dataclass(kw_only=True)
@@ -101,6 +111,7 @@ class Replay:
     options: ReplayOptions
     partitions: list[PartitionReplay] = field(default_factory=list)
     target_partitions: int = 0
+    max_bytes: int = 0  # the largest record the target takes
 
     def __repr__(self) -> str:
         return (
@@ -133,28 +144,16 @@ class Replay:
         found = await topic_partitions(self.settings.kafka, [source, target])
         sources, targets = found[source], found[target]
         self.target_partitions = len(targets)
+        async with admin_client(self.settings.kafka, doing=f"describing {target}") as admin:
+            self.max_bytes = await limit(admin, self.settings, target)
         window = await spans(consumer, sources, self.options.since_ms, self.options.until_ms)
-        done = await self._copied(consumer, targets)
+        done = await copies(consumer, targets, REPLAYED_FROM, source, self.options.since_ms)
         self.partitions = [
             PartitionReplay(
                 partition=tp.partition, window=window[tp], done=done.get(tp.partition, [])
             )
             for tp in sources
         ]
-
-    async def _copied(self, consumer: Any, targets: list[TopicPartition]) -> dict[int, list[Span]]:
-        """Source offsets already in the target, per source partition, from its headers."""
-        since = max(0, self.options.since_ms - _CLOCK_SKEW_MS)
-        bounds = await spans(consumer, targets, since, None)
-        found: dict[int, list[Span]] = {}
-        # a record the client cannot decode holds no header we could read: not a copy
-        async with aclosing(batches(consumer, bounds, on_undecodable=_ignore)) as stream:
-            async for batch in stream:
-                for record in batch:
-                    origin = _origin(record.headers)
-                    if origin is not None and origin[0] == self.options.source:
-                        _extend(found.setdefault(origin[1], []), origin[2])
-        return {partition: _merged(ranges) for partition, ranges in found.items()}
 
     async def _copy(self, consumer: Any) -> None:
         todo = {
@@ -165,7 +164,10 @@ class Replay:
         progress = Progress("replay", min(total, self.options.limit or total))
         pacer = Pacer(self.options.rate)
         kafka = self.settings.kafka
-        async with producer_client(kafka, doing=f"writing {self.options.target}") as producer:
+        doing = f"writing {self.options.target}"
+        async with producer_client(
+            kafka, doing=doing, max_request_size=MAX_REQUEST_SIZE
+        ) as producer:
             stream = batches(consumer, todo, on_undecodable=self._unreadable)
             async with aclosing(stream):
                 async for batch in stream:
@@ -175,7 +177,7 @@ class Replay:
 
     def _unreadable(self, bad: Undecodable) -> None:
         """A source record the Kafka client cannot decode: it cannot be copied; say so."""
-        self._partition(bad.tp.partition).uncopied.setdefault(_UNDECODABLE, []).append(bad.offset)
+        self._partition(bad.tp.partition).skip(bad.offset, _UNDECODABLE)
 
     def _partition(self, number: int) -> PartitionReplay:
         return next(p for p in self.partitions if p.partition == number)
@@ -183,36 +185,46 @@ class Replay:
     async def _send(
         self, producer: Any, batch: list[Any], pacer: Pacer, progress: Progress
     ) -> bool:
-        """Copy one fetched batch and wait for Kafka to acknowledge it; False at the limit."""
+        """Copy one fetched batch and wait for Kafka to answer each copy; False at the limit."""
         part = self._partition(batch[0].partition)
-        fresh = [record for record in batch if not part.copied_before(record.offset)]
-        for record in fresh:
-            if record.key is None and record.value is None:  # aiokafka will not send it
-                part.uncopied.setdefault(_EMPTY, []).append(record.offset)
-        fresh = [record for record in fresh if record.key is not None or record.value is not None]
+        fresh = [
+            record
+            for record in batch
+            if not part.copied_before(record.offset) and self._writable(part, record)
+        ]
         if self.options.limit is not None:
             fresh = fresh[: self.options.limit - self.copied]
         pending = []
         for record in fresh:
             await pacer.wait()
-            pending.append(
-                await producer.send(
-                    self.options.target,
-                    record.value,
-                    key=record.key,
-                    partition=record.partition % self.target_partitions,
-                    headers=_headers(record),
-                )
-            )
-        for future in pending:
-            await future
-        part.copied += len(fresh)
+            pending.append(await self._write(producer, record))
+        for record, sent in zip(fresh, pending, strict=True):
+            refused = await refusal(sent)
+            if refused is None:
+                part.copied += 1
+            else:
+                part.skip(record.offset, refused)
         progress.advance(len(fresh))
         return self.options.limit is None or self.copied < self.options.limit
 
+    def _writable(self, part: PartitionReplay, record: Any) -> bool:
+        """Whether `record` can be copied; if not, it is listed with why."""
+        if record.key is None and record.value is None:  # aiokafka will not send it
+            part.skip(record.offset, _EMPTY)
+            return False
+        why = oversize(record.key, record.value, _headers(record), self.max_bytes)
+        if why is not None:
+            part.skip(record.offset, why)
+        return why is None
 
-def _ignore(bad: Undecodable) -> None:
-    return None
+    async def _write(self, producer: Any, record: Any) -> Any:
+        return await producer.send(
+            self.options.target,
+            record.value,
+            key=record.key,
+            partition=record.partition % self.target_partitions,
+            headers=_headers(record),
+        )
 
 
 def _headers(record: Any) -> list[tuple[str, bytes]]:
@@ -220,34 +232,6 @@ def _headers(record: Any) -> list[tuple[str, bytes]]:
     kept = [(key, value) for key, value in record.headers if key != REPLAYED_FROM]
     origin = f"{record.topic}/{record.partition}/{record.offset}".encode()
     return [*kept, (REPLAYED_FROM, origin)]
-
-
-def _origin(headers: Any) -> tuple[str, int, int] | None:
-    """(topic, partition, offset) of a `replayed-from` header, if there is a readable one."""
-    for key, value in headers:
-        if key == REPLAYED_FROM:
-            parts = value.decode(errors="replace").rsplit("/", 2)
-            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-                return parts[0], int(parts[1]), int(parts[2])
-    return None
-
-
-def _extend(ranges: list[Span], offset: int) -> None:
-    # one run copies consecutive offsets in order: a run of them collapses to one range
-    if ranges and ranges[-1].end == offset:
-        ranges[-1] = Span(ranges[-1].start, offset + 1)
-    else:
-        ranges.append(Span(offset, offset + 1))
-
-
-def _merged(ranges: list[Span]) -> list[Span]:
-    merged: list[Span] = []
-    for span in sorted(ranges):
-        if merged and span.start <= merged[-1].end:
-            merged[-1] = Span(merged[-1].start, max(merged[-1].end, span.end))
-        else:
-            merged.append(span)
-    return merged
 
 
 def register(commands: Any) -> None:
@@ -286,7 +270,7 @@ def register(commands: Any) -> None:
     add_json_option(
         parser,
         "{source, target, dry_run, outcome, partitions: [{partition, window_start, window_end, "
-        "records, already, to_copy, copied}], total}",
+        "records, already, to_copy, copied}], total, not_copied: [{partition, offset, why}]}",
     )
     parser.set_defaults(handler=_handle)
 
@@ -356,6 +340,12 @@ def report(run: Replay, outcome: str) -> dict[str, Any]:
         "outcome": outcome,
         "partitions": rows,
         "total": total,
+        "not_copied": [
+            {"partition": p.partition, "offset": offset, "why": why}
+            for p in run.partitions
+            for why, offsets in p.uncopied.items()
+            for offset in offsets
+        ],
     }
 
 

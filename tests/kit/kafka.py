@@ -51,9 +51,18 @@ async def create_topic(
     return topic
 
 
-async def produce(settings: Settings, topic: str, records: Iterable[Record | bytes]) -> None:
-    """Write `records` (bytes alone is a value) and wait until every one is acknowledged."""
-    producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all")
+async def produce(
+    settings: Settings,
+    topic: str,
+    records: Iterable[Record | bytes],
+    *,
+    max_request_size: int = 1_048_576,
+) -> None:
+    """Write `records` (bytes alone is a value) and wait until every one is acknowledged.
+    `max_request_size`: the largest record the producer lets through (aiokafka's default)."""
+    producer = AIOKafkaProducer(
+        **settings.kafka.client_options(), acks="all", max_request_size=max_request_size
+    )
     await producer.start()
     try:
         pending = []
