@@ -89,7 +89,7 @@ async def test_aborted_records_and_markers_are_not_lag_but_records_after_them_ar
 # --- partitions and groups without commits -------------------------------------------------
 
 
-async def test_pipeline_groups_that_never_committed_show_every_partition_and_exit_0(
+async def test_pipeline_groups_that_never_committed_show_every_partition_and_their_backlog(
     settings: Settings, env: dict[str, str]
 ) -> None:
     await topics.apply(settings, await topics.plan(settings))
@@ -98,7 +98,7 @@ async def test_pipeline_groups_that_never_committed_show_every_partition_and_exi
 
     done = await run_cli(env, "lag", "--json")
 
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 3, done.stderr  # records wait and no worker runs yet
     rows = orjson.loads(done.stdout)
     seen = {(r["group"], r["topic"]) for r in rows}
     wanted = {
@@ -108,10 +108,11 @@ async def test_pipeline_groups_that_never_committed_show_every_partition_and_exi
     }
     assert seen == wanted
     backlog = [r for r in rows if r["lag"]]
-    assert [(r["topic"], r["partition"], r["lag"], r["committed"]) for r in backlog] == [
-        (requests, 1, 2, None)
-    ]
-    assert {r["status"] for r in rows} == {"OK"}  # empty partitions are OK, not UNKNOWN
+    assert [
+        (r["topic"], r["partition"], r["lag"], r["committed"], r["status"]) for r in backlog
+    ] == [(requests, 1, 2, None, "UNOWNED")]
+    # empty partitions are OK, not UNKNOWN
+    assert {r["status"] for r in rows if not r["lag"]} == {"OK"}
     assert done.stderr == ""
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from itertools import pairwise
 
 import pytest
@@ -26,7 +27,8 @@ def window(
             lag=end - offset,
             metadata=metadata[i] if metadata else "",
             owned=owned,
-            lag_seconds=age,
+            age_low=0.0 if age is None else age,
+            age_high=math.inf if age is None else age,
         )
         for i, (offset, end) in enumerate(zip(offsets, ends, strict=True))
     ]
@@ -67,10 +69,25 @@ def test_stuck_watermark_with_work_finishing_above_it_is_not_a_stall() -> None:
     assert evaluate(growing) is Status.WARN
 
 
-def test_young_oldest_record_rules_out_stall_and_unowned() -> None:
+def test_young_oldest_record_rules_out_stall_but_not_unowned() -> None:
     assert evaluate(window([10, 10, 10], [12, 12, 12], age=5.0)) is Status.OK
-    assert evaluate(window([10, 10, 10], [12, 12, 12], age=5.0, owned=False)) is Status.OK
     assert evaluate(window([10, 10], [12, 12], age=5.0), stall_after_s=1.0) is Status.STALL
+    # records wait and nobody owns the partition: no timestamp, however young, makes it OK
+    assert evaluate(window([10, 10, 10], [12, 12, 12], age=5.0, owned=False)) is Status.UNOWNED
+    assert evaluate(window([10], [12], age=0.0, owned=False)) is Status.UNOWNED
+
+
+def test_an_age_that_cannot_tell_slow_from_stuck_is_unknown_not_stall() -> None:
+    # at least 10 s (our own looks), at most an hour: a slow call or a stuck one
+    unsure = [s._replace(age_low=10.0, age_high=OLD) for s in window([10, 10, 10], [12] * 3)]
+    assert evaluate(unsure) is Status.UNKNOWN
+    assert evaluate(unsure[-1:]) is Status.UNKNOWN
+    surely_old = [s._replace(age_low=400.0) for s in unsure]
+    assert evaluate(surely_old) is Status.STALL and evaluate(surely_old[-1:]) is Status.BEHIND
+    surely_young = [s._replace(age_high=60.0) for s in unsure]
+    assert evaluate(surely_young) is Status.OK and evaluate(surely_young[-1:]) is Status.OK
+    moving = [s._replace(position=10 + i) for i, s in enumerate(unsure)]
+    assert evaluate(moving) is Status.OK  # a member that makes progress is not stalled
 
 
 def test_unknown_offsets_are_unknown_not_ok() -> None:
@@ -123,9 +140,18 @@ def windows_of_samples(draw: st.DrawFn) -> list[Sample]:
     offsets = [draw(st.integers(0, end)) for end in ends]
     metadata = draw(st.lists(st.sampled_from(["", "x", "y"]), min_size=size, max_size=size))
     owned = draw(st.sampled_from([True, False, None]))
-    age = draw(st.one_of(st.none(), st.floats(0, 10_000)))
+    low = draw(st.floats(0, 10_000))
+    high = draw(st.one_of(st.just(math.inf), st.floats(low, 10_000), st.just(low)))
     return [
-        Sample(at=float(i), position=o, lag=e - o, metadata=m, owned=owned, lag_seconds=age)
+        Sample(
+            at=float(i),
+            position=o,
+            lag=e - o,
+            metadata=m,
+            owned=owned,
+            age_low=low,
+            age_high=high,
+        )
         for i, (o, e, m) in enumerate(zip(offsets, ends, metadata, strict=True))
     ]
 
@@ -150,15 +176,37 @@ def test_idle_zero_lag_is_always_ok(offset: int, size: int, owned: bool | None) 
 
 
 @given(windows_of_samples())
-def test_attention_needs_lag_and_an_old_record_and_a_window_a_stuck_offset(
-    samples: list[Sample],
-) -> None:
-    if evaluate(samples, stall_after_s=60.0) in ATTENTION:
-        assert len({s.position for s in samples}) == 1
+def test_attention_needs_lag_and_a_surely_old_record_or_no_owner(samples: list[Sample]) -> None:
+    status = evaluate(samples, stall_after_s=60.0)
+    if status in ATTENTION:
         assert all(s.lag is not None and s.lag > 0 for s in samples)
+    if status in (Status.STALL, Status.BEHIND):
+        assert samples[-1].age_low >= 60.0  # the record is surely older than the threshold
+    if status is Status.STALL:
+        assert len({s.position for s in samples}) == 1
         assert len({s.metadata for s in samples}) == 1
-        age = samples[-1].lag_seconds
-        assert age is None or age >= 60.0
+
+
+@given(windows_of_samples())
+def test_unowned_with_records_waiting_is_never_ok(samples: list[Sample]) -> None:
+    rewound = any(b.position < a.position for a, b in pairwise(samples))  # type: ignore[operator]
+    waiting = all(s.lag is not None and s.lag > 0 for s in samples)
+    unowned = samples[-1].owned is False and waiting and not rewound
+    assert (evaluate(samples) is Status.UNOWNED) == unowned
+
+
+@given(windows_of_samples(), st.floats(0, 10_000))
+def test_a_window_that_moved_is_never_stall(samples: list[Sample], threshold: float) -> None:
+    if samples[0].position != samples[-1].position:
+        assert evaluate(samples, stall_after_s=threshold) not in (Status.STALL, Status.UNKNOWN)
+
+
+@given(windows_of_samples(), st.floats(0, 10_000))
+def test_unknown_only_when_the_age_straddles_the_threshold(
+    samples: list[Sample], threshold: float
+) -> None:
+    if evaluate(samples, stall_after_s=threshold) is Status.UNKNOWN:
+        assert samples[-1].age_low < threshold <= samples[-1].age_high
 
 
 @given(windows_of_samples())
@@ -185,7 +233,7 @@ def test_one_look_and_window_statuses_stay_apart(samples: list[Sample]) -> None:
 def test_a_record_younger_than_the_threshold_never_alarms(
     samples: list[Sample], threshold: float
 ) -> None:
-    young = [s._replace(lag_seconds=threshold / 2) for s in samples]
+    young = [s._replace(age_low=0.0, age_high=threshold / 2, owned=True) for s in samples]
     assert evaluate(young, stall_after_s=threshold) not in ATTENTION
 
 

@@ -1,7 +1,8 @@
 """Consumer lag as rows with a status, and the worker's background monitor of it.
 
 `stream.observe.lagreader` does the Kafka I/O; `LagTracker` turns its readings into rows
-with a status over a sliding window (`stream.observe.lagstatus`); `LagMonitor` runs both in
+with a status over a sliding window (`stream.observe.lagstatus`), judging record timestamps
+against the log ends it has seen (`stream.observe.lagage`); `LagMonitor` runs both in
 the background so a metrics scrape or a readiness probe only copies a cached tuple.
 `stream lag` itself is `stream.observe.lagcli`.
 """
@@ -20,6 +21,7 @@ from anyio.abc import TaskStatus
 from stream.config import KafkaSettings
 from stream.engine.offsets import split_notes
 from stream.errors import KafkaError
+from stream.observe.lagage import EndHistory, age
 from stream.observe.lagreader import GroupReading, LagReader, PartitionReading
 from stream.observe.lagstatus import DEFAULT_STALL_AFTER_S, Sample, Status, Windows, evaluate
 
@@ -37,6 +39,8 @@ class LagRow(NamedTuple):
     committed: int | None  # None: never committed (lag then counts from the log start)
     end: int | None
     lag: int | None
+    # the oldest waiting record's age: its timestamp where our own look agrees, else how
+    # long we have seen it wait (None: unknown)
     lag_seconds: float | None
     status: Status
     members: int | None
@@ -54,24 +58,32 @@ class LagTracker:
 
     def __init__(self, *, window: int = 10, stall_after_s: float = DEFAULT_STALL_AFTER_S) -> None:
         self._windows: Windows[tuple[str, str, int]] = Windows(window)
+        # outlives the window: how long a record has been seen waiting is our own clock's
+        self._ends: EndHistory[tuple[str, str, int]] = EndHistory()
         self._stall_after_s = stall_after_s
 
     def update(self, readings: Sequence[GroupReading]) -> list[LagRow]:
         rows = [self._row(g, p) for g in readings for p in g.partitions]
-        self._windows.retain({(r.group, r.topic, r.partition) for r in rows})
+        keys = {(r.group, r.topic, r.partition) for r in rows}
+        self._windows.retain(keys)
+        self._ends.retain(keys)
         return rows
 
     def _row(self, group: GroupReading, p: PartitionReading) -> LagRow:
+        key = (group.group, p.topic, p.partition)
+        self._ends.add(key, group.at, p.end)
         lag = p.lag
+        low, high, shown = self._age(key, p, group.at)
         sample = Sample(
             at=group.at,
             position=p.position,
             lag=lag,
             metadata=p.metadata,
-            owned=None if group.members is None else p.owner is not None,
-            lag_seconds=_lag_seconds(lag, p.oldest_timestamp_ms, group.at),
+            owned=_owned(group, p),
+            age_low=low,
+            age_high=high,
         )
-        window = self._windows.add((group.group, p.topic, p.partition), sample)
+        window = self._windows.add(key, sample)
         return LagRow(
             group=group.group,
             topic=p.topic,
@@ -79,23 +91,45 @@ class LagTracker:
             committed=p.committed,
             end=p.end,
             lag=lag,
-            lag_seconds=sample.lag_seconds,
+            lag_seconds=shown,
             status=evaluate(window, stall_after_s=self._stall_after_s),
             members=group.members,
             owner=p.owner,
             held=split_notes(p.metadata)[1].get("held") if p.owner is not None else None,
         )
 
+    def _age(
+        self, key: tuple[str, str, int], p: PartitionReading, now: float
+    ) -> tuple[float, float, float | None]:
+        """(at least, at most, shown) seconds the oldest waiting record has waited."""
+        lag, position = p.lag, p.position
+        if lag is None or position is None:
+            return 0.0, math.inf, None
+        if lag <= 0:
+            return 0.0, 0.0, 0.0  # nothing unprocessed: known to be zero
+        offset = position if p.first_waiting is None else max(p.first_waiting, position)
+        seen_at, absent_at = self._ends.bounds(key, offset)
+        if p.first_waiting is None:
+            seen_at = None  # the record was not read: what waits there is not known
+        return age(
+            now,
+            p.oldest_timestamp_ms,
+            before_ms=p.before_timestamp_ms,
+            seen_at=seen_at,
+            absent_at=absent_at,
+        )
 
-def _lag_seconds(lag: int | None, oldest_ms: int | None, now: float) -> float | None:
-    if lag is None:
+
+# Group states in which DescribeGroups shows each member's assignment (mid-rebalance it
+# shows none, which must not read as "nobody owns it").
+_ASSIGNED_STATES = frozenset({"Stable", "Empty", "Dead"})
+
+
+def _owned(group: GroupReading, p: PartitionReading) -> bool | None:
+    """A live member owns the partition; None where Kafka does not tell."""
+    if group.members is None or group.state not in _ASSIGNED_STATES:
         return None
-    if lag <= 0:
-        return 0.0  # nothing unprocessed: known to be zero
-    if oldest_ms is None:
-        return None
-    # a producer clock ahead of ours would give a negative age; nothing waits less than 0 s
-    return max(0.0, now - oldest_ms / 1000)
+    return p.owner is not None
 
 
 def nan_if_none(value: float | None) -> float:

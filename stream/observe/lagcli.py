@@ -38,9 +38,10 @@ def register(commands: Any) -> None:
         help="consumer lag per group and partition, with a status over a window",
         description="Committed offset, log end, lag in records and in seconds (age of the "
         "oldest unprocessed record), and a status: OK, BEHIND (one reading: records wait "
-        "longer than --stall-after), and over a window of --samples: WARN (falling behind), "
-        "STALL (an owner, no progress), UNOWNED (no owner, no progress), REWIND (the offset "
-        "went back); UNKNOWN when it cannot tell. Exit 3 on BEHIND, STALL or UNOWNED.",
+        "longer than --stall-after), UNOWNED (records wait, no live owner), and over a window "
+        "of --samples: WARN (falling behind), STALL (an owner, no progress), REWIND (the "
+        "offset went back); UNKNOWN when it cannot tell. Record timestamps are hints, believed "
+        "only where offsets and our own looks agree. Exit 3 on BEHIND, STALL or UNOWNED.",
     )
     parser.add_argument(
         "--group",
@@ -67,7 +68,7 @@ def register(commands: Any) -> None:
         type=float,
         default=DEFAULT_STALL_AFTER_S,
         metavar="S",
-        help="a partition is BEHIND/STALL/UNOWNED only once its oldest unprocessed record "
+        help="a partition is BEHIND/STALL only once its oldest unprocessed record "
         f"is this old (default {DEFAULT_STALL_AFTER_S:.0f}, the longest LLM call)",
     )
     parser.set_defaults(handler=_command)

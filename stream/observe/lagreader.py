@@ -4,8 +4,9 @@ waiting, and how old the oldest waiting record is.
 For each group: the committed offset (from the group coordinator), the log start and end
 offsets (the end is the high watermark, as Kafka's own consumer-groups tool reports it), and
 the oldest record the group has not processed: the first record at or after its position,
-read with a group-less `read_committed` consumer (assign, seek, fetch with a deadline).
-Nothing is interpolated, unlike kafka-lag-exporter: the age is that of a real record.
+read with a group-less `read_committed` consumer (assign, seek, fetch with a deadline), with
+the timestamp of the record before it, read in the same fetch. What those timestamps are
+worth is `stream.observe.lagage`'s to judge: producers set them.
 
 What "lag" means here, where it differs from `end - committed`:
 - Transaction markers are not lag. Exactly-once leaves a commit marker after the last record
@@ -75,6 +76,8 @@ class PartitionReading(NamedTuple):
     first_waiting: int | None
     oldest_timestamp_ms: int | None  # of that record
     owner: str | None  # member id of the live member assigned this partition
+    # of the record before it (the last one the group processed), when one was read
+    before_timestamp_ms: int | None = None
 
     @property
     def position(self) -> int | None:
@@ -106,6 +109,7 @@ class GroupReading(NamedTuple):
 class _Waiting(NamedTuple):
     offset: int  # of the first record at or after the position, or the end when none is
     timestamp_ms: int | None
+    before_ms: int | None = None  # of the record before it, when the fetch returned one
 
 
 class LagReader:
@@ -193,7 +197,11 @@ class LagReader:
             ]
             waiting = await self._first_waiting(partitions)
             partitions = [
-                p._replace(first_waiting=w.offset, oldest_timestamp_ms=w.timestamp_ms)
+                p._replace(
+                    first_waiting=w.offset,
+                    oldest_timestamp_ms=w.timestamp_ms,
+                    before_timestamp_ms=w.before_ms,
+                )
                 if (w := waiting.get(TopicPartition(p.topic, p.partition)))
                 else p
                 for p in partitions
@@ -251,32 +259,35 @@ class LagReader:
     ) -> dict[TopicPartition, _Waiting]:
         """The first waiting record of each partition with offsets left to read."""
         positions = {
-            TopicPartition(p.topic, p.partition): (position, p.end)
+            TopicPartition(p.topic, p.partition): (position, p.end, p.start)
             for p in partitions
             if (position := p.position) is not None and p.end is not None and p.end > position
         }
-        keys = {(tp.topic, tp.partition, position) for tp, (position, _) in positions.items()}
+        keys = {(tp.topic, tp.partition, position) for tp, (position, *_) in positions.items()}
         self._waiting = {k: v for k, v in self._waiting.items() if k in keys}
         found = {
             tp: self._waiting[(tp.topic, tp.partition, position)]
-            for tp, (position, _) in positions.items()
+            for tp, (position, *_) in positions.items()
             if (tp.topic, tp.partition, position) in self._waiting
         }
         missing = {tp: pair for tp, pair in positions.items() if tp not in found}
         if missing:
             fetched = await self._fetch_first(missing)
             for tp, waiting in fetched.items():
-                if waiting.timestamp_ms is not None:  # a record: it stays where it is
-                    self._waiting[(tp.topic, tp.partition, missing[tp][0])] = waiting
+                position, end, _ = missing[tp]
+                if waiting.offset < end:  # a record, not markers: it stays where it is
+                    self._waiting[(tp.topic, tp.partition, position)] = waiting
             found.update(fetched)
         return found
 
     async def _fetch_first(
-        self, positions: Mapping[TopicPartition, tuple[int, int]]
+        self, positions: Mapping[TopicPartition, tuple[int, int, int | None]]
     ) -> dict[TopicPartition, _Waiting]:
-        """For each partition (→ position, end): the first record at or after the position,
-        or the end when the fetch skips only markers (or aborted records) up to it; left out
-        when neither is known within the deadline.
+        """For each partition (→ position, end, log start): the first record at or after the
+        position, or the end when the fetch skips only markers (or aborted records) up to it;
+        left out when neither is known within the deadline. The fetch starts one record
+        earlier where there is one, for the predecessor's timestamp (a marker there is
+        skipped, and the predecessor stays unknown).
 
         Two groups at different positions of one partition would need two seeks; one wins
         this round and the other is fetched next round.
@@ -289,9 +300,10 @@ class LagReader:
             consumer.assign(sorted(consumer.assignment() | tps))
         consumer.pause(*(consumer.assignment() - tps))
         consumer.resume(*tps)
-        for tp, (position, _) in positions.items():
-            consumer.seek(tp, position)
+        for tp, (position, _, start) in positions.items():
+            consumer.seek(tp, position - 1 if start is not None and position > start else position)
         found: dict[TopicPartition, _Waiting] = {}
+        before: dict[TopicPartition, int | None] = {}
         deadline = time.monotonic() + self._fetch_timeout_s
         try:
             while (pending := tps - set(found)) and (left := deadline - time.monotonic()) > 0:
@@ -303,9 +315,8 @@ class LagReader:
                     # there is unknown this round; the engine dead-letters it and moves on.
                     break
                 for tp, records in batches.items():
-                    if records and tp in pending:
-                        stamp = records[0].timestamp
-                        found[tp] = _Waiting(records[0].offset, stamp if stamp >= 0 else None)
+                    if tp in pending:
+                        _first_after(tp, positions[tp][0], records, found, before)
                 for tp in pending - set(found):
                     end = positions[tp][1]
                     if await consumer.position(tp) >= end:
@@ -314,6 +325,23 @@ class LagReader:
         finally:
             consumer.pause(*tps)
         return found
+
+
+def _first_after(
+    tp: TopicPartition,
+    position: int,
+    records: Sequence[Any],
+    found: dict[TopicPartition, _Waiting],
+    before: dict[TopicPartition, int | None],
+) -> None:
+    """Note the predecessor's timestamp, and the first record at or after `position`."""
+    for record in records:
+        stamp = record.timestamp if record.timestamp >= 0 else None  # -1: no timestamp
+        if record.offset < position:
+            before[tp] = stamp
+        else:
+            found[tp] = _Waiting(record.offset, stamp, before.get(tp))
+            return
 
 
 def _reading(

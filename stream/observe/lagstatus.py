@@ -1,30 +1,33 @@
 """The status of a consumer group's partition over a sliding window of lag samples.
 
 Pure code, no I/O: `evaluate(samples)` looks at the window the way Burrow's rules do, with
-two signals Burrow lacks — the age of the oldest unprocessed record (`lag_seconds`) and the
-commit metadata in which the engine lists finished offsets above its watermark. A sample's
-`position` is the group's committed offset, or the log start where it never committed (where
-the engine starts reading); its `lag` counts what waits there. The rules, first match wins:
+two signals Burrow lacks — the age of the oldest unprocessed record and the commit metadata
+in which the engine lists finished offsets above its watermark. A sample's `position` is the
+group's committed offset, or the log start where it never committed (where the engine starts
+reading); its `lag` counts what waits there. The age is a range (`stream.observe.lagage`):
+a record's timestamp is only a hint, so it is OLD when it is surely older than
+`stall_after_s` (`age_low`), YOUNG when it is surely younger (`age_high`), and neither when
+nothing can tell. Offsets and ownership outrank any age. The rules, first match wins:
 
     UNKNOWN  the latest sample has no position or no lag: nothing is assumed.
     REWIND   the position went backwards between two samples (a reset or replay). Burrow's.
     OK       the lag was zero (or below) in any sample: the consumer caught up within the
              window. An idle topic with zero lag is OK, whether or not anyone consumes it.
-    With one sample only (a one-shot `stream lag`), the remaining lag says:
-      OK       the oldest unprocessed record is younger than `stall_after_s`;
-      UNOWNED  it is older, and no live member owns the partition;
-      BEHIND   it is older, with an owner (or ownership unknown): one look cannot tell a
-               stall from a backlog being worked off;
-      UNKNOWN  its age is unknown.
+    UNOWNED  records wait and no live member owns the partition: nobody consumes it, however
+             young its records claim to be. (Burrow's STOP means "no commits for a while",
+             which offsets alone cannot show: hence a name of our own.)
+    With one sample only (a one-shot `stream lag`), the age of the oldest record says:
+      BEHIND   OLD, with an owner (or ownership unknown): one look cannot tell a stall from
+               a backlog being worked off;
+      OK       YOUNG;
+      UNKNOWN  neither.
     With a window:
       STALL    the position did not move over the window, the lag stayed above zero, nothing
-               finished above the watermark (the metadata did not change either), the oldest
-               unprocessed record has waited at least `stall_after_s` (or its age is
-               unknown), and a live member owns the partition (or ownership is unknown): a
-               consumer is there and makes no progress. Burrow's STALL.
-      UNOWNED  the same, but no live member owns the partition: nobody consumes it. (Burrow's
-               STOP means "no commits for a while", which offsets alone cannot show: hence
-               a name of our own.)
+               finished above the watermark (the metadata did not change either), and the
+               oldest unprocessed record is OLD: a consumer is there and makes no progress.
+               Burrow's STALL.
+      UNKNOWN  the same, but the record is neither OLD nor YOUNG: a slow call and a stuck one
+               look alike (a worker's monitor watches long enough to know, in time).
       WARN     the lag never fell between two samples and ended higher than it started: the
                consumer moves but falls behind. Burrow's.
       OK       anything else.
@@ -38,6 +41,7 @@ upper bound on how long the offset can have been stuck, so a young record rules 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Hashable, Sequence
 from enum import StrEnum
@@ -85,7 +89,9 @@ class Sample(NamedTuple):
     lag: int | None  # records waiting (transaction markers alone are not lag)
     metadata: str | None = None  # commit metadata: changes when work finishes above it
     owned: bool | None = None  # a live group member is assigned the partition
-    lag_seconds: float | None = None
+    # the oldest waiting record is at least `age_low` and at most `age_high` seconds old
+    age_low: float = 0.0
+    age_high: float = math.inf
 
 
 def evaluate(samples: Sequence[Sample], *, stall_after_s: float = DEFAULT_STALL_AFTER_S) -> Status:
@@ -99,26 +105,28 @@ def evaluate(samples: Sequence[Sample], *, stall_after_s: float = DEFAULT_STALL_
         return Status.REWIND
     if min(lags) <= 0:
         return Status.OK
+    latest = known[-1]
+    if latest.owned is False:
+        return Status.UNOWNED  # offsets say records wait: no timestamp makes that OK
     if len(known) < 2:
-        return _one_look(known[-1], stall_after_s)
-    if (
-        offsets[0] == offsets[-1]
-        and not _finished_above(known)
-        and _waited(known[-1], stall_after_s)
-    ):
-        return Status.UNOWNED if known[-1].owned is False else Status.STALL
+        return _one_look(latest, stall_after_s)
+    if offsets[0] == offsets[-1] and not _finished_above(known):
+        if latest.age_low >= stall_after_s:
+            return Status.STALL
+        if latest.age_high >= stall_after_s:
+            return Status.UNKNOWN
     if lags[-1] > lags[0] and all(later >= earlier for earlier, later in pairwise(lags)):
         return Status.WARN
     return Status.OK
 
 
 def _one_look(sample: Sample, stall_after_s: float) -> Status:
-    """A single sample with lag: only the age of the oldest waiting record speaks."""
-    if sample.lag_seconds is None:
-        return Status.UNKNOWN
-    if sample.lag_seconds < stall_after_s:
+    """A single sample with lag and an owner: only the age of the oldest record speaks."""
+    if sample.age_low >= stall_after_s:
+        return Status.BEHIND
+    if sample.age_high < stall_after_s:
         return Status.OK
-    return Status.UNOWNED if sample.owned is False else Status.BEHIND
+    return Status.UNKNOWN
 
 
 def worst(statuses: Sequence[Status]) -> Status:
@@ -130,10 +138,6 @@ def _finished_above(samples: Sequence[Sample]) -> bool:
     """True when the commit metadata changed: records above the watermark finished."""
     known = [s.metadata for s in samples if s.metadata is not None]
     return len(set(known)) > 1
-
-
-def _waited(sample: Sample, stall_after_s: float) -> bool:
-    return sample.lag_seconds is None or sample.lag_seconds >= stall_after_s
 
 
 class Windows(Generic[K]):
