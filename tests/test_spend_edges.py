@@ -1,0 +1,65 @@
+"""Money at the edges, against a provider on loopback that answers what the simulator
+cannot: a backlog queued behind a model's first call, usage a provider could not have
+billed, answers without usage, and bad 200s that carry usage."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+from stream.catalog import Model
+from stream.config import ProviderSettings, Secret
+from stream.errors import ProviderError
+from stream.prices import Price
+from stream.providers import ProviderClient
+from stream.spend import Budget
+from tests.kit.provider import answer, provider_on
+
+pytestmark = pytest.mark.anyio
+
+PRICE = Price(input=0.6, output=2.5)
+KIMI = Model(id="k", provider="synthetic", api_model="hf:k", timeout_s=30, price=PRICE)
+USAGE = {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
+COST = (10 * 0.6 + 20 * 2.5) / 1_000_000  # $0.000056: more than the prompt-only estimate
+
+
+def _settings(url: str, retries: int = 0) -> ProviderSettings:
+    return ProviderSettings(
+        name="synthetic", base_url=url, api_key=Secret("sk-test"), max_retries=retries
+    )
+
+
+def _ask(i: int) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": f"question {i}"}]
+
+
+async def test_a_backlog_queued_behind_a_models_first_call_holds_what_it_revealed() -> None:
+    """50 calls arrive at once (a worker started on a backlog): the first runs alone, and
+    the 49 behind it must be admitted at what it cost, not at their prompt-only guesses."""
+    limit = 0.001
+    budget = Budget("live", limit_usd=limit, window_s=600, clock=time.monotonic)
+    calls: list[int] = []
+    outcomes: list[str] = []
+    async with provider_on(lambda n: answer(USAGE), calls) as url:
+        async with ProviderClient(_settings(url)) as client:
+
+            async def one(i: int) -> None:
+                # The ones that do not fit wait for the limit until their deadline.
+                try:
+                    await client.complete(KIMI, _ask(i), deadline=time.time() + 3, spend=budget)
+                except ProviderError as exc:
+                    outcomes.append(exc.error_type)
+                else:
+                    outcomes.append("ok")
+
+            async with anyio.create_task_group() as group:
+                for i in range(50):
+                    group.start_soon(one, i)
+    assert len(outcomes) == 50
+    assert len(calls) * COST <= limit  # every call costs the same: the window stays within
+    assert budget.snapshot().spent_usd <= limit + 1e-12
+    assert len(calls) == int(limit / COST)  # and it is used, not left idle
+    assert outcomes.count("ok") == len(calls) and set(outcomes) == {"ok", "deadline"}
