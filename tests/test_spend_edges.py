@@ -15,6 +15,7 @@ from stream.config import ProviderSettings, Secret
 from stream.errors import ProviderError
 from stream.prices import Price
 from stream.providers import ProviderClient
+from stream.providers.retry import Backoff
 from stream.spend import Budget
 from tests.kit.provider import answer, provider_on
 
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.anyio
 
 PRICE = Price(input=0.6, output=2.5)
 KIMI = Model(id="k", provider="synthetic", api_model="hf:k", timeout_s=30, price=PRICE)
+FAST = Backoff(base_s=0.001, cap_s=0.001)
 USAGE = {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
 COST = (10 * 0.6 + 20 * 2.5) / 1_000_000  # $0.000056: more than the prompt-only estimate
 
@@ -63,3 +65,25 @@ async def test_a_backlog_queued_behind_a_models_first_call_holds_what_it_reveale
     assert budget.snapshot().spent_usd <= limit + 1e-12
     assert len(calls) == int(limit / COST)  # and it is used, not left idle
     assert outcomes.count("ok") == len(calls) and set(outcomes) == {"ok", "deadline"}
+
+
+ERROR_WITH_USAGE = {"error": {"message": "upstream model crashed", "code": 500}, "usage": USAGE}
+NO_CHOICES = {"id": "x", "model": "hf:k", "choices": [], "usage": USAGE}
+
+
+@pytest.mark.parametrize("bad", [ERROR_WITH_USAGE, NO_CHOICES], ids=["error", "no-choices"])
+async def test_a_bad_200_that_says_what_it_billed_is_counted(bad: dict[str, Any]) -> None:
+    budget = Budget("live", limit_usd=1.0, window_s=600)
+    calls: list[int] = []
+    async with provider_on(lambda n: bad if n == 0 else answer(USAGE), calls) as url:
+        async with ProviderClient(_settings(url, retries=1), backoff=FAST) as client:
+            done = await client.complete(KIMI, _ask(0), spend=budget)
+        async with ProviderClient(_settings(url, retries=0)) as client:
+            calls.clear()
+            with pytest.raises(ProviderError) as failed:
+                await client.complete(KIMI, _ask(1), spend=budget)
+    assert done.attempts == 2
+    assert done.cost_usd == pytest.approx(2 * COST)  # the bad 200 was paid for too
+    assert failed.value.error_type == "malformed_response"
+    assert failed.value.cost_usd == pytest.approx(COST)
+    assert budget.snapshot().spent_usd == pytest.approx(3 * COST)
