@@ -5,14 +5,18 @@ billed, answers without usage, and bad 200s that carry usage."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import anyio
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from stream import compact
 from stream.catalog import Model
 from stream.config import ProviderSettings, Secret
 from stream.errors import ProviderError
+from stream.observe.metrics import Metrics
 from stream.prices import Price
 from stream.providers import ProviderClient
 from stream.providers.retry import Backoff
@@ -87,3 +91,65 @@ async def test_a_bad_200_that_says_what_it_billed_is_counted(bad: dict[str, Any]
     assert failed.value.error_type == "malformed_response"
     assert failed.value.cost_usd == pytest.approx(COST)
     assert budget.snapshot().spent_usd == pytest.approx(3 * COST)
+
+
+def _samples(metrics: Metrics, name: str) -> dict[str, float]:
+    """The samples of one counter, by their labels other than provider and model."""
+    found = {}
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        for sample in family.samples:
+            if sample.name == name:
+                rest = {k: v for k, v in sample.labels.items() if k not in ("provider", "model")}
+                found[",".join(rest.values())] = sample.value
+    return found
+
+
+HUGE = 2**63 - 1
+
+
+async def test_usage_no_provider_could_bill_is_charged_at_the_context_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    small = replace(KIMI, context_tokens=1000)
+    bound = (1000 * 0.6 + 1000 * 2.5) / 1_000_000  # the most one call could have cost
+    absurd = {"prompt_tokens": HUGE, "completion_tokens": HUGE, "total_tokens": 2**64 - 2}
+    budget = Budget("live", limit_usd=1.0, window_s=600)
+    metrics = Metrics()
+    calls: list[int] = []
+    async with provider_on(lambda n: answer(absurd), calls) as url:
+        async with ProviderClient(_settings(url), observer=metrics) as client:
+            done = [await client.complete(small, _ask(i), spend=budget) for i in range(2)]
+    assert [d.cost_usd for d in done] == [pytest.approx(bound)] * 2
+    assert done[0].usage == absurd  # the result keeps what the provider said
+    assert budget.snapshot().spent_usd == pytest.approx(2 * bound)
+    assert _samples(metrics, "stream_provider_spend_usd_total") == {"": pytest.approx(2 * bound)}
+    tokens = _samples(metrics, "stream_provider_tokens_total")
+    assert tokens["prompt"] == tokens["completion"] == 2000
+    problems = _samples(metrics, "stream_provider_usage_problems_total")
+    assert problems == {"implausible": 2}
+    warned = [r for r in caplog.records if "could not have" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"  # once per model
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [None, {"prompt_tokens": -5, "completion_tokens": "20", "total_tokens": True}],
+    ids=["none", "junk"],
+)
+async def test_an_answer_without_usage_charges_the_spend_window_what_was_held(
+    usage: dict[str, Any] | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    budget = Budget("live", limit_usd=1.0, window_s=600)
+    metrics = Metrics()
+    calls: list[int] = []
+    async with provider_on(lambda n: answer(usage), calls) as url:
+        async with ProviderClient(_settings(url), observer=metrics) as client:
+            done = [await client.complete(KIMI, _ask(i), spend=budget) for i in range(2)]
+    assert [d.cost_usd for d in done] == [None, None]  # not known: not made up
+    # Held: the prompt at 3 bytes a token (no max_tokens), the same for both calls.
+    body = compact.dumps({"model": KIMI.api_model, "messages": _ask(0)})
+    held = len(body) / 3 * 0.6 / 1_000_000
+    assert budget.snapshot().spent_usd == pytest.approx(2 * held)
+    assert _samples(metrics, "stream_provider_usage_problems_total") == {"missing": 2}
+    warned = [r for r in caplog.records if "without usage" in r.getMessage()]
+    assert len(warned) == 1

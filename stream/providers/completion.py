@@ -50,7 +50,8 @@ class Completion:
     finish_reason: str | None = None
     tool_calls: list[Any] | None = None
     provider_request_id: str | None = None
-    # What this answer cost at the catalog's prices (None: the model has no price).
+    # What this call cost at the catalog's prices, failed paid attempts included (None: the
+    # model has no price, or an answer came without usage: `stream.providers.charges`).
     cost_usd: float | None = None
 
     @property
