@@ -18,7 +18,7 @@ from stream.config import ProviderSettings, Secret
 from stream.errors import ProviderError
 from stream.observe.metrics import Metrics
 from stream.prices import Price
-from stream.providers import ProviderClient
+from stream.providers import Completion, ProviderClient
 from stream.providers.retry import Backoff
 from stream.spend import Budget
 from tests.kit.provider import answer, provider_on
@@ -107,18 +107,26 @@ def _samples(metrics: Metrics, name: str) -> dict[str, float]:
 HUGE = 2**63 - 1
 
 
+async def _two_calls(
+    model: Model, usage: dict[str, Any] | None
+) -> tuple[list[Completion], Budget, Metrics]:
+    """Two calls to `model`, each answered with `usage`, under a roomy spend limit."""
+    budget = Budget("live", limit_usd=1.0, window_s=600)
+    metrics = Metrics()
+    calls: list[int] = []
+    async with provider_on(lambda n: answer(usage), calls) as url:
+        async with ProviderClient(_settings(url), observer=metrics) as client:
+            done = [await client.complete(model, _ask(i), spend=budget) for i in range(2)]
+    return done, budget, metrics
+
+
 async def test_usage_no_provider_could_bill_is_charged_at_the_context_bound(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     small = replace(KIMI, context_tokens=1000)
     bound = (1000 * 0.6 + 1000 * 2.5) / 1_000_000  # the most one call could have cost
     absurd = {"prompt_tokens": HUGE, "completion_tokens": HUGE, "total_tokens": 2**64 - 2}
-    budget = Budget("live", limit_usd=1.0, window_s=600)
-    metrics = Metrics()
-    calls: list[int] = []
-    async with provider_on(lambda n: answer(absurd), calls) as url:
-        async with ProviderClient(_settings(url), observer=metrics) as client:
-            done = [await client.complete(small, _ask(i), spend=budget) for i in range(2)]
+    done, budget, metrics = await _two_calls(small, absurd)
     assert [d.cost_usd for d in done] == [pytest.approx(bound)] * 2
     assert done[0].usage == absurd  # the result keeps what the provider said
     assert budget.snapshot().spent_usd == pytest.approx(2 * bound)
@@ -139,12 +147,7 @@ async def test_usage_no_provider_could_bill_is_charged_at_the_context_bound(
 async def test_an_answer_without_usage_charges_the_spend_window_what_was_held(
     usage: dict[str, Any] | None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    budget = Budget("live", limit_usd=1.0, window_s=600)
-    metrics = Metrics()
-    calls: list[int] = []
-    async with provider_on(lambda n: answer(usage), calls) as url:
-        async with ProviderClient(_settings(url), observer=metrics) as client:
-            done = [await client.complete(KIMI, _ask(i), spend=budget) for i in range(2)]
+    done, budget, metrics = await _two_calls(KIMI, usage)
     assert [d.cost_usd for d in done] == [None, None]  # not known: not made up
     # Held: the prompt at 3 bytes a token (no max_tokens), the same for both calls.
     body = compact.dumps({"model": KIMI.api_model, "messages": _ask(0)})
