@@ -4,8 +4,8 @@ A usage is not believed when it says more than the provider could have billed: p
 completion tokens over the model's context window (`Model.context_tokens`; a provider's
 own `max_tokens` is no bound, as some bill a reasoning model's thinking beyond it). Such an
 answer is charged the most the call could have cost: each count cut to the window, none of
-the prompt taken as cached. So one answer claiming 2⁶³ tokens costs a few dollars at most,
-not 10¹⁴, and the counters stay sane.
+the prompt taken as cached. So one answer claiming 2⁶³ tokens costs a context window of
+prompt plus one of completion (Kimi K2 Thinking: $0.81), not $10¹⁴; the counters stay sane.
 
 An answer with no countable usage (none, or only junk) costs what nobody can tell: `None`
 here; the client then charges the spend window what it held for the call.
