@@ -11,6 +11,7 @@ A catalog file (`STREAM_CATALOG_FILE`, TOML or JSON) overrides the defaults:
     api_model = "hf:org/My-Model"
     timeout_s = 90
     initial_concurrency = 4            # optional: calls in flight at start (grows from it)
+    context_tokens = 131072            # optional: the context window (default 2²⁰)
     price = { input = 0.5, output = 2.0, cached_input = 0.1 }   # optional, USD per 10⁶
 
     [prices]                           # optional: prices of models already in the catalog
@@ -49,6 +50,9 @@ __all__ = [
 ]
 
 ProviderName = Literal["synthetic", "together"]
+# The context window of a model that does not give its own: above any served today, so it
+# bounds an absurd usage without cutting a real one.
+DEFAULT_CONTEXT_TOKENS = 2**20
 PROVIDERS: tuple[ProviderName, ...] = ("synthetic", "together")
 _BUILT_IN = "<built-in defaults>"
 
@@ -62,6 +66,9 @@ class Model:
     price: Price | None = None
     # Calls in flight when the worker starts (None: the provider's default); grows by AIMD.
     initial_concurrency: int | None = None
+    # The context window, in tokens: no answer can bill more prompt or completion tokens,
+    # so a usage over it is not believed (`stream.providers.charges`).
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
 
 
 def _m(
@@ -72,9 +79,12 @@ def _m(
     *,
     price: Price | None = None,
     initial_concurrency: int | None = None,
+    context_tokens: int | None = None,
 ) -> Model:
-    """A catalog model (built in, or from a file); without a price of its own, the list
-    price of its id when there is one."""
+    """A catalog model (built in, or from a file); without a price or a context window of
+    its own, those known for its id when there are."""
+    if context_tokens is None:
+        context_tokens = DEFAULT_CONTEXTS.get(id, DEFAULT_CONTEXT_TOKENS)
     return Model(
         id=id,
         provider=provider,
@@ -82,8 +92,24 @@ def _m(
         timeout_s=timeout_s,
         price=DEFAULT_PRICES.get(id) if price is None else price,
         initial_concurrency=initial_concurrency,
+        context_tokens=context_tokens,
     )
 
+
+# Context windows, in tokens, as the models' configurations give them
+# (max_position_embeddings), rounded up where a provider's page says more: a bound on what
+# one answer can bill. Qwen3-Coder has none here (262,144 native, up to 10⁶ with YaRN,
+# which a provider may serve): it gets the default.
+DEFAULT_CONTEXTS: Mapping[str, int] = {
+    "deepseek-r1-0528-syn": 163_840,
+    "kimi-k2-thinking-syn": 262_144,
+    "deepseek-v3-0324-syn": 163_840,
+    "deepseek-v3.1-terminus-syn": 163_840,
+    "minimax-m2-syn": 204_800,
+    "glm-4.6-syn": 204_800,
+    "deepseek-r1": 163_840,
+    "kimi-k2-instruct": 262_144,
+}
 
 # Reasoning models think for minutes before the first token: they get the long budgets.
 DEFAULT_MODELS: tuple[Model, ...] = (
@@ -207,7 +233,14 @@ def _parse_model(model_id: str, raw: object, where: str) -> Model:
     entry = f"catalog {where}: model {model_id!r}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{entry} must be a table with provider, api_model, timeout_s")
-    unknown = set(raw) - {"provider", "api_model", "timeout_s", "price", "initial_concurrency"}
+    unknown = set(raw) - {
+        "provider",
+        "api_model",
+        "timeout_s",
+        "price",
+        "initial_concurrency",
+        "context_tokens",
+    }
     if unknown:
         raise ConfigError(f"{entry} has unknown keys {sorted(unknown)}")
     provider = raw.get("provider")
@@ -218,12 +251,25 @@ def _parse_model(model_id: str, raw: object, where: str) -> Model:
         raise ConfigError(f"{entry}: api_model must be a non-empty string (got {api_model!r})")
     timeout = _positive(raw.get("timeout_s", 60.0), f"{entry}: timeout_s")
     initial = raw.get("initial_concurrency")
-    if initial is not None and (
-        isinstance(initial, bool) or not isinstance(initial, int) or initial < 1
-    ):
+    if initial is not None and not _whole(initial):
         raise ConfigError(f"{entry}: initial_concurrency must be a whole number >= 1")
+    context = raw.get("context_tokens")
+    if context is not None and not _whole(context):
+        raise ConfigError(f"{entry}: context_tokens must be a whole number >= 1")
     price = _parse_price(raw["price"], f"{entry}: price", where) if "price" in raw else None
-    return _m(model_id, provider, api_model, timeout, price=price, initial_concurrency=initial)
+    return _m(
+        model_id,
+        provider,
+        api_model,
+        timeout,
+        price=price,
+        initial_concurrency=initial,
+        context_tokens=context,
+    )
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _positive(value: object, what: str, *, zero: bool = False) -> float:

@@ -303,16 +303,40 @@ def _usd(cost: float | None) -> float | None:
 
 def failure_of(exc: ProviderError, *, attempts: int | None = None) -> dict[str, Any]:
     """The `failure` object records carry for a provider error."""
+    return failure(
+        provider=exc.provider,
+        model=exc.model,
+        status=exc.status,
+        error_type=exc.error_type,
+        message=exc.message,
+        attempts=exc.attempts if attempts is None else attempts,
+        provider_request_id=exc.provider_request_id,
+        cost_usd=exc.cost_usd,
+    )
+
+
+def failure(
+    *,
+    provider: str,
+    model: str,
+    status: int | None,
+    error_type: str,
+    message: str,
+    attempts: int,
+    provider_request_id: str | None,
+    cost_usd: float | None,
+) -> dict[str, Any]:
+    """The `failure` object: also for an answer that was paid for and could not be kept."""
     return {
-        "provider": exc.provider,
-        "model": exc.model,
-        "status": exc.status,
-        "error_type": exc.error_type,
-        "message": exc.message[:500],
-        "attempts": exc.attempts if attempts is None else attempts,
+        "provider": provider,
+        "model": model,
+        "status": status,
+        "error_type": error_type,
+        "message": message[:500],
+        "attempts": attempts,
         "failed_at": now_rfc3339(),
-        "provider_request_id": exc.provider_request_id,
-        "cost_usd": _usd(exc.cost_usd),
+        "provider_request_id": provider_request_id,
+        "cost_usd": _usd(cost_usd),
     }
 
 

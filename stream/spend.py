@@ -9,7 +9,9 @@ within the limit; when it settles, the hold becomes the real cost, timed now. So
 of `window_s` seconds ever spends more than the limit, as long as no call costs more than
 its estimate: the most expensive call seen for the model so far, or, before the first,
 its prompt (bytes / 3 as tokens) plus `max_tokens` when given; a model's first call runs
-alone. A call that costs more than its estimate can overshoot by the difference.
+alone, and a call waiting for room is estimated again each time it wakes (a backlog queued
+behind the first call holds what that call cost). A call that costs more than its estimate
+can overshoot by the difference.
 
 The engine's gate (`holds`) closes when the next typical call (the most expensive seen)
 would not fit: no new record starts, the partitions pause (lag grows, the records wait in
@@ -98,8 +100,9 @@ class Budget:
         self._logged_at = -math.inf  # at the edge the gate flaps once per freed call
 
     async def admit(self, model: Model, body_bytes: int, max_tokens: int | None) -> _Hold:
-        estimate = self._estimate(model, body_bytes, max_tokens)
-        while not self._fits(model.id, estimate):
+        # Estimated afresh on every wake: a call queued behind the model's first one must
+        # hold what that call revealed, not the prompt-only guess it arrived with.
+        while not self._fits(model.id, estimate := self._estimate(model, body_bytes, max_tokens)):
             wait = self._next_expiry_in()
             with anyio.move_on_after(math.inf if wait is None else wait):
                 await self._changed.wait()

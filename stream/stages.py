@@ -173,15 +173,29 @@ class _Stage:
         size = _record_size(output)
         limit = self._max_result
         if size > limit:
-            return self._dead(
-                record,
-                "result_too_large",
+            error = (
                 f"the result of {done.provider} {done.provider_model} is {size} bytes, over "
                 f"the {limit} bytes {self.topics.results} takes: raise the topic's "
                 f"max.message.bytes (up to {MAX_OUTPUT_BYTES}, the most this worker writes) "
-                "or ask for fewer tokens",
+                "or ask for fewer tokens"
+            )
+            # The answer was paid for: its failure says what it cost, and the id to quote.
+            paid = records.failure(
+                provider=done.provider,
+                model=done.provider_model,
+                status=200,
+                error_type="result_too_large",
+                message=error,
+                attempts=done.attempts,
+                provider_request_id=done.provider_request_id,
+                cost_usd=done.cost_usd,
+            )
+            return self._dead(
+                record,
+                "result_too_large",
+                error,
                 request=self._body_of(record),
-                failures=failures,
+                failures=[*failures, paid],
             )
         self._count("result", "fallback" if fallback else None)
         return output

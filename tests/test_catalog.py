@@ -41,6 +41,7 @@ def test_defaults_map_the_synthetic_models_to_their_api_strings(tmp_path: Path) 
         api_model="hf:deepseek-ai/DeepSeek-R1-0528",
         timeout_s=120.0,
         price=Price(input=3.0, output=8.0),
+        context_tokens=163_840,
     )
     synthetic = [m for m in catalog.models.values() if m.provider == "synthetic"]
     assert all(m.api_model.startswith("hf:") for m in synthetic)
@@ -57,6 +58,7 @@ provider = "synthetic"
 api_model = "hf:org/My-Model"
 initial_concurrency = 2
 price = { input = 0.5, output = 2.0, cached_input = 0.125 }
+context_tokens = 32768
 
 [prices]
 "glm-4.6-syn" = { input = 0.6, output = 2.2 }
@@ -65,6 +67,7 @@ price = { input = 0.5, output = 2.0, cached_input = 0.125 }
     catalog = load_catalog(_settings(tmp_path, text))
     mine = catalog.models["my-model-syn"]
     assert mine.initial_concurrency == 2 and mine.price is not None
+    assert mine.context_tokens == 32768
     assert mine.price.cached_input == 0.125 and mine.price.read_on.endswith("catalog.toml")
     assert catalog.models["glm-4.6-syn"].price.input == 0.6  # type: ignore[union-attr]
     assert catalog.models["deepseek-r1-0528-syn"].price.output == 7.5  # type: ignore[union-attr]
@@ -76,6 +79,9 @@ def test_a_default_model_replaced_without_a_price_keeps_its_list_price(tmp_path:
     replaced = load_catalog(_settings(tmp_path, text)).models["deepseek-r1"]
     assert replaced.api_model == "deepseek-ai/R1-new"
     assert replaced.price == DEFAULT_PRICES["deepseek-r1"]
+    assert replaced.context_tokens == 163_840  # and its context window
+    text = '[models.new]\nprovider = "together"\napi_model = "org/new"\n'
+    assert load_catalog(_settings(tmp_path, text)).models["new"].context_tokens == 2**20
 
 
 @pytest.mark.parametrize(
@@ -88,6 +94,10 @@ def test_a_default_model_replaced_without_a_price_keeps_its_list_price(tmp_path:
         (
             '[models.m]\nprovider = "synthetic"\napi_model = "hf:m"\ninitial_concurrency = 0',
             "initial_concurrency",
+        ),
+        (
+            '[models.m]\nprovider = "synthetic"\napi_model = "hf:m"\ncontext_tokens = 1.5',
+            "context_tokens must be a whole number",
         ),
     ],
 )

@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "records": {"compact", "errors"},
     "topics": {"checks", "config", "errors", "kafka"},
     "engine": {"config", "errors", "kafka"},
-    "providers": {"catalog", "compact", "config", "errors"},
+    "providers": {"catalog", "compact", "config", "errors", "prices"},
     "spend": {"catalog", "config", "errors", "prices", "providers"},
     "observe": {"config", "engine", "errors", "kafka", "prices", "providers"},
     # engine: its fetch seam steps over records the Kafka client cannot decode

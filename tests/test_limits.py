@@ -89,6 +89,9 @@ async def test_an_answer_too_large_for_the_results_topic_is_a_dead_letter_not_a_
     assert letter["reason"] == "result_too_large"
     assert letter["request"]["request_id"] == "long"
     assert "max.message.bytes" in letter["error"]
+    [paid] = letter["failures"]  # the answer was paid for: the dead letter says so
+    assert paid["error_type"] == "result_too_large" and paid["status"] == 200
+    assert paid["cost_usd"] > 0 and paid["provider_request_id"].startswith("chatcmpl-")
     assert found["after"][0] == live.topic("predictions.results")
 
 

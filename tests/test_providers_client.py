@@ -52,6 +52,7 @@ class Recorder:
         self.retries: list[str] = []
         self.breaker: list[str] = []
         self.answers: list[tuple[str | None, float | None]] = []
+        self.usage_problems: list[str] = []
 
     def on_attempt(self, provider: str, model: str, status_class: str, seconds: float) -> None:
         assert seconds >= 0
@@ -72,6 +73,9 @@ class Recorder:
         cost_usd: float | None,
     ) -> None:
         self.answers.append((finish_reason, cost_usd))
+
+    def on_usage_problem(self, provider: str, model: str, problem: str) -> None:
+        self.usage_problems.append(problem)
 
 
 def _settings(url: str, *, retries: int = 2, key: str = KEY) -> ProviderSettings:

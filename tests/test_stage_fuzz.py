@@ -305,6 +305,8 @@ def test_a_result_is_written_only_when_kafka_will_take_it(
     if kind == "dead-letter":
         letter = orjson.loads(output.value)
         assert letter["reason"] == "result_too_large" and letter["request"]["request_id"] == "r"
+        SCHEMAS["dead-letter"].validate(letter)  # with the paid answer's failure
+        assert letter["failures"][-1]["error_type"] == "result_too_large"
     else:
         assert len(output.value) > content
 

@@ -146,7 +146,8 @@ class Metrics(ProviderObserver):
         self._budgets: list[BudgetSource] = []
         tallies: list[_Tally] = [self.records, self.attempts, self.retries, self.breaker_changes]
         tallies += [self.fallbacks, self.commit_duration, self.tokens, self.spend]
-        self.registry.register(_TallyCollector([*tallies, self.finish_reasons, self.repeats]))
+        tallies += [self.finish_reasons, self.repeats, self.usage_problems]
+        self.registry.register(_TallyCollector(tallies))
         self.registry.register(_SpendCollector(self._budgets))
         self.registry.register(_SnapshotCollector(self._engines, self._monitors))
 
@@ -168,6 +169,12 @@ class Metrics(ProviderObserver):
             "stream_provider_answers",
             "Answers billed, by finish reason (length: cut at max_tokens; content_filter).",
             [*pm, "finish_reason"],
+        )
+        self.usage_problems = CounterTally(
+            "stream_provider_usage_problems",
+            "Answers billed whose usage was missing (cost unknown: the spend limit counts "
+            "what was held) or implausible (over the context: charged at that bound).",
+            [*pm, "problem"],
         )
         self.repeats = CounterTally(
             "stream_repeated_calls",
@@ -218,6 +225,10 @@ class Metrics(ProviderObserver):
                 self.tokens.inc((provider, model, kind), value)
         if cost_usd:
             self.spend.inc(labels, cost_usd)
+
+    def on_usage_problem(self, provider: str, model: str, problem: str) -> None:
+        labels = self._pm(provider, model)
+        self.usage_problems.inc((*labels, self._label("problem", problem)))
 
     def watch_budgets(self, budgets: Iterable[BudgetSource]) -> None:
         """Publish each spend budget's window at every scrape."""

@@ -36,8 +36,9 @@ from stream.errors import (
     ProviderError,
     RetryableProviderError,
 )
-from stream.providers.attempts import Run, acquire, heed, judge, max_tokens
+from stream.providers.attempts import acquire, heed, judge, max_tokens
 from stream.providers.breaker import BreakerConfig, CircuitBreaker, Outcome, State, Ticket
+from stream.providers.charges import Tab, UsageWarnings, charge
 from stream.providers.clock import Clock
 from stream.providers.completion import Completion, Parsed, wants_json
 from stream.providers.http import Exchange, Failure, ProviderHTTP
@@ -81,6 +82,7 @@ class ProviderClient:
         self._rng = rng or random.Random()
         self._clock = clock or Clock()
         self._models: dict[str, _ModelState] = {}
+        self._usage = UsageWarnings(self.provider)
         self._http = ProviderHTTP(settings, transport=transport, clock=self._clock)
 
     async def __aenter__(self) -> ProviderClient:
@@ -127,7 +129,7 @@ class ProviderClient:
         """
         body = self._body(model, messages, params)
         del messages  # the body holds the prompt now: not a second copy while the call is out
-        run = Run()
+        run = Tab()
         hold = await self._admit(spend, model, body, params, deadline, run)
         # One coroutine for the whole call, not a helper per step: each level is a frame
         # per call in flight (10,000 in flight: ~3 MB a level).
@@ -152,14 +154,11 @@ class ProviderClient:
                 finish_reason=parsed.finish_reason,
                 tool_calls=parsed.tool_calls,
                 provider_request_id=parsed.response_id,
-                cost_usd=run.cost_usd,
+                cost_usd=run.reported_usd,
             )
         finally:
             if hold is not None:
-                # Cancelled while a request was out (a revoke, a shutdown): the provider may
-                # bill it, and nobody will say for how much: count what was held for it.
-                # Otherwise what was billed (no priced answer: nothing, not the estimate).
-                hold.settle(None if run.sending else run.cost_usd or 0.0)
+                hold.settle(run.spent(hold.estimate))
 
     async def _admit(
         self,
@@ -168,7 +167,7 @@ class ProviderClient:
         body: bytes,
         params: dict[str, Any] | None,
         deadline: float | None,
-        run: Run,
+        run: Tab,
     ) -> Hold | None:
         """Wait for the spend limit, up to the request's deadline (not the model's timeout)."""
         if spend is None:
@@ -201,7 +200,7 @@ class ProviderClient:
         json_output: bool,
         end: float,
         request_id: str | None,
-        run: Run,
+        run: Tab,
     ) -> tuple[Parsed, int]:
         attempt = 0
         last: Failure | None = None
@@ -226,7 +225,7 @@ class ProviderClient:
             await anyio.sleep(wait)
 
     def _circuit_open(
-        self, model: Model, last: Failure | None, attempts: int, run: Run
+        self, model: Model, last: Failure | None, attempts: int, run: Tab
     ) -> ProviderError:
         if last is not None:
             # It was called, and failed: the failure says more than the breaker does.
@@ -302,7 +301,7 @@ class ProviderClient:
         json_output: bool,
         end: float,
         attempt: int,
-        run: Run,
+        run: Tab,
     ) -> Parsed | Failure:
         """One call; the breaker and the limiter hear its outcome whatever happens."""
         state = self._state(model)
@@ -326,7 +325,7 @@ class ProviderClient:
             self._observer.on_attempt(self.provider, model.id, exchange.label, exchange.seconds)
         return exchange.result
 
-    def _account(self, model: Model, exchange: Exchange, run: Run) -> None:
+    def _account(self, model: Model, exchange: Exchange, run: Tab) -> None:
         """What the provider billed for this attempt: a 200, usable or not."""
         result = exchange.result
         if isinstance(result, Parsed):
@@ -335,11 +334,23 @@ class ProviderClient:
             usage, finish, run.request_id = result.usage, result.finish_reason, result.request_id
             if result.status != 200:
                 return
-        cost = model.price.cost(usage) if model.price is not None else None
-        if cost is not None:
-            run.cost_usd = (run.cost_usd or 0.0) + cost
+            if usage is None and result.error_type == "malformed_response":
+                # Not a completion at all (a gateway's page, a cut body) and no usage:
+                # taken as not billed.
+                if self._observer:
+                    self._observer.on_answer(self.provider, model.id, finish, None, None)
+                return
+        billed = charge(model, usage)
+        if billed.cost_usd is not None:
+            run.cost_usd = (run.cost_usd or 0.0) + billed.cost_usd
+        elif model.price is not None:
+            run.unpriced += 1
+        if billed.problem is not None:
+            self._usage.warn(model, billed.problem, usage, billed.cost_usd)
+            if self._observer:
+                self._observer.on_usage_problem(self.provider, model.id, billed.problem)
         if self._observer:
-            self._observer.on_answer(self.provider, model.id, finish, usage, cost)
+            self._observer.on_answer(self.provider, model.id, finish, billed.usage, billed.cost_usd)
 
     def _settle(
         self,
@@ -373,7 +384,7 @@ class ProviderClient:
         )
 
     def _error(
-        self, model: Model, failure: Failure, attempts: int, run: Run, *, note: str = ""
+        self, model: Model, failure: Failure, attempts: int, run: Tab, *, note: str = ""
     ) -> ProviderError:
         kind = RetryableProviderError if failure.retryable else FatalProviderError
         status = f"HTTP {failure.status}" if failure.status else failure.error_type
@@ -389,5 +400,5 @@ class ProviderClient:
             error_type=failure.error_type,
             attempts=attempts,
             provider_request_id=failure.request_id or run.request_id,
-            cost_usd=run.cost_usd,
+            cost_usd=run.reported_usd,
         )

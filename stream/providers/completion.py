@@ -50,7 +50,8 @@ class Completion:
     finish_reason: str | None = None
     tool_calls: list[Any] | None = None
     provider_request_id: str | None = None
-    # What this answer cost at the catalog's prices (None: the model has no price).
+    # What this call cost at the catalog's prices, failed paid attempts included (None: the
+    # model has no price, or an answer came without usage: `stream.providers.charges`).
     cost_usd: float | None = None
 
     @property
@@ -126,13 +127,21 @@ def parse_completion(body: bytes, *, json_output: bool) -> Parsed:
     """Read a chat completion body; raises `BadOutput` when it is not a usable answer."""
     try:
         data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadOutput("malformed_response", f"malformed response body: {exc}") from exc
+    try:
         choice = data["choices"][0]
         message = choice["message"]
         raw_content = message.get("content") or ""
         if not isinstance(raw_content, str):
             raise TypeError("content is not a string")
-    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise BadOutput("malformed_response", f"malformed response body: {exc}") from exc
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        # JSON without an answer (`choices: []`, an error object) may still say what it
+        # billed: that usage is paid for, and counted.
+        usage = _usage(data.get("usage")) if isinstance(data, dict) else None
+        raise BadOutput(
+            "malformed_response", f"malformed response body: {exc}", usage=usage
+        ) from exc
     usage = _usage(data.get("usage"))
     finish = _text(choice.get("finish_reason"), 64)
     tool_calls = _tool_calls(message.get("tool_calls"))

@@ -34,12 +34,22 @@ class ProviderObserver(Protocol):
         usage: Mapping[str, Any] | None,
         cost_usd: float | None,
     ) -> None:
-        """A 200 the provider billed (also one the client could not use and tried again)."""
+        """A 200 the provider billed (also one the client could not use and tried again);
+        `usage` as counted (cut to the model's context when it was not believed)."""
+
+    def on_usage_problem(self, provider: str, model: str, problem: str) -> None:
+        """A billed answer whose usage was `missing` (nothing countable: its cost is not
+        known) or `implausible` (more than the model's context: charged at that bound)."""
 
 
 class Hold(Protocol):
     """Money set aside for one call; settled once, with what the call really cost (None:
     unknown, as when it was cancelled with a request out; the estimate then counts)."""
+
+    @property
+    def estimate(self) -> float:
+        """What was held: charged for an answer whose cost nobody can tell."""
+        ...
 
     def settle(self, cost_usd: float | None) -> None: ...
 
