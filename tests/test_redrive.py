@@ -276,7 +276,7 @@ async def test_two_redrives_at_once_never_send_a_letter_twice(settings: Settings
     assert sum(run.total("redriven") for run in runs) == 12
     assert len(fenced) <= 1
     for line in fenced:
-        assert f"stream-redrive.{settings.group(GROUP)}" in line
+        assert f"transactional id {settings.group(GROUP)})" in line
 
 
 async def _committed(settings: Settings) -> list[Any]:

@@ -152,9 +152,10 @@ async def test_two_replays_at_once_never_copy_a_record_twice(
         if run.returncode != 0:
             assert run.returncode == 1, run.stderr
             (line,) = run.stderr.strip().splitlines()[-1:]
-            assert "fenced" in line and f"stream-replay.{settings.topic(SOURCE)}" in line, (
-                run.stderr
-            )
+            assert (
+                "fenced" in line
+                and f"{settings.group('predictions-replay')}.{SOURCE}.{TARGET}" in line
+            ), run.stderr
             assert "Traceback" not in run.stderr
 
 

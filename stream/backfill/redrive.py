@@ -171,7 +171,7 @@ class Redrive:
     @property
     def transactional_id(self) -> str:
         """One per progress group: runs sharing it could re-drive the same letters."""
-        return f"stream-redrive.{self.options.group}"
+        return self.options.group
 
     async def run(self) -> None:
         kafka, options = self.settings.kafka, self.options

@@ -60,6 +60,7 @@ __all__ = ["REPLAYED_FROM", "PartitionReplay", "Replay", "ReplayOptions", "regis
 
 REPLAYED_FROM = records.HEADER_REPLAYED_FROM
 REQUESTS = "predictions.requests"
+TRANSACTIONAL_ID = "predictions-replay"  # then .SOURCE.TARGET
 _UNDECODABLE = "the Kafka client cannot decode them"
 _EMPTY = "neither key nor value (the Kafka client cannot write that)"
 
@@ -137,8 +138,13 @@ class Replay:
 
     @property
     def transactional_id(self) -> str:
-        """One per source and target: the runs that could copy the same records."""
-        return f"stream-replay.{self.options.source}.{self.options.target}"
+        """One per source and target: the runs that could copy the same records (under
+        the prefix, like the groups, so that one prefixed ACL covers both)."""
+        prefix = self.settings.topic_prefix
+        source, target = (
+            t.removeprefix(prefix) for t in (self.options.source, self.options.target)
+        )
+        return f"{self.settings.group(TRANSACTIONAL_ID)}.{source}.{target}"
 
     async def run(self) -> None:
         options = self.options
@@ -289,7 +295,8 @@ def register(commands: Any) -> None:
         description="Copy the records of SOURCE written in [--since, --until) to TARGET, "
         "partition p to partition p,\nwith a replayed-from header. Run it again with the same "
         "arguments after an interruption:\nit continues where it stopped and never copies a "
-        "record twice.",
+        "record twice. A second run\nstarted meanwhile fences this one (Kafka transactions: "
+        "it stops, exit 1) and carries on.",
         epilog="examples:\n"
         "  stream replay --since 2h --dry-run\n"
         "  stream replay --since 2025-06-01T00:00:00Z --until 2025-06-01T06:00:00Z --rate 200\n"

@@ -64,6 +64,7 @@ async def exclusive_producer(
         transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
         max_request_size=MAX_REQUEST_SIZE,
     )
+    _quiet_when_fenced(asyncio.get_running_loop())
     await start_client(producer, kafka, doing, timeout_s=kafka.request_timeout_ms / 1000)
     try:
         yield producer
@@ -145,6 +146,23 @@ async def _settled(call: Awaitable[None], done: Callable[[], None] | None = None
         raise
     if done is not None:
         done()
+
+
+def _quiet_when_fenced(loop: asyncio.AbstractEventLoop) -> None:
+    """Fenced, aiokafka fails futures of its own that nobody awaits (batches' drain
+    waiters) and asyncio logs each as "never retrieved", tracebacks and all, after the
+    one line that says what happened: drop those, pass on everything else."""
+    previous = loop.get_exception_handler()
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), ProducerFenced) and "future" in context:
+            return
+        if previous is None:
+            loop.default_exception_handler(context)
+        else:
+            previous(loop, context)
+
+    loop.set_exception_handler(handle)
 
 
 def _retrieve(answer: asyncio.Future[Any]) -> None:
