@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -51,9 +51,9 @@ from stream.backfill.window import Span, batches, spans
 from stream.backfill.writer import (
     Refused,
     Transaction,
-    exclusive_producer,
     taken_over,
     transaction,
+    writer,
 )
 from stream.config import Settings
 from stream.engine.fetch import Undecodable
@@ -184,22 +184,13 @@ class Redrive:
         ) as consumer:
             try:
                 # the producer first: progress is read once no other run can commit any
-                async with self._writer() as producer:
+                async with writer(self.settings, self.transactional_id, options) as producer:
                     bounds = await self._plan(consumer, found[options.source])
                     await self._work(consumer, producer, bounds)
             except ProducerFenced as exc:
                 raise taken_over("redrive", self.transactional_id, options.target) from exc
             except AIOKafkaError as exc:
                 raise await translated(exc, kafka, f"re-driving {options.source}") from exc
-
-    def _writer(self) -> AbstractAsyncContextManager[Any]:
-        """The run's one producer; a dry run has none, so it never fences a real run."""
-        if self.options.dry_run:
-            return nullcontext(None)
-        doing = f"starting the producer for {self.options.target}"
-        return exclusive_producer(
-            self.settings, transactional_id=self.transactional_id, doing=doing
-        )
 
     async def _plan(self, consumer: Any, tps: list[TopicPartition]) -> dict[TopicPartition, Span]:
         window = await spans(consumer, tps, self.options.since_ms, self.options.until_ms)

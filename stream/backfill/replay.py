@@ -25,7 +25,7 @@ and passed over; the partition goes on.
 from __future__ import annotations
 
 import argparse
-from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -47,9 +47,9 @@ from stream.backfill.window import Span, batches, parse_time, spans
 from stream.backfill.writer import (
     Refused,
     Transaction,
-    exclusive_producer,
     taken_over,
     transaction,
+    writer,
 )
 from stream.config import Settings
 from stream.engine.fetch import Undecodable
@@ -157,7 +157,7 @@ class Replay:
         ) as consumer:
             try:
                 # the producer first: the target is read once no other run can write it
-                async with self._writer() as producer:
+                async with writer(self.settings, self.transactional_id, options) as producer:
                     await self._plan(consumer)
                     if producer is not None:
                         await self._copy(consumer, producer)
@@ -165,15 +165,6 @@ class Replay:
                 raise taken_over("replay", self.transactional_id, options.target) from exc
             except AIOKafkaError as exc:
                 raise await translated(exc, kafka, f"replaying {options.source}") from exc
-
-    def _writer(self) -> AbstractAsyncContextManager[Any]:
-        """The run's one producer; a dry run has none, so it never fences a real run."""
-        if self.options.dry_run:
-            return nullcontext(None)
-        doing = f"starting the producer for {self.options.target}"
-        return exclusive_producer(
-            self.settings, transactional_id=self.transactional_id, doing=doing
-        )
 
     async def _plan(self, consumer: Any) -> None:
         source, target = self.options.source, self.options.target

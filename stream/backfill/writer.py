@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError as AIOKafkaError
@@ -36,6 +36,7 @@ __all__ = [
     "exclusive_producer",
     "taken_over",
     "transaction",
+    "writer",
 ]
 
 # A transaction holds back `read_committed` readers of the partitions it writes until it
@@ -49,6 +50,27 @@ _SETTLE_S = 10.0
 
 class Refused(Exception):
     """Kafka refused a record of the open transaction: abort it, send the rest again."""
+
+
+class Options(Protocol):
+    """What `writer` reads of a run's options (frozen dataclasses)."""
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def dry_run(self) -> bool: ...
+
+
+def writer(
+    settings: Settings, transactional_id: str, options: Options
+) -> AbstractAsyncContextManager[Any]:
+    """A run's one producer (`exclusive_producer`); a dry run has none (None), so it never
+    fences a real run."""
+    if options.dry_run:
+        return nullcontext(None)
+    doing = f"starting the producer for {options.target}"
+    return exclusive_producer(settings, transactional_id=transactional_id, doing=doing)
 
 
 @asynccontextmanager
