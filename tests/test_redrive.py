@@ -4,14 +4,17 @@ import base64
 import time
 from typing import Any
 
+import anyio
 import jsonschema
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream import topics
-from stream.backfill.redrive import GROUP, REASONS, Redrive, RedriveOptions
+from stream.backfill.redrive import GROUP, REASONS, REDRIVEN_FROM, Redrive, RedriveOptions
 from stream.cli import build_parser
 from stream.config import Settings
+from stream.errors import FencedError
 from stream.records import Decoder
 from tests.kit import run_cli
 from tests.kit.kafka import Record, create_topic, create_topics, produce, read_all
@@ -30,6 +33,7 @@ LETTERS = [
     ("no_fallback", True, b"2"),
 ]
 COUNT = 24  # four of each
+RUNNABLE = {"fallback_failed", "expired", "no_fallback"}  # re-driven by default
 
 
 def _schema(name: str) -> dict[str, Any]:
@@ -189,34 +193,95 @@ class _Killed(Exception):
     """The process died here."""
 
 
-async def test_a_run_killed_between_kafkas_ack_and_its_commit_sends_nothing_twice(
+async def test_a_run_killed_before_its_transaction_commits_sends_nothing_twice(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await _dead_letters(settings)
-    commit = Redrive._commit
 
-    async def killed_once_sent(self: Redrive, *args: Any, sending: bool) -> None:
-        if not sending:  # Kafka has acknowledged this batch's sends; the progress is lost
-            raise _Killed
-        await commit(self, *args, sending=sending)
+    async def killed(self: AIOKafkaProducer, *args: Any) -> None:
+        raise _Killed  # the first batch is sent and acknowledged, not committed
 
-    monkeypatch.setattr(Redrive, "_commit", killed_once_sent)
+    async def nothing(self: AIOKafkaProducer) -> None:
+        return None  # a killed process aborts nothing: its transaction stays open
+
+    monkeypatch.setattr(AIOKafkaProducer, "send_offsets_to_transaction", killed)
+    monkeypatch.setattr(AIOKafkaProducer, "abort_transaction", nothing)
     first = Redrive(settings=settings, options=_options(settings))
     with pytest.raises(_Killed):
         await first.run()
-    sent_before = len(await read_all(settings, settings.topic(REQUESTS)))
-    assert sent_before == 4  # the first partition's batch went out
+    assert first.total("redriven") == 0
+    assert len(await read_all(settings, settings.topic(REQUESTS))) == 4  # in the log
 
-    monkeypatch.setattr(Redrive, "_commit", commit)
+    monkeypatch.undo()
     dry = Redrive(settings=settings, options=_options(settings, dry_run=True))
     await dry.run()
     again = Redrive(settings=settings, options=_options(settings))
-    await again.run()
+    await again.run()  # its start aborts the open transaction
     for run in (dry, again):
-        assert run.total("already redriven") == 4
-        assert run.total("redriven") == 8
-    sent = await read_all(settings, settings.topic(REQUESTS))
-    assert _ids(sent) == _eligible({"fallback_failed", "expired", "no_fallback"})
+        assert run.total("already redriven") == 0
+        assert run.total("redriven") == 12
+    assert _ids(await _committed(settings)) == _eligible(
+        {"fallback_failed", "expired", "no_fallback"}
+    )
+
+
+async def test_a_send_mark_left_by_a_run_before_transactions_is_honoured(
+    settings: Settings,
+) -> None:
+    await _dead_letters(settings)
+    # such a run sent partition 0's letters (offsets 0, 2, 4, 6: fallback_failed) and died
+    # before its commit cleared the mark it had made
+    dead, requests = settings.topic(DEAD), settings.topic(REQUESTS)
+    sent = [
+        Record(orjson.dumps({"request_id": f"r{i}"}), None, 0, None, [(REDRIVEN_FROM, origin)])
+        for i in (0, 6, 12, 18)
+        if (origin := f"{dead}/0/{i // 3}".encode())
+    ]
+    await produce(settings, requests, sent)
+    mark = {"@sending": {"at": int(time.time() * 1000) - 60_000, "to": requests}}
+    consumer = AIOKafkaConsumer(
+        **settings.kafka.client_options(), group_id=settings.group(GROUP), enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(dead, 0)])
+        await consumer.commit({TopicPartition(dead, 0): (0, orjson.dumps(mark).decode())})
+    finally:
+        await consumer.stop()
+
+    run = Redrive(settings=settings, options=_options(settings))
+    await run.run()
+    assert run.total("already redriven") == 4
+    assert run.total("redriven") == 8
+
+
+async def test_two_redrives_at_once_never_send_a_letter_twice(settings: Settings) -> None:
+    await _dead_letters(settings)
+    runs = [Redrive(settings=settings, options=_options(settings)) for _ in range(2)]
+    fenced: list[str] = []
+
+    async def redrive(run: Redrive) -> None:
+        try:
+            await run.run()
+        except FencedError as exc:  # the later run fenced this one
+            fenced.append(str(exc))
+
+    async with anyio.create_task_group() as both:
+        for run in runs:
+            both.start_soon(redrive, run)
+    assert _ids(await _committed(settings)) == _eligible(
+        {"fallback_failed", "expired", "no_fallback"}
+    )
+    # what each says it re-drove is what landed, once
+    assert sum(run.total("redriven") for run in runs) == 12
+    assert len(fenced) <= 1
+    for line in fenced:
+        assert f"transactional id {settings.group(GROUP)})" in line
+
+
+async def _committed(settings: Settings) -> list[Any]:
+    """The re-driven requests as the workers see them (read_committed)."""
+    return await read_all(settings, settings.topic(REQUESTS), isolation="read_committed")
 
 
 async def test_skipped_reasons_can_be_forced_later_and_only_once(settings: Settings) -> None:

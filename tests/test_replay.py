@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -114,13 +115,71 @@ async def test_killed_replay_resumes_and_copies_each_record_once(
             assert process.returncode is None
         os.kill(process.pid, signal.SIGKILL)
         await process.wait()
-    landed = len(await read_all(settings, settings.topic(TARGET)))
+    landed = len(await _committed(settings))
     assert 5 <= landed < 30
 
+    # its open transaction is aborted by the next run's start: what the workers read
+    # (read_committed) holds each record once
     done = await run_cli(env, "replay", *window)
     assert done.returncode == 0, done.stderr
-    copies = await read_all(settings, settings.topic(TARGET))
+    copies = await _committed(settings)
     assert sorted(_index(r) for r in copies) == list(range(10, 40))
+
+
+async def _committed(settings: Settings) -> list[object]:
+    """The target's copies as the workers see them (read_committed)."""
+    return await read_all(settings, settings.topic(TARGET), isolation="read_committed")
+
+
+async def test_two_replays_at_once_never_copy_a_record_twice(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    await _source(settings)
+    window = ["--since", _rfc3339(SINCE), "--until", _rfc3339(UNTIL), "--rate", "10"]
+    done: list[subprocess.CompletedProcess[str]] = []
+
+    async def replay() -> None:
+        done.append(await run_cli(env, "replay", *window))
+
+    async with anyio.create_task_group() as runs:
+        runs.start_soon(replay)
+        runs.start_soon(replay)
+    copies = await _committed(settings)
+    assert sorted(_index(r) for r in copies) == list(range(10, 40))
+    # the later run fenced the earlier (unless that one had finished): one line, exit 1
+    assert 0 in [run.returncode for run in done], [run.stderr for run in done]
+    for run in done:
+        if run.returncode != 0:
+            assert run.returncode == 1, run.stderr
+            (line,) = run.stderr.strip().splitlines()[-1:]
+            assert (
+                "fenced" in line
+                and f"{settings.group('predictions-replay')}.{SOURCE}.{TARGET}" in line
+            ), run.stderr
+            assert "Traceback" not in run.stderr
+
+
+async def test_an_interrupted_replay_reports_what_reached_the_target(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    await _source(settings)
+    window = ["--since", _rfc3339(SINCE), "--until", _rfc3339(UNTIL)]
+    command = [sys.executable, "-m", "stream", "replay", *window, "--rate", "5", "--json"]
+    async with await anyio.open_process(command, env=env) as process:
+        # copies have landed (a causal condition, not a sleep): interrupt it mid-run
+        while len(await _committed(settings)) < 3:
+            assert process.returncode is None
+        process.send_signal(signal.SIGINT)
+        assert process.stdout is not None
+        out = b"".join([chunk async for chunk in process.stdout])
+        assert await process.wait() == 130
+    report = orjson.loads(out)
+    assert report["outcome"] == "interrupted"
+    copies = await _committed(settings)
+    assert 3 <= len(copies) < 30
+    assert report["total"]["copied"] == len(copies)
+    for row in report["partitions"]:
+        assert row["copied"] == len([c for c in copies if c.partition == row["partition"]])
 
 
 async def test_dry_run_counts_per_partition_and_copies_nothing(

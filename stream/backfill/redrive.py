@@ -9,52 +9,58 @@ cannot succeed as sent (bad input, unknown model) are skipped unless `--force`, 
 requests that already ran `--max-attempts` times (3 by default), so an automated re-drive
 cannot loop for ever; each is counted.
 
-Progress lives in the consumer group `predictions-redrive`, committed only after Kafka has
-acknowledged the re-driven requests of a batch. A run may pick some reasons only, and a
-later one others, so one offset per partition is not enough: the commit metadata holds
-the next offset per reason (`{"expired": 120, ...}`); a reason advances only in a run
-that acts on it. Every run reads the whole window, so a second run reports what the
-first re-drove. Nothing is passed over silently, and nothing is re-driven twice.
+Progress lives in the consumer group `predictions-redrive`, committed in one Kafka
+transaction with the re-driven requests of a batch: both land, or neither does. A run
+may pick some reasons only, and a later one others, so one offset per partition is not
+enough: the commit metadata holds the next offset per reason (`{"expired": 120, ...}`);
+a reason advances only in a run that acts on it. Every run reads the whole window, so a
+second run reports what the first re-drove. Nothing is passed over silently, and nothing
+is re-driven twice.
 
 A letter whose request cannot be sent (it cannot be written back as JSON, or it is larger
 than the target takes) is counted as "cannot send", listed with why, and passed over.
-Before a batch is sent, the commit says so (`"@sending": {"at": ms, "to": topic}`); the
-commit after Kafka's acknowledgements clears it. A run that finds the mark (its
-predecessor died between the two) reads the target's `redriven-from` headers written
-since then, and counts what it finds as already re-driven.
+
+The transactions' producer has a fixed id per group (`stream.backfill.writer`): a second
+run started meanwhile fences this one and reads the group's progress only once Kafka has
+settled this one's last transaction, so two runs never both re-drive a letter.
+Runs before transactions marked a batch in the commit before sending it
+(`"@sending": {"at": ms, "to": topic}`) and cleared the mark after Kafka's
+acknowledgements; a run that finds such a mark (its predecessor died between the two)
+reads the target's `redriven-from` headers written since then, and counts what it finds
+as already re-driven.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from contextlib import AsyncExitStack, aclosing
+from contextlib import aclosing
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
 from aiokafka.errors import KafkaError as AIOKafkaError
+from aiokafka.errors import ProducerFenced
 from aiokafka.structs import TopicPartition
 
 from stream import records
 from stream.backfill.progress import Progress
-from stream.backfill.target import (
-    MAX_REQUEST_SIZE,
-    contains,
-    copies,
-    limit,
-    merged,
-    oversize,
-    refusal,
-)
+from stream.backfill.target import contains, copies, limit, merged, oversize, refusal
 from stream.backfill.window import Span, batches, spans
+from stream.backfill.writer import (
+    Refused,
+    Transaction,
+    taken_over,
+    transaction,
+    writer,
+)
 from stream.config import Settings
 from stream.engine.fetch import Undecodable
 from stream.kafka import (
     admin_client,
     consumer_client,
     group_offsets,
-    producer_client,
     topic_partitions,
     translated,
 )
@@ -115,7 +121,8 @@ OUTCOMES = (
 )
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_DEADLINE_S = 3600
-# In commit metadata: a batch was being sent (when, to where) and not yet acknowledged.
+# In commit metadata of runs before transactions: a batch was being sent (when, to where)
+# and not yet acknowledged.
 SENDING = "@sending"
 Outgoing = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
 
@@ -161,19 +168,27 @@ class Redrive:
     def total(self, outcome: str) -> int:
         return sum(n for (_, kind), n in self.counts.items() if kind == outcome)
 
+    @property
+    def transactional_id(self) -> str:
+        """One per progress group: runs sharing it could re-drive the same letters."""
+        return self.options.group
+
     async def run(self) -> None:
         kafka, options = self.settings.kafka, self.options
         found = await topic_partitions(kafka, [options.source, options.target])
         async with consumer_client(
             kafka,
             doing=f"reading {options.source}",
-            group_id=options.group,
             isolation_level="read_committed",
             auto_offset_reset="earliest",
         ) as consumer:
             try:
-                bounds = await self._plan(consumer, found[options.source])
-                await self._work(consumer, bounds)
+                # the producer first: progress is read once no other run can commit any
+                async with writer(self.settings, self.transactional_id, options) as producer:
+                    bounds = await self._plan(consumer, found[options.source])
+                    await self._work(consumer, producer, bounds)
+            except ProducerFenced as exc:
+                raise taken_over("redrive", self.transactional_id, options.target) from exc
             except AIOKafkaError as exc:
                 raise await translated(exc, kafka, f"re-driving {options.source}") from exc
 
@@ -224,47 +239,69 @@ class Redrive:
                 found.setdefault(partition, []).extend(ranges)
         self.found = {partition: merged(ranges) for partition, ranges in found.items()}
 
-    async def _work(self, consumer: Any, bounds: dict[TopicPartition, Span]) -> None:
+    async def _work(self, consumer: Any, producer: Any, bounds: dict[TopicPartition, Span]) -> None:
         progress = Progress("redrive", sum(span.size for span in bounds.values()))
-        async with AsyncExitStack() as stack:
-            producer = None
-            if not self.options.dry_run:
-                doing = f"writing {self.options.target}"
-                producer = await stack.enter_async_context(
-                    producer_client(
-                        self.settings.kafka, doing=doing, max_request_size=MAX_REQUEST_SIZE
-                    )
-                )
-            stream = batches(consumer, bounds, on_undecodable=self._unreadable)
-            async with aclosing(stream):
-                async for batch in stream:
-                    await self._batch(consumer, producer, batch)
-                    progress.advance(len(batch))
+        stream = batches(consumer, bounds, on_undecodable=self._unreadable)
+        async with aclosing(stream):
+            async for batch in stream:
+                await self._batch(producer, batch)
+                progress.advance(len(batch))
         progress.finish()
 
-    async def _batch(self, consumer: Any, producer: Any, batch: list[Any]) -> None:
-        """Re-drive what is eligible in one batch. The commit marks the sends first, and
-        records the batch done once Kafka has answered each (see the module's docstring)."""
+    async def _batch(self, producer: Any, batch: list[Any]) -> None:
+        """Re-drive what is eligible in one batch, in one transaction with the progress
+        past it; counted once Kafka has committed it. A request Kafka refuses for its
+        size aborts the transaction: it is listed, the rest go again."""
         ready = [(record, *chosen) for record in batch if (chosen := self._decide(record))]
         if producer is None:  # a dry run: what would be sent
             for _, reason, _ in ready:
                 self.counts[(reason, "redriven")] += 1
             return
         tp = TopicPartition(batch[-1].topic, batch[-1].partition)
-        if ready:
-            await self._commit(consumer, tp, batch[0].offset, sending=True)
+        position = batch[-1].offset + 1
+        mine = self.positions[tp.partition]
+        moved = {**mine, **{r: max(mine[r], position) for r in self.options.acting}}
+        while True:
+            refused: dict[int, str] = {}
+            done = partial(self._done, tp.partition, moved, ready)
+            try:
+                async with transaction(producer, on_commit=done) as txn:
+                    refused = await self._send(txn, ready)
+                    if refused:
+                        raise Refused
+                    metadata = orjson.dumps(moved).decode()
+                    offsets = {tp: (position, metadata)}
+                    await producer.send_offsets_to_transaction(offsets, self.options.group)
+            except Refused:
+                for record, reason, _ in ready:
+                    if record.offset in refused:
+                        self._unsent(record, reason, refused[record.offset])
+                ready = [item for item in ready if item[0].offset not in refused]
+                continue
+            return
+
+    async def _send(
+        self, txn: Transaction, ready: list[tuple[Any, str, Outgoing]]
+    ) -> dict[int, str]:
+        """Send each re-driven request and wait for Kafka's answers: what it refused, why."""
         target = self.options.target
         answers = [
-            await producer.send(target, value, key=key, headers=headers)
+            await txn.send(target, value, key=key, headers=headers)
             for _, _, (key, value, headers) in ready
         ]
-        for (record, reason, _), answer in zip(ready, answers, strict=True):
-            refused = await refusal(answer)
-            if refused is None:
-                self.counts[(reason, "redriven")] += 1
-            else:
-                self._unsent(record, reason, refused)
-        await self._commit(consumer, tp, batch[-1].offset + 1, sending=False)
+        refused = {}
+        for (record, _, _), answer in zip(ready, answers, strict=True):
+            if (why := await refusal(answer)) is not None:
+                refused[record.offset] = why
+        return refused
+
+    def _done(
+        self, partition: int, moved: dict[str, int], sent: list[tuple[Any, str, Outgoing]]
+    ) -> None:
+        """A batch's transaction committed: its progress and its re-driven requests."""
+        self.positions[partition] = moved
+        for _, reason, _ in sent:
+            self.counts[(reason, "redriven")] += 1
 
     def _decide(self, record: Any) -> tuple[str, Outgoing] | None:
         """The reason and what to send for one dead letter; None (counted) to skip it."""
@@ -301,19 +338,6 @@ class Redrive:
     def _unreadable(self, bad: Undecodable) -> None:
         """A dead letter the Kafka client cannot decode (someone else wrote it)."""
         self.counts[("unreadable", "no request")] += 1
-
-    async def _commit(
-        self, consumer: Any, tp: TopicPartition, position: int, *, sending: bool
-    ) -> None:
-        """Commit the reasons acted on as done up to `position`, or (`sending`) only the
-        mark that a batch from `position` is being sent."""
-        mine = self.positions[tp.partition]
-        if not sending:
-            for reason in self.options.acting:
-                mine[reason] = max(mine[reason], position)
-        at = {"at": int(time.time() * 1000), "to": self.options.target}
-        metadata = {**mine, SENDING: at} if sending else mine
-        await consumer.commit({tp: (position, orjson.dumps(metadata).decode())})
 
 
 def _passed_over(

@@ -35,7 +35,9 @@ def register(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Re-publish dead letters whose request parsed to the requests topic, with "
         "attempt + 1 and a\nredriven-from header. Safe to run again: progress is committed per "
-        f"reason in the group\n{GROUP} after Kafka acknowledges, so nothing is re-driven twice.\n"
+        f"reason in the group\n{GROUP} in one transaction with the requests, so nothing is "
+        "re-driven twice; a second\nrun started meanwhile fences this one (it stops, exit 1) "
+        "and carries on.\n"
         "Reasons that cannot succeed as sent are skipped unless --force:\n"
         f"{', '.join(sorted(HOPELESS))}.\n"
         "A request that had a deadline gets a fresh one (--deadline); one that already ran\n"

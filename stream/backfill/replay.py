@@ -11,6 +11,12 @@ Resuming needs no state store: the `replayed-from` headers already in the target
 which source offsets were copied. Only target records written since the window began
 can be copies of it (a copy is younger than its original), so the scan is bounded.
 
+Copies are written in transactions (one per fetched batch, or about a second's worth
+under `--rate`) by a producer whose transactional id is fixed per source and target
+(`stream.backfill.writer`): a second run started meanwhile fences this one, and reads
+the target only once Kafka has settled this one's last transaction, so the two never
+both copy a record. `copied` counts what Kafka committed, also after a Ctrl-C.
+
 A record that cannot be copied (the client cannot decode it, it has neither key nor value,
 or with its `replayed-from` header it is larger than the target takes) is listed with why
 and passed over; the partition goes on.
@@ -21,9 +27,11 @@ from __future__ import annotations
 import argparse
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from aiokafka.errors import KafkaError as AIOKafkaError
+from aiokafka.errors import ProducerFenced
 from aiokafka.structs import TopicPartition
 
 from stream import records, topics
@@ -34,23 +42,25 @@ from stream.backfill.progress import (
     parse_rate,
     run_summarised,
 )
-from stream.backfill.target import MAX_REQUEST_SIZE, contains, copies, limit, oversize, refusal
+from stream.backfill.target import contains, copies, limit, oversize, refusal
 from stream.backfill.window import Span, batches, parse_time, spans
+from stream.backfill.writer import (
+    Refused,
+    Transaction,
+    taken_over,
+    transaction,
+    writer,
+)
 from stream.config import Settings
 from stream.engine.fetch import Undecodable
 from stream.errors import ConfigError
-from stream.kafka import (
-    admin_client,
-    consumer_client,
-    producer_client,
-    topic_partitions,
-    translated,
-)
+from stream.kafka import admin_client, consumer_client, topic_partitions, translated
 
 __all__ = ["REPLAYED_FROM", "PartitionReplay", "Replay", "ReplayOptions", "register"]
 
 REPLAYED_FROM = records.HEADER_REPLAYED_FROM
 REQUESTS = "predictions.requests"
+TRANSACTIONAL_ID = "predictions-replay"  # then .SOURCE.TARGET
 _UNDECODABLE = "the Kafka client cannot decode them"
 _EMPTY = "neither key nor value (the Kafka client cannot write that)"
 
@@ -102,6 +112,9 @@ class PartitionReplay:
     def skip(self, offset: int, why: str) -> None:
         self.uncopied.setdefault(why, []).append(offset)
 
+    def count(self, copied: int) -> None:
+        self.copied += copied
+
 
 @dataclass(kw_only=True)
 class Replay:
@@ -123,6 +136,16 @@ class Replay:
     def copied(self) -> int:
         return sum(p.copied for p in self.partitions)
 
+    @property
+    def transactional_id(self) -> str:
+        """One per source and target: the runs that could copy the same records (under
+        the prefix, like the groups, so that one prefixed ACL covers both)."""
+        prefix = self.settings.topic_prefix
+        source, target = (
+            t.removeprefix(prefix) for t in (self.options.source, self.options.target)
+        )
+        return f"{self.settings.group(TRANSACTIONAL_ID)}.{source}.{target}"
+
     async def run(self) -> None:
         options = self.options
         kafka = self.settings.kafka
@@ -133,9 +156,13 @@ class Replay:
             auto_offset_reset="earliest",
         ) as consumer:
             try:
-                await self._plan(consumer)
-                if not options.dry_run:
-                    await self._copy(consumer)
+                # the producer first: the target is read once no other run can write it
+                async with writer(self.settings, self.transactional_id, options) as producer:
+                    await self._plan(consumer)
+                    if producer is not None:
+                        await self._copy(consumer, producer)
+            except ProducerFenced as exc:
+                raise taken_over("replay", self.transactional_id, options.target) from exc
             except AIOKafkaError as exc:
                 raise await translated(exc, kafka, f"replaying {options.source}") from exc
 
@@ -155,7 +182,7 @@ class Replay:
             for tp in sources
         ]
 
-    async def _copy(self, consumer: Any) -> None:
+    async def _copy(self, consumer: Any, producer: Any) -> None:
         todo = {
             TopicPartition(self.options.source, p.partition): Span(p.first_missing(), p.window.end)
             for p in self.partitions
@@ -163,16 +190,11 @@ class Replay:
         total = sum(p.missing for p in self.partitions)
         progress = Progress("replay", min(total, self.options.limit or total))
         pacer = Pacer(self.options.rate)
-        kafka = self.settings.kafka
-        doing = f"writing {self.options.target}"
-        async with producer_client(
-            kafka, doing=doing, max_request_size=MAX_REQUEST_SIZE
-        ) as producer:
-            stream = batches(consumer, todo, on_undecodable=self._unreadable)
-            async with aclosing(stream):
-                async for batch in stream:
-                    if not await self._send(producer, batch, pacer, progress):
-                        break
+        stream = batches(consumer, todo, on_undecodable=self._unreadable)
+        async with aclosing(stream):
+            async for batch in stream:
+                if not await self._send(producer, batch, pacer, progress):
+                    break
         progress.finish()
 
     def _unreadable(self, bad: Undecodable) -> None:
@@ -194,18 +216,40 @@ class Replay:
         ]
         if self.options.limit is not None:
             fresh = fresh[: self.options.limit - self.copied]
-        pending = []
-        for record in fresh:
-            await pacer.wait()
-            pending.append(await self._write(producer, record))
-        for record, sent in zip(fresh, pending, strict=True):
-            refused = await refusal(sent)
-            if refused is None:
-                part.copied += 1
-            else:
-                part.skip(record.offset, refused)
-        progress.advance(len(fresh))
+        # paced, a transaction holds about a second of copies: readers of the target
+        # wait for a transaction's end, not for the whole batch
+        step = max(1, int(self.options.rate or len(fresh)))
+        for at in range(0, len(fresh), step):
+            chunk = fresh[at : at + step]
+            await self._commit(producer, part, chunk, pacer)
+            progress.advance(len(chunk))
         return self.options.limit is None or self.copied < self.options.limit
+
+    async def _commit(
+        self, producer: Any, part: PartitionReplay, chunk: list[Any], pacer: Pacer
+    ) -> None:
+        """Copy `chunk` in one transaction, counted once Kafka has committed it. A record
+        Kafka refuses for its size aborts the transaction: it is listed, the rest go again."""
+        while chunk:
+            refused: dict[int, str] = {}
+            try:
+                done = partial(part.count, len(chunk))
+                async with transaction(producer, on_commit=done) as txn:
+                    sent = []
+                    for record in chunk:
+                        await pacer.wait()
+                        sent.append(await self._write(txn, record))
+                    for record, answer in zip(chunk, sent, strict=True):
+                        if (why := await refusal(answer)) is not None:
+                            refused[record.offset] = why
+                    if refused:
+                        raise Refused
+            except Refused:
+                for offset, why in refused.items():
+                    part.skip(offset, why)
+                chunk = [record for record in chunk if record.offset not in refused]
+                continue
+            return
 
     def _writable(self, part: PartitionReplay, record: Any) -> bool:
         """Whether `record` can be copied; if not, it is listed with why."""
@@ -217,8 +261,8 @@ class Replay:
             part.skip(record.offset, why)
         return why is None
 
-    async def _write(self, producer: Any, record: Any) -> Any:
-        return await producer.send(
+    async def _write(self, txn: Transaction, record: Any) -> Any:
+        return await txn.send(
             self.options.target,
             record.value,
             key=record.key,
@@ -242,7 +286,8 @@ def register(commands: Any) -> None:
         description="Copy the records of SOURCE written in [--since, --until) to TARGET, "
         "partition p to partition p,\nwith a replayed-from header. Run it again with the same "
         "arguments after an interruption:\nit continues where it stopped and never copies a "
-        "record twice.",
+        "record twice. A second run\nstarted meanwhile fences this one (Kafka transactions: "
+        "it stops, exit 1) and carries on.",
         epilog="examples:\n"
         "  stream replay --since 2h --dry-run\n"
         "  stream replay --since 2025-06-01T00:00:00Z --until 2025-06-01T06:00:00Z --rate 200\n"
