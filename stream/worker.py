@@ -31,7 +31,7 @@ from stream.catalog import Catalog, load_catalog, unpriced
 from stream.config import Settings, check_instance_id
 from stream.engine.engine import Engine
 from stream.engine.signals import run_until_signal
-from stream.errors import ConfigError, KafkaError
+from stream.errors import EXIT_FAILED, ConfigError, KafkaError
 from stream.kafka import admin_client
 from stream.observe.health import Health, serve
 from stream.observe.lag import LagMonitor
@@ -305,8 +305,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.instance_id is not None:
         instance_id = check_instance_id(args.instance_id, "--instance-id")
         settings = replace(settings, engine=replace(settings.engine, instance_id=instance_id))
-    anyio.run(run_until_signal, Worker(settings, stages, own_process=True))
-    return 0
+    drained = anyio.run(run_until_signal, Worker(settings, stages, own_process=True))
+    return 0 if drained else EXIT_FAILED  # stopped at once: its running records run again
 
 
 def register(commands: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ import pytest
 
 from stream import topics
 from stream.config import Settings
-from stream.devtools.faults import parse_faults
+from stream.devtools.faults import parse_faults, parse_latency
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.worker import Worker
 from tests.kit import eventually, run_cli
@@ -247,6 +248,46 @@ async def test_stream_run_all_as_a_process_drains_on_sigterm(
     assert "Traceback" not in output
     for line in output.splitlines():
         orjson.loads(line)  # every log line is a JSON object
+
+
+async def test_a_second_signal_stops_at_once_and_exits_1(
+    settings: Settings, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The first SIGTERM drains (calls of 60 s here); the second stops at once, and the
+    exit code tells a supervisor that it did not drain."""
+    await topics.apply(settings, await topics.plan(settings))
+    log = tmp_path / "worker.log"
+    async with Simulator(SimConfig(latency=parse_latency("60"))) as sim:
+        with log.open("wb") as stderr:
+            process = await anyio.open_process(
+                [sys.executable, "-m", "stream", "run", "primary"],
+                env=simulator_env(env, sim),
+                stderr=stderr,
+            )
+        try:
+            await send(settings, [("slow-1", request("slow-1", "deepseek-v3-0324-syn"))])
+
+            async def calling() -> bool:
+                return bool(sim.stats()["requests"] >= 1)
+
+            await eventually(calling, timeout_s=60)
+            process.send_signal(signal.SIGTERM)
+
+            async def draining() -> bool:
+                return "draining" in log.read_text()
+
+            await eventually(draining, timeout_s=30)
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(30):  # not the 60 s call, nor the drain's 120 s
+                await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    output = log.read_text()
+    assert process.returncode == 1, output[-2000:]
+    assert "second signal: exiting without draining" in output
+    assert "Traceback" not in output
 
 
 async def test_stream_run_without_topics_is_one_clear_line(env: dict[str, str]) -> None:
