@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from stream import __version__, clientconfig, logs
 from stream.config import Settings
-from stream.errors import EXIT_FAILED, StreamError
+from stream.errors import EXIT_FAILED, EXIT_USAGE, StreamError, UsageError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -100,6 +100,9 @@ def _main(argv: Sequence[str] | None) -> int:
         logs.configure(settings.log_level, json=False, content=settings.log_content)
         handler: Handler = args.handler
         return handler(args, settings)
+    except UsageError as exc:
+        print(f"stream {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except StreamError as exc:
         print(f"stream: error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -2,7 +2,8 @@
 
     StreamError
     ├── ConfigError              settings, catalog or topic files a person must fix
-    │   └── TopicSpecError       a file in topics/ is malformed
+    │   ├── TopicSpecError       a file in topics/ is malformed
+    │   └── UsageError           a command-line value the command cannot take (exit 2)
     ├── KafkaError               the cluster refused or could not be reached
     │   ├── BrokerError          the local broker could not be fetched or started
     │   └── FencedError          a newer process joined with this one's instance id
@@ -37,6 +38,7 @@ __all__ = [
     "RetryableProviderError",
     "StreamError",
     "TopicSpecError",
+    "UsageError",
     "UndecodableRecordError",
 ]
 
@@ -58,6 +60,11 @@ class ConfigError(StreamError):
 
 class TopicSpecError(ConfigError):
     """A topic declaration in topics/ is malformed."""
+
+
+class UsageError(ConfigError):
+    """A command-line value the command cannot take (--until before --since, --rate 0):
+    exit 2, as argparse's own usage errors."""
 
 
 class KafkaError(StreamError):

@@ -27,7 +27,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.checks import MAX_TOPIC_NAME, read_text
 from stream.config import Settings
-from stream.errors import EXIT_ATTENTION, ConfigError, KafkaError, TopicSpecError
+from stream.errors import EXIT_ATTENTION, KafkaError, TopicSpecError, UsageError
 from stream.kafka import admin_client, translated
 
 __all__ = ["Change", "TopicSpec", "apply", "load_schema", "load_specs", "plan", "register"]
@@ -344,7 +344,7 @@ def _raise_for(errors: list[Any]) -> None:
 
 def _topics(args: argparse.Namespace, settings: Settings) -> int:
     if not 0 <= args.retry_for < float("inf"):  # also refuses nan
-        raise ConfigError("--retry-for must be a number of seconds, 0 or more")
+        raise UsageError("--retry-for must be a number of seconds, 0 or more")
     changes = _with_retries(lambda: _plan_and_apply(args, settings), args.retry_for)
     drift = [change.topic for change in changes if not change.fixable]
     done = 0 if args.dry_run else sum(c.action in ("create", "update") for c in changes)

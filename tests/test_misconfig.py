@@ -78,11 +78,32 @@ CASES: list[tuple[dict[str, str], list[str], list[str]]] = [
         ["STREAM_GUARANTE is not a setting", "did you mean STREAM_GUARANTEE?"],
     ),
     ({"STREAM_CONFIG_FILE": "{}/table.toml"}, ["lag"], ["kafka must be a string, number"]),
-    ({}, ["demo", "--requests", "-1"], ["--requests must be at least 1"]),
-    ({}, ["demo", "--rate", "inf"], ["--rate"]),
-    ({}, ["simulate", "--port", "99999"], ["--port 99999 is not a port"]),
     ({"STREAM_METRICS_HOST": "no-such-host.invalid"}, ["run", "primary"], ["not an address"]),
 ]
+
+
+# Values the command line gives that the command cannot take: exit 2, as argparse's own.
+USAGE = [
+    (["demo", "--requests", "-1"], "--requests must be at least 1"),
+    (["demo", "--rate", "inf"], "--rate"),
+    (["simulate", "--port", "99999"], "--port 99999 is not a port"),
+    (["replay", "--since", "1h", "--rate", "0"], "--rate must be above 0"),
+    (["replay", "--since", "1h", "--limit", "-1"], "--limit must be at least 1"),
+    (["replay", "--since", "soon"], "--since"),
+    (["redrive", "--max-attempts", "0"], "--max-attempts must be at least 1"),
+    (["topics", "apply", "--retry-for", "-1"], "--retry-for"),
+]
+
+
+@pytest.mark.parametrize(("args", "phrase"), USAGE)
+async def test_a_value_the_command_cannot_take_is_a_usage_error(
+    env: dict[str, str], args: list[str], phrase: str
+) -> None:
+    done = await run_cli(env, *args)
+    assert done.returncode == 2, done.stderr[-1500:]
+    *_, last = done.stderr.strip().splitlines()  # after argparse's usage lines, if any
+    assert last.startswith(f"stream {args[0]}: error: ") and phrase in last, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize(("extra", "args", "phrases"), CASES)

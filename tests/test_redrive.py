@@ -349,7 +349,7 @@ async def test_since_picks_the_start_and_to_backfill(settings: Settings) -> None
 
 async def test_unknown_reason_is_one_line(env: dict[str, str]) -> None:
     done = await run_cli(env, "redrive", "--reason", "timeout")
-    assert done.returncode == 1
+    assert done.returncode == 2  # a usage error
     assert "--reason timeout is not a dead-letter reason" in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
@@ -426,7 +426,7 @@ async def test_bad_redrive_options_are_one_line(
     env: dict[str, str], args: list[str], message: str
 ) -> None:
     done = await run_cli(env, "redrive", *args)
-    assert done.returncode == 1
+    assert done.returncode == 2  # a usage error, as argparse's own
     assert message in done.stderr and done.stderr.count("\n") == 1
 
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol, TextIO, TypeVar
 import anyio
 import orjson
 
-from stream.errors import ConfigError
+from stream.errors import UsageError
 
 __all__ = ["Pacer", "Progress", "add_json_option", "parse_rate", "run_resumable", "run_summarised"]
 
@@ -111,11 +111,11 @@ def parse_rate(text: str | None) -> float | None:
     try:
         rate = float(text.strip().removesuffix("/s"))
     except ValueError:
-        raise ConfigError(
+        raise UsageError(
             f"--rate {text!r} is not a rate: use records per second, e.g. 200/s"
         ) from None
     if not rate > 0:
-        raise ConfigError(f"--rate must be above 0 (got {text})")
+        raise UsageError(f"--rate must be above 0 (got {text})")
     return rate
 
 

@@ -20,7 +20,7 @@ from stream.backfill.redrive import (
 )
 from stream.backfill.window import parse_age, parse_time
 from stream.config import Settings
-from stream.errors import ConfigError
+from stream.errors import UsageError
 
 __all__ = ["register", "report"]
 
@@ -103,15 +103,15 @@ def _handle(args: argparse.Namespace, settings: Settings) -> int:
 def _options(args: argparse.Namespace, settings: Settings) -> RedriveOptions:
     unknown = sorted(set(args.reason or ()) - set(REASONS))
     if unknown:
-        raise ConfigError(
+        raise UsageError(
             f"--reason {unknown[0]} is not a dead-letter reason: use one of {', '.join(REASONS)}"
         )
     since = parse_time(args.since, option="--since") if args.since else None
     until = parse_time(args.until, option="--until") if args.until else None
     if since is not None and until is not None and until <= since:
-        raise ConfigError(f"--until {args.until} is not after --since {args.since}")
+        raise UsageError(f"--until {args.until} is not after --since {args.since}")
     if args.max_attempts < 1:
-        raise ConfigError(f"--max-attempts must be at least 1 (got {args.max_attempts})")
+        raise UsageError(f"--max-attempts must be at least 1 (got {args.max_attempts})")
     return RedriveOptions(
         source=settings.topic(DEAD_LETTER),
         target=settings.topic(args.target),

@@ -53,7 +53,7 @@ from stream.backfill.writer import (
 )
 from stream.config import Settings
 from stream.engine.fetch import Undecodable
-from stream.errors import ConfigError
+from stream.errors import ConfigError, UsageError
 from stream.kafka import admin_client, consumer_client, topic_partitions, translated
 
 __all__ = ["REPLAYED_FROM", "PartitionReplay", "Replay", "ReplayOptions", "register"]
@@ -329,9 +329,9 @@ def _options(args: argparse.Namespace, settings: Settings) -> ReplayOptions:
     since = parse_time(args.since, option="--since")
     until = parse_time(args.until, option="--until") if args.until else None
     if until is not None and until <= since:
-        raise ConfigError(f"--until {args.until} is not after --since {args.since}")
+        raise UsageError(f"--until {args.until} is not after --since {args.since}")
     if args.source == args.target:
-        raise ConfigError(
+        raise UsageError(
             f"--source and --to are both {args.source}: a topic cannot replay into itself"
         )
     requests = request_topics(settings)
@@ -342,7 +342,7 @@ def _options(args: argparse.Namespace, settings: Settings) -> ReplayOptions:
                 f"topics declared with the request schema ({', '.join(requests)})"
             )
     if args.limit is not None and args.limit < 1:
-        raise ConfigError("--limit must be at least 1")
+        raise UsageError("--limit must be at least 1")
     return ReplayOptions(
         source=settings.topic(args.source),
         target=settings.topic(args.target),

@@ -16,7 +16,7 @@ from aiokafka.structs import TopicPartition
 
 from stream.checks import parse_duration
 from stream.engine.fetch import UNDECODABLE, Undecodable, step_over
-from stream.errors import ConfigError
+from stream.errors import UsageError
 
 __all__ = ["Span", "batches", "parse_age", "parse_time", "spans"]
 
@@ -51,12 +51,12 @@ def parse_time(text: str, *, option: str, now: datetime | None = None) -> int:
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise ConfigError(
+        raise UsageError(
             f"{option} {text!r} is not a time: use RFC 3339 (2025-06-01T12:00:00Z) "
             "or an age such as 30m, 2h, 1d"
         ) from None
     if moment.tzinfo is None:
-        raise ConfigError(f"{option} {text!r} has no time zone: add Z (UTC) or an offset")
+        raise UsageError(f"{option} {text!r} has no time zone: add Z (UTC) or an offset")
     return _millis(moment)
 
 
@@ -68,9 +68,9 @@ def parse_age(text: str, *, option: str, most: int = 366 * 86400) -> float:
     except ValueError:
         seconds = 0.0
     if seconds <= 0:
-        raise ConfigError(f"{option} {text!r} is not a duration: use one such as 30m, 2h, 1d")
+        raise UsageError(f"{option} {text!r} is not a duration: use one such as 30m, 2h, 1d")
     if seconds > most:
-        raise ConfigError(f"{option} {text} is longer than {most // 86400} days")
+        raise UsageError(f"{option} {text} is longer than {most // 86400} days")
     return seconds
 
 

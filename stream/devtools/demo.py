@@ -32,7 +32,7 @@ from stream.devtools.broker import LocalBroker, cache_dir
 from stream.devtools.faults import parse_faults, parse_latency
 from stream.devtools.mix import SCENARIOS, Tally, outcome_of, summary
 from stream.devtools.simulator import SimConfig, Simulator
-from stream.errors import ConfigError, KafkaError
+from stream.errors import KafkaError, UsageError
 from stream.kafka import admin_client, topic_partitions
 from stream.prices import Bill
 from stream.stages import Topics
@@ -265,11 +265,11 @@ async def _drive(
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     if args.requests < 1:
-        raise ConfigError(f"--requests must be at least 1 (got {args.requests})")
+        raise UsageError(f"--requests must be at least 1 (got {args.requests})")
     if not 0 <= args.rate < math.inf:
-        raise ConfigError(f"--rate must be 0 (all at once) or more per second (got {args.rate})")
+        raise UsageError(f"--rate must be 0 (all at once) or more per second (got {args.rate})")
     if not 0 < args.timeout < math.inf:
-        raise ConfigError(f"--timeout must be a positive number of seconds (got {args.timeout})")
+        raise UsageError(f"--timeout must be a positive number of seconds (got {args.timeout})")
     # The demo talks to a person: its own progress lines, plus warnings worth seeing
     # (a circuit opening), not every worker's INFO line.
     logs.configure(os.environ.get("STREAM_LOG_LEVEL", "WARNING"), json=False)

@@ -12,7 +12,7 @@ from typing import Any
 from stream.config import Settings
 from stream.devtools.broker import KAFKA_VERSION, LocalBroker, cache_dir
 from stream.devtools.cluster import CONTROLLERS, MAX_BROKERS, ClusterNode, LocalCluster
-from stream.errors import EXIT_ATTENTION, EXIT_FAILED, BrokerError
+from stream.errors import EXIT_ATTENTION, EXIT_FAILED, BrokerError, UsageError
 
 __all__ = ["register"]
 
@@ -148,10 +148,10 @@ def _status(cluster: LocalCluster, nodes: list[ClusterNode], *, json_out: bool) 
 
 def _kafka(args: argparse.Namespace, settings: Settings) -> int:
     if args.kill and (args.action != "stop" or args.broker is args.controller is None):
-        raise BrokerError("--kill goes with stop --broker N or stop --controller N")
+        raise UsageError("--kill goes with stop --broker N or stop --controller N")
     if args.brokers == 1:
         if args.broker is not None or args.controller is not None:
-            raise BrokerError("--broker and --controller name a node of a cluster (--brokers N)")
+            raise UsageError("--broker and --controller name a node of a cluster (--brokers N)")
         return _single(args)
     return _cluster(args)
 

@@ -58,7 +58,7 @@ from stream.devtools.faults import (
     parse_latency,
 )
 from stream.devtools.simstats import RateWindow, SimStats, prompt_key
-from stream.errors import ConfigError
+from stream.errors import ConfigError, UsageError
 from stream.observe.health import listen
 
 __all__ = ["SimConfig", "Simulator", "register", "simulate_command"]
@@ -375,7 +375,7 @@ def register(commands: Any) -> None:
 
 def _simulate(args: argparse.Namespace, settings: Settings) -> int:
     if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port {args.port} is not a port: use 0 to 65535 (0 picks one)")
+        raise UsageError(f"--port {args.port} is not a port: use 0 to 65535 (0 picks one)")
     config = SimConfig(
         host=args.host,
         port=args.port,
