@@ -1,0 +1,115 @@
+"""A misbehaving provider, over real HTTP on loopback: answers the simulator cannot give
+(a 429 that comes while other calls wait for a slot, a gzip bomb), from a small aiohttp
+server in the test. Each handler waits on events the test sets, so nothing is ordered by
+sleeping."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from aiohttp import web
+
+from stream.catalog import Model
+from stream.config import ProviderSettings, Secret
+from stream.errors import ProviderError
+from stream.providers import Backoff, ProviderClient
+from tests.kit import eventually
+
+pytestmark = pytest.mark.anyio
+
+GLM = Model(id="glm-4.6-syn", provider="synthetic", api_model="hf:zai-org/GLM-4.6", timeout_s=30)
+FAST = Backoff(base_s=0.001, cap_s=0.01)
+Handler = Callable[[str], Awaitable[web.StreamResponse]]
+
+
+def _answer(content: str = "hello") -> dict[str, Any]:
+    message = {"role": "assistant", "content": content}
+    usage = {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
+    return {"id": "r", "choices": [{"message": message, "finish_reason": "stop"}], "usage": usage}
+
+
+@asynccontextmanager
+async def _provider(handle: Handler, **settings: Any) -> AsyncIterator[ProviderClient]:
+    """A client of a server that answers each call with `handle(its last user message)`."""
+    calls: list[str] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        text = orjson.loads(await request.read())["messages"][-1]["content"]
+        calls.append(text)
+        return await handle(text)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    config = ProviderSettings(
+        name="synthetic", base_url=f"http://127.0.0.1:{port}/v1", api_key=Secret("k"), **settings
+    )
+    try:
+        async with ProviderClient(config, backoff=FAST) as client:
+            client.calls = calls  # type: ignore[attr-defined]
+            yield client
+    finally:
+        await runner.cleanup()
+
+
+def _ask(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
+async def test_callers_waiting_for_a_slot_fail_over_at_once_when_a_long_pause_starts() -> None:
+    # Two slots: one held by a slow call, one by a call whose answer (a 429 asking for a
+    # day) the test releases once three more callers wait for a slot. Their slots would
+    # come after their deadlines: they fail over then, not at the model's timeout.
+    release_slow, release_429 = anyio.Event(), anyio.Event()
+
+    async def handle(text: str) -> web.StreamResponse:
+        if text == "slow":
+            await release_slow.wait()
+            return web.json_response(_answer())
+        await release_429.wait()
+        return web.json_response({"error": {}}, status=429, headers={"Retry-After": "86400"})
+
+    failures: dict[str, ProviderError] = {}
+
+    async def call(client: ProviderClient, text: str) -> None:
+        try:
+            await client.complete(GLM, _ask(text), deadline=time.time() + 20)
+        except ProviderError as exc:
+            failures[text] = exc
+
+    async with _provider(handle, max_connections=2, initial_concurrency=2, max_retries=0) as client:
+        limiter = client.limiter(GLM)
+        async with anyio.create_task_group() as group:
+            group.start_soon(call, client, "slow")
+            group.start_soon(call, client, "throttled")
+            await eventually(lambda: _holds(limiter.snapshot().in_flight == 2), timeout_s=10)
+            with anyio.fail_after(15):  # the waiters' deadline is 20 s away
+                async with anyio.create_task_group() as waiters:
+                    for index in range(3):
+                        waiters.start_soon(call, client, f"waiting {index}")
+                    await eventually(lambda: _holds(limiter.snapshot().waiting == 3))
+                    release_429.set()
+            slow_still_out = "slow" not in failures and limiter.snapshot().in_flight == 1
+            release_slow.set()
+        calls = client.calls  # type: ignore[attr-defined]
+    assert slow_still_out
+    assert sorted(calls) == ["slow", "throttled"]  # the waiters never reached the provider
+    assert set(failures) == {"throttled", "waiting 0", "waiting 1", "waiting 2"}
+    for index in range(3):
+        failure = failures[f"waiting {index}"]
+        assert failure.error_type == "rate_limited", failure
+        assert "rate limit resets after the deadline" in str(failure)
+
+
+async def _holds(value: bool) -> bool:
+    return value
