@@ -51,9 +51,8 @@ async def _provider(handle: Handler, **settings: Any) -> AsyncIterator[ProviderC
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    config = ProviderSettings(
-        name="synthetic", base_url=f"http://127.0.0.1:{port}/v1", api_key=Secret("k"), **settings
-    )
+    url, key = f"http://127.0.0.1:{port}/v1", Secret("sk-edge-test-key")
+    config = ProviderSettings(name="synthetic", base_url=url, api_key=key, **settings)
     try:
         async with ProviderClient(config, backoff=FAST) as client:
             client.calls = calls  # type: ignore[attr-defined]
@@ -113,3 +112,36 @@ async def test_callers_waiting_for_a_slot_fail_over_at_once_when_a_long_pause_st
 
 async def _holds(value: bool) -> bool:
     return value
+
+
+async def test_a_retry_refused_by_a_pause_reports_the_providers_answer_not_the_refusal() -> None:
+    # A call is answered 502 just after another call's 429 paused the model for a day:
+    # its retry never goes out. The failure is the 502, after the one call that was made.
+    answer_502 = anyio.Event()
+
+    async def handle(text: str) -> web.StreamResponse:
+        if text == "throttled":
+            return web.json_response({"error": {}}, status=429, headers={"Retry-After": "86400"})
+        await answer_502.wait()
+        return web.json_response({"error": {"message": "bad gateway"}}, status=502)
+
+    async with _provider(handle, max_retries=3) as client:
+        failures: list[ProviderError] = []
+
+        async def call(text: str) -> None:
+            try:
+                await client.complete(GLM, _ask(text), deadline=time.time() + 20)
+            except ProviderError as exc:
+                failures.append(exc)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(call, "gateway")
+            await eventually(lambda: _holds(client.calls == ["gateway"]))  # type: ignore[attr-defined]
+            await call("throttled")
+            answer_502.set()
+        calls = client.calls  # type: ignore[attr-defined]
+    assert calls == ["gateway", "throttled"]
+    throttled, gateway = failures
+    assert throttled.attempts == 1 and throttled.error_type == "rate_limited"
+    assert gateway.status == 502 and gateway.attempts == 1, gateway
+    assert "(after 1 attempt); not retried: the provider's rate limit resets" in str(gateway)

@@ -582,5 +582,6 @@ async def test_a_retry_after_past_the_deadline_holds_back_the_model_within_reaso
             await client.complete(GLM, _ask(), deadline=time.time() + 30)
         paused_for = client.limiter(GLM).snapshot().paused_for_s
     assert calls == [GLM.api_model]  # the second request failed over without calling
-    assert second.value.error_type == "rate_limited" and second.value.attempts == 1
+    assert second.value.error_type == "rate_limited" and second.value.attempts == 0
+    assert str(second.value).endswith("(not called)")
     assert 0 < paused_for <= 300  # a day asked for, five minutes held: then one call asks again

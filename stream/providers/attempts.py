@@ -26,6 +26,7 @@ class Run:
     cost_usd: float | None = None  # None until an answer was priced
     request_id: str | None = None
     sending: bool = False  # a request is out and its answer not read
+    calls: int = 0  # attempts that went out to the provider (not those refused a slot)
 
 
 async def acquire(
