@@ -5,6 +5,7 @@ sleeping."""
 
 from __future__ import annotations
 
+import gzip
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from aiohttp import web
 
 from stream.catalog import Model
 from stream.config import ProviderSettings, Secret
-from stream.errors import ProviderError
+from stream.errors import FatalProviderError, ProviderError
 from stream.providers import Backoff, ProviderClient
 from tests.kit import eventually
 
@@ -145,3 +146,21 @@ async def test_a_retry_refused_by_a_pause_reports_the_providers_answer_not_the_r
     assert throttled.attempts == 1 and throttled.error_type == "rate_limited"
     assert gateway.status == 502 and gateway.attempts == 1, gateway
     assert "(after 1 attempt); not retried: the provider's rate limit resets" in str(gateway)
+
+
+async def test_a_gzip_bomb_is_a_failure_not_retried_and_not_read_whole() -> None:
+    answer = orjson.dumps(_answer())
+    bomb = gzip.compress(answer[:-1] + b" " * (32 * 1024 * 1024) + b"}", 6)
+
+    async def handle(text: str) -> web.StreamResponse:
+        return web.Response(body=bomb, headers={"Content-Encoding": "gzip", "x-request-id": "b1"})
+
+    async with _provider(handle, max_retries=3) as client:
+        with pytest.raises(FatalProviderError) as caught:
+            await client.complete(GLM, _ask("bomb"), deadline=time.time() + 20)
+        calls = client.calls  # type: ignore[attr-defined]
+    failure = caught.value
+    assert calls == ["bomb"]  # once: it would likely come again, and be billed again
+    assert failure.error_type == "answer_too_large" and failure.status == 200
+    assert failure.attempts == 1 and failure.provider_request_id == "b1"
+    assert "over 8,388,608 bytes" in str(failure)
