@@ -136,7 +136,7 @@ class ProviderHTTP:
         chunks: list[bytes] = []
         size = 0
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.aiter_bytes():
                 size += len(chunk)
                 if size > MAX_ANSWER_BYTES:
                     raise AnswerTooLarge(response.status_code, response.headers, MAX_ANSWER_BYTES)
