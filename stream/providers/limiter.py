@@ -78,6 +78,9 @@ class AdaptiveLimiter:
         self._limit = float(min(self.max_limit, max(self.min_limit, start)))
         self._in_flight = 0
         self._waiters: deque[_Waiter] = deque()
+        # At most the earliest deadline in the queue (a waiter that left may have set it):
+        # a pause that ends before it refuses nobody, and costs no walk of the queue.
+        self._earliest_end = math.inf
         self._last_decrease = -math.inf
         self._paused_until = -math.inf
         # Set (and replaced) when a pause is extended: callers waiting one out look again.
@@ -120,6 +123,7 @@ class AdaptiveLimiter:
             return Permit(self._clock())
         waiter = _Waiter(end)
         self._waiters.append(waiter)
+        self._earliest_end = min(self._earliest_end, end)
         try:
             await waiter.event.wait()
         except BaseException:
@@ -201,7 +205,7 @@ class AdaptiveLimiter:
         self._paused_until = until
         self._pause_moved.set()
         self._pause_moved = anyio.Event()
-        if any(waiter.end <= until for waiter in self._waiters):
+        if until >= self._earliest_end:
             # Queued callers whose slot would now come after their deadline: refused now.
             kept: deque[_Waiter] = deque()
             for waiter in self._waiters:
@@ -211,6 +215,7 @@ class AdaptiveLimiter:
                 else:
                     kept.append(waiter)
             self._waiters = kept
+            self._earliest_end = min((waiter.end for waiter in kept), default=math.inf)
 
     async def _wait_out_pause(self, end: float) -> bool:
         """Wait out pauses, also one that spending the announced allowance sets; False as
