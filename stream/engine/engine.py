@@ -371,6 +371,10 @@ class Engine:
                             outputs = self._handler_failed(record, exc)
                     if await self._deliver(partition, record, outputs):
                         self.records_done += 1
+            except BaseException:
+                if not partition.abandoned:  # stopped at once: its next owner runs it again
+                    self._rebalancer.abandoned += 1
+                raise
             finally:
                 partition.runners.discard(runner)
                 partition.done(record)
