@@ -21,6 +21,7 @@ from stream.config import ProviderSettings, Secret
 from stream.errors import FatalProviderError, ProviderError
 from stream.providers import Backoff, ProviderClient
 from tests.kit import eventually
+from tests.kit.provider import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -45,21 +46,13 @@ async def _provider(handle: Handler, **settings: Any) -> AsyncIterator[ProviderC
         calls.append(text)
         return await handle(text)
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    url, key = f"http://127.0.0.1:{port}/v1", Secret("sk-edge-test-key")
-    config = ProviderSettings(name="synthetic", base_url=url, api_key=key, **settings)
-    try:
+    async with serving(chat) as url:
+        config = ProviderSettings(
+            name="synthetic", base_url=url, api_key=Secret("sk-edge-test-key"), **settings
+        )
         async with ProviderClient(config, backoff=FAST) as client:
             client.calls = calls  # type: ignore[attr-defined]
             yield client
-    finally:
-        await runner.cleanup()
 
 
 def _ask(text: str) -> list[dict[str, Any]]:

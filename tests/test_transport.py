@@ -6,8 +6,7 @@ from __future__ import annotations
 import gzip
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 
 import anyio
 import httpx
@@ -18,6 +17,7 @@ from yarl import URL
 
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.providers.transport import MAX_ANSWER_BYTES, AiohttpTransport, AnswerTooLarge
+from tests.kit.provider import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -65,19 +65,12 @@ async def test_post_decompresses_a_gzipped_answer() -> None:
         body = gzip.compress(b'{"ok": true}')
         return web.Response(body=body, headers={"Content-Encoding": "gzip"})
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", gzipped)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
     transport = AiohttpTransport(max_connections=1, connect_timeout_s=5)
-    try:
-        answer = await transport.post(URL(f"http://127.0.0.1:{port}/v1/chat/completions"), b"{}", 5)
-    finally:
-        await transport.aclose()
-        await runner.cleanup()
+    async with serving(gzipped) as base:
+        try:
+            answer = await transport.post(URL(f"{base}/chat/completions"), b"{}", 5)
+        finally:
+            await transport.aclose()
     assert orjson.loads(answer.body) == {"ok": True}
 
 
@@ -105,22 +98,6 @@ async def test_a_refused_connection_is_an_httpx_transport_error() -> None:
             await client.get(f"http://127.0.0.1:{port}/")
 
 
-@asynccontextmanager
-async def _serving(
-    handle: Callable[[web.Request], Awaitable[web.StreamResponse]],
-) -> AsyncIterator[URL]:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield URL(f"http://127.0.0.1:{runner.addresses[0][1]}/v1/chat/completions")
-    finally:
-        await runner.cleanup()
-
-
 async def test_a_gzip_bomb_is_not_inflated_past_the_answer_limit() -> None:
     # 64 MiB of spaces inside a JSON answer: 64 KiB on the wire.
     bomb = gzip.compress(b'{"choices": []' + b" " * (64 * 1024 * 1024) + b"}", 6)
@@ -129,7 +106,8 @@ async def test_a_gzip_bomb_is_not_inflated_past_the_answer_limit() -> None:
         return web.Response(body=bomb, headers={"Content-Encoding": "gzip"})
 
     transport = AiohttpTransport(max_connections=1, connect_timeout_s=5)
-    async with _serving(bombing) as url:
+    async with serving(bombing) as base:
+        url = URL(f"{base}/chat/completions")
         tracemalloc.start()
         try:
             with pytest.raises(AnswerTooLarge) as caught:
@@ -154,7 +132,8 @@ async def test_a_body_past_the_limit_is_not_read_whatever_its_framing(framing: s
         return response
 
     transport = AiohttpTransport(max_connections=1, connect_timeout_s=5)
-    async with _serving(huge) as url:
+    async with serving(huge) as base:
+        url = URL(f"{base}/chat/completions")
         try:
             with pytest.raises(AnswerTooLarge):
                 await transport.post(url, b"{}", 30)
