@@ -445,3 +445,39 @@ async def test_a_record_still_running_when_the_drain_runs_out_is_cancelled_not_w
     assert engine.snapshot().abandoned == 1
     assert sorted(int(r.value) for r in await read_all(settings, sink)) == list(range(29))
     assert (await committed(settings, engine.group_id, source))[0][0] == 29
+
+
+async def test_records_dropped_by_a_stop_at_once_are_counted_as_abandoned(
+    settings: Settings,
+) -> None:
+    """A second signal cancels the drain: the records still running are dropped (their
+    next owner runs them again, maybe paying twice) and counted, as a grace run out is."""
+    source = await create_topic(settings, "eng-hardstop", 1)
+    sink = await create_topic(settings, "eng-hardstop-out", 1)
+    dead = await create_topic(settings, "eng-hardstop-dlq", 1)
+    await produce(settings, source, [f"{i}".encode() for i in range(5)])
+    stuck = 0
+    all_stuck = anyio.Event()
+
+    async def handler(record: Any) -> Sequence[Output]:
+        nonlocal stuck
+        if record.value in (b"2", b"3", b"4"):
+            stuck += 1
+            if stuck == 3:
+                all_stuck.set()
+            await anyio.sleep_forever()
+        return [Output(sink, record.value)]
+
+    engine = _engine(settings, "eng-hardstop", source, handler, dead, shutdown_grace_s=60)
+
+    async def the_others_done() -> bool:
+        return engine.snapshot().records_done == 2
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as group:
+            group.start_soon(engine.run)
+            await all_stuck.wait()
+            await eventually(the_others_done)
+            engine.stop()  # the first signal: drain (up to 60 s)
+            group.cancel_scope.cancel()  # the second: at once
+    assert engine.snapshot().abandoned == 3

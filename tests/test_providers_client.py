@@ -26,6 +26,7 @@ from stream.errors import (
 )
 from stream.observe.metrics import Metrics
 from stream.providers import Backoff, BreakerConfig, Clock, ProviderClient
+from stream.providers.transport import MAX_ANSWER_BYTES
 
 pytestmark = pytest.mark.anyio
 
@@ -586,5 +587,16 @@ async def test_a_retry_after_past_the_deadline_holds_back_the_model_within_reaso
             await client.complete(GLM, _ask(), deadline=time.time() + 30)
         paused_for = client.limiter(GLM).snapshot().paused_for_s
     assert calls == [GLM.api_model]  # the second request failed over without calling
-    assert second.value.error_type == "rate_limited" and second.value.attempts == 1
+    assert second.value.error_type == "rate_limited" and second.value.attempts == 0
+    assert str(second.value).endswith("(not called)")
     assert 0 < paused_for <= 300  # a day asked for, five minutes held: then one call asks again
+
+
+async def test_another_transports_answer_is_read_up_to_the_limit_too() -> None:
+    def endless(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b" " * (MAX_ANSWER_BYTES + 1))
+
+    async with _mocked(endless) as client:
+        with pytest.raises(FatalProviderError) as caught:
+            await client.complete(GLM, _ask())
+    assert caught.value.error_type == "answer_too_large" and caught.value.attempts == 1

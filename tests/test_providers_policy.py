@@ -499,3 +499,22 @@ async def test_queued_calls_spend_the_announced_allowance_too() -> None:
     assert len(started) == 3
     assert started[0] < reset - 0.1  # the one the window allows goes at once
     assert started[1] >= reset - 0.01 and started[2] >= reset - 0.01
+
+
+@pytest.mark.anyio
+async def test_a_caller_waiting_out_a_pause_is_refused_when_it_grows_past_its_deadline() -> None:
+    limiter = AdaptiveLimiter(4)
+    limiter.pause(5)
+    end = limiter.paused_until + 5  # the first pause fits: it waits
+    got: list[object] = []
+
+    async def caller() -> None:
+        got.append(await limiter.acquire(end))
+
+    with anyio.fail_after(3):  # the first pause alone would keep it 5 s
+        async with anyio.create_task_group() as group:
+            group.start_soon(caller)
+            await anyio.wait_all_tasks_blocked()
+            limiter.pause(60)
+    assert got == [None]
+    assert limiter.snapshot().in_flight == 0

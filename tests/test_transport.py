@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import anyio
@@ -15,7 +16,8 @@ from aiohttp import web
 from yarl import URL
 
 from stream.devtools.simulator import SimConfig, Simulator
-from stream.providers.transport import AiohttpTransport
+from stream.providers.transport import MAX_ANSWER_BYTES, AiohttpTransport, AnswerTooLarge
+from tests.kit.provider import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -63,19 +65,12 @@ async def test_post_decompresses_a_gzipped_answer() -> None:
         body = gzip.compress(b'{"ok": true}')
         return web.Response(body=body, headers={"Content-Encoding": "gzip"})
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", gzipped)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
     transport = AiohttpTransport(max_connections=1, connect_timeout_s=5)
-    try:
-        answer = await transport.post(URL(f"http://127.0.0.1:{port}/v1/chat/completions"), b"{}", 5)
-    finally:
-        await transport.aclose()
-        await runner.cleanup()
+    async with serving(gzipped) as base:
+        try:
+            answer = await transport.post(URL(f"{base}/chat/completions"), b"{}", 5)
+        finally:
+            await transport.aclose()
     assert orjson.loads(answer.body) == {"ok": True}
 
 
@@ -101,3 +96,46 @@ async def test_a_refused_connection_is_an_httpx_transport_error() -> None:
     async with httpx.AsyncClient(transport=transport) as client:
         with pytest.raises(httpx.TransportError):
             await client.get(f"http://127.0.0.1:{port}/")
+
+
+async def test_a_gzip_bomb_is_not_inflated_past_the_answer_limit() -> None:
+    # 64 MiB of spaces inside a JSON answer: 64 KiB on the wire.
+    bomb = gzip.compress(b'{"choices": []' + b" " * (64 * 1024 * 1024) + b"}", 6)
+
+    async def bombing(request: web.Request) -> web.Response:
+        return web.Response(body=bomb, headers={"Content-Encoding": "gzip"})
+
+    transport = AiohttpTransport(max_connections=1, connect_timeout_s=5)
+    async with serving(bombing) as base:
+        url = URL(f"{base}/chat/completions")
+        tracemalloc.start()
+        try:
+            with pytest.raises(AnswerTooLarge) as caught:
+                await transport.post(url, b"{}", 30)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            await transport.aclose()
+    assert caught.value.status == 200
+    assert peak < MAX_ANSWER_BYTES * 2, peak  # one bounded buffer, not 64 MiB
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_body_past_the_limit_is_not_read_whatever_its_framing(framing: str) -> None:
+    async def huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        if framing == "content-length":
+            response.content_length = 12 * 1024 * 1024
+        await response.prepare(request)
+        for _ in range(12):
+            await response.write(b" " * (1024 * 1024))
+        return response
+
+    transport = AiohttpTransport(max_connections=1, connect_timeout_s=5)
+    async with serving(huge) as base:
+        url = URL(f"{base}/chat/completions")
+        try:
+            with pytest.raises(AnswerTooLarge):
+                await transport.post(url, b"{}", 30)
+        finally:
+            await transport.aclose()

@@ -282,8 +282,7 @@ class Engine:
     def _shutdown_grace_s(self) -> float:
         # Unset, the worker fills it in from the catalog (`stream.worker.drain_grace_s`);
         # an engine made without one drains as long as the longest default model call.
-        grace = self._config.shutdown_grace_s
-        return 120.0 if grace is None else grace
+        return 120.0 if (grace := self._config.shutdown_grace_s) is None else grace
 
     async def _drain(self, grace_s: float) -> None:
         """Stop starting records but keep the partitions (and, with an instance id, keep
@@ -371,6 +370,9 @@ class Engine:
                             outputs = self._handler_failed(record, exc)
                     if await self._deliver(partition, record, outputs):
                         self.records_done += 1
+            except BaseException:  # stopped at once: its next owner runs it again
+                self._rebalancer.abandoned += 0 if partition.abandoned else 1  # (else counted)
+                raise
             finally:
                 partition.runners.discard(runner)
                 partition.done(record)

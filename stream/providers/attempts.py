@@ -26,6 +26,7 @@ class Run:
     cost_usd: float | None = None  # None until an answer was priced
     request_id: str | None = None
     sending: bool = False  # a request is out and its answer not read
+    calls: int = 0  # attempts that went out to the provider (not those refused a slot)
 
 
 async def acquire(
@@ -34,20 +35,22 @@ async def acquire(
     permit = limiter.try_acquire()
     if permit is not None:
         return permit
-    if limiter.paused_until >= end:
-        # The provider asked for a pause that outlasts this request: fail over now (the
-        # wait it carries tells the retry loop that trying again cannot fit either).
+    try:
+        with anyio.fail_after(end - now()):
+            waited = await limiter.acquire(end)
+    except TimeoutError:
+        return Failure(retryable=True, error_type="deadline", message="no slot in time")
+    if waited is None:
+        # The provider asked for a pause that outlasts this request (known already, or
+        # heard of while it waited): fail over now (the wait it carries tells the retry
+        # loop that trying again cannot fit either).
         return Failure(
             retryable=True,
             error_type="rate_limited",
             message="the provider's rate limit resets after the deadline",
             wait_s=limiter.paused_until - now(),
         )
-    try:
-        with anyio.fail_after(end - now()):
-            return await limiter.acquire()
-    except TimeoutError:
-        return Failure(retryable=True, error_type="deadline", message="no slot in time")
+    return waited
 
 
 def heed(limiter: AdaptiveLimiter, exchange: Exchange) -> None:

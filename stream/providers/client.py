@@ -202,16 +202,18 @@ class ProviderClient:
         request_id: str | None,
         run: Tab,
     ) -> tuple[Parsed, int]:
-        attempt = 0
         last: Failure | None = None
         while True:
             ticket = self._gate(model)
             if ticket is None:
                 if await self._probe_passed(model, end):
                     continue
-                raise self._circuit_open(model, last, attempt, run)
-            attempt += 1
-            result = await self._attempt(model, ticket, body, json_output, end, attempt, run)
+                raise self._circuit_open(model, last, run.calls, run)
+            calls = run.calls
+            result = await self._attempt(model, ticket, body, json_output, end, run)
+            attempt = run.calls
+            if attempt == calls and isinstance(result, Failure):
+                raise self._unsent(model, result, last, run)
             self._log_attempt(model, result, request_id, attempt)
             if isinstance(result, Parsed):
                 return result, attempt
@@ -223,6 +225,15 @@ class ProviderClient:
             if self._observer:
                 self._observer.on_retry(self.provider, model.id, result.error_type)
             await anyio.sleep(wait)
+
+    def _unsent(
+        self, model: Model, refusal: Failure, last: Failure | None, run: Tab
+    ) -> ProviderError:
+        """Refused a slot (no time left, or a pause past the deadline): nothing was sent.
+        The provider's last answer, when there was one, says more than the refusal."""
+        if last is None:
+            return self._error(model, refusal, run.calls, run)
+        return self._error(model, last, run.calls, run, note=f"not retried: {refusal.message}")
 
     def _circuit_open(
         self, model: Model, last: Failure | None, attempts: int, run: Tab
@@ -300,10 +311,10 @@ class ProviderClient:
         body: bytes,
         json_output: bool,
         end: float,
-        attempt: int,
         run: Tab,
     ) -> Parsed | Failure:
-        """One call; the breaker and the limiter hear its outcome whatever happens."""
+        """One call (counted in `run.calls` once it goes out); the breaker and the limiter
+        hear its outcome whatever happens."""
         state = self._state(model)
         permit: Permit | None = None
         outcome: Outcome = "neutral"
@@ -313,6 +324,7 @@ class ProviderClient:
             if isinstance(acquired, Failure):
                 return acquired
             permit = acquired
+            run.calls += 1
             run.sending = True
             exchange = await self._http.send(body, json_output, end)
             run.sending = False
@@ -389,7 +401,10 @@ class ProviderClient:
         kind = RetryableProviderError if failure.retryable else FatalProviderError
         status = f"HTTP {failure.status}" if failure.status else failure.error_type
         text = f"{self.provider} {model.api_model}: {status}: {failure.message}"
-        text += f" (after {attempts} attempt{'s' if attempts != 1 else ''})"
+        if attempts:
+            text += f" (after {attempts} attempt{'s' if attempts != 1 else ''})"
+        else:
+            text += " (not called)"
         if note:
             text += f"; {note}"
         return kind(

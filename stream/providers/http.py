@@ -28,7 +28,12 @@ from stream.config import ProviderSettings
 from stream.providers.clock import Clock
 from stream.providers.completion import BadOutput, Parsed, Usage, parse_completion
 from stream.providers.retry import classify, retry_after, status_class
-from stream.providers.transport import AiohttpTransport, Answer
+from stream.providers.transport import (
+    MAX_ANSWER_BYTES,
+    AiohttpTransport,
+    Answer,
+    AnswerTooLarge,
+)
 
 __all__ = ["Exchange", "Failure", "ProviderHTTP"]
 
@@ -109,6 +114,9 @@ class ProviderHTTP:
             else:
                 with anyio.fail_after(timeout_s):
                     answer = await self._via_httpx(transport, body)
+        except AnswerTooLarge as exc:
+            label = status_class(exc.status)
+            return Exchange(_too_large(exc), label, now() - start, exc.headers)
         except (aiohttp.ClientError, httpx.RequestError) as exc:
             # First: aiohttp's connect timeout is a TimeoutError too, but no answer was late.
             label = "timeout" if isinstance(exc, aiohttp.SocketTimeoutError) else "connect"
@@ -125,10 +133,17 @@ class ProviderHTTP:
         headers["Content-Length"] = str(len(body))
         request = httpx.Request("POST", self._httpx_url, headers=headers, content=body)
         response = await transport.handle_async_request(request)
+        chunks: list[bytes] = []
+        size = 0
         try:
-            content = await response.aread()
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    raise AnswerTooLarge(response.status_code, response.headers, MAX_ANSWER_BYTES)
+                chunks.append(chunk)
         finally:
             await response.aclose()
+        content = b"".join(chunks)
         return Answer(response.status_code, response.reason_phrase, response.headers, content)
 
     def _read(self, answer: Answer, json_output: bool) -> Parsed | Failure:
@@ -180,6 +195,20 @@ class ProviderHTTP:
         # Some providers echo the key back in an auth error; it must not travel further.
         key = self.settings.api_key.reveal()
         return text.replace(key, "[redacted]") if key else text
+
+
+def _too_large(exc: AnswerTooLarge) -> Failure:
+    """An answer past any real one (a gzip bomb, an endless body). Not retried: a provider
+    that answered so once will likely again, and it may have billed the call (what for
+    cannot be read). Held against its health; the request goes to its fallback."""
+    return Failure(
+        retryable=False,
+        error_type="answer_too_large",
+        message=str(exc),
+        status=exc.status,
+        request_id=exc.headers.get("x-request-id", "")[:_MAX_REQUEST_ID] or None,
+        provider_fault=True,
+    )
 
 
 def _lost(error_type: str, message: str) -> Failure:

@@ -11,7 +11,9 @@ throttle, a provider announcing room for R more requests lets the limit jump to 
 (so a generous provider is at full speed after one round trip, not after log2(max/initial)
 rounds); R requests left in a window means at most R more are started before its reset,
 and none left (requests or tokens) pauses new calls until the reset. A Retry-After pauses
-the model's calls the same way (`pause`).
+the model's calls the same way (`pause`). A caller that gives `acquire` its deadline is
+refused (None) as soon as a pause reaches past it, also one that starts while it waits: a
+slot after the deadline is of no use, and the caller can fail over now.
 
 Waiters queue FIFO and each is woken by exactly the release that frees its slot, so 1,000
 callers cost O(1) per acquire and release and none can be left waiting on a free slot.
@@ -23,7 +25,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import anyio
 
@@ -47,6 +49,17 @@ class Permit(NamedTuple):
     started: float
 
 
+class _Waiter:
+    """A queued caller: set `event` when its slot is handed over, or it is `refused`."""
+
+    __slots__ = ("end", "event", "refused")
+
+    def __init__(self, end: float) -> None:
+        self.end = end
+        self.event = anyio.Event()
+        self.refused = False
+
+
 class AdaptiveLimiter:
     def __init__(
         self,
@@ -64,9 +77,14 @@ class AdaptiveLimiter:
         start = DEFAULT_INITIAL if initial is None else initial
         self._limit = float(min(self.max_limit, max(self.min_limit, start)))
         self._in_flight = 0
-        self._waiters: deque[anyio.Event] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        # At most the earliest deadline in the queue (a waiter that left may have set it):
+        # a pause that ends before it refuses nobody, and costs no walk of the queue.
+        self._earliest_end = math.inf
         self._last_decrease = -math.inf
         self._paused_until = -math.inf
+        # Set (and replaced) when a pause is extended: callers waiting one out look again.
+        self._pause_moved = anyio.Event()
         self._throttled = False  # once throttled, announced room no longer makes it jump
         # Announced: starts still allowed before `_allowance_until` (None: not announced).
         self._allowance: int | None = None
@@ -89,33 +107,45 @@ class AdaptiveLimiter:
                 return Permit(self._clock())
         return None
 
-    async def acquire(self) -> Permit:
-        """Wait for a slot. Callers bound the wait with their own deadline (`fail_after`)."""
-        await self._wait_out_pause()
+    @overload
+    async def acquire(self) -> Permit: ...
+    @overload
+    async def acquire(self, end: float) -> Permit | None: ...
+
+    async def acquire(self, end: float = math.inf) -> Permit | None:
+        """Wait for a slot; None when a pause lasts until `end` (clock time) or later, heard
+        of before or while waiting. Callers bound the wait with their own deadline."""
+        if not await self._wait_out_pause(end):
+            return None
         if self._in_flight < int(self._limit) and not self._waiters:
             self._spend_allowance()  # there is some: the pause is waited out
             self._in_flight += 1
             return Permit(self._clock())
-        event = anyio.Event()
-        self._waiters.append(event)
+        waiter = _Waiter(end)
+        self._waiters.append(waiter)
+        self._earliest_end = min(self._earliest_end, end)
         try:
-            await event.wait()
+            await waiter.event.wait()
         except BaseException:
             # Cancelled: if our slot was already handed over, pass it on; else leave the queue.
-            if event.is_set():
-                self._in_flight -= 1
-                self._wake()
+            if waiter.event.is_set():
+                if not waiter.refused:  # a refused waiter holds nothing
+                    self._give_back()
             else:
-                self._waiters.remove(event)
+                self._waiters.remove(waiter)
             raise
+        if waiter.refused:
+            return None
         # Woken holding a slot: the call that freed it may have brought a pause (its 429's
         # Retry-After, no requests left) or spent the announced allowance. Honour both.
         try:
-            await self._wait_out_pause()
+            fits = await self._wait_out_pause(end)
         except BaseException:
-            self._in_flight -= 1
-            self._wake()
+            self._give_back()
             raise
+        if not fits:
+            self._give_back()
+            return None
         self._spend_allowance()
         return Permit(self._clock())
 
@@ -133,7 +163,7 @@ class AdaptiveLimiter:
 
     def pause(self, seconds: float) -> None:
         """Stop starting calls for `seconds` (the provider said its quota is spent)."""
-        self._paused_until = max(self._paused_until, self._clock() + seconds)
+        self._pause_until(self._clock() + seconds)
 
     def heed(self, limits: RateLimits) -> None:
         """Take in what one response announced (see the module docstring)."""
@@ -164,25 +194,54 @@ class AdaptiveLimiter:
             self._allowance = None  # its window has reset
             return True
         if self._allowance <= 0:
-            self._paused_until = max(self._paused_until, self._allowance_until)
+            self._pause_until(self._allowance_until)
             return False
         self._allowance -= 1
         return True
 
-    async def _wait_out_pause(self) -> None:
-        # Waits out pauses, also one that spending the announced allowance sets.
+    def _pause_until(self, until: float) -> None:
+        if until <= self._paused_until:
+            return
+        self._paused_until = until
+        self._pause_moved.set()
+        self._pause_moved = anyio.Event()
+        if until >= self._earliest_end:
+            # Queued callers whose slot would now come after their deadline: refused now.
+            kept: deque[_Waiter] = deque()
+            for waiter in self._waiters:
+                if waiter.end <= until:
+                    waiter.refused = True
+                    waiter.event.set()
+                else:
+                    kept.append(waiter)
+            self._waiters = kept
+            self._earliest_end = min((waiter.end for waiter in kept), default=math.inf)
+
+    async def _wait_out_pause(self, end: float) -> bool:
+        """Wait out pauses, also one that spending the announced allowance sets; False as
+        soon as one lasts until `end` or later."""
         while True:
+            if self._paused_until >= end:
+                return False
             left = self._paused_until - self._clock()
             if left > 0:
-                await anyio.sleep(left)
+                moved = self._pause_moved
+                with anyio.move_on_after(left):
+                    await moved.wait()
+                    continue  # moved, maybe past `end`: look again
             if self._allowance is None or self._clock() >= self._allowance_until:
-                return
+                return True
             if self._allowance > 0:
-                return
-            self._paused_until = max(self._paused_until, self._allowance_until)
+                return True
+            self._pause_until(self._allowance_until)
+
+    def _give_back(self) -> None:
+        # A slot handed to a waiter that will not use it: the next waiter gets it.
+        self._in_flight -= 1
+        self._wake()
 
     def _wake(self) -> None:
         # Hand slots straight to waiters (counted as in flight now) so no newcomer steals them.
         while self._waiters and self._in_flight < int(self._limit):
             self._in_flight += 1
-            self._waiters.popleft().set()
+            self._waiters.popleft().event.set()

@@ -14,6 +14,10 @@ then costs about what bare aiohttp does (`bench/client_bench.py`).
 
 The stock httpx pool (httpcore) is not an option: its bookkeeping is quadratic in
 connections (DESIGN.md, "Calling providers").
+
+An answer is read in chunks, decompressed as it comes (aiohttp inflates a gzip body a
+bounded piece at a time), and never past `MAX_ANSWER_BYTES`: a provider that sends a
+gzip bomb or an endless body costs one bounded buffer, not the worker.
 """
 
 from __future__ import annotations
@@ -24,13 +28,20 @@ from typing import NamedTuple
 
 import aiohttp
 import httpx
+from aiohttp import hdrs
 from yarl import URL
 
-__all__ = ["AiohttpTransport", "Answer"]
+__all__ = ["MAX_ANSWER_BYTES", "AiohttpTransport", "Answer", "AnswerTooLarge"]
 
 # How long an idle pooled connection is kept: httpx's default, which providers' load
 # balancers outlive.
 _KEEPALIVE_S = 5.0
+
+# The largest answer body read, decompressed. No answer of the catalog's models comes near
+# it: the longest context (Kimi K2 Thinking, 262,144 tokens) bounds a completion, and even
+# at 12 bytes a token (JSON-escaped CJK or emoji) that is 3 MiB; the results topic takes
+# 1 MiB anyway (a larger answer becomes a `result_too_large` dead letter, paid and kept).
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
 
 
 class Answer(NamedTuple):
@@ -42,6 +53,15 @@ class Answer(NamedTuple):
     body: bytes
 
 
+class AnswerTooLarge(Exception):
+    """The answer's body (decompressed) runs past the limit: it was not read further."""
+
+    def __init__(self, status: int, headers: Mapping[str, str], limit: int) -> None:
+        super().__init__(f"the answer is over {limit:,} bytes; not read further")
+        self.status = status
+        self.headers = headers
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """A pool of up to `max_connections` to one provider, with its default headers."""
 
@@ -51,8 +71,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         max_connections: int,
         connect_timeout_s: float,
         headers: Mapping[str, str] | None = None,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self._limit = max_connections
+        self._max_answer = max_answer_bytes
         self._connect_timeout_s = connect_timeout_s
         self._headers = dict(headers or {})
         # Made on first use: an aiohttp session belongs to the event loop it starts in.
@@ -80,13 +102,32 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
         Raises aiohttp's `ClientError` for what goes wrong on the wire (a connection not
         made within the connect timeout is `ConnectionTimeoutError`: a `ClientError`, and a
-        `TimeoutError` too), a plain `TimeoutError` when `timeout_s` runs out.
+        `TimeoutError` too), a plain `TimeoutError` when `timeout_s` runs out, and
+        `AnswerTooLarge` for a body past the limit.
         """
         session = self._session or self._open()
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._connect_timeout_s)
         async with session.post(url, data=body, timeout=timeout, allow_redirects=False) as response:
-            content = await response.read()
+            content = await self._read(response)
         return Answer(response.status, response.reason or "", response.headers, content)
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        limit = self._max_answer
+        length = response.content_length
+        if length is not None and hdrs.CONTENT_ENCODING not in response.headers:
+            if length <= limit:
+                return await response.read()  # the common case: as long as it says
+            response.close()
+            raise AnswerTooLarge(response.status, response.headers, limit)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                response.close()  # the connection goes: the rest is never read
+                raise AnswerTooLarge(response.status, response.headers, limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Any request, as httpx hands it over (its timeouts from the request's extensions)."""

@@ -1,18 +1,36 @@
-"""A provider on loopback that answers what the simulator cannot: a 200 whose `usage` is
-absurd or missing, an error object with usage, `choices: []`. Real HTTP, real aiohttp."""
+"""A provider of the test's own on loopback, for answers the simulator cannot give: a 200
+whose `usage` is absurd or missing, an error object with usage, `choices: []`, a 429 timed
+by the test, a gzip bomb, an endless body. Real HTTP, real aiohttp."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from aiohttp import web
 
-__all__ = ["answer", "provider_on"]
+__all__ = ["answer", "provider_on", "serving"]
 
 # One body per call: the n-th call (from 0) gets `answers(n)`.
 Answers = Callable[[int], dict[str, Any]]
+
+
+@asynccontextmanager
+async def serving(
+    handle: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """`handle` answering POST {base}/chat/completions; yields the base URL (…/v1)."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
 
 
 def answer(
@@ -46,14 +64,5 @@ async def provider_on(answers: Answers, calls: list[int]) -> AsyncIterator[str]:
         calls.append(n)
         return web.json_response(answers(n))
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        await runner.cleanup()
+    async with serving(chat) as base:
+        yield base

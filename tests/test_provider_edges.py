@@ -1,0 +1,159 @@
+"""A misbehaving provider, over real HTTP on loopback: answers the simulator cannot give
+(a 429 that comes while other calls wait for a slot, a gzip bomb), from a small aiohttp
+server in the test. Each handler waits on events the test sets, so nothing is ordered by
+sleeping."""
+
+from __future__ import annotations
+
+import gzip
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from aiohttp import web
+
+from stream.catalog import Model
+from stream.config import ProviderSettings, Secret
+from stream.errors import FatalProviderError, ProviderError
+from stream.providers import Backoff, ProviderClient
+from tests.kit import eventually
+from tests.kit.provider import serving
+
+pytestmark = pytest.mark.anyio
+
+GLM = Model(id="glm-4.6-syn", provider="synthetic", api_model="hf:zai-org/GLM-4.6", timeout_s=30)
+FAST = Backoff(base_s=0.001, cap_s=0.01)
+Handler = Callable[[str], Awaitable[web.StreamResponse]]
+
+
+def _answer(content: str = "hello") -> dict[str, Any]:
+    message = {"role": "assistant", "content": content}
+    usage = {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
+    return {"id": "r", "choices": [{"message": message, "finish_reason": "stop"}], "usage": usage}
+
+
+@asynccontextmanager
+async def _provider(handle: Handler, **settings: Any) -> AsyncIterator[ProviderClient]:
+    """A client of a server that answers each call with `handle(its last user message)`."""
+    calls: list[str] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        text = orjson.loads(await request.read())["messages"][-1]["content"]
+        calls.append(text)
+        return await handle(text)
+
+    async with serving(chat) as url:
+        config = ProviderSettings(
+            name="synthetic", base_url=url, api_key=Secret("sk-edge-test-key"), **settings
+        )
+        async with ProviderClient(config, backoff=FAST) as client:
+            client.calls = calls  # type: ignore[attr-defined]
+            yield client
+
+
+def _ask(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
+async def test_callers_waiting_for_a_slot_fail_over_at_once_when_a_long_pause_starts() -> None:
+    # Two slots: one held by a slow call, one by a call whose answer (a 429 asking for a
+    # day) the test releases once three more callers wait for a slot. Their slots would
+    # come after their deadlines: they fail over then, not at the model's timeout.
+    release_slow, release_429 = anyio.Event(), anyio.Event()
+
+    async def handle(text: str) -> web.StreamResponse:
+        if text == "slow":
+            await release_slow.wait()
+            return web.json_response(_answer())
+        await release_429.wait()
+        return web.json_response({"error": {}}, status=429, headers={"Retry-After": "86400"})
+
+    failures: dict[str, ProviderError] = {}
+
+    async def call(client: ProviderClient, text: str) -> None:
+        try:
+            await client.complete(GLM, _ask(text), deadline=time.time() + 20)
+        except ProviderError as exc:
+            failures[text] = exc
+
+    async with _provider(handle, max_connections=2, initial_concurrency=2, max_retries=0) as client:
+        limiter = client.limiter(GLM)
+        async with anyio.create_task_group() as group:
+            group.start_soon(call, client, "slow")
+            group.start_soon(call, client, "throttled")
+            await eventually(lambda: _holds(limiter.snapshot().in_flight == 2), timeout_s=10)
+            with anyio.fail_after(15):  # the waiters' deadline is 20 s away
+                async with anyio.create_task_group() as waiters:
+                    for index in range(3):
+                        waiters.start_soon(call, client, f"waiting {index}")
+                    await eventually(lambda: _holds(limiter.snapshot().waiting == 3))
+                    release_429.set()
+            slow_still_out = "slow" not in failures and limiter.snapshot().in_flight == 1
+            release_slow.set()
+        calls = client.calls  # type: ignore[attr-defined]
+    assert slow_still_out
+    assert sorted(calls) == ["slow", "throttled"]  # the waiters never reached the provider
+    assert set(failures) == {"throttled", "waiting 0", "waiting 1", "waiting 2"}
+    for index in range(3):
+        failure = failures[f"waiting {index}"]
+        assert failure.error_type == "rate_limited", failure
+        assert "rate limit resets after the deadline" in str(failure)
+
+
+async def _holds(value: bool) -> bool:
+    return value
+
+
+async def test_a_retry_refused_by_a_pause_reports_the_providers_answer_not_the_refusal() -> None:
+    # A call is answered 502 just after another call's 429 paused the model for a day:
+    # its retry never goes out. The failure is the 502, after the one call that was made.
+    answer_502 = anyio.Event()
+
+    async def handle(text: str) -> web.StreamResponse:
+        if text == "throttled":
+            return web.json_response({"error": {}}, status=429, headers={"Retry-After": "86400"})
+        await answer_502.wait()
+        return web.json_response({"error": {"message": "bad gateway"}}, status=502)
+
+    async with _provider(handle, max_retries=3) as client:
+        failures: list[ProviderError] = []
+
+        async def call(text: str) -> None:
+            try:
+                await client.complete(GLM, _ask(text), deadline=time.time() + 20)
+            except ProviderError as exc:
+                failures.append(exc)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(call, "gateway")
+            await eventually(lambda: _holds(client.calls == ["gateway"]))  # type: ignore[attr-defined]
+            await call("throttled")
+            answer_502.set()
+        calls = client.calls  # type: ignore[attr-defined]
+    assert calls == ["gateway", "throttled"]
+    throttled, gateway = failures
+    assert throttled.attempts == 1 and throttled.error_type == "rate_limited"
+    assert gateway.status == 502 and gateway.attempts == 1, gateway
+    assert "(after 1 attempt); not retried: the provider's rate limit resets" in str(gateway)
+
+
+async def test_a_gzip_bomb_is_a_failure_not_retried_and_not_read_whole() -> None:
+    answer = orjson.dumps(_answer())
+    bomb = gzip.compress(answer[:-1] + b" " * (32 * 1024 * 1024) + b"}", 6)
+
+    async def handle(text: str) -> web.StreamResponse:
+        return web.Response(body=bomb, headers={"Content-Encoding": "gzip", "x-request-id": "b1"})
+
+    async with _provider(handle, max_retries=3) as client:
+        with pytest.raises(FatalProviderError) as caught:
+            await client.complete(GLM, _ask("bomb"), deadline=time.time() + 20)
+        calls = client.calls  # type: ignore[attr-defined]
+    failure = caught.value
+    assert calls == ["bomb"]  # once: it would likely come again, and be billed again
+    assert failure.error_type == "answer_too_large" and failure.status == 200
+    assert failure.attempts == 1 and failure.provider_request_id == "b1"
+    assert "over 8,388,608 bytes" in str(failure)
