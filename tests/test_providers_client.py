@@ -157,11 +157,21 @@ async def test_fatal_statuses_are_not_retried(
     assert sim.stats()["requests"] == 1
 
 
-async def test_a_wrong_key_is_a_fatal_401(sim: Simulator) -> None:
-    async with ProviderClient(_settings(sim.url, key="sk-wrong")) as wrong:
-        with pytest.raises(FatalProviderError) as caught:
-            await wrong.complete(GLM, _ask())
-    assert caught.value.status == 401 and caught.value.error_type == "unauthorized"
+async def test_a_wrong_key_is_a_fatal_401_and_said_once_a_minute(
+    sim: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing else tells an operator: the breaker takes no side, and every request fails
+    over (and is paid for) on the fallback."""
+    async with ProviderClient(_settings(sim.url, key="sk-wrong-SECRET")) as wrong:
+        for _ in range(3):
+            with pytest.raises(FatalProviderError) as caught:
+                await wrong.complete(GLM, _ask())
+            assert caught.value.status == 401 and caught.value.error_type == "unauthorized"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    refused = [m for m in warned if "refused the call" in m]
+    assert len(refused) == 1, warned
+    assert "HTTP 401 unauthorized; check SYNTHETIC_API_KEY" in refused[0]
+    assert "SECRET" not in caplog.text
 
 
 async def test_retries_then_success(client: ProviderClient, sim: Simulator) -> None:

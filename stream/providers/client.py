@@ -19,6 +19,7 @@ POST, reading the answer) is `stream.providers.http`.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -49,6 +50,9 @@ from stream.providers.retry import Backoff
 __all__ = ["ProviderClient"]
 
 logger = logging.getLogger(__name__)
+
+_AUTH_STATUSES = frozenset({401, 403})  # Together also answers 403 for a context too long
+_REFUSED_LOG_INTERVAL_S = 60.0
 
 
 @dataclass(eq=False)
@@ -83,6 +87,7 @@ class ProviderClient:
         self._clock = clock or Clock()
         self._models: dict[str, _ModelState] = {}
         self._usage = UsageWarnings(self.provider)
+        self._refused_at = -math.inf  # when an auth refusal was last logged
         self._http = ProviderHTTP(settings, transport=transport, clock=self._clock)
 
     async def __aenter__(self) -> ProviderClient:
@@ -218,6 +223,7 @@ class ProviderClient:
             if isinstance(result, Parsed):
                 return result, attempt
             last = result
+            self._warn_refused(model, result)
             wait = self._next_wait(result, attempt, end)
             if wait is None:
                 note = "the provider asked to wait past the deadline" if result.wait_s else ""
@@ -225,6 +231,26 @@ class ProviderClient:
             if self._observer:
                 self._observer.on_retry(self.provider, model.id, result.error_type)
             await anyio.sleep(wait)
+
+    def _warn_refused(self, model: Model, failure: Failure) -> None:
+        """A key refused (401) or not allowed (403): nothing else says so (the breaker takes
+        no side, the request fails over and is paid for there), so say it, once a minute."""
+        if failure.status not in _AUTH_STATUSES or failure.error_type == "context_length_exceeded":
+            return
+        now = self._clock.monotonic()
+        if now - self._refused_at < _REFUSED_LOG_INTERVAL_S:
+            return
+        self._refused_at = now
+        name = self.provider.upper()
+        logger.warning(
+            "%s refused the call to %s: HTTP %d %s; check %s_API_KEY (and the account's "
+            "access to the model): its requests fail over until then",
+            self.provider,
+            model.api_model,
+            failure.status,
+            failure.error_type,
+            name,
+        )
 
     def _unsent(
         self, model: Model, refusal: Failure, last: Failure | None, run: Tab
