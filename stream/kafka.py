@@ -18,7 +18,11 @@ from typing import Any, NamedTuple, TypeVar
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
+from aiokafka.errors import (
+    InvalidSessionTimeoutError,
+    KafkaConnectionError,
+    UnknownTopicOrPartitionError,
+)
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.structs import TopicPartition
 
@@ -71,6 +75,12 @@ def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaE
         return KafkaError(
             f"a topic is missing on {where} while {doing}: create the declared topics with "
             "`stream topics apply` (and check STREAM_TOPIC_PREFIX)"
+        )
+    if isinstance(exc, InvalidSessionTimeoutError):
+        return KafkaError(
+            f"Kafka at {where} refused the consumer's session timeout while {doing}: set "
+            "STREAM_SESSION_TIMEOUT_MS within the brokers' group.min.session.timeout.ms and "
+            "group.max.session.timeout.ms (6000 and 1800000 by default)"
         )
     if "Authorization" in name:
         return KafkaError(

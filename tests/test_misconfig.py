@@ -163,3 +163,17 @@ async def test_a_bad_worker_setting_does_not_stop_the_local_broker_commands(
     assert "STREAM_MAX_IN_FLIGHT" not in status.stderr
     worker = await run_cli(bad, "lag")
     assert worker.returncode == 1 and "STREAM_MAX_IN_FLIGHT" in worker.stderr
+
+
+async def test_a_session_timeout_kafka_refuses_names_the_setting(
+    env: dict[str, str], settings: Settings
+) -> None:
+    """Kafka checks it only when the consumer joins: the worker's start-up lines come first,
+    then one error line that names the setting and the brokers' range."""
+    await topics.apply(settings, await topics.plan(settings))
+    extra = {"STREAM_SESSION_TIMEOUT_MS": "1000", "SYNTHETIC_API_KEY": "k"}
+    done = await run_cli({**env, **extra}, "run", "primary")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-1500:]
+    *_, last = done.stderr.strip().splitlines()
+    assert last.startswith("stream: error: ") and "STREAM_SESSION_TIMEOUT_MS within" in last
+    assert "group.min.session.timeout.ms" in last
