@@ -233,7 +233,8 @@ async def run_demo(
             settings = _simulated(settings, simulator)
             print(f"provider simulator on {simulator.base} (Synthetic and Together)")
         else:
-            print("SYNTHETIC_API_KEY is set: calling the real providers")
+            urls = {settings.synthetic.base_url, settings.together.base_url}
+            print(f"SYNTHETIC_API_KEY is set: calling the providers at {', '.join(sorted(urls))}")
         tally, started = Tally(), time.monotonic()
         ok = await _drive(settings, tally, count=count, rate=rate, seed=seed, timeout_s=timeout_s)
         lines, expected = summary(tally, time.monotonic() - started)
