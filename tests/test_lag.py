@@ -233,6 +233,11 @@ async def test_missing_group_says_so_in_one_line(settings: Settings, env: dict[s
         f"stream lag: consumer group '{group}' does not exist on "
         f"{settings.kafka.bootstrap_servers} (no members, no committed offsets)"
     ]
+    # the name without the prefix the tests run under: the message says how it is named
+    unprefixed = await run_cli(env, "lag", "--group", "predictions-primary")
+    assert unprefixed.returncode == 1
+    (line,) = unprefixed.stderr.strip().splitlines()
+    assert f"the pipeline's groups are named {settings.group('')}<group>" in line
 
 
 # --- the background monitor --------------------------------------------------------------

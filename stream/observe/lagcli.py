@@ -97,22 +97,25 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
         _show(rows, latest, as_json=args.json, redraw=False)
     missing = [reading.group for reading in latest if not reading.exists]
     for group in missing:
-        _err(_missing(group, groups[group], settings.kafka.bootstrap_servers))
+        _err(_missing(group, groups[group], settings.kafka.bootstrap_servers, settings.group("")))
     if any(row.status in ATTENTION for row in rows):
         return EXIT_ATTENTION
     return EXIT_FAILED if missing else 0
 
 
-def _missing(group: str, topics: tuple[str, ...], where: str) -> str:
+def _missing(group: str, topics: tuple[str, ...], where: str, prefix: str = "") -> str:
     if topics:  # a pipeline group: its topics are not there either
         return (
             f"stream lag: consumer group {group!r} has nothing to show on {where}: its topics "
             f"({', '.join(topics)}) do not exist; create them with `stream topics apply` "
             "(and check STREAM_TOPIC_PREFIX)"
         )
+    hint = ""
+    if prefix and not group.startswith(prefix):  # --group takes the name as Kafka has it
+        hint = f"; under STREAM_TOPIC_PREFIX the pipeline's groups are named {prefix}<group>"
     return (
         f"stream lag: consumer group {group!r} does not exist on {where} "
-        "(no members, no committed offsets)"
+        f"(no members, no committed offsets){hint}"
     )
 
 
