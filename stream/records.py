@@ -130,7 +130,10 @@ class Decoder:
         self._known = known_models
 
     def decode(self, value: bytes | None, *, now: float, key: bytes | None = None) -> Request:
-        body = self.parse(value, key=key)
+        return self.request(self.parse(value, key=key), now=now)
+
+    def request(self, body: dict[str, Any], *, now: float) -> Request:
+        """A parsed body → `Request`: a model in the catalog, a deadline not passed."""
         request = request_of(body)
         if not self._known(request.model):
             raise InvalidRecordError(
@@ -226,10 +229,7 @@ def output_headers(record: SourceRecord, request_id: str | None) -> tuple[tuple[
     or non-numeric value is replaced (request-id by the body's, attempt by 1) or dropped.
     """
     incoming = _headers(record)
-    rid = incoming.get(HEADER_REQUEST_ID)
-    if rid is not None and not _printable(rid):
-        rid = None  # bytes no reader could show or match: the body's id stands in
-    rid = rid or (request_id.encode() if request_id else None)
+    rid = _request_id_header(incoming) or (request_id.encode() if request_id else None)
     headers = [] if rid is None else [(HEADER_REQUEST_ID, rid[:MAX_HEADER_BYTES])]
     attempt = incoming.get(HEADER_ATTEMPT, b"")
     ok = attempt.isdigit() and len(attempt) <= _MAX_ATTEMPT_DIGITS
@@ -239,12 +239,16 @@ def output_headers(record: SourceRecord, request_id: str | None) -> tuple[tuple[
     return tuple(headers)
 
 
-def _printable(value: bytes) -> bool:
-    """UTF-8 text without control characters."""
+def _request_id_header(headers: Mapping[str, bytes]) -> bytes | None:
+    """The upstream's request-id, when it is text (UTF-8 without control characters):
+    bytes no reader could show or match are not carried, and the body's id stands in."""
+    value = headers.get(HEADER_REQUEST_ID)
+    if value is None:
+        return None
     try:
-        return value.decode("utf-8").isprintable()
+        return value if value.decode("utf-8").isprintable() else None
     except UnicodeDecodeError:
-        return False
+        return None
 
 
 def _headers(record: SourceRecord) -> dict[str, bytes]:
@@ -383,5 +387,5 @@ def dead_letter(
 def _request_id(request: dict[str, Any] | None, record: SourceRecord) -> str | None:
     if request is not None and isinstance(request.get("request_id"), str):
         return str(request["request_id"])
-    value = _headers(record).get(HEADER_REQUEST_ID)
-    return None if value is None or not _printable(value) else value.decode()[:128]
+    value = _request_id_header(_headers(record))
+    return None if value is None else value.decode()[:128]

@@ -363,12 +363,7 @@ class FallbackStage(_Stage):
             return [self._dead(record, exc.reason, exc.message)]
         failure = body.pop("failure")
         try:
-            request = records.request_of(body)
-            if self._catalog.get(request.model) is None:  # not a record the primary wrote
-                raise InvalidRecordError(
-                    "unknown_model", f"model {request.model!r} is not in the catalog"
-                )
-            records.check_deadline(request, time.time())
+            request = self._decoder.request(body, now=time.time())
         except InvalidRecordError as exc:
             return [self._dead(record, exc.reason, exc.message, request=body, failures=[failure])]
         return [await self._fall_back(record, request, failure)]
