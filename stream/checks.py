@@ -37,6 +37,9 @@ SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 # Kafka's codecs: what STREAM_KAFKA_COMPRESSION (or compression.type) may say.
 COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
+# The longest STREAM_KAFKA_LINGER_MS (or linger.ms) may be: past a second no real rate
+# fills a larger batch, and every answer would wait that long to be written.
+MAX_LINGER_MS = 1000
 
 
 def check_bootstrap(value: str, name: str, *, echo: bool = True) -> str:

@@ -15,6 +15,7 @@ settings read, and what the command line gives wins over the environment:
     ssl.key.password                                    STREAM_KAFKA_SSL_KEY_PASSWORD
     client.id                                           STREAM_KAFKA_CLIENT_ID
     compression.type (none, gzip, snappy, lz4, zstd)    STREAM_KAFKA_COMPRESSION
+    linger.ms (0 to 1000)                               STREAM_KAFKA_LINGER_MS
 
 A key this client cannot honour (a JKS store, GSSAPI, an unknown key) is refused in one
 line, never skipped: a dropped `ssl.truststore.location` would come back later as a
@@ -28,7 +29,13 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from stream.checks import COMPRESSIONS, SASL_MECHANISMS, SECURITY_PROTOCOLS, check_bootstrap
+from stream.checks import (
+    COMPRESSIONS,
+    MAX_LINGER_MS,
+    SASL_MECHANISMS,
+    SECURITY_PROTOCOLS,
+    check_bootstrap,
+)
 from stream.errors import ConfigError
 
 __all__ = [
@@ -53,6 +60,7 @@ SUPPORTED_KEYS = (
     "bootstrap.servers",
     "client.id",
     "compression.type",
+    "linger.ms",
     "sasl.jaas.config",
     "sasl.mechanism",
     "security.protocol",
@@ -155,6 +163,12 @@ class _Mapper:
             raise self.fail("compression.type", f"must be one of {', '.join(COMPRESSIONS)}")
         return value
 
+    def _linger(self) -> str:
+        value = self.props["linger.ms"].strip()
+        if not value.isascii() or not value.isdigit() or int(value) > MAX_LINGER_MS:
+            raise self.fail("linger.ms", f"must be a whole number of ms from 0 to {MAX_LINGER_MS}")
+        return str(int(value))
+
     def fail(self, key: str, why: str) -> ConfigError:
         return ConfigError(f"{self.where}: line {self.lines[key]}: {key} {why}")
 
@@ -168,6 +182,8 @@ class _Mapper:
             self.found["STREAM_KAFKA_CLIENT_ID"] = self.props["client.id"].strip()
         if "compression.type" in self.props:
             self.found["STREAM_KAFKA_COMPRESSION"] = self._compression()
+        if "linger.ms" in self.props:
+            self.found["STREAM_KAFKA_LINGER_MS"] = self._linger()
         self._protocol()
         self._sasl()
         self._tls()

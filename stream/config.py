@@ -17,6 +17,7 @@ from typing import Literal
 
 from stream.checks import (
     COMPRESSIONS,
+    MAX_LINGER_MS,
     SASL_MECHANISMS,
     SECURITY_PROTOCOLS,
     check_bootstrap,
@@ -65,6 +66,9 @@ class KafkaSettings:
     client_id: str = "prediction-stream"
     request_timeout_ms: int = 30_000
     compression: str = "none"  # of every batch this process writes (one of COMPRESSIONS)
+    # How long the worker's output producers hold a batch open for more records: larger
+    # batches are fewer produce requests, each a Python round of aiokafka's sender.
+    linger_ms: int = 25
     cluster_name: str | None = None  # the lag metrics' `cluster_name`; default: the cluster id
 
     def client_options(self) -> dict[str, object]:
@@ -282,6 +286,7 @@ def _kafka_settings(source: Source) -> KafkaSettings:
         ssl_key_password=source.secret("STREAM_KAFKA_SSL_KEY_PASSWORD"),
         client_id=source.text("STREAM_KAFKA_CLIENT_ID", "prediction-stream"),
         compression=source.choice("STREAM_KAFKA_COMPRESSION", COMPRESSIONS, "none", lower=True),
+        linger_ms=source.integer("STREAM_KAFKA_LINGER_MS", 25, low=0, high=MAX_LINGER_MS),
         cluster_name=source.text("STREAM_KAFKA_CLUSTER_NAME", "") or None,
     )
 
