@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import NamedTuple
 
 import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -29,7 +28,13 @@ from stream.engine.fetch import UNDECODABLE, StandIn, stand_in_for_undecodable
 from stream.engine.flow import Flow, Gate
 from stream.engine.membership import Membership, group_instance_id
 from stream.engine.outputs import CLOSE_TIMEOUT_S, Output, Sink
-from stream.engine.partitions import Partition, PartitionSnapshot, Record, Runner
+from stream.engine.partitions import (
+    EngineSnapshot,
+    Partition,
+    PartitionSnapshot,
+    Record,
+    Runner,
+)
 from stream.engine.rebalance import Listener, Rebalancer, partition_names, seek
 from stream.errors import KafkaError, OutputRejectedError
 from stream.kafka import start_client, translate
@@ -52,27 +57,6 @@ ErrorHandler = Callable[[Record, BaseException], Sequence[Output]]
 _POLL_TIMEOUT_MS = 100
 # Outputs Kafka has not acknowledged for this long mean the engine is stuck (not ready).
 _STALLED_WRITE_S = 10.0
-
-
-class EngineSnapshot(NamedTuple):
-    name: str
-    group_id: str
-    guarantee: str
-    assigned: int
-    in_flight: int
-    records_in: int
-    records_done: int
-    handler_errors: int
-    commits: int
-    last_commit_seconds: float  # Unix time of the last successful commit, 0.0 before
-    partitions: tuple[PartitionSnapshot, ...]
-    # Records started again that a previous owner had started (a crash, a rebalance): each
-    # may be a provider call paid for twice.
-    records_redelivered: int = 0
-    # Running records abandoned because their partition left (a rebalance moved it, or
-    # the shutdown grace ran out): their next owner runs them, and pays for them, again.
-    abandoned: int = 0
-    rebalances: int = 0  # rebalances that revoked this engine's partitions
 
 
 class Engine:

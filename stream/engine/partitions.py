@@ -9,6 +9,9 @@ A rebalance puts a partition **on probation** (`probation`): nothing new starts,
 records go on but hold their outputs (`kept` waits) until the group decides. If the
 partition comes back (`resume`), they write and it carries on where it was; if it moved
 (`abandon`), they write nothing and stop.
+
+The snapshots an engine gives of itself (`EngineSnapshot`) and of each partition
+(`PartitionSnapshot`) live here too: what metrics and health read.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from anyio import TaskHandle
 
 from stream.engine.offsets import METADATA_MAX_CHARS, PartitionOffsets, with_notes
 
-__all__ = ["Partition", "PartitionSnapshot", "Record", "Runner"]
+__all__ = ["EngineSnapshot", "Partition", "PartitionSnapshot", "Record", "Runner"]
 
 Record: TypeAlias = "ConsumerRecord[Any, Any]"
 
@@ -56,6 +59,27 @@ class PartitionSnapshot(NamedTuple):
     write_error: str | None = None
     committed: int | None = None  # the offset the last commit wrote (None: none yet)
     held: int = 0  # answered records whose outputs wait for a rebalance's verdict
+
+
+class EngineSnapshot(NamedTuple):
+    name: str
+    group_id: str
+    guarantee: str
+    assigned: int
+    in_flight: int
+    records_in: int
+    records_done: int
+    handler_errors: int
+    commits: int
+    last_commit_seconds: float  # Unix time of the last successful commit, 0.0 before
+    partitions: tuple[PartitionSnapshot, ...]
+    # Records started again that a previous owner had started (a crash, a rebalance): each
+    # may be a provider call paid for twice.
+    records_redelivered: int = 0
+    # Running records abandoned because their partition left (a rebalance moved it, or
+    # the shutdown grace ran out): their next owner runs them, and pays for them, again.
+    abandoned: int = 0
+    rebalances: int = 0  # rebalances that revoked this engine's partitions
 
 
 class Partition:
