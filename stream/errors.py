@@ -35,6 +35,7 @@ __all__ = [
     "InvalidRecordError",
     "KafkaError",
     "ProviderError",
+    "RecordReleased",
     "RetryableProviderError",
     "StreamError",
     "TopicSpecError",
@@ -83,6 +84,14 @@ class FencedError(KafkaError):
 class OutputRejectedError(StreamError):
     """Kafka refused one of a record's outputs for good (too large for its topic): the
     record needs other outputs (a dead letter), not another try."""
+
+
+class RecordReleased(StreamError):
+    """A handler gives its record back during a shutdown drain, before anything a run
+    would pay for again: the call still waited (the spend limit, a free slot, a pause the
+    provider asked for, a back-off) and no answer was billed. The engine leaves the record
+    unfinished and uncommitted, for the next owner of its partition, instead of holding
+    the drain until the wait ends."""
 
 
 class ProviderError(StreamError):

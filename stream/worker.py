@@ -3,7 +3,8 @@
 One process can run either stage or both (`all`, for small deployments). Scaling out is
 more processes with the same command: Kafka's consumer groups share the partitions.
 SIGTERM/SIGINT stop fetching and let running calls finish (`drain_grace_s`: at most the
-catalog's longest model timeout, or `STREAM_SHUTDOWN_GRACE_S`), then commit and exit; a
+catalog's longest model timeout, or `STREAM_SHUTDOWN_GRACE_S`); calls still waiting to go
+out give their records back unpaid, for the next owner. Then commit and exit; a
 second signal exits at once (what is not committed runs again later). An orchestrator must
 allow `stop_grace_s` before it sends SIGKILL.
 
@@ -187,6 +188,10 @@ class Worker:
         self._stopping = True  # a signal during start-up stops the engines once made
         for engine in self.engines:
             engine.stop()
+        # Calls still waiting to go out (the spend limit, a slot, a back-off) give their
+        # records back unpaid: the drain waits only for calls that are out.
+        for client in self.clients.values():
+            client.withdraw_waiting()
 
     def _engine(self, stage: str, clients: dict[str, ProviderClient]) -> Engine:
         topics = Topics.of(self.settings)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import gzip
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -17,46 +15,20 @@ import pytest
 from aiohttp import web
 
 from stream.catalog import Model
-from stream.config import ProviderSettings, Secret
 from stream.errors import FatalProviderError, ProviderError
-from stream.providers import Backoff, ProviderClient
+from stream.providers import ProviderClient
 from tests.kit import eventually
-from tests.kit.provider import serving
+from tests.kit.provider import ask, client_of
 
 pytestmark = pytest.mark.anyio
 
 GLM = Model(id="glm-4.6-syn", provider="synthetic", api_model="hf:zai-org/GLM-4.6", timeout_s=30)
-FAST = Backoff(base_s=0.001, cap_s=0.01)
-Handler = Callable[[str], Awaitable[web.StreamResponse]]
 
 
 def _answer(content: str = "hello") -> dict[str, Any]:
     message = {"role": "assistant", "content": content}
     usage = {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
     return {"id": "r", "choices": [{"message": message, "finish_reason": "stop"}], "usage": usage}
-
-
-@asynccontextmanager
-async def _provider(handle: Handler, **settings: Any) -> AsyncIterator[ProviderClient]:
-    """A client of a server that answers each call with `handle(its last user message)`."""
-    calls: list[str] = []
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        text = orjson.loads(await request.read())["messages"][-1]["content"]
-        calls.append(text)
-        return await handle(text)
-
-    async with serving(chat) as url:
-        config = ProviderSettings(
-            name="synthetic", base_url=url, api_key=Secret("sk-edge-test-key"), **settings
-        )
-        async with ProviderClient(config, backoff=FAST) as client:
-            client.calls = calls  # type: ignore[attr-defined]
-            yield client
-
-
-def _ask(text: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": text}]
 
 
 async def test_callers_waiting_for_a_slot_fail_over_at_once_when_a_long_pause_starts() -> None:
@@ -76,11 +48,12 @@ async def test_callers_waiting_for_a_slot_fail_over_at_once_when_a_long_pause_st
 
     async def call(client: ProviderClient, text: str) -> None:
         try:
-            await client.complete(GLM, _ask(text), deadline=time.time() + 20)
+            await client.complete(GLM, ask(text), deadline=time.time() + 20)
         except ProviderError as exc:
             failures[text] = exc
 
-    async with _provider(handle, max_connections=2, initial_concurrency=2, max_retries=0) as client:
+    slots = {"max_connections": 2, "initial_concurrency": 2, "max_retries": 0}
+    async with client_of(handle, **slots) as (client, calls):
         limiter = client.limiter(GLM)
         async with anyio.create_task_group() as group:
             group.start_soon(call, client, "slow")
@@ -94,7 +67,6 @@ async def test_callers_waiting_for_a_slot_fail_over_at_once_when_a_long_pause_st
                     release_429.set()
             slow_still_out = "slow" not in failures and limiter.snapshot().in_flight == 1
             release_slow.set()
-        calls = client.calls  # type: ignore[attr-defined]
     assert slow_still_out
     assert sorted(calls) == ["slow", "throttled"]  # the waiters never reached the provider
     assert set(failures) == {"throttled", "waiting 0", "waiting 1", "waiting 2"}
@@ -119,21 +91,20 @@ async def test_a_retry_refused_by_a_pause_reports_the_providers_answer_not_the_r
         await answer_502.wait()
         return web.json_response({"error": {"message": "bad gateway"}}, status=502)
 
-    async with _provider(handle, max_retries=3) as client:
+    async with client_of(handle, max_retries=3) as (client, calls):
         failures: list[ProviderError] = []
 
         async def call(text: str) -> None:
             try:
-                await client.complete(GLM, _ask(text), deadline=time.time() + 20)
+                await client.complete(GLM, ask(text), deadline=time.time() + 20)
             except ProviderError as exc:
                 failures.append(exc)
 
         async with anyio.create_task_group() as group:
             group.start_soon(call, "gateway")
-            await eventually(lambda: _holds(client.calls == ["gateway"]))  # type: ignore[attr-defined]
+            await eventually(lambda: _holds(calls == ["gateway"]))
             await call("throttled")
             answer_502.set()
-        calls = client.calls  # type: ignore[attr-defined]
     assert calls == ["gateway", "throttled"]
     throttled, gateway = failures
     assert throttled.attempts == 1 and throttled.error_type == "rate_limited"
@@ -148,10 +119,9 @@ async def test_a_gzip_bomb_is_a_failure_not_retried_and_not_read_whole() -> None
     async def handle(text: str) -> web.StreamResponse:
         return web.Response(body=bomb, headers={"Content-Encoding": "gzip", "x-request-id": "b1"})
 
-    async with _provider(handle, max_retries=3) as client:
+    async with client_of(handle, max_retries=3) as (client, calls):
         with pytest.raises(FatalProviderError) as caught:
-            await client.complete(GLM, _ask("bomb"), deadline=time.time() + 20)
-        calls = client.calls  # type: ignore[attr-defined]
+            await client.complete(GLM, ask("bomb"), deadline=time.time() + 20)
     failure = caught.value
     assert calls == ["bomb"]  # once: it would likely come again, and be billed again
     assert failure.error_type == "answer_too_large" and failure.status == 200

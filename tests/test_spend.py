@@ -21,25 +21,19 @@ from stream.config import ConfigError, Settings
 from stream.devtools.faults import Latency
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.observe.lag import LagReader, LagTracker
-from stream.prices import Price
 from stream.spend import HELD, Budget
 from stream.stages import Topics
 from stream.worker import Worker, spend_lanes
 from tests.kit import eventually
 from tests.kit.kafka import produce, read_all
+from tests.kit.provider import priced
 from tests.kit.requests import request
-from tests.kit.workers import simulated_settings
+from tests.kit.workers import priced_catalog, simulated_settings
 
 pytestmark = pytest.mark.anyio
 
-V3 = Model(
-    id="v3",
-    provider="synthetic",
-    api_model="hf:v3",
-    timeout_s=60,
-    price=Price(input=1.0, output=1.0),  # one micro-dollar per token
-)
-GLM = Model(id="glm", provider="synthetic", api_model="hf:glm", timeout_s=60, price=V3.price)
+V3 = priced("v3")  # one micro-dollar per token
+GLM = priced("glm")
 
 
 class Clock:
@@ -163,12 +157,6 @@ WINDOW_S = 2.0
 REQUESTS = 80
 MODEL = "deepseek-v3-0324-syn"
 # The defaults leave three models unpriced; a spend limit needs every model priced.
-PRICES = """
-[prices]
-"glm-4.6-syn" = { input = 0.6, output = 2.2 }
-"minimax-m2-syn" = { input = 0.3, output = 1.2 }
-"qwen3-coder-480b-syn" = { input = 0.4, output = 1.6 }
-"""
 
 
 def _max_window(results: list[dict[str, Any]], window_s: float) -> float:
@@ -182,8 +170,7 @@ def _max_window(results: list[dict[str, Any]], window_s: float) -> float:
 async def test_the_spend_limit_holds_a_worker_and_loses_nothing(
     env: dict[str, str], tmp_path: Path
 ) -> None:
-    catalog = tmp_path / "catalog.toml"
-    catalog.write_text(PRICES)
+    catalog = priced_catalog(tmp_path)
     async with Simulator(SimConfig(latency=Latency("fixed", 0.05))) as sim:
         settings = simulated_settings(
             {

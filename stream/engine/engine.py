@@ -36,7 +36,7 @@ from stream.engine.partitions import (
     Runner,
 )
 from stream.engine.rebalance import Listener, Rebalancer, partition_names, seek
-from stream.errors import KafkaError, OutputRejectedError
+from stream.errors import KafkaError, OutputRejectedError, RecordReleased
 from stream.kafka import start_client, translate
 
 __all__ = [
@@ -99,7 +99,7 @@ class Engine:
         # aiokafka clients need a running event loop: they are made in `run`.
         self._clients: tuple[AIOKafkaConsumer, Sink, Listener, Rebalancer] | None = None
         self.records_in = self.records_done = self.handler_errors = self.commits = 0
-        self.records_redelivered = 0
+        self.records_redelivered = self.records_released = 0
         self.last_commit_seconds = 0.0
 
     def _claims(self) -> Claims:
@@ -177,6 +177,7 @@ class Engine:
             last_commit_seconds=self.last_commit_seconds,
             partitions=tuple(p.snapshot() for p in self._partitions.values()),
             records_redelivered=self.records_redelivered,
+            records_released=self.records_released,
             abandoned=rebalancer.abandoned if rebalancer else 0,
             rebalances=rebalancer.rebalances if rebalancer else 0,
         )
@@ -283,6 +284,12 @@ class Engine:
         with anyio.move_on_after(grace_s):
             for partition in list(self._partitions.values()):
                 await partition.idle.wait()
+        if self.records_released:
+            log.info(
+                "released %d records whose calls had not gone out (the spend limit, a slot, "
+                "a pause or a back-off): nothing was paid, their next owner runs them",
+                self.records_released,
+            )
         abandoned = sum(p.abandon() for p in self._partitions.values())
         self._rebalancer.abandoned += abandoned  # one count of the calls paid for again
         if abandoned:
@@ -351,7 +358,9 @@ class Engine:
                         try:
                             outputs = await self._handler(record)
                         except Exception as exc:
-                            outputs = self._handler_failed(record, exc)
+                            if (failed := self._handler_failed(record, exc)) is None:
+                                return  # released in a drain: its next owner runs it
+                            outputs = failed
                     if await self._deliver(partition, record, outputs):
                         self.records_done += 1
             except BaseException:  # stopped at once: its next owner runs it again
@@ -392,8 +401,13 @@ class Engine:
         finally:
             partition.end_write(record.offset)
 
-    def _handler_failed(self, record: Record, exc: Exception) -> Sequence[Output]:
-        # The stage turns it into a dead letter; the worker carries on.
+    def _handler_failed(self, record: Record, exc: Exception) -> Sequence[Output] | None:
+        """The outputs for a record whose handler raised; None when the handler gave it
+        back in a drain (`RecordReleased`): unfinished and uncommitted, for its next owner.
+        Anything else (a release outside a drain too) the stage turns into a dead letter."""
+        if isinstance(exc, RecordReleased) and self._stopping.is_set():
+            self.records_released += 1
+            return None
         self.handler_errors += 1
         log.error(
             "handler failed on %s[%d]@%d: %s; the record goes to on_error",

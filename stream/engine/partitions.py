@@ -76,6 +76,9 @@ class EngineSnapshot(NamedTuple):
     # Records started again that a previous owner had started (a crash, a rebalance): each
     # may be a provider call paid for twice.
     records_redelivered: int = 0
+    # Records a drain gave back before their call went out (nothing paid): not finished,
+    # not committed, for the next owner.
+    records_released: int = 0
     # Running records abandoned because their partition left (a rebalance moved it, or
     # the shutdown grace ran out): their next owner runs them, and pays for them, again.
     abandoned: int = 0

@@ -382,6 +382,11 @@ def _engine_metrics(snapshots: Sequence[EngineSnapshot]) -> Iterable[Metric]:
             "each may be a provider call paid twice.",
             lambda s: s.records_redelivered,
         ),
+        "stream_engine_records_released": (
+            "Records a shutdown drain gave back before their call went out (waiting for the "
+            "spend limit, a slot or a back-off): nothing paid, their next owner runs them.",
+            lambda s: s.records_released,
+        ),
         "stream_engine_rebalances": (
             "Rebalances that revoked the engine's partitions.",
             lambda s: s.rebalances,

@@ -1,22 +1,25 @@
 """What one attempt's outcome means, as pure functions of it: the breaker's verdict and the
 limiter's signal (`judge`), the limits the answer announced (`heed`), a slot within the
-deadline (`acquire`), and what a call has been billed across its attempts (`Run`)."""
+deadline (`acquire`), what a call has been billed across its attempts (`Run`), and the
+waits before a call goes out that a shutdown may withdraw (`Waits`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 
+from stream.errors import RecordReleased
 from stream.providers.breaker import Outcome
 from stream.providers.completion import Parsed
 from stream.providers.http import Exchange, Failure
 from stream.providers.limiter import AdaptiveLimiter, Permit
 from stream.providers.ratelimits import MAX_RESET_S, read_ratelimits
 
-__all__ = ["Run", "acquire", "heed", "judge", "max_tokens"]
+__all__ = ["Run", "Waits", "acquire", "heed", "judge", "max_tokens"]
 
 
 @dataclass
@@ -27,18 +30,57 @@ class Run:
     request_id: str | None = None
     sending: bool = False  # a request is out and its answer not read
     calls: int = 0  # attempts that went out to the provider (not those refused a slot)
+    answered: int = 0  # attempts the provider answered with a 200 it may bill, usable or not
+
+
+class Waits:
+    """The client's waits before a call goes out: for the spend limit, a free slot, a pause
+    the provider asked for, a back-off, a probe's verdict. `withdraw` (a worker's shutdown)
+    ends each of those whose call has no answer billed yet, and every one begun after: they
+    raise `RecordReleased`, so the drain does not wait on them and the next owner runs the
+    record (nothing was paid). A wait of a call that was answered (a 200 it could not use,
+    billed) is not withdrawn: running that record again would pay again."""
+
+    def __init__(self) -> None:
+        self.withdrawn = False
+        self._scopes: set[anyio.CancelScope] = set()
+
+    def withdraw(self) -> int:
+        """End the withdrawable waits; how many were waiting."""
+        self.withdrawn = True
+        for scope in self._scopes:
+            scope.cancel()
+        return len(self._scopes)
+
+    @contextmanager
+    def bounded(self, run: Run, timeout: float | None) -> Iterator[anyio.CancelScope]:
+        """A cancel scope over one wait, with `timeout` (None: none): its
+        `cancelled_caught` says the time ran out; a withdrawal raises `RecordReleased`."""
+        withdrawable = run.answered == 0
+        if withdrawable and self.withdrawn:
+            raise RecordReleased("the worker is stopping: the call had not gone out")
+        scope = anyio.CancelScope() if timeout is None else anyio.move_on_after(timeout)
+        if withdrawable:
+            self._scopes.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._scopes.discard(scope)
+        if withdrawable and self.withdrawn and scope.cancelled_caught:
+            raise RecordReleased("the worker is stopping: the call had not gone out")
 
 
 async def acquire(
-    limiter: AdaptiveLimiter, end: float, now: Callable[[], float]
+    limiter: AdaptiveLimiter, end: float, now: Callable[[], float], waits: Waits, run: Run
 ) -> Permit | Failure:
     permit = limiter.try_acquire()
     if permit is not None:
         return permit
-    try:
-        with anyio.fail_after(end - now()):
-            waited = await limiter.acquire(end)
-    except TimeoutError:
+    waited: Permit | None = None
+    with waits.bounded(run, end - now()) as scope:
+        waited = await limiter.acquire(end)
+    if scope.cancelled_caught:
         return Failure(retryable=True, error_type="deadline", message="no slot in time")
     if waited is None:
         # The provider asked for a pause that outlasts this request (known already, or

@@ -8,7 +8,9 @@ Money first: with a `SpendGate`, a call waits for the spend limit before its bud
 (a paused spend limit must not eat the model's timeout), up to the request's deadline.
 A wait the provider asks for (Retry-After, or a quota announced spent) pauses the model's
 calls; one that does not fit the request's deadline fails at once, so the request goes to
-its fallback instead of sleeping into a refusal.
+its fallback instead of sleeping into a refusal. A worker that stops withdraws the calls
+still waiting to go out (`withdraw_waiting`): their records go back unpaid, for the next
+owner, instead of holding the drain.
 
 Each model has its own `_ModelState` (breaker, limiter, the probe's verdict, the breaker
 state last reported): a model that is down answers 503 for itself, and must not open the
@@ -19,7 +21,6 @@ POST, reading the answer) is `stream.providers.http`.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -37,7 +38,7 @@ from stream.errors import (
     ProviderError,
     RetryableProviderError,
 )
-from stream.providers.attempts import acquire, heed, judge, max_tokens
+from stream.providers.attempts import Waits, acquire, heed, judge, max_tokens
 from stream.providers.breaker import BreakerConfig, CircuitBreaker, Outcome, State, Ticket
 from stream.providers.charges import Tab, UsageWarnings, charge
 from stream.providers.clock import Clock
@@ -45,14 +46,12 @@ from stream.providers.completion import Completion, Parsed, wants_json
 from stream.providers.http import Exchange, Failure, ProviderHTTP
 from stream.providers.limiter import AdaptiveLimiter, Permit
 from stream.providers.observer import Hold, ProviderObserver, SpendGate
+from stream.providers.refusals import RefusalLog
 from stream.providers.retry import Backoff
 
 __all__ = ["ProviderClient"]
 
 logger = logging.getLogger(__name__)
-
-_AUTH_STATUSES = frozenset({401, 403})  # Together also answers 403 for a context too long
-_REFUSED_LOG_INTERVAL_S = 60.0
 
 
 @dataclass(eq=False)
@@ -87,8 +86,9 @@ class ProviderClient:
         self._clock = clock or Clock()
         self._models: dict[str, _ModelState] = {}
         self._usage = UsageWarnings(self.provider)
-        self._refused_at = -math.inf  # when an auth refusal was last logged
+        self._refusals = RefusalLog(self.provider)
         self._http = ProviderHTTP(settings, transport=transport, clock=self._clock)
+        self._waits = Waits()
 
     async def __aenter__(self) -> ProviderClient:
         return self
@@ -107,6 +107,13 @@ class ProviderClient:
     def __repr__(self) -> str:
         limits = {model: round(state.limiter.limit) for model, state in self._models.items()}
         return f"ProviderClient({self.provider} {self.settings.base_url}, limits={limits})"
+
+    def withdraw_waiting(self) -> int:
+        """The worker is stopping: every call still waiting to go out (for the spend limit,
+        a slot, a pause, a back-off) and every one that would wait from now on raises
+        `RecordReleased`, unless an answer of it was billed. Calls already out run on.
+        Returns how many were waiting."""
+        return self._waits.withdraw()
 
     def limiter(self, model: Model) -> AdaptiveLimiter:
         """The adaptive concurrency limit of one model at this provider."""
@@ -178,7 +185,7 @@ class ProviderClient:
         if spend is None:
             return None
         wait = None if deadline is None else deadline - self._clock.wall()
-        with anyio.move_on_after(wait):
+        with self._waits.bounded(run, wait):
             return await spend.admit(model, len(body), max_tokens(params))
         failure = Failure(
             retryable=True, error_type="deadline", message="deadline passed under the spend limit"
@@ -211,7 +218,7 @@ class ProviderClient:
         while True:
             ticket = self._gate(model)
             if ticket is None:
-                if await self._probe_passed(model, end):
+                if await self._probe_passed(model, end, run):
                     continue
                 raise self._circuit_open(model, last, run.calls, run)
             calls = run.calls
@@ -223,34 +230,15 @@ class ProviderClient:
             if isinstance(result, Parsed):
                 return result, attempt
             last = result
-            self._warn_refused(model, result)
+            self._refusals.heard(model, result, self._clock.monotonic())
             wait = self._next_wait(result, attempt, end)
             if wait is None:
                 note = "the provider asked to wait past the deadline" if result.wait_s else ""
                 raise self._error(model, result, attempt, run, note=note)
             if self._observer:
                 self._observer.on_retry(self.provider, model.id, result.error_type)
-            await anyio.sleep(wait)
-
-    def _warn_refused(self, model: Model, failure: Failure) -> None:
-        """A key refused (401) or not allowed (403): nothing else says so (the breaker takes
-        no side, the request fails over and is paid for there), so say it, once a minute."""
-        if failure.status not in _AUTH_STATUSES or failure.error_type == "context_length_exceeded":
-            return
-        now = self._clock.monotonic()
-        if now - self._refused_at < _REFUSED_LOG_INTERVAL_S:
-            return
-        self._refused_at = now
-        name = self.provider.upper()
-        logger.warning(
-            "%s refused the call to %s: HTTP %d %s; check %s_API_KEY (and the account's "
-            "access to the model): its requests fail over until then",
-            self.provider,
-            model.api_model,
-            failure.status,
-            failure.error_type,
-            name,
-        )
+            with self._waits.bounded(run, None):
+                await anyio.sleep(wait)
 
     def _unsent(
         self, model: Model, refusal: Failure, last: Failure | None, run: Tab
@@ -285,7 +273,7 @@ class ProviderClient:
         # Sleeping into the deadline would only buy an attempt with no time to run.
         return wait if self._clock.monotonic() + wait < end else None
 
-    async def _probe_passed(self, model: Model, end: float) -> bool:
+    async def _probe_passed(self, model: Model, end: float, run: Tab) -> bool:
         """Half-open: wait (within the budget) for the probe's verdict instead of failing.
 
         After an outage the first call is a probe and the rest would fail at once; a burst
@@ -296,7 +284,7 @@ class ProviderClient:
         if state.breaker.state(self._clock.monotonic()) != "half_open":
             return False
         verdict = state.verdict
-        with anyio.move_on_after(end - self._clock.monotonic()):
+        with self._waits.bounded(run, end - self._clock.monotonic()):
             await verdict.wait()
         return verdict.is_set()
 
@@ -346,7 +334,7 @@ class ProviderClient:
         outcome: Outcome = "neutral"
         throttled = False
         try:
-            acquired = await acquire(state.limiter, end, self._clock.monotonic)
+            acquired = await acquire(state.limiter, end, self._clock.monotonic, self._waits, run)
             if isinstance(acquired, Failure):
                 return acquired
             permit = acquired
@@ -378,6 +366,7 @@ class ProviderClient:
                 if self._observer:
                     self._observer.on_answer(self.provider, model.id, finish, None, None)
                 return
+        run.answered += 1
         billed = charge(model, usage)
         if billed.cost_usd is not None:
             run.cost_usd = (run.cost_usd or 0.0) + billed.cost_usd

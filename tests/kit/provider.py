@@ -1,6 +1,7 @@
 """A provider of the test's own on loopback, for answers the simulator cannot give: a 200
 whose `usage` is absurd or missing, an error object with usage, `choices: []`, a 429 timed
-by the test, a gzip bomb, an endless body. Real HTTP, real aiohttp."""
+by the test, a gzip bomb, an endless body. Real HTTP, real aiohttp; `client_of` gives a
+`ProviderClient` of it, and the messages that reached it."""
 
 from __future__ import annotations
 
@@ -8,9 +9,29 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from aiohttp import web
 
-__all__ = ["answer", "provider_on", "serving"]
+from stream.catalog import Model
+from stream.config import ProviderSettings, Secret
+from stream.prices import Price
+from stream.providers import Backoff, ProviderClient
+
+__all__ = ["answer", "ask", "client_of", "priced", "provider_on", "serving"]
+
+FAST = Backoff(base_s=0.001, cap_s=0.01)
+
+
+def priced(model_id: str) -> Model:
+    """A Synthetic model (`hf:<id>`) at one micro-dollar per token, in and out."""
+    return Model(
+        id=model_id,
+        provider="synthetic",
+        api_model=f"hf:{model_id}",
+        timeout_s=60,
+        price=Price(input=1.0, output=1.0),
+    )
+
 
 # One body per call: the n-th call (from 0) gets `answers(n)`.
 Answers = Callable[[int], dict[str, Any]]
@@ -66,3 +87,30 @@ async def provider_on(answers: Answers, calls: list[int]) -> AsyncIterator[str]:
 
     async with serving(chat) as base:
         yield base
+
+
+@asynccontextmanager
+async def client_of(
+    handle: Callable[[str], Awaitable[web.StreamResponse]], **settings: Any
+) -> AsyncIterator[tuple[ProviderClient, list[str]]]:
+    """A client (Synthetic's settings, `settings` over them, quick back-offs) of a server
+    answering each call with `handle(its last message's content)`; and the contents of
+    the calls that reached the server, in order."""
+    calls: list[str] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        text = orjson.loads(await request.read())["messages"][-1]["content"]
+        calls.append(text)
+        return await handle(text)
+
+    async with serving(chat) as url:
+        config = ProviderSettings(
+            name="synthetic", base_url=url, api_key=Secret("sk-edge-test-key"), **settings
+        )
+        async with ProviderClient(config, backoff=FAST) as client:
+            yield client, calls
+
+
+def ask(text: str) -> list[dict[str, Any]]:
+    """One user message."""
+    return [{"role": "user", "content": text}]

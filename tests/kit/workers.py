@@ -46,6 +46,22 @@ def simulator_env(env: dict[str, str], sim: Simulator | str, **more: str) -> dic
     }
 
 
+# The built-in catalog leaves three models unpriced; a spend limit needs every model priced.
+_PRICES = """
+[prices]
+"glm-4.6-syn" = { input = 0.6, output = 2.2 }
+"minimax-m2-syn" = { input = 0.3, output = 1.2 }
+"qwen3-coder-480b-syn" = { input = 0.4, output = 1.6 }
+"""
+
+
+def priced_catalog(folder: Path) -> Path:
+    """A catalog file (for STREAM_CATALOG_FILE) that prices every model, in `folder`."""
+    path = folder / "catalog.toml"
+    path.write_text(_PRICES)
+    return path
+
+
 def simulated_settings(env: dict[str, str], sim: Simulator, *, max_in_flight: int) -> Settings:
     """Both providers on the simulator, short per-attempt timeouts, few retries."""
     return Settings.from_env(

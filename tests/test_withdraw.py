@@ -1,0 +1,210 @@
+"""A stopping worker gives back the calls still waiting to go out (`RecordReleased`), so its
+drain waits only for calls that are out. First the client, over real HTTP against a
+provider of the test's own whose answers wait on events the test sets: a call waiting for
+a slot, for the spend limit, or in a back-off after a 429 is withdrawn and never sent; a
+call whose billed answer it could not use is not (running its record again would pay
+again). Then end to end on the broker and the simulator: a worker held by its spend limit
+stops in seconds, not when the window frees room, and the next worker answers the rest,
+each request once, none paid twice."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from aiohttp import web
+
+from stream import topics
+from stream.devtools.faults import Latency
+from stream.devtools.simulator import SimConfig, Simulator
+from stream.errors import RecordReleased
+from stream.spend import Budget
+from stream.stages import Topics
+from stream.worker import Worker
+from tests.kit import eventually
+from tests.kit.kafka import committed, produce, read_all
+from tests.kit.provider import answer, ask, client_of, priced
+from tests.kit.requests import request
+from tests.kit.workers import priced_catalog, simulated_settings
+
+pytestmark = pytest.mark.anyio
+
+GLM = priced("glm")
+USAGE = {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
+
+
+async def _released(call: Awaitable[Any]) -> None:
+    with anyio.fail_after(5), pytest.raises(RecordReleased):
+        await call
+
+
+async def test_a_call_waiting_for_a_slot_is_withdrawn_and_never_sent() -> None:
+    out, go = anyio.Event(), anyio.Event()
+
+    async def handle(text: str) -> web.StreamResponse:
+        out.set()
+        await go.wait()
+        return web.json_response(answer(USAGE, content=f"re: {text}"))
+
+    async with client_of(handle, max_connections=1, initial_concurrency=1) as (client, calls):
+        answers: list[str] = []
+        async with anyio.create_task_group() as group:
+
+            async def first() -> None:
+                answers.append((await client.complete(GLM, ask("out"))).content)
+
+            group.start_soon(first)
+            await out.wait()
+            group.start_soon(_released, client.complete(GLM, ask("waiting")))
+            await anyio.wait_all_tasks_blocked()
+            assert client.limiter(GLM).snapshot().waiting == 1
+            assert client.withdraw_waiting() == 1
+            # One that would wait from now on gives its record back at once too.
+            await _released(client.complete(GLM, ask("later")))
+            go.set()  # the call that was out runs on and is answered
+    assert answers == ["re: out"]
+    assert calls == ["out"]
+
+
+async def test_a_call_waiting_for_the_spend_limit_is_withdrawn_and_never_sent() -> None:
+    # A model's first call runs alone under a spend limit: the second waits for it.
+    budget = Budget("live", limit_usd=1.0, window_s=60)
+    out, go = anyio.Event(), anyio.Event()
+
+    async def handle(text: str) -> web.StreamResponse:
+        out.set()
+        await go.wait()
+        return web.json_response(answer(USAGE))
+
+    async with client_of(handle) as (client, calls):
+        async with anyio.create_task_group() as group:
+            group.start_soon(partial(client.complete, GLM, ask("first"), spend=budget))
+            await out.wait()
+            group.start_soon(_released, client.complete(GLM, ask("second"), spend=budget))
+            await anyio.wait_all_tasks_blocked()
+            assert client.withdraw_waiting() == 1
+            go.set()
+    assert calls == ["first"]
+    snapshot = budget.snapshot()
+    assert snapshot.held_usd == 0.0 and snapshot.spent_usd > 0  # the first settled alone
+
+
+async def test_a_call_backing_off_after_a_429_is_withdrawn() -> None:
+    async def handle(text: str) -> web.StreamResponse:
+        return web.json_response({"error": {}}, status=429, headers={"Retry-After": "10"})
+
+    async with client_of(handle) as (client, calls):
+        async with anyio.create_task_group() as group:
+            group.start_soon(_released, client.complete(GLM, ask("x"), deadline=time.time() + 30))
+
+            async def backing_off() -> bool:  # its 429 read: the model's calls pause 10 s
+                return client.limiter(GLM).snapshot().paused_for_s > 0
+
+            await eventually(backing_off)
+            await anyio.wait_all_tasks_blocked()
+            assert client.withdraw_waiting() == 1
+    assert calls == ["x"]  # a 429 is not billed: the next owner's call is the only paid one
+
+
+async def test_a_call_with_a_billed_answer_is_not_withdrawn() -> None:
+    # Its first answer is a 200 with usage but no content (billed, unusable): the retry
+    # that follows is the call's own, and giving the record back would pay for it again.
+    out, go = anyio.Event(), anyio.Event()
+    answers = iter([answer(USAGE, content=""), answer(USAGE, content="second try")])
+
+    async def handle(text: str) -> web.StreamResponse:
+        out.set()
+        await go.wait()
+        return web.json_response(next(answers))
+
+    async with client_of(handle) as (client, calls):
+        done: list[str] = []
+        async with anyio.create_task_group() as group:
+
+            async def call() -> None:
+                done.append((await client.complete(GLM, ask("x"))).content)
+
+            group.start_soon(call)
+            await out.wait()
+            client.withdraw_waiting()  # the stop comes while the first attempt is out
+            go.set()
+    assert done == ["second try"]
+    assert calls == ["x", "x"]
+
+
+# --- end to end -------------------------------------------------------------------------
+
+REQUESTS = 40
+MODEL = "deepseek-v3-0324-syn"
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(180)
+async def test_a_worker_held_by_its_spend_limit_stops_at_once_and_loses_nothing(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    catalog = priced_catalog(tmp_path)
+    async with Simulator(SimConfig(latency=Latency("fixed", 0.05))) as sim:
+        base = {**env, "STREAM_CATALOG_FILE": str(catalog), "STREAM_COMMIT_INTERVAL_S": "0.2"}
+        # Room for a few calls in an hour: the rest wait, started, for the spend limit.
+        held = simulated_settings(
+            {**base, "STREAM_SPEND_LIMIT_USD": "0.0001", "STREAM_SPEND_WINDOW": "1h"},
+            sim,
+            max_in_flight=16,
+        )
+        await topics.apply(held, await topics.plan(held))
+        names = Topics.of(held)
+        asked = [f"w-{i:03d}" for i in range(REQUESTS)]
+        await produce(held, names.requests, [request(r, MODEL, f"Q {r}?") for r in asked])
+
+        first = Worker(held, ("primary",))
+        async with anyio.create_task_group() as group:
+            group.start_soon(first.run)
+            await first.started.wait()
+
+            async def waiting() -> bool:
+                # Started records, none of them out, and none on its way for half a second
+                # (an admitted call reaches the simulator a moment later): the room is spent
+                # for the hour, and the rest wait for it.
+                before = sim.stats()["requests"]
+                await anyio.sleep(0.5)
+                engine, now = first.engines[0].snapshot(), sim.stats()
+                return engine.in_flight > 1 and now["in_flight"] == 0 and now["requests"] == before
+
+            await eventually(waiting, timeout_s=60)
+            paid_first = sim.stats()["requests"]
+            stopped = time.monotonic()
+            first.stop()
+        took = time.monotonic() - stopped
+        released = first.engines[0].snapshot().records_released
+        assert released > 0
+        assert took < 30, f"the drain waited {took:.0f} s for calls that never went out"
+        assert sim.stats()["requests"] == paid_first  # none of them was sent on the way out
+
+        group_id = first.engines[0].group_id
+        offsets = await committed(held, group_id, names.requests)
+        done_first = len(await read_all(held, names.results))
+        assert sum(offset for offset, _ in offsets.values()) <= REQUESTS - released
+
+        # The next worker, without the limit, answers the rest.
+        free = simulated_settings(base, sim, max_in_flight=16)
+        second = Worker(free, ("primary",))
+        async with anyio.create_task_group() as group:
+            group.start_soon(second.run)
+            results: list[dict[str, Any]] = []
+
+            async def all_done() -> bool:
+                results[:] = [orjson.loads(r.value) for r in await read_all(free, names.results)]
+                return len(results) >= REQUESTS
+
+            await eventually(all_done, timeout_s=90)
+            second.stop()
+    assert done_first < REQUESTS
+    assert sorted(r["request_id"] for r in results) == asked  # each once
+    assert sim.stats()["paid_twice"] == 0
