@@ -9,7 +9,9 @@ Every record written is built here, so it validates against its schema in topics
 from __future__ import annotations
 
 import base64
+import json
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -163,11 +165,47 @@ class Decoder:
             # The message names the field and the rule, never the value (it may be a prompt).
             raise InvalidRecordError("invalid_request", exc.message) from None
         _check_writable(body, value)
+        _check_exact(value)
         return body  # type: ignore[no-any-return]
 
 
 # Fewer `{` and `[` in the whole text than this, and the body cannot be nested too deep.
 _SHALLOW = 200
+# orjson reads an integer as an int from -2**63 to 2**64 - 1, and one beyond as a float.
+_INT_RANGE = range(-(2**63), 2**64)
+# Beyond that range: 20 digits or more, or a minus and 19 or more.
+_LONG_NUMBER = re.compile(rb"[0-9]{20}|-[0-9]{19}")
+
+
+class _Inexact(Exception):
+    pass
+
+
+def _exact_int(literal: str) -> int:
+    number = int(literal)
+    if number not in _INT_RANGE:
+        raise _Inexact
+    return number
+
+
+def _check_exact(text: bytes) -> None:
+    """An integer beyond 64 bits would not come back as sent: orjson reads it as a float,
+    so an order id of 123456789012345678901 in `metadata` would be written in the result
+    as 1.2345678901234568e+20. Such a request is refused, saying how to send it, rather
+    than changed. Only a text with a run of 19 or 20 digits can hold one (digits in a
+    prompt too: those are read again, by the standard parser, which keeps integers whole)."""
+    if _LONG_NUMBER.search(text) is None:
+        return
+    try:
+        json.loads(text, parse_int=_exact_int)
+    except (ValueError, RecursionError):
+        return  # what orjson read and this parser cannot: nothing to compare with
+    except _Inexact:
+        raise InvalidRecordError(
+            "invalid_request",
+            "an integer beyond 64 bits would not be carried exactly (it would become a "
+            "float): send it as a string",
+        ) from None
 
 
 def _check_writable(body: Any, text: bytes) -> None:

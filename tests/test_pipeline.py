@@ -63,6 +63,10 @@ async def running(env: dict[str, str]) -> AsyncIterator[Worker]:
             yield worker
 
 
+# The widest integers a request carries exactly: orjson's range.
+WIDE = {"max": 2**64 - 1, "min": -(2**63)}
+
+
 async def test_every_request_ends_as_exactly_one_right_terminal_record(env: dict[str, str]) -> None:
     cases = {
         "ok-r1": (request("ok-r1", "deepseek-r1-0528-syn"), "synthetic"),
@@ -86,6 +90,15 @@ async def test_every_request_ends_as_exactly_one_right_terminal_record(env: dict
             orjson.dumps({"request_id": "wrong-types", "model": 5, "messages": "hi"}),
             "invalid_request",
         ),
+        "wide-ints": (
+            request("wide-ints", "deepseek-v3-0324-syn", metadata=WIDE),
+            "synthetic",
+        ),
+        "too-wide": (  # would be read as a float and written back changed
+            b'{"request_id": "too-wide", "model": "deepseek-v3-0324-syn", "messages": '
+            b'[{"role": "user", "content": "hi"}], "metadata": {"order": 18446744073709551616}}',
+            "invalid_request",
+        ),
     }
     async with running(env) as worker:
         live = worker.settings
@@ -106,6 +119,7 @@ async def test_every_request_ends_as_exactly_one_right_terminal_record(env: dict
         if "reason" in record and record["request"] is None:
             assert base64.b64decode(record["raw"]) == value  # the original bytes
     assert found["ok-v3"][1]["metadata"] == {"team": "search"}
+    assert found["wide-ints"][1]["metadata"] == WIDE  # exactly, as ints
     kimi = found["fb-kimi"][1]
     assert kimi["fallback"] is True and kimi["provider_model"] == "moonshotai/Kimi-K2-Instruct"
     assert kimi["attempts"] >= 2  # the failed Synthetic attempts count too

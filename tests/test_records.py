@@ -53,6 +53,31 @@ def _reason(value: bytes | None) -> str:
     return caught.value.reason
 
 
+@given(
+    number=st.integers(-(2**63), 2**64 - 1)
+    | st.integers(2**64, 10**40)
+    | st.integers(-(10**40), -(2**63) - 1),
+    filler=st.text(alphabet="0123456789 ", max_size=40),
+)
+def test_an_integer_is_carried_exactly_or_the_request_refused(number: int, filler: str) -> None:
+    # orjson reads an integer beyond 64 bits as a float: such a request is refused, never
+    # changed; digits in a prompt are only text.
+    text = f"count {filler} and 123456789012345678901234567890"
+    value = (
+        b'{"request_id": "r-1", "model": "known-model", "metadata": {"n": '
+        + str(number).encode()
+        + b'}, "messages": [{"role": "user", "content": '
+        + orjson.dumps(text)
+        + b"}]}"
+    )
+    if -(2**63) <= number < 2**64:
+        request = DECODER.decode(value, now=0)
+        assert request.metadata == {"n": number} and type(request.metadata["n"]) is int
+        assert request.messages[0]["content"] == text
+    else:
+        assert _reason(value) == "invalid_request"
+
+
 def test_a_good_request_decodes() -> None:
     request = DECODER.decode(orjson.dumps({**GOOD, "params": {"temperature": 0.2}}), now=0)
     assert request.request_id == "r-1" and request.params == {"temperature": 0.2}
