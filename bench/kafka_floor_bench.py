@@ -72,6 +72,8 @@ async def run_aiokafka(settings: Settings, records: int) -> float:
         done, cpu = 0, time.process_time()
         while done < records:
             batch = await consumer.getmany(timeout_ms=100)
+            if not batch:
+                continue
             acks = []
             for tp, fetched in batch.items():
                 for record in fetched:
