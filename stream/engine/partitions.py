@@ -16,6 +16,7 @@ The snapshots an engine gives of itself (`EngineSnapshot`) and of each partition
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from typing import Any, NamedTuple, TypeAlias
@@ -116,6 +117,10 @@ class Partition:
         self.writes: dict[int, float] = {}  # offset → when its outputs' write began (monotonic)
         self._writes_done: anyio.Event | None = None  # made only for a revoke that waits
         self.write_error: str | None = None  # the last refusal since outputs last went through
+        # Acks awaited (future → when the wait began, loop time) and the one timer that
+        # looks for a late one (`stream.engine.late`): no timer per output.
+        self.acks: dict[object, float] = {}
+        self.late_watch: asyncio.TimerHandle | None = None
         self.runners: set[Runner] = set()  # the tasks running its records: abandon cancels
         self.idle = anyio.Event()  # set whenever nothing of this partition is running
         self.idle.set()
