@@ -119,6 +119,9 @@ class Source:
         if not raw:
             return default
         try:
+            # Python reads "١٠" and "1_000" as numbers too; Kafka and the README do not.
+            if not raw.isascii() or "_" in raw:
+                raise ValueError(raw)
             return convert(raw)
         except ValueError:
             raise ConfigError(f"{name} must be {kind} (got {raw!r})") from None

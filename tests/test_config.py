@@ -236,3 +236,13 @@ def test_a_config_file_takes_only_settings(tmp_path: Path, text: str, message: s
     file.write_bytes(text.encode("latin-1"))
     with pytest.raises(ConfigError, match=message.replace("?", r"\?")):
         Settings.from_env({"STREAM_CONFIG_FILE": str(file)})
+
+
+@pytest.mark.parametrize("raw", ["١٠", "1_000", "５"])
+def test_numbers_are_written_as_kafka_and_the_readme_write_them(raw: str) -> None:
+    # Python's int() and float() read other scripts' digits and underscores; an operator
+    # reading the value back would not see the number the worker runs with.
+    for name in ("STREAM_KAFKA_LINGER_MS", "STREAM_COMMIT_INTERVAL_S"):
+        with pytest.raises(ConfigError, match=rf"^{name} must be a (whole )?number \(got "):
+            Settings.from_env({name: raw})
+    assert Settings.from_env({"STREAM_KAFKA_LINGER_MS": " 10 "}).kafka.linger_ms == 10
