@@ -5,7 +5,8 @@ a slot, for the spend limit, or in a back-off after a 429 is withdrawn and never
 call whose billed answer it could not use is not (running its record again would pay
 again). Then end to end on the broker and the simulator: a worker held by its spend limit
 stops in seconds, not when the window frees room, and the next worker answers the rest,
-each request once, none paid twice."""
+each request once, none paid twice, none counted as perhaps paid twice. And the commit
+note that tells a next owner what was started leaves out records given back."""
 
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ import anyio
 import orjson
 import pytest
 from aiohttp import web
+from aiokafka import TopicPartition
 
 from stream import topics
 from stream.devtools.faults import Latency
 from stream.devtools.simulator import SimConfig, Simulator
+from stream.engine.offsets import PartitionOffsets, split_notes
+from stream.engine.partitions import Partition
 from stream.errors import RecordReleased
 from stream.spend import Budget
 from stream.stages import Topics
@@ -138,6 +142,22 @@ async def test_a_call_with_a_billed_answer_is_not_withdrawn() -> None:
     assert calls == ["x", "x"]
 
 
+def test_records_given_back_at_the_top_are_not_noted_as_started() -> None:
+    partition = Partition(
+        TopicPartition("in", 0), PartitionOffsets(0), low_priority=False, key_ordering=False
+    )
+    for offset in range(6):
+        assert partition.offsets.accept(offset)
+    partition.started_high = 6
+    partition.offsets.finish(0)
+    partition.offsets.finish(2)
+    partition.released.update({3, 4, 5})
+    # 1 ran and was abandoned: perhaps paid (2 is finished: the next owner skips it)
+    assert split_notes(partition.position()[1])[1]["started"] == "2"
+    partition.released.add(1)  # all that is not finished was given back: nothing to note
+    assert "started" not in split_notes(partition.position()[1])[1]
+
+
 # --- end to end -------------------------------------------------------------------------
 
 REQUESTS = 40
@@ -208,3 +228,5 @@ async def test_a_worker_held_by_its_spend_limit_stops_at_once_and_loses_nothing(
     assert done_first < REQUESTS
     assert sorted(r["request_id"] for r in results) == asked  # each once
     assert sim.stats()["paid_twice"] == 0
+    # Given back unpaid, not "started": the next owner counts none as perhaps paid twice.
+    assert second.engines[0].snapshot().records_redelivered == 0

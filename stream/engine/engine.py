@@ -35,7 +35,8 @@ from stream.engine.partitions import (
     Record,
     Runner,
 )
-from stream.engine.rebalance import Listener, Rebalancer, partition_names, seek
+from stream.engine.rebalance import Listener, Rebalancer, seek
+from stream.engine.signals import drain
 from stream.errors import KafkaError, OutputRejectedError, RecordReleased
 from stream.kafka import start_client, translate
 
@@ -270,30 +271,8 @@ class Engine:
         return 120.0 if (grace := self._config.shutdown_grace_s) is None else grace
 
     async def _drain(self, grace_s: float) -> None:
-        """Stop starting records but keep the partitions (and, with an instance id, keep
-        them through the restart): running calls get `grace_s` to finish and be written."""
-        for partition in self._partitions.values():
-            partition.drop_queued()
-        running = sum(p.in_flight for p in self._partitions.values())
-        log.info(
-            "draining %d running records (up to %.0f s)",
-            running,
-            grace_s,
-            extra={"partitions": partition_names(self._partitions), "draining": True},
-        )
-        with anyio.move_on_after(grace_s):
-            for partition in list(self._partitions.values()):
-                await partition.idle.wait()
-        if self.records_released:
-            log.info(
-                "released %d records whose calls had not gone out (the spend limit, a slot, "
-                "a pause or a back-off): nothing was paid, their next owner runs them",
-                self.records_released,
-            )
-        abandoned = sum(p.abandon() for p in self._partitions.values())
+        abandoned = await drain(self._partitions, grace_s, lambda: self.records_released)
         self._rebalancer.abandoned += abandoned  # one count of the calls paid for again
-        if abandoned:
-            log.warning("shutdown grace over: abandoned %d running records", abandoned)
 
     # -- fetch → dispatch → process -----------------------------------------------------
 
@@ -358,7 +337,8 @@ class Engine:
                         try:
                             outputs = await self._handler(record)
                         except Exception as exc:
-                            if (failed := self._handler_failed(record, exc)) is None:
+                            failed = self._handler_failed(partition, record, exc)
+                            if failed is None:
                                 return  # released in a drain: its next owner runs it
                             outputs = failed
                     if await self._deliver(partition, record, outputs):
@@ -401,12 +381,15 @@ class Engine:
         finally:
             partition.end_write(record.offset)
 
-    def _handler_failed(self, record: Record, exc: Exception) -> Sequence[Output] | None:
+    def _handler_failed(
+        self, partition: Partition, record: Record, exc: Exception
+    ) -> Sequence[Output] | None:
         """The outputs for a record whose handler raised; None when the handler gave it
         back in a drain (`RecordReleased`): unfinished and uncommitted, for its next owner.
         Anything else (a release outside a drain too) the stage turns into a dead letter."""
         if isinstance(exc, RecordReleased) and self._stopping.is_set():
             self.records_released += 1
+            partition.released.add(record.offset)
             return None
         self.handler_errors += 1
         log.error(

@@ -232,6 +232,10 @@ class PartitionOffsets:
         self._advance()
         return True
 
+    def finished(self, offset: int) -> bool:
+        """Whether `offset` is known to be finished."""
+        return offset < self._watermark or offset in self._done or offset in self._restored
+
     def finish(self, offset: int) -> None:
         """Mark an accepted record finished."""
         if offset < self._watermark or offset >= self._high or offset in self._done:

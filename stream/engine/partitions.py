@@ -104,6 +104,7 @@ class Partition:
         # one of them again may pay for a call twice.
         self.started_before = started_before
         self.started_high = -1  # one past the highest offset this owner started
+        self.released: set[int] = set()  # started, then given back unpaid in a drain
         self.held: str | None = None  # why the engine's gate holds this partition
         self.low_priority = low_priority
         self.key_ordering = key_ordering
@@ -186,6 +187,13 @@ class Partition:
         """(offset, metadata) to commit: the watermark, finished offsets above it, notes."""
         notes = {}
         started = max(self.started_high, self.started_before)
+        # Records given back unpaid at the top of what was started are not "started": the
+        # next owner must not count them as calls perhaps paid twice (nor finished ones
+        # among them, which it skips).
+        top, offsets = started - 1, self.offsets
+        while top >= offsets.watermark and (top in self.released or offsets.finished(top)):
+            top -= 1
+        started = top + 1
         if started > self.offsets.watermark:
             notes["started"] = str(started)
         if self.held:

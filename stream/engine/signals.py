@@ -1,14 +1,20 @@
-"""Running until SIGTERM or SIGINT: the first drains, the second stops at once."""
+"""Running until SIGTERM or SIGINT: the first drains, the second stops at once; and the
+drain itself (`drain`): running calls finish, calls that wait give their records back."""
 
 from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import anyio
+from aiokafka import TopicPartition
 
-__all__ = ["Stoppable", "run_until_signal"]
+from stream.engine.partitions import Partition
+from stream.engine.rebalance import partition_names
+
+__all__ = ["Stoppable", "drain", "run_until_signal"]
 
 log = logging.getLogger(__name__)
 
@@ -47,3 +53,38 @@ async def _watch_signals(target: Stoppable, scope: anyio.CancelScope, forced: an
                 forced.set()
                 scope.cancel()
                 return
+
+
+async def drain(
+    partitions: Mapping[TopicPartition, Partition], grace_s: float, released: Callable[[], int]
+) -> int:
+    """Stop starting records but keep the partitions (and, with an instance id, keep them
+    through the restart): running calls get `grace_s` to finish and be written; records
+    whose calls still wait give themselves back (`released()` counts them). Returns how
+    many were still running when the grace ran out (abandoned: cancelled, run again by
+    their next owner)."""
+    for partition in partitions.values():
+        partition.drop_queued()
+    running = sum(p.in_flight for p in partitions.values())
+    log.info(
+        "draining %d running records (up to %.0f s)",
+        running,
+        grace_s,
+        extra={"partitions": partition_names(partitions), "draining": True},
+    )
+    try:
+        with anyio.move_on_after(grace_s):
+            for partition in list(partitions.values()):
+                await partition.idle.wait()
+    finally:  # a second signal cancels the wait: still say what was given back
+        if given_back := released():
+            log.info(
+                "gave back %d records still waiting to call (for the spend limit, a slot, "
+                "a pause or a back-off; none with an answer billed): uncommitted, their "
+                "next owner runs them",
+                given_back,
+            )
+    abandoned = sum(p.abandon() for p in partitions.values())
+    if abandoned:
+        log.warning("shutdown grace over: abandoned %d running records", abandoned)
+    return abandoned
