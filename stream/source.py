@@ -159,7 +159,7 @@ class Source:
         for item in filter(None, (part.strip() for part in raw.split(","))):
             key, _, value = item.partition("=")
             try:
-                amount = float(value)
+                amount = float(value) if value.isascii() and "_" not in value else -1.0
             except ValueError:
                 amount = -1.0
             if not key.strip() or not 0 < amount < float("inf"):

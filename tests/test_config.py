@@ -246,3 +246,7 @@ def test_numbers_are_written_as_kafka_and_the_readme_write_them(raw: str) -> Non
         with pytest.raises(ConfigError, match=rf"^{name} must be a (whole )?number \(got "):
             Settings.from_env({name: raw})
     assert Settings.from_env({"STREAM_KAFKA_LINGER_MS": " 10 "}).kafka.linger_ms == 10
+    with pytest.raises(ConfigError, match=r"^STREAM_SPEND_MODEL_LIMITS must look like"):
+        Settings.from_env(
+            {"STREAM_SPEND_LIMIT_USD": "1", "STREAM_SPEND_MODEL_LIMITS": f"glm={raw}"}
+        )
