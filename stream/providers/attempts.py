@@ -58,7 +58,7 @@ class Waits:
         `cancelled_caught` says the time ran out; a withdrawal raises `RecordReleased`."""
         withdrawable = run.answered == 0
         if withdrawable and self.withdrawn:
-            raise RecordReleased("the worker is stopping: the call had not gone out")
+            raise RecordReleased("the worker is stopping: the call was waiting to go out")
         scope = anyio.CancelScope() if timeout is None else anyio.move_on_after(timeout)
         if withdrawable:
             self._scopes.add(scope)
@@ -68,7 +68,7 @@ class Waits:
         finally:
             self._scopes.discard(scope)
         if withdrawable and self.withdrawn and scope.cancelled_caught:
-            raise RecordReleased("the worker is stopping: the call had not gone out")
+            raise RecordReleased("the worker is stopping: the call was waiting to go out")
 
 
 async def acquire(
