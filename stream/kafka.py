@@ -117,8 +117,25 @@ def _connection_error(settings: KafkaSettings, doing: str, verdict: Verdict | No
         )
     return KafkaError(
         f"cannot reach Kafka at {where} while {doing}: is it running? "
-        "(start a local one with `stream kafka start`, or set KAFKA_BOOTSTRAP_SERVERS)"
+        f"({_start_hint(where)}, or set KAFKA_BOOTSTRAP_SERVERS)"
     )
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _start_hint(bootstrap: str) -> str:
+    """How to start what `bootstrap` names: the local broker for one server, the local
+    cluster (`stream kafka start --brokers N`, brokers on consecutive ports) for several
+    on loopback, and nothing local for remote servers."""
+    servers = [server.strip() for server in bootstrap.split(",") if server.strip()]
+    if len(servers) < 2:
+        return "start a local one with `stream kafka start`"
+    hosts, ports = zip(*(server.rpartition(":")[::2] for server in servers), strict=True)
+    if not all(host in _LOOPBACK for host in hosts) or not all(p.isdigit() for p in ports):
+        return "start its brokers"
+    command = f"stream kafka start --brokers {len(servers)} --port {min(map(int, ports))}"
+    return f"a local cluster starts with `{command}`"
 
 
 class Verdict(NamedTuple):

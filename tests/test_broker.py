@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stream.config import Settings
 from stream.devtools.broker import LocalBroker
@@ -94,6 +96,40 @@ async def test_unreachable_cluster_is_one_clear_error() -> None:
             pass
 
 
+async def test_an_unreachable_local_cluster_gets_the_command_that_starts_it() -> None:
+    from stream.devtools.cluster import free_ports
+
+    first = free_ports(3)  # nothing listens there
+    servers = ",".join(f"127.0.0.1:{port}" for port in (first + 1, first, first + 2))
+    settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": servers})
+    with pytest.raises(KafkaError) as raised:
+        async with admin_client(settings.kafka, doing="testing"):
+            pass
+    assert f"`stream kafka start --brokers 3 --port {first}`" in str(raised.value)
+
+
+@given(
+    st.lists(st.integers(1, 65535), min_size=1, max_size=9),
+    st.lists(st.sampled_from(["127.0.0.1", "localhost", "[::1]", "kafka-1", "10.0.0.7"])),
+)
+def test_the_start_hint_names_the_local_cluster_only_for_loopback_servers(
+    ports: list[int], hosts: list[str]
+) -> None:
+    from stream.kafka import _start_hint
+
+    named = [f"{hosts[i % len(hosts)] if hosts else '127.0.0.1'}:{p}" for i, p in enumerate(ports)]
+    hint = _start_hint(", ".join(named))
+    loopback = all(
+        server.rpartition(":")[0] in ("127.0.0.1", "localhost", "[::1]") for server in named
+    )
+    if len(ports) == 1:
+        assert hint == "start a local one with `stream kafka start`"
+    elif loopback:
+        assert hint.endswith(f"`stream kafka start --brokers {len(ports)} --port {min(ports)}`")
+    else:
+        assert "stream kafka start" not in hint
+
+
 def test_missing_java_is_a_clear_error(
     tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -156,11 +192,13 @@ def test_kafka_start_checks_its_port_and_home(tmp_path: Path) -> None:
         assert text in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
 def test_a_start_interrupted_before_the_broker_is_ready_leaves_none_running(
-    tmp_path: Path,
+    tmp_path: Path, signum: str
 ) -> None:
-    """Ctrl-C while `stream kafka start` waits: the broker it launched is stopped, not left
-    running on its port with a pid file that says "already running" next time."""
+    """Ctrl-C (or SIGTERM, as `timeout` sends) while `stream kafka start` waits: the broker
+    it launched is stopped, not left running on its port with a pid file that says "already
+    running" next time."""
     import signal
     import subprocess
     import sys
@@ -192,8 +230,46 @@ def test_a_start_interrupted_before_the_broker_is_ready_leaves_none_running(
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
     broker = int(pid_file.read_text())
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and b"Traceback" not in err, err
-    assert not running(broker)
-    assert not pid_file.exists()
+    try:
+        process.send_signal(signal.Signals[signum])
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 130 and b"Traceback" not in err, err
+        assert not running(broker)
+        assert not pid_file.exists()
+    finally:  # started by this test: not left to run on after it fails
+        LocalBroker(home=tmp_path).kill()
+
+
+async def test_a_cluster_is_refused_in_a_single_brokers_home(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """As a single broker is refused in a cluster's home: a cluster started beside it would
+    leave it running, out of reach of both `stream kafka stop`s."""
+    from stream.devtools.broker import free_port
+    from stream.devtools.cluster import LocalCluster, free_ports
+    from tests.kit import run_cli
+
+    if "STREAM_CACHE_DIR" in os.environ:  # the broker's jars, fetched once
+        env = {**env, "STREAM_CACHE_DIR": os.environ["STREAM_CACHE_DIR"]}
+    home = ["--home", str(tmp_path)]
+    cluster = ["--brokers", "3", "--port", str(free_ports(6)), *home]
+    single = ["--port", str(free_port()), *home]
+    try:
+        assert (await run_cli(env, "kafka", "start", *single)).returncode == 0
+        refused = await run_cli(env, "kafka", "start", *cluster)
+        assert refused.returncode == 1
+        (line,) = refused.stderr.splitlines()
+        assert f"{tmp_path} holds a single broker" in line
+        assert f"it runs: stream kafka stop --home {tmp_path}" in line
+        assert not (tmp_path / "cluster.json").exists()
+        stopped = await run_cli(env, "kafka", "stop", *single)
+        assert stopped.stdout.strip() == "Kafka stopped", stopped.stderr
+        # stopped, its data is still there: a cluster there is refused still
+        again = await run_cli(env, "kafka", "status", *cluster)
+        assert (
+            again.returncode == 1
+            and "holds a single broker (made without --brokers)" in again.stderr
+        )
+    finally:  # started by this test: not left to run on after it fails
+        LocalBroker(home=tmp_path).kill()
+        LocalCluster(home=tmp_path, port=int(cluster[3])).kill()

@@ -76,7 +76,9 @@ async def test_kafka_command_stops_and_starts_one_broker_and_reports_the_cluster
 @pytest.mark.parametrize(
     ("args", "code", "error"),
     [
-        (["stop", "--broker", "4"], 1, "there is no broker 4: this cluster has 1 to 3"),
+        (["stop", "--broker", "4"], 2, "there is no broker 4: this cluster has 1 to 3"),
+        (["start", "--broker", "0"], 2, "there is no broker 0: this cluster has 1 to 3"),
+        (["status", "--controller", "-1"], 2, "there is no controller -1: this cluster has 1 to 3"),
         (["stop", "--kill"], 2, "--kill goes with stop --broker N or stop --controller N"),
         (["start", "--broker", "1", "--kill"], 2, "--kill goes with stop --broker N"),
     ],
@@ -85,7 +87,7 @@ async def test_kafka_command_refuses_what_it_cannot_do_in_one_line(
     cluster: LocalCluster, cluster_env: dict[str, str], args: list[str], code: int, error: str
 ) -> None:
     done = await run_cli(cluster_env, *kafka_cli(cluster, *args))
-    assert done.returncode == code  # 2: a usage error
+    assert done.returncode == code, done.stderr  # 2: a usage error
     (line,) = done.stderr.strip().splitlines()
     assert error in line
 

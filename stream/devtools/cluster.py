@@ -55,6 +55,9 @@ _PRIVATE_PORTS = (20000, 32000)
 CONTROLLERS = 3  # voters: one can be lost and the quorum (2) remains
 MAX_BROKERS = 9
 _CONTROLLER_ID_BASE = 100
+# What `stream kafka start` without --brokers leaves in its HOME (a cluster's nodes have theirs
+# in HOME/broker-i and HOME/controller-j)
+_SINGLE_BROKER_FILES = ("broker.pid", "server.properties")
 Role = Literal["broker", "controller"]
 
 # The same defaults a production cluster has (replication 3, transaction log min ISR 2),
@@ -208,7 +211,16 @@ class LocalCluster:
 
     def check_layout(self) -> None:
         """A HOME made for another layout is refused in one line: its controllers' quorum
-        and its nodes' data were made for those ports and that many brokers."""
+        and its nodes' data were made for those ports and that many brokers. A HOME a single
+        broker was made in is refused too: that broker would run on beside the cluster, out of
+        reach of both commands (the single broker's are refused in a cluster's HOME)."""
+        if any((self.home / name).exists() for name in _SINGLE_BROKER_FILES):
+            running = LocalBroker(home=self.home).pid() is not None
+            raise BrokerError(
+                f"{self.home} holds a single broker (made without --brokers"
+                + (f"; it runs: stream kafka stop --home {self.home})" if running else ")")
+                + ": pass another --home for a cluster"
+            )
         try:
             saved = json.loads(self._layout_file.read_text())
         except (OSError, ValueError):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from stream.config import Settings
+from stream.devtools import processes
 from stream.devtools.broker import KAFKA_VERSION, LocalBroker, cache_dir
 from stream.devtools.cluster import CONTROLLERS, MAX_BROKERS, ClusterNode, LocalCluster
 from stream.errors import EXIT_ATTENTION, EXIT_FAILED, BrokerError, UsageError
@@ -110,10 +111,13 @@ def _cluster_report(
 
 
 def _chosen(args: argparse.Namespace, cluster: LocalCluster) -> ClusterNode | None:
-    if args.broker is not None:
-        return cluster.node("broker", args.broker)
-    if args.controller is not None:
-        return cluster.node("controller", args.controller)
+    try:
+        if args.broker is not None:
+            return cluster.node("broker", args.broker)
+        if args.controller is not None:
+            return cluster.node("controller", args.controller)
+    except BrokerError as exc:  # a number the cluster has no node for: a usage error
+        raise UsageError(str(exc)) from None
     return None
 
 
@@ -147,6 +151,13 @@ def _status(cluster: LocalCluster, nodes: list[ClusterNode], *, json_out: bool) 
 
 
 def _kafka(args: argparse.Namespace, settings: Settings) -> int:
+    # SIGTERM (`timeout 60 stream kafka start`) ends a start as Ctrl-C does: the nodes it
+    # launched are stopped on the way out, not left half started
+    with processes.interruptible():
+        return _kafka_command(args)
+
+
+def _kafka_command(args: argparse.Namespace) -> int:
     if args.kill and (args.action != "stop" or args.broker is args.controller is None):
         raise UsageError("--kill goes with stop --broker N or stop --controller N")
     if args.brokers == 1:
