@@ -4,7 +4,7 @@ One reading by default (a one-shot answer, well under a second); `--samples N` t
 readings `--interval` seconds apart, for the window statuses (STALL, UNOWNED, WARN).
 Exit 3 when any partition needs a person (BEHIND, STALL, UNOWNED), 1 when a group does not
 exist or Kafka does not answer in time (one line on stderr each), else 0. Every reading is
-bounded in time, whatever state the cluster is in; one Kafka fails transiently (a broker
+bounded in time, whatever state the cluster is in; a reading Kafka fails transiently (a broker
 down, a group coordinator moving) is taken again for a while first. `--watch` goes on
 through failed readings (each shown in the frame) until Ctrl-C.
 """
