@@ -43,6 +43,7 @@ from aiokafka.coordinator.protocol import (
     ConsumerProtocolMemberMetadata,
 )
 from aiokafka.errors import KafkaError as AIOKafkaError
+from aiokafka.errors import for_code
 
 from stream.config import KafkaSettings
 from stream.engine.fetch import UNDECODABLE
@@ -259,7 +260,11 @@ class LagReader:
         for name in groups:
             for response in await self._admin.describe_consumer_groups([name]):
                 for group in response.to_object()["groups"]:
-                    if group["error_code"] == 0 and group["group"] == name:
+                    error = for_code(group["error_code"]) if group["error_code"] else None
+                    if error is not None and error.retriable:
+                        # a coordinator moving or loading its groups: not "no such group"
+                        raise error(f"describing group {name}")
+                    if error is None and group["group"] == name:
                         described[name] = group
         return described
 
