@@ -41,6 +41,7 @@ __all__ = [
     "start_client",
     "stop_client",
     "topic_partitions",
+    "transient",
     "translate",
     "translated",
 ]
@@ -306,6 +307,21 @@ async def retrying(call: Callable[[], Awaitable[T]], *, tries: int = _COORDINATO
                 raise
             await anyio.sleep(min(1.0, 0.1 * 2**attempt))
     raise AssertionError("unreachable")
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether Kafka said to try again: a group coordinator or a leader moving, a broker not
+    ready, a connection lost. Our `KafkaError` is transient when the aiokafka error it was
+    translated from (its `__cause__`) is retriable; anything else (credentials, ACLs, a
+    missing topic, a setting Kafka refuses) will fail the same way again."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, AIOKafkaError):
+            return bool(seen.retriable)
+        if isinstance(seen, OSError) and not isinstance(seen, ssl.SSLError):
+            return True  # a connection reset or refused: the broker may be back soon
+        seen = seen.__cause__
+    return False
 
 
 async def group_offsets(admin: Any, group: str, tps: list[Any]) -> dict[Any, Any]:

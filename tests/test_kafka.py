@@ -3,9 +3,11 @@ loop and run once per failure episode (the words themselves: tests/test_security
 
 from __future__ import annotations
 
+import ssl
 import time
 from pathlib import Path
 
+import aiokafka.errors
 import anyio
 import anyio.abc
 import pytest
@@ -14,10 +16,15 @@ from aiokafka.errors import (
     GroupAuthorizationFailedError,
     GroupCoordinatorNotAvailableError,
     KafkaConnectionError,
+    NodeNotReadyError,
 )
+from aiokafka.errors import KafkaError as AIOKafkaError
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stream.config import KafkaSettings, Secret
-from stream.kafka import connected, retrying, translate, translated
+from stream.errors import KafkaError
+from stream.kafka import connected, retrying, transient, translate, translated
 
 pytestmark = pytest.mark.anyio
 
@@ -106,3 +113,38 @@ async def test_retrying_rides_out_what_kafka_says_to_retry_and_no_more() -> None
     with pytest.raises(GroupAuthorizationFailedError):
         await retrying(refused)  # not retriable: raised at once
     assert calls == 1
+
+
+_AIOKAFKA_ERRORS = sorted(
+    (
+        kind
+        for kind in vars(aiokafka.errors).values()
+        if isinstance(kind, type) and issubclass(kind, AIOKafkaError)
+    ),
+    key=lambda kind: kind.__name__,
+)
+
+
+@given(st.sampled_from(_AIOKAFKA_ERRORS), st.integers(min_value=0, max_value=3))
+def test_a_kafka_error_is_transient_exactly_when_what_it_translates_is_retriable(
+    kind: type[AIOKafkaError], depth: int
+) -> None:
+    exc: BaseException = kind()
+    for level in range(depth):  # translated, perhaps more than once, always `from` it
+        outer = KafkaError(f"failed at level {level}")
+        outer.__cause__ = exc
+        exc = outer
+    assert transient(exc) is bool(kind.retriable)
+
+
+def test_a_connection_lost_is_transient_and_tls_or_our_own_words_are_not() -> None:
+    def ours(cause: BaseException | None) -> KafkaError:
+        exc = KafkaError("reading consumer lag failed")
+        exc.__cause__ = cause
+        return exc
+
+    assert transient(ours(ConnectionResetError()))
+    assert transient(ours(NodeNotReadyError("node 2 is not ready")))
+    assert not transient(ours(ssl.SSLError("certificate verify failed")))
+    assert not transient(ours(None))  # nothing Kafka said: no reason to think it will pass
+    assert not transient(ours(GroupAuthorizationFailedError("not allowed")))

@@ -22,12 +22,16 @@ from stream.config import KafkaSettings
 from stream.engine.offsets import split_notes
 from stream.errors import KafkaError
 from stream.observe.lagage import EndHistory, age
-from stream.observe.lagreader import GroupReading, LagReader, PartitionReading
+from stream.observe.lagreader import GroupReading, LagReader, PartitionReading, read_patiently
 from stream.observe.lagstatus import DEFAULT_STALL_AFTER_S, Sample, Status, Windows, evaluate
 
 __all__ = ["LagMonitor", "LagRow", "LagTracker", "Status", "nan_if_none"]
 
 log = logging.getLogger(__name__)
+
+# how long a round rides out a failure Kafka calls transient (at most one interval): a dead
+# broker's groups find another coordinator once the controllers fence it (about 9 s)
+_PATIENCE_S = 15.0
 
 
 class LagRow(NamedTuple):
@@ -211,15 +215,16 @@ class LagMonitor:
                 await anyio.sleep(self.interval_s)
 
     async def _bounded_round(self, reader: LagReader) -> None:
-        """A round that hangs (a broker that accepts but never answers) is a failed round."""
+        """A round that hangs (a broker that accepts but never answers) is a failed round;
+        one Kafka fails transiently (a dead broker's groups changing coordinator) is read
+        again for a while first, so /readyz does not flap on a single broker's death."""
         limit = 2 * self._fetch_timeout_s + 10.0
-        with anyio.move_on_after(limit) as scope:
-            await self._round(reader)
-        if scope.cancelled_caught:
+        patience = min(self.interval_s, _PATIENCE_S)
+        try:
+            readings = await read_patiently(reader, self.groups, patience_s=patience, round_s=limit)
+        except TimeoutError:
             self._failed(KafkaError(f"reading lag took over {limit:.0f} s; will try again"))
-
-    async def _round(self, reader: LagReader) -> None:
-        readings = await reader.read(self.groups)
+            return
         self._rows = tuple(self._tracker.update(readings))
         self.rounds += 1
         self.last_success = time.time()

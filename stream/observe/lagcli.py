@@ -4,7 +4,9 @@ One reading by default (a one-shot answer, well under a second); `--samples N` t
 readings `--interval` seconds apart, for the window statuses (STALL, UNOWNED, WARN).
 Exit 3 when any partition needs a person (BEHIND, STALL, UNOWNED), 1 when a group does not
 exist or Kafka does not answer in time (one line on stderr each), else 0. Every reading is
-bounded in time, whatever state the cluster is in.
+bounded in time, whatever state the cluster is in; a reading Kafka fails transiently (a broker
+down, a group coordinator moving) is taken again for a while first. `--watch` goes on
+through failed readings (each shown in the frame) until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,15 +22,19 @@ import anyio
 import orjson
 
 from stream.config import KafkaSettings, Settings
-from stream.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_USAGE
+from stream.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_USAGE, KafkaError
+from stream.kafka import transient
 from stream.observe.lag import LagRow, LagTracker
-from stream.observe.lagreader import PIPELINE_GROUPS, GroupReading, LagReader
+from stream.observe.lagreader import PIPELINE_GROUPS, GroupReading, LagReader, read_patiently
 from stream.observe.lagstatus import ATTENTION, DEFAULT_STALL_AFTER_S, worst
 
 __all__ = ["register", "render"]
 
 _FETCH_TIMEOUT_S = 2.0  # to find the oldest waiting record of each partition
 _ROUND_S = 10.0  # one reading, connecting included: past this, Kafka did not answer
+# a one-shot reading rides out a transient failure this long: a dead broker's groups find
+# another coordinator once the controllers fence it (broker.session.timeout.ms, 9 s)
+_PATIENCE_S = 15.0
 _MAX_INTERVAL_S = 3600.0
 
 
@@ -87,11 +94,7 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
     except KeyboardInterrupt:  # the way out of --watch
         pass
     except TimeoutError:
-        _err(
-            f"stream lag: Kafka at {settings.kafka.bootstrap_servers} did not answer within "
-            f"{_ROUND_S:.0f} s: is it up? (a reading connects, lists the groups' offsets and "
-            "fetches one record per partition)"
-        )
+        _err(f"stream lag: {_timed_out(settings.kafka)}")
         return EXIT_FAILED
     if not args.watch:
         _show(rows, latest, as_json=args.json, redraw=False)
@@ -150,26 +153,75 @@ async def _sample(
     latest: list[GroupReading],
 ) -> None:
     """Take `--samples` readings `--interval` apart (forever with `--watch`) into rows; each
-    reading (the first one connecting too) gets `_ROUND_S`, else `TimeoutError`."""
+    reading (the first one connecting too) gets `_ROUND_S`, else `TimeoutError`. A reading
+    Kafka failed transiently (a broker down, its groups' coordinator moving) is taken again
+    for up to `_PATIENCE_S`; under `--watch` it is shown and taken again at the next interval."""
     tracker = LagTracker(window=args.samples, stall_after_s=args.stall_after)
-    reader = LagReader(kafka, fetch_timeout_s=_FETCH_TIMEOUT_S)
-    with anyio.fail_after(_ROUND_S):
-        await reader.__aenter__()
+    reader: LagReader | None = None
     try:
-        taken = 0
+        taken = tries = 0
         while args.watch or taken < args.samples:
-            if taken:
+            if tries:
                 await anyio.sleep(args.interval)
-            with anyio.fail_after(_ROUND_S):
-                latest[:] = await reader.read(groups)
+            tries += 1
+            try:
+                reader = reader or await _open(kafka)
+                latest[:] = await read_patiently(
+                    reader, groups, patience_s=0 if args.watch else _PATIENCE_S, round_s=_ROUND_S
+                )
+            except (KafkaError, TimeoutError) as exc:
+                if not args.watch or not (isinstance(exc, TimeoutError) or transient(exc)):
+                    raise
+                _show_failure(exc, kafka, rows, latest, as_json=args.json, again_s=args.interval)
+                continue
             rows[:] = tracker.update(latest)
             taken += 1
             if args.watch:
                 _show(rows, latest, as_json=args.json, redraw=True)
     finally:
-        # closing waits on the clients' background tasks: bounded too, the answer is in
-        with anyio.move_on_after(_ROUND_S, shield=True):
-            await reader.__aexit__(None, None, None)
+        if reader is not None:
+            # closing waits on the clients' background tasks: bounded too, the answer is in
+            with anyio.move_on_after(_ROUND_S, shield=True):
+                await reader.__aexit__(None, None, None)
+
+
+async def _open(kafka: KafkaSettings) -> LagReader:
+    reader = LagReader(kafka, fetch_timeout_s=_FETCH_TIMEOUT_S)
+    with anyio.fail_after(_ROUND_S):
+        await reader.__aenter__()
+    return reader
+
+
+def _show_failure(
+    exc: Exception,
+    kafka: KafkaSettings,
+    rows: Sequence[LagRow],
+    readings: Sequence[GroupReading],
+    *,
+    as_json: bool,
+    again_s: float,
+) -> None:
+    """--watch goes on through a failed reading: the last table stays, marked as old, and
+    the error says why (on stderr under --json: stdout stays one JSON list a line)."""
+    why = _timed_out(kafka) if isinstance(exc, TimeoutError) else str(exc)
+    line = f"stream lag: reading failed ({why}); trying again in {again_s:g} s"
+    if as_json:
+        _err(line)
+        return
+    stamp = time.strftime("%H:%M:%S")
+    table = render(rows, readings) + "\n" if rows else ""
+    _out(
+        f"\x1b[H\x1b[2J{table}{stamp} {line}"
+        + (" (the table above is the last reading)" if rows else "")
+    )
+
+
+def _timed_out(kafka: KafkaSettings) -> str:
+    return (
+        f"Kafka at {kafka.bootstrap_servers} did not answer within {_ROUND_S:.0f} s: is it "
+        "up? (a reading connects, lists the groups' offsets and fetches one record per "
+        "partition)"
+    )
 
 
 def _show(

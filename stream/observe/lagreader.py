@@ -43,12 +43,14 @@ from aiokafka.coordinator.protocol import (
     ConsumerProtocolMemberMetadata,
 )
 from aiokafka.errors import KafkaError as AIOKafkaError
+from aiokafka.errors import for_code
 
 from stream.config import KafkaSettings
 from stream.engine.fetch import UNDECODABLE
-from stream.kafka import admin_client, connected, retrying, translated
+from stream.errors import KafkaError
+from stream.kafka import admin_client, connected, retrying, transient, translated
 
-__all__ = ["PIPELINE_GROUPS", "GroupReading", "LagReader", "PartitionReading"]
+__all__ = ["PIPELINE_GROUPS", "GroupReading", "LagReader", "PartitionReading", "read_patiently"]
 
 T = TypeVar("T")
 
@@ -60,7 +62,26 @@ PIPELINE_GROUPS: Mapping[str, tuple[str, ...]] = {
 }
 
 _TRIES = 7  # about 4 s of back-off in all
+_AGAIN_S = 0.5  # between readings while riding out a transient failure
 _POLL_S = 0.05  # a fetch that returns nothing is re-checked this often against the log end
+
+
+async def read_patiently(
+    reader: LagReader, groups: Mapping[str, Sequence[str]], *, patience_s: float, round_s: float
+) -> list[GroupReading]:
+    """One reading, each attempt within `round_s` (else `TimeoutError`). A failure Kafka
+    calls transient is read again until `patience_s` have passed: when a broker dies, its
+    groups' coordinator moves only once the controllers fence it (about 9 s, the brokers'
+    broker.session.timeout.ms), longer than the reader's own retries of each request."""
+    give_up = time.monotonic() + patience_s
+    while True:
+        try:
+            with anyio.fail_after(round_s):
+                return await reader.read(groups)
+        except KafkaError as exc:
+            if not transient(exc) or time.monotonic() + _AGAIN_S > give_up:
+                raise
+        await anyio.sleep(_AGAIN_S)
 
 
 class PartitionReading(NamedTuple):
@@ -239,7 +260,11 @@ class LagReader:
         for name in groups:
             for response in await self._admin.describe_consumer_groups([name]):
                 for group in response.to_object()["groups"]:
-                    if group["error_code"] == 0 and group["group"] == name:
+                    error = for_code(group["error_code"]) if group["error_code"] else None
+                    if error is not None and error.retriable:
+                        # a coordinator moving or loading its groups: not "no such group"
+                        raise error(f"describing group {name}")
+                    if error is None and group["group"] == name:
                         described[name] = group
         return described
 
