@@ -25,11 +25,15 @@ from stream.config import Settings
 from stream.errors import KafkaError, TopicSpecError
 from stream.kafka import admin_client, translated
 
-__all__ = ["Change", "TopicSpec", "apply", "load_schema", "load_specs", "plan"]
+__all__ = ["SETTLE_S", "Change", "TopicSpec", "apply", "load_schema", "load_specs", "plan"]
 
 _DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
 _TOPIC_ALREADY_EXISTS = 36  # another apply won the race: the topic is there, as wanted
 _TOPIC_AUTHORIZATION_FAILED = 29
+# INVALID_PARTITIONS, INVALID_CONFIG, POLICY_VIOLATION: Kafka refuses what topics/ declares,
+# which trying again will not mend (unlike INVALID_REPLICATION_FACTOR while all are fenced)
+_REFUSED = {37, 40, 44}
+SETTLE_S = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +61,11 @@ class Change:
     @property
     def fixable(self) -> bool:
         return self.action != "drift"
+
+    @property
+    def changes_something(self) -> bool:
+        """`apply` changes the cluster for it (a drifting topic may have configs to set too)."""
+        return self.action == "create" or bool(self.configs or self.add_partitions)
 
 
 def load_specs(directory: Path, *, prefix: str = "") -> list[TopicSpec]:
@@ -272,29 +281,34 @@ async def _overrides(admin: Any, topic: str) -> dict[str, str]:
     return {entry[0]: entry[1] for entry in resource[4] if entry[3] == _DYNAMIC_TOPIC_CONFIG}
 
 
-async def apply(settings: Settings, changes: list[Change]) -> None:
-    """Carry out the fixable changes of a plan."""
+async def apply(settings: Settings, changes: list[Change]) -> list[str]:
+    """Carry out the fixable changes of a plan. Returns the topics the brokers did not all
+    serve as applied within 30 s (the change is made; some broker's metadata lags)."""
+    doing = [change for change in changes if change.changes_something]
     async with admin_client(settings.kafka, doing="applying topics") as admin:
         try:
-            for change in changes:
+            for change in doing:
                 await _apply_one(admin, change)
-            await _settle(admin, [c for c in changes if c.action in ("create", "update")])
+            return await _settle(admin, doing)
         except AIOKafkaError as exc:
             raise await translated(exc, settings.kafka, "applying topics") from exc
 
 
-async def _settle(admin: Any, changes: list[Change], timeout_s: float = 30.0) -> None:
-    """Wait until the brokers serve what was applied.
+async def _settle(admin: Any, changes: list[Change], timeout_s: float = SETTLE_S) -> list[str]:
+    """Wait until the brokers serve what was applied; the topics they do not yet serve.
 
     The controller acknowledges a change before every broker's metadata has it, so without
     this wait a `stream run` (or a second plan) right after `apply` may not see it yet.
     """
+    waiting = [change.topic for change in changes]
     with anyio.move_on_after(timeout_s):
         for change in changes:
             for _poll in range(int(timeout_s * 10)):  # polling Kafka: nothing to wait on
                 if await _serves(admin, change):
+                    waiting.remove(change.topic)
                     break
                 await anyio.sleep(0.1)
+    return waiting
 
 
 async def _serves(admin: Any, change: Change) -> bool:
@@ -312,26 +326,37 @@ async def _apply_one(admin: Any, change: Change) -> None:
             change.topic, change.partitions, change.replication_factor, topic_configs=change.configs
         )
         response = await admin.create_topics([topic])
-        _raise_for(response.topic_errors)
+        _raise_for(response.topic_errors, "creating", "CREATE")
         return
     if change.configs:
         # AlterConfigs replaces the topic's whole set of overrides: keep the ones we do
         # not declare, so apply never undoes what someone else set on purpose.
         merged = {**await _overrides(admin, change.topic), **change.configs}
-        await admin.alter_configs(
+        responses = await admin.alter_configs(
             [ConfigResource(ConfigResourceType.TOPIC, change.topic, configs=merged)]
         )
+        # (error_code, error_message, resource_type, resource_name) per resource
+        errors = [(r[3], r[0], r[1]) for response in responses for r in response.resources]
+        _raise_for(errors, "changing the configs of", "ALTER_CONFIGS")
     if change.add_partitions:
-        await admin.create_partitions({change.topic: NewPartitions(change.add_partitions)})
+        response = await admin.create_partitions(
+            {change.topic: NewPartitions(change.add_partitions)}
+        )
+        _raise_for(response.topic_errors, "adding partitions to", "ALTER")
 
 
-def _raise_for(errors: list[Any]) -> None:
+def _raise_for(errors: list[Any], doing: str, permission: str) -> None:
+    """Kafka's answer per topic, (name, error code, message), as our error when it refused."""
     for error in errors:
         name, code, message = error[0], error[1], error[2] if len(error) > 2 else None
+        if not code or code == _TOPIC_ALREADY_EXISTS:
+            continue
         if code == _TOPIC_AUTHORIZATION_FAILED:
             raise KafkaError(
-                f"creating topic {name} was not allowed: grant this user the "
-                "CREATE permission on it (kafka-acls), or create it as an admin"
+                f"{doing} topic {name} was not allowed: grant this user the {permission} "
+                "permission on it (kafka-acls), or run `stream topics apply` as an admin"
             )
-        if code and code != _TOPIC_ALREADY_EXISTS:
-            raise KafkaError(f"creating topic {name} failed: {message or f'Kafka error {code}'}")
+        reason = f"{doing} topic {name} failed: {message or f'Kafka error {code}'}"
+        if code in _REFUSED:  # not retried by --retry-for: the declaration has to change
+            raise TopicSpecError(f"{reason}; fix its declaration in topics/")
+        raise KafkaError(reason)

@@ -13,7 +13,7 @@ import orjson
 
 from stream.config import Settings
 from stream.errors import EXIT_ATTENTION, KafkaError, UsageError
-from stream.topics import Change, apply, plan
+from stream.topics import SETTLE_S, Change, apply, plan
 
 __all__ = ["register"]
 
@@ -23,7 +23,7 @@ def _topics(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("--retry-for must be a number of seconds, 0 or more")
     changes = _with_retries(lambda: _plan_and_apply(args, settings), args.retry_for)
     drift = [change.topic for change in changes if not change.fixable]
-    done = 0 if args.dry_run else sum(c.action in ("create", "update") for c in changes)
+    done = 0 if args.dry_run else sum(change.changes_something for change in changes)
     if args.json:
         print(orjson.dumps(_report(settings, changes, args.dry_run, done, drift)).decode())
     else:
@@ -44,7 +44,13 @@ def _topics(args: argparse.Namespace, settings: Settings) -> int:
 def _plan_and_apply(args: argparse.Namespace, settings: Settings) -> list[Change]:
     changes = asyncio.run(plan(settings, add_partitions=args.add_partitions))
     if not args.dry_run:
-        asyncio.run(apply(settings, changes))
+        lagging = asyncio.run(apply(settings, changes))
+        if lagging:  # made, and the controller has it: a broker's metadata is behind
+            print(
+                f"stream topics: not every broker serves the change to {', '.join(lagging)} "
+                f"after {SETTLE_S:.0f} s; it was made: check the brokers' logs if it lasts",
+                file=sys.stderr,
+            )
     return changes
 
 
