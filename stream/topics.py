@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
+import fastjsonschema
 import orjson
 from aiokafka.admin import NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -113,9 +114,13 @@ def _load_spec(path: Path, prefix: str) -> TopicSpec:
     configs = data.get("configs", {})
     if not isinstance(configs, dict) or not all(isinstance(v, str) for v in configs.values()):
         raise TopicSpecError(f"{path}: field 'configs' must be a table of string values")
+    isr = configs.get("min.insync.replicas", "1")
+    if not (isr.isascii() and isr.isdigit()):  # apply compares it with the replication
+        raise TopicSpecError(f"{path}: 'min.insync.replicas' must be a whole number, as a string")
     schema_file = path.parent / _field(path, data, "schema", str)
     if not schema_file.is_file():
         raise TopicSpecError(f"{path}: field 'schema' names {schema_file.name}, which is missing")
+    _check_schema(schema_file)
     return TopicSpec(
         name=prefix + name,
         partitions=partitions,
@@ -130,17 +135,35 @@ def _field(path: Path, data: dict[str, Any], key: str, kind: type) -> Any:
     if key not in data:
         raise TopicSpecError(f"{path}: required field {key!r} is missing")
     if not isinstance(data[key], kind) or isinstance(data[key], bool):
-        raise TopicSpecError(f"{path}: field {key!r} must be a {kind.__name__}")
+        what = {int: "a whole number", str: "a string"}[kind]
+        raise TopicSpecError(f"{path}: field {key!r} must be {what}")
     return data[key]
 
 
 def load_schema(spec: TopicSpec) -> dict[str, Any]:
     """The JSON Schema of the topic's values."""
+    return _schema(spec.schema_file)
+
+
+def _schema(path: Path) -> dict[str, Any]:
     try:
-        schema: dict[str, Any] = orjson.loads(spec.schema_file.read_bytes())
+        schema = orjson.loads(read_text(path, str(path)))
     except orjson.JSONDecodeError as exc:
-        raise TopicSpecError(f"{spec.schema_file}: not valid JSON ({exc})") from exc
+        raise TopicSpecError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(schema, dict):
+        raise TopicSpecError(f"{path}: a JSON Schema must be a JSON object")
     return schema
+
+
+def _check_schema(path: Path) -> None:
+    """The workers compile these schemas when they start: one they cannot compile must
+    stop `apply`, not every worker later. (fastjsonschema raises what it happens to hit.)"""
+    try:
+        fastjsonschema.compile(_schema(path))
+    except (fastjsonschema.JsonSchemaException, LookupError, TypeError, ValueError) as exc:
+        raise TopicSpecError(f"{path}: not a JSON Schema the workers can compile ({exc})") from exc
+    except (AttributeError, RecursionError) as exc:
+        raise TopicSpecError(f"{path}: not a JSON Schema the workers can compile") from exc
 
 
 def _effective(spec: TopicSpec, brokers: int) -> tuple[int, dict[str, str], list[str]]:

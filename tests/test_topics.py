@@ -116,6 +116,8 @@ GOOD = 'name = "x.topic"\npartitions = 3\nreplication_factor = 1\nschema = "s.js
         ('name = "x"\npartitions = 3\nreplication_factor = 1\n', "'schema'"),
         (GOOD.replace("partitions = 3", "partitions = 0"), "'partitions'"),
         (GOOD.replace("partitions = 3", 'partitions = "3"'), "'partitions'"),
+        (GOOD.replace("partitions = 3", 'partitions = "six"'), "'partitions' must be a whole"),
+        (GOOD + '[configs]\n"min.insync.replicas" = "two"\n', "'min.insync.replicas'"),
         (GOOD.replace('"x.topic"', '"bad topic!"'), "'name'"),
         (GOOD + "colour = 1\n", "'colour'"),
         (GOOD + '[configs]\n"retention.ms" = 5\n', "'configs'"),
@@ -132,6 +134,26 @@ def test_malformed_topic_file_names_the_file_and_field(
         topics.load_specs(tmp_path)
     assert "bad.toml" in str(caught.value)
     assert field in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("schema", "why"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1]", "must be a JSON object"),
+        ('{"type": "strin"}', "workers can compile"),
+        ('{"properties": 3}', "workers can compile"),
+    ],
+)
+def test_a_schema_the_workers_cannot_load_is_refused_naming_its_file(
+    tmp_path: Path, schema: str, why: str
+) -> None:
+    (tmp_path / "s.json").write_text(schema)
+    (tmp_path / "x.toml").write_text(GOOD)
+    with pytest.raises(TopicSpecError) as caught:
+        topics.load_specs(tmp_path)
+    assert "s.json" in str(caught.value) and why in str(caught.value)
+    assert "\n" not in str(caught.value)
 
 
 def test_malformed_topic_file_is_one_line_without_traceback(
