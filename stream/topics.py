@@ -24,7 +24,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from stream.checks import MAX_TOPIC_NAME, read_text
 from stream.config import Settings
 from stream.errors import KafkaError, TopicSpecError
-from stream.kafka import admin_client, translated
+from stream.kafka import admin_client, registered_brokers, translated
 
 __all__ = ["SETTLE_S", "Change", "TopicSpec", "apply", "load_schema", "load_specs", "plan"]
 
@@ -248,10 +248,13 @@ async def plan(settings: Settings, *, add_partitions: bool = False) -> list[Chan
 async def _cluster_size(admin: Any) -> int:
     """The brokers of the cluster, those down right now included: they still hold replicas,
     and fitting the declarations to the live brokers only would lower replication and
-    min.insync.replicas for good while one restarts. (Every topic's metadata: the same one
-    request `describe_cluster` makes.)"""
+    min.insync.replicas for good while one restarts. Kafka 4.0+ lists the fenced (stopped)
+    brokers; before it, the live ones and those that hold a replica of some topic."""
+    registered = await registered_brokers(admin)
+    if registered is not None:
+        return len(registered)
     brokers = {int(b["node_id"]) for b in (await admin.describe_cluster())["brokers"]}
-    for description in await admin.describe_topics():
+    for description in await admin.describe_topics():  # the one request describe_cluster made
         for partition in description["partitions"]:
             brokers.update(partition["replicas"])
     return len(brokers)
