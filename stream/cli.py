@@ -26,7 +26,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 # one-shot `stream lag` must not pay for the worker's HTTP stack.
 COMMANDS: dict[str, str] = {
     "kafka": "stream.devtools.kafkacli",
-    "topics": "stream.topics",
+    "topics": "stream.topicscli",
     "run": "stream.worker",
     "demo": "stream.devtools.demo",
     "simulate": "stream.devtools.simulator",

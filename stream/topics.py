@@ -9,17 +9,13 @@ moves keys to other partitions, which breaks per-key ordering for in-flight work
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import sys
-import time
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio
+import fastjsonschema
 import orjson
 from aiokafka.admin import NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -27,14 +23,18 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.checks import MAX_TOPIC_NAME, read_text
 from stream.config import Settings
-from stream.errors import EXIT_ATTENTION, KafkaError, TopicSpecError, UsageError
-from stream.kafka import admin_client, translated
+from stream.errors import KafkaError, TopicSpecError
+from stream.kafka import admin_client, registered_brokers, translated
 
-__all__ = ["Change", "TopicSpec", "apply", "load_schema", "load_specs", "plan", "register"]
+__all__ = ["SETTLE_S", "Change", "TopicSpec", "apply", "load_schema", "load_specs", "plan"]
 
 _DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
 _TOPIC_ALREADY_EXISTS = 36  # another apply won the race: the topic is there, as wanted
 _TOPIC_AUTHORIZATION_FAILED = 29
+# INVALID_PARTITIONS, INVALID_CONFIG, POLICY_VIOLATION: Kafka refuses what topics/ declares,
+# which trying again will not mend (unlike INVALID_REPLICATION_FACTOR while all are fenced)
+_REFUSED = {37, 40, 44}
+SETTLE_S = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +62,11 @@ class Change:
     @property
     def fixable(self) -> bool:
         return self.action != "drift"
+
+    @property
+    def changes_something(self) -> bool:
+        """`apply` changes the cluster for it (a drifting topic may have configs to set too)."""
+        return self.action == "create" or bool(self.configs or self.add_partitions)
 
 
 def load_specs(directory: Path, *, prefix: str = "") -> list[TopicSpec]:
@@ -109,9 +114,13 @@ def _load_spec(path: Path, prefix: str) -> TopicSpec:
     configs = data.get("configs", {})
     if not isinstance(configs, dict) or not all(isinstance(v, str) for v in configs.values()):
         raise TopicSpecError(f"{path}: field 'configs' must be a table of string values")
+    isr = configs.get("min.insync.replicas", "1")
+    if not (isr.isascii() and isr.isdigit()):  # apply compares it with the replication
+        raise TopicSpecError(f"{path}: 'min.insync.replicas' must be a whole number, as a string")
     schema_file = path.parent / _field(path, data, "schema", str)
     if not schema_file.is_file():
         raise TopicSpecError(f"{path}: field 'schema' names {schema_file.name}, which is missing")
+    _check_schema(schema_file)
     return TopicSpec(
         name=prefix + name,
         partitions=partitions,
@@ -126,17 +135,35 @@ def _field(path: Path, data: dict[str, Any], key: str, kind: type) -> Any:
     if key not in data:
         raise TopicSpecError(f"{path}: required field {key!r} is missing")
     if not isinstance(data[key], kind) or isinstance(data[key], bool):
-        raise TopicSpecError(f"{path}: field {key!r} must be a {kind.__name__}")
+        what = {int: "a whole number", str: "a string"}[kind]
+        raise TopicSpecError(f"{path}: field {key!r} must be {what}")
     return data[key]
 
 
 def load_schema(spec: TopicSpec) -> dict[str, Any]:
     """The JSON Schema of the topic's values."""
+    return _schema(spec.schema_file)
+
+
+def _schema(path: Path) -> dict[str, Any]:
     try:
-        schema: dict[str, Any] = orjson.loads(spec.schema_file.read_bytes())
+        schema = orjson.loads(read_text(path, str(path)))
     except orjson.JSONDecodeError as exc:
-        raise TopicSpecError(f"{spec.schema_file}: not valid JSON ({exc})") from exc
+        raise TopicSpecError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(schema, dict):
+        raise TopicSpecError(f"{path}: a JSON Schema must be a JSON object")
     return schema
+
+
+def _check_schema(path: Path) -> None:
+    """The workers compile these schemas when they start: one they cannot compile must
+    stop `apply`, not every worker later. (fastjsonschema raises what it happens to hit.)"""
+    try:
+        fastjsonschema.compile(_schema(path))
+    except (fastjsonschema.JsonSchemaException, LookupError, TypeError, ValueError) as exc:
+        raise TopicSpecError(f"{path}: not a JSON Schema the workers can compile ({exc})") from exc
+    except (AttributeError, RecursionError) as exc:
+        raise TopicSpecError(f"{path}: not a JSON Schema the workers can compile") from exc
 
 
 def _effective(spec: TopicSpec, brokers: int) -> tuple[int, dict[str, str], list[str]]:
@@ -221,10 +248,13 @@ async def plan(settings: Settings, *, add_partitions: bool = False) -> list[Chan
 async def _cluster_size(admin: Any) -> int:
     """The brokers of the cluster, those down right now included: they still hold replicas,
     and fitting the declarations to the live brokers only would lower replication and
-    min.insync.replicas for good while one restarts. (Every topic's metadata: the same one
-    request `describe_cluster` makes.)"""
+    min.insync.replicas for good while one restarts. Kafka 4.0+ lists the fenced (stopped)
+    brokers; before it, the live ones and those that hold a replica of some topic."""
+    registered = await registered_brokers(admin)
+    if registered is not None:
+        return len(registered)
     brokers = {int(b["node_id"]) for b in (await admin.describe_cluster())["brokers"]}
-    for description in await admin.describe_topics():
+    for description in await admin.describe_topics():  # the one request describe_cluster made
         for partition in description["partitions"]:
             brokers.update(partition["replicas"])
     return len(brokers)
@@ -277,29 +307,34 @@ async def _overrides(admin: Any, topic: str) -> dict[str, str]:
     return {entry[0]: entry[1] for entry in resource[4] if entry[3] == _DYNAMIC_TOPIC_CONFIG}
 
 
-async def apply(settings: Settings, changes: list[Change]) -> None:
-    """Carry out the fixable changes of a plan."""
+async def apply(settings: Settings, changes: list[Change]) -> list[str]:
+    """Carry out the fixable changes of a plan. Returns the topics the brokers did not all
+    serve as applied within 30 s (the change is made; some broker's metadata lags)."""
+    doing = [change for change in changes if change.changes_something]
     async with admin_client(settings.kafka, doing="applying topics") as admin:
         try:
-            for change in changes:
+            for change in doing:
                 await _apply_one(admin, change)
-            await _settle(admin, [c for c in changes if c.action in ("create", "update")])
+            return await _settle(admin, doing)
         except AIOKafkaError as exc:
             raise await translated(exc, settings.kafka, "applying topics") from exc
 
 
-async def _settle(admin: Any, changes: list[Change], timeout_s: float = 30.0) -> None:
-    """Wait until the brokers serve what was applied.
+async def _settle(admin: Any, changes: list[Change], timeout_s: float = SETTLE_S) -> list[str]:
+    """Wait until the brokers serve what was applied; the topics they do not yet serve.
 
     The controller acknowledges a change before every broker's metadata has it, so without
     this wait a `stream run` (or a second plan) right after `apply` may not see it yet.
     """
+    waiting = [change.topic for change in changes]
     with anyio.move_on_after(timeout_s):
         for change in changes:
             for _poll in range(int(timeout_s * 10)):  # polling Kafka: nothing to wait on
                 if await _serves(admin, change):
+                    waiting.remove(change.topic)
                     break
                 await anyio.sleep(0.1)
+    return waiting
 
 
 async def _serves(admin: Any, change: Change) -> bool:
@@ -317,119 +352,37 @@ async def _apply_one(admin: Any, change: Change) -> None:
             change.topic, change.partitions, change.replication_factor, topic_configs=change.configs
         )
         response = await admin.create_topics([topic])
-        _raise_for(response.topic_errors)
+        _raise_for(response.topic_errors, "creating", "CREATE")
         return
     if change.configs:
         # AlterConfigs replaces the topic's whole set of overrides: keep the ones we do
         # not declare, so apply never undoes what someone else set on purpose.
         merged = {**await _overrides(admin, change.topic), **change.configs}
-        await admin.alter_configs(
+        responses = await admin.alter_configs(
             [ConfigResource(ConfigResourceType.TOPIC, change.topic, configs=merged)]
         )
+        # (error_code, error_message, resource_type, resource_name) per resource
+        errors = [(r[3], r[0], r[1]) for response in responses for r in response.resources]
+        _raise_for(errors, "changing the configs of", "ALTER_CONFIGS")
     if change.add_partitions:
-        await admin.create_partitions({change.topic: NewPartitions(change.add_partitions)})
+        response = await admin.create_partitions(
+            {change.topic: NewPartitions(change.add_partitions)}
+        )
+        _raise_for(response.topic_errors, "adding partitions to", "ALTER")
 
 
-def _raise_for(errors: list[Any]) -> None:
+def _raise_for(errors: list[Any], doing: str, permission: str) -> None:
+    """Kafka's answer per topic, (name, error code, message), as our error when it refused."""
     for error in errors:
         name, code, message = error[0], error[1], error[2] if len(error) > 2 else None
+        if not code or code == _TOPIC_ALREADY_EXISTS:
+            continue
         if code == _TOPIC_AUTHORIZATION_FAILED:
             raise KafkaError(
-                f"creating topic {name} was not allowed: grant this user the "
-                "CREATE permission on it (kafka-acls), or create it as an admin"
+                f"{doing} topic {name} was not allowed: grant this user the {permission} "
+                "permission on it (kafka-acls), or run `stream topics apply` as an admin"
             )
-        if code and code != _TOPIC_ALREADY_EXISTS:
-            raise KafkaError(f"creating topic {name} failed: {message or f'Kafka error {code}'}")
-
-
-def _topics(args: argparse.Namespace, settings: Settings) -> int:
-    if not 0 <= args.retry_for < float("inf"):  # also refuses nan
-        raise UsageError("--retry-for must be a number of seconds, 0 or more")
-    changes = _with_retries(lambda: _plan_and_apply(args, settings), args.retry_for)
-    drift = [change.topic for change in changes if not change.fixable]
-    done = 0 if args.dry_run else sum(c.action in ("create", "update") for c in changes)
-    if args.json:
-        print(orjson.dumps(_report(settings, changes, args.dry_run, done, drift)).decode())
-    else:
-        width = max(len(change.topic) for change in changes)
-        for change in changes:
-            print(f"{change.topic:<{width}}  {change.action:<6}  {'; '.join(change.details)}")
-        print(
-            "dry run: nothing changed"
-            if args.dry_run
-            else f"applied: {done} change{'s' if done != 1 else ''}"
-        )
-    if drift:
-        print(f"drift left for a person: {', '.join(drift)}", file=sys.stderr)
-        return EXIT_ATTENTION
-    return 0
-
-
-def _plan_and_apply(args: argparse.Namespace, settings: Settings) -> list[Change]:
-    changes = asyncio.run(plan(settings, add_partitions=args.add_partitions))
-    if not args.dry_run:
-        asyncio.run(apply(settings, changes))
-    return changes
-
-
-def _with_retries(attempt: Callable[[], list[Change]], retry_for_s: float) -> list[Change]:
-    """`attempt()`, tried again while Kafka fails (not starting yet, a leader election …)
-    for up to `retry_for_s`: an init container or a compose service must ride out a
-    broker that is still coming up. Mistakes in topics/ are not retried."""
-    deadline = time.monotonic() + retry_for_s
-    delay = 1.0
-    while True:
-        try:
-            return attempt()
-        except KafkaError as exc:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise
-            wait = min(delay, left)
-            print(f"stream topics: {exc}; trying again in {wait:.0f} s", file=sys.stderr)
-            time.sleep(wait)  # a command line's own loop: nothing else runs meanwhile
-            delay = min(delay * 2, 15.0)
-
-
-def _report(
-    settings: Settings, changes: list[Change], dry_run: bool, applied: int, drift: list[str]
-) -> dict[str, Any]:
-    """`topics apply --json`: the shape the README documents (keys are only ever added)."""
-    return {
-        "bootstrap_servers": settings.kafka.bootstrap_servers,
-        "dry_run": dry_run,
-        "changes": [{"topic": c.topic, "action": c.action, "details": c.details} for c in changes],
-        "applied": applied,
-        "drift": drift,
-    }
-
-
-def register(commands: Any) -> None:
-    parser = commands.add_parser(
-        "topics",
-        help="make the cluster's topics match topics/",
-        description="Create missing topics and set declared configs. "
-        "Never deletes; reports drift it will not fix (exit 3).",
-    )
-    parser.add_argument("action", choices=["apply"])
-    parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    parser.add_argument(
-        "--add-partitions",
-        action="store_true",
-        help="raise partition counts to the declared ones (moves keys)",
-    )
-    parser.add_argument(
-        "--retry-for",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="keep trying for up to S seconds while Kafka cannot be reached or fails "
-        "(for init containers and compose; default 0: try once)",
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print {bootstrap_servers, dry_run, changes: [{topic, action, details}], "
-        "applied, drift} as JSON",
-    )
-    parser.set_defaults(handler=_topics)
+        reason = f"{doing} topic {name} failed: {message or f'Kafka error {code}'}"
+        if code in _REFUSED:  # not retried by --retry-for: the declaration has to change
+            raise TopicSpecError(f"{reason}; fix its declaration in topics/")
+        raise KafkaError(reason)

@@ -16,7 +16,7 @@ from aiokafka.admin import NewTopic
 from stream import topics
 from stream.config import Settings
 from stream.devtools.cluster import LocalCluster, describe_partitions
-from stream.kafka import admin_client
+from stream.kafka import admin_client, registered_brokers
 from stream.observe.lag import LagMonitor
 from stream.stages import Topics
 from tests.kit import eventually, run_cli
@@ -184,3 +184,26 @@ async def test_lag_reads_every_leader_and_equals_kafkas_tool_with_a_broker_down(
 async def has_leaders(settings: Settings, topic: str) -> bool:
     states = await describe_partitions(settings.kafka, [topic])
     return len(states) == BROKERS and all(s.leader >= 0 for s in states.values())
+
+
+async def test_topics_apply_counts_a_broker_stopped_cleanly(
+    cluster: LocalCluster, cluster_env: dict[str, str], settings_for: Settings
+) -> None:
+    """A clean shutdown fences the broker, and Metadata (aiokafka's describe_cluster) leaves
+    it out; DescribeCluster v2 still lists it, so topics made now keep replication 3."""
+    await stop(cluster, cluster.broker(BROKERS), kill=False)
+    async with admin_client(settings_for.kafka, doing="test") as admin:
+
+        async def fenced() -> bool:
+            live = {int(b["node_id"]) for b in (await admin.describe_cluster())["brokers"]}
+            registered = await registered_brokers(admin)
+            return live == {1, 2} and registered == {1: False, 2: False, 3: True}
+
+        await eventually(fenced)
+
+    applied = await run_cli(cluster_env, "topics", "apply")
+    assert applied.returncode == 0, applied.stderr
+    assert "replication" not in applied.stdout  # nothing fitted to a smaller cluster
+    names = sorted(set(vars(Topics.of(settings_for)).values()))
+    states = await describe_partitions(settings_for.kafka, names)
+    assert {len(state.replicas) for state in states.values()} == {BROKERS}

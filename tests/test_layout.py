@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "catalog": {"checks", "config", "errors", "prices"},
     "records": {"compact", "errors"},
     "topics": {"checks", "config", "errors", "kafka"},
+    "topicscli": {"config", "errors", "topics"},
     "engine": {"config", "errors", "kafka"},
     "providers": {"catalog", "compact", "config", "errors", "prices"},
     "spend": {"catalog", "config", "errors", "prices", "providers"},

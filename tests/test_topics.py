@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,8 @@ GOOD = 'name = "x.topic"\npartitions = 3\nreplication_factor = 1\nschema = "s.js
         ('name = "x"\npartitions = 3\nreplication_factor = 1\n', "'schema'"),
         (GOOD.replace("partitions = 3", "partitions = 0"), "'partitions'"),
         (GOOD.replace("partitions = 3", 'partitions = "3"'), "'partitions'"),
+        (GOOD.replace("partitions = 3", 'partitions = "six"'), "'partitions' must be a whole"),
+        (GOOD + '[configs]\n"min.insync.replicas" = "two"\n', "'min.insync.replicas'"),
         (GOOD.replace('"x.topic"', '"bad topic!"'), "'name'"),
         (GOOD + "colour = 1\n", "'colour'"),
         (GOOD + '[configs]\n"retention.ms" = 5\n', "'configs'"),
@@ -131,6 +134,26 @@ def test_malformed_topic_file_names_the_file_and_field(
         topics.load_specs(tmp_path)
     assert "bad.toml" in str(caught.value)
     assert field in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("schema", "why"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1]", "must be a JSON object"),
+        ('{"type": "strin"}', "workers can compile"),
+        ('{"properties": 3}', "workers can compile"),
+    ],
+)
+def test_a_schema_the_workers_cannot_load_is_refused_naming_its_file(
+    tmp_path: Path, schema: str, why: str
+) -> None:
+    (tmp_path / "s.json").write_text(schema)
+    (tmp_path / "x.toml").write_text(GOOD)
+    with pytest.raises(TopicSpecError) as caught:
+        topics.load_specs(tmp_path)
+    assert "s.json" in str(caught.value) and why in str(caught.value)
+    assert "\n" not in str(caught.value)
 
 
 def test_malformed_topic_file_is_one_line_without_traceback(
@@ -194,3 +217,67 @@ async def test_retry_for_rides_out_a_kafka_that_is_not_there_yet_then_says_why(
     lines = done.stderr.strip().splitlines()
     assert len(lines) >= 2 and all("cannot reach Kafka" in line for line in lines)
     assert "trying again" in lines[0] and "Traceback" not in done.stderr
+
+
+def _declarations(tmp_path: Path, file: str, old: str, new: str) -> Path:
+    """A copy of topics/ with `old` replaced by `new` in `file`."""
+    folder = tmp_path / "topics"
+    shutil.copytree(Settings().topics_dir, folder)
+    path = folder / file
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new))
+    return folder
+
+
+async def test_a_config_kafka_refuses_on_an_existing_topic_fails_in_one_line(
+    settings: Settings, env: dict[str, str], tmp_path: Path
+) -> None:
+    assert (await run_cli(env, "topics", "apply")).returncode == 0
+    name = settings.topic("predictions.results")
+    folder = _declarations(tmp_path, "results.toml", '"604800000"', '"abc"')
+    bigger = folder / "results.toml"  # a valid change in the same request, refused with it
+    bigger.write_text(bigger.read_text().replace('"1048588"', '"1048600"'))
+
+    # --retry-for: a refusal is a mistake in topics/, which trying again does not mend
+    done = await run_cli(
+        {**env, "STREAM_TOPICS_DIR": str(folder)}, "topics", "apply", "--retry-for", "60"
+    )
+    assert done.returncode == 1, done.stdout
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert name in done.stderr and "Invalid value abc for configuration retention.ms" in done.stderr
+    configs = await topic_configs(settings, name)
+    assert (configs["retention.ms"], configs["max.message.bytes"]) == ("604800000", "1048588")
+
+
+async def test_settle_names_the_topics_the_brokers_do_not_serve_in_time(
+    settings: Settings,
+) -> None:
+    never = topics.Change(topic=settings.topic("never.made"), action="create", partitions=1)
+    async with admin_client(settings.kafka, doing="test") as admin:
+        assert await topics._settle(admin, [never], timeout_s=0.5) == [never.topic]
+
+
+async def test_applied_counts_a_config_set_on_a_topic_that_also_drifts(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    import orjson
+
+    assert (await run_cli(env, "topics", "apply")).returncode == 0
+    name = settings.topic("predictions.backfill")
+    async with admin_client(settings.kafka, doing="test") as admin:
+        await admin.create_partitions({name: NewPartitions(7)})
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name, configs={"retention.ms": "1000"})]
+        )
+
+    async def altered() -> bool:
+        return (await topic_configs(settings, name))["retention.ms"] == "1000"
+
+    await eventually(altered)
+    done = await run_cli(env, "topics", "apply", "--json")
+    assert done.returncode == 3, done.stderr
+    report = orjson.loads(done.stdout)
+    assert report["drift"] == [name] and report["applied"] == 1
+    assert (await topic_configs(settings, name))["retention.ms"] == "259200000"
+    text = await run_cli(env, "topics", "apply")  # nothing left to set: the drift stays
+    assert "applied: 0 changes" in text.stdout
