@@ -19,32 +19,19 @@ import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import (
-    IncompatibleBrokerVersion,
     InvalidSessionTimeoutError,
     KafkaConnectionError,
     UnknownTopicOrPartitionError,
-    for_code,
 )
 from aiokafka.errors import KafkaError as AIOKafkaError
-from aiokafka.protocol.api import Request, RequestStruct, Response
-from aiokafka.protocol.types import (
-    Boolean,
-    CompactArray,
-    CompactString,
-    Int8,
-    Int16,
-    Int32,
-    Schema,
-    TaggedFields,
-)
 from aiokafka.structs import TopicPartition
 
 from stream.config import KafkaSettings
 from stream.errors import ConfigError, KafkaError
+from stream.kafkawire import group_committed
 
 __all__ = [
     "admin_client",
-    "registered_brokers",
     "consumer_client",
     "group_offsets",
     "producer_client",
@@ -338,12 +325,10 @@ def transient(exc: BaseException) -> bool:
     return False
 
 
-async def group_offsets(admin: Any, group: str, tps: list[Any]) -> dict[Any, Any]:
-    """The group's committed offsets (retried while the cluster is young)."""
-    offsets: dict[Any, Any] = await retrying(
-        partial(admin.list_consumer_group_offsets, group, partitions=tps)
-    )
-    return offsets
+async def group_offsets(admin: Any, group: str, tps: list[Any] | None = None) -> dict[Any, Any]:
+    """The group's committed offsets on `tps` (None: everywhere), retried while Kafka says
+    to (a young cluster, a coordinator moving). Never committed: left out."""
+    return await retrying(partial(group_committed, admin, group, tps))
 
 
 async def topic_partitions(
@@ -367,66 +352,3 @@ async def topic_partitions(
         d["topic"]: sorted(TopicPartition(d["topic"], p["partition"]) for p in d["partitions"])
         for d in described
     }
-
-
-# -- DescribeCluster v2 (KIP-1073): the brokers the controllers know, fenced ones too ------
-# aiokafka's `describe_cluster` reads Metadata, which lists the live brokers only. Schema:
-# clients/src/main/resources/common/message/DescribeCluster{Request,Response}.json in Kafka.
-
-
-class _DescribeClusterResponseV2(Response):  # type: ignore[misc]
-    API_KEY = 60
-    API_VERSION = 2
-    SCHEMA = Schema(
-        ("throttle_time_ms", Int32),
-        ("error_code", Int16),
-        ("error_message", CompactString("utf-8")),
-        ("endpoint_type", Int8),
-        ("cluster_id", CompactString("utf-8")),
-        ("controller_id", Int32),
-        (
-            "brokers",
-            CompactArray(
-                ("broker_id", Int32),
-                ("host", CompactString("utf-8")),
-                ("port", Int32),
-                ("rack", CompactString("utf-8")),
-                ("is_fenced", Boolean),
-                ("tags", TaggedFields),
-            ),
-        ),
-        ("cluster_authorized_operations", Int32),
-        ("tags", TaggedFields),
-    )
-
-
-class _DescribeClusterRequestV2(RequestStruct):  # type: ignore[misc]
-    FLEXIBLE_VERSION = True
-    API_KEY = 60
-    API_VERSION = 2
-    RESPONSE_TYPE = _DescribeClusterResponseV2
-    SCHEMA = Schema(
-        ("include_cluster_authorized_operations", Boolean),
-        ("endpoint_type", Int8),  # 1: brokers
-        ("include_fenced_brokers", Boolean),
-        ("tags", TaggedFields),
-    )
-
-
-class _DescribeCluster(Request[_DescribeClusterRequestV2]):  # type: ignore[misc]
-    API_KEY = 60
-
-    def build(self, request_struct_class: type[_DescribeClusterRequestV2]) -> Any:
-        return request_struct_class(False, 1, True, {})
-
-
-async def registered_brokers(admin: Any) -> dict[int, bool] | None:
-    """Every broker registered with the controllers, running or fenced (stopped, or not yet
-    caught up), as {id: fenced}; None from a broker older than Kafka 4.0 (no v2)."""
-    try:
-        response = await admin._send_request(_DescribeCluster())
-    except (IncompatibleBrokerVersion, NotImplementedError):
-        return None  # the version negotiation found no v2 on this broker
-    if response.error_code:
-        raise for_code(response.error_code)(response.error_message)
-    return {int(broker[0]): bool(broker[4]) for broker in response.brokers}

@@ -24,7 +24,8 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from stream.checks import MAX_TOPIC_NAME, read_text
 from stream.config import Settings
 from stream.errors import KafkaError, TopicSpecError
-from stream.kafka import admin_client, registered_brokers, translated
+from stream.kafka import admin_client, translated
+from stream.kafkawire import registered_brokers
 
 __all__ = ["SETTLE_S", "Change", "TopicSpec", "apply", "load_schema", "load_specs", "plan"]
 

@@ -16,7 +16,8 @@ from aiokafka.admin import NewTopic
 from stream import topics
 from stream.config import Settings
 from stream.devtools.cluster import LocalCluster, describe_partitions
-from stream.kafka import admin_client, registered_brokers
+from stream.kafka import admin_client
+from stream.kafkawire import registered_brokers
 from stream.observe.lag import LagMonitor
 from stream.stages import Topics
 from tests.kit import eventually, run_cli

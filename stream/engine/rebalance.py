@@ -42,6 +42,7 @@ from stream.engine.outputs import CLOSE_TIMEOUT_S, Sink
 from stream.engine.partitions import Partition
 from stream.errors import FencedError, KafkaError
 from stream.kafka import translate
+from stream.kafkawire import coordinator_offsets
 
 __all__ = ["Listener", "Rebalancer", "partition_names", "seek"]
 
@@ -266,10 +267,11 @@ class Rebalancer:
     async def committed(self, tps: set[TopicPartition]) -> Committed:
         """Committed offset and metadata per partition (the consumer's API drops metadata)."""
         try:
-            # aiokafka 0.14 (pinned): the coordinator's fetch keeps the metadata. It retries
-            # retriable errors for ever: bound it, a rebalance callback must end.
+            # Our own OffsetFetch (aiokafka's reads a coordinator moving as "nothing
+            # committed": every partition would start over). It asks again while Kafka
+            # says to: bounded, a rebalance callback must end.
             with anyio.fail_after(self._settings.kafka.request_timeout_ms / 1000):
-                found = await self._consumer._coordinator.fetch_committed_offsets(list(tps))
+                found = await coordinator_offsets(self._consumer, tps)
         except (AIOKafkaError, TimeoutError) as exc:
             raise translate(exc, self._settings.kafka, "reading committed offsets") from exc
         return {tp: (om.offset, om.metadata or "") for tp, om in found.items()}

@@ -49,6 +49,7 @@ from stream.config import KafkaSettings
 from stream.engine.fetch import UNDECODABLE
 from stream.errors import KafkaError
 from stream.kafka import admin_client, connected, retrying, transient, translated
+from stream.kafkawire import group_committed
 
 __all__ = ["PIPELINE_GROUPS", "GroupReading", "LagReader", "PartitionReading", "read_patiently"]
 
@@ -189,8 +190,10 @@ class LagReader:
     async def _read(self, groups: Mapping[str, Sequence[str]]) -> list[GroupReading]:
         at = time.time()
         described = await retrying(partial(self._describe, groups), tries=_TRIES)
-        offsets = self._admin.list_consumer_group_offsets
-        committed = {g: await retrying(partial(offsets, g), tries=_TRIES) for g in groups}
+        committed = {
+            g: await retrying(partial(group_committed, self._admin, g), tries=_TRIES)
+            for g in groups
+        }
         owners = {g: _owners(described.get(g)) for g in groups}
         topics = {
             g: {tp.topic for tp in (*committed[g], *owners[g])}

@@ -1,0 +1,178 @@
+"""Kafka requests of our own, where aiokafka lacks one or reads its answer wrong.
+
+- **OffsetFetch.** From version 2, a group-level error comes as the answer's top-level
+  error code, with no topics at all: NOT_COORDINATOR while the group's coordinator moves to
+  another broker, COORDINATOR_LOAD_IN_PROGRESS while the new one reads the offsets topic.
+  aiokafka 0.14 reads only the partitions' codes, so such an answer reads as "this group
+  never committed". A worker then starts its partitions at the log start and pays for every
+  answered request again; a re-drive sends its letters again; `stream lag` shows the whole
+  log as lag. `fetch_offsets` raises the error instead, and its callers ask again.
+- **DescribeCluster v2** (KIP-1073): the brokers the controllers know, fenced ones too.
+  aiokafka's `describe_cluster` reads Metadata, which lists the live brokers only.
+
+Schemas: clients/src/main/resources/common/message/*.json in Kafka.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import anyio
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import (
+    GroupCoordinatorNotAvailableError,
+    IncompatibleBrokerVersion,
+    NotCoordinatorForGroupError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
+from aiokafka.errors import KafkaError as AIOKafkaError
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.commit import OffsetFetchRequest
+from aiokafka.protocol.types import (
+    Boolean,
+    CompactArray,
+    CompactString,
+    Int8,
+    Int16,
+    Int32,
+    Schema,
+    TaggedFields,
+)
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+
+__all__ = ["coordinator_offsets", "fetch_offsets", "group_committed", "registered_brokers"]
+
+Send = Callable[[Any], Awaitable[Any]]
+Offsets = dict[TopicPartition, OffsetAndMetadata]
+
+# The group's coordinator is elsewhere (or nowhere yet): find it again before the next try.
+_MOVED = (NotCoordinatorForGroupError, GroupCoordinatorNotAvailableError)
+
+
+async def fetch_offsets(
+    send: Send, group: str, partitions: Iterable[TopicPartition] | None = None
+) -> Offsets:
+    """The offsets `group` committed on `partitions` (None: on every partition it committed),
+    as the broker `send` reaches answers. Partitions never committed, and topics that do not
+    exist, are left out. A group-level or partition error raises as aiokafka's error type,
+    whose `retriable` says whether asking again can help."""
+    by_topic = None
+    if partitions is not None:
+        grouped: dict[str, list[int]] = defaultdict(list)
+        for tp in partitions:
+            grouped[tp.topic].append(tp.partition)
+        by_topic = list(grouped.items())
+    response = await send(OffsetFetchRequest(group, by_topic))
+    _raise_for(getattr(response, "error_code", 0), group)  # v0 and v1 have none at the top
+    found: Offsets = {}
+    for topic, answered in response.topics:
+        for partition, offset, metadata, code in answered:
+            if code == UnknownTopicOrPartitionError.errno:
+                continue
+            _raise_for(code, group)
+            if offset >= 0:
+                found[TopicPartition(topic, partition)] = OffsetAndMetadata(offset, metadata)
+    return found
+
+
+def _raise_for(code: int, group: str) -> None:
+    if code:
+        raise for_code(code)(f"fetching the committed offsets of group {group}")
+
+
+async def coordinator_offsets(
+    consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition]
+) -> Offsets:
+    """What the consumer's group committed on `partitions`, asked of its coordinator (found
+    again when it moved), again after a back-off while Kafka says to retry: the caller bounds
+    the wait. In place of aiokafka's `fetch_committed_offsets`, which reads a top-level
+    error as "nothing committed"."""
+    coordinator = consumer._coordinator
+    wanted = list(partitions)
+    while True:
+        await coordinator.ensure_coordinator_known()
+        try:
+            return await fetch_offsets(coordinator._send_req, coordinator.group_id, wanted)
+        except AIOKafkaError as exc:
+            if not exc.retriable:
+                raise
+            if isinstance(exc, _MOVED):
+                coordinator.coordinator_dead()
+            await anyio.sleep(coordinator._retry_backoff_ms / 1000)
+
+
+async def group_committed(
+    admin: Any, group: str, partitions: Iterable[TopicPartition] | None = None
+) -> Offsets:
+    """What `group` committed (on `partitions`; None: everywhere), asked of its coordinator
+    through an admin client; one try (callers retry with `stream.kafka.retrying`)."""
+    node = await admin.find_coordinator(group)
+
+    async def send(request: Any) -> Any:
+        return await admin._send_request(request, node)
+
+    return await fetch_offsets(send, group, partitions)
+
+
+# -- DescribeCluster v2 ---------------------------------------------------------------------
+
+
+class _DescribeClusterResponseV2(Response):  # type: ignore[misc]
+    API_KEY = 60
+    API_VERSION = 2
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("error_code", Int16),
+        ("error_message", CompactString("utf-8")),
+        ("endpoint_type", Int8),
+        ("cluster_id", CompactString("utf-8")),
+        ("controller_id", Int32),
+        (
+            "brokers",
+            CompactArray(
+                ("broker_id", Int32),
+                ("host", CompactString("utf-8")),
+                ("port", Int32),
+                ("rack", CompactString("utf-8")),
+                ("is_fenced", Boolean),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("cluster_authorized_operations", Int32),
+        ("tags", TaggedFields),
+    )
+
+
+class _DescribeClusterRequestV2(RequestStruct):  # type: ignore[misc]
+    FLEXIBLE_VERSION = True
+    API_KEY = 60
+    API_VERSION = 2
+    RESPONSE_TYPE = _DescribeClusterResponseV2
+    SCHEMA = Schema(
+        ("include_cluster_authorized_operations", Boolean),
+        ("endpoint_type", Int8),  # 1: brokers
+        ("include_fenced_brokers", Boolean),
+        ("tags", TaggedFields),
+    )
+
+
+class _DescribeCluster(Request[_DescribeClusterRequestV2]):  # type: ignore[misc]
+    API_KEY = 60
+
+    def build(self, request_struct_class: type[_DescribeClusterRequestV2]) -> Any:
+        return request_struct_class(False, 1, True, {})
+
+
+async def registered_brokers(admin: Any) -> dict[int, bool] | None:
+    """Every broker registered with the controllers, running or fenced (stopped, or not yet
+    caught up), as {id: fenced}; None from a broker older than Kafka 4.0 (no v2)."""
+    try:
+        response = await admin._send_request(_DescribeCluster())
+    except (IncompatibleBrokerVersion, NotImplementedError):
+        return None  # the version negotiation found no v2 on this broker
+    if response.error_code:
+        raise for_code(response.error_code)(response.error_message)
+    return {int(broker[0]): bool(broker[4]) for broker in response.brokers}
