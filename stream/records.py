@@ -175,6 +175,10 @@ _SHALLOW = 200
 _INT_RANGE = range(-(2**63), 2**64)
 # Beyond that range: 20 digits or more, or a minus and 19 or more.
 _LONG_NUMBER = re.compile(rb"[0-9]{20}|-[0-9]{19}")
+# Everything but the digits: a text with fewer than 19 digits in all has no such run, and
+# counting them (bytes.translate) costs a tenth of the search's ~2 µs (an alternation of
+# two runs costs twice one).
+_NOT_DIGITS = bytes(b for b in range(256) if not 0x30 <= b <= 0x39)
 
 
 class _Inexact(Exception):
@@ -194,7 +198,7 @@ def _check_exact(text: bytes) -> None:
     as 1.2345678901234568e+20. Such a request is refused, saying how to send it, rather
     than changed. Only a text with a run of 19 or 20 digits can hold one (digits in a
     prompt too: those are read again, by the standard parser, which keeps integers whole)."""
-    if _LONG_NUMBER.search(text) is None:
+    if len(text.translate(None, _NOT_DIGITS)) < 19 or _LONG_NUMBER.search(text) is None:
         return
     try:
         json.loads(text, parse_int=_exact_int)
