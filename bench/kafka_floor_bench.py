@@ -12,6 +12,9 @@ their range. Runs:
   idempotent producer, acks=all, as the worker's), wait for the batch's acks, commit the
   batch's offsets. No flow control, no per-record task, no offsets tracker.
 - `engine`: the Engine (at-least-once), a handler that returns one output at once.
+- `librdkafka`: the same loop as `aiokafka` on confluent-kafka (librdkafka, in C, with its
+  own threads; counted, as this process's CPU), when it is installed (it is in the dev
+  extras): what a worker on another client would start from. Plain connections only.
 
 Issue 18 asks the worker for at most 1.10× the bare HTTP loop's CPU per request: ~0.024 ms
 over a 0.24 ms call. The `aiokafka` figure is the part of that no code of ours can remove.
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib.util
 import os
 import statistics
 import sys
@@ -92,6 +97,55 @@ async def run_aiokafka(settings: Settings, records: int) -> float:
         await producer.stop()
 
 
+async def run_librdkafka(settings: Settings, records: int) -> float:
+    """CPU seconds per record of the same loop on librdkafka (blocking: in a thread)."""
+    source, sink = await _topics(settings, records)
+    copy = functools.partial(_librdkafka_copy, settings.kafka.bootstrap_servers, source, sink)
+    return await anyio.to_thread.run_sync(copy, records)
+
+
+def _librdkafka_copy(bootstrap: str, source: str, sink: str, records: int) -> float:
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka import TopicPartition as Position
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"floor-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 25}
+    )
+    consumer.subscribe([source])
+    try:
+        done, cpu = 0, None
+        while done < records:
+            batch = consumer.consume(num_messages=1000, timeout=0.1)
+            if not batch:
+                continue
+            if cpu is None:  # the group joined: from here on, as the aiokafka loop
+                cpu = time.process_time()
+            ends: dict[int, int] = {}
+            for record in batch:
+                producer.produce(
+                    sink, record.value(), key=record.key(), partition=record.partition()
+                )
+                ends[record.partition()] = record.offset() + 1
+            done += len(batch)
+            producer.flush()  # every ack in
+            consumer.commit(
+                offsets=[Position(source, p, o) for p, o in ends.items()], asynchronous=False
+            )
+        assert cpu is not None
+        return (time.process_time() - cpu) / records
+    finally:
+        consumer.close()
+
+
 async def run_engine(settings: Settings, records: int) -> float:
     """CPU seconds per record of the engine copying, its handler answering at once."""
     source, sink = await _topics(settings, records)
@@ -134,15 +188,18 @@ async def main(bootstrap: str, records: int, rounds: int) -> None:
         Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": bootstrap}),
         topic_prefix=f"floor{uuid.uuid4().hex[:6]}.",
     )
-    figures: dict[str, list[float]] = {"aiokafka": [], "engine": []}
-    for _ in range(rounds):  # interleaved: the machine's mood touches both alike
-        figures["aiokafka"].append(await run_aiokafka(settings, records))
-        figures["engine"].append(await run_engine(settings, records))
+    runs = {"aiokafka": run_aiokafka, "engine": run_engine}
+    if importlib.util.find_spec("confluent_kafka") is not None:
+        runs["librdkafka"] = run_librdkafka
+    figures: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):  # interleaved: the machine's mood touches each alike
+        for name, run in runs.items():
+            figures[name].append(await run(settings, records))
     print(f"{records} records of {len(VALUE)} bytes, {PARTITIONS} partitions, {rounds} rounds")
     for name, values in figures.items():
         us = [v * 1e6 for v in values]
         print(
-            f"{name:<9} CPU per record {statistics.median(us):6.1f} µs "
+            f"{name:<10} CPU per record {statistics.median(us):6.1f} µs "
             f"({min(us):.1f}–{max(us):.1f})"
         )
 
