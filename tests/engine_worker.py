@@ -42,6 +42,7 @@ def main() -> None:
         topics=[source],
         handler=handler,
         on_error=on_error,
+        output_topics=[sink],
     )
     anyio.run(run_until_signal, engine)
 

@@ -180,6 +180,7 @@ class Engine:
             records_redelivered=self.records_redelivered,
             records_released=self.records_released,
             abandoned=rebalancer.abandoned if rebalancer else 0,
+            records_recovered=rebalancer.recovered if rebalancer else 0,
             rebalances=rebalancer.rebalances if rebalancer else 0,
         )
 
@@ -228,6 +229,7 @@ class Engine:
             low_priority=self._low_priority,
             on_assigned=self._assigned,
             membership=self.membership,
+            outputs=self._output_topics,
         )
         listener = Listener(rebalancer, self.membership)
         self._clients = (consumer, sink, listener, rebalancer)

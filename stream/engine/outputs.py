@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,6 +36,7 @@ from aiokafka.errors import (
 from stream.config import CLOSE_RESERVE_S, KafkaSettings
 from stream.engine.late import acknowledged
 from stream.engine.partitions import Partition
+from stream.engine.recovery import commit_positions, input_headers
 from stream.errors import KafkaError, OutputRejectedError
 from stream.kafka import start_client, translate
 
@@ -92,27 +94,34 @@ class Sink(Protocol):
 
 
 def changed_positions(partitions: Iterable[Partition]) -> dict[Partition, tuple[int, str]]:
+    """The partitions whose position moved since their last commit, with it (no `since`)."""
     changed = {}
     for partition in partitions:
         offsets = partition.offsets
         if offsets.watermark < 0:
             continue  # nothing fetched yet on a partition without a committed offset
         position = partition.position()
-        if position != partition.committed:
+        if position != partition.committed_base:
             changed[partition] = position
     return changed
 
 
 async def send_outputs(
-    producer: AIOKafkaProducer, outputs: Sequence[Output], source: TopicPartition
+    producer: AIOKafkaProducer,
+    outputs: Sequence[Output],
+    source: TopicPartition,
+    offset: int | None = None,
 ) -> list[Any]:
     """Hand the outputs of a record of `source` to the producer; the futures resolve when
-    Kafka acknowledges."""
+    Kafka acknowledges. With the record's `offset`, each output names it in a
+    `stream-input` header (`stream.engine.recovery`)."""
     futures = []
-    for o in outputs:
+    marks = None if offset is None else input_headers(source, offset, len(outputs))
+    for index, o in enumerate(outputs):
         partition = None if o.follows is None else await _co_partition(producer, o, source.topic)
+        headers = list(o.headers) if marks is None else [*o.headers, marks[index]]
         future = await producer.send(
-            o.topic, o.value, key=o.key, partition=partition, headers=list(o.headers)
+            o.topic, o.value, key=o.key, partition=partition, headers=headers
         )
         futures.append(future)
     return futures
@@ -250,7 +259,7 @@ class AtLeastOnceSink:
         while True:
             producer = self._producer
             try:
-                for future in await send_outputs(producer, outputs, partition.tp):
+                for future in await send_outputs(producer, outputs, partition.tp, offset):
                     await acknowledged(future, partition)
                 break
             except AIOKafkaError as exc:
@@ -300,15 +309,19 @@ class AtLeastOnceSink:
         return too_large
 
     async def commit(self, partitions: Sequence[Partition]) -> int:
-        changed = changed_positions(partitions)
-        if not changed:
+        # With a `since` note: where a next owner looks for outputs sent after this
+        # commit (or before it, still unacknowledged) should this worker die.
+        now_monotonic = time.monotonic()
+        due = commit_positions(partitions, time.time(), now_monotonic)
+        if not due:
             return 0
-        offsets = {partition.tp: position for partition, position in changed.items()}
+        offsets = {partition.tp: full for partition, (_, full) in due.items()}
         try:
             with anyio.fail_after(self._settings.request_timeout_ms / 1000):
                 await self._consumer.commit(offsets)
         except (AIOKafkaError, TimeoutError) as exc:
             raise translate(exc, self._settings, "committing offsets") from exc
-        for partition, position in changed.items():
-            partition.committed = position
-        return len(changed)
+        for partition, (base, full) in due.items():
+            partition.committed, partition.committed_base = full, base
+            partition.committed_at = now_monotonic
+        return len(due)

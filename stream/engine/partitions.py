@@ -84,6 +84,9 @@ class EngineSnapshot(NamedTuple):
     # the shutdown grace ran out): their next owner runs them, and pays for them, again.
     abandoned: int = 0
     rebalances: int = 0  # rebalances that revoked this engine's partitions
+    # Records a dead owner finished after its last commit, found by their outputs in
+    # Kafka (at-least-once): not run, nor paid for, again.
+    records_recovered: int = 0
 
 
 class Partition:
@@ -114,6 +117,9 @@ class Partition:
         self._verdict: anyio.Event | None = None  # set while on probation, fired on the verdict
         self.waiting: set[int] = set()  # offsets whose outputs wait for the verdict
         self.committed: tuple[int, str] | None = None  # last (offset, metadata) committed
+        # The same without its `since` note: a commit is due when the position moves.
+        self.committed_base: tuple[int, str] | None = None
+        self.committed_at = 0.0  # when (monotonic) this owner last committed
         self.running: dict[int, int] = {}  # offset → record timestamp, for the snapshot
         self.writes: dict[int, float] = {}  # offset → when its outputs' write began (monotonic)
         self._writes_done: anyio.Event | None = None  # made only for a revoke that waits
@@ -183,9 +189,10 @@ class Partition:
         self._blocked_count = 0
         return dropped
 
-    def position(self) -> tuple[int, str]:
-        """(offset, metadata) to commit: the watermark, finished offsets above it, notes."""
-        notes = {}
+    def position(self, extra: dict[str, str] | None = None) -> tuple[int, str]:
+        """(offset, metadata) to commit: the watermark, finished offsets above it, notes
+        (and `extra` ones)."""
+        notes = dict(extra or {})
         started = max(self.started_high, self.started_before)
         # Records given back unpaid at the top of what was started are not "started": the
         # next owner must not count them as calls perhaps paid twice (nor finished ones

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import anyio
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -40,6 +40,7 @@ from stream.engine.membership import Membership
 from stream.engine.offsets import PartitionOffsets, decode_metadata, split_notes
 from stream.engine.outputs import CLOSE_TIMEOUT_S, Sink
 from stream.engine.partitions import Partition
+from stream.engine.recovery import Unfinished, recover
 from stream.errors import FencedError, KafkaError
 from stream.kafka import translate
 from stream.kafkawire import coordinator_offsets
@@ -109,7 +110,10 @@ class Rebalancer:
         low_priority: frozenset[str],
         on_assigned: Callable[[], None],
         membership: Membership,
+        outputs: Sequence[str] = (),
     ) -> None:
+        """`outputs`: the topics the engine writes to, where a dead owner's finished work
+        is found (`_recover`)."""
         self._settings = settings
         self._config = settings.engine
         self._consumer = consumer
@@ -119,7 +123,9 @@ class Rebalancer:
         self._low_priority = low_priority
         self._on_assigned = on_assigned
         self._membership = membership
+        self._outputs = list(outputs)
         self.abandoned = 0  # running records abandoned: their next owner runs them again
+        self.recovered = 0  # records a dead owner finished, found by their outputs
         self.rebalances = 0  # revokes that took partitions from this member
 
     # -- revoke --------------------------------------------------------------------------
@@ -220,8 +226,9 @@ class Rebalancer:
             if partition not in stale:
                 self._carry_on(partition)
         fresh = [tp for tp in tps if tp not in self._partitions]
+        recovered = await self._recover(fresh, committed)
         for tp in fresh:
-            self._start(tp, committed.get(tp))
+            self._start(tp, committed.get(tp), recovered.get(tp, set()))
         kept = [p.tp for p in back if p not in stale]
         log.info(
             "assigned %d partitions: %d came back with their running records, %d new",
@@ -247,13 +254,40 @@ class Rebalancer:
         if (position := partition.offsets.next_expected) is not None:
             seek(self._consumer, tp, position)
 
-    def _start(self, tp: TopicPartition, committed: tuple[int, str] | None) -> None:
+    async def _recover(
+        self, fresh: list[TopicPartition], committed: Committed
+    ) -> dict[TopicPartition, set[int]]:
+        """At-least-once: the records of `fresh` partitions a dead owner finished after its
+        last commit, found by their outputs (`stream.engine.recovery`)."""
+        if self._config.guarantee != "at-least-once" or not self._outputs:
+            return {}
+        wanted = {}
+        for tp in fresh:
+            if (position := committed.get(tp)) is not None:
+                since = split_notes(position[1])[1].get("since", "")
+                if since.isdigit():
+                    wanted[tp] = Unfinished(position[0], int(since))
+        return await recover(self._settings.kafka, wanted, self._outputs)
+
+    def _start(
+        self, tp: TopicPartition, committed: tuple[int, str] | None, recovered: set[int]
+    ) -> None:
         metadata = ""
         if committed is None:
             offsets = PartitionOffsets(-1)  # position unknown: accept from wherever
         else:
             offset, metadata = committed
-            offsets = PartitionOffsets(offset, decode_metadata(metadata, offset))
+            finished = set(decode_metadata(metadata, offset))
+            if found := recovered - finished:
+                self.recovered += len(found)
+                log.info(
+                    "%s[%d]: %d records finished by the previous owner after its last "
+                    "commit (their outputs are in Kafka): not run again",
+                    tp.topic,
+                    tp.partition,
+                    len(found),
+                )
+            offsets = PartitionOffsets(offset, sorted(finished | found))
             seek(self._consumer, tp, offset)
         self._partitions[tp] = partition = Partition(
             tp,

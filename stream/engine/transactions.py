@@ -215,5 +215,5 @@ class ExactlyOnceSink:
                     exc, self._settings, f"committing the transaction of {partition.tp}"
                 ) from exc
             txn.open = False
-            partition.committed = position
+            partition.committed = partition.committed_base = position
             partition.write_error = None

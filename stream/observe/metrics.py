@@ -382,6 +382,11 @@ def _engine_metrics(snapshots: Sequence[EngineSnapshot]) -> Iterable[Metric]:
             "each may be a provider call paid twice.",
             lambda s: s.records_redelivered,
         ),
+        "stream_engine_records_recovered": (
+            "Records a dead owner finished after its last commit, found by their outputs in "
+            "Kafka (at-least-once): not run, nor paid for, again.",
+            lambda s: s.records_recovered,
+        ),
         "stream_engine_records_released": (
             "Records a shutdown drain gave back before their call went out (waiting for the "
             "spend limit, a slot or a back-off): nothing paid, their next owner runs them.",

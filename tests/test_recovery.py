@@ -1,0 +1,166 @@
+"""Finding, by their outputs, the records a dead owner finished after its last commit
+(`stream.engine.recovery`): the header, the `since` note, which commits are due, and the
+scan against the broker. The whole story (SIGKILL, restart, no output twice) is
+`tests/test_engine_crash.py`."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+from aiokafka import TopicPartition
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stream.config import Settings
+from stream.engine.offsets import PartitionOffsets, split_notes
+from stream.engine.partitions import Partition
+from stream.engine.recovery import (
+    HEADER,
+    SINCE_REFRESH_S,
+    Unfinished,
+    _Found,
+    _parse,
+    commit_positions,
+    input_headers,
+    recover,
+    since_ms,
+)
+from tests.kit.kafka import Record, create_topic, produce
+
+TP = TopicPartition("t.requests", 3)
+
+
+@given(
+    topic=st.from_regex(r"[A-Za-z0-9._-]{1,60}", fullmatch=True),
+    partition=st.integers(0, 10_000),
+    offset=st.integers(0, 2**62),
+    count=st.integers(1, 20),
+)
+def test_a_header_names_its_record_and_share(
+    topic: str, partition: int, offset: int, count: int
+) -> None:
+    tp = TopicPartition(topic, partition)
+    headers = input_headers(tp, offset, count)
+    assert [key for key, _ in headers] == [HEADER] * count
+    assert [_parse(value) for _, value in headers] == [
+        (tp, offset, index, count) for index in range(count)
+    ]
+
+
+@pytest.mark.parametrize(
+    "value", [b"", b"t:1:2", b"t:x:2:0/1", b"t:1:2:1/1", b"t:1:2:0/0", b"\xff:1:2:0/1", b"t:1:2:a"]
+)
+def test_a_header_not_ours_is_ignored(value: bytes) -> None:
+    assert _parse(value) is None
+
+
+def test_a_record_is_finished_when_every_one_of_its_outputs_is_seen() -> None:
+    found = _Found({TP: Unfinished(watermark=10, since=0)})
+    other = TopicPartition("t.requests", 4)
+    for headers in (
+        input_headers(TP, 10, 1),  # one of one
+        input_headers(TP, 11, 2)[:1],  # one of two: runs again
+        input_headers(TP, 12, 2)[::-1],  # two of two, in any order
+        input_headers(TP, 9, 1),  # below the watermark: finished already
+        input_headers(other, 13, 1),  # another partition's
+        [("request-id", b"t.requests:3:14:0/1")],  # another header
+        input_headers(TP, 15, 1) + input_headers(TP, 15, 1),  # written twice: still one of one
+    ):
+        found.note(headers)
+    # a re-run that made three outputs where the first made two: either count complete counts
+    found.note(input_headers(TP, 16, 2)[:1] + input_headers(TP, 16, 3))
+    assert found.finished() == {TP: {10, 12, 15, 16}}
+
+
+def test_since_is_the_oldest_write_in_progress_else_now() -> None:
+    assert since_ms([], now=1000.0, now_monotonic=50.0) == 1_000_000
+    assert since_ms([47.5, 49.0], now=1000.0, now_monotonic=50.0) == 997_500
+
+
+def _partition(committed: int = 100) -> Partition:
+    partition = Partition(TP, PartitionOffsets(committed), low_priority=False, key_ordering=False)
+    return partition
+
+
+def test_commits_carry_since_and_a_clean_leave_drops_it() -> None:
+    partition = _partition()
+    due = commit_positions([partition], now=1000.0, now_monotonic=50.0)
+    (base, full) = due[partition]
+    assert split_notes(full[1])[1]["since"] == "1000000" and "since" not in base[1]
+    partition.committed, partition.committed_base, partition.committed_at = full, base, 50.0
+    assert commit_positions([partition], now=1001.0, now_monotonic=51.0) == {}  # nothing moved
+
+    partition.revoked = True  # leaving, no write in progress: its next owner need not look
+    (base, full) = commit_positions([partition], now=1002.0, now_monotonic=52.0)[partition]
+    assert full == base
+    partition.committed = partition.committed_base = base
+    assert commit_positions([partition], now=1003.0, now_monotonic=53.0) == {}
+
+    partition.revoked = False  # it came back: the note again, before any output is written
+    (_, full) = commit_positions([partition], now=1004.0, now_monotonic=54.0)[partition]
+    assert split_notes(full[1])[1]["since"] == "1004000"
+
+
+def test_an_idle_partition_refreshes_its_note_and_a_write_in_progress_holds_it_back() -> None:
+    partition = _partition()
+    (base, full) = commit_positions([partition], now=1000.0, now_monotonic=50.0)[partition]
+    partition.committed, partition.committed_base, partition.committed_at = full, base, 50.0
+    later = 50.0 + SINCE_REFRESH_S
+    (_, full) = commit_positions([partition], now=1000.0 + SINCE_REFRESH_S, now_monotonic=later)[
+        partition
+    ]
+    assert split_notes(full[1])[1]["since"] == str(int((1000.0 + SINCE_REFRESH_S) * 1000))
+
+    partition.revoked = True
+    partition.writes[120] = later - 2.0  # an output sent 2 s ago, not acknowledged yet
+    (_, full) = commit_positions([partition], now=2000.0, now_monotonic=later)[partition]
+    assert split_notes(full[1])[1]["since"] == "1998000"  # not clean: it may land after
+
+
+@pytest.mark.anyio
+@pytest.mark.kafka
+async def test_the_scan_finds_outputs_in_their_partition_or_anywhere(settings: Settings) -> None:
+    source = await create_topic(settings, "rec-in", 3)
+    same = await create_topic(settings, "rec-out", 3)  # co-partitioned: only partition 1
+    other = await create_topic(settings, "rec-dead", 2)  # not: every partition
+    tp = TopicPartition(source, 1)
+    now_ms = int(time.time() * 1000)
+    await produce(
+        settings,
+        same,
+        [
+            # sent long before the previous owner's `since`: not read
+            Record(
+                b"e", partition=1, headers=input_headers(tp, 8, 1), timestamp_ms=now_ms - 600_000
+            ),
+            Record(b"a", partition=1, headers=input_headers(tp, 5, 1)),
+            Record(b"b", partition=1, headers=input_headers(tp, 6, 2)[:1]),
+            Record(b"c", partition=1, headers=[(HEADER, b"garbage")]),
+            # in another partition than its input's: not looked at
+            Record(b"d", partition=0, headers=input_headers(tp, 7, 1)),
+        ],
+    )
+    await produce(
+        settings,
+        other,
+        [
+            Record(b"f", partition=0, headers=input_headers(tp, 6, 2)[1:]),
+            Record(b"g", partition=1, headers=input_headers(tp, 9, 1)),
+            Record(b"h", partition=1, headers=input_headers(tp, 2, 1)),  # below the watermark
+        ],
+    )
+    wanted = {tp: Unfinished(watermark=3, since=now_ms - 60_000)}
+    found = await recover(settings.kafka, wanted, [same, other])
+    assert found == {tp: {5, 6, 9}}
+
+
+@pytest.mark.anyio
+@pytest.mark.kafka
+async def test_a_scan_that_cannot_reach_kafka_finds_nothing_and_ends(settings: Settings) -> None:
+    tp = TopicPartition("missing", 0)
+    unreachable = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}).kafka
+    with anyio.fail_after(60):  # bounded by its budget and the consumer's close
+        found = await recover(unreachable, {tp: Unfinished(0, 0)}, ["out"], budget_s=3.0)
+    assert found == {}
