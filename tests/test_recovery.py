@@ -9,12 +9,14 @@ import time
 
 import anyio
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
 from stream.config import Settings
+from stream.engine.engine import Output
 from stream.engine.offsets import PartitionOffsets, split_notes
+from stream.engine.outputs import send_outputs
 from stream.engine.partitions import Partition
 from stream.engine.recovery import (
     HEADER,
@@ -27,7 +29,8 @@ from stream.engine.recovery import (
     recover,
     since_ms,
 )
-from tests.kit.kafka import Record, create_topic, produce
+from tests.kit.kafka import Record, create_topic, produce, read_all
+from tests.kit.kcat import kcat_produce, needs_kcat
 
 TP = TopicPartition("t.requests", 3)
 
@@ -164,3 +167,40 @@ async def test_a_scan_that_cannot_reach_kafka_finds_nothing_and_ends(settings: S
     with anyio.fail_after(60):  # bounded by its budget and the consumer's close
         found = await recover(unreachable, {tp: Unfinished(0, 0)}, ["out"], budget_s=3.0)
     assert found == {}
+
+
+@pytest.mark.anyio
+@pytest.mark.kafka
+async def test_an_output_names_only_its_own_record(settings: Settings) -> None:
+    """A handler that passes an input's `stream-input` header on would make a next owner
+    take another record for finished: the engine writes its own alone."""
+    sink = await create_topic(settings, "rec-named", 1)
+    tp = TopicPartition("t.requests", 2)
+    forged = Output(sink, b"v", headers=(("request-id", b"r-1"), (HEADER, b"t.requests:2:99:0/1")))
+    producer = AIOKafkaProducer(**settings.kafka.client_options())
+    await producer.start()
+    try:
+        for future in await send_outputs(producer, [forged, forged], tp, 7):
+            await future
+    finally:
+        await producer.stop()
+    written = await read_all(settings, sink)
+    assert [list(r.headers) for r in written] == [
+        [("request-id", b"r-1"), (HEADER, b"t.requests:2:7:0/2")],
+        [("request-id", b"r-1"), (HEADER, b"t.requests:2:7:1/2")],
+    ]
+
+
+@needs_kcat
+@pytest.mark.anyio
+@pytest.mark.kafka
+async def test_an_output_the_client_cannot_read_ends_the_scan_not_the_engine(
+    settings: Settings, kafka_bootstrap: str
+) -> None:
+    sink = await create_topic(settings, "rec-odd", 1)
+    tp = TopicPartition("t.requests", 0)
+    await produce(settings, sink, [Record(b"a", partition=0, headers=input_headers(tp, 4, 1))])
+    await kcat_produce(kafka_bootstrap, sink, 0, [b"odd"], headers=[(b"\xff\xfe", b"v")])
+    since = int(time.time() * 1000) - 60_000
+    found = await recover(settings.kafka, {tp: Unfinished(0, since)}, [sink])
+    assert found in ({}, {tp: {4}})  # what it read before the odd record counts

@@ -36,6 +36,7 @@ from aiokafka.errors import (
 from stream.config import CLOSE_RESERVE_S, KafkaSettings
 from stream.engine.late import acknowledged
 from stream.engine.partitions import Partition
+from stream.engine.recovery import HEADER as RECOVERY_HEADER
 from stream.engine.recovery import commit_positions, input_headers
 from stream.errors import KafkaError, OutputRejectedError
 from stream.kafka import start_client, translate
@@ -119,7 +120,11 @@ async def send_outputs(
     marks = None if offset is None else input_headers(source, offset, len(outputs))
     for index, o in enumerate(outputs):
         partition = None if o.follows is None else await _co_partition(producer, o, source.topic)
-        headers = list(o.headers) if marks is None else [*o.headers, marks[index]]
+        if marks is None:
+            headers = list(o.headers)
+        else:  # a `stream-input` the handler passed on would name another record
+            headers = [h for h in o.headers if h[0] != RECOVERY_HEADER]
+            headers.append(marks[index])
         future = await producer.send(
             o.topic, o.value, key=o.key, partition=partition, headers=headers
         )

@@ -179,6 +179,12 @@ async def recover(
             )
     except (AIOKafkaError, KafkaError, OSError) as exc:
         log.warning("could not read the outputs of a dead owner (%s): its work runs again", exc)
+    except Exception as exc:  # an output the client cannot decode, a bug: never stop here
+        log.warning(
+            "reading the outputs of a dead owner failed (%s): its work runs again",
+            type(exc).__name__,
+            exc_info=exc,
+        )
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
             await consumer.stop()
