@@ -283,6 +283,19 @@ class Checker:
     reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     inputs: int = 0
     kinds: collections.Counter[str] = field(default_factory=collections.Counter)
+    # Where each terminal record and input lies: the duplicates' details in the verdict.
+    outputs_by_seq: dict[int, list[dict[str, Any]]] = field(
+        default_factory=lambda: collections.defaultdict(list)
+    )
+    outputs_at: dict[tuple[int, int], list[dict[str, Any]]] = field(
+        default_factory=lambda: collections.defaultdict(list)
+    )
+    inputs_by_seq: dict[int, list[str]] = field(
+        default_factory=lambda: collections.defaultdict(list)
+    )
+    fallback_by_seq: dict[int, list[str]] = field(
+        default_factory=lambda: collections.defaultdict(list)
+    )
 
     def add_input(self, record: Any) -> None:
         item = self.plan.get(record.value)
@@ -292,31 +305,63 @@ class Checker:
             self.errors.append(f"unplanned input at {record.partition}@{record.offset}")
         elif item.kind in ("valid", "duplicate_id"):
             self.expected_by_seq[item.seq] += 1
+            self.inputs_by_seq[item.seq].append(f"{record.partition}@{record.offset}")
         else:
             self.poison_at[(record.partition, record.offset)] = item
 
-    def add_output(self, topic_kind: str, value: bytes) -> None:
+    def add_fallback(self, record: Any) -> None:
+        """A record of the fallback topic (read_committed): where each request went there."""
+        metadata = orjson.loads(record.value).get("metadata")
+        seq = metadata.get("chaos") if isinstance(metadata, dict) else None
+        if isinstance(seq, int):
+            self.fallback_by_seq[seq].append(
+                f"{record.partition}@{record.offset} ts={record.timestamp}"
+            )
+
+    def add_output(self, topic_kind: str, value: bytes, record: Any = None) -> None:
         body = orjson.loads(value)
+        where = _where(topic_kind, body, record)
         if topic_kind == "result":
             self.providers[body["provider"]] += 1
-            self._count_seq(body.get("metadata"), "result")
+            self._count_seq(body.get("metadata"), "result", where)
             return
         self.reasons[body["reason"]] += 1
         source = body["source"]
         if source["topic"] == self.requests_topic:
             self.got_at[(source["partition"], source["offset"])] += 1
+            self.outputs_at[(source["partition"], source["offset"])].append(where)
             self._check_poison(body)
         elif body["reason"] == "no_fallback" and body["request"]["model"] not in MAPPED:
-            self._count_seq(body["request"].get("metadata"), "dead letter")
+            self._count_seq(body["request"].get("metadata"), "dead letter", where)
         else:
             self.errors.append(f"unexpected dead letter: {body['reason']}: {body['error'][:200]}")
 
-    def _count_seq(self, metadata: Any, what: str) -> None:
+    def _count_seq(self, metadata: Any, what: str, where: dict[str, Any] | None = None) -> None:
         seq = metadata.get("chaos") if isinstance(metadata, dict) else None
         if not isinstance(seq, int):
             self.errors.append(f"stray {what} without a chaos seq: {metadata!r}")
             return
         self.got_by_seq[seq] += 1
+        if where is not None:
+            self.outputs_by_seq[seq].append(where)
+
+    def duplicate_details(self, most: int = 40) -> list[dict[str, Any]]:
+        """Each doubled request: its input(s), its fallback record(s), its terminal records."""
+        found: list[dict[str, Any]] = []
+        for seq, n in sorted(self.expected_by_seq.items()):
+            if self.got_by_seq[seq] > n:
+                found.append(
+                    {
+                        "seq": seq,
+                        "inputs": self.inputs_by_seq[seq],
+                        "fallback": self.fallback_by_seq.get(seq, []),
+                        "outputs": self.outputs_by_seq[seq],
+                    }
+                )
+        for at in sorted(self.poison_at):
+            if self.got_at[at] > 1:
+                found.append({"poison_at": at, "outputs": self.outputs_at[at]})
+        return found[:most]
 
     def _check_poison(self, letter: dict[str, Any]) -> None:
         source = letter["source"]
@@ -367,7 +412,28 @@ class Checker:
             "dead_letters_by_reason": dict(self.reasons),
             "errors": errors[:20],
             "ok": not errors,
+            "duplicate_details": self.duplicate_details() if duplicates else [],
         }
+
+
+def _where(topic_kind: str, body: dict[str, Any], record: Any) -> dict[str, Any]:
+    """Where a terminal record lies and what tells its writer apart (for the details)."""
+    found: dict[str, Any] = {
+        "kind": topic_kind,
+        "provider": body.get("provider"),
+        "reason": body.get("reason"),
+        "stage": body.get("stage"),
+        "at": body.get("completed_at") or body.get("dead_at"),
+        "source": body.get("source"),
+    }
+    if record is not None:
+        found.update(
+            partition=record.partition,
+            offset=record.offset,
+            timestamp=record.timestamp,
+            headers={k: (v or b"").decode(errors="replace") for k, v in record.headers or ()},
+        )
+    return found
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -473,6 +539,8 @@ async def _run(chaos: Run) -> dict[str, Any]:
     # The verdict reads everything afresh, after the workers stopped: late duplicates count.
     final = Checker(checker.requests_topic, checker.plan)
     await _read_inputs(settings, final)
+    for record in await _read_topic(settings, settings.topic("predictions.fallback")):
+        final.add_fallback(record)
     await _read_outputs(settings, final, until_complete=False)
     figures = final.verdict(config.guarantee == "exactly-once")
     needed = figures["valid_inputs"]
@@ -780,7 +848,7 @@ async def _read_outputs(settings: Settings, checker: Checker, *, until_complete:
             batch = await consumer.getmany(timeout_ms=500)
             for tp, records in batch.items():
                 for record in records:
-                    checker.add_output(kinds[tp.topic], record.value)
+                    checker.add_output(kinds[tp.topic], record.value, record)
             if until_complete:
                 if checker.complete():
                     return
