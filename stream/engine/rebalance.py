@@ -296,7 +296,9 @@ class Rebalancer:
             key_ordering=self._config.ordering == "key",
             started_before=_started(metadata),
         )
-        partition.committed = committed
+        # The same as Kafka has it: an unchanged partition is not committed again (its
+        # `since` note, if any, makes an at-least-once one due at once all the same).
+        partition.committed = partition.committed_base = committed
 
     async def committed(self, tps: set[TopicPartition]) -> Committed:
         """Committed offset and metadata per partition (the consumer's API drops metadata)."""
