@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -89,9 +90,10 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
     groups = _groups(args.groups, settings)
     rows: list[LagRow] = []
     latest: list[GroupReading] = []
+    sample = _watch if args.watch else _sample
     try:
-        anyio.run(_sample, args, settings.kafka, groups, rows, latest)
-    except KeyboardInterrupt:  # the way out of --watch
+        anyio.run(sample, args, settings.kafka, groups, rows, latest)
+    except KeyboardInterrupt:  # Ctrl-C on a one-shot look
         pass
     except TimeoutError:
         _err(f"stream lag: {_timed_out(settings.kafka)}")
@@ -183,6 +185,30 @@ async def _sample(
             # closing waits on the clients' background tasks: bounded too, the answer is in
             with anyio.move_on_after(_ROUND_S, shield=True):
                 await reader.__aexit__(None, None, None)
+
+
+async def _watch(
+    args: argparse.Namespace,
+    kafka: KafkaSettings,
+    groups: dict[str, tuple[str, ...]],
+    rows: list[LagRow],
+    latest: list[GroupReading],
+) -> None:
+    """`_sample` until Ctrl-C (or SIGTERM). The signal cancels the sampling's scope, which
+    stays cancelled until the sampling ends: asyncio's own Ctrl-C cancels the task once,
+    and a cancellation that lands in a client's shielded close or in 3.11's `wait_for` is
+    lost, leaving the watch running (seen once with Kafka down)."""
+    async with anyio.create_task_group() as group:
+        group.start_soon(_cancel_on_signal, group.cancel_scope)
+        await _sample(args, kafka, groups, rows, latest)
+        group.cancel_scope.cancel()
+
+
+async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
 
 
 async def _open(kafka: KafkaSettings) -> LagReader:
