@@ -164,7 +164,8 @@ async def test_an_interrupted_replay_reports_what_reached_the_target(
 ) -> None:
     await _source(settings)
     window = ["--since", _rfc3339(SINCE), "--until", _rfc3339(UNTIL)]
-    command = [sys.executable, "-m", "stream", "replay", *window, "--rate", "5", "--json"]
+    # slow enough that the interrupt lands mid-run even when reading the copies back is slow
+    command = [sys.executable, "-m", "stream", "replay", *window, "--rate", "2", "--json"]
     async with await anyio.open_process(command, env=env) as process:
         # copies have landed (a causal condition, not a sleep): interrupt it mid-run
         while len(await _committed(settings)) < 3:
