@@ -8,7 +8,6 @@ turn a log file into one unreadable line.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -18,6 +17,7 @@ import anyio
 import orjson
 
 from stream.errors import UsageError
+from stream.interrupts import cancelled_by_signal
 
 __all__ = ["Pacer", "Progress", "add_json_option", "parse_rate", "run_resumable", "run_summarised"]
 
@@ -134,8 +134,11 @@ def run_resumable(
     """Run a resumable copy (replay, redrive) for the CLI: a summary either way, and on
     Ctrl-C the hint that running the same command again carries on where it stopped."""
     try:
-        asyncio.run(job())  # the CLI edge owns the event loop
-    except KeyboardInterrupt:
+        # the CLI edge owns the event loop; Ctrl-C cancels the job for good
+        interrupted = anyio.run(cancelled_by_signal, job)
+    except KeyboardInterrupt:  # before the job's signal handling was in place
+        interrupted = True
+    if interrupted:
         print(summary("interrupted"))  # noqa: T201
         hint = "stream: interrupted; run the same command again to continue"
         print(hint, file=sys.stderr)  # noqa: T201

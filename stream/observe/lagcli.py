@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import anyio
@@ -24,6 +24,7 @@ import orjson
 
 from stream.config import KafkaSettings, Settings
 from stream.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_USAGE, KafkaError
+from stream.interrupts import cancelled_by_signal
 from stream.kafka import transient
 from stream.observe.lag import LagRow, LagTracker
 from stream.observe.lagreader import PIPELINE_GROUPS, GroupReading, LagReader, read_patiently
@@ -194,21 +195,8 @@ async def _watch(
     rows: list[LagRow],
     latest: list[GroupReading],
 ) -> None:
-    """`_sample` until Ctrl-C (or SIGTERM). The signal cancels the sampling's scope, which
-    stays cancelled until the sampling ends: asyncio's own Ctrl-C cancels the task once,
-    and a cancellation that lands in a client's shielded close or in 3.11's `wait_for` is
-    lost, leaving the watch running (seen once with Kafka down)."""
-    async with anyio.create_task_group() as group:
-        group.start_soon(_cancel_on_signal, group.cancel_scope)
-        await _sample(args, kafka, groups, rows, latest)
-        group.cancel_scope.cancel()
-
-
-async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            scope.cancel()
-            return
+    """`_sample` until Ctrl-C (or SIGTERM), which cancels it for good (`stream.interrupts`)."""
+    await cancelled_by_signal(partial(_sample, args, kafka, groups, rows, latest))
 
 
 async def _open(kafka: KafkaSettings) -> LagReader:
