@@ -91,9 +91,12 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
     groups = _groups(args.groups, settings)
     rows: list[LagRow] = []
     latest: list[GroupReading] = []
-    sample = _watch if args.watch else _sample
+    sample = partial(_sample, args, settings.kafka, groups, rows, latest)
     try:
-        anyio.run(sample, args, settings.kafka, groups, rows, latest)
+        if args.watch:  # until Ctrl-C (or SIGTERM), which cancels it for good
+            anyio.run(cancelled_by_signal, sample)
+        else:
+            anyio.run(sample)
     except KeyboardInterrupt:  # Ctrl-C on a one-shot look
         pass
     except TimeoutError:
@@ -186,17 +189,6 @@ async def _sample(
             # closing waits on the clients' background tasks: bounded too, the answer is in
             with anyio.move_on_after(_ROUND_S, shield=True):
                 await reader.__aexit__(None, None, None)
-
-
-async def _watch(
-    args: argparse.Namespace,
-    kafka: KafkaSettings,
-    groups: dict[str, tuple[str, ...]],
-    rows: list[LagRow],
-    latest: list[GroupReading],
-) -> None:
-    """`_sample` until Ctrl-C (or SIGTERM), which cancels it for good (`stream.interrupts`)."""
-    await cancelled_by_signal(partial(_sample, args, kafka, groups, rows, latest))
 
 
 async def _open(kafka: KafkaSettings) -> LagReader:
