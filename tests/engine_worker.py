@@ -30,7 +30,9 @@ def main() -> None:
     async def handler(record: Any) -> Sequence[Output]:
         await anyio.sleep(random.uniform(0.05, 0.2))
         print(record.value.decode(), flush=True)
-        return [Output(sink, record.value, key=record.key, headers=(("pid", pid),))]
+        # Keyed by the value, as an unkeyed request's result is by its request_id: placed
+        # by that key's hash, not at the input's partition number.
+        return [Output(sink, record.value, key=record.value, headers=(("pid", pid),))]
 
     def on_error(record: Any, exc: BaseException) -> Sequence[Output]:
         return [Output(sink, b"error:" + record.value)]

@@ -122,6 +122,64 @@ def test_an_idle_partition_refreshes_its_note_and_a_write_in_progress_holds_it_b
     assert split_notes(full[1])[1]["since"] == "1998000"  # not clean: it may land after
 
 
+Due = tuple[tuple[int, str], tuple[int, str]]
+
+
+def _committed(partition: Partition, due: Due, at: float) -> str:
+    """Take a due commit as made; its notes."""
+    (base, full) = due
+    partition.committed, partition.committed_base, partition.committed_at = full, base, at
+    return ",".join(sorted(split_notes(full[1])[1]))
+
+
+def test_outputs_placed_by_their_key_make_the_note_say_spread_for_a_while() -> None:
+    partition = _partition()
+    assert _committed(partition, commit_positions([partition], 1000.0, 50.0)[partition], 50.0) == (
+        "since"
+    )
+    partition.scattered_at = 50.5  # an unkeyed request's result went where its id hashes
+    due = commit_positions([partition], 1001.0, 51.0)  # nothing moved, but the note must
+    assert _committed(partition, due[partition], 51.0) == "since,spread"
+    assert commit_positions([partition], 1002.0, 52.0) == {}  # said already
+
+    # No such output for a whole refresh period: the next owner reads its partition alone.
+    later = 50.5 + SINCE_REFRESH_S
+    due = commit_positions([partition], 1000.0 + later - 50.0, later)
+    assert _committed(partition, due[partition], later) == "since"
+
+    # ... unless one of them is still awaiting its ack (sent after the note's `since`).
+    partition.writes[120] = later - 1.0
+    partition.scattered_at = later - 1.0
+    due = commit_positions([partition], 1000.0 + 2 * SINCE_REFRESH_S, 50.0 + 2 * SINCE_REFRESH_S)
+    assert _committed(partition, due[partition], 50.0 + 2 * SINCE_REFRESH_S) == "since,spread"
+
+    partition.revoked, partition.writes = True, {}  # a clean leave needs no note at all
+    due = commit_positions([partition], 2000.0, 50.0 + 2 * SINCE_REFRESH_S + 1)
+    assert _committed(partition, due[partition], 0.0) == ""
+
+
+@pytest.mark.anyio
+@pytest.mark.kafka
+async def test_a_spread_note_makes_the_scan_read_every_partition(settings: Settings) -> None:
+    source = await create_topic(settings, "rec-in-spread", 3)
+    same = await create_topic(settings, "rec-out-spread", 3)
+    tp = TopicPartition(source, 1)
+    # placed by their keys' hash, not at partition 1
+    await produce(
+        settings,
+        same,
+        [
+            Record(b"a", partition=0, headers=input_headers(tp, 5, 1)),
+            Record(b"b", partition=2, headers=input_headers(tp, 6, 1)),
+            Record(b"c", partition=1, headers=input_headers(tp, 7, 1)),
+        ],
+    )
+    since = int(time.time() * 1000) - 60_000
+    assert await recover(settings.kafka, {tp: Unfinished(3, since)}, [same]) == {tp: {7}}
+    found = await recover(settings.kafka, {tp: Unfinished(3, since, spread=True)}, [same])
+    assert found == {tp: {5, 6, 7}}
+
+
 @pytest.mark.anyio
 @pytest.mark.kafka
 async def test_the_scan_finds_outputs_in_their_partition_or_anywhere(settings: Settings) -> None:

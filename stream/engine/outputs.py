@@ -261,6 +261,10 @@ class AtLeastOnceSink:
 
     async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> bool:
         attempt = too_large = 0
+        for output in outputs:
+            if output.follows is None:  # placed by its key (`stream.engine.recovery`)
+                partition.scattered_at = time.monotonic()
+                break
         while True:
             producer = self._producer
             try:

@@ -264,9 +264,10 @@ class Rebalancer:
         wanted = {}
         for tp in fresh:
             if (position := committed.get(tp)) is not None:
-                since = split_notes(position[1])[1].get("since", "")
+                notes = split_notes(position[1])[1]
+                since = notes.get("since", "")
                 if since.isdigit():
-                    wanted[tp] = Unfinished(position[0], int(since))
+                    wanted[tp] = Unfinished(position[0], int(since), notes.get("spread") == "1")
         return await recover(self._settings.kafka, wanted, self._outputs)
 
     def _start(

@@ -13,7 +13,11 @@ again and write their outputs twice. So:
 - the next owner of a partition whose last commit has that note reads the output topics
   from then (less a margin for clocks) to their end: at the input's partition number where
   the partition counts match (co-partitioned outputs), every partition otherwise. A record
-  all of whose outputs it finds is finished: not run again, not written again.
+  all of whose outputs it finds is finished: not run again, not written again;
+- outputs placed by their key's hash (an unkeyed request's result, keyed by its
+  `request_id`) are in any partition: a commit says so (a `spread` note) while the
+  partition wrote such an output within `SINCE_REFRESH_S`, and the next owner then reads
+  every partition of each output topic.
 
 The scan is bounded (`RECOVERY_S`) and best effort: what it does not find runs again, as it
 would without it. Exactly-once needs none of it: outputs and offsets commit together.
@@ -32,6 +36,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import KafkaSettings
+from stream.engine.offsets import split_notes
 from stream.engine.partitions import Partition
 from stream.errors import KafkaError
 from stream.kafka import start_client
@@ -65,6 +70,7 @@ class Unfinished(NamedTuple):
 
     watermark: int
     since: int
+    spread: bool = False  # outputs placed by their keys' hash: look in every partition
 
 
 def input_headers(tp: TopicPartition, offset: int, count: int) -> list[tuple[str, bytes]]:
@@ -108,19 +114,38 @@ def commit_positions(
             continue  # nothing fetched yet on a partition without a committed offset
         base = partition.position()
         clean = partition.revoked and not partition.writes
+        spread = False
         if clean:
             full = base
         else:
-            since = since_ms(partition.writes.values(), now, now_monotonic)
-            full = partition.position({"since": str(since)})
+            writes = partition.writes.values()
+            notes = {"since": str(since_ms(writes, now, now_monotonic))}
+            if spread := _spread(partition, min(writes, default=now_monotonic), now_monotonic):
+                notes["spread"] = "1"
+            full = partition.position(notes)
         noted = partition.committed != partition.committed_base  # Kafka has a `since` note
         if (
             base != partition.committed_base
             or clean == noted
             or (noted and now_monotonic - partition.committed_at >= SINCE_REFRESH_S)
+            or (not clean and spread != _noted_spread(partition))
         ):
             due[partition] = (base, full)
     return due
+
+
+def _spread(partition: Partition, oldest_write: float, now_monotonic: float) -> bool:
+    """Whether the outputs of records the partition leaves unfinished may be in any output
+    partition: one was placed by its key's hash since its oldest write in progress, or
+    lately enough that the next ones may be too (the note must hold until the next commit;
+    the first such output after a commit without it is not covered until that commit)."""
+    at = partition.scattered_at
+    return at is not None and (at >= oldest_write or now_monotonic - at < SINCE_REFRESH_S)
+
+
+def _noted_spread(partition: Partition) -> bool:
+    committed = partition.committed
+    return committed is not None and split_notes(committed[1])[1].get("spread") == "1"
 
 
 class _Found:
@@ -204,7 +229,7 @@ async def _scan(
     cluster = await consumer._client.fetch_all_metadata()
     starts: dict[TopicPartition, int] = {}  # output partition → the earliest `since` for it
     for tp, unfinished in wanted.items():
-        for tp_out in _outputs_of(cluster, tp, outputs):
+        for tp_out in _outputs_of(cluster, tp, outputs, unfinished.spread):
             starts[tp_out] = min(starts.get(tp_out, unfinished.since), unfinished.since)
     if not starts:
         return
@@ -241,14 +266,17 @@ async def _positioned(
     return todo
 
 
-def _outputs_of(cluster: Any, tp: TopicPartition, outputs: Sequence[str]) -> list[TopicPartition]:
+def _outputs_of(
+    cluster: Any, tp: TopicPartition, outputs: Sequence[str], spread: bool
+) -> list[TopicPartition]:
     """Where the outputs of input partition `tp` can be: its own partition number in an
-    output topic with as many partitions (co-partitioning), any partition otherwise."""
+    output topic with as many partitions (co-partitioning) unless some were `spread` by
+    their keys, any partition otherwise."""
     theirs = cluster.partitions_for_topic(tp.topic) or set()
     found = []
     for topic in outputs:
         ours = cluster.partitions_for_topic(topic) or set()
-        if len(ours) == len(theirs) and tp.partition in ours:
+        if not spread and len(ours) == len(theirs) and tp.partition in ours:
             found.append(TopicPartition(topic, tp.partition))
         else:
             found.extend(TopicPartition(topic, p) for p in sorted(ours))
