@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -74,7 +75,7 @@ def _engine(settings: Settings, source: str, group: str, handler: Any, gate: Any
     )
 
 
-async def _commit_start(settings: Settings, group: str, topic: str) -> None:
+async def _commit_start(settings: Settings, group: str, topic: str, metadata: str = "") -> None:
     """The group has a position (as any running pipeline's has): offset 0 committed."""
     consumer = AIOKafkaConsumer(
         **settings.kafka.client_options(), group_id=group, enable_auto_commit=False
@@ -83,7 +84,7 @@ async def _commit_start(settings: Settings, group: str, topic: str) -> None:
     try:
         tp = TopicPartition(topic, 0)
         consumer.assign([tp])
-        await consumer.commit({tp: 0})
+        await consumer.commit({tp: OffsetAndMetadata(0, metadata)})
     finally:
         await consumer.stop()
 
@@ -163,3 +164,32 @@ async def test_the_next_owner_counts_what_it_runs_again(settings: Settings) -> N
     async with engine_on(second):
         await done.wait()
     assert second.snapshot().records_redelivered == 10
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    ["~started=\u00b2~since=\u2460", "~since=99999999999999999999999999~started=-1", "~since="],
+)
+async def test_notes_any_client_could_forge_never_stop_the_engine(
+    settings: Settings, metadata: str
+) -> None:
+    """Commit metadata is anyone's the group lets commit: "²" passes `str.isdigit` and
+    `int` refuses it; a number past 64 bits makes Kafka's requests fail."""
+    source = await create_topic(settings, "forged-in", 1)
+    await produce(settings, source, [f"r{i}".encode() for i in range(5)])
+    await _commit_start(settings, settings.group("forged"), source, metadata)
+    done = anyio.Event()
+    handled: list[bytes] = []
+
+    async def handler(record: Any) -> Sequence[Output]:
+        handled.append(record.value)
+        if len(handled) == 5:
+            done.set()
+        return []
+
+    engine = _engine(settings, source, "forged", handler)
+    async with engine_on(engine):
+        with anyio.fail_after(60):
+            await done.wait()
+    assert sorted(handled) == [f"r{i}".encode() for i in range(5)]
+    assert engine.snapshot().records_redelivered == 0

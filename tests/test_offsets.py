@@ -7,7 +7,12 @@ import base64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.engine.offsets import PartitionOffsets, decode_metadata, encode_metadata
+from stream.engine.offsets import (
+    PartitionOffsets,
+    decode_metadata,
+    encode_metadata,
+    note_number,
+)
 
 
 @st.composite
@@ -143,3 +148,20 @@ def test_crafted_metadata_cannot_make_us_allocate_without_bound() -> None:
     data += (_varint(1) + _varint(999_999)) * 2000  # runs claiming ~2e9 finished offsets
     crafted = base64.urlsafe_b64encode(data).decode()
     assert decode_metadata(crafted, 100) == []
+
+
+@given(st.text(max_size=40))
+def test_a_note_is_a_number_only_when_it_is_ascii_digits_kafka_can_hold(value: str) -> None:
+    number = note_number({"since": value}, "since")
+    if number is None:
+        assert not (value.isascii() and value.isdigit() and len(value) <= 18)
+    else:
+        assert str(number) == value.lstrip("0") or number == 0
+        assert 0 <= number < 2**63
+
+
+def test_digits_python_takes_but_int_refuses_are_no_number() -> None:
+    for forged in ("\u00b2", "\u2460", "\u1369", "1\u00b2", "9" * 19, "", "-1", " 1"):
+        assert note_number({"started": forged}, "started") is None
+    assert note_number({"started": "0042"}, "started") == 42
+    assert note_number({}, "started") is None

@@ -36,6 +36,7 @@ __all__ = [
     "PartitionOffsets",
     "decode_metadata",
     "encode_metadata",
+    "note_number",
     "split_notes",
     "with_notes",
 ]
@@ -131,6 +132,16 @@ def split_notes(metadata: str | None) -> tuple[str, dict[str, str]]:
         if sep and key:
             notes[key] = value
     return head, notes
+
+
+def note_number(notes: dict[str, str], key: str) -> int | None:
+    """A note's value as a number (an offset, epoch milliseconds), or None when it is not
+    one: metadata is anyone's to write (any client the group lets commit), and neither
+    "²" (which `str.isdigit` takes) nor a number past Kafka's 64 bits may stop a worker."""
+    value = notes.get(key, "")
+    if 0 < len(value) <= 18 and value.isascii() and value.isdigit():
+        return int(value)
+    return None
 
 
 # Far above what a partition's window can have finished beyond its watermark; bounds the

@@ -37,7 +37,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import Settings
 from stream.engine.membership import Membership
-from stream.engine.offsets import PartitionOffsets, decode_metadata, split_notes
+from stream.engine.offsets import PartitionOffsets, decode_metadata, note_number, split_notes
 from stream.engine.outputs import CLOSE_TIMEOUT_S, Sink
 from stream.engine.partitions import Partition
 from stream.engine.recovery import Unfinished, recover
@@ -265,9 +265,8 @@ class Rebalancer:
         for tp in fresh:
             if (position := committed.get(tp)) is not None:
                 notes = split_notes(position[1])[1]
-                since = notes.get("since", "")
-                if since.isdigit():
-                    wanted[tp] = Unfinished(position[0], int(since), notes.get("spread") == "1")
+                if (since := note_number(notes, "since")) is not None:
+                    wanted[tp] = Unfinished(position[0], since, notes.get("spread") == "1")
         return await recover(self._settings.kafka, wanted, self._outputs)
 
     def _start(
@@ -316,5 +315,5 @@ class Rebalancer:
 
 def _started(metadata: str) -> int:
     """The `started` note a previous owner committed (-1: none, or not ours)."""
-    value = split_notes(metadata)[1].get("started", "")
-    return int(value) if value.isdigit() else -1
+    started = note_number(split_notes(metadata)[1], "started")
+    return -1 if started is None else started
