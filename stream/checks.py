@@ -16,6 +16,7 @@ __all__ = [
     "check_bootstrap",
     "check_instance_id",
     "check_topic_prefix",
+    "is_topic_name",
     "parse_duration",
     "read_text",
     "tls_context",
@@ -97,6 +98,11 @@ def check_instance_id(value: str, name: str) -> str | None:
             "e.g. the pod name of a StatefulSet"
         )
     return value
+
+
+def is_topic_name(name: str) -> bool:
+    """Whether Kafka takes `name` as a topic's (its characters and length)."""
+    return 0 < len(name) <= MAX_TOPIC_NAME and name not in (".", "..") and set(name) <= _TOPIC_CHARS
 
 
 def check_topic_prefix(prefix: str) -> str:

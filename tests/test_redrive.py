@@ -255,6 +255,41 @@ async def test_a_send_mark_left_by_a_run_before_transactions_is_honoured(
     assert run.total("redriven") == 8
 
 
+async def _commit_mark(settings: Settings, partition: int, mark: Any) -> None:
+    tp = TopicPartition(settings.topic(DEAD), partition)
+    consumer = AIOKafkaConsumer(
+        **settings.kafka.client_options(), group_id=settings.group(GROUP), enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        await consumer.commit({tp: (0, orjson.dumps({"@sending": mark}).decode())})
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.parametrize(
+    "mark",
+    [
+        {"at": 2**64 - 1, "to": "predictions.requests"},  # past what Kafka can look up
+        {"at": -5, "to": "predictions.requests"},
+        {"at": 0, "to": "no-such-topic"},  # names a topic that is not there
+        {"at": 0, "to": "not a topic/"},
+        {"at": "0", "to": 7},
+    ],
+)
+async def test_a_forged_send_mark_never_stops_a_redrive(settings: Settings, mark: Any) -> None:
+    """The group's metadata is any committer's to write: a mark Kafka cannot look up, or
+    one naming a missing topic, is passed over, not a failure of every later run."""
+    await _dead_letters(settings)
+    if isinstance(mark["to"], str) and mark["to"].startswith("predictions."):
+        mark = {**mark, "to": settings.topic(mark["to"])}
+    await _commit_mark(settings, 1, mark)
+    run = Redrive(settings=settings, options=_options(settings))
+    await run.run()
+    assert run.total("redriven") == len(_eligible(RUNNABLE))
+
+
 async def test_two_redrives_at_once_never_send_a_letter_twice(settings: Settings) -> None:
     await _dead_letters(settings)
     runs = [Redrive(settings=settings, options=_options(settings)) for _ in range(2)]

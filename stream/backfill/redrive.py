@@ -32,6 +32,7 @@ as already re-driven.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from contextlib import aclosing
@@ -55,8 +56,10 @@ from stream.backfill.writer import (
     transaction,
     writer,
 )
+from stream.checks import is_topic_name
 from stream.config import Settings
 from stream.engine.fetch import Undecodable
+from stream.errors import ConfigError
 from stream.kafka import (
     admin_client,
     consumer_client,
@@ -75,6 +78,8 @@ __all__ = [
     "Redrive",
     "RedriveOptions",
 ]
+
+log = logging.getLogger(__name__)
 
 REDRIVEN_FROM = records.HEADER_REDRIVEN_FROM
 GROUP = "predictions-redrive"
@@ -230,7 +235,11 @@ class Redrive:
         found: dict[int, list[Span]] = {}
         kafka = self.settings.kafka
         for target, since in marks.items():
-            (tps,) = (await topic_partitions(kafka, [target])).values()
+            try:
+                (tps,) = (await topic_partitions(kafka, [target])).values()
+            except ConfigError:  # nothing was written to a topic that is not there
+                log.warning("a past run's mark names topic %s, which does not exist", target)
+                continue
             async with consumer_client(
                 kafka, doing=f"reading {target}", isolation_level="read_committed"
             ) as consumer:
@@ -365,11 +374,15 @@ def _positions(offset: int, metadata: str) -> dict[str, int]:
 
 
 def _mark(metadata: str) -> tuple[int, str] | None:
-    """(when, to which topic) a batch was being sent, if the commit says one was."""
+    """(when, to which topic) a batch was being sent, if the commit says one was: a time
+    Kafka can look up and a topic name it takes (the group's metadata is any committer's
+    to write)."""
     mark = _metadata(metadata).get(SENDING)
-    if isinstance(mark, dict) and isinstance(mark.get("at"), int):
-        if isinstance(mark.get("to"), str):
-            return mark["at"], mark["to"]
+    if not isinstance(mark, dict):
+        return None
+    at, to = mark.get("at"), mark.get("to")
+    if isinstance(at, int) and 0 <= at < 2**63 and isinstance(to, str) and is_topic_name(to):
+        return at, to
     return None
 
 
