@@ -5,7 +5,10 @@ scan against the broker. The whole story (SIGKILL, restart, no output twice) is
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import pytest
@@ -14,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stream.config import Settings
-from stream.engine.engine import Output
+from stream.engine.engine import Engine, Output
 from stream.engine.offsets import PartitionOffsets, split_notes
 from stream.engine.outputs import send_outputs
 from stream.engine.partitions import Partition
@@ -29,8 +32,9 @@ from stream.engine.recovery import (
     recover,
     since_ms,
 )
-from tests.kit.kafka import Record, create_topic, produce, read_all
+from tests.kit.kafka import Record, committed, create_topic, produce, read_all
 from tests.kit.kcat import kcat_produce, needs_kcat
+from tests.kit.workers import engine_on
 
 TP = TopicPartition("t.requests", 3)
 
@@ -262,3 +266,52 @@ async def test_an_output_the_client_cannot_read_ends_the_scan_not_the_engine(
     since = int(time.time() * 1000) - 60_000
     found = await recover(settings.kafka, {tp: Unfinished(0, since)}, [sink])
     assert found in ({}, {tp: {4}})  # what it read before the odd record counts
+
+
+def _engine(settings: Settings, source: str, sink: str, handler: Any, grace_s: float) -> Engine:
+    return Engine(
+        settings=dataclasses.replace(
+            settings,
+            engine=dataclasses.replace(settings.engine, shutdown_grace_s=grace_s),
+        ),
+        name="drained",
+        group_id=settings.group(f"drained-{grace_s}"),
+        topics=[source],
+        handler=handler,
+        on_error=lambda record, exc: [],
+        output_topics=[sink],
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.kafka
+@pytest.mark.parametrize("stuck", [False, True])
+async def test_a_graceful_stop_that_drained_everything_leaves_no_note(
+    settings: Settings, stuck: bool
+) -> None:
+    """A rolling restart's next owner (a static member: the same worker) has nothing to
+    look for after a drain that finished every record; one that had to abandon a record
+    mid-write leaves the note."""
+    source = await create_topic(settings, "drained-in", 1)
+    sink = await create_topic(settings, "drained-out", 1)
+    await produce(settings, source, [f"r{i}".encode() for i in range(10)])
+    handled = anyio.Event()
+    count = 0
+
+    async def handler(record: Any) -> Sequence[Output]:
+        nonlocal count
+        count += 1
+        if count == 10:
+            handled.set()
+            if stuck:
+                await anyio.sleep_forever()  # still running when the grace runs out
+        return [Output(sink, record.value, follows=record.partition)]
+
+    engine = _engine(settings, source, sink, handler, grace_s=0.5)
+    async with engine_on(engine):
+        await handled.wait()
+        while engine.snapshot().records_done < (9 if stuck else 10):  # noqa: ASYNC110
+            await anyio.sleep(0.05)  # polling a counter, not ordering tasks
+    (offset, metadata) = (await committed(settings, engine.group_id, source))[0]
+    assert offset == (9 if stuck else 10)
+    assert ("since" in split_notes(metadata)[1]) is stuck

@@ -275,6 +275,9 @@ class Engine:
     async def _drain(self, grace_s: float) -> None:
         abandoned = await drain(self._partitions, grace_s, lambda: self.records_released)
         self._rebalancer.abandoned += abandoned  # one count of the calls paid for again
+        if not abandoned:
+            for partition in self._partitions.values():
+                partition.drained = True
 
     # -- fetch → dispatch → process -----------------------------------------------------
 

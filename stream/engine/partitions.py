@@ -114,6 +114,9 @@ class Partition:
         self.paused = False
         self.revoked = False  # no new work: on probation, or leaving this worker
         self.abandoned = False  # it left: runs still going write nothing
+        # A graceful stop finished (or gave back) every record of it: no output of it can
+        # land after the final commit, which then needs no `since` note.
+        self.drained = False
         self._verdict: anyio.Event | None = None  # set while on probation, fired on the verdict
         self.waiting: set[int] = set()  # offsets whose outputs wait for the verdict
         self.committed: tuple[int, str] | None = None  # last (offset, metadata) committed

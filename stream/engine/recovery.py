@@ -103,8 +103,9 @@ def commit_positions(
     """At-least-once: the partitions due a commit, each with its position without and with
     its `since` note (what is compared, and what is committed).
 
-    A partition leaving with no write in progress gets no note: its running records hold
-    their outputs, so its next owner need not look. Due: the position moved; or the note in
+    A partition leaving with no write in progress (revoked, or drained by a graceful
+    stop) gets no note: its running records hold their outputs, so its next owner need
+    not look. Due: the position moved; or the note in
     Kafka is not what the partition needs (there, or not); or an idle partition's note is
     older than `SINCE_REFRESH_S` (its next owner would read all that other partitions
     wrote to the same output partitions since)."""
@@ -113,7 +114,7 @@ def commit_positions(
         if partition.offsets.watermark < 0:
             continue  # nothing fetched yet on a partition without a committed offset
         base = partition.position()
-        clean = partition.revoked and not partition.writes
+        clean = (partition.revoked or partition.drained) and not partition.writes
         spread = False
         if clean:
             full = base
