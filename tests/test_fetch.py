@@ -8,6 +8,8 @@ error path once, by its position, and every other record must be handled once.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,3 +104,48 @@ async def test_lag_reads_past_a_record_the_client_cannot_decode(settings: Settin
     rows = {p.partition: p for p in reading.partitions}
     assert (rows[0].committed, rows[0].end, rows[1].end) == (0, 1, 1)
     assert rows[0].oldest_timestamp_ms is None  # unknown, not a crash
+
+
+async def test_a_partition_being_set_up_is_not_read_again_and_again(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart after a crash: the new partition's set-up (its recovery scan) takes a
+    while, and the fetch loop runs meanwhile. An undecodable record past the committed
+    offset must not send that loop back to the log start, where another one, finished
+    long ago, would be reported again at every fetch until set-up ends."""
+    source = await create_topic(settings, "undec-setup", 1)
+    sink = await create_topic(settings, "undec-setup-out", 1)
+    bootstrap = settings.kafka.bootstrap_servers
+    await kcat_produce(bootstrap, source, 0, [b"{}"], headers=[BAD_KEY])  # @0, long done
+    await produce(settings, source, [Record(f"a{i}".encode(), partition=0) for i in range(10)])
+    await kcat_produce(bootstrap, source, 0, [b"{}"], headers=[BAD_KEY])  # @11, new
+    await produce(settings, source, [Record(f"b{i}".encode(), partition=0) for i in range(10)])
+    # what the scan reads: the previous owner's outputs since its note
+    await produce(settings, sink, [Record(b"o" * 200, partition=0)] * 3000)
+    group = settings.group("undec-setup")
+    since = int(time.time() * 1000) - 60_000
+    await commit(settings, group, {TopicPartition(source, 0): 1}, f"~since={since}")
+
+    async def handler(record: Any) -> Sequence[Output]:
+        return []
+
+    engine = Engine(
+        settings=_settings(settings, "at-least-once"),
+        name="t",
+        group_id=group,
+        topics=[source],
+        handler=handler,
+        on_error=lambda record, exc: [],
+        output_topics=[sink],
+    )
+
+    async def finished() -> bool:
+        return (await committed(settings, group, source)).get(0, (0, ""))[0] == 22
+
+    with caplog.at_level(logging.WARNING, logger="stream.engine.fetch"):
+        async with engine_on(engine, deadline_s=120):
+            await eventually(finished, timeout_s=90)
+    reported = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+    assert not [m for m in reported if "@0 " in m], reported
+    assert [m for m in reported if "@11 " in m]
+    assert engine.snapshot().records_done == 21

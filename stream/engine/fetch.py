@@ -114,10 +114,12 @@ async def stand_in_for_undecodable(
     """After `getmany` failed to decode a record: find it, and return what was fetched on
     the way with a stand-in in its place, which the stage's error path turns into a dead
     letter. `partitions` are the engine's; each is expected to go on from its next offset."""
-    # A partition assigned but not set up yet (its callback is running) may have lost
-    # records too: from its start (set-up seeks it to its committed offset, if any).
+    # A partition assigned but not set up yet may have lost records too, from its start
+    # (set-up seeks it to its committed offset, if any); unless its set-up began, which
+    # pauses it: then nothing of it was fetched, and its position is set-up's to set.
+    paused = consumer.paused()
     expected: dict[TopicPartition, int | None] = {
-        tp: None for tp in consumer.assignment() if tp not in partitions
+        tp: None for tp in consumer.assignment() if tp not in partitions and tp not in paused
     }
     for tp, partition in partitions.items():
         if not partition.revoked:

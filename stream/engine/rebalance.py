@@ -65,6 +65,20 @@ def seek(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
         log.debug("not seeking %s to %d: %s", tp, offset, exc)
 
 
+def _pause(consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
+    try:
+        consumer.pause(tp)
+    except (IllegalStateError, AssertionError) as exc:  # no longer assigned
+        log.debug("not pausing %s: %s", tp, exc)
+
+
+def _resume(consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
+    try:
+        consumer.resume(tp)
+    except (IllegalStateError, AssertionError) as exc:
+        log.debug("not resuming %s: %s", tp, exc)
+
+
 class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     """Hands aiokafka's callbacks to the `Rebalancer`, keeping what they raise."""
 
@@ -204,6 +218,12 @@ class Rebalancer:
 
     async def assign(self, tps: Iterable[TopicPartition]) -> None:
         tps = set(tps)
+        # New partitions are not fetched until they are set up (`_start` resumes them):
+        # the fetch loop runs meanwhile, and each fetch of one would be put back, read
+        # again, and (a record the client cannot decode at its log start) reported again,
+        # for the whole callback, recovery scan included.
+        for tp in tps - self._partitions.keys():
+            _pause(self._consumer, tp)
         self._membership.assigned()
         on_probation = {tp: p for tp, p in self._partitions.items() if p.on_probation}
         await self.abandon([p for tp, p in on_probation.items() if tp not in tps])
@@ -245,10 +265,7 @@ class Rebalancer:
         # Between aiokafka taking the new assignment and this callback, the fetch loop may
         # have paused the partition (it was on probation then): unpaused, as `resume` says,
         # or flow control would believe it fetching and never resume it.
-        try:
-            self._consumer.resume(tp)
-        except (IllegalStateError, AssertionError) as exc:
-            log.debug("not resuming %s: %s", tp, exc)
+        _resume(self._consumer, tp)
         # aiokafka would fetch from the committed offset again: continue after the last
         # record this worker fetched (queued and running ones are still here).
         if (position := partition.offsets.next_expected) is not None:
@@ -299,6 +316,7 @@ class Rebalancer:
         # The same as Kafka has it: an unchanged partition is not committed again (its
         # `since` note, if any, makes an at-least-once one due at once all the same).
         partition.committed = partition.committed_base = committed
+        _resume(self._consumer, tp)  # paused while it was set up (`assign`)
 
     async def committed(self, tps: set[TopicPartition]) -> Committed:
         """Committed offset and metadata per partition (the consumer's API drops metadata)."""
