@@ -99,6 +99,7 @@ class Worker:
         self.engines: list[Engine] = []
         self.clients: dict[str, ProviderClient] = {}
         self._stopping = False
+        self._checking: anyio.CancelScope | None = None  # start-up's topic check: stop cancels
         self.started = anyio.Event()  # set once `engines` is filled and `port` bound
         self.port: int | None = None
         self._record_limits: dict[str, int] = {}  # topic → max.message.bytes on the cluster
@@ -114,7 +115,14 @@ class Worker:
 
     async def run(self) -> None:
         """Run until `stop()` (or cancellation); drain and commit on the way out."""
-        self._record_limits = await check_topics(self.settings)
+        with anyio.CancelScope() as self._checking:  # a stop now ends start-up at once
+            if self._stopping:
+                self._checking.cancel()
+            self._record_limits = await check_topics(self.settings)
+        self._checking = None
+        if self._stopping:
+            log.info("stopped during start-up: nothing ran")
+            return
         async with AsyncExitStack() as stack:
             self.clients = clients = {
                 name: await stack.enter_async_context(
@@ -186,6 +194,8 @@ class Worker:
 
     def stop(self) -> None:
         self._stopping = True  # a signal during start-up stops the engines once made
+        if self._checking is not None:
+            self._checking.cancel()
         for engine in self.engines:
             engine.stop()
         # Calls still waiting to go out (the spend limit, a slot, a back-off) give their

@@ -8,6 +8,8 @@ import asyncio
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from stream.engine.transactions import ExactlyOnceSink
 from stream.errors import KafkaError
 from stream.kafka import admin_client
 from stream.observe.health import Health
-from tests.kit import eventually
+from tests.kit import ROOT, eventually
 from tests.kit.kafka import create_topic, produce, read_all
 from tests.kit.workers import engine_on
 
@@ -369,3 +371,75 @@ async def test_an_engine_cancelled_while_its_consumer_starts_leaves_no_client_ru
         assert len(_aiokafka_tasks()) > len(before)  # the producer is up
         group.cancel_scope.cancel()
     assert [t for t in _aiokafka_tasks() if not t.done()] == before
+
+
+_SILENT_MEMBER = """
+import asyncio, dataclasses, os, signal, sys
+from stream.config import Settings
+from stream.engine.assignor import Claims
+from stream.engine.clients import make_consumer
+
+async def main() -> None:
+    topic, group = sys.argv[1:3]
+    settings = Settings.from_env()
+    engine = dataclasses.replace(
+        settings.engine, session_timeout_ms=60_000, rebalance_timeout_ms=60_000
+    )
+    settings = dataclasses.replace(settings, engine=engine)
+    consumer = make_consumer(settings, group, None, lambda: Claims(generation=-1, owned={}))
+    consumer.subscribe([topic])
+    await consumer.start()  # returns once it has its assignment
+    print("joined", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)  # silent: its session outlives the test
+
+asyncio.run(main())
+"""
+
+
+async def _group_state(settings: Settings, group: str) -> str:
+    async with admin_client(settings.kafka, doing="describing a group") as admin:
+        (response,) = await admin.describe_consumer_groups([group])
+    (described,) = response.to_object()["groups"]
+    return str(described["state"])
+
+
+async def test_a_stop_while_the_group_waits_for_a_silent_member_ends_the_engine(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    """aiokafka's consumer `start` waits for the first assignment without a deadline; a
+    rebalance waiting for a member that went silent (its session still running) held a
+    SIGTERM'd worker for as long, and for ever once Kafka went away meanwhile."""
+    source = await create_topic(settings, "silent-in", 1)
+    group = settings.group("silent")
+    silent = await anyio.open_process(
+        [sys.executable, "-c", _SILENT_MEMBER, source, group],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert silent.stdout is not None
+        with anyio.fail_after(30):
+            assert b"joined" in await silent.stdout.receive()
+        engine = Engine(
+            settings=settings,
+            name="late",
+            group_id=group,
+            topics=[source],
+            handler=_never_called,
+            on_error=_fail_on_error,
+        )
+
+        async def rebalancing() -> bool:
+            return await _group_state(settings, group) == "PreparingRebalance"
+
+        # Well before the silent member's 60 s session ends (which would let the join go).
+        with anyio.fail_after(40):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(engine.run)
+                await eventually(rebalancing)  # our engine's join waits for the silent one
+                engine.stop()
+        assert not engine.ready.is_set()
+    finally:
+        silent.kill()
+        await silent.wait()

@@ -416,3 +416,30 @@ print(gc.get_freeze_count() > 0, sum(ref() is not None for ref in alive))
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.split() == ["True", "0"]
+
+
+async def test_a_signal_while_start_up_waits_for_kafka_stops_the_worker_at_once(
+    env: dict[str, str],
+) -> None:
+    """A broker that accepts connections and never answers holds start-up's topic check
+    for its connection timeout (~30 s); SIGTERM meanwhile must not wait it out."""
+    accepted = anyio.Event()
+
+    async def hang(stream: anyio.abc.SocketStream) -> None:
+        accepted.set()
+        async with stream:
+            await anyio.sleep_forever()
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        settings = Settings.from_env({**env, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}"})
+        worker = Worker(settings, ("primary",))
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(listener.serve, hang)
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as running:
+                    running.start_soon(worker.run)
+                    await accepted.wait()
+                    worker.stop()
+            tasks.cancel_scope.cancel()
+    assert not worker.started.is_set() and worker.engines == []

@@ -90,6 +90,10 @@ class Engine:
         self._on_error = on_error
         self.ready = anyio.Event()
         self._stopping = anyio.Event()
+        # While the consumer starts: aiokafka's `start` waits for the first assignment,
+        # without a deadline (a rebalance waiting for a member that went away, a broker
+        # gone meanwhile). A stop cancels it: nothing runs yet, nothing to drain.
+        self._starting: anyio.CancelScope | None = None
         self._partitions: dict[TopicPartition, Partition] = {}
         self._flow = Flow(self._config, self._partitions, self._spawn, gate)
         self._commit_lock = anyio.Lock()
@@ -158,6 +162,8 @@ class Engine:
     def stop(self) -> None:
         """Graceful stop: no new work, drain up to `shutdown_grace_s`, commit, close."""
         self._stopping.set()
+        if self._starting is not None:
+            self._starting.cancel()
 
     def partitions(self) -> tuple[TopicPartition, ...]:
         """The partitions this engine holds now (cheaper than a snapshot)."""
@@ -236,7 +242,11 @@ class Engine:
         await sink.start()
         try:
             consumer.subscribe(self._topics, listener=listener)
-            await start_client(consumer, self._settings.kafka, "starting the consumer")
+            with anyio.CancelScope() as self._starting:
+                if self._stopping.is_set():
+                    self._starting.cancel()
+                await start_client(consumer, self._settings.kafka, "starting the consumer")
+            self._starting = None
         except BaseException:
             # Failed, or cancelled (a signal during start-up): `run` has no clean-up to
             # reach yet, and a producer left running keeps its connections and tasks.
@@ -261,10 +271,14 @@ class Engine:
             await self._sink.revoked(tps)
             await self._sink.stop()
         finally:
-            with anyio.move_on_after(CLOSE_TIMEOUT_S):
+            with anyio.move_on_after(CLOSE_TIMEOUT_S) as closing:
                 if self.membership.fenced:
                     await self.membership.release()
                 await self._consumer.stop()
+            if closing.cancelled_caught:
+                # aiokafka's `stop` waits for a join in progress to end (a rebalance waiting
+                # for a member gone silent): its connections are closed, not left open.
+                await self._consumer._client.close()
             log.info("engine %s closed: %r", self.name, self)
 
     def _shutdown_grace_s(self) -> float:
