@@ -6,6 +6,7 @@ import os
 import uuid
 from pathlib import Path
 
+import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
@@ -273,3 +274,40 @@ async def test_a_cluster_is_refused_in_a_single_brokers_home(
     finally:  # started by this test: not left to run on after it fails
         LocalBroker(home=tmp_path).kill()
         LocalCluster(home=tmp_path, port=int(cluster[3])).kill()
+
+
+async def test_a_home_whose_broker_runs_on_another_port_is_told_not_acted_on(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`--port` names the broker a command acts on: the home's broker running on another
+    port is neither reported at the port asked for nor stopped (nor by `stream demo`, which
+    finds no Kafka at its own port and would start the home's broker)."""
+    from stream.devtools.broker import free_port
+    from stream.devtools.processes import running
+    from tests.kit import run_cli
+
+    stand_in = await anyio.open_process(["sleep", "120"])  # the home's "broker": a live pid
+    try:
+        theirs, asked = free_port(), free_port()
+        home = tmp_path / "broker"
+        home.mkdir()
+        (home / "broker.pid").write_text(str(stand_in.pid))
+        (home / "server.properties").write_text(
+            f"listeners=PLAINTEXT://127.0.0.1:{theirs},CONTROLLER://127.0.0.1:1\n"
+        )
+        for action in ("start", "status", "stop"):
+            done = await run_cli(env, "kafka", action, "--home", str(home), "--port", str(asked))
+            assert done.returncode == 1, (action, done.stdout, done.stderr)
+            assert f"runs on port {theirs}, not {asked}: pass --port {theirs}" in done.stderr
+            assert "Traceback" not in done.stderr
+        demo_env = {
+            **env,
+            "STREAM_CACHE_DIR": str(tmp_path),
+            "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{asked}",
+        }
+        demo = await run_cli(demo_env, "demo", "--requests", "1")
+        assert demo.returncode == 1 and f"runs on port {theirs}" in demo.stderr, demo.stderr
+        assert running(stand_in.pid)
+    finally:
+        stand_in.kill()
+        await stand_in.wait()

@@ -150,6 +150,7 @@ class LocalBroker:
     die_with_parent: bool = False
     # Kept so the child is reaped by us (and Popen does not warn that it still runs).
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _log_start: int = field(default=0, init=False, repr=False)  # where this start's log began
 
     @property
     def bootstrap_servers(self) -> str:
@@ -187,10 +188,34 @@ class LocalBroker:
                 self.stop()
                 raise
 
+    def running_port(self) -> int | None:
+        """The port of the node running from `home` (its first listener, as written when it
+        started), None when none runs or it cannot be told."""
+        if self.pid() is None:
+            return None
+        try:
+            text = (self.home / "server.properties").read_text()
+        except OSError:
+            return None
+        found = re.search(r"^listeners=[A-Z_]+://[^,\n]*:(\d+)", text, re.MULTILINE)
+        return int(found.group(1)) if found else None
+
+    def check_port(self) -> None:
+        """A `BrokerError` when the node of `home` runs on another port than `port`: asked
+        to act on one port, acting on another would hand out an address that answers
+        nothing (start, status) or stop a broker someone else uses (stop)."""
+        running = self.running_port()
+        if running is not None and running != self.port:
+            raise BrokerError(
+                f"the broker of {self.home} runs on port {running}, not {self.port}: pass "
+                f"--port {running}, or another --home"
+            )
+
     def launch(self) -> subprocess.Popen[bytes] | None:
         """Start the node's process without waiting for it (None: it already runs), so that
         the nodes of a cluster start side by side."""
         if self.pid() is not None:
+            self.check_port()
             return None
         if port_open(self.port):
             raise BrokerError(
@@ -201,7 +226,16 @@ class LocalBroker:
         libs = fetch_jars()
         self.home.mkdir(parents=True, exist_ok=True)
         properties = self._write_config()
+        if self.controller_port is not None and port_open(self.controller_port):
+            raise BrokerError(
+                f"the controller port {self.controller_port} (kept in "
+                f"{self.home / 'controller.port'}) is in use by another program: stop it, "
+                "or delete that file to pick another"
+            )
         self._format(java, libs, properties)
+        # This start's own lines: the log is appended to, and an earlier start's cause
+        # would be quoted as this one's.
+        self._log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
         command = [
             java,
             f"-Xms{min(256, self.heap_mb)}m",
@@ -373,7 +407,9 @@ class LocalBroker:
     def _first_error(self) -> str:
         """The cause the broker logged, so the one-line error can say it."""
         try:
-            lines = self.log_file.read_text(errors="replace").splitlines()
+            with self.log_file.open("rb") as log:
+                log.seek(self._log_start)
+                lines = log.read().decode(errors="replace").splitlines()
         except OSError:
             return ""
         for line in lines:

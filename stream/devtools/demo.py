@@ -161,17 +161,18 @@ async def local_kafka(settings: Settings, *, keep: bool) -> AsyncIterator[None]:
             "running? (unset KAFKA_BOOTSTRAP_SERVERS to use a local broker)"
         )
     broker = LocalBroker(home=cache_dir() / "broker", port=int(port))
+    ours = broker.pid() is None  # a broker running already is someone's: never stopped here
     print(f"no Kafka at {settings.kafka.bootstrap_servers}: starting a local broker…", flush=True)
     await anyio.to_thread.run_sync(broker.start)
     try:
         yield
     finally:
-        if keep:
+        if ours and keep:
             print(
                 f"Kafka left running at {broker.bootstrap_servers} "
                 "(stop it with `stream kafka stop`)"
             )
-        else:
+        elif ours:
             await anyio.to_thread.run_sync(broker.stop)
 
 
