@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import anyio
 import orjson
 import pytest
 
-from stream.backfill.progress import parse_rate
+from stream.backfill.progress import Progress, parse_rate
 from stream.backfill.replay import PartitionReplay, Replay, ReplayOptions
 from stream.backfill.window import Span, parse_time
 from stream.config import Settings
@@ -384,3 +385,27 @@ async def test_json_summary_for_scripts(settings: Settings, env: dict[str, str])
     assert real["dry_run"] is False and real["total"]["copied"] == 30
     again = orjson.loads((await run_cli(env, "replay", *window)).stdout)
     assert again["total"] == {"records": 30, "already": 30, "to_copy": 0, "copied": 0}
+
+
+async def test_a_run_that_stops_moving_says_it_waits_and_one_that_moves_says_nothing() -> None:
+    """A broker gone mid-run: Kafka's clients wait and retry, and the run carries on when
+    they get through; the person watching is told why the progress line stopped."""
+    stalled = io.StringIO()
+    with Progress("replay", 10, out=stalled, stall_s=0.2) as progress:
+        progress.advance(2)
+        await anyio.sleep(0.6)  # nothing done for three times stall_s
+    assert "replay: nothing done for" in stalled.getvalue()
+    assert "(is Kafka reachable?): waiting; Ctrl-C stops" in stalled.getvalue()
+
+    moving = io.StringIO()
+    with Progress("replay", 100, out=moving, stall_s=1.0) as progress:
+        for _ in range(30):
+            progress.advance(1)
+            await anyio.sleep(0.05)
+    assert "nothing done" not in moving.getvalue()
+
+    finished = io.StringIO()
+    with Progress("replay", 3, out=finished, stall_s=0.1) as progress:
+        progress.advance(3)
+        await anyio.sleep(0.3)  # all done: waiting on nothing
+    assert "nothing done" not in finished.getvalue()

@@ -8,6 +8,7 @@ turn a log file into one unreadable line.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -19,13 +20,28 @@ import orjson
 from stream.errors import UsageError
 from stream.interrupts import cancelled_by_signal
 
-__all__ = ["Pacer", "Progress", "add_json_option", "parse_rate", "run_resumable", "run_summarised"]
+__all__ = [
+    "STALL_S",
+    "Pacer",
+    "Progress",
+    "add_json_option",
+    "parse_rate",
+    "run_resumable",
+    "run_summarised",
+]
 
 Clock = Callable[[], float]
 
+# Without a record done for this long, a run says it is waiting (a broker gone, a leader
+# moving, a transaction stuck): it waits on, Kafka's clients retry, and it carries on once
+# they get through; a person watching knows why the line stopped.
+STALL_S = 30.0
+
 
 class Progress:
-    """Records done out of a total, with the rate so far and the time left at that rate."""
+    """Records done out of a total, with the rate so far and the time left at that rate.
+    Used as a context manager (in a running event loop), it also says when no record got
+    done for `stall_s`."""
 
     def __init__(
         self,
@@ -34,6 +50,7 @@ class Progress:
         *,
         out: TextIO | None = None,
         clock: Clock = time.monotonic,
+        stall_s: float = STALL_S,
     ) -> None:
         self.label = label
         self.total = total
@@ -45,6 +62,34 @@ class Progress:
         # in place: often enough to look alive; as lines: rarely enough to stay readable
         self._every = 0.2 if self._tty else 5.0
         self._shown = self._started
+        self._stall_s = stall_s
+        self._moved_at = self._started  # when the last record got done
+        self._warned_at = self._started  # no stall line before this
+        self._watch: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> Progress:
+        loop = asyncio.get_running_loop()
+        self._watch = loop.call_later(self._stall_s / 3, self._look, loop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def _look(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A few times per `stall_s`: say so, once per `stall_s`, while nothing got done."""
+        now = self._clock()
+        waited = now - self._moved_at
+        if self.done < self.total and waited >= self._stall_s and now >= self._warned_at:
+            self._warned_at = now + self._stall_s
+            self._out.write(
+                f"{chr(10) if self._tty else ''}{self.label}: nothing done for {waited:.0f} s"
+                " (is Kafka reachable?): waiting; Ctrl-C stops, and the same command again"
+                " carries on\n"
+            )
+            self._out.flush()
+        self._watch = loop.call_later(self._stall_s / 3, self._look, loop)
 
     def __repr__(self) -> str:
         return f"<Progress {self.label} {self.done}/{self.total}>"
@@ -63,7 +108,7 @@ class Progress:
 
     def advance(self, count: int) -> None:
         self.done += count
-        now = self._clock()
+        now = self._moved_at = self._clock()
         if now - self._shown >= self._every:
             self._shown = now
             self._show()

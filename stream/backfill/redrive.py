@@ -249,13 +249,13 @@ class Redrive:
         self.found = {partition: merged(ranges) for partition, ranges in found.items()}
 
     async def _work(self, consumer: Any, producer: Any, bounds: dict[TopicPartition, Span]) -> None:
-        progress = Progress("redrive", sum(span.size for span in bounds.values()))
         stream = batches(consumer, bounds, on_undecodable=self._unreadable)
-        async with aclosing(stream):
-            async for batch in stream:
-                await self._batch(producer, batch)
-                progress.advance(len(batch))
-        progress.finish()
+        with Progress("redrive", sum(span.size for span in bounds.values())) as progress:
+            async with aclosing(stream):
+                async for batch in stream:
+                    await self._batch(producer, batch)
+                    progress.advance(len(batch))
+            progress.finish()
 
     async def _batch(self, producer: Any, batch: list[Any]) -> None:
         """Re-drive what is eligible in one batch, in one transaction with the progress

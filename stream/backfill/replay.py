@@ -36,6 +36,7 @@ from aiokafka.structs import TopicPartition
 
 from stream import records, topics
 from stream.backfill.progress import (
+    STALL_S,
     Pacer,
     Progress,
     add_json_option,
@@ -188,14 +189,18 @@ class Replay:
             for p in self.partitions
         }
         total = sum(p.missing for p in self.partitions)
-        progress = Progress("replay", min(total, self.options.limit or total))
-        pacer = Pacer(self.options.rate)
+        rate = self.options.rate
+        # a slow --rate leaves seconds between records by design: not a stall
+        stall_s = max(STALL_S, 3 / rate) if rate else STALL_S
+        pacer = Pacer(rate)
         stream = batches(consumer, todo, on_undecodable=self._unreadable)
-        async with aclosing(stream):
-            async for batch in stream:
-                if not await self._send(producer, batch, pacer, progress):
-                    break
-        progress.finish()
+        planned = min(total, self.options.limit or total)
+        with Progress("replay", planned, stall_s=stall_s) as progress:
+            async with aclosing(stream):
+                async for batch in stream:
+                    if not await self._send(producer, batch, pacer, progress):
+                        break
+            progress.finish()
 
     def _unreadable(self, bad: Undecodable) -> None:
         """A source record the Kafka client cannot decode: it cannot be copied; say so."""
