@@ -36,7 +36,7 @@ from stream.checks import (
     SECURITY_PROTOCOLS,
     check_bootstrap,
 )
-from stream.errors import ConfigError
+from stream.errors import ConfigError, flag_value
 
 __all__ = [
     "SUPPORTED_KEYS",
@@ -115,7 +115,9 @@ def overrides(args: argparse.Namespace) -> dict[str, str]:
         found.update(_from_file(Path(path)))
     bootstrap = getattr(args, "bootstrap_server", None)
     if bootstrap is not None:
-        found["KAFKA_BOOTSTRAP_SERVERS"] = check_bootstrap(bootstrap, "--bootstrap-server")
+        found["KAFKA_BOOTSTRAP_SERVERS"] = flag_value(
+            check_bootstrap, bootstrap, "--bootstrap-server"
+        )
     return found
 
 

@@ -21,7 +21,8 @@ The CLI prints a `StreamError` as one line and exits non-zero, without a traceba
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 __all__ = [
     "EXIT_ATTENTION",
@@ -41,8 +42,11 @@ __all__ = [
     "TopicSpecError",
     "UsageError",
     "UndecodableRecordError",
+    "flag_value",
 ]
 
+
+T = TypeVar("T")
 
 # The `stream` command's exit codes: 0 done; 1 failed (one line on stderr says why and what
 # to do); 2 usage error; 3 something needs a person (topic drift, a stalled consumer group).
@@ -66,6 +70,17 @@ class TopicSpecError(ConfigError):
 class UsageError(ConfigError):
     """A command-line value the command cannot take (--until before --since, --rate 0):
     exit 2, as argparse's own usage errors."""
+
+
+def flag_value(check: Callable[..., T], *args: Any) -> T:
+    """`check(*args)` on a command-line flag's value: a `ConfigError` it raises (as it
+    does for the same value from the environment) is a usage error, exit 2."""
+    try:
+        return check(*args)
+    except UsageError:
+        raise
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 class KafkaError(StreamError):

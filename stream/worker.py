@@ -32,7 +32,7 @@ from stream.catalog import Catalog, load_catalog, unpriced
 from stream.config import Settings, check_instance_id
 from stream.engine.engine import Engine
 from stream.engine.signals import run_until_signal
-from stream.errors import EXIT_FAILED, ConfigError, KafkaError
+from stream.errors import EXIT_FAILED, ConfigError, KafkaError, flag_value
 from stream.kafka import admin_client
 from stream.observe.health import Health, serve
 from stream.observe.lag import LagMonitor
@@ -318,7 +318,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.guarantee:
         settings = replace(settings, engine=replace(settings.engine, guarantee=args.guarantee))
     if args.instance_id is not None:
-        instance_id = check_instance_id(args.instance_id, "--instance-id")
+        instance_id = flag_value(check_instance_id, args.instance_id, "--instance-id")
         settings = replace(settings, engine=replace(settings.engine, instance_id=instance_id))
     drained = anyio.run(run_until_signal, Worker(settings, stages, own_process=True))
     return 0 if drained else EXIT_FAILED  # stopped at once: its running records run again

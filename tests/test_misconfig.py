@@ -92,6 +92,15 @@ USAGE = [
     (["replay", "--since", "soon"], "--since"),
     (["redrive", "--max-attempts", "0"], "--max-attempts must be at least 1"),
     (["topics", "apply", "--retry-for", "-1"], "--retry-for"),
+    # checked as the same value from the environment is, and a usage error all the same
+    (["lag", "--bootstrap-server", "localhost"], "--bootstrap-server"),
+    (["run", "primary", "--instance-id", "bad id"], "--instance-id"),
+    (["bench", "--requests", "0"], "--requests, --concurrency"),
+    (["bench", "--scenario", "scale-out", "--workers", "0"], "--workers"),
+    (["simulate", "--latency", "-1"], "latency"),
+    (["simulate", "--faults", "garbage"], "garbage"),
+    (["simulate", "--rate-window", "0"], "--rate-window"),
+    (["simulate", "--rate-limit", "0"], "--rate-limit"),
 ]
 
 

@@ -52,6 +52,7 @@ from stream.devtools.benchinfra import BenchError
 from stream.devtools.benchinfra import broker as _broker
 from stream.devtools.benchinfra import sim_calls as _sim_calls
 from stream.devtools.benchinfra import simulator as _simulator
+from stream.errors import UsageError
 
 __all__ = ["main", "register"]
 
@@ -95,15 +96,15 @@ class Options:
         options = cls(**given, env=env)
         least = (options.requests, options.concurrency, options.partitions, options.repeat)
         if min(least) < 1:
-            raise BenchError(
+            raise UsageError(
                 "--requests, --concurrency, --partitions and --repeat must be at least 1"
             )
         if not 0 <= options.latency < math.inf:
-            raise BenchError("--latency must be a number of seconds, not negative")
+            raise UsageError("--latency must be a number of seconds, not negative")
         if options.spend_limit is not None and not options.spend_limit > 0:
-            raise BenchError("--spend-limit must be a positive number of USD")
+            raise UsageError("--spend-limit must be a positive number of USD")
         if not options.spend_window > 0:
-            raise BenchError("--spend-window must be a positive number of seconds")
+            raise UsageError("--spend-window must be a positive number of seconds")
         return options
 
 

@@ -47,6 +47,7 @@ from stream.devtools.benchdata import create_topics, delete_topics, results_of
 from stream.devtools.benchinfra import KEY, BenchError, broker, simulator
 from stream.devtools.fleet import Fleet, seconds, settled
 from stream.devtools.simstats import prompt_key
+from stream.errors import UsageError
 from stream.stages import Topics
 
 __all__ = ["SCENARIOS", "ScenarioOptions", "command", "run_scenario", "table", "worker_env"]
@@ -385,7 +386,7 @@ def command(args: argparse.Namespace) -> int:
             env=env,
         )
         if min(options.requests, options.workers, options.partitions) < 1 or options.at < 0:
-            raise BenchError("--requests, --workers and --partitions must be at least 1, --at ≥ 0")
+            raise UsageError("--requests, --workers and --partitions must be at least 1, --at ≥ 0")
         with broker(env) as bootstrap, simulator(options.latency, "--trace") as sim:
             results = anyio.run(run_scenario, options, bootstrap, sim)
     if args.json:

@@ -28,6 +28,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import random
 import re
 import signal
@@ -58,7 +59,7 @@ from stream.devtools.faults import (
     parse_latency,
 )
 from stream.devtools.simstats import RateWindow, SimStats, prompt_key
-from stream.errors import ConfigError, UsageError
+from stream.errors import ConfigError, UsageError, flag_value
 from stream.observe.health import listen
 
 __all__ = ["SimConfig", "Simulator", "register", "simulate_command"]
@@ -376,12 +377,17 @@ def register(commands: Any) -> None:
 def _simulate(args: argparse.Namespace, settings: Settings) -> int:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a port: use 0 to 65535 (0 picks one)")
+    if args.rate_limit < 1 or not 0 < args.rate_window < math.inf:
+        raise UsageError(
+            "--rate-limit must be at least 1 request and --rate-window a positive number of "
+            "seconds (the defaults, 1000000 per 60 s, limit nothing)"
+        )
     config = SimConfig(
         host=args.host,
         port=args.port,
-        latency=parse_latency(args.latency),
+        latency=flag_value(parse_latency, args.latency),
         seed=args.seed,
-        faults=parse_faults(args.faults),
+        faults=flag_value(parse_faults, args.faults),
         api_key=args.api_key,
         rate_limit=args.rate_limit,
         rate_window_s=args.rate_window,
