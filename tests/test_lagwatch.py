@@ -56,3 +56,38 @@ async def test_watch_json_keeps_stdout_one_list_a_line_and_reports_failures_on_s
     rows = [orjson.loads(line) for line in watch.out if line]
     assert all(frame[0]["lag"] == 2 for frame in rows)
     assert watch.err == [], watch.err
+
+
+async def test_a_one_shot_look_cut_short_says_so_and_is_not_ok(env: dict[str, str]) -> None:
+    """Ctrl-C before a reading: exit 130 and a line, not exit 0 with nothing (which a
+    script takes for "no lag")."""
+    import sys
+
+    accepted = anyio.Event()
+
+    async def hang(stream: anyio.abc.SocketStream) -> None:
+        accepted.set()
+        async with stream:
+            await anyio.sleep_forever()  # a broker that never answers
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        hung = {**env, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}"}
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(listener.serve, hang)
+            process = await anyio.open_process([sys.executable, "-m", "stream", "lag"], env=hung)
+            try:
+                with anyio.fail_after(30):
+                    await accepted.wait()  # sampling: its signal handling is in place
+                process.send_signal(signal.SIGINT)
+                with anyio.fail_after(30):
+                    await process.wait()
+                assert process.stderr is not None
+                err = (await process.stderr.receive()).decode()
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            tasks.cancel_scope.cancel()
+    assert process.returncode == 130, err
+    assert "stream lag: interrupted before a reading" in err and "Traceback" not in err

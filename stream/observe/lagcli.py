@@ -93,15 +93,16 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
     latest: list[GroupReading] = []
     sample = partial(_sample, args, settings.kafka, groups, rows, latest)
     try:
-        if args.watch:  # until Ctrl-C (or SIGTERM), which cancels it for good
-            anyio.run(cancelled_by_signal, sample)
-        else:
-            anyio.run(sample)
-    except KeyboardInterrupt:  # Ctrl-C on a one-shot look
-        pass
+        # Ctrl-C (or SIGTERM) cancels for good: the end of a watch, a look cut short
+        interrupted = anyio.run(cancelled_by_signal, sample)
+    except KeyboardInterrupt:  # before the signal handling was in place
+        interrupted = True
     except TimeoutError:
         _err(f"stream lag: {_timed_out(settings.kafka)}")
         return EXIT_FAILED
+    if interrupted and not args.watch:  # no reading: a script must not take it for "OK"
+        _err("stream lag: interrupted before a reading")
+        return 130
     if not args.watch:
         _show(rows, latest, as_json=args.json, redraw=False)
     missing = [reading.group for reading in latest if not reading.exists]
