@@ -50,6 +50,8 @@ TOGETHER_BASE_URL = "https://api.together.xyz/v1"
 MAX_REQUEST_BYTES = 1_048_588 - 16 * 1024
 # Seconds kept, at the end of a rebalance or a shutdown, for closing producers and leaving.
 CLOSE_RESERVE_S = 10.0
+# Kafka's protocol carries its timeouts as 32-bit integers: above this, its requests fail.
+KAFKA_MAX_INT = 2**31 - 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,7 +183,9 @@ class Settings:
     @classmethod
     def _from_source(cls, source: Source) -> Settings:
         max_in_flight = source.integer("STREAM_MAX_IN_FLIGHT", 1000, low=1)
-        rebalance_timeout_ms = source.integer("STREAM_REBALANCE_TIMEOUT_MS", 120_000, low=1)
+        rebalance_timeout_ms = source.integer(
+            "STREAM_REBALANCE_TIMEOUT_MS", 120_000, low=1, high=KAFKA_MAX_INT
+        )
         engine = EngineSettings(
             guarantee=source.choice(
                 "STREAM_GUARANTEE", ("at-least-once", "exactly-once"), "at-least-once"
@@ -194,9 +198,13 @@ class Settings:
             ordering=source.choice("STREAM_ORDERING", ("unordered", "key"), "unordered"),  # type: ignore[arg-type]
             commit_interval_s=source.number("STREAM_COMMIT_INTERVAL_S", 1.0, low=0.01),
             shutdown_grace_s=source.optional_number("STREAM_SHUTDOWN_GRACE_S", low=0.0),
-            max_poll_interval_ms=source.integer("STREAM_MAX_POLL_INTERVAL_MS", 600_000, low=1),
+            max_poll_interval_ms=source.integer(
+                "STREAM_MAX_POLL_INTERVAL_MS", 600_000, low=1, high=KAFKA_MAX_INT
+            ),
             rebalance_timeout_ms=rebalance_timeout_ms,
-            session_timeout_ms=source.integer("STREAM_SESSION_TIMEOUT_MS", 45_000, low=1),
+            session_timeout_ms=source.integer(
+                "STREAM_SESSION_TIMEOUT_MS", 45_000, low=1, high=KAFKA_MAX_INT
+            ),
             instance_id=_instance_id(source),
         )
         settings = cls(

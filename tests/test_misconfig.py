@@ -68,6 +68,11 @@ CASES: list[tuple[dict[str, str], list[str], list[str]]] = [
     ({"STREAM_CATALOG_FILE": "{}/deep.toml"}, ["run", "primary"], ["nested too deep"]),
     ({"STREAM_CATALOG_FILE": "{}/inf.json"}, ["run", "primary"], ["timeout_s", "finite"]),
     ({"STREAM_COMMIT_INTERVAL_S": "inf"}, ["lag"], ["STREAM_COMMIT_INTERVAL_S", "finite"]),
+    (
+        {"STREAM_REBALANCE_TIMEOUT_MS": "9" * 23},  # Kafka's 32 bits: its join would fail
+        ["lag"],
+        ["STREAM_REBALANCE_TIMEOUT_MS must be between 1 and 2147483647"],
+    ),
     ({"STREAM_SHUTDOWN_GRACE_S": "Infinity"}, ["lag"], ["STREAM_SHUTDOWN_GRACE_S", "finite"]),
     ({"STREAM_SYNTHETIC_TIMEOUT_S": "inf"}, ["lag"], ["STREAM_SYNTHETIC_TIMEOUT_S", "finite"]),
     ({"STREAM_TOPIC_PREFIX": "team a/"}, ["topics", "apply"], ["STREAM_TOPIC_PREFIX", "' '"]),
