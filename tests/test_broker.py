@@ -311,3 +311,32 @@ async def test_a_home_whose_broker_runs_on_another_port_is_told_not_acted_on(
     finally:
         stand_in.kill()
         await stand_in.wait()
+
+
+async def test_two_starts_at_once_from_one_home_make_one_broker(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The second waits for the first to launch, then finds it running (it failed on the
+    data folder the first was formatting, quoting half a Java stack)."""
+    import json
+
+    from stream.devtools.broker import free_port
+    from tests.kit import run_cli
+
+    if "STREAM_CACHE_DIR" in os.environ:  # the broker's jars, fetched once
+        env = {**env, "STREAM_CACHE_DIR": os.environ["STREAM_CACHE_DIR"]}
+    where = ["--port", str(free_port()), "--home", str(tmp_path), "--json"]
+    states: list[str] = []
+
+    async def start() -> None:
+        done = await run_cli(env, "kafka", "start", *where)
+        assert done.returncode == 0, done.stderr
+        states.append(json.loads(done.stdout)["state"])
+
+    try:
+        async with anyio.create_task_group() as both:
+            both.start_soon(start)
+            both.start_soon(start)
+        assert sorted(states) == ["already running", "started"]
+    finally:
+        LocalBroker(home=tmp_path).stop()

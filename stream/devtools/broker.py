@@ -10,6 +10,7 @@ the `stream kafka` command is `stream.devtools.kafkacli`.
 from __future__ import annotations
 
 import base64
+import fcntl
 import os
 import re
 import shutil
@@ -178,15 +179,33 @@ class LocalBroker:
             return None
         return pid if running(pid) else None
 
-    def start(self, *, timeout_s: float = 90.0) -> None:
-        """Start the broker in the background and wait until it answers Kafka requests."""
+    def start(self, *, timeout_s: float = 90.0) -> bool:
+        """Start the broker in the background and wait until it answers Kafka requests (one
+        already running from `home`, perhaps just launched by another start: until it does).
+        False when it was running already."""
         process = self.launch()
-        if process is not None:
-            try:
-                self.wait_ready(process, timeout_s)
-            except BaseException:  # failed, or Ctrl-C: a broker half started is left to no one
-                self.stop()
-                raise
+        if process is None:
+            self._wait_theirs(timeout_s)
+            return False
+        try:
+            self.wait_ready(process, timeout_s)
+        except BaseException:  # failed, or Ctrl-C: a broker half started is left to no one
+            self.stop()
+            raise
+        return True
+
+    def _wait_theirs(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if self.pid() is None:
+                raise BrokerError(
+                    f"{self.name} of {self.home} exited while starting; see {self.log_file}"
+                )
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"{self.name} of {self.home} did not become ready in {timeout_s:.0f} s"
+                )
+            time.sleep(0.2)
 
     def running_port(self) -> int | None:
         """The port of the node running from `home` (its first listener, as written when it
@@ -213,7 +232,14 @@ class LocalBroker:
 
     def launch(self) -> subprocess.Popen[bytes] | None:
         """Start the node's process without waiting for it (None: it already runs), so that
-        the nodes of a cluster start side by side."""
+        the nodes of a cluster start side by side. Two starts at once from one home: the
+        second waits for the first to launch, then finds it running."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / "start.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            return self._launch()
+
+    def _launch(self) -> subprocess.Popen[bytes] | None:
         if self.pid() is not None:
             self.check_port()
             return None
@@ -401,8 +427,12 @@ class LocalBroker:
                 command += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            output = (done.stdout + done.stderr).strip()[-300:]
-            raise BrokerError(f"formatting the broker's data folder failed: {output}")
+            lines = (done.stdout + done.stderr).strip().splitlines() or ["(no output)"]
+            # the line naming the cause, not the tail of a stack trace cut mid-word
+            cause = next((line for line in lines if "Exception" in line or "Error" in line), None)
+            raise BrokerError(
+                f"formatting the broker's data folder failed: {(cause or lines[-1]).strip()[:300]}"
+            )
 
     def _first_error(self) -> str:
         """The cause the broker logged, so the one-line error can say it."""

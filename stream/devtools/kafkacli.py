@@ -43,9 +43,7 @@ def _single(args: argparse.Namespace) -> int:
     broker = LocalBroker(home=home, port=args.port)
     broker.check_port()  # the home's broker, on the port asked for: or say which
     if args.action == "start":
-        already = broker.pid() is not None
-        broker.start()
-        state = "already running" if already else "started"
+        state = "started" if broker.start() else "already running"
     elif args.action == "stop":
         state = "stopped" if broker.stop() else "not running"
     else:
