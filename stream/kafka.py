@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -117,6 +118,12 @@ def _connection_error(settings: KafkaSettings, doing: str, verdict: Verdict | No
             f"{doing}: check STREAM_KAFKA_SASL_USERNAME, STREAM_KAFKA_SASL_PASSWORD, "
             f"STREAM_KAFKA_SASL_MECHANISM and STREAM_KAFKA_SECURITY_PROTOCOL{_OR_FILE}"
         )
+    if verdict is not None and verdict.unresolved:
+        return KafkaError(
+            f"cannot reach Kafka at {where} while {doing}: no address for "
+            f"{', '.join(verdict.unresolved)} (DNS): check the host names in "
+            f"KAFKA_BOOTSTRAP_SERVERS{_OR_FILE}"
+        )
     return KafkaError(
         f"cannot reach Kafka at {where} while {doing}: is it running? "
         f"({_start_hint(where)}, or set KAFKA_BOOTSTRAP_SERVERS)"
@@ -145,6 +152,7 @@ class Verdict(NamedTuple):
 
     tls_problem: str | None  # why the TLS handshake failed, when it did
     accepts_tcp: bool  # the port answers (checked only where SASL could be the problem)
+    unresolved: tuple[str, ...] = ()  # every bootstrap host, when none of them resolves
 
 
 # One verdict per settings, probed at the first connection error and kept until a client of
@@ -163,8 +171,26 @@ async def probe(settings: KafkaSettings) -> Verdict:
             and bool(settings.sasl_mechanism)
             and await _accepts_tcp(settings.bootstrap_servers)
         )
-        verdict = _verdicts[settings] = Verdict(tls_problem, accepts)
+        unresolved = () if tls_problem or accepts else await _unresolved(settings.bootstrap_servers)
+        verdict = _verdicts[settings] = Verdict(tls_problem, accepts, unresolved)
     return verdict
+
+
+async def _unresolved(bootstrap: str) -> tuple[str, ...]:
+    """The bootstrap hosts, when not one of them has an address; else ()."""
+    hosts = []
+    for server in filter(None, (part.strip() for part in bootstrap.split(","))):
+        host = server.rpartition(":")[0].strip("[]") or server
+        try:
+            with anyio.fail_after(_TCP_PROBE_S):
+                await anyio.getaddrinfo(host, None)
+        except socket.gaierror:
+            hosts.append(host)
+        except (OSError, TimeoutError):
+            return ()  # a slow or broken resolver: no verdict on the names
+        else:
+            return ()
+    return tuple(hosts)
 
 
 def connected(settings: KafkaSettings) -> None:

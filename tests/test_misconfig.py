@@ -69,6 +69,11 @@ CASES: list[tuple[dict[str, str], list[str], list[str]]] = [
     ({"STREAM_CATALOG_FILE": "{}/inf.json"}, ["run", "primary"], ["timeout_s", "finite"]),
     ({"STREAM_COMMIT_INTERVAL_S": "inf"}, ["lag"], ["STREAM_COMMIT_INTERVAL_S", "finite"]),
     (
+        {"KAFKA_BOOTSTRAP_SERVERS": "no-such-host.invalid:9092"},
+        ["lag"],
+        ["no address for no-such-host.invalid (DNS)", "KAFKA_BOOTSTRAP_SERVERS"],
+    ),
+    (
         {"STREAM_REBALANCE_TIMEOUT_MS": "9" * 23},  # Kafka's 32 bits: its join would fail
         ["lag"],
         ["STREAM_REBALANCE_TIMEOUT_MS must be between 1 and 2147483647"],
