@@ -22,6 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import (
     InvalidSessionTimeoutError,
     KafkaConnectionError,
+    NodeNotReadyError,
     UnknownTopicOrPartitionError,
 )
 from aiokafka.errors import KafkaError as AIOKafkaError
@@ -71,7 +72,8 @@ def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaE
             "STREAM_KAFKA_SASL_USERNAME, STREAM_KAFKA_SASL_PASSWORD and "
             f"STREAM_KAFKA_SASL_MECHANISM{_OR_FILE}"
         )
-    if isinstance(exc, KafkaConnectionError):
+    if isinstance(exc, (KafkaConnectionError, NodeNotReadyError)):
+        # NodeNotReady: the client's connection to a broker is down (a broker gone a while)
         return _connection_error(settings, doing, _verdicts.get(settings))
     name = type(exc).__name__
     if isinstance(exc, UnknownTopicOrPartitionError):
@@ -97,7 +99,7 @@ def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaE
 async def translated(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaError:
     """`translate`, after probing what a connection error hides (asynchronously, once per
     settings until a client of them connects again)."""
-    if isinstance(exc, KafkaConnectionError):
+    if isinstance(exc, (KafkaConnectionError, NodeNotReadyError)):
         await probe(settings)
     return translate(exc, settings, doing)
 

@@ -84,6 +84,9 @@ def test_without_a_probe_a_connection_error_is_plain_unreachable() -> None:
     settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", sasl_mechanism="PLAIN")
     error = translate(KafkaConnectionError(), settings, "starting the consumer")
     assert str(error).startswith("cannot reach Kafka at 127.0.0.1:1 while starting the consumer")
+    # a broker gone for a while: the client has no connection to it any more
+    lost = translate(NodeNotReadyError("node 1 is not ready"), settings, "reading consumer lag")
+    assert str(lost).startswith("cannot reach Kafka at 127.0.0.1:1 while reading consumer lag")
 
 
 async def test_retrying_rides_out_what_kafka_says_to_retry_and_no_more() -> None:
