@@ -13,6 +13,7 @@ settings read, and what the command line gives wins over the environment:
     ssl.truststore.location (type PEM)                  STREAM_KAFKA_SSL_CAFILE
     ssl.keystore.location (type PEM: key and chain)     STREAM_KAFKA_SSL_CERTFILE, …_KEYFILE
     ssl.key.password                                    STREAM_KAFKA_SSL_KEY_PASSWORD
+    ssl.endpoint.identification.algorithm (https only)  (host names are always checked)
     client.id                                           STREAM_KAFKA_CLIENT_ID
     compression.type (none, gzip, snappy, lz4, zstd)    STREAM_KAFKA_COMPRESSION
     linger.ms (0 to 1000)                               STREAM_KAFKA_LINGER_MS
@@ -90,9 +91,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         "--command-config",
         metavar="FILE",
         help="Kafka client properties, as kafka-topics.sh --command-config reads them: "
-        "security.protocol, sasl.mechanism, sasl.jaas.config (PLAIN or SCRAM), "
-        "ssl.truststore.location / ssl.keystore.location (type PEM), ssl.key.password, "
-        "client.id; they override the STREAM_KAFKA_* variables",
+        "bootstrap.servers, security.protocol, sasl.mechanism, sasl.jaas.config (PLAIN or "
+        "SCRAM), ssl.truststore.location / ssl.keystore.location (type PEM), "
+        "ssl.key.password, ssl.endpoint.identification.algorithm (https), client.id, "
+        "compression.type, linger.ms; they override the STREAM_KAFKA_* variables",
     )
 
 

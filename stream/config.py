@@ -257,7 +257,8 @@ class Settings:
             raise ConfigError(
                 f"STREAM_KAFKA_SECURITY_PROTOCOL={kafka.security_protocol} needs "
                 "STREAM_KAFKA_SASL_MECHANISM, STREAM_KAFKA_SASL_USERNAME and "
-                "STREAM_KAFKA_SASL_PASSWORD (or STREAM_KAFKA_SASL_PASSWORD_FILE)"
+                "STREAM_KAFKA_SASL_PASSWORD (or STREAM_KAFKA_SASL_PASSWORD_FILE; in a "
+                "--command-config file: sasl.mechanism and sasl.jaas.config)"
             )
         if kafka.security_protocol in ("SSL", "SASL_SSL"):
             kafka.client_options()  # loads the TLS files now, as every client will

@@ -141,7 +141,7 @@ async def test_pipeline_groups_without_their_topics_say_to_apply_them(
 @pytest.mark.parametrize(
     ("option", "value"),
     [("--stall-after", "-5"), ("--stall-after", "inf"), ("--interval", "0"),
-     ("--interval", "nan"), ("--interval", "1e308"), ("--samples", "0")],
+     ("--interval", "nan"), ("--interval", "1e308"), ("--samples", "0"), ("--group", " ")],
 )  # fmt: skip
 async def test_bad_options_are_one_line_and_exit_2(
     env: dict[str, str], option: str, value: str

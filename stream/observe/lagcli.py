@@ -138,6 +138,8 @@ def _bad_options(args: argparse.Namespace) -> str | None:
         )
     if not (math.isfinite(args.stall_after) and args.stall_after >= 0):
         return f"--stall-after must be a number of seconds, 0 or more (got {args.stall_after})"
+    if any(not group.strip() for group in args.groups or ()):
+        return "--group needs a consumer group's name (got an empty one)"
     return None
 
 
