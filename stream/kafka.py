@@ -353,10 +353,13 @@ def transient(exc: BaseException) -> bool:
     return False
 
 
-async def group_offsets(admin: Any, group: str, tps: list[Any] | None = None) -> dict[Any, Any]:
+async def group_offsets(
+    admin: Any, group: str, tps: list[Any] | None = None, *, tries: int = _COORDINATOR_TRIES
+) -> dict[Any, Any]:
     """The group's committed offsets on `tps` (None: everywhere), retried while Kafka says
-    to (a young cluster, a coordinator moving). Never committed: left out."""
-    return await retrying(partial(group_committed, admin, group, tps))
+    to (a young cluster, a coordinator moving), `tries` times at most. Never committed:
+    left out."""
+    return await retrying(partial(group_committed, admin, group, tps), tries=tries)
 
 
 async def topic_partitions(

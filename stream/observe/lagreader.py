@@ -48,8 +48,7 @@ from aiokafka.errors import for_code
 from stream.config import KafkaSettings
 from stream.engine.fetch import UNDECODABLE
 from stream.errors import KafkaError
-from stream.kafka import admin_client, connected, retrying, transient, translated
-from stream.kafkawire import group_committed
+from stream.kafka import admin_client, connected, group_offsets, retrying, transient, translated
 
 __all__ = ["PIPELINE_GROUPS", "GroupReading", "LagReader", "PartitionReading", "read_patiently"]
 
@@ -190,10 +189,7 @@ class LagReader:
     async def _read(self, groups: Mapping[str, Sequence[str]]) -> list[GroupReading]:
         at = time.time()
         described = await retrying(partial(self._describe, groups), tries=_TRIES)
-        committed = {
-            g: await retrying(partial(group_committed, self._admin, g), tries=_TRIES)
-            for g in groups
-        }
+        committed = {g: await group_offsets(self._admin, g, tries=_TRIES) for g in groups}
         owners = {g: _owners(described.get(g)) for g in groups}
         topics = {
             g: {tp.topic for tp in (*committed[g], *owners[g])}
