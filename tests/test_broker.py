@@ -142,7 +142,8 @@ def test_missing_java_is_a_clear_error(
 async def test_kafka_status_json_for_scripts(tmp_path: Path) -> None:
     import json
 
-    from stream.devtools.broker import KAFKA_VERSION, free_port
+    from stream.devtools.broker import free_port
+    from stream.devtools.jars import KAFKA_VERSION
     from tests.kit import run_cli
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_")}

@@ -73,7 +73,7 @@ def test_simulator_listens_where_it_is_published() -> None:
 
 
 def test_mounted_files_exist_and_kafka_matches_the_pinned_broker() -> None:
-    from stream.devtools.broker import KAFKA_VERSION
+    from stream.devtools.jars import KAFKA_VERSION
 
     for service in SERVICES.values():
         for volume in service.get("volumes", []):

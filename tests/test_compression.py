@@ -18,7 +18,7 @@ import pytest
 
 from stream.clientconfig import overrides
 from stream.config import Settings
-from stream.devtools.broker import fetch_jars
+from stream.devtools.jars import fetch_jars
 from stream.engine.engine import Engine, Output
 from stream.errors import ConfigError
 from tests.kit import eventually

@@ -75,6 +75,20 @@ def _engine(settings: Settings, source: str, group: str, handler: Any, gate: Any
     )
 
 
+def _keeping(expected: int) -> tuple[Any, anyio.Event, list[bytes]]:
+    """A handler that keeps the values it gets and writes nothing; the event fires once
+    `expected` came."""
+    done, kept = anyio.Event(), []
+
+    async def handler(record: Any) -> Sequence[Output]:
+        kept.append(record.value)
+        if len(kept) == expected:
+            done.set()
+        return []
+
+    return handler, done, kept
+
+
 async def _commit_start(settings: Settings, group: str, topic: str, metadata: str = "") -> None:
     """The group has a position (as any running pipeline's has): offset 0 committed."""
     consumer = AIOKafkaConsumer(
@@ -151,15 +165,7 @@ async def test_the_next_owner_counts_what_it_runs_again(settings: Settings) -> N
         await eventually(noted)
     assert (await committed(settings, settings.group("redo"), source))[0][0] == 0
 
-    done = anyio.Event()
-    redone: list[bytes] = []
-
-    async def quick(record: Any) -> Sequence[Output]:
-        redone.append(record.value)
-        if len(redone) == 10:
-            done.set()
-        return []
-
+    quick, done, _ = _keeping(10)
     second = _engine(settings, source, "redo", quick)
     async with engine_on(second):
         await done.wait()
@@ -178,15 +184,7 @@ async def test_notes_any_client_could_forge_never_stop_the_engine(
     source = await create_topic(settings, "forged-in", 1)
     await produce(settings, source, [f"r{i}".encode() for i in range(5)])
     await _commit_start(settings, settings.group("forged"), source, metadata)
-    done = anyio.Event()
-    handled: list[bytes] = []
-
-    async def handler(record: Any) -> Sequence[Output]:
-        handled.append(record.value)
-        if len(handled) == 5:
-            done.set()
-        return []
-
+    handler, done, handled = _keeping(5)
     engine = _engine(settings, source, "forged", handler)
     async with engine_on(engine):
         with anyio.fail_after(60):

@@ -28,7 +28,8 @@ import yaml
 
 from stream import __version__
 from stream.config import Settings
-from stream.devtools.broker import cache_dir, free_port
+from stream.devtools.broker import free_port
+from stream.devtools.jars import cache_dir
 from tests.kit import eventually
 from tests.kit.requests import request
 from tests.kit.workers import simulator_env, worker_round_trip

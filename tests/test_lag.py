@@ -8,7 +8,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from stream.config import Settings
-from stream.devtools.broker import fetch_jars
+from stream.devtools.jars import fetch_jars
 from stream.observe.lag import LagMonitor, LagRow, LagTracker, Status
 from stream.observe.lagcli import render
 from stream.observe.lagreader import GroupReading, LagReader

@@ -1,8 +1,8 @@
 """A real single-node Apache Kafka broker (KRaft) for development, tests and the demo.
 
 No Docker engine and no OS package is assumed: the broker jars pinned in
-`stream/data/kafka-pom.xml` are fetched from Maven Central with Maven once, cached under
-`STREAM_CACHE_DIR` (default `~/.cache/prediction-stream`), and run with the local Java.
+`stream/data/kafka-pom.xml` are fetched from Maven Central with Maven once
+(`stream.devtools.jars`), and run with the local Java.
 A cluster's nodes (`stream.devtools.cluster`) are `LocalBroker`s with their own properties;
 the `stream kafka` command is `stream.devtools.kafkacli`.
 """
@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,22 +20,17 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stream.devtools.jars import fetch_jars, require
 from stream.devtools.processes import end, end_pid, parent_death_signal, running
 from stream.errors import BrokerError
 
 __all__ = [
-    "KAFKA_VERSION",
     "LocalBroker",
     "brokers_listed",
-    "cache_dir",
-    "fetch_jars",
     "free_port",
     "new_cluster_id",
     "port_open",
 ]
-
-POM = Path(__file__).resolve().parent.parent / "data" / "kafka-pom.xml"
-KAFKA_VERSION = re.search(r"<kafka.version>([^<]+)<", POM.read_text()).group(1)  # type: ignore[union-attr]
 
 _SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
 _PLAIN_LOGIN = "org.apache.kafka.common.security.plain.PlainLoginModule required"
@@ -51,57 +44,6 @@ appender.file.layout.pattern = [%d] %p %m (%c)%n
 rootLogger.level = {level}
 rootLogger.appenderRef.file.ref = file
 """
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("STREAM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "prediction-stream"
-    )
-    return Path(base)
-
-
-def _require(tool: str, why: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        raise BrokerError(
-            f"{tool} is not installed, and it is needed {why}: install it "
-            "(Debian: apt-get install openjdk-17-jre-headless maven) or point "
-            "KAFKA_BOOTSTRAP_SERVERS at a running Kafka cluster"
-        )
-    return path
-
-
-def fetch_jars(*, quiet: bool = False) -> Path:
-    """Return the folder of the pinned broker's jars, fetching them with Maven the first time."""
-    libs = cache_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
-    if (libs / ".complete").exists():
-        return libs
-    mvn = _require("mvn", "once, to fetch the Kafka broker jars")
-    if not quiet:
-        print(f"fetching Apache Kafka {KAFKA_VERSION} jars with Maven (once)…", flush=True)
-    staging = libs.with_name(f"libs.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    command = [
-        mvn,
-        "-q",
-        "-B",
-        "-f",
-        str(POM),
-        "dependency:copy-dependencies",
-        f"-DoutputDirectory={staging}",
-        "-DincludeScope=runtime",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
-        raise BrokerError(
-            f"Maven could not fetch the Kafka {KAFKA_VERSION} jars (exit {done.returncode}): "
-            + " | ".join(tail)
-        )
-    (staging / ".complete").write_text(KAFKA_VERSION)
-    shutil.rmtree(libs, ignore_errors=True)
-    staging.rename(libs)  # atomic: a half-fetched folder is never taken for a whole one
-    return libs
 
 
 def new_cluster_id() -> str:
@@ -248,7 +190,7 @@ class LocalBroker:
                 f"port {self.port} is already in use by another program: stop it, or start "
                 "the broker on another port (stream kafka start --port N)"
             )
-        java = _require("java", "to run the local Kafka broker")
+        java = require("java", "to run the local Kafka broker")
         libs = fetch_jars()
         self.home.mkdir(parents=True, exist_ok=True)
         properties = self._write_config()
@@ -384,7 +326,7 @@ class LocalBroker:
 
     def run_tool(self, main_class: str, *args: str, timeout_s: float = 120.0) -> str:
         """Run one of Kafka's own command-line tools (from the pinned jars) on this broker."""
-        java = _require("java", "to run Kafka's tools")
+        java = require("java", "to run Kafka's tools")
         done = subprocess.run(
             [
                 java,

@@ -28,8 +28,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from stream import logs
 from stream import topics as topics_module
 from stream.config import Secret, Settings
-from stream.devtools.broker import LocalBroker, cache_dir
+from stream.devtools.broker import LocalBroker
 from stream.devtools.faults import parse_faults, parse_latency
+from stream.devtools.jars import cache_dir
 from stream.devtools.mix import SCENARIOS, Tally, outcome_of, summary
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.errors import KafkaError, UsageError

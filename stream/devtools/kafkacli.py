@@ -11,8 +11,9 @@ from typing import Any
 
 from stream.config import Settings
 from stream.devtools import processes
-from stream.devtools.broker import KAFKA_VERSION, LocalBroker, cache_dir
+from stream.devtools.broker import LocalBroker
 from stream.devtools.cluster import CONTROLLERS, MAX_BROKERS, ClusterNode, LocalCluster
+from stream.devtools.jars import KAFKA_VERSION, cache_dir
 from stream.errors import EXIT_ATTENTION, EXIT_FAILED, BrokerError, UsageError
 
 __all__ = ["register"]
