@@ -32,7 +32,7 @@ from stream.catalog import Catalog, load_catalog, unpriced
 from stream.config import Settings, check_instance_id
 from stream.engine.engine import Engine
 from stream.engine.signals import run_until_signal
-from stream.errors import EXIT_FAILED, ConfigError, KafkaError, flag_value
+from stream.errors import EXIT_FAILED, ConfigError, KafkaError, UsageError, flag_value
 from stream.kafka import admin_client
 from stream.observe.health import Health, serve
 from stream.observe.lag import LagMonitor
@@ -318,6 +318,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.guarantee:
         settings = replace(settings, engine=replace(settings.engine, guarantee=args.guarantee))
     if args.instance_id is not None:
+        if not args.instance_id.strip():  # "$POD_NAME" unset: not quietly a dynamic member
+            raise UsageError(
+                "--instance-id needs an id (got an empty one): leave it out to run without one"
+            )
         instance_id = flag_value(check_instance_id, args.instance_id, "--instance-id")
         settings = replace(settings, engine=replace(settings.engine, instance_id=instance_id))
     drained = anyio.run(run_until_signal, Worker(settings, stages, own_process=True))

@@ -22,6 +22,7 @@ from stream.config import EngineSettings, KafkaSettings, Settings
 from stream.devtools.broker import LocalBroker, free_port
 from stream.engine import Engine, Output
 from stream.engine import engine as engine_module
+from stream.engine import outputs as outputs_module
 from stream.engine.membership import Membership
 from stream.engine.offsets import PartitionOffsets
 from stream.engine.partitions import Partition
@@ -433,13 +434,55 @@ async def test_a_stop_while_the_group_waits_for_a_silent_member_ends_the_engine(
         async def rebalancing() -> bool:
             return await _group_state(settings, group) == "PreparingRebalance"
 
-        # Well before the silent member's 60 s session ends (which would let the join go).
-        with anyio.fail_after(40):
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(engine.run)
-                await eventually(rebalancing)  # our engine's join waits for the silent one
-                engine.stop()
+        ended = anyio.Event()
+
+        async def run() -> None:
+            await engine.run()
+            ended.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(run)
+            await eventually(rebalancing)  # our engine's join waits for the silent one
+            engine.stop()
+            # At once: not the silent member's 60 s session, nor a 10 s wait for the join
+            # to end on the way out (an engine without partitions has nothing to hand over).
+            with anyio.fail_after(6):
+                await ended.wait()
         assert not engine.ready.is_set()
     finally:
         silent.kill()
         await silent.wait()
+
+
+async def test_a_stop_while_the_producer_starts_ends_the_engine_and_leaves_no_client(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idempotent producer asks Kafka for its id until it answers: a broker that stopped
+    answering after the topic check held a SIGTERM'd worker in start-up."""
+    source = await create_topic(settings, "stop-producer-in", 1)
+    real_start = outputs_module.start_client
+    producer_starting = anyio.Event()
+
+    async def producer_start_hangs(client: Any, kafka: KafkaSettings, doing: str) -> None:
+        if isinstance(client, AIOKafkaProducer):
+            producer_starting.set()
+            await anyio.sleep_forever()
+        await real_start(client, kafka, doing)
+
+    monkeypatch.setattr(outputs_module, "start_client", producer_start_hangs)
+    engine = Engine(
+        settings=settings,
+        name="sp",
+        group_id=settings.group("stop-producer"),
+        topics=[source],
+        handler=_never_called,
+        on_error=_fail_on_error,
+    )
+    before = _aiokafka_tasks()
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as group:
+            group.start_soon(engine.run)
+            await producer_starting.wait()
+            engine.stop()
+    assert not engine.ready.is_set()
+    assert [t for t in _aiokafka_tasks() if not t.done()] == before

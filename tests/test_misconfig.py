@@ -105,6 +105,7 @@ USAGE = [
     # checked as the same value from the environment is, and a usage error all the same
     (["lag", "--bootstrap-server", "localhost"], "--bootstrap-server"),
     (["run", "primary", "--instance-id", "bad id"], "--instance-id"),
+    (["run", "primary", "--instance-id", ""], "--instance-id needs an id"),
     (["bench", "--requests", "0"], "--requests, --concurrency"),
     (["bench", "--scenario", "scale-out", "--workers", "0"], "--workers"),
     (["simulate", "--latency", "-1"], "latency"),

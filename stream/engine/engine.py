@@ -58,6 +58,8 @@ ErrorHandler = Callable[[Record, BaseException], Sequence[Output]]
 _POLL_TIMEOUT_MS = 100
 # Outputs Kafka has not acknowledged for this long mean the engine is stuck (not ready).
 _STALLED_WRITE_S = 10.0
+# How long the consumer of an engine stopped before its first assignment may take to stop.
+_UNSTARTED_CLOSE_S = 1.0
 
 
 class Engine:
@@ -239,12 +241,14 @@ class Engine:
         )
         listener = Listener(rebalancer, self.membership)
         self._clients = (consumer, sink, listener, rebalancer)
-        await sink.start()
         try:
-            consumer.subscribe(self._topics, listener=listener)
             with anyio.CancelScope() as self._starting:
                 if self._stopping.is_set():
                     self._starting.cancel()
+                # The producer too: an idempotent one asks Kafka for its id until it
+                # answers (a broker that stopped answering after the topic check).
+                await sink.start()
+                consumer.subscribe(self._topics, listener=listener)
                 await start_client(consumer, self._settings.kafka, "starting the consumer")
             self._starting = None
         except BaseException:
@@ -271,7 +275,10 @@ class Engine:
             await self._sink.revoked(tps)
             await self._sink.stop()
         finally:
-            with anyio.move_on_after(CLOSE_TIMEOUT_S) as closing:
+            # An engine that never had partitions has nothing to hand over, and its stop
+            # may wait on a join still in progress: it is not kept waiting for long.
+            bound = CLOSE_TIMEOUT_S if self.ready.is_set() else _UNSTARTED_CLOSE_S
+            with anyio.move_on_after(bound) as closing:
                 if self.membership.fenced:
                     await self.membership.release()
                 await self._consumer.stop()

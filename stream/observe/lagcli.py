@@ -101,7 +101,7 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
         _err(f"stream lag: {_timed_out(settings.kafka)}")
         return EXIT_FAILED
     if interrupted and not args.watch:  # no reading: a script must not take it for "OK"
-        _err("stream lag: interrupted before a reading")
+        _err("stream lag: interrupted before its reading was complete")
         return 130
     if not args.watch:
         _show(rows, latest, as_json=args.json, redraw=False)
