@@ -111,8 +111,9 @@ async def test_killed_replay_resumes_and_copies_each_record_once(
     window = ["--since", _rfc3339(SINCE), "--until", _rfc3339(UNTIL)]
     command = [sys.executable, "-m", "stream", "replay", *window]
     async with await anyio.open_process([*command, "--rate", "5"], env=env) as process:
-        # wait for copies to land (a causal condition, not a sleep), then kill it mid-run
-        while len(await read_all(settings, settings.topic(TARGET))) < 5:
+        # wait for copies to be committed (a causal condition, not a sleep; copies read
+        # uncommitted may still be in the open transaction the kill aborts), then kill it
+        while len(await _committed(settings)) < 5:
             assert process.returncode is None
         os.kill(process.pid, signal.SIGKILL)
         await process.wait()
