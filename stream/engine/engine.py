@@ -26,6 +26,7 @@ from stream.engine.assignor import Claims
 from stream.engine.clients import make_consumer, make_sink
 from stream.engine.fetch import UNDECODABLE, StandIn, stand_in_for_undecodable
 from stream.engine.flow import Flow, Gate
+from stream.engine.late import stuck_outputs
 from stream.engine.membership import Membership, group_instance_id
 from stream.engine.outputs import CLOSE_TIMEOUT_S, Output, Sink
 from stream.engine.partitions import (
@@ -56,8 +57,6 @@ Handler = Callable[[Record], Awaitable[Sequence[Output]]]
 ErrorHandler = Callable[[Record, BaseException], Sequence[Output]]
 
 _POLL_TIMEOUT_MS = 100
-# Outputs Kafka has not acknowledged for this long mean the engine is stuck (not ready).
-_STALLED_WRITE_S = 10.0
 # How long the consumer of an engine stopped before its first assignment may take to stop.
 _UNSTARTED_CLOSE_S = 1.0
 
@@ -193,22 +192,8 @@ class Engine:
         )
 
     def problem(self) -> str | None:
-        """Why this engine is not making progress, if it is stuck: outputs Kafka has not
-        taken for `_STALLED_WRITE_S` (a broker down, too few in-sync replicas)."""
-        now = time.monotonic()
-        stuck = {
-            p.tp: (age, p.write_error)
-            for p in self._partitions.values()
-            if (age := p.oldest_write_s(now)) is not None and age >= _STALLED_WRITE_S
-        }
-        if not stuck:
-            return None
-        tp, (age, error) = max(stuck.items(), key=lambda item: item[1][0])
-        because = f" (last error {error})" if error else ""
-        return (
-            f"outputs of {len(stuck)} partition(s) not taken by Kafka, the oldest of "
-            f"{tp.topic}[{tp.partition}] for {age:.0f} s{because}"
-        )
+        """Why this engine is not making progress, if it is stuck (`late.stuck_outputs`)."""
+        return stuck_outputs(self._partitions.values(), time.monotonic())
 
     def __repr__(self) -> str:
         s = self.snapshot()

@@ -1,4 +1,4 @@
-"""Saying when Kafka takes none of a partition's outputs.
+"""Saying when Kafka takes none of a partition's outputs (and when an engine is stuck).
 
 The idempotent producer retries a batch Kafka refuses (no leader, fewer in-sync replicas
 than `min.insync.replicas`) for ever, and tells only through that batch's future; an
@@ -10,18 +10,20 @@ logs it, once, until its outputs go through again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
 
 from stream.engine.partitions import Partition
 
-__all__ = ["LATE_S", "acknowledged", "watched"]
+__all__ = ["LATE_S", "STALLED_WRITE_S", "acknowledged", "stuck_outputs", "watched"]
 
 log = logging.getLogger(__name__)
 
 LATE_S = 5.0  # an ack takes milliseconds, a commit well under a second
+# Outputs Kafka has not acknowledged for this long mean the engine is stuck (not ready).
+STALLED_WRITE_S = 10.0
 
 
 def _late(partition: Partition, why: str) -> None:
@@ -91,3 +93,21 @@ async def watched(step: Callable[[], Awaitable[None]], partition: Partition) -> 
             finished.set()
     if error is not None:
         raise error
+
+
+def stuck_outputs(partitions: Iterable[Partition], now: float) -> str | None:
+    """Why an engine is not making progress, if it is stuck: outputs Kafka has not taken
+    for `STALLED_WRITE_S` (a broker down, too few in-sync replicas); `now` is monotonic."""
+    stuck = {
+        p.tp: (age, p.write_error)
+        for p in partitions
+        if (age := p.oldest_write_s(now)) is not None and age >= STALLED_WRITE_S
+    }
+    if not stuck:
+        return None
+    tp, (age, error) = max(stuck.items(), key=lambda item: item[1][0])
+    because = f" (last error {error})" if error else ""
+    return (
+        f"outputs of {len(stuck)} partition(s) not taken by Kafka, the oldest of "
+        f"{tp.topic}[{tp.partition}] for {age:.0f} s{because}"
+    )
