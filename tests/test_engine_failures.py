@@ -340,30 +340,42 @@ def _aiokafka_tasks() -> list[asyncio.Task[Any]]:
     return found
 
 
+def _start_hangs(
+    monkeypatch: pytest.MonkeyPatch, module: Any, kind: type, starting: anyio.Event
+) -> None:
+    """`module`'s `start_client` hangs for clients of `kind` (saying so), as a start that
+    waits on Kafka does; it starts the others."""
+    real_start = module.start_client
+
+    async def hangs(client: Any, kafka: KafkaSettings, doing: str) -> None:
+        if isinstance(client, kind):
+            starting.set()
+            await anyio.sleep_forever()
+        await real_start(client, kafka, doing)
+
+    monkeypatch.setattr(module, "start_client", hangs)
+
+
+def _idle_engine(settings: Settings, source: str, name: str) -> Engine:
+    return Engine(
+        settings=settings,
+        name=name,
+        group_id=settings.group(name),
+        topics=[source],
+        handler=_never_called,
+        on_error=_fail_on_error,
+    )
+
+
 async def test_an_engine_cancelled_while_its_consumer_starts_leaves_no_client_running(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A signal during start-up cancels `run` before it has clean-up to reach: the sink's
     producer, already started, must be stopped on the way out all the same."""
     source = await create_topic(settings, "cancel-start-in", 1)
-    real_start = engine_module.start_client
     consumer_starting = anyio.Event()
-
-    async def consumer_start_hangs(client: Any, kafka: KafkaSettings, doing: str) -> None:
-        if isinstance(client, AIOKafkaConsumer):
-            consumer_starting.set()
-            await anyio.sleep_forever()
-        await real_start(client, kafka, doing)
-
-    monkeypatch.setattr(engine_module, "start_client", consumer_start_hangs)
-    engine = Engine(
-        settings=settings,
-        name="cs",
-        group_id=settings.group("cancel-start"),
-        topics=[source],
-        handler=_never_called,
-        on_error=_fail_on_error,
-    )
+    _start_hangs(monkeypatch, engine_module, AIOKafkaConsumer, consumer_starting)
+    engine = _idle_engine(settings, source, "cancel-start")
     before = _aiokafka_tasks()
     async with anyio.create_task_group() as group:
         group.start_soon(engine.run)
@@ -460,24 +472,9 @@ async def test_a_stop_while_the_producer_starts_ends_the_engine_and_leaves_no_cl
     """An idempotent producer asks Kafka for its id until it answers: a broker that stopped
     answering after the topic check held a SIGTERM'd worker in start-up."""
     source = await create_topic(settings, "stop-producer-in", 1)
-    real_start = outputs_module.start_client
     producer_starting = anyio.Event()
-
-    async def producer_start_hangs(client: Any, kafka: KafkaSettings, doing: str) -> None:
-        if isinstance(client, AIOKafkaProducer):
-            producer_starting.set()
-            await anyio.sleep_forever()
-        await real_start(client, kafka, doing)
-
-    monkeypatch.setattr(outputs_module, "start_client", producer_start_hangs)
-    engine = Engine(
-        settings=settings,
-        name="sp",
-        group_id=settings.group("stop-producer"),
-        topics=[source],
-        handler=_never_called,
-        on_error=_fail_on_error,
-    )
+    _start_hangs(monkeypatch, outputs_module, AIOKafkaProducer, producer_starting)
+    engine = _idle_engine(settings, source, "stop-producer")
     before = _aiokafka_tasks()
     with anyio.fail_after(15):
         async with anyio.create_task_group() as group:
