@@ -91,9 +91,10 @@ class Engine:
         self._on_error = on_error
         self.ready = anyio.Event()
         self._stopping = anyio.Event()
-        # While the consumer starts: aiokafka's `start` waits for the first assignment,
-        # without a deadline (a rebalance waiting for a member that went away, a broker
-        # gone meanwhile). A stop cancels it: nothing runs yet, nothing to drain.
+        # While the clients start: aiokafka's consumer `start` waits for the first
+        # assignment without a deadline (a rebalance waiting for a member gone silent, a
+        # broker gone meanwhile), an idempotent producer for its id. A stop cancels it:
+        # nothing runs yet, nothing to drain.
         self._starting: anyio.CancelScope | None = None
         self._partitions: dict[TopicPartition, Partition] = {}
         self._flow = Flow(self._config, self._partitions, self._spawn, gate)
