@@ -176,8 +176,14 @@ class LocalBroker:
         """Start the node's process without waiting for it (None: it already runs), so that
         the nodes of a cluster start side by side. Two starts at once from one home: the
         second waits for the first to launch, then finds it running."""
-        self.home.mkdir(parents=True, exist_ok=True)
-        with open(self.home / "start.lock", "w") as lock:
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            lock = open(self.home / "start.lock", "w")  # closed by the with below
+        except OSError as exc:
+            raise BrokerError(
+                f"cannot use {self.home} ({exc.strerror}): pass a --home of yours"
+            ) from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             return self._launch()
 

@@ -162,9 +162,10 @@ async def local_kafka(settings: Settings, *, keep: bool) -> AsyncIterator[None]:
             "running? (unset KAFKA_BOOTSTRAP_SERVERS to use a local broker)"
         )
     broker = LocalBroker(home=cache_dir() / "broker", port=int(port))
-    ours = broker.pid() is None  # a broker running already is someone's: never stopped here
     print(f"no Kafka at {settings.kafka.bootstrap_servers}: starting a local broker…", flush=True)
-    await anyio.to_thread.run_sync(broker.start)
+    # a broker running already (or launched by another start meanwhile) is someone else's:
+    # never stopped here
+    ours = await anyio.to_thread.run_sync(broker.start)
     try:
         yield
     finally:

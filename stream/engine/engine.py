@@ -271,7 +271,8 @@ class Engine:
             if closing.cancelled_caught:
                 # aiokafka's `stop` waits for a join in progress to end (a rebalance waiting
                 # for a member gone silent): its connections are closed, not left open.
-                await self._consumer._client.close()
+                with anyio.move_on_after(CLOSE_TIMEOUT_S):
+                    await self._consumer._client.close()
             log.info("engine %s closed: %r", self.name, self)
 
     def _shutdown_grace_s(self) -> float:

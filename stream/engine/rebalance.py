@@ -237,6 +237,8 @@ class Rebalancer:
         # transaction failed: what we hold is out of date. Start those afresh.
         stale = [p for p in back if p.abandoned or committed.get(p.tp) != p.committed]
         if stale:
+            for partition in stale:  # set up afresh below: not fetched until then
+                _pause(self._consumer, partition.tp)
             await self.abandon(stale)
             await self._sink.assigned(p.tp for p in stale)
             for partition in stale:
@@ -316,6 +318,8 @@ class Rebalancer:
         # The same as Kafka has it: an unchanged partition is not committed again (its
         # `since` note, if any, makes an at-least-once one due at once all the same).
         partition.committed = partition.committed_base = committed
+        if split_notes(metadata)[1].get("spread") == "1":  # its outputs may be anywhere
+            partition.scattered_at = time.monotonic()
         _resume(self._consumer, tp)  # paused while it was set up (`assign`)
 
     async def committed(self, tps: set[TopicPartition]) -> Committed:

@@ -15,9 +15,9 @@ again and write their outputs twice. So:
   the partition counts match (co-partitioned outputs), every partition otherwise. A record
   all of whose outputs it finds is finished: not run again, not written again;
 - outputs placed by their key's hash (an unkeyed request's result, keyed by its
-  `request_id`) are in any partition: a commit says so (a `spread` note) while the
-  partition wrote such an output within `SINCE_REFRESH_S`, and the next owner then reads
-  every partition of each output topic.
+  `request_id`) are in any partition: once a partition wrote one, its commits say so (a
+  `spread` note) for as long as its owner holds it, and its next owners inherit the note;
+  a next owner then reads every partition of each output topic.
 
 The scan is bounded (`RECOVERY_S`) and best effort: what it does not find runs again, as it
 would without it. Exactly-once needs none of it: outputs and offsets commit together.
@@ -121,7 +121,7 @@ def commit_positions(
         else:
             writes = partition.writes.values()
             notes = {"since": str(since_ms(writes, now, now_monotonic))}
-            if spread := _spread(partition, min(writes, default=now_monotonic), now_monotonic):
+            if spread := _spread(partition):
                 notes["spread"] = "1"
             full = partition.position(notes)
         noted = partition.committed != partition.committed_base  # Kafka has a `since` note
@@ -135,13 +135,12 @@ def commit_positions(
     return due
 
 
-def _spread(partition: Partition, oldest_write: float, now_monotonic: float) -> bool:
+def _spread(partition: Partition) -> bool:
     """Whether the outputs of records the partition leaves unfinished may be in any output
-    partition: one was placed by its key's hash since its oldest write in progress, or
-    lately enough that the next ones may be too (the note must hold until the next commit;
-    the first such output after a commit without it is not covered until that commit)."""
-    at = partition.scattered_at
-    return at is not None and (at >= oldest_write or now_monotonic - at < SINCE_REFRESH_S)
+    partition: it placed one by its key's hash, or its previous owner's note said so. Kept
+    for as long as this owner holds it: the note must cover outputs written until the next
+    commit (the first such output after a commit without it is not covered until then)."""
+    return partition.scattered_at is not None
 
 
 def _noted_spread(partition: Partition) -> bool:
