@@ -141,7 +141,7 @@ def test_outputs_placed_by_their_key_make_the_note_say_spread_while_the_owner_ho
     assert _committed(partition, commit_positions([partition], 1000.0, 50.0)[partition], 50.0) == (
         "since"
     )
-    partition.scattered_at = 50.5  # an unkeyed request's result went where its id hashes
+    partition.spread = True  # an unkeyed request's result went where its id hashes
     due = commit_positions([partition], 1001.0, 51.0)  # nothing moved, but the note must
     assert _committed(partition, due[partition], 51.0) == "since,spread"
     assert commit_positions([partition], 1002.0, 52.0) == {}  # said already

@@ -42,7 +42,8 @@ def _single(args: argparse.Namespace) -> int:
     if (home / "cluster.json").exists():
         raise BrokerError(f"{home} holds a local cluster: pass --brokers as when it was started")
     broker = LocalBroker(home=home, port=args.port)
-    broker.check_port()  # the home's broker, on the port asked for: or say which
+    if args.action != "start":  # (a start checks it as it launches)
+        broker.check_port()  # the home's broker, on the port asked for: or say which
     if args.action == "start":
         state = "started" if broker.start() else "already running"
     elif args.action == "stop":

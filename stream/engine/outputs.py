@@ -261,10 +261,8 @@ class AtLeastOnceSink:
 
     async def write(self, partition: Partition, offset: int, outputs: Sequence[Output]) -> bool:
         attempt = too_large = 0
-        for output in outputs:
-            if output.follows is None:  # placed by its key (`stream.engine.recovery`)
-                partition.scattered_at = time.monotonic()
-                break
+        if not partition.spread:  # once known, not looked for again on every write
+            partition.spread = any(output.follows is None for output in outputs)
         while True:
             producer = self._producer
             try:

@@ -123,9 +123,10 @@ class Partition:
         # The same without its `since` note: a commit is due when the position moves.
         self.committed_base: tuple[int, str] | None = None
         self.committed_at = 0.0  # when (monotonic) this owner last committed
-        # When (monotonic) an output of this partition was last placed by its key's hash,
-        # not at the input's partition number: a next owner must look in every partition.
-        self.scattered_at: float | None = None
+        # An output of it was placed by its key's hash, not at the input's partition number
+        # (by this owner, or by one before it, per its `spread` note): a next owner must
+        # look in every output partition (`stream.engine.recovery`).
+        self.spread = False
         self.running: dict[int, int] = {}  # offset → record timestamp, for the snapshot
         self.writes: dict[int, float] = {}  # offset → when its outputs' write began (monotonic)
         self._writes_done: anyio.Event | None = None  # made only for a revoke that waits

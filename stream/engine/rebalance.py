@@ -318,8 +318,7 @@ class Rebalancer:
         # The same as Kafka has it: an unchanged partition is not committed again (its
         # `since` note, if any, makes an at-least-once one due at once all the same).
         partition.committed = partition.committed_base = committed
-        if split_notes(metadata)[1].get("spread") == "1":  # its outputs may be anywhere
-            partition.scattered_at = time.monotonic()
+        partition.spread = split_notes(metadata)[1].get("spread") == "1"  # inherited
         _resume(self._consumer, tp)  # paused while it was set up (`assign`)
 
     async def committed(self, tps: set[TopicPartition]) -> Committed:

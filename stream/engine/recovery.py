@@ -121,7 +121,9 @@ def commit_positions(
         else:
             writes = partition.writes.values()
             notes = {"since": str(since_ms(writes, now, now_monotonic))}
-            if spread := _spread(partition):
+            # Kept while this owner holds it: the note must also cover outputs written
+            # until the next commit (the first after a commit without it is not covered).
+            if spread := partition.spread:
                 notes["spread"] = "1"
             full = partition.position(notes)
         noted = partition.committed != partition.committed_base  # Kafka has a `since` note
@@ -133,14 +135,6 @@ def commit_positions(
         ):
             due[partition] = (base, full)
     return due
-
-
-def _spread(partition: Partition) -> bool:
-    """Whether the outputs of records the partition leaves unfinished may be in any output
-    partition: it placed one by its key's hash, or its previous owner's note said so. Kept
-    for as long as this owner holds it: the note must cover outputs written until the next
-    commit (the first such output after a commit without it is not covered until then)."""
-    return partition.scattered_at is not None
 
 
 def _noted_spread(partition: Partition) -> bool:
