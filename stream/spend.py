@@ -13,6 +13,12 @@ alone, and a call waiting for room is estimated again each time it wakes (a back
 behind the first call holds what that call cost). A call that costs more than its estimate
 can overshoot by the difference.
 
+What was spent is kept in time slots, at most `_SLOTS` per window (a worker paying 800 calls
+a second would otherwise keep an entry per call: 2.9 million for a 1 h window, ~280 MB,
+and sum them all again each time one left). A slot leaves the window when its latest spend
+does, so a spend may count up to a slot's width (window / `_SLOTS`) longer than it must:
+the gate may open that much later, never earlier.
+
 The engine's gate (`holds`) closes when the next typical call (the most expensive seen)
 would not fit: no new record starts, the partitions pause (lag grows, the records wait in
 Kafka), and the commit metadata says `held=spend_limit` so `stream lag` shows why. Calls
@@ -42,6 +48,8 @@ log = logging.getLogger(__name__)
 HELD = "spend_limit"
 _PROMPT_BYTES_PER_TOKEN = 3  # fewer than the usual ~4: the estimate errs high
 _LOG_EVERY_S = 60.0
+_SLOTS = 1000  # time slots per window that spend is kept in
+_SLOT_LEAST_S = 0.01  # …each at least this wide
 
 
 class BudgetSnapshot(NamedTuple):
@@ -52,6 +60,18 @@ class BudgetSnapshot(NamedTuple):
     held_usd: float  # by calls admitted and not settled
     limited: bool
     by_model: dict[str, float]  # spent in the window
+
+
+class _Slot:
+    """What was spent within one slot of time: its total, by model, and when last."""
+
+    __slots__ = ("by_model", "index", "last", "total")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.last = -math.inf
+        self.total = 0.0
+        self.by_model: dict[str, float] = {}
 
 
 @dataclass
@@ -88,7 +108,8 @@ class Budget:
         self._keep_s = window_s + min(1.0, 0.05 * window_s)
         self._model_limits = dict(model_limits or {})
         self._clock = clock
-        self._spent: deque[tuple[float, str, float]] = deque()  # (when, model, usd)
+        self._slot_s = max(window_s / _SLOTS, _SLOT_LEAST_S)
+        self._spent: deque[_Slot] = deque()  # oldest first
         self._spent_total = 0.0
         self._by_model: dict[str, float] = {}
         self._held_total = 0.0
@@ -171,7 +192,14 @@ class Budget:
         self._held_by_model[model] = max(0.0, self._held_by_model.get(model, 0.0) - hold.estimate)
         self._holds_by_model[model] -= 1
         if cost > 0:
-            self._spent.append((self._clock(), model, cost))
+            now = self._clock()
+            index = int(now // self._slot_s)
+            if not self._spent or index > self._spent[-1].index:
+                self._spent.append(_Slot(index))
+            slot = self._spent[-1]
+            slot.last = max(slot.last, now)
+            slot.total += cost
+            slot.by_model[model] = slot.by_model.get(model, 0.0) + cost
             self._spent_total += cost
             self._by_model[model] = self._by_model.get(model, 0.0) + cost
             self._dearest[model] = max(self._dearest.get(model, 0.0), cost)
@@ -182,20 +210,24 @@ class Budget:
     def _prune(self) -> None:
         horizon = self._clock() - self._keep_s
         expired = False
-        while self._spent and self._spent[0][0] <= horizon:
-            _, model, cost = self._spent.popleft()
-            self._by_model[model] = self._by_model.get(model, 0.0) - cost
+        while self._spent and self._spent[0].last <= horizon:
+            self._spent.popleft()
             expired = True
         if expired:
-            # Summed afresh rather than subtracted: no float drift over days of windows.
-            self._spent_total = sum(cost for _, _, cost in self._spent)
-            self._by_model = {m: max(0.0, v) for m, v in self._by_model.items() if v > 1e-12}
+            # Summed afresh rather than subtracted (no float drift over days of windows):
+            # at most once per slot, over at most `_SLOTS` of them.
+            by_model: dict[str, float] = {}
+            for slot in self._spent:
+                for model, cost in slot.by_model.items():
+                    by_model[model] = by_model.get(model, 0.0) + cost
+            self._spent_total = sum(slot.total for slot in self._spent)
+            self._by_model = by_model
             self._wake()
 
     def _next_expiry_in(self) -> float | None:
         if not self._spent:
             return None
-        return max(0.0, self._spent[0][0] + self._keep_s - self._clock()) + 0.001
+        return max(0.0, self._spent[0].last + self._keep_s - self._clock()) + 0.001
 
     def _wake(self) -> None:
         self._changed.set()
