@@ -127,3 +127,37 @@ async def test_a_gzip_bomb_is_a_failure_not_retried_and_not_read_whole() -> None
     assert failure.error_type == "answer_too_large" and failure.status == 200
     assert failure.attempts == 1 and failure.provider_request_id == "b1"
     assert "over 8,388,608 bytes" in str(failure)
+
+
+async def test_a_key_echoed_in_an_answer_reaches_no_field_of_it() -> None:
+    """A provider (or a proxy) that echoes the key in its request id header, the body's id,
+    the model's name, the answer, the reasoning or a tool call, in a 200 or an error: no
+    field that goes into a record carries it."""
+    key = "sk-edge-test-key"  # client_of's
+    echo = f"req {key}"
+
+    async def handle(text: str) -> web.StreamResponse:
+        headers = {"x-request-id": f"Bearer {key}"}
+        if text == "error":
+            return web.json_response({"error": {}}, status=401, headers=headers)
+        body = _answer(f"<think>{echo}</think>the key is {key}")
+        body.update(id=echo, model=echo)
+        if text == "tools":
+            call = {"id": echo, "type": "function", "function": {"name": "f", "arguments": key}}
+            body["choices"][0]["message"]["tool_calls"] = [call]
+        if text == "no id":
+            del body["id"]  # the header's id is the answer's then
+        return web.json_response(body, headers=headers)
+
+    async with client_of(handle) as (client, _):
+        done = await client.complete(GLM, ask("answer"))
+        with_tools = await client.complete(GLM, ask("tools"))
+        without_id = await client.complete(GLM, ask("no id"))
+        with pytest.raises(FatalProviderError) as caught:
+            await client.complete(GLM, ask("error"))
+    texts = [repr(done), repr(with_tools), repr(without_id), repr(vars(caught.value))]
+    assert not [text for text in texts if key in text]
+    assert done.content == "the key is [redacted]" and done.reasoning == "req [redacted]"
+    assert done.provider_model == done.provider_request_id == "req [redacted]"
+    assert without_id.provider_request_id == caught.value.provider_request_id
+    assert caught.value.provider_request_id == "Bearer [redacted]"

@@ -38,6 +38,7 @@ from stream.providers.transport import (
 __all__ = ["Exchange", "Failure", "ProviderHTTP"]
 
 _MAX_MESSAGE = 300
+_REDACTED = "[redacted]"
 _MAX_REQUEST_ID = 200  # as long as the body's id may be (`completion._text`)
 # Statuses that mean "too many calls": the limiter shrinks on them.
 _THROTTLES = frozenset({429, 503, 529})
@@ -116,7 +117,8 @@ class ProviderHTTP:
                     answer = await self._via_httpx(transport, body)
         except AnswerTooLarge as exc:
             label = status_class(exc.status)
-            return Exchange(_too_large(exc), label, now() - start, exc.headers)
+            too_large = _too_large(exc, self._request_id(exc.headers))
+            return Exchange(too_large, label, now() - start, exc.headers)
         except (aiohttp.ClientError, httpx.RequestError) as exc:
             # First: aiohttp's connect timeout is a TimeoutError too, but no answer was late.
             label = "timeout" if isinstance(exc, aiohttp.SocketTimeoutError) else "connect"
@@ -148,8 +150,7 @@ class ProviderHTTP:
 
     def _read(self, answer: Answer, json_output: bool) -> Parsed | Failure:
         status, headers = answer.status, answer.headers
-        # Cut here, once: it is copied into records and errors, whatever the path.
-        request_id = headers.get("x-request-id", "")[:_MAX_REQUEST_ID] or None
+        request_id = self._request_id(headers)
         if status == 200:
             try:
                 parsed = parse_completion(answer.body, json_output=json_output)
@@ -166,7 +167,7 @@ class ProviderHTTP:
                 )
             if parsed.response_id is None and request_id:
                 parsed = replace(parsed, response_id=request_id)
-            return parsed
+            return self._scrubbed(parsed)
         if 200 < status < 300:
             # Not held against the provider's health, as `classify` has any 2xx.
             return Failure(
@@ -194,10 +195,34 @@ class ProviderHTTP:
     def scrub(self, text: str) -> str:
         # Some providers echo the key back in an auth error; it must not travel further.
         key = self.settings.api_key.reveal()
-        return text.replace(key, "[redacted]") if key else text
+        return text.replace(key, _REDACTED) if key else text
+
+    def _request_id(self, headers: Mapping[str, str]) -> str | None:
+        """The provider's `x-request-id`, scrubbed, then cut (it is copied into records and
+        errors, whatever the path)."""
+        value = headers.get("x-request-id", "")
+        return self.scrub(value)[:_MAX_REQUEST_ID] or None if value else None
+
+    def _scrubbed(self, parsed: Parsed) -> Parsed:
+        """The answer without the key in any text it carries into a record: a provider (or
+        a proxy) that echoes it, in the answer, its id or the model's name, must not publish
+        it. A look for the key in each text; a copy only when one has it."""
+        key = self.settings.api_key.reveal()
+        if not key:
+            return parsed
+        found: dict[str, object] = {}
+        for name in ("content", "reasoning", "served_model", "finish_reason", "response_id"):
+            value = getattr(parsed, name)
+            if value is not None and key in value:
+                found[name] = value.replace(key, _REDACTED)
+        if parsed.tool_calls is not None:
+            text, key_bytes = orjson.dumps(parsed.tool_calls), key.encode()
+            if key_bytes in text:
+                found["tool_calls"] = orjson.loads(text.replace(key_bytes, _REDACTED.encode()))
+        return replace(parsed, **found) if found else parsed  # type: ignore[arg-type]
 
 
-def _too_large(exc: AnswerTooLarge) -> Failure:
+def _too_large(exc: AnswerTooLarge, request_id: str | None) -> Failure:
     """An answer past any real one (a gzip bomb, an endless body). Not retried: a provider
     that answered so once will likely again, and it may have billed the call (what for
     cannot be read). Held against its health; the request goes to its fallback."""
@@ -206,7 +231,7 @@ def _too_large(exc: AnswerTooLarge) -> Failure:
         error_type="answer_too_large",
         message=str(exc),
         status=exc.status,
-        request_id=exc.headers.get("x-request-id", "")[:_MAX_REQUEST_ID] or None,
+        request_id=request_id,
         provider_fault=True,
     )
 
