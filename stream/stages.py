@@ -10,10 +10,11 @@ counts as done. Bad input is a dead letter with its original bytes, never an exc
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, TypeGuard
 
 from stream import records, topics
 from stream.catalog import Catalog, Model, get_fallback_provider
@@ -419,6 +420,11 @@ class FallbackStage(_Stage):
             )
         if self._observer is not None:
             self._observer.record_fallback(request.model, target.id)
+        # The result's cost is the whole request's: what the first stage's failed attempts
+        # were billed too (unknown when the answer's own cost is).
+        paid_before = failure.get("cost_usd")
+        if done.cost_usd is not None and _is_amount(paid_before):
+            done = replace(done, cost_usd=done.cost_usd + paid_before)
         return self._result(
             record,
             request.held(),
@@ -427,6 +433,11 @@ class FallbackStage(_Stage):
             fallback=True,
             failures=[failure],
         )
+
+
+def _is_amount(value: object) -> TypeGuard[float]:
+    """A sum of money a record may carry: a finite number, not below zero."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 def _record_size(output: Output) -> int:

@@ -71,6 +71,8 @@ async def test_each_way_an_answer_ends_has_its_terminal_record(
         "filtered": request("filtered", "deepseek-r1-0528-syn", "[[sim:content_filter]] x"),
         "too-long": request("too-long", "deepseek-r1-0528-syn", "[[sim:context_length]] x"),
         "no-credit": request("no-credit", "kimi-k2-thinking-syn", "Think."),
+        # three empty answers (all of Synthetic's attempts), billed: then Together answers
+        "refilled": request("refilled", "deepseek-r1-0528-syn", "[[sim:emptyx3]] Say hi."),
     }
     found = await _run(settings, cases)
     for _, record in found.values():
@@ -120,7 +122,16 @@ async def test_each_way_an_answer_ends_has_its_terminal_record(
     assert by_model["hf:deepseek-ai/DeepSeek-R1-0528"]["context_length"] == 1
     # Nothing that is the request's own fault went on to the fallback stage.
     hops = await read_all(settings, settings.topic("predictions.fallback"))
-    assert [orjson.loads(h.value)["request_id"] for h in hops] == ["no-credit"]
+    hop = {orjson.loads(h.value)["request_id"]: orjson.loads(h.value) for h in hops}
+    assert sorted(hop) == ["no-credit", "refilled"]
+
+    # A fallback's result costs what both stages were billed.
+    _, refilled = found["refilled"]
+    paid_first = hop["refilled"]["failure"]
+    assert paid_first["error_type"] == "empty_content" and paid_first["cost_usd"] > 0
+    assert refilled["fallback"] is True and refilled["attempts"] == paid_first["attempts"] + 1
+    answered = _cost("deepseek-r1", refilled["usage"])
+    assert refilled["cost_usd"] == pytest.approx(paid_first["cost_usd"] + answered, abs=1e-9)
 
 
 def test_metrics_count_tokens_by_kind_spend_and_finish_reasons() -> None:
