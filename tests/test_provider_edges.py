@@ -15,10 +15,12 @@ import pytest
 from aiohttp import web
 
 from stream.catalog import Model
+from stream.config import ProviderSettings, Secret
 from stream.errors import FatalProviderError, ProviderError
 from stream.providers import ProviderClient
+from stream.spend import Budget
 from tests.kit import eventually
-from tests.kit.provider import ask, client_of
+from tests.kit.provider import FAST, ask, client_of, priced, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -161,3 +163,47 @@ async def test_a_key_echoed_in_an_answer_reaches_no_field_of_it() -> None:
     assert done.provider_model == done.provider_request_id == "req [redacted]"
     assert without_id.provider_request_id == caught.value.provider_request_id
     assert caught.value.provider_request_id == "Bearer [redacted]"
+
+
+async def test_an_answer_cut_short_is_paid_for_then_tried_again() -> None:
+    """A 200 whose body stops short (the connection closed, or a byte that is not UTF-8)
+    was answered, and likely billed: it is charged (the spend window takes what was held,
+    or the usage it did carry) and tried again. A 503 cut short is still a 503."""
+    whole = orjson.dumps(_answer("all of it"))
+    spoilt = whole.replace(b"all of it", b"all \xff it")
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        text = orjson.loads(await request.read())["messages"][-1]["content"]
+        calls.append(text)
+        if text == "prime" or calls.count(text) > 1:
+            return web.json_response(_answer("all of it"))
+        if text == "spoilt":
+            return web.Response(body=spoilt, content_type="application/json")
+        cut = web.StreamResponse(status=503 if text == "busy" else 200)
+        cut.content_length = len(whole)
+        await cut.prepare(request)
+        await cut.write(whole[: len(whole) // 2])
+        assert request.transport is not None
+        request.transport.close()  # half the answer, then the connection goes
+        return cut
+
+    calls: list[str] = []
+    model, budget = priced("edge"), Budget("live", limit_usd=1.0, window_s=60)
+    async with serving(chat) as url:
+        settings = ProviderSettings(name="synthetic", base_url=url, api_key=Secret("k"))
+        async with ProviderClient(settings, backoff=FAST) as client:
+            first = await client.complete(model, ask("prime"), spend=budget)  # a known cost
+            cut = await client.complete(model, ask("cut"), spend=budget)
+            spent_before = budget.snapshot().spent_usd
+            spoilt_ = await client.complete(model, ask("spoilt"), spend=budget)
+            spent_spoilt = budget.snapshot().spent_usd - spent_before
+            busy = await client.complete(model, ask("busy"))
+    assert first.attempts == 1 and first.cost_usd == pytest.approx(30e-6)
+    # the cut answer's cost is unknown: held at the dearest call so far (30 tokens' worth)
+    assert cut.attempts == 2 and cut.cost_usd is None and cut.content == "all of it"
+    assert spent_before == pytest.approx(3 * 30e-6)
+    # the spoilt answer's usage was read (the bytes around it are JSON): billed as it says
+    assert spoilt_.attempts == 2 and spoilt_.cost_usd == pytest.approx(2 * 30e-6)
+    assert spent_spoilt == pytest.approx(2 * 30e-6)
+    assert busy.attempts == 2  # a 503 (retried as one), whatever became of its body
+    assert calls.count("cut") == calls.count("spoilt") == calls.count("busy") == 2

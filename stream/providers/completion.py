@@ -128,7 +128,8 @@ def parse_completion(body: bytes, *, json_output: bool) -> Parsed:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadOutput("malformed_response", f"malformed response body: {exc}") from exc
+        message = f"malformed response body: {exc}"
+        raise BadOutput("malformed_response", message, usage=_salvaged_usage(body)) from exc
     try:
         choice = data["choices"][0]
         message = choice["message"]
@@ -157,6 +158,16 @@ def parse_completion(body: bytes, *, json_output: bool) -> Parsed:
         tool_calls=tool_calls,
         response_id=_text(data.get("id"), 200),
     )
+
+
+def _salvaged_usage(body: bytes) -> Usage | None:
+    """The usage of a body that is JSON but for bytes that are not UTF-8 (read as U+FFFD):
+    the answer is spoilt, but it was billed all the same."""
+    try:
+        data = orjson.loads(body.decode("utf-8", "replace"))
+    except orjson.JSONDecodeError:
+        return None
+    return _usage(data.get("usage")) if isinstance(data, dict) else None
 
 
 def _check(

@@ -32,6 +32,7 @@ from stream.providers.transport import (
     MAX_ANSWER_BYTES,
     AiohttpTransport,
     Answer,
+    AnswerCut,
     AnswerTooLarge,
 )
 
@@ -119,6 +120,9 @@ class ProviderHTTP:
             label = status_class(exc.status)
             too_large = _too_large(exc, self._request_id(exc.headers))
             return Exchange(too_large, label, now() - start, exc.headers)
+        except AnswerCut as exc:
+            label = status_class(exc.status)
+            return Exchange(self._cut(exc, json_output), label, now() - start, exc.headers)
         except (aiohttp.ClientError, httpx.RequestError) as exc:
             # First: aiohttp's connect timeout is a TimeoutError too, but no answer was late.
             label = "timeout" if isinstance(exc, aiohttp.SocketTimeoutError) else "connect"
@@ -190,6 +194,22 @@ class ProviderHTTP:
             provider_fault=verdict.provider_fault,
             # An exhausted quota is not a pace to slow down to.
             throttled=status in _THROTTLES and verdict.error_type != "insufficient_quota",
+        )
+
+    def _cut(self, exc: AnswerCut, json_output: bool) -> Parsed | Failure:
+        """An answer whose body stopped short. A 200 was answered, so likely billed: what
+        for cannot be read, so it is charged like an answer without usage (the spend window
+        takes the call's estimate), and tried again (a broken connection is seldom the
+        provider's habit). Any other status is judged by its status and headers alone."""
+        if exc.status != 200:
+            return self._read(Answer(exc.status, "", exc.headers, b""), json_output)
+        return Failure(
+            retryable=True,
+            error_type="answer_cut",
+            message=f"the answer was cut off: {self.scrub(str(exc))}"[:_MAX_MESSAGE],
+            status=200,
+            request_id=self._request_id(exc.headers),
+            provider_fault=True,
         )
 
     def scrub(self, text: str) -> str:

@@ -31,7 +31,7 @@ import httpx
 from aiohttp import hdrs
 from yarl import URL
 
-__all__ = ["MAX_ANSWER_BYTES", "AiohttpTransport", "Answer", "AnswerTooLarge"]
+__all__ = ["MAX_ANSWER_BYTES", "AiohttpTransport", "Answer", "AnswerCut", "AnswerTooLarge"]
 
 # How long an idle pooled connection is kept: httpx's default, which providers' load
 # balancers outlive.
@@ -58,6 +58,16 @@ class AnswerTooLarge(Exception):
 
     def __init__(self, status: int, headers: Mapping[str, str], limit: int) -> None:
         super().__init__(f"the answer is over {limit:,} bytes; not read further")
+        self.status = status
+        self.headers = headers
+
+
+class AnswerCut(Exception):
+    """The status line and headers came, the body did not whole: the connection broke,
+    the deadline passed, or it did not decompress. A 200 cut so was likely billed."""
+
+    def __init__(self, status: int, headers: Mapping[str, str], cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__)
         self.status = status
         self.headers = headers
 
@@ -103,12 +113,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         Raises aiohttp's `ClientError` for what goes wrong on the wire (a connection not
         made within the connect timeout is `ConnectionTimeoutError`: a `ClientError`, and a
         `TimeoutError` too), a plain `TimeoutError` when `timeout_s` runs out, and
-        `AnswerTooLarge` for a body past the limit.
+        `AnswerTooLarge` for a body past the limit, `AnswerCut` for one that stops short
+        (the status and headers came: a 200 was answered, and likely billed).
         """
         session = self._session or self._open()
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._connect_timeout_s)
         async with session.post(url, data=body, timeout=timeout, allow_redirects=False) as response:
-            content = await self._read(response)
+            try:
+                content = await self._read(response)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise AnswerCut(response.status, response.headers, exc) from exc
         return Answer(response.status, response.reason or "", response.headers, content)
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
