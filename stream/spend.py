@@ -119,6 +119,7 @@ class Budget:
         self._changed = anyio.Event()
         self._limited = False
         self._logged_at = -math.inf  # at the edge the gate flaps once per freed call
+        self._told_dear: set[str] = set()  # models said to cost more than the limit a call
 
     async def admit(self, model: Model, body_bytes: int, max_tokens: int | None) -> _Hold:
         # Estimated afresh on every wake: a call queued behind the model's first one must
@@ -127,6 +128,8 @@ class Budget:
             wait = self._next_expiry_in()
             with anyio.move_on_after(math.inf if wait is None else wait):
                 await self._changed.wait()
+        if self.limit_usd is not None and estimate > self.limit_usd:
+            self._warn_dear(model.id, estimate)
         self._held_total += estimate
         self._held_by_model[model.id] = self._held_by_model.get(model.id, 0.0) + estimate
         self._holds_by_model[model.id] = self._holds_by_model.get(model.id, 0) + 1
@@ -233,6 +236,23 @@ class Budget:
         self._changed.set()
         self._changed = anyio.Event()
 
+    def _warn_dear(self, model: str, estimate: float) -> None:
+        """A call that may cost more than the whole limit goes alone, on an empty window:
+        say so, once per model (each such call overshoots the limit)."""
+        if model in self._told_dear:
+            return
+        self._told_dear.add(model)
+        log.warning(
+            "spend limit (%s): a call to %s may cost $%.6g, more than the whole limit of "
+            "$%.6g per %g s; such calls go one at a time, each on an empty window (each "
+            "overshoots): raise STREAM_SPEND_LIMIT_USD or lower max_tokens",
+            self.name,
+            model,
+            estimate,
+            self.limit_usd,
+            self.window_s,
+        )
+
     def _log_change(self) -> None:
         now = self._clock()
         if now - self._logged_at < _LOG_EVERY_S:
@@ -241,7 +261,7 @@ class Budget:
         self._logged_at = now
         if self._limited:
             log.warning(
-                "spend limit reached (%s): $%.4f spent and $%.4f held of $%.4f per %g s; "
+                "spend limit reached (%s): $%.6g spent and $%.6g held of $%.6g per %g s; "
                 "partitions paused until older spend leaves the window",
                 self.name,
                 self._spent_total,

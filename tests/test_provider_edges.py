@@ -207,3 +207,14 @@ async def test_an_answer_cut_short_is_paid_for_then_tried_again() -> None:
     assert spent_spoilt == pytest.approx(2 * 30e-6)
     assert busy.attempts == 2  # a 503 (retried as one), whatever became of its body
     assert calls.count("cut") == calls.count("spoilt") == calls.count("busy") == 2
+
+
+async def test_a_429_that_ran_out_of_retries_does_not_blame_the_deadline() -> None:
+    async def handle(text: str) -> web.StreamResponse:
+        return web.json_response({"error": {}}, status=429, headers={"Retry-After": "1"})
+
+    async with client_of(handle, max_retries=0) as (client, _):
+        with pytest.raises(ProviderError) as caught:
+            await client.complete(GLM, ask("hi"), deadline=time.time() + 60)
+    assert caught.value.attempts == 1 and caught.value.error_type == "rate_limited"
+    assert "deadline" not in str(caught.value), caught.value

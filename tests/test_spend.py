@@ -273,3 +273,16 @@ def test_a_busy_window_keeps_its_spend_in_bounded_memory() -> None:
         assert 0.001 * calls / 2 - 1e-6 <= spent <= 0.001 * calls / 2 + slot_usd
 
     anyio.run(run)
+
+
+async def test_a_call_dearer_than_the_whole_limit_is_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    budget = Budget("live", limit_usd=0.00001, window_s=30, clock=clock)
+    for _ in range(2):
+        (await _admit(budget, max_tokens=2000)).settle(0.00005)
+        clock.now += 32  # the next window
+    said = [r.getMessage() for r in caplog.records if "more than the whole limit" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "a call to v3 may cost $0.0021" in said[0] and "$1e-05 per 30 s" in said[0]

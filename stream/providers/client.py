@@ -233,7 +233,9 @@ class ProviderClient:
             self._refusals.heard(model, result, self._clock.monotonic())
             wait = self._next_wait(result, attempt, end)
             if wait is None:
-                note = "the provider asked to wait past the deadline" if result.wait_s else ""
+                # Said only when the wait asked for is what stopped it (not the retry cap).
+                waited_out = result.wait_s and self._may_retry(result, attempt)
+                note = "the provider asked to wait past the deadline" if waited_out else ""
                 raise self._error(model, result, attempt, run, note=note)
             if self._observer:
                 self._observer.on_retry(self.provider, model.id, result.error_type)
@@ -265,13 +267,16 @@ class ProviderClient:
 
     def _next_wait(self, failure: Failure, attempt: int, end: float) -> float | None:
         """Seconds before the next attempt, or None when the loop must stop now."""
-        if not failure.retryable or attempt > self.settings.max_retries:
+        if not self._may_retry(failure, attempt):
             return None
         wait = failure.wait_s
         if wait is None:
             wait = self._backoff.delay(attempt, self._rng)
         # Sleeping into the deadline would only buy an attempt with no time to run.
         return wait if self._clock.monotonic() + wait < end else None
+
+    def _may_retry(self, failure: Failure, attempt: int) -> bool:
+        return failure.retryable and attempt <= self.settings.max_retries
 
     async def _probe_passed(self, model: Model, end: float, run: Tab) -> bool:
         """Half-open: wait (within the budget) for the probe's verdict instead of failing.
