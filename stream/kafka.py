@@ -7,6 +7,7 @@ aiokafka raises its own exception types, and a cluster that is down shows up as 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import socket
@@ -23,6 +24,7 @@ from aiokafka.errors import (
     InvalidSessionTimeoutError,
     KafkaConnectionError,
     NodeNotReadyError,
+    ProducerFenced,
     UnknownTopicOrPartitionError,
 )
 from aiokafka.errors import KafkaError as AIOKafkaError
@@ -41,6 +43,8 @@ __all__ = [
     "Verdict",
     "connected",
     "probe",
+    "quiet_when_fenced",
+    "retrieve",
     "start_client",
     "stop_client",
     "topic_partitions",
@@ -383,3 +387,30 @@ async def topic_partitions(
         d["topic"]: sorted(TopicPartition(d["topic"], p["partition"]) for p in d["partitions"])
         for d in described
     }
+
+
+def quiet_when_fenced(loop: asyncio.AbstractEventLoop) -> None:
+    """Fenced, aiokafka fails futures of its own that nobody awaits (a transaction's
+    waiter, batches' drain waiters) and asyncio logs each as "never retrieved", tracebacks
+    and all, after the one line that says what happened: drop those, pass on everything
+    else. Once per loop."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "quiet_when_fenced", False):
+        return
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), ProducerFenced) and "future" in context:
+            return
+        if previous is None:
+            loop.default_exception_handler(context)
+        else:
+            previous(loop, context)
+
+    handle.quiet_when_fenced = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handle)
+
+
+def retrieve(future: asyncio.Future[Any]) -> None:
+    """A done callback that reads a future's failure (asyncio logs one nobody read)."""
+    if not future.cancelled():
+        future.exception()

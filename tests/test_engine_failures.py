@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import os
 import signal
 import subprocess
@@ -148,6 +149,41 @@ async def test_a_revoke_whose_commit_fails_leaves_nothing_to_carry_on_with(
     finally:
         await sink.stop()
         await consumer.stop()  # never started, but aiokafka warns of any unclosed consumer
+    assert await read_all(live, out, isolation="read_committed") == []
+
+
+async def test_outputs_sent_after_a_fence_end_in_one_line_not_a_traceback(
+    settings: Settings,
+) -> None:
+    """Exactly-once: a worker paused past its session wakes fenced, and writes. Its
+    outputs fail (ProducerFenced), and aborting the transaction of a fenced producer is an
+    AssertionError in aiokafka: the worker died with a traceback, the partition not void,
+    and each other output's unread failure logged as 'Future exception was never
+    retrieved'. It must end in our one-line Kafka error, the partition void."""
+    live = _with(settings, guarantee="exactly-once")
+    source = await create_topic(live, "fenced-send-in", 1)
+    out = await create_topic(live, "fenced-send-out", 1)
+    tp = TopicPartition(source, 0)
+    sink = ExactlyOnceSink(live.kafka, live.group("fenced-send"), {"linger_ms": 5})
+    await sink.assigned([tp])
+    partition = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
+    await _fence(live, sink.transactional_id(tp))
+    unread: list[Any] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unread.append(context))
+    await sink.start()  # as the engine starts it
+    try:
+        for offset in range(3):
+            assert partition.offsets.accept(offset)
+            assert await sink.write(partition, offset, [Output(out, b"x"), Output(out, b"y")])
+        with anyio.fail_after(60), pytest.raises(KafkaError, match="committing the transaction"):
+            await sink.commit([partition])
+        assert partition.abandoned and partition.committed is None  # void: re-run from Kafka
+    finally:
+        await sink.stop()
+        gc.collect()  # what nobody read is logged now
+        loop.set_exception_handler(None)
+    assert [c for c in unread if "never retrieved" in c.get("message", "")] == []
     assert await read_all(live, out, isolation="read_committed") == []
 
 

@@ -27,7 +27,7 @@ from aiokafka.errors import ProducerFenced
 from stream.backfill.target import MAX_REQUEST_SIZE
 from stream.config import Settings
 from stream.errors import FencedError
-from stream.kafka import start_client, stop_client
+from stream.kafka import quiet_when_fenced, retrieve, start_client, stop_client
 
 __all__ = [
     "TRANSACTION_TIMEOUT_MS",
@@ -86,7 +86,7 @@ async def exclusive_producer(
         transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
         max_request_size=MAX_REQUEST_SIZE,
     )
-    _quiet_when_fenced(asyncio.get_running_loop())
+    quiet_when_fenced(asyncio.get_running_loop())
     await start_client(producer, kafka, doing, timeout_s=kafka.request_timeout_ms / 1000)
     try:
         yield producer
@@ -111,7 +111,7 @@ class Transaction:
         # a send of an aborted (or fenced) transaction fails: read its error, or asyncio
         # logs each as "never retrieved"
         for answer in self.sent:
-            answer.add_done_callback(_retrieve)
+            answer.add_done_callback(retrieve)
 
 
 @asynccontextmanager
@@ -168,28 +168,6 @@ async def _settled(call: Awaitable[None], done: Callable[[], None] | None = None
         raise
     if done is not None:
         done()
-
-
-def _quiet_when_fenced(loop: asyncio.AbstractEventLoop) -> None:
-    """Fenced, aiokafka fails futures of its own that nobody awaits (batches' drain
-    waiters) and asyncio logs each as "never retrieved", tracebacks and all, after the
-    one line that says what happened: drop those, pass on everything else."""
-    previous = loop.get_exception_handler()
-
-    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if isinstance(context.get("exception"), ProducerFenced) and "future" in context:
-            return
-        if previous is None:
-            loop.default_exception_handler(context)
-        else:
-            previous(loop, context)
-
-    loop.set_exception_handler(handle)
-
-
-def _retrieve(answer: asyncio.Future[Any]) -> None:
-    if not answer.cancelled():
-        answer.exception()
 
 
 def taken_over(command: str, transactional_id: str, target: str) -> FencedError:

@@ -7,6 +7,8 @@ Outputs and the partition's offsets (watermark + metadata) commit in one transac
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -30,7 +32,7 @@ from stream.engine.outputs import (
 )
 from stream.engine.partitions import Partition
 from stream.errors import KafkaError
-from stream.kafka import start_client, translate
+from stream.kafka import quiet_when_fenced, retrieve, start_client, translate
 
 __all__ = ["ExactlyOnceSink"]
 
@@ -62,12 +64,17 @@ class _Transactional:
 async def _delivered(txn: _Transactional) -> None:
     """Every output of the open transaction acknowledged, or the transaction aborted."""
     pending, txn.pending = txn.pending, []
-    for future in pending:
+    for index, future in enumerate(pending):
         try:
             await future
         except AIOKafkaError:
-            await txn.producer.abort_transaction()
             txn.open = False
+            for later in pending[index + 1 :]:
+                later.add_done_callback(retrieve)  # failed too: not each logged unread
+            # A fenced producer's transaction cannot be aborted (aiokafka asserts it out of
+            # its FATAL state); Kafka aborts it, and so does closing the producer.
+            with contextlib.suppress(AIOKafkaError, AssertionError):
+                await txn.producer.abort_transaction()
             raise
 
 
@@ -90,7 +97,8 @@ class ExactlyOnceSink:
         return f"{self._group_id}.{tp.topic}.{tp.partition}"
 
     async def start(self) -> None:
-        pass  # producers come with partitions
+        # producers come with partitions; a fenced one must end in one line, not dozens
+        quiet_when_fenced(asyncio.get_running_loop())
 
     async def stop(self) -> None:
         await self.revoked(list(self._producers))
