@@ -192,6 +192,11 @@ def _compare(
     add_partitions: bool,
 ) -> Change:
     want_replication, want_configs, _ = _effective(spec, brokers)
+    isr = want_configs.get("min.insync.replicas")
+    if isr is not None and int(isr) > replication:
+        # Fitted to the replicas the topic has: more can never be in sync. Once its
+        # replication drift (below) is mended, the next apply sets the declared value.
+        want_configs["min.insync.replicas"] = str(max(1, replication))
     change = Change(topic=spec.name, action="ok")
     for key, value in sorted(want_configs.items()):
         if current.get(key) != value:

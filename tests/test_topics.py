@@ -281,3 +281,17 @@ async def test_applied_counts_a_config_set_on_a_topic_that_also_drifts(
     assert (await topic_configs(settings, name))["retention.ms"] == "259200000"
     text = await run_cli(env, "topics", "apply")  # nothing left to set: the drift stays
     assert "applied: 0 changes" in text.stdout
+
+
+def test_min_insync_replicas_is_fitted_to_the_replicas_a_topic_has() -> None:
+    """A topic made with one replica on a three-broker cluster: apply reports the
+    replication drift, and does not set min.insync.replicas 2 on it (no write could be in
+    sync with two replicas of one)."""
+    (spec,) = [s for s in topics.load_specs(Settings().topics_dir) if s.name.endswith("results")]
+    assert int(spec.configs["min.insync.replicas"]) > 1 and spec.replication_factor == 3
+    current = {"min.insync.replicas": "1"}
+    change = topics._compare(spec, 3, spec.partitions, 1, current, False)
+    assert "min.insync.replicas" not in change.configs, change.details
+    assert change.action == "drift" and "replication 1, declared 3" in " ".join(change.details)
+    mended = topics._compare(spec, 3, spec.partitions, 3, current, False)
+    assert mended.configs["min.insync.replicas"] == spec.configs["min.insync.replicas"]
