@@ -76,6 +76,14 @@ def translate(exc: BaseException, settings: KafkaSettings, doing: str) -> KafkaE
             "STREAM_KAFKA_SASL_USERNAME, STREAM_KAFKA_SASL_PASSWORD and "
             f"STREAM_KAFKA_SASL_MECHANISM{_OR_FILE}"
         )
+    if isinstance(exc, NodeNotReadyError) and "," in where:
+        # The client reached the cluster, and lost one broker of several (gone a while):
+        # the others answer, so "is it running?" would send the reader the wrong way.
+        return KafkaError(
+            f"cannot reach a broker of Kafka at {where} while {doing} ({detail}): is one "
+            "down or restarting? The others answer; this goes on once it is back or its "
+            "partitions have new leaders"
+        )
     if isinstance(exc, (KafkaConnectionError, NodeNotReadyError)):
         # NodeNotReady: the client's connection to a broker is down (a broker gone a while)
         return _connection_error(settings, doing, _verdicts.get(settings))

@@ -87,6 +87,11 @@ def test_without_a_probe_a_connection_error_is_plain_unreachable() -> None:
     # a broker gone for a while: the client has no connection to it any more
     lost = translate(NodeNotReadyError("node 1 is not ready"), settings, "reading consumer lag")
     assert str(lost).startswith("cannot reach Kafka at 127.0.0.1:1 while reading consumer lag")
+    # one broker of a cluster: the others answer, so it is not "is it running?"
+    cluster = KafkaSettings(bootstrap_servers="127.0.0.1:1,127.0.0.1:2")
+    one = translate(NodeNotReadyError("node 2 is not ready"), cluster, "reading consumer lag")
+    assert "cannot reach a broker of Kafka" in str(one) and "node 2 is not ready" in str(one)
+    assert "is it running" not in str(one) and "stream kafka start" not in str(one)
 
 
 async def test_retrying_rides_out_what_kafka_says_to_retry_and_no_more() -> None:
