@@ -142,6 +142,8 @@ class SpendSettings:
     model_limits: Mapping[str, float] = field(default_factory=dict)
     # Replays (the backfill topic) and re-drives spend from their own limit when it is set.
     backfill_limit_usd: float | None = None
+    # Where the window is kept across restarts (`stream.spendstate`).
+    state_dir: Path = field(default_factory=lambda: _state_dir(os.environ))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -340,7 +342,17 @@ def _spend_settings(source: Source) -> SpendSettings:
         window_s=window_s,
         model_limits=source.amounts("STREAM_SPEND_MODEL_LIMITS"),
         backfill_limit_usd=source.optional_number("STREAM_BACKFILL_SPEND_LIMIT_USD", above=True),
+        state_dir=_state_dir(source.env, source.text("STREAM_STATE_DIR", "")),
     )
+
+
+def _state_dir(env: Mapping[str, str], chosen: str = "") -> Path:
+    """STREAM_STATE_DIR, else `$XDG_STATE_HOME/prediction-stream`, else
+    `~/.local/state/prediction-stream`."""
+    if chosen:
+        return Path(chosen).expanduser()
+    base = env.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "prediction-stream"
 
 
 def parse_window(text: str) -> float:

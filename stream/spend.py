@@ -33,9 +33,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import anyio
 
@@ -120,6 +120,7 @@ class Budget:
         self._limited = False
         self._logged_at = -math.inf  # at the edge the gate flaps once per freed call
         self._told_dear: set[str] = set()  # models said to cost more than the limit a call
+        self.changes = 0  # counts what was spent: `stream.spendstate` writes on a change
 
     async def admit(self, model: Model, body_bytes: int, max_tokens: int | None) -> _Hold:
         # Estimated afresh on every wake: a call queued behind the model's first one must
@@ -195,6 +196,7 @@ class Budget:
         self._held_by_model[model] = max(0.0, self._held_by_model.get(model, 0.0) - hold.estimate)
         self._holds_by_model[model] -= 1
         if cost > 0:
+            self.changes += 1
             now = self._clock()
             index = int(now // self._slot_s)
             if not self._spent or index > self._spent[-1].index:
@@ -209,6 +211,43 @@ class Budget:
         else:
             self._dearest.setdefault(model, 0.0)
         self._wake()
+
+    def export(self) -> dict[str, Any]:
+        """The window as `restore` takes it: each slot's age (seconds since its latest
+        spend) and amounts by model, oldest first; and the dearest call per model."""
+        self._prune()
+        now = self._clock()
+        slots = [[now - slot.last, slot.by_model] for slot in self._spent]
+        return {"slots": slots, "dearest": self._dearest}
+
+    def restore(self, slots: Iterable[tuple[float, Mapping[str, float]]], dearest: object) -> float:
+        """Count what an earlier process spent (`export`'s slots, aged to now) as spent
+        here, before any call of this one; returns how much of it is still in the window.
+        ValueError for amounts that are not money."""
+        now = self._clock()
+        spends = [  # all read before any is counted: a bad amount counts none
+            (now - max(0.0, age), str(model), _money(usd))
+            for age, by_model in sorted(slots, key=lambda slot: -slot[0])  # oldest first
+            for model, usd in by_model.items()
+        ]
+        dear = {str(m): _money(usd) for m, usd in (dearest or {}).items()}  # type: ignore[attr-defined]
+        kept = [(when, model, usd) for when, model, usd in spends if when > now - self._keep_s]
+        for when, model, usd in kept:  # (the rest left the window while no worker ran)
+            self._restore_one(when, model, usd)
+        for model, usd in dear.items():
+            self._dearest[model] = max(self._dearest.get(model, 0.0), usd)
+        return sum(usd for _, _, usd in kept)
+
+    def _restore_one(self, when: float, model: str, usd: float) -> None:
+        index = int(when // self._slot_s)
+        if not self._spent or index > self._spent[-1].index:
+            self._spent.append(_Slot(index))
+        slot = self._spent[-1]
+        slot.last = max(slot.last, when)
+        slot.total += usd
+        slot.by_model[model] = slot.by_model.get(model, 0.0) + usd
+        self._spent_total += usd
+        self._by_model[model] = self._by_model.get(model, 0.0) + usd
 
     def _prune(self) -> None:
         horizon = self._clock() - self._keep_s
@@ -271,6 +310,12 @@ class Budget:
             )
         else:
             log.warning("spend limit (%s): room again, partitions resume", self.name)
+
+
+def _money(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"{value!r} is no amount of money")
+    return float(value)
 
 
 def _within(limit: float | None, spent: float, held: float, estimate: float) -> bool:

@@ -40,6 +40,7 @@ from stream.observe.lagreader import PIPELINE_GROUPS
 from stream.observe.metrics import Metrics
 from stream.providers import ProviderClient
 from stream.spend import Budget, SpendLanes
+from stream.spendstate import SpendKeeper
 from stream.stages import FallbackStage, PrimaryStage, Topics
 
 __all__ = ["Worker", "drain_grace_s", "register", "stop_grace_s", "tune_gc"]
@@ -124,6 +125,10 @@ class Worker:
             log.info("stopped during start-up: nothing ran")
             return
         async with AsyncExitStack() as stack:
+            keeper = self._spend_keeper()
+            if keeper is not None:
+                keeper.open()  # before any call: what an earlier run spent counts
+                stack.callback(keeper.close)
             self.clients = clients = {
                 name: await stack.enter_async_context(
                     ProviderClient(getattr(self.settings, name), observer=self.metrics)
@@ -134,11 +139,21 @@ class Worker:
             if self._stopping:
                 self.stop()
             async with anyio.create_task_group() as group:
+                if keeper is not None:
+                    group.start_soon(keeper.run)
                 await self._observe(group)
                 async with anyio.create_task_group() as engines:
                     for engine in self.engines:
                         engines.start_soon(engine.run)
                 group.cancel_scope.cancel()  # engines done: stop the monitor and the server
+
+    def _spend_keeper(self) -> SpendKeeper | None:
+        """Keeps the spend window on disk while a limit is set (`stream.spendstate`)."""
+        if self.spend is None:
+            return None
+        settings = self.settings
+        name = f"{settings.topic_prefix}{settings.engine.instance_id or 'worker'}"
+        return SpendKeeper(settings.spend.state_dir, name, self.spend.budgets())
 
     def _warn_missing_keys(self) -> None:
         """A key left empty (an empty mounted secret) makes a worker that looks healthy and

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -85,9 +86,11 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def env(kafka_bootstrap: str, prefix: str) -> dict[str, str]:
-    """The environment a `stream` process under test gets: this test's broker and prefix."""
-    return {**_clean_environ(), **_isolated(kafka_bootstrap, prefix)}
+def env(kafka_bootstrap: str, prefix: str, tmp_path: Path) -> dict[str, str]:
+    """The environment a `stream` process under test gets: this test's broker and prefix,
+    and a state folder of its own."""
+    state = {"STREAM_STATE_DIR": str(tmp_path / "state")}
+    return {**_clean_environ(), **_isolated(kafka_bootstrap, prefix), **state}
 
 
 def _clean_environ() -> dict[str, str]:

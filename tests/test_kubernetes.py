@@ -123,7 +123,7 @@ def test_the_api_key_is_a_file_from_a_secret(stage: str, tmp_path: Path) -> None
     container = _container(stage)
     (item,) = [e for e in container["env"] if e["name"].endswith("_API_KEY_FILE")]
     assert item["name"] == f"{PROVIDER[stage]}_API_KEY_FILE"  # only the key it needs
-    (mount,) = container["volumeMounts"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "api-key"]
     assert item["value"].startswith(mount["mountPath"] + "/") and mount["readOnly"]
     volumes = {v["name"]: v for v in _statefulset(stage)["spec"]["template"]["spec"]["volumes"]}
     secret = volumes[mount["name"]]["secret"]["secretName"]
@@ -235,3 +235,16 @@ def test_keda_counts_a_group_without_commits_as_the_worker_reads_it() -> None:
         scaled = BY_KIND[("ScaledObject", f"prediction-stream-{stage}")]["spec"]
         policy = scaled["triggers"][0]["metadata"]["offsetResetPolicy"]
         assert policy == OFFSET_RESET == "earliest"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_spend_window_is_kept_in_a_writable_volume(stage: str, tmp_path: Path) -> None:
+    """The root filesystem is read-only: STREAM_STATE_DIR must be a volume that outlives
+    the container's restarts (an emptyDir), or a restarted worker spends its limit again."""
+    container = _container(stage)
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    state_dir = str(_settings(stage, tmp_path).spend.state_dir)
+    mount = mounts[state_dir]
+    assert not mount.get("readOnly")
+    volumes = {v["name"]: v for v in _statefulset(stage)["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes[mount["name"]]

@@ -38,6 +38,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine": {"config", "errors", "kafka", "kafkawire"},
     "providers": {"catalog", "compact", "config", "errors", "prices"},
     "spend": {"catalog", "config", "errors", "prices", "providers"},
+    "spendstate": {"catalog", "config", "errors", "prices", "providers", "spend"},
     "observe": {
         "config",
         "engine",
@@ -81,6 +82,7 @@ ALLOWED: dict[str, set[str]] = {
         "prices",
         "providers",
         "spend",
+        "spendstate",
         "stages",
         "topics",
     },
@@ -98,6 +100,7 @@ ALLOWED: dict[str, set[str]] = {
         "providers",
         "records",
         "spend",
+        "spendstate",
         "stages",
         "topics",
         "worker",

@@ -23,13 +23,14 @@ from stream.devtools.faults import Latency
 from stream.devtools.simulator import SimConfig, Simulator
 from stream.observe.lag import LagReader, LagTracker
 from stream.spend import HELD, Budget
+from stream.spendstate import SpendKeeper
 from stream.stages import Topics
 from stream.worker import Worker, spend_lanes
 from tests.kit import eventually
 from tests.kit.kafka import produce, read_all
 from tests.kit.provider import priced
 from tests.kit.requests import request
-from tests.kit.workers import priced_catalog, simulated_settings
+from tests.kit.workers import priced_catalog, simulated_settings, worker_on
 
 pytestmark = pytest.mark.anyio
 
@@ -286,3 +287,94 @@ async def test_a_call_dearer_than_the_whole_limit_is_said_once(
     said = [r.getMessage() for r in caplog.records if "more than the whole limit" in r.getMessage()]
     assert len(said) == 1, said
     assert "a call to v3 may cost $0.0021" in said[0] and "$1e-05 per 30 s" in said[0]
+
+
+@pytest.mark.timeout(120)
+async def test_a_restarted_worker_goes_on_with_the_spend_window(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A worker held by its limit stops (a deploy, a crash loop); the next one on the same
+    state folder takes its window up: no call until old spend leaves it. (It started from
+    nothing: a worker restarting again and again spent its limit once per start.)"""
+    async with Simulator(SimConfig(latency=Latency("fixed", 0.05))) as sim:
+        settings = simulated_settings(
+            {
+                **env,
+                "STREAM_SPEND_LIMIT_USD": str(LIMIT_USD),
+                "STREAM_SPEND_WINDOW": "5m",
+                "STREAM_CATALOG_FILE": str(priced_catalog(tmp_path)),
+            },
+            sim,
+            max_in_flight=8,
+        )
+        await topics.apply(settings, await topics.plan(settings))
+        asks = [request(f"r-{i:02d}", MODEL, f"Question {i}: how long?") for i in range(40)]
+        await produce(settings, Topics.of(settings).requests, asks)
+        first = Worker(settings, ("primary",))
+        async with worker_on(first):
+            await eventually(lambda: _holds(first.spend.live.snapshot().limited), timeout_s=60)
+            spent = first.spend.live.snapshot().spent_usd
+        calls = sim.stats()["requests"]
+        assert 0.7 * LIMIT_USD < spent <= LIMIT_USD + 1e-9
+
+        second = Worker(settings, ("primary",))
+        async with worker_on(second):
+            await eventually(lambda: _holds(second.engines[0].snapshot().assigned > 0))
+            await anyio.sleep(2)  # time enough for calls, had it any room
+            taken_up = second.spend.live.snapshot()
+        assert sim.stats()["requests"] == calls  # not one more call
+        assert taken_up.spent_usd == pytest.approx(spent) and taken_up.limited
+    (kept,) = (tmp_path / "state").glob("spend.*.live.json")
+    assert orjson.loads(kept.read_bytes())["budget"] == "live"
+
+
+async def _holds(value: bool) -> bool:
+    return value
+
+
+async def test_the_kept_window_ages_locks_and_survives_a_bad_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    spender = Budget("live", limit_usd=1.0, window_s=60, clock=clock)
+    keeper = SpendKeeper(tmp_path, "p.w/1", (spender,))
+    keeper.open()
+    (await _admit(spender)).settle(0.25)
+    clock.now += 30
+    (await _admit(spender)).settle(0.5)
+    keeper.save()
+
+    # another worker of the same name on this machine: memory only, said so
+    rival = Budget("live", limit_usd=1.0, window_s=60)
+    second = SpendKeeper(tmp_path, "p.w/1", (rival,))
+    second.open()
+    second.close()
+    assert rival.snapshot().spent_usd == 0.0
+    assert "another worker on this machine keeps its spend window" in caplog.text
+    keeper.close()
+
+    def taken_up(age_s: float) -> float:
+        budget = Budget("live", limit_usd=1.0, window_s=60)
+        (path,) = tmp_path.glob("spend.p.w_1.live.json")
+        state = orjson.loads(path.read_bytes())
+        state["saved_at"] -= age_s  # as if written `age_s` ago
+        path.write_bytes(orjson.dumps(state))
+        later = SpendKeeper(tmp_path, "p.w/1", (budget,))
+        later.open()
+        later.close()
+        return budget.snapshot().spent_usd
+
+    assert taken_up(0) == pytest.approx(0.75)
+    assert taken_up(40) == pytest.approx(0.5)  # the first spend is 70 s old now: gone
+    assert taken_up(60) == 0.0
+    (tmp_path / "spend.p.w_1.live.json").write_bytes(b'{"version": 1, "slots": [[1, {"m": -5')
+    assert taken_up_fresh(tmp_path) == 0.0
+    assert "is unreadable" in caplog.text
+
+
+def taken_up_fresh(folder: Path) -> float:
+    budget = Budget("live", limit_usd=1.0, window_s=60)
+    keeper = SpendKeeper(folder, "p.w/1", (budget,))
+    keeper.open()
+    keeper.close()
+    return budget.snapshot().spent_usd
