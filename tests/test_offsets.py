@@ -165,3 +165,30 @@ def test_digits_python_takes_but_int_refuses_are_no_number() -> None:
         assert note_number({"started": forged}, "started") is None
     assert note_number({"started": "0042"}, "started") == 42
     assert note_number({}, "started") is None
+
+
+@given(offsets_and_finishes(), st.data())
+def test_a_successor_knows_what_is_finished_as_records_come_again(
+    case: tuple[int, list[int], list[int]], data: st.DataObject
+) -> None:
+    """What the metadata says is finished stays finished until its record comes again;
+    one the broker skips (a gap below the next that comes) is given up."""
+    start, offsets, finished = case
+    tracker = PartitionOffsets(start)
+    for offset in offsets:
+        tracker.accept(offset)
+    for offset in finished:
+        tracker.finish(offset)
+    committed = tracker.watermark
+    restored = set(decode_metadata(tracker.metadata(100_000), committed))
+    successor = PartitionOffsets(committed, sorted(restored))
+    again = [o for o in offsets if o >= committed]
+    delivered = data.draw(st.lists(st.sampled_from(again), unique=True)) if again else []
+    for offset in sorted(delivered):
+        successor.accept(offset)
+    high = max(delivered, default=committed - 1) + 1
+    for offset in range(committed - 1, max(offsets, default=start) + 3):
+        expected = offset < successor.watermark or (
+            offset in restored and (offset in delivered or offset >= high)
+        )
+        assert successor.finished(offset) == expected, offset

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Sequence
 
@@ -189,15 +190,17 @@ class PartitionOffsets:
     and `metadata()` are what to commit.
     """
 
-    __slots__ = ("_done", "_high", "_restored", "_seen", "_watermark")
+    __slots__ = ("_done", "_high", "_restored", "_restored_from", "_seen", "_watermark")
 
     def __init__(self, committed: int, finished_above: Sequence[int] = ()) -> None:
         self._watermark = committed
         self._high = committed  # one past the highest offset seen
         self._seen: deque[int] = deque()  # accepted offsets above the watermark, in order
         self._done: set[int] = set()  # the finished ones among `_seen`
-        # finished per the metadata, not delivered again yet; always above `_high`
-        self._restored: deque[int] = deque(sorted(o for o in set(finished_above) if o >= committed))
+        # finished per the metadata, not delivered again yet (from `_restored_from` on: a
+        # sorted list, so `finished` is a binary search, not a scan); always above `_high`
+        self._restored = sorted(o for o in set(finished_above) if o >= committed)
+        self._restored_from = 0
 
     @property
     def watermark(self) -> int:
@@ -219,7 +222,7 @@ class PartitionOffsets:
     @property
     def finished_uncommitted(self) -> int:
         """Finished records above the watermark (carried in the metadata)."""
-        return len(self._done) + len(self._restored)
+        return len(self._done) + len(self._restored) - self._restored_from
 
     @property
     def span(self) -> int:
@@ -231,10 +234,7 @@ class PartitionOffsets:
         if offset < self._high:
             return False  # re-delivered (a seek back): already tracked or finished
         self._high = offset + 1
-        while self._restored and self._restored[0] < offset:
-            self._restored.popleft()  # a gap: that offset will never be delivered
-        if self._restored and self._restored[0] == offset:
-            self._restored.popleft()
+        if self._restored_from < len(self._restored) and self._restored_from_next(offset):
             self._seen.append(offset)
             self._done.add(offset)
             self._advance()
@@ -245,7 +245,22 @@ class PartitionOffsets:
 
     def finished(self, offset: int) -> bool:
         """Whether `offset` is known to be finished."""
-        return offset < self._watermark or offset in self._done or offset in self._restored
+        if offset < self._watermark or offset in self._done:
+            return True
+        restored, start = self._restored, self._restored_from
+        at = bisect_left(restored, offset, start)
+        return at < len(restored) and restored[at] == offset
+
+    def _restored_from_next(self, offset: int) -> bool:
+        """Step past the restored offsets below `offset` (gaps: never delivered); whether
+        `offset` itself is one."""
+        restored = self._restored
+        start = bisect_left(restored, offset, self._restored_from)
+        found = start < len(restored) and restored[start] == offset
+        self._restored_from = start + found
+        if self._restored_from == len(restored):
+            self._restored, self._restored_from = [], 0  # all delivered: let the list go
+        return found
 
     def finish(self, offset: int) -> None:
         """Mark an accepted record finished."""
@@ -256,7 +271,7 @@ class PartitionOffsets:
 
     def finished_above(self) -> list[int]:
         """Sorted finished offsets above the watermark."""
-        return sorted(self._done) + list(self._restored)
+        return sorted(self._done) + self._restored[self._restored_from :]
 
     def metadata(self, max_chars: int = METADATA_MAX_CHARS) -> str:
         return encode_metadata(self._watermark, self.finished_above(), max_chars)
