@@ -932,6 +932,12 @@ def main(argv: list[str] | None = None) -> int:
         "--broker-down", type=float, default=20.0, help="seconds a killed broker stays down"
     )
     parser.add_argument("--keep", action="store_true", help="keep the run folder (logs)")
+    parser.add_argument(
+        "--settle-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait after the last input for every terminal record",
+    )
     args = parser.parse_args(argv)
     # aiokafka logs every reconnect while the broker restarts; the run says what matters.
     logging.basicConfig(level=logging.WARNING)
@@ -949,6 +955,7 @@ def main(argv: list[str] | None = None) -> int:
         brokers=args.brokers,
         broker_kills=args.broker_kills,
         broker_down_s=args.broker_down,
+        settle_timeout_s=args.settle_timeout,
     )
     home = Path(tempfile.mkdtemp(prefix="chaos-"))
     try:

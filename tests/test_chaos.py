@@ -35,6 +35,8 @@ async def test_chaos_run_ci_sized() -> None:
             "--duration=30",
             "--kills=2",
             "--outage=15",
+            # a run Kafka stalls (its skipped markers) must report before this test's 300 s
+            "--settle-timeout=150",
             "--json",
         ],
         cwd=ROOT,
