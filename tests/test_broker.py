@@ -301,6 +301,9 @@ async def test_a_home_whose_broker_runs_on_another_port_is_told_not_acted_on(
             assert done.returncode == 1, (action, done.stdout, done.stderr)
             assert f"runs on port {theirs}, not {asked}: pass --port {theirs}" in done.stderr
             assert "Traceback" not in done.stderr
+        # without --port, status (and stop) act on the port the home's broker runs on
+        found = await run_cli(env, "kafka", "status", "--home", str(home))
+        assert found.returncode == 0 and f"running at 127.0.0.1:{theirs}" in found.stdout
         demo_env = {
             **env,
             "STREAM_CACHE_DIR": str(tmp_path),

@@ -26,6 +26,9 @@ def _home(args: argparse.Namespace, default: str) -> Path:
     return home
 
 
+_DEFAULT_PORT = 9092
+
+
 def _port(text: str) -> int:
     """--port: a listener port a broker can bind (not 0: the port must be known)."""
     try:
@@ -41,7 +44,11 @@ def _single(args: argparse.Namespace) -> int:
     home = _home(args, "broker")
     if (home / "cluster.json").exists():
         raise BrokerError(f"{home} holds a local cluster: pass --brokers as when it was started")
-    broker = LocalBroker(home=home, port=args.port)
+    port = args.port
+    if port is None and args.action != "start":
+        # stop, status: the port the home's broker runs on (its home says it)
+        port = LocalBroker(home=home, port=_DEFAULT_PORT).running_port()
+    broker = LocalBroker(home=home, port=port or _DEFAULT_PORT)
     if args.action != "start":  # (a start checks it as it launches)
         broker.check_port()  # the home's broker, on the port asked for: or say which
     if args.action == "start":
@@ -77,7 +84,8 @@ def _report(state: str, bootstrap: str, pid: int | None, home: Path) -> dict[str
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    cluster = LocalCluster(home=_home(args, "cluster"), port=args.port, brokers=args.brokers)
+    port = args.port or _DEFAULT_PORT
+    cluster = LocalCluster(home=_home(args, "cluster"), port=port, brokers=args.brokers)
     cluster.check_layout()
     one = _chosen(args, cluster)
     if args.action == "status":
@@ -175,15 +183,19 @@ def register(commands: Any) -> None:
         description="A KRaft broker on loopback from the pinned Apache Kafka jars (fetched "
         "with Maven once); with --brokers N, N brokers beside a quorum of three controllers "
         "(broker i on port P+i-1, controller j on P+N+j-1). stop/status take the same "
-        "--brokers, --port and --home as start. `status` exits 1 when nothing runs, 3 "
-        "when a node of a cluster is down.",
+        "--brokers, --port and --home as start (a single broker's --port may be left out: "
+        "its --home knows it). `status` exits 1 when nothing runs, 3 when a node of a "
+        "cluster is down.",
         epilog="examples: stream kafka start --brokers 3 --port 19092; "
         "stream kafka stop --brokers 3 --port 19092 --broker 2 --kill; "
         "stream kafka start --brokers 3 --port 19092 --broker 2",
     )
     kafka.add_argument("action", choices=["start", "stop", "status"])
     kafka.add_argument(
-        "--port", type=_port, default=9092, help="the (first) broker's listener (default 9092)"
+        "--port",
+        type=_port,
+        help=f"the (first) broker's listener (default {_DEFAULT_PORT}; for stop and status of "
+        "a single broker, the port its --home runs on)",
     )
     kafka.add_argument(
         "--home",
