@@ -52,6 +52,10 @@ MAX_REQUEST_BYTES = 1_048_588 - 16 * 1024
 CLOSE_RESERVE_S = 10.0
 # Kafka's protocol carries its timeouts as 32-bit integers: above this, its requests fail.
 KAFKA_MAX_INT = 2**31 - 1
+# Bounds for durations: past them a value is a typo (1e23), not a choice.
+_HOUR_S = 3600.0
+_DAY_S = 86400.0
+_MAX_SPEND_WINDOW_S = 31 * _DAY_S
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,8 +202,12 @@ class Settings:
                 "STREAM_MAX_IN_FLIGHT_PER_PARTITION", min(500, max_in_flight), low=1
             ),
             ordering=source.choice("STREAM_ORDERING", ("unordered", "key"), "unordered"),  # type: ignore[arg-type]
-            commit_interval_s=source.number("STREAM_COMMIT_INTERVAL_S", 1.0, low=0.01),
-            shutdown_grace_s=source.optional_number("STREAM_SHUTDOWN_GRACE_S", low=0.0),
+            commit_interval_s=source.number(
+                "STREAM_COMMIT_INTERVAL_S", 1.0, low=0.01, high=_HOUR_S
+            ),
+            shutdown_grace_s=source.optional_number(
+                "STREAM_SHUTDOWN_GRACE_S", low=0.0, high=_DAY_S
+            ),
             max_poll_interval_ms=source.integer(
                 "STREAM_MAX_POLL_INTERVAL_MS", 600_000, low=1, high=KAFKA_MAX_INT
             ),
@@ -320,11 +328,15 @@ def _provider_settings(source: Source, name: str, base_url: str) -> ProviderSett
         name=name,
         base_url=url,
         api_key=source.secret(f"{upper}_API_KEY"),
-        timeout_s=source.number(f"STREAM_{upper}_TIMEOUT_S", 120.0, low=0.1),
-        connect_timeout_s=source.number(f"STREAM_{upper}_CONNECT_TIMEOUT_S", 10.0, low=0.1),
+        timeout_s=source.number(f"STREAM_{upper}_TIMEOUT_S", 120.0, low=0.1, high=_DAY_S),
+        connect_timeout_s=source.number(
+            f"STREAM_{upper}_CONNECT_TIMEOUT_S", 10.0, low=0.1, high=_HOUR_S
+        ),
         max_connections=source.integer(f"STREAM_{upper}_MAX_CONNECTIONS", 1000, low=1),
         max_retries=source.integer(f"STREAM_{upper}_MAX_RETRIES", 4, low=0, high=20),
-        breaker_cooldown_s=source.number(f"STREAM_{upper}_BREAKER_COOLDOWN_S", 15.0, low=0.1),
+        breaker_cooldown_s=source.number(
+            f"STREAM_{upper}_BREAKER_COOLDOWN_S", 15.0, low=0.1, high=_DAY_S
+        ),
         initial_concurrency=source.integer(f"STREAM_{upper}_INITIAL_CONCURRENCY", 16, low=1),
     )
 
@@ -337,6 +349,8 @@ def _spend_settings(source: Source) -> SpendSettings:
         raise ConfigError(
             f"STREAM_SPEND_WINDOW must be a duration such as 90s, 30m, 1h or 24h (got {window!r})"
         ) from None
+    if window_s > _MAX_SPEND_WINDOW_S:
+        raise ConfigError(f"STREAM_SPEND_WINDOW must be at most 31d (got {window!r})")
     return SpendSettings(
         limit_usd=source.optional_number("STREAM_SPEND_LIMIT_USD", above=True),
         window_s=window_s,

@@ -133,21 +133,25 @@ class Source:
             raise ConfigError(f"{name} must be {bound} (got {value})")
         return value
 
-    def number(self, name: str, default: float, *, low: float) -> float:
+    def number(self, name: str, default: float, *, low: float, high: float | None = None) -> float:
         value = self._parse(name, default, float, "a number")
         if not math.isfinite(value):
             raise ConfigError(f"{name} must be a finite number (got {value})")
         if not value >= low:
             raise ConfigError(f"{name} must be at least {low} (got {value})")
+        if high is not None and value > high:
+            raise ConfigError(f"{name} must be at most {high:g} (got {value:g})")
         return value
 
-    def optional_number(self, name: str, *, low: float = 0.0, above: bool = False) -> float | None:
-        """A finite number at least `low` (above it, with `above`), or None when the variable
-        is unset (or empty)."""
+    def optional_number(
+        self, name: str, *, low: float = 0.0, above: bool = False, high: float | None = None
+    ) -> float | None:
+        """A finite number at least `low` (above it, with `above`) and at most `high`, or
+        None when the variable is unset (or empty)."""
         self.asked.add(name)
         if not self.env.get(name, "").strip():
             return None
-        value = self.number(name, low, low=low)
+        value = self.number(name, low, low=low, high=high)
         if above and not value > low:
             raise ConfigError(f"{name} must be above {low:g} (got {value:g})")
         return value

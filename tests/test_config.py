@@ -51,6 +51,12 @@ def test_defaults_are_sane() -> None:
         ({"STREAM_COMMIT_INTERVAL_S": "inf"}, "STREAM_COMMIT_INTERVAL_S"),
         ({"STREAM_SHUTDOWN_GRACE_S": "nan"}, "STREAM_SHUTDOWN_GRACE_S"),
         ({"STREAM_TOGETHER_BREAKER_COOLDOWN_S": "-inf"}, "STREAM_TOGETHER_BREAKER_COOLDOWN_S"),
+        # a typo's magnitude, not a choice: refused with the most that is taken
+        ({"STREAM_COMMIT_INTERVAL_S": "1e23"}, "STREAM_COMMIT_INTERVAL_S must be at most 3600"),
+        ({"STREAM_SHUTDOWN_GRACE_S": "1e23"}, "STREAM_SHUTDOWN_GRACE_S must be at most 86400"),
+        ({"STREAM_SYNTHETIC_TIMEOUT_S": "9e9"}, "STREAM_SYNTHETIC_TIMEOUT_S"),
+        ({"STREAM_TOGETHER_CONNECT_TIMEOUT_S": "1e5"}, "STREAM_TOGETHER_CONNECT_TIMEOUT_S"),
+        ({"STREAM_SPEND_WINDOW": "1000d"}, "STREAM_SPEND_WINDOW must be at most 31d"),
         ({"STREAM_TOPIC_PREFIX": "ünï."}, "STREAM_TOPIC_PREFIX"),
         ({"STREAM_KAFKA_SSL_CAFILE": "/nonexistent/ca.pem"}, "STREAM_KAFKA_SSL_CAFILE"),
     ],
