@@ -197,16 +197,7 @@ class Budget:
         self._holds_by_model[model] -= 1
         if cost > 0:
             self.changes += 1
-            now = self._clock()
-            index = int(now // self._slot_s)
-            if not self._spent or index > self._spent[-1].index:
-                self._spent.append(_Slot(index))
-            slot = self._spent[-1]
-            slot.last = max(slot.last, now)
-            slot.total += cost
-            slot.by_model[model] = slot.by_model.get(model, 0.0) + cost
-            self._spent_total += cost
-            self._by_model[model] = self._by_model.get(model, 0.0) + cost
+            self._count(self._clock(), model, cost)
             self._dearest[model] = max(self._dearest.get(model, 0.0), cost)
         else:
             self._dearest.setdefault(model, 0.0)
@@ -233,12 +224,13 @@ class Budget:
         dear = {str(m): _money(usd) for m, usd in (dearest or {}).items()}  # type: ignore[attr-defined]
         kept = [(when, model, usd) for when, model, usd in spends if when > now - self._keep_s]
         for when, model, usd in kept:  # (the rest left the window while no worker ran)
-            self._restore_one(when, model, usd)
+            self._count(when, model, usd)
         for model, usd in dear.items():
             self._dearest[model] = max(self._dearest.get(model, 0.0), usd)
         return sum(usd for _, _, usd in kept)
 
-    def _restore_one(self, when: float, model: str, usd: float) -> None:
+    def _count(self, when: float, model: str, usd: float) -> None:
+        """`usd` spent on `model` at `when` (no earlier than any spend counted before)."""
         index = int(when // self._slot_s)
         if not self._spent or index > self._spent[-1].index:
             self._spent.append(_Slot(index))

@@ -67,6 +67,19 @@ async def _fence(settings: Settings, transactional_id: str) -> None:
     await producer.stop()
 
 
+async def _sink_of_one_partition(
+    live: Settings, name: str
+) -> tuple[str, ExactlyOnceSink, Partition]:
+    """An output topic `name`-out, and an exactly-once sink that holds the one partition of
+    a new topic `name`-in (in group `name`), with that partition's state."""
+    source = await create_topic(live, f"{name}-in", 1)
+    out = await create_topic(live, f"{name}-out", 1)
+    tp = TopicPartition(source, 0)
+    sink = ExactlyOnceSink(live.kafka, live.group(name), {"linger_ms": 5})
+    await sink.assigned([tp])
+    return out, sink, Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
+
+
 async def test_a_failed_final_commit_still_closes_the_engine(settings: Settings) -> None:
     """Exactly-once commits run in a task group: its failure arrived as an exception group,
     slipped past `except KafkaError`, and `run()` skipped `_close()` (the partitions stayed
@@ -161,13 +174,8 @@ async def test_outputs_sent_after_a_fence_end_in_one_line_not_a_traceback(
     and each other output's unread failure logged as 'Future exception was never
     retrieved'. It must end in our one-line Kafka error, the partition void."""
     live = _with(settings, guarantee="exactly-once")
-    source = await create_topic(live, "fenced-send-in", 1)
-    out = await create_topic(live, "fenced-send-out", 1)
-    tp = TopicPartition(source, 0)
-    sink = ExactlyOnceSink(live.kafka, live.group("fenced-send"), {"linger_ms": 5})
-    await sink.assigned([tp])
-    partition = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
-    await _fence(live, sink.transactional_id(tp))
+    out, sink, partition = await _sink_of_one_partition(live, "fenced-send")
+    await _fence(live, sink.transactional_id(partition.tp))
     unread: list[Any] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _, context: unread.append(context))
@@ -311,12 +319,7 @@ async def test_an_exactly_once_write_that_hangs_aborts_its_transaction(
     """The write is shielded (outputs and the finished mark go in together), and was
     unbounded: a send that never returned hung the record, and the revoke behind it."""
     live = _with(settings, request_timeout_ms=1000)
-    source = await create_topic(live, "hang-write-in", 1)
-    out = await create_topic(live, "hang-write-out", 1)
-    tp = TopicPartition(source, 0)
-    sink = ExactlyOnceSink(live.kafka, live.group("hang-write"), {"linger_ms": 5})
-    await sink.assigned([tp])
-    partition = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
+    out, sink, partition = await _sink_of_one_partition(live, "hang-write")
     assert partition.offsets.accept(0) and partition.offsets.accept(1)
 
     async def hang(self: AIOKafkaProducer, *args: Any, **kwargs: Any) -> Any:
@@ -345,11 +348,7 @@ async def test_a_transaction_aiokafka_left_on_its_own_fails_as_our_error(
     async def left(self: AIOKafkaProducer, *args: Any, **kwargs: Any) -> Any:
         raise IllegalOperation("Not in the middle of a transaction")
 
-    source = await create_topic(settings, "left-in", 1)
-    tp = TopicPartition(source, 0)
-    sink = ExactlyOnceSink(settings.kafka, settings.group("left"), {})
-    await sink.assigned([tp])
-    partition = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=False)
+    _, sink, partition = await _sink_of_one_partition(settings, "left")
     assert partition.offsets.accept(0) and partition.offsets.accept(1)
     partition.offsets.finish(0)
     monkeypatch.setattr(AIOKafkaProducer, "send_offsets_to_transaction", left)

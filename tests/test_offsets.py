@@ -59,17 +59,23 @@ def test_watermark_never_passes_an_unfinished_record(
     assert set(tracker.finished_above()) == {o for o in done if o >= tracker.watermark}
 
 
+def _tracked(start: int, offsets: list[int], finished: list[int]) -> PartitionOffsets:
+    """A tracker from `start` that accepted `offsets` and finished `finished`."""
+    tracker = PartitionOffsets(start)
+    for offset in offsets:
+        tracker.accept(offset)
+    for offset in finished:
+        tracker.finish(offset)
+    return tracker
+
+
 @given(offsets_and_finishes(), st.integers(8, 400))
 def test_restart_skips_only_finished_records(
     case: tuple[int, list[int], list[int]], max_chars: int
 ) -> None:
     """A new owner reading the commit re-runs every unfinished record, skips only finished."""
     start, offsets, finished = case
-    tracker = PartitionOffsets(start)
-    for offset in offsets:
-        tracker.accept(offset)
-    for offset in finished:
-        tracker.finish(offset)
+    tracker = _tracked(start, offsets, finished)
     committed, metadata = tracker.watermark, tracker.metadata(max_chars)
     assert len(metadata) <= max_chars
 
@@ -174,11 +180,7 @@ def test_a_successor_knows_what_is_finished_as_records_come_again(
     """What the metadata says is finished stays finished until its record comes again;
     one the broker skips (a gap below the next that comes) is given up."""
     start, offsets, finished = case
-    tracker = PartitionOffsets(start)
-    for offset in offsets:
-        tracker.accept(offset)
-    for offset in finished:
-        tracker.finish(offset)
+    tracker = _tracked(start, offsets, finished)
     committed = tracker.watermark
     restored = set(decode_metadata(tracker.metadata(100_000), committed))
     successor = PartitionOffsets(committed, sorted(restored))
