@@ -141,7 +141,10 @@ class Budget:
         if self.limit_usd is None:
             return None
         self._prune()
-        typical = max(self._dearest.values(), default=0.0)
+        # The next typical call, the dearest seen; one dearer than the whole limit goes
+        # alone on an empty window (as `admit` lets it), so it counts as the limit here:
+        # taken whole, it closed the gate for good, empty window or not.
+        typical = min(max(self._dearest.values(), default=0.0), self.limit_usd)
         limited = self._spent_total + self._held_total + typical > self.limit_usd or (
             self._spent_total >= self.limit_usd
         )

@@ -17,13 +17,16 @@ Kubernetes keeps such a folder across a container's restarts in an `emptyDir` vo
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
+import os
 import re
+import stat
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import anyio
 import orjson
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _VERSION = 1
 _SAVE_EVERY_S = 1.0
+_MAX_FILE_BYTES = 4 * 1024 * 1024
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -93,7 +97,8 @@ class SpendKeeper:
             }
             try:
                 fresh = path.with_suffix(".json.new")
-                fresh.write_bytes(orjson.dumps(state))
+                with _opened(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as file:
+                    file.write(orjson.dumps(state))
                 fresh.replace(path)
             except OSError as exc:
                 self._files.pop(budget.name)  # said once: it is memory only from now on
@@ -106,7 +111,7 @@ class SpendKeeper:
 
     def _lock(self, path: Path) -> bool:
         try:
-            handle = open(f"{path}.lock", "ab")
+            handle = _opened(Path(f"{path}.lock"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         except OSError as exc:
             log.warning("the spend window cannot be kept in %s (%s)", path, exc.strerror or exc)
             return False
@@ -125,7 +130,7 @@ class SpendKeeper:
 
     def _load(self, budget: Budget, path: Path) -> None:
         try:
-            raw = path.read_bytes()
+            raw = _read(path)
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -134,7 +139,8 @@ class SpendKeeper:
         try:
             state = orjson.loads(raw)
             restored = budget.restore(_aged(state), state.get("dearest") or {})
-        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+        # Anything a hand-edited or hostile file holds: a warning, never a stop.
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
             log.warning(
                 "the spend window in %s is unreadable (%s): this worker starts it from "
                 "nothing, and writes it afresh",
@@ -151,6 +157,26 @@ class SpendKeeper:
                 restored,
                 budget.window_s,
             )
+
+
+def _opened(path: Path, flags: int) -> IO[bytes]:
+    """`path` opened for writing: never through a symlink (a folder others may write must
+    not make this overwrite their target), never waiting on a FIFO (no reader: ENXIO)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    return os.fdopen(fd, "ab" if flags & os.O_APPEND else "wb")
+
+
+def _read(path: Path) -> bytes:
+    """The file's bytes, if it is a regular file of a sane size (the worker writes some
+    100 KB at most): a FIFO would hang start-up, a huge file cost its size many times."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as file:
+        status = os.fstat(file.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if status.st_size > _MAX_FILE_BYTES:
+            raise OSError(errno.EFBIG, f"{status.st_size:,} bytes, over {_MAX_FILE_BYTES:,}")
+        return file.read()
 
 
 def _aged(state: Any) -> list[tuple[float, dict[str, float]]]:

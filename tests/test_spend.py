@@ -3,6 +3,7 @@ end against the simulator's usage figures (nothing lost, no window over the limi
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from datetime import datetime
 from pathlib import Path
@@ -294,8 +295,9 @@ async def test_a_restarted_worker_goes_on_with_the_spend_window(
     env: dict[str, str], tmp_path: Path
 ) -> None:
     """A worker held by its limit stops (a deploy, a crash loop); the next one on the same
-    state folder takes its window up: no call until old spend leaves it. (It started from
-    nothing: a worker restarting again and again spent its limit once per start.)"""
+    state folder takes its window up, and the two together stay within the limit. (It
+    started from nothing: a worker restarting again and again spent its limit once per
+    start.)"""
     async with Simulator(SimConfig(latency=Latency("fixed", 0.05))) as sim:
         settings = simulated_settings(
             {
@@ -308,22 +310,25 @@ async def test_a_restarted_worker_goes_on_with_the_spend_window(
             max_in_flight=8,
         )
         await topics.apply(settings, await topics.plan(settings))
+        results = Topics.of(settings).results
         asks = [request(f"r-{i:02d}", MODEL, f"Question {i}: how long?") for i in range(40)]
         await produce(settings, Topics.of(settings).requests, asks)
         first = Worker(settings, ("primary",))
         async with worker_on(first):
             await eventually(lambda: _holds(first.spend.live.snapshot().limited), timeout_s=60)
-            spent = first.spend.live.snapshot().spent_usd
-        calls = sim.stats()["requests"]
-        assert 0.7 * LIMIT_USD < spent <= LIMIT_USD + 1e-9
+        paid_first = sum(
+            orjson.loads(r.value)["cost_usd"] for r in await read_all(settings, results)
+        )
 
         second = Worker(settings, ("primary",))
         async with worker_on(second):
             await eventually(lambda: _holds(second.engines[0].snapshot().assigned > 0))
-            await anyio.sleep(2)  # time enough for calls, had it any room
+            await anyio.sleep(2)  # time enough for a window's worth of calls, had it room
             taken_up = second.spend.live.snapshot()
-        assert sim.stats()["requests"] == calls  # not one more call
-        assert taken_up.spent_usd == pytest.approx(spent) and taken_up.limited
+        paid = sum(orjson.loads(r.value)["cost_usd"] for r in await read_all(settings, results))
+    assert 0.7 * LIMIT_USD < paid_first  # the first did fill the window
+    assert taken_up.spent_usd >= paid_first - 1e-12  # the second began with it
+    assert paid <= LIMIT_USD + 1e-9  # both together: within one window's limit
     (kept,) = (tmp_path / "state").glob("spend.*.live.json")
     assert orjson.loads(kept.read_bytes())["budget"] == "live"
 
@@ -378,3 +383,56 @@ def taken_up_fresh(folder: Path) -> float:
     keeper.open()
     keeper.close()
     return budget.snapshot().spent_usd
+
+
+async def test_a_call_dearer_than_the_limit_does_not_close_the_gate_for_good() -> None:
+    """The engine's gate took the dearest call seen whole: one call dearer than the limit
+    closed it on an empty window, for ever (and the window kept on disk carried it into
+    every restart). Such a call goes alone on an empty window, as admission lets it."""
+    clock = Clock()
+    budget = Budget("live", limit_usd=0.0005, window_s=10, clock=clock)
+    (await _admit(budget)).settle(0.2)  # billed 400 times the limit
+    assert budget.holds("t") == HELD  # its spend is in the window
+    clock.now += 12  # …and left it
+    assert budget.holds("t") is None
+    taken_up = Budget("live", limit_usd=0.0005, window_s=10, clock=clock)
+    taken_up.restore([], budget.export()["dearest"])  # a restart with that dearest call
+    assert taken_up.holds("t") is None
+    (await _admit(taken_up)).settle(0.0001)  # and a call goes
+
+
+def test_a_hostile_state_folder_is_a_warning_never_a_stop_or_a_write_elsewhere(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file without its keys (an operator "resetting" it), a FIFO where the file goes (it
+    hung start-up), a huge file, a symlink where the next file is written (it was written
+    through): each is a warning, and the worker goes on with its window in memory."""
+    path = tmp_path / "spend.w.live.json"
+
+    def taken_up() -> float:
+        budget = Budget("live", limit_usd=1.0, window_s=60)
+        keeper = SpendKeeper(tmp_path, "w", (budget,))
+        keeper.open()
+        budget.restore([(0.0, {"m": 0.1})], {})  # something to write
+        budget.changes += 1
+        keeper.close()
+        return budget.snapshot().spent_usd
+
+    path.write_bytes(b'{"version": 1, "slots": []}')  # no saved_at
+    assert taken_up() == pytest.approx(0.1)
+    assert "is unreadable ('saved_at')" in caplog.text
+    path.unlink()
+    os.mkfifo(path)
+    assert taken_up() == pytest.approx(0.1)  # and it did not wait for a writer
+    assert "not a regular file" in caplog.text
+    path.unlink()
+    path.write_bytes(b" " * (5 * 1024 * 1024))
+    assert taken_up() == pytest.approx(0.1)
+    assert "over 4,194,304" in caplog.text
+    path.unlink()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "spend.w.live.json.new").symlink_to(victim)
+    taken_up()
+    assert victim.read_text() == "keep me"
+    assert "writing the spend window to" in caplog.text
