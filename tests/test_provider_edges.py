@@ -144,6 +144,7 @@ async def test_a_key_echoed_in_an_answer_reaches_no_field_of_it() -> None:
             return web.json_response({"error": {}}, status=401, headers=headers)
         body = _answer(f"<think>{echo}</think>the key is {key}")
         body.update(id=echo, model=echo)
+        body["usage"][key] = 5  # a field named after it
         if text == "tools":
             call = {"id": echo, "type": "function", "function": {"name": "f", "arguments": key}}
             body["choices"][0]["message"]["tool_calls"] = [call]

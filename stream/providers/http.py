@@ -225,8 +225,9 @@ class ProviderHTTP:
 
     def _scrubbed(self, parsed: Parsed) -> Parsed:
         """The answer without the key in any text it carries into a record: a provider (or
-        a proxy) that echoes it, in the answer, its id or the model's name, must not publish
-        it. A look for the key in each text; a copy only when one has it."""
+        a proxy) that echoes it, in the answer, its id, the model's name or the usage's
+        field names, must not publish it. A look for the key in each text; a copy only
+        when one has it."""
         key = self.settings.api_key.reveal()
         if not key:
             return parsed
@@ -235,10 +236,11 @@ class ProviderHTTP:
             value = getattr(parsed, name)
             if value is not None and key in value:
                 found[name] = value.replace(key, _REDACTED)
-        if parsed.tool_calls is not None:
-            text, key_bytes = orjson.dumps(parsed.tool_calls), key.encode()
-            if key_bytes in text:
-                found["tool_calls"] = orjson.loads(text.replace(key_bytes, _REDACTED.encode()))
+        key_bytes = key.encode()
+        for name in ("tool_calls", "usage"):  # a usage's field names are the provider's too
+            value = getattr(parsed, name)
+            if value is not None and key_bytes in (text := orjson.dumps(value)):
+                found[name] = orjson.loads(text.replace(key_bytes, _REDACTED.encode()))
         return replace(parsed, **found) if found else parsed  # type: ignore[arg-type]
 
 
