@@ -420,11 +420,12 @@ class FallbackStage(_Stage):
             )
         if self._observer is not None:
             self._observer.record_fallback(request.model, target.id)
-        # The result's cost is the whole request's: what the first stage's failed attempts
-        # were billed too (unknown when the answer's own cost is).
-        paid_before = failure.get("cost_usd")
-        if done.cost_usd is not None and _is_amount(paid_before):
-            done = replace(done, cost_usd=done.cost_usd + paid_before)
+        # The whole request's cost, the first stage's billed failures too; unknown when
+        # either is (a failure's null: billed, for what nobody can tell; none billed is 0).
+        paid, cost = failure.get("cost_usd"), done.cost_usd
+        done = replace(
+            done, cost_usd=cost + paid if cost is not None and _is_amount(paid) else None
+        )
         return self._result(
             record,
             request.held(),

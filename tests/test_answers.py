@@ -73,6 +73,8 @@ async def test_each_way_an_answer_ends_has_its_terminal_record(
         "no-credit": request("no-credit", "kimi-k2-thinking-syn", "Think."),
         # three empty answers (all of Synthetic's attempts), billed: then Together answers
         "refilled": request("refilled", "deepseek-r1-0528-syn", "[[sim:emptyx3]] Say hi."),
+        # three answers cut mid-body (billed, for what nobody can tell), then Together's
+        "cut": request("cut", "deepseek-r1-0528-syn", "[[sim:resetbodyx3]] Say hi."),
     }
     found = await _run(settings, cases)
     for _, record in found.values():
@@ -113,6 +115,7 @@ async def test_each_way_an_answer_ends_has_its_terminal_record(
     assert no_credit["reason"] == "fallback_failed"
     synthetic, together = no_credit["failures"]
     assert synthetic["error_type"] == "unavailable"
+    assert synthetic["cost_usd"] == 0.0  # 503s: nothing billed (null would be "unknown")
     assert together["error_type"] == "insufficient_quota" and together["attempts"] == 1
     assert together["status"] == 402 and together["provider_request_id"].startswith("req_")
 
@@ -123,7 +126,7 @@ async def test_each_way_an_answer_ends_has_its_terminal_record(
     # Nothing that is the request's own fault went on to the fallback stage.
     hops = await read_all(settings, settings.topic("predictions.fallback"))
     hop = {orjson.loads(h.value)["request_id"]: orjson.loads(h.value) for h in hops}
-    assert sorted(hop) == ["no-credit", "refilled"]
+    assert sorted(hop) == ["cut", "no-credit", "refilled"]
 
     # A fallback's result costs what both stages were billed.
     _, refilled = found["refilled"]
@@ -132,6 +135,9 @@ async def test_each_way_an_answer_ends_has_its_terminal_record(
     assert refilled["fallback"] is True and refilled["attempts"] == paid_first["attempts"] + 1
     answered = _cost("deepseek-r1", refilled["usage"])
     assert refilled["cost_usd"] == pytest.approx(paid_first["cost_usd"] + answered, abs=1e-9)
+    # …and is unknown when what the first stage was billed is
+    assert hop["cut"]["failure"]["error_type"] == "answer_cut"
+    assert hop["cut"]["failure"]["cost_usd"] is None and found["cut"][1]["cost_usd"] is None
 
 
 def test_metrics_count_tokens_by_kind_spend_and_finish_reasons() -> None:

@@ -62,8 +62,16 @@ class Tab(Run):
 
     @property
     def reported_usd(self) -> float | None:
-        """The cost a result or a failure carries: None when part of it is unknown."""
+        """The cost a result carries: None when part of it is unknown."""
         return None if self.unpriced else self.cost_usd
+
+    def failed_usd(self, priced: bool) -> float | None:
+        """The cost a failure carries: 0 when no attempt was answered (nothing billed) on
+        a priced model, so None says "billed, for an amount nobody can tell" alone (the
+        fallback stage adds it into its result's cost, or makes that unknown too)."""
+        if self.cost_usd is None and priced and not self.unpriced and self.answered == 0:
+            return 0.0
+        return self.reported_usd
 
     def spent(self, held: float) -> float:
         """What the spend window is charged: what was priced, and what was held for the

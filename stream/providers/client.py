@@ -263,6 +263,7 @@ class ProviderClient:
             model=model.api_model,
             error_type="circuit_open",
             attempts=0,
+            cost_usd=run.failed_usd(model.price is not None),  # 0: not called, not billed
         )
 
     def _next_wait(self, failure: Failure, attempt: int, end: float) -> float | None:
@@ -435,5 +436,5 @@ class ProviderClient:
             error_type=failure.error_type,
             attempts=attempts,
             provider_request_id=failure.request_id or run.request_id,
-            cost_usd=run.reported_usd,
+            cost_usd=run.failed_usd(model.price is not None),
         )

@@ -40,6 +40,7 @@ __all__ = ["Exchange", "Failure", "ProviderHTTP"]
 
 _MAX_MESSAGE = 300
 _REDACTED = "[redacted]"
+_MIN_SECRET = 8  # characters
 _MAX_REQUEST_ID = 200  # as long as the body's id may be (`completion._text`)
 # Statuses that mean "too many calls": the limiter shrinks on them.
 _THROTTLES = frozenset({429, 503, 529})
@@ -214,8 +215,14 @@ class ProviderHTTP:
 
     def scrub(self, text: str) -> str:
         # Some providers echo the key back in an auth error; it must not travel further.
-        key = self.settings.api_key.reveal()
+        key = self._secret()
         return text.replace(key, _REDACTED) if key else text
+
+    def _secret(self) -> str:
+        """The key, if it is one worth looking for: a real one is tens of characters; a
+        test's "k" would take every k out of every text."""
+        key = self.settings.api_key.reveal()
+        return key if len(key) >= _MIN_SECRET else ""
 
     def _request_id(self, headers: Mapping[str, str]) -> str | None:
         """The provider's `x-request-id`, scrubbed, then cut (it is copied into records and
@@ -228,7 +235,7 @@ class ProviderHTTP:
         a proxy) that echoes it, in the answer, its id, the model's name or the usage's
         field names, must not publish it. A look for the key in each text; a copy only
         when one has it."""
-        key = self.settings.api_key.reveal()
+        key = self._secret()
         if not key:
             return parsed
         found: dict[str, object] = {}
