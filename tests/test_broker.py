@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -139,6 +140,10 @@ def test_missing_java_is_a_clear_error(
         LocalBroker(home=tmp_path, port=1).start()  # type: ignore[arg-type]
 
 
+# A live process that looks like a node of ours (its main class among its arguments).
+_STAND_IN = [sys.executable, "-c", "import time; time.sleep(120)", "kafka.Kafka"]
+
+
 async def test_kafka_status_json_for_scripts(tmp_path: Path) -> None:
     import json
 
@@ -159,13 +164,24 @@ async def test_kafka_status_json_for_scripts(tmp_path: Path) -> None:
         "pid": None,
         "home": str(tmp_path),
     }
-    # status goes by the pid file and whether that process lives: name a live one
+    # status goes by the pid file and whether that process lives and is a Kafka node: a
+    # stale file (after a reboot) may name another process, which stop must not kill
     (tmp_path / "broker.pid").write_text(str(os.getpid()))
-    up = await run_cli(env, "kafka", "status", *where)
-    assert up.returncode == 0
-    report = json.loads(up.stdout)
-    assert report["running"] is True and report["pid"] == os.getpid()
-    assert report["state"] == "running"
+    stale = await run_cli(env, "kafka", "status", *where)
+    assert stale.returncode == 1 and json.loads(stale.stdout)["running"] is False
+    stopped = await run_cli(env, "kafka", "stop", *where)
+    assert json.loads(stopped.stdout)["state"] == "not running"  # and this test lives on
+    node = await anyio.open_process(_STAND_IN)
+    try:
+        (tmp_path / "broker.pid").write_text(str(node.pid))
+        up = await run_cli(env, "kafka", "status", *where)
+        assert up.returncode == 0
+        report = json.loads(up.stdout)
+        assert report["running"] is True and report["pid"] == node.pid
+        assert report["state"] == "running"
+    finally:
+        node.kill()
+        await node.wait()
 
 
 def test_kafka_start_checks_its_port_and_home(tmp_path: Path) -> None:
@@ -287,7 +303,7 @@ async def test_a_home_whose_broker_runs_on_another_port_is_told_not_acted_on(
     from stream.devtools.processes import running
     from tests.kit import run_cli
 
-    stand_in = await anyio.open_process(["sleep", "120"])  # the home's "broker": a live pid
+    stand_in = await anyio.open_process(_STAND_IN)  # the home's "broker"
     try:
         theirs, asked = free_port(), free_port()
         home = tmp_path / "broker"

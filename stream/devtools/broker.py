@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stream.devtools.jars import fetch_jars, require
-from stream.devtools.processes import end, end_pid, parent_death_signal, running
+from stream.devtools.processes import end, end_pid, parent_death_signal, runs
 from stream.errors import BrokerError
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "port_open",
 ]
 
+_MAIN_CLASS = "kafka.Kafka"  # in a pid's arguments: the process is a node of ours
 _SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
 _PLAIN_LOGIN = "org.apache.kafka.common.security.plain.PlainLoginModule required"
 _LOG4J = """\
@@ -119,7 +120,7 @@ class LocalBroker:
             pid = int(self._pid_file.read_text())
         except (OSError, ValueError):
             return None
-        return pid if running(pid) else None
+        return pid if runs(pid, _MAIN_CLASS) else None  # a stale file's pid: none of ours
 
     def start(self, *, timeout_s: float = 90.0) -> bool:
         """Start the broker in the background and wait until it answers Kafka requests (one
@@ -220,7 +221,7 @@ class LocalBroker:
             f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
             "-cp",
             f"{libs}/*",
-            "kafka.Kafka",
+            _MAIN_CLASS,
             str(properties),
         ]
         with open(self.home / "broker.out", "ab") as out:

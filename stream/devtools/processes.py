@@ -32,6 +32,7 @@ __all__ = [
     "interruptible",
     "parent_death_signal",
     "running",
+    "runs",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -69,6 +70,18 @@ def end_pid(pid: int, *, sig: signal.Signals = signal.SIGTERM, grace_s: float = 
         else:
             return True
     return False
+
+
+def runs(pid: int, marker: str) -> bool:
+    """Whether `pid` runs with `marker` among its arguments: a pid file outlives a reboot,
+    and its number may be another process's by then. Without /proc, whether it runs."""
+    if not running(pid):
+        return False
+    try:
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True
+    return marker.encode() in arguments
 
 
 def running(pid: int) -> bool:
