@@ -360,3 +360,24 @@ async def test_two_starts_at_once_from_one_home_make_one_broker(
         assert sorted(states) == ["already running", "started"]
     finally:
         LocalBroker(home=tmp_path).stop()
+
+
+async def test_stop_and_status_of_a_cluster_home_go_by_how_it_was_started(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The home knows its layout: `status --home H` of a cluster's home reads it (it said
+    "pass --brokers as when it was started", and then which --port, knowing both)."""
+    import json
+
+    from stream.devtools.cluster import free_ports
+    from tests.kit import run_cli
+
+    port = free_ports(6)
+    (tmp_path / "cluster.json").write_text(json.dumps({"brokers": 3, "port": port}))
+    status = await run_cli(env, "kafka", "status", "--home", str(tmp_path), "--json")
+    nodes = json.loads(status.stdout)["nodes"]
+    assert status.returncode == 1 and len(nodes) == 6  # nothing runs: 3 brokers, 3 controllers
+    assert [n["port"] for n in nodes] == list(range(port, port + 6))
+    single = await run_cli(env, "kafka", "status", "--home", str(tmp_path), "--brokers", "1")
+    assert single.returncode == 1
+    assert f"pass --brokers as when it was started (--brokers 3 --port {port})" in single.stderr

@@ -97,11 +97,15 @@ async def test_a_cluster_home_made_for_another_layout_is_refused(
     cluster: LocalCluster, cluster_env: dict[str, str]
 ) -> None:
     home = str(cluster.home)
-    other = await run_cli(cluster_env, "kafka", "status", "--brokers", "3", "--home", home)
-    single = await run_cli(cluster_env, "kafka", "status", "--home", home)
+    other = await run_cli(cluster_env, "kafka", "status", "--brokers", "2", "--home", home)
+    single = await run_cli(cluster_env, "kafka", "status", "--brokers", "1", "--home", home)
     assert other.returncode == single.returncode == 1
     assert f"holds a cluster made with --brokers 3 --port {cluster.port}" in other.stderr
-    assert "holds a local cluster: pass --brokers" in single.stderr
+    made = f"pass --brokers as when it was started (--brokers 3 --port {cluster.port})"
+    assert made in single.stderr
+    # without --brokers or --port, its home says them
+    itself = await run_cli(cluster_env, "kafka", "status", "--home", home)
+    assert itself.returncode == 0 and f"127.0.0.1:{cluster.port}" in itself.stdout
 
 
 async def test_the_active_controller_killed_the_cluster_goes_on(

@@ -40,10 +40,25 @@ def _port(text: str) -> int:
     return port
 
 
+def _layout(home: Path, port: int | None) -> tuple[int, int | None]:
+    """(brokers, port) of the cluster `home` holds, as it was started (the port asked for
+    wins); (1, port) for a home without one."""
+    try:
+        saved = json.loads((home / "cluster.json").read_text())
+        brokers, first = int(saved["brokers"]), int(saved["port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1, port
+    return (brokers, port or first) if 1 < brokers <= MAX_BROKERS else (1, port)
+
+
 def _single(args: argparse.Namespace) -> int:
     home = _home(args, "broker")
     if (home / "cluster.json").exists():
-        raise BrokerError(f"{home} holds a local cluster: pass --brokers as when it was started")
+        brokers, port = _layout(home, None)
+        made = f" (--brokers {brokers} --port {port})" if brokers > 1 else ""
+        raise BrokerError(
+            f"{home} holds a local cluster: pass --brokers as when it was started{made}"
+        )
     port = args.port
     if port is None and args.action != "start":
         # stop, status: the port the home's broker runs on (its home says it)
@@ -169,6 +184,11 @@ def _kafka(args: argparse.Namespace, settings: Settings) -> int:
 def _kafka_command(args: argparse.Namespace) -> int:
     if args.kill and (args.action != "stop" or args.broker is args.controller is None):
         raise UsageError("--kill goes with stop --broker N or stop --controller N")
+    if args.action != "start" and args.home:  # stop, status: the home says its layout
+        brokers, port = _layout(Path(args.home), args.port)
+        args.brokers = brokers if args.brokers is None else args.brokers
+        args.port = port if args.brokers == brokers else args.port
+    args.brokers = args.brokers or 1
     if args.brokers == 1:
         if args.broker is not None or args.controller is not None:
             raise UsageError("--broker and --controller name a node of a cluster (--brokers N)")
@@ -204,10 +224,10 @@ def register(commands: Any) -> None:
     kafka.add_argument(
         "--brokers",
         type=int,
-        default=1,
         choices=range(1, MAX_BROKERS + 1),
         metavar="N",
-        help="1 (default): one combined broker+controller; 2-9: a cluster",
+        help="1 (default): one combined broker+controller; 2-9: a cluster (stop and status "
+        "of a --home: as it was started)",
     )
     node = kafka.add_mutually_exclusive_group()
     node.add_argument("--broker", type=int, metavar="N", help="only broker N (1-based)")
