@@ -141,8 +141,14 @@ async def test_usage_no_provider_could_bill_is_charged_at_the_context_bound(
 
 @pytest.mark.parametrize(
     "usage",
-    [None, {"prompt_tokens": -5, "completion_tokens": "20", "total_tokens": True}],
-    ids=["none", "junk"],
+    [
+        None,
+        {"prompt_tokens": -5, "completion_tokens": "20", "total_tokens": True},
+        # one total no count, the other fine: the rest was charged as if it were all
+        {"prompt_tokens": -500_000, "completion_tokens": 5},
+        {"prompt_tokens": 1e30, "completion_tokens": 5},
+    ],
+    ids=["none", "junk", "negative", "past-64-bits"],
 )
 async def test_an_answer_without_usage_charges_the_spend_window_what_was_held(
     usage: dict[str, Any] | None, caplog: pytest.LogCaptureFixture

@@ -239,16 +239,24 @@ def _is_json(text: str) -> bool:
 
 def _usage(raw: object) -> Usage | None:
     """Counts only: integers at the top level, and detail objects of integers (one level).
-    Anything else (strings, deeper nesting, booleans) is not a count and is dropped."""
+    Anything else (strings, deeper nesting, booleans) is not a count and is dropped; but a
+    token total that is no count (negative, a fraction, past 64 bits, a string) makes the
+    whole usage unbelievable: None, charged as an answer without usage (what was held),
+    not as the rest of it (a prompt of -500,000 tokens was charged for the completion)."""
     if not isinstance(raw, dict):
         return None
     usage: Usage = {}
     for key, value in raw.items():
         if value is None or _is_count(value):
             usage[str(key)] = value
+        elif key in _TOTALS:
+            return None
         elif isinstance(value, dict):
             usage[str(key)] = {str(k): v for k, v in value.items() if v is None or _is_count(v)}
     return usage
+
+
+_TOTALS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
 
 
 def _is_count(value: object) -> bool:
