@@ -141,11 +141,11 @@ class Budget:
         if self.limit_usd is None:
             return None
         self._prune()
-        # The next typical call, the dearest seen; one dearer than the whole limit goes
-        # alone on an empty window (as `admit` lets it), so it counts as the limit here:
-        # taken whole, it closed the gate for good, empty window or not.
-        typical = min(max(self._dearest.values(), default=0.0), self.limit_usd)
-        limited = self._spent_total + self._held_total + typical > self.limit_usd or (
+        # The next typical call, the dearest seen, asked as admission asks it: one dearer
+        # than the whole limit goes alone on an empty window (taken whole, it closed the
+        # gate for good, empty window or not).
+        typical = max(self._dearest.values(), default=0.0)
+        limited = not _within(self.limit_usd, self._spent_total, self._held_total, typical) or (
             self._spent_total >= self.limit_usd
         )
         if limited != self._limited:
@@ -198,6 +198,12 @@ class Budget:
         self._held_total = max(0.0, self._held_total - hold.estimate)
         self._held_by_model[model] = max(0.0, self._held_by_model.get(model, 0.0) - hold.estimate)
         self._holds_by_model[model] -= 1
+        # Sums of floats leave a remainder (1e-18) after their last hold goes: with the
+        # gate at the limit's edge it kept the gate shut, nothing held and nothing spent.
+        if not self._holds_by_model[model]:
+            self._held_by_model[model] = 0.0
+            if not any(self._holds_by_model.values()):
+                self._held_total = 0.0
         if cost > 0:
             self.changes += 1
             self._count(self._clock(), model, cost)
@@ -206,15 +212,15 @@ class Budget:
             self._dearest.setdefault(model, 0.0)
         self._wake()
 
-    def export(self) -> dict[str, Any]:
+    def export(self) -> list[list[Any]]:
         """The window as `restore` takes it: each slot's age (seconds since its latest
-        spend) and amounts by model, oldest first; and the dearest call per model."""
+        spend) and amounts by model, oldest first. (Not the dearest call per model: one
+        outlier would set every estimate for good; a restart starts them afresh.)"""
         self._prune()
         now = self._clock()
-        slots = [[now - slot.last, slot.by_model] for slot in self._spent]
-        return {"slots": slots, "dearest": self._dearest}
+        return [[now - slot.last, slot.by_model] for slot in self._spent]
 
-    def restore(self, slots: Iterable[tuple[float, Mapping[str, float]]], dearest: object) -> float:
+    def restore(self, slots: Iterable[tuple[float, Mapping[str, float]]]) -> float:
         """Count what an earlier process spent (`export`'s slots, aged to now) as spent
         here, before any call of this one; returns how much of it is still in the window.
         ValueError for amounts that are not money."""
@@ -224,12 +230,9 @@ class Budget:
             for age, by_model in sorted(slots, key=lambda slot: -slot[0])  # oldest first
             for model, usd in by_model.items()
         ]
-        dear = {str(m): _money(usd) for m, usd in (dearest or {}).items()}  # type: ignore[attr-defined]
         kept = [(when, model, usd) for when, model, usd in spends if when > now - self._keep_s]
         for when, model, usd in kept:  # (the rest left the window while no worker ran)
             self._count(when, model, usd)
-        for model, usd in dear.items():
-            self._dearest[model] = max(self._dearest.get(model, 0.0), usd)
         return sum(usd for _, _, usd in kept)
 
     def _count(self, when: float, model: str, usd: float) -> None:

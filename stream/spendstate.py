@@ -93,7 +93,7 @@ class SpendKeeper:
                 "budget": budget.name,
                 "saved_at": time.time(),
                 "window_s": budget.window_s,
-                **budget.export(),
+                "slots": budget.export(),
             }
             try:
                 fresh = path.with_suffix(".json.new")
@@ -138,7 +138,7 @@ class SpendKeeper:
             return
         try:
             state = orjson.loads(raw)
-            restored = budget.restore(_aged(state), state.get("dearest") or {})
+            restored = budget.restore(_aged(state))
         # Anything a hand-edited or hostile file holds: a warning, never a stop.
         except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
             log.warning(

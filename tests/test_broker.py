@@ -140,8 +140,11 @@ def test_missing_java_is_a_clear_error(
         LocalBroker(home=tmp_path, port=1).start()  # type: ignore[arg-type]
 
 
-# A live process that looks like a node of ours (its main class among its arguments).
-_STAND_IN = [sys.executable, "-c", "import time; time.sleep(120)", "kafka.Kafka"]
+def _stand_in(home: Path) -> list[str]:
+    """A live process that looks like the node of `home` (its properties file among its
+    arguments, as the broker's java command has it)."""
+    sleep = "import time; time.sleep(120)"
+    return [sys.executable, "-c", sleep, "kafka.Kafka", str(home / "server.properties")]
 
 
 async def test_kafka_status_json_for_scripts(tmp_path: Path) -> None:
@@ -171,8 +174,13 @@ async def test_kafka_status_json_for_scripts(tmp_path: Path) -> None:
     assert stale.returncode == 1 and json.loads(stale.stdout)["running"] is False
     stopped = await run_cli(env, "kafka", "stop", *where)
     assert json.loads(stopped.stdout)["state"] == "not running"  # and this test lives on
-    node = await anyio.open_process(_STAND_IN)
+    elsewhere = await anyio.open_process(_stand_in(tmp_path / "another-home"))
+    node = await anyio.open_process(_stand_in(tmp_path))
     try:
+        (tmp_path / "broker.pid").write_text(str(elsewhere.pid))  # another home's node
+        theirs = await run_cli(env, "kafka", "stop", *where)
+        assert json.loads(theirs.stdout)["state"] == "not running"
+        assert elsewhere.returncode is None  # not stopped
         (tmp_path / "broker.pid").write_text(str(node.pid))
         up = await run_cli(env, "kafka", "status", *where)
         assert up.returncode == 0
@@ -180,8 +188,9 @@ async def test_kafka_status_json_for_scripts(tmp_path: Path) -> None:
         assert report["running"] is True and report["pid"] == node.pid
         assert report["state"] == "running"
     finally:
-        node.kill()
-        await node.wait()
+        for process in (node, elsewhere):
+            process.kill()
+            await process.wait()
 
 
 def test_kafka_start_checks_its_port_and_home(tmp_path: Path) -> None:
@@ -303,10 +312,10 @@ async def test_a_home_whose_broker_runs_on_another_port_is_told_not_acted_on(
     from stream.devtools.processes import running
     from tests.kit import run_cli
 
-    stand_in = await anyio.open_process(_STAND_IN)  # the home's "broker"
+    home = tmp_path / "broker"
+    stand_in = await anyio.open_process(_stand_in(home))  # the home's "broker"
     try:
         theirs, asked = free_port(), free_port()
-        home = tmp_path / "broker"
         home.mkdir()
         (home / "broker.pid").write_text(str(stand_in.pid))
         (home / "server.properties").write_text(

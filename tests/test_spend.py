@@ -4,6 +4,7 @@ end against the simulator's usage figures (nothing lost, no window over the limi
 from __future__ import annotations
 
 import os
+import random
 import tracemalloc
 from datetime import datetime
 from pathlib import Path
@@ -387,18 +388,25 @@ def taken_up_fresh(folder: Path) -> float:
 
 async def test_a_call_dearer_than_the_limit_does_not_close_the_gate_for_good() -> None:
     """The engine's gate took the dearest call seen whole: one call dearer than the limit
-    closed it on an empty window, for ever (and the window kept on disk carried it into
-    every restart). Such a call goes alone on an empty window, as admission lets it."""
+    closed it on an empty window, for ever. Such a call goes alone on an empty window, as
+    admission lets it; and holds that left a float's remainder (1e-18) behind them must
+    not keep the gate shut at the limit's edge, nothing held and nothing spent."""
     clock = Clock()
-    budget = Budget("live", limit_usd=0.0005, window_s=10, clock=clock)
-    (await _admit(budget)).settle(0.2)  # billed 400 times the limit
+    budget = Budget("live", limit_usd=0.01, window_s=10, clock=clock)
+    (await _admit(budget, GLM)).settle(0.05)  # billed 5 times the limit
     assert budget.holds("t") == HELD  # its spend is in the window
     clock.now += 12  # …and left it
     assert budget.holds("t") is None
-    taken_up = Budget("live", limit_usd=0.0005, window_s=10, clock=clock)
-    taken_up.restore([], budget.export()["dearest"])  # a restart with that dearest call
-    assert taken_up.holds("t") is None
-    (await _admit(taken_up)).settle(0.0001)  # and a call goes
+    first = await _admit(budget)  # V3's first call, alone; then calls of odd sizes at once
+    first.settle(0.0)
+    rng = random.Random(1)
+    for _ in range(20):  # rounds of calls that all fail unbilled, settled in any order
+        holds = [await budget.admit(V3, rng.randint(1000, 3000), None) for _ in range(8)]
+        rng.shuffle(holds)
+        for hold in holds:
+            hold.settle(0.0)
+        assert budget.snapshot().held_usd == 0.0 and budget.snapshot().spent_usd == 0.0
+        assert budget.holds("t") is None
 
 
 def test_a_hostile_state_folder_is_a_warning_never_a_stop_or_a_write_elsewhere(
@@ -413,7 +421,7 @@ def test_a_hostile_state_folder_is_a_warning_never_a_stop_or_a_write_elsewhere(
         budget = Budget("live", limit_usd=1.0, window_s=60)
         keeper = SpendKeeper(tmp_path, "w", (budget,))
         keeper.open()
-        budget.restore([(0.0, {"m": 0.1})], {})  # something to write
+        budget.restore([(0.0, {"m": 0.1})])  # something to write
         budget.changes += 1
         keeper.close()
         return budget.snapshot().spent_usd

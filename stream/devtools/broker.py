@@ -32,7 +32,6 @@ __all__ = [
     "port_open",
 ]
 
-_MAIN_CLASS = "kafka.Kafka"  # in a pid's arguments: the process is a node of ours
 _SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
 _PLAIN_LOGIN = "org.apache.kafka.common.security.plain.PlainLoginModule required"
 _LOG4J = """\
@@ -120,7 +119,9 @@ class LocalBroker:
             pid = int(self._pid_file.read_text())
         except (OSError, ValueError):
             return None
-        return pid if runs(pid, _MAIN_CLASS) else None  # a stale file's pid: none of ours
+        # A stale file's pid (after a reboot) may be anyone's, another home's node too:
+        # ours runs with this home's properties file among its arguments.
+        return pid if runs(pid, str(self.home / "server.properties")) else None
 
     def start(self, *, timeout_s: float = 90.0) -> bool:
         """Start the broker in the background and wait until it answers Kafka requests (one
@@ -221,7 +222,7 @@ class LocalBroker:
             f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
             "-cp",
             f"{libs}/*",
-            _MAIN_CLASS,
+            "kafka.Kafka",
             str(properties),
         ]
         with open(self.home / "broker.out", "ab") as out:

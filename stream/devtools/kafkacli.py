@@ -43,10 +43,13 @@ def _port(text: str) -> int:
 def _layout(home: Path, port: int | None) -> tuple[int, int | None]:
     """(brokers, port) of the cluster `home` holds, as it was started (the port asked for
     wins); (1, port) for a home without one."""
+    layout = home / "cluster.json"
     try:
-        saved = json.loads((home / "cluster.json").read_text())
+        if not layout.is_file() or layout.stat().st_size > 4096:  # a FIFO would hang
+            return 1, port
+        saved = json.loads(layout.read_text())
         brokers, first = int(saved["brokers"]), int(saved["port"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, ArithmeticError, RecursionError):
         return 1, port
     return (brokers, port or first) if 1 < brokers <= MAX_BROKERS else (1, port)
 
