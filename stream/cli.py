@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -84,10 +85,17 @@ def _first_stream_error(group: BaseExceptionGroup[BaseException]) -> StreamError
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _main(argv)
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a reader gone (`| head`) is still caught
+        return code
     except KeyboardInterrupt:  # also while the command's modules are still being imported
         print("stream: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`stream kafka status | head -1`): stop as a tool killed by
+        # SIGPIPE does, without a traceback (nor a second one as Python flushes at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def _main(argv: Sequence[str] | None) -> int:

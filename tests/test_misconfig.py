@@ -197,3 +197,32 @@ async def test_a_session_timeout_kafka_refuses_names_the_setting(
     *_, last = done.stderr.strip().splitlines()
     assert last.startswith("stream: error: ") and "STREAM_SESSION_TIMEOUT_MS within" in last
     assert "group.min.session.timeout.ms" in last
+
+
+@pytest.mark.parametrize("command", [["--help"], ["kafka", "status", "--home", "{home}"]])
+def test_a_reader_gone_is_no_traceback(command: list[str], tmp_path: Path) -> None:
+    """`stream kafka status | head -1`: the reader goes, and the command stops as a tool
+    SIGPIPE kills does (exit 141), not with a BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.kit import ROOT
+
+    (tmp_path / "cluster.json").write_text('{"brokers": 3, "port": 41990}')  # lines to print
+    argv = [part.replace("{home}", str(tmp_path)) for part in command]
+    read, write = os.pipe()
+    os.close(read)  # gone before the first line
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "stream", *argv],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert "Traceback" not in done.stderr.decode() and "BrokenPipe" not in done.stderr.decode()
+    assert done.returncode == (0 if argv == ["--help"] else 141)  # (help ends before it)
