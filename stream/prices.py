@@ -16,11 +16,20 @@ only breaks them out), so reasoning is paid at the output price, once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
-__all__ = ["DEFAULT_PRICES", "PRICES_READ_ON", "Bill", "Price", "TokenCounts", "token_counts"]
+__all__ = [
+    "DEFAULT_PRICES",
+    "PRICES_READ_ON",
+    "Bill",
+    "Price",
+    "TokenCounts",
+    "is_amount",
+    "token_counts",
+]
 
 PRICES_READ_ON = "2026-11-30"
 
@@ -50,6 +59,11 @@ class TokenCounts(NamedTuple):  # a tuple: metrics iterate it per answer
     cached: int  # of `prompt`, read from the provider's cache
     completion: int
     reasoning: int  # of `completion`, spent thinking
+
+
+def is_amount(value: object) -> TypeGuard[float]:
+    """A sum of money a record or a file may carry: a finite number, not below zero."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 def token_counts(usage: Mapping[str, Any] | None) -> TokenCounts | None:

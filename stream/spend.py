@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import anyio
 
 from stream.catalog import Model
+from stream.prices import is_amount
 
 __all__ = ["HELD", "Budget", "BudgetSnapshot", "SpendLanes"]
 
@@ -311,7 +312,7 @@ class Budget:
 
 
 def _money(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+    if not is_amount(value):
         raise ValueError(f"{value!r} is no amount of money")
     return float(value)
 

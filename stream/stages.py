@@ -10,11 +10,10 @@ counts as done. Bad input is a dead letter with its original bytes, never an exc
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, TypeGuard
+from typing import Any, Protocol
 
 from stream import records, topics
 from stream.catalog import Catalog, Model, get_fallback_provider
@@ -26,6 +25,7 @@ from stream.errors import (
     ProviderError,
     UndecodableRecordError,
 )
+from stream.prices import is_amount
 from stream.providers import Completion, ProviderClient
 from stream.records import Decoder, Held, Request, SourceRecord
 from stream.spend import Budget, SpendLanes
@@ -423,9 +423,7 @@ class FallbackStage(_Stage):
         # The whole request's cost, the first stage's billed failures too; unknown when
         # either is (a failure's null: billed, for what nobody can tell; none billed is 0).
         paid, cost = failure.get("cost_usd"), done.cost_usd
-        done = replace(
-            done, cost_usd=cost + paid if cost is not None and _is_amount(paid) else None
-        )
+        done = replace(done, cost_usd=cost + paid if cost is not None and is_amount(paid) else None)
         return self._result(
             record,
             request.held(),
@@ -434,11 +432,6 @@ class FallbackStage(_Stage):
             fallback=True,
             failures=[failure],
         )
-
-
-def _is_amount(value: object) -> TypeGuard[float]:
-    """A sum of money a record may carry: a finite number, not below zero."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 def _record_size(output: Output) -> int:

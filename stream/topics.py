@@ -167,8 +167,12 @@ def _check_schema(path: Path) -> None:
         raise TopicSpecError(f"{path}: not a JSON Schema the workers can compile") from exc
 
 
-def _effective(spec: TopicSpec, brokers: int) -> tuple[int, dict[str, str], list[str]]:
-    """Replication and configs fitted to a cluster smaller than the declaration."""
+def _effective(
+    spec: TopicSpec, brokers: int, replicas: int | None = None
+) -> tuple[int, dict[str, str], list[str]]:
+    """Replication and configs fitted to a cluster smaller than the declaration, and
+    `min.insync.replicas` to the `replicas` an existing topic has (more can never be in
+    sync; once its replication drift is mended, the next apply sets the declared value)."""
     replication = min(spec.replication_factor, brokers)
     configs = dict(spec.configs)
     notes = []
@@ -178,8 +182,9 @@ def _effective(spec: TopicSpec, brokers: int) -> tuple[int, dict[str, str], list
             f"the cluster has {brokers} broker{'s' if brokers != 1 else ''})"
         )
     isr = configs.get("min.insync.replicas")
-    if isr is not None and int(isr) > replication:
-        configs["min.insync.replicas"] = str(replication)
+    most = replication if replicas is None else max(1, min(replication, replicas))
+    if isr is not None and int(isr) > most:
+        configs["min.insync.replicas"] = str(most)
     return replication, configs, notes
 
 
@@ -191,12 +196,7 @@ def _compare(
     current: dict[str, str],
     add_partitions: bool,
 ) -> Change:
-    want_replication, want_configs, _ = _effective(spec, brokers)
-    isr = want_configs.get("min.insync.replicas")
-    if isr is not None and int(isr) > replication:
-        # Fitted to the replicas the topic has: more can never be in sync. Once its
-        # replication drift (below) is mended, the next apply sets the declared value.
-        want_configs["min.insync.replicas"] = str(max(1, replication))
+    want_replication, want_configs, _ = _effective(spec, brokers, replication)
     change = Change(topic=spec.name, action="ok")
     for key, value in sorted(want_configs.items()):
         if current.get(key) != value:

@@ -207,7 +207,9 @@ class ProviderHTTP:
         return Failure(
             retryable=True,
             error_type="answer_cut",
-            message=f"the answer was cut off: {self.scrub(str(exc))}"[:_MAX_MESSAGE],
+            message=f"the answer was cut off: {self.scrub(describe(exc.__cause__ or exc))}"[
+                :_MAX_MESSAGE
+            ],
             status=200,
             request_id=self._request_id(exc.headers),
             provider_fault=True,
@@ -227,8 +229,7 @@ class ProviderHTTP:
     def _request_id(self, headers: Mapping[str, str]) -> str | None:
         """The provider's `x-request-id`, scrubbed, then cut (it is copied into records and
         errors, whatever the path)."""
-        value = headers.get("x-request-id", "")
-        return self.scrub(value)[:_MAX_REQUEST_ID] or None if value else None
+        return self.scrub(headers.get("x-request-id", ""))[:_MAX_REQUEST_ID] or None
 
     def _scrubbed(self, parsed: Parsed) -> Parsed:
         """The answer without the key in any text it carries into a record: a provider (or

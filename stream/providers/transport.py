@@ -66,8 +66,8 @@ class AnswerCut(Exception):
     """The status line and headers came, the body did not whole: the connection broke,
     the deadline passed, or it did not decompress. A 200 cut so was likely billed."""
 
-    def __init__(self, status: int, headers: Mapping[str, str], cause: BaseException) -> None:
-        super().__init__(f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__)
+    def __init__(self, status: int, headers: Mapping[str, str]) -> None:
+        super().__init__(f"HTTP {status}: the answer stopped short")  # its cause: __cause__
         self.status = status
         self.headers = headers
 
@@ -122,7 +122,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             try:
                 content = await self._read(response)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise AnswerCut(response.status, response.headers, exc) from exc
+                raise AnswerCut(response.status, response.headers) from exc
         return Answer(response.status, response.reason or "", response.headers, content)
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
