@@ -6,7 +6,10 @@ from __future__ import annotations
 from collections import Counter
 
 from aiokafka import TopicPartition
-from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
+from aiokafka.coordinator.protocol import (
+    ConsumerProtocolMemberAssignment,
+    ConsumerProtocolMemberMetadata,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,7 +19,9 @@ from stream.engine.assignor import (
     StickyAssignor,
     assign,
     decode_claims,
+    decode_handover,
     encode_claims,
+    settle,
 )
 
 TOPICS = ("requests", "backfill", "fallback")
@@ -174,6 +179,76 @@ def test_scaling_the_primary_stage_out_gives_each_worker_live_partitions() -> No
     assert {tp.partition for tp in result["a"]} == {0, 1, 2}
 
 
+@given(groups())
+def test_settle_moves_no_partition_with_running_calls_and_marks_what_balance_would_move(
+    group: tuple[dict[str, int], dict[str, Member]],
+) -> None:
+    partitions, members = group
+    target = assign(partitions, members)
+    decision = settle(partitions, members)
+    handed = Counter(tp for got in decision.assigned.values() for tp in got)
+    assert set(handed) == {tp for got in target.values() for tp in got}  # the same partitions
+    assert all(count == 1 for count in handed.values())  # each once
+    for name, got in decision.assigned.items():
+        assert all(tp.topic in members[name].topics for tp in got)
+        assert decision.handover[name] <= got
+    for tp in handed:
+        owner = _resolved_owner(tp, partitions, members)
+        if owner is None:
+            continue
+        running = members[owner].claims.owned[tp]
+        moves = tp not in target[owner]
+        # busy: stays with its owner, marked exactly when balance wants it elsewhere
+        assert (tp in decision.assigned[owner]) == (bool(running) or not moves)
+        assert (tp in decision.handover[owner]) == (bool(running) and moves)
+    # nothing else differs from the balanced assignment
+    for name in members:
+        others = {tp for tp in target[name] if not any(tp in h for h in decision.handover.values())}
+        assert decision.assigned[name] - decision.handover[name] == others
+
+
+@given(groups())
+def test_settle_without_running_calls_is_the_balanced_assignment(
+    group: tuple[dict[str, int], dict[str, Member]],
+) -> None:
+    partitions, members = group
+    idle = {
+        name: Member(
+            topics=m.topics,
+            claims=Claims(generation=m.claims.generation, owned=dict.fromkeys(m.claims.owned, 0)),
+        )
+        for name, m in members.items()
+    }
+    decision = settle(partitions, idle)
+    assert decision.assigned == assign(partitions, idle)
+    assert not any(decision.handover.values())
+
+
+def test_scaling_out_with_every_partition_busy_hands_over_then_balances() -> None:
+    """1 → 2 workers while calls run on all six partitions: nothing moves this round and
+    half is marked; once those are idle (claimed with 0 running) they move."""
+    partitions = {"requests": 6}
+    busy = {TopicPartition("requests", p): 10 + p for p in range(6)}
+    members = {
+        "a": Member(topics=frozenset(partitions), claims=Claims(generation=1, owned=busy)),
+        "b": Member(topics=frozenset(partitions)),
+    }
+    first = settle(partitions, members)
+    assert first.assigned == {"a": set(busy), "b": set()}
+    assert {tp.partition for tp in first.handover["a"]} == {0, 1, 2}  # the idlest
+    owned = {tp: 0 if tp in first.handover["a"] else n for tp, n in busy.items()}
+    members["a"] = Member(topics=frozenset(partitions), claims=Claims(generation=2, owned=owned))
+    second = settle(partitions, members)
+    assert {tp.partition for tp in second.assigned["a"]} == {3, 4, 5}
+    assert {tp.partition for tp in second.assigned["b"]} == {0, 1, 2}
+    assert not any(second.handover.values())
+
+
+@given(st.binary())
+def test_assignment_user_data_we_did_not_write_hands_over_nothing(data: bytes) -> None:
+    assert isinstance(decode_handover(data), set)
+
+
 @given(
     st.builds(
         Claims,
@@ -232,3 +307,27 @@ def test_the_aiokafka_face_round_trips_claims_and_assignments() -> None:
     got = {name: set(assignment.partitions()) for name, assignment in result.items()}
     assert got["a"] == set(owned)
     assert got["b"] == {TopicPartition("requests", 2), TopicPartition("requests", 3)}
+
+
+def test_the_aiokafka_face_tells_a_member_what_to_hand_over() -> None:
+    """A leader's assignment carries the partitions to hand over in its user data, and
+    the member's `on_assignment` hears them; a member with nothing to hand over hears so."""
+    owned = {TopicPartition("requests", p): 3 for p in range(4)}
+    heard: dict[str, set[TopicPartition]] = {}
+    a = StickyAssignor(
+        lambda: Claims(generation=3, owned=owned), lambda tps: heard.__setitem__("a", tps)
+    )
+    b = StickyAssignor(lambda: Claims(), lambda tps: heard.__setitem__("b", tps))
+    wire = {
+        name: ConsumerProtocolMemberMetadata.decode(assignor.metadata(["requests"]).encode())
+        for name, assignor in (("a", a), ("b", b))
+    }
+    result = a.assign(_Cluster({"requests": 4}), wire)
+    for name, assignor in (("a", a), ("b", b)):
+        assignor.on_assignment(ConsumerProtocolMemberAssignment.decode(result[name].encode()))
+    assert set(result["a"].partitions()) == set(owned)  # busy: nothing moves yet
+    # equally busy: the higher partitions go
+    assert heard == {
+        "a": {TopicPartition("requests", 2), TopicPartition("requests", 3)},
+        "b": set(),
+    }

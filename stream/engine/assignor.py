@@ -3,7 +3,8 @@ the busiest partitions stay where their calls are running.
 
 aiokafka speaks only the eager protocol: every membership change revokes every partition
 of every member. What it costs depends on where partitions land afterwards, since a
-partition that moves abandons the calls running on it (the new owner pays for them again).
+partition that moves abandons the calls running on it (the new owner pays for them again)
+unless it is handed over (below).
 `assign` decides, given what each member owns now and how many calls run on each:
 
 - **every partition once**, to a member subscribed to its topic;
@@ -12,7 +13,13 @@ partition that moves abandons the calls running on it (the new owner pays for th
   with the fewest partitions so far, so totals stay even too);
 - **sticky**: a member keeps as many of its partitions as its share allows, so only the
   fewest possible partitions move, and those it gives up are the ones with the fewest
-  running calls.
+  running calls;
+- **no call abandoned** (`settle`): a partition that balance moves while calls run on it
+  stays with its owner this round, marked to be **handed over**. The owner starts nothing
+  new on it, lets the running calls finish (as long as a drain would wait), commits, and
+  asks the group to rebalance; it then claims the partition with no calls running and it
+  moves for free. Scaling out costs the newcomer a wait of at most one call, instead of
+  every running call on the partitions it takes paid for twice.
 
 Each member sends what it owns in its JoinGroup user data (`encode_claims`): a restarted
 member owns nothing, and a member that was dropped from the group may claim partitions
@@ -40,7 +47,17 @@ from aiokafka.coordinator.protocol import (
     ConsumerProtocolMemberMetadata,
 )
 
-__all__ = ["Claims", "Member", "StickyAssignor", "assign", "decode_claims", "encode_claims"]
+__all__ = [
+    "Claims",
+    "Decision",
+    "Member",
+    "StickyAssignor",
+    "assign",
+    "decode_claims",
+    "decode_handover",
+    "encode_claims",
+    "settle",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +77,14 @@ class Claims:
 class Member:
     topics: frozenset[str]
     claims: Claims = field(default_factory=Claims)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    """Partitions per member this round, and those of them each member is to hand over."""
+
+    assigned: dict[str, set[TopicPartition]]
+    handover: dict[str, set[TopicPartition]]
 
 
 def encode_claims(claims: Claims) -> bytes:
@@ -88,6 +113,27 @@ def decode_claims(data: bytes) -> Claims:
         return Claims()
 
 
+def _encode_handover(tps: set[TopicPartition]) -> bytes:
+    return orjson.dumps({"v": _VERSION, "h": dict(_by_topic(tps))}) if tps else b""
+
+
+def decode_handover(data: bytes) -> set[TopicPartition]:
+    """The partitions an assignment's user data says to hand over; none for anything else
+    (an older leader sends none: its moves abandon the running calls, as before)."""
+    try:
+        body = orjson.loads(data) if data else None
+        if not isinstance(body, dict) or body.get("v") != _VERSION:
+            return set()
+        return {
+            TopicPartition(topic, partition)
+            for topic, partitions in body["h"].items()
+            for partition in partitions
+            if isinstance(topic, str) and _at_least(partition, 0)
+        }
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return set()
+
+
 def _at_least(value: object, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
@@ -108,6 +154,24 @@ def assign(
             result[member] |= got
             totals[member] += len(got)
     return result
+
+
+def settle(partitions: Mapping[str, int], members: Mapping[str, Member]) -> Decision:
+    """`assign`'s balanced assignment, except that a partition it would move while calls
+    run on it stays with its owner, marked to be handed over (module docstring)."""
+    target = assign(partitions, members)
+    assigned = {member: set(got) for member, got in target.items()}
+    handover: dict[str, set[TopicPartition]] = {member: set() for member in members}
+    for topic in partitions:
+        eligible = {m: members[m].claims for m in members if topic in members[m].topics}
+        tps = [TopicPartition(topic, p) for p in range(partitions[topic])]
+        for tp, (owner, running) in _owners(tps, eligible).items():
+            if running and tp not in target[owner]:
+                for got in assigned.values():
+                    got.discard(tp)
+                assigned[owner].add(tp)
+                handover[owner].add(tp)
+    return Decision(assigned=assigned, handover=handover)
 
 
 def _owners(
@@ -171,8 +235,15 @@ class StickyAssignor:
     name = "stream-sticky"
     version = 0
 
-    def __init__(self, claims: Callable[[], Claims]) -> None:
+    def __init__(
+        self,
+        claims: Callable[[], Claims],
+        handover: Callable[[set[TopicPartition]], None] = lambda tps: None,
+    ) -> None:
+        """`handover` hears, with each assignment, the partitions to hand over (before
+        aiokafka calls the rebalance listener with the assignment)."""
         self._claims = claims
+        self._handover = handover
 
     def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
         return ConsumerProtocolMemberMetadata(
@@ -193,15 +264,24 @@ class StickyAssignor:
                 counts[topic] = max(found) + 1
             else:
                 log.warning("no partition metadata for topic %s: not assigned this round", topic)
-        decided = assign(counts, subscribed)
-        return {m: _assignment(self.version, decided[m]) for m in members}
+        decided = settle(counts, subscribed)
+        return {
+            m: _assignment(self.version, decided.assigned[m], decided.handover[m]) for m in members
+        }
 
     def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
-        pass  # the claims come from the engine's partitions, not from here
+        # the claims come from the engine's partitions; the assignment says what to hand over
+        self._handover(decode_handover(assignment.user_data or b""))
 
 
-def _assignment(version: int, tps: set[TopicPartition]) -> ConsumerProtocolMemberAssignment:
+def _assignment(
+    version: int, tps: set[TopicPartition], handover: set[TopicPartition]
+) -> ConsumerProtocolMemberAssignment:
+    return ConsumerProtocolMemberAssignment(version, _by_topic(tps), _encode_handover(handover))
+
+
+def _by_topic(tps: set[TopicPartition]) -> list[tuple[str, list[int]]]:
     by_topic: dict[str, list[int]] = {}
     for tp in sorted(tps):
         by_topic.setdefault(tp.topic, []).append(tp.partition)
-    return ConsumerProtocolMemberAssignment(version, sorted(by_topic.items()), b"")
+    return sorted(by_topic.items())

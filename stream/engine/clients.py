@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, codec
+from aiokafka import AIOKafkaConsumer, TopicPartition, codec
 
 from stream.config import Settings
 from stream.engine.assignor import Claims, StickyAssignor
@@ -24,9 +24,14 @@ OFFSET_RESET = "earliest"
 
 
 def make_consumer(
-    settings: Settings, group_id: str, instance_id: str | None, claims: Callable[[], Claims]
+    settings: Settings,
+    group_id: str,
+    instance_id: str | None,
+    claims: Callable[[], Claims],
+    handover: Callable[[set[TopicPartition]], None] = lambda tps: None,
 ) -> AIOKafkaConsumer:
-    """A group consumer; `claims` tells the sticky assignor what this member owns."""
+    """A group consumer; `claims` tells the sticky assignor what this member owns, and
+    `handover` hears what each assignment asks it to hand over."""
     check_codecs()
     config = settings.engine
     return AIOKafkaConsumer(
@@ -55,7 +60,7 @@ def make_consumer(
         # with a different protocol list, and a static member that changes its metadata
         # starts a new rebalance: two static workers offering two strategies could make
         # each other's SyncGroup fail for ever (seen: 1 start in 16 never settled).
-        partition_assignment_strategy=(StickyAssignor(claims),),
+        partition_assignment_strategy=(StickyAssignor(claims, handover),),
     )
 
 

@@ -22,10 +22,10 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from anyio.abc import TaskGroup
 
 from stream.config import Settings
-from stream.engine.assignor import Claims
 from stream.engine.clients import make_consumer, make_sink
 from stream.engine.fetch import UNDECODABLE, StandIn, stand_in_for_undecodable
 from stream.engine.flow import Flow, Gate
+from stream.engine.handover import Handover
 from stream.engine.late import stuck_outputs
 from stream.engine.membership import Membership, group_instance_id
 from stream.engine.outputs import CLOSE_TIMEOUT_S, Output, Sink
@@ -103,16 +103,12 @@ class Engine:
         self.membership = Membership(
             settings.kafka, group_id, group_instance_id(self._config.instance_id, name)
         )
+        self._handover = Handover(self._partitions, self.membership, self._shutdown_grace_s)
         # aiokafka clients need a running event loop: they are made in `run`.
         self._clients: tuple[AIOKafkaConsumer, Sink, Listener, Rebalancer] | None = None
         self.records_in = self.records_done = self.handler_errors = self.commits = 0
         self.records_redelivered = self.records_released = 0
         self.last_commit_seconds = 0.0
-
-    def _claims(self) -> Claims:
-        """What this member owns as it joins: partitions, and the records running on each."""
-        owned = {tp: p.in_flight for tp, p in self._partitions.items() if not p.abandoned}
-        return Claims(generation=self.membership.generation, owned=owned)
 
     @property
     def _consumer(self) -> AIOKafkaConsumer:
@@ -143,6 +139,7 @@ class Engine:
             async with anyio.create_task_group() as group:
                 self._task_group = group
                 group.start_soon(self._commit_loop)
+                group.start_soon(self._handover.run, self._stopping)
                 await self._fetch()
                 await self._drain(self._shutdown_grace_s())
                 group.cancel_scope.cancel()
@@ -209,7 +206,9 @@ class Engine:
 
     async def _start(self) -> None:
         instance_id = self.membership.instance_id
-        consumer = make_consumer(self._settings, self.group_id, instance_id, self._claims)
+        consumer = make_consumer(
+            self._settings, self.group_id, instance_id, self._handover.claims, self._handover.heard
+        )
         self.membership.attach(consumer)
         sink = make_sink(
             self._settings, self.group_id, consumer, [*self._output_topics, *self._topics]
@@ -248,6 +247,7 @@ class Engine:
             raise
 
     def _assigned(self) -> None:
+        self._handover.assigned()
         self._flow.update(self._consumer)
         self.ready.set()
 

@@ -173,6 +173,7 @@ class Flow:
             pause = (
                 partition.held is not None
                 or partition.revoked
+                or partition.handing_over
                 or _full(partition.queued, config.max_in_flight_per_partition, partition.paused)
                 or _full(total_queued, self.queue_window, partition.paused)
                 or partition.offsets.span >= _MAX_SPAN_FACTOR * config.max_in_flight_per_partition

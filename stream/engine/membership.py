@@ -82,6 +82,11 @@ class Membership:
         session that expired, or (with an instance id) a newer process that took over."""
         return bool(self.member_id) and not self._coordinator.member_id
 
+    def rejoin(self) -> None:
+        """Ask the group for a rebalance (aiokafka has no public call for it): this member
+        handed partitions over and claims them idle now (`stream.engine.assignor`)."""
+        self._coordinator.request_rejoin()
+
     async def holder(self) -> str | None:
         """Who else holds our instance id in the group (None: nobody, or no instance id)."""
         if not self.instance_id:

@@ -10,6 +10,10 @@ records go on but hold their outputs (`kept` waits) until the group decides. If 
 partition comes back (`resume`), they write and it carries on where it was; if it moved
 (`abandon`), they write nothing and stop.
 
+The group may ask for a partition to be **handed over** (`handing_over`): it stays ours,
+writing and committing, but nothing new starts on it; once its running records finish
+(`handed`), the engine asks for the rebalance that moves it (`stream.engine.assignor`).
+
 The snapshots an engine gives of itself (`EngineSnapshot`) and of each partition
 (`PartitionSnapshot`) live here too: what metrics and health read.
 """
@@ -114,6 +118,11 @@ class Partition:
         self.paused = False
         self.revoked = False  # no new work: on probation, or leaving this worker
         self.abandoned = False  # it left: runs still going write nothing
+        # The group asked for it elsewhere once its running records finish: nothing new
+        # starts (`has_ready`); `handed`: they finished (or the wait ran out), and the next
+        # join claims it with nothing running, so it moves.
+        self.handing_over = False
+        self.handed = False
         # A graceful stop finished (or gave back) every record of it: no output of it can
         # land after the final commit, which then needs no `since` note.
         self.drained = False
@@ -152,7 +161,7 @@ class Partition:
         return len(self.running)
 
     def has_ready(self) -> bool:
-        return bool(self._ready) and not self.revoked
+        return bool(self._ready) and not (self.revoked or self.handing_over)
 
     def enqueue(self, record: Record) -> None:
         key = record.key if self.key_ordering else None
