@@ -235,6 +235,7 @@ class Settings:
             spend=_spend_settings(source),
         )
         source.check_file_keys()
+        source.check_env_keys()
         settings.check()
         return settings
 

@@ -21,6 +21,9 @@ __all__ = ["Secret", "Source"]
 
 T = TypeVar("T")
 
+# Variables read outside `Settings` (the Kafka jars' cache, the bench's profiler).
+READ_ELSEWHERE = frozenset({"STREAM_CACHE_DIR", "STREAM_BENCH_PROFILE", "STREAM_BENCH_RUN"})
+
 
 class Secret:
     """A string that never shows itself in `repr`, `str`, logs or exceptions."""
@@ -55,8 +58,11 @@ class Source:
         self.file = env.get("STREAM_CONFIG_FILE")
         from_file = self._file_values(self.file)
         self.file_keys = frozenset(from_file)
-        self.env = {**from_file, **env}
-        self.asked: set[str] = {"STREAM_CONFIG_FILE"}
+        # An empty variable counts as unset (see `text`), also over the file: compose's
+        # `${NAME:-}` must not erase a spend limit the file sets.
+        self.env_keys = frozenset(k for k, v in env.items() if v.strip())
+        self.env = {**from_file, **{k: v for k, v in env.items() if v.strip()}}
+        self.asked: set[str] = {"STREAM_CONFIG_FILE", *READ_ELSEWHERE}
 
     @staticmethod
     def _file_values(path: str | None) -> dict[str, str]:
@@ -86,6 +92,20 @@ class Source:
                 f"STREAM_CONFIG_FILE {self.file!r}: {key} is not a setting{hint}; "
                 "the README's Configuration section lists them"
             )
+
+    def check_env_keys(self) -> None:
+        """A `STREAM_*` variable that is no setting but close to one is a typo: refused,
+        or `STREAM_SPEND_LIMT_USD=5` would run with no limit. Others are left alone (a
+        platform may set variables of its own that share the prefix)."""
+        settings = sorted(self.asked)
+        for key in sorted(self.env_keys - self.asked - self.file_keys):
+            if not key.startswith("STREAM_"):
+                continue
+            if close := difflib.get_close_matches(key, settings, n=1, cutoff=0.85):
+                raise ConfigError(
+                    f"{key} is not a setting (did you mean {close[0]}?): rename or unset it; "
+                    "the README's Configuration section lists them"
+                )
 
     def text(self, name: str, default: str) -> str:
         # An empty variable counts as unset: compose's `${NAME:-}` and templating tools

@@ -187,6 +187,42 @@ def test_an_empty_variable_counts_as_unset(tmp_path: Path) -> None:
     assert settings.engine.shutdown_grace_s is None
 
 
+def test_an_empty_variable_does_not_erase_what_the_config_file_sets(tmp_path: Path) -> None:
+    """compose's `${STREAM_SPEND_LIMIT_USD:-}` over a file that sets a limit: the limit
+    holds (it ran with none)."""
+    file = tmp_path / "stream.toml"
+    file.write_text('STREAM_SPEND_LIMIT_USD = 0.5\nSTREAM_GUARANTEE = "exactly-once"\n')
+    settings = Settings.from_env(
+        {"STREAM_CONFIG_FILE": str(file), "STREAM_SPEND_LIMIT_USD": "", "STREAM_GUARANTEE": " "}
+    )
+    assert settings.spend.limit_usd == 0.5
+    assert settings.engine.guarantee == "exactly-once"
+
+
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("STREAM_GAURANTEE", "STREAM_GUARANTEE"),
+        ("STREAM_SPEND_LIMIT_US", "STREAM_SPEND_LIMIT_USD"),
+        ("STREAM_MAX_INFLIGHT", "STREAM_MAX_IN_FLIGHT"),
+    ],
+)
+def test_a_misspelt_variable_is_refused_with_the_setting_it_resembles(
+    name: str, meant: str
+) -> None:
+    """A typo in the environment must not run a worker with no spend limit, or at-least-once
+    where exactly-once was meant, as a typo in the config file already cannot."""
+    with pytest.raises(ConfigError, match=f"{name} is not a setting \\(did you mean {meant}\\?\\)"):
+        Settings.from_env({name: "5"})
+
+
+def test_other_variables_that_share_the_prefix_are_left_alone() -> None:
+    settings = Settings.from_env(
+        {"STREAM_CACHE_DIR": "/tmp/x", "STREAM_PLATFORM_REGION": "eu", "STREAM_GAURANTEE": ""}
+    )
+    assert settings.engine.guarantee == "at-least-once"
+
+
 def test_shutdown_grace_is_a_cap_when_set_and_follows_the_catalog_when_not() -> None:
     from stream.catalog import Model, build_catalog, load_catalog
     from stream.worker import COMMIT_AND_CLOSE_S, drain_grace_s, stop_grace_s
