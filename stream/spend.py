@@ -7,11 +7,12 @@ Before a call spends, `admit` holds its estimated cost; the call goes out only w
 was spent in the last `window_s`, plus what calls in flight hold, plus this estimate stays
 within the limit; when it settles, the hold becomes the real cost, timed now. So no window
 of `window_s` seconds ever spends more than the limit, as long as no call costs more than
-its estimate: the most expensive call seen for the model so far, or, before the first,
-its prompt (bytes / 3 as tokens) plus `max_tokens` when given; a model's first call runs
-alone, and a call waiting for room is estimated again each time it wakes (a backlog queued
-behind the first call holds what that call cost). A call that costs more than its estimate
-can overshoot by the difference.
+its estimate: the larger of the most expensive call seen for the model so far and, when
+the request sets `max_tokens`, its prompt (bytes / 3 as tokens) plus `max_tokens` (the
+most it can cost; before the model's first call, without `max_tokens`, the prompt alone);
+a model's first call runs alone, and a call waiting for room is estimated again each time
+it wakes (a backlog queued behind the first call holds what that call cost). A call that
+costs more than its estimate can overshoot by the difference.
 
 What was spent is kept in time slots, at most `_SLOTS` per window (a worker paying 800 calls
 a second would otherwise keep an entry per call: 2.9 million for a 1 h window, ~280 MB,
@@ -20,9 +21,11 @@ does, so a spend may count up to a slot's width (window / `_SLOTS`) longer than 
 the gate may open that much later, never earlier.
 
 The engine's gate (`holds`) closes when the next typical call (the most expensive seen)
-would not fit: no new record starts, the partitions pause (lag grows, the records wait in
-Kafka), and the commit metadata says `held=spend_limit` so `stream lag` shows why. Calls
-already admitted finish. When old spend leaves the window the gate opens again by itself.
+would not fit, or while a call waits for room under the worker-wide limit (a request's
+`max_tokens` may make its estimate dearer than the typical call): no new record starts,
+the partitions pause (lag grows, the records wait in Kafka), and the commit metadata says
+`held=spend_limit` so `stream lag` shows why. Calls already admitted finish. When old
+spend leaves the window the gate opens again by itself.
 A per-model limit is enforced at admission only: that model's records wait in flight
 (their slots taken) while others go on.
 """
@@ -121,15 +124,23 @@ class Budget:
         self._limited = False
         self._logged_at = -math.inf  # at the edge the gate flaps once per freed call
         self._told_dear: set[str] = set()  # models said to cost more than the limit a call
+        self._waiting = 0  # calls waiting for room under the worker-wide limit
         self.changes = 0  # counts what was spent: `stream.spendstate` writes on a change
 
     async def admit(self, model: Model, body_bytes: int, max_tokens: int | None) -> _Hold:
         # Estimated afresh on every wake: a call queued behind the model's first one must
         # hold what that call revealed, not the prompt-only guess it arrived with.
         while not self._fits(model.id, estimate := self._estimate(model, body_bytes, max_tokens)):
+            # Held by the worker-wide limit (not a model's own, nor its first call): the
+            # gate closes too (`holds`), so the engine stops starting records and says why.
+            held = not _within(self.limit_usd, self._spent_total, self._held_total, estimate)
+            self._waiting += held
             wait = self._next_expiry_in()
-            with anyio.move_on_after(math.inf if wait is None else wait):
-                await self._changed.wait()
+            try:
+                with anyio.move_on_after(math.inf if wait is None else wait):
+                    await self._changed.wait()
+            finally:
+                self._waiting -= held
         if self.limit_usd is not None and estimate > self.limit_usd:
             self._warn_dear(model.id, estimate)
         self._held_total += estimate
@@ -138,16 +149,21 @@ class Budget:
         return _Hold(self, model.id, estimate)
 
     def holds(self, topic: str) -> str | None:
-        """The engine's gate: `spend_limit` while the next typical call would not fit."""
+        """The engine's gate: `spend_limit` while the next typical call would not fit, or
+        a call waits for room."""
         if self.limit_usd is None:
             return None
         self._prune()
         # The next typical call, the dearest seen, asked as admission asks it: one dearer
         # than the whole limit goes alone on an empty window (taken whole, it closed the
         # gate for good, empty window or not).
+        # Calls already waiting for room hold it too: their estimates (`max_tokens` bounds
+        # them) may not fit where the typical call would.
         typical = max(self._dearest.values(), default=0.0)
-        limited = not _within(self.limit_usd, self._spent_total, self._held_total, typical) or (
-            self._spent_total >= self.limit_usd
+        limited = (
+            self._waiting > 0
+            or not _within(self.limit_usd, self._spent_total, self._held_total, typical)
+            or self._spent_total >= self.limit_usd
         )
         if limited != self._limited:
             self._limited = limited

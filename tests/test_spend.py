@@ -108,6 +108,33 @@ async def test_max_tokens_and_the_prompt_bound_a_first_estimate() -> None:
     hold.settle(0.00005)
 
 
+async def test_a_call_waiting_for_room_closes_the_gate_and_says_so() -> None:
+    """A request's `max_tokens` can make its estimate dearer than the typical call: it
+    waits for room, and the gate must then hold the engine (pausing partitions, the
+    `stream_spend_limited` gauge, `held=spend_limit` for `stream lag`), not read open
+    while records sit in flight making no call."""
+    clock = Clock()
+    budget = Budget("live", limit_usd=0.001, window_s=60, clock=clock)
+    (await _admit(budget)).settle(0.0001)  # the typical call: $0.0001
+    (await _admit(budget)).settle(0.0001)
+    assert budget.holds("t") is None  # $0.0002 of $0.001: a typical call fits
+    admitted: list[Any] = []
+
+    async def call() -> None:
+        # ~100 prompt tokens + 900 max_tokens at $1/10⁶: $0.001, over the $0.0008 left
+        admitted.append(await budget.admit(V3, 300, 900))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(call)
+        await anyio.wait_all_tasks_blocked()
+        assert budget.holds("t") == HELD
+        assert budget.snapshot().limited
+        clock.now += 62  # the window moves on: room again, the waiting call goes
+        budget._wake()  # (the real clock wakes it when the spends leave the window)
+    admitted[0].settle(0.0001)
+    assert budget.holds("t") is None  # nothing waits, and a typical call fits again
+
+
 @hypothesis_settings(deadline=None, max_examples=60)
 @given(
     steps=st.lists(
