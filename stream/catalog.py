@@ -17,8 +17,9 @@ A catalog file (`STREAM_CATALOG_FILE`, TOML or JSON) overrides the defaults:
     [prices]                           # optional: prices of models already in the catalog
     "deepseek-r1-0528-syn" = { input = 3.0, output = 8.0 }
 
-    [fallbacks]                        # when present, replaces the default mapping whole
+    [fallbacks]                        # added to the default mapping, or replacing one
     "my-model-syn" = "deepseek-r1"
+    "kimi-k2-thinking-syn" = ""        # "": no fallback for this one
 
 Everything is checked at load, and a bad entry is one `ConfigError` naming it and the file,
 so a worker with a broken catalog refuses to start instead of dead-lettering at run time.
@@ -173,7 +174,10 @@ def load_catalog(settings: Settings) -> Catalog:
         models.update(_parse_models(data.get("models", {}), source))
         models.update(_parse_prices(data.get("prices", {}), models, source))
         if "fallbacks" in data:
-            fallbacks = _parse_fallbacks(data["fallbacks"], source)
+            changed = _parse_fallbacks(data["fallbacks"], source)
+            kept = {k: v for k, v in fallbacks.items() if k not in changed}
+            # the file's own first: an error names its entry before a default it broke
+            fallbacks = {k: v for k, v in changed.items() if v} | kept
         unknown = set(data) - {"models", "fallbacks", "prices"}
         if unknown:
             raise ConfigError(f"catalog {source}: unknown top-level keys {sorted(unknown)}")

@@ -154,8 +154,25 @@ def test_a_file_adds_models_and_replaces_the_mapping(tmp_path: Path) -> None:
         id="my-syn", provider="synthetic", api_model="hf:org/My", timeout_s=30.0
     )
     assert catalog.fallback_for("my-syn") == catalog.get("my-tg")
-    assert catalog.fallback_for("deepseek-r1-0528-syn") is None
+    # the default mappings stay unless replaced (a file that added one dropped them all)
+    assert catalog.fallback_for("deepseek-r1-0528-syn") == catalog.get("deepseek-r1")
     assert catalog.get("glm-4.6-syn") is not None  # defaults stay unless replaced
+
+
+def test_a_catalog_file_replaces_or_removes_a_default_fallback(tmp_path: Path) -> None:
+    settings = _settings(
+        tmp_path,
+        """
+        [fallbacks]
+        "deepseek-r1-0528-syn" = ""
+        "kimi-k2-thinking-syn" = "deepseek-r1"
+        """,
+    )
+    catalog = load_catalog(settings)
+    assert catalog.fallback_for("deepseek-r1-0528-syn") is None  # "": none for this one
+    assert catalog.fallback_for("kimi-k2-thinking-syn") == catalog.get("deepseek-r1")
+    expected = {k: v for k, v in MODEL_FALLBACKS.items() if k != "deepseek-r1-0528-syn"}
+    assert catalog.fallbacks == expected | {"kimi-k2-thinking-syn": "deepseek-r1"}
 
 
 def test_a_json_file_works_too(tmp_path: Path) -> None:
