@@ -1,7 +1,8 @@
 """The `stream` command: one entry point, one sub-command per operator task.
 
 Exit codes: 0 done; 1 failed (one line on stderr says why and what to do); 2 usage error;
-3 something needs a person (topic drift that apply will not fix, a stalled consumer group).
+3 something needs a person (topic drift that apply will not fix, a stalled consumer group);
+130 interrupted (Ctrl-C); 141 its reader went away (`| head`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "fallback; one terminal record per request.",
         epilog="Configuration comes from the environment (KAFKA_BOOTSTRAP_SERVERS, "
         "SYNTHETIC_API_KEY, TOGETHER_API_KEY, STREAM_*); see the README. Exit codes: 0 done, "
-        "1 failed, 2 usage, 3 needs attention (drift, stalled group).",
+        "1 failed, 2 usage, 3 needs attention (drift, stalled group), 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

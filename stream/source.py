@@ -171,10 +171,10 @@ class Source:
         self.asked.add(name)
         if not self.env.get(name, "").strip():
             return None
-        value = self.number(name, low, low=low, high=high)
-        if above and not value > low:
+        value = self._parse(name, low, float, "a number")
+        if above and math.isfinite(value) and not value > low:  # (-1: "above 0", not "at least")
             raise ConfigError(f"{name} must be above {low:g} (got {value:g})")
-        return value
+        return self.number(name, low, low=low, high=high)
 
     def amounts(self, name: str) -> dict[str, float]:
         """`id=USD,id=USD` → {id: USD}, each a positive number."""

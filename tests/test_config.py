@@ -76,6 +76,9 @@ def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None
         ({"SYNTHETIC_BASE_URL": "http://"}, "URL with a host, such as https://api.synthetic.new"),
         ({"SYNTHETIC_BASE_URL": "http:// spaces /v1"}, "URL with a host"),
         ({"TOGETHER_BASE_URL": "ftp://host/v1"}, "an http:// or https:// URL"),
+        # 0 is refused too: "at least 0" was not what would be right
+        ({"STREAM_SPEND_LIMIT_USD": "-1"}, r"STREAM_SPEND_LIMIT_USD must be above 0 \(got -1\)"),
+        ({"STREAM_SPEND_LIMIT_USD": "inf"}, "must be a finite number"),
     ],
 )
 def test_bad_settings_say_what_would_be_right(env: dict[str, str], says: str) -> None:

@@ -155,7 +155,8 @@ def summary(tally: Tally, elapsed_s: float) -> tuple[list[str], bool]:
     total = Bill()
     for bill in tally.bills.values():
         total.merge(bill)
-    lines.append(total.line() + " (results; failed attempts are in stream_provider_spend_usd)")
+    failed = "failed attempts are in stream_provider_spend_usd_total"
+    lines.append(f"{total.line()} (results; {failed})")
     for rid in wrong[:5]:
         lines.append(f"  unexpected: {tally.scenario[rid]} ended as {tally.outcome[rid]}")
     return lines, not missing and not wrong
