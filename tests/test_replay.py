@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import anyio
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from stream.backfill.progress import Progress, parse_rate
 from stream.backfill.replay import PartitionReplay, Replay, ReplayOptions
@@ -361,7 +362,6 @@ def test_copied_ranges_decide_where_to_start_and_what_to_skip() -> None:
         partition=0, window=Span(10, 50), done=[Span(0, 15), Span(20, 30), Span(60, 70)]
     )
     assert part.already == 15  # 10..14 and 20..29
-    assert part.missing == 25
     assert part.first_missing() == 15
     assert [o for o in range(10, 50) if not part.copied_before(o)] == [
         *range(15, 20),
@@ -386,6 +386,51 @@ async def test_json_summary_for_scripts(settings: Settings, env: dict[str, str])
     assert real["dry_run"] is False and real["total"]["copied"] == 30
     again = orjson.loads((await run_cli(env, "replay", *window)).stdout)
     assert again["total"] == {"records": 30, "already": 30, "to_copy": 0, "copied": 0}
+
+
+async def _in_transactions(settings: Settings, topic: str) -> None:
+    """30 requests in 10 committed transactions (each leaves a marker: an offset that is no
+    record), over 2 partitions, then 2 in a transaction aborted (offsets, never records)."""
+    producer = AIOKafkaProducer(
+        **settings.kafka.client_options(), transactional_id=settings.topic("writer")
+    )
+    await producer.start()
+    try:
+        for t in range(11):
+            await producer.begin_transaction()
+            for i in range(3 * t, 3 * t + (3 if t < 10 else 2)):
+                request = _request(i)
+                await producer.send_and_wait(topic, request.value, request.key, t % 2)
+            await (producer.commit_transaction() if t < 10 else producer.abort_transaction())
+    finally:
+        await producer.stop()
+
+
+async def test_totals_count_records_not_the_offsets_transactions_take(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    """A source written in transactions (as `stream redrive` writes the requests topic):
+    the totals counted offsets, so a complete run said done at 30/43 and every run after
+    it had 13 "to copy" that it never copied."""
+    await create_topics(settings, {SOURCE: 2, TARGET: 2})
+    await _in_transactions(settings, settings.topic(SOURCE))
+    window = ["--since", "1h", "--json"]
+
+    def totals(run: subprocess.CompletedProcess[str]) -> list[int]:
+        assert run.returncode == 0, run.stderr
+        total = orjson.loads(run.stdout)["total"]
+        return [total[key] for key in ("records", "already", "to_copy", "copied")]
+
+    assert totals(await run_cli(env, "replay", *window, "--dry-run")) == [30, 0, 30, 0]
+    done = await run_cli(env, "replay", *window)
+    assert totals(done) == [30, 0, 30, 30]
+    assert "replay: 30/30 records (100%)" in done.stderr
+    rows = orjson.loads(done.stdout)["partitions"]
+    assert [row["records"] for row in rows] == [15, 15]
+    # the windows' offsets: 15 records and 5 markers each, and 2 aborted + a marker on 0
+    assert [row["window_end"] for row in rows] == [23, 20]
+    assert totals(await run_cli(env, "replay", *window)) == [30, 30, 0, 0]
+    assert sorted(_index(r) for r in await _committed(settings)) == list(range(30))
 
 
 async def test_a_run_that_stops_moving_says_it_waits_and_one_that_moves_says_nothing() -> None:

@@ -11,6 +11,10 @@ Resuming needs no state store: the `replayed-from` headers already in the target
 which source offsets were copied. Only target records written since the window began
 can be copies of it (a copy is younger than its original), so the scan is bounded.
 
+Offsets are no count: transaction markers and aborted records take offsets too (`stream
+redrive` writes the requests topic in transactions). So a run first reads what the target
+lacks and counts its records; the totals and the progress line count records, and close.
+
 Copies are written in transactions (one per fetched batch, or about a second's worth
 under `--rate`) by a producer whose transactional id is fixed per source and target
 (`stream.backfill.writer`): a second run started meanwhile fences this one, and reads
@@ -84,14 +88,16 @@ class PartitionReplay:
     partition: int
     window: Span
     done: list[Span]  # source offsets already copied (merged, sorted)
+    missing: int = 0  # records in the window not in the target (counted by reading them)
+    first: int | None = None  # the first of them, once counted
     copied: int = 0
     # offsets that cannot be copied, by why: the client cannot decode them, or cannot write
     # them (neither key nor value), or the target cannot take them (too large)
     uncopied: dict[str, list[int]] = field(default_factory=dict)
 
     @property
-    def missing(self) -> int:
-        return self.window.size - self.already
+    def records(self) -> int:  # the window's offsets less markers and aborted records
+        return self.already + self.missing
 
     @property
     def already(self) -> int:
@@ -109,6 +115,10 @@ class PartitionReplay:
 
     def copied_before(self, offset: int) -> bool:
         return contains(self.done, offset)
+
+    def lacks(self, offset: int) -> None:  # the record at `offset` is not in the target
+        self.missing += 1
+        self.first = offset if self.first is None else self.first
 
     def skip(self, offset: int, why: str) -> None:
         self.uncopied.setdefault(why, []).append(offset)
@@ -182,11 +192,32 @@ class Replay:
             )
             for tp in sources
         ]
+        await self._count(consumer)
 
-    async def _copy(self, consumer: Any, producer: Any) -> None:
+    async def _count(self, consumer: Any) -> None:
+        """Count the records the target lacks, reading from each partition's first offset
+        not copied: everything before it is copied, and the gaps after it may be markers."""
         todo = {
             TopicPartition(self.options.source, p.partition): Span(p.first_missing(), p.window.end)
             for p in self.partitions
+        }
+        stream = batches(consumer, todo, on_undecodable=self._uncounted)
+        async with aclosing(stream):
+            async for batch in stream:
+                part = self._partition(batch[0].partition)
+                for record in batch:
+                    if not part.copied_before(record.offset):
+                        part.lacks(record.offset)
+
+    def _uncounted(self, bad: Undecodable) -> None:  # a record all the same: to be listed
+        self._partition(bad.tp.partition).lacks(bad.offset)
+
+    async def _copy(self, consumer: Any, producer: Any) -> None:
+        # only where records are missing, from the first of them
+        todo = {
+            TopicPartition(self.options.source, p.partition): Span(p.first, p.window.end)
+            for p in self.partitions
+            if p.first is not None
         }
         total = sum(p.missing for p in self.partitions)
         rate = self.options.rate
@@ -375,7 +406,7 @@ def report(run: Replay, outcome: str) -> dict[str, Any]:
             "partition": p.partition,
             "window_start": p.window.start,
             "window_end": p.window.end,
-            "records": p.window.size,
+            "records": p.records,
             "already": p.already,
             "to_copy": p.missing,
             "copied": p.copied,
@@ -405,8 +436,8 @@ def _summary(run: Replay, outcome: str) -> str:
     for p in run.partitions:
         count = p.missing if run.options.dry_run else p.copied
         span = f"{p.window.start}..{p.window.end}"
-        rows.append(f"{p.partition:>9}  {span:>19}  {p.window.size:>9}  {p.already:>9}  {count:>9}")
-    window = sum(p.window.size for p in run.partitions)
+        rows.append(f"{p.partition:>9}  {span:>19}  {p.records:>9}  {p.already:>9}  {count:>9}")
+    window = sum(p.records for p in run.partitions)
     already = sum(p.already for p in run.partitions)
     count = sum(p.missing for p in run.partitions) if run.options.dry_run else run.copied
     rows.append(f"{'total':>9}  {'':>19}  {window:>9}  {already:>9}  {count:>9}")
