@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from stream.config import Settings
 from stream.devtools.bench import Options
 from stream.devtools.scenarios import ScenarioOptions, worker_env
+from stream.kafka import admin_client
 from tests.kit import run_cli
 
 pytestmark = pytest.mark.anyio
@@ -80,6 +82,26 @@ async def test_bench_shows_the_spend_limit_holding(env: dict[str, str]) -> None:
     assert stream["max_window_spend_usd"] <= limit
 
 
+async def _groups(env: dict[str, str]) -> list[str]:
+    """The consumer groups on the test's broker (a run's topics go with it, its groups stay)."""
+    async with admin_client(Settings.from_env(env).kafka, doing="listing groups") as admin:
+        return [str(group[0]) for group in await admin.list_consumer_groups()]
+
+
+@pytest.mark.timeout(120)
+async def test_bench_topics_and_groups_go_under_the_operators_prefix(
+    env: dict[str, str], prefix: str
+) -> None:
+    """On a shared cluster prefixed ACLs let the operator use their STREAM_TOPIC_PREFIX only:
+    a run's topics and groups go under it (they were bench<id>.…, outside it)."""
+    done = await run_cli(
+        env, "bench", "--runs", "passthrough", "--requests", "20", "--latency", "0",
+        "--concurrency", "10", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert any(group.startswith(f"{prefix}bench") for group in await _groups(env))
+
+
 def test_naive_run_is_sized_to_a_budget_not_to_n() -> None:
     options = Options(
         requests=100_000,
@@ -99,7 +121,7 @@ def test_naive_run_is_sized_to_a_budget_not_to_n() -> None:
 
 @pytest.mark.timeout(300)
 async def test_a_rolling_restart_of_static_workers_pays_for_no_call_twice(
-    env: dict[str, str],
+    env: dict[str, str], prefix: str
 ) -> None:
     """`stream bench --scenario`: each worker SIGTERMed while its calls run, and started
     again once it drained. Not a timed test: what it checks is what was paid."""
@@ -114,6 +136,8 @@ async def test_a_rolling_restart_of_static_workers_pays_for_no_call_twice(
     assert [text for _, text in rolled["events"]][::3] == ["SIGTERM w0", "SIGTERM w1"]
     assert rolled["calls_per_request"] == 1.0 and rolled["calls_paid_twice"] == 0
     assert rolled["moved_partitions"] == []  # no rebalance: the workers are static members
+    # under the operator's STREAM_TOPIC_PREFIX, as every bench run
+    assert any(group.startswith(f"{prefix}scen") for group in await _groups(env))
 
 
 @pytest.mark.timeout(300)

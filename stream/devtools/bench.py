@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -48,7 +47,7 @@ from stream.devtools.benchdata import (
     results_of,
 )
 from stream.devtools.benchinfra import KEY as _KEY
-from stream.devtools.benchinfra import BenchError
+from stream.devtools.benchinfra import BenchError, run_prefix
 from stream.devtools.benchinfra import broker as _broker
 from stream.devtools.benchinfra import sim_calls as _sim_calls
 from stream.devtools.benchinfra import simulator as _simulator
@@ -220,7 +219,7 @@ def _latency_figures(requests: int, seconds: Sequence[float]) -> Figures:
 
 
 async def _kafka_run(mode: str, requests: int, options: Options, infra: Infra) -> Figures:
-    prefix = f"bench{uuid.uuid4().hex[:8]}.{mode}."
+    prefix = f"{run_prefix(options.env, 'bench')}{mode}."
     env = _child_env(options, infra, prefix, mode)
     settings = Settings.from_env(env)
     names = await create_topics(settings, options.partitions)

@@ -7,6 +7,7 @@ import contextlib
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -17,13 +18,19 @@ from stream.devtools.broker import LocalBroker, free_port
 from stream.devtools.simulator import simulate_command
 from stream.errors import StreamError
 
-__all__ = ["KEY", "BenchError", "broker", "sim_calls", "simulator"]
+__all__ = ["KEY", "BenchError", "broker", "run_prefix", "sim_calls", "simulator"]
 
 KEY = "sk-bench"  # the simulator's API key in every benchmark
 
 
 class BenchError(StreamError):
     """A run failed or did not deliver every result."""
+
+
+def run_prefix(env: Mapping[str, str], run: str) -> str:
+    """The topic and group prefix of one run: the operator's STREAM_TOPIC_PREFIX first (on
+    a shared cluster their prefixed ACLs cover that, nothing else), then `run` and an id."""
+    return f"{env.get('STREAM_TOPIC_PREFIX', '')}{run}{uuid.uuid4().hex[:8]}."
 
 
 @contextlib.contextmanager

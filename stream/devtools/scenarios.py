@@ -28,7 +28,6 @@ import json
 import os
 import tempfile
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from stream import clientconfig
 from stream.catalog import Model, load_catalog
 from stream.config import Settings
 from stream.devtools.benchdata import create_topics, delete_topics, results_of
-from stream.devtools.benchinfra import KEY, BenchError, broker, simulator
+from stream.devtools.benchinfra import KEY, BenchError, broker, run_prefix, simulator
 from stream.devtools.fleet import Fleet, seconds, settled
 from stream.devtools.simstats import prompt_key
 from stream.errors import UsageError
@@ -133,7 +132,7 @@ def worker_env(options: ScenarioOptions, bootstrap: str, sim: str, prefix: str) 
 
 async def _run(options: ScenarioOptions, bootstrap: str, sim: str, *, disturbed: bool) -> Figures:
     run = f"{options.scenario}-{'disturbed' if disturbed else 'undisturbed'}"
-    prefix = f"scen{uuid.uuid4().hex[:8]}."
+    prefix = run_prefix(options.env, "scen")
     env = worker_env(options, bootstrap, sim, prefix)
     settings = Settings.from_env(env)
     folder = options.folder / run
