@@ -342,6 +342,45 @@ async def test_a_home_whose_broker_runs_on_another_port_is_told_not_acted_on(
         await stand_in.wait()
 
 
+def test_a_stopped_home_keeps_its_port(tmp_path: Path) -> None:
+    """A single broker's home knows its port when nothing runs too: once stopped, status
+    and stop said 127.0.0.1:9092, and a start without --port moved the home to 9092."""
+    import json
+    import subprocess
+
+    from stream.devtools.broker import free_port
+    from tests.kit import ROOT
+
+    # `stream` whose fallback port (for a home that forgot its own) is not 9092: a test
+    # must never start a broker where someone's runs
+    command = (
+        "import sys; from stream import cli; from stream.devtools import kafkacli; "
+        "kafkacli._DEFAULT_PORT = int(sys.argv[1]); sys.exit(cli.main(sys.argv[2:]))"
+    )
+    fallback, port = free_port(), free_port()
+    bootstrap = f"127.0.0.1:{port}"
+
+    def kafka(*args: str) -> dict[str, object]:
+        argv = [str(fallback), "kafka", *args, "--home", str(tmp_path), "--json"]
+        done = subprocess.run(
+            [sys.executable, "-c", command, *argv], cwd=ROOT, capture_output=True, text=True
+        )
+        assert done.returncode in (0, 1), done.stderr
+        report: dict[str, object] = json.loads(done.stdout)
+        return report
+
+    try:
+        assert kafka("start", "--port", str(port))["state"] == "started"
+        assert kafka("stop")["bootstrap_servers"] == bootstrap
+        status = kafka("status")
+        assert (status["state"], status["bootstrap_servers"]) == ("not running", bootstrap)
+        again = kafka("start")
+        assert (again["state"], again["bootstrap_servers"]) == ("started", bootstrap)
+        assert kafka("status")["running"] is True
+    finally:  # started by this test: not left to run on after it fails
+        LocalBroker(home=tmp_path).kill()
+
+
 async def test_two_starts_at_once_from_one_home_make_one_broker(
     env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -152,16 +152,20 @@ class LocalBroker:
             time.sleep(0.2)
 
     def running_port(self) -> int | None:
-        """The port of the node running from `home` (its first listener, as written when it
-        started), None when none runs or it cannot be told."""
-        if self.pid() is None:
-            return None
-        try:
-            text = (self.home / "server.properties").read_text()
+        """The port of the node running from `home`, None when none runs or it cannot be told."""
+        return self.home_port() if self.pid() is not None else None
+
+    def home_port(self) -> int | None:
+        """The port `home`'s node was last started on, running or not (its first listener,
+        as written in its server.properties); None when it cannot be told."""
+        path = self.home / "server.properties"
+        try:  # (a FIFO would hang the read: it holds no properties)
+            text = path.read_text(errors="replace") if path.is_file() else ""
         except OSError:
             return None
         found = re.search(r"^listeners=[A-Z_]+://[^,\n]*:(\d+)", text, re.MULTILINE)
-        return int(found.group(1)) if found else None
+        port = int(found.group(1)) if found else 0
+        return port if 0 < port < 65536 else None
 
     def check_port(self) -> None:
         """A `BrokerError` when the node of `home` runs on another port than `port`: asked

@@ -62,11 +62,10 @@ def _single(args: argparse.Namespace) -> int:
         raise BrokerError(
             f"{home} holds a local cluster: pass --brokers as when it was started{made}"
         )
-    port = args.port
-    if port is None and args.action != "start":
-        # stop, status: the port the home's broker runs on (its home says it)
-        port = LocalBroker(home=home, port=_DEFAULT_PORT).running_port()
-    broker = LocalBroker(home=home, port=port or _DEFAULT_PORT)
+    # without --port: the port the home's broker runs on, or ran on when it last started
+    # (its home says it; a stopped home's is no 9092, nor is its next start moved there)
+    port = args.port or LocalBroker(home=home).home_port() or _DEFAULT_PORT
+    broker = LocalBroker(home=home, port=port)
     if args.action != "start":  # (a start checks it as it launches)
         broker.check_port()  # the home's broker, on the port asked for: or say which
     if args.action == "start":
@@ -206,9 +205,9 @@ def register(commands: Any) -> None:
         description="A KRaft broker on loopback from the pinned Apache Kafka jars (fetched "
         "with Maven once); with --brokers N, N brokers beside a quorum of three controllers "
         "(broker i on port P+i-1, controller j on P+N+j-1). stop/status take the same "
-        "--brokers, --port and --home as start (a single broker's --port may be left out: "
-        "its --home knows it). `status` exits 1 when nothing runs, 3 when a node of a "
-        "cluster is down.",
+        "--brokers, --port and --home as start (a single broker's --port may be left out, "
+        "start's too: its --home knows the port it last ran on). `status` exits 1 when "
+        "nothing runs, 3 when a node of a cluster is down.",
         epilog="examples: stream kafka start --brokers 3 --port 19092; "
         "stream kafka stop --brokers 3 --port 19092 --broker 2 --kill; "
         "stream kafka start --brokers 3 --port 19092 --broker 2",
@@ -217,8 +216,8 @@ def register(commands: Any) -> None:
     kafka.add_argument(
         "--port",
         type=_port,
-        help=f"the (first) broker's listener (default {_DEFAULT_PORT}; for stop and status of "
-        "a single broker, the port its --home runs on)",
+        help=f"the (first) broker's listener (default {_DEFAULT_PORT}; a single broker's "
+        "default, for start, stop and status: the port its --home last ran on, if it has)",
     )
     kafka.add_argument(
         "--home",
