@@ -138,26 +138,33 @@ def _connection_error(settings: KafkaSettings, doing: str, verdict: Verdict | No
             f"{', '.join(verdict.unresolved)} (DNS): check the host names in "
             f"KAFKA_BOOTSTRAP_SERVERS{_OR_FILE}"
         )
+    # the address may come from the flag or the variable (the flag wins): no telling
+    # which here, so the hint names both, in that order
     return KafkaError(
         f"cannot reach Kafka at {where} while {doing}: is it running? "
-        f"({_start_hint(where)}, or set KAFKA_BOOTSTRAP_SERVERS)"
+        f"({_start_hint(where)}, or fix the address: --bootstrap-server, else "
+        "KAFKA_BOOTSTRAP_SERVERS)"
     )
 
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+_LOCAL_PORT = 9092  # where `stream kafka start` listens without --port
 
 
 def _start_hint(bootstrap: str) -> str:
-    """How to start what `bootstrap` names: the local broker for one server, the local
-    cluster (`stream kafka start --brokers N`, brokers on consecutive ports) for several
-    on loopback, and nothing local for remote servers."""
-    servers = [server.strip() for server in bootstrap.split(",") if server.strip()]
-    if len(servers) < 2:
-        return "start a local one with `stream kafka start`"
+    """How to start what `bootstrap` names on loopback: the local broker for one server
+    (`stream kafka start`, with its --port), the local cluster for several (`--brokers N`,
+    brokers on consecutive ports); nothing local for remote servers."""
+    given = [server.strip() for server in bootstrap.split(",") if server.strip()]
+    servers = given or [f"127.0.0.1:{_LOCAL_PORT}"]
     hosts, ports = zip(*(server.rpartition(":")[::2] for server in servers), strict=True)
     if not all(host in _LOOPBACK for host in hosts) or not all(p.isdigit() for p in ports):
-        return "start its brokers"
-    command = f"stream kafka start --brokers {len(servers)} --port {min(map(int, ports))}"
+        return "start its brokers" if len(servers) > 1 else "start it"
+    first = min(map(int, ports))
+    if len(servers) < 2:
+        port = "" if first == _LOCAL_PORT else f" --port {first}"
+        return f"start a local one with `stream kafka start{port}`"
+    command = f"stream kafka start --brokers {len(servers)} --port {first}"
     return f"a local cluster starts with `{command}`"
 
 

@@ -124,12 +124,30 @@ def test_the_start_hint_names_the_local_cluster_only_for_loopback_servers(
     loopback = all(
         server.rpartition(":")[0] in ("127.0.0.1", "localhost", "[::1]") for server in named
     )
-    if len(ports) == 1:
-        assert hint == "start a local one with `stream kafka start`"
-    elif loopback:
-        assert hint.endswith(f"`stream kafka start --brokers {len(ports)} --port {min(ports)}`")
-    else:
+    if not loopback:
         assert "stream kafka start" not in hint
+    elif len(ports) == 1:  # at its port: `stream kafka start` alone is on 9092
+        port = "" if ports[0] == 9092 else f" --port {ports[0]}"
+        assert hint == f"start a local one with `stream kafka start{port}`"
+    else:
+        assert hint.endswith(f"`stream kafka start --brokers {len(ports)} --port {min(ports)}`")
+
+
+async def test_an_unreachable_broker_gets_the_command_that_starts_it_at_its_port() -> None:
+    """`stream kafka start` alone listens on 9092: for a broker on another port the hint
+    left --port out, and it said to set KAFKA_BOOTSTRAP_SERVERS when the address came from
+    --bootstrap-server (which wins over it)."""
+    from stream.devtools.broker import free_port
+    from tests.kit import run_cli
+
+    port = free_port()  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAM_", "KAFKA_"))}
+    done = await run_cli(env, "lag", "--bootstrap-server", f"127.0.0.1:{port}")
+    assert done.returncode == 1
+    assert f"cannot reach Kafka at 127.0.0.1:{port} while" in done.stderr
+    assert f"(start a local one with `stream kafka start --port {port}`, or fix" in done.stderr
+    assert "the address: --bootstrap-server, else KAFKA_BOOTSTRAP_SERVERS)" in done.stderr
+    assert "set KAFKA_BOOTSTRAP_SERVERS" not in done.stderr
 
 
 def test_missing_java_is_a_clear_error(
