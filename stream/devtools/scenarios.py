@@ -12,7 +12,8 @@ undisturbed, then with its events:
 
 The workers start and settle first; then the requests are published (t0). Figures:
 provider calls per request; calls paid twice (the simulator was asked the same again);
-calls running on partitions that moved (abandoned: the most a move may cost); the longest
+calls running on partitions that moved (abandoned: the most a move may cost); the
+partitions handed over (moved once their calls finished: nothing abandoned); the longest
 stop (from the simulator: the longest time, between a partition's first call and its last
 result, that no call of it was running); the longest pause (from the workers' logs: the
 longest time no worker took new work from a partition, from a probation or a drain until
@@ -280,6 +281,7 @@ def _figures(
         "calls_paid_twice": len(mine) - len({c["key"] for c in mine}),
         "abandoned_on_moved": sum(e.get("abandoned", 0) for e in logs),
         "moved_partitions": sorted(moved),
+        "handed_over_partitions": sorted(_handed_over(logs)),
         "longest_stop_s": round(max(stops.values()), 1),
         "longest_stop_staying_s": round(max(staying), 1) if staying else None,
         "stop_by_partition_s": {p: round(stop, 1) for p, stop in sorted(stops.items())},
@@ -320,6 +322,17 @@ def _pauses(logs: list[dict[str, Any]], last: dict[int, float]) -> dict[int, flo
 def _moved(logs: list[dict[str, Any]]) -> set[int]:
     """Request partitions some worker gave up to another (its log says they left)."""
     return {p for e in logs if "abandoned" in e for p in _partitions(e["partitions"])}
+
+
+def _handed_over(logs: list[dict[str, Any]]) -> set[int]:
+    """Request partitions some worker was asked to hand over (calls ran on them as balance
+    moved them): they move once those calls finish, maybe after the run's last result."""
+    return {
+        p
+        for e in logs
+        if e.get("logger") == "stream.engine.handover" and e["msg"].startswith("handing")
+        for p in _partitions(e["partitions"])
+    }
 
 
 def _longest_gap(start: float, end: float, busy: list[tuple[float, float]]) -> float:
