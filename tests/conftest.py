@@ -6,9 +6,11 @@ test then works under its own topic prefix, so nothing it creates collides with 
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,28 @@ from stream.devtools.cluster import CONTROLLERS, LocalCluster, free_ports
 from stream.errors import BrokerError
 from tests.kit.cluster import BROKERS
 from tests.kit.reaper import watch
+
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call" and report.failed:
+        item.stash[_FAILED] = True
+    return report
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Free what a failed test's traceback held: the sockets of the clients it left open
+    are then reported with it (pytest's check ends its teardown), not by whichever later
+    test's garbage collection happens to find them."""
+    if item.stash.get(_FAILED, False):
+        sys.last_type = sys.last_value = sys.last_traceback = None
+        gc.collect()
 
 
 @pytest.fixture

@@ -206,9 +206,10 @@ async def test_two_brokers_down_the_worker_holds_its_work_says_so_and_catches_up
     guarantee: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Calls take 8 s: the brokers die while they run (stopping two took over 4 s once on a
-    # loaded machine, and the answers found them alive), and their outputs find one replica.
-    async with pipeline(cluster_env, guarantee, latency="8") as p:
+    # Calls take 10 s: the brokers die while they run, and their outputs find one replica.
+    # On a loaded machine stopping two took over 8 s once, and some answers found them
+    # alive: those finish (their requests are left out below), the rest must wait.
+    async with pipeline(cluster_env, guarantee, latency="10") as p:
         names = Topics.of(p.settings)
         survivor = await leader(p.settings, TopicPartition(names.requests, 0))
         ids = range(100, 160, 2)  # one model, answered by Synthetic: one call per request
@@ -228,6 +229,7 @@ async def test_two_brokers_down_the_worker_holds_its_work_says_so_and_catches_up
             return primary.problem() is not None
 
         await eventually(blocked, timeout_s=60)
+        finished = primary.snapshot().records_done  # outputs acknowledged before they died
         status, text = await scrape(p.worker, "/readyz")
         assert status == 503 and "engine primary: outputs of" in text, text
         assert "not taken by Kafka" in text and " in 5 s)" in text  # its last error: late
@@ -246,9 +248,10 @@ async def test_two_brokers_down_the_worker_holds_its_work_says_so_and_catches_up
         assert plan.returncode == 0, plan.stderr
         assert all(line.split()[1] == "ok" for line in plan.stdout.splitlines()[:-1]), plan.stdout
 
-        assert primary.snapshot().records_done == 0  # seconds later, still nothing finished
+        assert primary.snapshot().records_done == finished  # seconds later, nothing more
         assert primary.problem() is not None
-        assert not set(await terminal_counts(p.settings)) & {f"r-{i}" for i in ids}
+        written = set(await terminal_counts(p.settings)) & {f"r-{i}" for i in ids}
+        assert len(written) <= finished  # only what finished before
 
         await start(cluster, next(n for n in cluster.broker_nodes if n.node_id != survivor))
         counts = await all_answered(p.settings, ids)
