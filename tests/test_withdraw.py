@@ -188,14 +188,30 @@ async def test_a_worker_held_by_its_spend_limit_stops_at_once_and_loses_nothing(
             group.start_soon(first.run)
             await first.started.wait()
 
+            assert first.spend is not None
+            budget = first.spend.live
+
+            def spent_out() -> bool:
+                # Started records, and the room spent for the hour: something was paid, no
+                # admitted call is left unsettled (one admitted reaches the simulator a moment
+                # later, on a loaded machine seconds later), and the rest wait for room.
+                engine, spent = first.engines[0].snapshot(), budget.snapshot()
+                return (
+                    engine.in_flight > 1
+                    and spent.spent_usd > 0
+                    and spent.held_usd == 0
+                    and budget.holds(names.requests) is not None
+                    and sim.stats()["in_flight"] == 0
+                )
+
             async def waiting() -> bool:
-                # Started records, none of them out, and none on its way for half a second
-                # (an admitted call reaches the simulator a moment later): the room is spent
-                # for the hour, and the rest wait for it.
+                # …and still so a moment later: a waiter woken by the last settle has looked
+                # for room again by then.
                 before = sim.stats()["requests"]
-                await anyio.sleep(0.5)
-                engine, now = first.engines[0].snapshot(), sim.stats()
-                return engine.in_flight > 1 and now["in_flight"] == 0 and now["requests"] == before
+                if not spent_out():
+                    return False
+                await anyio.sleep(0.3)
+                return spent_out() and sim.stats()["requests"] == before
 
             await eventually(waiting, timeout_s=60)
             paid_first = sim.stats()["requests"]
