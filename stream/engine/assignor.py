@@ -38,7 +38,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import orjson
 from aiokafka import TopicPartition
@@ -62,6 +62,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _VERSION = 1
+
+_V = TypeVar("_V")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,10 +90,8 @@ class Decision:
 
 
 def encode_claims(claims: Claims) -> bytes:
-    by_topic: dict[str, list[tuple[int, int]]] = {}
-    for tp, running in sorted(claims.owned.items()):
-        by_topic.setdefault(tp.topic, []).append((tp.partition, running))
-    return orjson.dumps({"v": _VERSION, "g": claims.generation, "o": by_topic})
+    owned = _by_topic(claims.owned.items())
+    return orjson.dumps({"v": _VERSION, "g": claims.generation, "o": dict(owned)})
 
 
 def decode_claims(data: bytes) -> Claims:
@@ -114,7 +114,7 @@ def decode_claims(data: bytes) -> Claims:
 
 
 def _encode_handover(tps: set[TopicPartition]) -> bytes:
-    return orjson.dumps({"v": _VERSION, "h": dict(_by_topic(tps))}) if tps else b""
+    return orjson.dumps({"v": _VERSION, "h": dict(_partitions_by_topic(tps))}) if tps else b""
 
 
 def decode_handover(data: bytes) -> set[TopicPartition]:
@@ -142,36 +142,42 @@ def assign(
     partitions: Mapping[str, int], members: Mapping[str, Member]
 ) -> dict[str, set[TopicPartition]]:
     """Partitions per member; `partitions` is the partition count of each topic."""
+    return _balanced(partitions, members)[0]
+
+
+def settle(partitions: Mapping[str, int], members: Mapping[str, Member]) -> Decision:
+    """`assign`'s balanced assignment, except that a partition it would move while calls
+    run on it stays with its owner, marked to be handed over (module docstring)."""
+    target, owners = _balanced(partitions, members)
+    assigned = {member: set(got) for member, got in target.items()}
+    taker = {tp: member for member, got in target.items() for tp in got}
+    handover: dict[str, set[TopicPartition]] = {member: set() for member in members}
+    for tp, (owner, running) in owners.items():
+        if running and taker[tp] != owner:
+            assigned[taker[tp]].discard(tp)
+            assigned[owner].add(tp)
+            handover[owner].add(tp)
+    return Decision(assigned=assigned, handover=handover)
+
+
+def _balanced(
+    partitions: Mapping[str, int], members: Mapping[str, Member]
+) -> tuple[dict[str, set[TopicPartition]], dict[TopicPartition, tuple[str, int]]]:
+    """`assign`'s result, and the owner each claimed partition had (`_owners`)."""
     result: dict[str, set[TopicPartition]] = {member: set() for member in members}
+    owners: dict[TopicPartition, tuple[str, int]] = {}
     totals: Counter[str] = Counter()
     for topic in sorted(partitions):
         eligible = sorted(m for m, member in members.items() if topic in member.topics)
         if not eligible:
             continue
         tps = [TopicPartition(topic, p) for p in range(partitions[topic])]
-        owners = _owners(tps, {m: members[m].claims for m in eligible})
-        for member, got in _assign_topic(tps, eligible, owners, totals).items():
+        claimed = _owners(tps, {m: members[m].claims for m in eligible})
+        owners.update(claimed)
+        for member, got in _assign_topic(tps, eligible, claimed, totals).items():
             result[member] |= got
             totals[member] += len(got)
-    return result
-
-
-def settle(partitions: Mapping[str, int], members: Mapping[str, Member]) -> Decision:
-    """`assign`'s balanced assignment, except that a partition it would move while calls
-    run on it stays with its owner, marked to be handed over (module docstring)."""
-    target = assign(partitions, members)
-    assigned = {member: set(got) for member, got in target.items()}
-    handover: dict[str, set[TopicPartition]] = {member: set() for member in members}
-    for topic in partitions:
-        eligible = {m: members[m].claims for m in members if topic in members[m].topics}
-        tps = [TopicPartition(topic, p) for p in range(partitions[topic])]
-        for tp, (owner, running) in _owners(tps, eligible).items():
-            if running and tp not in target[owner]:
-                for got in assigned.values():
-                    got.discard(tp)
-                assigned[owner].add(tp)
-                handover[owner].add(tp)
-    return Decision(assigned=assigned, handover=handover)
+    return result, owners
 
 
 def _owners(
@@ -277,11 +283,18 @@ class StickyAssignor:
 def _assignment(
     version: int, tps: set[TopicPartition], handover: set[TopicPartition]
 ) -> ConsumerProtocolMemberAssignment:
-    return ConsumerProtocolMemberAssignment(version, _by_topic(tps), _encode_handover(handover))
+    return ConsumerProtocolMemberAssignment(
+        version, _partitions_by_topic(tps), _encode_handover(handover)
+    )
 
 
-def _by_topic(tps: set[TopicPartition]) -> list[tuple[str, list[int]]]:
-    by_topic: dict[str, list[int]] = {}
-    for tp in sorted(tps):
-        by_topic.setdefault(tp.topic, []).append(tp.partition)
+def _partitions_by_topic(tps: set[TopicPartition]) -> list[tuple[str, list[int]]]:
+    return [(topic, [p for p, _ in pairs]) for topic, pairs in _by_topic((tp, 0) for tp in tps)]
+
+
+def _by_topic(items: Iterable[tuple[TopicPartition, _V]]) -> list[tuple[str, list[tuple[int, _V]]]]:
+    """(partition, value) pairs grouped by topic, both in order: the wire's layout."""
+    by_topic: dict[str, list[tuple[int, _V]]] = {}
+    for tp, value in sorted(items, key=lambda item: item[0]):
+        by_topic.setdefault(tp.topic, []).append((tp.partition, value))
     return sorted(by_topic.items())

@@ -10,7 +10,8 @@ leader leaves it with its owner for the round and marks it to be handed over
   outlives it is abandoned, as a move always did), claims it with nothing running
   (`Partition.handed`) and asks the group to rebalance; the leader then moves it for free.
 
-A rebalance in between decides afresh: each assignment says again what to hand over.
+A rebalance in between decides afresh: each assignment says again what to hand over, and
+ends the wait the previous one began.
 A worker that stops meanwhile drains as usual and asks for nothing.
 """
 
@@ -46,6 +47,7 @@ class Handover:
         self._grace_s = grace_s
         self._asked: set[TopicPartition] = set()
         self._due = anyio.Event()
+        self._waiting: anyio.CancelScope | None = None  # the wait for running records
 
     def heard(self, tps: set[TopicPartition]) -> None:
         """What the assignment asks (the assignor hears it before the rebalance listener
@@ -57,6 +59,8 @@ class Handover:
         for tp, partition in self._partitions.items():
             partition.handing_over = tp in self._asked
             partition.handed = False
+        if self._waiting is not None:
+            self._waiting.cancel()  # the group decided again: that wait is over
         if self._asked & self._partitions.keys():
             self._due.set()
 
@@ -87,10 +91,11 @@ class Handover:
                 grace,
                 extra={"partitions": partition_names(p.tp for p in leaving)},
             )
-            with anyio.move_on_after(grace):
+            with anyio.move_on_after(grace) as self._waiting:
                 for partition in leaving:
                     while partition.in_flight and not partition.abandoned:
                         await partition.idle.wait()
+            self._waiting = None
             if stopping.is_set() or self._membership.generation != generation:
                 continue  # draining, or the group decided again meanwhile
             for partition in leaving:
