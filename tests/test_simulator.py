@@ -268,9 +268,12 @@ def test_latency_specs() -> None:
     assert parse_latency("0.5") == Latency("fixed", 0.5)
     assert parse_latency("uniform:0.1:0.9") == Latency("uniform", 0.1, 0.9)
     assert parse_latency("exp:0.5") == Latency("exp", 0.5)
+    assert parse_latency("uniform:1:1") == Latency("uniform", 1.0, 1.0)
     for bad in ("-1", "uniform:1", "gamma:1:2", "x"):
         with pytest.raises(ConfigError, match="latency"):
             parse_latency(bad)
+    with pytest.raises(ConfigError, match="LOW is above HIGH; write uniform:1:2"):
+        parse_latency("uniform:2:1")
 
 
 async def test_the_cli_serves_and_documents_its_grammar(http: aiohttp.ClientSession) -> None:

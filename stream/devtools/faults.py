@@ -106,6 +106,10 @@ def parse_latency(text: str) -> Latency:
         ) from None
     if min(latency.a, latency.b) < 0 or not math.isfinite(latency.a + latency.b):
         raise ConfigError(f"latency {text!r} must not be negative")
+    if latency.kind == "uniform" and latency.a > latency.b:
+        raise ConfigError(
+            f"latency {text!r}: LOW is above HIGH; write uniform:{parts[2]}:{parts[1]}"
+        )
     return latency
 
 
