@@ -244,23 +244,57 @@ def test_scaling_out_with_every_partition_busy_hands_over_then_balances() -> Non
     assert not any(second.handover.values())
 
 
+def test_of_idle_partitions_the_handed_one_moves() -> None:
+    """The member handed partition 0 over (paused it, its calls done) while partition 1 is
+    idle by chance: 0 moves, not 1 (moving 1 would leave 0 paused for nothing)."""
+    partitions = {"requests": 3}
+    owned = {TopicPartition("requests", 0): 0, TopicPartition("requests", 1): 0}
+    owned[TopicPartition("requests", 2)] = 7
+    handed = frozenset({TopicPartition("requests", 0)})
+    members = {
+        "a": Member(topics=frozenset(partitions), claims=Claims(generation=2, owned=owned)),
+        "b": Member(topics=frozenset(partitions)),
+    }
+    assert settle(partitions, members).assigned["b"] == {TopicPartition("requests", 1)}
+    members["a"] = Member(
+        topics=frozenset(partitions), claims=Claims(generation=2, owned=owned, handed=handed)
+    )
+    decided = settle(partitions, members)
+    assert decided.assigned["b"] == set(handed)
+    assert not any(decided.handover.values())
+
+
 @given(st.binary())
 def test_assignment_user_data_we_did_not_write_hands_over_nothing(data: bytes) -> None:
     assert isinstance(decode_handover(data), set)
 
 
-@given(
-    st.builds(
-        Claims,
-        generation=st.integers(-1, 10**6),
-        owned=st.dictionaries(
+@st.composite
+def wire_claims(draw: st.DrawFn) -> Claims:
+    owned = draw(
+        st.dictionaries(
             st.builds(TopicPartition, st.sampled_from(TOPICS), st.integers(0, 10**4)),
             st.integers(0, 10**4),
-        ),
+        )
     )
-)
+    handed = draw(st.frozensets(st.sampled_from(sorted(owned)))) if owned else frozenset()
+    return Claims(generation=draw(st.integers(-1, 10**6)), owned=owned, handed=handed)
+
+
+@given(wire_claims())
 def test_claims_survive_the_wire(claims: Claims) -> None:
     assert decode_claims(encode_claims(claims)) == claims
+
+
+def test_claims_without_handed_partitions_read_as_before() -> None:
+    """What an older member sends (no "h") still claims; "h" naming a partition the member
+    does not own hands over nothing."""
+    old = b'{"v":1,"g":4,"o":{"requests":[[0,3],[1,0]]}}'
+    assert decode_claims(old) == Claims(
+        generation=4, owned={TopicPartition("requests", 0): 3, TopicPartition("requests", 1): 0}
+    )
+    stray = b'{"v":1,"g":4,"o":{"requests":[[1,0]]},"h":{"requests":[1,5]}}'
+    assert decode_claims(stray).handed == {TopicPartition("requests", 1)}
 
 
 @given(st.binary())

@@ -122,3 +122,27 @@ async def test_a_worker_that_stops_meanwhile_asks_for_nothing() -> None:
         await anyio.sleep(0.2)
         assert not group.rejoins and not partition.handed
         tasks.cancel_scope.cancel()
+
+
+async def test_a_draining_worker_does_not_begin_a_handover(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An assignment heard while the worker drains: nothing is said or asked (the drain
+    gives every partition back anyway), and the claims say it handed nothing over."""
+    group = _Group()
+    tp = TopicPartition("in", 0)
+    partition, record = _running(tp)
+    group.partitions[tp] = partition
+    handover = _handover(group)
+    stopping = anyio.Event()
+    stopping.set()
+    with caplog.at_level("INFO", logger="stream.engine.handover"):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(handover.run, stopping)
+            handover.heard({tp})
+            handover.assigned()
+            partition.done(record)
+            await anyio.sleep(0.2)
+            tasks.cancel_scope.cancel()
+    assert not caplog.records
+    assert not group.rejoins and handover.claims().handed == frozenset()

@@ -13,7 +13,7 @@ unless it is handed over (below).
   with the fewest partitions so far, so totals stay even too);
 - **sticky**: a member keeps as many of its partitions as its share allows, so only the
   fewest possible partitions move, and those it gives up are the ones with the fewest
-  running calls;
+  running calls (among idle ones, those it has handed over: it paused them to give them up);
 - **no call abandoned** (`settle`): a partition that balance moves while calls run on it
   stays with its owner this round, marked to be **handed over**. The owner starts nothing
   new on it, lets the running calls finish (as long as a drain would wait), commits, and
@@ -68,11 +68,13 @@ _V = TypeVar("_V")
 
 @dataclass(frozen=True, kw_only=True)
 class Claims:
-    """What a member owns: partition → calls running on it, and the generation in which
-    the group gave it those partitions (-1: none yet)."""
+    """What a member owns: partition → calls running on it, the generation in which the
+    group gave it those partitions (-1: none yet), and those of them it has handed over
+    (`stream.engine.handover`)."""
 
     generation: int = -1
     owned: Mapping[TopicPartition, int] = field(default_factory=dict)
+    handed: frozenset[TopicPartition] = frozenset()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,8 +92,14 @@ class Decision:
 
 
 def encode_claims(claims: Claims) -> bytes:
-    owned = _by_topic(claims.owned.items())
-    return orjson.dumps({"v": _VERSION, "g": claims.generation, "o": dict(owned)})
+    body: dict[str, object] = {
+        "v": _VERSION,
+        "g": claims.generation,
+        "o": dict(_by_topic(claims.owned.items())),
+    }
+    if claims.handed:  # a member that does not know "h" reads the rest as before
+        body["h"] = dict(_partitions_by_topic(set(claims.handed)))
+    return orjson.dumps(body)
 
 
 def decode_claims(data: bytes) -> Claims:
@@ -108,7 +116,10 @@ def decode_claims(data: bytes) -> Claims:
             for partition, running in pairs
             if _at_least(partition, 0) and _at_least(running, 0)
         }
-        return Claims(generation=generation, owned=owned) if _at_least(generation, -1) else Claims()
+        handed = frozenset(_partitions(body.get("h", {}))) & owned.keys()
+        if not _at_least(generation, -1):
+            return Claims()
+        return Claims(generation=generation, owned=owned, handed=handed)
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return Claims()
 
@@ -124,14 +135,19 @@ def decode_handover(data: bytes) -> set[TopicPartition]:
         body = orjson.loads(data) if data else None
         if not isinstance(body, dict) or body.get("v") != _VERSION:
             return set()
-        return {
-            TopicPartition(topic, partition)
-            for topic, partitions in body["h"].items()
-            for partition in partitions
-            if isinstance(topic, str) and _at_least(partition, 0)
-        }
+        return _partitions(body["h"])
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return set()
+
+
+def _partitions(by_topic: Mapping[str, Iterable[object]]) -> set[TopicPartition]:
+    """The partitions in a topic → partition numbers map off the wire (the sane ones)."""
+    return {
+        TopicPartition(topic, partition)
+        for topic, partitions in by_topic.items()
+        for partition in partitions
+        if isinstance(topic, str) and _at_least(partition, 0)
+    }
 
 
 def _at_least(value: object, low: int) -> bool:
@@ -174,7 +190,8 @@ def _balanced(
         tps = [TopicPartition(topic, p) for p in range(partitions[topic])]
         claimed = _owners(tps, {m: members[m].claims for m in eligible})
         owners.update(claimed)
-        for member, got in _assign_topic(tps, eligible, claimed, totals).items():
+        handed = {tp for tp, (m, _) in claimed.items() if tp in members[m].claims.handed}
+        for member, got in _assign_topic(tps, eligible, claimed, handed, totals).items():
             result[member] |= got
             totals[member] += len(got)
     return result, owners
@@ -201,13 +218,15 @@ def _assign_topic(
     tps: list[TopicPartition],
     eligible: list[str],
     owners: Mapping[TopicPartition, tuple[str, int]],
+    handed: set[TopicPartition],
     totals: Counter[str],
 ) -> dict[str, set[TopicPartition]]:
     owned: dict[str, list[tuple[int, TopicPartition]]] = {m: [] for m in eligible}
     for tp, (member, running) in owners.items():
         owned[member].append((running, tp))
     for heaviest_first in owned.values():
-        heaviest_first.sort(key=lambda item: (-item[0], item[1].partition))
+        # kept first: the busiest, then (idle alike) not handed over, then by number
+        heaviest_first.sort(key=lambda item: (-item[0], item[1] in handed, item[1].partition))
     floor, extra = divmod(len(tps), len(eligible))
 
     def claim_on_extra(member: str) -> tuple[int, int, int, str]:

@@ -72,7 +72,8 @@ class Handover:
             for tp, p in self._partitions.items()
             if not p.abandoned
         }
-        return Claims(generation=self._membership.generation, owned=owned)
+        handed = frozenset(tp for tp in owned if self._partitions[tp].handed)
+        return Claims(generation=self._membership.generation, owned=owned, handed=handed)
 
     async def run(self, stopping: anyio.Event) -> None:
         while True:
@@ -80,8 +81,8 @@ class Handover:
             self._due = anyio.Event()
             generation = self._membership.generation
             leaving = [p for p in self._partitions.values() if p.handing_over]
-            if not leaving:
-                continue
+            if not leaving or stopping.is_set():
+                continue  # a drain hands everything back anyway
             running, grace = sum(p.in_flight for p in leaving), self._grace_s()
             log.info(
                 "handing %d partitions over to another member once their %d running records "
