@@ -116,7 +116,18 @@ async def kill_leader_under_load(p: Pipeline, cluster: LocalCluster, tp: TopicPa
         return (await leader(p.settings, tp)) not in (dead, -1)
 
     await eventually(moved, timeout_s=60)
-    await progress(p, 20)  # while it is still down
+    try:
+        await progress(p, 20)  # while it is still down
+    except TimeoutError:
+        # Once in many CI runs on a loaded machine the stages stalled here (NotEnoughReplicas
+        # in the log): say whether the cluster itself was below min.insync.replicas.
+        internal = ["__consumer_offsets", "__transaction_state"]
+        states = await describe_partitions(p.settings.kafka, p.topics() + internal)
+        short = {str(tp): state for tp, state in states.items() if len(state.isr) < 2}
+        raise AssertionError(
+            f"no progress in 60 s with broker {dead} down; partitions below 2 in sync: "
+            f"{short or 'none'}"
+        ) from None
     await start(cluster, cluster.broker(dead))
     await in_sync(p.settings, p.topics(), BROKERS)
     return dead
