@@ -5,6 +5,9 @@ workers on a real broker is in test_membership."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import anyio
@@ -55,26 +58,42 @@ async def _rejoined(group: _Group) -> None:
         await group.rejoined.wait()
 
 
-async def test_a_partition_is_handed_over_once_its_running_record_finishes() -> None:
+@dataclass
+class _Scene:
+    group: _Group
+    tp: TopicPartition
+    partition: Partition
+    record: ConsumerRecord[Any, Any]
+    handover: Handover
+
+
+@asynccontextmanager
+async def _one_handed_over(stopping: anyio.Event) -> AsyncIterator[_Scene]:
+    """A partition with a record running, which the assignment just heard hands over;
+    the handover runs until the block ends."""
     group = _Group()
     tp = TopicPartition("in", 0)
     partition, record = _running(tp)
     group.partitions[tp] = partition
     handover = _handover(group)
-    stopping = anyio.Event()
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(handover.run, stopping)
         handover.heard({tp})
         handover.assigned()
-        assert partition.handing_over and not partition.has_ready()
-        await anyio.sleep(0.2)
-        assert not group.rejoins  # its record still runs
-        assert handover.claims().owned == {tp: 1}
-        partition.done(record)
-        await _rejoined(group)
-        assert group.rejoins == [{tp}]
-        assert handover.claims().owned == {tp: 0}  # claimed idle: it moves for free
+        yield _Scene(group, tp, partition, record, handover)
         tasks.cancel_scope.cancel()
+
+
+async def test_a_partition_is_handed_over_once_its_running_record_finishes() -> None:
+    async with _one_handed_over(anyio.Event()) as s:
+        assert s.partition.handing_over and not s.partition.has_ready()
+        await anyio.sleep(0.2)
+        assert not s.group.rejoins  # its record still runs
+        assert s.handover.claims().owned == {s.tp: 1}
+        s.partition.done(s.record)
+        await _rejoined(s.group)
+        assert s.group.rejoins == [{s.tp}]
+        assert s.handover.claims().owned == {s.tp: 0}  # claimed idle: it moves for free
 
 
 async def test_a_new_assignment_ends_the_wait_the_last_one_began() -> None:
@@ -106,22 +125,13 @@ async def test_a_new_assignment_ends_the_wait_the_last_one_began() -> None:
 
 
 async def test_a_worker_that_stops_meanwhile_asks_for_nothing() -> None:
-    group = _Group()
-    tp = TopicPartition("in", 0)
-    partition, record = _running(tp)
-    group.partitions[tp] = partition
-    handover = _handover(group)
     stopping = anyio.Event()
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(handover.run, stopping)
-        handover.heard({tp})
-        handover.assigned()
+    async with _one_handed_over(stopping) as s:
         await anyio.sleep(0.1)
         stopping.set()  # a drain: it finishes the records itself
-        partition.done(record)
+        s.partition.done(s.record)
         await anyio.sleep(0.2)
-        assert not group.rejoins and not partition.handed
-        tasks.cancel_scope.cancel()
+        assert not s.group.rejoins and not s.partition.handed
 
 
 async def test_a_draining_worker_does_not_begin_a_handover(
@@ -129,20 +139,11 @@ async def test_a_draining_worker_does_not_begin_a_handover(
 ) -> None:
     """An assignment heard while the worker drains: nothing is said or asked (the drain
     gives every partition back anyway), and the claims say it handed nothing over."""
-    group = _Group()
-    tp = TopicPartition("in", 0)
-    partition, record = _running(tp)
-    group.partitions[tp] = partition
-    handover = _handover(group)
     stopping = anyio.Event()
     stopping.set()
     with caplog.at_level("INFO", logger="stream.engine.handover"):
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(handover.run, stopping)
-            handover.heard({tp})
-            handover.assigned()
-            partition.done(record)
+        async with _one_handed_over(stopping) as s:
+            s.partition.done(s.record)
             await anyio.sleep(0.2)
-            tasks.cancel_scope.cancel()
     assert not caplog.records
-    assert not group.rejoins and handover.claims().handed == frozenset()
+    assert not s.group.rejoins and s.handover.claims().handed == frozenset()
