@@ -373,6 +373,37 @@ async def test_dry_run_sends_and_commits_nothing(settings: Settings) -> None:
     assert real.total("redriven") == 12
 
 
+async def test_progress_over_letters_written_in_transactions_ends_at_100_percent(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    """An exactly-once worker writes its dead letters in transactions: the span to read has
+    a marker after each, which no batch holds. The progress counts offsets, as its total."""
+    await create_topics(settings, {DEAD: 3, REQUESTS: 3, BACKFILL: 3})
+    producer = AIOKafkaProducer(
+        **settings.kafka.client_options(), transactional_id=f"{settings.topic_prefix}letters"
+    )
+    await producer.start()
+    try:
+        for i in range(COUNT):  # a letter per transaction: as many markers as letters
+            letter = _letter(i)
+            async with producer.transaction():
+                await producer.send(
+                    settings.topic(DEAD),
+                    letter.value,
+                    key=letter.key,
+                    partition=letter.partition,
+                    timestamp_ms=letter.timestamp_ms,
+                    headers=list(letter.headers),
+                )
+    finally:
+        await producer.stop()
+    done = await run_cli(env, "redrive")
+    assert done.returncode == 0, done.stderr
+    assert _ids(await read_all(settings, settings.topic(REQUESTS))) == _eligible(RUNNABLE)
+    (last,) = [line for line in done.stderr.splitlines() if line.startswith("redrive: ")][-1:]
+    assert f"{2 * COUNT}/{2 * COUNT} offsets (100%)" in last, done.stderr
+
+
 async def test_since_picks_the_start_and_to_backfill(settings: Settings) -> None:
     await _dead_letters(settings)
     options = _options(settings, since_ms=BASE + 12_000, target=settings.topic(BACKFILL))

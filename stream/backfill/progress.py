@@ -51,8 +51,10 @@ class Progress:
         out: TextIO | None = None,
         clock: Clock = time.monotonic,
         stall_s: float = STALL_S,
+        unit: str = "records",
     ) -> None:
         self.label = label
+        self.unit = unit
         self.total = total
         self.done = 0
         self._out = out or sys.stderr
@@ -104,7 +106,7 @@ class Progress:
         percent = f" ({100 * self.done // self.total}%)" if self.total else ""
         left = max(0, self.total - self.done)
         eta = f", ETA {_duration(left / rate)}" if rate > 0 and left else ""
-        return f"{self.label}: {self.done}/{self.total} records{percent}, {rate:,.0f}/s{eta}"
+        return f"{self.label}: {self.done}/{self.total} {self.unit}{percent}, {rate:,.0f}/s{eta}"
 
     def advance(self, count: int) -> None:
         self.done += count

@@ -250,11 +250,23 @@ class Redrive:
 
     async def _work(self, consumer: Any, producer: Any, bounds: dict[TopicPartition, Span]) -> None:
         stream = batches(consumer, bounds, on_undecodable=self._unreadable)
-        with Progress("redrive", sum(span.size for span in bounds.values())) as progress:
+        # Progress in offsets, as the total is: dead letters written in transactions (an
+        # exactly-once worker's) have a marker after each one, which no batch holds:
+        # counted by records, a finished run said it was half done (a letter per
+        # transaction).
+        reached = {tp: span.start for tp, span in bounds.items()}
+        total = sum(span.size for span in bounds.values())
+        with Progress("redrive", total, unit="offsets") as progress:
             async with aclosing(stream):
                 async for batch in stream:
                     await self._batch(producer, batch)
-                    progress.advance(len(batch))
+                    last = batch[-1]
+                    tp = TopicPartition(last.topic, last.partition)
+                    progress.advance(last.offset + 1 - reached[tp])
+                    reached[tp] = last.offset + 1
+            # The stream ends once every partition's position passed its span's end: the
+            # offsets after each one's last record (markers) are behind it too.
+            progress.advance(progress.total - progress.done)
             progress.finish()
 
     async def _batch(self, producer: Any, batch: list[Any]) -> None:

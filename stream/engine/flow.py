@@ -21,9 +21,10 @@ Cost per record (`after_record`, run as each record finishes): starting the next
 takes turns from where the last start left off, so with a backlog it looks at one or two
 partitions, not all of them; the pause/resume walk over every partition runs once per
 1/`_WALK_SHARE` of the partition count in finished records, and at most once per
-`_WALK_LEAST` records or 1/`_WALK_WINDOW_SHARE` of the queue window (a walk per record took ~4 % of a worker's CPU at 6 partitions; a
-resume comes at half a window, hundreds of records before the queue runs dry), and after
-every fetch round (`update`), which bounds how late a resume comes.
+`_WALK_LEAST` records or 1/`_WALK_WINDOW_SHARE` of the queue window (a walk per record
+took ~4 % of a worker's CPU at 6 partitions; a resume comes at half a window, hundreds of
+records before the queue runs dry), and after every fetch round (`update`), which bounds
+how late a resume comes.
 """
 
 from __future__ import annotations
