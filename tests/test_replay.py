@@ -268,6 +268,9 @@ async def test_records_the_client_cannot_decode_or_write_are_reported_not_fatal(
     )
     copies = sorted(r.value for r in await read_all(settings, settings.topic(TARGET)))
     assert copies == [b"0", b"07", b"08", b"1", b"17", b"18", b"2"]
+    # what could not be copied was dealt with too: a finished run is at 100 %
+    (last,) = [line for line in done.stderr.splitlines() if line.startswith("replay: ")][-1:]
+    assert "(100%)" in last, done.stderr
 
 
 @needs_kcat
@@ -310,6 +313,7 @@ async def test_a_record_the_target_cannot_take_is_listed_and_the_partition_goes_
         assert "max.message.bytes 1,048,588): partition 0 offsets 1\n" in done.stdout
         copies = await read_all(settings, settings.topic(TARGET))
         assert [r.value for r in copies] == [b"0", b"2"]
+        assert "(100%)" in [ln for ln in done.stderr.splitlines() if "replay: " in ln][-1]
     report = orjson.loads((await run_cli(env, "replay", "--since", "1h", "--json")).stdout)
     (row,) = report["not_copied"]
     assert (row["partition"], row["offset"]) == (0, 1)

@@ -136,6 +136,9 @@ class Replay:
     partitions: list[PartitionReplay] = field(default_factory=list)
     target_partitions: int = 0
     max_bytes: int = 0  # the largest record the target takes
+    # While copying: where records listed as not copied count too (without a --limit,
+    # which counts copies), so that a finished run is at 100 %.
+    _progress: Progress | None = field(default=None, init=False, repr=False)
 
     def __repr__(self) -> str:
         return (
@@ -227,15 +230,25 @@ class Replay:
         stream = batches(consumer, todo, on_undecodable=self._unreadable)
         planned = min(total, self.options.limit or total)
         with Progress("replay", planned, stall_s=stall_s) as progress:
-            async with aclosing(stream):
-                async for batch in stream:
-                    if not await self._send(producer, batch, pacer, progress):
-                        break
+            self._progress = None if self.options.limit is not None else progress
+            try:
+                async with aclosing(stream):
+                    async for batch in stream:
+                        if not await self._send(producer, batch, pacer, progress):
+                            break
+            finally:
+                self._progress = None
             progress.finish()
+
+    def _listed(self, count: int) -> None:
+        """`count` records were listed as not copied: dealt with, as far as progress goes."""
+        if self._progress is not None and count:
+            self._progress.advance(count)
 
     def _unreadable(self, bad: Undecodable) -> None:
         """A source record the Kafka client cannot decode: it cannot be copied; say so."""
         self._partition(bad.tp.partition).skip(bad.offset, _UNDECODABLE)
+        self._listed(1)
 
     def _partition(self, number: int) -> PartitionReplay:
         return next(p for p in self.partitions if p.partition == number)
@@ -245,11 +258,9 @@ class Replay:
     ) -> bool:
         """Copy one fetched batch and wait for Kafka to answer each copy; False at the limit."""
         part = self._partition(batch[0].partition)
-        fresh = [
-            record
-            for record in batch
-            if not part.copied_before(record.offset) and self._writable(part, record)
-        ]
+        lacking = [record for record in batch if not part.copied_before(record.offset)]
+        fresh = [record for record in lacking if self._writable(part, record)]
+        self._listed(len(lacking) - len(fresh))
         if self.options.limit is not None:
             fresh = fresh[: self.options.limit - self.copied]
         # paced, a transaction holds about a second of copies: readers of the target
