@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from stream.checks import seconds_option
 from stream.config import Settings
 from stream.errors import EXIT_ATTENTION, KafkaError, UsageError
 from stream.topics import SETTLE_S, Change, apply, plan
@@ -102,10 +103,10 @@ def register(commands: Any) -> None:
     )
     parser.add_argument(
         "--retry-for",
-        type=float,
+        type=seconds_option,
         default=0.0,
         metavar="S",
-        help="keep trying for up to S seconds while Kafka cannot be reached or fails "
+        help="keep trying for up to S seconds (or 2m, 1h) while Kafka cannot be reached or fails "
         "(for init containers and compose; default 0: try once)",
     )
     parser.add_argument(

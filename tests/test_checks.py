@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -10,7 +11,13 @@ from hypothesis import strategies as st
 
 from stream import config
 from stream.backfill.window import parse_age, parse_time
-from stream.checks import INSTANCE_ID_MAX, check_instance_id, check_topic_prefix, parse_duration
+from stream.checks import (
+    INSTANCE_ID_MAX,
+    check_instance_id,
+    check_topic_prefix,
+    parse_duration,
+    seconds_option,
+)
 from stream.config import Settings
 from stream.errors import ConfigError
 
@@ -79,6 +86,28 @@ def test_any_text_is_a_finite_duration_or_a_value_error(text: str) -> None:
     except ValueError:
         return
     assert math.isfinite(seconds) and seconds >= 0
+
+
+@given(st.text(max_size=12))
+def test_an_option_in_seconds_takes_what_float_took_and_durations(text: str) -> None:
+    """--interval, --stall-after, --retry-for…: a number reads as before (the command's
+    bounds refuse inf and nan in its own words); units as the environment's durations."""
+    try:
+        expected = float(text)
+    except ValueError:
+        try:
+            expected = parse_duration(text)
+        except ValueError:
+            with pytest.raises(argparse.ArgumentTypeError, match="is not a duration"):
+                seconds_option(text)
+            return
+    got = seconds_option(text)
+    assert got == expected or (math.isnan(got) and math.isnan(expected))
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("5m", 300.0), ("1h30m", 5400.0), ("90", 90.0)])
+def test_an_option_in_seconds_reads_units(text: str, seconds: float) -> None:
+    assert seconds_option(text) == seconds
 
 
 @given(parts.filter(lambda chosen: any(number for number, _ in chosen)), st.booleans())

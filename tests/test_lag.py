@@ -36,7 +36,7 @@ async def test_lag_json_equals_kafka_consumer_groups_tool(
     await commit(settings, group, {TopicPartition(topic, 2): 0})
 
     ours = await run_cli(
-        env, "lag", "--group", group, "--json", "--samples", "2", "--interval", "0.1"
+        env, "lag", "--group", group, "--json", "--samples", "2", "--interval", "0.1s"
     )
     tool = await anyio.run_process(
         [

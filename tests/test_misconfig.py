@@ -102,6 +102,7 @@ USAGE = [
     (["replay", "--since", "soon"], "--since"),
     (["redrive", "--max-attempts", "0"], "--max-attempts must be at least 1"),
     (["topics", "apply", "--retry-for", "-1"], "--retry-for"),
+    (["lag", "--stall-after", "5 min"], "--stall-after: '5 min' is not a duration"),
     # checked as the same value from the environment is, and a usage error all the same
     (["lag", "--bootstrap-server", "localhost"], "--bootstrap-server"),
     (["run", "primary", "--instance-id", "bad id"], "--instance-id"),

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import anyio
 
 from stream import clientconfig
+from stream.checks import seconds_option
 from stream.config import Settings
 from stream.devtools import benchreport, benchruns, processes, scenarios
 from stream.devtools.benchdata import (
@@ -389,9 +390,9 @@ def register(commands: Any) -> None:
     )
     parser.add_argument(
         "--spend-window",
-        type=float,
+        type=seconds_option,
         default=60.0,
-        help="seconds, the spend limit's sliding window, and the summary's (default 60)",
+        help="the spend limit's sliding window, and the summary's: seconds, or 5m, 1h (default 60)",
     )
     scenario = parser.add_argument_group(
         "membership scenarios",
@@ -407,7 +408,10 @@ def register(commands: Any) -> None:
     )
     scenario.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     scenario.add_argument(
-        "--at", type=float, default=5.0, help="seconds into the calls the events begin (default 5)"
+        "--at",
+        type=seconds_option,
+        default=5.0,
+        help="how far into the calls the events begin: seconds, or 1m (default 5)",
     )
     scenario.add_argument(
         "--dynamic", action="store_true", help="no instance ids (dynamic membership), to compare"

@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream import logs
 from stream import topics as topics_module
+from stream.checks import seconds_option
 from stream.config import Secret, Settings
 from stream.devtools.broker import LocalBroker
 from stream.devtools.faults import parse_faults, parse_latency
@@ -308,7 +309,10 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("--seed", type=int, default=7, help="random seed of the mix")
     parser.add_argument(
-        "--timeout", type=float, default=300.0, help="give up after this many seconds (default 300)"
+        "--timeout",
+        type=seconds_option,
+        default=300.0,
+        help="give up after this long: seconds, or 10m (default 300)",
     )
     parser.add_argument(
         "--keep-kafka",

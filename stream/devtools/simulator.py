@@ -41,6 +41,7 @@ from typing import Any
 
 from aiohttp import web
 
+from stream.checks import seconds_option
 from stream.config import Settings
 from stream.devtools.answers import (
     ANSWER_KINDS,
@@ -366,7 +367,10 @@ def register(commands: Any) -> None:
         help="requests per window before 429s, announced in x-ratelimit-* (default 1000000)",
     )
     parser.add_argument(
-        "--rate-window", type=float, default=60.0, help="rate-limit window, s (default 60)"
+        "--rate-window",
+        type=seconds_option,
+        default=60.0,
+        help="rate-limit window: seconds, or 1m (default 60)",
     )
     parser.add_argument(
         "--trace", action="store_true", help="keep every call's start and end (GET /sim/calls)"

@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import orjson
 
+from stream.checks import seconds_option
 from stream.config import KafkaSettings, Settings
 from stream.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_USAGE, KafkaError
 from stream.interrupts import cancelled_by_signal
@@ -63,7 +64,11 @@ def register(commands: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
     parser.add_argument(
-        "--interval", type=float, default=2.0, metavar="S", help="seconds between samples (2)"
+        "--interval",
+        type=seconds_option,
+        default=2.0,
+        metavar="S",
+        help="time between samples: seconds, or 1m (default 2)",
     )
     parser.add_argument(
         "--samples",
@@ -74,11 +79,12 @@ def register(commands: Any) -> None:
     )
     parser.add_argument(
         "--stall-after",
-        type=float,
+        type=seconds_option,
         default=DEFAULT_STALL_AFTER_S,
         metavar="S",
         help="a partition is BEHIND/STALL only once its oldest unprocessed record "
-        f"is this old (default {DEFAULT_STALL_AFTER_S:.0f}, the longest LLM call)",
+        f"is this old: seconds, or 5m, 1h (default {DEFAULT_STALL_AFTER_S:.0f}, the longest "
+        "LLM call)",
     )
     parser.set_defaults(handler=_command)
 
