@@ -181,6 +181,8 @@ async def test_a_bad_worker_setting_does_not_stop_the_local_broker_commands(
     bad = {**env, "STREAM_MAX_IN_FLIGHT": "abc"}
     status = await run_cli(bad, "kafka", "status", "--home", str(tmp_path), "--port", "19091")
     assert status.returncode == 1 and "Kafka is not running" in status.stdout, status.stderr
+    # and the command that starts it, with the same place
+    assert f"`stream kafka start --port 19091 --home {tmp_path}` starts it" in status.stdout
     assert "STREAM_MAX_IN_FLIGHT" not in status.stderr
     worker = await run_cli(bad, "lag")
     assert worker.returncode == 1 and "STREAM_MAX_IN_FLIGHT" in worker.stderr

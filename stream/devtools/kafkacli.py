@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def _single(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(_report(state, broker.bootstrap_servers, broker.pid(), broker.home)))
     elif state == "not running":
-        print(f"Kafka is not running (home {broker.home})")
+        print(f"Kafka is not running (home {broker.home}){_start_hint(args)}")
     elif args.action == "stop":
         print("Kafka stopped")
     else:
@@ -86,6 +87,15 @@ def _single(args: argparse.Namespace) -> int:
             f"(pid {broker.pid()}, data in {broker.home})"
         )
     return EXIT_FAILED if args.action == "status" and state == "not running" else 0
+
+
+def _start_hint(args: argparse.Namespace) -> str:
+    """For `status` of a broker that is not running: the command that starts it."""
+    if args.action != "status":
+        return ""
+    home = f" --home {shlex.quote(str(args.home))}" if args.home else ""
+    port = f" --port {args.port}" if args.port else ""
+    return f"; `stream kafka start{port}{home}` starts it"
 
 
 def _report(state: str, bootstrap: str, pid: int | None, home: Path) -> dict[str, object]:
