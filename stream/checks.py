@@ -3,7 +3,6 @@ act on, raised at start, instead of a traceback from deep inside a library later
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from pathlib import Path
@@ -20,7 +19,6 @@ __all__ = [
     "is_topic_name",
     "parse_duration",
     "read_text",
-    "seconds_option",
     "tls_context",
 ]
 
@@ -85,22 +83,6 @@ def parse_duration(text: str) -> float:
     if not math.isfinite(seconds):
         raise ValueError(f"{text!r} is too long a duration")
     return seconds
-
-
-def seconds_option(text: str) -> float:
-    """argparse's `type` for an option in seconds: a number as before (`90`, `0.5`; `inf`
-    and `nan` too, for the command's own bounds to refuse in one line), or a duration with
-    units as the environment takes them (`90s`, `5m`, `1h30m`)."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return parse_duration(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration: use seconds (90) or units such as 90s, 5m, 1h"
-        ) from None
 
 
 def check_instance_id(value: str, name: str) -> str | None:

@@ -33,7 +33,7 @@ COMMANDS: dict[str, str] = {
     "demo": "stream.devtools.demo",
     "simulate": "stream.devtools.simulator",
     "lag": "stream.observe.lagcli",
-    "replay": "stream.backfill.replay",
+    "replay": "stream.backfill.replaycli",
     "redrive": "stream.backfill.redrivecli",
     "bench": "stream.devtools.bench",
 }

@@ -9,6 +9,7 @@ message names the variable and says what a valid value looks like.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = [
     "Settings",
     "SpendSettings",
     "check_instance_id",  # from checks; worker.py takes it from here
+    "seconds_option",
 ]
 
 Guarantee = Literal["at-least-once", "exactly-once"]
@@ -377,3 +379,19 @@ def parse_window(text: str) -> float:
     if not seconds > 0:
         raise ValueError(text)
     return seconds
+
+
+def seconds_option(text: str) -> float:
+    """argparse's `type` for an option in seconds: a number as before (`90`, `0.5`; `inf`
+    and `nan` too, for the command's own bounds to refuse in one line), or a duration with
+    units as the environment takes them (`90s`, `5m`, `1h30m`)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration: use seconds (90) or units such as 90s, 5m, 1h"
+        ) from None

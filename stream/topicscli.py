@@ -11,8 +11,7 @@ from typing import Any
 
 import orjson
 
-from stream.checks import seconds_option
-from stream.config import Settings
+from stream.config import Settings, seconds_option
 from stream.errors import EXIT_ATTENTION, KafkaError, UsageError
 from stream.topics import SETTLE_S, Change, apply, plan
 

@@ -16,9 +16,8 @@ from stream.checks import (
     check_instance_id,
     check_topic_prefix,
     parse_duration,
-    seconds_option,
 )
-from stream.config import Settings
+from stream.config import Settings, seconds_option
 from stream.errors import ConfigError
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

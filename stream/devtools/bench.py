@@ -37,8 +37,7 @@ from typing import Any, NamedTuple
 import anyio
 
 from stream import clientconfig
-from stream.checks import seconds_option
-from stream.config import Settings
+from stream.config import Settings, seconds_option
 from stream.devtools import benchreport, benchruns, processes, scenarios
 from stream.devtools.benchdata import (
     create_topics,

@@ -27,8 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream import logs
 from stream import topics as topics_module
-from stream.checks import seconds_option
-from stream.config import Secret, Settings
+from stream.config import Secret, Settings, seconds_option
 from stream.devtools.broker import LocalBroker
 from stream.devtools.faults import parse_faults, parse_latency
 from stream.devtools.jars import cache_dir

@@ -41,8 +41,7 @@ from typing import Any
 
 from aiohttp import web
 
-from stream.checks import seconds_option
-from stream.config import Settings
+from stream.config import Settings, seconds_option
 from stream.devtools.answers import (
     ANSWER_KINDS,
     Answer,

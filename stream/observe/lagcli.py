@@ -22,8 +22,7 @@ from typing import Any
 import anyio
 import orjson
 
-from stream.checks import seconds_option
-from stream.config import KafkaSettings, Settings
+from stream.config import KafkaSettings, Settings, seconds_option
 from stream.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_USAGE, KafkaError
 from stream.interrupts import cancelled_by_signal
 from stream.kafka import transient
