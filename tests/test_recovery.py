@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from stream.config import Settings
 from stream.engine.engine import Engine, Output
-from stream.engine.offsets import PartitionOffsets, split_notes
+from stream.engine.offsets import PartitionOffsets, split_notes, with_notes
 from stream.engine.outputs import send_outputs
 from stream.engine.partitions import Partition
 from stream.engine.recovery import (
@@ -32,7 +32,7 @@ from stream.engine.recovery import (
     recover,
     since_ms,
 )
-from tests.kit.kafka import Record, committed, create_topic, produce, read_all
+from tests.kit.kafka import Record, commit, committed, create_topic, produce, read_all
 from tests.kit.kcat import kcat_produce, needs_kcat
 from tests.kit.workers import engine_on
 
@@ -309,3 +309,48 @@ async def test_a_graceful_stop_that_drained_everything_leaves_no_note(
     (offset, metadata) = (await committed(settings, engine.group_id, source))[0]
     assert offset == (9 if stuck else 10)
     assert ("since" in split_notes(metadata)[1]) is stuck
+
+
+@pytest.mark.anyio
+@pytest.mark.kafka
+async def test_an_exactly_once_owner_after_an_at_least_once_one_looks_for_its_outputs(
+    settings: Settings,
+) -> None:
+    """A group run with mixed STREAM_GUARANTEE (a helper restarted a SIGKILLed at-least-once
+    worker as exactly-once: 4 results twice in 800): the dead owner's commit has a `since`
+    note and its outputs after that commit are in Kafka. The exactly-once successor finds
+    them as an at-least-once one would, and runs only what has none."""
+    source = await create_topic(settings, "mixed-in", 1)
+    sink = await create_topic(settings, "mixed-out", 1)
+    tp = TopicPartition(source, 0)
+    await produce(settings, source, [f"r{i}".encode() for i in range(10)])
+    group = settings.group("mixed")
+    since = int(time.time() * 1000) - 60_000
+    await commit(settings, group, {tp: 3}, with_notes("", {"since": str(since)}))
+    written = [Record(b"done", partition=0, headers=input_headers(tp, o, 1)) for o in range(3, 7)]
+    await produce(settings, sink, written)
+
+    handled: set[int] = set()
+
+    async def handler(record: Any) -> Sequence[Output]:
+        handled.add(record.offset)
+        return [Output(sink, record.value, follows=record.partition)]
+
+    exactly_once = dataclasses.replace(
+        settings, engine=dataclasses.replace(settings.engine, guarantee="exactly-once")
+    )
+    engine = Engine(
+        settings=exactly_once,
+        name="mixed",
+        group_id=group,
+        topics=[source],
+        handler=handler,
+        on_error=lambda record, exc: [],
+        output_topics=[sink],
+    )
+    async with engine_on(engine):
+        while engine.snapshot().records_done < 7:  # noqa: ASYNC110
+            await anyio.sleep(0.05)  # polling a counter, not ordering tasks
+    assert handled == {7, 8, 9}
+    outputs = await read_all(settings, sink, isolation="read_committed")
+    assert sorted(r.value for r in outputs) == [b"done"] * 4 + [b"r7", b"r8", b"r9"]

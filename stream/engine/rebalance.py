@@ -276,9 +276,11 @@ class Rebalancer:
     async def _recover(
         self, fresh: list[TopicPartition], committed: Committed
     ) -> dict[TopicPartition, set[int]]:
-        """At-least-once: the records of `fresh` partitions a dead owner finished after its
-        last commit, found by their outputs (`stream.engine.recovery`)."""
-        if self._config.guarantee != "at-least-once" or not self._outputs:
+        """The records of `fresh` partitions a dead at-least-once owner finished after its
+        last commit, found by their outputs (`stream.engine.recovery`). Only an at-least-
+        once commit carries the `since` note; an exactly-once worker that meets one (a group
+        run with mixed STREAM_GUARANTEE) looks too, or it would write those outputs again."""
+        if not self._outputs:
             return {}
         wanted = {}
         for tp in fresh:
@@ -286,6 +288,13 @@ class Rebalancer:
                 notes = split_notes(position[1])[1]
                 if (since := note_number(notes, "since")) is not None:
                     wanted[tp] = Unfinished(position[0], since, notes.get("spread") == "1")
+        if wanted and self._config.guarantee != "at-least-once":
+            log.warning(
+                "%s were last committed by an at-least-once worker, and this one runs "
+                "exactly-once: their outputs written after that commit are looked for; run "
+                "every worker of a group with the same STREAM_GUARANTEE",
+                partition_names(wanted),
+            )
         return await recover(self._settings.kafka, wanted, self._outputs)
 
     def _start(
