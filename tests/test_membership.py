@@ -24,6 +24,7 @@ from stream.engine.engine import Engine, Output
 from stream.engine.membership import Membership
 from stream.engine.rebalance import Listener, Rebalancer
 from stream.errors import FencedError, KafkaError
+from stream.kafka import admin_client
 from tests.kit import eventually
 from tests.kit.kafka import Record, committed, create_topic, end_offsets, produce, read_all
 from tests.kit.requests import request, send, terminal
@@ -384,16 +385,52 @@ async def test_a_static_worker_comes_back_after_sigkill_and_a_second_one_with_it
     assert "Traceback" not in workers.stderr("second")
 
 
+async def test_two_workers_started_together_with_one_id_say_so(
+    settings: Settings, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Started 0.3 s apart while the group waits out a dead member, the first is fenced
+    before its start is over: Kafka's FENCED_INSTANCE_ID reached it as aiokafka's
+    UnknownError ("failed while starting the consumer: KafkaError: UnknownError()", 2 of 2
+    runs before); it says which id, and what to do, instead."""
+    await topics.apply(settings, await topics.plan(settings))
+    # No provider is called (no request is sent). A member SIGKILLed before holds the
+    # group's next rebalance for its session: the first worker's join waits in its start.
+    nowhere = {
+        **env,
+        "SYNTHETIC_API_KEY": "sk-none",
+        "SYNTHETIC_BASE_URL": "http://127.0.0.1:1/v1",
+        "STREAM_SESSION_TIMEOUT_MS": "15000",
+    }
+    workers = _Workers(nowhere, tmp_path)
+    try:
+        gone = await workers.start("gone", "w-9")
+        await eventually(_members(settings, 1))
+        gone.kill()
+        first = await workers.start("first")
+        await anyio.sleep(0.3)
+        second = await workers.start("second")
+        with anyio.fail_after(60):
+            assert await first.wait() == 1
+        second.send_signal(signal.SIGTERM)
+        with anyio.fail_after(60):
+            assert await second.wait() == 0
+    finally:
+        workers.kill_all()
+    last = workers.stderr("first").strip().splitlines()[-1]
+    assert last.startswith("stream: error: another process joined group"), last
+    assert "instance id w-0-primary" in last and "Traceback" not in workers.stderr("first")
+
+
 class _Workers:
     def __init__(self, env: dict[str, str], folder: Path) -> None:
         self._env = env
         self._folder = folder
         self._processes: list[Any] = []
 
-    async def start(self, name: str) -> Any:
+    async def start(self, name: str, instance: str = "w-0") -> Any:
         with (self._folder / f"{name}.log").open("wb") as stderr:
             process = await anyio.open_process(
-                [sys.executable, "-m", "stream", "run", "primary", "--instance-id", "w-0"],
+                [sys.executable, "-m", "stream", "run", "primary", "--instance-id", instance],
                 env=self._env,
                 stderr=stderr,
             )
@@ -407,6 +444,17 @@ class _Workers:
         for process in self._processes:
             if process.returncode is None:
                 process.kill()
+
+
+def _members(settings: Settings, count: int) -> Any:
+    async def check() -> bool:
+        group = settings.group("predictions-primary")
+        async with admin_client(settings.kafka, doing="describing the group") as admin:
+            (response,) = await admin.describe_consumer_groups([group])
+        groups = response.to_object()["groups"]
+        return sum(len(g["members"]) for g in groups) >= count
+
+    return check
 
 
 def _committed_requests(settings: Settings, count: int) -> Any:

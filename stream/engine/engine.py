@@ -234,7 +234,12 @@ class Engine:
                 # answers (a broker that stopped answering after the topic check).
                 await sink.start()
                 consumer.subscribe(self._topics, listener=listener)
-                await start_client(consumer, self._settings.kafka, "starting the consumer")
+                try:
+                    await start_client(consumer, self._settings.kafka, "starting the consumer")
+                except KafkaError as exc:
+                    # Another process started with our instance id at the same moment: Kafka
+                    # answers FENCED_INSTANCE_ID, which aiokafka 0.14 reads as UnknownError.
+                    raise await self.membership.explain(exc) from exc
             self._starting = None
         except BaseException:
             # Failed, or cancelled (a signal during start-up): `run` has no clean-up to
