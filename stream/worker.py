@@ -32,7 +32,7 @@ from stream.catalog import Catalog, load_catalog, unpriced
 from stream.config import Settings, check_instance_id
 from stream.engine.engine import Engine
 from stream.engine.signals import run_until_signal
-from stream.errors import EXIT_FAILED, ConfigError, KafkaError, UsageError, flag_value
+from stream.errors import ConfigError, KafkaError, StreamError, UsageError, flag_value
 from stream.kafka import admin_client
 from stream.observe.health import Health, serve
 from stream.observe.lag import LagMonitor
@@ -339,8 +339,14 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             )
         instance_id = flag_value(check_instance_id, args.instance_id, "--instance-id")
         settings = replace(settings, engine=replace(settings.engine, instance_id=instance_id))
-    drained = anyio.run(run_until_signal, Worker(settings, stages, own_process=True))
-    return 0 if drained else EXIT_FAILED  # stopped at once: its running records run again
+    if not anyio.run(run_until_signal, Worker(settings, stages, own_process=True)):
+        # Exit 1 says it to a supervisor; the line, to the person who sent the signals.
+        raise StreamError(
+            "stopped by a second signal before the drain finished: the records still "
+            "running were dropped uncommitted, and their next owner runs them again (calls "
+            "already made are paid again); one SIGTERM, then the grace, drains"
+        )
+    return 0
 
 
 def register(commands: Any) -> None:

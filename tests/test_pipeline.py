@@ -301,6 +301,8 @@ async def test_a_second_signal_stops_at_once_and_exits_1(
     output = log.read_text()
     assert process.returncode == 1, output[-2000:]
     assert "second signal: exiting without draining" in output
+    last = output.strip().splitlines()[-1]  # the README's one line for every exit 1
+    assert last.startswith("stream: error: stopped by a second signal before the drain"), last
     assert "Traceback" not in output
 
 
