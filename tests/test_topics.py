@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 from aiokafka.admin import NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -217,6 +219,39 @@ async def test_retry_for_rides_out_a_kafka_that_is_not_there_yet_then_says_why(
     lines = done.stderr.strip().splitlines()
     assert len(lines) >= 2 and all("cannot reach Kafka" in line for line in lines)
     assert "trying again" in lines[0] and "Traceback" not in done.stderr
+
+
+async def test_sigterm_while_it_waits_for_kafka_is_an_interruption(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A command with no drain of its own (an init container's `topics apply --retry-for`
+    stopped by its pod's SIGTERM) exits 130 with its line, as Ctrl-C does: it died of the
+    signal (143), silent."""
+    from stream.devtools.broker import free_port
+
+    nowhere = {**env, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    log = tmp_path / "apply.log"
+    with log.open("wb") as stderr:
+        process = await anyio.open_process(
+            [sys.executable, "-m", "stream", "topics", "apply", "--retry-for", "120"],
+            env=nowhere,
+            stderr=stderr,
+        )
+    try:
+
+        async def waiting() -> bool:
+            return "trying again" in log.read_text()
+
+        await eventually(waiting, timeout_s=60)
+        process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            assert await process.wait() == 130, log.read_text()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert log.read_text().strip().splitlines()[-1] == "stream: interrupted"
+    assert "Traceback" not in log.read_text()
 
 
 def _declarations(tmp_path: Path, file: str, old: str, new: str) -> Path:
