@@ -12,7 +12,7 @@ import pytest
 
 from stream.config import Settings
 from stream.devtools.bench import Options
-from stream.devtools.scenarios import ScenarioOptions, worker_env
+from stream.devtools.scenarios import ScenarioOptions, table, worker_env
 from stream.kafka import admin_client
 from tests.kit import run_cli
 
@@ -184,3 +184,37 @@ def test_scenario_workers_keep_the_callers_kafka_client_settings(tmp_path: Path)
     assert env["STREAM_GUARANTEE"] == "at-least-once"
     assert env["STREAM_TOPIC_PREFIX"] == "scen1."
     assert env["KAFKA_BOOTSTRAP_SERVERS"] == "broker:9093"
+
+
+def test_a_scenario_whose_events_came_after_the_work_says_it_disturbed_nothing(
+    tmp_path: Path,
+) -> None:
+    """`--at 5` with calls of 5 s: the first SIGTERM came after the last result, and the
+    report said "0 paid twice" as if the restart had been tried under load."""
+    options = ScenarioOptions(
+        scenario="rolling-restart",
+        requests=600,
+        latency=5.0,
+        workers=2,
+        concurrency=100,
+        partitions=6,
+        at=5.0,
+        static=True,
+        guarantee="at-least-once",
+        folder=tmp_path,
+        env={},
+    )
+    figures = {
+        "calls_per_request": 1.0,
+        "calls_paid_twice": 0,
+        "abandoned_on_moved": 0,
+        "longest_stop_s": 0.1,
+        "longest_pause_s": 0.0,
+        "longest_pause_staying_s": 0.0,
+    }
+    late = {**figures, "total_s": 5.8, "events": [(6.0, "SIGTERM w0")]}
+    lines = table({"undisturbed": {**figures, "total_s": 5.8}, "rolling-restart": late}, options)
+    assert lines[-1].startswith("note: the events began at 6 s, after the last result (5.8 s)")
+    early = {**late, "events": [(2.0, "SIGTERM w0")]}
+    lines = table({"undisturbed": {**figures, "total_s": 5.8}, "rolling-restart": early}, options)
+    assert not lines[-1].startswith("note:")

@@ -377,6 +377,12 @@ def table(results: dict[str, Figures], options: ScenarioOptions) -> list[str]:
     if "first_call_after_restart_s" in disturbed:
         lines.append(f"first call after the restart: {disturbed['first_call_after_restart_s']} s")
     lines += [f"  {at:6.1f} s  {text}" for at, text in disturbed["events"]]
+    if disturbed["events"] and disturbed["events"][0][0] >= disturbed["total_s"]:
+        lines.append(
+            f"note: the events began at {disturbed['events'][0][0]:g} s, after the last result "
+            f"({disturbed['total_s']:g} s): no call was in flight for them to disturb; give a "
+            "smaller --at or a longer --latency"
+        )
     return lines
 
 
