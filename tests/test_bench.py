@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,26 +157,33 @@ async def test_a_scale_out_pays_for_no_call_twice(env: dict[str, str]) -> None:
     assert scaled["calls"] == 300
 
 
+def _scenario(folder: Path, **changes: Any) -> ScenarioOptions:
+    """A rolling restart of 2 static at-least-once workers, with `changes`."""
+    base: dict[str, Any] = {
+        "scenario": "rolling-restart",
+        "requests": 10,
+        "latency": 1.0,
+        "workers": 2,
+        "concurrency": 10,
+        "partitions": 2,
+        "at": 1.0,
+        "static": True,
+        "guarantee": "at-least-once",
+        "folder": folder,
+        "env": {},
+    }
+    return ScenarioOptions(**{**base, **changes})
+
+
 def test_scenario_workers_keep_the_callers_kafka_client_settings(tmp_path: Path) -> None:
-    options = ScenarioOptions(
-        scenario="rolling-restart",
-        requests=10,
-        latency=1.0,
-        workers=2,
-        concurrency=10,
-        partitions=2,
-        at=1.0,
-        static=True,
-        guarantee="at-least-once",
-        folder=tmp_path,
-        env={
-            "PATH": "/bin",
-            "STREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
-            "STREAM_KAFKA_SASL_USERNAME": "bench",
-            "STREAM_GUARANTEE": "exactly-once",
-            "STREAM_TOPIC_PREFIX": "theirs.",
-        },
-    )
+    caller = {
+        "PATH": "/bin",
+        "STREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "STREAM_KAFKA_SASL_USERNAME": "bench",
+        "STREAM_GUARANTEE": "exactly-once",
+        "STREAM_TOPIC_PREFIX": "theirs.",
+    }
+    options = _scenario(tmp_path, env=caller)
     env = worker_env(options, "broker:9093", "http://127.0.0.1:1", "scen1.")
     assert env["STREAM_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
     assert env["STREAM_KAFKA_SASL_USERNAME"] == "bench"
@@ -191,19 +199,7 @@ def test_a_scenario_whose_events_came_after_the_work_says_it_disturbed_nothing(
 ) -> None:
     """`--at 5` with calls of 5 s: the first SIGTERM came after the last result, and the
     report said "0 paid twice" as if the restart had been tried under load."""
-    options = ScenarioOptions(
-        scenario="rolling-restart",
-        requests=600,
-        latency=5.0,
-        workers=2,
-        concurrency=100,
-        partitions=6,
-        at=5.0,
-        static=True,
-        guarantee="at-least-once",
-        folder=tmp_path,
-        env={},
-    )
+    options = _scenario(tmp_path, requests=600, latency=5.0, at=5.0)
     figures = {
         "calls_per_request": 1.0,
         "calls_paid_twice": 0,
