@@ -236,10 +236,8 @@ class Engine:
                 consumer.subscribe(self._topics, listener=listener)
                 try:
                     await start_client(consumer, self._settings.kafka, "starting the consumer")
-                except KafkaError as exc:
-                    # Another process started with our instance id at the same moment: Kafka
-                    # answers FENCED_INSTANCE_ID, which aiokafka 0.14 reads as UnknownError.
-                    raise await self.membership.explain(exc) from exc
+                except KafkaError as exc:  # perhaps our instance id started elsewhere
+                    raise await self.membership.explain_start(exc) from exc.__cause__
             self._starting = None
         except BaseException:
             # Failed, or cancelled (a signal during start-up): `run` has no clean-up to

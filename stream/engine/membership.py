@@ -34,6 +34,7 @@ from typing import Any
 import anyio
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError as AIOKafkaError
+from aiokafka.errors import UnknownError
 
 from stream.config import KafkaSettings
 from stream.errors import FencedError, KafkaError, StreamError
@@ -127,6 +128,16 @@ class Membership:
         one's transactional producers and commits too, which is how it may show first."""
         if not self.fenced and (holder := await self.holder()) is not None:
             return self.fence(holder)
+        return error
+
+    async def explain_start(self, error: KafkaError) -> StreamError:
+        """`error` from starting the consumer, or the fence behind it: Kafka answers a join
+        whose instance id another process took at the same moment with FENCED_INSTANCE_ID,
+        which aiokafka 0.14 reads as UnknownError and raises as `KafkaError("UnknownError()")`
+        (any other error is only that error: no group lookup while Kafka is away)."""
+        cause = error.__cause__
+        if isinstance(cause, UnknownError) or "UnknownError" in str(cause):
+            return await self.explain(error)
         return error
 
     async def hold(self) -> None:
