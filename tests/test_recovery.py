@@ -262,14 +262,16 @@ async def test_an_output_the_client_cannot_read_ends_the_scan_not_the_engine(
     assert found in ({}, {tp: {4}})  # what it read before the odd record counts
 
 
-def _engine(settings: Settings, source: str, sink: str, handler: Any, grace_s: float) -> Engine:
+def _engine(
+    settings: Settings, source: str, sink: str, handler: Any, group: str, **engine: Any
+) -> Engine:
+    """An engine copying `source` to `sink` through `handler`, with these engine settings."""
     return Engine(
         settings=dataclasses.replace(
-            settings,
-            engine=dataclasses.replace(settings.engine, shutdown_grace_s=grace_s),
+            settings, engine=dataclasses.replace(settings.engine, **engine)
         ),
-        name="drained",
-        group_id=settings.group(f"drained-{grace_s}"),
+        name=group,
+        group_id=settings.group(group),
         topics=[source],
         handler=handler,
         on_error=lambda record, exc: [],
@@ -301,7 +303,7 @@ async def test_a_graceful_stop_that_drained_everything_leaves_no_note(
                 await anyio.sleep_forever()  # still running when the grace runs out
         return [Output(sink, record.value, follows=record.partition)]
 
-    engine = _engine(settings, source, sink, handler, grace_s=0.5)
+    engine = _engine(settings, source, sink, handler, "drained-0.5", shutdown_grace_s=0.5)
     async with engine_on(engine):
         await handled.wait()
         while engine.snapshot().records_done < (9 if stuck else 10):  # noqa: ASYNC110
@@ -336,18 +338,7 @@ async def test_an_exactly_once_owner_after_an_at_least_once_one_looks_for_its_ou
         handled.add(record.offset)
         return [Output(sink, record.value, follows=record.partition)]
 
-    exactly_once = dataclasses.replace(
-        settings, engine=dataclasses.replace(settings.engine, guarantee="exactly-once")
-    )
-    engine = Engine(
-        settings=exactly_once,
-        name="mixed",
-        group_id=group,
-        topics=[source],
-        handler=handler,
-        on_error=lambda record, exc: [],
-        output_topics=[sink],
-    )
+    engine = _engine(settings, source, sink, handler, "mixed", guarantee="exactly-once")
     async with engine_on(engine):
         while engine.snapshot().records_done < 7:  # noqa: ASYNC110
             await anyio.sleep(0.05)  # polling a counter, not ordering tasks
