@@ -9,6 +9,9 @@
   log as lag. `fetch_offsets` raises the error instead, and its callers ask again.
 - **DescribeCluster v2** (KIP-1073): the brokers the controllers know, fenced ones too.
   aiokafka's `describe_cluster` reads Metadata, which lists the live brokers only.
+- **LeaveGroup v3** (KIP-345): leave by group instance id. aiokafka sends v0-1 (a member
+  id alone), and never for a static member: Kafka's Java admin client removes static
+  members this way (`removeMembersFromConsumerGroup`).
 
 Schemas: clients/src/main/resources/common/message/*.json in Kafka.
 """
@@ -32,6 +35,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.commit import OffsetFetchRequest
 from aiokafka.protocol.types import (
+    Array,
     Boolean,
     CompactArray,
     CompactString,
@@ -39,11 +43,18 @@ from aiokafka.protocol.types import (
     Int16,
     Int32,
     Schema,
+    String,
     TaggedFields,
 )
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
-__all__ = ["coordinator_offsets", "fetch_offsets", "group_committed", "registered_brokers"]
+__all__ = [
+    "coordinator_offsets",
+    "fetch_offsets",
+    "group_committed",
+    "leave_group",
+    "registered_brokers",
+]
 
 Send = Callable[[Any], Awaitable[Any]]
 Offsets = dict[TopicPartition, OffsetAndMetadata]
@@ -176,3 +187,56 @@ async def registered_brokers(admin: Any) -> dict[int, bool] | None:
     if response.error_code:
         raise for_code(response.error_code)(response.error_message)
     return {int(broker[0]): bool(broker[4]) for broker in response.brokers}
+
+
+# -- LeaveGroup v3 --------------------------------------------------------------------------
+
+
+class _LeaveGroupResponseV3(Response):  # type: ignore[misc]
+    API_KEY = 13
+    API_VERSION = 3
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("error_code", Int16),
+        (
+            "members",
+            Array(
+                ("member_id", String("utf-8")),
+                ("group_instance_id", String("utf-8")),
+                ("error_code", Int16),
+            ),
+        ),
+    )
+
+
+class _LeaveGroupRequestV3(RequestStruct):  # type: ignore[misc]
+    API_KEY = 13
+    API_VERSION = 3
+    RESPONSE_TYPE = _LeaveGroupResponseV3
+    SCHEMA = Schema(
+        ("group_id", String("utf-8")),
+        ("members", Array(("member_id", String("utf-8")), ("group_instance_id", String("utf-8")))),
+    )
+
+
+class _LeaveGroup(Request[_LeaveGroupRequestV3]):  # type: ignore[misc]
+    API_KEY = 13
+
+    def __init__(self, group: str, member_id: str, instance_id: str) -> None:
+        self._members = [(member_id, instance_id)]
+        self._group = group
+
+    def build(self, request_struct_class: type[_LeaveGroupRequestV3]) -> Any:
+        return request_struct_class(self._group, self._members)
+
+
+async def leave_group(admin: Any, group: str, member_id: str, instance_id: str) -> int:
+    """Take the static member `instance_id` out of `group` (`member_id` "" for whichever
+    member holds the id now; else only that one); one try, through an admin client.
+    Returns Kafka's error code for the member: 0 it left, UNKNOWN_MEMBER_ID (25) the group
+    has no such member, FENCED_INSTANCE_ID (82) another member holds the id."""
+    node = await admin.find_coordinator(group)
+    response = await admin._send_request(_LeaveGroup(group, member_id, instance_id), node)
+    if response.error_code:
+        raise for_code(response.error_code)(f"leaving group {group}")
+    return int(response.members[0][2]) if response.members else 0

@@ -276,6 +276,8 @@ class Engine:
                 # for a member gone silent): its connections are closed, not left open.
                 with anyio.move_on_after(CLOSE_TIMEOUT_S):
                     await self._consumer._client.close()
+            if not self.ready.is_set():  # a static member leaves: nothing to come back to
+                await self.membership.leave()
             log.info("engine %s closed: %r", self.name, self)
 
     def _shutdown_grace_s(self) -> float:

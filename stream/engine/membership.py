@@ -20,6 +20,12 @@ other does the same: both flap for ever, each re-fetching and re-calling. So:
   parks aiokafka's coordinator inside the callback, and `release()` cancels its task when
   the engine closes, so closing neither waits for it nor sends a JoinGroup.
 
+A static member never leaves on close (aiokafka sends no LeaveGroup for one, as Kafka's
+Java consumer does not): a restart gets its partitions back. One stopped before its first
+assignment has nothing to get back, and the rebalance its join began would give it
+partitions it never fetches, waiting out its session: `leave()` takes it out by its
+instance id (LeaveGroup v3, `stream.kafkawire.leave_group`).
+
 The coordinator's task, member id and generation are aiokafka 0.14 internals (pinned);
 this module is the only place that touches them.
 """
@@ -34,17 +40,22 @@ from typing import Any
 import anyio
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError as AIOKafkaError
-from aiokafka.errors import UnknownError
+from aiokafka.errors import UnknownError, UnknownMemberIdError
 
 from stream.config import KafkaSettings
 from stream.errors import FencedError, KafkaError, StreamError
 from stream.kafka import admin_client
+from stream.kafkawire import leave_group
 
 __all__ = ["Membership", "group_instance_id"]
 
 log = logging.getLogger(__name__)
 
 _UUID_CHARS = 36
+# Kafka's FENCED_INSTANCE_ID (aiokafka 0.14 has no class for it): another member has the id.
+_FENCED_INSTANCE_ID = 82
+# How long a stop may spend leaving (three round trips; a Kafka gone must not hold it).
+_LEAVE_TIMEOUT_S = 3.0
 
 
 def group_instance_id(instance_id: str | None, engine: str) -> str | None:
@@ -151,3 +162,37 @@ class Membership:
         task = self._coordinator._coordination_task
         task.cancel()
         await asyncio.wait([task])
+
+    async def leave(self) -> None:
+        """Take this static member out of the group after a stop before its first
+        assignment (see the module docstring). Only once its consumer found the group's
+        coordinator (so it may have sent a join), never when fenced (the id is another's
+        now); bounded, and a failure is only logged: the session's end does it then."""
+        coordinator = self._consumer._coordinator if self._consumer is not None else None
+        if not self.instance_id or self.fenced or coordinator is None:
+            return
+        if getattr(coordinator, "coordinator_id", None) is None:
+            return
+        member_id = coordinator.member_id  # "" when the join got no answer yet
+        code: int | str = f"no answer in {_LEAVE_TIMEOUT_S:g} s"
+        with anyio.move_on_after(_LEAVE_TIMEOUT_S):
+            try:
+                async with admin_client(self._settings, doing="leaving the group") as admin:
+                    code = await leave_group(admin, self.group_id, member_id, self.instance_id)
+            except (AIOKafkaError, KafkaError, OSError) as exc:
+                code = str(exc)
+        if code == 0:
+            log.info(
+                "left group %s as %s (stopped before its first assignment): its partitions "
+                "go to the others now, not when its session ends",
+                self.group_id,
+                self.instance_id,
+            )
+        elif code not in (UnknownMemberIdError.errno, _FENCED_INSTANCE_ID):  # not ours to leave
+            log.warning(
+                "could not leave group %s as %s (%s): a partition assigned to it waits until "
+                "its session ends",
+                self.group_id,
+                self.instance_id,
+                f"Kafka's error {code}" if isinstance(code, int) else code,
+            )
