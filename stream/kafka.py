@@ -32,7 +32,7 @@ from aiokafka.structs import TopicPartition
 
 from stream.config import KafkaSettings
 from stream.errors import ConfigError, KafkaError
-from stream.kafkawire import group_committed
+from stream.kafkawire import group_committed, ride_out_lost_coordinators
 
 __all__ = [
     "admin_client",
@@ -287,6 +287,8 @@ async def start_client(
     """Start an aiokafka client (consumer, producer or admin). When it cannot start, stop
     it (its sockets and tasks are already open) and raise our `KafkaError`, which says what
     we were `doing`. With `timeout_s`, a start that hangs fails too."""
+    if isinstance(client, AIOKafkaProducer) and client._txn_manager is not None:
+        ride_out_lost_coordinators(client)
     try:
         with anyio.fail_after(timeout_s):
             await client.start()

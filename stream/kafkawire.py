@@ -12,12 +12,18 @@
 - **LeaveGroup v3** (KIP-345): leave by group instance id. aiokafka sends v0-1 (a member
   id alone), and never for a static member: Kafka's Java admin client removes static
   members this way (`removeMembersFromConsumerGroup`).
+- **A coordinator lost mid-lookup.** A transactional producer looks its coordinators up
+  again when they are not available, but aiokafka 0.14 ends its sender for good when a
+  connection closes under the FindCoordinator itself (a broker killed at that moment):
+  `ride_out_lost_coordinators` makes it look again.
 
 Schemas: clients/src/main/resources/common/message/*.json in Kafka.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -27,6 +33,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import (
     GroupCoordinatorNotAvailableError,
     IncompatibleBrokerVersion,
+    KafkaConnectionError,
     NotCoordinatorForGroupError,
     UnknownTopicOrPartitionError,
     for_code,
@@ -54,7 +61,10 @@ __all__ = [
     "group_committed",
     "leave_group",
     "registered_brokers",
+    "ride_out_lost_coordinators",
 ]
+
+log = logging.getLogger(__name__)
 
 Send = Callable[[Any], Awaitable[Any]]
 Offsets = dict[TopicPartition, OffsetAndMetadata]
@@ -240,3 +250,30 @@ async def leave_group(admin: Any, group: str, member_id: str, instance_id: str) 
     if response.error_code:
         raise for_code(response.error_code)(f"leaving group {group}")
     return int(response.members[0][2]) if response.members else 0
+
+
+# -- a coordinator lost mid-lookup ------------------------------------------------------------
+
+
+def ride_out_lost_coordinators(producer: Any) -> None:
+    """Make a transactional `producer` look for its coordinators again when a connection
+    closes under the lookup, as it does when a coordinator is not available. aiokafka 0.14
+    raises that one as "Unexpected error during batch delivery", which ends the producer's
+    sender: its transaction fails, and an exactly-once worker re-runs the partition from
+    its last commit (it stopped: seen in CI, two of three brokers killed) for a blip the
+    next lookup rides out. Other errors stay as they were."""
+    sender = producer._sender
+    find = sender._find_coordinator
+
+    async def find_again(coordinator_type: Any, key: str) -> Any:
+        while True:
+            try:
+                return await find(coordinator_type, key)
+            except AIOKafkaError as exc:
+                if not isinstance(exc.__cause__, KafkaConnectionError):
+                    raise
+                log.debug("looking for the coordinator of %s again: %s", key, exc)
+                await producer.client.force_metadata_update()
+                await asyncio.sleep(sender._retry_backoff)
+
+    sender._find_coordinator = find_again
