@@ -447,3 +447,44 @@ async def test_stop_and_status_of_a_cluster_home_go_by_how_it_was_started(
     single = await run_cli(env, "kafka", "status", "--home", str(tmp_path), "--brokers", "1")
     assert single.returncode == 1
     assert f"pass --brokers as when it was started (--brokers 3 --port {port})" in single.stderr
+
+
+_STAND_IN_MVN = """#!/bin/sh
+# Maven's stand-in: counts its runs, takes a while, leaves one jar in -DoutputDirectory.
+echo run >> "$MVN_RUNS"
+sleep 1
+for arg in "$@"; do
+  case "$arg" in -DoutputDirectory=*) out="${arg#-DoutputDirectory=}" ;; esac
+done
+mkdir -p "$out" && echo jar > "$out/kafka.jar"
+"""
+
+
+def test_processes_that_need_the_jars_at_once_fetch_them_once(tmp_path: Path) -> None:
+    """Test workers start their brokers together on a fresh machine: one fetch runs, the
+    others wait for it and take its jars (each replacing the folder under the others'
+    brokers could remove the jars a starting broker reads)."""
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mvn").write_text(_STAND_IN_MVN)
+    (bin_dir / "mvn").chmod(0o755)
+    runs = tmp_path / "runs"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "STREAM_CACHE_DIR": str(tmp_path / "cache"),
+        "MVN_RUNS": str(runs),
+    }
+    fetch = "from stream.devtools.jars import fetch_jars; print(fetch_jars(quiet=True))"
+    fetchers = [
+        subprocess.Popen([sys.executable, "-c", fetch], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    folders = {fetcher.communicate(timeout=60)[0].strip() for fetcher in fetchers}
+    assert all(fetcher.returncode == 0 for fetcher in fetchers)
+    assert runs.read_text().splitlines() == ["run"]
+    (folder,) = folders
+    assert sorted(p.name for p in Path(folder).iterdir()) == [".complete", "kafka.jar"]
+    assert not list(Path(folder).parent.glob("*.tmp"))

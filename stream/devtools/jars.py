@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -45,6 +46,17 @@ def fetch_jars(*, quiet: bool = False) -> Path:
     libs = cache_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
     if (libs / ".complete").exists():
         return libs
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    # One fetch at a time (test workers start their brokers together): the others wait for
+    # it and take its jars, rather than replace them under a broker that is reading them.
+    with open(libs.parent / "fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (libs / ".complete").exists():
+            return libs
+        return _fetch(libs, quiet=quiet)
+
+
+def _fetch(libs: Path, *, quiet: bool) -> Path:
     mvn = require("mvn", "once, to fetch the Kafka broker jars")
     if not quiet:
         print(f"fetching Apache Kafka {KAFKA_VERSION} jars with Maven (once)…", flush=True)
