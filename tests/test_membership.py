@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import TopicPartition
 
 from stream import topics
 from stream.config import EngineSettings, KafkaSettings, Settings
@@ -573,22 +573,6 @@ async def _assigned(consumer: Any) -> bool:
     return bool(consumer.assignment())
 
 
-class _SlowRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Gives its partitions up only after `hold_s`: the rebalance waits for it meanwhile."""
-
-    def __init__(self, hold_s: float) -> None:
-        self.hold_s = hold_s
-        self.revoking = anyio.Event()
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        if revoked:
-            self.revoking.set()
-            await anyio.sleep(self.hold_s)
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        pass
-
-
 async def _group_members(settings: Settings, group: str) -> list[str]:
     async with admin_client(settings.kafka, doing="describing the group") as admin:
         (response,) = await admin.describe_consumer_groups([group])
@@ -596,44 +580,47 @@ async def _group_members(settings: Settings, group: str) -> list[str]:
 
 
 async def test_a_static_worker_stopped_before_its_first_assignment_leaves_the_group(
-    settings: Settings, caplog: pytest.LogCaptureFixture
+    settings: Settings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Stopped while the rebalance its join began still waits (for a member slow to give
-    its partitions up), a static member has nothing to come back to: it leaves by its
-    instance id, and the rebalance ends without it. Were it kept, the leader would give it
-    half the partitions, and they would wait out its 45 s session unfetched."""
+    """A SIGTERM that lands as a new static worker's join is answered: its first assignment
+    arrives while it stops. It has nothing to come back to, so it leaves by its member id,
+    and the other member gets every partition back at once. Kept, it would hold its share
+    unfetched for its 45 s session (with running calls on them, the others would hand
+    partitions over to it and wait as long: the whole group paused)."""
     from stream.engine.assignor import Claims
     from stream.engine.clients import make_consumer
 
     caplog.set_level(logging.INFO, logger="stream.engine.membership")
     topic = await create_topic(settings, "leave-early", 4)
     group = settings.group("leave-early")
-    quick = _with(settings, session_timeout_ms=10000)
-    holder = make_consumer(quick, group, None, Claims)
-    listener = _SlowRevoke(hold_s=5)
-    holder.subscribe([topic], listener=listener)
+    holder = make_consumer(_with(settings), group, None, Claims)
+    holder.subscribe([topic])
     await holder.start()
     try:
         await eventually(lambda: _assigned(holder))
         assert len(holder.assignment()) == 4
         static = _with(settings, instance_id="early", session_timeout_ms=45000)
         engine = _engine(static, "primary", group, topic, topic, Calls(), _open())
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(engine.run)
-            with anyio.fail_after(30):
-                while not listener.revoking.is_set():  # the holder must fetch to hear it
+        heard = engine._handover.heard
+
+        def stopped_as_it_hears(tps: set[TopicPartition]) -> None:
+            heard(tps)
+            engine.stop()  # the signal, as the group's answer comes in
+
+        monkeypatch.setattr(engine._handover, "heard", stopped_as_it_hears)
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(engine.run)
+                while not engine._stopping.is_set():  # the holder must fetch to rebalance
                     await holder.getmany(timeout_ms=100)
-            engine.stop()
-        assert not engine.ready.is_set()  # stopped before its first assignment
         stopped = anyio.current_time()
 
         async def holds_all() -> bool:
             await holder.getmany(timeout_ms=100)
             return len(holder.assignment()) == 4
 
-        await eventually(holds_all, timeout_s=30)
-        # the holder's 5 s, not the static member's 45 s session
-        assert anyio.current_time() - stopped < 25
+        await eventually(holds_all, timeout_s=40)
+        assert anyio.current_time() - stopped < 20  # not the static member's 45 s session
         members = await _group_members(settings, group)
         assert len(members) == 1 and not members[0].startswith("early-primary-")
         assert any("left group" in r.getMessage() for r in caplog.records)

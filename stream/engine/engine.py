@@ -90,6 +90,7 @@ class Engine:
         self._handler = handler
         self._on_error = on_error
         self.ready = anyio.Event()
+        self._unassigned_at_stop = False  # stopped before its first assignment: it leaves
         self._stopping = anyio.Event()
         # While the clients start: aiokafka's consumer `start` waits for the first
         # assignment without a deadline (a rebalance waiting for a member gone silent, a
@@ -161,6 +162,7 @@ class Engine:
     def stop(self) -> None:
         """Graceful stop: no new work, drain up to `shutdown_grace_s`, commit, close."""
         self._stopping.set()
+        self._unassigned_at_stop = not self.ready.is_set()
         if self._starting is not None:
             self._starting.cancel()
 
@@ -268,15 +270,13 @@ class Engine:
             # may wait on a join still in progress: it is not kept waiting for long.
             bound = CLOSE_TIMEOUT_S if self.ready.is_set() else _UNSTARTED_CLOSE_S
             with anyio.move_on_after(bound) as closing:
-                if self.membership.fenced:
-                    await self.membership.release()
-                await self._consumer.stop()
+                await self.membership.close()
             if closing.cancelled_caught:
                 # aiokafka's `stop` waits for a join in progress to end (a rebalance waiting
                 # for a member gone silent): its connections are closed, not left open.
                 with anyio.move_on_after(CLOSE_TIMEOUT_S):
                     await self._consumer._client.close()
-            if not self.ready.is_set():  # a static member leaves: nothing to come back to
+            if self._unassigned_at_stop or not self.ready.is_set():  # nothing to come back to
                 await self.membership.leave()
             log.info("engine %s closed: %r", self.name, self)
 

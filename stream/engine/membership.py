@@ -23,8 +23,11 @@ other does the same: both flap for ever, each re-fetching and re-calling. So:
 A static member never leaves on close (aiokafka sends no LeaveGroup for one, as Kafka's
 Java consumer does not): a restart gets its partitions back. One stopped before its first
 assignment has nothing to get back, and the rebalance its join began would give it
-partitions it never fetches, waiting out its session: `leave()` takes it out by its
-instance id (LeaveGroup v3, `stream.kafkawire.leave_group`).
+partitions it never fetches, waiting out its session (and the others, handing partitions
+over to it, on probation meanwhile: the whole group paused). `leave()` takes it out by
+instance id and member id (LeaveGroup v3, `stream.kafkawire.leave_group`): only with the
+member id its join was answered with, so that it can never take out another process that
+holds the id (a join still unanswered leaves nothing: its session ends it).
 
 The coordinator's task, member id and generation are aiokafka 0.14 internals (pinned);
 this module is the only place that touches them.
@@ -74,6 +77,9 @@ class Membership:
         self.member_id = ""
         self.generation = -1
         self.fenced = False
+        self._joined_as = (
+            ""  # the member id of the last join answered (aiokafka's close forgets it)
+        )
         self._consumer: AIOKafkaConsumer | None = None
 
     def attach(self, consumer: AIOKafkaConsumer) -> None:
@@ -163,17 +169,31 @@ class Membership:
         task.cancel()
         await asyncio.wait([task])
 
+    async def close(self) -> None:
+        """Stop the consumer (a fenced one's coordinator first: `release`), noting the member
+        id its last join was answered with, for `leave`."""
+        if self.fenced:
+            await self.release()
+        assert self._consumer is not None, "no consumer attached"
+        try:
+            self._joined_as = self._member_now()
+            await self._consumer.stop()
+        finally:
+            self._joined_as = self._member_now() or self._joined_as
+
+    def _member_now(self) -> str:
+        """aiokafka's member id now ("" before an answered join, or if never started)."""
+        coordinator = self._consumer._coordinator if self._consumer is not None else None
+        return str(getattr(coordinator, "member_id", "") or "")
+
     async def leave(self) -> None:
         """Take this static member out of the group after a stop before its first
-        assignment (see the module docstring). Only once its consumer found the group's
-        coordinator (so it may have sent a join), never when fenced (the id is another's
-        now); bounded, and a failure is only logged: the session's end does it then."""
-        coordinator = self._consumer._coordinator if self._consumer is not None else None
-        if not self.instance_id or self.fenced or coordinator is None:
+        assignment (see the module docstring): only by the member id its join was answered
+        with, never when fenced (the id is another's now); bounded, and a failure is only
+        logged: the session's end does it then."""
+        member_id = self._joined_as or self.member_id
+        if not self.instance_id or self.fenced or not member_id:
             return
-        if getattr(coordinator, "coordinator_id", None) is None:
-            return
-        member_id = coordinator.member_id  # "" when the join got no answer yet
         code: int | str = f"no answer in {_LEAVE_TIMEOUT_S:g} s"
         with anyio.move_on_after(_LEAVE_TIMEOUT_S):
             try:
