@@ -161,8 +161,8 @@ class Engine:
 
     def stop(self) -> None:
         """Graceful stop: no new work, drain up to `shutdown_grace_s`, commit, close."""
+        self._unassigned_at_stop |= not self._stopping.is_set() and not self.ready.is_set()
         self._stopping.set()
-        self._unassigned_at_stop = not self.ready.is_set()
         if self._starting is not None:
             self._starting.cancel()
 
