@@ -7,6 +7,12 @@
   never committed". A worker then starts its partitions at the log start and pays for every
   answered request again; a re-drive sends its letters again; `stream lag` shows the whole
   log as lag. `fetch_offsets` raises the error instead, and its callers ask again.
+  With `stable` it sends version 7 with `require_stable` (KIP-447): a transaction's offsets
+  reach the group a few milliseconds after `commit_transaction` returns (the coordinator
+  writes its markers after it answers), and meanwhile version 3 reads the offsets before
+  it. An exactly-once worker reading its own last commit in a rebalance took that for
+  another owner's commit, abandoned the partitions that came back, and paid for their
+  running calls again (583 once). v7 answers UNSTABLE_OFFSET_COMMIT (retriable) instead.
 - **DescribeCluster v2** (KIP-1073): the brokers the controllers know, fenced ones too.
   aiokafka's `describe_cluster` reads Metadata, which lists the live brokers only.
 - **LeaveGroup v3** (KIP-345): leave by group instance id. aiokafka sends v0-1 (a member
@@ -31,6 +37,7 @@ from typing import Any
 import anyio
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import (
+    BrokerResponseError,
     GroupCoordinatorNotAvailableError,
     IncompatibleBrokerVersion,
     KafkaConnectionError,
@@ -40,7 +47,12 @@ from aiokafka.errors import (
 )
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.protocol.api import Request, RequestStruct, Response
-from aiokafka.protocol.commit import OffsetFetchRequest
+from aiokafka.protocol.commit import (
+    OffsetFetchRequest,
+    OffsetFetchRequest_v1,
+    OffsetFetchRequest_v2,
+    OffsetFetchRequest_v3,
+)
 from aiokafka.protocol.types import (
     Array,
     Boolean,
@@ -49,6 +61,7 @@ from aiokafka.protocol.types import (
     Int8,
     Int16,
     Int32,
+    Int64,
     Schema,
     String,
     TaggedFields,
@@ -74,23 +87,31 @@ _MOVED = (NotCoordinatorForGroupError, GroupCoordinatorNotAvailableError)
 
 
 async def fetch_offsets(
-    send: Send, group: str, partitions: Iterable[TopicPartition] | None = None
+    send: Send,
+    group: str,
+    partitions: Iterable[TopicPartition] | None = None,
+    *,
+    stable: bool = False,
 ) -> Offsets:
     """The offsets `group` committed on `partitions` (None: on every partition it committed),
     as the broker `send` reaches answers. Partitions never committed, and topics that do not
     exist, are left out. A group-level or partition error raises as aiokafka's error type,
-    whose `retriable` says whether asking again can help."""
+    whose `retriable` says whether asking again can help. `stable`: none of a transaction
+    still settling (see the module docstring; `stream lag`, as Kafka's tool, does not ask)."""
     by_topic = None
     if partitions is not None:
         grouped: dict[str, list[int]] = defaultdict(list)
         for tp in partitions:
             grouped[tp.topic].append(tp.partition)
         by_topic = list(grouped.items())
-    response = await send(OffsetFetchRequest(group, by_topic))
+    request = _StableOffsetFetch(group, by_topic) if stable else OffsetFetchRequest(group, by_topic)
+    response = await send(request)
     _raise_for(getattr(response, "error_code", 0), group)  # v0 and v1 have none at the top
     found: Offsets = {}
-    for topic, answered in response.topics:
-        for partition, offset, metadata, code in answered:
+    for topic, answered, *_ in response.topics:  # v7 adds tagged fields, v5 a leader epoch
+        for fields in answered:
+            partition, offset = fields[0], fields[1]
+            metadata, code = fields[3:5] if len(fields) > 4 else fields[2:4]
             if code == UnknownTopicOrPartitionError.errno:
                 continue
             _raise_for(code, group)
@@ -99,13 +120,26 @@ async def fetch_offsets(
     return found
 
 
+class UnstableOffsetCommitError(BrokerResponseError):  # type: ignore[misc]
+    """Kafka's UNSTABLE_OFFSET_COMMIT (aiokafka 0.14 has no class for it): a transaction's
+    offsets are still settling; ask again."""
+
+    errno = 88
+    message = "UNSTABLE_OFFSET_COMMIT"
+    description = "There are unstable offsets that need to be cleared."
+    retriable = True
+
+
 def _raise_for(code: int, group: str) -> None:
     if code:
-        raise for_code(code)(f"fetching the committed offsets of group {group}")
+        error = (
+            UnstableOffsetCommitError if code == UnstableOffsetCommitError.errno else for_code(code)
+        )
+        raise error(f"fetching the committed offsets of group {group}")
 
 
 async def coordinator_offsets(
-    consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition]
+    consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition], *, stable: bool = True
 ) -> Offsets:
     """What the consumer's group committed on `partitions`, asked of its coordinator (found
     again when it moved), again after a back-off while Kafka says to retry: the caller bounds
@@ -116,7 +150,9 @@ async def coordinator_offsets(
     while True:
         await coordinator.ensure_coordinator_known()
         try:
-            return await fetch_offsets(coordinator._send_req, coordinator.group_id, wanted)
+            return await fetch_offsets(
+                coordinator._send_req, coordinator.group_id, wanted, stable=stable
+            )
         except AIOKafkaError as exc:
             if not exc.retriable:
                 raise
@@ -136,6 +172,80 @@ async def group_committed(
         return await admin._send_request(request, node)
 
     return await fetch_offsets(send, group, partitions)
+
+
+# -- OffsetFetch v7: require_stable -----------------------------------------------------------
+
+
+class _OffsetFetchResponseV7(Response):  # type: ignore[misc]
+    API_KEY = 9
+    API_VERSION = 7
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        (
+            "topics",
+            CompactArray(
+                ("topic", CompactString("utf-8")),
+                (
+                    "partitions",
+                    CompactArray(
+                        ("partition", Int32),
+                        ("offset", Int64),
+                        ("leader_epoch", Int32),
+                        ("metadata", CompactString("utf-8")),
+                        ("error_code", Int16),
+                        ("tags", TaggedFields),
+                    ),
+                ),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("error_code", Int16),
+        ("tags", TaggedFields),
+    )
+
+
+class _OffsetFetchRequestV7(RequestStruct):  # type: ignore[misc]
+    FLEXIBLE_VERSION = True
+    API_KEY = 9
+    API_VERSION = 7
+    RESPONSE_TYPE = _OffsetFetchResponseV7
+    SCHEMA = Schema(
+        ("group_id", CompactString("utf-8")),
+        (
+            "topics",
+            CompactArray(
+                ("topic", CompactString("utf-8")),
+                ("partitions", CompactArray(Int32)),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("require_stable", Boolean),
+        ("tags", TaggedFields),
+    )
+
+
+_OlderOffsetFetch = OffsetFetchRequest_v1 | OffsetFetchRequest_v2 | OffsetFetchRequest_v3
+
+
+class _StableOffsetFetch(Request[_OlderOffsetFetch | _OffsetFetchRequestV7]):  # type: ignore[misc]
+    """OffsetFetch with `require_stable` where the broker has version 7 (Kafka 2.5+); an
+    older one is asked as aiokafka asks (it has no stable read to give)."""
+
+    API_KEY = 9
+
+    def __init__(self, group: str, partitions: list[tuple[str, list[int]]] | None) -> None:
+        self._group = group
+        self._partitions = partitions
+        self._older = OffsetFetchRequest(group, partitions)
+
+    def build(self, request_struct_class: Any) -> Any:
+        if request_struct_class is not _OffsetFetchRequestV7:
+            return self._older.build(request_struct_class)
+        topics: list[tuple[str, list[int], dict[int, bytes]]] | None = None
+        if self._partitions is not None:
+            topics = [(topic, partitions, {}) for topic, partitions in self._partitions]
+        return _OffsetFetchRequestV7(self._group, topics, True, {})
 
 
 # -- DescribeCluster v2 ---------------------------------------------------------------------

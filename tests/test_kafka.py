@@ -232,3 +232,44 @@ async def test_a_transaction_whose_coordinator_lookup_loses_its_connection_commi
     assert (await committed(settings, group, topic))[0][0] == 5
     values = [r.value for r in await read_all(settings, topic, isolation="read_committed")]
     assert values == [b"answer"]
+
+
+async def test_a_stable_read_right_after_a_transaction_commits_sees_its_offsets(
+    settings: Settings,
+) -> None:
+    """A transaction's offsets reach the group a few milliseconds after `commit_transaction`
+    returns; OffsetFetch v3 read the offsets before them (35 reads in 40, in a helper's
+    probe), and an exactly-once worker reading its own last commit in a rebalance took it
+    for another owner's, abandoning running calls to pay for them again. The stable read
+    (v7, `require_stable`) waits for them: each read after each commit sees that commit."""
+    from functools import partial
+
+    from stream.kafka import admin_client, retrying
+    from stream.kafkawire import fetch_offsets
+
+    topic = await create_topic(settings, "stable.read", 1)
+    tp = TopicPartition(topic, 0)
+    group = settings.group("stable-read")
+    producer = AIOKafkaProducer(
+        **settings.kafka.client_options(), transactional_id=settings.topic("stable-read")
+    )
+    await start_client(producer, settings.kafka, "starting a transactional producer")
+    try:
+        async with admin_client(settings.kafka, doing="reading offsets") as admin:
+            node = await admin.find_coordinator(group)
+
+            async def send(request: Any) -> Any:
+                return await admin._send_request(request, node)
+
+            read = partial(fetch_offsets, send, group, [tp], stable=True)
+            seen = []
+            for offset in range(1, 21):
+                async with producer.transaction():
+                    await producer.send_offsets_to_transaction(
+                        {tp: OffsetAndMetadata(offset, f"n={offset}")}, group
+                    )
+                found = (await retrying(read, tries=50))[tp]
+                seen.append((found.offset, found.metadata))
+    finally:
+        await producer.stop()
+    assert seen == [(offset, f"n={offset}") for offset in range(1, 21)]
