@@ -116,12 +116,15 @@ class ExactlyOnceSink:
         )
         started = time.monotonic()
         # init_transactions: bumps the epoch, aborts the old owner's open transaction.
-        # Bounded: this runs inside a rebalance callback, which must end.
+        # Bounded: this runs inside a rebalance callback, which must end; as long as a
+        # commit waits for a cluster that cannot log transactions (too few brokers in
+        # sync), which the worker rides out (a request timeout ended it at 30 s).
         await start_client(
             producer,
             self._settings,
-            f"starting the producer for {tp}",
-            timeout_s=self._settings.request_timeout_ms / 1000,
+            f"starting the exactly-once producer for {tp} (Kafka logs its transaction state "
+            f"on min.insync.replicas brokers: are enough of them up?)",
+            timeout_s=_TRANSACTION_TIMEOUT_MS / 1000,
         )
         log.debug("transactional producer for %s ready in %.3f s", tp, time.monotonic() - started)
         self._producers[tp] = _Transactional(producer)  # first: a revoke now stops it
