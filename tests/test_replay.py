@@ -105,6 +105,29 @@ async def test_interrupted_replay_resumes_and_copies_each_record_once(settings: 
     assert sorted(_index(r) for r in copies) == list(range(10, 40))
 
 
+async def test_records_stamped_ahead_are_copied_once_by_a_second_replay(
+    settings: Settings,
+) -> None:
+    """Kafka takes records stamped up to an hour ahead (a producer whose clock runs fast).
+    A replay from a time still to come copies them now; a second one must find those
+    copies, written 50 minutes before the records' stamps (it looked back 15 minutes from
+    its `since` and copied them all again)."""
+    await create_topics(settings, {SOURCE: 3, TARGET: 3})
+    ahead = int(time.time() * 1000) + 50 * 60_000
+    records = [_request(i) for i in range(12)]
+    stamped = [
+        Record(r.value, r.key, r.partition, ahead + i, r.headers) for i, r in enumerate(records)
+    ]
+    await produce(settings, settings.topic(SOURCE), stamped)
+    since = ahead - 20 * 60_000
+    for expected in (12, 0):
+        run = Replay(settings=settings, options=_options(settings, since_ms=since, until_ms=None))
+        await run.run()
+        assert run.copied == expected
+    copies = await read_all(settings, settings.topic(TARGET))
+    assert sorted(_index(r) for r in copies) == list(range(12))
+
+
 async def test_killed_replay_resumes_and_copies_each_record_once(
     settings: Settings, env: dict[str, str]
 ) -> None:

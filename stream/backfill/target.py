@@ -45,8 +45,11 @@ _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 _BATCH_HEADER_BYTES = 61
 # Kafka's default max.message.bytes, for a topic whose configuration we may not read.
 _KAFKA_MAX_MESSAGE_BYTES = 1_048_588
-# A copy is stamped by this machine's clock, its source by another's: allow for skew.
-CLOCK_SKEW_MS = 15 * 60_000
+# A copy is stamped by this machine's clock, its source by another's: allow for skew, and
+# for Kafka's message.timestamp.after.max.ms (1 h by default since Kafka 3.6): a record
+# stamped up to that far ahead is taken, and its copy written that much before its stamp
+# (with 15 min, a second replay from a time after such copies wrote them all again).
+CLOCK_SKEW_MS = 75 * 60_000
 
 
 async def limit(admin: Any, settings: Settings, topic: str) -> int:
