@@ -33,6 +33,7 @@ async def test_watch_shows_a_kafka_that_is_down_in_its_frame_and_keeps_trying(
         await eventually(failed_twice)
         frame = next(line for line in watch.out if "reading failed" in line)
         assert f"cannot reach Kafka at {nobody}" in frame and "trying again in 0.2 s" in frame
+        assert "\x1b" not in "".join(watch.out)  # a pipe gets readings, no terminal codes
         watch.process.send_signal(signal.SIGINT)  # Ctrl-C: the way out
         with anyio.fail_after(30):
             await watch.process.wait()

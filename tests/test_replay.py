@@ -379,7 +379,8 @@ def test_parse_time_reads_rfc3339_and_ages() -> None:
 
 def test_parse_rate() -> None:
     assert parse_rate("200/s") == 200.0 and parse_rate("2.5") == 2.5 and parse_rate(None) is None
-    for bad in ("0", "-3/s", "fast"):
+    assert parse_rate("0.02") == 0.02 and parse_rate("1000000/s") == 1e6
+    for bad in ("0", "-3/s", "fast", "1e-300", "0.01", "inf", "nan", "2000000"):
         with pytest.raises(ConfigError):
             parse_rate(bad)
 

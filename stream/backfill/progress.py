@@ -151,6 +151,11 @@ class Pacer:
             await anyio.sleep(due - now)
 
 
+# One record a minute at the least (a run that looks stuck, on purpose, past that), and
+# no more than a worker could ever take: beyond it, leave the rate out.
+_LEAST_RATE, _MOST_RATE = 1 / 60, 1_000_000
+
+
 def parse_rate(text: str | None) -> float | None:
     """`--rate 200` or `--rate 200/s` as records per second."""
     if text is None:
@@ -161,8 +166,11 @@ def parse_rate(text: str | None) -> float | None:
         raise UsageError(
             f"--rate {text!r} is not a rate: use records per second, e.g. 200/s"
         ) from None
-    if not rate > 0:
-        raise UsageError(f"--rate must be above 0 (got {text})")
+    if not _LEAST_RATE <= rate <= _MOST_RATE:  # nan and inf too
+        raise UsageError(
+            f"--rate must be between {_LEAST_RATE:g} and {_MOST_RATE:,.0f} records per second "
+            f"(got {text}); leave it out for no limit"
+        )
     return rate
 
 

@@ -47,7 +47,9 @@ def register(commands: Any) -> None:
         dest="target",
         help="request topic to write (default predictions.backfill, which runs on spare capacity)",
     )
-    parser.add_argument("--rate", metavar="N/s", help="copy at most N records a second")
+    parser.add_argument(
+        "--rate", metavar="N/s", help="copy at most N records a second (1/60 to 1,000,000)"
+    )
     parser.add_argument("--limit", type=int, metavar="N", help="stop after copying N records")
     parser.add_argument("--dry-run", action="store_true", help="count per partition, copy nothing")
     add_json_option(

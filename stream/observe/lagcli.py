@@ -225,7 +225,7 @@ def _show_failure(
     stamp = time.strftime("%H:%M:%S")
     table = render(rows, readings) + "\n" if rows else ""
     _out(
-        f"\x1b[H\x1b[2J{table}{stamp} {line}"
+        f"{_clear()}{table}{stamp} {line}"
         + (" (the table above is the last reading)" if rows else "")
     )
 
@@ -247,7 +247,13 @@ def _show(
     if not rows and not redraw:
         return  # nothing to show: stderr says why
     # --watch clears the terminal: a live table, not a scrolling log
-    _out(("\x1b[H\x1b[2J" if redraw else "") + render(rows, readings))
+    _out((_clear() if redraw else "") + render(rows, readings))
+
+
+def _clear() -> str:
+    """The terminal's clear-screen, on a terminal; into a file or a pipe (`--watch | tee`),
+    nothing: the readings follow one another."""
+    return "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
 
 
 def _out(text: str) -> None:
