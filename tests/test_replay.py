@@ -483,3 +483,36 @@ async def test_a_run_that_stops_moving_says_it_waits_and_one_that_moves_says_not
         progress.advance(3)
         await anyio.sleep(0.3)  # all done: waiting on nothing
     assert "nothing done" not in finished.getvalue()
+
+
+async def test_a_transaction_kafka_let_expire_says_so_not_that_another_run_took_over(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kafka aborts a transaction left open past its timeout (a broker paused 25 s under a
+    replay) and fences its producer: the run then said another run had taken over, and the
+    operator went looking for one. It says Kafka stopped answering, and how to carry on."""
+    from stream.backfill import writer
+    from stream.errors import FencedError, KafkaError
+
+    monkeypatch.setattr(writer, "TRANSACTION_TIMEOUT_MS", 1000)
+    await create_topics(settings, {TARGET: 1})
+    fenced: BaseException | None = None
+    async with writer.exclusive_producer(
+        settings, transactional_id=settings.topic("expiring"), doing="starting"
+    ) as producer:
+        try:
+            with anyio.fail_after(60):
+                async with writer.transaction(producer, on_commit=lambda: None) as txn:
+                    await (await txn.send(settings.topic(TARGET), b"late"))
+                    while True:  # Kafka's sweep of expired transactions runs every 10 s
+                        await anyio.sleep(1)
+                        await (await txn.send(settings.topic(TARGET), b"later"))
+        except Exception as exc:
+            fenced = exc
+    assert isinstance(fenced, writer.Expired), repr(fenced)
+    error = writer.taken_over("replay", "id", "target", fenced)
+    assert isinstance(error, KafkaError) and not isinstance(error, FencedError)
+    assert "did not answer this `stream replay` for over 1 s" in str(error)
+    assert "run the same command again" in str(error)
+    # a fence straight after the start is another run's: said as before
+    assert isinstance(writer.taken_over("replay", "id", "target", None), FencedError)

@@ -193,7 +193,7 @@ class Redrive:
                     bounds = await self._plan(consumer, found[options.source])
                     await self._work(consumer, producer, bounds)
             except ProducerFenced as exc:
-                raise taken_over("redrive", self.transactional_id, options.target) from exc
+                raise taken_over("redrive", self.transactional_id, options.target, exc) from exc
             except AIOKafkaError as exc:
                 raise await translated(exc, kafka, f"re-driving {options.source}") from exc
 

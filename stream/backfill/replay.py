@@ -171,7 +171,7 @@ class Replay:
                     if producer is not None:
                         await self._copy(consumer, producer)
             except ProducerFenced as exc:
-                raise taken_over("replay", self.transactional_id, options.target) from exc
+                raise taken_over("replay", self.transactional_id, options.target, exc) from exc
             except AIOKafkaError as exc:
                 raise await translated(exc, kafka, f"replaying {options.source}") from exc
 

@@ -16,8 +16,14 @@ A dry run writes nothing and takes no producer: it never stops a run that is wri
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import (
+    AbstractAsyncContextManager,
+    asynccontextmanager,
+    contextmanager,
+    nullcontext,
+)
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
@@ -26,11 +32,12 @@ from aiokafka.errors import ProducerFenced
 
 from stream.backfill.target import MAX_REQUEST_SIZE
 from stream.config import Settings
-from stream.errors import FencedError
+from stream.errors import FencedError, KafkaError
 from stream.kafka import quiet_when_fenced, retrieve, start_client, stop_client
 
 __all__ = [
     "TRANSACTION_TIMEOUT_MS",
+    "Expired",
     "Refused",
     "Transaction",
     "exclusive_producer",
@@ -50,6 +57,11 @@ _SETTLE_S = 10.0
 
 class Refused(Exception):
     """Kafka refused a record of the open transaction: abort it, send the rest again."""
+
+
+class Expired(ProducerFenced):  # type: ignore[misc]
+    """Fenced after the open transaction outlived `TRANSACTION_TIMEOUT_MS`: Kafka aborted
+    it itself (it stopped answering meanwhile), not another run's start."""
 
 
 class Options(Protocol):
@@ -123,18 +135,35 @@ async def transaction(
     A producer Kafka fenced raises aiokafka's `ProducerFenced`."""
     _raise_fatal(producer)
     await producer.begin_transaction()
+    began = time.monotonic()
     txn = Transaction(producer)
     try:
         yield txn
-    except BaseException:
-        await _abort(txn)
+    except BaseException as exc:
+        with _expired(exc, began):
+            await _abort(txn)
         raise
     try:
         await _settled(producer.commit_transaction(), on_commit)
-    except BaseException:
+    except BaseException as exc:
         txn.forget()
-        _raise_fatal(producer)
+        with _expired(exc, began):
+            _raise_fatal(producer)
         raise
+
+
+@contextmanager
+def _expired(error: BaseException, began: float) -> Iterator[None]:
+    """A fence (in `error`, or raised in the block) of a transaction open longer than Kafka
+    keeps one is raised as `Expired`."""
+    try:
+        if isinstance(error, ProducerFenced):
+            raise error
+        yield
+    except ProducerFenced as fenced:
+        if time.monotonic() - began < TRANSACTION_TIMEOUT_MS / 1000:
+            raise
+        raise Expired(str(fenced)) from fenced
 
 
 async def _abort(txn: Transaction) -> None:
@@ -170,8 +199,17 @@ async def _settled(call: Awaitable[None], done: Callable[[], None] | None = None
         done()
 
 
-def taken_over(command: str, transactional_id: str, target: str) -> FencedError:
-    """The one line a fenced run ends with."""
+def taken_over(
+    command: str, transactional_id: str, target: str, fenced: BaseException | None = None
+) -> FencedError | KafkaError:
+    """The one line a fenced run ends with (`fenced`: what Kafka raised)."""
+    if isinstance(fenced, Expired):
+        return KafkaError(
+            f"Kafka did not answer this `stream {command}` for over "
+            f"{TRANSACTION_TIMEOUT_MS // 1000} s and aborted its open transaction (the copies "
+            "since its last commit are not written; what it committed stays): run the same "
+            "command again once Kafka answers, and it carries on from there"
+        )
     return FencedError(
         f"Kafka fenced this `stream {command}` (transactional id {transactional_id}): another "
         f"run writing {target} started and carries on from what this one committed, or a "
