@@ -93,7 +93,7 @@ def register(commands: Any) -> None:
         description="Create missing topics and set declared configs. "
         "Never deletes; reports drift it will not fix (exit 3).",
     )
-    parser.add_argument("action", choices=["apply"])
+    parser.add_argument("action", choices=["apply"], metavar="{apply}")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     parser.add_argument(
         "--add-partitions",

@@ -356,7 +356,9 @@ def register(commands: Any) -> None:
         description="Consume, call the provider, produce one terminal record per request. "
         "Scale out by running more processes with the same command.",
     )
-    parser.add_argument("stage", choices=[*STAGES, "all"])
+    parser.add_argument(
+        "stage", choices=[*STAGES, "all"], metavar="{" + ",".join([*STAGES, "all"]) + "}"
+    )
     parser.add_argument(
         "--guarantee", choices=["at-least-once", "exactly-once"], help="overrides STREAM_GUARANTEE"
     )

@@ -4,6 +4,7 @@ wrong and what to do, never a traceback (`stream` run as a person would run it).
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -229,3 +230,23 @@ def test_a_reader_gone_is_no_traceback(command: list[str], tmp_path: Path) -> No
         os.close(write)
     assert "Traceback" not in done.stderr.decode() and "BrokenPipe" not in done.stderr.decode()
     assert done.returncode == (0 if argv == ["--help"] else 141)  # (help ends before it)
+
+
+@pytest.mark.parametrize(
+    ("command", "named"),
+    [("topics", "{apply}"), ("kafka", "{start,stop,status}"), ("run", "{primary,fallback,all}")],
+)
+def test_a_missing_action_is_named_as_the_usage_shows_it(command: str, named: str) -> None:
+    """The usage line shows the choices; the error named an `action` or `stage` it never
+    showed."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "stream", command], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2
+    usage = done.stderr.split(f"stream {command}: error:")[0]
+    assert named in usage
+    assert done.stderr.splitlines()[-1] == (
+        f"stream {command}: error: the following arguments are required: {named}"
+    )

@@ -222,7 +222,7 @@ def register(commands: Any) -> None:
         "stream kafka stop --brokers 3 --port 19092 --broker 2 --kill; "
         "stream kafka start --brokers 3 --port 19092 --broker 2",
     )
-    kafka.add_argument("action", choices=["start", "stop", "status"])
+    kafka.add_argument("action", choices=["start", "stop", "status"], metavar="{start,stop,status}")
     kafka.add_argument(
         "--port",
         type=_port,
