@@ -98,7 +98,7 @@ USAGE = [
     (["demo", "--requests", "-1"], "--requests must be at least 1"),
     (["demo", "--rate", "inf"], "--rate"),
     (["simulate", "--port", "99999"], "--port 99999 is not a port"),
-    (["replay", "--since", "1h", "--rate", "0"], "--rate must be above 0"),
+    (["replay", "--since", "1h", "--rate", "0"], "--rate must be between"),
     (["replay", "--since", "1h", "--limit", "-1"], "--limit must be at least 1"),
     (["replay", "--since", "soon"], "--since"),
     (["redrive", "--max-attempts", "0"], "--max-attempts must be at least 1"),

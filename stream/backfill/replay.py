@@ -200,12 +200,19 @@ class Replay:
             for p in self.partitions
         }
         stream = batches(consumer, todo, on_undecodable=self._uncounted)
-        async with aclosing(stream):
-            async for batch in stream:
-                part = self._partition(batch[0].partition)
-                for record in batch:
-                    if not part.copied_before(record.offset):
-                        part.lacks(record.offset)
+        read = {tp.partition: span.start for tp, span in todo.items()}
+        offsets = sum(span.end - span.start for span in todo.values())
+        # A window of millions takes minutes to read: progress (past 5 s) and stall notices
+        # on stderr, as the copy has; no closing line (a small one shows nothing).
+        with Progress("replay, counting what is missing", offsets, unit="offsets") as progress:
+            async with aclosing(stream):
+                async for batch in stream:
+                    part = self._partition(batch[0].partition)
+                    for record in batch:
+                        if not part.copied_before(record.offset):
+                            part.lacks(record.offset)
+                    progress.advance(batch[-1].offset + 1 - read[part.partition])
+                    read[part.partition] = batch[-1].offset + 1
 
     def _uncounted(self, bad: Undecodable) -> None:  # a record all the same: to be listed
         self._partition(bad.tp.partition).lacks(bad.offset)
