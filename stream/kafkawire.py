@@ -139,19 +139,19 @@ def _raise_for(code: int, group: str) -> None:
 
 
 async def coordinator_offsets(
-    consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition], *, stable: bool = True
+    consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition]
 ) -> Offsets:
     """What the consumer's group committed on `partitions`, asked of its coordinator (found
     again when it moved), again after a back-off while Kafka says to retry: the caller bounds
-    the wait. In place of aiokafka's `fetch_committed_offsets`, which reads a top-level
-    error as "nothing committed"."""
+    the wait; a stable read (none of a transaction still settling). In place of aiokafka's
+    `fetch_committed_offsets`, which reads a top-level error as "nothing committed"."""
     coordinator = consumer._coordinator
     wanted = list(partitions)
     while True:
         await coordinator.ensure_coordinator_known()
         try:
             return await fetch_offsets(
-                coordinator._send_req, coordinator.group_id, wanted, stable=stable
+                coordinator._send_req, coordinator.group_id, wanted, stable=True
             )
         except AIOKafkaError as exc:
             if not exc.retriable:

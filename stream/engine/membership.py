@@ -77,9 +77,8 @@ class Membership:
         self.member_id = ""
         self.generation = -1
         self.fenced = False
-        self._joined_as = (
-            ""  # the member id of the last join answered (aiokafka's close forgets it)
-        )
+        # the member id of the last join answered (aiokafka's close forgets it)
+        self._joined_as = ""
         self._consumer: AIOKafkaConsumer | None = None
 
     def attach(self, consumer: AIOKafkaConsumer) -> None:

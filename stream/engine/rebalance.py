@@ -180,11 +180,11 @@ class Rebalancer:
         with anyio.move_on_after(max(0.0, budget / 2)) as waited:
             for partition in leaving:
                 await partition.no_writes()
-        if waited.cancelled_caught and self._settings.engine.guarantee == "exactly-once":
-            # in a transaction that commits with its records' offsets, or is aborted
-            log.warning("outputs still being written on revoke; read_committed sees them once")
-        elif waited.cancelled_caught:
-            log.warning("outputs still being written on revoke; they may be written twice")
+        if waited.cancelled_caught:
+            # exactly-once: in a transaction that commits with their offsets, or is aborted
+            once = self._settings.engine.guarantee == "exactly-once"
+            outcome = "read_committed sees them once" if once else "they may be written twice"
+            log.warning("outputs still being written on revoke; %s", outcome)
 
     async def _dropped(self) -> None:
         """The group forgot our member id: fenced by a newer process with our instance
