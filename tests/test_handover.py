@@ -18,6 +18,7 @@ from stream.engine.handover import Handover
 from stream.engine.membership import Membership
 from stream.engine.offsets import PartitionOffsets
 from stream.engine.partitions import Partition
+from tests.kit import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -147,3 +148,22 @@ async def test_a_draining_worker_does_not_begin_a_handover(
             await anyio.sleep(0.2)
     assert not caplog.records
     assert not s.group.rejoins and s.handover.claims().handed == frozenset()
+
+
+async def test_a_handover_asks_the_release_and_one_called_off_gives_a_new_one() -> None:
+    """Handing a partition over asks its release (its records' calls that wait go back);
+    when the group decides again and the partition stays, it gets a new release and what
+    was given back is ready to run here again."""
+    async with _one_handed_over(anyio.Event()) as s:
+
+        async def asked() -> bool:
+            return s.partition.release.asked
+
+        await eventually(asked)
+        s.partition.give_back(s.record)  # its call was waiting for a slot
+        await _rejoined(s.group)  # nothing runs: handed over at once
+        s.group.generation = 2
+        s.handover.heard(set())  # ...but the group decided it stays
+        s.handover.assigned()
+        assert not s.partition.release.asked and not s.partition.handing_over
+        assert s.partition.has_ready() and s.partition.start_next() is s.record

@@ -23,6 +23,8 @@ ALLOWED: dict[str, set[str]] = {
     "compact": set(),
     "logs": set(),
     "interrupts": set(),
+    # release: a record's leave to give a call that has not gone out back (engine → client)
+    "release": set(),
     "checks": {"errors"},
     "clientconfig": {"checks", "errors"},
     "source": {"checks", "errors"},
@@ -35,8 +37,8 @@ ALLOWED: dict[str, set[str]] = {
     "records": {"compact", "errors"},
     "topics": {"checks", "config", "errors", "kafka", "kafkawire"},
     "topicscli": {"config", "errors", "topics"},
-    "engine": {"config", "errors", "kafka", "kafkawire"},
-    "providers": {"catalog", "compact", "config", "errors", "prices"},
+    "engine": {"config", "errors", "kafka", "kafkawire", "release"},
+    "providers": {"catalog", "compact", "config", "errors", "prices", "release"},
     "spend": {"catalog", "config", "errors", "prices", "providers"},
     "spendstate": {"catalog", "config", "errors", "prices", "providers", "spend"},
     "observe": {

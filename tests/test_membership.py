@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +66,27 @@ def _engine(
     does not stop it, as a provider call that already went out), and names itself in its
     output."""
 
-    async def handler(record: Any) -> Sequence[Output]:
+    async def wait(record: Any) -> None:
         calls.add(record.value)
         with anyio.CancelScope(shield=True):
             await gate.wait()
+
+    return _naming(settings, name, group, source, sink, wait)
+
+
+def _naming(
+    settings: Settings,
+    name: str,
+    group: str,
+    source: str,
+    sink: str,
+    work: Callable[[Any], Awaitable[None]],
+) -> Engine:
+    """An engine whose handler awaits `work(record)`, then writes the record's value with
+    its own name to `sink`; no record may fail."""
+
+    async def handler(record: Any) -> Sequence[Output]:
+        await work(record)
         return [Output(sink, record.value + b"@" + name.encode(), key=record.key)]
 
     def on_error(record: Any, exc: BaseException) -> Sequence[Output]:
@@ -626,3 +643,66 @@ async def test_a_static_worker_stopped_before_its_first_assignment_leaves_the_gr
         assert any("left group" in r.getMessage() for r in caplog.records)
     finally:
         await holder.stop()
+
+
+async def test_a_handover_gives_back_the_records_whose_calls_wait_for_a_slot(
+    settings: Settings,
+) -> None:
+    """Worker a runs 10 records on each of 2 partitions, the model's concurrency limit at
+    1: one call is out (the provider holds it) and 19 wait for the slot. b joins; balance
+    hands a partition over. Its records whose calls wait go back to its queue unpaid at
+    once, so it waits only for a call that is out, not for the whole line to be called
+    one by one; they move with it and are called once, by b."""
+    from aiohttp import web
+
+    from tests.kit.provider import answer, ask, client_of, priced
+
+    live = _with(settings)
+    source, sink, group, values = await _ten_on_each_of_two(live, "handback")
+    gate, model = anyio.Event(), priced("glm")
+
+    async def provider(text: str) -> web.StreamResponse:
+        await gate.wait()
+        usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        return web.json_response(answer(usage, content=f"re: {text}"))
+
+    async with client_of(provider, max_connections=1, initial_concurrency=1) as (client, calls):
+
+        async def call(record: Any) -> None:
+            await client.complete(model, ask(record.value.decode()))
+
+        a, b = (_naming(live, name, group, source, sink, call) for name in ("a", "b"))
+        async with engine_on(a):
+
+            async def all_started() -> bool:
+                return a.snapshot().in_flight == 20 and len(calls) == 1
+
+            await eventually(all_started, timeout_s=60)
+            async with engine_on(b):
+                await eventually(_settled(a, rebalances=1, assigned=2))
+                leaving: list[Any] = []
+
+                async def handing_over() -> bool:
+                    leaving[:] = [p for p in a._partitions.values() if p.handing_over]
+                    return bool(leaving)
+
+                await eventually(handing_over)
+                assert len(leaving) == 1 and b.snapshot().assigned == 0
+
+                async def given_back() -> bool:  # at most the one call out still runs
+                    return leaving[0].in_flight <= 1
+
+                # without the give-back, its 9 or 10 records wait for the slot, held
+                await eventually(given_back, timeout_s=10)
+                assert len(calls) == 1  # nothing given back was sent
+                gate.set()
+                await eventually(_settled(a, rebalances=2, assigned=1))
+                assert b.snapshot().assigned == 1
+                every = {v for batch in values.values() for v in batch}
+                await _outputs(live, sink, every, "read_uncommitted")
+    writers = _writers(await read_all(live, sink))
+    assert all(len(by) == 1 for by in writers.values()), writers  # each answered once
+    assert sorted(calls) == sorted(v.decode() for v in every)  # each called once
+    moved = {v for v, by in writers.items() if by == [b"b"]}
+    assert moved and moved <= set(values[leaving[0].tp.partition])
+    assert a.snapshot().abandoned == 0 and a.snapshot().records_released >= 9

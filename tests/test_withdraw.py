@@ -20,7 +20,7 @@ import anyio
 import orjson
 import pytest
 from aiohttp import web
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 
 from stream import topics
 from stream.devtools.faults import Latency
@@ -28,6 +28,8 @@ from stream.devtools.simulator import SimConfig, Simulator
 from stream.engine.offsets import PartitionOffsets, split_notes
 from stream.engine.partitions import Partition
 from stream.errors import RecordReleased
+from stream.release import Release
+from stream.release import current as release_of_record
 from stream.spend import Budget
 from stream.stages import Topics
 from stream.worker import Worker
@@ -140,6 +142,67 @@ async def test_a_call_with_a_billed_answer_is_not_withdrawn() -> None:
             go.set()
     assert done == ["second try"]
     assert calls == ["x", "x"]
+
+
+async def test_the_release_of_a_partition_handed_over_ends_only_its_own_waits() -> None:
+    """A handover asks its partition's `Release`: the calls of that partition's records
+    waiting for a slot give their records back and are never sent, as is one that would
+    wait from then on; another partition's waiting call stays in line and goes out."""
+    out, go = anyio.Event(), anyio.Event()
+
+    async def handle(text: str) -> web.StreamResponse:
+        out.set()
+        await go.wait()
+        return web.json_response(answer(USAGE, content=f"re: {text}"))
+
+    leaving, staying = Release(), Release()
+
+    async def on(release: Release, text: str) -> str:
+        release_of_record.set(release)  # as the engine does for the record it runs
+        return (await client.complete(GLM, ask(text))).content
+
+    async with client_of(handle, max_connections=1, initial_concurrency=1) as (client, calls):
+        answers: list[str] = []
+        async with anyio.create_task_group() as group:
+
+            async def call(release: Release, text: str) -> None:
+                answers.append(await on(release, text))
+
+            group.start_soon(call, staying, "out")
+            await out.wait()
+            group.start_soon(_released, on(leaving, "waiting"))
+            group.start_soon(call, staying, "stays in line")
+            await anyio.wait_all_tasks_blocked()
+            assert client.limiter(GLM).snapshot().waiting == 2
+            assert leaving.ask() == 1
+            await _released(on(leaving, "later"))
+            go.set()
+    assert sorted(answers) == ["re: out", "re: stays in line"]
+    assert calls == ["out", "stays in line"]
+
+
+def test_a_record_given_back_waits_at_the_front_of_its_key_and_runs_again_if_it_stays() -> None:
+    """Given back in a handover, a record is unfinished: back at the front of its
+    partition's queue, its key still busy (the next of its key does not overtake it), not
+    noted as started; if the partition stays after all, it is the next to start."""
+    tp = TopicPartition("in", 0)
+    partition = Partition(tp, PartitionOffsets(0), low_priority=False, key_ordering=True)
+    first, second = (
+        ConsumerRecord(tp.topic, 0, offset, 0, 0, b"k", b"{}", None, 1, 2, []) for offset in (0, 1)
+    )
+    for record in (first, second):
+        assert partition.offsets.accept(record.offset)
+        partition.enqueue(record)
+    assert partition.start_next() is first
+    partition.give_back(first)
+    partition.done(first)  # the engine's clean-up after the run: nothing more to release
+    assert partition.in_flight == 0 and partition.idle.is_set()
+    assert partition.queued == 2 and partition.released == {0}
+    assert "started" not in split_notes(partition.position()[1])[1]
+    assert partition.start_next() is first  # its key's order holds
+    assert partition.released == set() and partition.queued == 1
+    partition.done(first)
+    assert partition.start_next() is second
 
 
 def test_records_given_back_at_the_top_are_not_noted_as_started() -> None:

@@ -40,6 +40,7 @@ from stream.engine.rebalance import Listener, Rebalancer, seek
 from stream.engine.signals import drain
 from stream.errors import KafkaError, OutputRejectedError, RecordReleased
 from stream.kafka import start_client, translate
+from stream.release import current as release_of_record
 
 __all__ = [
     "Engine",
@@ -341,8 +342,7 @@ class Engine:
         """Run `record`, then the next records the flow hands this task: a backlog runs on
         the tasks it has, not on a task per record. The partition of the record running
         knows its runner, and abandoning the partition cancels the runner's task (its own
-        cancel scope: no scope per record, ~600 bytes a record in flight); the slot it
-        frees is filled by the next record to finish, or the next fetch round."""
+        cancel scope: no scope per record, ~600 bytes a record in flight)."""
         while True:
             try:
                 # Started just before a revoke: wait for the verdict before calling.
@@ -352,12 +352,13 @@ class Engine:
                     if isinstance(record, StandIn):
                         outputs = self._on_error(record, record.error)
                     else:
+                        release_of_record.set(partition.release)
                         try:
                             outputs = await self._handler(record)
                         except Exception as exc:
                             failed = self._handler_failed(partition, record, exc)
                             if failed is None:
-                                return  # released in a drain: its next owner runs it
+                                return  # given back: queued again, or for the next owner
                             outputs = failed
                     if await self._deliver(partition, record, outputs):
                         self.records_done += 1
@@ -402,12 +403,12 @@ class Engine:
     def _handler_failed(
         self, partition: Partition, record: Record, exc: Exception
     ) -> Sequence[Output] | None:
-        """The outputs for a record whose handler raised; None when the handler gave it
-        back in a drain (`RecordReleased`): unfinished and uncommitted, for its next owner.
-        Anything else (a release outside a drain too) the stage turns into a dead letter."""
-        if isinstance(exc, RecordReleased) and self._stopping.is_set():
+        """The outputs for a record whose handler raised; None when it gave the record back
+        (`RecordReleased` in a drain or its partition's handover: `Partition.give_back`).
+        Anything else (a release outside those too) the stage turns into a dead letter."""
+        if isinstance(exc, RecordReleased) and (self._stopping.is_set() or partition.release.asked):
             self.records_released += 1
-            partition.released.add(record.offset)
+            partition.give_back(record)
             return None
         self.handler_errors += 1
         log.error(

@@ -6,6 +6,9 @@ leader leaves it with its owner for the round and marks it to be handed over
 
 - starts nothing new on it (`Partition.handing_over`; flow control pauses its fetching),
   while its running records finish, write and are committed as usual;
+- gives back the records whose calls still wait to go out (for a slot under the model's
+  concurrency limit, the spend limit, a back-off: `stream.release`): unpaid, they go back
+  to its queue and move with it, so the handover waits only for calls that are out;
 - once none runs, or after the drain's grace (`STREAM_SHUTDOWN_GRACE_S`: a call that
   outlives it is abandoned, as a move always did), claims it with nothing running
   (`Partition.handed`) and asks the group to rebalance; the leader then moves it for free.
@@ -27,6 +30,7 @@ from stream.engine.assignor import Claims
 from stream.engine.membership import Membership
 from stream.engine.partitions import Partition
 from stream.engine.rebalance import partition_names
+from stream.release import Release
 
 __all__ = ["Handover"]
 
@@ -59,6 +63,8 @@ class Handover:
         for tp, partition in self._partitions.items():
             partition.handing_over = tp in self._asked
             partition.handed = False
+            if partition.release.asked and not partition.handing_over:
+                partition.release = Release()  # it stays: what it gave back runs here
         if self._waiting is not None:
             self._waiting.cancel()  # the group decided again: that wait is over
         if self._asked & self._partitions.keys():
@@ -83,13 +89,17 @@ class Handover:
             leaving = [p for p in self._partitions.values() if p.handing_over]
             if not leaving or stopping.is_set():
                 continue  # a drain hands everything back anyway
+            # Calls waiting to go out end now: their records go back to the queue.
+            waiting = sum(p.release.ask() for p in leaving)
             running, grace = sum(p.in_flight for p in leaving), self._grace_s()
             log.info(
                 "handing %d partitions over to another member once their %d running records "
-                "finish (up to %.0f s); nothing new starts on them",
+                "finish (up to %.0f s; %d whose calls had not gone out are given back, "
+                "unpaid); nothing new starts on them",
                 len(leaving),
-                running,
+                running - waiting,
                 grace,
+                waiting,
                 extra={"partitions": partition_names(p.tp for p in leaving)},
             )
             with anyio.move_on_after(grace) as self._waiting:

@@ -30,6 +30,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from anyio import TaskHandle
 
 from stream.engine.offsets import METADATA_MAX_CHARS, PartitionOffsets, with_notes
+from stream.release import Release
 
 __all__ = ["EngineSnapshot", "Partition", "PartitionSnapshot", "Record", "Runner"]
 
@@ -111,7 +112,12 @@ class Partition:
         # one of them again may pay for a call twice.
         self.started_before = started_before
         self.started_high = -1  # one past the highest offset this owner started
-        self.released: set[int] = set()  # started, then given back unpaid in a drain
+        # Started, then given back unpaid (a drain, or a handover: `give_back`), and not
+        # started again since.
+        self.released: set[int] = set()
+        # Its records' leave to give calls that wait to go out back (`stream.release`):
+        # asked when it is handed over; a new one when it stays after all.
+        self.release = Release()
         self.held: str | None = None  # why the engine's gate holds this partition
         self.low_priority = low_priority
         self.key_ordering = key_ordering
@@ -175,6 +181,8 @@ class Partition:
 
     def start_next(self) -> Record:
         record = self._ready.popleft()
+        if self.released:
+            self.released.discard(record.offset)  # given back, and now started again
         # a stand-in for an undecodable record has no timestamp: count it from now
         stamp = record.timestamp if record.timestamp >= 0 else int(time.time() * 1000)
         self.running[record.offset] = stamp
@@ -184,7 +192,8 @@ class Partition:
 
     def done(self, record: Record) -> None:
         """The record stopped running (finished or abandoned): release its key and slot."""
-        self.running.pop(record.offset, None)
+        if self.running.pop(record.offset, None) is None:
+            return  # given back (`give_back`): queued again, its key still busy
         key = record.key if self.key_ordering else None
         if key is not None and key in self._blocked:
             behind = self._blocked[key]
@@ -194,6 +203,18 @@ class Partition:
                 self._ready.appendleft(behind.popleft())
             else:
                 del self._blocked[key]
+        if not self.running:
+            self.idle.set()
+
+    def give_back(self, record: Record) -> None:
+        """A started record gave its call back unpaid (`RecordReleased`): it is unfinished
+        and goes back to the front of the queue, its key still busy (nothing of its key
+        overtakes it). It starts again if the partition stays after all (a handover the
+        group called off); else it is dropped with the queue, uncommitted, for the next
+        owner."""
+        self.running.pop(record.offset, None)
+        self.released.add(record.offset)
+        self._ready.appendleft(record)
         if not self.running:
             self.idle.set()
 

@@ -388,8 +388,9 @@ def _engine_metrics(snapshots: Sequence[EngineSnapshot]) -> Iterable[Metric]:
             lambda s: s.records_recovered,
         ),
         "stream_engine_records_released": (
-            "Records a shutdown drain gave back before their call went out (waiting for the "
-            "spend limit, a slot or a back-off): nothing paid, their next owner runs them.",
+            "Records a shutdown drain or a handover gave back before their call went out "
+            "(waiting for the spend limit, a slot or a back-off): nothing paid, their next "
+            "owner runs them.",
             lambda s: s.records_released,
         ),
         "stream_engine_rebalances": (

@@ -18,6 +18,7 @@ from stream.providers.completion import Parsed
 from stream.providers.http import Exchange, Failure
 from stream.providers.limiter import AdaptiveLimiter, Permit
 from stream.providers.ratelimits import MAX_RESET_S, read_ratelimits
+from stream.release import current as release_of_record
 
 __all__ = ["Run", "Waits", "acquire", "heed", "judge", "max_tokens"]
 
@@ -55,20 +56,36 @@ class Waits:
     @contextmanager
     def bounded(self, run: Run, timeout: float | None) -> Iterator[anyio.CancelScope]:
         """A cancel scope over one wait, with `timeout` (None: none): its
-        `cancelled_caught` says the time ran out; a withdrawal raises `RecordReleased`."""
+        `cancelled_caught` says the time ran out; a withdrawal, or the release of the
+        record's partition (`stream.release`: it is being handed over), raises
+        `RecordReleased`."""
         withdrawable = run.answered == 0
+        release = release_of_record.get() if withdrawable else None
         if withdrawable and self.withdrawn:
-            raise RecordReleased("the worker is stopping: the call was waiting to go out")
+            raise RecordReleased(_STOPPING)
+        if release is not None and release.asked:
+            raise RecordReleased(_HANDED_OVER)
         scope = anyio.CancelScope() if timeout is None else anyio.move_on_after(timeout)
         if withdrawable:
             self._scopes.add(scope)
+        if release is not None:
+            release.waits.add(scope)
         try:
             with scope:
                 yield scope
         finally:
             self._scopes.discard(scope)
-        if withdrawable and self.withdrawn and scope.cancelled_caught:
-            raise RecordReleased("the worker is stopping: the call was waiting to go out")
+            if release is not None:
+                release.waits.discard(scope)
+        if withdrawable and scope.cancelled_caught:
+            if self.withdrawn:
+                raise RecordReleased(_STOPPING)
+            if release is not None and release.asked:
+                raise RecordReleased(_HANDED_OVER)
+
+
+_STOPPING = "the worker is stopping: the call was waiting to go out"
+_HANDED_OVER = "its partition is being handed over: the call was waiting to go out"
 
 
 async def acquire(
