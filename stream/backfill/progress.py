@@ -17,7 +17,7 @@ from typing import Any, Protocol, TextIO, TypeVar
 import anyio
 import orjson
 
-from stream.errors import UsageError
+from stream.errors import StreamError, UsageError
 from stream.interrupts import cancelled_by_signal
 
 __all__ = [
@@ -184,15 +184,27 @@ def _duration(seconds: float) -> str:
 
 
 def run_resumable(
-    job: Callable[[], Coroutine[Any, Any, None]], summary: Callable[[str], str], finished: str
+    job: Callable[[], Coroutine[Any, Any, None]],
+    summary: Callable[[str], str],
+    finished: str,
+    *,
+    begun: Callable[[], bool] = lambda: False,
 ) -> int:
     """Run a resumable copy (replay, redrive) for the CLI: a summary either way, and on
-    Ctrl-C the hint that running the same command again carries on where it stopped."""
+    Ctrl-C the hint that running the same command again carries on where it stopped.
+    A run that fails once `begun()` (its plan made) prints its summary too, outcome
+    `failed` (what Kafka committed stays), before the error's one line."""
     try:
         # the CLI edge owns the event loop; Ctrl-C cancels the job for good
         interrupted = anyio.run(cancelled_by_signal, job)
     except KeyboardInterrupt:  # before the job's signal handling was in place
         interrupted = True
+    except StreamError:
+        if begun():
+            print(summary("failed"))  # noqa: T201
+            hint = "stream: what was committed stays; the same command again carries on"
+            print(hint, file=sys.stderr)  # noqa: T201
+        raise
     if interrupted:
         print(summary("interrupted"))  # noqa: T201
         hint = "stream: interrupted; run the same command again to continue"
@@ -212,6 +224,9 @@ class Resumable(Protocol):
 
     async def run(self) -> None: ...
 
+    def begun(self) -> bool:
+        """Whether it made its plan (its summary has something to say)."""
+
 
 R = TypeVar("R", bound=Resumable)
 
@@ -229,7 +244,10 @@ def run_summarised(
     `dry_run_done` after a dry run."""
     if args.json:
         return run_resumable(
-            run.run, lambda outcome: orjson.dumps(report(run, outcome)).decode(), "done"
+            run.run,
+            lambda outcome: orjson.dumps(report(run, outcome)).decode(),
+            "done",
+            begun=run.begun,
         )
     finished = dry_run_done if args.dry_run else "done"
-    return run_resumable(run.run, lambda outcome: summary(run, outcome), finished)
+    return run_resumable(run.run, lambda outcome: summary(run, outcome), finished, begun=run.begun)

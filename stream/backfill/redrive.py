@@ -170,6 +170,9 @@ class Redrive:
         redriven = self.total("redriven")
         return f"<Redrive {self.options.source}→{self.options.target} redriven={redriven}>"
 
+    def begun(self) -> bool:
+        return bool(self.positions)
+
     def total(self, outcome: str) -> int:
         return sum(n for (_, kind), n in self.counts.items() if kind == outcome)
 

@@ -145,6 +145,9 @@ class Replay:
     def copied(self) -> int:
         return sum(p.copied for p in self.partitions)
 
+    def begun(self) -> bool:
+        return bool(self.partitions)
+
     @property
     def transactional_id(self) -> str:
         """One per source and target: the runs that could copy the same records (under
