@@ -22,7 +22,9 @@ __all__ = ["Secret", "Source"]
 T = TypeVar("T")
 
 # Variables read outside `Settings` (the Kafka jars' cache, the bench's profiler).
-READ_ELSEWHERE = frozenset({"STREAM_CACHE_DIR", "STREAM_BENCH_PROFILE", "STREAM_BENCH_RUN"})
+READ_ELSEWHERE = frozenset(
+    {"STREAM_CACHE_DIR", "STREAM_BENCH_PROFILE", "STREAM_BENCH_PROFILER", "STREAM_BENCH_RUN"}
+)
 
 
 class Secret:

@@ -6,6 +6,7 @@ Not a timed test: it checks the contract people script against, never a speed.
 from __future__ import annotations
 
 import json
+import pstats
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +47,23 @@ async def test_bench_json_has_every_run_with_sane_figures(env: dict[str, str]) -
     assert results["stream"]["spend_usd"] > 0 and results["stream"]["completion_tokens"] > 0
 
 
+async def _profiled(env: dict[str, str], profiles: Path, *options: str) -> list[str]:
+    """A short bench of stream and bare_http, profiled into `profiles`: its lines."""
+    done = await run_cli(
+        env,
+        *("bench", "--latency", "0.05", "--concurrency", "50", "--runs", "stream,bare_http"),
+        *("--profile", str(profiles), *options),
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
 @pytest.mark.timeout(180)
 async def test_bench_repeats_interleaved_with_cpu_per_request_and_profiles(
     env: dict[str, str], tmp_path: Path
 ) -> None:
     profiles = tmp_path / "profiles"
-    done = await run_cli(
-        env,
-        *("bench", "--requests", "300", "--latency", "0.05", "--concurrency", "50"),
-        *("--runs", "stream,bare_http", "--repeat", "2", "--profile", str(profiles)),
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = await _profiled(env, profiles, "--requests", "300", "--repeat", "2")
     assert "median of 2 interleaved rounds" in lines[0]
     assert any(line.startswith("stream CPU per request vs bare_http ") for line in lines)
     # one profile per run and round, each of sampled stacks ("frame;frame;… count")
@@ -66,6 +72,20 @@ async def test_bench_repeats_interleaved_with_cpu_per_request_and_profiles(
     for path in profiles.iterdir():
         stacks = path.read_text().splitlines()
         assert stacks and all(line.rpartition(" ")[2].isdigit() for line in stacks), path
+
+
+@pytest.mark.timeout(180)
+async def test_bench_profiles_with_cprofile_and_names_where_the_worker_spends_more(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    profiles = tmp_path / "profiles"
+    lines = await _profiled(env, profiles, "--requests", "200", "--profiler", "cprofile")
+    for run in ("stream", "bare_http"):
+        calls = pstats.Stats(str(profiles / f"{run}-1.prof")).total_calls  # type: ignore[attr-defined]
+        assert calls > 200, run  # the measured interval's calls, every one
+    at = next(i for i, line in enumerate(lines) if line.startswith("cProfile, round 1: stream"))
+    extra = {line.split("µs")[1].strip() for line in lines[at + 1 :]}
+    assert "aiokafka" in extra  # the worker's Kafka client: none in the bare loop
 
 
 @pytest.mark.timeout(120)

@@ -38,7 +38,7 @@ import anyio
 
 from stream import clientconfig
 from stream.config import Settings, seconds_option
-from stream.devtools import benchreport, benchruns, processes, scenarios
+from stream.devtools import benchprofile, benchreport, benchruns, processes, scenarios
 from stream.devtools.benchdata import (
     create_topics,
     delete_topics,
@@ -74,6 +74,7 @@ class Options:
     spend_window: float
     repeat: int = 1
     profile: Path | None = None
+    profiler: str = "py-spy"
     # the environment the runs start from: this process's, with --bootstrap-server and
     # --command-config laid over it (the runs are child processes that read it)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
@@ -135,14 +136,8 @@ def _child_env(options: Options, infra: Infra, prefix: str, mode: str) -> dict[s
         "STREAM_METRICS_HOST": "127.0.0.1",
         "STREAM_LOG_LEVEL": options.env.get("STREAM_LOG_LEVEL", "WARNING"),
         **_spend_env(options),
-        **_profile_env(options, f"{mode}-{infra.round}"),
+        **benchprofile.env(options.profile, options.profiler, f"{mode}-{infra.round}"),
     }
-
-
-def _profile_env(options: Options, run: str) -> dict[str, str]:
-    if options.profile is None:
-        return {}
-    return {benchruns.PROFILE_ENV: str(options.profile), benchruns.RUN_ENV: run}
 
 
 def _spend_env(options: Options) -> dict[str, str]:
@@ -297,7 +292,7 @@ def _table(results: dict[str, Figures], options: Options) -> list[str]:
                 f"{stream['requests']} requests answered"
             )
     if options.profile:
-        lines.append(f"profiles (py-spy, collapsed stacks): {options.profile}")
+        lines.extend(benchprofile.said(options.profile, options.profiler, options.requests))
     return lines
 
 
@@ -323,7 +318,8 @@ def _bench_command(args: argparse.Namespace) -> int:
     args.latency = 1.0 if args.latency is None else args.latency
     options = Options.of(args)
     if options.profile is not None:
-        benchruns.check_profiler()
+        if options.profiler == "py-spy":
+            benchruns.check_profiler()
         options.profile.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with _broker(options.env) as bootstrap, _simulator(options.latency) as sim:
@@ -379,6 +375,14 @@ def register(commands: Any) -> None:
         metavar="DIR",
         help="sample each run's process with py-spy (--native) over its measured interval; "
         "collapsed stacks to DIR/<run>-<id>.txt (py-spy is in the dev extras)",
+    )
+    parser.add_argument(
+        "--profiler",
+        choices=("py-spy", "cprofile"),
+        default="py-spy",
+        help="with --profile: py-spy's samples, or cProfile (every call counted, each made "
+        "dearer: it ranks): DIR/<run>-<id>.prof, and the stream run's own time per request "
+        "beyond bare_http's, by package",
     )
     parser.add_argument("--json", action="store_true", help="figures keyed by run, as JSON")
     parser.add_argument(

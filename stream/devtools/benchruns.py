@@ -11,11 +11,13 @@ Kafka runs find their requests already published (a backlog) and stop once all a
 the parent process reads the result timestamps. HTTP runs time each call themselves.
 Every run reports its process's CPU and peak RSS, which is why each has its own process.
 With STREAM_BENCH_PROFILE=DIR, py-spy samples the process over its measured interval
-(profiling slows the run: its figures are for where the time goes, not for speed).
+(cProfile with STREAM_BENCH_PROFILER=cprofile); profiling slows the run: its figures are
+for where the time goes, not for speed.
 """
 
 from __future__ import annotations
 
+import cProfile
 import os
 import resource
 import shutil
@@ -44,6 +46,7 @@ from stream.worker import PRIMARY_GROUP, Worker, tune_gc
 __all__ = [
     "BENCH_MODEL",
     "KAFKA_RUNS",
+    "PROFILER_ENV",
     "PROFILE_ENV",
     "RUNS",
     "RUN_ENV",
@@ -58,6 +61,7 @@ KAFKA_RUNS = ("stream", "naive", "passthrough")
 RUNS = ("stream", "naive", "bare_http", "bare_aiohttp", "passthrough")
 _POLL_S = 0.02
 PROFILE_ENV = "STREAM_BENCH_PROFILE"  # a folder: profile each run into it
+PROFILER_ENV = "STREAM_BENCH_PROFILER"  # py-spy (the default) or cprofile
 RUN_ENV = "STREAM_BENCH_RUN"  # the run's name there
 
 Figures = dict[str, Any]
@@ -81,14 +85,22 @@ def check_profiler() -> None:
 
 
 class _Profiler:
-    """py-spy attached to this process, writing collapsed stacks when stopped (SIGINT)."""
+    """py-spy attached to this process, writing collapsed stacks when stopped (SIGINT);
+    or, with the `cprofile` profiler, cProfile over this process's own calls."""
 
     def __init__(self) -> None:
         folder, py_spy = os.environ.get(PROFILE_ENV), _py_spy()
         self._process: subprocess.Popen[bytes] | None = None
+        self._cprofile: tuple[cProfile.Profile, Path] | None = None
+        run = os.environ.get(RUN_ENV, "run")
+        if folder and os.environ.get(PROFILER_ENV) == "cprofile":
+            profile = cProfile.Profile()
+            self._cprofile = (profile, Path(folder) / f"{run}.prof")
+            profile.enable()
+            return
         if not folder or py_spy is None:
             return
-        out = Path(folder) / f"{os.environ.get(RUN_ENV, 'run')}.txt"
+        out = Path(folder) / f"{run}.txt"
         command = [py_spy, "record", "--native", "-f", "raw", "-o", str(out)]
         self._process = subprocess.Popen(
             [*command, "--pid", str(os.getpid())],
@@ -98,6 +110,10 @@ class _Profiler:
         )
 
     def stop(self) -> None:
+        if self._cprofile is not None:
+            profile, out = self._cprofile
+            profile.disable()
+            profile.dump_stats(out)
         if self._process is not None:
             end(self._process, sig=signal.SIGINT, grace_s=60)
 
