@@ -230,7 +230,7 @@ async def test_missing_group_says_so_in_one_line(settings: Settings, env: dict[s
     done = await run_cli(env, "lag", "--group", group)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        f"stream lag: consumer group '{group}' does not exist on "
+        f"stream: error: consumer group '{group}' does not exist on "
         f"{settings.kafka.bootstrap_servers} (no members, no committed offsets)"
     ]
     # the name without the prefix the tests run under: the message says how it is named

@@ -92,5 +92,5 @@ async def test_a_one_shot_look_cut_short_says_so_and_is_not_ok(env: dict[str, st
             tasks.cancel_scope.cancel()
     assert process.returncode == 130, err
     assert (
-        "stream lag: interrupted before its reading was complete" in err and "Traceback" not in err
+        "stream: interrupted before the lag reading was complete" in err and "Traceback" not in err
     )

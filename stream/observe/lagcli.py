@@ -91,7 +91,7 @@ def register(commands: Any) -> None:
 def _command(args: argparse.Namespace, settings: Settings) -> int:
     problem = _bad_options(args)
     if problem:
-        _err(f"stream lag: {problem}")
+        _err(f"stream: error: {problem}")
         return EXIT_USAGE
     groups = _groups(args.groups, settings)
     rows: list[LagRow] = []
@@ -103,10 +103,10 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
     except KeyboardInterrupt:  # before the signal handling was in place
         interrupted = True
     except TimeoutError:
-        _err(f"stream lag: {_timed_out(settings.kafka)}")
+        _err(f"stream: error: {_timed_out(settings.kafka)}")
         return EXIT_FAILED
     if interrupted and not args.watch:  # no reading: a script must not take it for "OK"
-        _err("stream lag: interrupted before its reading was complete")
+        _err("stream: interrupted before the lag reading was complete")
         return 130
     if not args.watch:
         _show(rows, latest, as_json=args.json, redraw=False)
@@ -121,7 +121,7 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
 def _missing(group: str, topics: tuple[str, ...], where: str, prefix: str = "") -> str:
     if topics:  # a pipeline group: its topics are not there either
         return (
-            f"stream lag: consumer group {group!r} has nothing to show on {where}: its topics "
+            f"stream: error: consumer group {group!r} has nothing to show on {where}: its topics "
             f"({', '.join(topics)}) do not exist; create them with `stream topics apply` "
             "(and check STREAM_TOPIC_PREFIX)"
         )
@@ -129,7 +129,7 @@ def _missing(group: str, topics: tuple[str, ...], where: str, prefix: str = "") 
     if prefix and not group.startswith(prefix):  # --group takes the name as Kafka has it
         hint = f"; under STREAM_TOPIC_PREFIX the pipeline's groups are named {prefix}<group>"
     return (
-        f"stream lag: consumer group {group!r} does not exist on {where} "
+        f"stream: error: consumer group {group!r} does not exist on {where} "
         f"(no members, no committed offsets){hint}"
     )
 
