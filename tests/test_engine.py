@@ -481,3 +481,32 @@ async def test_records_dropped_by_a_stop_at_once_are_counted_as_abandoned(
             engine.stop()  # the first signal: drain (up to 60 s)
             group.cancel_scope.cancel()  # the second: at once
     assert engine.snapshot().abandoned == 3
+
+
+async def test_nothing_starts_after_a_stop(settings: Settings) -> None:
+    """A stop that comes while a fetch is out: the records it brings, and those queued,
+    stay unstarted (uncommitted, for the next owner), even as the running ones finish
+    and make room. Before, the fetch round that was under way started as many as there
+    was room for, one last time."""
+    source = await create_topic(settings, "eng-nostart", 1)
+    dead = await create_topic(settings, "eng-nostart-dlq", 1)
+    await produce(settings, source, [f"{i}".encode() for i in range(50)])
+    started: list[bytes] = []
+    gate, running = anyio.Event(), anyio.Event()
+
+    async def handler(record: Any) -> Sequence[Output]:
+        started.append(record.value)
+        if len(started) == 5:
+            running.set()
+        await gate.wait()
+        return []  # nothing to write: finished the moment it returns
+
+    engine = _engine(settings, "eng-nostart", source, handler, dead, max_in_flight=5)
+    async with engine_on(engine):
+        with anyio.fail_after(30):
+            await running.wait()
+        await anyio.sleep(0.3)  # the fetch loop back in its poll, records queued
+        engine.stop()
+        gate.set()  # the five finish at once: room for five more
+    assert sorted(started) == sorted(f"{i}".encode() for i in range(5))
+    assert (await committed(settings, engine.group_id, source))[0][0] == 5

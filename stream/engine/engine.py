@@ -58,8 +58,7 @@ Handler = Callable[[Record], Awaitable[Sequence[Output]]]
 ErrorHandler = Callable[[Record, BaseException], Sequence[Output]]
 
 _POLL_TIMEOUT_MS = 100
-# How long the consumer of an engine stopped before its first assignment may take to stop.
-_UNSTARTED_CLOSE_S = 1.0
+_UNSTARTED_CLOSE_S = 1.0  # the consumer's stop, for an engine never assigned anything
 
 
 class Engine:
@@ -282,12 +281,12 @@ class Engine:
             log.info("engine %s closed: %r", self.name, self)
 
     def _shutdown_grace_s(self) -> float:
-        # Unset, the worker fills it in from the catalog (`stream.worker.drain_grace_s`);
-        # an engine made without one drains as long as the longest default model call.
+        # Unset, the worker fills it in from the catalog (`stream.worker.drain_grace_s`).
         return 120.0 if (grace := self._config.shutdown_grace_s) is None else grace
 
     async def _drain(self, grace_s: float) -> None:
-        abandoned = await drain(self._partitions, grace_s, lambda: self.records_released)
+        before = self.records_released  # given back in this drain: not those of a handover
+        abandoned = await drain(self._partitions, grace_s, lambda: self.records_released - before)
         self._rebalancer.abandoned += abandoned  # one count of the calls paid for again
         if not abandoned:
             for partition in self._partitions.values():
@@ -309,6 +308,8 @@ class Engine:
                     raise await self.membership.explain(error) from exc
                 except UNDECODABLE:
                     undecodable = True
+            if self._stopping.is_set():  # meanwhile: nothing new starts (it stays uncommitted)
+                return
             if undecodable:  # outside the deadline: it must not drop what it fetched
                 batch = await stand_in_for_undecodable(self._consumer, self._partitions)
             for tp, records in batch.items():
@@ -380,8 +381,8 @@ class Engine:
     async def _deliver(
         self, partition: Partition, record: Record, outputs: Sequence[Output]
     ) -> bool:
-        """Write the outputs while the partition is surely ours: on probation (a rebalance
-        under way) hold them until the group decides; if it moved, write nothing."""
+        """Write the outputs while the partition is surely ours (on probation: once the
+        group decides it stays); if it moved, write nothing."""
         while await partition.kept(holding=record.offset):
             if await self._write(partition, record, outputs):
                 return True
@@ -403,9 +404,8 @@ class Engine:
     def _handler_failed(
         self, partition: Partition, record: Record, exc: Exception
     ) -> Sequence[Output] | None:
-        """The outputs for a record whose handler raised; None when it gave the record back
-        (`RecordReleased` in a drain or its partition's handover: `Partition.give_back`).
-        Anything else (a release outside those too) the stage turns into a dead letter."""
+        """The outputs for a record whose handler raised (the stage makes a dead letter); None
+        when it gave the record back (`RecordReleased` in a drain or a handover: `give_back`)."""
         if isinstance(exc, RecordReleased) and (self._stopping.is_set() or partition.release.asked):
             self.records_released += 1
             partition.give_back(record)
