@@ -178,6 +178,7 @@ async def test_two_replays_at_once_never_copy_a_record_twice(
         if run.returncode != 0:
             assert run.returncode == 1, run.stderr
             assert run.stdout.strip().endswith(": failed")  # what it copied, it says
+            assert "the same command again carries on" not in run.stderr  # the other runs
             (line,) = run.stderr.strip().splitlines()[-1:]
             assert (
                 "fenced" in line

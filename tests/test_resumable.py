@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 
 from stream.backfill.progress import run_resumable
-from stream.errors import KafkaError
+from stream.errors import FencedError, KafkaError
 
 
-def _run(begun: bool) -> None:
+def _run(begun: bool, error: KafkaError | None = None) -> None:
     async def job() -> None:
-        raise KafkaError("Kafka at 127.0.0.1:9 did not answer in 30 s")
+        raise error or KafkaError("Kafka at 127.0.0.1:9 did not answer in 30 s")
 
     run_resumable(
         job,
@@ -38,3 +38,14 @@ def test_a_run_that_fails_before_its_plan_prints_only_the_error(
     with pytest.raises(KafkaError):
         _run(begun=False)
     assert capsys.readouterr() == ("", "")
+
+
+def test_a_run_another_took_over_is_not_told_to_run_again(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Fenced by a newer run of the same copy: running it again now would fence that one;
+    its error line says to let it finish."""
+    with pytest.raises(FencedError):
+        _run(begun=True, error=FencedError("Kafka fenced this `stream replay` …"))
+    out, err = capsys.readouterr()
+    assert out.endswith(": failed\n") and err == ""

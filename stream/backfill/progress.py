@@ -17,7 +17,7 @@ from typing import Any, Protocol, TextIO, TypeVar
 import anyio
 import orjson
 
-from stream.errors import StreamError, UsageError
+from stream.errors import FencedError, StreamError, UsageError
 from stream.interrupts import cancelled_by_signal
 
 __all__ = [
@@ -199,11 +199,12 @@ def run_resumable(
         interrupted = anyio.run(cancelled_by_signal, job)
     except KeyboardInterrupt:  # before the job's signal handling was in place
         interrupted = True
-    except StreamError:
+    except StreamError as exc:
         if begun():
             print(summary("failed"))  # noqa: T201
-            hint = "stream: what was committed stays; the same command again carries on"
-            print(hint, file=sys.stderr)  # noqa: T201
+            if not isinstance(exc, FencedError):  # its line says to let the other run finish
+                hint = "stream: what was committed stays; the same command again carries on"
+                print(hint, file=sys.stderr)  # noqa: T201
         raise
     if interrupted:
         print(summary("interrupted"))  # noqa: T201
