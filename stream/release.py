@@ -25,7 +25,8 @@ class Cancellable(Protocol):
 
 
 class Release:
-    """One partition's release: asked once, for its handover; a new one when it stays."""
+    """A set of waits to end at once: a partition's (asked for its handover; a new one when
+    it stays after all), or the client's own for a worker's shutdown (`Waits`)."""
 
     __slots__ = ("asked", "waits")
 

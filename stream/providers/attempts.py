@@ -18,6 +18,7 @@ from stream.providers.completion import Parsed
 from stream.providers.http import Exchange, Failure
 from stream.providers.limiter import AdaptiveLimiter, Permit
 from stream.providers.ratelimits import MAX_RESET_S, read_ratelimits
+from stream.release import Release
 from stream.release import current as release_of_record
 
 __all__ = ["Run", "Waits", "acquire", "heed", "judge", "max_tokens"]
@@ -43,15 +44,11 @@ class Waits:
     billed) is not withdrawn: running that record again would pay again."""
 
     def __init__(self) -> None:
-        self.withdrawn = False
-        self._scopes: set[anyio.CancelScope] = set()
+        self._stop = Release()  # the worker's: every record's waits, at a shutdown
 
     def withdraw(self) -> int:
         """End the withdrawable waits; how many were waiting."""
-        self.withdrawn = True
-        for scope in self._scopes:
-            scope.cancel()
-        return len(self._scopes)
+        return self._stop.ask()
 
     @contextmanager
     def bounded(self, run: Run, timeout: float | None) -> Iterator[anyio.CancelScope]:
@@ -59,29 +56,29 @@ class Waits:
         `cancelled_caught` says the time ran out; a withdrawal, or the release of the
         record's partition (`stream.release`: it is being handed over), raises
         `RecordReleased`."""
-        withdrawable = run.answered == 0
-        release = release_of_record.get() if withdrawable else None
-        if withdrawable and self.withdrawn:
-            raise RecordReleased(_STOPPING)
-        if release is not None and release.asked:
-            raise RecordReleased(_HANDED_OVER)
+        releases: list[tuple[Release, str]] = []
+        if run.answered == 0:  # withdrawable: nothing billed yet
+            releases.append((self._stop, _STOPPING))
+            if (own := release_of_record.get()) is not None:
+                releases.append((own, _HANDED_OVER))
+        _raise_if_asked(releases)
         scope = anyio.CancelScope() if timeout is None else anyio.move_on_after(timeout)
-        if withdrawable:
-            self._scopes.add(scope)
-        if release is not None:
+        for release, _ in releases:
             release.waits.add(scope)
         try:
             with scope:
                 yield scope
         finally:
-            self._scopes.discard(scope)
-            if release is not None:
+            for release, _ in releases:
                 release.waits.discard(scope)
-        if withdrawable and scope.cancelled_caught:
-            if self.withdrawn:
-                raise RecordReleased(_STOPPING)
-            if release is not None and release.asked:
-                raise RecordReleased(_HANDED_OVER)
+        if scope.cancelled_caught:
+            _raise_if_asked(releases)
+
+
+def _raise_if_asked(releases: list[tuple[Release, str]]) -> None:
+    for release, why in releases:
+        if release.asked:
+            raise RecordReleased(why)
 
 
 _STOPPING = "the worker is stopping: the call was waiting to go out"
