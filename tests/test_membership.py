@@ -657,7 +657,7 @@ async def test_a_handover_gives_back_the_records_whose_calls_wait_for_a_slot(
 
     from tests.kit.provider import answer, ask, client_of, priced
 
-    caplog.set_level(logging.INFO, logger="stream.engine.signals")
+    caplog.set_level(logging.INFO, logger="stream.engine")
     live = _with(settings)
     source, sink, group, values = await _ten_on_each_of_two(live, "handback")
     gate, model = anyio.Event(), priced("glm")
@@ -680,21 +680,18 @@ async def test_a_handover_gives_back_the_records_whose_calls_wait_for_a_slot(
 
             await eventually(all_started, timeout_s=60)
             async with engine_on(b):
-                await eventually(_settled(a, rebalances=1, assigned=2))
-                leaving: list[Any] = []
+                # a keeps both this round and hands one over; with nothing of it out, that
+                # can be over before a poll sees it: what a said is the record of it
+                handing: list[logging.LogRecord] = []
 
-                async def handing_over() -> bool:
-                    leaving[:] = [p for p in a._partitions.values() if p.handing_over]
-                    return bool(leaving)
+                async def handed() -> bool:
+                    handing[:] = [r for r in caplog.records if str(r.msg).startswith("handing")]
+                    return bool(handing)
 
-                await eventually(handing_over)
-                assert len(leaving) == 1 and b.snapshot().assigned == 0
-
-                async def given_back() -> bool:  # at most the one call out still runs
-                    return leaving[0].in_flight <= 1
-
-                # without the give-back, its 9 or 10 records wait for the slot, held
-                await eventually(given_back, timeout_s=10)
+                await eventually(handed)
+                (said,) = handing
+                given_back = said.args[3]  # type: ignore[index]
+                assert given_back >= 9  # its records whose calls waited: all but one out
                 assert len(calls) == 1  # nothing given back was sent
                 gate.set()
                 await eventually(_settled(a, rebalances=2, assigned=1))
@@ -705,7 +702,7 @@ async def test_a_handover_gives_back_the_records_whose_calls_wait_for_a_slot(
     assert all(len(by) == 1 for by in writers.values()), writers  # each answered once
     assert sorted(calls) == sorted(v.decode() for v in every)  # each called once
     moved = {v for v, by in writers.items() if by == [b"b"]}
-    assert moved and moved <= set(values[leaving[0].tp.partition])
+    assert moved and any(moved <= set(batch) for batch in values.values())
     assert a.snapshot().abandoned == 0 and a.snapshot().records_released >= 9
     # a's drain at the end gave nothing back: the handover's give-backs are not its own
     assert not [r for r in caplog.records if r.getMessage().startswith("gave back")]
