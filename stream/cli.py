@@ -13,14 +13,17 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from stream import __version__, clientconfig, logs
-from stream.config import Settings
+from stream import __version__
 from stream.errors import EXIT_FAILED, EXIT_USAGE, StreamError, UsageError
+
+if TYPE_CHECKING:
+    from stream.config import Settings
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-Handler = Callable[[argparse.Namespace, Settings], int]
+Handler = Callable[[argparse.Namespace, "Settings"], int]
 
 # Each command's module, which has `register(commands)`: it adds the command's parser to
 # the `argparse` sub-parsers and sets `handler` (a `Handler`) as its default. Only the
@@ -57,6 +60,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from stream import clientconfig  # here, not above: see `main`
 
     asked = _command(sys.argv[1:] if argv is None else argv)
     for module in [COMMANDS[asked]] if asked else dict.fromkeys(COMMANDS.values()):
@@ -108,6 +113,11 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    # Imported here, inside `main`'s handler of Ctrl-C: they take ~0.2 s (pydantic,
+    # aiokafka's logging), and an interrupt while they load is an interrupt, not a traceback.
+    from stream import clientconfig, logs
+    from stream.config import Settings
+
     args = build_parser(argv).parse_args(argv)
     try:
         if args.command in SELF_CONTAINED:

@@ -250,3 +250,40 @@ def test_a_missing_action_is_named_as_the_usage_shows_it(command: str, named: st
     assert done.stderr.splitlines()[-1] == (
         f"stream {command}: error: the following arguments are required: {named}"
     )
+
+
+# Ctrl-C while `stream.config` loads: the point in a command's first ~0.3 s where the
+# interrupt lands most often (pydantic). An import hook stands in for the keyboard.
+_INTERRUPTED_IMPORT = """
+import sys
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "stream.config":
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+from stream.cli import main
+
+sys.exit(main(["lag"]))
+"""
+
+
+def test_ctrl_c_while_the_command_loads_is_an_interruption_not_a_traceback() -> None:
+    """The package and the CLI load nothing heavy before `main` runs: what a command needs
+    is imported inside its handler of Ctrl-C (exit 130 with its line)."""
+    import subprocess
+
+    from tests.kit import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_IMPORT],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    assert (done.returncode, done.stderr) == (130, "stream: interrupted\n")
