@@ -117,7 +117,7 @@ async def test_an_unreachable_local_cluster_gets_the_command_that_starts_it() ->
 def test_the_start_hint_names_the_local_cluster_only_for_loopback_servers(
     ports: list[int], hosts: list[str]
 ) -> None:
-    from stream.kafka import _start_hint
+    from stream.kafkaerrors import _start_hint
 
     named = [f"{hosts[i % len(hosts)] if hosts else '127.0.0.1'}:{p}" for i, p in enumerate(ports)]
     hint = _start_hint(", ".join(named))

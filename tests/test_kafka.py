@@ -99,6 +99,29 @@ def test_without_a_probe_a_connection_error_is_plain_unreachable() -> None:
     assert "is it running" not in str(one) and "stream kafka start" not in str(one)
 
 
+def test_a_kafka_that_stops_answering_reads_the_same_however_aiokafka_says_it() -> None:
+    """A broker paused past the clients' timeouts ends a command in a timeout, or in
+    aiokafka's producer giving up ("Unexpected error during batch delivery", the timeout
+    as its cause): one line for both, naming what to look at."""
+    settings = KafkaSettings(bootstrap_servers="10.0.0.7:9092")
+    sender = aiokafka.errors.KafkaError("Unexpected error during batch delivery")
+    sender.__cause__ = aiokafka.errors.KafkaTimeoutError()
+    lines = {
+        str(translate(exc, settings, "copying records"))
+        for exc in (aiokafka.errors.KafkaTimeoutError(), TimeoutError(), sender)
+    }
+    assert {line.split(" (")[0] for line in lines} == {
+        "Kafka at 10.0.0.7:9092 did not answer in time while copying records"
+    }
+    assert all(
+        line.endswith("is a broker down, paused or overloaded? Try again once it answers")
+        for line in lines
+    )
+    # with another cause, the cause is what the line tells
+    sender.__cause__ = aiokafka.errors.UnknownTopicOrPartitionError()
+    assert "a topic is missing" in str(translate(sender, settings, "copying records"))
+
+
 async def test_retrying_rides_out_what_kafka_says_to_retry_and_no_more() -> None:
     calls = 0
 
@@ -273,3 +296,62 @@ async def test_a_stable_read_right_after_a_transaction_commits_sees_its_offsets(
     finally:
         await producer.stop()
     assert seen == [(offset, f"n={offset}") for offset in range(1, 21)]
+
+
+async def test_a_client_cancelled_while_it_starts_closes_what_it_opened() -> None:
+    """Ctrl-C (or a deadline) while a client waits for a broker that accepted the
+    connection and never answers: `start_client` stops the client, and the broker sees
+    the connection close, rather than a socket left for the garbage collector."""
+    accepted: list[anyio.abc.SocketStream] = []
+    closed = anyio.Event()
+
+    async def hold(stream: anyio.abc.SocketStream) -> None:
+        accepted.append(stream)
+        async with stream:
+            try:
+                while await stream.receive():
+                    pass  # the client's first request, never answered
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                closed.set()
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        settings = KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}")
+        async with anyio.create_task_group() as group:
+            group.start_soon(listener.serve, hold)
+            producer = AIOKafkaProducer(**settings.client_options())  # kept: no GC close
+            with anyio.move_on_after(1.0):
+                await start_client(producer, settings, "starting")
+            assert accepted, "the client never connected"
+            with anyio.fail_after(5):
+                await closed.wait()
+            group.cancel_scope.cancel()
+    assert producer is not None
+
+
+async def test_a_port_that_takes_the_connection_and_never_answers_is_not_told_to_start() -> None:
+    """A broker paused (SIGSTOP) still takes connections (the kernel accepts them): the line
+    says it accepts and does not answer, not "is it running? start it"."""
+
+    async def silent(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            try:
+                while await stream.receive():
+                    pass
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                pass
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        settings = KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=1500)
+        async with anyio.create_task_group() as group:
+            group.start_soon(listener.serve, silent)
+            producer = AIOKafkaProducer(**settings.client_options())
+            with pytest.raises(KafkaError) as raised:
+                await start_client(producer, settings, "starting the producer")
+            group.cancel_scope.cancel()
+    assert str(raised.value).startswith(
+        f"Kafka at 127.0.0.1:{port} accepts connections but did not answer while starting "
+        "the producer: is the broker still starting, paused or overloaded"
+    )
+    assert "stream kafka start" not in str(raised.value)
