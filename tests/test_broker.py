@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -488,3 +489,43 @@ def test_processes_that_need_the_jars_at_once_fetch_them_once(tmp_path: Path) ->
     (folder,) = folders
     assert sorted(p.name for p in Path(folder).iterdir()) == [".complete", "kafka.jar"]
     assert not list(Path(folder).parent.glob("*.tmp"))
+
+
+# Like the JVM, it handles SIGTERM (a shutdown of its own): a paused process without a
+# handler dies of a SIGTERM at once (Linux delivers a fatal default action to it).
+_SHUTS_DOWN_ON_SIGTERM = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("ours", [True, False], ids=["child", "pid"])
+def test_stopping_a_paused_process_lets_it_shut_down_rather_than_kill_it(ours: bool) -> None:
+    """A broker paused with SIGSTOP (Ctrl-Z, a debugger) receives SIGTERM only once it runs
+    again: `kafka stop` sent it and waited its whole grace for nothing, then SIGKILLed it
+    (an unclean shutdown: log recovery at the next start)."""
+    import subprocess
+    import sys
+    import time
+
+    from stream.devtools.processes import end, end_pid, running
+
+    child = subprocess.Popen([sys.executable, "-c", _SHUTS_DOWN_ON_SIGTERM], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        child.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        if ours:
+            assert end(child, grace_s=20) == 0  # its own shutdown, not -SIGKILL
+        else:
+            assert end_pid(child.pid, grace_s=20)
+            assert child.wait(5) == 0
+        assert time.monotonic() - started < 10  # not the whole grace
+        assert not running(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()

@@ -49,6 +49,7 @@ def end(
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(sig)
+            process.send_signal(signal.SIGCONT)  # a paused one (SIGSTOP) gets it only running
         try:
             return process.wait(grace_s)
         except subprocess.TimeoutExpired:
@@ -62,6 +63,7 @@ def end_pid(pid: int, *, sig: signal.Signals = signal.SIGTERM, grace_s: float = 
     for signum, wait_s in ((sig, grace_s), (signal.SIGKILL, 10.0)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
+            os.kill(pid, signal.SIGCONT)  # a paused one (SIGSTOP) gets it only running
         deadline = time.monotonic() + wait_s
         while running(pid):
             if time.monotonic() >= deadline:
