@@ -26,6 +26,7 @@ from stream.kafkaerrors import Verdict, connected, probe, translate, translated
 from stream.kafkawire import group_committed, ride_out_lost_coordinators
 
 __all__ = [
+    "CANCELLED_CLOSE_S",
     "admin_client",
     "consumer_client",
     "group_offsets",
@@ -44,6 +45,9 @@ __all__ = [
     "translated",
 ]
 
+# How long a client may take to stop on the way out of an error or a cancellation (Ctrl-C:
+# what it had not sent is not waited for long), against CLOSE_RESERVE_S on a clean exit.
+CANCELLED_CLOSE_S = 2.0
 _COORDINATOR_TRIES = 16  # about 13 s of back-off in all
 
 T = TypeVar("T")
@@ -91,16 +95,17 @@ async def start_client(
         await stop_client(client)
         raise await translated(exc, settings, doing) from exc
     except BaseException:
-        await stop_client(client)
+        await stop_client(client, within=CANCELLED_CLOSE_S)
         raise
     connected(settings)
 
 
-async def stop_client(client: Any) -> None:
+async def stop_client(client: Any, *, within: float = CLOSE_RESERVE_S) -> None:
     """Stop (or, for an admin client, close) an aiokafka client: also when the caller is
-    being cancelled (shielded), for at most `CLOSE_RESERVE_S`."""
+    being cancelled (shielded), for at most `within` seconds (a producer's stop waits for
+    its pending sends, which a Kafka that is away never answers)."""
     stop = client.close if isinstance(client, AIOKafkaAdminClient) else client.stop
-    with anyio.move_on_after(CLOSE_RESERVE_S, shield=True):
+    with anyio.move_on_after(within, shield=True):
         await stop()
 
 
@@ -141,8 +146,10 @@ async def _started(client: Any, settings: KafkaSettings, doing: str) -> AsyncIte
     await start_client(client, settings, doing)
     try:
         yield
-    finally:
-        await stop_client(client)
+    except BaseException:
+        await stop_client(client, within=CANCELLED_CLOSE_S)
+        raise
+    await stop_client(client)
 
 
 async def retrying(call: Callable[[], Awaitable[T]], *, tries: int = _COORDINATOR_TRIES) -> T:

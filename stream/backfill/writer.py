@@ -33,7 +33,13 @@ from aiokafka.errors import ProducerFenced
 from stream.backfill.target import MAX_REQUEST_SIZE
 from stream.config import Settings
 from stream.errors import FencedError, KafkaError
-from stream.kafka import quiet_when_fenced, retrieve, start_client, stop_client
+from stream.kafka import (
+    CANCELLED_CLOSE_S,
+    quiet_when_fenced,
+    retrieve,
+    start_client,
+    stop_client,
+)
 
 __all__ = [
     "TRANSACTION_TIMEOUT_MS",
@@ -102,8 +108,10 @@ async def exclusive_producer(
     await start_client(producer, kafka, doing, timeout_s=kafka.request_timeout_ms / 1000)
     try:
         yield producer
-    finally:
-        await stop_client(producer)
+    except BaseException:
+        await stop_client(producer, within=CANCELLED_CLOSE_S)
+        raise
+    await stop_client(producer)
 
 
 class Transaction:
