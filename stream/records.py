@@ -401,18 +401,27 @@ def dead_letter(
     stage: str,
     request: dict[str, Any] | None = None,
     failures: Sequence[dict[str, Any]] = (),
+    carry: bool = True,
 ) -> bytes:
-    """A dead letter: the request when it parsed, else the original bytes (base64)."""
+    """A dead letter: the request when it parsed, else the original bytes (base64). Without
+    `carry` (the whole would be too large to write), neither: `omitted` says how many
+    bytes the input's value and key had, and `source` where they still are."""
     raw = None
-    if request is None and record.value is not None:
+    if carry and request is None and record.value is not None:
         raw = base64.b64encode(record.value).decode("ascii")
+    extra: dict[str, Any] = {}
+    if not carry:
+        extra["omitted"] = {
+            "value_bytes": len(record.value or b""),
+            "key_bytes": len(record.key or b""),
+        }
     return compact.dumps(
         {
             "reason": reason,
             "error": error[:1000],
             "stage": stage,
             "request_id": _request_id(request, record),
-            "request": request,
+            "request": request if carry else None,
             "raw": raw,
             "source": {
                 "topic": record.topic,
@@ -424,6 +433,7 @@ def dead_letter(
             },
             "failures": list(failures),
             "dead_at": now_rfc3339(),
+            **extra,
         }
     )
 

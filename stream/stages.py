@@ -15,7 +15,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from stream import records, topics
+from stream import records
 from stream.catalog import Catalog, Model, get_fallback_provider
 from stream.config import Settings
 from stream.engine import MAX_OUTPUT_BYTES, Output
@@ -25,6 +25,7 @@ from stream.errors import (
     ProviderError,
     UndecodableRecordError,
 )
+from stream.outlimits import KEY_KEPT_BYTES, OutputLimits, record_size
 from stream.prices import is_amount
 from stream.providers import Completion, ProviderClient
 from stream.records import Decoder, Held, Request, SourceRecord
@@ -34,10 +35,6 @@ __all__ = ["FallbackStage", "PrimaryStage", "StageObserver", "Topics"]
 
 log = logging.getLogger(__name__)
 
-# Kafka's default max.message.bytes, for a topic that declares none.
-_KAFKA_MAX_MESSAGE_BYTES = 1_048_588
-# Room for a record batch's framing, beside the record's value, key and headers.
-_FRAMING_BYTES = 512
 # Provider failures that are the request's, not the provider's: the same request fails the
 # same way anywhere (and is paid for again), so it is a dead letter with that reason at once.
 FINAL_ERRORS = frozenset({"content_filter", "context_length_exceeded"})
@@ -92,23 +89,13 @@ class _Stage:
         self._spend = spend
         self._catalog = catalog
         self._observer = observer
-        # The largest result the results topic takes: as declared in topics/, or as the
-        # cluster has it when smaller (drift), and never more than the engine's producer
-        # sends. A result over it would be refused on every try (stalling at-least-once,
-        # failing exactly-once's transaction on every restart) after it was paid for.
-        declared = {
-            spec.name: int(spec.configs.get("max.message.bytes", _KAFKA_MAX_MESSAGE_BYTES))
-            for spec in topics.load_specs(settings.topics_dir, prefix=settings.topic_prefix)
-        }
-        results = self.topics.results
-        self._max_result = (
-            min(
-                declared.get(results, _KAFKA_MAX_MESSAGE_BYTES),
-                (cluster_limits or {}).get(results, MAX_OUTPUT_BYTES),
-                MAX_OUTPUT_BYTES,
-            )
-            - _FRAMING_BYTES
-        )
+        # The largest result the results topic takes: a result over it would be refused on
+        # every try after it was paid for. And the largest dead letter: one carrying a large
+        # input whole (base64 is a third larger; a compressed batch lets values in far over
+        # the topic's own limit) would stop the worker for good.
+        limits = OutputLimits(settings, cluster_limits)
+        self._max_result = limits.largest(self.topics.results)
+        self._max_dead = limits.largest(self.topics.dead_letter)
 
     def on_error(self, record: SourceRecord, exc: BaseException) -> Sequence[Output]:
         """A bug in a handler, or outputs Kafka refused for good: the record becomes a dead
@@ -143,7 +130,30 @@ class _Stage:
             record, reason=reason, error=error, stage=self.name, request=request, failures=failures
         )
         request_id = request.get("request_id") if request else None
-        return self._output(record, self.topics.dead_letter, value, request_id)
+        output = self._output(record, self.topics.dead_letter, value, request_id)
+        if record_size(output) <= self._max_dead:
+            return output
+        # Too large to write: it goes without the input's bytes (and key), which stay in
+        # the input topic at its `source`, and says what it left out.
+        value = records.dead_letter(
+            record,
+            reason=reason,
+            error=error,
+            stage=self.name,
+            request=request,
+            failures=failures,
+            carry=False,
+        )
+        key = output.key if len(output.key or b"") <= KEY_KEPT_BYTES else None
+        log.warning(
+            "the dead letter of %s[%d]@%d is too large to carry the input (%d bytes): it "
+            "names its source instead",
+            record.topic,
+            record.partition,
+            record.offset,
+            record_size(output),
+        )
+        return Output(self.topics.dead_letter, value, key, output.headers)
 
     def _result(
         self,
@@ -171,7 +181,7 @@ class _Stage:
             cost_usd=done.cost_usd,
         )
         output = self._output(record, self.topics.results, value, request.request_id)
-        size = _record_size(output)
+        size = record_size(output)
         limit = self._max_result
         if size > limit:
             error = (
@@ -432,9 +442,3 @@ class FallbackStage(_Stage):
             fallback=True,
             failures=[failure],
         )
-
-
-def _record_size(output: Output) -> int:
-    """What a record of `output` weighs against max.message.bytes (framing aside)."""
-    headers = sum(len(key) + len(value) for key, value in output.headers)
-    return len(output.value) + len(output.key or b"") + headers

@@ -64,11 +64,14 @@ ALLOWED: dict[str, set[str]] = {
         "records",
         "topics",
     },
+    # outlimits: the largest record each output topic takes, and what an output weighs
+    "outlimits": {"config", "engine", "topics"},
     "stages": {
         "catalog",
         "config",
         "engine",
         "errors",
+        "outlimits",
         "prices",
         "providers",
         "records",

@@ -5,7 +5,8 @@ The limits, chosen together: the requests topic takes records up to 1,048,588 by
 (`max.message.bytes`, Kafka's default); requests over STREAM_MAX_REQUEST_BYTES (256 KiB by
 default) are dead letters (`too_large`) carrying their bytes base64-encoded, up to about
 1.4 MiB, which the dead-letter topic (2 MiB) and the engine's producer
-(`max_request_size`, 2 MiB) both take.
+(`max_request_size`, 2 MiB) both take. Bigger ones (a compressed batch lets them in) go
+without their bytes, and say so.
 """
 
 from __future__ import annotations
@@ -63,6 +64,51 @@ async def test_a_record_at_the_topic_maximum_becomes_a_dead_letter_with_all_its_
     assert base64.b64decode(letter["raw"]) == huge
     assert len(orjson.dumps(letter)) > 1024 * 1024  # bigger than aiokafka's default limit
     assert found["after"][1]["provider"] == "synthetic"
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+async def test_a_compressed_record_too_large_to_carry_is_a_dead_letter_that_names_it(
+    env: dict[str, str], guarantee: str
+) -> None:
+    """The broker judges a compressed batch by its compressed size: a 2 MB value (or a
+    3 MB key) arrives in a batch of a few KB. Its dead letter cannot carry it (base64, or
+    the key on every output): it goes without it, saying what it left out, instead of a
+    record Kafka refuses on every try (the worker stopped, and stopped again at each
+    restart: the group was stuck for good)."""
+    big = request("big", "deepseek-v3-0324-syn", "y" * 2_000_000)
+    async with Simulator() as sim:
+        live = simulated_settings({**env, "STREAM_GUARANTEE": guarantee}, sim, max_in_flight=8)
+        async with worker_on(Worker(live, BOTH)):  # a worker that stops raises here
+            producer = AIOKafkaProducer(
+                **live.kafka.client_options(),
+                acks="all",
+                compression_type="gzip",
+                max_request_size=8_000_000,  # its own check is of the uncompressed size
+            )
+            await producer.start()
+            try:
+                topic = live.topic("predictions.requests")
+                for rid, key, value in (
+                    ("big", None, big),
+                    ("bigkey", b"k" * 3_000_000, request("bigkey", "deepseek-v3-0324-syn")),
+                    ("after", None, request("after", "deepseek-v3-0324-syn")),
+                ):
+                    await producer.send_and_wait(
+                        topic, value, key=key, partition=0, headers=[("request-id", rid.encode())]
+                    )
+            finally:
+                await producer.stop()
+            found = await terminal(live, 3)
+    for rid, value_bytes, key_bytes in (("big", len(big), 0), ("bigkey", None, 3_000_000)):
+        topic_name, letter, _ = found[rid]
+        assert topic_name == live.topic("predictions.dead-letter")
+        assert letter["reason"] == "too_large" and letter["request_id"] == rid
+        assert letter["raw"] is None and letter["request"] is None
+        assert letter["omitted"]["key_bytes"] == key_bytes
+        if value_bytes is not None:
+            assert letter["omitted"]["value_bytes"] == value_bytes
+        assert letter["source"]["offset"] >= 0
+    assert found["after"][0] == live.topic("predictions.results")
 
 
 @pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
