@@ -270,7 +270,8 @@ def output_headers(record: SourceRecord, request_id: str | None) -> tuple[tuple[
     """Headers carried through every hop: request-id, attempt, traceparent (when present).
 
     Upstream headers are taken only when they look like what they name: a null, oversized
-    or non-numeric value is replaced (request-id by the body's, attempt by 1) or dropped.
+    or non-numeric value is replaced (request-id by the body's, attempt by 1) or dropped,
+    and so is a traceparent that is not one (W3C Trace Context).
     """
     incoming = _headers(record)
     rid = _request_id_header(incoming) or (request_id.encode() if request_id else None)
@@ -278,9 +279,28 @@ def output_headers(record: SourceRecord, request_id: str | None) -> tuple[tuple[
     attempt = incoming.get(HEADER_ATTEMPT, b"")
     ok = attempt.isdigit() and len(attempt) <= _MAX_ATTEMPT_DIGITS
     headers.append((HEADER_ATTEMPT, attempt if ok else b"1"))
-    if HEADER_TRACEPARENT in incoming:
-        headers.append((HEADER_TRACEPARENT, incoming[HEADER_TRACEPARENT]))
+    trace = incoming.get(HEADER_TRACEPARENT)
+    if trace is not None and _is_traceparent(trace):
+        headers.append((HEADER_TRACEPARENT, trace))
     return tuple(headers)
+
+
+# W3C Trace Context: version-traceid-parentid-flags, lower-case hex; a later version may add
+# fields after a dash (read as version 00's, as the spec asks).
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?", re.S)
+_ZEROS = (b"0" * 32, b"0" * 16)
+
+
+def _is_traceparent(value: bytes) -> bool:
+    """Whether `value` is a traceparent a tracer can read: any other is not carried (a
+    downstream tracer would reject it, or choke on bytes that are not even text)."""
+    found = _TRACEPARENT.fullmatch(value)
+    if found is None:
+        return False
+    version, trace_id, parent_id, more = found.groups()
+    if version == b"ff" or trace_id == _ZEROS[0] or parent_id == _ZEROS[1]:
+        return False
+    return more is None or (version != b"00" and more.isascii())
 
 
 def _request_id_header(headers: Mapping[str, bytes]) -> bytes | None:

@@ -265,6 +265,30 @@ def test_headers_that_are_null_oversized_or_not_numbers_are_not_carried() -> Non
         assert letter["request_id"] is None
 
 
+@pytest.mark.parametrize(
+    ("trace", "carried"),
+    [
+        (b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", True),
+        (b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00", True),
+        (b"01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-later", True),
+        (b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x", False),
+        (b"ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", False),
+        (b"00-00000000000000000000000000000000-b7ad6b7169203331-01", False),
+        (b"00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01", False),
+        (b"00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01", False),
+        (b"zz-garbage-\xff", False),
+        (b"\xff\xfe", False),
+        (b"", False),
+        (b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\n", False),
+    ],
+)
+def test_only_a_traceparent_a_tracer_can_read_is_carried(trace: bytes, carried: bool) -> None:
+    """A hostile upstream's garbage (bytes that are not even text) rode along onto every
+    result; W3C Trace Context says what one looks like."""
+    record = _record(b"{}", headers=(("traceparent", trace),))
+    assert ("traceparent" in dict(records.output_headers(record, "r"))) is carried
+
+
 @settings(max_examples=300)
 @given(
     st.lists(

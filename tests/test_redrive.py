@@ -61,7 +61,7 @@ def _letter(i: int) -> Record:
     }
     headers = [
         ("request-id", f"r{i}".encode()),
-        ("traceparent", f"00-{i:032x}-{i:016x}-01".encode()),
+        ("traceparent", f"00-{i + 1:032x}-{i + 1:016x}-01".encode()),  # W3C: never all zeros
     ]
     if attempt is not None:
         headers.append(("attempt", attempt))
