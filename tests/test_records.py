@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from stream import compact, records
 from stream.config import default_topics_dir
 from stream.errors import InvalidRecordError, RetryableProviderError
+from stream.headers import MAX_HEADER_BYTES
 from tests.kit.memory import kept_bytes_each
 
 TOPICS = default_topics_dir()
@@ -306,7 +307,7 @@ def test_output_headers_are_always_small_bytes(
     record = _record(b"{}", headers=tuple(headers))  # type: ignore[arg-type]
     carried = records.output_headers(record, request_id)
     assert [key for key, _ in carried][:1] in (["request-id"], ["attempt"])
-    assert all(isinstance(v, bytes) and len(v) <= records.MAX_HEADER_BYTES for _, v in carried)
+    assert all(isinstance(v, bytes) and len(v) <= MAX_HEADER_BYTES for _, v in carried)
     assert dict(carried)["attempt"].isdigit()
     letter = orjson.loads(records.dead_letter(record, reason="x", error="x", stage="primary"))
     assert letter["request_id"] is None or len(letter["request_id"]) <= 128
