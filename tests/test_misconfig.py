@@ -287,3 +287,47 @@ def test_ctrl_c_while_the_command_loads_is_an_interruption_not_a_traceback() -> 
     )
     assert "Traceback" not in done.stderr, done.stderr
     assert (done.returncode, done.stderr) == (130, "stream: interrupted\n")
+
+
+# Ctrl-C while `stream.config` loads, as a real SIGINT: the hook sends it, then goes on
+# importing. What a command needs loads whole first, and the interrupt comes after.
+_SIGNAL_DURING_IMPORT = """
+import atexit, os, signal, sys, time
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "stream.config":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # an unheld signal interrupts this, and the import with it
+        return None
+
+atexit.register(lambda: print("loaded" if "stream.config" in sys.modules else "cut short"))
+sys.meta_path.insert(0, Interrupt())
+from stream.cli import main
+
+sys.exit(main(["lag"]))
+"""
+
+
+def test_ctrl_c_while_the_command_loads_waits_until_it_has_loaded() -> None:
+    """A signal in the middle of loading a native module (orjson) crashed the interpreter
+    (exit -11, in a quarter of the tries 0.09-0.14 s after launch): SIGINT and SIGTERM are
+    held while the command loads, then interrupt it as usual."""
+    import subprocess
+
+    from tests.kit import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_DURING_IMPORT],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stderr, done.stdout) == (
+        130,
+        "stream: interrupted\n",
+        "loaded\n",
+    )
