@@ -35,7 +35,7 @@ __all__ = [
     "Verdict",
     "connected",
     "probe",
-    "quiet_when_fenced",
+    "quiet_unread_kafka_failures",
     "retrieve",
     "start_client",
     "stop_client",
@@ -213,25 +213,41 @@ async def topic_partitions(
     }
 
 
-def quiet_when_fenced(loop: asyncio.AbstractEventLoop) -> None:
-    """Fenced, aiokafka fails futures of its own that nobody awaits (a transaction's
-    waiter, batches' drain waiters) and asyncio logs each as "never retrieved", tracebacks
-    and all, after the one line that says what happened: drop those, pass on everything
-    else. Once per loop."""
+def quiet_unread_kafka_failures(loop: asyncio.AbstractEventLoop) -> None:
+    """aiokafka fails futures of its own that nobody awaits, and asyncio logs each as
+    "never retrieved", tracebacks and all, after our one line that says what happened:
+    fenced, a transaction's waiter and the batches' drain waiters; and a commit we gave up
+    waiting for (Kafka paused past the request timeout), whose shielded request fails later
+    (Python 3.11's `shield` drops the inner task's failure once the outer is cancelled).
+    Drop those, pass on everything else. Once per loop."""
     previous = loop.get_exception_handler()
-    if getattr(previous, "quiet_when_fenced", False):
+    if getattr(previous, "quiet_unread_kafka_failures", False):
         return
 
     def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if isinstance(context.get("exception"), ProducerFenced) and "future" in context:
+        exc, future = context.get("exception"), context.get("future")
+        if future is not None and (
+            isinstance(exc, ProducerFenced)
+            or (isinstance(exc, AIOKafkaError) and _coroutine_name(future) in _UNAWAITED)
+        ):
             return
         if previous is None:
             loop.default_exception_handler(context)
         else:
             previous(loop, context)
 
-    handle.quiet_when_fenced = True  # type: ignore[attr-defined]
+    handle.quiet_unread_kafka_failures = True  # type: ignore[attr-defined]
     loop.set_exception_handler(handle)
+
+
+# aiokafka's coroutines whose task a cancelled caller leaves behind (see above).
+_UNAWAITED = frozenset({"GroupCoordinator._do_commit_offsets"})
+
+
+def _coroutine_name(future: Any) -> str | None:
+    get_coro = getattr(future, "get_coro", None)
+    coroutine = get_coro() if get_coro is not None else None
+    return getattr(coroutine, "__qualname__", None)
 
 
 def retrieve(future: asyncio.Future[Any]) -> None:

@@ -35,7 +35,7 @@ from stream.config import Settings
 from stream.errors import FencedError, KafkaError
 from stream.kafka import (
     CANCELLED_CLOSE_S,
-    quiet_when_fenced,
+    quiet_unread_kafka_failures,
     retrieve,
     start_client,
     stop_client,
@@ -104,7 +104,7 @@ async def exclusive_producer(
         transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
         max_request_size=MAX_REQUEST_SIZE,
     )
-    quiet_when_fenced(asyncio.get_running_loop())
+    quiet_unread_kafka_failures(asyncio.get_running_loop())
     await start_client(producer, kafka, doing, timeout_s=kafka.request_timeout_ms / 1000)
     try:
         yield producer

@@ -13,6 +13,7 @@ Two sinks, one per delivery guarantee (the second in `stream.engine.transactions
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -39,7 +40,7 @@ from stream.engine.partitions import Partition
 from stream.engine.recovery import HEADER as RECOVERY_HEADER
 from stream.engine.recovery import commit_positions, input_headers
 from stream.errors import KafkaError, OutputRejectedError
-from stream.kafka import start_client, translate
+from stream.kafka import quiet_unread_kafka_failures, start_client, translate
 
 __all__ = [
     "CLOSE_TIMEOUT_S",
@@ -242,6 +243,8 @@ class AtLeastOnceSink:
         await learn_topics(fresh, self._topics)
 
     async def start(self) -> None:
+        # A commit given up on (Kafka paused) leaves aiokafka's request to fail unread.
+        quiet_unread_kafka_failures(asyncio.get_running_loop())
         await start_client(self._producer, self._settings, "starting the producer")
         try:
             await learn_topics(self._producer, self._topics)

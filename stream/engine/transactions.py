@@ -32,7 +32,7 @@ from stream.engine.outputs import (
 )
 from stream.engine.partitions import Partition
 from stream.errors import KafkaError
-from stream.kafka import quiet_when_fenced, retrieve, start_client, translate
+from stream.kafka import quiet_unread_kafka_failures, retrieve, start_client, translate
 
 __all__ = ["ExactlyOnceSink"]
 
@@ -98,7 +98,7 @@ class ExactlyOnceSink:
 
     async def start(self) -> None:
         # producers come with partitions; a fenced one must end in one line, not dozens
-        quiet_when_fenced(asyncio.get_running_loop())
+        quiet_unread_kafka_failures(asyncio.get_running_loop())
 
     async def stop(self) -> None:
         await self.revoked(list(self._producers))
