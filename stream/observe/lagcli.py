@@ -232,8 +232,9 @@ def _show_failure(
 
 def _timed_out(kafka: KafkaSettings) -> str:
     return (
-        f"Kafka at {kafka.bootstrap_servers} did not answer within {_ROUND_S:.0f} s: is it "
-        "up? (a reading connects, lists the groups' offsets and fetches one record per "
+        f"Kafka at {kafka.bootstrap_servers} did not answer within {_ROUND_S:.0f} s: is the "
+        "broker down, still starting, paused or overloaded, or is another service on that "
+        "port? (a reading connects, lists the groups' offsets and fetches one record per "
         "partition)"
     )
 
