@@ -78,7 +78,7 @@ def _is_traceparent(value: bytes) -> bool:
     version, trace_id, parent_id, more = found.groups()
     if version == b"ff" or trace_id == _ZEROS[0] or parent_id == _ZEROS[1]:
         return False
-    return more is None or (version != b"00" and more.isascii())
+    return more is None or (version != b"00" and more.isascii() and more.decode().isprintable())
 
 
 def request_id_header(headers: Mapping[str, bytes]) -> bytes | None:

@@ -281,6 +281,7 @@ def test_headers_that_are_null_oversized_or_not_numbers_are_not_carried() -> Non
         (b"\xff\xfe", False),
         (b"", False),
         (b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\n", False),
+        (b"01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-a\x00b", False),
     ],
 )
 def test_only_a_traceparent_a_tracer_can_read_is_carried(trace: bytes, carried: bool) -> None:
