@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Protocol
 
 from stream import records
@@ -25,7 +26,7 @@ from stream.errors import (
     ProviderError,
     UndecodableRecordError,
 )
-from stream.outlimits import KEY_KEPT_BYTES, OutputLimits, record_size
+from stream.outlimits import KEY_KEPT_BYTES, OutputLimits, inputs_fit, record_size
 from stream.prices import is_amount
 from stream.providers import Completion, ProviderClient
 from stream.records import Decoder, Held, Request, SourceRecord
@@ -126,34 +127,33 @@ class _Stage:
         failures: Sequence[dict[str, Any]] = (),
     ) -> Output:
         self._count("dead_letter", reason)
-        value = records.dead_letter(
-            record, reason=reason, error=error, stage=self.name, request=request, failures=failures
-        )
         request_id = request.get("request_id") if request else None
-        output = self._output(record, self.topics.dead_letter, value, request_id)
-        if record_size(output) <= self._max_dead:
-            return output
-        # Too large to write: it goes without the input's bytes (and key), which stay in
-        # the input topic at its `source`, and says what it left out.
-        value = records.dead_letter(
+        build = partial(
+            records.dead_letter,
             record,
             reason=reason,
             error=error,
             stage=self.name,
             request=request,
             failures=failures,
-            carry=False,
         )
-        key = output.key if len(output.key or b"") <= KEY_KEPT_BYTES else None
+        if request is not None or inputs_fit(record, limit=self._max_dead):
+            output = self._output(record, self.topics.dead_letter, build(), request_id)
+            if record_size(output) <= self._max_dead:
+                return output
+        # Too large to write: it goes without the input's bytes (and a large key), which
+        # stay in the input topic at its `source`, and says what it left out.
         log.warning(
-            "the dead letter of %s[%d]@%d is too large to carry the input (%d bytes): it "
-            "names its source instead",
+            "the dead letter of %s[%d]@%d is too large to carry the input (%d bytes of value, "
+            "%d of key): it names its source instead",
             record.topic,
             record.partition,
             record.offset,
-            record_size(output),
+            len(record.value or b""),
+            len(record.key or b""),
         )
-        return Output(self.topics.dead_letter, value, key, output.headers)
+        output = self._output(record, self.topics.dead_letter, build(carry=False), request_id)
+        return output if len(output.key or b"") <= KEY_KEPT_BYTES else replace(output, key=None)
 
     def _result(
         self,

@@ -18,6 +18,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stream import topics
 from stream.devtools.simulator import Simulator
@@ -177,3 +179,18 @@ async def test_a_results_topic_smaller_on_the_cluster_than_declared_is_respected
     topic_name, letter, _ = found["drift"]
     assert topic_name == live.topic("predictions.dead-letter")
     assert letter["reason"] == "result_too_large" and "88 bytes" in letter["error"]
+
+
+@given(st.integers(0, 5000), st.integers(0, 3000), st.integers(0, 10_000))
+def test_a_dead_letter_is_judged_too_large_exactly_when_the_base64_would_be(
+    value_bytes: int, key_bytes: int, limit: int
+) -> None:
+    """Judged before the dead letter is built (no copies of a huge value): the base64 of
+    the value and the key, against the limit, as building it would find."""
+    from types import SimpleNamespace
+
+    from stream.outlimits import inputs_fit
+
+    record = SimpleNamespace(value=b"\xff" * value_bytes, key=b"k" * key_bytes)
+    encoded = len(base64.b64encode(record.value)) + key_bytes
+    assert inputs_fit(record, limit=limit) is (encoded <= limit)
