@@ -304,37 +304,6 @@ async def test_a_stable_read_right_after_a_transaction_commits_sees_its_offsets(
     assert seen == [(offset, f"n={offset}") for offset in range(1, 21)]
 
 
-async def test_a_client_cancelled_while_it_starts_closes_what_it_opened() -> None:
-    """Ctrl-C (or a deadline) while a client waits for a broker that accepted the
-    connection and never answers: `start_client` stops the client, and the broker sees
-    the connection close, rather than a socket left for the garbage collector."""
-    asked, closed = anyio.Event(), anyio.Event()
-
-    async def hold(stream: anyio.abc.SocketStream) -> None:
-        async with stream:
-            try:
-                while await stream.receive():
-                    asked.set()  # the client's first request, never answered
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                closed.set()
-
-    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        settings = KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}")
-        async with anyio.create_task_group() as group:
-            group.start_soon(listener.serve, hold)
-            producer = AIOKafkaProducer(**settings.client_options())  # kept: no GC close
-            async with anyio.create_task_group() as starting:
-                starting.start_soon(start_client, producer, settings, "starting")
-                with anyio.fail_after(20):
-                    await asked.wait()  # it waits for the broker's answer now
-                starting.cancel_scope.cancel()
-            with anyio.fail_after(5):
-                await closed.wait()
-            group.cancel_scope.cancel()
-    assert producer is not None
-
-
 async def test_a_port_that_takes_the_connection_and_never_answers_is_not_told_to_start() -> None:
     """A broker paused (SIGSTOP) still takes connections (the kernel accepts them): the line
     says it accepts and does not answer, not "is it running? start it"."""
