@@ -4,6 +4,7 @@ wrong and what to do, never a traceback (`stream` run as a person would run it).
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -270,21 +271,24 @@ sys.exit(main(["lag"]))
 """
 
 
-def test_ctrl_c_while_the_command_loads_is_an_interruption_not_a_traceback() -> None:
-    """The package and the CLI load nothing heavy before `main` runs: what a command needs
-    is imported inside its handler of Ctrl-C (exit 130 with its line)."""
-    import subprocess
-
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """`code` run by this interpreter from the project's root, its output as text."""
     from tests.kit import ROOT
 
-    done = subprocess.run(
-        [sys.executable, "-c", _INTERRUPTED_IMPORT],
+    return subprocess.run(
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=60,
         check=False,
     )
+
+
+def test_ctrl_c_while_the_command_loads_is_an_interruption_not_a_traceback() -> None:
+    """The package and the CLI load nothing heavy before `main` runs: what a command needs
+    is imported inside its handler of Ctrl-C (exit 130 with its line)."""
+    done = _python(_INTERRUPTED_IMPORT)
     assert "Traceback" not in done.stderr, done.stderr
     assert (done.returncode, done.stderr) == (130, "stream: interrupted\n")
 
@@ -314,18 +318,7 @@ def test_ctrl_c_while_the_command_loads_waits_until_it_has_loaded() -> None:
     """A signal in the middle of loading a native module (orjson) crashed the interpreter
     (exit -11, in a quarter of the tries 0.09-0.14 s after launch): SIGINT and SIGTERM are
     held while the command loads, then interrupt it as usual."""
-    import subprocess
-
-    from tests.kit import ROOT
-
-    done = subprocess.run(
-        [sys.executable, "-c", _SIGNAL_DURING_IMPORT],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
+    done = _python(_SIGNAL_DURING_IMPORT)
     assert (done.returncode, done.stderr, done.stdout) == (
         130,
         "stream: interrupted\n",
