@@ -27,12 +27,12 @@ pytestmark = pytest.mark.anyio
 
 
 class FakeProducer:
-    """Hands out delivery futures the test resolves."""
+    """Hands out delivery futures the test resolves, one per batch the sink hands over."""
 
     def __init__(self) -> None:
         self.futures: list[asyncio.Future[Any]] = []
 
-    async def send(self, topic: str, value: bytes, **_: Any) -> asyncio.Future[Any]:
+    async def send_batch(self, batch: Any, topic: str, **_: Any) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.futures.append(future)
         return future
@@ -45,13 +45,18 @@ def late_after_50ms(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def producer(monkeypatch: pytest.MonkeyPatch) -> FakeProducer:
-    """What the sinks' producers send goes to a fake that hands out the futures."""
+    """What the sinks' producers send goes to a fake that hands out the futures; every
+    topic has one partition."""
     fake = FakeProducer()
 
-    async def send(self: AIOKafkaProducer, topic: str, value: bytes, **kwargs: Any) -> Any:
-        return await fake.send(topic, value, **kwargs)
+    async def send_batch(self: AIOKafkaProducer, batch: Any, topic: str, **kwargs: Any) -> Any:
+        return await fake.send_batch(batch, topic, **kwargs)
 
-    monkeypatch.setattr(AIOKafkaProducer, "send", send)
+    async def partitions_for(self: AIOKafkaProducer, topic: str) -> set[int]:
+        return {0}
+
+    monkeypatch.setattr(AIOKafkaProducer, "send_batch", send_batch)
+    monkeypatch.setattr(AIOKafkaProducer, "partitions_for", partitions_for)
     return fake
 
 
@@ -83,7 +88,7 @@ async def test_a_late_ack_marks_the_partition_until_it_lands(
             future.set_result(None)
     assert partition.write_error is None
     assert partition.offsets.watermark == 2
-    assert len(producer.futures) == 2  # waited for, never sent again
+    assert len(producer.futures) == 1  # one batch of both, waited for, never sent again
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert errors == [
         f"Kafka takes no outputs of {partition.tp} (no acknowledgement in 0.05 s): its "

@@ -95,9 +95,10 @@ def make_sink(
     # Outputs finish in bursts (a wave of calls answers together): with the default
     # 16 KB batch, a partition's batch fills while the previous one awaits its ack and
     # every writer then waits for the drain. 256 KB absorbs a burst.
-    # A record's outputs wait up to `linger_ms` for others to share their produce request
-    # (settings.kafka.linger_ms, 25 ms by default: Kafka's 5 ms made a produce request
-    # per one or two outputs at 800 answers/s, ~6 % of the worker's CPU per request).
+    # A record's outputs wait up to `linger_ms` for others to share their batch and produce
+    # request (settings.kafka.linger_ms, 25 ms by default: Kafka's 5 ms made a produce
+    # request per one or two outputs at 800 answers/s, ~6 % of the worker's CPU per
+    # request); the at-least-once sink lingers in its own batches (stream.engine.batches).
     options: dict[str, Any] = {
         "linger_ms": settings.kafka.linger_ms,
         "max_request_size": MAX_OUTPUT_BYTES,

@@ -38,8 +38,8 @@ def _late(partition: Partition, why: str) -> None:
 
 
 async def acknowledged(future: Any, partition: Partition) -> None:
-    """Wait for Kafka's ack of one output, saying so when it is late. The producer goes on
-    retrying the same batch meanwhile: sending it again would write it twice.
+    """Wait for Kafka's ack of a batch of outputs, saying so when it is late. The producer
+    goes on retrying the same batch meanwhile: sending it again would write it twice.
 
     The partition keeps its awaited acks with when each wait began, and one timer looks
     at the oldest (a timer per output cost ~5 µs a record: the loop's heap of cancelled
@@ -49,13 +49,14 @@ async def acknowledged(future: Any, partition: Partition) -> None:
         future.result()  # raises its error
         return
     loop = future.get_loop()
-    partition.acks[future] = loop.time()
+    # Writers of one batch share its future: the first wait is the oldest.
+    partition.acks.setdefault(future, loop.time())
     if partition.late_watch is None:
         partition.late_watch = loop.call_later(LATE_S, _look, partition, loop)
     try:
         await future
     finally:
-        del partition.acks[future]
+        partition.acks.pop(future, None)
 
 
 def _look(partition: Partition, loop: Any) -> None:

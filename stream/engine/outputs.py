@@ -2,9 +2,10 @@
 
 Two sinks, one per delivery guarantee (the second in `stream.engine.transactions`):
 
-- `AtLeastOnceSink`: one idempotent producer (`acks=all`). A record counts as finished
-  only once Kafka acknowledged every one of its outputs; offsets are committed by the
-  consumer. A crash re-runs what was not committed, so an output may appear twice.
+- `AtLeastOnceSink`: one idempotent producer (`acks=all`), handed whole batches of the
+  sink's own (`stream.engine.batches`). A record counts as finished only once Kafka
+  acknowledged every one of its outputs; offsets are committed by the consumer. A crash
+  re-runs what was not committed, so an output may appear twice.
 - `ExactlyOnceSink`: one transactional producer per input partition, its
   `transactional_id` derived from group, topic and partition, so whoever owns the
   partition next fences the previous owner (aiokafka has no group-generation fencing).
@@ -35,6 +36,7 @@ from aiokafka.errors import (
 )
 
 from stream.config import CLOSE_RESERVE_S, KafkaSettings
+from stream.engine.batches import Abandoned, Batch, Batches
 from stream.engine.late import acknowledged
 from stream.engine.partitions import Partition
 from stream.engine.recovery import HEADER as RECOVERY_HEADER
@@ -133,6 +135,57 @@ async def send_outputs(
     return futures
 
 
+async def _send(
+    batches: Batches, outputs: Sequence[Output], partition: Partition, offset: int
+) -> None:
+    """Put a record's outputs into their partitions' batches, carry the batches it opened
+    to the producer, and wait for the acks (`stream.engine.batches`)."""
+    staged = _stage(batches, outputs, partition.tp, offset)
+    while isinstance(staged, str):  # a topic whose metadata the producer has yet to load
+        await batches.learn(staged)
+        staged = _stage(batches, outputs, partition.tp, offset)
+    waits, carried = staged
+    for index, batch in enumerate(carried):
+        try:
+            await batches.carry(batch)
+        except BaseException:
+            for later in carried[index + 1 :]:
+                batches.abandon(later)
+            raise
+    for batch in waits:
+        await acknowledged(batch.future, partition)
+
+
+def _stage(
+    batches: Batches, outputs: Sequence[Output], source: TopicPartition, offset: int
+) -> tuple[list[Batch], list[Batch]] | str:
+    """The batches the outputs went into, and those of them this record opened (and
+    carries); or, placing nothing, the name of a topic whose metadata is missing."""
+    for o in outputs:
+        if not batches.knows(o.topic):
+            return o.topic
+        if o.follows is not None and not batches.knows(source.topic):
+            return str(source.topic)
+    marks = input_headers(source, offset, len(outputs))
+    waits: list[Batch] = []
+    carried: list[Batch] = []
+    try:
+        for index, o in enumerate(outputs):
+            number = batches.place(o.topic, o.key, o.follows, source.topic)
+            headers = [h for h in o.headers if h[0] != RECOVERY_HEADER]
+            headers.append(marks[index])
+            batch, opened = batches.add(TopicPartition(o.topic, number), o.key, o.value, headers)
+            if opened is not None:
+                carried.append(opened)
+            if batch not in waits:
+                waits.append(batch)
+    except BaseException:
+        for batch in carried:  # no one else would hand them over
+            batches.abandon(batch)
+        raise
+    return waits, carried
+
+
 async def _co_partition(producer: AIOKafkaProducer, output: Output, source: str) -> int | None:
     """The input's partition number for `output` when its topic has as many partitions as
     the input's (`source`); else None (the key is hashed). The same answer for every output
@@ -209,10 +262,17 @@ class AtLeastOnceSink:
         """`topics`: whose metadata the producer loads when it starts (`learn_topics`)."""
         self._settings = settings
         self._consumer = consumer
-        self._options = producer_options
+        # The sink lingers itself (`stream.engine.batches`): its batches go out when due.
+        self._linger_s = producer_options.get("linger_ms", 0) / 1000
+        self._options = {**producer_options, "linger_ms": 0}
         self._topics = topics
         self._producer = self._new_producer()
+        self._batches = self._batches_of(self._producer)
         self._renewing = anyio.Lock()
+
+    def _batches_of(self, producer: AIOKafkaProducer) -> Batches:
+        limit = self._options.get("max_request_size", 1024 * 1024)
+        return Batches(producer, linger_s=self._linger_s, max_request_size=limit)
 
     def _new_producer(self) -> AIOKafkaProducer:
         return AIOKafkaProducer(
@@ -236,6 +296,8 @@ class AtLeastOnceSink:
             except KafkaError:
                 return  # Kafka is away: the writers' retries try again
             self._producer = fresh
+            self._batches.close()
+            self._batches = self._batches_of(fresh)
         with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await failed.stop()  # its pending sends fail, and their writers retry
         # After the old one stopped, outside the lock: a writer cancelled while it waits
@@ -253,6 +315,7 @@ class AtLeastOnceSink:
             raise
 
     async def stop(self) -> None:
+        self._batches.close()
         with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await self._producer.stop()
 
@@ -267,11 +330,13 @@ class AtLeastOnceSink:
         if not partition.spread:  # once known, not looked for again on every write
             partition.spread = any(output.follows is None for output in outputs)
         while True:
-            producer = self._producer
+            batches = self._batches
+            producer = batches.producer
             try:
-                for future in await send_outputs(producer, outputs, partition.tp, offset):
-                    await acknowledged(future, partition)
+                await _send(batches, outputs, partition, offset)
                 break
+            except Abandoned:
+                continue  # none of that batch reached Kafka: into a new one, at once
             except AIOKafkaError as exc:
                 # Kafka is down or slow: keep the record unfinished and try again, so its
                 # offset is never committed without its outputs.

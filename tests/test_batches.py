@@ -1,0 +1,169 @@
+"""The at-least-once sink's own batches (`stream.engine.batches`): records finishing together
+share a batch and its one ack; a full batch goes at once; a batch whose carrier is cancelled
+before handing it over is never sent, and its other writers write again. The producer's
+hand-over is the test's (no broker: its futures are resolved here); where outputs land on a
+real broker: tests/test_outputs.py, tests/test_linger.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import anyio
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stream.config import KafkaSettings
+from stream.engine.batches import Batches
+from stream.engine.offsets import PartitionOffsets
+from stream.engine.outputs import AtLeastOnceSink, Output
+from stream.engine.partitions import Partition
+from tests.kit import eventually
+
+
+class Handed:
+    """The batches the sink handed over: (topic, partition, records in it, ack future)."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, int, int, asyncio.Future[Any]]] = []
+
+    def ack_all(self) -> None:
+        for *_, future in self.batches:
+            if not future.done():
+                future.set_result(None)
+
+
+@pytest.fixture
+def handed(monkeypatch: pytest.MonkeyPatch) -> Handed:
+    """Every topic has 6 partitions; what the producers hand over is recorded here."""
+    seen = Handed()
+
+    async def send_batch(self: AIOKafkaProducer, batch: Any, topic: str, *, partition: int) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        seen.batches.append((topic, partition, batch._relative_offset, future))
+        return future
+
+    async def partitions_for(self: AIOKafkaProducer, topic: str) -> set[int]:
+        return set(range(6))
+
+    monkeypatch.setattr(AIOKafkaProducer, "send_batch", send_batch)
+    monkeypatch.setattr(AIOKafkaProducer, "partitions_for", partitions_for)
+    return seen
+
+
+async def _sink(linger_ms: int, **options: Any) -> tuple[AtLeastOnceSink, Partition]:
+    sink = AtLeastOnceSink(
+        KafkaSettings(), consumer=None, producer_options={"linger_ms": linger_ms, **options}
+    )
+    await sink.stop()  # its producer never starts: `handed` takes its batches
+    partition = Partition(
+        TopicPartition("in", 2), PartitionOffsets(0), low_priority=False, key_ordering=False
+    )
+    for offset in range(11):
+        assert partition.offsets.accept(offset)
+    return sink, partition
+
+
+async def _busy(sink: AtLeastOnceSink, partition: Partition, handed: Handed) -> None:
+    """Offset 0's output handed over and acknowledged: the partition of "out" is no longer
+    quiet, and the next batch there waits the linger. The first after a quiet spell goes
+    at once (with a linger of a minute, this would wait it out otherwise)."""
+    async with anyio.create_task_group() as group:
+        group.start_soon(sink.write, partition, 0, [Output("out", b"v", b"k", follows=2)])
+        with anyio.fail_after(5):
+            await eventually(_count(handed, 1), timeout_s=5)
+        handed.ack_all()
+    assert partition.offsets.watermark == 1
+    handed.batches.clear()
+
+
+@pytest.mark.anyio
+async def test_records_finishing_together_share_one_batch_and_its_ack(handed: Handed) -> None:
+    sink, partition = await _sink(linger_ms=50)
+    await _busy(sink, partition, handed)
+    async with anyio.create_task_group() as group:
+        for offset in range(1, 11):
+            group.start_soon(sink.write, partition, offset, [Output("out", b"v", b"k", follows=2)])
+        await eventually(_count(handed, 1), timeout_s=5)
+        assert partition.offsets.watermark == 1  # handed over, not acknowledged
+        handed.ack_all()
+    assert [(t, p, n) for t, p, n, _ in handed.batches] == [("out", 2, 10)]
+    assert partition.offsets.watermark == 11
+
+
+@pytest.mark.anyio
+async def test_a_full_batch_goes_at_once_without_waiting_the_linger(handed: Handed) -> None:
+    sink, partition = await _sink(linger_ms=60_000, max_batch_size=1000)
+    await _busy(sink, partition, handed)
+    async with anyio.create_task_group() as group:
+        for offset in range(1, 4):  # 600 bytes each: two do not fit in one batch
+            group.start_soon(sink.write, partition, offset, [Output("out", b"x" * 600, b"k")])
+        with anyio.fail_after(5):  # not the minute of the linger
+            await eventually(_count(handed, 2), timeout_s=5)
+        handed.ack_all()
+
+        async def two_finished() -> bool:
+            return partition.offsets.watermark == 3
+
+        await eventually(two_finished, timeout_s=5)
+        group.cancel_scope.cancel()  # the third waits its minute: not this test's business
+    assert [n for *_, n, _ in handed.batches] == [1, 1]
+
+
+@pytest.mark.anyio
+async def test_a_batch_whose_carrier_is_cancelled_is_never_sent_and_the_rest_write_again(
+    handed: Handed,
+) -> None:
+    sink, partition = await _sink(linger_ms=300)
+    await _busy(sink, partition, handed)
+    finished: list[bool] = []
+
+    async def write(offset: int) -> None:
+        finished.append(await sink.write(partition, offset, [Output("out", b"v", b"k")]))
+
+    async with anyio.create_task_group() as group:
+        with anyio.CancelScope() as carrier:
+            async with anyio.create_task_group() as first:
+                first.start_soon(write, 1)  # opens the batch: it carries it
+                await anyio.sleep(0.01)
+                group.start_soon(write, 2)  # joins it
+                await anyio.sleep(0.01)
+                carrier.cancel()  # before the linger: the batch is abandoned
+        await eventually(_count(handed, 1), timeout_s=5)
+        handed.ack_all()
+    # The abandoned batch never reached the producer: the one handed over is the rewrite.
+    assert [(t, n) for t, _, n, _ in handed.batches] == [("out", 1)]
+    assert finished == [True]
+    assert partition.offsets.watermark == 1  # 1 stays unfinished: nothing committable
+
+
+@given(
+    key=st.binary(min_size=0, max_size=64),
+    count=st.integers(min_value=1, max_value=64),
+)
+def test_a_key_is_placed_where_aiokafka_would_place_it(key: bytes, count: int) -> None:
+    async def place() -> int:
+        producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:9")  # never started
+
+        async def partitions_for(topic: str) -> set[int]:
+            return set(range(count))
+
+        producer.partitions_for = partitions_for  # type: ignore[method-assign]
+        batches = Batches(producer, linger_s=0, max_request_size=1 << 20)
+        await batches.learn("t")
+        batches.close()
+        await producer.stop()
+        return batches.place("t", key, None, "t")
+
+    every = list(range(count))
+    assert asyncio.run(place()) == DefaultPartitioner()(key, every, every)
+
+
+def _count(handed: Handed, count: int) -> Any:
+    async def check() -> bool:
+        return len(handed.batches) >= count
+
+    return check
