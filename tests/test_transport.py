@@ -7,6 +7,7 @@ import gzip
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import httpx
@@ -15,7 +16,10 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
+from stream.config import ProviderSettings, Secret
 from stream.devtools.simulator import SimConfig, Simulator
+from stream.errors import ConfigError
+from stream.providers.client import ProviderClient
 from stream.providers.transport import MAX_ANSWER_BYTES, AiohttpTransport, AnswerTooLarge
 from tests.kit.provider import serving
 
@@ -47,6 +51,25 @@ async def test_post_sends_the_default_headers_and_reads_the_whole_answer(sim: Si
     # headers are case-insensitive, as HTTP has them
     assert answer.headers["X-Request-Id"] == answer.headers["x-request-id"]
     assert sim.stats()["requests"] == 1
+
+
+async def test_a_client_opens_its_pool_on_entry_and_says_when_certificates_cannot_load(
+    sim: Simulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Entered, a client has its pool (the certificates read, ~30 ms, before the first wave
+    of calls rather than in it), and calls through it; with a CA file that cannot be
+    read, entering fails with one line that names the setting, instead of every call."""
+    settings = ProviderSettings(name="synthetic", base_url=sim.url, api_key=Secret(KEY))
+    async with ProviderClient(settings) as client:
+        transport = client._http._transport
+        assert isinstance(transport, AiohttpTransport) and transport._session is not None
+        opened = transport._session
+        answer = await transport.post(URL(f"{sim.url}/chat/completions"), _body(), 10)
+        assert answer.status == 200 and transport._session is opened
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+    with pytest.raises(ConfigError, match=r"CA certificates .* unset SSL_CERT_FILE / SSL_CERT_DIR"):
+        async with ProviderClient(settings):
+            pass
 
 
 async def test_post_is_cut_at_its_timeout(sim: Simulator) -> None:

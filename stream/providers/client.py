@@ -91,6 +91,7 @@ class ProviderClient:
         self._waits = Waits()
 
     async def __aenter__(self) -> ProviderClient:
+        await self._http.open()
         return self
 
     async def __aexit__(

@@ -101,6 +101,11 @@ class ProviderHTTP:
         self._httpx_url = httpx.URL(url)
         self._httpx_headers = httpx.Headers({**headers, "Host": self._httpx_url.netloc.decode()})
 
+    async def open(self) -> None:
+        """Make the connection pool before the first call needs it."""
+        if isinstance(self._transport, AiohttpTransport):
+            await self._transport.open()
+
     async def aclose(self) -> None:
         await self._transport.aclose()
 

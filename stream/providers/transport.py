@@ -27,9 +27,12 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import aiohttp
+import anyio
 import httpx
 from aiohttp import hdrs
 from yarl import URL
+
+from stream.errors import ConfigError
 
 __all__ = ["MAX_ANSWER_BYTES", "AiohttpTransport", "Answer", "AnswerCut", "AnswerTooLarge"]
 
@@ -90,9 +93,25 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         # Made on first use: an aiohttp session belongs to the event loop it starts in.
         self._session: aiohttp.ClientSession | None = None
 
-    def _open(self) -> aiohttp.ClientSession:
+    async def open(self) -> None:
+        """Make the pool now, in this event loop, rather than on the first call: reading
+        the certificates takes ~30 ms (in a thread here), which a first wave of calls
+        after a start would otherwise wait for."""
+        if self._session is None:
+            try:
+                context = await anyio.to_thread.run_sync(httpx.create_ssl_context)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"cannot load the CA certificates to verify the providers ({exc}): fix "
+                    "or unset SSL_CERT_FILE / SSL_CERT_DIR"
+                ) from None
+            if self._session is None:  # a call made it meanwhile
+                self._open(context)
+
+    def _open(self, context: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
         # Certificates as httpx verifies them (certifi, or SSL_CERT_FILE / SSL_CERT_DIR).
-        context: ssl.SSLContext = httpx.create_ssl_context()
+        if context is None:
+            context = httpx.create_ssl_context()
         connector = aiohttp.TCPConnector(
             limit=self._limit, keepalive_timeout=_KEEPALIVE_S, ssl=context
         )
