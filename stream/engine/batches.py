@@ -9,11 +9,14 @@ Who hands a batch over: the writer that opened it (its carrier) waits `linger` s
 less when the batch fills, or not at all when its partition had no batch handed over for
 as long (the first answer after a quiet spell is not held for company that is not
 coming: a wave's first results are written as soon as they are answered); it then hands
-it to the producer (`send_batch`; it waits while the
-partition's previous batch is still queued there) and waits for the ack like every other
-writer in it. No task of its own: a carrier cancelled before the hand-over (its partition
-revoked, the worker stopping) abandons the batch, and the other writers in it write their
-outputs again, into a new batch (`Abandoned`: nothing of it reached Kafka).
+it to the producer (`send_batch`; it waits while the partition's previous batch is still
+queued there) and waits for the ack like every other writer in it. No task of its own: a
+carrier cancelled before the hand-over (its record abandoned: a shutdown's grace over, its
+partition gone) still hands the batch over, shielded and bounded, as aiokafka sent what
+it had queued: the answers in it were paid for, and a next owner's recovery finds them
+rather than calling again. A batch its carrier fails to put its outputs in is abandoned:
+its other writers write theirs again, into a new batch (`Abandoned`: none of it reached
+Kafka).
 
 Placement is aiokafka's: an output that follows its input's partition goes to that
 partition number when both topics have as many partitions (co-partitioning); any other
@@ -29,10 +32,13 @@ import random
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import anyio
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, UnknownTopicOrPartitionError
 from aiokafka.partitioner import murmur2
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+from stream.config import CLOSE_RESERVE_S
 
 __all__ = ["Abandoned", "Batch", "Batches"]
 
@@ -51,7 +57,7 @@ class _Topic(NamedTuple):
 class Batch:
     """One open or handed-over batch of a topic partition, and the future of its ack."""
 
-    __slots__ = ("builder", "due", "future", "timer", "tp")
+    __slots__ = ("builder", "due", "future", "handed", "timer", "tp")
 
     def __init__(self, tp: TopicPartition, builder: Any, loop: asyncio.AbstractEventLoop):
         self.tp = tp
@@ -59,6 +65,7 @@ class Batch:
         self.future: asyncio.Future[Any] = loop.create_future()
         self.due: asyncio.Future[None] = loop.create_future()  # set: hand it over now
         self.timer: asyncio.TimerHandle | None = None  # when it is due at the latest
+        self.handed = False  # to the producer, whose verdict settles `future`
 
     def close(self) -> None:
         """No more outputs go in; its carrier hands it over now."""
@@ -69,16 +76,19 @@ class Batch:
 
     def settle(self, acked: asyncio.Future[Any]) -> None:
         """Copy the producer's verdict on the batch to its writers' future."""
-        if self.future.done():
-            return
         if acked.cancelled():
-            self.fail(Abandoned("the producer dropped the batch"))
+            self._error(Abandoned("the producer dropped the batch"))
         elif (exc := acked.exception()) is not None:
-            self.fail(exc)
-        else:
+            self._error(exc)
+        elif not self.future.done():
             self.future.set_result(acked.result())
 
     def fail(self, exc: BaseException) -> None:
+        """Its writers get `exc`, unless the producer has the batch: its verdict counts."""
+        if not self.handed:
+            self._error(exc)
+
+    def _error(self, exc: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
             self.future.exception()  # read: no "never retrieved" log when no one waits
@@ -169,18 +179,40 @@ class Batches:
         batch.close()
 
     async def carry(self, batch: Batch) -> None:
-        """Hand `batch` to the producer once it is due; its writers then wait for the ack."""
+        """Hand `batch` to the producer once it is due; its writers then wait for the ack.
+        Cancelled first (its record abandoned: a shutdown's grace over, its partition gone),
+        it still hands the batch over (`rescue`): the answers in it are paid for."""
         try:
             await batch.due
-            self._handed[batch.tp] = asyncio.get_running_loop().time()
-            acked = await self.producer.send_batch(
-                batch.builder, batch.tp.topic, partition=batch.tp.partition
-            )
-        except BaseException as exc:
+            await self._hand_over(batch)
+        except Exception as exc:
             self._close(batch)
-            error = exc if isinstance(exc, Exception) else Abandoned("its carrier was stopped")
-            batch.fail(error)
+            batch.fail(exc)
             raise
+        except BaseException:
+            await self.rescue([batch])
+            raise
+
+    async def rescue(self, batches: Sequence[Batch]) -> None:
+        """Hand over batches whose carrier was cancelled, shielded and bounded: as aiokafka
+        sent what it had queued when its sender was cancelled, so a next owner's recovery
+        finds these answers (`stream.engine.recovery`) instead of paying for them again."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_RESERVE_S):
+            for batch in batches:
+                self._close(batch)
+                try:
+                    await self._hand_over(batch)
+                except Exception as exc:
+                    batch.fail(exc)
+        for batch in batches:
+            batch.fail(Abandoned("not handed over in time after its carrier was stopped"))
+
+    async def _hand_over(self, batch: Batch) -> None:
+        self._handed[batch.tp] = asyncio.get_running_loop().time()
+        acked = await self.producer.send_batch(
+            batch.builder, batch.tp.topic, partition=batch.tp.partition
+        )
+        batch.handed = True
         acked.add_done_callback(batch.settle)
 
     def abandon(self, batch: Batch) -> None:

@@ -148,9 +148,12 @@ async def _send(
     for index, batch in enumerate(carried):
         try:
             await batches.carry(batch)
-        except BaseException:
+        except Exception:
             for later in carried[index + 1 :]:
-                batches.abandon(later)
+                batches.abandon(later)  # its writers write again, this one too
+            raise
+        except BaseException:  # cancelled: what this record carries still goes out
+            await batches.rescue(carried[index + 1 :])
             raise
     for batch in waits:
         await acknowledged(batch.future, partition)
