@@ -6,17 +6,14 @@ of settling that future. Here an output is appended to the open batch of its top
 partition (aiokafka's batch builder, in C) and shares the batch's one future.
 
 Who hands a batch over: the writer that opened it (its carrier) waits `linger` seconds, or
-less when the batch fills, or not at all when its partition had no batch handed over for
-as long (the first answer after a quiet spell is not held for company that is not
-coming: a wave's first results are written as soon as they are answered); it then hands
-it to the producer (`send_batch`; it waits while the partition's previous batch is still
-queued there) and waits for the ack like every other writer in it. No task of its own: a
-carrier cancelled before the hand-over (its record abandoned: a shutdown's grace over, its
-partition gone) still hands the batch over, shielded and bounded, as aiokafka sent what
-it had queued: the answers in it were paid for, and a next owner's recovery finds them
-rather than calling again. A batch its carrier fails to put its outputs in is abandoned:
-its other writers write theirs again, into a new batch (`Abandoned`: none of it reached
-Kafka).
+less when the batch fills, then hands it to the producer (`send_batch`; it waits while the
+partition's previous batch is still queued there) and waits for the ack like every other
+writer in it. No task of its own: a carrier cancelled before the hand-over (its record
+abandoned: a shutdown's grace over, its partition gone) still hands the batch over,
+shielded and bounded, as aiokafka sent what it had queued: the answers in it were paid
+for, and a next owner's recovery finds them rather than calling again. A batch its carrier
+fails to put its outputs in is abandoned: its other writers write theirs again, into a
+new batch (`Abandoned`: none of it reached Kafka).
 
 Placement is aiokafka's: an output that follows its input's partition goes to that
 partition number when both topics have as many partitions (co-partitioning); any other
@@ -27,7 +24,6 @@ says per topic is kept until the producer's next metadata update.
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -102,7 +98,6 @@ class Batches:
         self._linger_s = linger_s
         self._max_request_size = max_request_size
         self._open: dict[TopicPartition, Batch] = {}
-        self._handed: dict[TopicPartition, float] = {}  # the last hand-over's loop time
         self._topics: dict[str, _Topic] = {}
         self._cluster = producer.client.cluster
         self._cluster.add_listener(self._forget)
@@ -168,9 +163,7 @@ class Batches:
     def _new(self, tp: TopicPartition) -> Batch:
         loop = asyncio.get_running_loop()
         batch = self._open[tp] = Batch(tp, self.producer.create_batch(), loop)
-        quiet = loop.time() - self._handed.get(tp, -math.inf) > self._linger_s
-        # Quiet: still not at once, but on the loop's next turn, with what this turn adds.
-        batch.timer = loop.call_later(0 if quiet else self._linger_s, self._close, batch)
+        batch.timer = loop.call_later(self._linger_s, self._close, batch)
         return batch
 
     def _close(self, batch: Batch) -> None:
@@ -208,7 +201,6 @@ class Batches:
             batch.fail(Abandoned("not handed over in time after its carrier was stopped"))
 
     async def _hand_over(self, batch: Batch) -> None:
-        self._handed[batch.tp] = asyncio.get_running_loop().time()
         acked = await self.producer.send_batch(
             batch.builder, batch.tp.topic, partition=batch.tp.partition
         )
