@@ -90,6 +90,37 @@ def test_start_ready_never_exceeds_the_bounds(
         assert not live_room
 
 
+@given(
+    queues=queues,
+    total=st.integers(1, 60),
+    per_partition=st.integers(1, 30),
+    most=st.integers(1, 20),
+)
+def test_started_in_slices_the_same_records_start_as_at_once(
+    queues: list[tuple[int, bool]], total: int, per_partition: int, most: int
+) -> None:
+    """The fetch loop starts a slice at a time (`most`), letting each run before the next:
+    each call starts at most `most`, says whether more may wait, and the slices add up to
+    what one call without a bound starts."""
+    per_partition = min(per_partition, total)
+    whole, at_once, _ = _flow(total, per_partition, queues)
+    whole.start_ready()
+    sliced, started, _ = _flow(total, per_partition, queues)
+    calls = 0
+    while True:
+        before = len(started)
+        more = sliced.start_ready(most)
+        calls += 1
+        assert len(started) - before <= most
+        if not more:
+            break
+        assert len(started) - before == most  # it stops short only at its bound
+        assert calls <= total
+    assert sorted((p.tp, r.offset) for p, r in started) == sorted(
+        (p.tp, r.offset) for p, r in at_once
+    )
+
+
 @given(total=st.integers(1, 100_000))
 def test_the_queues_hold_at_most_a_window_that_keeps_up_with_the_records_in_flight(
     total: int,

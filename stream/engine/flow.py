@@ -102,26 +102,34 @@ class Flow:
         handoff, self._handoff = self._handoff, None  # not kept here once handed over
         return handoff
 
-    def start_ready(self) -> None:
-        """Start queued records while there is capacity: live partitions first, in turns.
+    def start_ready(self, most: int | None = None) -> bool:
+        """Start queued records while there is capacity: live partitions first, in turns;
+        at most `most` of them. True when it stopped at `most` with capacity left (more
+        may wait: the caller lets the started ones run, then calls again).
 
         Each turn starts one record of one partition; the next call goes on from the
         partition after the last one that started, so every partition gets its turn however
         few slots each call has to give. A lane is done after a whole round without a start.
         """
-        if self.in_flight >= self._config.max_in_flight:
-            return
+        full = self._config.max_in_flight
+        limit = full if most is None else min(full, self.in_flight + most)
+        if self.in_flight >= limit:
+            return limit < full
         partitions = list(self._partitions.values())
         held: dict[str, bool] = {}  # the gate's answer per topic, asked once per call
         for low in (False, True):
-            if not self._take_turns(partitions, low, held):
-                return
-            if self.in_flight >= self._config.max_in_flight:
-                return  # full: the low lane would start nothing (with a backlog, the rule)
+            if not self._take_turns(partitions, low, held, limit):
+                return False
+            if self.in_flight >= limit:
+                # full: the low lane would start nothing (with a backlog, the rule)
+                return limit < full
+        return False
 
-    def _take_turns(self, partitions: list[Partition], low: bool, held: dict[str, bool]) -> bool:
+    def _take_turns(
+        self, partitions: list[Partition], low: bool, held: dict[str, bool], limit: int
+    ) -> bool:
         """Start records of one lane; False when the low lane ran out of spare capacity."""
-        limit, per_partition = self._config.max_in_flight, self._config.max_in_flight_per_partition
+        per_partition = self._config.max_in_flight_per_partition
         count, turn, idle = len(partitions), self._turns[low], 0
         while idle < count and self.in_flight < limit:
             partition = partitions[turn % count]
