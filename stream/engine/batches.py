@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
 
 import anyio
@@ -36,13 +36,20 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from stream.config import CLOSE_RESERVE_S
 
-__all__ = ["Abandoned", "Batch", "Batches"]
+__all__ = ["Abandoned", "Batch", "Batches", "follows_partition"]
 
 
 class Abandoned(KafkaError):  # type: ignore[misc]  # aiokafka's errors are untyped
     """The batch was never handed to Kafka (its carrier was cancelled): write again."""
 
     retriable = True
+
+
+def follows_partition(follows: int, ours: Collection[int], theirs: int) -> int | None:
+    """Co-partitioning: the input's partition number, `follows`, for an output of its key
+    when the output's topic has as many partitions (`ours`) as the input's (`theirs`, a
+    count); else None, and the key's hash places it."""
+    return follows if follows in ours and len(ours) == theirs else None
 
 
 class _Topic(NamedTuple):
@@ -129,14 +136,15 @@ class Batches:
         """The partition number of an output (see the module docstring), once `topic`, and
         `source` when it `follows` one, are known (`learn`)."""
         target = self._topics[topic]
-        if follows is not None and follows in target.partitions:
-            if len(self._topics[source].partitions) == len(target.partitions):
-                return follows
+        if not target.partitions:
+            raise UnknownTopicOrPartitionError()
+        if follows is not None:
+            theirs = len(self._topics[source].partitions)
+            if (number := follows_partition(follows, target.partitions, theirs)) is not None:
+                return number
         if key is not None:
             hashed: int = murmur2(key) & 0x7FFFFFFF
             return target.partitions[hashed % len(target.partitions)]
-        if not target.partitions:
-            raise UnknownTopicOrPartitionError()
         return random.choice(target.available or target.partitions)
 
     def add(

@@ -36,7 +36,7 @@ from aiokafka.errors import (
 )
 
 from stream.config import CLOSE_RESERVE_S, KafkaSettings
-from stream.engine.batches import Abandoned, Batch, Batches
+from stream.engine.batches import Abandoned, Batch, Batches, follows_partition
 from stream.engine.late import acknowledged
 from stream.engine.partitions import Partition
 from stream.engine.recovery import HEADER as RECOVERY_HEADER
@@ -194,12 +194,11 @@ async def _co_partition(producer: AIOKafkaProducer, output: Output, source: str)
     the input's (`source`); else None (the key is hashed). The same answer for every output
     of a key: the first output waits for the producer to learn the input topic's metadata
     (it had no need of it before), rather than be placed by its hash."""
+    assert output.follows is not None
     cluster = producer.client.cluster
     theirs = cluster.partitions_for_topic(source) or await producer.partitions_for(source)
     ours = cluster.partitions_for_topic(output.topic) or await producer.partitions_for(output.topic)
-    if len(ours) != len(theirs) or output.follows not in ours:
-        return None
-    return output.follows
+    return follows_partition(output.follows, ours, len(theirs))
 
 
 async def learn_topics(producer: AIOKafkaProducer, topics: Iterable[str]) -> None:
