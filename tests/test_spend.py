@@ -343,7 +343,7 @@ async def test_a_restarted_worker_goes_on_with_the_spend_window(
         await produce(settings, Topics.of(settings).requests, asks)
         first = Worker(settings, ("primary",))
         async with worker_on(first):
-            await eventually(lambda: _holds(first.spend.live.snapshot().limited), timeout_s=60)
+            await eventually(lambda: _settled_at_limit(first.spend.live), timeout_s=60)
         paid_first = sum(
             orjson.loads(r.value)["cost_usd"] for r in await read_all(settings, results)
         )
@@ -363,6 +363,18 @@ async def test_a_restarted_worker_goes_on_with_the_spend_window(
 
 async def _holds(value: bool) -> bool:
     return value
+
+
+async def _settled_at_limit(budget: Budget) -> bool:
+    """Held by the limit with nothing in flight, and still so a moment later: the window is
+    as full as it gets. (Held alone is not: admission counts a call at its `max_tokens`
+    bound, and the answers settle for less, which opens room again.)"""
+    before = budget.snapshot()
+    if not before.limited or before.held_usd:
+        return False
+    await anyio.sleep(0.5)
+    after = budget.snapshot()
+    return after.limited and not after.held_usd and after.spent_usd == before.spent_usd
 
 
 async def test_the_kept_window_ages_locks_and_survives_a_bad_file(
