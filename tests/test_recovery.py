@@ -345,3 +345,55 @@ async def test_an_exactly_once_owner_after_an_at_least_once_one_looks_for_its_ou
     assert handled == {7, 8, 9}
     outputs = await read_all(settings, sink, isolation="read_committed")
     assert sorted(r.value for r in outputs) == [b"done"] * 4 + [b"r7", b"r8", b"r9"]
+
+
+@pytest.mark.anyio
+@pytest.mark.kafka
+async def test_answers_lingering_when_the_grace_runs_out_are_written_and_not_run_again(
+    settings: Settings,
+) -> None:
+    """A stop whose answers come in just before its grace runs out: their outputs wait in a
+    batch for the linger (1 s here, past the 0.5 s grace) when the drain cancels their
+    records. The batch still goes out, and the next owner finds every output and runs none
+    of those records again. (A hostile pass found such batches thrown away: the next owner
+    paid again for 53 answers.)"""
+    source = await create_topic(settings, "lingered-in", 1)
+    sink = await create_topic(settings, "lingered-out", 1)
+    values = [f"r{i}".encode() for i in range(20)]
+    await produce(settings, source, values)
+    answer, all_waiting = anyio.Event(), anyio.Event()
+    waiting = 0
+
+    async def first(record: Any) -> Sequence[Output]:
+        nonlocal waiting
+        waiting += 1
+        if waiting == len(values):
+            all_waiting.set()
+        await answer.wait()
+        return [Output(sink, record.value, follows=record.partition)]
+
+    lingering = dataclasses.replace(
+        settings, kafka=dataclasses.replace(settings.kafka, linger_ms=1000)
+    )
+    engine = _engine(lingering, source, sink, first, "lingered", shutdown_grace_s=0.5)
+    async with engine_on(engine):
+        await all_waiting.wait()
+        engine.stop()  # the drain begins
+        answer.set()  # and the answers come in, into a batch that lingers past the grace
+    assert engine.snapshot().abandoned == len(values)  # none was acknowledged in time
+    assert sorted(r.value for r in await read_all(settings, sink)) == sorted(values)
+
+    again: list[int] = []
+
+    async def second(record: Any) -> Sequence[Output]:
+        again.append(record.offset)
+        return [Output(sink, record.value, follows=record.partition)]
+
+    successor = _engine(settings, source, sink, second, "lingered")
+    async with engine_on(successor):
+        while successor.snapshot().records_done < len(values):  # noqa: ASYNC110
+            await anyio.sleep(0.05)  # polling a counter, not ordering tasks
+    assert again == []
+    assert successor.snapshot().records_recovered == len(values)
+    assert len(await read_all(settings, sink)) == len(values)
+    assert (await committed(settings, successor.group_id, source))[0][0] == len(values)
