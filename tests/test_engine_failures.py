@@ -21,9 +21,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream.config import EngineSettings, KafkaSettings, Settings
 from stream.devtools.broker import LocalBroker, free_port
-from stream.engine import Engine, Output
+from stream.engine import MAX_OUTPUT_BYTES, Engine, Output
 from stream.engine import engine as engine_module
 from stream.engine import outputs as outputs_module
+from stream.engine.batches import Batches
 from stream.engine.membership import Membership
 from stream.engine.offsets import PartitionOffsets
 from stream.engine.partitions import Partition
@@ -33,7 +34,7 @@ from stream.errors import KafkaError
 from stream.kafka import admin_client
 from stream.observe.health import Health
 from tests.kit import ROOT, eventually
-from tests.kit.kafka import create_topic, produce, read_all
+from tests.kit.kafka import committed, create_topic, produce, read_all
 from tests.kit.workers import engine_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -317,11 +318,34 @@ async def test_a_producer_that_hangs_on_assignment_fails_within_the_request_time
         await sink.assigned([TopicPartition(live.topic("any"), 0)])
 
 
+async def test_an_exactly_once_record_with_an_output_too_large_puts_none_in_its_transaction(
+    settings: Settings,
+) -> None:
+    """Every output of a record is checked before any goes into the transaction's batches:
+    one over the producer's limit fails the write with none of its siblings left behind to
+    commit without their record (the records before it commit as ever)."""
+    out, sink, partition = await _sink_of_one_partition(settings, "eos-large")
+    assert partition.offsets.accept(0) and partition.offsets.accept(1)
+    huge = Output(out, b"x" * (MAX_OUTPUT_BYTES + 1))
+    try:
+        assert await sink.write(partition, 0, [Output(out, b"before")])
+        with pytest.raises(KafkaError):
+            await sink.write(partition, 1, [Output(out, b"sibling"), huge])
+        assert await sink.commit([partition]) == 1
+    finally:
+        await sink.stop()
+    written = await read_all(settings, out, isolation="read_committed")
+    assert [r.value for r in written] == [b"before"]
+    assert (await committed(settings, settings.group("eos-large"), partition.tp.topic))[0][0] == 1
+
+
 async def test_an_exactly_once_write_that_hangs_aborts_its_transaction(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The write is shielded (outputs and the finished mark go in together), and was
-    unbounded: a send that never returned hung the record, and the revoke behind it."""
+    unbounded: a send that never returned hung the record, and the revoke behind it. (The
+    outputs go into batches the commit hands over: what may wait on Kafka in the write is
+    the metadata of the outputs' topic.)"""
     live = _with(settings, request_timeout_ms=1000)
     out, sink, partition = await _sink_of_one_partition(live, "hang-write")
     assert partition.offsets.accept(0) and partition.offsets.accept(1)
@@ -331,7 +355,8 @@ async def test_an_exactly_once_write_that_hangs_aborts_its_transaction(
 
     try:
         assert await sink.write(partition, 0, [Output(out, b"first")])
-        monkeypatch.setattr(AIOKafkaProducer, "send", hang)
+        monkeypatch.setattr(Batches, "knows", lambda self, topic: False)
+        monkeypatch.setattr(Batches, "learn", hang)
         with anyio.fail_after(30), pytest.raises(KafkaError, match="transaction is aborted"):
             await sink.write(partition, 1, [Output(out, b"second")])
         monkeypatch.undo()

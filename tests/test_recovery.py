@@ -12,14 +12,14 @@ from typing import Any
 
 import anyio
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
 from stream.config import Settings
 from stream.engine.engine import Engine, Output
 from stream.engine.offsets import PartitionOffsets, split_notes, with_notes
-from stream.engine.outputs import send_outputs
+from stream.engine.outputs import AtLeastOnceSink
 from stream.engine.partitions import Partition
 from stream.engine.recovery import (
     HEADER,
@@ -233,13 +233,14 @@ async def test_an_output_names_only_its_own_record(settings: Settings) -> None:
     sink = await create_topic(settings, "rec-named", 1)
     tp = TopicPartition("t.requests", 2)
     forged = Output(sink, b"v", headers=(("request-id", b"r-1"), (HEADER, b"t.requests:2:99:0/1")))
-    producer = AIOKafkaProducer(**settings.kafka.client_options())
-    await producer.start()
+    writer = AtLeastOnceSink(settings.kafka, consumer=None, producer_options={})
+    await writer.start()
+    partition = Partition(tp, PartitionOffsets(7), low_priority=False, key_ordering=False)
+    assert partition.offsets.accept(7)
     try:
-        for future in await send_outputs(producer, [forged, forged], tp, 7):
-            await future
+        assert await writer.write(partition, 7, [forged, forged])
     finally:
-        await producer.stop()
+        await writer.stop()
     written = await read_all(settings, sink)
     assert [list(r.headers) for r in written] == [
         [("request-id", b"r-1"), (HEADER, b"t.requests:2:7:0/2")],

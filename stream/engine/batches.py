@@ -13,7 +13,8 @@ abandoned: a shutdown's grace over, its partition gone) still hands the batch ov
 shielded and bounded, as aiokafka sent what it had queued: the answers in it were paid
 for, and a next owner's recovery finds them rather than calling again. A batch its carrier
 fails to put its outputs in is abandoned: its other writers write theirs again, into a
-new batch (`Abandoned`: none of it reached Kafka).
+new batch (`Abandoned`: none of it reached Kafka). The exactly-once sink's batches have no
+linger and no carrier: its commit hands them over (`send_all`).
 
 Placement is aiokafka's: an output that follows its input's partition goes to that
 partition number when both topics have as many partitions (co-partitioning); any other
@@ -100,7 +101,10 @@ class Batch:
 class Batches:
     """The open batch of every topic partition one producer writes to."""
 
-    def __init__(self, producer: AIOKafkaProducer, *, linger_s: float, max_request_size: int):
+    def __init__(
+        self, producer: AIOKafkaProducer, *, linger_s: float | None, max_request_size: int
+    ):
+        """`linger_s`: how long a batch stays open at most; None, until `send_all`."""
         self.producer = producer
         self._linger_s = linger_s
         self._max_request_size = max_request_size
@@ -147,16 +151,21 @@ class Batches:
             return target.partitions[hashed % len(target.partitions)]
         return random.choice(target.available or target.partitions)
 
-    def add(
-        self, tp: TopicPartition, key: bytes | None, value: bytes, headers: Sequence[Any]
-    ) -> tuple[Batch, Batch | None]:
-        """Append an output to the open batch of `tp`: (its batch, and the batch the caller
-        must carry when it opened one, else None)."""
+    def check(self, key: bytes | None, value: bytes, headers: Sequence[Any]) -> None:
+        """Raise if an output could never be sent: a record's outputs are checked before
+        any of them goes into a batch, so a refused one leaves none of its siblings behind
+        (in a transaction, they would commit without their record)."""
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
         if size > self._max_request_size:
             raise MessageSizeTooLargeError(
                 f"an output of {size} bytes is over the producer's {self._max_request_size}"
             )
+
+    def add(
+        self, tp: TopicPartition, key: bytes | None, value: bytes, headers: Sequence[Any]
+    ) -> tuple[Batch, Batch | None]:
+        """Append an output (`check`ed) to the open batch of `tp`: (its batch, and the
+        batch the caller must carry when it opened one, else None)."""
         batch = self._open.get(tp)
         if batch is not None:
             appended = batch.builder.append(timestamp=None, key=key, value=value, headers=headers)
@@ -171,7 +180,8 @@ class Batches:
     def _new(self, tp: TopicPartition) -> Batch:
         loop = asyncio.get_running_loop()
         batch = self._open[tp] = Batch(tp, self.producer.create_batch(), loop)
-        batch.timer = loop.call_later(self._linger_s, self._close, batch)
+        if self._linger_s is not None:
+            batch.timer = loop.call_later(self._linger_s, self._close, batch)
         return batch
 
     def _close(self, batch: Batch) -> None:
@@ -207,6 +217,14 @@ class Batches:
                     batch.fail(exc)
         for batch in batches:
             batch.fail(Abandoned("not handed over in time after its carrier was stopped"))
+
+    async def send_all(self, batches: Sequence[Batch]) -> list[asyncio.Future[Any]]:
+        """Close `batches` and hand them over, in order (a transaction's, at its commit):
+        the futures of their acks."""
+        for batch in batches:
+            self._close(batch)
+            await self._hand_over(batch)
+        return [batch.future for batch in batches]
 
     async def _hand_over(self, batch: Batch) -> None:
         acked = await self.producer.send_batch(

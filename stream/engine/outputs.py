@@ -9,7 +9,8 @@ Two sinks, one per delivery guarantee (the second in `stream.engine.transactions
 - `ExactlyOnceSink`: one transactional producer per input partition, its
   `transactional_id` derived from group, topic and partition, so whoever owns the
   partition next fences the previous owner (aiokafka has no group-generation fencing).
-  Outputs and the partition's offsets (watermark + metadata) commit in one transaction.
+  Outputs (in batches of its own, handed over at the commit) and the partition's offsets
+  (watermark + metadata) commit in one transaction.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from aiokafka.errors import (
 )
 
 from stream.config import CLOSE_RESERVE_S, KafkaSettings
-from stream.engine.batches import Abandoned, Batch, Batches, follows_partition
+from stream.engine.batches import Abandoned, Batch, Batches
 from stream.engine.late import acknowledged
 from stream.engine.partitions import Partition
 from stream.engine.recovery import HEADER as RECOVERY_HEADER
@@ -54,7 +55,7 @@ __all__ = [
     "learn_topics",
     "retry_helps",
     "run_all",
-    "send_outputs",
+    "stage",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,38 +111,13 @@ def changed_positions(partitions: Iterable[Partition]) -> dict[Partition, tuple[
     return changed
 
 
-async def send_outputs(
-    producer: AIOKafkaProducer,
-    outputs: Sequence[Output],
-    source: TopicPartition,
-    offset: int | None = None,
-) -> list[Any]:
-    """Hand the outputs of a record of `source` to the producer; the futures resolve when
-    Kafka acknowledges. With the record's `offset`, each output names it in a
-    `stream-input` header (`stream.engine.recovery`)."""
-    futures = []
-    marks = None if offset is None else input_headers(source, offset, len(outputs))
-    for index, o in enumerate(outputs):
-        partition = None if o.follows is None else await _co_partition(producer, o, source.topic)
-        if marks is None:
-            headers = list(o.headers)
-        else:  # a `stream-input` the handler passed on would name another record
-            headers = [h for h in o.headers if h[0] != RECOVERY_HEADER]
-            headers.append(marks[index])
-        future = await producer.send(
-            o.topic, o.value, key=o.key, partition=partition, headers=headers
-        )
-        futures.append(future)
-    return futures
-
-
 async def _send(
     batches: Batches, outputs: Sequence[Output], partition: Partition, offset: int
 ) -> None:
     """Put a record's outputs into their partitions' batches, carry the batches it opened
     to the producer, and wait for the acks (`stream.engine.batches`)."""
     staged = _stage(batches, outputs, partition.tp, offset)
-    while isinstance(staged, str):  # a topic whose metadata the producer has yet to load
+    while isinstance(staged, str):  # (`stage`, inline: a coroutine less per record)
         await batches.learn(staged)
         staged = _stage(batches, outputs, partition.tp, offset)
     waits, carried = staged
@@ -160,24 +136,23 @@ async def _send(
 
 
 def _stage(
-    batches: Batches, outputs: Sequence[Output], source: TopicPartition, offset: int
+    batches: Batches, outputs: Sequence[Output], source: TopicPartition, offset: int | None
 ) -> tuple[list[Batch], list[Batch]] | str:
     """The batches the outputs went into, and those of them this record opened (and
-    carries); or, placing nothing, the name of a topic whose metadata is missing."""
+    carries); or, placing nothing, the name of a topic whose metadata is missing. With the
+    record's `offset`, each output names it in a `stream-input` header
+    (`stream.engine.recovery`; a handler's own would name another record)."""
     for o in outputs:
         if not batches.knows(o.topic):
             return o.topic
         if o.follows is not None and not batches.knows(source.topic):
             return str(source.topic)
-    marks = input_headers(source, offset, len(outputs))
     waits: list[Batch] = []
     carried: list[Batch] = []
+    placed = _placed(batches, outputs, source, offset)
     try:
-        for index, o in enumerate(outputs):
-            number = batches.place(o.topic, o.key, o.follows, source.topic)
-            headers = [h for h in o.headers if h[0] != RECOVERY_HEADER]
-            headers.append(marks[index])
-            batch, opened = batches.add(TopicPartition(o.topic, number), o.key, o.value, headers)
+        for tp, key, value, headers in placed:
+            batch, opened = batches.add(tp, key, value, headers)
             if opened is not None:
                 carried.append(opened)
             if batch not in waits:
@@ -189,16 +164,34 @@ def _stage(
     return waits, carried
 
 
-async def _co_partition(producer: AIOKafkaProducer, output: Output, source: str) -> int | None:
-    """The input's partition number for `output` when its topic has as many partitions as
-    the input's (`source`); else None (the key is hashed). The same answer for every output
-    of a key: the first output waits for the producer to learn the input topic's metadata
-    (it had no need of it before), rather than be placed by its hash."""
-    assert output.follows is not None
-    cluster = producer.client.cluster
-    theirs = cluster.partitions_for_topic(source) or await producer.partitions_for(source)
-    ours = cluster.partitions_for_topic(output.topic) or await producer.partitions_for(output.topic)
-    return follows_partition(output.follows, ours, len(theirs))
+def _placed(
+    batches: Batches, outputs: Sequence[Output], source: TopicPartition, offset: int | None
+) -> list[tuple[TopicPartition, bytes | None, bytes, list[Any]]]:
+    """Each output's partition, key, value and headers; all of them checked before any
+    goes into a batch."""
+    marks = None if offset is None else input_headers(source, offset, len(outputs))
+    placed = []
+    for index, o in enumerate(outputs):
+        if marks is None:
+            headers = list(o.headers)
+        else:
+            headers = [h for h in o.headers if h[0] != RECOVERY_HEADER]
+            headers.append(marks[index])
+        batches.check(o.key, o.value, headers)
+        number = batches.place(o.topic, o.key, o.follows, source.topic)
+        placed.append((TopicPartition(o.topic, number), o.key, o.value, headers))
+    return placed
+
+
+async def stage(
+    batches: Batches, outputs: Sequence[Output], source: TopicPartition, offset: int | None
+) -> tuple[list[Batch], list[Batch]]:
+    """`_stage`, first loading the metadata of the topics it needs."""
+    staged = _stage(batches, outputs, source, offset)
+    while isinstance(staged, str):  # a topic whose metadata the producer has yet to load
+        await batches.learn(staged)
+        staged = _stage(batches, outputs, source, offset)
+    return staged
 
 
 async def learn_topics(producer: AIOKafkaProducer, topics: Iterable[str]) -> None:

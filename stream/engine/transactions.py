@@ -3,6 +3,10 @@
 Its `transactional_id` is derived from group, topic and partition, so whoever owns the
 partition next fences the previous owner (aiokafka has no group-generation fencing).
 Outputs and the partition's offsets (watermark + metadata) commit in one transaction.
+
+A record's outputs go into the transaction's own batches (`stream.engine.batches`, placed
+as the at-least-once sink places them), all of them or none, and the batches stay open
+until the commit hands them to the producer: no reader sees them before the commit.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from aiokafka.errors import IllegalOperation
 from aiokafka.errors import KafkaError as AIOKafkaError
 
 from stream.config import KafkaSettings
+from stream.engine.batches import Batch, Batches
 from stream.engine.late import watched
 from stream.engine.outputs import (
     CLOSE_TIMEOUT_S,
@@ -28,7 +33,7 @@ from stream.engine.outputs import (
     changed_positions,
     learn_topics,
     run_all,
-    send_outputs,
+    stage,
 )
 from stream.engine.partitions import Partition
 from stream.errors import KafkaError
@@ -46,10 +51,13 @@ _TRANSACTION_TIMEOUT_MS = 60_000
 class _Transactional:
     """The producer of one input partition, and whether its transaction is open."""
 
-    def __init__(self, producer: AIOKafkaProducer) -> None:
+    def __init__(self, producer: AIOKafkaProducer, max_request_size: int) -> None:
         self.producer = producer
         self.lock = anyio.Lock()
         self.open = False
+        # Open until the commit, which hands them over (`send_all`), in the order opened.
+        self.batches = Batches(producer, linger_s=None, max_request_size=max_request_size)
+        self.opened: list[Batch] = []
         # Delivery futures of the open transaction: a batch the broker rejects for good
         # (too large, not authorised) fails only its future, and the transaction would
         # still commit the offsets of records whose outputs never landed.
@@ -62,7 +70,10 @@ class _Transactional:
 
 
 async def _delivered(txn: _Transactional) -> None:
-    """Every output of the open transaction acknowledged, or the transaction aborted."""
+    """Every output of the open transaction handed over and acknowledged, or the
+    transaction aborted."""
+    opened, txn.opened = txn.opened, []
+    txn.pending += await txn.batches.send_all(opened)
     pending, txn.pending = txn.pending, []
     for index, future in enumerate(pending):
         try:
@@ -89,7 +100,8 @@ class ExactlyOnceSink:
         """`topics`: whose metadata each partition's producer loads when it starts."""
         self._settings = settings
         self._group_id = group_id
-        self._options = producer_options
+        # Its batches are handed over at the commit: the producer lingers no longer.
+        self._options = {**producer_options, "linger_ms": 0}
         self._topics = topics
         self._producers: dict[TopicPartition, _Transactional] = {}
 
@@ -127,7 +139,8 @@ class ExactlyOnceSink:
             timeout_s=_TRANSACTION_TIMEOUT_MS / 1000,
         )
         log.debug("transactional producer for %s ready in %.3f s", tp, time.monotonic() - started)
-        self._producers[tp] = _Transactional(producer)  # first: a revoke now stops it
+        limit = self._options.get("max_request_size", 1024 * 1024)
+        self._producers[tp] = _Transactional(producer, limit)  # first: a revoke now stops it
         await learn_topics(producer, self._topics)
 
     async def revoked(self, tps: Iterable[TopicPartition]) -> None:
@@ -136,6 +149,8 @@ class ExactlyOnceSink:
         # An open transaction is aborted by the broker.
         with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             try:
+                for txn in leaving:
+                    txn.batches.close()  # its open batches go with its transaction
                 await run_all(txn.producer.stop for txn in leaving)
             except (AIOKafkaError, OSError) as exc:
                 log.warning("closing a partition's producer failed: %s", exc)
@@ -159,7 +174,8 @@ class ExactlyOnceSink:
                 if ours and self._producers.get(partition.tp) is txn:
                     try:
                         await txn.begin()
-                        txn.pending += await send_outputs(txn.producer, outputs, partition.tp)
+                        _, opened = await stage(txn.batches, outputs, partition.tp, None)
+                        txn.opened += opened
                     except AIOKafkaError as exc:
                         raise translate(exc, self._settings, "producing outputs") from exc
                     partition.offsets.finish(offset)
