@@ -37,7 +37,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from stream.config import CLOSE_RESERVE_S
 
-__all__ = ["Abandoned", "Batch", "Batches", "follows_partition"]
+__all__ = ["Abandoned", "Batch", "Batches"]
 
 
 class Abandoned(KafkaError):  # type: ignore[misc]  # aiokafka's errors are untyped

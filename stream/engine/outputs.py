@@ -142,14 +142,11 @@ def _stage(
     carries); or, placing nothing, the name of a topic whose metadata is missing. With the
     record's `offset`, each output names it in a `stream-input` header
     (`stream.engine.recovery`; a handler's own would name another record)."""
-    for o in outputs:
-        if not batches.knows(o.topic):
-            return o.topic
-        if o.follows is not None and not batches.knows(source.topic):
-            return str(source.topic)
+    placed = _placed(batches, outputs, source, offset)
+    if isinstance(placed, str):
+        return placed
     waits: list[Batch] = []
     carried: list[Batch] = []
-    placed = _placed(batches, outputs, source, offset)
     try:
         for tp, key, value, headers in placed:
             batch, opened = batches.add(tp, key, value, headers)
@@ -166,12 +163,16 @@ def _stage(
 
 def _placed(
     batches: Batches, outputs: Sequence[Output], source: TopicPartition, offset: int | None
-) -> list[tuple[TopicPartition, bytes | None, bytes, list[Any]]]:
-    """Each output's partition, key, value and headers; all of them checked before any
-    goes into a batch."""
+) -> list[tuple[TopicPartition, bytes | None, bytes, list[Any]]] | str:
+    """Each output's partition, key, value and headers, all of them checked before any
+    goes into a batch; or the name of a topic whose metadata is missing."""
     marks = None if offset is None else input_headers(source, offset, len(outputs))
     placed = []
     for index, o in enumerate(outputs):
+        if not batches.knows(o.topic):
+            return o.topic
+        if o.follows is not None and not batches.knows(source.topic):
+            return str(source.topic)
         if marks is None:
             headers = list(o.headers)
         else:
