@@ -37,7 +37,9 @@ ALLOWED: dict[str, set[str]] = {
     "prices": set(),
     "catalog": {"checks", "config", "errors", "prices"},
     "headers": set(),
-    "records": {"compact", "errors", "headers"},
+    # requestshape: the usual request recognised before the compiled schema is asked
+    "requestshape": set(),
+    "records": {"compact", "errors", "headers", "requestshape"},
     "topics": {"checks", "config", "errors", "kafka", "kafkawire"},
     "topicscli": {"config", "errors", "topics"},
     "engine": {"config", "errors", "kafka", "kafkawire", "release"},

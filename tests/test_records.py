@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream import compact, records
+from stream import compact, records, requestshape
 from stream.config import default_topics_dir
 from stream.errors import InvalidRecordError, RetryableProviderError
 from stream.headers import MAX_HEADER_BYTES
@@ -240,7 +240,7 @@ def test_the_quick_request_check_passes_only_what_the_schema_passes(body: dict[s
     # The quick check may send a valid body on to the compiled schema (False is no
     # verdict), but what it passes the schema must pass: it is the only check such a
     # body gets. jsonschema, the reference implementation, judges.
-    if records.plain_request(body):
+    if requestshape.plain_request(body):
         assert _schema("request").is_valid(body), body
 
 
@@ -251,14 +251,14 @@ def test_the_quick_request_check_passes_the_usual_requests() -> None:
         {**GOOD, "params": {"temperature": 0.2, "max_tokens": 512, "stop": ["\n"], "seed": 1}},
         {**GOOD, "messages": [{"role": "system", "content": "be brief"}, *GOOD["messages"]]},
     ]
-    assert all(records.plain_request(body) for body in usual)
+    assert all(requestshape.plain_request(body) for body in usual)
 
 
 def test_the_quick_request_check_is_for_the_shipped_schema_alone(tmp_path: Any) -> None:
     # The shipped schema has the fingerprint the check was written for (changing the
     # schema fails this: check plain_request against it, then take the new fingerprint).
     shipped = TOPICS / "request.schema.json"
-    assert records.schema_fingerprint(shipped) == records.PLAIN_SCHEMA
+    assert requestshape.schema_fingerprint(shipped) == requestshape.PLAIN_SCHEMA
     # A schema of an operator's that is stricter gets its own compiled check alone.
     schema = orjson.loads(shipped.read_bytes())
     schema["properties"]["request_id"]["maxLength"] = 4
@@ -267,13 +267,13 @@ def test_the_quick_request_check_is_for_the_shipped_schema_alone(tmp_path: Any) 
     stricter.write_bytes(orjson.dumps(schema))
     decoder = records.Decoder(stricter, max_bytes=4096, known_models=lambda m: True)
     body = {**GOOD, "request_id": "longer-than-4"}
-    assert records.plain_request(body)
+    assert requestshape.plain_request(body)
     with pytest.raises(InvalidRecordError, match="request_id must be shorter"):
         decoder.decode(orjson.dumps(body), now=0)
     del schema["description"]
     schema["properties"]["request_id"]["maxLength"] = 128
     stricter.write_bytes(orjson.dumps(schema, option=orjson.OPT_INDENT_2))
-    assert records.schema_fingerprint(stricter) == records.PLAIN_SCHEMA
+    assert requestshape.schema_fingerprint(stricter) == requestshape.PLAIN_SCHEMA
 
 
 def test_dead_letter_of_undecodable_input_keeps_the_original_bytes() -> None:
