@@ -18,10 +18,9 @@ import orjson
 __all__ = ["PLAIN_SCHEMA", "plain_request", "schema_fingerprint"]
 
 # The fingerprint of the request schema `plain_request` was written for: topics/
-# request.schema.json, its titles and descriptions aside. A schema that differs (a
-# STREAM_TOPICS_DIR of an operator's, a later version) gets only its compiled check.
-PLAIN_SCHEMA = "eefdc0629e61bf1b2cc9c5dc579fb99e9bd4d133444ee638f0a5fa5252421a27"
-_ANNOTATIONS = frozenset({"title", "description", "$comment"})
+# request.schema.json. A schema that differs in anything, a description too (a
+# STREAM_TOPICS_DIR of an operator's, a later version), gets only its compiled check.
+PLAIN_SCHEMA = "5b25904f12ffd4a72f69cc07425c3652b40b123c08668fed069e8ef3149384d6"
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _EFFORTS = frozenset({"low", "medium", "high"})
 _NUMBERS = (int, float)  # as orjson reads them: a bool is neither
@@ -29,16 +28,8 @@ _TEXT_OR_LIST = (str, list)
 
 
 def schema_fingerprint(path: Path) -> str:
-    """A schema file's validating content (annotations stripped), as a SHA-256."""
-
-    def bare(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: bare(v) for k, v in node.items() if k not in _ANNOTATIONS}
-        if isinstance(node, list):
-            return [bare(v) for v in node]
-        return node
-
-    text = orjson.dumps(bare(orjson.loads(path.read_bytes())), option=orjson.OPT_SORT_KEYS)
+    """A schema file's content as parsed (not its spacing or key order), as a SHA-256."""
+    text = orjson.dumps(orjson.loads(path.read_bytes()), option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(text).hexdigest()
 
 
