@@ -134,6 +134,9 @@ class EngineSettings:
     max_poll_interval_ms: int = 600_000
     rebalance_timeout_ms: int = 120_000
     session_timeout_ms: int = 45_000
+    # How often the consumer reads the cluster's metadata again: partitions added to a
+    # topic (`topics apply --add-partitions`) are consumed within this and a rebalance.
+    metadata_max_age_ms: int = 30_000
     # Static membership (Kafka's group.instance.id): a restart with the same id keeps the
     # partitions without a rebalance. None: dynamic membership.
     instance_id: str | None = None

@@ -55,7 +55,7 @@ def make_consumer(
         max_partition_fetch_bytes=256 * 1024,
         fetch_max_bytes=4 * 1024 * 1024,
         max_poll_records=min(config.max_in_flight, 500),
-        metadata_max_age_ms=30_000,  # new partitions (topics apply --add-partitions) in < 1 min
+        metadata_max_age_ms=config.metadata_max_age_ms,  # added partitions: in < 1 min
         # One strategy only. aiokafka 0.14 sends a JoinGroup per strategy offered, each
         # with a different protocol list, and a static member that changes its metadata
         # starts a new rebalance: two static workers offering two strategies could make
