@@ -339,6 +339,51 @@ async def test_an_exactly_once_record_with_an_output_too_large_puts_none_in_its_
     assert (await committed(settings, settings.group("eos-large"), partition.tp.topic))[0][0] == 1
 
 
+async def test_an_exactly_once_record_finishing_during_a_commit_waits_for_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record finishing while its partition's transaction commits goes into the next
+    transaction with its offset: it waits for the commit (the usual write, with no commit
+    under way, takes no lock and no loop turn), so no transaction holds outputs whose
+    record's offset it does not commit."""
+    out, sink, partition = await _sink_of_one_partition(settings, "eos-during")
+    for offset in range(3):
+        assert partition.offsets.accept(offset)
+    committing, go_on = anyio.Event(), anyio.Event()
+    commit_transaction = AIOKafkaProducer.commit_transaction
+
+    async def slow_commit(self: AIOKafkaProducer) -> None:
+        committing.set()
+        await go_on.wait()
+        await commit_transaction(self)
+
+    try:
+        assert await sink.write(partition, 0, [Output(out, b"first")])
+        assert await sink.commit([partition]) == 1
+        assert await sink.write(partition, 1, [Output(out, b"second")])  # begins the next
+        monkeypatch.setattr(AIOKafkaProducer, "commit_transaction", slow_commit)
+        wrote = anyio.Event()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(sink.commit, [partition])
+            await committing.wait()
+
+            async def write_during() -> None:
+                assert await sink.write(partition, 2, [Output(out, b"during")])
+                wrote.set()
+
+            tasks.start_soon(write_during)
+            await anyio.wait_all_tasks_blocked()
+            assert not wrote.is_set() and not partition.offsets.finished(2)
+            go_on.set()
+        assert wrote.is_set()
+        assert await sink.commit([partition]) == 1
+    finally:
+        await sink.stop()
+    written = await read_all(settings, out, isolation="read_committed")
+    assert [r.value for r in written] == [b"first", b"second", b"during"]
+    assert (await committed(settings, settings.group("eos-during"), partition.tp.topic))[0][0] == 3
+
+
 async def test_an_exactly_once_write_that_hangs_aborts_its_transaction(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -56,6 +56,7 @@ __all__ = [
     "retry_helps",
     "run_all",
     "stage",
+    "stage_now",
 ]
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,10 @@ async def _send(
 ) -> None:
     """Put a record's outputs into their partitions' batches, carry the batches it opened
     to the producer, and wait for the acks (`stream.engine.batches`)."""
-    staged = _stage(batches, outputs, partition.tp, offset)
+    staged = stage_now(batches, outputs, partition.tp, offset)
     while isinstance(staged, str):  # (`stage`, inline: a coroutine less per record)
         await batches.learn(staged)
-        staged = _stage(batches, outputs, partition.tp, offset)
+        staged = stage_now(batches, outputs, partition.tp, offset)
     waits, carried = staged
     for index, batch in enumerate(carried):
         try:
@@ -135,7 +136,7 @@ async def _send(
         await acknowledged(batch.future, partition)
 
 
-def _stage(
+def stage_now(
     batches: Batches, outputs: Sequence[Output], source: TopicPartition, offset: int | None
 ) -> tuple[list[Batch], list[Batch]] | str:
     """The batches the outputs went into, and those of them this record opened (and
@@ -187,11 +188,11 @@ def _placed(
 async def stage(
     batches: Batches, outputs: Sequence[Output], source: TopicPartition, offset: int | None
 ) -> tuple[list[Batch], list[Batch]]:
-    """`_stage`, first loading the metadata of the topics it needs."""
-    staged = _stage(batches, outputs, source, offset)
+    """`stage_now`, first loading the metadata of the topics it needs."""
+    staged = stage_now(batches, outputs, source, offset)
     while isinstance(staged, str):  # a topic whose metadata the producer has yet to load
         await batches.learn(staged)
-        staged = _stage(batches, outputs, source, offset)
+        staged = stage_now(batches, outputs, source, offset)
     return staged
 
 

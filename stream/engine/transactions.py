@@ -34,6 +34,7 @@ from stream.engine.outputs import (
     learn_topics,
     run_all,
     stage,
+    stage_now,
 )
 from stream.engine.partitions import Partition
 from stream.errors import KafkaError
@@ -159,6 +160,20 @@ class ExactlyOnceSink:
         txn = self._producers.get(partition.tp)
         if txn is None:
             return False  # the partition left (its transaction is settled): re-run later
+        if txn.open and not txn.lock.locked() and not (partition.revoked or partition.abandoned):
+            # The usual record: its transaction open, no commit under way. Staging does not
+            # wait (unless a topic's metadata is missing: then it goes the long way), so
+            # nothing can come in between, as under the lock and its shield, which cost a
+            # timer, a cancel scope and a loop turn a record (~50 µs of CPU, `stream bench
+            # --guarantee exactly-once`).
+            try:
+                staged = stage_now(txn.batches, outputs, partition.tp, None)
+            except AIOKafkaError as exc:
+                raise translate(exc, self._settings, "producing outputs") from exc
+            if not isinstance(staged, str):
+                txn.opened += staged[1]
+                partition.offsets.finish(offset)
+                return True
         # Shielded: the outputs and the "finished" mark go into the transaction together,
         # or neither does (an abandoned record must not leave orphan outputs behind).
         # Bounded all the same: the lock waits at most one commit, the send one request.
