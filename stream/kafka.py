@@ -22,6 +22,7 @@ from aiokafka.structs import TopicPartition
 
 from stream.config import CLOSE_RESERVE_S, KafkaSettings
 from stream.errors import ConfigError
+from stream.inflate import bound_inflation
 from stream.kafkaerrors import Verdict, connected, probe, translate, translated
 from stream.kafkawire import group_committed, ride_out_lost_coordinators
 
@@ -119,7 +120,9 @@ async def admin_client(settings: KafkaSettings, *, doing: str) -> AsyncIterator[
 async def consumer_client(
     settings: KafkaSettings, *, doing: str, **options: Any
 ) -> AsyncIterator[Any]:
-    """A started `AIOKafkaConsumer` that never commits on its own (callers decide when)."""
+    """A started `AIOKafkaConsumer` that never commits on its own (callers decide when);
+    a batch it reads inflates within `stream.inflate`'s bound."""
+    bound_inflation()
     consumer = AIOKafkaConsumer(**settings.client_options(), enable_auto_commit=False, **options)
     async with _started(consumer, settings, doing):
         yield consumer

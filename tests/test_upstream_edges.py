@@ -4,23 +4,34 @@ simulator over HTTP, the worker in this process):
 - they compress: librdkafka (kcat) writes batches in each of Kafka's codecs, and every
   request in them is answered once;
 - they write in transactions and abort some: a request taken back is never called (it
-  would be paid for), under the default at-least-once guarantee too.
+  would be paid for), under the default at-least-once guarantee too;
+- they write a decompression bomb: a small compressed batch that inflates past any real
+  one is a dead letter, and the worker's memory stays bounded.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
+import anyio
+import orjson
 import pytest
-from aiokafka import AIOKafkaProducer, codec
+from aiokafka import AIOKafkaProducer, TopicPartition, codec
+from aiokafka.protocol.produce import ProduceRequest
 
 from stream import topics
 from stream.config import Settings
 from stream.devtools.simulator import Simulator
 from stream.engine.clients import check_codecs
 from stream.errors import StreamError
+from stream.inflate import MAX_INFLATED_BYTES
 from stream.stages import Topics
 from stream.worker import Worker
+from tests.kit import eventually
+from tests.kit.kafka import Record, produce, read_all
 from tests.kit.kcat import kcat_produce, needs_kcat
 from tests.kit.requests import request, send, terminal
 from tests.kit.workers import simulated_settings, worker_on
@@ -98,3 +109,82 @@ def test_an_install_without_the_codecs_says_so_before_it_starts(
     monkeypatch.setattr(codec, "has_zstd", lambda: False)
     with pytest.raises(StreamError, match="cannot read zstd-compressed Kafka records.*cramjam"):
         check_codecs()
+
+
+# One zstd batch whose one record inflates to argv[1] bytes, built where its memory goes
+# with the process: ~8 kB on the wire for 256 MB.
+_BOMB = """
+import sys
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+builder = DefaultRecordBatchBuilder(
+    magic=2, compression_type=4, is_transactional=0, producer_id=-1, producer_epoch=-1,
+    base_sequence=-1, batch_size=2**31 - 1,
+)
+builder.append(0, timestamp=None, key=b"bomb", value=bytes(int(sys.argv[1])), headers=[])
+sys.stdout.buffer.write(bytes(builder.build()))
+"""
+
+
+async def _produce_batch(settings: Settings, tp: TopicPartition, batch: bytes) -> None:
+    """Write `batch` as it is, in a produce request of its own (no producer builds one with
+    a record this large: they check the size before they compress)."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.client.force_metadata_update()
+        leader = producer.client.cluster.leader_for_partition(tp)
+        request = ProduceRequest(None, -1, 30_000, [(tp.topic, [(tp.partition, batch)])])
+        response = await producer.client.send(leader, request)
+        assert response.topics[0][1][0][1] == 0, response  # no error
+    finally:
+        await producer.stop()
+
+
+_PEAK = Path("/proc/self/status")  # VmHWM: the peak RSS
+_CLEAR_PEAK = Path("/proc/self/clear_refs")  # "5" resets it (Linux 4.0 on)
+
+
+def _reset_peak_rss() -> bool:
+    if not (_PEAK.exists() and _CLEAR_PEAK.exists()):
+        return False
+    _CLEAR_PEAK.write_text("5")
+    return True
+
+
+def _peak_rss_mb() -> float:
+    line = next(x for x in _PEAK.read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+async def test_a_decompression_bomb_is_a_dead_letter_and_the_worker_lives(
+    settings_: Settings, sim: Simulator
+) -> None:
+    """The broker keeps a compressed batch as it came, and aiokafka inflated it whole: one
+    record of 256 MB of zeros in 8 kB took a worker past 768 MB (a batch at a topic's
+    1 MB limit inflates to tens of GB: every worker that took the partition was killed).
+    Inflated within its bound, it is a dead letter and the request after it is answered."""
+    await topics.apply(settings_, await topics.plan(settings_))
+    made = await anyio.run_process([sys.executable, "-c", _BOMB, str(4 * MAX_INFLATED_BYTES)])
+    bomb = made.stdout
+    assert len(bomb) < 64 * 1024
+    names = Topics.of(settings_)
+    measured = _reset_peak_rss()  # the peak counts from here
+    async with worker_on(Worker(settings_, ("primary",))):
+        await _produce_batch(settings_, TopicPartition(names.requests, 0), bomb)
+        await produce(settings_, names.requests, [Record(request("after", MODEL), partition=0)])
+        results: list[dict[str, Any]] = []
+        dead: list[dict[str, Any]] = []
+
+        async def both_ended() -> bool:
+            results[:] = [orjson.loads(r.value) for r in await read_all(settings_, names.results)]
+            dead[:] = [orjson.loads(r.value) for r in await read_all(settings_, names.dead_letter)]
+            return bool(results and dead)
+
+        await eventually(both_ended, timeout_s=60)
+    assert [r["request_id"] for r in results] == ["after"]
+    assert [d["reason"] for d in dead] == ["invalid_encoding"]
+    assert "zstd batch" in dead[0]["error"] and "inflates past" in dead[0]["error"], dead
+    assert sim.stats()["requests"] == 1
+    if measured:
+        peak = _peak_rss_mb()
+        assert peak < 600, f"peak RSS {peak:.0f} MB: the batch was inflated whole"

@@ -16,6 +16,7 @@ from stream.engine.assignor import Claims, StickyAssignor
 from stream.engine.outputs import MAX_OUTPUT_BYTES, AtLeastOnceSink, Sink
 from stream.engine.transactions import ExactlyOnceSink
 from stream.errors import StreamError
+from stream.inflate import bound_inflation
 
 __all__ = ["OFFSET_RESET", "check_codecs", "make_consumer", "make_sink"]
 
@@ -33,6 +34,7 @@ def make_consumer(
     """A group consumer; `claims` tells the sticky assignor what this member owns, and
     `handover` hears what each assignment asks it to hand over."""
     check_codecs()
+    bound_inflation()  # a decompression bomb is a dead letter, not the worker's memory
     config = settings.engine
     return AIOKafkaConsumer(
         **settings.kafka.client_options(),

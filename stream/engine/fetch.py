@@ -32,13 +32,15 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from stream.engine.partitions import Partition
 from stream.errors import UndecodableRecordError
+from stream.inflate import InflatedTooLarge
 
 __all__ = ["UNDECODABLE", "StandIn", "Undecodable", "stand_in_for_undecodable", "step_over"]
 
 log = logging.getLogger(__name__)
 
-# What aiokafka raises out of `getmany` for a record it cannot decode.
-UNDECODABLE = (UnicodeDecodeError,)
+# What aiokafka raises out of `getmany` for a record it cannot decode (a batch that would
+# inflate past the bound: `stream.inflate`).
+UNDECODABLE = (UnicodeDecodeError, InflatedTooLarge)
 # One fetch of one partition is stepped through at most this many records per recovery;
 # a culprit further on is found by the next (each recovery makes this much progress).
 _MAX_STEPS = 500
@@ -191,4 +193,6 @@ async def _fetch(consumer: Any, tp: TopicPartition, *, max_records: int | None) 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, UnicodeDecodeError):
         return f"a header key is not UTF-8: byte {exc.object[exc.start : exc.start + 1]!r}"
+    if isinstance(exc, InflatedTooLarge):
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"

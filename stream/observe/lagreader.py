@@ -48,6 +48,7 @@ from aiokafka.errors import for_code
 from stream.config import KafkaSettings
 from stream.engine.fetch import UNDECODABLE
 from stream.errors import KafkaError
+from stream.inflate import bound_inflation
 from stream.kafka import admin_client, connected, group_offsets, retrying, transient, translated
 
 __all__ = ["PIPELINE_GROUPS", "GroupReading", "LagReader", "PartitionReading", "read_patiently"]
@@ -151,6 +152,7 @@ class LagReader:
         self._admin = await self._stack.enter_async_context(
             admin_client(self._settings, doing=doing)
         )
+        bound_inflation()  # it reads a record per partition: a bomb must not take it down
         consumer = AIOKafkaConsumer(
             group_id=None,
             enable_auto_commit=False,
