@@ -77,7 +77,14 @@ class KafkaSettings:
     # How long the worker's output producers hold a batch open for more records: larger
     # batches are fewer produce requests, each a Python round of aiokafka's sender.
     linger_ms: int = 25
+    # The most a compressed batch read from Kafka inflates to (`stream.inflate`): past it,
+    # its records are dead letters, not the worker's memory.
+    max_batch_mb: int = 16
     cluster_name: str | None = None  # the lag metrics' `cluster_name`; default: the cluster id
+
+    @property
+    def max_batch_bytes(self) -> int:
+        return self.max_batch_mb * 1024 * 1024
 
     def client_options(self) -> dict[str, object]:
         """Keyword arguments shared by every aiokafka client this process makes."""
@@ -312,6 +319,7 @@ def _kafka_settings(source: Source) -> KafkaSettings:
         client_id=source.text("STREAM_KAFKA_CLIENT_ID", "prediction-stream"),
         compression=source.choice("STREAM_KAFKA_COMPRESSION", COMPRESSIONS, "none", lower=True),
         linger_ms=source.integer("STREAM_KAFKA_LINGER_MS", 25, low=0, high=MAX_LINGER_MS),
+        max_batch_mb=source.integer("STREAM_KAFKA_MAX_BATCH_MB", 16, low=1, high=1024),
         cluster_name=source.text("STREAM_KAFKA_CLUSTER_NAME", "") or None,
     )
 

@@ -8,11 +8,16 @@ to tens of GB. Whichever worker takes that partition is killed for memory, and s
 next: the group crash-loops on one record any upstream can write.
 
 `bound_inflation` replaces aiokafka's four decoders in its record readers with ones that
-write into a buffer grown up to `MAX_INFLATED_BYTES` and stop there (a few milliseconds
-of CPU, the bound's memory at most), raising `InflatedTooLarge`: the fetch seam
-(`stream.engine.fetch`) then hands the record to the error path, a dead letter like any
-record the client cannot decode. Real batches are far below the bound: a producer closes
-a batch at its batch.size (Kafka's default 16 kB, rarely above a few MB).
+write into a buffer grown up to the bound (STREAM_KAFKA_MAX_BATCH_MB, 16 MiB by default)
+and stop there (a few milliseconds of CPU, the bound's memory at most), raising
+`InflatedTooLarge`: the fetch seam (`stream.engine.fetch`) then hands the record to the
+error path, a dead letter like any record the client cannot decode. Real batches are far
+below it: a producer closes a batch at its batch.size (Kafka's default 16 kB, of the
+compressed bytes; rarely above 1 MB).
+
+What the bound does not cover: the objects a batch becomes. A record header takes two
+bytes inflated and ~65 bytes as aiokafka's tuple, so 16 MiB of empty headers is ~540 MB
+of memory (64 MiB was 2 GB: hence the smaller default).
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from aiokafka import codec
 
 __all__ = ["MAX_INFLATED_BYTES", "InflatedTooLarge", "bound_inflation", "inflate_within"]
 
-# The most one batch inflates to, in bytes.
-MAX_INFLATED_BYTES = 64 * 1024 * 1024
+# The most one batch inflates to, in bytes, unless told otherwise.
+MAX_INFLATED_BYTES = 16 * 1024 * 1024
 # The first buffer, as a multiple of the compressed size (text compresses 3-10 times), and
 # at least this many bytes; each retry makes it four times larger, up to the bound.
 _FIRST_RATIO = 8

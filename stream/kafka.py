@@ -122,7 +122,7 @@ async def consumer_client(
 ) -> AsyncIterator[Any]:
     """A started `AIOKafkaConsumer` that never commits on its own (callers decide when);
     a batch it reads inflates within `stream.inflate`'s bound."""
-    bound_inflation()
+    bound_inflation(settings.max_batch_bytes)
     consumer = AIOKafkaConsumer(**settings.client_options(), enable_auto_commit=False, **options)
     async with _started(consumer, settings, doing):
         yield consumer

@@ -4,17 +4,22 @@ below it, `InflatedTooLarge` past it, corrupt input refused as before."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import cramjam
 import pytest
-from aiokafka import codec
+from aiokafka import TopicPartition, codec
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from stream import inflate
+from stream.config import Settings
+from stream.errors import ConfigError
 from stream.inflate import InflatedTooLarge
+from stream.kafka import consumer_client
+from tests.kit.kafka import create_topic
 
 LIMIT = 4096
 
@@ -79,8 +84,7 @@ def test_a_corrupt_batch_is_refused_as_before(name: str) -> None:
         _decoder(name)(bytes(compressed))
 
 
-def test_aiokafkas_batch_reader_inflates_within_the_bound() -> None:
-    """Installed where aiokafka's (compiled) batch reader looks its decoders up."""
+def _zstd_batch(inflated: int) -> bytes:
     builder = DefaultRecordBatchBuilder(
         magic=2,
         compression_type=DefaultRecordBatch.CODEC_ZSTD,
@@ -90,13 +94,47 @@ def test_aiokafkas_batch_reader_inflates_within_the_bound() -> None:
         base_sequence=-1,
         batch_size=2**31 - 1,
     )
-    builder.append(0, timestamp=None, key=b"k", value=b"\0" * (2 * LIMIT), headers=[])
-    batch = bytes(builder.build())
+    builder.append(0, timestamp=None, key=b"k", value=b"\0" * inflated, headers=[])
+    return bytes(builder.build())
+
+
+def test_aiokafkas_batch_reader_inflates_within_the_bound() -> None:
+    """Installed where aiokafka's (compiled) batch reader looks its decoders up."""
+    batch = _zstd_batch(2 * LIMIT)
     try:
         inflate.bound_inflation(LIMIT)
         with pytest.raises(InflatedTooLarge):
             list(DefaultRecordBatch(bytearray(batch)))
         inflate.bound_inflation(4 * LIMIT)
         assert [r.value for r in DefaultRecordBatch(bytearray(batch))] == [b"\0" * (2 * LIMIT)]
+    finally:
+        inflate.bound_inflation()
+
+
+def test_the_bound_is_a_whole_number_of_mib_and_says_so() -> None:
+    assert Settings.from_env({}).kafka.max_batch_bytes == inflate.MAX_INFLATED_BYTES
+    assert Settings.from_env({"STREAM_KAFKA_MAX_BATCH_MB": "64"}).kafka.max_batch_mb == 64
+    for bad in ("0", "1025", "16MB", "1.5"):
+        with pytest.raises(ConfigError, match=r"^STREAM_KAFKA_MAX_BATCH_MB must be"):
+            Settings.from_env({"STREAM_KAFKA_MAX_BATCH_MB": bad})
+
+
+@pytest.mark.anyio
+async def test_every_consumer_reads_within_the_operators_bound(settings: Settings) -> None:
+    """A consumer of ours (the worker's, replay's, redrive's, the lag reader's) puts the
+    bound its settings say in place before it reads."""
+    batch = _zstd_batch(2 * 1024 * 1024)
+    tp = TopicPartition(await create_topic(settings, "inflate", 1), 0)
+    try:
+        for mib, fits in ((1, False), (4, True)):
+            kafka = replace(settings.kafka, max_batch_mb=mib)
+            async with consumer_client(kafka, doing="reading") as consumer:
+                consumer.assign([tp])
+                await consumer.position(tp)
+                if fits:
+                    assert len(list(DefaultRecordBatch(bytearray(batch)))) == 1
+                else:
+                    with pytest.raises(InflatedTooLarge, match="inflates past 1,048,576"):
+                        list(DefaultRecordBatch(bytearray(batch)))
     finally:
         inflate.bound_inflation()

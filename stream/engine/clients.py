@@ -34,7 +34,7 @@ def make_consumer(
     """A group consumer; `claims` tells the sticky assignor what this member owns, and
     `handover` hears what each assignment asks it to hand over."""
     check_codecs()
-    bound_inflation()  # a decompression bomb is a dead letter, not the worker's memory
+    bound_inflation(settings.kafka.max_batch_bytes)  # a bomb: dead letter, not memory
     config = settings.engine
     return AIOKafkaConsumer(
         **settings.kafka.client_options(),

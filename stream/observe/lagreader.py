@@ -152,7 +152,8 @@ class LagReader:
         self._admin = await self._stack.enter_async_context(
             admin_client(self._settings, doing=doing)
         )
-        bound_inflation()  # it reads a record per partition: a bomb must not take it down
+        # it reads a record per partition: a bomb must not take it down
+        bound_inflation(self._settings.max_batch_bytes)
         consumer = AIOKafkaConsumer(
             group_id=None,
             enable_auto_commit=False,
