@@ -15,9 +15,12 @@ error path, a dead letter like any record the client cannot decode. Real batches
 below it: a producer closes a batch at its batch.size (Kafka's default 16 kB, of the
 compressed bytes; rarely above 1 MB).
 
-What the bound does not cover: the objects a batch becomes. A record header takes two
-bytes inflated and ~65 bytes as aiokafka's tuple, so 16 MiB of empty headers is ~540 MB
-of memory (64 MiB was 2 GB: hence the smaller default).
+Bytes are not all: a record header takes two bytes inflated and ~100 as aiokafka's tuple,
+and aiokafka makes every header of a record at once. One record of 16 MiB of empty headers
+took a worker to 833 MB; twelve, to 6 GB. So an inflated batch larger than `_SCAN_FROM`
+(no real batch is) is read record by record first, and one whose record carries more than
+`MAX_HEADERS` headers is refused too. (A smaller batch holds too few headers to matter at
+once; the engine drops records with too many before it queues them, `stream.engine`.)
 """
 
 from __future__ import annotations
@@ -30,10 +33,20 @@ from typing import Any
 import cramjam
 from aiokafka import codec
 
-__all__ = ["MAX_INFLATED_BYTES", "InflatedTooLarge", "bound_inflation", "inflate_within"]
+__all__ = [
+    "MAX_HEADERS",
+    "MAX_INFLATED_BYTES",
+    "InflatedTooLarge",
+    "bound_inflation",
+    "inflate_within",
+]
 
 # The most one batch inflates to, in bytes, unless told otherwise.
 MAX_INFLATED_BYTES = 16 * 1024 * 1024
+# The most headers one record may carry (Kafka sets no limit; real records carry a few).
+MAX_HEADERS = 256
+# An inflated batch larger than this is scanned for records with more headers than that.
+_SCAN_FROM = 256 * 1024
 # The first buffer, as a multiple of the compressed size (text compresses 3-10 times), and
 # at least this many bytes; each retry makes it four times larger, up to the bound.
 _FIRST_RATIO = 8
@@ -45,7 +58,8 @@ _XERIAL_HEADER = 16  # snappy-java's framing: a 16-byte header, then blocks with
 
 
 class InflatedTooLarge(Exception):
-    """A compressed batch would inflate past the bound."""
+    """A compressed batch would inflate past the bound, or holds a record with more than
+    `MAX_HEADERS` headers."""
 
 
 Decoder = Callable[[Any], bytes]
@@ -68,7 +82,9 @@ def inflate_within(
                     raise  # corrupt, not large: as aiokafka's own decoder would
                 written = len(buffer)
             if written <= size:
-                return bytes(memoryview(buffer)[:written])
+                inflated = bytes(memoryview(buffer)[:written])
+                _check_headers(inflated, codec_name)
+                return inflated
             if size >= limit:
                 raise InflatedTooLarge(
                     f"a {codec_name} batch of {len(payload):,} bytes inflates past {limit:,} bytes"
@@ -88,6 +104,8 @@ def _snappy_within(limit: int) -> Decoder:
             total, cursor = 0, _XERIAL_HEADER
             while cursor < len(data):
                 (length,) = struct.unpack_from("!i", data, cursor)
+                if length <= 0:  # (it would step back for ever)
+                    raise cramjam.DecompressionError("snappy: a block of no length")
                 cursor += 4
                 total += cramjam.snappy.decompress_raw_len(data[cursor : cursor + length])
                 cursor += length
@@ -98,9 +116,63 @@ def _snappy_within(limit: int) -> Decoder:
                 f"a snappy batch of {len(data):,} bytes inflates to {total:,} bytes, past {limit:,}"
             )
         inflated: bytes = codec.snappy_decode(data)
+        _check_headers(inflated, "snappy")
         return inflated
 
     return decode
+
+
+def _check_headers(inflated: bytes, codec_name: str) -> None:
+    """Refuse a large inflated batch (the records of a v2 batch, one after the other) whose
+    record carries more than `MAX_HEADERS` headers, before aiokafka makes them all."""
+    if len(inflated) <= _SCAN_FROM:
+        return
+    most = most_headers(inflated)
+    if most > MAX_HEADERS:
+        raise InflatedTooLarge(
+            f"a record of a {codec_name} batch carries {most:,} headers, over {MAX_HEADERS}"
+        )
+
+
+def most_headers(records: bytes) -> int:
+    """The most headers a record of `records` carries, read as Kafka's record format v2
+    (length, attributes, timestamp and offset deltas, key, value, header count, headers);
+    as far as it reads: what it cannot read aiokafka refuses after it."""
+    most, cursor, end = 0, 0, len(records)
+    try:
+        while cursor < end:
+            length, cursor = _varint(records, cursor)
+            next_record = cursor + length
+            at = cursor + 1  # attributes
+            _, at = _varint(records, at)  # timestamp delta
+            _, at = _varint(records, at)  # offset delta
+            key, at = _varint(records, at)
+            value, at = _varint(records, at + max(key, 0))
+            count, _ = _varint(records, at + max(value, 0))
+            if count > most:
+                most = count
+                if most > MAX_HEADERS:
+                    return most
+            if next_record <= cursor:
+                return most  # not a record: nothing further to read
+            cursor = next_record
+    except IndexError:
+        pass
+    return most
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """A zigzag varint at `at`: its value and where the next field starts."""
+    shift = result = 0
+    while True:
+        byte = data[at]
+        at += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), at
+        shift += 7
+        if shift > 63:
+            raise IndexError("not a varint")
 
 
 def bound_inflation(limit: int = MAX_INFLATED_BYTES) -> None:

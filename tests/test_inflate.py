@@ -138,3 +138,55 @@ async def test_every_consumer_reads_within_the_operators_bound(settings: Setting
                         list(DefaultRecordBatch(bytearray(batch)))
     finally:
         inflate.bound_inflation()
+
+
+def _records_section(records: list[tuple[bytes | None, bytes | None, int]]) -> bytes:
+    """Kafka's record format v2, uncompressed: the records after the batch's header."""
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=0,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=2**31 - 1,
+    )
+    for offset, (key, value, count) in enumerate(records):
+        headers = [(f"h{i}", b"v" if i % 2 else None) for i in range(count)]
+        builder.append(offset, timestamp=None, key=key, value=value, headers=headers)
+    return bytes(builder.build())[61:]  # a v2 batch header is 61 bytes
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.none() | st.binary(max_size=300), st.none() | st.binary(), st.integers(0, 40)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_the_scan_finds_the_most_headers_any_record_carries(
+    records: list[tuple[bytes | None, bytes | None, int]],
+) -> None:
+    assert inflate.most_headers(_records_section(records)) == max(c for _, _, c in records)
+
+
+def test_a_large_batch_with_a_record_of_too_many_headers_is_refused() -> None:
+    padding = b"\0" * (300 * 1024)  # past the size from which inflated batches are scanned
+    many = _records_section([(b"k", padding, 0), (None, b"{}", inflate.MAX_HEADERS + 1)])
+    few = _records_section([(b"k", padding, 0), (None, b"{}", inflate.MAX_HEADERS)])
+    decode = inflate.inflate_within(cramjam.zstd.decompress_into, "zstd", 1024 * 1024)
+    with pytest.raises(InflatedTooLarge, match=r"carries 257 headers, over 256"):
+        decode(codec.zstd_encode(many))
+    assert decode(codec.zstd_encode(few)) == few
+    snappy = inflate._snappy_within(1024 * 1024)
+    with pytest.raises(InflatedTooLarge, match=r"a record of a snappy batch carries 257"):
+        snappy(codec.snappy_encode(many))
+
+
+def test_a_snappy_block_of_no_length_is_refused_not_looped_on() -> None:
+    # snappy-java's framing: a 16-byte header, then blocks, each after its length
+    framed = codec.snappy_encode(b"hello" * 100, xerial_compatible=True, xerial_blocksize=64)
+    broken = framed[:16] + (-4).to_bytes(4, "big", signed=True) + framed[20:]
+    with pytest.raises(cramjam.DecompressionError, match="no length"):
+        inflate._snappy_within(LIMIT)(broken)

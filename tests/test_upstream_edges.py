@@ -111,8 +111,8 @@ def test_an_install_without_the_codecs_says_so_before_it_starts(
         check_codecs()
 
 
-# One zstd batch whose one record inflates to argv[1] bytes, built where its memory goes
-# with the process: ~8 kB on the wire for 256 MB.
+# One zstd batch whose one record holds argv[1] bytes of zeros and argv[2] empty headers,
+# built where its memory goes with the process: ~8 kB on the wire for 256 MB.
 _BOMB = """
 import sys
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -120,7 +120,8 @@ builder = DefaultRecordBatchBuilder(
     magic=2, compression_type=4, is_transactional=0, producer_id=-1, producer_epoch=-1,
     base_sequence=-1, batch_size=2**31 - 1,
 )
-builder.append(0, timestamp=None, key=b"bomb", value=bytes(int(sys.argv[1])), headers=[])
+value, headers = bytes(int(sys.argv[1])), [("", None)] * int(sys.argv[2])
+builder.append(0, timestamp=None, key=b"bomb", value=value, headers=headers)
 sys.stdout.buffer.write(bytes(builder.build()))
 """
 
@@ -166,13 +167,20 @@ async def test_a_decompression_bomb_is_a_dead_letter_and_the_worker_lives(
     Inflated within its bound, it is a dead letter and the request after it is answered."""
     await topics.apply(settings_, await topics.plan(settings_))
     assert settings_.kafka.max_batch_bytes == MAX_INFLATED_BYTES  # the default
-    made = await anyio.run_process([sys.executable, "-c", _BOMB, str(16 * MAX_INFLATED_BYTES)])
-    bomb = made.stdout
-    assert len(bomb) < 64 * 1024
+    # 256 MB of zeros; 6 million empty headers in 12 MB (within the bound: ~600 MB as
+    # aiokafka's tuples); 300 headers on a plain record (on the wire as they are)
+    bombs = [
+        (await anyio.run_process([sys.executable, "-c", _BOMB, str(size), str(count)])).stdout
+        for size, count in ((16 * MAX_INFLATED_BYTES, 0), (0, 6_000_000))
+    ]
+    assert all(len(bomb) < 64 * 1024 for bomb in bombs)
     names = Topics.of(settings_)
     before = _reset_peak_rss()  # the peak counts from here
     async with worker_on(Worker(settings_, ("primary",))):
-        await _produce_batch(settings_, TopicPartition(names.requests, 0), bomb)
+        for bomb in bombs:
+            await _produce_batch(settings_, TopicPartition(names.requests, 0), bomb)
+        headers = [("h", b"")] * 300
+        await produce(settings_, names.requests, [Record(b"{}", partition=0, headers=headers)])
         await produce(settings_, names.requests, [Record(request("after", MODEL), partition=0)])
         results: list[dict[str, Any]] = []
         dead: list[dict[str, Any]] = []
@@ -180,14 +188,17 @@ async def test_a_decompression_bomb_is_a_dead_letter_and_the_worker_lives(
         async def both_ended() -> bool:
             results[:] = [orjson.loads(r.value) for r in await read_all(settings_, names.results)]
             dead[:] = [orjson.loads(r.value) for r in await read_all(settings_, names.dead_letter)]
-            return bool(results and dead)
+            return bool(results) and len(dead) == 3
 
         await eventually(both_ended, timeout_s=60)
     assert [r["request_id"] for r in results] == ["after"]
-    assert [d["reason"] for d in dead] == ["invalid_encoding"]
-    assert "zstd batch" in dead[0]["error"] and "inflates past" in dead[0]["error"], dead
+    assert [d["reason"] for d in dead] == ["invalid_encoding"] * 3
+    errors = [d["error"] for d in dead]
+    for said in ("batch of 8,", "carries 6,000,000 headers, over 256", "carries 300 headers"):
+        assert len([e for e in errors if said in e]) == 1, (said, errors)
+    assert "inflates past" in next(e for e in errors if "batch of 8," in e)
     assert sim.stats()["requests"] == 1
     if before is not None:
         grew = _status_mb("VmHWM:") - before
         # inflated whole: 256 MB at least twice over; within the bound, 16 MiB and the worker
-        assert grew < 300, f"peak RSS grew {grew:.0f} MB: the batch was inflated whole"
+        assert grew < 300, f"peak RSS grew {grew:.0f} MB: a bomb went off"

@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup
 
 from stream.config import Settings
 from stream.engine.clients import make_consumer, make_sink
-from stream.engine.fetch import UNDECODABLE, StandIn, stand_in_for_undecodable
+from stream.engine.fetch import UNDECODABLE, StandIn, stand_in_for_undecodable, to_keep
 from stream.engine.flow import Flow, Gate
 from stream.engine.handover import Handover
 from stream.engine.late import stuck_outputs
@@ -325,7 +325,7 @@ class Engine:
         for record in records:
             self.records_in += 1
             if partition.offsets.accept(record.offset):
-                partition.enqueue(record)
+                partition.enqueue(to_keep(record))
                 if record.offset < partition.started_before:
                     self.records_redelivered += 1
             else:

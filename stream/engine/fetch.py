@@ -32,9 +32,16 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from stream.engine.partitions import Partition
 from stream.errors import UndecodableRecordError
-from stream.inflate import InflatedTooLarge
+from stream.inflate import MAX_HEADERS, InflatedTooLarge
 
-__all__ = ["UNDECODABLE", "StandIn", "Undecodable", "stand_in_for_undecodable", "step_over"]
+__all__ = [
+    "UNDECODABLE",
+    "StandIn",
+    "Undecodable",
+    "stand_in_for_undecodable",
+    "step_over",
+    "to_keep",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +71,28 @@ class StandIn(ConsumerRecord):  # type: ignore[misc]
 
     @classmethod
     def of(cls, bad: Undecodable) -> StandIn:
-        error = UndecodableRecordError(
+        return cls._at(
+            bad.tp.topic,
+            bad.tp.partition,
+            bad.offset,
             f"the Kafka client cannot decode the record at {bad.tp.topic}[{bad.tp.partition}]"
-            f"@{bad.offset} ({bad.error}); its batch is unreadable past it"
+            f"@{bad.offset} ({bad.error}); its batch is unreadable past it",
         )
+
+    @classmethod
+    def instead_of(cls, record: Any, why: str) -> StandIn:
+        """In place of a record read but not to be kept (`why` says what is wrong)."""
+        where = f"{record.topic}[{record.partition}]@{record.offset}"
+        return cls._at(
+            record.topic, record.partition, record.offset, f"the record at {where} {why}"
+        )
+
+    @classmethod
+    def _at(cls, topic: str, partition: int, offset: int, message: str) -> StandIn:
         return cls(
-            topic=bad.tp.topic,
-            partition=bad.tp.partition,
-            offset=bad.offset,
+            topic=topic,
+            partition=partition,
+            offset=offset,
             timestamp=-1,  # unknown
             timestamp_type=0,
             key=None,
@@ -80,8 +101,18 @@ class StandIn(ConsumerRecord):  # type: ignore[misc]
             serialized_key_size=-1,
             serialized_value_size=-1,
             headers=(),
-            error=error,
+            error=UndecodableRecordError(message),
         )
+
+
+def to_keep(record: Any) -> Any:
+    """`record`, or a stand-in (a dead letter) for one with more than `MAX_HEADERS`
+    headers: each header is a tuple of its own (~100 bytes for 2 on the wire), and a queue
+    of such records would hold gigabytes."""
+    if len(record.headers) <= MAX_HEADERS:
+        return record
+    why = f"carries {len(record.headers):,} headers, over {MAX_HEADERS}: it is not read"
+    return StandIn.instead_of(record, why)
 
 
 async def step_over(
