@@ -19,8 +19,9 @@ Bytes are not all: a record header takes two bytes inflated and ~100 as aiokafka
 and aiokafka makes every header of a record at once. One record of 16 MiB of empty headers
 took a worker to 833 MB; twelve, to 6 GB. So an inflated batch larger than `_SCAN_FROM`
 (few real ones are) is read record by record first (~2 µs a record), and one whose record
-carries more than `MAX_HEADERS` headers is refused too. (A smaller batch holds too few headers to matter at
-once; the engine drops records with too many before it queues them, `stream.engine`.)
+carries more than `MAX_HEADERS` headers is refused too. (A smaller batch holds too few
+headers to matter at once; the engine drops records with too many before it queues them,
+`stream.engine.fetch.to_keep`.)
 """
 
 from __future__ import annotations
