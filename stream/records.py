@@ -34,7 +34,7 @@ from stream.headers import (
     output_headers,
     request_id_header,
 )
-from stream.requestshape import PLAIN_SCHEMA, plain_request, schema_fingerprint
+from stream.requestshape import PLAIN_SCHEMA, fingerprint_of, plain_request
 
 __all__ = [
     "Held",
@@ -124,9 +124,9 @@ _second_text: tuple[int, str] = (0, "1970-01-01T00:00:00")  # the last second wr
 _MILLIS = tuple(f".{millis:03d}Z" for millis in range(1000))
 
 
-def load_validator(path: Path) -> Validator:
-    """Compile a JSON Schema from topics/ once; validation then costs microseconds."""
-    validator: Validator = fastjsonschema.compile(orjson.loads(path.read_bytes()))
+def load_validator(schema: Any) -> Validator:
+    """Compile a (parsed) JSON Schema from topics/ once; validation then costs microseconds."""
+    validator: Validator = fastjsonschema.compile(schema)
     return validator
 
 
@@ -134,9 +134,10 @@ class Decoder:
     """Bytes → `Request`, or `InvalidRecordError` with the dead-letter reason."""
 
     def __init__(self, schema: Path, *, max_bytes: int, known_models: Callable[[str], bool]):
-        self._validate = load_validator(schema)
+        parsed = orjson.loads(schema.read_bytes())
+        self._validate = load_validator(parsed)
         # The request schema as shipped: most bodies pass a check of a few look-ups first.
-        self._plain = plain_request if schema_fingerprint(schema) == PLAIN_SCHEMA else None
+        self._plain = plain_request if fingerprint_of(parsed) == PLAIN_SCHEMA else None
         self._max_bytes = max_bytes
         self._known = known_models
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["PLAIN_SCHEMA", "plain_request", "schema_fingerprint"]
+__all__ = ["PLAIN_SCHEMA", "fingerprint_of", "plain_request", "schema_fingerprint"]
 
 # The fingerprint of the request schema `plain_request` was written for: topics/
 # request.schema.json. A schema that differs in anything, a description too (a
@@ -29,8 +29,12 @@ _TEXT_OR_LIST = (str, list)
 
 def schema_fingerprint(path: Path) -> str:
     """A schema file's content as parsed (not its spacing or key order), as a SHA-256."""
-    text = orjson.dumps(orjson.loads(path.read_bytes()), option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(text).hexdigest()
+    return fingerprint_of(orjson.loads(path.read_bytes()))
+
+
+def fingerprint_of(schema: Any) -> str:
+    """`schema_fingerprint` of a schema already parsed."""
+    return hashlib.sha256(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def plain_request(body: Any) -> bool:

@@ -160,7 +160,7 @@ class ExactlyOnceSink:
         txn = self._producers.get(partition.tp)
         if txn is None:
             return False  # the partition left (its transaction is settled): re-run later
-        if txn.open and not txn.lock.locked() and not (partition.revoked or partition.abandoned):
+        if txn.open and not txn.lock.locked() and self._takes(partition, txn):
             # The usual record: its transaction open, no commit under way. Staging does not
             # wait (unless a topic's metadata is missing: then it goes the long way), so
             # nothing can come in between, as under the lock and its shield, which cost a
@@ -185,8 +185,7 @@ class ExactlyOnceSink:
                 # The partition may have gone on probation (a rebalance: the engine holds the
                 # outputs until it knows) or left while this waited for the lock, even come
                 # back with a new producer that must not take this run's outputs.
-                ours = not (partition.revoked or partition.abandoned)
-                if ours and self._producers.get(partition.tp) is txn:
+                if self._takes(partition, txn):
                     try:
                         await txn.begin()
                         _, opened = await stage(txn.batches, outputs, partition.tp, None)
@@ -206,6 +205,12 @@ class ExactlyOnceSink:
                 "aborted and the partition re-runs from its last commit"
             )
         return finished
+
+    def _takes(self, partition: Partition, txn: _Transactional) -> bool:
+        """Whether `txn` takes outputs of `partition` now: the partition is surely ours
+        (not on probation, not gone) and `txn` is still its producer."""
+        ours = not (partition.revoked or partition.abandoned)
+        return ours and self._producers.get(partition.tp) is txn
 
     async def commit(self, partitions: Sequence[Partition]) -> int:
         changed = changed_positions(partitions)
