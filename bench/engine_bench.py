@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import random
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -33,9 +31,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stream.config import EngineSettings, Settings
-from stream.devtools.broker import LocalBroker, free_port
 from stream.engine.engine import Engine, Output
-from tests.kit.kafka import committed, create_topic, end_offsets, produce
+from tests.kit.kafka import bootstrap_servers, committed, create_topic, end_offsets, produce
 
 
 def _sleeper(low: float, high: float) -> Any:
@@ -178,17 +175,8 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=10_000)
     args = parser.parse_args()
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if bootstrap:
+    with bootstrap_servers() as bootstrap:
         anyio.run(main, bootstrap, args.records)
-        return
-    with tempfile.TemporaryDirectory() as home:
-        broker = LocalBroker(home=Path(home), port=free_port())
-        broker.start()
-        try:
-            anyio.run(main, broker.bootstrap_servers, args.records)
-        finally:
-            broker.stop()
 
 
 if __name__ == "__main__":

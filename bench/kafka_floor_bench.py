@@ -26,10 +26,8 @@ import argparse
 import dataclasses
 import functools
 import importlib.util
-import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -42,9 +40,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stream.config import EngineSettings, Settings
-from stream.devtools.broker import LocalBroker, free_port
 from stream.engine.engine import Engine, Output
-from tests.kit.kafka import create_topic, produce
+from tests.kit.kafka import bootstrap_servers, create_topic, produce
 
 PARTITIONS = 6
 VALUE = b"x" * 300
@@ -209,17 +206,8 @@ def cli() -> None:
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if bootstrap:
+    with bootstrap_servers() as bootstrap:
         anyio.run(main, bootstrap, args.records, args.rounds)
-        return
-    with tempfile.TemporaryDirectory() as home:
-        broker = LocalBroker(home=Path(home), port=free_port())
-        broker.start()
-        try:
-            anyio.run(main, broker.bootstrap_servers, args.records, args.rounds)
-        finally:
-            broker.stop()
 
 
 if __name__ == "__main__":

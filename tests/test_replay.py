@@ -12,9 +12,12 @@ import anyio
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stream.backfill.progress import Progress, parse_rate
 from stream.backfill.replay import PartitionReplay, Replay, ReplayOptions
+from stream.backfill.replaycli import _runs
 from stream.backfill.window import Span, parse_time
 from stream.config import Settings
 from stream.errors import ConfigError
@@ -277,7 +280,8 @@ async def test_records_the_client_cannot_decode_or_write_are_reported_not_fatal(
         settings, source, [Record(f"{i}".encode(), partition=1, timestamp_ms=now) for i in range(3)]
     )
     bad = [(b"\xff\xfekey", b"val")]
-    await kcat_produce(settings.kafka.bootstrap_servers, source, 1, [b"{}"], headers=bad)
+    # one batch: nothing in it can be read past its bad first record
+    await kcat_produce(settings.kafka.bootstrap_servers, source, 1, [b"{}", b"x"], headers=bad)
     await kcat_produce(settings.kafka.bootstrap_servers, source, 0, [None])  # no key, no value
     await produce(
         settings,
@@ -287,7 +291,7 @@ async def test_records_the_client_cannot_decode_or_write_are_reported_not_fatal(
 
     done = await run_cli(env, "replay", "--since", "1h")
     assert done.returncode == 0, done.stderr
-    assert "cannot decode them: partition 1 offsets 3" in done.stdout
+    assert "cannot decode them: partition 1 offsets 3-4\n" in done.stdout
     assert "neither key nor value (the Kafka client cannot write that): partition 0 offsets 0" in (
         done.stdout
     )
@@ -518,3 +522,14 @@ async def test_a_transaction_kafka_let_expire_says_so_not_that_another_run_took_
     assert "run the same command again" in str(error)
     # a fence straight after the start is another run's: said as before
     assert isinstance(writer.taken_over("replay", "id", "target", None), FencedError)
+
+
+@given(st.sets(st.integers(min_value=0, max_value=60)))
+def test_offsets_not_copied_are_listed_as_runs(offsets: set[int]) -> None:
+    parts = listed.split(", ") if (listed := _runs(list(offsets))) else []
+    back: list[int] = []
+    for part in parts:
+        first, _, last = part.partition("-")
+        back += range(int(first), int(last or first) + 1)
+    assert back == sorted(offsets)  # each once, in order
+    assert len(parts) == len([o for o in offsets if o - 1 not in offsets])  # one per run

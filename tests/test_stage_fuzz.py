@@ -415,7 +415,7 @@ def test_handler_errors_keep_the_request_so_they_can_be_re_driven() -> None:
 
 
 def test_a_record_the_kafka_client_cannot_decode_is_an_invalid_encoding_dead_letter() -> None:
-    stand_in = StandIn.of(
+    [stand_in] = StandIn.each_of(
         Undecodable(TopicPartition("predictions.requests", 3), 41, "a header key is not UTF-8")
     )
     [output] = PRIMARY.on_error(stand_in, stand_in.error)

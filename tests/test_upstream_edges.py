@@ -20,7 +20,6 @@ import anyio
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition, codec
-from aiokafka.protocol.produce import ProduceRequest
 
 from stream import topics
 from stream.config import Settings
@@ -31,7 +30,7 @@ from stream.inflate import MAX_INFLATED_BYTES
 from stream.stages import Topics
 from stream.worker import Worker
 from tests.kit import eventually
-from tests.kit.kafka import Record, produce, read_all
+from tests.kit.kafka import Record, produce, produce_batch, read_all, zstd_batch
 from tests.kit.kcat import kcat_produce, needs_kcat
 from tests.kit.requests import request, send, terminal
 from tests.kit.workers import simulated_settings, worker_on
@@ -126,21 +125,6 @@ sys.stdout.buffer.write(bytes(builder.build()))
 """
 
 
-async def _produce_batch(settings: Settings, tp: TopicPartition, batch: bytes) -> None:
-    """Write `batch` as it is, in a produce request of its own (no producer builds one with
-    a record this large: they check the size before they compress)."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
-    await producer.start()
-    try:
-        await producer.client.force_metadata_update()
-        leader = producer.client.cluster.leader_for_partition(tp)
-        request = ProduceRequest(None, -1, 30_000, [(tp.topic, [(tp.partition, batch)])])
-        response = await producer.client.send(leader, request)
-        assert response.topics[0][1][0][1] == 0, response  # no error
-    finally:
-        await producer.stop()
-
-
 _PEAK = Path("/proc/self/status")  # VmHWM: the peak RSS
 _CLEAR_PEAK = Path("/proc/self/clear_refs")  # "5" resets it (Linux 4.0 on)
 
@@ -178,7 +162,7 @@ async def test_a_decompression_bomb_is_a_dead_letter_and_the_worker_lives(
     before = _reset_peak_rss()  # the peak counts from here
     async with worker_on(Worker(settings_, ("primary",))):
         for bomb in bombs:
-            await _produce_batch(settings_, TopicPartition(names.requests, 0), bomb)
+            await produce_batch(settings_, TopicPartition(names.requests, 0), bomb)
         headers = [("h", b"")] * 300
         await produce(settings_, names.requests, [Record(b"{}", partition=0, headers=headers)])
         await produce(settings_, names.requests, [Record(request("after", MODEL), partition=0)])
@@ -202,3 +186,37 @@ async def test_a_decompression_bomb_is_a_dead_letter_and_the_worker_lives(
         grew = _status_mb("VmHWM:") - before
         # inflated whole: 256 MB at least twice over; within the bound, 16 MiB and the worker
         assert grew < 300, f"peak RSS grew {grew:.0f} MB: a bomb went off"
+
+
+async def test_a_bomb_of_many_records_is_stepped_over_a_batch_at_a_time(
+    env: dict[str, str], sim: Simulator
+) -> None:
+    """A batch that cannot be inflated cannot be read at all: each of its records is a
+    dead letter, found a batch at a time. A record at a time (each a fetch round, ~25 ms)
+    a batch of 12,000 small records took five minutes, and 200,000 hours."""
+    settings = simulated_settings({**env, "STREAM_KAFKA_MAX_BATCH_MB": "1"}, sim, max_in_flight=50)
+    await topics.apply(settings, await topics.plan(settings))
+    names = Topics.of(settings)
+    tp = TopicPartition(names.requests, 0)
+    count = 12_000  # past the most one recovery stands in for (10,000)
+    bomb = zstd_batch([bytes(100)] * count)  # 1.2 MB inflated, past the 1 MiB bound
+    async with worker_on(Worker(settings, ("primary",))):
+        await produce(settings, names.requests, [Record(request("before", MODEL), partition=0)])
+        await produce_batch(settings, tp, bomb)
+        await produce(settings, names.requests, [Record(request("after", MODEL), partition=0)])
+        results: list[dict[str, Any]] = []
+        dead: list[dict[str, Any]] = []
+
+        async def all_ended() -> bool:
+            results[:] = [orjson.loads(r.value) for r in await read_all(settings, names.results)]
+            dead[:] = [orjson.loads(r.value) for r in await read_all(settings, names.dead_letter)]
+            return len(results) == 2 and len(dead) >= count
+
+        await eventually(all_ended, timeout_s=90)
+    assert [r["request_id"] for r in results] == ["before", "after"]
+    assert {d["reason"] for d in dead} == {"invalid_encoding"}
+    assert sorted(d["source"]["offset"] for d in dead) == list(range(1, count + 1))  # each once
+    first = next(d["error"] for d in dead if d["source"]["offset"] == 1)
+    assert "inflates past 1,048,576 bytes" in first
+    later = next(d["error"] for d in dead if d["source"]["offset"] == 5_000)
+    assert "@5000 (its batch is unreadable past @1:" in later

@@ -147,7 +147,19 @@ def _summary(run: Replay, outcome: str) -> str:
     rows.append(f"{'total':>9}  {'':>19}  {window:>9}  {already:>9}  {count:>9}")
     for p in run.partitions:
         for why, offsets in p.uncopied.items():
-            listed = ", ".join(map(str, offsets))
+            listed = _runs(offsets)
             rows.append(f"not copied, {why}: partition {p.partition} offsets {listed}")
     rows.append(f"{run.options.source} → {run.options.target}: {outcome}")
     return "\n".join(rows)
+
+
+def _runs(offsets: list[int]) -> str:
+    """`offsets` with each run of consecutive ones as first-last: "3-5, 9" (a batch that
+    cannot be read lists every record of it)."""
+    spans: list[list[int]] = []
+    for offset in sorted(offsets):
+        if spans and offset == spans[-1][1] + 1:
+            spans[-1][1] = offset
+        else:
+            spans.append([offset, offset])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)

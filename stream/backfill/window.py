@@ -142,15 +142,21 @@ async def batches(
             if inside:
                 yield inside
         if bad is not None:
-            expected[bad.tp] = bad.offset + 1
-            if bad.offset < todo[bad.tp].end:
-                (on_undecodable or _warn)(bad)
+            expected[bad.tp] = bad.offset + bad.run
+            _report(bad, todo[bad.tp].end, on_undecodable or _warn)
         for tp in list(todo):
             # by position, not by the last record: the span may end on offsets that hold
             # no record (transaction markers, aborted writes)
             if await consumer.position(tp) >= todo[tp].end:
                 consumer.pause(tp)
                 del todo[tp]
+
+
+def _report(bad: Undecodable, end: int, to: Callable[[Undecodable], None]) -> None:
+    """Each offset `bad` holds before the span's `end`, one at a time."""
+    for one in bad.each():
+        if one.offset < end:
+            to(one)
 
 
 def _warn(bad: Undecodable) -> None:

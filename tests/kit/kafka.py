@@ -3,17 +3,23 @@ back, end and committed offsets, and commits as a group with no live member."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.protocol.produce import ProduceRequest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import OffsetAndMetadata
 
 from stream.config import Settings
+from stream.devtools.broker import LocalBroker, free_port
 from stream.errors import ConfigError
 from stream.kafka import admin_client, group_offsets, topic_partitions
 from tests.kit import eventually
@@ -43,6 +49,22 @@ class Record(NamedTuple):
     partition: int | None = None
     timestamp_ms: int | None = None
     headers: Sequence[tuple[str, bytes]] = ()
+
+
+@contextmanager
+def bootstrap_servers() -> Iterator[str]:
+    """KAFKA_BOOTSTRAP_SERVERS when it is set; else a single-node broker of its own, on a
+    free port, for the duration (a benchmark's)."""
+    if bootstrap := os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield bootstrap
+        return
+    with tempfile.TemporaryDirectory() as home:
+        broker = LocalBroker(home=Path(home), port=free_port())
+        broker.start()
+        try:
+            yield broker.bootstrap_servers
+        finally:
+            broker.stop()
 
 
 async def create_topics(
@@ -97,6 +119,34 @@ async def produce(
             )
         for future in pending:
             await future
+
+
+async def produce_batch(settings: Settings, tp: TopicPartition, batch: bytes) -> None:
+    """Write a record batch as it is, in a produce request of its own (no producer builds
+    a hostile one: they check a record's size before they compress)."""
+    producer = AIOKafkaProducer(**settings.kafka.client_options())
+    async with started(producer):
+        await producer.client.force_metadata_update()
+        leader = producer.client.cluster.leader_for_partition(tp)
+        request = ProduceRequest(None, -1, 30_000, [(tp.topic, [(tp.partition, batch)])])
+        response = await producer.client.send(leader, request)
+        assert response.topics[0][1][0][1] == 0, response  # no error
+
+
+def zstd_batch(values: Iterable[bytes]) -> bytes:
+    """One zstd-compressed batch of records with `values`, no keys, no headers."""
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=4,  # zstd
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=2**31 - 1,
+    )
+    for i, value in enumerate(values):
+        builder.append(i, timestamp=None, key=None, value=value, headers=[])
+    return bytes(builder.build())
 
 
 async def read_all(
