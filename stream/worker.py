@@ -46,8 +46,11 @@ from stream.stages import FallbackStage, PrimaryStage, Topics
 __all__ = ["Worker", "drain_grace_s", "register", "stop_grace_s", "tune_gc"]
 
 log = logging.getLogger(__name__)
-# How long a worker starting up waits for a cluster to show it topics just created.
+# How long a worker starting up waits for a cluster to show it topics just created: long
+# while it shows some (its brokers still learning of them), short while it shows none
+# (most often never created: the operator hears so sooner).
 _TOPICS_SETTLE_S = 10.0
+_NO_TOPICS_SETTLE_S = 3.0
 
 STAGES = ("primary", "fallback")
 PRIMARY_GROUP = "predictions-primary"
@@ -284,12 +287,13 @@ async def check_topics(settings: Settings) -> dict[str, int]:
     largest record each takes on the cluster (where this user may read it)."""
     wanted = set(vars(Topics.of(settings)).values())
     async with admin_client(settings.kafka, doing="checking topics") as admin:
-        deadline = time.monotonic() + _TOPICS_SETTLE_S
+        started = time.monotonic()
         # A cluster's brokers learn of new topics one after another: just after `stream
         # topics apply`, the broker asked may not know them yet. Ask again for a while.
-        while (missing := wanted - set(await admin.list_topics())) and (  # noqa: ASYNC110
-            time.monotonic() < deadline  # (the cluster's view, polled)
-        ):
+        while missing := wanted - set(await admin.list_topics()):  # (the cluster's view)
+            settle = _NO_TOPICS_SETTLE_S if missing == wanted else _TOPICS_SETTLE_S
+            if time.monotonic() - started >= settle:
+                break
             await anyio.sleep(0.5)
         limits = {} if missing else await topics.max_message_bytes(admin, sorted(wanted))
     if missing:
