@@ -43,9 +43,12 @@ async def in_sync(settings: Settings, names: list[str], size: int, timeout_s: fl
     await eventually(check, timeout_s=timeout_s)
 
 
-async def send(settings: Settings, ids: range, *, per_second: float = 0.0) -> None:
-    """Write requests `ids`, at `per_second` when given. The producer is idempotent and
-    retries across a leader change, so each request is written once."""
+async def send(
+    settings: Settings, ids: range, *, per_second: float = 0.0, until: anyio.Event | None = None
+) -> range:
+    """Write requests `ids`, at `per_second` when given, stopping early once `until` is
+    set; the ids written. The producer is idempotent and retries across a leader change,
+    so each request is written once."""
     producer = AIOKafkaProducer(
         **settings.kafka.client_options(), acks="all", enable_idempotence=True
     )
@@ -57,6 +60,9 @@ async def send(settings: Settings, ids: range, *, per_second: float = 0.0) -> No
         for i in ids:
             if per_second:
                 await anyio.sleep(max(0.0, began + (i - ids.start) / per_second - time.monotonic()))
+            if until is not None and until.is_set():
+                ids = range(ids.start, i)
+                break
             rid = f"r-{i}"
             pending.append(
                 await producer.send(
@@ -65,5 +71,6 @@ async def send(settings: Settings, ids: range, *, per_second: float = 0.0) -> No
             )
         for future in pending:
             await future
+        return ids
     finally:
         await producer.stop()
