@@ -10,18 +10,29 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from stream.config import EngineSettings, Settings
 from stream.engine.engine import Engine, Output
 from stream.errors import UndecodableRecordError
 from stream.observe.lagreader import LagReader
 from tests.kit import eventually
-from tests.kit.kafka import Record, commit, committed, create_topic, end_offsets, produce, read_all
+from tests.kit.kafka import (
+    Record,
+    commit,
+    committed,
+    create_topic,
+    end_offsets,
+    produce,
+    produce_batch,
+    read_all,
+    started,
+    zstd_batch,
+)
 from tests.kit.kcat import kcat_produce, needs_kcat
 from tests.kit.workers import engine_on
 
@@ -57,33 +68,13 @@ async def test_undecodable_records_go_to_the_error_path_and_nothing_is_skipped(
     expected_errors = {(1, 40), (1, 41), (1, 42), (2, 40)}
     total = 3 * 80 + len(expected_errors)
 
-    async def handler(record: Any) -> Sequence[Output]:
-        return [Output(sink, record.value)]
-
     def on_error(record: Any, exc: BaseException) -> Sequence[Output]:
         assert isinstance(exc, UndecodableRecordError), exc
         assert f"@{record.offset} " in str(exc) and "not UTF-8" in str(exc)
         return [Output(sink, f"error {record.partition} {record.offset}".encode())]
 
-    engine = Engine(
-        settings=_settings(settings, guarantee),
-        name="t",
-        group_id=settings.group("undec"),
-        topics=[source],
-        handler=handler,
-        on_error=on_error,
-    )
-    ends = await end_offsets(settings, source)
-
-    async def finished() -> bool:
-        done = await committed(settings, engine.group_id, source)
-        return {p: offset for p, (offset, _) in done.items()} == ends
-
-    async with engine_on(engine, deadline_s=120):
-        await eventually(finished, timeout_s=90)
-
-    isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
-    values = sorted(r.value for r in await read_all(settings, sink, isolation=isolation))
+    engine, copied = await _copy(_settings(settings, guarantee), source, sink, on_error)
+    values = sorted(copied)
     errors = {tuple(map(int, v.split()[1:])) for v in values if v.startswith(b"error")}
     assert errors == expected_errors
     assert [v for v in values if not v.startswith(b"error")] == sorted(sum(good.values(), []))
@@ -149,3 +140,66 @@ async def test_a_partition_being_set_up_is_not_read_again_and_again(
     assert not [m for m in reported if "@0 " in m], reported
     assert [m for m in reported if "@11 " in m]
     assert engine.snapshot().records_done == 21
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+async def test_offsets_passed_over_before_an_unreadable_batch_are_no_dead_letters(
+    settings: Settings, guarantee: str
+) -> None:
+    """aiokafka passes over an aborted transaction's records and the markers without moving
+    the position: the stand-ins start at the unreadable batch, not at the position (a
+    marker was once a dead letter, and so was each record taken back)."""
+    source = await create_topic(settings, "passed", 1)
+    sink = await create_topic(settings, "passed-out", 1)
+    producer = AIOKafkaProducer(
+        **settings.kafka.client_options(), transactional_id=f"{source}-outbox"
+    )
+    async with started(producer):
+        for values, commit in (([b"back-0", b"back-1", b"back-2"], False), ([b"k0", b"k1"], True)):
+            await producer.begin_transaction()
+            for value in values:
+                await producer.send_and_wait(source, value, partition=0)
+            await (producer.commit_transaction() if commit else producer.abort_transaction())
+    # aborted @0-2, its marker @3, committed @4-5, its marker @6; then 18 MiB of zeros in
+    # a zstd batch of 9 records @7-15 (past the 16 MiB bound), and a good record @16
+    await produce_batch(settings, TopicPartition(source, 0), zstd_batch([bytes(2 << 20)] * 9))
+    await produce(settings, source, [Record(b"good", partition=0)])
+
+    def on_error(record: Any, exc: BaseException) -> Sequence[Output]:
+        return [Output(sink, f"error {record.offset}".encode())]
+
+    _, values = await _copy(_settings(settings, guarantee), source, sink, on_error)
+    assert values == [b"k0", b"k1", *(f"error {o}".encode() for o in range(7, 16)), b"good"]
+
+
+async def _copy(
+    settings: Settings,
+    source: str,
+    sink: str,
+    on_error: Callable[[Any, BaseException], Sequence[Output]],
+) -> tuple[Engine, list[bytes]]:
+    """Run an engine that copies `source` to `sink` (`on_error` writes what it cannot
+    read) until it has committed every partition's end; the values in `sink`, in order."""
+
+    async def handler(record: Any) -> Sequence[Output]:
+        return [Output(sink, record.value)]
+
+    engine = Engine(
+        settings=settings,
+        name="t",
+        group_id=settings.group(source),
+        topics=[source],
+        handler=handler,
+        on_error=on_error,
+    )
+    ends = await end_offsets(settings, source)
+
+    async def finished() -> bool:
+        done = await committed(settings, engine.group_id, source)
+        return {p: offset for p, (offset, _) in done.items()} == ends
+
+    async with engine_on(engine, deadline_s=120):
+        await eventually(finished, timeout_s=90)
+    isolation = "read_committed" if settings.engine.guarantee == "exactly-once" else None
+    copied = await read_all(settings, sink, isolation=isolation or "read_uncommitted")
+    return engine, [r.value for r in copied]

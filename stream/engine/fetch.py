@@ -188,7 +188,7 @@ async def stand_in_for_undecodable(
             bad.tp.partition,
             bad.offset,
             bad.error,
-            "it" if bad.run == 1 else f"it and the {bad.run - 1:,} records after it",
+            "it" if bad.run == 1 else f"it and the {bad.run - 1:,} after it",
         )
         batch.setdefault(bad.tp, []).extend(StandIn.each_of(bad))
     return batch
@@ -226,11 +226,12 @@ async def _narrow(consumer: Any, tp: TopicPartition) -> tuple[list[Any], Undecod
         try:
             records = await _fetch(consumer, tp, max_records=1)
         except UNDECODABLE as exc:
-            # aiokafka moves the position only past records it returned: it is the bad one.
-            offset = await consumer.position(tp)
-            count = _unreadable_from(offset, exc)
-            consumer.seek(tp, offset + count)
-            return good, Undecodable(tp, offset, _describe(exc), count)
+            # aiokafka moves the position only past records it returned: the bad one is
+            # there, or at the start of the batch that failed when aiokafka passed over
+            # offsets without a record on the way (markers, aborted or compacted ones).
+            bad = _unreadable(tp, await consumer.position(tp), exc)
+            consumer.seek(tp, bad.offset + bad.run)
+            return good, bad
         if not records:
             break
         good += records
@@ -246,25 +247,31 @@ async def _fetch(consumer: Any, tp: TopicPartition, *, max_records: int | None) 
     return []
 
 
-def _unreadable_from(offset: int, exc: BaseException) -> int:
-    """How many offsets from `offset` on cannot be read: to the end of the batch `exc`
-    came out of (at most `_MAX_RUN`), or 1 when that is not known. Stepping a record at a
-    time, a batch of 200,000 small records past the inflation bound took hours."""
-    end = _failed_batch_end(exc)
-    return 1 if end is None or end <= offset else min(end - offset, _MAX_RUN)
+def _unreadable(tp: TopicPartition, position: int, exc: BaseException) -> Undecodable:
+    """The offsets from `position` on that cannot be read: those of the batch `exc` came
+    out of (at most `_MAX_RUN`), or the one at `position` when that batch is not known.
+    Stepping a record at a time, a batch of 200,000 small records past the inflation bound
+    took hours."""
+    first, end = _failed_batch(exc) or (position, position + 1)
+    first = max(first, position)  # (a batch is read from its start: the bad one is here)
+    if end <= first:  # not the batch at the position after all
+        first, end = position, position + 1
+    return Undecodable(tp, first, _describe(exc), min(end - first, _MAX_RUN))
 
 
-def _failed_batch_end(exc: BaseException) -> int | None:
-    """The offset after the batch aiokafka was reading when it raised `exc`: its fetch
-    result's reader holds the batch as `next_batch` (aiokafka 0.14's
-    `PartitionRecords._unpack_records`); None when no frame of it does."""
+def _failed_batch(exc: BaseException) -> tuple[int, int] | None:
+    """The first offset of the batch aiokafka was reading when it raised `exc`, and the
+    offset after it: its fetch result's reader holds the batch as `next_batch` (aiokafka
+    0.14's `PartitionRecords._unpack_records`); None when no frame of it does."""
     trace = exc.__traceback__
     while trace is not None:
         frame = trace.tb_frame
         if frame.f_code.co_name == "_unpack_records":
-            end = getattr(frame.f_locals.get("next_batch"), "next_offset", None)
-            if isinstance(end, int):
-                return end
+            batch = frame.f_locals.get("next_batch")
+            first = getattr(batch, "base_offset", None)
+            end = getattr(batch, "next_offset", None)
+            if isinstance(first, int) and isinstance(end, int):
+                return first, end
         trace = trace.tb_next
     return None
 
