@@ -34,6 +34,8 @@ from stream.config import EngineSettings, Settings
 from stream.engine.engine import Engine, Output
 from tests.kit.kafka import bootstrap_servers, create_topic, produce, produce_batch, zstd_batch
 
+_DEADLINE_S = 600.0
+
 
 async def one_round(settings: Settings, records: int) -> float:
     """Seconds from the engine's start until all `records` + 2 offsets are done."""
@@ -63,8 +65,9 @@ async def one_round(settings: Settings, records: int) -> float:
     async with anyio.create_task_group() as tasks:
         started = time.monotonic()
         tasks.start_soon(engine.run)
-        while engine.snapshot().records_done < records + 2:  # noqa: ASYNC110
-            await anyio.sleep(0.05)
+        with anyio.fail_after(_DEADLINE_S):  # a step-over stuck: no figure, an error
+            while engine.snapshot().records_done < records + 2:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
         spent = time.monotonic() - started
         engine.stop()
     assert errors == records, (errors, records)

@@ -46,9 +46,11 @@ from stream.stages import FallbackStage, PrimaryStage, Topics
 __all__ = ["Worker", "drain_grace_s", "register", "stop_grace_s", "tune_gc"]
 
 log = logging.getLogger(__name__)
-# How long a worker starting up waits for a cluster to show it topics just created: long
-# while it shows some (its brokers still learning of them), short while it shows none
-# (most often never created: the operator hears so sooner).
+# How long a worker starting up waits for a cluster to show it topics just created (a
+# broker learns of new topics from the controllers, in milliseconds when it is well):
+# long while it shows some (it is still learning of them, one after another), short
+# while it shows none, which is most often topics never created (the operator hears so
+# in 3 s, not 10; a worker started with a broker behind by more exits and is restarted).
 _TOPICS_SETTLE_S = 10.0
 _NO_TOPICS_SETTLE_S = 3.0
 

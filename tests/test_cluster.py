@@ -156,7 +156,6 @@ async def test_pipeline_goes_on_while_partition_leaders_are_killed(
             kills_done.set()
         counts = await all_answered(p.settings, sent)
 
-    assert len(sent) >= 30  # the load went on through both kills
     missing = [rid for rid in (f"r-{i}" for i in sent) if counts[rid] == 0]
     stray = set(counts) - {f"r-{i}" for i in sent}
     doubled = {rid: n for rid, n in counts.items() if n > 1}

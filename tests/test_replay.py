@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import anyio
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,7 +22,7 @@ from stream.backfill.window import Span, parse_time
 from stream.config import Settings
 from stream.errors import ConfigError
 from tests.kit import run_cli
-from tests.kit.kafka import Record, create_topics, produce, read_all
+from tests.kit.kafka import Record, bad_key_batch, create_topics, produce, produce_batch, read_all
 from tests.kit.kcat import kcat_produce, needs_kcat
 
 pytestmark = pytest.mark.anyio
@@ -279,9 +279,10 @@ async def test_records_the_client_cannot_decode_or_write_are_reported_not_fatal(
     await produce(
         settings, source, [Record(f"{i}".encode(), partition=1, timestamp_ms=now) for i in range(3)]
     )
-    bad = [(b"\xff\xfekey", b"val")]
-    # one batch: nothing in it can be read past its bad first record
-    await kcat_produce(settings.kafka.bootstrap_servers, source, 1, [b"{}", b"x"], headers=bad)
+    # one batch whose second record has a header key that is not UTF-8: the first is
+    # read, nothing past the second can be (the third is good, and unreadable)
+    batch = bad_key_batch([b"before", b"bad", b"after"], bad=1)
+    await produce_batch(settings, TopicPartition(source, 1), batch)
     await kcat_produce(settings.kafka.bootstrap_servers, source, 0, [None])  # no key, no value
     await produce(
         settings,
@@ -291,12 +292,12 @@ async def test_records_the_client_cannot_decode_or_write_are_reported_not_fatal(
 
     done = await run_cli(env, "replay", "--since", "1h")
     assert done.returncode == 0, done.stderr
-    assert "cannot decode them: partition 1 offsets 3-4\n" in done.stdout
+    assert "cannot decode them: partition 1 offsets 4-5\n" in done.stdout
     assert "neither key nor value (the Kafka client cannot write that): partition 0 offsets 0" in (
         done.stdout
     )
     copies = sorted(r.value for r in await read_all(settings, settings.topic(TARGET)))
-    assert copies == [b"0", b"07", b"08", b"1", b"17", b"18", b"2"]
+    assert copies == [b"0", b"07", b"08", b"1", b"17", b"18", b"2", b"before"]
     # what could not be copied was dealt with too: a finished run is at 100 %
     (last,) = [line for line in done.stderr.splitlines() if line.startswith("replay: ")][-1:]
     assert "(100%)" in last, done.stderr

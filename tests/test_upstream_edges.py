@@ -219,4 +219,4 @@ async def test_a_bomb_of_many_records_is_stepped_over_a_batch_at_a_time(
     first = next(d["error"] for d in dead if d["source"]["offset"] == 1)
     assert "inflates past 1,048,576 bytes" in first
     later = next(d["error"] for d in dead if d["source"]["offset"] == 5_000)
-    assert "@5000 (its batch is unreadable past @1:" in later
+    assert "@5000 (its batch, @1 to @12000, cannot be read: a zstd batch" in later

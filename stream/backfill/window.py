@@ -124,7 +124,9 @@ async def batches(
 ) -> AsyncGenerator[list[Any], None]:
     """The records of each span, one partition's fetch at a time, in offset order within a
     partition; it stops at the ends (it never waits for records written later). A record
-    the Kafka client cannot decode is stepped over and passed to `on_undecodable`."""
+    the Kafka client cannot decode is stepped over with the rest of its batch, which
+    cannot be read past it; each of their offsets in the span is passed to
+    `on_undecodable`, one at a time."""
     todo = {tp: span for tp, span in bounds.items() if span.size}
     consumer.assign(list(todo))
     for tp, span in todo.items():

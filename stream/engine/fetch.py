@@ -23,6 +23,7 @@ the only thing the client gives away about it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,18 +61,34 @@ _WAIT_S = 2.0  # for one partition's records after a seek (a fetch long-poll is 
 
 class Undecodable(NamedTuple):
     """Where a record the client cannot decode sits, and why it cannot; `run` offsets
-    from it cannot be read (the rest of its batch: aiokafka parses a batch from its start,
-    so it reads nothing past a record it cannot decode, nor any of a batch it cannot
-    inflate)."""
+    from it cannot be read. `batch`: the first offset of the batch that failed and the one
+    after it, when aiokafka's reader showed it (None: the record alone is known). aiokafka
+    parses a batch from its start, so it reads nothing past a record it cannot decode,
+    nor any of a batch it cannot inflate: the run is the rest of that batch."""
 
     tp: TopicPartition
     offset: int
     error: str
     run: int = 1
+    batch: tuple[int, int] | None = None
 
     def each(self) -> list[Undecodable]:
         """One per offset, the first as it is."""
         return [self._replace(offset=self.offset + i, run=1) for i in range(self.run)]
+
+    def says(self) -> str:
+        """Why the record at `offset` cannot be read, naming where."""
+        where = f"{self.tp.topic}[{self.tp.partition}]@{self.offset}"
+        if self.batch is None:
+            return (
+                f"the Kafka client cannot decode the record at {where} ({self.error});"
+                " its batch is unreadable past it"
+            )
+        first, end = self.batch
+        return (
+            f"the Kafka client cannot read the record at {where} (its batch, @{first} to"
+            f" @{end - 1}, cannot be read: {self.error})"
+        )
 
 
 @dataclass
@@ -84,22 +101,8 @@ class StandIn(ConsumerRecord):  # type: ignore[misc]
     @classmethod
     def each_of(cls, bad: Undecodable) -> list[StandIn]:
         """One for each offset `bad` says cannot be read."""
-        where = f"{bad.tp.topic}[{bad.tp.partition}]"
-
-        def why(offset: int) -> str:
-            if offset == bad.offset:
-                return f"({bad.error}); its batch is unreadable past it"
-            return f"(its batch is unreadable past @{bad.offset}: {bad.error})"
-
         return [
-            cls._at(
-                bad.tp.topic,
-                bad.tp.partition,
-                one.offset,
-                f"the Kafka client cannot decode the record at {where}@{one.offset} "
-                + why(one.offset),
-            )
-            for one in bad.each()
+            cls._at(bad.tp.topic, bad.tp.partition, one.offset, one.says()) for one in bad.each()
         ]
 
     @classmethod
@@ -142,7 +145,7 @@ async def step_over(
     consumer: Any, expected: Mapping[TopicPartition, int | None]
 ) -> tuple[dict[TopicPartition, list[Any]], Undecodable | None]:
     """After `getmany` raised one of `UNDECODABLE`: records fetched while looking, and the
-    bad record found (skipped: the consumer is positioned after it), if one was.
+    bad records found (skipped: the consumer is positioned after their run), if any were.
 
     `expected` maps each partition to the offset its caller wants next (None: from the
     start of the log, as a consumer that had no position reset to it).
@@ -168,8 +171,9 @@ async def stand_in_for_undecodable(
     consumer: Any, partitions: Mapping[TopicPartition, Partition]
 ) -> dict[TopicPartition, list[Any]]:
     """After `getmany` failed to decode a record: find it, and return what was fetched on
-    the way with a stand-in in its place, which the stage's error path turns into a dead
-    letter. `partitions` are the engine's; each is expected to go on from its next offset."""
+    the way with a stand-in for each offset that cannot be read (`Undecodable.run`), which
+    the stage's error path turns into a dead letter. `partitions` are the engine's; each
+    is expected to go on from its next offset."""
     # A partition assigned but not set up yet may have lost records too, from its start
     # (set-up seeks it to its committed offset, if any); unless its set-up began, which
     # pauses it: then nothing of it was fetched, and its position is set-up's to set.
@@ -182,13 +186,14 @@ async def stand_in_for_undecodable(
             expected[tp] = partition.offsets.next_expected
     batch, bad = await step_over(consumer, expected)
     if bad is not None:
+        last = bad.offset + bad.run - 1
         log.warning(
-            "%s[%d]@%d cannot be decoded (%s): handing %s to the error path",
+            "%s[%d]@%s cannot be read (%s): handing %s to the error path",
             bad.tp.topic,
             bad.tp.partition,
-            bad.offset,
+            bad.offset if bad.run == 1 else f"{bad.offset}-{last}",
             bad.error,
-            "it" if bad.run == 1 else f"it and the {bad.run - 1:,} after it",
+            "it" if bad.run == 1 else f"each of the {bad.run:,}",
         )
         batch.setdefault(bad.tp, []).extend(StandIn.each_of(bad))
     return batch
@@ -248,15 +253,31 @@ async def _fetch(consumer: Any, tp: TopicPartition, *, max_records: int | None) 
 
 
 def _unreadable(tp: TopicPartition, position: int, exc: BaseException) -> Undecodable:
-    """The offsets from `position` on that cannot be read: those of the batch `exc` came
-    out of (at most `_MAX_RUN`), or the one at `position` when that batch is not known.
-    Stepping a record at a time, a batch of 200,000 small records past the inflation bound
-    took hours."""
-    first, end = _failed_batch(exc) or (position, position + 1)
-    first = max(first, position)  # (a batch is read from its start: the bad one is here)
+    """The offsets from `position` on that cannot be read: the rest of the batch `exc`
+    came out of (at most `_MAX_RUN`), or the one at `position` when that batch is not
+    known. Stepping a record at a time, a batch of 200,000 small records past the
+    inflation bound took hours. (Offsets a compaction emptied inside that batch are stood
+    in for too: nothing tells them from records.)"""
+    batch = _failed_batch(exc)
+    if batch is None:
+        _warn_unseen_batch()
+        return Undecodable(tp, position, _describe(exc))
+    first, end = batch
+    # The position may be before the batch (aiokafka passed over markers, aborted or
+    # compacted offsets without moving it: nothing to read there), or inside it, past
+    # the record that failed (the run starts where its caller is).
+    first = max(first, position)
     if end <= first:  # not the batch at the position after all
-        first, end = position, position + 1
-    return Undecodable(tp, first, _describe(exc), min(end - first, _MAX_RUN))
+        return Undecodable(tp, position, _describe(exc))
+    return Undecodable(tp, first, _describe(exc), min(end - first, _MAX_RUN), batch)
+
+
+@functools.cache  # once per process
+def _warn_unseen_batch() -> None:
+    log.warning(
+        "aiokafka did not show the batch it failed on (has it changed?): records it cannot"
+        " read are stepped over one a fetch round, slowly for a large batch"
+    )
 
 
 def _failed_batch(exc: BaseException) -> tuple[int, int] | None:

@@ -1,9 +1,11 @@
 """Kafka as the tests see it, without the code under test: topics, records written and read
-back, end and committed offsets, and commits as a group with no live member."""
+back, end and committed offsets, commits as a group with no live member, hostile record
+batches written as they are (`produce_batch`), and a broker of its own for a benchmark."""
 
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -16,6 +18,7 @@ from aiokafka.admin import NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.protocol.produce import ProduceRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.util import calc_crc32c
 from aiokafka.structs import OffsetAndMetadata
 
 from stream.config import Settings
@@ -135,17 +138,37 @@ async def produce_batch(settings: Settings, tp: TopicPartition, batch: bytes) ->
 
 def zstd_batch(values: Iterable[bytes]) -> bytes:
     """One zstd-compressed batch of records with `values`, no keys, no headers."""
+    return _batch(4, [(value, []) for value in values])  # 4: zstd
+
+
+def bad_key_batch(values: Sequence[bytes], bad: int) -> bytes:
+    """One plain batch of records with `values`, the one at index `bad` carrying a header
+    key that is not UTF-8 (which no Python client writes; the broker takes it)."""
+    marker = "\x01bad-key\x01"  # as long as its replacement, and found once
+    batch = bytearray(
+        _batch(0, [(value, [(marker, b"")] if i == bad else []) for i, value in enumerate(values)])
+    )
+    at = batch.index(marker.encode())
+    batch[at : at + len(marker)] = b"\xff\xfe" + bytes(len(marker) - 2)
+    struct.pack_into(">I", batch, _CRC_AT, calc_crc32c(bytes(batch[_CRC_AT + 4 :])))
+    return bytes(batch)
+
+
+_CRC_AT = 17  # a v2 batch: base offset (8), length (4), leader epoch (4), magic (1), crc
+
+
+def _batch(codec: int, records: Sequence[tuple[bytes, list[tuple[str, bytes]]]]) -> bytes:
     builder = DefaultRecordBatchBuilder(
         magic=2,
-        compression_type=4,  # zstd
+        compression_type=codec,
         is_transactional=0,
         producer_id=-1,
         producer_epoch=-1,
         base_sequence=-1,
         batch_size=2**31 - 1,
     )
-    for i, value in enumerate(values):
-        builder.append(i, timestamp=None, key=None, value=value, headers=[])
+    for i, (value, headers) in enumerate(records):
+        builder.append(i, timestamp=None, key=None, value=value, headers=headers)
     return bytes(builder.build())
 
 
