@@ -290,9 +290,15 @@ async def test_records_the_client_cannot_decode_or_write_are_reported_not_fatal(
         [Record(f"{p}{i}".encode(), partition=p, timestamp_ms=now) for p in (0, 1) for i in (7, 8)],
     )
 
+    dry = await run_cli(env, "replay", "--since", "1h", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    said = "will not be copied, the Kafka client cannot decode them: partition 1 offsets 4-5\n"
+    assert said in dry.stdout  # known before the run
     done = await run_cli(env, "replay", "--since", "1h")
     assert done.returncode == 0, done.stderr
-    assert "cannot decode them: partition 1 offsets 4-5\n" in done.stdout
+    assert "not copied, the Kafka client cannot decode them: partition 1 offsets 4-5\n" in (
+        done.stdout
+    )
     assert "neither key nor value (the Kafka client cannot write that): partition 0 offsets 0" in (
         done.stdout
     )

@@ -218,7 +218,10 @@ class Replay:
                     read[part.partition] = batch[-1].offset + 1
 
     def _uncounted(self, bad: Undecodable) -> None:  # a record all the same: to be listed
-        self._partition(bad.tp.partition).lacks(bad.offset)
+        part = self._partition(bad.tp.partition)
+        part.lacks(bad.offset)
+        if self.options.dry_run:  # known now: the run itself lists it when it gets there
+            part.skip(bad.offset, _UNDECODABLE)
 
     async def _copy(self, consumer: Any, producer: Any) -> None:
         # only where records are missing, from the first of them

@@ -145,10 +145,11 @@ def _summary(run: Replay, outcome: str) -> str:
     already = sum(p.already for p in run.partitions)
     count = sum(p.missing for p in run.partitions) if run.options.dry_run else run.copied
     rows.append(f"{'total':>9}  {'':>19}  {window:>9}  {already:>9}  {count:>9}")
+    not_copied = "will not be copied" if run.options.dry_run else "not copied"
     for p in run.partitions:
         for why, offsets in p.uncopied.items():
             listed = _runs(offsets)
-            rows.append(f"not copied, {why}: partition {p.partition} offsets {listed}")
+            rows.append(f"{not_copied}, {why}: partition {p.partition} offsets {listed}")
     rows.append(f"{run.options.source} → {run.options.target}: {outcome}")
     return "\n".join(rows)
 
