@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
@@ -19,6 +20,7 @@ from stream.backfill.progress import Progress, parse_rate
 from stream.backfill.replay import PartitionReplay, Replay, ReplayOptions
 from stream.backfill.replaycli import _runs
 from stream.backfill.window import Span, parse_time
+from stream.backfill.writer import _settled
 from stream.config import Settings
 from stream.errors import ConfigError
 from tests.kit import run_cli
@@ -540,3 +542,24 @@ def test_offsets_not_copied_are_listed_as_runs(offsets: set[int]) -> None:
         back += range(int(first), int(last or first) + 1)
     assert back == sorted(offsets)  # each once, in order
     assert len(parts) == len([o for o in offsets if o - 1 not in offsets])  # one per run
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_a_commit_under_way_at_ctrl_c_is_counted_if_and_only_if_it_lands(
+    fails: bool,
+) -> None:
+    """Ctrl-C cancels the run's scope, which keeps cancelling (`stream.interrupts`): the
+    wait for the commit's answer must not be cancelled with it (it was: a commit that
+    landed went uncounted, and an interrupted run said it copied a batch less)."""
+    counted: list[int] = []
+
+    async def commit() -> None:  # Kafka answering the commit 0.3 s later
+        await anyio.sleep(0.3)
+        if fails:
+            raise RuntimeError("Kafka refused it")
+
+    with anyio.CancelScope() as scope:
+        asyncio.get_running_loop().call_later(0.1, scope.cancel)  # Ctrl-C meanwhile
+        await _settled(commit(), lambda: counted.append(1))
+    assert scope.cancelled_caught
+    assert counted == ([] if fails else [1])

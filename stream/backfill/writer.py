@@ -26,6 +26,7 @@ from contextlib import (
 )
 from typing import Any, Protocol
 
+import anyio
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.errors import ProducerFenced
@@ -199,7 +200,10 @@ async def _settled(call: Awaitable[None], done: Callable[[], None] | None = None
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
-        await asyncio.wait([task], timeout=_SETTLE_S)
+        # Shielded: the run's cancel scope (`stream.interrupts`) keeps cancelling, and an
+        # unshielded wait ended at once: a commit that landed went uncounted.
+        with anyio.move_on_after(_SETTLE_S, shield=True):
+            await asyncio.wait([task])
         if task.done() and not task.cancelled() and task.exception() is None and done:
             done()
         raise
