@@ -540,3 +540,24 @@ async def test_json_summary_for_scripts(settings: Settings, env: dict[str, str])
     again = orjson.loads((await run_cli(env, "redrive", "--json")).stdout)
     assert again["total"]["redriven"] == 0  # it starts after what was re-driven
     assert len(await read_all(settings, settings.topic(REQUESTS))) == 12
+
+
+async def test_letters_of_any_reason_or_none_are_counted_in_rows_of_known_words(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    """A dead-letter topic is anyone's to write: a reason of escape codes and a newline
+    cleared the operator's screen and drew a row of its own, each distinct junk reason
+    was a row, and letters that are not JSON objects counted as "not selected"."""
+    await create_topics(settings, {DEAD: 1, REQUESTS: 1, BACKFILL: 1})
+    hostile: list[Any] = ["\x1b[2J\x1b[Hexpired\nfallback_failed   9999", "x" * 400, 12345, None]
+    letters = [orjson.dumps({**_fallback_failed(i), "reason": r}) for i, r in enumerate(hostile)]
+    letters += [b"{not json", b"[1, 2]", b"null"]
+    await produce(settings, settings.topic(DEAD), [Record(v, partition=0) for v in letters])
+    done = await run_cli(env, "redrive", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "x" * 400 not in done.stdout
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
+    # redriven, already, cannot succeed, no request, max attempts, not selected, cannot send
+    assert rows["unknown"] == ["0", "0", "0", "0", "0", "4", "0"]
+    assert rows["unreadable"] == ["0", "0", "0", "3", "0", "0", "0"]
+    assert set(rows) == {"reason", "unknown", "unreadable", "total", settings.topic(DEAD)}

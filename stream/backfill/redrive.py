@@ -101,6 +101,7 @@ REASONS = (
     "content_filter",
     "context_length_exceeded",
 )
+UNREADABLE, UNKNOWN_REASON = "unreadable", "unknown"  # not a JSON object; another reason
 # the same bytes would fail the same way: sent again only with --force
 HOPELESS = frozenset(
     {
@@ -330,7 +331,7 @@ class Redrive:
     def _decide(self, record: Any) -> tuple[str, Outgoing] | None:
         """The reason and what to send for one dead letter; None (counted) to skip it."""
         letter = _letter(record.value)
-        reason = str(letter.get("reason"))
+        reason = _reason(letter)
         outcome = _passed_over(record, letter, reason, self.options)
         if outcome is not None:
             self.counts[(reason, outcome)] += 1
@@ -361,13 +362,15 @@ class Redrive:
 
     def _unreadable(self, bad: Undecodable) -> None:
         """A dead letter the Kafka client cannot decode (someone else wrote it)."""
-        self.counts[("unreadable", "no request")] += 1
+        self.counts[(UNREADABLE, "no request")] += 1
 
 
 def _passed_over(
     record: Any, letter: dict[str, Any], reason: str, options: RedriveOptions
 ) -> str | None:
     """Why a dead letter is not re-driven on its own account (None: it is eligible)."""
+    if reason == UNREADABLE:
+        return "no request"
     if reason not in options.reasons:
         return "not selected"
     if reason not in options.acting:
@@ -413,8 +416,17 @@ def _letter(value: bytes | None) -> dict[str, Any]:
     try:
         letter = orjson.loads(value or b"")
     except orjson.JSONDecodeError:
-        return {"reason": "unreadable"}
-    return letter if isinstance(letter, dict) else {"reason": "unreadable"}
+        return {"reason": UNREADABLE}
+    return letter if isinstance(letter, dict) else {"reason": UNREADABLE}
+
+
+def _reason(letter: dict[str, Any]) -> str:
+    """One of `REASONS`, or what stands for the rest: a dead-letter topic is anyone's to
+    write, and a reason of escape codes cleared the operator's screen (a row per value)."""
+    reason = letter.get("reason")
+    if isinstance(reason, str) and (reason in REASONS or reason == UNREADABLE):
+        return reason
+    return UNKNOWN_REASON
 
 
 def _outgoing(
