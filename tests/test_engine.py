@@ -19,7 +19,7 @@ from stream.engine.partitions import Partition
 from stream.engine.rebalance import Rebalancer
 from stream.engine.transactions import ExactlyOnceSink
 from tests.kit import eventually
-from tests.kit.kafka import Record, committed, create_topic, end_offsets, produce, read_all
+from tests.kit.kafka import Record, commit, committed, create_topic, end_offsets, produce, read_all
 from tests.kit.workers import engine_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -510,3 +510,34 @@ async def test_nothing_starts_after_a_stop(settings: Settings) -> None:
         gate.set()  # the five finish at once: room for five more
     assert sorted(started) == sorted(f"{i}".encode() for i in range(5))
     assert (await committed(settings, engine.group_id, source))[0][0] == 5
+
+
+async def test_a_committed_offset_past_the_log_end_is_said_once_per_partition(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kafka moves a position past the log end back to the log start (a log that lost
+    records in an unclean leader election, or an offset set by hand); the records below
+    the committed offset are taken as done, as before, but no longer in silence."""
+    source = await create_topic(settings, "past-end", 2)
+    dead = await create_topic(settings, "past-end-dead", 1)
+    await produce(settings, source, [Record(b"%d" % i, partition=i % 2) for i in range(6)])
+    group = settings.group("past-end")
+    await commit(settings, group, {TopicPartition(source, p): 1000 for p in (0, 1)})
+    handled: list[bytes] = []
+
+    async def handler(record: Any) -> Sequence[Output]:
+        handled.append(record.value)
+        return []
+
+    engine = _engine(settings, "past-end", source, handler, dead)
+
+    async def all_fetched() -> bool:
+        return engine.snapshot().records_in == 6
+
+    with caplog.at_level("WARNING", logger="stream.engine.partitions"):
+        async with engine_on(engine):
+            await eventually(all_fetched)
+    said = [r.getMessage() for r in caplog.records if "past the log end" in r.getMessage()]
+    assert sorted(m.split(":")[0] for m in said) == [f"{source}[0]", f"{source}[1]"]
+    assert "from the committed offset 1000 to 0" in said[0]
+    assert handled == []  # nothing paid for again

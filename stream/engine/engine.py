@@ -330,6 +330,7 @@ class Engine:
                     self.records_redelivered += 1
             else:
                 self.records_done += 1  # finished before (per the committed metadata)
+                partition.skipped(record.offset)
 
     def _spawn(self, partition: Partition, record: Record) -> None:
         assert self._task_group is not None

@@ -21,6 +21,7 @@ The snapshots an engine gives of itself (`EngineSnapshot`) and of each partition
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from typing import Any, NamedTuple, TypeAlias
@@ -31,6 +32,8 @@ from anyio import TaskHandle
 
 from stream.engine.offsets import METADATA_MAX_CHARS, PartitionOffsets, with_notes
 from stream.release import Release
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EngineSnapshot", "Partition", "PartitionSnapshot", "Record", "Runner"]
 
@@ -138,6 +141,7 @@ class Partition:
         # The same without its `since` note: a commit is due when the position moves.
         self.committed_base: tuple[int, str] | None = None
         self.committed_at = 0.0  # when (monotonic) this owner last committed
+        self.reset_seen = False  # a record below the committed offset came (`skipped`)
         # An output of it was placed by its key's hash, not at the input's partition number
         # (by this owner, or by one before it, per its `spread` note): a next owner must
         # look in every output partition (`stream.engine.recovery`).
@@ -189,6 +193,27 @@ class Partition:
         self.started_high = max(self.started_high, record.offset + 1)
         self.idle = anyio.Event() if self.idle.is_set() else self.idle
         return record
+
+    def skipped(self, offset: int) -> None:
+        """A fetched record was not run (finished before). One below the committed offset
+        means Kafka reset the position: that offset is past the log end. Said once."""
+        if self.committed_base is None or offset >= self.committed_base[0] or self.reset_seen:
+            return
+        self.reset_seen = True
+        committed = self.committed_base[0]
+        log.warning(
+            "%s[%d]: Kafka moved the position from the committed offset %d to %d: %d is past "
+            "the log end (the log lost records, in an unclean leader election, or the offset "
+            "was set by hand). Records below %d are taken as done and not run, new ones too "
+            "until the log passes it; to run them, set the group's offset (kafka-consumer-"
+            "groups.sh --reset-offsets) with the workers stopped",
+            self.tp.topic,
+            self.tp.partition,
+            committed,
+            offset,
+            committed,
+            committed,
+        )
 
     def done(self, record: Record) -> None:
         """The record stopped running (finished or abandoned): release its key and slot."""
