@@ -288,6 +288,21 @@ def test_table_shows_unknown_as_a_dash() -> None:
     assert text.splitlines()[-1] == "group g: UNKNOWN, 1 member(s), state Stable"
 
 
+def test_table_says_when_a_group_committed_past_the_log_end() -> None:
+    """Its lag reads 0 (Kafka's tool: negative), and a worker takes the records below the
+    committed offset as done: the table says so under its rows."""
+    rows = [
+        LagRow("g", "t", 0, 1000, 10, 0, None, Status.OK, 1, "m"),
+        LagRow("g", "t", 1, 10, 10, 0, None, Status.OK, 1, "m"),
+    ]
+    text = render(rows, [GroupReading("g", True, "Stable", 1, (), 0.0)])
+    said = [line for line in text.splitlines() if "past its log end" in line]
+    assert said == [
+        "g committed t[0] at 1000, past its log end 10: a worker takes the records below 1000"
+        ' as done (the README\'s "Under faults" says why and what to do)'
+    ]
+
+
 # --- timestamps are hints: what producers stamp cannot make lag lie ----------------------
 
 

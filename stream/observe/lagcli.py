@@ -287,6 +287,13 @@ def render(rows: Sequence[LagRow], readings: Sequence[GroupReading]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
         for line in lines
     ]
+    for row in rows:
+        if row.committed is not None and row.end is not None and row.committed > row.end:
+            text.append(
+                f"{row.group} committed {row.topic}[{row.partition}] at {row.committed}, past "
+                f"its log end {row.end}: a worker takes the records below {row.committed} as "
+                'done (the README\'s "Under faults" says why and what to do)'
+            )
     for reading in readings:
         if reading.exists:
             status = worst([row.status for row in rows if row.group == reading.group])
