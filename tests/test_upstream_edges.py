@@ -12,7 +12,7 @@ simulator over HTTP, the worker in this process):
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,27 @@ sys.stdout.buffer.write(bytes(builder.build()))
 """
 
 
+Letters = list[dict[str, Any]]
+
+
+async def _written(
+    settings: Settings, enough: Callable[[Letters, Letters], bool]
+) -> tuple[Letters, Letters]:
+    """The results and dead letters (parsed), read until `enough(results, dead)`."""
+    names = Topics.of(settings)
+    found: tuple[Letters, Letters] = ([], [])
+
+    async def check() -> bool:
+        nonlocal found
+        results = [orjson.loads(r.value) for r in await read_all(settings, names.results)]
+        dead = [orjson.loads(r.value) for r in await read_all(settings, names.dead_letter)]
+        found = (results, dead)
+        return enough(results, dead)
+
+    await eventually(check, timeout_s=60)
+    return found
+
+
 _PEAK = Path("/proc/self/status")  # VmHWM: the peak RSS
 _CLEAR_PEAK = Path("/proc/self/clear_refs")  # "5" resets it (Linux 4.0 on)
 
@@ -167,15 +188,7 @@ async def test_a_decompression_bomb_is_a_dead_letter_and_the_worker_lives(
         headers = [("h", b"")] * 300
         await produce(settings_, names.requests, [Record(b"{}", partition=0, headers=headers)])
         await produce(settings_, names.requests, [Record(request("after", MODEL), partition=0)])
-        results: list[dict[str, Any]] = []
-        dead: list[dict[str, Any]] = []
-
-        async def both_ended() -> bool:
-            results[:] = [orjson.loads(r.value) for r in await read_all(settings_, names.results)]
-            dead[:] = [orjson.loads(r.value) for r in await read_all(settings_, names.dead_letter)]
-            return bool(results) and len(dead) == 3
-
-        await eventually(both_ended, timeout_s=60)
+        results, dead = await _written(settings_, lambda r, d: bool(r) and len(d) == 3)
     assert [r["request_id"] for r in results] == ["after"]
     assert [d["reason"] for d in dead] == ["invalid_encoding"] * 3
     errors = [d["error"] for d in dead]
@@ -206,15 +219,7 @@ async def test_a_bomb_of_many_records_is_stepped_over_a_batch_at_a_time(
         await produce(settings, names.requests, [Record(request("before", MODEL), partition=0)])
         await produce_batch(settings, tp, bomb)
         await produce(settings, names.requests, [Record(request("after", MODEL), partition=0)])
-        results: list[dict[str, Any]] = []
-        dead: list[dict[str, Any]] = []
-
-        async def all_ended() -> bool:
-            results[:] = [orjson.loads(r.value) for r in await read_all(settings, names.results)]
-            dead[:] = [orjson.loads(r.value) for r in await read_all(settings, names.dead_letter)]
-            return len(results) == 2 and len(dead) >= count
-
-        await eventually(all_ended, timeout_s=60)
+        results, dead = await _written(settings, lambda r, d: len(r) == 2 and len(d) >= count)
     assert [r["request_id"] for r in results] == ["before", "after"]
     assert {d["reason"] for d in dead} == {"invalid_encoding"}
     assert sorted(d["source"]["offset"] for d in dead) == list(range(1, count + 1))  # each once

@@ -9,7 +9,8 @@ from typing import Any
 from stream import topics
 from stream.backfill.progress import add_json_option, parse_rate, run_summarised
 from stream.backfill.replay import REQUESTS, Replay, ReplayOptions
-from stream.backfill.window import parse_time
+from stream.backfill.target import merged
+from stream.backfill.window import Span, parse_time
 from stream.config import Settings
 from stream.errors import ConfigError, UsageError
 
@@ -157,10 +158,5 @@ def _summary(run: Replay, outcome: str) -> str:
 def _runs(offsets: list[int]) -> str:
     """`offsets` with each run of consecutive ones as first-last: "3-5, 9" (a batch that
     cannot be read lists every record of it)."""
-    spans: list[list[int]] = []
-    for offset in sorted(offsets):
-        if spans and offset == spans[-1][1] + 1:
-            spans[-1][1] = offset
-        else:
-            spans.append([offset, offset])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    spans = merged([Span(offset, offset + 1) for offset in offsets])
+    return ", ".join(f"{s.start}" if s.size == 1 else f"{s.start}-{s.end - 1}" for s in spans)
