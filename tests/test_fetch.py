@@ -169,7 +169,9 @@ async def test_offsets_passed_over_before_an_unreadable_batch_are_no_dead_letter
         return [Output(sink, f"error {record.offset}".encode())]
 
     _, values = await _copy(_settings(settings, guarantee), source, sink, on_error)
-    assert values == [b"k0", b"k1", *(f"error {o}".encode() for o in range(7, 16)), b"good"]
+    # records of a partition are handled many at once: the sink's order is not the source's
+    expected = [b"k0", b"k1", *(f"error {o}".encode() for o in range(7, 16)), b"good"]
+    assert sorted(values) == sorted(expected)
 
 
 async def _copy(
