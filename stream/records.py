@@ -176,7 +176,7 @@ class Decoder:
             # The message names the field and the rule, never the value (it may be a prompt).
             raise InvalidRecordError("invalid_request", exc.message) from None
         _check_writable(body, value)
-        _check_exact(value)
+        check_exact(value)
         return body  # type: ignore[no-any-return]
 
 
@@ -205,7 +205,7 @@ def _exact_int(literal: str) -> int:
     return number
 
 
-def _check_exact(text: bytes) -> None:
+def check_exact(text: bytes) -> None:
     """An integer beyond 64 bits would not come back as sent: orjson reads it as a float,
     so an order id of 123456789012345678901 in `metadata` would be written in the result
     as 1.2345678901234568e+20. Such a request is refused, saying how to send it, rather

@@ -157,7 +157,10 @@ async def test_a_letter_that_cannot_be_sent_is_listed_and_the_run_goes_on(
     deep = deep.replace(b'"DEEP"', b'{"a":' * 300 + b"1" + b"}" * 300)
     big = orjson.dumps(_fallback_failed(3, messages=[{"role": "user", "content": "x" * 1_500_000}]))
     values = [orjson.dumps(_fallback_failed(i)) for i in (0, 2, 4)]
-    letters = [values[0], deep, values[1], big, values[2]]
+    # orjson reads an integer beyond 64 bits as a float: it would go out changed
+    wide = orjson.dumps(_fallback_failed(5, metadata={"order": "WIDE"}))
+    wide = wide.replace(b'"WIDE"', b"123456789012345678901")
+    letters = [values[0], deep, values[1], big, values[2], wide]
     await produce(
         settings,
         settings.topic(DEAD),
@@ -169,6 +172,8 @@ async def test_a_letter_that_cannot_be_sent_is_listed_and_the_run_goes_on(
         "(Recursion limit reached): partition 0 offset 1",
         "not re-driven (fallback_failed), larger than the target takes (1,500,",
         "max.message.bytes 1,048,588): partition 0 offset 3",
+        "not re-driven (fallback_failed), it holds an integer beyond 64 bits, which would be "
+        "sent as a float: partition 0 offset 5",
     ]
 
     # a dry run, the run, and a run again: (redriven, already redriven) each time
@@ -179,13 +184,14 @@ async def test_a_letter_that_cannot_be_sent_is_listed_and_the_run_goes_on(
             assert line in done.stdout
         rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
         # then cannot succeed, no request, max attempts, not selected, cannot send
-        assert rows["total"] == [*counts, "0", "0", "0", "0", "2"]
+        assert rows["total"] == [*counts, "0", "0", "0", "0", "3"]
         sent = await read_all(settings, settings.topic(REQUESTS))
         assert _ids(sent) == ([] if args else [0, 2, 4])  # each once, whatever ran before
     report = orjson.loads((await run_cli(env, "redrive", "--json")).stdout)
     assert [(row["offset"], row["reason"]) for row in report["not_sent"]] == [
         (1, "fallback_failed"),
         (3, "fallback_failed"),
+        (5, "fallback_failed"),
     ]
 
 

@@ -5,9 +5,8 @@ its request_id), the `request-id` and `traceparent` headers carried through, `at
 one higher, and a `redriven-from` header (`topic/partition/offset` of the dead letter).
 A request that had a `deadline` gets a fresh one (`--deadline`, 1 h by default): the old
 one has passed, or is close to it, and would only dead-letter it again. Reasons that
-cannot succeed as sent (bad input, unknown model) are skipped unless `--force`, and so are
-requests that already ran `--max-attempts` times (3 by default), so an automated re-drive
-cannot loop for ever; each is counted.
+cannot succeed as sent (bad input, unknown model) are skipped unless `--force`, as are
+those that ran `--max-attempts` times (3 by default): a re-drive cannot loop for ever.
 
 Progress lives in the consumer group `predictions-redrive`, committed in one Kafka
 transaction with the re-driven requests of a batch: both land, or neither does. A run
@@ -17,17 +16,15 @@ a reason advances only in a run that acts on it. Every run reads the whole windo
 second run reports what the first re-drove. Nothing is passed over silently, and nothing
 is re-driven twice.
 
-A letter whose request cannot be sent (it cannot be written back as JSON, or it is larger
-than the target takes) is counted as "cannot send", listed with why, and passed over.
+A letter whose request cannot be sent as it came (not writable as JSON, an integer beyond
+64 bits, larger than the target takes) is counted as "cannot send", listed, passed over.
 
 The transactions' producer has a fixed id per group (`stream.backfill.writer`): a second
 run started meanwhile fences this one and reads the group's progress only once Kafka has
 settled this one's last transaction, so two runs never both re-drive a letter.
-Runs before transactions marked a batch in the commit before sending it
-(`"@sending": {"at": ms, "to": topic}`) and cleared the mark after Kafka's
-acknowledgements; a run that finds such a mark (its predecessor died between the two)
-reads the target's `redriven-from` headers written since then, and counts what it finds
-as already re-driven.
+Runs before transactions marked a batch in the commit before sending it (`"@sending":
+{"at": ms, "to": topic}`), cleared after the acks; a run that finds one (its predecessor
+died between) counts the `redriven-from` headers since in the target as already re-driven.
 """
 
 from __future__ import annotations
@@ -59,7 +56,7 @@ from stream.backfill.writer import (
 from stream.checks import is_topic_name
 from stream.config import Settings
 from stream.engine.fetch import Undecodable
-from stream.errors import ConfigError
+from stream.errors import ConfigError, InvalidRecordError
 from stream.kafka import (
     admin_client,
     consumer_client,
@@ -351,7 +348,10 @@ class Redrive:
     def _prepare(self, record: Any, letter: dict[str, Any]) -> Outgoing | str:
         """What to send for a letter, or why it cannot be sent."""
         try:
+            records.check_exact(record.value or b"")  # orjson read a long integer as a float
             key, value, headers = _outgoing(record, letter, time.time() + self.options.deadline_s)
+        except InvalidRecordError:
+            return "it holds an integer beyond 64 bits, which would be sent as a float"
         except orjson.JSONEncodeError as exc:  # orjson writes 254 levels, reads 1024
             return f"its request cannot be written as JSON ({exc})"
         return oversize(key, value, headers, self.max_bytes) or (key, value, headers)
