@@ -3,6 +3,7 @@ wrong and what to do, never a traceback (`stream` run as a person would run it).
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -272,7 +273,9 @@ sys.exit(main(["lag"]))
 
 
 def _python(code: str) -> subprocess.CompletedProcess[str]:
-    """`code` run by this interpreter from the project's root, its output as text."""
+    """`code` run by this interpreter from the project's root, its output as text, with
+    Ctrl-C as a terminal gives it: a runner may ignore SIGINT (pytest-xdist's workers do),
+    and Python then leaves it ignored in the child until the command's run takes it."""
     from tests.kit import ROOT
 
     return subprocess.run(
@@ -282,6 +285,7 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
         cwd=ROOT,
         timeout=60,
         check=False,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
