@@ -45,6 +45,16 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
         gc.collect()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`./dev test`: `-n 2 --dist loadgroup`), the three-broker tests
+    share one worker, whose session starts one cluster, not one per worker."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if item.get_closest_marker("cluster"):
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
