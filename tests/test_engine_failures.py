@@ -18,12 +18,14 @@ from typing import Any
 import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.producer.sender import Sender
 
 from stream.config import EngineSettings, KafkaSettings, Settings
 from stream.devtools.broker import LocalBroker, free_port
 from stream.engine import MAX_OUTPUT_BYTES, Engine, Output
 from stream.engine import engine as engine_module
 from stream.engine import outputs as outputs_module
+from stream.engine import transactions as transactions_module
 from stream.engine.batches import Batches
 from stream.engine.membership import Membership
 from stream.engine.offsets import PartitionOffsets
@@ -592,3 +594,71 @@ async def test_a_stop_while_the_producer_starts_ends_the_engine_and_leaves_no_cl
             engine.stop()
     assert not engine.ready.is_set()
     assert [t for t in _aiokafka_tasks() if not t.done()] == before
+
+
+async def test_a_partition_producer_cancelled_while_it_starts_is_stopped(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop or a revoke that cancels an exactly-once partition's producer while it starts
+    (a worker joining then) left it unstopped: not yet in the sink's list, its connections
+    stayed open until the collector found them, and failed whichever test it ran in."""
+    source = await create_topic(settings, "eos-cancel-in", 1)
+    made: list[AIOKafkaProducer] = []
+
+    class Recorded(AIOKafkaProducer):  # type: ignore[misc]
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+            made.append(self)
+
+    monkeypatch.setattr(transactions_module, "AIOKafkaProducer", Recorded)
+    waiting = _stall_producer_starts(monkeypatch)
+    sink = ExactlyOnceSink(settings.kafka, settings.group("eos-cancel"), {})
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(sink.assigned, [TopicPartition(source, 0)])
+        await waiting.wait()
+        [producer] = made
+        assert any(conn.connected() for conn in producer.client._conns.values())
+        tasks.cancel_scope.cancel()
+    await sink.stop()
+    assert not any(conn.connected() for conn in producer.client._conns.values())
+
+
+async def test_a_renewed_output_producer_cancelled_while_it_starts_is_stopped(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for the at-least-once sink's producer renewed after a refused batch."""
+    made: list[AIOKafkaProducer] = []
+
+    class Recorded(AIOKafkaProducer):  # type: ignore[misc]
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+            made.append(self)
+
+    monkeypatch.setattr(outputs_module, "AIOKafkaProducer", Recorded)
+    sink = outputs_module.AtLeastOnceSink(settings.kafka, consumer=None, producer_options={})
+    await sink.start()
+    waiting = _stall_producer_starts(monkeypatch)
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(sink._renew, made[0], "a test")
+            await waiting.wait()
+            fresh = made[1]
+            assert any(conn.connected() for conn in fresh.client._conns.values())
+            tasks.cancel_scope.cancel()
+    finally:
+        await sink.stop()
+    assert not any(conn.connected() for conn in fresh.client._conns.values())
+
+
+def _stall_producer_starts(monkeypatch: pytest.MonkeyPatch) -> anyio.Event:
+    """Producers started from now on stop in their start once Kafka has given their id (their
+    coordinator's connection open); the event is set when one gets there."""
+    waiting = anyio.Event()
+
+    async def stalls(self: Sender) -> None:  # in place of its start: its routine never runs
+        await self._maybe_wait_for_pid()
+        waiting.set()
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(Sender, "start", stalls)
+    return waiting
