@@ -603,14 +603,7 @@ async def test_a_partition_producer_cancelled_while_it_starts_is_stopped(
     (a worker joining then) left it unstopped: not yet in the sink's list, its connections
     stayed open until the collector found them, and failed whichever test it ran in."""
     source = await create_topic(settings, "eos-cancel-in", 1)
-    made: list[AIOKafkaProducer] = []
-
-    class Recorded(AIOKafkaProducer):  # type: ignore[misc]
-        def __init__(self, **options: Any) -> None:
-            super().__init__(**options)
-            made.append(self)
-
-    monkeypatch.setattr(transactions_module, "AIOKafkaProducer", Recorded)
+    made = _record_producers(monkeypatch, transactions_module)
     waiting = _stall_producer_starts(monkeypatch)
     sink = ExactlyOnceSink(settings.kafka, settings.group("eos-cancel"), {})
     async with anyio.create_task_group() as tasks:
@@ -627,14 +620,7 @@ async def test_a_renewed_output_producer_cancelled_while_it_starts_is_stopped(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same for the at-least-once sink's producer renewed after a refused batch."""
-    made: list[AIOKafkaProducer] = []
-
-    class Recorded(AIOKafkaProducer):  # type: ignore[misc]
-        def __init__(self, **options: Any) -> None:
-            super().__init__(**options)
-            made.append(self)
-
-    monkeypatch.setattr(outputs_module, "AIOKafkaProducer", Recorded)
+    made = _record_producers(monkeypatch, outputs_module)
     sink = outputs_module.AtLeastOnceSink(settings.kafka, consumer=None, producer_options={})
     await sink.start()
     waiting = _stall_producer_starts(monkeypatch)
@@ -648,6 +634,19 @@ async def test_a_renewed_output_producer_cancelled_while_it_starts_is_stopped(
     finally:
         await sink.stop()
     assert not any(conn.connected() for conn in fresh.client._conns.values())
+
+
+def _record_producers(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[AIOKafkaProducer]:
+    """Every producer `module` makes from now on, in order."""
+    made: list[AIOKafkaProducer] = []
+
+    class Recorded(AIOKafkaProducer):  # type: ignore[misc]
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+            made.append(self)
+
+    monkeypatch.setattr(module, "AIOKafkaProducer", Recorded)
+    return made
 
 
 def _stall_producer_starts(monkeypatch: pytest.MonkeyPatch) -> anyio.Event:
