@@ -80,14 +80,21 @@ class _AdminClient(AIOKafkaAdminClient):  # type: ignore[misc]
 
 
 async def start_client(
-    client: Any, settings: KafkaSettings, doing: str, *, timeout_s: float | None = None
+    client: Any,
+    settings: KafkaSettings,
+    doing: str,
+    *,
+    timeout_s: float | None = None,
+    stop_if_cancelled: bool = True,
 ) -> None:
     """Start an aiokafka client (consumer, producer or admin). When it cannot start, stop
     it (its sockets and tasks are already open) and raise our `KafkaError`, which says what
     we were `doing`. With `timeout_s`, a start that hangs fails too. Cancelled while it
-    starts, it is the caller's to stop (the engine does, outside its cancelled start-up
-    scope: stopped in here, a consumer cancelled in its first join took seconds to leave,
-    and cut short by the bound it left its connections open)."""
+    starts, it is stopped too (shielded, within CANCELLED_CLOSE_S: left to the collector,
+    its sockets failed whichever test it ran in), unless `stop_if_cancelled` is False: the
+    engine stops its consumer itself, outside its cancelled start-up scope (stopped in
+    here, a consumer cancelled in its first join took seconds to leave, and cut short by
+    the bound it left its connections open)."""
     if isinstance(client, AIOKafkaProducer) and client._txn_manager is not None:
         ride_out_lost_coordinators(client)
     try:
@@ -96,6 +103,10 @@ async def start_client(
     except (AIOKafkaError, OSError, TimeoutError) as exc:
         await stop_client(client)
         raise await translated(exc, settings, doing) from exc
+    except BaseException:  # cancelled (or a bug): what its start opened is open
+        if stop_if_cancelled:
+            await stop_client(client, within=CANCELLED_CLOSE_S)
+        raise
     connected(settings)
 
 

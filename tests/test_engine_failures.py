@@ -18,7 +18,6 @@ from typing import Any
 import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.producer.sender import Sender
 
 from stream.config import EngineSettings, KafkaSettings, Settings
 from stream.devtools.broker import LocalBroker, free_port
@@ -36,7 +35,7 @@ from stream.errors import KafkaError
 from stream.kafka import admin_client
 from stream.observe.health import Health
 from tests.kit import ROOT, eventually
-from tests.kit.kafka import committed, create_topic, produce, read_all
+from tests.kit.kafka import committed, create_topic, produce, read_all, stall_producer_starts
 from tests.kit.workers import engine_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -458,11 +457,11 @@ def _start_hangs(
     waits on Kafka does; it starts the others."""
     real_start = module.start_client
 
-    async def hangs(client: Any, kafka: KafkaSettings, doing: str) -> None:
+    async def hangs(client: Any, kafka: KafkaSettings, doing: str, **options: Any) -> None:
         if isinstance(client, kind):
             starting.set()
             await anyio.sleep_forever()
-        await real_start(client, kafka, doing)
+        await real_start(client, kafka, doing, **options)
 
     monkeypatch.setattr(module, "start_client", hangs)
 
@@ -604,7 +603,7 @@ async def test_a_partition_producer_cancelled_while_it_starts_is_stopped(
     stayed open until the collector found them, and failed whichever test it ran in."""
     source = await create_topic(settings, "eos-cancel-in", 1)
     made = _record_producers(monkeypatch, transactions_module)
-    waiting = _stall_producer_starts(monkeypatch)
+    waiting = stall_producer_starts(monkeypatch)
     sink = ExactlyOnceSink(settings.kafka, settings.group("eos-cancel"), {})
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(sink.assigned, [TopicPartition(source, 0)])
@@ -623,7 +622,7 @@ async def test_a_renewed_output_producer_cancelled_while_it_starts_is_stopped(
     made = _record_producers(monkeypatch, outputs_module)
     sink = outputs_module.AtLeastOnceSink(settings.kafka, consumer=None, producer_options={})
     await sink.start()
-    waiting = _stall_producer_starts(monkeypatch)
+    waiting = stall_producer_starts(monkeypatch)
     try:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(sink._renew, made[0], "a test")
@@ -647,17 +646,3 @@ def _record_producers(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[AIOK
 
     monkeypatch.setattr(module, "AIOKafkaProducer", Recorded)
     return made
-
-
-def _stall_producer_starts(monkeypatch: pytest.MonkeyPatch) -> anyio.Event:
-    """Producers started from now on stop in their start once Kafka has given their id (their
-    coordinator's connection open); the event is set when one gets there."""
-    waiting = anyio.Event()
-
-    async def stalls(self: Sender) -> None:  # in place of its start: its routine never runs
-        await self._maybe_wait_for_pid()
-        waiting.set()
-        await anyio.sleep_forever()
-
-    monkeypatch.setattr(Sender, "start", stalls)
-    return waiting

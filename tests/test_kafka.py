@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from stream.config import KafkaSettings, Secret, Settings
 from stream.errors import KafkaError
 from stream.kafka import connected, retrying, start_client, transient, translate, translated
 from tests.kit import eventually
-from tests.kit.kafka import committed, create_topic, read_all
+from tests.kit.kafka import committed, create_topic, read_all, stall_producer_starts
 
 pytestmark = pytest.mark.anyio
 
@@ -369,3 +370,30 @@ async def test_a_commit_given_up_on_leaves_no_traceback_and_other_failures_still
     assert names == [
         "test_a_commit_given_up_on_leaves_no_traceback_and_other_failures_still_show.<locals>.other"
     ]
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("stop_if_cancelled", [True, False])
+async def test_a_client_cancelled_while_it_starts_is_stopped_unless_the_caller_stops_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, stop_if_cancelled: bool
+) -> None:
+    """A start cut short (Ctrl-C as `replay` starts, a revoke, a bounded wait) left what it
+    had opened open, for the collector to find: stopped now, unless the caller says it
+    stops the client itself (the engine's consumer)."""
+    producer = AIOKafkaProducer(**settings.kafka.producer_options(), enable_idempotence=True)
+    waiting = stall_producer_starts(monkeypatch)
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(
+                partial(start_client, stop_if_cancelled=stop_if_cancelled),
+                producer,
+                settings.kafka,
+                "testing",
+            )
+            await waiting.wait()
+            assert any(conn.connected() for conn in producer.client._conns.values())
+            tasks.cancel_scope.cancel()
+        left_open = any(conn.connected() for conn in producer.client._conns.values())
+        assert left_open is not stop_if_cancelled
+    finally:
+        await producer.stop()

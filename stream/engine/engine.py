@@ -231,8 +231,9 @@ class Engine:
                 # answers (a broker that stopped answering after the topic check).
                 await sink.start()
                 consumer.subscribe(self._topics, listener=listener)
-                try:
-                    await start_client(consumer, self._settings.kafka, "starting the consumer")
+                kafka, doing = self._settings.kafka, "starting the consumer"
+                try:  # cancelled, it is stopped below (outside this scope)
+                    await start_client(consumer, kafka, doing, stop_if_cancelled=False)
                 except KafkaError as exc:  # perhaps our instance id started elsewhere
                     raise await self.membership.explain_start(exc) from exc.__cause__
             self._starting = None

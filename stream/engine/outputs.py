@@ -43,7 +43,7 @@ from stream.engine.partitions import Partition
 from stream.engine.recovery import HEADER as RECOVERY_HEADER
 from stream.engine.recovery import commit_positions, input_headers
 from stream.errors import KafkaError, OutputRejectedError
-from stream.kafka import quiet_unread_kafka_failures, start_client, stop_client, translate
+from stream.kafka import quiet_unread_kafka_failures, start_client, translate
 
 __all__ = [
     "CLOSE_TIMEOUT_S",
@@ -292,9 +292,6 @@ class AtLeastOnceSink:
                 await start_client(fresh, self._settings, "renewing the producer")
             except KafkaError:
                 return  # Kafka is away: the writers' retries try again
-            except BaseException:  # cancelled as it starts: `stop` would not find it
-                await stop_client(fresh)
-                raise
             self._producer = fresh
             self._batches.close()
             self._batches = self._batches_of(fresh)

@@ -38,13 +38,7 @@ from stream.engine.outputs import (
 )
 from stream.engine.partitions import Partition
 from stream.errors import KafkaError
-from stream.kafka import (
-    quiet_unread_kafka_failures,
-    retrieve,
-    start_client,
-    stop_client,
-    translate,
-)
+from stream.kafka import quiet_unread_kafka_failures, retrieve, start_client, translate
 
 __all__ = ["ExactlyOnceSink"]
 
@@ -138,17 +132,13 @@ class ExactlyOnceSink:
         # Bounded: this runs inside a rebalance callback, which must end; as long as a
         # commit waits for a cluster that cannot log transactions (too few brokers in
         # sync), which the worker rides out (a request timeout ended it at 30 s).
-        try:
-            await start_client(
-                producer,
-                self._settings,
-                f"starting the exactly-once producer for {tp} (Kafka logs its transaction "
-                f"state on min.insync.replicas brokers: are enough of them up?)",
-                timeout_s=_TRANSACTION_TIMEOUT_MS / 1000,
-            )
-        except BaseException:  # cancelled as it starts (a stop, a revoke): not yet listed
-            await stop_client(producer)  # for `stop` to find, so stopped here (shielded)
-            raise
+        await start_client(  # cancelled as it starts (a stop, a revoke), it stops in there
+            producer,
+            self._settings,
+            f"starting the exactly-once producer for {tp} (Kafka logs its transaction state "
+            f"on min.insync.replicas brokers: are enough of them up?)",
+            timeout_s=_TRANSACTION_TIMEOUT_MS / 1000,
+        )
         log.debug("transactional producer for %s ready in %.3f s", tp, time.monotonic() - started)
         limit = self._options.get("max_request_size", 1024 * 1024)
         self._producers[tp] = _Transactional(producer, limit)  # first: a revoke now stops it

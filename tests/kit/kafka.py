@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import anyio
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.producer.sender import Sender
 from aiokafka.protocol.produce import ProduceRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.util import calc_crc32c
@@ -241,3 +243,17 @@ async def commit(
     async with started(consumer):
         consumer.assign(list(offsets))
         await consumer.commit({tp: OffsetAndMetadata(o, metadata) for tp, o in offsets.items()})
+
+
+def stall_producer_starts(monkeypatch: pytest.MonkeyPatch) -> anyio.Event:
+    """Producers started from now on stop in their start once Kafka has given their id (their
+    coordinator's connection open); the event is set when one gets there."""
+    waiting = anyio.Event()
+
+    async def stalls(self: Sender) -> None:  # in place of its start: its routine never runs
+        await self._maybe_wait_for_pid()
+        waiting.set()
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(Sender, "start", stalls)
+    return waiting
