@@ -9,7 +9,7 @@ import itertools
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from functools import partial
 from typing import Any, TypeVar
 
@@ -105,7 +105,8 @@ async def start_client(
         raise await translated(exc, settings, doing) from exc
     except BaseException:  # cancelled (or a bug): what its start opened is open
         if stop_if_cancelled:
-            await stop_client(client, within=CANCELLED_CLOSE_S)
+            with suppress(AIOKafkaError, OSError):  # the cancellation is what goes on
+                await stop_client(client, within=CANCELLED_CLOSE_S)
         raise
     connected(settings)
 

@@ -12,6 +12,7 @@ import sys
 import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,14 +46,36 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
         gc.collect()
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`./dev test`: `-n 2 --dist loadgroup`), the three-broker tests
-    share one worker, whose session starts one cluster, not one per worker."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
+# The modules of the tests marked `cluster`: under pytest-xdist (`./dev test`) they all run
+# on one worker, whose session starts one cluster, not one per worker.
+_CLUSTER_MODULES = frozenset(
+    f"tests/{name}.py"
+    for name in ("test_cluster", "test_cluster_lag", "test_cluster_ops", "test_offset_fetch")
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.get_closest_marker("cluster"):
-            item.add_marker(pytest.mark.xdist_group("cluster"))
+        module = item.nodeid.split("::")[0]
+        if item.get_closest_marker("cluster") and module not in _CLUSTER_MODULES:
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked cluster: add {module} to _CLUSTER_MODULES in "
+                "tests/conftest.py (so its tests run on the one worker with the cluster)"
+            )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Each test is its own unit of work, but for the cluster's modules: one unit, one
+    worker (xdist's own `--dist loadgroup` does not group under pytest 9.2: it sets a node
+    id that pytest no longer reads)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterTogether(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return "cluster" if nodeid.split("::")[0] in _CLUSTER_MODULES else nodeid
+
+    return ClusterTogether(config, log)
 
 
 @pytest.fixture

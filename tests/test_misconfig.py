@@ -274,8 +274,9 @@ sys.exit(main(["lag"]))
 
 def _python(code: str) -> subprocess.CompletedProcess[str]:
     """`code` run by this interpreter from the project's root, its output as text, with
-    Ctrl-C as a terminal gives it: a runner may ignore SIGINT (pytest-xdist's workers do),
-    and Python then leaves it ignored in the child until the command's run takes it."""
+    Ctrl-C as a terminal gives it: a suite started with SIGINT ignored (a background job of
+    a non-interactive shell) passes that on, and Python leaves it ignored in the child
+    until the command's run takes it."""
     from tests.kit import ROOT
 
     return subprocess.run(
