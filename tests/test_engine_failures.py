@@ -35,7 +35,14 @@ from stream.errors import KafkaError
 from stream.kafka import admin_client
 from stream.observe.health import Health
 from tests.kit import ROOT, eventually
-from tests.kit.kafka import committed, create_topic, produce, read_all, stall_producer_starts
+from tests.kit.kafka import (
+    committed,
+    create_topic,
+    has_connections,
+    produce,
+    read_all,
+    stall_producer_starts,
+)
 from tests.kit.workers import engine_on
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -609,10 +616,10 @@ async def test_a_partition_producer_cancelled_while_it_starts_is_stopped(
         tasks.start_soon(sink.assigned, [TopicPartition(source, 0)])
         await waiting.wait()
         [producer] = made
-        assert any(conn.connected() for conn in producer.client._conns.values())
+        assert has_connections(producer)
         tasks.cancel_scope.cancel()
     await sink.stop()
-    assert not any(conn.connected() for conn in producer.client._conns.values())
+    assert not has_connections(producer)
 
 
 async def test_a_renewed_output_producer_cancelled_while_it_starts_is_stopped(
@@ -628,11 +635,11 @@ async def test_a_renewed_output_producer_cancelled_while_it_starts_is_stopped(
             tasks.start_soon(sink._renew, made[0], "a test")
             await waiting.wait()
             fresh = made[1]
-            assert any(conn.connected() for conn in fresh.client._conns.values())
+            assert has_connections(fresh)
             tasks.cancel_scope.cancel()
     finally:
         await sink.stop()
-    assert not any(conn.connected() for conn in fresh.client._conns.values())
+    assert not has_connections(fresh)
 
 
 def _record_producers(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[AIOKafkaProducer]:

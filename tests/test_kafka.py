@@ -32,7 +32,13 @@ from stream.config import KafkaSettings, Secret, Settings
 from stream.errors import KafkaError
 from stream.kafka import connected, retrying, start_client, transient, translate, translated
 from tests.kit import eventually
-from tests.kit.kafka import committed, create_topic, read_all, stall_producer_starts
+from tests.kit.kafka import (
+    committed,
+    create_topic,
+    has_connections,
+    read_all,
+    stall_producer_starts,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -391,9 +397,9 @@ async def test_a_client_cancelled_while_it_starts_is_stopped_unless_the_caller_s
                 "testing",
             )
             await waiting.wait()
-            assert any(conn.connected() for conn in producer.client._conns.values())
+            assert has_connections(producer)
             tasks.cancel_scope.cancel()
-        left_open = any(conn.connected() for conn in producer.client._conns.values())
+        left_open = has_connections(producer)
         assert left_open is not stop_if_cancelled
     finally:
         await producer.stop()

@@ -13,8 +13,7 @@ transaction with the re-driven requests of a batch: both land, or neither does. 
 may pick some reasons only, and a later one others, so one offset per partition is not
 enough: the commit metadata holds the next offset per reason (`{"expired": 120, ...}`);
 a reason advances only in a run that acts on it. Every run reads the whole window, so a
-second run reports what the first re-drove. Nothing is passed over silently, and nothing
-is re-driven twice.
+second run reports what the first re-drove. Nothing is passed over silently, nor re-driven twice.
 
 A letter whose request cannot be sent as it came (not writable as JSON, an integer beyond
 64 bits, larger than the target takes) is counted as "cannot send", listed, passed over.
@@ -349,9 +348,10 @@ class Redrive:
         """What to send for a letter, or why it cannot be sent."""
         try:
             records.check_exact(record.value or b"")  # orjson read a long integer as a float
-            key, value, headers = _outgoing(record, letter, time.time() + self.options.deadline_s)
         except InvalidRecordError:
             return "it holds an integer beyond 64 bits, which would be sent as a float"
+        try:
+            key, value, headers = _outgoing(record, letter, time.time() + self.options.deadline_s)
         except orjson.JSONEncodeError as exc:  # orjson writes 254 levels, reads 1024
             return f"its request cannot be written as JSON ({exc})"
         return oversize(key, value, headers, self.max_bytes) or (key, value, headers)

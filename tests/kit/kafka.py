@@ -257,3 +257,8 @@ def stall_producer_starts(monkeypatch: pytest.MonkeyPatch) -> anyio.Event:
 
     monkeypatch.setattr(Sender, "start", stalls)
     return waiting
+
+
+def has_connections(client: Any) -> bool:
+    """Whether an aiokafka client holds an open connection to a broker."""
+    return any(conn.connected() for conn in client.client._conns.values())
