@@ -4,20 +4,24 @@ empty ones, groups that have not committed yet, and a `stream lag` that always r
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import anyio
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import NodeNotReadyError
 from hypothesis import given
 from hypothesis import strategies as st
 
 from stream import topics
 from stream.config import Settings
+from stream.errors import KafkaError
+from stream.kafka import _AdminClient
 from stream.observe.lag import LagTracker, Status
 from stream.observe.lagreader import PIPELINE_GROUPS, GroupReading, LagReader, PartitionReading
 from tests.kit import run_cli
-from tests.kit.kafka import commit, create_topic, produce
+from tests.kit.kafka import commit, create_topic, has_connections, produce
 from tests.kit.lag import by_partition, lag_json, stamped
 
 pytestmark = pytest.mark.anyio
@@ -169,6 +173,52 @@ async def test_a_cluster_that_accepts_but_never_answers_is_one_line_within_the_b
             tg.cancel_scope.cancel()
     assert done.returncode == 1
     assert len(done.stderr.strip().splitlines()) == 1 and "did not answer" in done.stderr
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "failed"])
+async def test_a_reader_that_cannot_finish_opening_closes_what_it_opened(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """Cancelled (a bounded wait, Ctrl-C) or failing once its clients are up, as it asks
+    the cluster's id: its consumer and admin client are closed, not left to the collector."""
+    started: list[Any] = []
+    asked = anyio.Event()
+    original_start = AIOKafkaConsumer.start
+
+    async def start(self: AIOKafkaConsumer) -> None:
+        started.append(self)
+        await original_start(self)
+
+    async def describe_cluster(self: Any) -> dict[str, Any]:
+        started.append(self)
+        asked.set()
+        if ending == "failed":
+            raise NodeNotReadyError("no broker answered")
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(AIOKafkaConsumer, "start", start)
+    monkeypatch.setattr(_AdminClient, "describe_cluster", describe_cluster)
+    with anyio.fail_after(30):
+        if ending == "failed":
+            with pytest.raises(KafkaError):
+                async with LagReader(settings.kafka):
+                    raise AssertionError("it opened")
+        else:
+            async with anyio.create_task_group() as tg:
+
+                async def opens() -> None:
+                    async with LagReader(settings.kafka):
+                        raise AssertionError("it opened")
+
+                tg.start_soon(opens)
+                await asked.wait()
+                tg.cancel_scope.cancel()
+    consumer, admin = started
+    assert isinstance(consumer, AIOKafkaConsumer) and isinstance(admin, _AdminClient)
+    # stopped (its background tasks too), not only disconnected
+    assert consumer._closed and admin._closed
+    assert not has_connections(consumer) and not has_connections(admin)
 
 
 # --- pure: what a reading's position and lag are ------------------------------------------

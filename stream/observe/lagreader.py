@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
 import anyio
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.coordinator.protocol import (
     ConsumerProtocolMemberAssignment,
     ConsumerProtocolMemberMetadata,
@@ -48,8 +48,14 @@ from aiokafka.errors import for_code
 from stream.config import KafkaSettings
 from stream.engine.fetch import UNDECODABLE
 from stream.errors import KafkaError
-from stream.inflate import bound_inflation
-from stream.kafka import admin_client, connected, group_offsets, retrying, transient, translated
+from stream.kafka import (
+    admin_client,
+    consumer_client,
+    group_offsets,
+    retrying,
+    transient,
+    translated,
+)
 
 __all__ = ["PIPELINE_GROUPS", "GroupReading", "LagReader", "PartitionReading", "read_patiently"]
 
@@ -149,31 +155,29 @@ class LagReader:
 
     async def __aenter__(self) -> LagReader:
         doing = "reading consumer lag"
-        self._admin = await self._stack.enter_async_context(
-            admin_client(self._settings, doing=doing)
-        )
-        # it reads a record per partition: a bomb must not take it down
-        bound_inflation(self._settings.max_batch_bytes)
-        consumer = AIOKafkaConsumer(
-            group_id=None,
-            enable_auto_commit=False,
-            # skips transaction markers and aborted records: what is left is real work
-            isolation_level="read_committed",
-            auto_offset_reset="earliest",
-            # one record per partition is all we need; Kafka still sends a whole first batch
-            max_partition_fetch_bytes=64 * 1024,
-            **self._settings.client_options(),
-        )
-        try:
-            await consumer.start()
-            self.cluster_id = (await self._admin.describe_cluster()).get("cluster_id")
-        except (AIOKafkaError, OSError) as exc:
-            await consumer.stop()
+        try:  # whatever this opened is closed if it cannot finish (also when cancelled)
+            self._admin = await self._stack.enter_async_context(
+                admin_client(self._settings, doing=doing)
+            )
+            self._consumer = await self._stack.enter_async_context(
+                consumer_client(  # it reads a record per partition: a bomb cannot take it down
+                    self._settings,
+                    doing=doing,
+                    group_id=None,
+                    # skips transaction markers and aborted records: what is left is real work
+                    isolation_level="read_committed",
+                    auto_offset_reset="earliest",
+                    # one record per partition is all we need; Kafka still sends a whole batch
+                    max_partition_fetch_bytes=64 * 1024,
+                )
+            )
+            try:
+                self.cluster_id = (await self._admin.describe_cluster()).get("cluster_id")
+            except (AIOKafkaError, OSError) as exc:
+                raise await translated(exc, self._settings, doing) from exc
+        except BaseException:
             await self._stack.aclose()
-            raise await translated(exc, self._settings, doing) from exc
-        connected(self._settings)
-        self._consumer = consumer
-        self._stack.push_async_callback(consumer.stop)
+            raise
         return self
 
     async def __aexit__(

@@ -260,5 +260,7 @@ def stall_producer_starts(monkeypatch: pytest.MonkeyPatch) -> anyio.Event:
 
 
 def has_connections(client: Any) -> bool:
-    """Whether an aiokafka client holds an open connection to a broker."""
-    return any(conn.connected() for conn in client.client._conns.values())
+    """Whether an aiokafka client (producer, consumer or admin) holds an open connection to
+    a broker."""
+    inner = client.client if isinstance(client, AIOKafkaProducer) else client._client
+    return any(conn.connected() for conn in inner._conns.values())
