@@ -15,7 +15,7 @@ import anyio
 import anyio.abc
 import pytest
 import trustme
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.client import CoordinationType
 from aiokafka.errors import (
     GroupAuthorizationFailedError,
@@ -30,7 +30,15 @@ from hypothesis import strategies as st
 
 from stream.config import KafkaSettings, Secret, Settings
 from stream.errors import KafkaError
-from stream.kafka import connected, retrying, start_client, transient, translate, translated
+from stream.kafka import (
+    connected,
+    retrying,
+    start_client,
+    stop_client,
+    transient,
+    translate,
+    translated,
+)
 from tests.kit import eventually
 from tests.kit.kafka import (
     committed,
@@ -403,3 +411,15 @@ async def test_a_client_cancelled_while_it_starts_is_stopped_unless_the_caller_s
         assert left_open is not stop_if_cancelled
     finally:
         await producer.stop()
+
+
+async def test_a_consumer_without_a_group_stopped_as_it_starts_stops_without_a_cancel(
+    settings: Settings,
+) -> None:
+    """aiokafka's group-less consumer, stopped before its own task took a step, raised
+    CancelledError out of its stop: a failure right after a start (`stream lag` asking the
+    cluster's id) passed for a cancellation, a traceback where one line belonged."""
+    consumer = AIOKafkaConsumer(**settings.kafka.client_options(), group_id=None)
+    await consumer.start()
+    await stop_client(consumer)  # would raise asyncio.CancelledError
+    assert consumer._closed
